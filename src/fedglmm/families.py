@@ -1,0 +1,162 @@
+"""Families and links.
+
+For a row with outcome y, trials m (binomial; 1 otherwise) and linear predictor η, a family gives
+
+* ``loglik(y, m, η)``: log f(y | η) without the constant that does not depend on η;
+* ``constant(y, m)``: that constant (log binomial coefficient, −log y!), so that the sum is the full
+  log-density, as lme4 and glmmTMB report it;
+* ``derivs(y, m, η)``: ``d1 = ∂ℓ/∂η``, ``d2 = ∂²ℓ/∂η²`` (observed), the Fisher weight
+  ``w = m μ'(η)² / V(μ)`` (the PIRLS weight lme4 uses in its Laplace determinant) and ``w1 = ∂w/∂η``;
+* ``mean(η)``: the mean of y / m on the response scale.
+
+Everything is written in η to stay finite in the tails (log1p, expm1, log Φ via ``scipy.special``).
+The gaussian family is handled by the exact profiled likelihood in :mod:`fedglmm.gaussian`; its entry
+here serves validation and prediction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import special
+
+from .errors import InputError
+
+_LINKS = {
+    "gaussian": ("identity",),
+    "binomial": ("logit", "probit", "cloglog"),
+    "poisson": ("log",),
+}
+_DEFAULT_LINK = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """A GLM family with a link; see the module docstring for what it computes."""
+
+    name: str
+    link: str
+
+    # --- response scale -------------------------------------------------------------------------
+    def mean(self, eta: np.ndarray) -> np.ndarray:
+        eta = np.asarray(eta, dtype=float)
+        if self.link == "identity":
+            return eta
+        if self.link == "log":
+            return np.exp(eta)
+        if self.link == "logit":
+            return special.expit(eta)
+        if self.link == "probit":
+            return special.ndtr(eta)
+        if self.link == "cloglog":
+            return -np.expm1(-np.exp(eta))
+        raise AssertionError(self.link)
+
+    def linkfun(self, mu: np.ndarray) -> np.ndarray:
+        mu = np.asarray(mu, dtype=float)
+        if self.link == "identity":
+            return mu
+        if self.link == "log":
+            return np.log(mu)
+        if self.link == "logit":
+            return special.logit(mu)
+        if self.link == "probit":
+            return special.ndtri(mu)
+        if self.link == "cloglog":
+            return np.log(-np.log1p(-mu))
+        raise AssertionError(self.link)
+
+    # --- validation -----------------------------------------------------------------------------
+    def validate(self, y: np.ndarray, trials: np.ndarray, where: str = "") -> None:
+        """Raise :class:`InputError` if an outcome lies outside the family's support."""
+        at = f" {where}" if where else ""
+        y = np.asarray(y, dtype=float)
+        if not np.all(np.isfinite(y)):
+            raise InputError(f"outcome has non-finite values{at}")
+        if self.name == "binomial":
+            m = np.asarray(trials, dtype=float)
+            bad = (y < 0) | (y != np.round(y)) | (y > m) | (m != np.round(m)) | (m < 0)
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                if np.all(m == 1):
+                    raise InputError(f"binomial outcome must be 0 or 1{at}: found {y[i]:g} in row {i + 1}")
+                raise InputError(
+                    f"binomial outcome must be whole successes between 0 and trials{at}: "
+                    f"found {y[i]:g} of {m[i]:g} in row {i + 1}")
+        elif self.name == "poisson":
+            bad = (y < 0) | (y != np.round(y))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise InputError(f"poisson outcome must be a non-negative whole count{at}: "
+                                 f"found {y[i]:g} in row {i + 1}")
+
+    # --- log-density ----------------------------------------------------------------------------
+    def constant(self, y: np.ndarray, trials: np.ndarray) -> float:
+        """Σ of the η-free part of log f(y) (binomial coefficient, −log y!)."""
+        if self.name == "binomial":
+            m = trials
+            return float(np.sum(special.gammaln(m + 1) - special.gammaln(y + 1) - special.gammaln(m - y + 1)))
+        if self.name == "poisson":
+            return float(-np.sum(special.gammaln(y + 1)))
+        return 0.0
+
+    def loglik(self, y, m, eta):
+        """Row log-densities up to :meth:`constant`; works on any broadcastable shapes."""
+        if self.link == "logit":
+            return y * eta - m * np.logaddexp(0.0, eta)
+        if self.link == "log":
+            return y * eta - np.exp(eta)
+        if self.link == "probit":
+            return _xlogy(y, special.log_ndtr(eta)) + _xlogy(m - y, special.log_ndtr(-eta))
+        if self.link == "cloglog":
+            t = np.exp(eta)
+            return _xlogy(y, np.log(-np.expm1(-t))) - (m - y) * t
+        raise AssertionError(self.link)
+
+    def derivs(self, y, m, eta):
+        """(d1, d2, w, w1): first and second η-derivatives of ℓ, Fisher weight and its η-derivative."""
+        if self.link == "logit":
+            mu = special.expit(eta)
+            v = mu * (1.0 - mu)
+            d1 = y - m * mu
+            w = m * v
+            return d1, -w, w, w * (1.0 - 2.0 * mu)
+        if self.link == "log":
+            mu = np.exp(eta)
+            return y - mu, -mu, mu, mu
+        if self.link == "probit":
+            logphi = -0.5 * eta * eta - 0.5 * np.log(2.0 * np.pi)
+            lam1 = np.exp(logphi - special.log_ndtr(eta))    # φ/Φ(η)
+            lam0 = np.exp(logphi - special.log_ndtr(-eta))   # φ/Φ(−η)
+            d1 = y * lam1 - (m - y) * lam0
+            d2 = -y * lam1 * (eta + lam1) - (m - y) * lam0 * (lam0 - eta)
+            w = m * lam1 * lam0          # m φ² / (Φ (1 − Φ))
+            return d1, d2, w, w * (lam0 - lam1 - 2.0 * eta)
+        if self.link == "cloglog":
+            t = np.exp(eta)
+            em1 = np.expm1(t)
+            a = t / em1                            # t / (e^t − 1)
+            a2et = t * t / (em1 * -np.expm1(-t))   # a² e^t, finite for large t
+            d1 = y * a - (m - y) * t
+            d2 = y * (a - a2et) - (m - y) * t
+            w = m * t * a
+            return d1, d2, w, m * t * (2.0 * a - a2et)
+        raise AssertionError(self.link)
+
+
+def _xlogy(x, logv):
+    """x·log v with 0·(−∞) = 0."""
+    return np.where(x == 0, 0.0, x * logv)
+
+
+def get_family(name: str, link: str | None = None) -> Family:
+    """Look up a family by name (``gaussian``, ``binomial``, ``poisson``) and optional link."""
+    if isinstance(name, Family):
+        return name
+    fam = str(name).strip().lower()
+    if fam not in _LINKS:
+        raise InputError(f"unknown family '{name}': use one of {', '.join(_LINKS)}")
+    lk = _DEFAULT_LINK[fam] if link is None else str(link).strip().lower()
+    if lk not in _LINKS[fam]:
+        raise InputError(f"link '{link}' is not available for family {fam}: use one of {', '.join(_LINKS[fam])}")
+    return Family(fam, lk)

@@ -1,0 +1,34 @@
+"""Gauss–Hermite rules for the standard normal density, and their product grids.
+
+A rule (z_k, w_k) integrates ∫ f(z) φ(z) dz ≈ Σ_k w_k f(z_k) with Σ_k w_k = 1, exactly for polynomials of
+degree ≤ 2K − 1 (the rule lme4's ``GHrule`` also uses).  For q random effects per group the product grid
+has K^q nodes; one node at 0 with weight 1 (K = 1) makes adaptive quadrature the Laplace approximation.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from numpy.polynomial.hermite_e import hermegauss
+
+
+@lru_cache(maxsize=64)
+def gh_rule(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes and log-weights of the K-point rule for N(0, 1)."""
+    if k < 1:
+        raise ValueError("the number of quadrature nodes must be at least 1")
+    if k == 1:
+        return np.zeros(1), np.zeros(1)
+    z, w = hermegauss(k)
+    return z, np.log(w) - 0.5 * np.log(2.0 * np.pi)
+
+
+@lru_cache(maxsize=64)
+def product_grid(k: int, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes (K^q × q) and log-weights (K^q) of the product rule for N(0, I_q)."""
+    z, lw = gh_rule(k)
+    if q == 0:
+        return np.zeros((1, 0)), np.zeros(1)
+    grids = np.meshgrid(*([np.arange(k)] * q), indexing="ij")
+    idx = np.stack([g.ravel() for g in grids], axis=1)
+    return z[idx], lw[idx].sum(axis=1)

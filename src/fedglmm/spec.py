@@ -1,0 +1,83 @@
+"""The shared contract between formula parsing, design building, sites and the coordinator.
+
+Notation (used throughout the package):
+
+* n rows, p fixed-effect columns (X), q random-effect columns (Z) for the single grouping factor;
+* G groups; rows of a group live at one site;
+* b_i = Λ u_i with u_i ~ N(0, I_q) for GLMMs (Σ = ΛΛᵀ); for gaussian models b_i = σ Λ u_i, as in lme4;
+* Λ is lower triangular; its free entries θ are those where :attr:`Design.theta_mask` is true, taken
+  column by column (lme4's order: for ``(1 + x | g)`` θ = (Λ₁₁, Λ₂₁, Λ₂₂)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RandomTerm:
+    """One random-effects term such as ``(1 + x | g)``.
+
+    ``expr`` is the left side as a formulaic right-hand side (``"1 + x"``, ``"0 + x"``); ``group`` the
+    grouping column; ``correlated`` is False for ``(x || g)`` (each column its own uncorrelated term).
+    """
+
+    expr: str
+    group: str
+    correlated: bool = True
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed lme4-style formula."""
+
+    formula: str                      # as the user wrote it
+    response: str                     # outcome expression (successes for cbind)
+    failures: str | None              # cbind(successes, failures): failures expression, else None
+    fixed: str                        # fixed-effects right-hand side for formulaic, e.g. "1 + age"
+    random: tuple[RandomTerm, ...] = ()
+    offsets: tuple[str, ...] = ()     # expressions inside offset(...)
+
+    @property
+    def group(self) -> str | None:
+        return self.random[0].group if self.random else None
+
+
+@dataclass
+class Schema:
+    """What all sites agree on before fitting: the kind of each used column and factor levels."""
+
+    kinds: dict[str, str]                     # column -> "numeric" | "categorical"
+    levels: dict[str, list[str]] = field(default_factory=dict)   # categorical column -> levels
+
+
+@dataclass
+class Design:
+    """One site's model matrices, rows sorted by group.
+
+    ``y`` holds successes for binomial, counts for poisson, values for gaussian; ``trials`` is 1 except
+    for ``cbind`` binomial outcomes.  ``group`` are codes 0..G-1 into ``group_levels`` and are
+    non-decreasing (rows sorted by group), so per-group sums are ``np.add.reduceat(.., starts)``.
+    """
+
+    y: np.ndarray
+    trials: np.ndarray
+    offset: np.ndarray
+    X: np.ndarray
+    Z: np.ndarray
+    group: np.ndarray
+    group_levels: list[str]
+    x_names: list[str]
+    z_names: list[str]
+    theta_mask: np.ndarray                   # (q, q) lower-triangular bool pattern of Λ
+    group_name: str | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+    @property
+    def starts(self) -> np.ndarray:
+        """Index of the first row of each group."""
+        return np.flatnonzero(np.r_[True, self.group[1:] != self.group[:-1]]) if self.n else np.zeros(0, int)
