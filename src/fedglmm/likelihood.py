@@ -1,0 +1,229 @@
+"""One site's contribution to the GLMM log-likelihood (Laplace or adaptive Gauss–Hermite), batched over groups.
+
+Model and notation (see :mod:`fedglmm.spec`): for group i, η = Xβ + o + M u with M = ZΛ(θ), u ~ N(0, I_q),
+and
+
+    h(u) = Σ_j ℓ_j(η_j) − ½ uᵀu,                    ℓ_j = log f(y_j | η_j) without its constant,
+    H    = Mᵀ W M + I,                              W = Fisher weights at the mode (lme4's PIRLS weights),
+    ℓ_i  ≈ −½ log det H + log Σ_k w_k exp(h(û + S z_k) + ½‖z_k‖²),   S = R⁻¹, H = RᵀR (Cholesky),
+
+with (z_k, w_k) the product Gauss–Hermite rule for N(0, I_q) (:mod:`fedglmm.quadrature`).  One node at 0
+gives the Laplace approximation ``h(û) − ½ log det H``, which is what lme4's ``glmer`` maximises with nAGQ=1;
+for a scalar random effect the K-node rule is lme4's nAGQ=K.  For vector random effects the product grid
+over the Cholesky-scaled directions is used (lme4 refuses nAGQ > 1 there).
+
+The modes û are found by a Newton iteration run for all groups at once (stacked q×q solves, per-group step
+halving).  The gradient is analytic: with dû/dφ from the implicit function theorem
+(H_obs dû = ∂(∇_u h)/∂φ), dη̂/dφ = ∂η/∂φ + M dû/dφ, the derivative of H through W(η̂) and Λ(θ), and the
+derivative of the Cholesky-scaled nodes dS = −S Φ(Sᵀ dH S) (Φ: upper triangle, halved diagonal).
+The Hessian is the central difference of that analytic gradient, computed inside the site: it costs local
+work, never a round.  Everything is a sum over groups, so a site's numbers add up across sites.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .families import Family
+from .quadrature import product_grid
+from .spec import Design
+
+
+@dataclass
+class Evaluation:
+    """A site's reply to one evaluation: value, gradient and (optionally) Hessian of the log-likelihood."""
+
+    value: float
+    grad: np.ndarray
+    hess: np.ndarray | None = None
+
+
+def _upper_half(a: np.ndarray) -> np.ndarray:
+    """Φ(A): the upper triangle of each trailing q×q matrix with its diagonal halved."""
+    out = np.triu(a)
+    idx = np.arange(a.shape[-1])
+    out[..., idx, idx] *= 0.5
+    return out
+
+
+class GLMMLikelihood:
+    """Laplace / AGHQ log-likelihood of one site's rows, as a function of φ = (β, θ).
+
+    ``X`` may be a transformed copy of ``design.X`` (the coordinator's internal scaling); everything else
+    comes from the design.  The modes of the last evaluation are kept to warm-start the next one.
+    """
+
+    def __init__(self, design: Design, family: Family, nagq: int = 1, X: np.ndarray | None = None):
+        self.family = family
+        self.y = np.asarray(design.y, float)
+        self.m = np.asarray(design.trials, float)
+        self.off = np.asarray(design.offset, float)
+        self.X = np.asarray(design.X if X is None else X, float)
+        self.Z = np.asarray(design.Z, float)
+        self.g = np.asarray(design.group)
+        self.starts = design.starts
+        self.n, self.p = self.X.shape
+        self.q = self.Z.shape[1]
+        self.G = len(self.starts) if self.q else 0
+        self.theta_c, self.theta_r = np.nonzero(np.asarray(design.theta_mask).T)  # column-major, lme4's order
+        self.ntheta = len(self.theta_r)
+        self.nagq = int(nagq)
+        self.zk, lw = product_grid(self.nagq, self.q)
+        self.ck = lw + 0.5 * np.sum(self.zk**2, axis=1)
+        self.const = family.constant(self.y, self.m)
+        self.u = np.zeros((self.G, self.q))
+        self._eye = np.eye(self.q)
+
+    # --- helpers ----------------------------------------------------------------------------------
+    @property
+    def nparams(self) -> int:
+        return self.p + self.ntheta
+
+    def lam(self, theta: np.ndarray) -> np.ndarray:
+        lam = np.zeros((self.q, self.q))
+        lam[self.theta_r, self.theta_c] = theta
+        return lam
+
+    def _gsum(self, a: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(a, self.starts, axis=0)
+
+    def _h(self, eta: np.ndarray, u: np.ndarray) -> np.ndarray:
+        return self._gsum(self.family.loglik(self.y, self.m, eta)) - 0.5 * np.sum(u * u, axis=1)
+
+    def _modes(self, eta0: np.ndarray, M: np.ndarray, MM: np.ndarray, u: np.ndarray):
+        """Newton with per-group step halving for û = argmax h; returns (û, η at û)."""
+        fam, g = self.family, self.g
+        eta = eta0 + np.einsum("jc,jc->j", M, u[g])
+        h = self._h(eta, u)
+        for _ in range(100):
+            d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
+            grad = self._gsum(M * d1[:, None]) - u
+            hobs = self._gsum(-d2[:, None, None] * MM) + self._eye
+            step = np.linalg.solve(hobs, grad[..., None])[..., 0]
+            t = np.ones(self.G)
+            for _ in range(40):
+                u_new = u + t[:, None] * step
+                eta_new = eta0 + np.einsum("jc,jc->j", M, u_new[g])
+                h_new = self._h(eta_new, u_new)
+                worse = h_new < h - 1e-12 * (1.0 + np.abs(h))
+                if not worse.any():
+                    break
+                t = np.where(worse, 0.5 * t, t)
+            u, eta, h = u_new, eta_new, h_new
+            if np.max(np.abs(t[:, None] * step)) < 1e-10:
+                break
+        return u, eta
+
+    # --- value and gradient -------------------------------------------------------------------------
+    def value_grad(self, phi: np.ndarray, u0: np.ndarray | None = None, grad: bool = True):
+        """Log-likelihood, gradient and auxiliaries (modes û and dû/dφ) at φ = (β, θ)."""
+        phi = np.asarray(phi, float)
+        beta, theta = phi[: self.p], phi[self.p:]
+        fam, g = self.family, self.g
+        eta0 = self.X @ beta + self.off
+        if self.q == 0:
+            return self._glm(eta0, grad)
+        lam = self.lam(theta)
+        M = self.Z @ lam
+        MM = M[:, :, None] * M[:, None, :]
+        u, eta = self._modes(eta0, M, MM, self.u if u0 is None else u0)
+        d1, d2, w, w1 = fam.derivs(self.y, self.m, eta)
+        H = self._gsum(w[:, None, None] * MM) + self._eye
+        L = np.linalg.cholesky(H)
+        logdet = 2.0 * np.sum(np.log(np.diagonal(L, axis1=1, axis2=2)), axis=1)
+        laplace = len(self.ck) == 1
+        if laplace:
+            value = np.sum(self._h(eta, u) - 0.5 * logdet)
+        else:
+            S = np.linalg.inv(L).transpose(0, 2, 1)               # R⁻¹ with H = RᵀR
+            V = S @ self.zk.T                                      # (G, q, K) node offsets
+            etak = eta[:, None] + np.einsum("jc,jck->jk", M, V[g])
+            uk = u[:, None, :] + V.transpose(0, 2, 1)              # (G, K, q)
+            a = self.ck + self._gsum(fam.loglik(self.y[:, None], self.m[:, None], etak)) \
+                - 0.5 * np.sum(uk * uk, axis=2)
+            amax = a.max(axis=1, keepdims=True)
+            ea = np.exp(a - amax)
+            se = ea.sum(axis=1, keepdims=True)
+            value = np.sum(amax[:, 0] + np.log(se[:, 0]) - 0.5 * logdet)
+        value += self.const
+        aux = {"u": u, "eta": eta, "lam": lam, "H": H, "L": L}
+        if not grad:
+            return value, None, aux
+
+        # dû/dφ from H_obs dû = ∂(∇_u h)/∂φ
+        r, c = self.theta_r, self.theta_c
+        hobs = self._gsum(-d2[:, None, None] * MM) + self._eye
+        cb = self._gsum(d2[:, None, None] * M[:, :, None] * self.X[:, None, :])        # (G, q, p)
+        ztd1 = self._gsum(self.Z * d1[:, None])                                        # (G, q)
+        md2z = self._gsum(d2[:, None, None] * M[:, :, None] * self.Z[:, None, :])      # (G, q, q)
+        ct = md2z[:, :, r] * u[:, None, c]                                               # (G, q, nθ)
+        ct[:, c, np.arange(self.ntheta)] += ztd1[:, r]
+        dU = np.linalg.solve(hobs, np.concatenate([cb, ct], axis=2))                   # (G, q, P)
+        # total derivative of η at the mode, and of H
+        deta = np.concatenate([self.X, self.Z[:, r] * u[g][:, c]], axis=1) \
+            + np.einsum("jc,jcp->jp", M, dU[g])
+        dH = self._gsum(np.einsum("j,jp,jab->jpab", w1, deta, MM, optimize=True))    # (G, P, q, q)
+        N = self._gsum(w[:, None, None] * self.Z[:, :, None] * M[:, None, :])         # Σ w z mᵀ
+        for t in range(self.ntheta):
+            e = np.zeros((self.G, self.q, self.q))
+            e[:, c[t], :] = N[:, r[t], :]
+            dH[:, self.p + t] += e + e.transpose(0, 2, 1)
+        Hinv = np.linalg.inv(H)
+        gr = -0.5 * np.einsum("gab,gpab->p", Hinv, dH)
+        if laplace:
+            d1bar = d1
+            T = d1[:, None] * u[g]
+        else:
+            pi = ea / se                                             # (G, K) node posterior weights
+            D1k = fam.derivs(self.y[:, None], self.m[:, None], etak)[0]
+            PD = pi[g] * D1k
+            d1bar = PD.sum(axis=1)
+            T = d1bar[:, None] * u[g] + np.einsum("jk,jck->jc", PD, V[g])
+            gk = self._gsum(D1k[:, :, None] * M[:, None, :]) - uk                  # ∇_u h at nodes
+            gbar = np.einsum("gk,gkc->gc", pi, gk)
+            gam = np.einsum("gk,kq,gkc->gqc", pi, self.zk, gk)
+            dS = -S[:, None] @ _upper_half(S.transpose(0, 2, 1)[:, None] @ dH @ S[:, None])
+            gr += np.einsum("gc,gcp->p", gbar, dU) + np.einsum("gpab,gba->p", dS, gam)
+        gr[: self.p] += self.X.T @ d1bar
+        gr[self.p:] += np.sum(self.Z[:, r] * T[:, c], axis=0)
+        aux["dU"] = dU
+        return value, gr, aux
+
+    def _glm(self, eta, grad):
+        fam = self.family
+        value = float(np.sum(fam.loglik(self.y, self.m, eta))) + self.const
+        if not grad:
+            return value, None, {}
+        d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
+        return value, self.X.T @ d1, {"hess": (self.X * d2[:, None]).T @ self.X}
+
+    # --- the site's reply ---------------------------------------------------------------------------
+    def evaluate(self, phi: np.ndarray, hess: bool = True, step: float = 1e-5) -> Evaluation:
+        """Value, analytic gradient and central-difference Hessian (of the analytic gradient) at φ."""
+        phi = np.asarray(phi, float)
+        value, gr, aux = self.value_grad(phi)
+        if self.q == 0:
+            return Evaluation(value, gr, aux["hess"] if hess else None)
+        u, dU = aux["u"], aux["dU"]
+        self.u = u
+        if not hess:
+            return Evaluation(value, gr)
+        P = len(phi)
+        H = np.empty((P, P))
+        for t in range(P):
+            h = step * (1.0 + abs(phi[t]))
+            e = np.zeros(P)
+            e[t] = h
+            gp = self.value_grad(phi + e, u0=u + h * dU[:, :, t])[1]
+            gm = self.value_grad(phi - e, u0=u - h * dU[:, :, t])[1]
+            H[:, t] = (gp - gm) / (2.0 * h)
+        return Evaluation(value, gr, 0.5 * (H + H.T))
+
+    def conditional_modes(self, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Conditional modes b̂ = Λû and conditional SDs sqrt(diag(Λ H⁻¹ Λᵀ)) of each group's effects."""
+        _, _, aux = self.value_grad(phi, grad=False)
+        lam = aux["lam"]
+        b = aux["u"] @ lam.T
+        cov = lam @ np.linalg.inv(aux["H"]) @ lam.T
+        return b, np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
