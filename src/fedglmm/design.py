@@ -1,0 +1,377 @@
+"""Schema agreement and model matrices for one site's frame.
+
+The flow: each site calls :func:`describe_frame` on its own frame and sends the (JSON) description to
+the coordinator, which merges all of them into one :class:`Schema` with :func:`merge_schema`; each site
+then calls :func:`build_design` with that schema.  Because every categorical column is converted to a
+``pd.Categorical`` with the *agreed* levels before formulaic sees it, every site gets the same columns
+in the same order, also for levels it does not have.
+
+Labels: categorical values and group labels are compared as text (``str(value)``; a whole float such
+as ``3.0`` becomes ``"3"``).  Levels of a categorical column are sorted as plain strings (like R's
+``factor`` on text); levels of a numeric column used as ``C(x)`` and group labels are sorted
+numerically when all of them are numbers, else as strings.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from formulaic import model_matrix
+from formulaic.errors import DataMismatchWarning, FormulaicError
+from scipy.linalg import block_diag
+
+from .errors import InputError, SchemaError
+from .families import get_family
+from .formula import _first_line, expression_columns, factor_columns, is_plain_name, variables
+from .spec import Design, ModelSpec, Schema
+
+NO_GROUP = "."     # group_levels of a model without random terms: one pseudo-group holding all rows
+
+
+# --- 1. describe ----------------------------------------------------------------------------------
+
+def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
+    """What a site tells the coordinator about its frame (JSON-serialisable; no rows).
+
+    ``{"n", "columns": {name: "numeric"|"categorical"} for all columns, "levels": {column: sorted
+    levels} for the categorical columns the model uses, "groups": [group labels present here],
+    "non_numeric": {column: [value, row]}}``.  The last entry is a hint for :func:`merge_schema`: for a
+    used text column whose values are mostly numbers, the first value that is not (a typo in a numeric
+    column at this site gives a useful message if the column is numeric elsewhere).
+    """
+    where = f"site '{site}'"
+    _check_frame(df, variables(spec), where)
+    kinds = {str(c): _kind(dt) for c, dt in df.dtypes.items()}
+    levels, hints = {}, {}
+    for col in _level_columns(spec, kinds):
+        labels = _labels(df[col])
+        levels[col] = _sort_levels(labels, natural=kinds[col] == "numeric")
+        bad = _not_numbers(labels)
+        if kinds[col] == "categorical" and bad.any() and bad.mean() <= 0.5:      # mostly numbers
+            first = int(np.argmax(bad))
+            hints[col] = [str(labels[first]), first + 1]
+    groups = _sort_levels(_labels(df[spec.group]), natural=True) if spec.group else []
+    return {"n": int(len(df)), "columns": kinds, "levels": levels, "groups": groups, "non_numeric": hints}
+
+
+# --- 2. merge -------------------------------------------------------------------------------------
+
+def merge_schema(descriptions: dict[str, dict], spec: ModelSpec, family) -> Schema:
+    """Agree on column kinds and factor levels across sites; raise :class:`SchemaError` if they clash.
+
+    ``Schema.kinds`` covers the used columns (a grouping column stored differently at different sites
+    is recorded as categorical: only its labels matter); ``Schema.levels`` the used categorical columns
+    (not the grouping column unless the model also uses it as a predictor), each the sorted union over
+    sites.  A categorical outcome is allowed only for binomial models, with exactly two levels: the
+    first is failure (0), the second success (1), as in R's ``glm``.
+    """
+    fam = get_family(family)
+    if not descriptions:
+        raise SchemaError("no site descriptions to merge")
+    _check_same_columns(descriptions)
+    kinds = {col: _agreed_kind(col, descriptions, spec) for col in variables(spec)}
+    levels = {}
+    for col in _level_columns(spec, kinds):
+        union = np.concatenate([np.asarray(d["levels"].get(col, []), dtype=str) for d in descriptions.values()])
+        levels[col] = _sort_levels(union, natural=kinds[col] == "numeric")
+    _check_outcome_kinds(spec, kinds, levels, fam)
+    _check_groups_disjoint(descriptions, spec)
+    return Schema(kinds=kinds, levels=levels)
+
+
+def _check_same_columns(descriptions: dict[str, dict]) -> None:
+    (ref, d0), *rest = descriptions.items()
+    for site, d in rest:
+        extra = [c for c in d["columns"] if c not in d0["columns"]]
+        if extra:
+            raise SchemaError(f"site '{site}' has columns that site '{ref}' lacks: {', '.join(extra)}")
+        lacking = [c for c in d0["columns"] if c not in d["columns"]]
+        if lacking:
+            raise SchemaError(f"site '{site}' lacks columns that site '{ref}' has: {', '.join(lacking)}")
+
+
+def _agreed_kind(col: str, descriptions: dict[str, dict], spec: ModelSpec) -> str:
+    per_site = {site: d["columns"][col] for site, d in descriptions.items()}
+    kinds = set(per_site.values())
+    if len(kinds) == 1:
+        return kinds.pop()
+    if col == spec.group and col not in variables(spec, group=False):
+        return "categorical"
+    num = next(s for s, k in per_site.items() if k == "numeric")
+    txt = next(s for s, k in per_site.items() if k != "numeric")
+    hint = descriptions[txt].get("non_numeric", {}).get(col)
+    if hint:
+        raise SchemaError(f"site '{txt}': column '{col}' has non-numeric value '{hint[0]}' in row {hint[1]} "
+                          f"(the column is numeric at site '{num}')")
+    raise SchemaError(f"column '{col}' is numeric at site '{num}' but not at site '{txt}'")
+
+
+def _check_outcome_kinds(spec: ModelSpec, kinds: dict, levels: dict, fam) -> None:
+    """The outcome, failures and offsets must be numbers (or a 2-level factor outcome for binomial)."""
+    if kinds.get(spec.response) == "categorical":
+        if fam.name != "binomial" or spec.failures:
+            raise SchemaError(f"outcome '{spec.response}' is not numeric"
+                              + ("" if spec.failures else " (only a binomial outcome may be a factor)"))
+        if len(levels[spec.response]) != 2:
+            shown = ", ".join(levels[spec.response][:5])
+            raise SchemaError(f"binomial outcome '{spec.response}' must have two levels (failure, success); "
+                              f"it has {len(levels[spec.response])}: {shown}")
+    exprs = ([spec.response] if spec.response not in kinds else []) + [spec.failures, *spec.offsets]
+    for expr in filter(None, exprs):
+        bad = [c for c in expression_columns(expr) if kinds.get(c) == "categorical"]
+        if bad:
+            raise SchemaError(f"column '{bad[0]}' is used as a number in '{expr}' but is not numeric")
+
+
+def _check_groups_disjoint(descriptions: dict[str, dict], spec: ModelSpec) -> None:
+    if not spec.group:
+        return
+    sites = list(descriptions)
+    per_site = [np.asarray(descriptions[s]["groups"], dtype=str) for s in sites]
+    where = np.repeat(np.asarray(sites, dtype=object), [len(x) for x in per_site])
+    labels = np.concatenate(per_site)
+    dup = pd.Series(labels).duplicated(keep=False).to_numpy()
+    if dup.any():
+        level = _sort_levels(labels[dup], natural=True)[0]
+        at = " and ".join(f"'{s}'" for s in where[labels == level][:2])
+        raise SchemaError(f"group '{spec.group}' level '{level}' is present at sites {at}; "
+                          "each group must live at one site")
+
+
+# --- 3. build -------------------------------------------------------------------------------------
+
+def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site: str) -> Design:
+    """One site's :class:`Design`, rows sorted (stably) by group.
+
+    ``group_levels`` are the site's own group labels, numeric order if they are all numbers, else
+    string order.  A model without random terms (a GLM) gets ``Z`` of shape (n, 0), ``theta_mask``
+    (0, 0), ``group`` all zeros, ``group_levels == ["."]`` and ``group_name`` None, and rows in
+    their original order.  ``family.validate`` runs before the reordering, so the rows it names are
+    rows of the site's file.
+    """
+    fam = get_family(family)
+    where = f"site '{site}'"
+    parts = _model_parts(spec, schema, df, variables(spec), where)
+    y, trials = _outcome(spec, schema, parts.frame, fam, where)
+    fam.validate(y, trials, where=f"at {where}")
+    if spec.group:
+        group, levels = _group_codes(_labels(df[spec.group]))
+    else:
+        group, levels = np.zeros(len(df), dtype=np.int64), [NO_GROUP]
+    order = np.argsort(group, kind="stable")
+    return Design(y=y[order], trials=trials[order], offset=parts.offset[order], X=parts.X[order],
+                  Z=parts.Z[order], group=group[order], group_levels=levels, x_names=parts.x_names,
+                  z_names=parts.z_names, theta_mask=_theta_mask(spec, parts.z_widths), group_name=spec.group)
+
+
+def _outcome(spec, schema, frame, fam, where) -> tuple[np.ndarray, np.ndarray]:
+    if spec.response in schema.levels:        # a two-level factor: first level 0, second 1
+        if fam.name != "binomial":
+            raise InputError(f"{where}: outcome '{spec.response}' is not numeric")
+        y = frame[spec.response].cat.codes.to_numpy().astype(float)
+        return y, np.ones_like(y)
+    y = _numeric(spec.response, frame, where, "outcome")
+    trials = y + _numeric(spec.failures, frame, where, "outcome") if spec.failures else np.ones_like(y)
+    return y, trials
+
+
+def _group_codes(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Codes 0..G-1 into the site's own labels in natural order."""
+    codes, uniq = pd.factorize(labels)               # hashing: much faster than sorting n strings
+    uniq = np.asarray(uniq, dtype=str)
+    plain = np.argsort(uniq, kind="stable")
+    order = plain[_natural_order(uniq[plain])]
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[order] = np.arange(len(uniq))
+    return rank[codes], uniq[order].tolist()
+
+
+def _theta_mask(spec: ModelSpec, widths: list[int]) -> np.ndarray:
+    """Lower-triangular pattern of Λ: a full block per correlated term, a diagonal per uncorrelated one."""
+    blocks = [np.tril(np.ones((k, k), bool)) if t.correlated else np.eye(k, dtype=bool)
+              for t, k in zip(spec.random, widths)]
+    return block_diag(*blocks).astype(bool) if blocks else np.zeros((0, 0), dtype=bool)
+
+
+# --- 4. new data ----------------------------------------------------------------------------------
+
+def new_data_matrices(spec: ModelSpec, schema: Schema, df: pd.DataFrame, need_group: bool
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(X, Z, offset, group_labels)`` for prediction on new rows, in their original order.
+
+    No outcome is needed.  Categorical columns get the schema's levels (a level the fit did not see is
+    an :class:`InputError`).  ``group_labels`` (text) is returned when ``need_group`` and the model has
+    a group; otherwise None (and the grouping column may be absent).
+    """
+    where = "new data"
+    cols = variables(spec, outcome=False, group=False)
+    if need_group and spec.group:
+        if spec.group not in df.columns:
+            raise InputError(f"{where}: grouping column '{spec.group}' not found "
+                             "(needed for group-level predictions)")
+        cols.append(spec.group)
+    parts = _model_parts(spec, schema, df, cols, where)
+    labels = _labels(df[spec.group]).astype(object) if need_group and spec.group else None
+    return parts.X, parts.Z, parts.offset, labels
+
+
+# --- shared: checks, categorical conversion and formulaic -----------------------------------------
+
+@dataclass
+class _Parts:
+    """What :func:`_model_parts` builds, rows in their original order."""
+
+    frame: pd.DataFrame          # the used columns, categoricals converted
+    X: np.ndarray
+    x_names: list[str]
+    Z: np.ndarray
+    z_names: list[str]
+    z_widths: list[int]          # columns of Z per random term
+    offset: np.ndarray
+
+
+def _model_parts(spec: ModelSpec, schema: Schema, df: pd.DataFrame, cols: list[str], where: str) -> _Parts:
+    """Check the frame, convert categoricals to the agreed levels, and build X, Z and the offset."""
+    _check_frame(df, cols, where)
+    frame = _prepare(df, spec, schema, cols, where)
+    X, x_names = _finite(*_matrix(spec.fixed, frame, where), "fixed-effects column", where)
+    blocks = [_matrix(t.expr, frame, where) for t in spec.random]
+    Z = np.hstack([b[0] for b in blocks]) if blocks else np.zeros((len(frame), 0))
+    Z, z_names = _finite(Z, [n for b in blocks for n in b[1]], "random-effects column", where)
+    offs = [_numeric(expr, frame, where, "offset") for expr in spec.offsets]
+    offset = (_finite(np.column_stack(offs), list(spec.offsets), "offset", where)[0].sum(axis=1)
+              if offs else np.zeros(len(frame)))
+    return _Parts(frame, X, x_names, Z, z_names, [b[0].shape[1] for b in blocks], offset)
+
+
+def _prepare(df: pd.DataFrame, spec: ModelSpec, schema: Schema, cols: list[str], where: str) -> pd.DataFrame:
+    """The used columns, categoricals as ``pd.Categorical`` with the schema's levels."""
+    frame = df[cols]                      # a new frame: assigning to it leaves df alone
+    for col in cols:
+        what = "outcome" if col == spec.response else "column"
+        if col in schema.levels:
+            labels, levels = _labels(df[col]), schema.levels[col]
+            unknown = ~np.isin(labels, np.asarray(levels, dtype=str))
+            if unknown.any():
+                i = int(np.argmax(unknown))
+                raise InputError(f"{where}: {what} '{col}' has level '{labels[i]}' in row {i + 1} that is not "
+                                 f"among the model's levels ({', '.join(levels[:10])})")
+            frame[col] = pd.Categorical(labels, categories=levels)
+        elif schema.kinds.get(col) == "numeric" and _kind(df[col].dtype) != "numeric":
+            raise InputError(f"{where}: {what} '{col}' is not numeric{_first_non_number(df[col])}")
+    return frame
+
+
+def _matrix(rhs: str, frame: pd.DataFrame, where: str) -> tuple[np.ndarray, list[str]]:
+    """formulaic's model matrix of a right-hand side, as floats with its column names.
+
+    Levels are already validated by :func:`_prepare`, so formulaic's DataMismatchWarning is silenced;
+    non-finite values are reported by the callers, so numpy's warnings are too.
+    """
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", DataMismatchWarning)
+            mm = model_matrix(rhs, frame, na_action="ignore")
+            return mm.to_numpy(dtype=float), [str(c) for c in mm.columns]
+    except (FormulaicError, SyntaxError, NameError, TypeError, ValueError, KeyError, AttributeError) as e:
+        raise InputError(f"{where}: cannot evaluate '{rhs}': {_first_line(e)}") from None
+
+
+def _numeric(expr: str, frame: pd.DataFrame, where: str, what: str) -> np.ndarray:
+    """A numeric expression of the columns (``log(t)``, ``size - incidence``) as a vector."""
+    if expr in frame.columns and isinstance(frame[expr].dtype, pd.CategoricalDtype):
+        raise InputError(f"{where}: {what} '{expr}' is not numeric")
+    values, _ = _matrix(f"0 + I({f'`{expr}`' if is_plain_name(expr) else expr})", frame, where)
+    if values.shape[1] != 1:
+        raise InputError(f"{where}: {what} '{expr}' is not numeric")
+    return values[:, 0]
+
+
+def _finite(M: np.ndarray, names: list[str], what: str, where: str):
+    bad = ~np.isfinite(M)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise InputError(f"{where}: {what} '{names[j]}' has non-finite value {M[i, j]:g} in row {i + 1}")
+    return M, names
+
+
+def _check_frame(df: pd.DataFrame, cols: list[str], where: str) -> None:
+    """Rows present; used columns present, unique, complete, and finite if numeric."""
+    if len(df) == 0:
+        raise InputError(f"{where}: no rows")
+    names = [str(c) for c in df.columns]
+    for col in cols:
+        if col not in names:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise InputError(f"{where}: column '{col}' not found (columns: {shown})")
+        if names.count(col) > 1:
+            raise InputError(f"{where}: column '{col}' appears more than once")
+        na = df[col].isna().to_numpy()
+        if na.any():
+            n = int(na.sum())
+            raise InputError(f"{where}: column '{col}' has {n} missing value{'s' * (n > 1)} "
+                             f"(first in row {int(np.argmax(na)) + 1})")
+        if _kind(df[col].dtype) == "numeric":
+            values = df[col].to_numpy(dtype=float)
+            if not np.isfinite(values).all():
+                i = int(np.argmax(~np.isfinite(values)))
+                raise InputError(f"{where}: column '{col}' has non-finite value {values[i]:g} in row {i + 1}")
+
+
+# --- labels and levels ----------------------------------------------------------------------------
+
+def _kind(dt) -> str:
+    """``"numeric"`` for int and float dtypes, ``"categorical"`` for anything else (text, category, bool)."""
+    numeric = pd.api.types.is_numeric_dtype(dt) and not pd.api.types.is_bool_dtype(dt)
+    return "numeric" if numeric else "categorical"
+
+
+def _labels(s: pd.Series) -> np.ndarray:
+    """Values as text; whole floats without '.0' (3.0 -> '3')."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        cats = _labels(pd.Series(s.cat.categories))
+        return cats[s.cat.codes.to_numpy()]
+    if pd.api.types.is_integer_dtype(s.dtype):
+        return s.astype(str).to_numpy(dtype=str)
+    if _kind(s.dtype) == "numeric":
+        v = s.to_numpy(dtype=float)
+        whole = np.isfinite(v) & (v == np.round(v)) & (np.abs(v) < 2.0 ** 53)
+        return np.where(whole, np.where(whole, v, 0).astype(np.int64).astype(str), v.astype(str))
+    return s.astype(str).to_numpy(dtype=str)
+
+
+def _not_numbers(labels: np.ndarray) -> np.ndarray:
+    """True where a text label does not read as a number."""
+    return pd.to_numeric(pd.Series(labels, dtype=object), errors="coerce").isna().to_numpy()
+
+
+def _natural_order(labels: np.ndarray) -> np.ndarray:
+    """Argsort: numerically if every label is a number, else as strings."""
+    numbers = pd.to_numeric(pd.Series(labels, dtype=object), errors="coerce").to_numpy(dtype=float)
+    key = numbers if len(labels) and not np.isnan(numbers).any() else np.asarray(labels, dtype=str)
+    return np.argsort(key, kind="stable")
+
+
+def _sort_levels(labels, natural: bool) -> list[str]:
+    uniq = np.sort(np.asarray(pd.unique(np.asarray(labels, dtype=object)), dtype=str))
+    return (uniq[_natural_order(uniq)] if natural else uniq).tolist()
+
+
+def _level_columns(spec: ModelSpec, kinds: dict[str, str]) -> list[str]:
+    """Used columns that need agreed levels: categorical ones and those inside ``C()``.
+
+    The grouping column counts only if the model also uses it as a predictor.
+    """
+    factors = set(factor_columns(spec))
+    cols = variables(spec, group=False)
+    return [c for c in cols if kinds.get(c) == "categorical" or c in factors]
+
+
+def _first_non_number(s: pd.Series) -> str:
+    """`` (value 'abc' in row 5)`` for the first value of ``s`` that is not a number, else ''."""
+    labels = _labels(s)
+    bad = _not_numbers(labels)
+    i = int(np.argmax(bad))
+    return f" (value '{labels[i]}' in row {i + 1})" if bad.any() else ""
