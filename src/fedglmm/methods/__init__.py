@@ -1,0 +1,1 @@
+"""Fitting methods: each drives rounds of requests to the sites and builds a FitResult."""

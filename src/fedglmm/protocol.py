@@ -1,0 +1,119 @@
+"""The messages that cross the site boundary, and their serialisation.
+
+Every request from the coordinator and every reply from a site is a plain dictionary of strings,
+numbers, lists, dictionaries and numpy arrays, turned into bytes here and back again, even when both
+ends live in one process.  What would cross a network is therefore exactly what the tests see and what
+the fit counts.  The format is a small, self-describing, pickle-free container:
+
+    b"FGLM" | version (1 byte) | header length (4 bytes, little endian) | JSON header | array buffers
+
+The header is the message with each array replaced by ``{"__array__": i, "dtype": ..., "shape": ...}``;
+buffer i follows in order, little-endian, C-contiguous.  Only float64, int64 and bool arrays are allowed.
+
+Request kinds (coordinator → site) and what the site answers:
+
+* ``describe`` {formula}: the site's columns, kinds, factor levels, grouping levels and row count;
+* ``setup`` {formula, family, link, nagq, reml, schema}: builds the design; answers counts, column
+  moments for scaling and the sums of a one-step linearised fit used as starting values;
+* ``evaluate`` {phi, transform?}: log-likelihood sums at φ (value, gradient, Hessian; for gaussian models
+  the cross-product sums A, b, c, d and their θ-derivatives);
+* ``finalize`` {phi, ...}: the same sums at the final estimate, and each group's conditional modes and
+  conditional standard deviations.
+"""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+
+MAGIC = b"FGLM"
+VERSION = 1
+_DTYPES = {"float64": np.float64, "int64": np.int64, "bool": np.bool_}
+KINDS = ("describe", "setup", "evaluate", "finalize")
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not a valid fedglmm message."""
+
+
+def encode(message: dict) -> bytes:
+    """Serialise a message (see the module docstring) to bytes."""
+    buffers: list[bytes] = []
+
+    def conv(obj):
+        if isinstance(obj, np.ndarray):
+            arr = obj
+            if arr.dtype.kind == "f":
+                arr = arr.astype("<f8")
+            elif arr.dtype.kind in "iu":
+                arr = arr.astype("<i8")
+            elif arr.dtype.kind == "b":
+                arr = arr.astype(bool)
+            else:
+                raise ProtocolError(f"arrays of dtype {arr.dtype} cannot be sent")
+            buffers.append(np.ascontiguousarray(arr).tobytes())
+            return {"__array__": len(buffers) - 1, "dtype": arr.dtype.name, "shape": list(arr.shape)}
+        if isinstance(obj, dict):
+            return {str(k): conv(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [conv(v) for v in obj]
+        if isinstance(obj, (np.floating, np.integer, np.bool_)):
+            return obj.item()
+        if obj is None or isinstance(obj, (str, int, float, bool)):
+            return obj
+        raise ProtocolError(f"values of type {type(obj).__name__} cannot be sent")
+
+    header = json.dumps(conv(message), separators=(",", ":"), allow_nan=True).encode()
+    return MAGIC + bytes([VERSION]) + struct.pack("<I", len(header)) + header + b"".join(buffers)
+
+
+def decode(data: bytes) -> dict:
+    """Parse bytes made by :func:`encode`."""
+    if len(data) < 9 or data[:4] != MAGIC:
+        raise ProtocolError("not a fedglmm message")
+    if data[4] != VERSION:
+        raise ProtocolError(f"unsupported message version {data[4]}")
+    (hlen,) = struct.unpack("<I", data[5:9])
+    header = json.loads(data[9: 9 + hlen].decode())
+    offset = 9 + hlen
+    specs: list[dict] = []
+
+    def collect(obj):
+        if isinstance(obj, dict):
+            if "__array__" in obj:
+                specs.append(obj)
+            else:
+                for v in obj.values():
+                    collect(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                collect(v)
+
+    collect(header)
+    arrays = {}
+    for spec in sorted(specs, key=lambda s: s["__array__"]):
+        dtype = np.dtype(_DTYPES[spec["dtype"]]).newbyteorder("<")
+        count = int(np.prod(spec["shape"], dtype=np.int64))
+        nbytes = count * dtype.itemsize
+        if offset + nbytes > len(data):
+            raise ProtocolError("message is truncated")
+        arrays[spec["__array__"]] = np.frombuffer(data, dtype, count, offset).reshape(spec["shape"]).copy()
+        offset += nbytes
+
+    def rebuild(obj):
+        if isinstance(obj, dict):
+            if "__array__" in obj:
+                return arrays[obj["__array__"]]
+            return {k: rebuild(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [rebuild(v) for v in obj]
+        return obj
+
+    return rebuild(header)
+
+
+def request(kind: str, **payload) -> dict:
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown request kind '{kind}'")
+    return {"kind": kind, **payload}

@@ -1,0 +1,104 @@
+"""A site: it holds its private rows and answers the coordinator's requests with sums only.
+
+A site never imports the optimiser and never sends a row.  Each request arrives as bytes
+(:mod:`fedglmm.protocol`) and each reply leaves as bytes; a user error inside the site becomes a reply
+``{"error": "<one line>"}`` so the coordinator can stop the fit with the site's own message.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from . import protocol
+from .design import build_design, describe_frame
+from .errors import FedGLMMError
+from .families import get_family
+from .formula import parse_formula
+from .gaussian import LMMSums
+from .likelihood import GLMMLikelihood
+from .spec import Schema
+
+
+class Site:
+    """One institution's data behind the protocol."""
+
+    def __init__(self, site_id: str, frame: pd.DataFrame):
+        self.site_id = str(site_id)
+        self.frame = frame
+        self.design = None
+        self.family = None
+        self._engine = None
+        self._transform = None
+
+    # --- the boundary -------------------------------------------------------------------------------
+    def handle(self, data: bytes) -> bytes:
+        """Answer one encoded request with one encoded reply."""
+        try:
+            req = protocol.decode(data)
+            kind = req.get("kind")
+            handler = getattr(self, f"_on_{kind}", None)
+            if kind not in protocol.KINDS or handler is None:
+                raise FedGLMMError(f"site '{self.site_id}': unknown request '{kind}'")
+            reply = handler(req)
+        except FedGLMMError as exc:
+            reply = {"error": str(exc)}
+        except (ValueError, np.linalg.LinAlgError) as exc:
+            reply = {"error": f"site '{self.site_id}': could not answer the request: {exc}"}
+        return protocol.encode(reply)
+
+    # --- handlers -----------------------------------------------------------------------------------
+    def _on_describe(self, req):
+        spec = parse_formula(req["formula"])
+        return {"site": self.site_id, **describe_frame(self.frame, spec, self.site_id)}
+
+    def _on_setup(self, req):
+        spec = parse_formula(req["formula"])
+        self.family = get_family(req["family"], req.get("link"))
+        schema = Schema(kinds=dict(req["schema"]["kinds"]), levels={k: list(v) for k, v in req["schema"]["levels"].items()})
+        self.design = d = build_design(spec, schema, self.frame, self.family, self.site_id)
+        self.nagq = int(req.get("nagq", 1))
+        self._engine, self._transform = None, None
+        X = d.X
+        reply = {"n": d.n, "ngroups": len(d.group_levels) if d.Z.shape[1] else 0,
+                 "x_names": list(d.x_names), "z_names": list(d.z_names), "theta_mask": np.asarray(d.theta_mask),
+                 "colsum": X.sum(axis=0), "colsq": (X * X).sum(axis=0), "xtx": X.T @ X}
+        if self.family.name != "gaussian":
+            # one linearised (IRLS) step from the data themselves gives starting values
+            fam = self.family
+            ytil = (d.y + 0.5) / (d.trials + 1.0) if fam.name == "binomial" else d.y + 0.5
+            eta = fam.linkfun(ytil)
+            w = fam.derivs(d.y, d.trials, eta)[2]
+            reply["xtwx"] = (X * w[:, None]).T @ X
+            reply["xtwz"] = X.T @ (w * (eta - d.offset))
+        return reply
+
+    def _engine_for(self, transform):
+        transform = np.asarray(transform, float)
+        if self._engine is None or not np.array_equal(transform, self._transform):
+            X = self.design.X @ transform
+            if self.family.name == "gaussian":
+                self._engine = LMMSums(self.design, X)
+            else:
+                self._engine = GLMMLikelihood(self.design, self.family, self.nagq, X)
+            self._transform = transform
+        return self._engine
+
+    def _on_evaluate(self, req):
+        eng = self._engine_for(req["transform"])
+        if isinstance(eng, LMMSums):
+            return eng.evaluate(req["theta"], order=2)
+        ev = eng.evaluate(req["phi"], hess=True)
+        return {"value": ev.value, "grad": ev.grad, "hess": ev.hess}
+
+    def _on_finalize(self, req):
+        reply = self._on_evaluate(req)
+        eng = self._engine
+        d = self.design
+        if d.Z.shape[1] == 0:
+            return reply
+        if isinstance(eng, LMMSums):
+            modes, sds = eng.conditional_modes(req["theta"], np.asarray(req["beta_internal"]), float(req["sigma"]))
+        else:
+            modes, sds = eng.conditional_modes(req["phi"])
+        reply.update({"levels": list(d.group_levels), "modes": modes, "condsd": sds})
+        return reply
