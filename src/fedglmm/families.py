@@ -143,6 +143,33 @@ class Family:
             return d1, d2, w, m * t * (2.0 * a - a2et)
         raise AssertionError(self.link)
 
+    def derivs2(self, y, m, eta):
+        """(d3, w2): third η-derivative of ℓ and second η-derivative of the Fisher weight."""
+        if self.link == "logit":
+            mu = special.expit(eta)
+            w = m * mu * (1.0 - mu)
+            return -w * (1.0 - 2.0 * mu), w * (1.0 - 6.0 * mu + 6.0 * mu * mu)
+        if self.link == "log":
+            mu = np.exp(eta)
+            return -mu, mu
+        if self.link == "probit":
+            logphi = -0.5 * eta * eta - 0.5 * np.log(2.0 * np.pi)
+            lam1 = np.exp(logphi - special.log_ndtr(eta))
+            lam0 = np.exp(logphi - special.log_ndtr(-eta))
+            da1 = lam1 * (1.0 - (eta + lam1) * (eta + 2.0 * lam1))      # d/dη [λ1 (η + λ1)]
+            da0 = lam0 * ((lam0 - eta) * (2.0 * lam0 - eta) - 1.0)      # d/dη [λ0 (λ0 − η)]
+            w = m * lam1 * lam0
+            k = lam0 - lam1 - 2.0 * eta
+            return -y * da1 - (m - y) * da0, w * (k * k + lam0 * (lam0 - eta) + lam1 * (eta + lam1) - 2.0)
+        if self.link == "cloglog":
+            t = np.exp(eta)
+            a = t / np.expm1(t)
+            b = t * t / (np.expm1(t) * -np.expm1(-t))     # a² e^t
+            c = t / -np.expm1(-t)                          # b / a
+            db = b * (2.0 - 2.0 * c + t)
+            return y * (a - b - db) - (m - y) * t, m * t * (4.0 * a - 3.0 * b - db)
+        raise AssertionError(self.link)
+
 
 def _xlogy(x, logv):
     """x·log v with 0·(−∞) = 0."""

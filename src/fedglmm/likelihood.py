@@ -16,8 +16,9 @@ The modes û are found by a Newton iteration run for all groups at once (stacked
 halving).  The gradient is analytic: with dû/dφ from the implicit function theorem
 (H_obs dû = ∂(∇_u h)/∂φ), dη̂/dφ = ∂η/∂φ + M dû/dφ, the derivative of H through W(η̂) and Λ(θ), and the
 derivative of the Cholesky-scaled nodes dS = −S Φ(Sᵀ dH S) (Φ: upper triangle, halved diagonal).
-The Hessian is the central difference of that analytic gradient, computed inside the site: it costs local
-work, never a round.  Everything is a sum over groups, so a site's numbers add up across sites.
+For the Laplace approximation the Hessian is analytic as well (:meth:`GLMMLikelihood._laplace_hessian`); for
+AGHQ it is the central difference of the analytic gradient, computed inside the site: local work, never a
+round.  Everything is a sum over groups, so a site's numbers add up across sites.
 """
 from __future__ import annotations
 
@@ -116,8 +117,11 @@ class GLMMLikelihood:
         return u, eta
 
     # --- value and gradient -------------------------------------------------------------------------
-    def value_grad(self, phi: np.ndarray, u0: np.ndarray | None = None, grad: bool = True):
-        """Log-likelihood, gradient and auxiliaries (modes û and dû/dφ) at φ = (β, θ)."""
+    def value_grad(self, phi: np.ndarray, u0: np.ndarray | None = None, grad: bool = True, hess: bool = False):
+        """Log-likelihood, gradient and auxiliaries (modes û and dû/dφ) at φ = (β, θ).
+
+        With ``hess`` (Laplace only) the analytic Hessian is returned in ``aux["hess"]``.
+        """
         phi = np.asarray(phi, float)
         beta, theta = phi[: self.p], phi[self.p:]
         fam, g = self.family, self.g
@@ -188,7 +192,50 @@ class GLMMLikelihood:
         gr[: self.p] += self.X.T @ d1bar
         gr[self.p:] += np.sum(self.Z[:, r] * T[:, c], axis=0)
         aux["dU"] = dU
+        if hess and laplace:
+            C = np.concatenate([cb, ct], axis=2)
+            aux["hess"] = self._laplace_hessian(u, eta, M, d2, w, w1, hobs, C, dU, deta, dH, Hinv)
         return value, gr, aux
+
+    def _laplace_hessian(self, u, eta, M, d2, w, w1, hobs, C, dU, deta, dH, Hinv):
+        """Analytic Hessian of Σ_i [h(û) − ½ log det H] (see the module docstring for the pieces).
+
+        Hessian = h_φφ + Cᵀ dU (the profiled h) − ½ tr(H⁻¹ D²H) + ½ tr(H⁻¹ DH H⁻¹ DH).  The second
+        derivatives of the modes enter tr(H⁻¹ D²H) only through a_gᵀ d²û with a_g = Σ_j w′_j lev_j m_j,
+        so they are never formed: with v_g = H_obs⁻¹ a_g every term is a row-weighted cross-product.
+        """
+        p, k, g, Z = self.p, self.ntheta, self.g, self.Z
+        r, c = self.theta_r, self.theta_c
+        P = p + k
+        d3, w2 = self.family.derivs2(self.y, self.m, eta)
+        E = np.concatenate([self.X, Z[:, r] * u[g][:, c]], axis=1)      # ∂η/∂φ at fixed u
+        hs = (E * d2[:, None]).T @ E + np.einsum("gqs,gqt->st", C, dU)
+        HinvM = np.einsum("jab,jb->ja", Hinv[g], M)
+        lev = np.sum(M * HinvM, axis=1)
+
+        def cross(weight):
+            return (deta * weight[:, None]).T @ deta
+
+        def q_term(bg):                      # Σ_j ω_j Q_jst with Σ_{j∈g} ω_j z_j = bg
+            K = np.zeros((P, P))
+            K[:, p:] = np.einsum("gt,gts->st", bg[:, r], dU[:, c, :]) if k else 0.0
+            return K + K.T
+
+        v = np.linalg.solve(hobs, self._gsum(M * (w1 * lev)[:, None])[..., None])[..., 0]
+        vm = np.einsum("jc,jc->j", M, v[g])
+        S = cross(w2 * lev + d3 * vm)
+        S += q_term(self._gsum(Z * (w1 * lev)[:, None])) + q_term(self._gsum(Z * (d2 * vm)[:, None]))
+        if k:
+            F = self._gsum((Z * d2[:, None])[:, :, None] * deta[:, None, :])        # (G, q, P)
+            K = np.zeros((P, P))
+            K[p:, :] = np.einsum("gs,gst->st", v[:, c], F[:, r, :])
+            K[p:, :] += 2.0 * (w1[:, None] * HinvM[:, c] * Z[:, r]).T @ deta
+            S += K + K.T
+            Wzz = self._gsum((Z * w[:, None])[:, :, None] * Z[:, None, :])
+            S[p:, p:] += 2.0 * np.einsum("gts,gts->ts", Wzz[:, r][:, :, r], Hinv[:, c][:, :, c])
+        HdH = Hinv[:, None] @ dH
+        hs += -0.5 * S + 0.5 * np.einsum("gsab,gtba->st", HdH, HdH)
+        return 0.5 * (hs + hs.T)
 
     def _glm(self, eta, grad):
         fam = self.family
@@ -200,10 +247,13 @@ class GLMMLikelihood:
 
     # --- the site's reply ---------------------------------------------------------------------------
     def evaluate(self, phi: np.ndarray, hess: bool = True, step: float = 1e-5) -> Evaluation:
-        """Value, analytic gradient and central-difference Hessian (of the analytic gradient) at φ."""
+        """Value, gradient and Hessian at φ: analytic for Laplace; for AGHQ the Hessian is the central
+        difference of the analytic gradient (local work only)."""
         phi = np.asarray(phi, float)
-        value, gr, aux = self.value_grad(phi)
-        if self.q == 0:
+        laplace = len(self.ck) == 1
+        value, gr, aux = self.value_grad(phi, hess=hess and laplace)
+        if self.q == 0 or (hess and laplace):
+            self.u = aux.get("u", self.u)
             return Evaluation(value, gr, aux["hess"] if hess else None)
         u, dU = aux["u"], aux["dU"]
         self.u = u
