@@ -31,8 +31,8 @@ import numpy as np
 class NewtonConfig:
     """Immutable settings of the optimiser."""
 
-    tol: float = 1e-8           # Newton decrement gᵀH⁻¹g at which the final candidate is accepted
-    near: float = 1e-4          # decrement below which the next (Newton) point is the final candidate
+    tol: float = 1e-7           # Newton decrement gᵀH⁻¹g at which the final candidate is accepted
+    near: float = 1e-3          # decrement below which the next (Newton) point is the final candidate
     max_evals: int = 60         # evaluations (rounds) at most
     radius0: float = 3.0        # initial trust radius (scaled units) when the Hessian is indefinite
     accept: float = 1e-4        # least ratio of actual to predicted decrease for accepting a step

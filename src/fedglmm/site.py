@@ -63,13 +63,7 @@ class Site:
                  "x_names": list(d.x_names), "z_names": list(d.z_names), "theta_mask": np.asarray(d.theta_mask),
                  "colsum": X.sum(axis=0), "colsq": (X * X).sum(axis=0), "xtx": X.T @ X}
         if self.family.name != "gaussian":
-            # one linearised (IRLS) step from the data themselves gives starting values
-            fam = self.family
-            ytil = (d.y + 0.5) / (d.trials + 1.0) if fam.name == "binomial" else d.y + 0.5
-            eta = fam.linkfun(ytil)
-            w = fam.derivs(d.y, d.trials, eta)[2]
-            reply["xtwx"] = (X * w[:, None]).T @ X
-            reply["xtwz"] = X.T @ (w * (eta - d.offset))
+            reply.update(start_sums(d, self.family))
         return reply
 
     def _engine_for(self, transform):
@@ -102,3 +96,28 @@ class Site:
             modes, sds = eng.conditional_modes(req["phi"])
         reply.update({"levels": list(d.group_levels), "modes": modes, "condsd": sds})
         return reply
+
+
+def start_sums(d, family) -> dict:
+    """Sums for starting values: one IRLS step from μ = (y + ½)/(m + 1) (as R's ``glm`` starts), and the
+    moments of the working residuals per group that give a first estimate of Σ (see
+    :func:`fedglmm.methods.iterative.moment_start`).  Everything is summed over the site's groups.
+    """
+    y, m = d.y, d.trials
+    mu0 = (y + 0.5) / (m + 1.0) if family.name == "binomial" else y + 0.5
+    eta = family.linkfun(mu0)
+    d1, _, w, _ = family.derivs(y, m, eta)
+    z = eta + d1 / w - d.offset            # IRLS working response
+    X, Zm = d.X, d.Z
+    out = {"xtwx": (X * w[:, None]).T @ X, "xtwz": X.T @ (w * z)}
+    if Zm.shape[1]:
+        st = d.starts
+        s_g = np.add.reduceat(Zm * (w * z)[:, None], st, axis=0)                        # (G, q)
+        T_g = np.add.reduceat((Zm * w[:, None])[:, :, None] * X[:, None, :], st, axis=0)  # (G, q, p)
+        W_g = np.add.reduceat((Zm * w[:, None])[:, :, None] * Zm[:, None, :], st, axis=0)  # (G, q, q)
+        out.update({"mom_ss": np.einsum("ga,gb->ab", s_g, s_g),
+                    "mom_st": np.einsum("ga,gbk->abk", s_g, T_g),
+                    "mom_tt": np.einsum("gak,gbl->akbl", T_g, T_g),
+                    "mom_ww": np.einsum("gab,gcd->abcd", W_g, W_g),
+                    "mom_w": W_g.sum(axis=0)})
+    return out

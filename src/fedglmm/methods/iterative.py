@@ -105,7 +105,11 @@ def fit_iterative(transport, formula: str, family: Family, options: FitOptions =
     else:
         tot.update(_sum_replies(setup, ["xtwx", "xtwz"]))
         gamma0 = np.linalg.solve(A.T @ tot["xtwx"] @ A, A.T @ tot["xtwz"])
-        core = _fit_glmm(transport, A, mask, gamma0, _theta_start(mask), options)
+        theta0 = _theta_start(mask)
+        if q:
+            theta0 = moment_start(_sum_replies(setup, ["mom_ss", "mom_st", "mom_tt", "mom_ww", "mom_w"]),
+                                  A @ gamma0, mask)
+        core = _fit_glmm(transport, A, mask, gamma0, theta0, options)
     final = core["final"]
 
     beta = A @ core["gamma"]
@@ -146,6 +150,35 @@ def _natural_order(levels):
     except ValueError:
         keys = list(levels)
     return np.argsort(np.asarray(keys, dtype=object), kind="stable")
+
+
+def moment_start(m: dict, beta: np.ndarray, mask: np.ndarray, floor: float = 0.1) -> np.ndarray:
+    """θ from the working residuals' group moments: Σ_g r_g r_gᵀ ≈ Σ_g W_g Σ W_g + Σ_g W_g.
+
+    With r_g = s_g − T_g β (s_g = Σ_j w_j z_j ζ_j, T_g = Σ_j w_j ζ_j x_jᵀ, W_g = Σ_j w_j ζ_j ζ_jᵀ over a
+    group's rows), the left side is a quadratic in β whose coefficients are sums over groups; the linear
+    system in Σ is solved by least squares, Σ is made positive definite (standard deviations at least
+    ``floor``) and restricted to the model's pattern before its Cholesky factor gives θ.
+    """
+    q = mask.shape[0]
+    stb = m["mom_st"] @ beta
+    R = m["mom_ss"] - stb - stb.T + np.einsum("akbl,k,l->ab", m["mom_tt"], beta, beta)
+    M = m["mom_ww"].transpose(0, 3, 1, 2).reshape(q * q, q * q)      # (a,d) × (b,c)
+    sig = np.linalg.lstsq(M, (R - m["mom_w"]).reshape(-1), rcond=None)[0].reshape(q, q)
+    sig = 0.5 * (sig + sig.T)
+    full = np.tril(np.ones((q, q), bool))
+    sig = np.where(mask | mask.T | ~full & ~full.T, sig, 0.0) if not np.array_equal(mask, full) else sig
+    sd = np.sqrt(np.maximum(np.diag(sig), floor**2))
+    corr = sig / np.outer(np.sqrt(np.maximum(np.diag(sig), 1e-12)), np.sqrt(np.maximum(np.diag(sig), 1e-12)))
+    corr = np.clip(np.where(np.eye(q, dtype=bool), 1.0, corr), -0.9, 0.9)
+    corr[np.eye(q, dtype=bool)] = 1.0
+    lam, vec = np.linalg.eigh(corr)
+    corr = vec @ np.diag(np.maximum(lam, 0.05)) @ vec.T
+    dd = np.sqrt(np.diag(corr))
+    corr = corr / np.outer(dd, dd)
+    L = np.linalg.cholesky(np.outer(sd, sd) * corr)
+    c_idx, r_idx = np.nonzero(mask.T)
+    return L[r_idx, c_idx]
 
 
 def _theta_start(mask):
