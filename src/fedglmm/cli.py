@@ -1,0 +1,281 @@
+"""The command line: ``fedglmm fit``, ``fedglmm demo`` and ``fedglmm --version``.
+
+Output contract:
+
+* stdout carries the result only: the printed summary, or the JSON of the fit with ``--json -``;
+* stderr carries progress (``round 3: evaluate``, only when stderr is a terminal and ``--quiet`` is not
+  given), notes, and errors;
+* every error is ONE line ``error: <message>`` on stderr and nothing is printed as a fit.  Exit codes:
+  0 success, 1 a data problem (:class:`~fedglmm.errors.FedGLMMError`: unreadable file, bad values, sites
+  that disagree, no convergence), 2 a usage problem (unknown option, missing argument, unknown family or
+  link, a formula that does not parse), 3 an internal error (``--debug`` shows its traceback).
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Callable, Iterator, List, Optional
+
+import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.2x ships its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click.exceptions import ClickException, UsageError
+
+from . import __version__
+from .errors import FedGLMMError
+
+DEMO_FORMULA = "use ~ urban + age + I(age**2) + livch + (1 | district)"
+DEMO_FAMILY = "binomial"
+DEMO_SITE_COLUMN = "region"
+DEMO_FILE = "contraception.csv"
+
+EXIT_DATA, EXIT_USAGE, EXIT_INTERNAL = 1, 2, 3
+
+_state = {"debug": False}
+
+
+# --- error handling: one line, fixed exit codes -------------------------------------------------------
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _print_error(message: str) -> None:
+    typer.echo(f"error: {_one_line(message)}", err=True)
+
+
+class _FedGLMMGroup(TyperGroup):
+    """Runs the command group and turns every exception into one ``error:`` line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _state["debug"] = False
+        try:
+            rv = super().main(args=args, prog_name=prog_name or "fedglmm", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+            code = rv if isinstance(rv, int) else 0
+        except UsageError as e:
+            code = EXIT_USAGE
+            _print_error(_usage_message(e))
+        except ClickException as e:
+            code = e.exit_code or EXIT_DATA
+            _print_error(e.format_message())
+        except typer.Abort:
+            code = 130
+            _print_error("aborted")
+        except FedGLMMError as e:
+            code = EXIT_DATA
+            _print_error(str(e))
+        except Exception as e:  # noqa: BLE001 - the contract: never a traceback
+            if _state["debug"]:
+                raise
+            code = EXIT_INTERNAL
+            detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            _print_error(f"internal error: {detail} (run with --debug for the traceback)")
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _usage_message(e: UsageError) -> str:
+    msg = _one_line(e.format_message())
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None and ctx.command_path:
+        msg = f"{msg} (see '{ctx.command_path} --help')"
+    return msg
+
+
+app = typer.Typer(
+    cls=_FedGLMMGroup,
+    name="fedglmm",
+    help="Fit generalized linear mixed models (lme4-style) federated over sites that share sums, never rows.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"fedglmm {__version__}")
+        raise typer.Exit()
+
+
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show the traceback of an internal error.")]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
+JsonOption = Annotated[Optional[str], typer.Option(
+    "--json", metavar="OUT", help="Also write the fit as JSON to OUT; '-' writes the JSON to stdout "
+                                  "instead of the summary.")]
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    _state["debug"] = _state["debug"] or debug
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
+# --- fit --------------------------------------------------------------------------------------------
+
+@app.command(no_args_is_help=False)
+def fit(
+    ctx: typer.Context,
+    data: Annotated[List[Path], typer.Argument(
+        metavar="DATA...", show_default=False,
+        help="Data files, one per site (.csv, .csv.gz, .tsv, .parquet; the site id is the file name), "
+             "or one file split by --site-column.")],
+    formula: Annotated[str, typer.Option(
+        "--formula", "-f", show_default=False,
+        help="lme4-style formula, e.g. 'use ~ urban + age + (1 | district)'.")],
+    family: Annotated[str, typer.Option("--family", help="gaussian, binomial or poisson.")] = "gaussian",
+    link: Annotated[Optional[str], typer.Option(
+        "--link", show_default=False,
+        help="Link function (binomial: logit, probit, cloglog). Default: the family's canonical link.")] = None,
+    nagq: Annotated[int, typer.Option(
+        "--nagq", min=1, help="1: Laplace approximation; K > 1: adaptive Gauss-Hermite with K nodes.")] = 1,
+    reml: Annotated[bool, typer.Option(
+        "--reml/--ml", help="REML or maximum likelihood (gaussian models; others are always ML).")] = True,
+    site_column: Annotated[Optional[str], typer.Option(
+        "--site-column", "-s", show_default=False,
+        help="Column of the (single) data file naming each row's site.")] = None,
+    json_out: JsonOption = None,
+    quiet: QuietOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Fit a GLMM federated over sites and print an lme4-style summary."""
+    _state["debug"] = _state["debug"] or debug
+    _check_model_options(ctx, formula, family, link)
+    _check_json_target(ctx, json_out)
+    if site_column is not None and len(data) > 1:
+        raise UsageError(f"--site-column splits one file into sites, but {len(data)} files were given and "
+                         "each file is already a site: give one file or drop --site-column", ctx=ctx)
+    from .io import load_sites
+
+    sites = load_sites(data, site_column)
+    res = _run_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, quiet=quiet)
+    _emit(res, json_out, quiet)
+
+
+def _check_model_options(ctx, formula: str, family: str, link: str | None) -> None:
+    """Family, link and formula are checked before any file is read; a problem is a usage error."""
+    from .families import get_family
+    from .formula import parse_formula
+
+    for check in (lambda: get_family(family, link), lambda: parse_formula(formula)):
+        try:
+            check()
+        except FedGLMMError as e:
+            raise UsageError(str(e), ctx=ctx) from None
+
+
+def _check_json_target(ctx, json_out: str | None) -> None:
+    if json_out is None or json_out == "-":
+        return
+    target = Path(json_out)
+    if target.is_dir():
+        raise UsageError(f"--json '{json_out}' is a folder; give a file name", ctx=ctx)
+    parent = target.parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot write --json '{json_out}': folder '{parent}' does not exist", ctx=ctx)
+
+
+@contextmanager
+def _progress(quiet: bool, label: str) -> Iterator[Optional[Callable[[int, str], None]]]:
+    """An ``on_round`` callback showing "round k: kind" on stderr, or None when silent."""
+    if quiet or not _stderr_is_terminal():
+        yield None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status(f"{label}: starting") as status:
+        def on_round(number: int, kind: str) -> None:
+            status.update(f"{label}: round {number}: {kind}")
+
+        yield on_round
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _run_fit(formula, sites, *, family, link, nagq, reml, quiet, label="fitting"):
+    from .api import fit as api_fit
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _progress(quiet, label) as on_round:
+            res = api_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, on_round=on_round)
+    if not quiet:
+        shown = set()
+        for w in caught:
+            if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+                continue
+            text = _one_line(str(w.message))
+            if text not in shown:
+                shown.add(text)
+                typer.echo(f"warning: {text}", err=True)
+    return res
+
+
+def _emit(res, json_out: str | None, quiet: bool, note: str | None = None) -> None:
+    """Write the JSON first (a failed write prints no fit), then the summary and the note."""
+    if json_out is not None and json_out != "-":
+        try:
+            res.to_json(json_out)
+        except OSError as e:
+            raise ClickException(f"cannot write --json '{json_out}': {e.strerror or e}") from None
+    if json_out == "-":
+        typer.echo(res.to_json())
+        if note and not quiet:
+            typer.echo(note, err=True)
+        return
+    typer.echo(res.summary())
+    if note:
+        typer.echo("")
+        typer.echo(note)
+    if json_out is not None and not quiet:
+        typer.echo(f"wrote {json_out}", err=True)
+
+
+# --- demo -------------------------------------------------------------------------------------------
+
+@app.command()
+def demo(ctx: typer.Context, json_out: JsonOption = None, quiet: QuietOption = False, debug: DebugOption = False) -> None:
+    """Fit the bundled contraception data split over 4 regional sites (binomial, Laplace)."""
+    _state["debug"] = _state["debug"] or debug
+    _check_json_target(ctx, json_out)
+    from .io import load_sites
+
+    with resources.as_file(resources.files("fedglmm") / "data" / DEMO_FILE) as path:
+        sites = load_sites([path], DEMO_SITE_COLUMN)
+    res = _run_fit(DEMO_FORMULA, sites, family=DEMO_FAMILY, link=None, nagq=1, reml=False, quiet=quiet,
+                   label="demo")
+    ngroups = sum(res.ngroups.values())
+    note = (f"demo: fitted the Bangladesh contraception survey ({res.nobs} women, {ngroups} districts) "
+            f"federated over {res.nsites} sites split by '{DEMO_SITE_COLUMN}' ({', '.join(res.site_ids)}): "
+            f"{res.rounds} rounds, {res.bytes_to_sites:,} bytes sent to the sites and "
+            f"{res.bytes_from_sites:,} bytes back; no row left its site.")
+    _emit(res, json_out, quiet, note=note)
+
+
+def main() -> None:
+    """The ``fedglmm`` console script."""
+    typer.main.get_command(app).main(prog_name="fedglmm")
+
+
+if __name__ == "__main__":
+    main()
