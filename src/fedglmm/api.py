@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from .errors import InputError
@@ -50,7 +51,7 @@ def make_sites(data, site: str | None = None) -> dict[str, Site]:
 
 
 def fit(formula: str, data, family: str = "gaussian", link: str | None = None, nagq: int = 1,
-        reml: bool = True, site: str | None = None, method: str = "iterative",
+        reml: bool = True, site: str | None = None, method: str = "iterative", curvature: str = "observed",
         on_round: Callable[[int, str], None] | None = None, newton: NewtonConfig | None = None) -> FitResult:
     """Fit a (generalised) linear mixed model federated over sites.
 
@@ -62,13 +63,19 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
     nagq : 1 for the Laplace approximation, K > 1 for adaptive Gauss–Hermite with K nodes per dimension.
     reml : REML (default, as lme4) or ML for gaussian models; ignored otherwise.
     method : ``iterative`` (exact Newton rounds).
+    curvature : the curvature in the Laplace / AGHQ determinant and node scaling for non-canonical links
+        (probit, cloglog): ``observed`` (default, the exact Laplace approximation, as glmmTMB) or
+        ``expected`` (Fisher weights, lme4's glmer).  Canonical links give the same either way.
     on_round : called as ``on_round(round_number, request_kind)`` after each round.
     """
     fam = get_family(family, link)
-    if not isinstance(nagq, int) or nagq < 1:
+    if isinstance(nagq, bool) or not isinstance(nagq, (int, np.integer)) or nagq < 1:
         raise InputError(f"nagq must be a whole number ≥ 1, not {nagq!r}")
+    nagq = int(nagq)
+    if curvature not in ("observed", "expected"):
+        raise InputError(f"curvature must be 'observed' or 'expected', not {curvature!r}")
     if method != "iterative":
         raise InputError(f"unknown method '{method}': use 'iterative'")
     transport = InProcessTransport(make_sites(data, site), on_round=on_round)
-    options = FitOptions(nagq=nagq, reml=bool(reml), newton=newton or NewtonConfig())
+    options = FitOptions(nagq=nagq, reml=bool(reml), curvature=curvature, newton=newton or NewtonConfig())
     return fit_iterative(transport, formula, fam, options)

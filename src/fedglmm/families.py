@@ -170,6 +170,49 @@ class Family:
             return y * (a - b - db) - (m - y) * t, m * t * (4.0 * a - 3.0 * b - db)
         raise AssertionError(self.link)
 
+    @property
+    def canonical(self) -> bool:
+        """Canonical link: observed and expected information coincide."""
+        return self.link in ("logit", "log", "identity")
+
+    def curvature(self, y, m, eta, kind: str = "observed"):
+        """(w, w1, w2): the curvature weight used in log det H and its first two η-derivatives.
+
+        ``observed``: −∂²ℓ/∂η² (the exact Laplace approximation, as glmmTMB); ``expected``: the Fisher
+        weight (lme4's PIRLS weight).  They coincide for canonical links.
+        """
+        d1, d2, w, w1 = self.derivs(y, m, eta)
+        d3, w2 = self.derivs2(y, m, eta)
+        if kind == "expected" or self.canonical:
+            return w, w1, w2
+        return -d2, -d3, -self.d4(y, m, eta)
+
+    def d4(self, y, m, eta):
+        """Fourth η-derivative of ℓ (needed for the Hessian of the observed-curvature Laplace value)."""
+        if self.link == "logit":
+            mu = special.expit(eta)
+            return -m * mu * (1.0 - mu) * (1.0 - 6.0 * mu + 6.0 * mu * mu)
+        if self.link == "log":
+            return -np.exp(eta)
+        if self.link == "probit":
+            logphi = -0.5 * eta * eta - 0.5 * np.log(2.0 * np.pi)
+            lam1 = np.exp(logphi - special.log_ndtr(eta))
+            lam0 = np.exp(logphi - special.log_ndtr(-eta))
+            dl1, dl0 = -lam1 * (eta + lam1), lam0 * (lam0 - eta)
+            k1, k0 = 1.0 - (eta + lam1) * (eta + 2.0 * lam1), (lam0 - eta) * (2.0 * lam0 - eta) - 1.0
+            dda1 = dl1 * k1 - lam1 * ((1.0 + dl1) * (eta + 2.0 * lam1) + (eta + lam1) * (1.0 + 2.0 * dl1))
+            dda0 = dl0 * k0 + lam0 * ((dl0 - 1.0) * (2.0 * lam0 - eta) + (lam0 - eta) * (2.0 * dl0 - 1.0))
+            return -y * dda1 - (m - y) * dda0
+        if self.link == "cloglog":
+            t = np.exp(eta)
+            a = t / np.expm1(t)
+            b = t * t / (np.expm1(t) * -np.expm1(-t))
+            c = t / -np.expm1(-t)
+            db = b * (2.0 - 2.0 * c + t)
+            ddb = db * (2.0 - 2.0 * c + t) + b * (t - 2.0 * c * (1.0 - a))
+            return y * (a - b - db - ddb) - (m - y) * t
+        raise AssertionError(self.link)
+
 
 def _xlogy(x, logv):
     """x·log v with 0·(−∞) = 0."""

@@ -4,10 +4,12 @@ Model and notation (see :mod:`fedglmm.spec`): for group i, η = Xβ + o + M u wi
 and
 
     h(u) = Σ_j ℓ_j(η_j) − ½ uᵀu,                    ℓ_j = log f(y_j | η_j) without its constant,
-    H    = Mᵀ W M + I,                              W = Fisher weights at the mode (lme4's PIRLS weights),
+    H    = Mᵀ W M + I,                              W = curvature weights at the mode,
     ℓ_i  ≈ −½ log det H + log Σ_k w_k exp(h(û + S z_k) + ½‖z_k‖²),   S = R⁻¹, H = RᵀR (Cholesky),
 
-with (z_k, w_k) the product Gauss–Hermite rule for N(0, I_q) (:mod:`fedglmm.quadrature`).  One node at 0
+W is −∂²ℓ/∂η² (``curvature="observed"``, the exact Laplace approximation, as glmmTMB computes it) or the
+Fisher weight (``"expected"``, lme4's PIRLS weight); the two coincide for canonical links (logit, log).
+(z_k, w_k) is the product Gauss–Hermite rule for N(0, I_q) (:mod:`fedglmm.quadrature`).  One node at 0
 gives the Laplace approximation ``h(û) − ½ log det H``, which is what lme4's ``glmer`` maximises with nAGQ=1;
 for a scalar random effect the K-node rule is lme4's nAGQ=K.  For vector random effects the product grid
 over the Cholesky-scaled directions is used (lme4 refuses nAGQ > 1 there).
@@ -55,8 +57,12 @@ class GLMMLikelihood:
     comes from the design.  The modes of the last evaluation are kept to warm-start the next one.
     """
 
-    def __init__(self, design: Design, family: Family, nagq: int = 1, X: np.ndarray | None = None):
+    def __init__(self, design: Design, family: Family, nagq: int = 1, X: np.ndarray | None = None,
+                 curvature: str = "observed"):
+        if curvature not in ("observed", "expected"):
+            raise ValueError("curvature must be 'observed' or 'expected'")
         self.family = family
+        self.curvature = curvature
         self.y = np.asarray(design.y, float)
         self.m = np.asarray(design.trials, float)
         self.off = np.asarray(design.offset, float)
@@ -132,7 +138,8 @@ class GLMMLikelihood:
         M = self.Z @ lam
         MM = M[:, :, None] * M[:, None, :]
         u, eta = self._modes(eta0, M, MM, self.u if u0 is None else u0)
-        d1, d2, w, w1 = fam.derivs(self.y, self.m, eta)
+        d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
+        w, w1, w2 = fam.curvature(self.y, self.m, eta, self.curvature)
         H = self._gsum(w[:, None, None] * MM) + self._eye
         L = np.linalg.cholesky(H)
         logdet = 2.0 * np.sum(np.log(np.diagonal(L, axis1=1, axis2=2)), axis=1)
@@ -194,10 +201,10 @@ class GLMMLikelihood:
         aux["dU"] = dU
         if hess and laplace:
             C = np.concatenate([cb, ct], axis=2)
-            aux["hess"] = self._laplace_hessian(u, eta, M, d2, w, w1, hobs, C, dU, deta, dH, Hinv)
+            aux["hess"] = self._laplace_hessian(u, eta, M, d2, w, w1, w2, hobs, C, dU, deta, dH, Hinv)
         return value, gr, aux
 
-    def _laplace_hessian(self, u, eta, M, d2, w, w1, hobs, C, dU, deta, dH, Hinv):
+    def _laplace_hessian(self, u, eta, M, d2, w, w1, w2, hobs, C, dU, deta, dH, Hinv):
         """Analytic Hessian of Σ_i [h(û) − ½ log det H] (see the module docstring for the pieces).
 
         Hessian = h_φφ + Cᵀ dU (the profiled h) − ½ tr(H⁻¹ D²H) + ½ tr(H⁻¹ DH H⁻¹ DH).  The second
@@ -207,7 +214,7 @@ class GLMMLikelihood:
         p, k, g, Z = self.p, self.ntheta, self.g, self.Z
         r, c = self.theta_r, self.theta_c
         P = p + k
-        d3, w2 = self.family.derivs2(self.y, self.m, eta)
+        d3 = self.family.derivs2(self.y, self.m, eta)[0]
         E = np.concatenate([self.X, Z[:, r] * u[g][:, c]], axis=1)      # ∂η/∂φ at fixed u
         hs = (E * d2[:, None]).T @ E + np.einsum("gqs,gqt->st", C, dU)
         HinvM = np.einsum("jab,jb->ja", Hinv[g], M)

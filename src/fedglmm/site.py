@@ -57,6 +57,7 @@ class Site:
         schema = Schema(kinds=dict(req["schema"]["kinds"]), levels={k: list(v) for k, v in req["schema"]["levels"].items()})
         self.design = d = build_design(spec, schema, self.frame, self.family, self.site_id)
         self.nagq = int(req.get("nagq", 1))
+        self.curvature = str(req.get("curvature", "observed"))
         self._engine, self._transform = None, None
         X = d.X
         reply = {"n": d.n, "ngroups": len(d.group_levels) if d.Z.shape[1] else 0,
@@ -73,7 +74,7 @@ class Site:
             if self.family.name == "gaussian":
                 self._engine = LMMSums(self.design, X)
             else:
-                self._engine = GLMMLikelihood(self.design, self.family, self.nagq, X)
+                self._engine = GLMMLikelihood(self.design, self.family, self.nagq, X, self.curvature)
             self._transform = transform
         return self._engine
 

@@ -38,6 +38,7 @@ from ..spec import ModelSpec
 class FitOptions:
     nagq: int = 1
     reml: bool = True
+    curvature: str = "observed"
     newton: NewtonConfig = NewtonConfig()
 
 
@@ -89,7 +90,7 @@ def fit_iterative(transport, formula: str, family: Family, options: FitOptions =
     schema = merge_schema(desc, spec, family)
     setup = transport.broadcast(request(
         "setup", formula=formula, family=family.name, link=family.link, nagq=options.nagq,
-        reml=options.reml, schema={"kinds": schema.kinds, "levels": schema.levels}))
+        reml=options.reml, curvature=options.curvature, schema={"kinds": schema.kinds, "levels": schema.levels}))
     first = next(iter(setup.values()))
     names, znames = list(first["x_names"]), list(first["z_names"])
     mask = np.asarray(first["theta_mask"], bool)
