@@ -148,11 +148,16 @@ def fit(
     site_column: Annotated[Optional[str], typer.Option(
         "--site-column", "-s", show_default=False,
         help="Column of the (single) data file naming each row's site.")] = None,
+    curvature: Annotated[str, typer.Option(
+        "--curvature", help="probit/cloglog only: 'observed' (exact Laplace, as glmmTMB) or 'expected' "
+                            "(Fisher weights, as lme4's glmer).")] = "observed",
     json_out: JsonOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Fit a GLMM federated over sites and print an lme4-style summary."""
+    if curvature not in ("observed", "expected"):
+        raise UsageError(f"--curvature must be 'observed' or 'expected', not '{curvature}'", ctx=ctx)
     _state["debug"] = _state["debug"] or debug
     _check_model_options(ctx, formula, family, link)
     _check_json_target(ctx, json_out)
@@ -162,7 +167,8 @@ def fit(
     from .io import load_sites
 
     sites = load_sites(data, site_column)
-    res = _run_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, quiet=quiet)
+    res = _run_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, quiet=quiet,
+                   curvature=curvature)
     _emit(res, json_out, quiet)
 
 
@@ -212,13 +218,14 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-def _run_fit(formula, sites, *, family, link, nagq, reml, quiet, label="fitting"):
+def _run_fit(formula, sites, *, family, link, nagq, reml, quiet, label="fitting", curvature="observed"):
     from .api import fit as api_fit
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _progress(quiet, label) as on_round:
-            res = api_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, on_round=on_round)
+            res = api_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, on_round=on_round,
+                          curvature=curvature)
     if not quiet:
         shown = set()
         for w in caught:

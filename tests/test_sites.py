@@ -1,0 +1,130 @@
+"""Federation: the same data split over sites gives the pooled fit, and only sums leave a site."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fedglmm
+from fedglmm import protocol
+from fedglmm.api import make_sites
+from fedglmm.errors import FedGLMMError
+from fedglmm.methods.iterative import FitOptions, fit_iterative
+from fedglmm.transport import InProcessTransport
+
+DATA = Path(__file__).parent / "data"
+
+
+def _split_by_group(df, group, nsites, seed=0):
+    levels = df[group].unique()
+    rng = np.random.default_rng(seed)
+    owner = dict(zip(levels, rng.integers(0, nsites, len(levels))))
+    return {f"s{k}": df[df[group].map(owner) == k].reset_index(drop=True) for k in range(nsites)}
+
+
+def _assert_same(a, b, tol=1e-8):
+    assert np.allclose(a.fixef, b.fixef, rtol=0, atol=tol)
+    assert np.allclose(a.se, b.se, rtol=0, atol=tol)
+    assert abs(a.loglik - b.loglik) <= tol * max(1.0, abs(a.loglik))
+    sa = [r.get("sd", r.get("corr")) for r in a.random]
+    sb = [r.get("sd", r.get("corr")) for r in b.random]
+    assert np.allclose(sa, sb, rtol=0, atol=tol)
+    if a.residual_sd is not None:
+        assert abs(a.residual_sd - b.residual_sd) <= tol
+    ma, mb = a.ranef(), b.ranef()
+    assert list(ma.index) == list(mb.index)
+    assert np.allclose(ma.to_numpy(), mb.to_numpy(), rtol=0, atol=1e-7)
+
+
+SPLITS = [
+    ("contraception.csv", "use ~ urban + age + livch + (urban | district)", "binomial", {}, "district"),
+    ("contraception.csv", "use ~ urban + age + I(age**2) + livch + (1 | district)", "binomial", {"nagq": 10},
+     "district"),
+    ("sleepstudy.csv", "Reaction ~ Days + (Days | Subject)", "gaussian", {}, "Subject"),
+    ("sleepstudy.csv", "Reaction ~ Days + (Days || Subject)", "gaussian", {"reml": False}, "Subject"),
+    ("extra_sim_pois_offset.csv", "y ~ x + offset(log(t)) + (1 | g)", "poisson", {"nagq": 5}, "g"),
+    ("cbpp.csv", "cbind(incidence, size - incidence) ~ period + (1 | herd)", "binomial",
+     {"link": "probit"}, "herd"),
+]
+
+
+@pytest.mark.parametrize("fname,formula,family,kw,group", SPLITS, ids=[s[1][:40] + str(s[3]) for s in SPLITS])
+def test_split_equals_pooled(fname, formula, family, kw, group):
+    df = pd.read_csv(DATA / fname)
+    pooled = fedglmm.fit(formula, df, family=family, **kw)
+    for nsites in (2, 5):
+        split = fedglmm.fit(formula, _split_by_group(df, group, nsites), family=family, **kw)
+        assert split.nsites == nsites
+        _assert_same(pooled, split)
+
+
+def test_site_column_equals_list_of_frames():
+    df = pd.read_csv(DATA / "extra_sim_pois_big.csv")
+    a = fedglmm.fit("y ~ x1 + x2 + (1 | g)", df, family="poisson", site="site")
+    b = fedglmm.fit("y ~ x1 + x2 + (1 | g)", [g for _, g in df.groupby("site")], family="poisson")
+    assert a.nsites == 6
+    _assert_same(a, b)
+
+
+def test_glm_without_random_effects_splits_by_rows():
+    df = pd.read_csv(DATA / "contraception.csv")
+    pooled = fedglmm.fit("use ~ urban + age + livch", df, family="binomial")
+    split = fedglmm.fit("use ~ urban + age + livch", [df.iloc[::2], df.iloc[1::2]], family="binomial")
+    assert np.allclose(pooled.fixef, split.fixef, atol=1e-10)
+    assert pooled.random == [] and pooled.method == "GLM"
+
+
+def test_group_at_two_sites_is_refused():
+    df = pd.read_csv(DATA / "sleepstudy.csv")
+    with pytest.raises(FedGLMMError, match="level .337. is present at sites .site1. and .site2.") as err:
+        fedglmm.fit("Reaction ~ Days + (1 | Subject)", [df.iloc[:100], df.iloc[95:]])
+    assert "\n" not in str(err.value)
+
+
+class _Recorder:
+    """Wraps a site and keeps every decoded reply."""
+
+    def __init__(self, site):
+        self.site, self.replies = site, []
+
+    def handle(self, data):
+        out = self.site.handle(data)
+        self.replies.append(protocol.decode(out))
+        return out
+
+
+def _arrays(obj):
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _arrays(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _arrays(v)
+
+
+@pytest.mark.parametrize("family,formula,kw", [
+    ("binomial", "use ~ urban + age + livch + (urban | district)", {}),
+    ("gaussian", "age ~ urban + livch + (1 | district)", {}),
+])
+def test_only_sums_leave_a_site(family, formula, kw):
+    """No reply holds anything sized like the rows; per-group arrays appear only in the final round."""
+    df = pd.read_csv(DATA / "contraception.csv")
+    sites = {k: _Recorder(s) for k, s in make_sites(_split_by_group(df, "district", 3)).items()}
+    transport = InProcessTransport(sites)
+    res = fit_iterative(transport, formula, fedglmm.get_family(family), FitOptions(**kw))
+    assert res.rounds == len(next(iter(sites.values())).replies)
+    assert res.bytes_to_sites > 0 and res.bytes_from_sites > 0
+    for rec in sites.values():
+        n = len(rec.site.frame)
+        groups = rec.site.frame["district"].nunique()
+        for i, reply in enumerate(rec.replies):
+            for arr in _arrays(reply):
+                assert n not in arr.shape, (i, arr.shape)
+                if i < len(rec.replies) - 1:
+                    assert groups not in arr.shape or groups <= 6, (i, arr.shape)
+        last = rec.replies[-1]
+        assert len(last["levels"]) == groups and last["modes"].shape[0] == groups
