@@ -241,13 +241,29 @@ def test_numeric_column_with_text_at_one_site(contra):
     a, b = contra[contra.district <= 30], contra[contra.district > 30].copy()
     b["age"] = b.age.astype(object)
     b.iloc[4, b.columns.get_loc("age")] = "abc"
+    # refused at the site itself, before anything about the column leaves it
+    assert error(InputError, describe_frame, b, spec, "B") == (
+        "site 'B': column 'age' has non-numeric value 'abc' in row 5 (the other values are numbers; "
+        "write C(age) in the formula if it is a factor)")
+    assert "abc" in describe_frame(b, parse_formula("use ~ urban + C(age) + (1 | district)"), "B")["levels"]["age"]
+    b["age"] = np.where(b.age.astype(str) == "abc", "young", "old")
     desc = {"A": describe_frame(a, spec, "A"), "B": describe_frame(b, spec, "B")}
     assert error(SchemaError, merge_schema, desc, spec, "binomial") == (
-        "site 'B': column 'age' has non-numeric value 'abc' in row 5 (the column is numeric at site 'A')")
-    b["age"] = np.where(b.age.astype(str) == "abc", "young", "old")
-    desc["B"] = describe_frame(b, spec, "B")
-    assert error(SchemaError, merge_schema, desc, spec, "binomial") == (
-        "column 'age' is numeric at site 'A' but not at site 'B'")
+        "column 'age' is numeric at site 'A' but holds text at site 'B'")
+
+
+def test_typo_in_numeric_column_at_the_only_site(contra):
+    spec = parse_formula("use ~ urban + age + (1 | district)")
+    b = contra.copy()
+    b["age"] = b.age.astype(object)
+    b.iloc[9, b.columns.get_loc("age")] = "n/a?"
+    assert "non-numeric value 'n/a?' in row 10" in error(InputError, describe_frame, b, spec, "only")
+
+
+def test_factor_with_number_like_labels_is_kept(contra):
+    """livch ('0', '1', '2', '3+') is a factor: its text labels are common, not a typo."""
+    desc = describe_frame(contra, parse_formula(CONTRA), "A")
+    assert desc["levels"]["livch"] == ["0", "1", "2", "3+"]
 
 
 def test_group_at_two_sites(contra):
@@ -308,11 +324,11 @@ def test_dotted_outcome_name():
     assert np.array_equal(d["A"].y, df["Reaction.time"].to_numpy()[order])
 
 
-def test_mostly_numeric_text_column_hint_only_when_mostly_numbers(contra):
-    spec = parse_formula(CONTRA)
-    assert describe_frame(contra, spec, "A")["non_numeric"] == {"livch": ["3+", 1]}
-    text = contra.assign(urban=np.where(contra.urban == "Y", "yes", "no"))
-    assert "urban" not in describe_frame(text, spec, "A")["non_numeric"]
+def test_description_holds_no_cell_values(contra):
+    """Only counts, column kinds, factor levels and group labels leave a site in the describe round."""
+    desc = describe_frame(contra, parse_formula(CONTRA), "A")
+    assert set(desc) == {"n", "columns", "levels", "groups"}
+    assert set(desc["levels"]) == {"urban", "livch"}
 
 
 def test_offset_column_must_be_numeric():

@@ -36,24 +36,28 @@ def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
     """What a site tells the coordinator about its frame (JSON-serialisable; no rows).
 
     ``{"n", "columns": {name: "numeric"|"categorical"} for all columns, "levels": {column: sorted
-    levels} for the categorical columns the model uses, "groups": [group labels present here],
-    "non_numeric": {column: [value, row]}}``.  The last entry is a hint for :func:`merge_schema`: for a
-    used text column whose values are mostly numbers, the first value that is not (a typo in a numeric
-    column at this site gives a useful message if the column is numeric elsewhere).
+    levels} for the categorical columns the model uses, "groups": [group labels present here]}``.
+
+    A used text column whose values are almost all numbers (at most 5 % of rows and 3 distinct labels are
+    not) is taken for a numeric column with a typo and refused here, at the site, naming the first such
+    value and its row; a factor whose labels look like numbers can be marked ``C(column)`` in the formula.
     """
     where = f"site '{site}'"
     _check_frame(df, variables(spec), where)
     kinds = {str(c): _kind(dt) for c, dt in df.dtypes.items()}
-    levels, hints = {}, {}
+    levels = {}
+    marked = set(factor_columns(spec))
     for col in _level_columns(spec, kinds):
         labels = _labels(df[col])
         levels[col] = _sort_levels(labels, natural=kinds[col] == "numeric")
         bad = _not_numbers(labels)
-        if kinds[col] == "categorical" and bad.any() and bad.mean() <= 0.5:      # mostly numbers
+        if kinds[col] == "categorical" and col not in marked and bad.any() and bad.mean() <= 0.05 \
+                and len(set(labels[bad])) <= 3:
             first = int(np.argmax(bad))
-            hints[col] = [str(labels[first]), first + 1]
+            raise InputError(f"{where}: column '{col}' has non-numeric value '{labels[first]}' in row {first + 1} "
+                             f"(the other values are numbers; write C({col}) in the formula if it is a factor)")
     groups = _sort_levels(_labels(df[spec.group]), natural=True) if spec.group else []
-    return {"n": int(len(df)), "columns": kinds, "levels": levels, "groups": groups, "non_numeric": hints}
+    return {"n": int(len(df)), "columns": kinds, "levels": levels, "groups": groups}
 
 
 # --- 2. merge -------------------------------------------------------------------------------------
@@ -101,11 +105,7 @@ def _agreed_kind(col: str, descriptions: dict[str, dict], spec: ModelSpec) -> st
         return "categorical"
     num = next(s for s, k in per_site.items() if k == "numeric")
     txt = next(s for s, k in per_site.items() if k != "numeric")
-    hint = descriptions[txt].get("non_numeric", {}).get(col)
-    if hint:
-        raise SchemaError(f"site '{txt}': column '{col}' has non-numeric value '{hint[0]}' in row {hint[1]} "
-                          f"(the column is numeric at site '{num}')")
-    raise SchemaError(f"column '{col}' is numeric at site '{num}' but not at site '{txt}'")
+    raise SchemaError(f"column '{col}' is numeric at site '{num}' but holds text at site '{txt}'")
 
 
 def _check_outcome_kinds(spec: ModelSpec, kinds: dict, levels: dict, fam) -> None:

@@ -149,7 +149,7 @@ class FitResult:
             "df": self.n_params, "nobs": self.nobs, "ngroups": self.ngroups, "nsites": self.nsites,
             "rounds": self.rounds, "bytes_to_sites": self.bytes_to_sites,
             "bytes_from_sites": self.bytes_from_sites, "converged": self.converged,
-            "seconds": self.seconds, "messages": list(self.messages),
+            "seconds": self.seconds, "messages": list(self.messages), "sites": list(self.site_ids),
         }
         if self.modes is not None:
             out["ranef"] = {self.group_name: {
@@ -158,7 +158,8 @@ class FitResult:
         return out
 
     def to_json(self, path=None, indent: int = 2) -> str:
-        text = json.dumps(self.to_dict(), indent=indent, allow_nan=True)
+        """Strict JSON (a value that is not finite is written as null)."""
+        text = json.dumps(_finite(self.to_dict()), indent=indent, allow_nan=False)
         if path is not None:
             with open(path, "w") as fh:
                 fh.write(text + "\n")
@@ -175,6 +176,16 @@ class FitResult:
     def __repr__(self) -> str:
         return (f"<FitResult {self.family.name}/{self.family.link} {self.method}: logLik {self.loglik:.3f}, "
                 f"{self.nobs} obs, {self.nsites} sites, {self.rounds} rounds>")
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _fdict(series: pd.Series) -> dict:
