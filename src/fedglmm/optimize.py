@@ -1,24 +1,31 @@
-"""The coordinator's optimiser: a trust-region Newton method driven one evaluation (one round) at a time.
+"""The coordinator's optimiser: a trust-region Newton method driven one round at a time.
 
-It minimises F from the value, gradient and Hessian that the sites' sums provide at each point it asks
-for.  The interface is ask/tell so that the caller owns the communication:
+It minimises F from the value, gradient and Hessian that the sites' sums provide at the points it asks
+for.  The interface is ask/tell, so the caller owns the communication, and a round may carry several
+points:
 
-    opt = TrustRegionNewton(x0)
-    x = opt.x0
-    while x is not None:
-        f, g, H = <one round at x>
-        x = opt.tell(x, f, g, H)
+    opt = TrustRegionNewton(x0, starts=[...])
+    xs = opt.starts
+    while xs:
+        results = [(f, g, H) at each x in xs]      # one round
+        xs = opt.tell(xs, results)
     opt.solution, opt.converged
 
 The step solves min gᵀs + ½ sᵀHs subject to ‖Ds‖ ≤ Δ, with D = sqrt|diag H| (so Δ is in units of
 approximate standard errors), through an eigen-decomposition of the small P×P Hessian; a step is
 accepted when the actual decrease is a fair share of the predicted one (Moré & Sorensen 1983; Nocedal &
-Wright 2006, Alg. 4.1).  Convergence: once the Newton decrement gᵀH⁻¹g at an accepted point with a
-positive-definite Hessian falls below ``near``, the full Newton step is proposed as the *final candidate*
-(``opt.final_candidate`` is True, so the caller can ask for everything it wants at the end in that same
-round); if the decrement there is below ``tol`` the iteration stops there, otherwise it goes on.  The
-solution is that last evaluated point plus its own Newton step (``solution``; ``point`` is the evaluated
-point): with quadratic convergence its error is of the order of the squared decrement, ~1e-16.
+Wright 2006, Alg. 4.1).  Rounds between institutions cost far more than local arithmetic, so while the
+quadratic model is not trusted (an indefinite Hessian, a rejected or poorly predicted step) a round
+carries the trust-region steps for the radii Δ/4, Δ and 4Δ, and the best point is kept: one round
+does what would otherwise take several radius updates.  Once the Hessian is positive definite and
+steps are accepted, each round carries the single Newton step.
+
+Convergence: once the Newton decrement gᵀH⁻¹g at an accepted point with a positive-definite Hessian
+falls below ``near``, the full Newton step is proposed as the *final candidate* (``opt.final_candidate``
+is True, so the caller can ask for everything it wants at the end in that same round); if the decrement
+there is below ``tol`` the iteration stops, otherwise it goes on.  The solution is that last evaluated
+point plus its own Newton step (``solution``; ``point`` is the evaluated point): with quadratic
+convergence its error is of the order of the squared decrement.
 """
 from __future__ import annotations
 
@@ -33,9 +40,10 @@ class NewtonConfig:
 
     tol: float = 1e-7           # Newton decrement gᵀH⁻¹g at which the final candidate is accepted
     near: float = 1e-3          # decrement below which the next (Newton) point is the final candidate
-    max_evals: int = 60         # evaluations (rounds) at most
+    max_evals: int = 60         # rounds at most
     radius0: float = 3.0        # initial trust radius (scaled units) when the Hessian is indefinite
     accept: float = 1e-4        # least ratio of actual to predicted decrease for accepting a step
+    spread: float = 4.0         # candidate radii Δ/spread, Δ, spread·Δ while the model is not trusted
 
 
 @dataclass
@@ -47,70 +55,92 @@ class _State:
 
 
 @dataclass
+class _Candidate:
+    step: np.ndarray
+    pred: float        # predicted decrease
+    norm: float        # scaled step length
+    radius: float      # radius it was computed for
+
+
+@dataclass
 class TrustRegionNewton:
     x0: np.ndarray
     config: NewtonConfig = field(default_factory=NewtonConfig)
     evals: int = 0
     converged: bool = False
     solution: np.ndarray | None = None
+    point: np.ndarray | None = None
     message: str = ""
     history: list = field(default_factory=list)
 
+    starts: list | None = None      # further starting points, evaluated in the first round with x0
+
     def __post_init__(self):
         self.x0 = np.asarray(self.x0, float)
+        self.starts = [self.x0] + [np.asarray(x, float) for x in (self.starts or [])]
         self.final_candidate = False
         self._cur: _State | None = None
         self._radius: float | None = None
-        self._pred = 0.0
-        self._step_norm = 0.0
+        self._cands: list[_Candidate] = []
+        self._trusted = False
+        self.accepted: int | None = None   # index of the point of the last round that was accepted
 
     @property
     def current(self) -> _State | None:
         return self._cur
 
-    def tell(self, x, f, g, H) -> np.ndarray | None:
-        """Record an evaluation at x; return the next point to evaluate, or None when finished."""
+    def tell(self, xs, results) -> list[np.ndarray] | None:
+        """Record one round (the points asked for and their (f, g, H)); return the next points or None."""
         self.evals += 1
-        x, g, H = np.asarray(x, float), np.asarray(g, float), np.asarray(H, float)
-        ok = np.isfinite(f) and np.all(np.isfinite(g)) and np.all(np.isfinite(H))
+        pts = [(np.asarray(x, float), float(f), np.asarray(g, float), np.asarray(H, float))
+               for x, (f, g, H) in zip(xs, results)]
+        ok = [np.isfinite(f) and np.all(np.isfinite(g)) and np.all(np.isfinite(H)) for _, f, g, H in pts]
+        was_final, self.final_candidate, self.accepted = self.final_candidate, False, None
         if self._cur is None:
-            if not ok:
+            finite = [i for i in range(len(pts)) if ok[i]]
+            if not finite:
                 self.message = "the objective is not finite at the starting values"
-                return None
-            self._cur = _State(x, float(f), g, H)
+                return self._finish(converged=False)
+            best = min(finite, key=lambda i: pts[i][1])
+            self._cur, self.accepted = _State(*pts[best]), best
         else:
-            ared = self._cur.f - f if ok else -np.inf
-            rho = ared / self._pred if self._pred > 0 else -np.inf
-            if ok and rho >= self.config.accept:
-                self._cur = _State(x, float(f), g, H)
-                if rho > 0.75 and self._step_norm > 0.99 * self._radius:
-                    self._radius = 2.0 * self._radius
+            finite = [i for i in range(len(pts)) if ok[i]]
+            best = min(finite, key=lambda i: pts[i][1]) if finite else None
+            cand = self._cands[best] if best is not None else None
+            rho = (self._cur.f - pts[best][1]) / cand.pred if cand is not None and cand.pred > 0 else -np.inf
+            if rho >= self.config.accept:
+                self._cur, self.accepted = _State(*pts[best]), best
+                if rho > 0.75 and cand.norm > 0.99 * cand.radius:
+                    self._radius = 2.0 * cand.radius
                 elif rho < 0.25:
-                    self._radius = 0.5 * self._step_norm
+                    self._radius = 0.5 * cand.norm
+                else:
+                    self._radius = cand.radius
+                self._trusted = rho >= 0.25
             else:
-                self._radius = 0.25 * self._step_norm
-                if self._pred < 1e-13 * max(1.0, abs(self._cur.f)):
+                self._trusted = False
+                self._radius = 0.25 * min(c.norm for c in self._cands)
+                if max(c.pred for c in self._cands) < 1e-13 * max(1.0, abs(self._cur.f)):
                     # the model predicts no measurable gain: the current point is as good as it gets
                     return self._finish(converged=True)
-        self.history.append((self.evals, float(f) if ok else np.nan))
+        self.history.append((self.evals, self._cur.f))
         cur = self._cur
         newton = _newton_step(cur.g, cur.H)
         dec = -(cur.g @ newton) if newton is not None else np.inf
-        if dec < self.config.tol and self.final_candidate and self._cur.x is x:
+        if dec < self.config.tol and was_final and self.accepted is not None:
             return self._finish(converged=True)
         if self.evals >= self.config.max_evals:
-            self.message = f"no convergence within {self.config.max_evals} evaluations"
+            self.message = f"no convergence within {self.config.max_evals} rounds"
             return self._finish(converged=False)
-        self.final_candidate = dec < self.config.near
-        if self.final_candidate:
-            self._pred, self._step_norm = dec / 2.0, 0.0
-            return cur.x + newton
-        s, pred, snorm = self._step(cur.g, cur.H, newton)
-        self._pred, self._step_norm = pred, snorm
-        return cur.x + s
+        if dec < self.config.near:
+            self.final_candidate = True
+            self._cands = [_Candidate(newton, dec / 2.0, 0.0, np.inf)]
+            return [cur.x + newton]
+        self._cands = self._propose(cur.g, cur.H, newton)
+        return [cur.x + c.step for c in self._cands]
 
     def _finish(self, converged: bool):
-        self.point = self._cur.x
+        self.point = self._cur.x if self._cur is not None else self.x0
         step = _newton_step(self._cur.g, self._cur.H) if converged else None
         self.solution = self.point + (step if step is not None else 0.0)
         self.converged = converged
@@ -118,20 +148,24 @@ class TrustRegionNewton:
             self.message = "converged"
         return None
 
-    def _step(self, g, H, newton):
+    def _propose(self, g, H, newton) -> list[_Candidate]:
         d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12 * max(1.0, np.max(np.abs(np.diag(H))))))
-        if newton is not None:
-            nn = float(np.linalg.norm(d * newton))
-            if self._radius is None:
-                self._radius = max(nn, self.config.radius0)
-            if nn <= self._radius:
-                return newton, -(g @ newton + 0.5 * newton @ H @ newton), nn
+        nn = float(np.linalg.norm(d * newton)) if newton is not None else np.inf
         if self._radius is None:
-            self._radius = self.config.radius0
+            self._radius = nn if newton is not None else self.config.radius0
+            self._trusted = newton is not None
+        if self._trusted and nn <= self._radius:
+            return [_Candidate(newton, -(g @ newton + 0.5 * newton @ H @ newton), nn, self._radius)]
         gs, Hs = g / d, H / np.outer(d, d)
-        y = _trust_region_subproblem(gs, Hs, self._radius)
-        s = y / d
-        return s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(y))
+        out = []
+        k = self.config.spread
+        for radius in (self._radius / k, self._radius, self._radius * k):
+            if out and out[-1].norm >= nn:          # the Newton step is already among the candidates
+                break
+            y = _trust_region_subproblem(gs, Hs, radius)
+            s = y / d
+            out.append(_Candidate(s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(y)), radius))
+        return out
 
 
 def _newton_step(g, H):

@@ -15,10 +15,11 @@ Request kinds (coordinator → site) and what the site answers:
 * ``describe`` {formula}: the site's columns, kinds, factor levels, grouping levels and row count;
 * ``setup`` {formula, family, link, nagq, reml, schema}: builds the design; answers counts, column
   moments for scaling and the sums of a one-step linearised fit used as starting values;
-* ``evaluate`` {phi, transform?}: log-likelihood sums at φ (value, gradient, Hessian; for gaussian models
-  the cross-product sums A, b, c, d and their θ-derivatives);
-* ``finalize`` {phi, ...}: the same sums at the final estimate, and each group's conditional modes and
-  conditional standard deviations.
+* ``evaluate`` {points, transform, zscale}: for each point (φ = (β, θ), or θ for gaussian models) the
+  log-likelihood sums: value, gradient, Hessian (gaussian: the cross-product sums A, b, c, d and their
+  θ-derivatives), as ``{"points": [...]}``;
+* ``finalize`` {point, transform, zscale, ...}: the same sums at the final estimate, and each group's
+  conditional modes and conditional standard deviations.
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ A site never imports the optimiser and never sends a row.  Each request arrives 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
@@ -62,42 +64,47 @@ class Site:
         X = d.X
         reply = {"n": d.n, "ngroups": len(d.group_levels) if d.Z.shape[1] else 0,
                  "x_names": list(d.x_names), "z_names": list(d.z_names), "theta_mask": np.asarray(d.theta_mask),
-                 "colsum": X.sum(axis=0), "colsq": (X * X).sum(axis=0), "xtx": X.T @ X}
+                 "colsum": X.sum(axis=0), "colsq": (X * X).sum(axis=0), "xtx": X.T @ X,
+                 "ztz": d.Z.T @ d.Z}
         if self.family.name != "gaussian":
             reply.update(start_sums(d, self.family))
         return reply
 
-    def _engine_for(self, transform):
-        transform = np.asarray(transform, float)
-        if self._engine is None or not np.array_equal(transform, self._transform):
-            X = self.design.X @ transform
+    def _engine_for(self, req):
+        """The likelihood engine on the coordinator's internal scale: X̃ = XA, Z̃ = Z / zscale."""
+        key = (np.asarray(req["transform"], float), np.asarray(req.get("zscale", np.ones(0)), float))
+        if self._engine is None or not all(np.array_equal(a, b) for a, b in zip(key, self._transform)):
+            zs = key[1] if len(key[1]) else np.ones(self.design.Z.shape[1])
+            d = replace(self.design, X=self.design.X @ key[0], Z=self.design.Z / zs)
             if self.family.name == "gaussian":
-                self._engine = LMMSums(self.design, X)
+                self._engine = LMMSums(d)
             else:
-                self._engine = GLMMLikelihood(self.design, self.family, self.nagq, X, self.curvature)
-            self._transform = transform
+                self._engine = GLMMLikelihood(d, self.family, self.nagq, curvature=self.curvature)
+            self._transform = key
         return self._engine
 
-    def _on_evaluate(self, req):
-        eng = self._engine_for(req["transform"])
+    def _evaluate_one(self, eng, x) -> dict:
         if isinstance(eng, LMMSums):
-            return eng.evaluate(req["theta"], order=2)
-        ev = eng.evaluate(req["phi"], hess=True)
+            return eng.evaluate(x, order=2)
+        ev = eng.evaluate(x, hess=True)
         return {"value": ev.value, "grad": ev.grad, "hess": ev.hess}
 
+    def _on_evaluate(self, req):
+        eng = self._engine_for(req)
+        return {"points": [self._evaluate_one(eng, x) for x in np.asarray(req["points"], float)]}
+
     def _on_finalize(self, req):
-        reply = self._on_evaluate(req)
-        eng = self._engine
+        eng = self._engine_for(req)
+        reply = self._evaluate_one(eng, np.asarray(req["point"], float))
         d = self.design
         if d.Z.shape[1] == 0:
             return reply
         if isinstance(eng, LMMSums):
-            modes, sds = eng.conditional_modes(req["theta"], np.asarray(req["beta_internal"]), float(req["sigma"]))
+            modes, sds = eng.conditional_modes(req["point"], np.asarray(req["beta_internal"]), float(req["sigma"]))
         else:
-            modes, sds = eng.conditional_modes(req["phi"])
+            modes, sds = eng.conditional_modes(req["point"])
         reply.update({"levels": list(d.group_levels), "modes": modes, "condsd": sds})
         return reply
-
 
 def start_sums(d, family) -> dict:
     """Sums for starting values: one IRLS step from μ = (y + ½)/(m + 1) (as R's ``glm`` starts), and the

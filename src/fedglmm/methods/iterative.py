@@ -96,36 +96,45 @@ def fit_iterative(transport, formula: str, family: Family, options: FitOptions =
     mask = np.asarray(first["theta_mask"], bool)
     n = int(sum(r["n"] for r in setup.values()))
     ngroups = int(sum(r["ngroups"] for r in setup.values()))
-    tot = _sum_replies(setup, ["colsum", "colsq", "xtx"])
+    tot = _sum_replies(setup, ["colsum", "colsq", "xtx", "ztz"])
     A = scaling_transform(names, tot["colsum"], tot["colsq"], n)
     _check_rank(names, A.T @ tot["xtx"] @ A)
     p, q = len(names), mask.shape[0]
     ntheta = int(mask.sum())
+    zs = np.sqrt(np.diag(tot["ztz"]) / n) if q else np.ones(0)     # Z̃ = Z / zs: Λ̃ = diag(zs) Λ
+    zs = np.where(zs > 0, zs, 1.0)
+    scale = {"transform": A, "zscale": zs}
     if family.name == "gaussian":
-        core = _fit_lmm(transport, A, mask, p, n, options)
+        core = _fit_lmm(transport, scale, mask, options)
     else:
         tot.update(_sum_replies(setup, ["xtwx", "xtwz"]))
         gamma0 = np.linalg.solve(A.T @ tot["xtwx"] @ A, A.T @ tot["xtwz"])
-        theta0 = _theta_start(mask)
+        theta0 = np.zeros(0)
         if q:
-            theta0 = moment_start(_sum_replies(setup, ["mom_ss", "mom_st", "mom_tt", "mom_ww", "mom_w"]),
-                                  A @ gamma0, mask)
-        core = _fit_glmm(transport, A, mask, gamma0, theta0, options)
+            theta0, sig0 = moment_start(_sum_replies(setup, ["mom_ss", "mom_st", "mom_tt", "mom_ww", "mom_w"]),
+                                        A @ gamma0, mask, zs)
+            if family.link == "log" and "Intercept" in names:
+                # IRLS weights grow like e^b, so the weighted start overstates the intercept by ≈ E[zᵀΣz]
+                gamma0[names.index("Intercept")] -= np.trace(sig0 @ tot["ztz"]) / n
+        core = _fit_glmm(transport, scale, mask, gamma0, theta0, options)
     final = core["final"]
 
     beta = A @ core["gamma"]
     vcov = A @ core["vcov_gamma"] @ A.T
     group = spec.group
     cov_re = modes = condsd = None
+    theta = np.asarray(core["theta"])
     if q:
-        lam = np.zeros((q, q))
         c_idx, r_idx = np.nonzero(mask.T)
-        lam[r_idx, c_idx] = core["theta"]
+        theta = theta / zs[r_idx]                                     # Λ = diag(zs)⁻¹ Λ̃
+        lam = np.zeros((q, q))
+        lam[r_idx, c_idx] = theta
         scale2 = core.get("sigma2", 1.0)
         cov_re = pd.DataFrame(scale2 * lam @ lam.T, index=znames, columns=znames)
         levels = [lv for r in final.values() for lv in r["levels"]]
-        modes = pd.DataFrame(np.vstack([r["modes"] for r in final.values()]), index=levels, columns=znames)
-        condsd = pd.DataFrame(np.vstack([r["condsd"] for r in final.values()]), index=levels, columns=znames)
+        modes = pd.DataFrame(np.vstack([r["modes"] for r in final.values()]) / zs, index=levels, columns=znames)
+        condsd = pd.DataFrame(np.vstack([r["condsd"] for r in final.values()]) / zs, index=levels,
+                              columns=znames)
         order = _natural_order(levels)
         modes, condsd = modes.iloc[order], condsd.iloc[order]
     method = ("REML" if options.reml else "ML") if family.name == "gaussian" else \
@@ -141,7 +150,7 @@ def fit_iterative(transport, formula: str, family: Family, options: FitOptions =
         rounds=transport.rounds, bytes_to_sites=transport.bytes_to_sites,
         bytes_from_sites=transport.bytes_from_sites, converged=bool(core["converged"]),
         seconds=time.perf_counter() - t0, group_name=group, modes=modes, condsd=condsd,
-        theta=np.asarray(core["theta"]), spec=spec, schema=schema, messages=core["messages"],
+        theta=theta, spec=spec, schema=schema, messages=core["messages"],
         site_ids=list(transport.site_ids))
 
 
@@ -153,33 +162,34 @@ def _natural_order(levels):
     return np.argsort(np.asarray(keys, dtype=object), kind="stable")
 
 
-def moment_start(m: dict, beta: np.ndarray, mask: np.ndarray, floor: float = 0.1) -> np.ndarray:
-    """θ from the working residuals' group moments: Σ_g r_g r_gᵀ ≈ Σ_g W_g Σ W_g + Σ_g W_g.
+def moment_start(m: dict, beta: np.ndarray, mask: np.ndarray, zscale: np.ndarray, floor: float = 0.5):
+    """θ̃ (on the internal Z scale) from the working residuals' group moments, and the raw Σ it implies.
 
-    With r_g = s_g − T_g β (s_g = Σ_j w_j z_j ζ_j, T_g = Σ_j w_j ζ_j x_jᵀ, W_g = Σ_j w_j ζ_j ζ_jᵀ over a
-    group's rows), the left side is a quadratic in β whose coefficients are sums over groups; the linear
-    system in Σ is solved by least squares, Σ is made positive definite (standard deviations at least
-    ``floor``) and restricted to the model's pattern before its Cholesky factor gives θ.
+    Σ_g r_g r_gᵀ ≈ Σ_g W_g Σ W_g + Σ_g W_g with r_g = s_g − T_g β, s_g = Σ_j w_j z_j ζ_j, T_g = Σ_j w_j ζ_j x_jᵀ
+    and W_g = Σ_j w_j ζ_j ζ_jᵀ over a group's rows: the left side is a quadratic in β whose coefficients
+    are sums over groups.  The linear system in Σ is solved by least squares and restricted to the model's
+    pattern; on the internal scale each standard deviation is at least ``floor`` (θ = 0 is a saddle of
+    the symmetric objective, and a start near it wastes rounds) and correlations are kept within ±0.9.
     """
     q = mask.shape[0]
     stb = m["mom_st"] @ beta
     R = m["mom_ss"] - stb - stb.T + np.einsum("akbl,k,l->ab", m["mom_tt"], beta, beta)
     M = m["mom_ww"].transpose(0, 3, 1, 2).reshape(q * q, q * q)      # (a,d) × (b,c)
     sig = np.linalg.lstsq(M, (R - m["mom_w"]).reshape(-1), rcond=None)[0].reshape(q, q)
-    sig = 0.5 * (sig + sig.T)
-    full = np.tril(np.ones((q, q), bool))
-    sig = np.where(mask | mask.T | ~full & ~full.T, sig, 0.0) if not np.array_equal(mask, full) else sig
-    sd = np.sqrt(np.maximum(np.diag(sig), floor**2))
-    corr = sig / np.outer(np.sqrt(np.maximum(np.diag(sig), 1e-12)), np.sqrt(np.maximum(np.diag(sig), 1e-12)))
-    corr = np.clip(np.where(np.eye(q, dtype=bool), 1.0, corr), -0.9, 0.9)
-    corr[np.eye(q, dtype=bool)] = 1.0
+    allowed = (mask.astype(float) @ mask.T.astype(float)) > 0
+    sig = np.where(allowed, 0.5 * (sig + sig.T), 0.0) * np.outer(zscale, zscale)
+    var = np.diag(sig)
+    root = np.sqrt(np.where(var > 0, var, np.inf))
+    corr = np.clip(sig / np.outer(root, root), -0.9, 0.9)
+    np.fill_diagonal(corr, 1.0)
     lam, vec = np.linalg.eigh(corr)
     corr = vec @ np.diag(np.maximum(lam, 0.05)) @ vec.T
-    dd = np.sqrt(np.diag(corr))
-    corr = corr / np.outer(dd, dd)
-    L = np.linalg.cholesky(np.outer(sd, sd) * corr)
+    corr /= np.sqrt(np.outer(np.diag(corr), np.diag(corr)))
+    sd = np.sqrt(np.maximum(var, floor**2))
+    cov = np.where(allowed, np.outer(sd, sd) * corr, 0.0)
+    L = np.linalg.cholesky(cov)
     c_idx, r_idx = np.nonzero(mask.T)
-    return L[r_idx, c_idx]
+    return L[r_idx, c_idx], cov / np.outer(zscale, zscale)
 
 
 def _theta_start(mask):
@@ -187,28 +197,46 @@ def _theta_start(mask):
     return (r_idx == c_idx).astype(float)
 
 
-def _run(opt: TrustRegionNewton, evaluate):
-    """Drive the optimiser; ``evaluate(x, final)`` does one round (``final``: the round may be the last)."""
-    x, final = opt.x0, False
-    while x is not None:
-        f, g, H, reply = evaluate(x, final)
-        x = opt.tell(x, f, g, H)
+def _run(opt: TrustRegionNewton, evaluate, canon):
+    """Drive the optimiser; ``evaluate(points, final)`` does one round and returns ([(f, g, H)], reply).
+
+    Each point is first put in canonical form (non-negative diagonal of Λ): the same model, so the
+    iterates stay on one side of the sign symmetry of θ.  ``final`` marks the round that may be the last
+    (the sites then also return their conditional modes).
+    """
+    xs, final = list(opt.starts), False
+    while xs:
+        xs = [canon(x) for x in xs]
+        results, reply = evaluate(xs, final)
+        xs = opt.tell(xs, results)
         final = opt.final_candidate
     if not opt.converged:
         raise ConvergenceError(f"the fit did not converge: {opt.message}")
     return opt.solution, reply
 
 
-def _fit_glmm(transport, A, mask, gamma0, theta0, options):
+def _round(transport, xs, final, scale, keys, extra=None):
+    """One round at the points xs: the sums over sites for each point, and the raw replies."""
+    if final:
+        rep = transport.broadcast(request("finalize", point=xs[0], **scale, **(extra or {})))
+        return [_sum_replies(rep, keys)], rep
+    rep = transport.broadcast(request("evaluate", points=np.asarray(xs), **scale))
+    per_point = [{sid: r["points"][i] for sid, r in rep.items()} for i in range(len(xs))]
+    return [_sum_replies(pp, keys) for pp in per_point], rep
+
+
+def _fit_glmm(transport, scale, mask, gamma0, theta0, options):
     p = len(gamma0)
+    keys = ["value", "grad", "hess"]
 
-    def evaluate(phi, final):
-        rep = transport.broadcast(request("finalize" if final else "evaluate", phi=phi, transform=A))
-        s = _sum_replies(rep, ["value", "grad", "hess"])
-        return -float(s["value"]), -s["grad"], -s["hess"], (rep, s)
+    def evaluate(xs, final):
+        sums, rep = _round(transport, xs, final, scale, keys)
+        return [(-float(s["value"]), -s["grad"], -s["hess"]) for s in sums], (rep, sums[0])
 
-    opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton)
-    phi, (final, s) = _run(opt, evaluate)
+    # the first round also tries the start covariance halved and doubled (local work, no extra round)
+    starts = [np.concatenate([gamma0, f * theta0]) for f in (np.sqrt(0.5), np.sqrt(2.0))] if len(theta0) else []
+    opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts)
+    phi, (final, s) = _run(opt, evaluate, lambda x: np.r_[x[:p], _canonical_theta(x[p:], mask)])
     info = -s["hess"]
     messages = []
     try:
@@ -233,39 +261,41 @@ def _canonical_theta(theta, mask):
     return theta
 
 
-def _fit_lmm(transport, A, mask, p, n, options):
+def _fit_lmm(transport, scale, mask, options):
     keys = ["n", "A", "b", "c", "d"]
     ntheta = int(mask.sum())
     if ntheta:
         keys += ["dA", "db", "dc", "dd", "d2A", "d2b", "d2c", "d2d"]
-    last = {}
+    profiles = {}
 
-    def evaluate(theta, final):
-        extra = {}
+    def evaluate(xs, final):
+        extra = None
         if final:
-            # the sites' conditional modes need β̂ and σ̂ at this θ: to first order from the last round
-            # (the estimates reported are recomputed exactly from this round's sums)
-            pr, step = last["pr"], theta - last["theta"]
+            # the sites' conditional modes need β̂ and σ̂ at this θ: to first order from the point the
+            # final step was taken from (the estimates reported are recomputed from this round's sums)
+            base = opt.current.x
+            pr, step = profiles[base.tobytes()], xs[0] - base
             extra = {"beta_internal": pr.beta + pr.dbeta.T @ step,
                      "sigma": float(np.sqrt(pr.sigma2 + pr.dsigma2 @ step))}
-        rep = transport.broadcast(request("finalize" if final else "evaluate", theta=theta, transform=A,
-                                          **extra))
-        s = _sum_replies(rep, keys)
-        pr = profiled_deviance(s, options.reml)
-        last.update(theta=np.asarray(theta, float), pr=pr)
-        return 0.5 * pr.dev, 0.5 * pr.grad, 0.5 * pr.hess, (rep, s)
+        sums, rep = _round(transport, xs, final, scale, keys, extra)
+        out = []
+        for x, s in zip(xs, sums):
+            pr = profiled_deviance(s, options.reml)
+            profiles[np.asarray(x, float).tobytes()] = pr
+            out.append((0.5 * pr.dev, 0.5 * pr.grad, 0.5 * pr.hess))
+        return out, (rep, sums[0])
 
     if ntheta:
         opt = TrustRegionNewton(_theta_start(mask), options.newton)
-        theta, (final, s) = _run(opt, evaluate)
+        theta, (final, s) = _run(opt, evaluate, lambda x: _canonical_theta(x, mask))
         converged = opt.converged
     else:
         theta, converged = np.zeros(0), True
-        final = transport.broadcast(request("finalize", theta=theta, transform=A))
+        final = transport.broadcast(request("finalize", point=theta, **scale))
         s = _sum_replies(final, keys)
     pr = profiled_deviance(s, options.reml, order=0)
     return {"gamma": pr.beta, "theta": _canonical_theta(theta, mask),
             "vcov_gamma": pr.sigma2 * np.linalg.inv(s["A"]),
             # REML's constant depends on how X is parametrised: report it for the user's columns
-            "loglik": -0.5 * pr.dev + (np.linalg.slogdet(A)[1] if options.reml else 0.0), "sigma2": pr.sigma2,
-            "final": final, "converged": converged, "messages": []}
+            "loglik": -0.5 * pr.dev + (np.linalg.slogdet(scale["transform"])[1] if options.reml else 0.0),
+            "sigma2": pr.sigma2, "final": final, "converged": converged, "messages": []}
