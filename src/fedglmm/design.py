@@ -142,18 +142,20 @@ def _check_groups_disjoint(descriptions: dict[str, dict], spec: ModelSpec) -> No
 
 # --- 3. build -------------------------------------------------------------------------------------
 
-def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site: str) -> Design:
+def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site: str,
+                 checked: bool = False) -> Design:
     """One site's :class:`Design`, rows sorted (stably) by group.
 
     ``group_levels`` are the site's own group labels, numeric order if they are all numbers, else
     string order.  A model without random terms (a GLM) gets ``Z`` of shape (n, 0), ``theta_mask``
     (0, 0), ``group`` all zeros, ``group_levels == ["."]`` and ``group_name`` None, and rows in
     their original order.  ``family.validate`` runs before the reordering, so the rows it names are
-    rows of the site's file.
+    rows of the site's file.  ``checked``: :func:`describe_frame` already checked this frame for this
+    formula (missing and non-finite values), so the check is not repeated.
     """
     fam = get_family(family)
     where = f"site '{site}'"
-    parts = _model_parts(spec, schema, df, variables(spec), where)
+    parts = _model_parts(spec, schema, df, variables(spec), where, check=not checked)
     y, trials = _outcome(spec, schema, parts.frame, fam, where)
     fam.validate(y, trials, where=f"at {where}")
     if spec.group:
@@ -232,12 +234,15 @@ class _Parts:
     offset: np.ndarray
 
 
-def _model_parts(spec: ModelSpec, schema: Schema, df: pd.DataFrame, cols: list[str], where: str) -> _Parts:
+def _model_parts(spec: ModelSpec, schema: Schema, df: pd.DataFrame, cols: list[str], where: str,
+                 check: bool = True) -> _Parts:
     """Check the frame, convert categoricals to the agreed levels, and build X, Z and the offset."""
-    _check_frame(df, cols, where)
+    if check:
+        _check_frame(df, cols, where)
     frame = _prepare(df, spec, schema, cols, where)
     X, x_names = _finite(*_matrix(spec.fixed, frame, where), "fixed-effects column", where)
-    blocks = [_matrix(t.expr, frame, where) for t in spec.random]
+    blocks = [(np.ones((len(frame), 1)), ["Intercept"]) if t.expr.replace(" ", "") == "1"
+              else _matrix(t.expr, frame, where) for t in spec.random]
     Z = np.hstack([b[0] for b in blocks]) if blocks else np.zeros((len(frame), 0))
     Z, z_names = _finite(Z, [n for b in blocks for n in b[1]], "random-effects column", where)
     offs = [_numeric(expr, frame, where, "offset") for expr in spec.offsets]
@@ -270,6 +275,9 @@ def _matrix(rhs: str, frame: pd.DataFrame, where: str) -> tuple[np.ndarray, list
     Levels are already validated by :func:`_prepare`, so formulaic's DataMismatchWarning is silenced;
     non-finite values are reported by the callers, so numpy's warnings are too.
     """
+    plain = _plain_terms(rhs, frame)
+    if plain is not None:
+        return plain
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore", DataMismatchWarning)
@@ -279,10 +287,30 @@ def _matrix(rhs: str, frame: pd.DataFrame, where: str) -> tuple[np.ndarray, list
         raise InputError(f"{where}: cannot evaluate '{rhs}': {_first_line(e)}") from None
 
 
+def _plain_terms(rhs: str, frame: pd.DataFrame):
+    """The common case ``1 + a + b`` / ``0 + a + b`` with numeric columns only, built without formulaic
+    (same columns and names as formulaic gives: the intercept first, then the terms in order); None
+    for anything else."""
+    parts = [t.strip() for t in rhs.replace("-1", "+0").replace("- 1", "+0").split("+")]
+    terms = [t for t in parts if t not in ("0", "1")]
+    if not parts or any(not t for t in parts) or len(set(terms)) != len(terms):
+        return None
+    if any(t not in frame.columns or _kind(frame[t].dtype) != "numeric" for t in terms):
+        return None
+    intercept = "0" not in parts
+    cols = [frame[t].to_numpy(dtype=float) for t in terms]
+    if intercept:
+        cols.insert(0, np.ones(len(frame)))
+    names = (["Intercept"] if intercept else []) + terms
+    return (np.column_stack(cols) if cols else np.zeros((len(frame), 0))), names
+
+
 def _numeric(expr: str, frame: pd.DataFrame, where: str, what: str) -> np.ndarray:
     """A numeric expression of the columns (``log(t)``, ``size - incidence``) as a vector."""
     if expr in frame.columns and isinstance(frame[expr].dtype, pd.CategoricalDtype):
         raise InputError(f"{where}: {what} '{expr}' is not numeric")
+    if expr in frame.columns and _kind(frame[expr].dtype) == "numeric":
+        return frame[expr].to_numpy(dtype=float)          # a plain column: no formula machinery needed
     values, _ = _matrix(f"0 + I({f'`{expr}`' if is_plain_name(expr) else expr})", frame, where)
     if values.shape[1] != 1:
         raise InputError(f"{where}: {what} '{expr}' is not numeric")
@@ -308,16 +336,20 @@ def _check_frame(df: pd.DataFrame, cols: list[str], where: str) -> None:
             raise InputError(f"{where}: column '{col}' not found (columns: {shown})")
         if names.count(col) > 1:
             raise InputError(f"{where}: column '{col}' appears more than once")
-        na = df[col].isna().to_numpy()
-        if na.any():
-            n = int(na.sum())
-            raise InputError(f"{where}: column '{col}' has {n} missing value{'s' * (n > 1)} "
-                             f"(first in row {int(np.argmax(na)) + 1})")
-        if _kind(df[col].dtype) == "numeric":
-            values = df[col].to_numpy(dtype=float)
-            if not np.isfinite(values).all():
-                i = int(np.argmax(~np.isfinite(values)))
-                raise InputError(f"{where}: column '{col}' has non-finite value {values[i]:g} in row {i + 1}")
+    used = df[list(cols)]
+    na = used.isna().to_numpy()
+    if na.any():
+        j = int(np.argmax(na.any(axis=0)))
+        n = int(na[:, j].sum())
+        raise InputError(f"{where}: column '{cols[j]}' has {n} missing value{'s' * (n > 1)} "
+                         f"(first in row {int(np.argmax(na[:, j])) + 1})")
+    num = [c for c in cols if _kind(df[c].dtype) == "numeric"]
+    if num:
+        values = used[num].to_numpy(dtype=float)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise InputError(f"{where}: column '{num[j]}' has non-finite value {values[i, j]:g} in row {i + 1}")
 
 
 # --- labels and levels ----------------------------------------------------------------------------

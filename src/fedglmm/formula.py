@@ -14,6 +14,8 @@ arguments and offsets are Python expressions over the columns (``log``, ``exp``,
 """
 from __future__ import annotations
 
+from functools import lru_cache, wraps
+
 import ast
 import re
 
@@ -46,6 +48,12 @@ def parse_formula(formula: str) -> ModelSpec:
     """Parse an lme4-style formula; raise :class:`InputError` (one line) if it cannot be used."""
     if not isinstance(formula, str):
         raise InputError(f"the formula must be text, not {type(formula).__name__}")
+    return _parse_cached(formula)
+
+
+@lru_cache(maxsize=256)
+def _parse_cached(formula: str) -> ModelSpec:
+    """The parse itself; a ModelSpec is immutable, so every site and round can share one."""
     shown = " ".join(formula.split())
     try:
         spec = _parse(formula)
@@ -351,3 +359,19 @@ def _first_line(e: BaseException) -> str:
 def _and(items: list[str]) -> str:
     items = [str(i) for i in items]
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+# Every site evaluates these for the same formula in every request; cache them, handing out fresh lists.
+def _cached_list(fn):
+    cached = lru_cache(maxsize=1024)(lambda *a, **k: tuple(fn(*a, **k)))
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        return list(cached(*args, **kwargs))
+
+    return wrapper
+
+
+variables = _cached_list(variables)
+factor_columns = _cached_list(factor_columns)
+expression_columns = _cached_list(expression_columns)

@@ -174,7 +174,7 @@ class GLMMLikelihood:
         # total derivative of η at the mode, and of H
         deta = np.concatenate([self.X, self.Z[:, r] * u[g][:, c]], axis=1) \
             + np.einsum("jc,jcp->jp", M, dU[g])
-        dH = self._gsum(np.einsum("j,jp,jab->jpab", w1, deta, MM, optimize=True))    # (G, P, q, q)
+        dH = self._gsum((w1[:, None] * deta)[:, :, None, None] * MM[:, None])        # (G, P, q, q)
         N = self._gsum(w[:, None, None] * self.Z[:, :, None] * M[:, None, :])         # Σ w z mᵀ
         for t in range(self.ntheta):
             e = np.zeros((self.G, self.q, self.q))

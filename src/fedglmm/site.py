@@ -31,6 +31,7 @@ class Site:
         self.family = None
         self._engine = None
         self._transform = None
+        self._described = None       # the formula the frame was last checked for
 
     # --- the boundary -------------------------------------------------------------------------------
     def handle(self, data: bytes) -> bytes:
@@ -51,13 +52,16 @@ class Site:
     # --- handlers -----------------------------------------------------------------------------------
     def _on_describe(self, req):
         spec = parse_formula(req["formula"])
-        return {"site": self.site_id, **describe_frame(self.frame, spec, self.site_id)}
+        out = {"site": self.site_id, **describe_frame(self.frame, spec, self.site_id)}
+        self._described = req["formula"]
+        return out
 
     def _on_setup(self, req):
         spec = parse_formula(req["formula"])
         self.family = get_family(req["family"], req.get("link"))
         schema = Schema(kinds=dict(req["schema"]["kinds"]), levels={k: list(v) for k, v in req["schema"]["levels"].items()})
-        self.design = d = build_design(spec, schema, self.frame, self.family, self.site_id)
+        self.design = d = build_design(spec, schema, self.frame, self.family, self.site_id,
+                                       checked=self._described == req["formula"])
         self.nagq = int(req.get("nagq", 1))
         self.curvature = str(req.get("curvature", "observed"))
         self._engine, self._transform = None, None
