@@ -102,25 +102,25 @@ class Family:
 
     def loglik(self, y, m, eta):
         """Row log-densities up to :meth:`constant`; works on any broadcastable shapes."""
-        if self.link == "logit":
-            return y * eta - m * np.logaddexp(0.0, eta)
+        if self.link == "logit":        # −(y log(1 + e^−η) + (m − y) log(1 + e^η)): exact in both tails
+            return -(y * np.logaddexp(0.0, -eta) + (m - y) * np.logaddexp(0.0, eta))
         if self.link == "log":
             return y * eta - np.exp(eta)
         if self.link == "probit":
             return _xlogy(y, special.log_ndtr(eta)) + _xlogy(m - y, special.log_ndtr(-eta))
         if self.link == "cloglog":
-            t = np.exp(eta)
-            return _xlogy(y, np.log(-np.expm1(-t))) - (m - y) * t
+            with np.errstate(over="ignore"):
+                t = np.exp(eta)
+                return _xlogy(y, _log1mexp(t)) - (m - y) * t
         raise AssertionError(self.link)
 
     def derivs(self, y, m, eta):
         """(d1, d2, w, w1): first and second η-derivatives of ℓ, Fisher weight and its η-derivative."""
         if self.link == "logit":
-            mu = special.expit(eta)
-            v = mu * (1.0 - mu)
-            d1 = y - m * mu
-            w = m * v
-            return d1, -w, w, w * (1.0 - 2.0 * mu)
+            mu, cmu = special.expit(eta), special.expit(-eta)        # μ and 1 − μ, each to full precision
+            d1 = np.where(eta > 0, (y - m) + m * cmu, y - m * mu)
+            w = m * mu * cmu
+            return d1, -w, w, w * (cmu - mu)
         if self.link == "log":
             mu = np.exp(eta)
             return y - mu, -mu, mu, mu
@@ -133,22 +133,23 @@ class Family:
             w = m * lam1 * lam0          # m φ² / (Φ (1 − Φ))
             return d1, d2, w, w * (lam0 - lam1 - 2.0 * eta)
         if self.link == "cloglog":
-            t = np.exp(eta)
-            em1 = np.expm1(t)
-            a = t / em1                            # t / (e^t − 1)
-            a2et = t * t / (em1 * -np.expm1(-t))   # a² e^t, finite for large t
-            d1 = y * a - (m - y) * t
-            d2 = y * (a - a2et) - (m - y) * t
-            w = m * t * a
-            return d1, d2, w, m * t * (2.0 * a - a2et)
+            with np.errstate(over="ignore"):
+                t = np.exp(eta)
+                em1 = np.expm1(t)
+                a = t / em1                            # t / (e^t − 1)
+                a2et = t * t / (em1 * -np.expm1(-t))   # a² e^t, finite for large t
+                d1 = y * a - (m - y) * t
+                d2 = y * (a - a2et) - (m - y) * t
+                w = m * t * a
+                return d1, d2, w, m * t * (2.0 * a - a2et)
         raise AssertionError(self.link)
 
     def derivs2(self, y, m, eta):
         """(d3, w2): third η-derivative of ℓ and second η-derivative of the Fisher weight."""
         if self.link == "logit":
-            mu = special.expit(eta)
-            w = m * mu * (1.0 - mu)
-            return -w * (1.0 - 2.0 * mu), w * (1.0 - 6.0 * mu + 6.0 * mu * mu)
+            mu, cmu = special.expit(eta), special.expit(-eta)
+            w = m * mu * cmu
+            return -w * (cmu - mu), w * (1.0 - 6.0 * mu * cmu)
         if self.link == "log":
             mu = np.exp(eta)
             return -mu, mu
@@ -162,12 +163,13 @@ class Family:
             k = lam0 - lam1 - 2.0 * eta
             return -y * da1 - (m - y) * da0, w * (k * k + lam0 * (lam0 - eta) + lam1 * (eta + lam1) - 2.0)
         if self.link == "cloglog":
-            t = np.exp(eta)
-            a = t / np.expm1(t)
-            b = t * t / (np.expm1(t) * -np.expm1(-t))     # a² e^t
-            c = t / -np.expm1(-t)                          # b / a
-            db = b * (2.0 - 2.0 * c + t)
-            return y * (a - b - db) - (m - y) * t, m * t * (4.0 * a - 3.0 * b - db)
+            with np.errstate(over="ignore"):
+                t = np.exp(eta)
+                a = t / np.expm1(t)
+                b = t * t / (np.expm1(t) * -np.expm1(-t))     # a² e^t
+                c = t / -np.expm1(-t)                          # b / a
+                db = b * (2.0 - 2.0 * c + t)
+                return y * (a - b - db) - (m - y) * t, m * t * (4.0 * a - 3.0 * b - db)
         raise AssertionError(self.link)
 
     @property
@@ -190,8 +192,8 @@ class Family:
     def d4(self, y, m, eta):
         """Fourth η-derivative of ℓ (needed for the Hessian of the observed-curvature Laplace value)."""
         if self.link == "logit":
-            mu = special.expit(eta)
-            return -m * mu * (1.0 - mu) * (1.0 - 6.0 * mu + 6.0 * mu * mu)
+            mu, cmu = special.expit(eta), special.expit(-eta)
+            return -m * mu * cmu * (1.0 - 6.0 * mu * cmu)
         if self.link == "log":
             return -np.exp(eta)
         if self.link == "probit":
@@ -204,14 +206,22 @@ class Family:
             dda0 = dl0 * k0 + lam0 * ((dl0 - 1.0) * (2.0 * lam0 - eta) + (lam0 - eta) * (2.0 * dl0 - 1.0))
             return -y * dda1 - (m - y) * dda0
         if self.link == "cloglog":
-            t = np.exp(eta)
-            a = t / np.expm1(t)
-            b = t * t / (np.expm1(t) * -np.expm1(-t))
-            c = t / -np.expm1(-t)
-            db = b * (2.0 - 2.0 * c + t)
-            ddb = db * (2.0 - 2.0 * c + t) + b * (t - 2.0 * c * (1.0 - a))
-            return y * (a - b - db - ddb) - (m - y) * t
+            with np.errstate(over="ignore"):
+                t = np.exp(eta)
+                a = t / np.expm1(t)
+                b = t * t / (np.expm1(t) * -np.expm1(-t))
+                c = t / -np.expm1(-t)
+                db = b * (2.0 - 2.0 * c + t)
+                ddb = db * (2.0 - 2.0 * c + t) + b * (t - 2.0 * c * (1.0 - a))
+                return y * (a - b - db - ddb) - (m - y) * t
         raise AssertionError(self.link)
+
+
+def _log1mexp(t):
+    """log(1 − e^−t) for t > 0, accurate for small and large t (Mächler 2012, 'Accurately computing
+    log(1 − exp(−|a|))', CRAN Rmpfr vignette)."""
+    return np.where(t < np.log(2.0), np.log(-np.expm1(-np.minimum(t, np.log(2.0)))),
+                    np.log1p(-np.exp(-np.maximum(t, np.log(2.0)))))
 
 
 def _xlogy(x, logv):

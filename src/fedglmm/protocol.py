@@ -70,12 +70,26 @@ def encode(message: dict) -> bytes:
 
 
 def decode(data: bytes) -> dict:
-    """Parse bytes made by :func:`encode`."""
+    """Parse bytes made by :func:`encode`; anything else raises :class:`ProtocolError`."""
+    try:
+        message = _decode(bytes(data))
+    except ProtocolError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, OverflowError) as exc:
+        raise ProtocolError(f"malformed message: {type(exc).__name__}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("a message must be a dictionary")
+    return message
+
+
+def _decode(data: bytes):
     if len(data) < 9 or data[:4] != MAGIC:
         raise ProtocolError("not a fedglmm message")
     if data[4] != VERSION:
         raise ProtocolError(f"unsupported message version {data[4]}")
     (hlen,) = struct.unpack("<I", data[5:9])
+    if 9 + hlen > len(data):
+        raise ProtocolError("message is truncated")
     header = json.loads(data[9: 9 + hlen].decode())
     offset = 9 + hlen
     specs: list[dict] = []
@@ -93,14 +107,21 @@ def decode(data: bytes) -> dict:
 
     collect(header)
     arrays = {}
-    for spec in sorted(specs, key=lambda s: s["__array__"]):
+    for i, spec in enumerate(sorted(specs, key=lambda s: s["__array__"])):
+        if spec["__array__"] != i or spec["dtype"] not in _DTYPES:
+            raise ProtocolError("malformed array descriptor")
+        shape = [int(k) for k in spec["shape"]]
+        if any(k < 0 for k in shape):
+            raise ProtocolError("malformed array shape")
         dtype = np.dtype(_DTYPES[spec["dtype"]]).newbyteorder("<")
-        count = int(np.prod(spec["shape"], dtype=np.int64))
+        count = int(np.prod(shape, dtype=np.int64))
         nbytes = count * dtype.itemsize
         if offset + nbytes > len(data):
             raise ProtocolError("message is truncated")
-        arrays[spec["__array__"]] = np.frombuffer(data, dtype, count, offset).reshape(spec["shape"]).copy()
+        arrays[i] = np.frombuffer(data, dtype, count, offset).reshape(shape).copy()
         offset += nbytes
+    if offset != len(data):
+        raise ProtocolError("message has trailing bytes")
 
     def rebuild(obj):
         if isinstance(obj, dict):

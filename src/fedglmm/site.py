@@ -45,8 +45,11 @@ class Site:
             reply = handler(req)
         except FedGLMMError as exc:
             reply = {"error": str(exc)}
-        except (ValueError, np.linalg.LinAlgError) as exc:
-            reply = {"error": f"site '{self.site_id}': could not answer the request: {exc}"}
+        except protocol.ProtocolError as exc:
+            reply = {"error": f"site '{self.site_id}': refused a malformed request ({exc})"}
+        except Exception as exc:      # nothing but a one-line reply may leave the site, never a traceback
+            reply = {"error": f"site '{self.site_id}': could not answer the request: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
         return protocol.encode(reply)
 
     # --- handlers -----------------------------------------------------------------------------------

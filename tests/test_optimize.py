@@ -1,0 +1,164 @@
+"""The coordinator's trust-region Newton method, driven through its ask/tell interface (one round = the
+points the optimiser asks for; each gets its value, gradient and Hessian)."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:
+    import fedglmm  # noqa: F401
+except ImportError:      # not installed: run from the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from fedglmm.optimize import NewtonConfig, TrustRegionNewton
+
+
+def drive(fun, x0, config=None, starts=None):
+    """Run the optimiser; returns (optimiser, rounds): each round a list of (x, f) it asked for."""
+    kw = {"config": config} if config else {}
+    opt = TrustRegionNewton(np.asarray(x0, float), starts=starts, **kw)
+    xs = opt.starts
+    rounds = []
+    while xs:
+        results = [fun(np.array(x, float)) for x in xs]
+        rounds.append([(np.array(x, float), r[0]) for x, r in zip(xs, results)])
+        xs = opt.tell(xs, results)
+        assert len(rounds) <= 200, "no end"
+    assert opt.evals == len(rounds)
+    return opt, rounds
+
+
+def rosenbrock(x):
+    a, b = x
+    f = (1 - a) ** 2 + 100 * (b - a * a) ** 2
+    g = np.array([-2 * (1 - a) - 400 * a * (b - a * a), 200 * (b - a * a)])
+    H = np.array([[2 - 400 * (b - a * a) + 800 * a * a, -400 * a], [-400 * a, 200.0]])
+    return f, g, H
+
+
+TIGHT = NewtonConfig(tol=1e-9)      # one round more than the default before stopping
+
+@pytest.mark.parametrize("x0", [[-1.2, 1.0], [0.0, 1.0]], ids=["classic", "indefinite"])
+def test_rosenbrock_default_settings(x0):
+    """The documented accuracy: the squared error in the Hessian's metric is far below the final decrement."""
+    opt, rounds = drive(rosenbrock, x0)
+    assert opt.converged, opt.message
+    e = opt.solution - 1.0
+    H = rosenbrock(np.ones(2))[2]
+    assert e @ H @ e < 1e-3 * NewtonConfig().tol
+    assert np.max(np.abs(e)) < 1e-7
+
+
+@pytest.mark.parametrize("x0", [[-1.2, 1.0], [0.0, 1.0]], ids=["classic", "indefinite"])
+def test_rosenbrock(x0):
+    opt, rounds = drive(rosenbrock, x0, TIGHT)
+    assert opt.converged, opt.message
+    assert np.max(np.abs(opt.solution - 1.0)) < 1e-8, opt.solution
+    assert len(rounds) < 40
+    # accepted values never go up
+    accepted = [f for _, f in opt.history]
+    assert all(b <= a for a, b in zip(accepted, accepted[1:])), accepted
+
+
+def test_convex_quadratic_in_one_step_and_a_final_check():
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(5, 5))
+    Q = A @ A.T + 0.5 * np.eye(5)
+    xstar = rng.normal(size=5) * 10
+
+    def quad(x):
+        d = x - xstar
+        return 0.5 * d @ Q @ d + 4.0, Q @ d, Q
+
+    x0 = np.zeros(5)
+    opt, rounds = drive(quad, x0)
+    assert opt.converged, opt.message
+    # start, the Newton step (lands on the optimum), the final candidate: three rounds of one point
+    assert [len(r) for r in rounds] == [1, 1, 1], rounds
+    assert np.max(np.abs(rounds[1][0][0] - xstar)) < 1e-8
+    assert np.max(np.abs(opt.solution - xstar)) < 1e-8
+
+
+def test_indefinite_start():
+    """f = (x² − 1)² + y² from (0.1, 0.5): H = diag(−3.88, 2) is indefinite; the minimisers are (±1, 0)."""
+    def f(v):
+        x, y = v
+        return (x * x - 1) ** 2 + y * y, np.array([4 * x * (x * x - 1), 2 * y]), \
+            np.array([[12 * x * x - 4, 0.0], [0.0, 2.0]])
+
+    assert np.linalg.eigvalsh(f(np.array([0.1, 0.5]))[2])[0] < 0
+    opt, _ = drive(f, [0.1, 0.5])
+    assert opt.converged, opt.message
+    assert np.max(np.abs(opt.solution - [1.0, 0.0])) < 1e-8, opt.solution
+
+
+def test_start_at_a_saddle_point():
+    """Gradient exactly zero and an indefinite Hessian: it must leave along the negative curvature."""
+    def f(v):
+        x, y = v
+        return (x * x - 1) ** 2 + y * y, np.array([4 * x * (x * x - 1), 2 * y]), \
+            np.array([[12 * x * x - 4, 0.0], [0.0, 2.0]])
+
+    opt, _ = drive(f, [0.0, 0.0])
+    assert opt.converged, opt.message
+    assert np.max(np.abs(np.abs(opt.solution) - [1.0, 0.0])) < 1e-8, opt.solution
+
+
+def test_rosenbrock_indefinite_start_is_indefinite():
+    assert np.linalg.eigvalsh(rosenbrock(np.array([0.0, 1.0]))[2])[0] < 0
+
+
+def test_non_finite_trial_value_shrinks_the_step():
+    """f = Σ (x − log x) has its minimum at (1, 1) and is NaN for x ≤ 0; from (3, 3) the full Newton
+    step goes to (−3, −3): the optimiser must shrink the step and carry on."""
+    def f(x):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            val = float(np.sum(x - np.log(x)))
+            return val, 1 - 1 / x, np.diag(1 / x**2)
+
+    opt, rounds = drive(f, [3.0, 3.0])
+    x0 = rounds[0][0][0]
+    assert len(rounds[1]) == 1 and np.allclose(rounds[1][0][0], [-3.0, -3.0])   # the Newton step ...
+    assert np.isnan(rounds[1][0][1])                                              # ... is infeasible
+    first = np.linalg.norm(rounds[1][0][0] - x0)
+    shorter = [(x, v) for x, v in rounds[2] if np.linalg.norm(x - x0) < 0.5 * first]
+    assert shorter and all(np.isfinite(v) and np.all(x > 0) for x, v in shorter)   # shrunk, from x0
+    assert opt.history[1][1] == opt.history[0][1] == f(x0)[0]          # x0 stayed the current point
+    assert opt.history[2][1] < opt.history[1][1]                       # and then it moved on
+    assert opt.converged, opt.message
+    assert np.max(np.abs(opt.solution - 1.0)) < 1e-8
+
+
+def test_infinite_gradient_or_hessian_counts_as_non_finite():
+    calls = {"n": 0}
+
+    def f(x):
+        calls["n"] += 1
+        val, g, H = rosenbrock(x)
+        if calls["n"] == 2:
+            g = g * np.inf                                   # the first trial point "fails"
+        return val, g, H
+
+    opt, rounds = drive(f, [-1.2, 1.0], TIGHT)
+    assert opt.converged
+    assert opt.history[1][1] == opt.history[0][1]               # the failed point was not accepted
+    assert np.max(np.abs(opt.solution - 1.0)) < 1e-8
+
+
+def test_non_finite_start_stops_without_a_solution():
+    opt = TrustRegionNewton(np.array([1.0]))
+    assert opt.tell(opt.starts, [(np.nan, np.array([0.0]), np.array([[1.0]]))]) is None
+    assert not opt.converged and "not finite" in opt.message
+
+
+def test_several_starts_continue_from_the_best():
+    opt, rounds = drive(rosenbrock, [-1.2, 1.0], TIGHT, starts=[[3.0, -2.0], [0.9, 0.8]])
+    assert len(rounds[0]) == 3 and opt.history[0][1] == rosenbrock(np.array([0.9, 0.8]))[0]
+    assert opt.converged and np.max(np.abs(opt.solution - 1.0)) < 1e-8
+
+
+def test_round_budget():
+    opt, rounds = drive(rosenbrock, [-1.2, 1.0], NewtonConfig(max_evals=5))
+    assert not opt.converged and opt.evals == 5 == len(rounds)
+    assert "5 rounds" in opt.message
