@@ -102,8 +102,9 @@ class Family:
 
     def loglik(self, y, m, eta):
         """Row log-densities up to :meth:`constant`; works on any broadcastable shapes."""
-        if self.link == "logit":        # −(y log(1 + e^−η) + (m − y) log(1 + e^η)): exact in both tails
-            return -(y * np.logaddexp(0.0, -eta) + (m - y) * np.logaddexp(0.0, eta))
+        if self.link == "logit":        # −(y log(1 + e^−η) + (m − y) log(1 + e^η)), exact in both tails
+            t = np.log1p(np.exp(-np.abs(eta)))
+            return -(m * t + y * np.maximum(-eta, 0.0) + (m - y) * np.maximum(eta, 0.0))
         if self.link == "log":
             return y * eta - np.exp(eta)
         if self.link == "probit":
@@ -117,7 +118,7 @@ class Family:
     def derivs(self, y, m, eta):
         """(d1, d2, w, w1): first and second η-derivatives of ℓ, Fisher weight and its η-derivative."""
         if self.link == "logit":
-            mu, cmu = special.expit(eta), special.expit(-eta)        # μ and 1 − μ, each to full precision
+            mu, cmu = _expit2(eta)        # μ and 1 − μ, each to full precision
             d1 = np.where(eta > 0, (y - m) + m * cmu, y - m * mu)
             w = m * mu * cmu
             return d1, -w, w, w * (cmu - mu)
@@ -147,7 +148,7 @@ class Family:
     def derivs2(self, y, m, eta):
         """(d3, w2): third η-derivative of ℓ and second η-derivative of the Fisher weight."""
         if self.link == "logit":
-            mu, cmu = special.expit(eta), special.expit(-eta)
+            mu, cmu = _expit2(eta)
             w = m * mu * cmu
             return -w * (cmu - mu), w * (1.0 - 6.0 * mu * cmu)
         if self.link == "log":
@@ -192,7 +193,7 @@ class Family:
     def d4(self, y, m, eta):
         """Fourth η-derivative of ℓ (needed for the Hessian of the observed-curvature Laplace value)."""
         if self.link == "logit":
-            mu, cmu = special.expit(eta), special.expit(-eta)
+            mu, cmu = _expit2(eta)
             return -m * mu * cmu * (1.0 - 6.0 * mu * cmu)
         if self.link == "log":
             return -np.exp(eta)
@@ -215,6 +216,15 @@ class Family:
                 ddb = db * (2.0 - 2.0 * c + t) + b * (t - 2.0 * c * (1.0 - a))
                 return y * (a - b - db - ddb) - (m - y) * t
         raise AssertionError(self.link)
+
+
+def _expit2(eta):
+    """(μ, 1 − μ) for the logit link from one exponential, each accurate to full relative precision."""
+    e = np.exp(-np.abs(eta))
+    small = e / (1.0 + e)
+    big = 1.0 / (1.0 + e)
+    pos = eta >= 0
+    return np.where(pos, big, small), np.where(pos, small, big)
 
 
 def _log1mexp(t):

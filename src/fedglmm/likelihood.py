@@ -42,6 +42,20 @@ class Evaluation:
     hess: np.ndarray | None = None
 
 
+# Stacked q×q linear algebra; for a scalar random effect (q = 1, the common case) plain arithmetic,
+# which avoids numpy.linalg's per-call overhead on many tiny problems.
+def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return b / a if a.shape[-1] == 1 else np.linalg.solve(a, b)
+
+
+def _inv(a: np.ndarray) -> np.ndarray:
+    return 1.0 / a if a.shape[-1] == 1 else np.linalg.inv(a)
+
+
+def _chol(a: np.ndarray) -> np.ndarray:
+    return np.sqrt(a) if a.shape[-1] == 1 else np.linalg.cholesky(a)
+
+
 def _upper_half(a: np.ndarray) -> np.ndarray:
     """Φ(A): the upper triangle of each trailing q×q matrix with its diagonal halved."""
     out = np.triu(a)
@@ -102,13 +116,23 @@ class GLMMLikelihood:
         """Newton with per-group step halving for û = argmax h; returns (û, η at û)."""
         fam, g = self.family, self.g
         eta = eta0 + np.einsum("jc,jc->j", M, u[g])
-        h = self._h(eta, u)
+        h = None                                   # h at u, computed only when a step must be checked
         for _ in range(100):
             d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
             grad = self._gsum(M * d1[:, None]) - u
             hobs = self._gsum(-d2[:, None, None] * MM) + self._eye
-            step = np.linalg.solve(hobs, grad[..., None])[..., 0]
+            step = _solve(hobs, grad[..., None])[..., 0]
             t = np.ones(self.G)
+            if np.max(np.sum(grad * step, axis=1)) < 1e-8:
+                # Newton decrement tiny everywhere: h is concave and locally quadratic, the full step is safe
+                u = u + step
+                eta = eta0 + np.einsum("jc,jc->j", M, u[g])
+                if np.max(np.abs(step)) < 1e-10:
+                    break
+                h = None
+                continue
+            if h is None:
+                h = self._h(eta, u)
             for _ in range(40):
                 u_new = u + t[:, None] * step
                 eta_new = eta0 + np.einsum("jc,jc->j", M, u_new[g])
@@ -141,13 +165,13 @@ class GLMMLikelihood:
         d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
         w, w1, w2 = fam.curvature(self.y, self.m, eta, self.curvature)
         H = self._gsum(w[:, None, None] * MM) + self._eye
-        L = np.linalg.cholesky(H)
+        L = _chol(H)
         logdet = 2.0 * np.sum(np.log(np.diagonal(L, axis1=1, axis2=2)), axis=1)
         laplace = len(self.ck) == 1
         if laplace:
             value = np.sum(self._h(eta, u) - 0.5 * logdet)
         else:
-            S = np.linalg.inv(L).transpose(0, 2, 1)               # R⁻¹ with H = RᵀR
+            S = _inv(L).transpose(0, 2, 1)               # R⁻¹ with H = RᵀR
             V = S @ self.zk.T                                      # (G, q, K) node offsets
             etak = eta[:, None] + np.einsum("jc,jck->jk", M, V[g])
             uk = u[:, None, :] + V.transpose(0, 2, 1)              # (G, K, q)
@@ -170,7 +194,7 @@ class GLMMLikelihood:
         md2z = self._gsum(d2[:, None, None] * M[:, :, None] * self.Z[:, None, :])      # (G, q, q)
         ct = md2z[:, :, r] * u[:, None, c]                                               # (G, q, nθ)
         ct[:, c, np.arange(self.ntheta)] += ztd1[:, r]
-        dU = np.linalg.solve(hobs, np.concatenate([cb, ct], axis=2))                   # (G, q, P)
+        dU = _solve(hobs, np.concatenate([cb, ct], axis=2))                   # (G, q, P)
         # total derivative of η at the mode, and of H
         deta = np.concatenate([self.X, self.Z[:, r] * u[g][:, c]], axis=1) \
             + np.einsum("jc,jcp->jp", M, dU[g])
@@ -180,7 +204,7 @@ class GLMMLikelihood:
             e = np.zeros((self.G, self.q, self.q))
             e[:, c[t], :] = N[:, r[t], :]
             dH[:, self.p + t] += e + e.transpose(0, 2, 1)
-        Hinv = np.linalg.inv(H)
+        Hinv = _inv(H)
         gr = -0.5 * np.einsum("gab,gpab->p", Hinv, dH)
         if laplace:
             d1bar = d1
@@ -228,7 +252,7 @@ class GLMMLikelihood:
             K[:, p:] = np.einsum("gt,gts->st", bg[:, r], dU[:, c, :]) if k else 0.0
             return K + K.T
 
-        v = np.linalg.solve(hobs, self._gsum(M * (w1 * lev)[:, None])[..., None])[..., 0]
+        v = _solve(hobs, self._gsum(M * (w1 * lev)[:, None])[..., None])[..., 0]
         vm = np.einsum("jc,jc->j", M, v[g])
         S = cross(w2 * lev + d3 * vm)
         S += q_term(self._gsum(Z * (w1 * lev)[:, None])) + q_term(self._gsum(Z * (d2 * vm)[:, None]))
@@ -282,5 +306,5 @@ class GLMMLikelihood:
         _, _, aux = self.value_grad(phi, grad=False)
         lam = aux["lam"]
         b = aux["u"] @ lam.T
-        cov = lam @ np.linalg.inv(aux["H"]) @ lam.T
+        cov = lam @ _inv(aux["H"]) @ lam.T
         return b, np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
