@@ -114,25 +114,43 @@ class Site:
         return reply
 
 def start_sums(d, family) -> dict:
-    """Sums for starting values: one IRLS step from μ = (y + ½)/(m + 1) (as R's ``glm`` starts), and the
-    moments of the working residuals per group that give a first estimate of Σ (see
-    :func:`fedglmm.methods.iterative.moment_start`).  Everything is summed over the site's groups.
+    """Sums for starting values, summed over the site's rows and groups (nothing per row or group).
+
+    Binomial: one IRLS step from the intercept-only model η = c.  With a constant start, μ_j = m_j μ(c),
+    the IRLS weight is m_j μ'(c)²/V(μ(c)) and w_j z_j is a fixed combination of y_j and m_j, so the step
+    needs only XᵀMX, Xᵀm and Xᵀy, whatever c the coordinator picks (c = link(Σy / Σm)); for the first
+    estimate of Σ the same holds per group, through the moments of A_g = Σ ζ_j y_j, B_g = Σ ζ_j m_j,
+    T_g = Σ m_j ζ_j x_jᵀ and W_g = Σ m_j ζ_j ζ_jᵀ (see :func:`fedglmm.methods.iterative.null_step_start`).
+
+    Poisson: one IRLS step from μ = y + ½ (near each count, so log y is linearised where it is accurate
+    even for large random-effect variances), with the moments of the working residuals per group (see
+    :func:`fedglmm.methods.iterative.moment_start`).
     """
-    y, m = d.y, d.trials
-    mu0 = (y + 0.5) / (m + 1.0) if family.name == "binomial" else y + 0.5
-    eta = family.linkfun(mu0)
-    d1, _, w, _ = family.derivs(y, m, eta)
+    y, X, Zm = d.y, d.X, d.Z
+    st = d.starts
+    if family.name == "binomial":
+        v = d.trials
+        out = {"st_xvx": (X * v[:, None]).T @ X, "st_xv": X.T @ v, "st_xy": X.T @ y,
+               "st_sy": float(y.sum()), "st_sv": float(v.sum())}
+        if Zm.shape[1]:
+            A_g = np.add.reduceat(Zm * y[:, None], st, axis=0)                                  # (G, q)
+            B_g = np.add.reduceat(Zm * v[:, None], st, axis=0)
+            T_g = np.add.reduceat((Zm * v[:, None])[:, :, None] * X[:, None, :], st, axis=0)  # (G, q, p)
+            W_g = np.add.reduceat((Zm * v[:, None])[:, :, None] * Zm[:, None, :], st, axis=0)  # (G, q, q)
+            out.update({"st_aa": A_g.T @ A_g, "st_ab": A_g.T @ B_g, "st_bb": B_g.T @ B_g,
+                        "st_at": np.einsum("ga,gbk->abk", A_g, T_g), "st_bt": np.einsum("ga,gbk->abk", B_g, T_g),
+                        "st_tt": np.einsum("gak,gbl->akbl", T_g, T_g),
+                        "st_ww": np.einsum("gab,gcd->abcd", W_g, W_g), "st_w": W_g.sum(axis=0)})
+        return out
+    eta = family.linkfun(y + 0.5)
+    d1, _, w, _ = family.derivs(y, d.trials, eta)
     z = eta + d1 / w - d.offset            # IRLS working response
-    X, Zm = d.X, d.Z
     out = {"xtwx": (X * w[:, None]).T @ X, "xtwz": X.T @ (w * z)}
     if Zm.shape[1]:
-        st = d.starts
         s_g = np.add.reduceat(Zm * (w * z)[:, None], st, axis=0)                        # (G, q)
         T_g = np.add.reduceat((Zm * w[:, None])[:, :, None] * X[:, None, :], st, axis=0)  # (G, q, p)
         W_g = np.add.reduceat((Zm * w[:, None])[:, :, None] * Zm[:, None, :], st, axis=0)  # (G, q, q)
-        out.update({"mom_ss": np.einsum("ga,gb->ab", s_g, s_g),
-                    "mom_st": np.einsum("ga,gbk->abk", s_g, T_g),
+        out.update({"mom_ss": s_g.T @ s_g, "mom_st": np.einsum("ga,gbk->abk", s_g, T_g),
                     "mom_tt": np.einsum("gak,gbl->akbl", T_g, T_g),
-                    "mom_ww": np.einsum("gab,gcd->abcd", W_g, W_g),
-                    "mom_w": W_g.sum(axis=0)})
+                    "mom_ww": np.einsum("gab,gcd->abcd", W_g, W_g), "mom_w": W_g.sum(axis=0)})
     return out
