@@ -105,8 +105,9 @@ class Family:
         if self.link == "logit":        # −(y log(1 + e^−η) + (m − y) log(1 + e^η)), exact in both tails
             t = np.log1p(np.exp(-np.abs(eta)))
             return -(m * t + y * np.maximum(-eta, 0.0) + (m - y) * np.maximum(eta, 0.0))
-        if self.link == "log":
-            return y * eta - np.exp(eta)
+        if self.link == "log":        # e^η may overflow at a rejected trial point: −inf, no warning
+            with np.errstate(over="ignore"):
+                return y * eta - np.exp(eta)
         if self.link == "probit":
             return _xlogy(y, special.log_ndtr(eta)) + _xlogy(m - y, special.log_ndtr(-eta))
         if self.link == "cloglog":
@@ -123,7 +124,8 @@ class Family:
             w = m * mu * cmu
             return d1, -w, w, w * (cmu - mu)
         if self.link == "log":
-            mu = np.exp(eta)
+            with np.errstate(over="ignore"):
+                mu = np.exp(eta)
             return y - mu, -mu, mu, mu
         if self.link == "probit":
             logphi = -0.5 * eta * eta - 0.5 * np.log(2.0 * np.pi)

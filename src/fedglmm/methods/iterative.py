@@ -130,6 +130,9 @@ def fit_iterative(transport, formula: str, family: Family, options: FitOptions =
     group = spec.group
     cov_re = modes = condsd = None
     theta = np.asarray(core["theta"])
+    if q and np.min(np.abs(theta[_diagonal(mask)])) < 1e-4:
+        core["messages"].append("boundary (singular) fit: the random-effect covariance is singular (a standard "
+                                "deviation at zero or a correlation of ±1)")
     if q:
         c_idx, r_idx = np.nonzero(mask.T)
         theta = theta / zs[r_idx]                                     # Λ = diag(zs)⁻¹ Λ̃
@@ -229,6 +232,12 @@ def moment_start(m: dict, beta: np.ndarray, mask: np.ndarray, zscale: np.ndarray
     L = np.linalg.cholesky(cov)
     c_idx, r_idx = np.nonzero(mask.T)
     return L[r_idx, c_idx], cov / np.outer(zscale, zscale)
+
+
+def _diagonal(mask) -> np.ndarray:
+    """Positions in θ of the diagonal of Λ."""
+    c_idx, r_idx = np.nonzero(mask.T)
+    return np.flatnonzero(c_idx == r_idx)
 
 
 def _theta_start(mask):
