@@ -46,13 +46,14 @@ def split_sites(data, site: str | None = None) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def make_sites(data, site: str | None = None) -> dict[str, Site]:
-    return {sid: Site(sid, frame) for sid, frame in split_sites(data, site).items()}
+def make_sites(data, site: str | None = None, min_group: int = 10) -> dict[str, Site]:
+    return {sid: Site(sid, frame, min_group=min_group) for sid, frame in split_sites(data, site).items()}
 
 
 def fit(formula: str, data, family: str = "gaussian", link: str | None = None, nagq: int = 1,
         reml: bool = True, site: str | None = None, method: str = "iterative", curvature: str = "observed",
-        on_round: Callable[[int, str], None] | None = None, newton: NewtonConfig | None = None) -> FitResult:
+        moments: int = 4, min_group: int = 10, on_round: Callable[[int, str], None] | None = None,
+        newton: NewtonConfig | None = None) -> FitResult:
     """Fit a (generalised) linear mixed model federated over sites.
 
     Parameters
@@ -62,7 +63,12 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
     family, link : ``gaussian`` (identity), ``binomial`` (logit, probit, cloglog), ``poisson`` (log).
     nagq : 1 for the Laplace approximation, K > 1 for adaptive Gauss–Hermite with K nodes per dimension.
     reml : REML (default, as lme4) or ML for gaussian models; ignored otherwise.
-    method : ``iterative`` (exact Newton rounds).
+    method : ``iterative`` (the default: exact Newton rounds from starting values built from site
+        totals), ``hybrid`` (one round of one-shot summaries, then exact Newton rounds from that start; the
+        result is the iterative one) or ``oneshot`` (one round only: exact for gaussian models, pseudo-data
+        matched to the shared moments otherwise).
+    moments : the order K (2, 3 or 4) of the moments shared per group for one-shot binomial/poisson fits.
+    min_group : a site's smallest group whose own summaries it sends (one-shot and hybrid).
     curvature : the curvature in the Laplace / AGHQ determinant and node scaling for non-canonical links
         (probit, cloglog): ``observed`` (default, the exact Laplace approximation, as glmmTMB) or
         ``expected`` (Fisher weights, lme4's glmer).  Canonical links give the same either way.
@@ -74,8 +80,49 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
     nagq = int(nagq)
     if curvature not in ("observed", "expected"):
         raise InputError(f"curvature must be 'observed' or 'expected', not {curvature!r}")
-    if method != "iterative":
-        raise InputError(f"unknown method '{method}': use 'iterative'")
-    transport = InProcessTransport(make_sites(data, site), on_round=on_round)
+    if method not in ("hybrid", "iterative", "oneshot"):
+        raise InputError(f"unknown method '{method}': use 'hybrid', 'iterative' or 'oneshot'")
+    if isinstance(moments, bool) or not isinstance(moments, (int, np.integer)) or not 2 <= moments <= 4:
+        raise InputError(f"moments must be 2, 3 or 4, not {moments!r}")
+    transport = InProcessTransport(make_sites(data, site, min_group), on_round=on_round)
     options = FitOptions(nagq=nagq, reml=bool(reml), curvature=curvature, newton=newton or NewtonConfig())
-    return fit_iterative(transport, formula, fam, options)
+    if method == "iterative":
+        return fit_iterative(transport, formula, fam, options)
+    from .methods.oneshot import fit_hybrid, fit_oneshot
+
+    run = fit_hybrid if method == "hybrid" else fit_oneshot
+    return run(transport, formula, fam, options, order=int(moments))
+
+
+def fit_summaries(summaries, formula: str, family: str = "gaussian", link: str | None = None, nagq: int = 1,
+                  reml: bool = True, curvature: str = "observed") -> FitResult:
+    """The one-shot fit from the sites' summary files (written by ``fedglmm summarize``) or messages."""
+    import json
+    from pathlib import Path
+
+    from .methods.oneshot import fit_from_messages, from_jsonable
+
+    fam = get_family(family, link)
+    messages, size = {}, 0
+    for item in summaries:
+        if isinstance(item, dict):
+            msg = item
+        else:
+            path = Path(item)
+            try:
+                text = path.read_text()
+                msg = json.loads(text)
+            except OSError as e:
+                raise InputError(f"cannot read summaries '{path}': {e.strerror or e}") from None
+            except json.JSONDecodeError as e:
+                raise InputError(f"summaries '{path}' are not valid JSON: {e.msg} (line {e.lineno})") from None
+            size += len(text.encode())
+        if not isinstance(msg, dict) or msg.get("kind") != "oneshot" or "site" not in msg:
+            raise InputError(f"summaries '{item}' are not a fedglmm one-shot summary")
+        if msg["site"] in messages:
+            raise InputError(f"two summaries come from site '{msg['site']}'")
+        messages[msg["site"]] = from_jsonable(msg)
+    if not messages:
+        raise InputError("no summaries given")
+    options = FitOptions(nagq=nagq, reml=bool(reml), curvature=curvature)
+    return fit_from_messages(messages, formula, fam, options, rounds=1, bytes_from=size)

@@ -1,4 +1,4 @@
-"""The command line: ``fedglmm fit``, ``fedglmm demo`` and ``fedglmm --version``.
+"""The command line: ``fedglmm fit``, ``fedglmm summarize``, ``fedglmm demo`` and ``fedglmm --version``.
 
 Output contract:
 
@@ -130,13 +130,13 @@ def _root(
 @app.command(no_args_is_help=False)
 def fit(
     ctx: typer.Context,
-    data: Annotated[List[Path], typer.Argument(
-        metavar="DATA...", show_default=False,
+    data: Annotated[Optional[List[Path]], typer.Argument(
+        metavar="[DATA...]", show_default=False,
         help="Data files, one per site (.csv, .csv.gz, .tsv, .parquet; the site id is the file name), "
-             "or one file split by --site-column.")],
+             "or one file split by --site-column. Not with --summaries.")] = None,
     formula: Annotated[str, typer.Option(
         "--formula", "-f", show_default=False,
-        help="lme4-style formula, e.g. 'use ~ urban + age + (1 | district)'.")],
+        help="lme4-style formula, e.g. 'use ~ urban + age + (1 | district)'.")] = ...,
     family: Annotated[str, typer.Option("--family", help="gaussian, binomial or poisson.")] = "gaussian",
     link: Annotated[Optional[str], typer.Option(
         "--link", show_default=False,
@@ -148,6 +148,16 @@ def fit(
     site_column: Annotated[Optional[str], typer.Option(
         "--site-column", "-s", show_default=False,
         help="Column of the (single) data file naming each row's site.")] = None,
+    method: Annotated[str, typer.Option(
+        "--method", help="iterative (exact Newton rounds), hybrid (one round of summaries, then exact Newton "
+                         "rounds), or oneshot (one round; exact for gaussian, pseudo-data otherwise).")] = "iterative",
+    moments: Annotated[int, typer.Option(
+        "--moments", min=2, max=4, help="Order K of the per-group moments for one-shot binomial/poisson fits.")] = 4,
+    min_group: Annotated[int, typer.Option(
+        "--min-group", min=1, help="Smallest group whose own summaries a site sends (one-shot, hybrid).")] = 10,
+    summaries: Annotated[Optional[List[Path]], typer.Option(
+        "--summaries", show_default=False,
+        help="Fit from the sites' summary files (written by 'fedglmm summarize') instead of data.")] = None,
     curvature: Annotated[str, typer.Option(
         "--curvature", help="probit/cloglog only: 'observed' (exact Laplace, as glmmTMB) or 'expected' "
                             "(Fisher weights, as lme4's glmer).")] = "observed",
@@ -158,9 +168,23 @@ def fit(
     """Fit a GLMM federated over sites and print an lme4-style summary."""
     if curvature not in ("observed", "expected"):
         raise UsageError(f"--curvature must be 'observed' or 'expected', not '{curvature}'", ctx=ctx)
+    if method not in ("hybrid", "iterative", "oneshot"):
+        raise UsageError(f"--method must be hybrid, iterative or oneshot, not '{method}'", ctx=ctx)
     _state["debug"] = _state["debug"] or debug
     _check_model_options(ctx, formula, family, link)
     _check_json_target(ctx, json_out)
+    data = list(data or [])
+    if summaries:
+        if data:
+            raise UsageError("give data files or --summaries, not both", ctx=ctx)
+        from .api import fit_summaries
+
+        res = fit_summaries(summaries, formula, family=family, link=link, nagq=nagq, reml=reml,
+                            curvature=curvature)
+        _emit(res, json_out, quiet)
+        return
+    if not data:
+        raise UsageError("no data files given (or use --summaries)", ctx=ctx)
     if site_column is not None and len(data) > 1:
         raise UsageError(f"--site-column splits one file into sites, but {len(data)} files were given and "
                          "each file is already a site: give one file or drop --site-column", ctx=ctx)
@@ -168,8 +192,43 @@ def fit(
 
     sites = load_sites(data, site_column)
     res = _run_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, quiet=quiet,
-                   curvature=curvature)
+                   curvature=curvature, method=method, moments=moments, min_group=min_group)
     _emit(res, json_out, quiet)
+
+
+@app.command()
+def summarize(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Argument(metavar="DATA", show_default=False, help="This site's data file.")],
+    formula: Annotated[str, typer.Option("--formula", "-f", show_default=False, help="lme4-style formula.")],
+    output: Annotated[Path, typer.Option("--output", "-o", show_default=False,
+                                         help="Where to write the site's summaries (JSON).")],
+    family: Annotated[str, typer.Option("--family", help="gaussian, binomial or poisson.")] = "gaussian",
+    link: Annotated[Optional[str], typer.Option("--link", show_default=False, help="Link function.")] = None,
+    site_id: Annotated[Optional[str], typer.Option(
+        "--site-id", show_default=False, help="This site's name (default: the file name).")] = None,
+    moments: Annotated[int, typer.Option(
+        "--moments", min=2, max=4, help="Order K of the per-group moments (binomial/poisson).")] = 4,
+    min_group: Annotated[int, typer.Option(
+        "--min-group", min=1, help="Smallest group whose own summaries may leave the site.")] = 10,
+    debug: DebugOption = False,
+) -> None:
+    """Write this site's one-shot message as readable JSON, for the data steward to review and send."""
+    _state["debug"] = _state["debug"] or debug
+    _check_model_options(ctx, formula, family, link)
+    import json
+
+    from .io import read_table
+    from .methods.oneshot import summarize as make_summary, to_jsonable
+
+    frame = read_table(data)
+    msg = make_summary(frame, formula, family, link, site_id or data.stem, order=moments, min_group=min_group)
+    try:
+        output.write_text(json.dumps(to_jsonable(msg), indent=1) + "\n")
+    except OSError as e:
+        raise ClickException(f"cannot write '{output}': {e.strerror or e}") from None
+    what = msg["refused"] or (f"{len(msg['groups']['levels'])} groups of {msg['n']} rows")
+    typer.echo(f"wrote {output}: site '{msg['site']}', {what}", err=True)
 
 
 def _check_model_options(ctx, formula: str, family: str, link: str | None) -> None:
@@ -218,14 +277,15 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-def _run_fit(formula, sites, *, family, link, nagq, reml, quiet, label="fitting", curvature="observed"):
+def _run_fit(formula, sites, *, family, link, nagq, reml, quiet, label="fitting", curvature="observed",
+             method="iterative", moments=4, min_group=10):
     from .api import fit as api_fit
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _progress(quiet, label) as on_round:
             res = api_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, on_round=on_round,
-                          curvature=curvature)
+                          curvature=curvature, method=method, moments=moments, min_group=min_group)
     if not quiet:
         shown = set()
         for w in caught:

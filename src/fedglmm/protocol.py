@@ -19,7 +19,10 @@ Request kinds (coordinator → site) and what the site answers:
   log-likelihood sums: value, gradient, Hessian (gaussian: the cross-product sums A, b, c, d and their
   θ-derivatives), as ``{"points": [...]}``;
 * ``finalize`` {point, transform, zscale, ...}: the same sums at the final estimate, and each group's
-  conditional modes and conditional standard deviations.
+  conditional modes and conditional standard deviations;
+* ``oneshot`` {formula, family, link, order}: the site's whole one-shot message (its description, set-up
+  sums and per-group summaries, see :func:`fedglmm.methods.oneshot.summarize`), or its refusal to send
+  per-group summaries for groups below its minimum size.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import numpy as np
 MAGIC = b"FGLM"
 VERSION = 1
 _DTYPES = {"float64": np.float64, "int64": np.int64, "bool": np.bool_}
-KINDS = ("describe", "setup", "evaluate", "finalize")
+KINDS = ("describe", "setup", "evaluate", "finalize", "oneshot")
 
 
 class ProtocolError(ValueError):

@@ -24,9 +24,10 @@ from .spec import Schema
 class Site:
     """One institution's data behind the protocol."""
 
-    def __init__(self, site_id: str, frame: pd.DataFrame):
+    def __init__(self, site_id: str, frame: pd.DataFrame, min_group: int = 10):
         self.site_id = str(site_id)
         self.frame = frame
+        self.min_group = int(min_group)   # smallest group whose own summaries may leave (one-shot)
         self.design = None
         self.family = None
         self._engine = None
@@ -59,12 +60,21 @@ class Site:
         self._described = req["formula"]
         return out
 
+    def _build(self, req, spec, schema):
+        return build_design(spec, schema, self.frame, self.family, self.site_id,
+                            checked=self._described == req["formula"])
+
+    def _on_oneshot(self, req):
+        from .methods.oneshot import summarize
+
+        return summarize(self.frame, req["formula"], req["family"], req.get("link"), self.site_id,
+                         order=req.get("order"), min_group=self.min_group)
+
     def _on_setup(self, req):
         spec = parse_formula(req["formula"])
         self.family = get_family(req["family"], req.get("link"))
         schema = Schema(kinds=dict(req["schema"]["kinds"]), levels={k: list(v) for k, v in req["schema"]["levels"].items()})
-        self.design = d = build_design(spec, schema, self.frame, self.family, self.site_id,
-                                       checked=self._described == req["formula"])
+        self.design = d = self._build(req, spec, schema)
         self.nagq = int(req.get("nagq", 1))
         self.curvature = str(req.get("curvature", "observed"))
         self._engine, self._transform = None, None
@@ -96,11 +106,18 @@ class Site:
         ev = eng.evaluate(x, hess=True)
         return {"value": ev.value, "grad": ev.grad, "hess": ev.hess}
 
+    def _ride_setup(self, req):
+        """A set-up payload may ride on the first evaluate / finalize request (hybrid fits)."""
+        if "setup" in req:
+            self._on_setup(req["setup"])
+
     def _on_evaluate(self, req):
+        self._ride_setup(req)
         eng = self._engine_for(req)
         return {"points": [self._evaluate_one(eng, x) for x in np.asarray(req["points"], float)]}
 
     def _on_finalize(self, req):
+        self._ride_setup(req)
         eng = self._engine_for(req)
         reply = self._evaluate_one(eng, np.asarray(req["point"], float))
         d = self.design

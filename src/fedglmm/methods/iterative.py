@@ -78,56 +78,107 @@ def _check_rank(names, xtx_scaled):
         raise InputError("fixed-effect columns are linearly dependent over the pooled data: " + ", ".join(bad))
 
 
+@dataclass
+class Setup:
+    """What the coordinator knows after schema agreement and set-up (all in the agreed, global coding)."""
+
+    spec: ModelSpec
+    schema: object
+    names: list
+    znames: list
+    mask: np.ndarray
+    n: int
+    ngroups: int
+    sums: dict                  # setup replies summed over sites
+    A: np.ndarray               # X̃ = X A
+    zs: np.ndarray              # Z̃ = Z / zs
+
+    @property
+    def scale(self) -> dict:
+        return {"transform": self.A, "zscale": self.zs}
+
+
+def agree_schema(transport, formula: str, spec: ModelSpec, family: Family):
+    """Round 1: each site describes its columns, levels and groups; one schema comes back."""
+    desc = transport.broadcast(request("describe", formula=formula))
+    return merge_schema(desc, spec, family)
+
+
+def setup_request(formula: str, family: Family, options: FitOptions, schema) -> dict:
+    return request("setup", formula=formula, family=family.name, link=family.link, nagq=options.nagq,
+                   reml=options.reml, curvature=options.curvature,
+                   schema={"kinds": schema.kinds, "levels": schema.levels})
+
+
+def make_setup(spec: ModelSpec, schema, replies: dict) -> Setup:
+    """Scaling and counts from the sites' set-up sums (replies in the global coding)."""
+    first = next(iter(replies.values()))
+    names, znames = list(first["x_names"]), list(first["z_names"])
+    mask = np.asarray(first["theta_mask"], bool)
+    n = int(sum(r["n"] for r in replies.values()))
+    ngroups = int(sum(r["ngroups"] for r in replies.values()))
+    keys = [k for k, v in first.items() if isinstance(v, (np.ndarray, float, int)) and k not in ("n", "ngroups")
+            and k != "theta_mask"]
+    sums = _sum_replies(replies, keys)
+    A = scaling_transform(names, sums["colsum"], sums["colsq"], n)
+    _check_rank(names, A.T @ sums["xtx"] @ A)
+    zs = np.sqrt(np.diag(sums["ztz"]) / n) if mask.shape[0] else np.ones(0)   # Z̃ = Z / zs: Λ̃ = diag(zs) Λ
+    zs = np.where(zs > 0, zs, 1.0)
+    return Setup(spec, schema, names, znames, mask, n, ngroups, sums, A, zs)
+
+
+def start_values(st: Setup, family: Family) -> tuple[np.ndarray, np.ndarray]:
+    """(γ0, θ̃0) on the internal scale from the set-up sums (binomial and poisson)."""
+    s, A, mask, zs, n = st.sums, st.A, st.mask, st.zs, st.n
+    q = mask.shape[0]
+    if family.name == "binomial":
+        return null_step_start(s, family, A, mask, zs, s["ztz"] / n)
+    gamma0 = np.linalg.solve(A.T @ s["xtwx"] @ A, A.T @ s["xtwz"])
+    theta0 = np.zeros(0)
+    if q:
+        theta0, sig0 = moment_start(s, A @ gamma0, mask, zs)
+        if "Intercept" in st.names:
+            # the IRLS weights grow like e^b, so the weighted start overstates the intercept by ≈ E[zᵀΣz]
+            gamma0[st.names.index("Intercept")] -= np.trace(sig0 @ s["ztz"]) / n
+    return gamma0, theta0
+
+
+def optimize(transport, st: Setup, family: Family, options: FitOptions, start=None, first_extra=None) -> dict:
+    """The Newton rounds and the final round; ``start`` overrides the set-up start values (internal
+    scale: (γ, θ̃) for GLMMs, θ̃ for gaussian models); ``first_extra`` rides on the first request."""
+    if family.name == "gaussian":
+        return _fit_lmm(transport, st.scale, st.mask, options, start, first_extra)
+    gamma0, theta0 = start if start is not None else start_values(st, family)
+    return _fit_glmm(transport, st.scale, st.mask, gamma0, theta0, options, first_extra)
+
+
 def fit_iterative(transport, formula: str, family: Family, options: FitOptions = FitOptions()) -> FitResult:
     """Fit by exact Newton rounds over the sites reached through ``transport``."""
     t0 = time.perf_counter()
+    spec = _check_options(formula, family, options)
+    schema = agree_schema(transport, formula, spec, family)
+    st = make_setup(spec, schema, transport.broadcast(setup_request(formula, family, options, schema)))
+    core = optimize(transport, st, family, options)
+    return make_result(formula, family, options, st, core, transport, t0)
+
+
+def _check_options(formula: str, family: Family, options: FitOptions) -> ModelSpec:
     spec = parse_formula(formula)
     if family.name == "gaussian" and options.nagq > 1:
         raise InputError("nagq applies to binomial and poisson models; gaussian likelihoods are exact")
     if spec.random == () and options.nagq > 1:
         raise InputError("nagq needs a random-effects term in the formula")
-    desc = transport.broadcast(request("describe", formula=formula))
-    schema = merge_schema(desc, spec, family)
-    setup = transport.broadcast(request(
-        "setup", formula=formula, family=family.name, link=family.link, nagq=options.nagq,
-        reml=options.reml, curvature=options.curvature, schema={"kinds": schema.kinds, "levels": schema.levels}))
-    first = next(iter(setup.values()))
-    names, znames = list(first["x_names"]), list(first["z_names"])
-    mask = np.asarray(first["theta_mask"], bool)
-    n = int(sum(r["n"] for r in setup.values()))
-    ngroups = int(sum(r["ngroups"] for r in setup.values()))
-    tot = _sum_replies(setup, ["colsum", "colsq", "xtx", "ztz"])
-    A = scaling_transform(names, tot["colsum"], tot["colsq"], n)
-    _check_rank(names, A.T @ tot["xtx"] @ A)
-    p, q = len(names), mask.shape[0]
-    ntheta = int(mask.sum())
-    zs = np.sqrt(np.diag(tot["ztz"]) / n) if q else np.ones(0)     # Z̃ = Z / zs: Λ̃ = diag(zs) Λ
-    zs = np.where(zs > 0, zs, 1.0)
-    scale = {"transform": A, "zscale": zs}
-    if family.name == "gaussian":
-        core = _fit_lmm(transport, scale, mask, options)
-    else:
-        if family.name == "binomial":
-            keys = ["st_xvx", "st_xv", "st_xy", "st_sy", "st_sv"]
-            if q:
-                keys += ["st_aa", "st_ab", "st_bb", "st_at", "st_bt", "st_tt", "st_ww", "st_w"]
-            gamma0, theta0 = null_step_start(_sum_replies(setup, keys), family, A, mask, zs, tot["ztz"] / n)
-        else:
-            tot.update(_sum_replies(setup, ["xtwx", "xtwz"]))
-            gamma0 = np.linalg.solve(A.T @ tot["xtwx"] @ A, A.T @ tot["xtwz"])
-            theta0 = np.zeros(0)
-            if q:
-                mom = _sum_replies(setup, ["mom_ss", "mom_st", "mom_tt", "mom_ww", "mom_w"])
-                theta0, sig0 = moment_start(mom, A @ gamma0, mask, zs)
-                if "Intercept" in names:
-                    # the IRLS weights grow like e^b, so the weighted start overstates the intercept by ≈ E[zᵀΣz]
-                    gamma0[names.index("Intercept")] -= np.trace(sig0 @ tot["ztz"]) / n
-        core = _fit_glmm(transport, scale, mask, gamma0, theta0, options)
-    final = core["final"]
+    return spec
 
+
+def make_result(formula, family, options, st: Setup, core: dict, transport, t0, method=None) -> FitResult:
+    """The FitResult on the user's scale from the optimiser's output on the internal scale."""
+    names, znames, mask, A, zs = st.names, st.znames, st.mask, st.A, st.zs
+    p, q = len(names), mask.shape[0]
+    final = core["final"]
     beta = A @ core["gamma"]
     vcov = A @ core["vcov_gamma"] @ A.T
-    group = spec.group
+    group = st.spec.group
     cov_re = modes = condsd = None
     theta = np.asarray(core["theta"])
     if q and np.min(np.abs(theta[_diagonal(mask)])) < 1e-4:
@@ -146,20 +197,21 @@ def fit_iterative(transport, formula: str, family: Family, options: FitOptions =
                               columns=znames)
         order = _natural_order(levels)
         modes, condsd = modes.iloc[order], condsd.iloc[order]
-    method = ("REML" if options.reml else "ML") if family.name == "gaussian" else \
-        ("GLM" if not q else ("Laplace" if options.nagq == 1 else f"AGHQ({options.nagq})"))
-    n_params = p + ntheta + (1 if family.name == "gaussian" else 0)
+    if method is None:
+        method = ("REML" if options.reml else "ML") if family.name == "gaussian" else \
+            ("GLM" if not q else ("Laplace" if options.nagq == 1 else f"AGHQ({options.nagq})"))
+    n_params = p + int(mask.sum()) + (1 if family.name == "gaussian" else 0)
     return FitResult(
         formula=formula, family=family, method=method, nagq=options.nagq,
         reml=bool(options.reml and family.name == "gaussian"),
         fixef=pd.Series(beta, index=names), vcov=pd.DataFrame(vcov, index=names, columns=names),
         cov_re=cov_re, residual_sd=float(np.sqrt(core["sigma2"])) if family.name == "gaussian" else None,
-        loglik=float(core["loglik"]), n_params=n_params, nobs=n,
-        ngroups={group: ngroups} if group else {}, nsites=len(transport.site_ids),
+        loglik=float(core["loglik"]), n_params=n_params, nobs=st.n,
+        ngroups={group: st.ngroups} if group else {}, nsites=len(transport.site_ids),
         rounds=transport.rounds, bytes_to_sites=transport.bytes_to_sites,
         bytes_from_sites=transport.bytes_from_sites, converged=bool(core["converged"]),
         seconds=time.perf_counter() - t0, group_name=group, modes=modes, condsd=condsd,
-        theta=theta, spec=spec, schema=schema, messages=core["messages"],
+        theta=theta, spec=st.spec, schema=st.schema, messages=core["messages"],
         site_ids=list(transport.site_ids))
 
 
@@ -263,22 +315,29 @@ def _run(opt: TrustRegionNewton, evaluate, canon):
     return opt.solution, reply
 
 
-def _round(transport, xs, final, scale, keys, extra=None):
-    """One round at the points xs: the sums over sites for each point, and the raw replies."""
+def _round(transport, xs, final, scale, keys, extra=None, first=None):
+    """One round at the points xs: the sums over sites for each point, and the raw replies.
+
+    ``first`` (a dict, emptied once used) rides on the first request of a fit, e.g. the set-up payload
+    when no separate set-up round was held."""
+    ride = dict(first) if first else {}
+    if first:
+        first.clear()
     if final:
-        rep = transport.broadcast(request("finalize", point=xs[0], **scale, **(extra or {})))
+        rep = transport.broadcast(request("finalize", point=xs[0], **scale, **(extra or {}), **ride))
         return [_sum_replies(rep, keys)], rep
-    rep = transport.broadcast(request("evaluate", points=np.asarray(xs), **scale))
+    rep = transport.broadcast(request("evaluate", points=np.asarray(xs), **scale, **ride))
     per_point = [{sid: r["points"][i] for sid, r in rep.items()} for i in range(len(xs))]
     return [_sum_replies(pp, keys) for pp in per_point], rep
 
 
-def _fit_glmm(transport, scale, mask, gamma0, theta0, options):
+def _fit_glmm(transport, scale, mask, gamma0, theta0, options, first_extra=None):
     p = len(gamma0)
     keys = ["value", "grad", "hess"]
+    first = dict(first_extra or {})
 
     def evaluate(xs, final):
-        sums, rep = _round(transport, xs, final, scale, keys)
+        sums, rep = _round(transport, xs, final, scale, keys, first=first)
         return [(-float(s["value"]), -s["grad"], -s["hess"]) for s in sums], (rep, sums[0])
 
     # the first round also tries the start covariance halved and doubled (local work, no extra round)
@@ -309,8 +368,9 @@ def _canonical_theta(theta, mask):
     return theta
 
 
-def _fit_lmm(transport, scale, mask, options):
+def _fit_lmm(transport, scale, mask, options, start=None, first_extra=None):
     keys = ["n", "A", "b", "c", "d"]
+    first = dict(first_extra or {})
     ntheta = int(mask.sum())
     if ntheta:
         keys += ["dA", "db", "dc", "dd", "d2A", "d2b", "d2c", "d2d"]
@@ -325,7 +385,7 @@ def _fit_lmm(transport, scale, mask, options):
             pr, step = profiles[base.tobytes()], xs[0] - base
             extra = {"beta_internal": pr.beta + pr.dbeta.T @ step,
                      "sigma": float(np.sqrt(pr.sigma2 + pr.dsigma2 @ step))}
-        sums, rep = _round(transport, xs, final, scale, keys, extra)
+        sums, rep = _round(transport, xs, final, scale, keys, extra, first=first)
         out = []
         for x, s in zip(xs, sums):
             pr = profiled_deviance(s, options.reml)
@@ -334,12 +394,12 @@ def _fit_lmm(transport, scale, mask, options):
         return out, (rep, sums[0])
 
     if ntheta:
-        opt = TrustRegionNewton(_theta_start(mask), options.newton)
+        opt = TrustRegionNewton(_theta_start(mask) if start is None else np.asarray(start, float), options.newton)
         theta, (final, s) = _run(opt, evaluate, lambda x: _canonical_theta(x, mask))
         converged = opt.converged
     else:
         theta, converged = np.zeros(0), True
-        final = transport.broadcast(request("finalize", point=theta, **scale))
+        final = transport.broadcast(request("finalize", point=theta, **scale, **first))
         s = _sum_replies(final, keys)
     pr = profiled_deviance(s, options.reml, order=0)
     return {"gamma": pr.beta, "theta": _canonical_theta(theta, mask),

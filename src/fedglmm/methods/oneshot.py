@@ -1,0 +1,440 @@
+"""One-shot fits from summaries each site sends once, and the hybrid that finishes them exactly.
+
+**The site's message** (:func:`summarize`): its description (columns, factor levels, group labels), the
+set-up sums of the iterative method (column moments, starting-value sums), and, per group,
+
+* gaussian models: the sufficient statistics n, XᵀX, Xᵀy, yᵀy, ZᵀX, ZᵀZ, Zᵀy: the exact likelihood is a
+  function of them (:mod:`fedglmm.gaussian`);
+* binomial and poisson models: n and the raw moment sums of (outcome, covariates, offset) up to order K,
+  from which the coordinator generates pseudo-data with the same moments (:mod:`fedglmm.pseudodata`;
+  the approach of estimating GLMMs from one-time shared summary statistics through pseudo-data).
+
+Per-group summaries describe a group, so a site refuses them when a group has fewer rows than its
+minimum (default 10); the message then holds only site-level sums.
+
+The site has not seen the other sites' factor levels, so it codes every level it has as a treatment
+column (against a reference level with no rows): the columns are then named as in the agreed design,
+and the coordinator maps them by name, with zero columns for levels a site does not have.
+
+**The coordinator** turns the messages into *virtual sites* in its own process (per-group blocks for
+gaussian models, pseudo-data designs otherwise) and fits them with the iterative machinery; no further
+round reaches the real sites.  The **hybrid** method starts the exact Newton rounds on the real sites
+from that one-shot estimate (or, where a site refused, from the set-up sums in the same message).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ..design import build_design, describe_frame, merge_schema
+from ..errors import FedGLMMError, InputError
+from ..families import Family, get_family
+from ..formula import parse_formula, variables
+from ..gaussian import LMMSums
+from ..protocol import request
+from ..site import Site, start_sums
+from ..spec import Design, Schema
+from ..transport import InProcessTransport
+from .iterative import FitOptions, _check_options, make_result, make_setup, optimize, setup_request
+
+SENTINEL = "\x00"          # a reference level no row has: every real level gets its own column
+DEFAULT_ORDER = 4
+
+# the axes of each summed quantity: x = fixed-effect column, z = random-effect column, g = group
+SUM_AXES = {"colsum": "x", "colsq": "x", "xtx": "xx", "ztz": "zz",
+            "st_xvx": "xx", "st_xv": "x", "st_xy": "x", "st_sy": "", "st_sv": "",
+            "st_aa": "zz", "st_ab": "zz", "st_bb": "zz", "st_at": "zzx", "st_bt": "zzx", "st_tt": "zxzx",
+            "st_ww": "zzzz", "st_w": "zz", "xtwx": "xx", "xtwz": "x",
+            "mom_ss": "zz", "mom_st": "zzx", "mom_tt": "zxzx", "mom_ww": "zzzz", "mom_w": "zz"}
+BLOCK_AXES = {"n": "g", "XtX": "gxx", "Xty": "gx", "yty": "g", "ZtX": "gzx", "ZtZ": "gzz", "Zty": "gz"}
+
+
+# --- the site's message ---------------------------------------------------------------------------
+
+def _local_schema(desc: dict, spec) -> Schema:
+    kinds = {c: desc["columns"][c] for c in variables(spec)}
+    levels = {c: ([SENTINEL] + list(lv) if c != spec.response else list(lv)) for c, lv in desc["levels"].items()}
+    return Schema(kinds=kinds, levels=levels)
+
+
+def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, site_id: str,
+              order: int | None = None, min_group: int = 10) -> dict:
+    """The site's one message (arrays as numpy; :func:`to_jsonable` makes the readable file)."""
+    spec = parse_formula(formula)
+    fam = get_family(family, link)
+    desc = describe_frame(frame, spec, site_id)
+    d = build_design(spec, _local_schema(desc, spec), frame, fam, site_id, checked=True)
+    q = d.Z.shape[1]
+    sums = {"colsum": d.X.sum(axis=0), "colsq": (d.X * d.X).sum(axis=0), "xtx": d.X.T @ d.X, "ztz": d.Z.T @ d.Z}
+    if fam.name != "gaussian":
+        sums.update(start_sums(d, fam))
+    order = None if fam.name == "gaussian" else int(order or DEFAULT_ORDER)
+    msg = {"kind": "oneshot", "version": 1, "site": site_id, "formula": formula, "family": fam.name,
+           "link": fam.link, "order": order, "description": desc, "n": d.n,
+           "ngroups": len(d.group_levels) if q else 0, "x_names": list(d.x_names), "z_names": list(d.z_names),
+           "theta_mask": np.asarray(d.theta_mask), "sums": sums, "groups": None, "refused": None}
+    starts = d.starts if q else np.zeros(1, dtype=np.int64)
+    levels = list(d.group_levels) if q else ["(all rows)"]
+    sizes = np.diff(np.r_[starts, d.n])
+    small = np.flatnonzero(sizes < min_group)
+    if len(small):
+        i = small[np.argmin(sizes[small])]
+        msg["refused"] = (f"site '{site_id}': {len(small)} group(s) have fewer than {min_group} rows (smallest: "
+                          f"'{levels[i]}' with {sizes[i]}); their own summaries would reveal them, so only "
+                          "site totals are sent: use --method iterative or hybrid")
+        return msg
+    if fam.name != "gaussian" and np.any(d.trials != 1.0):
+        msg["refused"] = (f"site '{site_id}': one-shot summaries of cbind(successes, failures) outcomes are not "
+                          "supported; use --method iterative or hybrid")
+        return msg
+    msg["groups"] = _gaussian_blocks(d, starts, levels) if fam.name == "gaussian" else \
+        _moment_blocks(d, starts, levels, order, fam)
+    return msg
+
+
+def _gaussian_blocks(d: Design, starts, levels) -> dict:
+    y = d.y - d.offset
+    X, Z = d.X, d.Z
+    red = lambda a: np.add.reduceat(a, starts, axis=0)   # noqa: E731
+    return {"levels": levels, "n": np.diff(np.r_[starts, d.n]).astype(float),
+            "XtX": red(X[:, :, None] * X[:, None, :]), "Xty": red(X * y[:, None]), "yty": red(y * y),
+            "ZtX": red(Z[:, :, None] * X[:, None, :]), "ZtZ": red(Z[:, :, None] * Z[:, None, :]),
+            "Zty": red(Z * y[:, None])}
+
+
+def moment_variables(d: Design) -> tuple[list[str], np.ndarray]:
+    """The variables whose moments are shared: outcome, design columns but the intercept, Z-only columns
+    and the offset (when there is one)."""
+    names = ["(outcome)"] + [n for n in d.x_names if n != "Intercept"]
+    cols = [d.y] + [d.X[:, j] for j, n in enumerate(d.x_names) if n != "Intercept"]
+    for j, n in enumerate(d.z_names):
+        if n != "Intercept" and n not in d.x_names:
+            names.append(n)
+            cols.append(d.Z[:, j])
+    if np.any(d.offset != 0):
+        names.append("(offset)")
+        cols.append(d.offset)
+    return names, np.column_stack(cols)
+
+
+def _moment_blocks(d: Design, starts, levels, order: int, fam: Family) -> dict:
+    from ..pseudodata import monomials
+
+    names, V = moment_variables(d)
+    expo = monomials(V.shape[1], order)
+    rows = np.prod(V[:, None, :] ** expo[None, :, :], axis=2)                # (n, M)
+    return {"levels": levels, "n": np.diff(np.r_[starts, d.n]).astype(float), "variables": names,
+            "moments": np.add.reduceat(rows, starts, axis=0)}
+
+
+# --- readable files -------------------------------------------------------------------------------
+
+def to_jsonable(msg: dict) -> dict:
+    """The message as plain JSON, each block named and described, for the data steward to read."""
+    def conv(o):
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, dict):
+            return {k: conv(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [conv(v) for v in o]
+        return o.item() if isinstance(o, np.generic) else o
+
+    out = conv(msg)
+    out["about"] = _describe_blocks(msg)
+    return out
+
+
+def from_jsonable(obj: dict) -> dict:
+    """Back from :func:`to_jsonable` (lists to arrays where the engine needs arrays)."""
+    msg = dict(obj)
+    msg.pop("about", None)
+    msg["theta_mask"] = np.asarray(msg["theta_mask"], bool).reshape(len(msg["z_names"]), len(msg["z_names"]))
+    msg["sums"] = {k: np.asarray(v, float) for k, v in msg["sums"].items()}
+    if msg.get("groups"):
+        msg["groups"] = {k: (v if k in ("levels", "variables") else np.asarray(v, float))
+                         for k, v in msg["groups"].items()}
+    return msg
+
+
+def _describe_blocks(msg: dict) -> dict:
+    about = {
+        "what": "everything this site sends for a one-shot fit: nothing else leaves it",
+        "description": "column names and kinds, factor levels present here, group labels present here",
+        "sums": "site totals over all rows: column sums and sums of squares, cross-products XᵀX and ZᵀZ, "
+                "and the sums for starting values (no row and no group is identifiable from them)",
+        "x_names": "fixed-effect design columns, in this site's coding (each factor level present here has "
+                   "its own column)",
+    }
+    if msg.get("refused"):
+        about["groups"] = "none: " + msg["refused"]
+    elif msg["family"] == "gaussian":
+        about["groups"] = ("per group (labels in 'levels'): n, XᵀX, Xᵀy, yᵀy, ZᵀX, ZᵀZ, Zᵀy over the group's "
+                           f"rows; {len(msg['groups']['levels'])} groups, smallest "
+                           f"{int(np.min(msg['groups']['n']))} rows")
+    else:
+        about["groups"] = (f"per group: n and the sums over its rows of every product of up to "
+                           f"{msg['order']} of the variables {msg['groups']['variables']} (monomials in the "
+                           f"order of fedglmm.pseudodata.monomials); {len(msg['groups']['levels'])} groups, "
+                           f"smallest {int(np.min(msg['groups']['n']))} rows")
+    return about
+
+
+# --- the coordinator: mapping to the agreed coding -----------------------------------------------
+
+@dataclass
+class Merged:
+    spec: object
+    schema: Schema
+    family: Family
+    names: list
+    znames: list
+    mask: np.ndarray
+    setup: dict            # per site: a set-up reply in the agreed coding
+    blocks: dict           # per site: its per-group blocks in the agreed coding (or None)
+    refused: list
+
+
+def _remap(arr, axes: str, xmap: np.ndarray, zmap: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr, float)
+    for ax, kind in enumerate(axes):
+        if kind not in "xz":
+            continue
+        m = xmap if kind == "x" else zmap
+        arr = np.take(arr, np.maximum(m, 0), axis=ax)
+        index = [slice(None)] * arr.ndim
+        index[ax] = m < 0
+        arr[tuple(index)] = 0.0
+    return arr
+
+
+def global_names(spec, schema: Schema, family: Family):
+    """The agreed design's column names and Λ pattern, from a one-row stand-in frame."""
+    row = {}
+    for col, kind in schema.kinds.items():
+        if col in schema.levels:
+            row[col] = [schema.levels[col][0]]
+        else:
+            row[col] = [0.0 if col == spec.response else 1.0]
+    if spec.group and spec.group not in row:
+        row[spec.group] = ["g"]
+    d = build_design(spec, schema, pd.DataFrame(row), family, "coordinator")
+    return list(d.x_names), list(d.z_names), np.asarray(d.theta_mask, bool)
+
+
+def merge_messages(messages: dict, formula: str, family: Family) -> Merged:
+    spec = parse_formula(formula)
+    for sid, m in messages.items():
+        if m.get("kind") != "oneshot":
+            raise InputError(f"site '{sid}': not a one-shot summary")
+        if " ".join(m["formula"].split()) != " ".join(formula.split()) or m["family"] != family.name \
+                or m["link"] != family.link:
+            raise InputError(f"site '{sid}': its summaries were made for '{m['formula']}' ({m['family']}, "
+                             f"{m['link']}), not for '{formula}' ({family.name}, {family.link})")
+    orders = {m["order"] for m in messages.values()}
+    if len(orders) > 1:
+        raise InputError(f"the sites' summaries use different moment orders: {sorted(map(str, orders))}")
+    schema = merge_schema({sid: m["description"] for sid, m in messages.items()}, spec, family)
+    names, znames, mask = global_names(spec, schema, family)
+    setup, blocks, refused = {}, {}, []
+    for sid, m in messages.items():
+        xmap = np.array([m["x_names"].index(nm) if nm in m["x_names"] else -1 for nm in names])
+        zmap = np.array([m["z_names"].index(nm) if nm in m["z_names"] else -1 for nm in znames])
+        sums = {k: _remap(v, SUM_AXES[k], xmap, zmap) for k, v in m["sums"].items()}
+        setup[sid] = {"n": m["n"], "ngroups": m["ngroups"], "x_names": names, "z_names": znames,
+                      "theta_mask": mask, **sums}
+        if m.get("refused"):
+            refused.append(m["refused"])
+            blocks[sid] = None
+        elif family.name == "gaussian":
+            g = m["groups"]
+            blocks[sid] = {"levels": list(g["levels"]),
+                           **{k: _remap(g[k], BLOCK_AXES[k], xmap, zmap) for k in BLOCK_AXES}}
+        else:
+            blocks[sid] = dict(m["groups"], x_names=m["x_names"], z_names=m["z_names"])
+    return Merged(spec, schema, family, names, znames, mask, setup, blocks, refused)
+
+
+# --- virtual sites ---------------------------------------------------------------------------------
+
+class _VirtualSite(Site):
+    """A site in the coordinator's own process, standing in for a real one from its summaries."""
+
+    def __init__(self, site_id: str, description: dict, setup_reply: dict):
+        super().__init__(site_id, None)
+        self._description = description
+        self._setup_reply = setup_reply
+
+    def _on_describe(self, req):
+        self._described = req["formula"]
+        return {"site": self.site_id, **self._description}
+
+
+class _BlockSite(_VirtualSite):
+    """Gaussian: answers from per-group sufficient statistics, exactly as the real site would."""
+
+    def __init__(self, site_id, description, setup_reply, blocks, mask):
+        super().__init__(site_id, description, setup_reply)
+        self.blocks, self.mask = blocks, mask
+
+    def _on_setup(self, req):
+        self.family = get_family(req["family"], req.get("link"))
+        self._engine, self._transform = None, None
+        return self._setup_reply
+
+    def _engine_for(self, req):
+        A = np.asarray(req["transform"], float)
+        zs = np.asarray(req.get("zscale", np.ones(0)), float)
+        b = self.blocks
+        q = self.mask.shape[0]
+        zs = zs if len(zs) else np.ones(q)
+        return LMMSums.from_blocks(
+            float(np.sum(b["n"])), A.T @ b["XtX"].sum(axis=0) @ A, A.T @ b["Xty"].sum(axis=0),
+            float(np.sum(b["yty"])), b["ZtZ"] / np.outer(zs, zs), (b["ZtX"] / zs[None, :, None]) @ A,
+            b["Zty"] / zs, self.mask)
+
+    def _on_finalize(self, req):
+        eng = self._engine_for(req)
+        reply = self._evaluate_one(eng, np.asarray(req["point"], float))
+        if self.mask.shape[0]:
+            modes, sds = eng.conditional_modes(req["point"], np.asarray(req["beta_internal"]), float(req["sigma"]))
+            reply.update({"levels": list(self.blocks["levels"]), "modes": modes, "condsd": sds})
+        return reply
+
+
+class _DesignSite(_VirtualSite):
+    """Binomial / poisson: a site whose rows are pseudo-data in the agreed coding."""
+
+    def __init__(self, site_id, description, setup_reply, design: Design):
+        super().__init__(site_id, description, setup_reply)
+        self._design = design
+
+    def _build(self, req, spec, schema):
+        return self._design
+
+
+def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, family: Family, seed: int) -> tuple:
+    """Pseudo rows for one site's groups, as a Design in the agreed coding, and the moment diagnostics."""
+    from ..pseudodata import generate, monomials
+
+    variables_ = list(block["variables"])
+    expo = monomials(len(variables_), _order_of(block, len(variables_)))
+    groups = [{"n": int(n), "target": np.asarray(t, float)} for n, t in zip(block["n"], block["moments"])]
+    binary = [0] if family.name == "binomial" else []
+    nonneg = [0] if family.name == "poisson" else []
+    V, gidx, diag = generate(groups, expo, binary=binary, nonneg=nonneg, seed=seed)
+    col = {v: V[:, k] for k, v in enumerate(variables_)}
+    n = V.shape[0]
+    X = np.column_stack([np.ones(n) if nm == "Intercept" else col.get(nm, np.zeros(n)) for nm in names])
+    Z = np.column_stack([np.ones(n) if nm == "Intercept" else col.get(nm, np.zeros(n)) for nm in znames]) \
+        if znames else np.zeros((n, 0))
+    y = col["(outcome)"]
+    design = Design(y=y, trials=np.ones(n), offset=col.get("(offset)", np.zeros(n)), X=X, Z=Z,
+                    group=gidx.astype(np.int64), group_levels=list(block["levels"]), x_names=list(names),
+                    z_names=list(znames), theta_mask=mask)
+    return design, diag
+
+
+def _order_of(block: dict, d: int) -> int:
+    """The moment order K from the number of monomials M = C(d + K, K)."""
+    from math import comb
+
+    M = np.asarray(block["moments"]).shape[1]
+    for k in range(1, 9):
+        if comb(d + k, k) == M:
+            return k
+    raise InputError("the moment summaries have an unexpected size")
+
+
+def virtual_transport(merged: Merged, messages: dict, seed: int = 0) -> tuple[InProcessTransport, dict]:
+    sites, diagnostics = {}, {}
+    for sid, m in messages.items():
+        if merged.family.name == "gaussian":
+            sites[sid] = _BlockSite(sid, m["description"], merged.setup[sid], merged.blocks[sid], merged.mask)
+        else:
+            design, diag = pseudo_design(merged.blocks[sid], merged.names, merged.znames, merged.mask,
+                                         merged.family, seed)
+            diagnostics[sid] = diag
+            sites[sid] = _DesignSite(sid, m["description"], merged.setup[sid], design)
+    return InProcessTransport(sites), diagnostics
+
+
+# --- fits -------------------------------------------------------------------------------------------
+
+def _virtual_fit(merged: Merged, messages: dict, formula: str, family: Family, options: FitOptions, seed: int):
+    from .iterative import fit_iterative
+
+    transport, diagnostics = virtual_transport(merged, messages, seed)
+    return fit_iterative(transport, formula, family, options), diagnostics
+
+
+def fit_from_messages(messages: dict, formula: str, family: Family, options: FitOptions = FitOptions(),
+                      rounds: int = 0, bytes_to: int = 0, bytes_from: int = 0, seed: int = 0):
+    """The one-shot fit from the sites' messages (the method ``oneshot`` and ``fit --summaries``)."""
+    t0 = time.perf_counter()
+    merged = merge_messages(messages, formula, family)
+    if merged.refused:
+        raise FedGLMMError(merged.refused[0])
+    res, diagnostics = _virtual_fit(merged, messages, formula, family, options, seed)
+    res.rounds, res.bytes_to_sites, res.bytes_from_sites = rounds, bytes_to, bytes_from
+    res.nsites, res.site_ids = len(messages), list(messages)
+    res.seconds = time.perf_counter() - t0
+    if family.name == "gaussian":
+        res.method = f"one-shot {res.method} (exact, from per-group sufficient statistics)"
+    else:
+        err = max(d["max_rel_error"] for d in diagnostics.values())
+        res.method = f"one-shot {res.method} on pseudo-data (moments up to order {messages[next(iter(messages))]['order']})"
+        res.messages.append(f"pseudo-data match the shared moments to {err:.1e} (largest relative error); "
+                            "the log-likelihood is that of the pseudo-data")
+    return res
+
+
+def fit_oneshot(transport, formula: str, family: Family, options: FitOptions = FitOptions(),
+                order: int | None = None, seed: int = 0):
+    """One round: every site sends its one message; the coordinator fits from them."""
+    _check_options(formula, family, options)
+    replies = transport.broadcast(request("oneshot", formula=formula, family=family.name, link=family.link,
+                                          order=order))
+    return fit_from_messages(replies, formula, family, options, transport.rounds, transport.bytes_to_sites,
+                             transport.bytes_from_sites, seed)
+
+
+def fit_hybrid(transport, formula: str, family: Family, options: FitOptions = FitOptions(),
+               order: int | None = None, seed: int = 0):
+    """The one-shot round, then exact Newton rounds on the real sites from its estimate."""
+    t0 = time.perf_counter()
+    spec = _check_options(formula, family, options)
+    replies = transport.broadcast(request("oneshot", formula=formula, family=family.name, link=family.link,
+                                          order=order))
+    merged = merge_messages(replies, formula, family)
+    st = make_setup(spec, merged.schema, merged.setup)
+    start = None
+    if not merged.refused:
+        first, _ = _virtual_fit(merged, replies, formula, family, options, seed)
+        if family.name == "gaussian":
+            # per-group sufficient statistics give the exact fit: nothing is left to iterate
+            first.rounds, first.bytes_to_sites = transport.rounds, transport.bytes_to_sites
+            first.bytes_from_sites, first.nsites = transport.bytes_from_sites, len(replies)
+            first.site_ids, first.seconds = list(replies), time.perf_counter() - t0
+            return first
+        start = _internal_start(first, st)
+    elif family.name == "gaussian":
+        start = None
+    core = optimize(transport, st, family, options, start,
+                    first_extra={"setup": setup_request(formula, family, options, merged.schema)})
+    res = make_result(formula, family, options, st, core, transport, t0)
+    if merged.refused:
+        res.messages.append("one-shot summaries were refused (" + merged.refused[0] + "); the Newton rounds "
+                            "started from site totals")
+    return res
+
+
+def _internal_start(res, st) -> tuple[np.ndarray, np.ndarray]:
+    """A fit's estimates on the iterative method's internal scale (γ = A⁻¹β, θ̃ = diag(zs) θ)."""
+    gamma = np.linalg.solve(st.A, res.fixef.reindex(st.names).to_numpy())
+    c_idx, r_idx = np.nonzero(st.mask.T)
+    theta = np.asarray(res.theta) * st.zs[r_idx] if st.mask.shape[0] else np.zeros(0)
+    return gamma, theta
