@@ -48,7 +48,7 @@ def test_gaussian_oneshot_is_the_exact_fit_in_one_round(fname, formula, group, r
         assert res.rounds == 1 and res.converged
         _same(res, exact, 1e-6)
     if small:
-        with pytest.raises(FedGLMMError, match="fewer than 10 rows"):
+        with pytest.raises(FedGLMMError, match="fewer than 10 observations"):
             fedglmm.fit(formula, _sites(df, group), method="oneshot", reml=reml)
 
 
@@ -92,16 +92,31 @@ def test_summary_file_holds_no_row_level_value(tmp_path):
 
 
 def test_small_groups_are_refused_with_advice():
+    df = pd.read_csv(DATA / "contraception.csv")              # district 49 has 4 women
+    formula = "use ~ urban + age + livch + (1 | district)"
+    msg = summarize(df, formula, "binomial", None, "A", order=2)
+    assert "fewer than 12 observations" in msg["refused"] and "iterative" in msg["refused"]
+    sizes = df.groupby("district").size()
+    assert "49" not in msg["groups"]["levels"] and len(msg["groups"]["levels"]) == int((sizes >= 12).sum())
+    with pytest.raises(FedGLMMError, match="fewer than 12 observations"):
+        fedglmm.fit(formula, df, family="binomial", method="oneshot", moments=2)
+    # the hybrid starts from the other groups' one-shot fit and ends at the iterative fit
+    a = fedglmm.fit(formula, df, family="binomial", method="hybrid")
+    b = fedglmm.fit(formula, df, family="binomial", method="iterative")
+    assert a.rounds <= 4
+    assert np.allclose(a.fixef, b.fixef, atol=1e-8) and abs(a.loglik - b.loglik) < 1e-8
+
+
+def test_cbind_rows_count_their_trials():
+    """A cbind row is its trials as Bernoulli observations: a cbpp herd (4 rows, ~60 animals) is not small."""
     df = pd.read_csv(DATA / "cbpp.csv")
     formula = "cbind(incidence, size - incidence) ~ period + (1 | herd)"
     msg = summarize(df, formula, "binomial", None, "A")
-    assert msg["groups"] is None and "fewer than 10 rows" in msg["refused"] and "iterative" in msg["refused"]
-    with pytest.raises(FedGLMMError, match="fewer than 10 rows"):
-        fedglmm.fit(formula, df, family="binomial", method="oneshot")
-    # the hybrid falls back to the Newton rounds and gets the iterative fit
+    assert msg["refused"] is None
+    assert np.allclose(msg["groups"]["n"], df.groupby("herd")["size"].sum().reindex(msg["groups"]["levels"]))
     a = fedglmm.fit(formula, df, family="binomial", method="hybrid")
     b = fedglmm.fit(formula, df, family="binomial", method="iterative")
-    assert np.allclose(a.fixef, b.fixef, atol=1e-8) and abs(a.loglik - b.loglik) < 1e-8
+    assert a.rounds <= 4 and np.allclose(a.fixef, b.fixef, atol=1e-8)
 
 
 def test_summaries_for_another_formula_are_refused(tmp_path):
@@ -109,3 +124,38 @@ def test_summaries_for_another_formula_are_refused(tmp_path):
     msg = to_jsonable(summarize(df, "Reaction ~ Days + (1 | Subject)", "gaussian", None, "A"))
     with pytest.raises(FedGLMMError, match="were made for"):
         fedglmm.fit_summaries([msg], "Reaction ~ Days + (Days | Subject)")
+
+
+def test_moments_that_would_pin_down_a_group_are_refused():
+    """K-th order moments of d variables are C(d+K, K) equations: a group with fewer values than twice
+    that would be recoverable from them, so its moments stay at the site."""
+    from math import comb
+
+    df = pd.read_csv(DATA / "contraception.csv")
+    # outcome, urban (2 levels), age, livch (4 levels), each level of a factor coded at the site: d = 8
+    formula = "use ~ urban + age + livch + (1 | district)"
+    need = {k: max(10, int(np.ceil(2 * comb(8 + k, k) / 8))) for k in (2, 3, 4)}
+    sizes = df.groupby("district").size()
+    for k in (2, 3, 4):
+        msg = summarize(df, formula, "binomial", None, "A", order=k)
+        sent = len(msg["groups"]["levels"]) if msg["groups"] else 0
+        assert sent == int((sizes >= need[k]).sum()), (k, sent)
+        assert f"fewer than {need[k]} observations" in msg["refused"]
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_pseudo_data_oneshot_is_close_to_the_exact_fit(order):
+    """Seed 000's method on a simulated logistic GLMM with large groups: within 0.2 SE at K = 4."""
+    rng = np.random.default_rng(5)
+    g = np.repeat(np.arange(30), 120)
+    x = rng.normal(size=g.size)
+    z = rng.binomial(1, 0.5, g.size)
+    eta = -0.5 + 0.7 * x - 0.4 * z + rng.normal(0, 0.8, 30)[g]
+    df = pd.DataFrame({"y": rng.binomial(1, 1 / (1 + np.exp(-eta))), "x": x, "z": z, "g": g})
+    sites = {f"s{i}": df[df.g % 3 == i] for i in range(3)}
+    exact = fedglmm.fit("y ~ x + z + (1 | g)", sites, family="binomial", method="iterative")
+    one = fedglmm.fit("y ~ x + z + (1 | g)", sites, family="binomial", method="oneshot", moments=order)
+    dist = np.max(np.abs(one.fixef - exact.fixef) / exact.se)
+    assert one.rounds == 1 and dist < {2: 0.5, 3: 0.3, 4: 0.2}[order], dist
+    hybrid = fedglmm.fit("y ~ x + z + (1 | g)", sites, family="binomial", method="hybrid")
+    assert hybrid.rounds <= 4 and np.allclose(hybrid.fixef, exact.fixef, atol=1e-8)

@@ -51,8 +51,8 @@ def make_sites(data, site: str | None = None, min_group: int = 10) -> dict[str, 
 
 
 def fit(formula: str, data, family: str = "gaussian", link: str | None = None, nagq: int = 1,
-        reml: bool = True, site: str | None = None, method: str = "iterative", curvature: str = "observed",
-        moments: int = 4, min_group: int = 10, on_round: Callable[[int, str], None] | None = None,
+        reml: bool = True, site: str | None = None, method: str = "hybrid", curvature: str = "observed",
+        moments: int | None = None, min_group: int = 10, on_round: Callable[[int, str], None] | None = None,
         newton: NewtonConfig | None = None) -> FitResult:
     """Fit a (generalised) linear mixed model federated over sites.
 
@@ -63,11 +63,12 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
     family, link : ``gaussian`` (identity), ``binomial`` (logit, probit, cloglog), ``poisson`` (log).
     nagq : 1 for the Laplace approximation, K > 1 for adaptive Gauss–Hermite with K nodes per dimension.
     reml : REML (default, as lme4) or ML for gaussian models; ignored otherwise.
-    method : ``iterative`` (the default: exact Newton rounds from starting values built from site
-        totals), ``hybrid`` (one round of one-shot summaries, then exact Newton rounds from that start; the
-        result is the iterative one) or ``oneshot`` (one round only: exact for gaussian models, pseudo-data
+    method : ``hybrid`` (the default: one round of one-shot summaries, then exact Newton rounds from that
+        start; the result is the iterative one), ``iterative`` (exact Newton rounds from starting values
+        built from site totals) or ``oneshot`` (one round only: exact for gaussian models, pseudo-data
         matched to the shared moments otherwise).
-    moments : the order K (2, 3 or 4) of the moments shared per group for one-shot binomial/poisson fits.
+    moments : the order K (2, 3 or 4) of the moments shared per group for binomial/poisson one-shot fits
+        (default 4; the hybrid asks for 2: it needs only a start).
     min_group : a site's smallest group whose own summaries it sends (one-shot and hybrid).
     curvature : the curvature in the Laplace / AGHQ determinant and node scaling for non-canonical links
         (probit, cloglog): ``observed`` (default, the exact Laplace approximation, as glmmTMB) or
@@ -82,7 +83,8 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
         raise InputError(f"curvature must be 'observed' or 'expected', not {curvature!r}")
     if method not in ("hybrid", "iterative", "oneshot"):
         raise InputError(f"unknown method '{method}': use 'hybrid', 'iterative' or 'oneshot'")
-    if isinstance(moments, bool) or not isinstance(moments, (int, np.integer)) or not 2 <= moments <= 4:
+    if moments is not None and (isinstance(moments, bool) or not isinstance(moments, (int, np.integer))
+                                or not 2 <= moments <= 4):
         raise InputError(f"moments must be 2, 3 or 4, not {moments!r}")
     transport = InProcessTransport(make_sites(data, site, min_group), on_round=on_round)
     options = FitOptions(nagq=nagq, reml=bool(reml), curvature=curvature, newton=newton or NewtonConfig())
@@ -91,7 +93,7 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
     from .methods.oneshot import fit_hybrid, fit_oneshot
 
     run = fit_hybrid if method == "hybrid" else fit_oneshot
-    return run(transport, formula, fam, options, order=int(moments))
+    return run(transport, formula, fam, options, order=None if moments is None else int(moments))
 
 
 def fit_summaries(summaries, formula: str, family: str = "gaussian", link: str | None = None, nagq: int = 1,

@@ -149,10 +149,12 @@ def fit(
         "--site-column", "-s", show_default=False,
         help="Column of the (single) data file naming each row's site.")] = None,
     method: Annotated[str, typer.Option(
-        "--method", help="iterative (exact Newton rounds), hybrid (one round of summaries, then exact Newton "
-                         "rounds), or oneshot (one round; exact for gaussian, pseudo-data otherwise).")] = "iterative",
-    moments: Annotated[int, typer.Option(
-        "--moments", min=2, max=4, help="Order K of the per-group moments for one-shot binomial/poisson fits.")] = 4,
+        "--method", help="hybrid (one round of summaries, then exact Newton rounds; the default), iterative "
+                         "(exact Newton rounds), or oneshot (one round; exact for gaussian, pseudo-data "
+                         "otherwise).")] = "hybrid",
+    moments: Annotated[Optional[int], typer.Option(
+        "--moments", min=2, max=4, show_default=False,
+        help="Order K of the per-group moments for one-shot binomial/poisson fits (default 4; hybrid: 2).")] = None,
     min_group: Annotated[int, typer.Option(
         "--min-group", min=1, help="Smallest group whose own summaries a site sends (one-shot, hybrid).")] = 10,
     summaries: Annotated[Optional[List[Path]], typer.Option(
@@ -278,7 +280,7 @@ def _stderr_is_terminal() -> bool:
 
 
 def _run_fit(formula, sites, *, family, link, nagq, reml, quiet, label="fitting", curvature="observed",
-             method="iterative", moments=4, min_group=10):
+             method="hybrid", moments=None, min_group=10):
     from .api import fit as api_fit
 
     with warnings.catch_warnings(record=True) as caught:

@@ -148,6 +148,10 @@ def optimize(transport, st: Setup, family: Family, options: FitOptions, start=No
     scale: (γ, θ̃) for GLMMs, θ̃ for gaussian models); ``first_extra`` rides on the first request."""
     if family.name == "gaussian":
         return _fit_lmm(transport, st.scale, st.mask, options, start, first_extra)
+    if start is not None and isinstance(start[0], tuple):
+        # several candidate starts (γ, θ̃), all evaluated in the first round; the best one is kept
+        (gamma0, theta0), others = start[0], [np.concatenate(s) for s in start[1:]]
+        return _fit_glmm(transport, st.scale, st.mask, gamma0, theta0, options, first_extra, others)
     gamma0, theta0 = start if start is not None else start_values(st, family)
     return _fit_glmm(transport, st.scale, st.mask, gamma0, theta0, options, first_extra)
 
@@ -331,7 +335,7 @@ def _round(transport, xs, final, scale, keys, extra=None, first=None):
     return [_sum_replies(pp, keys) for pp in per_point], rep
 
 
-def _fit_glmm(transport, scale, mask, gamma0, theta0, options, first_extra=None):
+def _fit_glmm(transport, scale, mask, gamma0, theta0, options, first_extra=None, starts=None):
     p = len(gamma0)
     keys = ["value", "grad", "hess"]
     first = dict(first_extra or {})
@@ -340,8 +344,9 @@ def _fit_glmm(transport, scale, mask, gamma0, theta0, options, first_extra=None)
         sums, rep = _round(transport, xs, final, scale, keys, first=first)
         return [(-float(s["value"]), -s["grad"], -s["hess"]) for s in sums], (rep, sums[0])
 
-    # the first round also tries the start covariance halved and doubled (local work, no extra round)
-    starts = [np.concatenate([gamma0, f * theta0]) for f in (np.sqrt(0.5), np.sqrt(2.0))] if len(theta0) else []
+    if starts is None:
+        # the first round also tries the start covariance halved and doubled (local work, no extra round)
+        starts = [np.concatenate([gamma0, f * theta0]) for f in (np.sqrt(0.5), np.sqrt(2.0))] if len(theta0) else []
     opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts)
     phi, (final, s) = _run(opt, evaluate, lambda x: np.r_[x[:p], _canonical_theta(x[p:], mask)])
     info = -s["hess"]

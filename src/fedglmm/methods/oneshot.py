@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from math import comb
 
 import numpy as np
 import pandas as pd
@@ -38,10 +39,12 @@ from ..protocol import request
 from ..site import Site, start_sums
 from ..spec import Design, Schema
 from ..transport import InProcessTransport
-from .iterative import FitOptions, _check_options, make_result, make_setup, optimize, setup_request
+from .iterative import (FitOptions, _check_options, make_result, make_setup, optimize, setup_request,
+                        start_values)
 
 SENTINEL = "\x00"          # a reference level no row has: every real level gets its own column
 DEFAULT_ORDER = 4
+HYBRID_ORDER = 2           # the hybrid needs only a start: means and covariances reveal the least
 
 # the axes of each summed quantity: x = fixed-effect column, z = random-effect column, g = group
 SUM_AXES = {"colsum": "x", "colsq": "x", "xtx": "xx", "ztz": "zz",
@@ -78,28 +81,37 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
            "theta_mask": np.asarray(d.theta_mask), "sums": sums, "groups": None, "refused": None}
     starts = d.starts if q else np.zeros(1, dtype=np.int64)
     levels = list(d.group_levels) if q else ["(all rows)"]
-    sizes = np.diff(np.r_[starts, d.n])
-    small = np.flatnonzero(sizes < min_group)
-    if len(small):
-        i = small[np.argmin(sizes[small])]
-        msg["refused"] = (f"site '{site_id}': {len(small)} group(s) have fewer than {min_group} rows (smallest: "
-                          f"'{levels[i]}' with {sizes[i]}); their own summaries would reveal them, so only "
-                          "site totals are sent: use --method iterative or hybrid")
-        return msg
-    if fam.name != "gaussian" and np.any(d.trials != 1.0):
-        msg["refused"] = (f"site '{site_id}': one-shot summaries of cbind(successes, failures) outcomes are not "
-                          "supported; use --method iterative or hybrid")
-        return msg
-    msg["groups"] = _gaussian_blocks(d, starts, levels) if fam.name == "gaussian" else \
-        _moment_blocks(d, starts, levels, order, fam)
+    # a group's size counts its observations: rows, or trials for cbind(successes, failures) outcomes
+    weight = d.trials if fam.name == "binomial" else np.ones(d.n)
+    sizes = np.add.reduceat(weight, starts)
+    need = float(min_group)
+    if fam.name != "gaussian":
+        # moments up to order K of d variables are C(d + K, K) equations; a group with fewer values than
+        # that is pinned down by them (its rows can be recovered), so a group needs twice as many
+        nvar = len(moment_variables(d)[0])
+        need = max(need, np.ceil(2.0 * comb(nvar + order, order) / nvar))
+    small = sizes < need
+    if small.any():
+        i = np.flatnonzero(small)[np.argmin(sizes[small])]
+        why = "" if need == min_group else (f" (moments up to order {order} of {nvar} variables need groups of "
+                                             f"at least {need:g}" + ("; a lower --moments needs fewer)" if order > 2
+                                                                     else ")"))
+        msg["refused"] = (f"site '{site_id}': {int(small.sum())} group(s) have fewer than {need:g} "
+                          f"observations (smallest: '{levels[i]}' with {sizes[i]:g}){why}; their own summaries "
+                          "would reveal them and are not sent (a one-shot fit needs every group: use --method "
+                          "hybrid or iterative)")
+    keep = ~small
+    if keep.any():
+        msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
+            _moment_blocks(d, starts, levels, keep, order)
     return msg
 
 
-def _gaussian_blocks(d: Design, starts, levels) -> dict:
+def _gaussian_blocks(d: Design, starts, levels, keep) -> dict:
     y = d.y - d.offset
     X, Z = d.X, d.Z
-    red = lambda a: np.add.reduceat(a, starts, axis=0)   # noqa: E731
-    return {"levels": levels, "n": np.diff(np.r_[starts, d.n]).astype(float),
+    red = lambda a: np.add.reduceat(a, starts, axis=0)[keep]   # noqa: E731
+    return {"levels": [lv for lv, k in zip(levels, keep) if k], "n": np.diff(np.r_[starts, d.n])[keep].astype(float),
             "XtX": red(X[:, :, None] * X[:, None, :]), "Xty": red(X * y[:, None]), "yty": red(y * y),
             "ZtX": red(Z[:, :, None] * X[:, None, :]), "ZtZ": red(Z[:, :, None] * Z[:, None, :]),
             "Zty": red(Z * y[:, None])}
@@ -120,14 +132,26 @@ def moment_variables(d: Design) -> tuple[list[str], np.ndarray]:
     return names, np.column_stack(cols)
 
 
-def _moment_blocks(d: Design, starts, levels, order: int, fam: Family) -> dict:
+def _moment_blocks(d: Design, starts, levels, keep, order: int) -> dict:
+    """Per group: the number of observations and the moment sums of (outcome, covariates, offset).
+
+    A cbind(successes, failures) row stands for its trials as Bernoulli observations (``y`` ones and
+    ``m − y`` zeros with the row's covariates): the moments are those of that expanded data, whose
+    likelihood is the binomial one up to a constant."""
     from ..pseudodata import monomials
 
     names, V = moment_variables(d)
     expo = monomials(V.shape[1], order)
-    rows = np.prod(V[:, None, :] ** expo[None, :, :], axis=2)                # (n, M)
-    return {"levels": levels, "n": np.diff(np.r_[starts, d.n]).astype(float), "variables": names,
-            "moments": np.add.reduceat(rows, starts, axis=0)}
+    xpart = np.prod(V[:, None, 1:] ** expo[None, :, 1:], axis=2)                   # (n, M) without y
+    with_y = expo[:, 0] > 0
+    if np.all(d.trials == 1.0):
+        rows = xpart * np.where(with_y, V[:, [0]], 1.0)
+        count = np.ones(d.n)
+    else:
+        rows = xpart * np.where(with_y, d.y[:, None], d.trials[:, None])          # Σ over expanded rows
+        count = d.trials
+    return {"levels": [lv for lv, k in zip(levels, keep) if k], "n": np.add.reduceat(count, starts)[keep],
+            "variables": names, "moments": np.add.reduceat(rows, starts, axis=0)[keep]}
 
 
 # --- readable files -------------------------------------------------------------------------------
@@ -169,9 +193,10 @@ def _describe_blocks(msg: dict) -> dict:
         "x_names": "fixed-effect design columns, in this site's coding (each factor level present here has "
                    "its own column)",
     }
-    if msg.get("refused"):
+    if msg.get("groups") is None:
         about["groups"] = "none: " + msg["refused"]
-    elif msg["family"] == "gaussian":
+        return about
+    if msg["family"] == "gaussian":
         about["groups"] = ("per group (labels in 'levels'): n, XᵀX, Xᵀy, yᵀy, ZᵀX, ZᵀZ, Zᵀy over the group's "
                            f"rows; {len(msg['groups']['levels'])} groups, smallest "
                            f"{int(np.min(msg['groups']['n']))} rows")
@@ -179,7 +204,9 @@ def _describe_blocks(msg: dict) -> dict:
         about["groups"] = (f"per group: n and the sums over its rows of every product of up to "
                            f"{msg['order']} of the variables {msg['groups']['variables']} (monomials in the "
                            f"order of fedglmm.pseudodata.monomials); {len(msg['groups']['levels'])} groups, "
-                           f"smallest {int(np.min(msg['groups']['n']))} rows")
+                           f"smallest {int(np.min(msg['groups']['n']))} observations")
+    if msg.get("refused"):
+        about["groups"] += "; not sent: " + msg["refused"]
     return about
 
 
@@ -241,20 +268,21 @@ def merge_messages(messages: dict, formula: str, family: Family) -> Merged:
     names, znames, mask = global_names(spec, schema, family)
     setup, blocks, refused = {}, {}, []
     for sid, m in messages.items():
-        xmap = np.array([m["x_names"].index(nm) if nm in m["x_names"] else -1 for nm in names])
-        zmap = np.array([m["z_names"].index(nm) if nm in m["z_names"] else -1 for nm in znames])
+        xmap = np.array([m["x_names"].index(nm) if nm in m["x_names"] else -1 for nm in names], dtype=np.int64)
+        zmap = np.array([m["z_names"].index(nm) if nm in m["z_names"] else -1 for nm in znames], dtype=np.int64)
         sums = {k: _remap(v, SUM_AXES[k], xmap, zmap) for k, v in m["sums"].items()}
         setup[sid] = {"n": m["n"], "ngroups": m["ngroups"], "x_names": names, "z_names": znames,
                       "theta_mask": mask, **sums}
         if m.get("refused"):
             refused.append(m["refused"])
+        g = m.get("groups")
+        if not g:
             blocks[sid] = None
         elif family.name == "gaussian":
-            g = m["groups"]
             blocks[sid] = {"levels": list(g["levels"]),
                            **{k: _remap(g[k], BLOCK_AXES[k], xmap, zmap) for k in BLOCK_AXES}}
         else:
-            blocks[sid] = dict(m["groups"], x_names=m["x_names"], z_names=m["z_names"])
+            blocks[sid] = dict(g, x_names=m["x_names"], z_names=m["z_names"])
     return Merged(spec, schema, family, names, znames, mask, setup, blocks, refused)
 
 
@@ -318,14 +346,26 @@ class _DesignSite(_VirtualSite):
 
 def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, family: Family, seed: int) -> tuple:
     """Pseudo rows for one site's groups, as a Design in the agreed coding, and the moment diagnostics."""
-    from ..pseudodata import generate, monomials
+    from zlib import crc32
+
+    from ..pseudodata import generate_group, monomials
 
     variables_ = list(block["variables"])
     expo = monomials(len(variables_), _order_of(block, len(variables_)))
-    groups = [{"n": int(n), "target": np.asarray(t, float)} for n, t in zip(block["n"], block["moments"])]
     binary = [0] if family.name == "binomial" else []
     nonneg = [0] if family.name == "poisson" else []
-    V, gidx, diag = generate(groups, expo, binary=binary, nonneg=nonneg, seed=seed)
+    parts, errors = [], []
+    for level, n, target in zip(block["levels"], block["n"], block["moments"]):
+        # each group's stream is seeded by its label: the pseudo rows do not depend on how groups are
+        # spread over sites
+        rng = np.random.default_rng([seed, crc32(str(level).encode())])
+        Vg, err = generate_group(int(round(n)), expo, np.asarray(target, float), binary=binary, nonneg=nonneg,
+                                 rng=rng)
+        parts.append(Vg)
+        errors.append(err)
+    V = np.vstack(parts)
+    gidx = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    diag = {"max_rel_error": float(max(errors)) if errors else 0.0, "per_group": errors}
     col = {v: V[:, k] for k, v in enumerate(variables_)}
     n = V.shape[0]
     X = np.column_stack([np.ones(n) if nm == "Intercept" else col.get(nm, np.zeros(n)) for nm in names])
@@ -352,6 +392,8 @@ def _order_of(block: dict, d: int) -> int:
 def virtual_transport(merged: Merged, messages: dict, seed: int = 0) -> tuple[InProcessTransport, dict]:
     sites, diagnostics = {}, {}
     for sid, m in messages.items():
+        if merged.blocks[sid] is None:
+            continue
         if merged.family.name == "gaussian":
             sites[sid] = _BlockSite(sid, m["description"], merged.setup[sid], merged.blocks[sid], merged.mask)
         else:
@@ -404,31 +446,46 @@ def fit_oneshot(transport, formula: str, family: Family, options: FitOptions = F
 
 def fit_hybrid(transport, formula: str, family: Family, options: FitOptions = FitOptions(),
                order: int | None = None, seed: int = 0):
-    """The one-shot round, then exact Newton rounds on the real sites from its estimate."""
+    """The one-shot round, then exact Newton rounds on the real sites from its estimate.
+
+    The one-shot part only provides the start, so it asks for moments up to order 2 (means and
+    covariances: the least revealing, accepted for the smallest groups) unless ``order`` says otherwise."""
     t0 = time.perf_counter()
+    order = HYBRID_ORDER if order is None else order
     spec = _check_options(formula, family, options)
     replies = transport.broadcast(request("oneshot", formula=formula, family=family.name, link=family.link,
                                           order=order))
     merged = merge_messages(replies, formula, family)
     st = make_setup(spec, merged.schema, merged.setup)
     start = None
-    if not merged.refused:
-        first, _ = _virtual_fit(merged, replies, formula, family, options, seed)
-        if family.name == "gaussian":
+    first = None
+    if any(b is not None for b in merged.blocks.values()):
+        # the one-shot estimate from the groups the sites did send (all of them, unless some were small);
+        # it is only a start, so if it cannot be had the Newton rounds start from the site totals
+        try:
+            first, _ = _virtual_fit(merged, replies, formula, family, options, seed)
+        except (FedGLMMError, np.linalg.LinAlgError, ValueError):
+            first = None
+    if first is not None:
+        if family.name == "gaussian" and not merged.refused:
             # per-group sufficient statistics give the exact fit: nothing is left to iterate
             first.rounds, first.bytes_to_sites = transport.rounds, transport.bytes_to_sites
             first.bytes_from_sites, first.nsites = transport.bytes_from_sites, len(replies)
             first.site_ids, first.seconds = list(replies), time.perf_counter() - t0
             return first
         start = _internal_start(first, st)
-    elif family.name == "gaussian":
-        start = None
+        if family.name == "gaussian":
+            start = start[1]
+        else:
+            # the one-shot estimate and the site-totals start are both tried in the first Newton round
+            start = (start, start_values(st, family))
     core = optimize(transport, st, family, options, start,
                     first_extra={"setup": setup_request(formula, family, options, merged.schema)})
     res = make_result(formula, family, options, st, core, transport, t0)
     if merged.refused:
-        res.messages.append("one-shot summaries were refused (" + merged.refused[0] + "); the Newton rounds "
-                            "started from site totals")
+        res.messages.append("some one-shot summaries were not sent (" + merged.refused[0] + "); the Newton "
+                            "rounds started from " + ("the one-shot fit of the other groups" if start is not None
+                                                      else "site totals"))
     return res
 
 

@@ -1,0 +1,364 @@
+"""The one-shot method's pseudo-data generator: rows whose moment sums up to order K match the targets."""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from fedglmm import pseudodata
+from fedglmm.pseudodata import (PseudoDataWarning, generate, generate_group, moment_sums, monomials,
+                                relative_errors)
+from fedglmm.pseudodata import _generate_group
+
+
+def make_data(n, d, seed, dummy=True):
+    """Binary logistic outcome; normal, uniform, 0/1 dummy and further normal/uniform covariates."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n)
+    u = rng.uniform(-1, 1, n)
+    z = rng.binomial(1, 0.35, n).astype(float) if dummy else rng.normal(size=n)
+    cols = [x, u, z]
+    j = 0
+    while len(cols) < d - 1:
+        cols.append(rng.normal(1, 2, n) if j % 2 == 0 else rng.uniform(0, 3, n))
+        j += 1
+    eta = -0.2 + 0.8 * x - 0.5 * u + 0.7 * z
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-eta))).astype(float)
+    return np.column_stack([y] + cols[:d - 1])
+
+
+def run(X, K, binary=(0,), nonneg=(), seed=0, **kw):
+    expo = monomials(X.shape[1], K)
+    t = moment_sums(X, expo)
+    V, err, info = _generate_group(X.shape[0], expo, t, binary, nonneg, np.random.default_rng(seed),
+                                   kw.get("tol", 1e-9), kw.get("max_tries", 6), kw.get("max_iter", 200),
+                                   kw.get("solver", "lm"))
+    return V, err, info, expo, t
+
+
+def nearest_row_distance(V, X):
+    """For each pseudo row, the distance (max over columns, in SDs of X) to the nearest real row."""
+    sd = X.std(axis=0)
+    sd[sd == 0] = 1.0
+    D = np.abs(V[:, None, :] - X[None, :, :]) / sd
+    return D.max(axis=2).min(axis=1)
+
+
+def plain_rel(S, t, floor):
+    """|S − t| / |t| over the monomials whose |t| is not tiny."""
+    big = np.abs(t) > floor
+    return float(np.max(np.abs(S - t)[big] / np.abs(t[big])))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# monomials and sums
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d", [0, 1, 2, 3, 5, 8])
+@pytest.mark.parametrize("K", [0, 1, 2, 3, 4])
+def test_monomials_count_order_and_uniqueness(d, K):
+    E = monomials(d, K)
+    assert E.shape == (math.comb(d + K, K), d) and E.dtype.kind == "i"
+    deg = E.sum(axis=1)
+    assert np.all(np.diff(deg) >= 0) and (E.size == 0 or deg[0] == 0)
+    assert len({tuple(r) for r in E}) == len(E)
+    for k in range(K + 1):                        # within a degree: descending lexicographic exponents
+        block = [tuple(r) for r in E[deg == k]]
+        assert block == sorted(block, reverse=True)
+        assert len(block) == math.comb(d + k - 1, k) if d else len(block) == (k == 0)
+
+
+def test_monomials_documented_example():
+    got = [tuple(r) for r in monomials(3, 2)]
+    assert got == [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (2, 0, 0), (1, 1, 0), (1, 0, 1),
+                   (0, 2, 0), (0, 1, 1), (0, 0, 2)]
+
+
+def test_moment_sums_matches_naive_loop():
+    rng = np.random.default_rng(1)
+    V = rng.normal(size=(9, 3)) * [1, 2, 0.5] + [0, 1, -1]
+    V[2, 1] = 0.0
+    E = monomials(3, 4)
+    naive = np.array([sum(np.prod([V[i, k] ** e[k] for k in range(3)]) for i in range(9)) for e in E])
+    np.testing.assert_allclose(moment_sums(V, E), naive, rtol=1e-13, atol=1e-13)
+    big = rng.normal(size=(10_000, 2))                         # more rows than one block
+    np.testing.assert_allclose(moment_sums(big, monomials(2, 2)),
+                               [10_000, *big.sum(0), (big[:, 0] ** 2).sum(), (big[:, 0] * big[:, 1]).sum(),
+                                (big[:, 1] ** 2).sum()], rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# K = 2: closed form
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", ["small", 500])
+def test_k2_exact_real_outcome(n):
+    d = 5
+    n = d + 2 if n == "small" else n
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + rng.normal(size=d) * 5
+    expo = monomials(d, 2)
+    t = moment_sums(X, expo)
+    V, err = generate_group(n, expo, t, rng=np.random.default_rng(0))
+    assert V.shape == (n, d) and err <= 1e-10
+    assert plain_rel(moment_sums(V, expo), t, 1e-8 * n) <= 1e-10
+    assert np.max(relative_errors(V, expo, t)) <= 1e-10
+
+
+@pytest.mark.parametrize("n", ["small", 500])
+def test_k2_exact_binary_outcome(n):
+    d = 5
+    n = d + 2 if n == "small" else n
+    X = make_data(n, d, seed=4)
+    expo = monomials(d, 2)
+    t = moment_sums(X, expo)
+    V, err = generate_group(n, expo, t, binary=[0], rng=np.random.default_rng(0))
+    assert err <= 1e-10
+    y = V[:, 0]
+    assert set(np.unique(y)) <= {0.0, 1.0} and y.sum() == X[:, 0].sum()
+    np.testing.assert_allclose(y @ V[:, 1:], X[:, 0] @ X[:, 1:], rtol=1e-10, atol=1e-10 * n)
+    np.testing.assert_allclose(V.T @ V, X.T @ X, rtol=1e-10, atol=1e-10 * n)
+    np.testing.assert_allclose(V.sum(0), X.sum(0), rtol=1e-10, atol=1e-10 * n)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# K = 3, 4: least squares
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d,K,n", [(4, 3, 30), (4, 4, 30), (4, 4, 200), (6, 3, 30), (6, 3, 200),
+                                   (6, 4, 60), (6, 4, 200)])
+@pytest.mark.parametrize("declare_dummy", [False, True])
+def test_higher_order_moments_matched_not_copied(d, K, n, declare_dummy):
+    X = make_data(n, d, seed=10 * d + K + n)
+    V, err, info, expo, t = run(X, K, binary=(0, 3) if declare_dummy else (0,))
+    assert not info["over_determined"]
+    assert err <= 1e-6, info
+    assert np.max(relative_errors(V, expo, t, binary=[0, 3])) <= 1e-6
+    # binaries exact: the outcome, and the dummy (declared, or found by the K = 4 moments)
+    assert set(np.unique(V[:, 0])) <= {0.0, 1.0} and V[:, 0].sum() == X[:, 0].sum()
+    if declare_dummy or K >= 4:
+        assert set(np.unique(V[:, 3])) <= {0.0, 1.0} and V[:, 3].sum() == X[:, 3].sum()
+    # not a copy of the data: pseudo rows are far from every real row
+    assert np.median(nearest_row_distance(V, X)) > 0.02
+    # only K moments are used: degree K + 1 moments (involving a real variable) differ
+    E1 = monomials(d, K + 1)
+    top = (E1.sum(axis=1) == K + 1) & (E1[:, [1, 2] + list(range(4, d))] > 0).any(axis=1)
+    e1 = relative_errors(V, E1[top], moment_sums(X, E1[top]), binary=[0, 3])
+    assert np.max(e1) > 1e-2
+
+
+@pytest.mark.parametrize("d,K", [(4, 3), (4, 4), (6, 3), (6, 4)])
+def test_small_groups_report_honestly(d, K):
+    """n = 12: reported error is the recomputed one; when there are fewer unknowns than moment equations
+    and the match is exact, the 'pseudo' rows are the real rows -- the moments disclose the group."""
+    X = make_data(12, d, seed=5)
+    V, err, info, expo, t = run(X, K)
+    assert err == pytest.approx(np.max(relative_errors(V, expo, t, binary=info["binary"])), rel=1e-6, abs=1e-15)
+    if info["over_determined"] and err <= 1e-9:
+        assert np.max(nearest_row_distance(V, X)) < 1e-6
+    else:
+        assert err <= 1e-6
+
+
+def test_over_determined_group_reproduces_the_real_rows():
+    X = make_data(12, 4, seed=5)
+    V, err, info, _, _ = run(X, 4)
+    assert info["over_determined"] and info["unknowns"] < info["equations"]
+    assert err <= 1e-9
+    assert np.max(nearest_row_distance(V, X)) < 1e-8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# binary, nonneg, structure
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("K,p", [(2, 3), (3, 2), (2, 4), (4, 3)])
+def test_binary_variables_exact_with_their_joint_counts(K, p):
+    rng = np.random.default_rng(7)
+    n = 80
+    B = (rng.uniform(size=(n, p)) < rng.uniform(0.2, 0.7, p)).astype(float)
+    x = rng.normal(size=n) + B[:, 0] - B[:, 1]
+    X = np.column_stack([B, x])
+    V, err, info, expo, t = run(X, K, binary=tuple(range(p)))
+    assert err <= 1e-9 and info["binary"] == list(range(p))
+    U = V[:, :p]
+    assert set(np.unique(U)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(U.sum(0), B.sum(0))
+    np.testing.assert_array_equal(U.T @ U, B.T @ B)              # pairwise joint counts
+
+
+def test_too_many_binaries_are_matched_as_real(monkeypatch):
+    monkeypatch.setattr(pseudodata, "MAX_BINARY", 2)
+    X = make_data(60, 5, seed=8)
+    X[:, 2] = (X[:, 2] > 0).astype(float)
+    expo = monomials(5, 2)
+    t = moment_sums(X, expo)
+    with pytest.warns(PseudoDataWarning, match=r"\[2\]"):
+        V, err = generate_group(60, expo, t, binary=[0, 3, 2], rng=np.random.default_rng(0))
+    assert err <= 1e-10
+    assert set(np.unique(V[:, [0, 3]])) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_nonneg_count_outcome(K):
+    rng = np.random.default_rng(11)
+    n = 60
+    x, w = rng.normal(size=n), rng.exponential(size=n)
+    y = rng.poisson(np.exp(-0.3 + 0.6 * x)).astype(float)
+    X = np.column_stack([y, x, w])
+    expo = monomials(3, K)
+    t = moment_sums(X, expo)
+    V, err = generate_group(n, expo, t, nonneg=[0, 2], rng=np.random.default_rng(0))
+    assert err <= 1e-8
+    assert V[:, 0].min() >= 0 and V[:, 2].min() >= 0
+
+
+def test_k4_keeps_dummies_squares_interactions_and_constants():
+    """With K = 4 the moments force a 0/1 column to be 0/1, age2 to be age², x·z to be the product and a
+    constant to be constant; the generator recognises these and keeps them exactly."""
+    rng = np.random.default_rng(12)
+    n = 200
+    age = rng.normal(50, 10, n)
+    x = rng.normal(size=n)
+    z = rng.binomial(1, 0.4, n).astype(float)
+    dose = np.where(rng.uniform(size=n) < 0.5, 10.0, 20.0)
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-(x + z - 0.02 * (age - 50))))).astype(float)
+    X = np.column_stack([y, age, x, z, age ** 2, x * z, np.full(n, 3.5), dose])
+    t0 = time.perf_counter()
+    V, err, info, expo, t = run(X, 4)
+    elapsed = time.perf_counter() - t0
+    assert err <= 1e-6
+    assert info["binary_detected"] == [3, 7] and info["constant"] == [6] and sorted(info["derived"]) == [4, 5]
+    assert set(np.unique(V[:, 3])) == {0.0, 1.0}
+    assert set(np.unique(V[:, 7])) == {10.0, 20.0}
+    np.testing.assert_allclose(V[:, 4], V[:, 1] ** 2, rtol=1e-8)
+    np.testing.assert_allclose(V[:, 5], V[:, 2] * V[:, 3], atol=1e-8)
+    assert np.all(V[:, 6] == 3.5)
+    assert elapsed < 10
+
+
+def test_scipy_least_squares_solver_gives_the_same_match():
+    X = make_data(40, 4, seed=13)
+    for solver in ("lm", "scipy"):
+        V, err, info, expo, t = run(X, 3, solver=solver)
+        assert err <= 1e-8, solver
+
+
+def test_subset_of_monomials_and_edge_groups():
+    X = make_data(50, 4, seed=14)
+    expo = np.vstack([monomials(4, 2), [[1, 1, 1, 0], [1, 0, 0, 3], [0, 0, 4, 0]]])    # not closed
+    t = moment_sums(X, expo)
+    V, err = generate_group(50, expo, t, binary=[0], rng=np.random.default_rng(0))
+    assert err <= 1e-9
+    expo4 = monomials(4, 4)
+    V0, err0 = generate_group(0, expo4, np.zeros(len(expo4)), rng=np.random.default_rng(0))
+    assert V0.shape == (0, 4) and err0 == 0.0
+    V1, err1 = generate_group(1, expo4, moment_sums(X[:1], expo4), binary=[0], rng=np.random.default_rng(0))
+    np.testing.assert_allclose(V1, X[:1], rtol=1e-12)
+    assert err1 <= 1e-12
+
+
+def test_input_validation():
+    expo = monomials(3, 3)
+    t = np.ones(len(expo))
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="degree ≤ 2"):
+        generate_group(5, expo[expo.sum(1) != 2], t[expo.sum(1) != 2], rng=rng)
+    with pytest.raises(ValueError, match="length"):
+        generate_group(5, expo, t[:-1], rng=rng)
+    with pytest.raises(ValueError, match="out of range"):
+        generate_group(5, expo, t, binary=[3], rng=rng)
+    with pytest.raises(ValueError, match="repeated"):
+        generate_group(5, np.vstack([expo, expo[:1]]), np.ones(len(expo) + 1), rng=rng)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# several groups
+# ---------------------------------------------------------------------------------------------------------
+
+def test_generate_stacks_groups_deterministically():
+    expo = monomials(4, 3)
+    data = [make_data(n, 4, seed=20 + n) for n in (25, 40, 60)]
+    groups = [{"n": len(X), "target": moment_sums(X, expo)} for X in data]
+    V, g, diag = generate(groups, expo, binary=[0], seed=7)
+    assert V.shape == (125, 4) and np.array_equal(g, np.repeat([0, 1, 2], [25, 40, 60]))
+    assert diag["max_rel_error"] <= 1e-8 and len(diag["per_group"]) == 3
+    assert diag["max_rel_error"] == max(p["max_rel_error"] for p in diag["per_group"])
+    for i, X in enumerate(data):
+        assert np.max(relative_errors(V[g == i], expo, groups[i]["target"], binary=[0])) <= 1e-8
+    V2, g2, _ = generate(groups, expo, binary=[0], seed=7)
+    assert np.array_equal(V, V2) and np.array_equal(g, g2)
+    V3, _, _ = generate(groups, expo, binary=[0], seed=8)
+    assert not np.allclose(V, V3)
+    V4, g4, _ = generate(groups[:2], expo, binary=[0], seed=7)       # a group does not depend on later ones
+    assert np.array_equal(V4, V[g < 2])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# downstream: a logistic regression on the pseudo data
+# ---------------------------------------------------------------------------------------------------------
+
+def logistic_fit(X, y):
+    """Newton-Raphson for y ~ 1 + X (binomial, logit): coefficients and standard errors."""
+    A = np.column_stack([np.ones(len(y)), X])
+    b = np.zeros(A.shape[1])
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-A @ b))
+        H = A.T @ (A * (p * (1 - p))[:, None])
+        step = np.linalg.solve(H, A.T @ (y - p))
+        b += step
+        if np.max(np.abs(step)) < 1e-12:
+            break
+    p = 1 / (1 + np.exp(-A @ b))
+    H = A.T @ (A * (p * (1 - p))[:, None])
+    return b, np.sqrt(np.diag(np.linalg.inv(H)))
+
+
+def real_looking_data(seed, n=300):
+    rng = np.random.default_rng(seed)
+    age = rng.normal(50, 10, n)
+    bmi = rng.gamma(8, 3.5, n)
+    sex = rng.binomial(1, 0.5, n).astype(float)
+    u = rng.uniform(0, 1, n)
+    eta = -4 + 0.06 * age + 0.05 * (bmi - 28) + 0.6 * sex - 1.0 * u
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(-eta))).astype(float)
+    return np.column_stack([y, age, bmi, sex, u])
+
+
+def glm_discrepancy(seed, K):
+    """max_j |β̂_j(pseudo) − β̂_j(real)| / SE_j(real) for a logistic regression on 4 covariates."""
+    X = real_looking_data(seed)
+    b0, se = logistic_fit(X[:, 1:], X[:, 0])
+    expo = monomials(5, K)
+    V, err = generate_group(len(X), expo, moment_sums(X, expo), binary=[0], rng=np.random.default_rng(seed))
+    assert err <= 1e-8
+    b, _ = logistic_fit(V[:, 1:], V[:, 0])
+    return float(np.max(np.abs(b - b0) / se))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_logistic_regression_on_k4_pseudo_data_is_close_to_the_real_fit(seed):
+    gaps = {K: glm_discrepancy(seed, K) for K in (2, 3, 4)}
+    assert gaps[4] <= 0.2, gaps
+
+
+# ---------------------------------------------------------------------------------------------------------
+# speed
+# ---------------------------------------------------------------------------------------------------------
+
+def test_speed_200_rows_8_variables_k4():
+    rng = np.random.default_rng(30)
+    n = 200
+    X = np.column_stack([rng.binomial(1, 0.4, n), rng.normal(size=(n, 4)), rng.uniform(size=(n, 2)),
+                         rng.gamma(2.0, size=n)])
+    expo = monomials(8, 4)
+    t = moment_sums(X, expo)
+    best = np.inf
+    for _ in range(2):
+        t0 = time.perf_counter()
+        V, err = generate_group(n, expo, t, binary=[0], rng=np.random.default_rng(0))
+        best = min(best, time.perf_counter() - t0)
+    assert err <= 1e-9
+    assert best < 3.0           # typically 0.2-0.3 s; generous for loaded machines
