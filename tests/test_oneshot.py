@@ -159,3 +159,32 @@ def test_pseudo_data_oneshot_is_close_to_the_exact_fit(order):
     assert one.rounds == 1 and dist < {2: 0.5, 3: 0.3, 4: 0.2}[order], dist
     hybrid = fedglmm.fit("y ~ x + z + (1 | g)", sites, family="binomial", method="hybrid")
     assert hybrid.rounds <= 4 and np.allclose(hybrid.fixef, exact.fixef, atol=1e-8)
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_shared_moments_are_the_moments_of_the_rows(order):
+    """Counts are not 0/1: y² and y³ moments must be the counts' own (a direct computation)."""
+    from fedglmm.pseudodata import moment_sums, monomials
+
+    df = pd.read_csv(DATA / "grouseticks.csv")
+    msg = summarize(df, "TICKS ~ YEAR + HEIGHT + (1 | LOCATION)", "poisson", None, "A", order=order,
+                    min_group=1, guard=False)
+    expo = monomials(3, order)
+    g = msg["groups"]
+    for level, row in zip(g["levels"][:10], g["moments"][:10]):
+        rows = df[df.LOCATION.astype(str) == level]
+        V = rows[["TICKS", "YEAR", "HEIGHT"]].to_numpy(float)
+        assert np.allclose(row, moment_sums(V, expo), rtol=1e-12)
+
+
+def test_poisson_oneshot_on_badly_scaled_covariates():
+    """grouseticks: YEAR ≈ 96 and HEIGHT ≈ 460 (fourth powers ~1e10) — generated on a standard scale."""
+    df = pd.read_csv(DATA / "grouseticks.csv")
+    formula = "TICKS ~ YEAR + HEIGHT + (1 | LOCATION)"
+    exact = fedglmm.fit(formula, df, family="poisson", method="iterative")
+    from fedglmm.methods.iterative import FitOptions
+    from fedglmm.methods.oneshot import fit_from_messages
+
+    msg = {"A": summarize(df, formula, "poisson", None, "A", order=4, min_group=1, guard=False)}
+    one = fit_from_messages(msg, formula, fedglmm.get_family("poisson"), FitOptions())
+    assert np.max(np.abs(one.fixef - exact.fixef) / exact.se) < 0.05

@@ -64,8 +64,11 @@ def _local_schema(desc: dict, spec) -> Schema:
 
 
 def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, site_id: str,
-              order: int | None = None, min_group: int = 10) -> dict:
-    """The site's one message (arrays as numpy; :func:`to_jsonable` makes the readable file)."""
+              order: int | None = None, min_group: int = 10, guard: bool = True) -> dict:
+    """The site's one message (arrays as numpy; :func:`to_jsonable` makes the readable file).
+
+    ``guard=False`` drops the rule that keeps the moments of groups they would pin down (for accuracy
+    studies on public data only; the command line has no such switch)."""
     spec = parse_formula(formula)
     fam = get_family(family, link)
     desc = describe_frame(frame, spec, site_id)
@@ -85,7 +88,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     weight = d.trials if fam.name == "binomial" else np.ones(d.n)
     sizes = np.add.reduceat(weight, starts)
     need = float(min_group)
-    if fam.name != "gaussian":
+    if fam.name != "gaussian" and guard:
         # moments up to order K of d variables are C(d + K, K) equations; a group with fewer values than
         # that is pinned down by them (its rows can be recovered), so a group needs twice as many
         nvar = len(moment_variables(d)[0])
@@ -145,7 +148,7 @@ def _moment_blocks(d: Design, starts, levels, keep, order: int) -> dict:
     xpart = np.prod(V[:, None, 1:] ** expo[None, :, 1:], axis=2)                   # (n, M) without y
     with_y = expo[:, 0] > 0
     if np.all(d.trials == 1.0):
-        rows = xpart * np.where(with_y, V[:, [0]], 1.0)
+        rows = xpart * V[:, [0]] ** expo[None, :, 0]
         count = np.ones(d.n)
     else:
         rows = xpart * np.where(with_y, d.y[:, None], d.trials[:, None])          # Σ over expanded rows
@@ -354,8 +357,11 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
     expo = monomials(len(variables_), _order_of(block, len(variables_)))
     binary = [0] if family.name == "binomial" else []
     nonneg = [0] if family.name == "poisson" else []
+    # generate on a standard scale: moments of (v − c)/s are a fixed linear map of the raw ones
+    c, sc = _standardisation(block, expo, keep=[0] if family.name != "gaussian" else [])
+    T = _shift_matrix(expo, c, sc)
     parts, errors = [], []
-    for level, n, target in zip(block["levels"], block["n"], block["moments"]):
+    for level, n, target in zip(block["levels"], block["n"], np.asarray(block["moments"], float) @ T.T):
         # each group's stream is seeded by its label: the pseudo rows do not depend on how groups are
         # spread over sites
         rng = np.random.default_rng([seed, crc32(str(level).encode())])
@@ -363,7 +369,7 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
                                  rng=rng)
         parts.append(Vg)
         errors.append(err)
-    V = np.vstack(parts)
+    V = np.vstack(parts) * sc + c
     gidx = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     diag = {"max_rel_error": float(max(errors)) if errors else 0.0, "per_group": errors}
     col = {v: V[:, k] for k, v in enumerate(variables_)}
@@ -376,6 +382,38 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
                     group=gidx.astype(np.int64), group_levels=list(block["levels"]), x_names=list(names),
                     z_names=list(znames), theta_mask=mask)
     return design, diag
+
+
+def _standardisation(block: dict, expo: np.ndarray, keep=()) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and scale of each variable from the site's pooled first and second moments (variables in
+    ``keep``, the outcome, stay as they are: 0/1 or counts)."""
+    tot = np.asarray(block["moments"], float).sum(axis=0)
+    d = expo.shape[1]
+    n = tot[0]
+    c, sc = np.zeros(d), np.ones(d)
+    for k in range(d):
+        if k in keep:
+            continue
+        e1 = np.zeros(d, dtype=expo.dtype)
+        e1[k] = 1
+        i1 = int(np.flatnonzero((expo == e1).all(axis=1))[0])
+        i2 = int(np.flatnonzero((expo == 2 * e1).all(axis=1))[0])
+        c[k] = tot[i1] / n
+        var = tot[i2] / n - c[k] ** 2
+        sc[k] = np.sqrt(var) if var > 1e-12 * max(1.0, c[k] ** 2) else 1.0
+    return c, sc
+
+
+def _shift_matrix(expo: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """T with T @ raw = moments of (v − c)/s: Σ Π((v_k − c_k)/s_k)^{e_k} expands over sub-monomials j ≤ e
+    with weights Π_k C(e_k, j_k) (−c_k)^{e_k − j_k} / s_k^{e_k}."""
+    from scipy.special import comb as binom
+
+    E = expo[:, None, :]
+    J = expo[None, :, :]
+    below = np.all(J <= E, axis=2)
+    w = np.prod(binom(E, J) * np.where(E - J > 0, (-c) ** np.maximum(E - J, 0), 1.0), axis=2)
+    return np.where(below, w, 0.0) / np.prod(s ** expo, axis=1)[:, None]
 
 
 def _order_of(block: dict, d: int) -> int:
