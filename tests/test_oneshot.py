@@ -188,3 +188,30 @@ def test_poisson_oneshot_on_badly_scaled_covariates():
     msg = {"A": summarize(df, formula, "poisson", None, "A", order=4, min_group=1, guard=False)}
     one = fit_from_messages(msg, formula, fedglmm.get_family("poisson"), FitOptions())
     assert np.max(np.abs(one.fixef - exact.fixef) / exact.se) < 0.05
+
+
+def test_cli_summarize_then_fit_from_files(tmp_path):
+    """The data steward's route: 'fedglmm summarize' at each site, 'fit --summaries a.json b.json' at the
+    coordinator; equals --method oneshot on the data files."""
+    from typer.testing import CliRunner
+
+    from fedglmm.cli import app
+
+    df = pd.read_csv(DATA / "sleepstudy.csv")
+    files = []
+    for name, part in (("a", df[df.Subject < 340]), ("b", df[df.Subject >= 340])):
+        part.to_csv(tmp_path / f"{name}.csv", index=False)
+        files.append(tmp_path / f"{name}.csv")
+    formula = "Reaction ~ Days + (Days | Subject)"
+    runner = CliRunner()
+    for f in files:
+        out = runner.invoke(app, ["summarize", "-f", formula, str(f), "-o", str(f.with_suffix(".json"))])
+        assert out.exit_code == 0, out.output
+    a = runner.invoke(app, ["fit", "-f", formula, "--json", "-", "--summaries",
+                            str(files[0].with_suffix(".json")), str(files[1].with_suffix(".json"))])
+    b = runner.invoke(app, ["fit", "-f", formula, "--json", "-", "--method", "oneshot", *map(str, files)])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    ja, jb = json.loads(a.stdout), json.loads(b.stdout)
+    assert ja["nsites"] == 2 and ja["rounds"] == 1
+    for k in ja["fixef"]:
+        assert abs(ja["fixef"][k] - jb["fixef"][k]) < 1e-10 and abs(ja["se"][k] - jb["se"][k]) < 1e-10

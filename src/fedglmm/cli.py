@@ -177,11 +177,10 @@ def fit(
     _check_json_target(ctx, json_out)
     data = list(data or [])
     if summaries:
-        if data:
-            raise UsageError("give data files or --summaries, not both", ctx=ctx)
+        # '--summaries a.json b.json': the option takes the first file, the rest arrive as arguments
         from .api import fit_summaries
 
-        res = fit_summaries(summaries, formula, family=family, link=link, nagq=nagq, reml=reml,
+        res = fit_summaries(list(summaries) + data, formula, family=family, link=link, nagq=nagq, reml=reml,
                             curvature=curvature)
         _emit(res, json_out, quiet)
         return
