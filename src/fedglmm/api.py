@@ -52,7 +52,7 @@ def make_sites(data, site: str | None = None, min_group: int = 10) -> dict[str, 
 
 def fit(formula: str, data, family: str = "gaussian", link: str | None = None, nagq: int = 1,
         reml: bool = True, site: str | None = None, method: str = "hybrid", curvature: str = "observed",
-        moments: int | None = None, min_group: int = 10, on_round: Callable[[int, str], None] | None = None,
+        moments: int | None = None, min_group: int = 10, penalty: float = 0.0, on_round: Callable[[int, str], None] | None = None,
         newton: NewtonConfig | None = None) -> FitResult:
     """Fit a (generalised) linear mixed model federated over sites.
 
@@ -70,6 +70,8 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
     moments : the order K (2, 3 or 4) of the moments shared per group for binomial/poisson one-shot fits
         (default 4; the hybrid asks for 2: it needs only a start).
     min_group : a site's smallest group whose own summaries it sends (one-shot and hybrid).
+    penalty : λ ≥ 0 of an L2 penalty λ‖β‖² on the fixed effects but the intercept (binomial, poisson),
+        applied by the coordinator; the sites' sums are the same.
     curvature : the curvature in the Laplace / AGHQ determinant and node scaling for non-canonical links
         (probit, cloglog): ``observed`` (default, the exact Laplace approximation, as glmmTMB) or
         ``expected`` (Fisher weights, lme4's glmer).  Canonical links give the same either way.
@@ -87,7 +89,12 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
                                 or not 2 <= moments <= 4):
         raise InputError(f"moments must be 2, 3 or 4, not {moments!r}")
     transport = InProcessTransport(make_sites(data, site, min_group), on_round=on_round)
-    options = FitOptions(nagq=nagq, reml=bool(reml), curvature=curvature, newton=newton or NewtonConfig())
+    try:
+        penalty = float(penalty)
+    except (TypeError, ValueError):
+        raise InputError(f"the penalty must be a number, not {penalty!r}") from None
+    options = FitOptions(nagq=nagq, reml=bool(reml), curvature=curvature, penalty=penalty,
+                         newton=newton or NewtonConfig())
     if method == "iterative":
         return fit_iterative(transport, formula, fam, options)
     from .methods.oneshot import fit_hybrid, fit_oneshot

@@ -163,6 +163,9 @@ def fit(
     curvature: Annotated[str, typer.Option(
         "--curvature", help="probit/cloglog only: 'observed' (exact Laplace, as glmmTMB) or 'expected' "
                             "(Fisher weights, as lme4's glmer).")] = "observed",
+    penalty: Annotated[float, typer.Option(
+        "--penalty", min=0.0, help="λ of an L2 penalty λ‖β‖² on the fixed effects but the intercept "
+                                   "(binomial, poisson).")] = 0.0,
     json_out: JsonOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
@@ -193,7 +196,7 @@ def fit(
 
     sites = load_sites(data, site_column)
     res = _run_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, quiet=quiet,
-                   curvature=curvature, method=method, moments=moments, min_group=min_group)
+                   curvature=curvature, method=method, moments=moments, min_group=min_group, penalty=penalty)
     _emit(res, json_out, quiet)
 
 
@@ -279,14 +282,15 @@ def _stderr_is_terminal() -> bool:
 
 
 def _run_fit(formula, sites, *, family, link, nagq, reml, quiet, label="fitting", curvature="observed",
-             method="hybrid", moments=None, min_group=10):
+             method="hybrid", moments=None, min_group=10, penalty=0.0):
     from .api import fit as api_fit
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _progress(quiet, label) as on_round:
             res = api_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, on_round=on_round,
-                          curvature=curvature, method=method, moments=moments, min_group=min_group)
+                          curvature=curvature, method=method, moments=moments, min_group=min_group,
+                          penalty=penalty)
     if not quiet:
         shown = set()
         for w in caught:

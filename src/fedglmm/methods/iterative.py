@@ -39,6 +39,7 @@ class FitOptions:
     nagq: int = 1
     reml: bool = True
     curvature: str = "observed"
+    penalty: float = 0.0        # λ of an L2 penalty λ‖β‖² on the fixed effects but the intercept
     newton: NewtonConfig = NewtonConfig()
 
 
@@ -151,9 +152,9 @@ def optimize(transport, st: Setup, family: Family, options: FitOptions, start=No
     if start is not None and isinstance(start[0], tuple):
         # several candidate starts (γ, θ̃), all evaluated in the first round; the best one is kept
         (gamma0, theta0), others = start[0], [np.concatenate(s) for s in start[1:]]
-        return _fit_glmm(transport, st.scale, st.mask, gamma0, theta0, options, first_extra, others)
+        return _fit_glmm(transport, st.scale, st.mask, gamma0, theta0, options, first_extra, others, st.names)
     gamma0, theta0 = start if start is not None else start_values(st, family)
-    return _fit_glmm(transport, st.scale, st.mask, gamma0, theta0, options, first_extra)
+    return _fit_glmm(transport, st.scale, st.mask, gamma0, theta0, options, first_extra, names=st.names)
 
 
 def fit_iterative(transport, formula: str, family: Family, options: FitOptions = FitOptions()) -> FitResult:
@@ -168,6 +169,10 @@ def fit_iterative(transport, formula: str, family: Family, options: FitOptions =
 
 def _check_options(formula: str, family: Family, options: FitOptions) -> ModelSpec:
     spec = parse_formula(formula)
+    if options.penalty < 0 or not np.isfinite(options.penalty):
+        raise InputError(f"the penalty must be a non-negative number, not {options.penalty}")
+    if options.penalty and family.name == "gaussian":
+        raise InputError("the L2 penalty is available for binomial and poisson models")
     if family.name == "gaussian" and options.nagq > 1:
         raise InputError("nagq applies to binomial and poisson models; gaussian likelihoods are exact")
     if spec.random == () and options.nagq > 1:
@@ -204,6 +209,11 @@ def make_result(formula, family, options, st: Setup, core: dict, transport, t0, 
     if method is None:
         method = ("REML" if options.reml else "ML") if family.name == "gaussian" else \
             ("GLM" if not q else ("Laplace" if options.nagq == 1 else f"AGHQ({options.nagq})"))
+    if options.penalty:
+        method += f", L2 penalty {options.penalty:g}"
+        core["messages"].append(f"estimates maximise logLik − {options.penalty:g}·‖β‖² (intercept not penalised); "
+                                "logLik is reported without the penalty, standard errors from the penalised "
+                                "information")
     n_params = p + int(mask.sum()) + (1 if family.name == "gaussian" else 0)
     return FitResult(
         formula=formula, family=family, method=method, nagq=options.nagq,
@@ -335,14 +345,34 @@ def _round(transport, xs, final, scale, keys, extra=None, first=None):
     return [_sum_replies(pp, keys) for pp in per_point], rep
 
 
-def _fit_glmm(transport, scale, mask, gamma0, theta0, options, first_extra=None, starts=None):
+def _penalty_matrix(scale: dict, names: list | None, p: int, lam: float) -> np.ndarray:
+    """λ AᵀDA: the penalty λ‖β‖² (intercept excluded, user's scale) as a quadratic form in γ (β = Aγ)."""
+    A = scale["transform"]
+    D = np.eye(p)
+    if names is not None and "Intercept" in names:
+        D[names.index("Intercept"), names.index("Intercept")] = 0.0
+    return lam * A.T @ D @ A
+
+
+def _fit_glmm(transport, scale, mask, gamma0, theta0, options, first_extra=None, starts=None, names=None):
     p = len(gamma0)
     keys = ["value", "grad", "hess"]
     first = dict(first_extra or {})
+    P = _penalty_matrix(scale, names, p, options.penalty) if options.penalty else None
+
+    def penalised(x, f, g, H):
+        """The coordinator's objective: −ℓ plus the penalty (the sites never see λ)."""
+        if P is None:
+            return f, g, H
+        gam = x[:p]
+        g, H = g.copy(), H.copy()
+        g[:p] += 2.0 * P @ gam
+        H[:p, :p] += 2.0 * P
+        return f + gam @ P @ gam, g, H
 
     def evaluate(xs, final):
         sums, rep = _round(transport, xs, final, scale, keys, first=first)
-        return [(-float(s["value"]), -s["grad"], -s["hess"]) for s in sums], (rep, sums[0])
+        return [penalised(x, -float(s["value"]), -s["grad"], -s["hess"]) for x, s in zip(xs, sums)], (rep, sums[0])
 
     if starts is None:
         # the first round also tries the start covariance halved and doubled (local work, no extra round)
@@ -350,6 +380,8 @@ def _fit_glmm(transport, scale, mask, gamma0, theta0, options, first_extra=None,
     opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts)
     phi, (final, s) = _run(opt, evaluate, lambda x: np.r_[x[:p], _canonical_theta(x[p:], mask)])
     info = -s["hess"]
+    if P is not None:
+        info[:p, :p] += 2.0 * P      # standard errors from the penalised information
     messages = []
     try:
         cov = np.linalg.inv(np.linalg.cholesky(info))
