@@ -512,7 +512,12 @@ class _Group:
         others = [k for k in range(d) if k not in binset and k not in self.const]
         # -- exact polynomial relations (squares, interactions, affine dependence)
         cand = [k for k in others if k not in nonneg]
-        self.derived = _find_derived(n, expo, self.ts, binset, cand, self.bins + others)[::-1]   # eval order
+        if K < 4 and others and self._well_conditioned(others, idx):
+            # below order 4 only affine relations can be read off, and there are none when the columns'
+            # covariance (given the binaries) is non-singular: skip the search (most groups, most time)
+            self.derived = []
+        else:
+            self.derived = _find_derived(n, expo, self.ts, binset, cand, self.bins + others)[::-1]  # eval order
         dset = {w for w, _, _ in self.derived}
         self.base = [k for k in others if k not in dset]
         q = len(self.base)
@@ -530,6 +535,21 @@ class _Group:
         self.Qz = Uz[:, sz > 1e-10 * sz[0]]
         self.lower = np.array([(-self.loc[k] / self.sc[k]) if k in nonneg else -np.inf for k in self.base])
         self._effective_system()
+
+    def _well_conditioned(self, cols, idx) -> bool:
+        """Whether the within-binary-cell covariance of ``cols`` (from the moments) is clearly non-singular."""
+        d = self.d
+        Z = np.column_stack([np.ones(self.n), self.U])
+        C = np.array([[self.ts[idx[_unit(d, k)]] for k in cols]]
+                     + [[self.ts[idx[_unit(d, j, k)]] for k in cols] for j in self.bins],
+                     dtype=float).reshape(1 + len(self.bins), len(cols))
+        G = np.array([[self.ts[idx[_unit(d, k, l)]] for l in cols] for k in cols]).reshape(len(cols), len(cols))
+        W = G - C.T @ np.linalg.pinv(Z.T @ Z, rcond=1e-12, hermitian=True) @ C
+        dg = np.diag(W)
+        if np.any(dg <= 1e-12 * self.n):
+            return False
+        R = W / np.sqrt(np.outer(dg, dg))
+        return bool(np.linalg.eigvalsh((R + R.T) / 2)[0] > 1e-8)
 
     def _effective_system(self):
         n, d, expo = self.n, self.d, self.expo
