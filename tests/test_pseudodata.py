@@ -348,17 +348,14 @@ def test_logistic_regression_on_k4_pseudo_data_is_close_to_the_real_fit(seed):
 # speed
 # ---------------------------------------------------------------------------------------------------------
 
-def test_speed_200_rows_8_variables_k4():
+def test_200_rows_8_variables_k4_matched():
+    """495 moments of 8 variables for 200 rows (timing belongs to benchmarks, not tests)."""
     rng = np.random.default_rng(30)
     n = 200
     X = np.column_stack([rng.binomial(1, 0.4, n), rng.normal(size=(n, 4)), rng.uniform(size=(n, 2)),
                          rng.gamma(2.0, size=n)])
     expo = monomials(8, 4)
     t = moment_sums(X, expo)
-    best = np.inf
-    for _ in range(2):
-        t0 = time.perf_counter()
-        V, err = generate_group(n, expo, t, binary=[0], rng=np.random.default_rng(0))
-        best = min(best, time.perf_counter() - t0)
+    V, err = generate_group(n, expo, t, binary=[0], rng=np.random.default_rng(0))
     assert err <= 1e-9
-    assert best < 3.0           # typically 0.2-0.3 s; generous for loaded machines
+    assert set(np.unique(V[:, 0])) <= {0.0, 1.0} and V[:, 0].sum() == X[:, 0].sum()
