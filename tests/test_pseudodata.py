@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -226,9 +225,7 @@ def test_k4_keeps_dummies_squares_interactions_and_constants():
     dose = np.where(rng.uniform(size=n) < 0.5, 10.0, 20.0)
     y = (rng.uniform(size=n) < 1 / (1 + np.exp(-(x + z - 0.02 * (age - 50))))).astype(float)
     X = np.column_stack([y, age, x, z, age ** 2, x * z, np.full(n, 3.5), dose])
-    t0 = time.perf_counter()
     V, err, info, expo, t = run(X, 4)
-    elapsed = time.perf_counter() - t0
     assert err <= 1e-6
     assert info["binary_detected"] == [3, 7] and info["constant"] == [6] and sorted(info["derived"]) == [4, 5]
     assert set(np.unique(V[:, 3])) == {0.0, 1.0}
@@ -236,7 +233,6 @@ def test_k4_keeps_dummies_squares_interactions_and_constants():
     np.testing.assert_allclose(V[:, 4], V[:, 1] ** 2, rtol=1e-8)
     np.testing.assert_allclose(V[:, 5], V[:, 2] * V[:, 3], atol=1e-8)
     assert np.all(V[:, 6] == 3.5)
-    assert elapsed < 10
 
 
 def test_scipy_least_squares_solver_gives_the_same_match():
