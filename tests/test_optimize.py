@@ -162,3 +162,16 @@ def test_round_budget():
     opt, rounds = drive(rosenbrock, [-1.2, 1.0], NewtonConfig(max_evals=5))
     assert not opt.converged and opt.evals == 5 == len(rounds)
     assert "5 rounds" in opt.message
+
+
+def test_final_candidate_followed_by_an_indefinite_hessian():
+    """A final-candidate step (no trust radius) that lands where the Hessian is indefinite: the next step
+    is a trust-region step with a finite radius, not a crash (seen on separated 2-site study data)."""
+    opt = TrustRegionNewton(np.zeros(2))
+    g = np.array([1e-3, 0.0])
+    xs = opt.tell([np.zeros(2)], [(0.0, g, np.eye(2))])          # decrement 1e-6: final candidate next
+    assert opt.final_candidate and len(xs) == 1
+    # at the candidate the decrement is not small and the Hessian is indefinite
+    nxt = opt.tell(xs, [(-1e-6, np.array([0.5, 0.5]), np.diag([1.0, -1.0]))])
+    assert nxt is not None and all(np.all(np.isfinite(x)) for x in nxt)
+    assert np.isfinite(opt._radius)

@@ -113,7 +113,10 @@ class TrustRegionNewton:
             rho = (self._cur.f - pts[best][1]) / cand.pred if cand is not None and cand.pred > 0 else -np.inf
             if rho >= self.config.accept:
                 self._cur, self.accepted = _State(*pts[best]), best
-                if rho > 0.75 and cand.norm > 0.99 * cand.radius:
+                if not np.isfinite(cand.radius):
+                    # a final-candidate Newton step carries no radius: keep the one in force
+                    self._radius = self._radius if self._radius is not None else self.config.radius0
+                elif rho > 0.75 and cand.norm > 0.99 * cand.radius:
                     self._radius = 2.0 * cand.radius
                 elif rho < 0.25:
                     self._radius = 0.5 * cand.norm
@@ -159,7 +162,7 @@ class TrustRegionNewton:
         if self._radius is None:
             self._radius = nn if newton is not None else self.config.radius0
             self._trusted = newton is not None
-        if self._trusted and nn <= self._radius:
+        if self._trusted and newton is not None and nn <= self._radius:
             return [_Candidate(newton, -(g @ newton + 0.5 * newton @ H @ newton), nn, self._radius)]
         gs, Hs = g / d, H / np.outer(d, d)
         out = []
