@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import Design
+from .spec import Design, theta_index
 
 
 class LMMSums:
@@ -35,7 +35,7 @@ class LMMSums:
         Z = np.asarray(design.Z, float)
         self.n, self.p = X.shape
         self.q = Z.shape[1]
-        self.theta_c, self.theta_r = np.nonzero(np.asarray(design.theta_mask).T)
+        self.theta_r, self.theta_c = theta_index(design.theta_mask)
         self.ntheta = len(self.theta_r)
         self.XtX, self.Xty, self.yty = X.T @ X, X.T @ y, float(y @ y)
         if self.q:
@@ -50,7 +50,7 @@ class LMMSums:
         self = cls.__new__(cls)
         self.n, self.p = int(n), XtX.shape[0]
         self.q = P.shape[1] if P.ndim == 3 else 0
-        self.theta_c, self.theta_r = np.nonzero(np.asarray(theta_mask).T)
+        self.theta_r, self.theta_c = theta_index(theta_mask)
         self.ntheta = len(self.theta_r)
         self.XtX, self.Xty, self.yty = XtX, Xty, float(yty)
         self.P, self.Q, self.r = P, Q, r

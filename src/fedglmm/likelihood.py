@@ -30,7 +30,7 @@ import numpy as np
 
 from .families import Family
 from .quadrature import product_grid
-from .spec import Design
+from .spec import Design, theta_index
 
 
 @dataclass
@@ -87,7 +87,7 @@ class GLMMLikelihood:
         self.n, self.p = self.X.shape
         self.q = self.Z.shape[1]
         self.G = len(self.starts) if self.q else 0
-        self.theta_c, self.theta_r = np.nonzero(np.asarray(design.theta_mask).T)  # column-major, lme4's order
+        self.theta_r, self.theta_c = theta_index(design.theta_mask)
         self.ntheta = len(self.theta_r)
         self.nagq = int(nagq)
         self.zk, lw = product_grid(self.nagq, self.q)

@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def theta_index(mask) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the free entries of Λ in θ's order: column by column, as lme4 orders θ."""
+    cols, rows = np.nonzero(np.asarray(mask, bool).T)
+    return rows, cols
+
+
 @dataclass(frozen=True)
 class RandomTerm:
     """One random-effects term such as ``(1 + x | g)``.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..design import merge_schema
+from ..design import _natural_order, merge_schema
 from ..errors import ConvergenceError, InputError
 from ..families import Family
 from ..formula import parse_formula
@@ -31,7 +31,7 @@ from ..gaussian import profiled_deviance
 from ..optimize import NewtonConfig, TrustRegionNewton
 from ..protocol import request
 from ..results import FitResult
-from ..spec import ModelSpec
+from ..spec import ModelSpec, theta_index
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ def make_result(formula, family, options, st: Setup, core: dict, transport, t0, 
         core["messages"].append("boundary (singular) fit: the random-effect covariance is singular (a standard "
                                 "deviation at zero or a correlation of ±1)")
     if q:
-        c_idx, r_idx = np.nonzero(mask.T)
+        r_idx, c_idx = theta_index(mask)
         theta = theta / zs[r_idx]                                     # Λ = diag(zs)⁻¹ Λ̃
         lam = np.zeros((q, q))
         lam[r_idx, c_idx] = theta
@@ -204,7 +204,7 @@ def make_result(formula, family, options, st: Setup, core: dict, transport, t0, 
         modes = pd.DataFrame(np.vstack([r["modes"] for r in final.values()]) / zs, index=levels, columns=znames)
         condsd = pd.DataFrame(np.vstack([r["condsd"] for r in final.values()]) / zs, index=levels,
                               columns=znames)
-        order = _natural_order(levels)
+        order = _natural_order(np.asarray(levels, dtype=str))
         modes, condsd = modes.iloc[order], condsd.iloc[order]
     if method is None:
         method = ("REML" if options.reml else "ML") if family.name == "gaussian" else \
@@ -227,14 +227,6 @@ def make_result(formula, family, options, st: Setup, core: dict, transport, t0, 
         seconds=time.perf_counter() - t0, group_name=group, modes=modes, condsd=condsd,
         theta=theta, spec=st.spec, schema=st.schema, messages=core["messages"],
         site_ids=list(transport.site_ids))
-
-
-def _natural_order(levels):
-    try:
-        keys = [float(v) for v in levels]
-    except ValueError:
-        keys = list(levels)
-    return np.argsort(np.asarray(keys, dtype=object), kind="stable")
 
 
 def null_step_start(s: dict, family: Family, A: np.ndarray, mask: np.ndarray, zscale: np.ndarray,
@@ -296,18 +288,18 @@ def moment_start(m: dict, beta: np.ndarray, mask: np.ndarray, zscale: np.ndarray
     sd = np.sqrt(np.maximum(var, floor**2))
     cov = np.where(allowed, np.outer(sd, sd) * corr, 0.0)
     L = np.linalg.cholesky(cov)
-    c_idx, r_idx = np.nonzero(mask.T)
+    r_idx, c_idx = theta_index(mask)
     return L[r_idx, c_idx], cov / np.outer(zscale, zscale)
 
 
 def _diagonal(mask) -> np.ndarray:
     """Positions in θ of the diagonal of Λ."""
-    c_idx, r_idx = np.nonzero(mask.T)
+    r_idx, c_idx = theta_index(mask)
     return np.flatnonzero(c_idx == r_idx)
 
 
 def _theta_start(mask):
-    c_idx, r_idx = np.nonzero(mask.T)
+    r_idx, c_idx = theta_index(mask)
     return (r_idx == c_idx).astype(float)
 
 
@@ -397,7 +389,7 @@ def _fit_glmm(transport, scale, mask, gamma0, theta0, options, first_extra=None,
 def _canonical_theta(theta, mask):
     """Flip columns of Λ so its diagonal is non-negative (Σ = ΛΛᵀ is unchanged)."""
     theta = np.array(theta, float)
-    c_idx, r_idx = np.nonzero(mask.T)
+    r_idx, c_idx = theta_index(mask)
     for col in np.unique(c_idx):
         diag = np.flatnonzero((c_idx == col) & (r_idx == col))
         if len(diag) and theta[diag[0]] < 0:

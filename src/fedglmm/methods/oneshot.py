@@ -37,7 +37,7 @@ from ..formula import parse_formula, variables
 from ..gaussian import LMMSums
 from ..protocol import request
 from ..site import Site, start_sums
-from ..spec import Design, Schema
+from ..spec import Design, Schema, theta_index
 from ..transport import InProcessTransport
 from .iterative import (FitOptions, _check_options, make_result, make_setup, optimize, setup_request,
                         start_values)
@@ -530,6 +530,6 @@ def fit_hybrid(transport, formula: str, family: Family, options: FitOptions = Fi
 def _internal_start(res, st) -> tuple[np.ndarray, np.ndarray]:
     """A fit's estimates on the iterative method's internal scale (γ = A⁻¹β, θ̃ = diag(zs) θ)."""
     gamma = np.linalg.solve(st.A, res.fixef.reindex(st.names).to_numpy())
-    c_idx, r_idx = np.nonzero(st.mask.T)
+    r_idx, c_idx = theta_index(st.mask)
     theta = np.asarray(res.theta) * st.zs[r_idx] if st.mask.shape[0] else np.zeros(0)
     return gamma, theta
