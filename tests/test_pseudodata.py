@@ -355,3 +355,36 @@ def test_200_rows_8_variables_k4_matched():
     V, err = generate_group(n, expo, t, binary=[0], rng=np.random.default_rng(0))
     assert err <= 1e-9
     assert set(np.unique(V[:, 0])) <= {0.0, 1.0} and V[:, 0].sum() == X[:, 0].sum()
+
+
+# --- the batched order-2 generator -------------------------------------------------------------------
+
+def _groups(seed, G=40, binary=True):
+    rng = np.random.default_rng(seed)
+    n = rng.integers(4, 60, G)
+    n[:3] = [3, 4, 5]                       # too few rows for the batch: served one by one
+    expo = monomials(4, 2)
+    T = []
+    for g in range(G):
+        V = np.column_stack([rng.binomial(1, 0.3, n[g]) if binary else rng.poisson(0.7, n[g]),
+                             rng.normal(size=n[g]), np.full(n[g], rng.normal()),   # a group-level column
+                             rng.uniform(0, 5, n[g])])
+        T.append(moment_sums(V, expo))
+    return n, np.array(T), expo
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_order2_batch_matches_every_group_exactly(binary):
+    n, T, expo = _groups(3, binary=binary)
+    V, gi, err = pseudodata.generate_order2(n, T, expo, binary_first=binary, nonneg_first=not binary,
+                                            rng=np.random.default_rng(0))
+    assert V.shape == (n.sum(), 4) and np.array_equal(np.bincount(gi), n)
+    for g in range(len(n)):
+        rows = V[gi == g]
+        e = relative_errors(rows, expo, T[g], binary=[0] if binary else [])
+        assert e.max() < 1e-9 and err[g] < 1e-9, (g, e.max(), err[g])
+        assert np.ptp(rows[:, 2]) < 1e-9 * max(1.0, abs(rows[0, 2]))     # the group-level column stays constant
+        if binary:
+            assert set(np.unique(rows[:, 0])) <= {0.0, 1.0} and rows[:, 0].sum() == round(T[g][1])
+        else:
+            assert rows[:, 0].min() >= 0.0
