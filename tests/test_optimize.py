@@ -175,3 +175,42 @@ def test_final_candidate_followed_by_an_indefinite_hessian():
     nxt = opt.tell(xs, [(-1e-6, np.array([0.5, 0.5]), np.diag([1.0, -1.0]))])
     assert nxt is not None and all(np.all(np.isfinite(x)) for x in nxt)
     assert np.isfinite(opt._radius)
+
+
+# --- a caller's model (the hybrid's pseudo-data surrogate) ---------------------------------------------
+
+def _drive_model(fun, x0, model):
+    opt = TrustRegionNewton(np.asarray(x0, float), model=model)
+    xs, rounds = opt.starts, 0
+    while xs:
+        xs = opt.tell(xs, [fun(np.array(x, float)) for x in xs])
+        rounds += 1
+        assert rounds <= 200, "no end"
+    return opt, rounds
+
+
+def _surrogate(P):
+    from fedglmm.methods.iterative import surrogate_model
+
+    return surrogate_model(P)
+
+
+def test_a_surrogate_close_to_the_objective_saves_rounds():
+    """A surrogate with the same curvature pattern as F (here F itself, shifted and tilted: the correction
+    removes a linear and quadratic difference exactly) takes F to its minimum in one step."""
+    shift = lambda x: rosenbrock(x)[0] + 3.0 + np.array([0.5, -0.2]) @ x   # noqa: E731
+    P = lambda x: (shift(x), rosenbrock(x)[1] + np.array([0.5, -0.2]), rosenbrock(x)[2])   # noqa: E731
+    plain, r0 = _drive_model(rosenbrock, [-1.2, 1.0], None)
+    opt, r1 = _drive_model(rosenbrock, [-1.2, 1.0], _surrogate(P))
+    assert opt.converged and np.max(np.abs(opt.solution - 1.0)) < 1e-7
+    assert r1 <= 3 < r0
+
+
+def test_a_misleading_surrogate_costs_no_correctness():
+    """A surrogate pointing elsewhere is rejected by the sites' values; the fit still converges."""
+    def P(x):
+        c = np.array([3.0, -2.0])
+        return float((x - c) @ (x - c)) * 50, 100 * (x - c), 100 * np.eye(2)
+
+    opt, rounds = _drive_model(rosenbrock, [-1.2, 1.0], _surrogate(P))
+    assert opt.converged and np.max(np.abs(opt.solution - 1.0)) < 1e-7

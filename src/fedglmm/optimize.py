@@ -46,6 +46,8 @@ class NewtonConfig:
     radius0: float = 3.0        # initial trust radius (scaled units) when the Hessian is indefinite
     accept: float = 1e-4        # least ratio of actual to predicted decrease for accepting a step
     spread: float = 4.0         # candidate radii Δ/spread, Δ, spread·Δ while the model is not trusted
+    near_model: float = 0.05    # with a caller's model (see ``model``): decrement below which its step is
+                                # proposed as the final candidate
 
 
 @dataclass
@@ -76,6 +78,7 @@ class TrustRegionNewton:
     history: list = field(default_factory=list)
 
     starts: list | None = None      # further starting points, evaluated in the first round with x0
+    model: object = None            # optional model(x, f, g, H) -> (step, predicted decrease) or None
 
     def __post_init__(self):
         self.x0 = np.asarray(self.x0, float)
@@ -87,6 +90,7 @@ class TrustRegionNewton:
         self._trusted = False
         self._ceiling = np.inf             # candidates stay shorter than the shortest step just rejected
         self.accepted: int | None = None   # index of the point of the last round that was accepted
+        self._model_ok = True               # False after a rejected round, until a point is accepted
 
     @property
     def current(self) -> _State | None:
@@ -124,8 +128,10 @@ class TrustRegionNewton:
                     self._radius = cand.radius
                 self._trusted = rho >= 0.25
                 self._ceiling = np.inf
+                self._model_ok = True
             else:
                 self._trusted = False
+                self._model_ok = False
                 self._ceiling = min(c.norm for c in self._cands)
                 self._radius = 0.25 * self._ceiling
                 if max(c.pred for c in self._cands) < 1e-13 * max(1.0, abs(self._cur.f)):
@@ -140,12 +146,31 @@ class TrustRegionNewton:
         if self.evals >= self.config.max_evals:
             self.message = f"no convergence within {self.config.max_evals} rounds"
             return self._finish(converged=False)
-        if dec < self.config.near:
+        extra = self._model_step(cur) if newton is not None and self._model_ok else None
+        if dec < self.config.near or (extra is not None and dec < self.config.near_model):
             self.final_candidate = True
-            self._cands = [_Candidate(newton, dec / 2.0, 0.0, np.inf)]
-            return [cur.x + newton]
+            step = newton if extra is None else extra.step
+            self._cands = [_Candidate(step, dec / 2.0, 0.0, np.inf)]
+            return [cur.x + step]
         self._cands = self._propose(cur.g, cur.H, newton)
+        if extra is not None:
+            extra.radius = self._radius
+            self._cands.insert(0, extra)
         return [cur.x + c.step for c in self._cands]
+
+    def _model_step(self, cur) -> _Candidate | None:
+        """The step of the caller's model of F (e.g. a surrogate that the quadratic model corrects), as one
+        more candidate of the round."""
+        if self.model is None:
+            return None
+        out = self.model(cur.x, cur.f, cur.g, cur.H)
+        if out is None:
+            return None
+        step, pred = np.asarray(out[0], float), float(out[1])
+        if not (np.all(np.isfinite(step)) and np.isfinite(pred) and pred > 0):
+            return None
+        d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
+        return _Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf)
 
     def _finish(self, converged: bool):
         self.point = self._cur.x if self._cur is not None else self.x0

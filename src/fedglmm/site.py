@@ -68,7 +68,7 @@ class Site:
         from .methods.oneshot import summarize
 
         return summarize(self.frame, req["formula"], req["family"], req.get("link"), self.site_id,
-                         order=req.get("order"), min_group=self.min_group)
+                         order=req.get("order"), min_group=self.min_group, local=req.get("local"))
 
     def _on_setup(self, req):
         spec = parse_formula(req["formula"])

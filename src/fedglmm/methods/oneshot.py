@@ -64,11 +64,13 @@ def _local_schema(desc: dict, spec) -> Schema:
 
 
 def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, site_id: str,
-              order: int | None = None, min_group: int = 10, guard: bool = True) -> dict:
+              order: int | None = None, min_group: int = 10, guard: bool = True, local: dict | None = None) -> dict:
     """The site's one message (arrays as numpy; :func:`to_jsonable` makes the readable file).
 
     ``guard=False`` drops the rule that keeps the moments of groups they would pin down (for accuracy
-    studies on public data only; the command line has no such switch)."""
+    studies on public data only; the command line has no such switch).  ``local`` (the hybrid's request:
+    ``{"nagq", "curvature"}``) asks, when groups are withheld, for the site's own fit of the withheld
+    groups taken together (:func:`_withheld_fit`)."""
     spec = parse_formula(formula)
     fam = get_family(family, link)
     desc = describe_frame(frame, spec, site_id)
@@ -104,10 +106,32 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
                           "would reveal them and are not sent (a one-shot fit needs every group: use --method "
                           "hybrid or iterative)")
     keep = ~small
+    if local is not None and small.any() and fam.name != "gaussian" and q:
+        msg["local"] = _own_fit(frame, d, sizes, formula, fam, local, site_id, need)
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
             _moment_blocks(d, starts, levels, keep, order)
     return msg
+
+
+def _own_fit(frame, d: Design, sizes, formula, fam, local, site_id, need) -> dict | None:
+    """The site's own GLMM fit of all its rows: β̂, θ̂ and their information, sums over many rows and
+    groups.  A site that withholds groups sends it in their stead; the hybrid combines it with the
+    one-shot fit of the other sites' groups into its start.  Sent only for at least two groups and
+    ``need`` observations, with at least three observations per parameter (as the site rules' 0.33
+    parameters per row); not for models with factor columns (the site's own coding of a factor need not
+    be the agreed one)."""
+    from .iterative import local_fit
+
+    npar = d.X.shape[1] + int(np.asarray(d.theta_mask).sum())
+    total = float(sizes.sum())
+    if any("[" in nm for nm in d.x_names) or len(sizes) < 2 or total < max(need, 3.0 * npar):
+        return None
+    options = FitOptions(nagq=int(local.get("nagq", 1)), curvature=str(local.get("curvature", "observed")))
+    res = local_fit(frame, formula, fam, options, site_id)
+    if res is None or res["names"] != list(d.x_names):
+        return None
+    return {"beta": res["beta"], "theta": res["theta"], "info": res["info"], "n": total, "ngroups": len(sizes)}
 
 
 def _gaussian_blocks(d: Design, starts, levels, keep) -> dict:
@@ -351,7 +375,7 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
     """Pseudo rows for one site's groups, as a Design in the agreed coding, and the moment diagnostics."""
     from zlib import crc32
 
-    from ..pseudodata import generate_group, monomials
+    from ..pseudodata import generate_group, generate_order2, monomials
 
     variables_ = list(block["variables"])
     expo = monomials(len(variables_), _order_of(block, len(variables_)))
@@ -360,17 +384,26 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
     # generate on a standard scale: moments of (v − c)/s are a fixed linear map of the raw ones
     c, sc = _standardisation(block, expo, keep=[0] if family.name != "gaussian" else [])
     T = _shift_matrix(expo, c, sc)
-    parts, errors = [], []
-    for level, n, target in zip(block["levels"], block["n"], np.asarray(block["moments"], float) @ T.T):
-        # each group's stream is seeded by its label: the pseudo rows do not depend on how groups are
-        # spread over sites
-        rng = np.random.default_rng([seed, crc32(str(level).encode())])
-        Vg, err = generate_group(int(round(n)), expo, np.asarray(target, float), binary=binary, nonneg=nonneg,
-                                 rng=rng)
-        parts.append(Vg)
-        errors.append(err)
-    V = np.vstack(parts) * sc + c
-    gidx = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    targets = np.asarray(block["moments"], float) @ T.T
+    if expo.sum(axis=1).max() == 2:
+        # order 2 is a closed form: all groups at once, from one stream seeded by the site's group labels
+        rng = np.random.default_rng([seed, crc32("\x1f".join(map(str, block["levels"])).encode())])
+        V, gidx, errors = generate_order2(block["n"], targets, expo, binary_first=bool(binary),
+                                          nonneg_first=bool(nonneg), rng=rng)
+        V = V * sc + c
+        errors = list(errors)
+    else:
+        parts, errors = [], []
+        for level, n, target in zip(block["levels"], block["n"], targets):
+            # each group's stream is seeded by its label: the pseudo rows do not depend on how groups are
+            # spread over sites
+            rng = np.random.default_rng([seed, crc32(str(level).encode())])
+            Vg, err = generate_group(int(round(n)), expo, np.asarray(target, float), binary=binary,
+                                     nonneg=nonneg, rng=rng)
+            parts.append(Vg)
+            errors.append(err)
+        V = np.vstack(parts) * sc + c
+        gidx = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     diag = {"max_rel_error": float(max(errors)) if errors else 0.0, "per_group": errors}
     col = {v: V[:, k] for k, v in enumerate(variables_)}
     n = V.shape[0]
@@ -448,7 +481,7 @@ def _virtual_fit(merged: Merged, messages: dict, formula: str, family: Family, o
     from .iterative import fit_iterative
 
     transport, diagnostics = virtual_transport(merged, messages, seed)
-    return fit_iterative(transport, formula, family, options), diagnostics
+    return fit_iterative(transport, formula, family, options), diagnostics, transport
 
 
 def fit_from_messages(messages: dict, formula: str, family: Family, options: FitOptions = FitOptions(),
@@ -458,7 +491,7 @@ def fit_from_messages(messages: dict, formula: str, family: Family, options: Fit
     merged = merge_messages(messages, formula, family)
     if merged.refused:
         raise FedGLMMError(merged.refused[0])
-    res, diagnostics = _virtual_fit(merged, messages, formula, family, options, seed)
+    res, diagnostics, _ = _virtual_fit(merged, messages, formula, family, options, seed)
     res.rounds, res.bytes_to_sites, res.bytes_from_sites = rounds, bytes_to, bytes_from
     res.nsites, res.site_ids = len(messages), list(messages)
     res.seconds = time.perf_counter() - t0
@@ -492,16 +525,16 @@ def fit_hybrid(transport, formula: str, family: Family, options: FitOptions = Fi
     order = HYBRID_ORDER if order is None else order
     spec = _check_options(formula, family, options)
     replies = transport.broadcast(request("oneshot", formula=formula, family=family.name, link=family.link,
-                                          order=order))
+                                          order=order, local={"nagq": options.nagq, "curvature": options.curvature}))
     merged = merge_messages(replies, formula, family)
     st = make_setup(spec, merged.schema, merged.setup)
-    start = None
-    first = None
+    own = {sid: r["local"] for sid, r in replies.items() if r.get("local") is not None}
+    start = first = surrogate = None
     if any(b is not None for b in merged.blocks.values()):
         # the one-shot estimate from the groups the sites did send (all of them, unless some were small);
         # it is only a start, so if it cannot be had the Newton rounds start from the site totals
         try:
-            first, _ = _virtual_fit(merged, replies, formula, family, options, seed)
+            first, _, virtual = _virtual_fit(merged, replies, formula, family, options, seed)
         except (FedGLMMError, np.linalg.LinAlgError, ValueError):
             first = None
     if first is not None:
@@ -515,16 +548,82 @@ def fit_hybrid(transport, formula: str, family: Family, options: FitOptions = Fi
         if family.name == "gaussian":
             start = start[1]
         else:
-            # the one-shot estimate and the site-totals start are both tried in the first Newton round
-            start = (start, start_values(st, family))
+            # the one-shot estimate and the site-totals start are both tried in the first Newton round,
+            # with, when sites fitted their withheld groups, the combination of those fits with it
+            surrogate = _pseudo_objective(virtual, st)
+            combined = _combined_start(st, list(own.values()), np.concatenate(start),
+                                       _pseudo_objective(virtual, st, skip=own)) if own else None
+            start = (start, start_values(st, family)) if combined is None else \
+                (combined, start, start_values(st, family))
+    elif own and family.name != "gaussian":
+        combined = _combined_start(st, list(own.values()))
+        if combined is not None:
+            start = (combined, start_values(st, family))
     core = optimize(transport, st, family, options, start,
-                    first_extra={"setup": setup_request(formula, family, options, merged.schema)})
+                    first_extra={"setup": setup_request(formula, family, options, merged.schema)},
+                    surrogate=surrogate)
     res = make_result(formula, family, options, st, core, transport, t0)
     if merged.refused:
         res.messages.append("some one-shot summaries were not sent (" + merged.refused[0] + "); the Newton "
                             "rounds started from " + ("the one-shot fit of the other groups" if start is not None
                                                       else "site totals"))
     return res
+
+
+def _combined_start(st, own: list, x_pseudo=None, pseudo=None):
+    """A start from estimates of disjoint sets of groups (internal scale): the sites' own fits and the
+    one-shot fit (with the information of the pseudo-data of the other sites).  The fixed effects are
+    combined with weights their marginal information (the inverse of their covariance), the covariance
+    parameters with weights the numbers of groups behind them (the information about θ changes too
+    quickly with θ to weight by it).  None if that cannot be done."""
+    p = len(st.names)
+    r_idx, _ = theta_index(st.mask)
+    scale = st.zs[r_idx] if st.mask.shape[0] else np.zeros(0)
+    Ai = np.linalg.solve(st.A, np.eye(p))
+    parts = []                                   # (fixed-effect information, γ, number of groups, θ̃)
+    if x_pseudo is not None and pseudo is not None:
+        parts.append((pseudo(x_pseudo)[2], x_pseudo, st.ngroups - sum(o.get("ngroups", 0) for o in own)))
+    for loc in own:
+        try:
+            Tu = np.zeros((p + len(scale), p + len(scale)))
+            Tu[:p, :p], Tu[p:, p:] = Ai, np.diag(scale)
+            Ti = np.linalg.inv(Tu)
+            H = Ti.T @ np.asarray(loc["info"], float) @ Ti
+            x = Tu @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)]
+            parts.append((H, x, float(loc["ngroups"])))
+        except (KeyError, ValueError, TypeError, np.linalg.LinAlgError):
+            continue
+    Ib, bb, wt, tt = 0.0, 0.0, 0.0, 0.0
+    for H, x, ng in parts:
+        if H.shape != (p + len(scale),) * 2 or not (np.all(np.isfinite(H)) and np.all(np.isfinite(x))):
+            continue
+        try:
+            Vb = np.linalg.inv(H)[:p, :p]
+            Ig = np.linalg.inv(Vb)
+        except np.linalg.LinAlgError:
+            continue
+        Ib, bb = Ib + Ig, bb + Ig @ x[:p]
+        wt, tt = wt + max(ng, 0.0), tt + max(ng, 0.0) * x[p:]
+    if wt == 0.0 and len(scale):
+        return None
+    try:
+        gamma = np.linalg.solve(Ib, bb)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    theta = tt / wt if len(scale) else np.zeros(0)
+    return (gamma, theta) if np.all(np.isfinite(gamma)) and np.all(np.isfinite(theta)) else None
+
+
+def _pseudo_objective(virtual, st, skip=()):
+    """−ℓ of the pseudo-data (value, gradient, Hessian) on the iterative method's internal scale, computed
+    by the coordinator from the virtual sites of the one-shot fit (but those in ``skip``)."""
+    engines = [site._engine_for(st.scale) for sid, site in virtual.sites.items() if sid not in skip]
+
+    def objective(x):
+        evs = [eng.evaluate(np.asarray(x, float), hess=True) for eng in engines]
+        return (-sum(ev.value for ev in evs), -sum(ev.grad for ev in evs), -sum(ev.hess for ev in evs))
+
+    return objective if engines else None
 
 
 def _internal_start(res, st) -> tuple[np.ndarray, np.ndarray]:
