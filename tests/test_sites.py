@@ -52,26 +52,45 @@ SPLITS = [
 
 @pytest.mark.parametrize("fname,formula,family,kw,group", SPLITS, ids=[s[1][:40] + str(s[3]) for s in SPLITS])
 def test_split_equals_pooled(fname, formula, family, kw, group):
+    """The iterative method's rounds are the same whatever the split (sums add up): equal to 1e-8."""
     df = pd.read_csv(DATA / fname)
-    pooled = fedglmm.fit(formula, df, family=family, **kw)
+    pooled = fedglmm.fit(formula, df, family=family, method="iterative", **kw)
     for nsites in (2, 5):
-        split = fedglmm.fit(formula, _split_by_group(df, group, nsites), family=family, **kw)
+        split = fedglmm.fit(formula, _split_by_group(df, group, nsites), family=family, method="iterative", **kw)
         assert split.nsites == nsites
         _assert_same(pooled, split)
 
 
+@pytest.mark.parametrize("fname,formula,family,kw,group", SPLITS, ids=[s[1][:40] + str(s[3]) for s in SPLITS])
+def test_hybrid_split_equals_pooled(fname, formula, family, kw, group):
+    """The hybrid (the default) starts from split-dependent summaries but ends at the same estimates
+    (1e-8); standard errors come from the Hessian at the last point visited, within ~1e-5 of the
+    estimate's, so they agree to a relative 1e-4."""
+    df = pd.read_csv(DATA / fname)
+    pooled = fedglmm.fit(formula, df, family=family, **kw)
+    for nsites in (2, 5):
+        split = fedglmm.fit(formula, _split_by_group(df, group, nsites), family=family, **kw)
+        assert split.nsites == nsites and split.rounds <= 4
+        assert np.allclose(pooled.fixef, split.fixef, rtol=0, atol=1e-8)
+        assert np.allclose(pooled.theta, split.theta, rtol=0, atol=1e-8)
+        assert abs(pooled.loglik - split.loglik) < 1e-8
+        assert np.allclose(pooled.se, split.se, rtol=1e-4, atol=0)
+
+
 def test_site_column_equals_list_of_frames():
     df = pd.read_csv(DATA / "extra_sim_pois_big.csv")
-    a = fedglmm.fit("y ~ x1 + x2 + (1 | g)", df, family="poisson", site="site")
-    b = fedglmm.fit("y ~ x1 + x2 + (1 | g)", [g for _, g in df.groupby("site")], family="poisson")
+    a = fedglmm.fit("y ~ x1 + x2 + (1 | g)", df, family="poisson", site="site", method="iterative")
+    b = fedglmm.fit("y ~ x1 + x2 + (1 | g)", [g for _, g in df.groupby("site")], family="poisson",
+                    method="iterative")
     assert a.nsites == 6
     _assert_same(a, b)
 
 
 def test_glm_without_random_effects_splits_by_rows():
     df = pd.read_csv(DATA / "contraception.csv")
-    pooled = fedglmm.fit("use ~ urban + age + livch", df, family="binomial")
-    split = fedglmm.fit("use ~ urban + age + livch", [df.iloc[::2], df.iloc[1::2]], family="binomial")
+    pooled = fedglmm.fit("use ~ urban + age + livch", df, family="binomial", method="iterative")
+    split = fedglmm.fit("use ~ urban + age + livch", [df.iloc[::2], df.iloc[1::2]], family="binomial",
+                        method="iterative")
     assert np.allclose(pooled.fixef, split.fixef, atol=1e-10)
     assert pooled.random == [] and pooled.method == "GLM"
 

@@ -149,9 +149,9 @@ def fit(
         "--site-column", "-s", show_default=False,
         help="Column of the (single) data file naming each row's site.")] = None,
     method: Annotated[str, typer.Option(
-        "--method", help="iterative (exact Newton rounds; the default), hybrid (one round of summaries, then "
-                         "exact Newton rounds: fewer rounds, more local work), or oneshot (one round; exact for "
-                         "gaussian, pseudo-data otherwise).")] = "iterative",
+        "--method", help="hybrid (the default: one round of summaries, then exact Newton rounds; the pooled "
+                         "fit in few rounds), iterative (exact Newton rounds from site totals), or oneshot "
+                         "(one round; exact for gaussian, pseudo-data otherwise).")] = "hybrid",
     moments: Annotated[Optional[int], typer.Option(
         "--moments", min=2, max=4, show_default=False,
         help="Order K of the per-group moments for one-shot binomial/poisson fits (default 4; hybrid: 2).")] = None,
@@ -282,7 +282,7 @@ def _stderr_is_terminal() -> bool:
 
 
 def _run_fit(formula, sites, *, family, link, nagq, reml, quiet, label="fitting", curvature="observed",
-             method="iterative", moments=None, min_group=10, penalty=0.0):
+             method="hybrid", moments=None, min_group=10, penalty=0.0):
     from .api import fit as api_fit
 
     with warnings.catch_warnings(record=True) as caught:

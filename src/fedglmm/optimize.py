@@ -146,7 +146,9 @@ class TrustRegionNewton:
         if self.evals >= self.config.max_evals:
             self.message = f"no convergence within {self.config.max_evals} rounds"
             return self._finish(converged=False)
-        extra = self._model_step(cur) if newton is not None and self._model_ok else None
+        # the caller's model only where the Newton step may fall short (it costs local work)
+        extra = self._model_step(cur) if newton is not None and self._model_ok and dec >= self.config.tol ** 0.5 \
+            else None
         if dec < self.config.near or (extra is not None and dec < self.config.near_model):
             self.final_candidate = True
             step = newton if extra is None else extra.step

@@ -24,7 +24,7 @@ from that one-shot estimate (or, where a site refused, from the set-up sums in t
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import comb
 
 import numpy as np
@@ -165,11 +165,11 @@ def _moment_blocks(d: Design, starts, levels, keep, order: int) -> dict:
     A cbind(successes, failures) row stands for its trials as Bernoulli observations (``y`` ones and
     ``m − y`` zeros with the row's covariates): the moments are those of that expanded data, whose
     likelihood is the binomial one up to a constant."""
-    from ..pseudodata import monomials
+    from ..pseudodata import _mono_values, monomials
 
     names, V = moment_variables(d)
     expo = monomials(V.shape[1], order)
-    xpart = np.prod(V[:, None, 1:] ** expo[None, :, 1:], axis=2)                   # (n, M) without y
+    xpart = _mono_values(V[:, 1:], expo[:, 1:])                                      # (n, M) without y
     with_y = expo[:, 0] > 0
     if np.all(d.trials == 1.0):
         rows = xpart * V[:, [0]] ** expo[None, :, 0]
@@ -534,7 +534,9 @@ def fit_hybrid(transport, formula: str, family: Family, options: FitOptions = Fi
         # the one-shot estimate from the groups the sites did send (all of them, unless some were small);
         # it is only a start, so if it cannot be had the Newton rounds start from the site totals
         try:
-            first, _, virtual = _virtual_fit(merged, replies, formula, family, options, seed)
+            # only a start: the pseudo-data fit need not be polished
+            loose = replace(options, newton=replace(options.newton, tol=1e-4, near=1e-2))
+            first, _, virtual = _virtual_fit(merged, replies, formula, family, loose, seed)
         except (FedGLMMError, np.linalg.LinAlgError, ValueError):
             first = None
     if first is not None:
