@@ -417,3 +417,31 @@ def test_cli_withheld_note(tmp_path):
     out = json.loads(r.stdout)
     assert len(out["withheld"]["g"]) == 5
     assert any("withheld by site rules for 5 groups" in m for m in out["messages"])
+
+
+def test_cli_summarize_applies_the_site_rules(tmp_path, sites):
+    (a_file,) = _files(tmp_path, {"A": sites["A"]})
+    cfg = tmp_path / "site.toml"
+    cfg.write_text('[disclosure]\nmin_rows = 500\n\n[audit]\nlog = "audit.jsonl"\n')
+    out = tmp_path / "A.json"
+    args = ["summarize", str(a_file), "-f", FORMULA, "--family", "binomial", "-o", str(out), "--moments", "2",
+            "--site-config", str(cfg)]
+    r = runner.invoke(cli.app, args)
+    assert r.exit_code == 1 and not out.exists()
+    assert r.stderr.splitlines() == ["error: site 'A' refuses: 180 rows, fewer than the minimum of 500 "
+                                     "(min_rows in site.toml)"]
+    cfg.write_text('[disclosure]\nmin_group = 16\n\n[audit]\nlog = "audit.jsonl"\n')
+    r = runner.invoke(cli.app, args)
+    assert r.exit_code == 0, r.stderr
+    msg = json.loads(out.read_text())
+    assert msg["groups"] is None and "fewer than 16 observations" in msg["refused"]
+    from fedglmm.audit import read_log
+
+    entries = read_log(tmp_path / "audit.jsonl")
+    assert [e["kind"] for e in entries] == ["oneshot", "oneshot"]
+    assert "refused" in entries[0] and "sent" in entries[1]
+    # the file's content is the message logged: fitting from it gives the site's fit
+    cfg.write_text("[disclosure]\nmin_group = 10\n")
+    assert runner.invoke(cli.app, args).exit_code == 0
+    direct = fedglmm.fit_summaries([out], FORMULA, family="binomial")
+    assert direct.nobs == 180

@@ -223,6 +223,10 @@ def summarize(
         "--moments", min=2, max=4, help="Order K of the per-group moments (binomial/poisson).")] = 4,
     min_group: Annotated[int, typer.Option(
         "--min-group", min=1, help="Smallest group whose own summaries may leave the site.")] = 10,
+    site_config: Annotated[Optional[Path], typer.Option(
+        "--site-config", show_default=False,
+        help="This site's site.toml: its rules are applied (its min_group replaces --min-group) and the "
+             "message is recorded in its audit log.")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Write this site's one-shot message as readable JSON, for the data steward to review and send."""
@@ -234,7 +238,20 @@ def summarize(
     from .methods.oneshot import summarize as make_summary, to_jsonable
 
     frame = read_table(data)
-    msg = make_summary(frame, formula, family, link, site_id or data.stem, order=moments, min_group=min_group)
+    if site_config is not None:
+        from . import protocol
+        from .errors import SiteRefusal
+        from .site import Site
+        from .siteconfig import SiteConfig
+
+        # through the site itself: the same rules and the same audit line as a networked request
+        site = Site(site_id or data.stem, frame, config=SiteConfig.load(site_config))
+        req = protocol.request("oneshot", formula=formula, family=family, link=link, order=moments)
+        msg = protocol.decode(site.handle(protocol.encode(req)))
+        if "error" in msg:
+            raise SiteRefusal(msg["error"])
+    else:
+        msg = make_summary(frame, formula, family, link, site_id or data.stem, order=moments, min_group=min_group)
     try:
         output.write_text(json.dumps(to_jsonable(msg), indent=1) + "\n")
     except OSError as e:
