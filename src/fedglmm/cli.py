@@ -184,6 +184,9 @@ def fit(
     _check_model_options(ctx, formula, family, link)
     _check_json_target(ctx, json_out)
     data = list(data or [])
+    if summaries and site_config is not None:
+        raise UsageError("--site-config applies to sites fitted from data files; summaries were made under "
+                         "each site's own rules ('fedglmm summarize --site-config')", ctx=ctx)
     if summaries:
         # '--summaries a.json b.json': the option takes the first file, the rest arrive as arguments
         from .api import fit_summaries
@@ -376,10 +379,15 @@ site_app = typer.Typer(
     help="A site's side: its disclosure rules (site.toml) and its audit log.",
     add_completion=False,
     pretty_exceptions_enable=False,
-    no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(site_app, name="site")
+
+
+@site_app.callback(invoke_without_command=True)
+def _site_root(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
 
 
 @site_app.command("log")
