@@ -418,7 +418,7 @@ def surrogate_model(surrogate):
                 s = z - x
                 return fz + dg @ s + 0.5 * s @ dH @ s, gz + dg + dH @ s, Hz + dH
 
-            inner = TrustRegionNewton(x, NewtonConfig(tol=1e-10, near=1e-4, max_evals=25))
+            inner = TrustRegionNewton(x, NewtonConfig(tol=1e-10, near=1e-4, max_evals=8))
             pts = inner.starts
             while pts:
                 pts = inner.tell(pts, [S(z) for z in pts])
