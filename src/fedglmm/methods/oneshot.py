@@ -23,6 +23,7 @@ from that one-shot estimate (or, where a site refused, from the set-up sums in t
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, replace
 from math import comb
@@ -566,9 +567,14 @@ def fit_hybrid(transport, formula: str, family: Family, options: FitOptions = Fi
                     surrogate=surrogate)
     res = make_result(formula, family, options, st, core, transport, t0)
     if merged.refused:
-        res.messages.append("some one-shot summaries were not sent (" + merged.refused[0] + "); the Newton "
-                            "rounds started from " + ("the one-shot fit of the other groups" if start is not None
-                                                      else "site totals"))
+        counts = [re.search(r"(\d+) group\(s\)", r) for r in merged.refused]
+        ngr = sum(int(m.group(1)) for m in counts if m)
+        what = f"{ngr} group(s) at {len(merged.refused)} site(s), below a site's minimum size or the moment rule"
+        source = ("the sites' own fits combined with the one-shot fit of the other groups" if own and first is not None
+                  else "the sites' own fits" if own else
+                  "the one-shot fit of the other groups" if first is not None else "site totals")
+        res.messages.append(f"summaries of small groups stayed at their sites ({what}); the Newton rounds, "
+                            f"which use every group, started from {source}")
     return res
 
 
