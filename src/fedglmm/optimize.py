@@ -78,7 +78,8 @@ class TrustRegionNewton:
     history: list = field(default_factory=list)
 
     starts: list | None = None      # further starting points, evaluated in the first round with x0
-    model: object = None            # optional model(x, f, g, H) -> (step, predicted decrease) or None
+    model: object = None            # optional model(x, f, g, H) -> (step, predicted decrease) or None;
+                                    # its optional model.observe(x, f, g, H) sees every point evaluated
 
     def __post_init__(self):
         self.x0 = np.asarray(self.x0, float)
@@ -103,6 +104,11 @@ class TrustRegionNewton:
                for x, (f, g, H) in zip(xs, results)]
         ok = [np.isfinite(f) and np.all(np.isfinite(g)) and np.all(np.isfinite(H)) for _, f, g, H in pts]
         was_final, self.final_candidate, self.accepted = self.final_candidate, False, None
+        observe = getattr(self.model, "observe", None)
+        if observe is not None:
+            for (x, f, g, H), good in zip(pts, ok):
+                if good:
+                    observe(x, f, g, H)
         if self._cur is None:
             finite = [i for i in range(len(pts)) if ok[i]]
             if not finite:
@@ -141,8 +147,9 @@ class TrustRegionNewton:
         cur = self._cur
         newton = _newton_step(cur.g, cur.H)
         dec = -(cur.g @ newton) if newton is not None else np.inf
-        if dec < self.config.tol and was_final and self.accepted is not None:
+        if was_final and self.accepted is not None and (dec < self.config.tol or self._contracted(dec)):
             return self._finish(converged=True)
+        self._dec_prev = dec
         if self.evals >= self.config.max_evals:
             self.message = f"no convergence within {self.config.max_evals} rounds"
             return self._finish(converged=False)
@@ -151,8 +158,9 @@ class TrustRegionNewton:
             else None
         if dec < self.config.near or (extra is not None and dec < self.config.near_model):
             self.final_candidate = True
-            step = newton if extra is None else extra.step
-            self._cands = [_Candidate(step, dec / 2.0, 0.0, np.inf)]
+            step, pred = (newton, dec / 2.0) if extra is None else (extra.step, extra.pred)
+            d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
+            self._cands = [_Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf)]
             return [cur.x + step]
         self._cands = self._propose(cur.g, cur.H, newton)
         if extra is not None:
@@ -160,7 +168,7 @@ class TrustRegionNewton:
             self._cands.insert(0, extra)
         return [cur.x + c.step for c in self._cands]
 
-    def _model_step(self, cur) -> _Candidate | None:
+    def _model_step(self, cur, final: bool = False) -> _Candidate | None:
         """The step of the caller's model of F (e.g. a surrogate that the quadratic model corrects), as one
         more candidate of the round."""
         if self.model is None:
@@ -169,14 +177,31 @@ class TrustRegionNewton:
         if out is None:
             return None
         step, pred = np.asarray(out[0], float), float(out[1])
-        if not (np.all(np.isfinite(step)) and np.isfinite(pred) and pred > 0):
+        if not (np.all(np.isfinite(step)) and np.isfinite(pred) and (pred > 0 or final)):
             return None
         d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
         return _Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf)
 
+    def _contracted(self, dec: float) -> bool:
+        """Whether the final candidate, reached by a full step from a point with decrement d₀ in the
+        quadratic regime, has a decrement d (< 10·tol) whose observed contraction c = d/d₀² predicts a
+        decrement c·d² < tol² after its own Newton step: what d < tol promises when c ≤ 1."""
+        d0 = getattr(self, "_dec_prev", np.inf)
+        if not (dec < 10.0 * self.config.tol and d0 < self.config.near_model and d0 > 0):
+            return False
+        return dec ** 3 / d0 ** 2 < self.config.tol ** 2
+
     def _finish(self, converged: bool):
         self.point = self._cur.x if self._cur is not None else self.x0
         step = _newton_step(self._cur.g, self._cur.H) if converged else None
+        if step is not None and self.model is not None and self._model_ok \
+                and -(self._cur.g @ step) < 10.0 * self.config.tol:
+            # the caller's model carries the last step's higher-order terms; keep its step when it agrees
+            # with Newton's to within the Newton step's own size
+            extra = self._model_step(self._cur, final=True)
+            d = np.sqrt(np.abs(np.diag(self._cur.H)))
+            if extra is not None and np.linalg.norm(d * (extra.step - step)) <= np.linalg.norm(d * step):
+                step = extra.step
         self.solution = self.point + (step if step is not None else 0.0)
         self.converged = converged
         if converged and not self.message:

@@ -398,7 +398,9 @@ def surrogate_model(surrogate):
     and its minimiser is the step (found locally by trust-region Newton on S).  Where P's third and
     higher derivatives resemble F's, this step lands closer to F's minimiser than the Newton step does --
     the idea of the communication-efficient surrogate likelihood (Jordan, Lee & Yang 2019, JASA 114:668),
-    with pseudo-data in place of one site's own rows."""
+    with pseudo-data in place of one site's own rows.  The difference F − P has third derivatives too (from
+    groups the pseudo-data lack, above all): the change of its Hessian between the nearest other point the
+    sites evaluated and x_k gives them along that direction, added to S as a cubic term."""
     cache = {}
 
     def P(x):
@@ -408,15 +410,44 @@ def surrogate_model(surrogate):
             cache[key] = surrogate(x)
         return cache[key]
 
+    seen = []                    # points the sites evaluated: (x, H)
+    last = {}                    # the point the model was last asked at, and F − P's Hessian there
+
+    def observe(x, f, g, H):
+        seen.append((np.array(x, float), np.array(H, float)))
+        del seen[:-8]
+
     def model(x, f, g, H):
         try:
             fp, gp, Hp = P(x)
             dg, dH = g - gp, H - Hp
+            # the difference F − P along the path: its Hessian changed by M over the last move d, a
+            # secant estimate of its third derivative in that direction, kept as the cubic
+            # C(s) = (sᵀMs)(uᵀs)/6 with u = d/dᵀd (exact for s ∥ d; zero with its derivatives at s = 0)
+            M = u = None
+            w = np.abs(np.diag(H))
+            if "x" in last and np.any(last["x"] != x):         # along the path: from the last point
+                y, dHy = last["x"], last["dH"]
+            else:                                             # first round: the nearest other start
+                others = [(float(((y - x) ** 2) @ w), y, Hy) for y, Hy in seen if np.any(y != x)]
+                y, dHy = (None, None) if not others else (lambda t: (t[1], t[2] - P(t[1])[2]))(
+                    min(others, key=lambda t: t[0]))
+            if y is not None:
+                d = x - y
+                M, u = dH - dHy, d / (d @ d)
+                M = (M + M.T) / 2
+            last.update(x=np.array(x, float), dH=dH)
 
             def S(z):
                 fz, gz, Hz = P(z)
                 s = z - x
-                return fz + dg @ s + 0.5 * s @ dH @ s, gz + dg + dH @ s, Hz + dH
+                val, grad, hess = fz + dg @ s + 0.5 * s @ dH @ s, gz + dg + dH @ s, Hz + dH
+                if M is not None:
+                    Ms, us = M @ s, u @ s
+                    val += (s @ Ms) * us / 6.0
+                    grad = grad + Ms * us / 3.0 + (s @ Ms) * u / 6.0
+                    hess = hess + (M * us + np.outer(Ms, u) + np.outer(u, Ms)) / 3.0
+                return val, grad, hess
 
             inner = TrustRegionNewton(x, NewtonConfig(tol=1e-10, near=1e-4, max_evals=8))
             pts = inner.starts
@@ -427,6 +458,7 @@ def surrogate_model(surrogate):
         except (np.linalg.LinAlgError, ValueError, FloatingPointError):
             return None
 
+    model.observe = observe
     return model
 
 
