@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -13,6 +14,7 @@ from .methods.iterative import FitOptions, fit_iterative
 from .optimize import NewtonConfig
 from .results import FitResult
 from .site import Site
+from .siteconfig import SiteConfig
 from .transport import InProcessTransport
 
 
@@ -46,14 +48,26 @@ def split_sites(data, site: str | None = None) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def make_sites(data, site: str | None = None, min_group: int = 10) -> dict[str, Site]:
-    return {sid: Site(sid, frame, min_group=min_group) for sid, frame in split_sites(data, site).items()}
+def make_sites(data, site: str | None = None, min_group: int = 10,
+               config: SiteConfig | None = None) -> dict[str, Site]:
+    """One :class:`Site` per frame; ``config`` (the same rules for every site) replaces the permissive
+    in-process default, and its ``min_group`` then replaces ``min_group``."""
+    return {sid: Site(sid, frame, min_group=min_group, config=config) for sid, frame in split_sites(data, site).items()}
+
+
+def as_site_config(site_config) -> SiteConfig | None:
+    """None, a :class:`SiteConfig`, or the path of a ``site.toml``."""
+    if site_config is None or isinstance(site_config, SiteConfig):
+        return site_config
+    if isinstance(site_config, (str, Path)):
+        return SiteConfig.load(site_config)
+    raise InputError(f"site_config must be a SiteConfig or the path of a site.toml, not {type(site_config).__name__}")
 
 
 def fit(formula: str, data, family: str = "gaussian", link: str | None = None, nagq: int = 1,
         reml: bool = True, site: str | None = None, method: str = "iterative", curvature: str = "observed",
         moments: int | None = None, min_group: int = 10, penalty: float = 0.0, on_round: Callable[[int, str], None] | None = None,
-        newton: NewtonConfig | None = None) -> FitResult:
+        newton: NewtonConfig | None = None, site_config: SiteConfig | str | Path | None = None) -> FitResult:
     """Fit a (generalised) linear mixed model federated over sites.
 
     Parameters
@@ -75,10 +89,16 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
     curvature : the curvature in the Laplace / AGHQ determinant and node scaling for non-canonical links
         (probit, cloglog): ``observed`` (default, the exact Laplace approximation, as glmmTMB) or
         ``expected`` (Fisher weights, lme4's glmer).  Canonical links give the same either way.
+    site_config : disclosure rules applied by every site (a :class:`~fedglmm.siteconfig.SiteConfig` or
+        the path of a ``site.toml``); a site that refuses stops the fit with its one-line reason
+        (:class:`~fedglmm.errors.SiteRefusal`), and conditional modes of groups below its ``min_group``
+        come back as NaN.  Its ``min_group`` replaces ``min_group``.  Default: no rules but ``min_group``
+        for one-shot summaries.
     on_round : called as ``on_round(round_number, request_kind)`` after each round.
     """
     checked = _check_options(family, link, nagq, reml, method, curvature, moments, penalty, newton)
-    transport = InProcessTransport(make_sites(data, site, min_group), on_round=on_round)
+    config = as_site_config(site_config)
+    transport = InProcessTransport(make_sites(data, site, min_group, config), on_round=on_round)
     return _run(transport, formula, *checked)
 
 

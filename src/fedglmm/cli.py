@@ -1,4 +1,5 @@
-"""The command line: ``fedglmm fit``, ``fedglmm summarize``, ``fedglmm demo`` and ``fedglmm --version``.
+"""The command line: ``fedglmm fit``, ``fedglmm summarize``, ``fedglmm demo``, ``fedglmm site log`` and
+``fedglmm --version``.
 
 Output contract:
 
@@ -166,6 +167,10 @@ def fit(
     penalty: Annotated[float, typer.Option(
         "--penalty", min=0.0, help="λ of an L2 penalty λ‖β‖² on the fixed effects but the intercept "
                                    "(binomial, poisson).")] = 0.0,
+    site_config: Annotated[Optional[Path], typer.Option(
+        "--site-config", show_default=False,
+        help="A site.toml whose disclosure rules (and audit log) every site applies; its min_group replaces "
+             "--min-group.")] = None,
     json_out: JsonOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
@@ -193,10 +198,13 @@ def fit(
         raise UsageError(f"--site-column splits one file into sites, but {len(data)} files were given and "
                          "each file is already a site: give one file or drop --site-column", ctx=ctx)
     from .io import load_sites
+    from .siteconfig import SiteConfig
 
+    config = SiteConfig.load(site_config) if site_config is not None else None
     sites = load_sites(data, site_column)
     res = _run_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, quiet=quiet,
-                   curvature=curvature, method=method, moments=moments, min_group=min_group, penalty=penalty)
+                   curvature=curvature, method=method, moments=moments, min_group=min_group, penalty=penalty,
+                   site_config=config)
     _emit(res, json_out, quiet)
 
 
@@ -215,6 +223,10 @@ def summarize(
         "--moments", min=2, max=4, help="Order K of the per-group moments (binomial/poisson).")] = 4,
     min_group: Annotated[int, typer.Option(
         "--min-group", min=1, help="Smallest group whose own summaries may leave the site.")] = 10,
+    site_config: Annotated[Optional[Path], typer.Option(
+        "--site-config", show_default=False,
+        help="This site's site.toml: its rules are applied (its min_group replaces --min-group) and the "
+             "message is recorded in its audit log.")] = None,
     debug: DebugOption = False,
 ) -> None:
     """Write this site's one-shot message as readable JSON, for the data steward to review and send."""
@@ -226,7 +238,20 @@ def summarize(
     from .methods.oneshot import summarize as make_summary, to_jsonable
 
     frame = read_table(data)
-    msg = make_summary(frame, formula, family, link, site_id or data.stem, order=moments, min_group=min_group)
+    if site_config is not None:
+        from . import protocol
+        from .errors import SiteRefusal
+        from .site import Site
+        from .siteconfig import SiteConfig
+
+        # through the site itself: the same rules and the same audit line as a networked request
+        site = Site(site_id or data.stem, frame, config=SiteConfig.load(site_config))
+        req = protocol.request("oneshot", formula=formula, family=family, link=link, order=moments)
+        msg = protocol.decode(site.handle(protocol.encode(req)))
+        if "error" in msg:
+            raise SiteRefusal(msg["error"])
+    else:
+        msg = make_summary(frame, formula, family, link, site_id or data.stem, order=moments, min_group=min_group)
     try:
         output.write_text(json.dumps(to_jsonable(msg), indent=1) + "\n")
     except OSError as e:
@@ -282,7 +307,7 @@ def _stderr_is_terminal() -> bool:
 
 
 def _run_fit(formula, sites, *, family, link, nagq, reml, quiet, label="fitting", curvature="observed",
-             method="iterative", moments=None, min_group=10, penalty=0.0):
+             method="iterative", moments=None, min_group=10, penalty=0.0, site_config=None):
     from .api import fit as api_fit
 
     with warnings.catch_warnings(record=True) as caught:
@@ -290,7 +315,7 @@ def _run_fit(formula, sites, *, family, link, nagq, reml, quiet, label="fitting"
         with _progress(quiet, label) as on_round:
             res = api_fit(formula, sites, family=family, link=link, nagq=nagq, reml=reml, on_round=on_round,
                           curvature=curvature, method=method, moments=moments, min_group=min_group,
-                          penalty=penalty)
+                          penalty=penalty, site_config=site_config)
     if not quiet:
         shown = set()
         for w in caught:
@@ -342,6 +367,94 @@ def demo(ctx: typer.Context, json_out: JsonOption = None, quiet: QuietOption = F
             f"{res.rounds} rounds, {res.bytes_to_sites:,} bytes sent to the sites and "
             f"{res.bytes_from_sites:,} bytes back; no row left its site.")
     _emit(res, json_out, quiet, note=note)
+
+
+# --- site ------------------------------------------------------------------------------------------
+
+site_app = typer.Typer(
+    name="site",
+    help="A site's side: its disclosure rules (site.toml) and its audit log.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(site_app, name="site")
+
+
+@site_app.command("log")
+def site_log(
+    path: Annotated[Path, typer.Argument(metavar="PATH", show_default=False,
+                                         help="The site's audit log (JSON lines).")],
+    json_lines: Annotated[bool, typer.Option("--json", help="Print the raw JSON lines.")] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Show a site's audit log: each request, its size, and the fields sent or the reason refused."""
+    _state["debug"] = _state["debug"] or debug
+    import json
+
+    from .audit import read_log
+
+    entries = read_log(path)
+    if json_lines:
+        for entry in entries:
+            typer.echo(json.dumps(entry, separators=(",", ":"), ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"audit log {path}: {len(entries)} request{'s' if len(entries) != 1 else ''}",
+                  title_justify="left")
+    table.add_column("time (UTC)", no_wrap=True)
+    table.add_column("site", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("bytes in/out", justify="right", no_wrap=True)
+    table.add_column("sent", overflow="fold", ratio=1)
+    for e in entries:
+        if "refused" in e:
+            what = f"[bold red]REFUSED[/]: {_escape(e['refused'])}"
+        else:
+            what = _escape(_fields_text(e.get("sent") or []))
+        when = str(e.get("time", "")).replace("T", " ")[:19]
+        table.add_row(_escape(when), _escape(str(e.get("site", ""))),
+                      _escape(str(e.get("kind", ""))),
+                      f"{e.get('request_bytes', '?')}/{e.get('reply_bytes', '?')}", what)
+    Console(soft_wrap=False, highlight=False).print(table)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _fields_text(fields: list) -> str:
+    """The fields sent, compactly: ``xtx[6×6]``; a table of names as ``columns{9}``; a list of replies
+    per point as ``points[3]{value, grad[7], hess[7×7]}`` (the fields of its first item)."""
+    import re
+
+    def one(name: str, shape) -> str:
+        return f"{name}[{'×'.join(map(str, shape))}]" if shape else name
+
+    groups: dict[str, list] = {}
+    for f in fields:
+        name = str(f.get("name", ""))
+        top = re.split(r"[.\[]", name, maxsplit=1)[0]
+        groups.setdefault(top, []).append((name[len(top):], f.get("shape") or []))
+    parts = []
+    for top, items in groups.items():
+        if len(items) == 1 and items[0][0] == "":
+            parts.append(one(top, items[0][1]))
+        elif items[0][0].startswith("["):
+            count = len({rest.split("]", 1)[0] for rest, _ in items})
+            first = items[0][0].split("]", 1)[0] + "]"
+            inner = [one(rest[len(first):].lstrip("."), shape) for rest, shape in items if rest.startswith(first)]
+            parts.append(f"{top}[{count}]{{{', '.join(inner)}}}")
+        elif all(not shape for _, shape in items):
+            parts.append(f"{top}{{{len(items)}}}")
+        else:
+            parts.append(f"{top}{{{', '.join(one(rest.lstrip('.'), shape) for rest, shape in items)}}}")
+    return ", ".join(parts)
 
 
 def main() -> None:

@@ -110,17 +110,27 @@ class FitResult:
     def ranef(self, condvar: bool = False):
         """Conditional modes of the random effects (a DataFrame indexed by group level).
 
-        With ``condvar=True`` returns ``(modes, conditional_sds)``.
+        With ``condvar=True`` returns ``(modes, conditional_sds)``.  Groups whose site withheld their modes
+        (groups below its ``min_group``, see :class:`fedglmm.siteconfig.SiteConfig`) have NaN rows; their
+        labels are :attr:`withheld`.
         """
         if self.modes is None:
             raise ValueError("this model has no random effects")
         return (self.modes, self.condsd) if condvar else self.modes
 
+    @property
+    def withheld(self) -> list:
+        """Group levels whose conditional modes their site did not send (its ``min_group`` rule)."""
+        if self.modes is None:
+            return []
+        return list(self.modes.index[self.modes.isna().all(axis=1).to_numpy()])
+
     def predict(self, newdata: pd.DataFrame, conditional: bool = True, type: str = "link") -> np.ndarray:
         """Predictions for new rows: on the link scale (lme4's default) or ``type="response"``.
 
         ``conditional=True`` adds each row's group's conditional mode (0 for a level not in the fit, as
-        lme4's ``allow.new.levels``); ``False`` gives the population-level prediction.
+        lme4's ``allow.new.levels``, and 0 for a group whose modes were withheld: its rows get the
+        population-level prediction); ``False`` gives the population-level prediction.
         """
         from .design import new_data_matrices
 
@@ -155,6 +165,8 @@ class FitResult:
             out["ranef"] = {self.group_name: {
                 str(lv): {"mode": _fdict(self.modes.loc[lv]), "condsd": _fdict(self.condsd.loc[lv])}
                 for lv in self.modes.index}}
+            if self.withheld:
+                out["withheld"] = {self.group_name: [str(lv) for lv in self.withheld]}
         return out
 
     def to_json(self, path=None, indent: int = 2) -> str:

@@ -3,31 +3,48 @@
 A site never imports the optimiser and never sends a row.  Each request arrives as bytes
 (:mod:`fedglmm.protocol`) and each reply leaves as bytes; a user error inside the site becomes a reply
 ``{"error": "<one line>"}`` so the coordinator can stop the fit with the site's own message.
+
+A site applies its disclosure rules (:class:`fedglmm.siteconfig.SiteConfig`) before anything leaves:
+it refuses a request whose answer would break one (too few rows, a small factor level or outcome class,
+too many parameters per row, a column outside its allowed list), and it withholds the conditional modes
+of groups smaller than its ``min_group``.  With an audit log (:mod:`fedglmm.audit`) it appends one line
+per request: what was asked, what was sent (names, shapes, hashes) or why it refused.
 """
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import protocol
-from .design import build_design, describe_frame
-from .errors import FedGLMMError
+from .audit import AuditLog
+from .design import _kind, _labels, _level_columns, build_design, describe_frame
+from .errors import FedGLMMError, SiteRefusal
 from .families import get_family
-from .formula import parse_formula
+from .formula import parse_formula, variables
 from .gaussian import LMMSums
 from .likelihood import GLMMLikelihood
+from .siteconfig import SiteConfig
 from .spec import Schema
 
 
 class Site:
     """One institution's data behind the protocol."""
 
-    def __init__(self, site_id: str, frame: pd.DataFrame, min_group: int = 10):
+    def __init__(self, site_id: str, frame: pd.DataFrame, min_group: int = 10, config: SiteConfig | None = None,
+                 audit: AuditLog | str | None = None):
+        """``config=None``: no rules but ``min_group`` for one-shot blocks (:meth:`SiteConfig.permissive`);
+        with a config, its ``min_group`` governs.  ``audit``: an :class:`AuditLog` or its path (default:
+        the config's ``audit_log``, if any)."""
         self.site_id = str(site_id)
         self.frame = frame
-        self.min_group = int(min_group)   # smallest group whose own summaries may leave (one-shot)
+        self.config = SiteConfig.permissive(min_group) if config is None else config
+        self.min_group = int(self.config.min_group)   # smallest group whose own outputs may leave
+        if audit is None and self.config.audit_log:
+            audit = self.config.audit_log
+        self.audit = AuditLog(audit) if isinstance(audit, (str, Path)) else audit
         self.design = None
         self.family = None
         self._engine = None
@@ -36,7 +53,21 @@ class Site:
 
     # --- the boundary -------------------------------------------------------------------------------
     def handle(self, data: bytes) -> bytes:
-        """Answer one encoded request with one encoded reply."""
+        """Answer one encoded request with one encoded reply (and log both when auditing)."""
+        reply, kind = self._answer(data)
+        out = protocol.encode(reply)
+        if self.audit is not None:
+            try:
+                self.audit.record(self.site_id, kind, data, out, reply)
+            except (OSError, ValueError, TypeError) as exc:
+                # nothing leaves that the log does not show
+                reply = {"error": f"site '{self.site_id}': cannot write its audit log ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())})"}
+                out = protocol.encode(reply)
+        return out
+
+    def _answer(self, data: bytes) -> tuple[dict, str | None]:
+        kind = None
         try:
             req = protocol.decode(data)
             kind = req.get("kind")
@@ -51,12 +82,67 @@ class Site:
         except Exception as exc:      # nothing but a one-line reply may leave the site, never a traceback
             reply = {"error": f"site '{self.site_id}': could not answer the request: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-        return protocol.encode(reply)
+        return reply, kind if isinstance(kind, str) else None
+
+    # --- disclosure rules ---------------------------------------------------------------------------
+    def _refuse(self, what: str, key: str):
+        raise SiteRefusal(f"site '{self.site_id}' refuses: {what} ({self.config.where(key)})")
+
+    def _check_frame_rules(self, spec) -> None:
+        """Rules checked before the frame is read: allowed columns and the row count."""
+        cfg = self.config
+        if cfg.allowed_columns is not None:
+            bad = [c for c in variables(spec) if c not in cfg.allowed_columns]
+            if bad:
+                cols = ", ".join(f"'{c}'" for c in bad)
+                self._refuse(f"column{'s' if len(bad) > 1 else ''} {cols} {'are' if len(bad) > 1 else 'is'} "
+                             "not among its allowed columns", "allowed_columns")
+        if cfg.min_rows and len(self.frame) < cfg.min_rows:
+            self._refuse(f"{len(self.frame)} rows, fewer than the minimum of {cfg.min_rows}", "min_rows")
+
+    def _check_cells(self, spec) -> None:
+        """Every level present here of every factor the model uses has at least ``min_cell`` rows."""
+        cfg = self.config
+        if not cfg.min_cell:
+            return
+        kinds = {str(c): _kind(dt) for c, dt in self.frame.dtypes.items()}
+        for col in _level_columns(spec, kinds):
+            counts = pd.Series(_labels(self.frame[col])).value_counts(sort=False)
+            small = counts[counts < cfg.min_cell]
+            if len(small):
+                level = sorted(small.index, key=str)[0]
+                self._refuse(f"column '{col}' level '{level}' has {int(small[level])} rows, fewer than the "
+                             f"minimum of {cfg.min_cell}", "min_cell")
+
+    def _check_model_rules(self, spec, n: int, p: int, ntheta: int, family, successes=None, trials=None):
+        """Rules on the model: parameters per row and the binomial outcome classes."""
+        cfg = self.config
+        k = p + ntheta
+        if np.isfinite(cfg.max_params_per_row) and (n == 0 or k / n > cfg.max_params_per_row):
+            ratio = "no rows" if n == 0 else f"{k / n:.3g} per row"
+            self._refuse(f"{k} parameters ({p} fixed-effect column{'s' if p != 1 else ''}, {ntheta} covariance "
+                         f"parameter{'s' if ntheta != 1 else ''}) for {n} rows "
+                         f"is {ratio}, more than the maximum of {cfg.max_params_per_row:g}", "max_params_per_row")
+        if cfg.min_cell and family.name == "binomial":
+            for what, count in (("successes", successes), ("failures", trials - successes)):
+                if count < cfg.min_cell:
+                    self._refuse(f"outcome '{spec.response}' has {count:g} {what}, fewer than the minimum of "
+                                 f"{cfg.min_cell}", "min_cell")
+
+    def _group_sizes(self, d) -> np.ndarray:
+        """Observations per group: rows, or trials for ``cbind`` binomial outcomes (as the one-shot rule)."""
+        weight = d.trials if self.family is not None and self.family.name == "binomial" else np.ones(d.n)
+        return np.add.reduceat(weight, d.starts)
 
     # --- handlers -----------------------------------------------------------------------------------
     def _on_describe(self, req):
         spec = parse_formula(req["formula"])
-        out = {"site": self.site_id, **describe_frame(self.frame, spec, self.site_id)}
+        self._check_frame_rules(spec)
+        desc = describe_frame(self.frame, spec, self.site_id)
+        self._check_cells(spec)
+        if self.config.allowed_columns is not None:       # no other column's name leaves
+            desc["columns"] = {c: k for c, k in desc["columns"].items() if c in self.config.allowed_columns}
+        out = {"site": self.site_id, **desc}
         self._described = req["formula"]
         return out
 
@@ -67,14 +153,33 @@ class Site:
     def _on_oneshot(self, req):
         from .methods.oneshot import summarize
 
-        return summarize(self.frame, req["formula"], req["family"], req.get("link"), self.site_id,
-                         order=req.get("order"), min_group=self.min_group)
+        spec = parse_formula(req["formula"])
+        self._check_frame_rules(spec)
+        msg = summarize(self.frame, req["formula"], req["family"], req.get("link"), self.site_id,
+                        order=req.get("order"), min_group=self.min_group)
+        self._check_cells(spec)
+        if self.config.allowed_columns is not None:
+            desc = msg["description"]
+            desc["columns"] = {c: k for c, k in desc["columns"].items() if c in self.config.allowed_columns}
+        sums = msg["sums"]
+        self._check_model_rules(spec, msg["n"], len(msg["x_names"]), int(np.sum(msg["theta_mask"])),
+                                get_family(req["family"], req.get("link")), sums.get("st_sy"), sums.get("st_sv"))
+        return msg
 
     def _on_setup(self, req):
         spec = parse_formula(req["formula"])
-        self.family = get_family(req["family"], req.get("link"))
+        self.design, self.family = None, None
+        if self.frame is not None:
+            self._check_frame_rules(spec)
+        family = get_family(req["family"], req.get("link"))
         schema = Schema(kinds=dict(req["schema"]["kinds"]), levels={k: list(v) for k, v in req["schema"]["levels"].items()})
-        self.design = d = self._build(req, spec, schema)
+        self.family = family
+        d = self._build(req, spec, schema)
+        if self.frame is not None:
+            self._check_cells(spec)
+            self._check_model_rules(spec, d.n, d.X.shape[1], int(np.sum(d.theta_mask)), family,
+                                    float(d.y.sum()), float(d.trials.sum()))
+        self.design = d
         self.nagq = int(req.get("nagq", 1))
         self.curvature = str(req.get("curvature", "observed"))
         self._engine, self._transform = None, None
@@ -127,7 +232,14 @@ class Site:
             modes, sds = eng.conditional_modes(req["point"], np.asarray(req["beta_internal"]), float(req["sigma"]))
         else:
             modes, sds = eng.conditional_modes(req["point"])
-        reply.update({"levels": list(d.group_levels), "modes": modes, "condsd": sds})
+        if not self.config.withhold_modes:
+            reply.update({"levels": list(d.group_levels), "modes": modes, "condsd": sds})
+            return reply
+        keep = self._group_sizes(d) >= self.min_group
+        levels = np.asarray(d.group_levels, dtype=object)
+        # a withheld group's label was already sent in `describe`; nothing computed for it is sent
+        reply.update({"levels": levels[keep].tolist(), "modes": np.asarray(modes)[keep],
+                      "condsd": np.asarray(sds)[keep], "withheld": levels[~keep].tolist()})
         return reply
 
 def start_sums(d, family) -> dict:

@@ -200,10 +200,19 @@ def make_result(formula, family, options, st: Setup, core: dict, transport, t0, 
         lam[r_idx, c_idx] = theta
         scale2 = core.get("sigma2", 1.0)
         cov_re = pd.DataFrame(scale2 * lam @ lam.T, index=znames, columns=znames)
-        levels = [lv for r in final.values() for lv in r["levels"]]
-        modes = pd.DataFrame(np.vstack([r["modes"] for r in final.values()]) / zs, index=levels, columns=znames)
-        condsd = pd.DataFrame(np.vstack([r["condsd"] for r in final.values()]) / zs, index=levels,
-                              columns=znames)
+        # a site may withhold the modes of its small groups (its min_group rule): they are NaN here
+        withheld = [lv for r in final.values() for lv in r.get("withheld", [])]
+        levels = [lv for r in final.values() for lv in r["levels"]] + withheld
+        gap = np.full((len(withheld), q), np.nan)
+        modes = pd.DataFrame(np.vstack([np.reshape(r["modes"], (-1, q)) for r in final.values()] + [gap]) / zs,
+                             index=levels, columns=znames)
+        condsd = pd.DataFrame(np.vstack([np.reshape(r["condsd"], (-1, q)) for r in final.values()] + [gap]) / zs,
+                              index=levels, columns=znames)
+        if withheld:
+            core["messages"].append(f"conditional modes withheld by site rules for {len(withheld)} group"
+                                    f"{'s' if len(withheld) != 1 else ''} (smaller than a site's min_group): "
+                                    "ranef() shows NaN for them and predict() gives them the population-level "
+                                    "prediction")
         order = _natural_order(np.asarray(levels, dtype=str))
         modes, condsd = modes.iloc[order], condsd.iloc[order]
     if method is None:
