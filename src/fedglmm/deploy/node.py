@@ -75,23 +75,16 @@ def supernode_command(superlink: str, site_id: str, *, root_certificates=None, i
     return cmd
 
 
-def make_site(data: Path, site_id: str, config=None, audit=None, min_group: int = 10):
-    """The site object for ``data`` (with the site's disclosure rules when given)."""
+def make_site(data: Path, site_id: str, config=None, audit=None):
+    """The site object for ``data``, under the rules of ``config`` (a site.toml; default: the strict
+    defaults of :class:`~fedglmm.siteconfig.SiteConfig`), logging to ``audit`` (default: the config's)."""
     from ..io import read_table
     from ..site import Site
+    from ..siteconfig import SiteConfig
 
+    rules = SiteConfig.load(config) if config is not None else SiteConfig()
     frame = read_table(data)
-    extra = {}
-    if config is not None or audit is not None:
-        try:
-            from ..siteconfig import SiteConfig
-        except ImportError:
-            raise InputError("--config and --audit need site rules (fedglmm.siteconfig), "
-                             "which this fedglmm does not have") from None
-        extra["config"] = SiteConfig.load(config) if config is not None else SiteConfig()
-        if audit is not None:
-            extra["audit"] = str(audit)
-    return Site(site_id, frame, min_group=min_group, **extra)
+    return Site(site_id, frame, config=rules, audit=str(audit) if audit is not None else None)
 
 
 class TaskServer:
