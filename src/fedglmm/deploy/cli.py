@@ -165,12 +165,18 @@ def site_start(
         "--insecure", help="No TLS: only to a coordinator on a loopback address.")] = False,
 ) -> None:
     """Serve this site's data to a coordinator: answers with sums, under the site's rules, until stopped."""
-    from .node import make_site, run_site
+    from .node import check_insecure, make_site, run_site, split_address
 
     if not data.is_file():
         raise InputError(f"--data '{data}' is not a file")
-    if insecure and root_certificates is not None:
-        raise InputError("--insecure runs without TLS: drop --root-certificates")
+    split_address(superlink, "--superlink")
+    if insecure:
+        check_insecure(superlink, "--superlink")
+        if root_certificates is not None:
+            raise InputError("--insecure runs without TLS: drop --root-certificates")
+    for path, what in ((root_certificates, "--root-certificates"), (auth_key, "--auth-key"), (config, "--config")):
+        if path is not None and not path.is_file():
+            raise InputError(f"{what} '{path}' is not a file")
     _need_flower()
     site = make_site(data, site_id, config=config, audit=audit)
     typer.echo(f"site '{site_id}': {len(site.frame)} rows from {data}; connecting to {superlink}", err=True)
