@@ -282,3 +282,15 @@ def test_fedglmm_runs_without_flower(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip() == "error: --federation needs Flower: pip install 'fedglmm[flower]'"
+
+
+def test_a_node_gone_before_the_fit_is_left_out(flower_identity):
+    """A node the SuperLink still lists but that answers with Flower's 'node unavailable' error."""
+    from fedglmm.transport.flower import FederationError, FlowerTransport
+
+    grid = FakeGrid(_sites(), broken={"west"})
+    t = FlowerTransport(grid, expected=3, connect_timeout=1, poll=0.001)
+    t.connect()
+    assert t.site_ids == ["east", "north", "south"]
+    with pytest.raises(FederationError, match="^3 sites answered at the federation, expected 4"):
+        FlowerTransport(grid, expected=4, connect_timeout=0.3, poll=0.001).connect()

@@ -117,6 +117,9 @@ class TaskServer:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest
         from flwr.supercore.constant import TaskType
 
+        from ..transport.flower import short_object_backoff
+
+        short_object_backoff()
         acquire = self._client()
         request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
         while not self.stopped.is_set():
