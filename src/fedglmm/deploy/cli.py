@@ -219,4 +219,5 @@ def fit_federated(address: str, formula: str, *, root_certificates, insecure: bo
         check_insecure(address, "--federation")
     with federation(address, root_certificates=root_certificates, insecure=insecure, sites=sites,
                     timeout=timeout, on_round=on_round) as transport:
+        transport.connect()             # wait for the sites first: the fit's time is the fit's
         return fit_on(transport, formula, **options)

@@ -170,8 +170,12 @@ class TaskServer:
 
 
 def run_site(site, superlink: str, *, root_certificates=None, insecure: bool = False, auth_key=None,
-             port: int = 9094, on_start=None) -> int:
-    """Serve ``site`` to the federation at ``superlink`` until the SuperNode exits; its exit code."""
+             port: int = 9094, on_start=None, retry_for: float = 120.0, retry_wait: float = 5.0) -> int:
+    """Serve ``site`` to the federation at ``superlink`` until the SuperNode exits; its exit code.
+
+    A SuperNode that fails within 20 s of its start (the coordinator refused or could not be reached) is
+    started again every ``retry_wait`` seconds for up to ``retry_for`` seconds.
+    """
     if insecure:
         check_insecure(superlink, "--superlink")
     for path, what in ((root_certificates, "--root-certificates"), (auth_key, "--auth-key")):
@@ -179,20 +183,37 @@ def run_site(site, superlink: str, *, root_certificates=None, insecure: bool = F
             raise InputError(f"{what} '{path}' is not a file")
     cmd = supernode_command(superlink, site.site_id, root_certificates=root_certificates, insecure=insecure,
                             auth_key=auth_key, port=port)
-    proc = subprocess.Popen(cmd, env=flower_env())
     tasks = TaskServer(site, f"127.0.0.1:{port}").start()
-    if on_start is not None:
-        on_start(proc)
+    state = {"proc": None, "stopping": False}
 
     def stop(signum, _frame):
-        proc.send_signal(signum)
+        state["stopping"] = True
+        if state["proc"] is not None and state["proc"].poll() is None:
+            state["proc"].send_signal(signum)
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    first = time.monotonic()
     try:
-        return proc.wait()
+        while True:
+            started = time.monotonic()
+            proc = state["proc"] = subprocess.Popen(cmd, env=flower_env())
+            if on_start is not None:
+                on_start(proc)
+            code = proc.wait()
+            # A site restarted right after a crash is refused until the SuperLink gives up on its previous
+            # connection (two missed heartbeats, about a minute): keep trying for a while.
+            quick = time.monotonic() - started < 20
+            if state["stopping"] or code == 0 or not quick or time.monotonic() - first > retry_for:
+                return code
+            print(f"site '{site.site_id}': the coordinator did not accept the connection (yet); trying again "
+                  f"in {retry_wait:g} s", file=sys.stderr, flush=True)
+            time.sleep(retry_wait)
+            if state["stopping"]:
+                return code
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         tasks.stop()
-        if proc.poll() is None:
+        proc = state["proc"]
+        if proc is not None and proc.poll() is None:
             proc.kill()
