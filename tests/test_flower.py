@@ -212,3 +212,50 @@ def test_a_site_killed_mid_fit_gives_a_clear_error_in_time(fed):
     assert msg.startswith("site 'south' ") and "round 4" in msg, msg
     assert "did not answer" in msg or "failed" in msg
     assert waited < TIMEOUT + 5
+
+
+def _own_address() -> str | None:
+    """This host's address on its default route, if it has one that is not loopback."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.123", 9))          # no packet is sent
+            ip = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_only_the_fleet_api_answers_other_machines(tmp_path):
+    """Bound to all interfaces, the SuperLink takes runs from loopback only; sites' Fleet API is open."""
+    import httpx
+
+    ip = _own_address()
+    if ip is None:
+        pytest.skip("this host has no non-loopback address")
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(tmp_path / "flwr"))
+    certs = tmp_path / "certs"
+    subprocess.run(_cli("certs", certs, "--host", ip), check=True, capture_output=True, env=env)
+    port = _free_port()
+    procs = Procs(tmp_path, env)
+    try:
+        procs.start("coordinator", _cli("coordinator", "start", "--address", f"0.0.0.0:{port}",
+                                         "--certificates", certs, "--no-node-auth"))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.post(f"https://127.0.0.1:{port}/v1/fleet/get-run", verify=str(certs / "ca.pem"))
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, procs.log("coordinator")
+                time.sleep(0.2)
+        outside = {p: httpx.post(f"https://{ip}:{port}{p}", verify=str(certs / "ca.pem")).status_code
+                   for p in ("/v1/control/start-run", "/v1/runtime/acquire-task", "/v1/fleet/get-run")}
+        assert outside["/v1/control/start-run"] == 403 and outside["/v1/runtime/acquire-task"] == 403
+        assert outside["/v1/fleet/get-run"] != 403
+        from fedglmm.transport.flower import federation
+
+        with pytest.raises(FedGLMMError, match="takes fits only from its own machine"):
+            with federation(f"{ip}:{port}", root_certificates=certs / "ca.pem", sites=1, timeout=2):
+                pass
+    finally:
+        procs.close()

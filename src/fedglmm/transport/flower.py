@@ -309,6 +309,9 @@ def federation(address: str, *, root_certificates=None, insecure: bool = False, 
                                                      *interceptors])
 
     def unreachable(exc) -> FederationError:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 403:
+            return FederationError(f"the SuperLink at {address} takes fits only from its own machine: run the "
+                                   "fit on the coordinator with --federation 127.0.0.1:PORT")
         return FederationError(f"cannot reach the SuperLink at {address}: {_one_line(exc)}")
 
     fab = build_fab()
