@@ -55,7 +55,7 @@ def superlink_args(host: str, port: int, certificates: Path | None, auth: bool) 
     return args
 
 
-def register_keys(local: str, keys, ca: Path | None, deadline: float) -> None:
+def register_keys(local: str, keys, ca: Path | None, deadline: float, alive=lambda: True) -> None:
     """Authorise the sites' public keys at the SuperLink's Control API (on loopback)."""
     import httpx
     from flwr.proto.control_pb2 import RegisterNodeRequest
@@ -73,6 +73,8 @@ def register_keys(local: str, keys, ca: Path | None, deadline: float) -> None:
             try:
                 client.RegisterNode(RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name))
             except httpx.TransportError:
+                if not alive():
+                    return                      # the SuperLink did not start: its exit code says why
                 if time.monotonic() > deadline:
                     raise FedGLMMError(f"the SuperLink at {local} did not start") from None
                 time.sleep(0.2)
@@ -125,10 +127,12 @@ def coordinator_start(
     try:
         if keys:
             register_keys(f"127.0.0.1:{port}", keys, None if insecure else certificates / "ca.pem",
-                          time.monotonic() + 60)
-            typer.echo(f"authorised {len(keys)} site key{'s' if len(keys) != 1 else ''}", err=True)
-        typer.echo(f"coordinator: sites connect to {address}; fits run here with "
-                   f"'fedglmm fit --federation 127.0.0.1:{port}'", err=True)
+                          time.monotonic() + 60, alive=lambda: proc.poll() is None)
+            if proc.poll() is None:
+                typer.echo(f"authorised {len(keys)} site key{'s' if len(keys) != 1 else ''}", err=True)
+        if proc.poll() is None:
+            typer.echo(f"coordinator: sites connect to {address}; fits run here with "
+                       f"'fedglmm fit --federation 127.0.0.1:{port}'", err=True)
         code = proc.wait()
     except KeyboardInterrupt:
         code = 0
