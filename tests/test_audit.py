@@ -214,3 +214,8 @@ def test_cli_site_log_errors_are_one_line(tmp_path):
 def test_cli_site_group_help():
     r = runner.invoke(cli.app, ["site", "--help"])
     assert r.exit_code == 0 and "log" in r.stdout
+
+
+def test_cli_site_without_command_shows_help():
+    r = runner.invoke(cli.app, ["site"])
+    assert r.exit_code == 0 and "log" in r.stdout and r.stderr == ""

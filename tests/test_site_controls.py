@@ -445,3 +445,13 @@ def test_cli_summarize_applies_the_site_rules(tmp_path, sites):
     assert runner.invoke(cli.app, args).exit_code == 0
     direct = fedglmm.fit_summaries([out], FORMULA, family="binomial")
     assert direct.nobs == 180
+
+
+def test_cli_site_config_not_with_summaries(tmp_path):
+    cfg = tmp_path / "site.toml"
+    cfg.write_text("")
+    r = runner.invoke(cli.app, ["fit", "-f", FORMULA, "--summaries", str(tmp_path / "a.json"),
+                                "--site-config", str(cfg)])
+    assert r.exit_code == 2
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("error: --site-config applies to sites fitted from data files")

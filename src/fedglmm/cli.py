@@ -199,9 +199,9 @@ def fit(
     _check_json_target(ctx, json_out)
     data = list(data or [])
     if federation is not None:
-        if data or summaries or site_column is not None:
-            raise UsageError("--federation fits over the connected sites: give no data files, --summaries "
-                             "or --site-column", ctx=ctx)
+        if data or summaries or site_column is not None or site_config is not None:
+            raise UsageError("--federation fits over the connected sites, under their own rules: give no data "
+                             "files, --summaries, --site-column or --site-config", ctx=ctx)
         res = _run_fit(formula, None, family=family, link=link, nagq=nagq, reml=reml, quiet=quiet,
                        curvature=curvature, method=method, moments=moments, penalty=penalty,
                        federation=dict(address=federation, root_certificates=root_certificates,
@@ -210,6 +210,9 @@ def fit(
         return
     if sites_expected is not None or root_certificates is not None or insecure:
         raise UsageError("--sites, --root-certificates and --insecure go with --federation", ctx=ctx)
+    if summaries and site_config is not None:
+        raise UsageError("--site-config applies to sites fitted from data files; summaries were made under "
+                         "each site's own rules ('fedglmm summarize --site-config')", ctx=ctx)
     if summaries:
         # '--summaries a.json b.json': the option takes the first file, the rest arrive as arguments
         from .api import fit_summaries
@@ -409,7 +412,6 @@ site_app = typer.Typer(
     help="A site's side: its disclosure rules (site.toml) and its audit log.",
     add_completion=False,
     pretty_exceptions_enable=False,
-    no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(site_app, name="site")
@@ -419,6 +421,12 @@ from .deploy.cli import certs, coordinator_app, site_start  # noqa: E402 - deplo
 app.add_typer(coordinator_app, name="coordinator")
 app.command("certs")(certs)
 site_app.command("start")(site_start)
+
+
+@site_app.callback(invoke_without_command=True)
+def _site_root(ctx: typer.Context) -> None:
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
 
 
 @site_app.command("log")

@@ -19,7 +19,8 @@ Request kinds (coordinator → site) and what the site answers:
   log-likelihood sums: value, gradient, Hessian (gaussian: the cross-product sums A, b, c, d and their
   θ-derivatives), as ``{"points": [...]}``;
 * ``finalize`` {point, transform, zscale, ...}: the same sums at the final estimate, and each group's
-  conditional modes and conditional standard deviations;
+  conditional modes and conditional standard deviations (a site with rules sends them only for groups
+  of at least its ``min_group`` and lists the others under ``withheld``);
 * ``oneshot`` {formula, family, link, order}: the site's whole one-shot message (its description, set-up
   sums and per-group summaries, see :func:`fedglmm.methods.oneshot.summarize`), or its refusal to send
   per-group summaries for groups below its minimum size.
