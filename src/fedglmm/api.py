@@ -98,6 +98,24 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
         for one-shot summaries.
     on_round : called as ``on_round(round_number, request_kind)`` after each round.
     """
+    checked = _check_options(family, link, nagq, reml, method, curvature, moments, penalty, newton)
+    config = as_site_config(site_config)
+    transport = InProcessTransport(make_sites(data, site, min_group, config), on_round=on_round)
+    return _run(transport, formula, *checked)
+
+
+def fit_on(transport, formula: str, family: str = "gaussian", link: str | None = None, nagq: int = 1,
+           reml: bool = True, method: str = "hybrid", curvature: str = "observed", moments: int | None = None,
+           penalty: float = 0.0, newton: NewtonConfig | None = None) -> FitResult:
+    """Fit over any :class:`~fedglmm.transport.Transport` (e.g. a Flower federation); options as :func:`fit`.
+
+    The sites' own settings (``min_group``, disclosure rules) live with the sites, not here.
+    """
+    return _run(transport, formula, *_check_options(family, link, nagq, reml, method, curvature, moments,
+                                                    penalty, newton))
+
+
+def _check_options(family, link, nagq, reml, method, curvature, moments, penalty, newton):
     fam = get_family(family, link)
     if isinstance(nagq, bool) or not isinstance(nagq, (int, np.integer)) or nagq < 1:
         raise InputError(f"nagq must be a whole number ≥ 1, not {nagq!r}")
@@ -109,14 +127,16 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
     if moments is not None and (isinstance(moments, bool) or not isinstance(moments, (int, np.integer))
                                 or not 2 <= moments <= 4):
         raise InputError(f"moments must be 2, 3 or 4, not {moments!r}")
-    config = as_site_config(site_config)
-    transport = InProcessTransport(make_sites(data, site, min_group, config), on_round=on_round)
     try:
         penalty = float(penalty)
     except (TypeError, ValueError):
         raise InputError(f"the penalty must be a number, not {penalty!r}") from None
     options = FitOptions(nagq=nagq, reml=bool(reml), curvature=curvature, penalty=penalty,
                          newton=newton or NewtonConfig())
+    return fam, options, method, moments
+
+
+def _run(transport, formula, fam, options, method, moments):
     if method == "iterative":
         return fit_iterative(transport, formula, fam, options)
     from .methods.oneshot import fit_hybrid, fit_oneshot

@@ -171,6 +171,20 @@ def fit(
         "--site-config", show_default=False,
         help="A site.toml whose disclosure rules (and audit log) every site applies; its min_group replaces "
              "--min-group.")] = None,
+    federation: Annotated[Optional[str], typer.Option(
+        "--federation", metavar="HOST:PORT", show_default=False,
+        help="Fit over the sites connected to the coordinator's SuperLink at HOST:PORT (run on the "
+             "coordinator: 127.0.0.1:PORT) instead of data files.")] = None,
+    sites_expected: Annotated[Optional[int], typer.Option(
+        "--sites", min=1, show_default=False,
+        help="With --federation: wait for exactly N sites (default: the sites connected, at least one).")] = None,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", min=0.1, help="With --federation: seconds a site may take per round (and to connect).")] = 60.0,
+    root_certificates: Annotated[Optional[Path], typer.Option(
+        "--root-certificates", show_default=False,
+        help="With --federation: the federation's CA certificate (ca.pem).")] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="With --federation: no TLS (loopback addresses only).")] = False,
     json_out: JsonOption = None,
     quiet: QuietOption = False,
     debug: DebugOption = False,
@@ -184,6 +198,18 @@ def fit(
     _check_model_options(ctx, formula, family, link)
     _check_json_target(ctx, json_out)
     data = list(data or [])
+    if federation is not None:
+        if data or summaries or site_column is not None or site_config is not None:
+            raise UsageError("--federation fits over the connected sites, under their own rules: give no data "
+                             "files, --summaries, --site-column or --site-config", ctx=ctx)
+        res = _run_fit(formula, None, family=family, link=link, nagq=nagq, reml=reml, quiet=quiet,
+                       curvature=curvature, method=method, moments=moments, penalty=penalty,
+                       federation=dict(address=federation, root_certificates=root_certificates,
+                                       insecure=insecure, sites=sites_expected, timeout=timeout))
+        _emit(res, json_out, quiet)
+        return
+    if sites_expected is not None or root_certificates is not None or insecure:
+        raise UsageError("--sites, --root-certificates and --insecure go with --federation", ctx=ctx)
     if summaries and site_config is not None:
         raise UsageError("--site-config applies to sites fitted from data files; summaries were made under "
                          "each site's own rules ('fedglmm summarize --site-config')", ctx=ctx)
@@ -310,8 +336,15 @@ def _stderr_is_terminal() -> bool:
 
 
 def _run_fit(formula, sites, *, family, link, nagq, reml, quiet, label="fitting", curvature="observed",
-             method="hybrid", moments=None, min_group=10, penalty=0.0, site_config=None):
+             method="hybrid", moments=None, min_group=10, penalty=0.0, site_config=None, federation=None):
     from .api import fit as api_fit
+
+    if federation is not None:                     # the sites are across the network
+        from .deploy.cli import fit_federated
+
+        def api_fit(formula, _sites, *, min_group, site_config, **options):  # noqa: F811 - the sites' own
+            where = {k: v for k, v in federation.items() if k != "address"}
+            return fit_federated(federation["address"], formula, **where, **options)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -382,6 +415,12 @@ site_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(site_app, name="site")
+
+from .deploy.cli import certs, coordinator_app, site_start  # noqa: E402 - deployment across machines
+
+app.add_typer(coordinator_app, name="coordinator")
+app.command("certs")(certs)
+site_app.command("start")(site_start)
 
 
 @site_app.callback(invoke_without_command=True)

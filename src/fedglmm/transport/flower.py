@@ -1,0 +1,390 @@
+"""A transport over a Flower federation: the coordinator's rounds travel as Flower messages.
+
+Design (Flower 1.41)
+--------------------
+Flower's SuperLink serves three APIs over one HTTPS port: the Fleet API (SuperNodes pull messages and
+push replies), the Control API (``flwr run`` submits a run: an app bundle, FAB) and the Runtime API (the
+process running a run's ServerApp pushes and pulls messages with a per-task token).  Started with
+``--isolation process``, the SuperLink does not launch ServerApps itself: a run waits, as a pending
+task, until some process acquires it on the Runtime API and receives its token.
+
+``fedglmm fit --federation HOST:PORT`` uses exactly that, so the analyst's own process runs the Newton
+loop and keeps the in-memory :class:`~fedglmm.results.FitResult`:
+
+1. it builds a small FAB in memory (a pyproject.toml naming the app; no code) and submits it with the
+   Control API's ``StartRun``;
+2. it acquires the run's ServerApp task on the Runtime API (as Flower's SuperExec would, but without
+   launching anything), pulls the task input, and keeps the task alive with heartbeats;
+3. it drives a :class:`FlowerTransport` on Flower's ``HttpGrid`` with that token: every round pushes
+   one ``query`` message per site, whose ConfigRecord holds the encoded request bytes, and polls for the
+   replies every ``poll`` seconds (Flower's own ``send_and_receive`` sleeps 3 s between polls);
+4. it reports the task completed (or failed, with the one-line reason) and returns the fit.
+
+At each site, ``fedglmm site start`` runs the SuperNode in process isolation and answers the run's
+ClientApp tasks itself with :meth:`fedglmm.site.Site.handle` (see :mod:`fedglmm.deploy.node`), adding
+its site id to each reply; the FAB is never loaded there.  Node ids are mapped to site ids by a first
+identification round (an empty request) that is not counted in ``rounds`` or the byte totals.
+
+The Control and Runtime APIs have no authentication in open-source Flower; ``fedglmm coordinator
+start`` therefore refuses them to any peer that is not on the coordinator's loopback interface (see
+:mod:`fedglmm.deploy.superlink`), and ``fedglmm fit --federation`` runs on the coordinator machine (or
+through an SSH tunnel to it).
+
+Faults never give a partial fit: a site that does not reply within ``timeout`` seconds, a Flower error
+reply (the ClientApp failed, the node went away) or a refusal by the site ends the fit with one line
+naming the site and the round.  Flower is imported only in this module and :mod:`fedglmm.deploy`.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .. import protocol
+from ..errors import FedGLMMError, SiteRefusal
+
+RECORD = "fedglmm"
+APP_NAME = "fedglmm-site"
+
+
+class FederationError(FedGLMMError):
+    """The federation could not carry the fit: a site missing, silent or failing, a SuperLink unreachable."""
+
+
+def _import_flower():
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise FederationError("--federation needs Flower: pip install 'fedglmm[flower]'") from None
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:g} s"
+
+
+@dataclass
+class FlowerTransport:
+    """The :class:`~fedglmm.transport.Transport` protocol on a Flower ``Grid``.
+
+    ``expected``: the number of sites to wait for (None: all nodes connected when the fit starts, at
+    least one); ``connect_timeout``: how long to wait for them; ``timeout``: how long one round may take.
+    """
+
+    grid: object
+    expected: int | None = None
+    timeout: float = 60.0
+    connect_timeout: float = 60.0
+    poll: float = 0.05
+    on_round: Callable[[int, str], None] | None = None
+    rounds: int = 0
+    bytes_to_sites: int = 0
+    bytes_from_sites: int = 0
+    nodes: dict = field(default_factory=dict)       # site id -> node id
+
+    @property
+    def site_ids(self) -> list[str]:
+        if not self.nodes:
+            self.connect()
+        return list(self.nodes)
+
+    # --- one exchange -----------------------------------------------------------------------------
+    def _push(self, payload: bytes, node_ids, what: str) -> dict[str, int]:
+        """Send ``payload`` to each node; return message id -> node id."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        messages = [Message(RecordDict({RECORD: ConfigRecord({"request": payload})}), dst_node_id=nid,
+                            message_type="query", ttl=max(self.timeout, 1.0) + 30.0)
+                    for nid in node_ids]
+        try:
+            ids = list(self.grid.push_messages(messages))
+        except Exception as exc:  # noqa: BLE001 - the SuperLink's own failure, as one line
+            raise FederationError(f"could not send {what} to the SuperLink: {_one_line(exc)}") from None
+        if len(ids) != len(messages) or any(not i for i in ids):
+            raise FederationError(f"the SuperLink did not accept {what}")
+        return {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages)}
+
+    def _collect(self, pending: dict[str, int], names: dict[int, str], what: str, deadline: float,
+                 partial: bool = False) -> dict[int, tuple[str, bytes]]:
+        """Pull replies until none is pending or ``deadline``; then raise, or return what came if ``partial``.
+
+        Removes answered messages from ``pending``; returns node id -> (site id, reply bytes).  With
+        ``partial``, a Flower error reply (a node that went away) leaves that node out instead of raising.
+        """
+        out: dict[int, tuple[str, bytes]] = {}
+        while pending:
+            try:
+                replies = list(self.grid.pull_messages(list(pending)))
+            except Exception as exc:  # noqa: BLE001
+                raise FederationError(f"lost the SuperLink during {what}: {_one_line(exc)}") from None
+            for rep in replies:
+                nid = pending.pop(rep.metadata.reply_to_message_id, None)
+                if nid is None:
+                    continue
+                name = names.get(nid, f"node {nid}")
+                if rep.has_error() and partial:
+                    continue
+                if rep.has_error():
+                    raise FederationError(f"{name} failed {what}: {_one_line(rep.error.reason)}")
+                try:
+                    rec = rep.content[RECORD]
+                    out[nid] = (str(rec["site"]), bytes(rec["reply"]))
+                except (KeyError, TypeError):
+                    raise FederationError(f"{name} sent a reply to {what} that is not fedglmm's") from None
+            if not pending or time.monotonic() > deadline:
+                break
+            time.sleep(self.poll)
+        if pending and not partial:
+            silent = ", ".join(sorted(names.get(n, f"node {n}") for n in pending.values()))
+            raise FederationError(f"{silent} did not answer {what} within {_fmt_s(self.timeout)}")
+        return out
+
+    # --- which node is which site -----------------------------------------------------------------
+    def _connected(self) -> list[int]:
+        try:
+            return sorted(int(n) for n in self.grid.get_node_ids())
+        except Exception as exc:  # noqa: BLE001
+            raise FederationError(f"cannot list the sites at the SuperLink: {_one_line(exc)}") from None
+
+    def connect(self) -> None:
+        """Wait for the sites and learn each node's site id (an identification round, not counted).
+
+        A node that the SuperLink still lists but that does not answer (a site that went away without
+        signing off) is left out; the fit needs ``expected`` sites that answer (all listed nodes that
+        answer, at least one, when ``expected`` is None).
+        """
+        want = self.expected
+        what = "the identification round"
+        deadline = time.monotonic() + self.connect_timeout
+        asked: dict[str, int] = {}
+        ident: dict[int, str] = {}
+        while True:
+            listed = self._connected()
+            new = [n for n in listed if n not in ident and n not in asked.values()]
+            if new:
+                asked.update(self._push(b"", new, what))
+            got = self._collect(asked, {}, what, min(time.monotonic() + 0.5, deadline), partial=True)
+            ident.update({nid: sid for nid, (sid, _) in got.items()})
+            done = len(ident) >= want if want is not None else bool(ident) and not asked
+            if done:
+                break
+            if time.monotonic() > deadline:
+                if want is None and ident:
+                    break
+                have = len(ident)
+                need = str(want) if want is not None else "at least 1"
+                raise FederationError(f"{have} site{'s' if have != 1 else ''} answered at the federation, "
+                                      f"expected {need}; waited {_fmt_s(self.connect_timeout)}")
+        by_site: dict[str, int] = {}
+        for nid, sid in ident.items():
+            if sid in by_site:
+                raise FederationError(f"two connected sites call themselves '{sid}'")
+            by_site[sid] = nid
+        if want is not None and len(by_site) > want:
+            raise FederationError(f"{len(by_site)} sites answered at the federation "
+                                  f"({', '.join(sorted(by_site))}), expected {want}")
+        self.nodes = dict(sorted(by_site.items()))
+
+    # --- the Transport protocol -------------------------------------------------------------------
+    def broadcast(self, message: dict) -> dict[str, dict]:
+        """One round: the same request to every site, one reply from each (decoded)."""
+        if not self.nodes:
+            self.connect()
+        data = protocol.encode(message)
+        self.rounds += 1
+        kind = message.get("kind", "")
+        names = {nid: f"site '{sid}'" for sid, nid in self.nodes.items()}
+        what = f"round {self.rounds} ({kind})"
+        pending = self._push(data, list(self.nodes.values()), what)
+        got = self._collect(pending, names, what, time.monotonic() + self.timeout)
+        replies = {}
+        for sid, nid in self.nodes.items():
+            self.bytes_to_sites += len(data)
+            out = got[nid][1]
+            self.bytes_from_sites += len(out)
+            replies[sid] = protocol.decode(out)
+        if self.on_round is not None:
+            self.on_round(self.rounds, kind)
+        for sid, rep in replies.items():
+            if "error" in rep:
+                raise SiteRefusal(rep["error"])
+        return replies
+
+
+def short_object_backoff(initial: float = 0.02, cap: float = 0.5) -> None:
+    """Retry a not-yet-available Flower object after ``initial`` s (doubling up to ``cap``), not 1 s.
+
+    A reply's payload can be announced a moment before it is uploaded; Flower 1.41 then waits 1 s (then
+    2, 4, ... up to 10 s) before pulling again, which would add a second to many of our short rounds.
+    This changes the defaults of Flower's two pull helpers in this process only.
+    """
+    from flwr.supercore.inflatable import inflatable_utils as iu
+
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        kw = fn.__kwdefaults__
+        if kw is not None and "initial_backoff" in kw:
+            kw["initial_backoff"], kw["backoff_cap"] = initial, cap
+
+
+def _one_line(exc) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# --- the run: submit a FAB, act as its ServerApp process ---------------------------------------------
+
+_PYPROJECT = f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{APP_NAME}"
+version = "1.0.0"
+description = "fedglmm's federated GLMM fit: the sites answer with sums"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedglmm"
+
+[tool.flwr.app.components]
+serverapp = "fedglmm_site_app:server"
+clientapp = "fedglmm_site_app:client"
+"""
+
+_GLUE = (b'"""Never loaded: the coordinator runs in the analyst\'s process, each site answers in its own."""\n'
+         b"server = client = None\n")
+
+
+def build_fab() -> bytes:
+    """The app bundle submitted for a fit (a pyproject.toml and two lines of glue)."""
+    from flwr.cli.build import build_fab_from_files
+
+    fab, _ = build_fab_from_files({"pyproject.toml": _PYPROJECT.encode(), "fedglmm_site_app/__init__.py": _GLUE})
+    return fab
+
+
+def _read_root_certificates(path) -> bytes | None:
+    if path is None:
+        return None
+    from pathlib import Path
+
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise FederationError(f"cannot read the CA certificate '{path}': {e.strerror or e}") from None
+
+
+@contextmanager
+def federation(address: str, *, root_certificates=None, insecure: bool = False, sites: int | None = None,
+               timeout: float = 60.0, connect_timeout: float | None = None, poll: float = 0.05,
+               on_round: Callable[[int, str], None] | None = None) -> Iterator[FlowerTransport]:
+    """Start a run at the SuperLink ``address`` and yield a connected :class:`FlowerTransport`.
+
+    ``address`` is the SuperLink's local HTTPS address (``127.0.0.1:9092`` on the coordinator);
+    ``root_certificates`` the CA certificate that signed its server certificate.
+    """
+    _import_flower()
+    import httpx
+    from flwr.common.constant import SubStatus
+    from flwr.common.serde import fab_to_proto, run_from_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest, PushTaskOutputRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.control.control_http_client import ControlHttpClient
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.interceptors.http.runtime_token import RuntimeTokenHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.grid import HttpGrid
+
+    certs = None if insecure else _read_root_certificates(root_certificates)
+    short_object_backoff()
+
+    def client(cls, *interceptors):
+        return cls.from_server_address(server_address=address, insecure=insecure, root_certificates=certs,
+                                       interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+                                                     *interceptors])
+
+    def unreachable(exc) -> FederationError:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 403:
+            return FederationError(f"the SuperLink at {address} takes fits only from its own machine: run the "
+                                   "fit on the coordinator with --federation 127.0.0.1:PORT")
+        return FederationError(f"cannot reach the SuperLink at {address}: {_one_line(exc)}")
+
+    fab = build_fab()
+    control = client(ControlHttpClient)
+    try:
+        res = control.StartRun(StartRunRequest(fab=fab_to_proto(Fab(hashlib.sha256(fab).hexdigest(), fab, {}))))
+    except httpx.HTTPError as exc:
+        raise unreachable(exc) from None
+    finally:
+        control.close()
+    if not res.HasField("run_id"):
+        raise FederationError(f"the SuperLink at {address} did not start a run")
+    run_id = res.run_id
+
+    # acquire our run's ServerApp task; an older pending one (a fit that never started) is closed
+    runtime = client(RuntimeHttpClient)
+    token = None
+    deadline = time.monotonic() + 30.0
+    try:
+        while token is None:
+            got = runtime.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP.value]))
+            if got.HasField("task") and got.token:
+                if got.task.run_id == run_id:
+                    token = got.token
+                    break
+                stale = client(RuntimeHttpClient, RuntimeTokenHttpInterceptor(token=got.token))
+                try:
+                    stale.PullTaskInput(PullTaskInputRequest())
+                    stale.PushTaskOutput(PushTaskOutputRequest(sub_status=SubStatus.FAILED,
+                                                               details="superseded by a newer fedglmm fit"))
+                finally:
+                    stale.close()
+                continue
+            if time.monotonic() > deadline:
+                raise FederationError(f"the SuperLink at {address} did not hand over run {run_id}; is it "
+                                      "started with 'fedglmm coordinator start' (isolation process)?")
+            time.sleep(0.05)
+    except httpx.HTTPError as exc:
+        raise unreachable(exc) from None
+    finally:
+        runtime.close()
+
+    task = client(RuntimeHttpClient, RuntimeTokenHttpInterceptor(token=token))
+    grid = HttpGrid(runtime_api_address=address, insecure=insecure, root_certificates=certs, token=token)
+    heartbeat, inp = None, None
+    status, details = SubStatus.FAILED, "the fit did not finish"
+    try:
+        try:
+            inp = task.PullTaskInput(PullTaskInputRequest())
+        except httpx.HTTPError as exc:
+            raise unreachable(exc) from None
+        grid.set_run(run_from_proto(inp.run))
+        # Flower's Message() stamps messages with the identity of the task process: ours
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = \
+            inp.task_id, inp.run.run_id, inp.context.node_id
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(task))
+        heartbeat.start()
+        transport = FlowerTransport(grid, expected=sites, timeout=timeout,
+                                    connect_timeout=timeout if connect_timeout is None else connect_timeout,
+                                    poll=poll, on_round=on_round)
+        try:
+            yield transport
+        except FedGLMMError as exc:
+            details = _one_line(exc)
+            raise
+        status, details = SubStatus.COMPLETED, ""
+    finally:
+        if heartbeat is not None and heartbeat.is_running:
+            heartbeat.stop()
+        try:
+            task.PushTaskOutput(PushTaskOutputRequest(context=inp.context if inp is not None else None,
+                                                      sub_status=status, details=details))
+        except Exception:  # noqa: BLE001 - best effort: the run is over either way
+            pass
+        task.close()
+        grid.close()
