@@ -165,6 +165,9 @@ class TrustRegionNewton:
         self._cands = self._propose(cur.g, cur.H, newton)
         if extra is not None:
             extra.radius = self._radius
+            if self._trusted and len(self._cands) == 1 and extra.norm <= self._radius:
+                # the model has the Newton step's information and more: it alone, while steps succeed
+                self._cands = []
             self._cands.insert(0, extra)
         return [cur.x + c.step for c in self._cands]
 
@@ -195,9 +198,9 @@ class TrustRegionNewton:
         self.point = self._cur.x if self._cur is not None else self.x0
         step = _newton_step(self._cur.g, self._cur.H) if converged else None
         if step is not None and self.model is not None and self._model_ok \
-                and -(self._cur.g @ step) < 10.0 * self.config.tol:
+                and 1e-3 * self.config.tol ** 2 < -(self._cur.g @ step) < 10.0 * self.config.tol:
             # the caller's model carries the last step's higher-order terms; keep its step when it agrees
-            # with Newton's to within the Newton step's own size
+            # with Newton's to within the Newton step's own size (and the Newton step is not already exact)
             extra = self._model_step(self._cur, final=True)
             d = np.sqrt(np.abs(np.diag(self._cur.H)))
             if extra is not None and np.linalg.norm(d * (extra.step - step)) <= np.linalg.norm(d * step):

@@ -46,6 +46,7 @@ from .iterative import (FitOptions, _check_options, make_result, make_setup, opt
 SENTINEL = "\x00"          # a reference level no row has: every real level gets its own column
 DEFAULT_ORDER = 4
 HYBRID_ORDER = 2           # the hybrid needs only a start: means and covariances reveal the least
+HYBRID_COMPRESS = 4.0      # the hybrid's binomial pseudo rows stand for up to 4 observations each
 
 # the axes of each summed quantity: x = fixed-effect column, z = random-effect column, g = group
 SUM_AXES = {"colsum": "x", "colsq": "x", "xtx": "xx", "ztz": "zz",
@@ -372,8 +373,13 @@ class _DesignSite(_VirtualSite):
         return self._design
 
 
-def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, family: Family, seed: int) -> tuple:
-    """Pseudo rows for one site's groups, as a Design in the agreed coding, and the moment diagnostics."""
+def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, family: Family, seed: int,
+                  compress: float = 1.0) -> tuple:
+    """Pseudo rows for one site's groups, as a Design in the agreed coding, and the moment diagnostics.
+
+    ``compress`` = r > 1 (binomial, order 2; the hybrid's start and surrogate): a group of n rows gets
+    m = max(⌈n/r⌉, min(n, 25)) rows, each standing for n/m Bernoulli observations (a binomial row of n/m
+    trials): the likelihood costs r times less, the moments match up to the rounding of the count of ones."""
     from zlib import crc32
 
     from ..pseudodata import generate_group, generate_order2, monomials
@@ -386,10 +392,16 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
     c, sc = _standardisation(block, expo, keep=[0] if family.name != "gaussian" else [])
     T = _shift_matrix(expo, c, sc)
     targets = np.asarray(block["moments"], float) @ T.T
+    nrows = np.round(np.asarray(block["n"], float))
+    weight = np.ones(len(nrows))
+    if compress > 1 and binary and expo.sum(axis=1).max() == 2:
+        m = np.maximum(np.ceil(nrows / compress), np.minimum(nrows, 25))
+        weight = nrows / np.maximum(m, 1)
+        targets, nrows = targets / weight[:, None], m
     if expo.sum(axis=1).max() == 2:
         # order 2 is a closed form: all groups at once, from one stream seeded by the site's group labels
         rng = np.random.default_rng([seed, crc32("\x1f".join(map(str, block["levels"])).encode())])
-        V, gidx, errors = generate_order2(block["n"], targets, expo, binary_first=bool(binary),
+        V, gidx, errors = generate_order2(nrows, targets, expo, binary_first=bool(binary),
                                           nonneg_first=bool(nonneg), rng=rng)
         V = V * sc + c
         errors = list(errors)
@@ -411,8 +423,9 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
     X = np.column_stack([np.ones(n) if nm == "Intercept" else col.get(nm, np.zeros(n)) for nm in names])
     Z = np.column_stack([np.ones(n) if nm == "Intercept" else col.get(nm, np.zeros(n)) for nm in znames]) \
         if znames else np.zeros((n, 0))
-    y = col["(outcome)"]
-    design = Design(y=y, trials=np.ones(n), offset=col.get("(offset)", np.zeros(n)), X=X, Z=Z,
+    trials = weight[gidx] if np.any(weight != 1) else np.ones(n)
+    y = col["(outcome)"] * trials
+    design = Design(y=y, trials=trials, offset=col.get("(offset)", np.zeros(n)), X=X, Z=Z,
                     group=gidx.astype(np.int64), group_levels=list(block["levels"]), x_names=list(names),
                     z_names=list(znames), theta_mask=mask)
     return design, diag
@@ -461,7 +474,8 @@ def _order_of(block: dict, d: int) -> int:
     raise InputError("the moment summaries have an unexpected size")
 
 
-def virtual_transport(merged: Merged, messages: dict, seed: int = 0) -> tuple[InProcessTransport, dict]:
+def virtual_transport(merged: Merged, messages: dict, seed: int = 0, compress: float = 1.0
+                      ) -> tuple[InProcessTransport, dict]:
     sites, diagnostics = {}, {}
     for sid, m in messages.items():
         if merged.blocks[sid] is None:
@@ -470,7 +484,7 @@ def virtual_transport(merged: Merged, messages: dict, seed: int = 0) -> tuple[In
             sites[sid] = _BlockSite(sid, m["description"], merged.setup[sid], merged.blocks[sid], merged.mask)
         else:
             design, diag = pseudo_design(merged.blocks[sid], merged.names, merged.znames, merged.mask,
-                                         merged.family, seed)
+                                         merged.family, seed, compress)
             diagnostics[sid] = diag
             sites[sid] = _DesignSite(sid, m["description"], merged.setup[sid], design)
     return InProcessTransport(sites), diagnostics
@@ -478,10 +492,11 @@ def virtual_transport(merged: Merged, messages: dict, seed: int = 0) -> tuple[In
 
 # --- fits -------------------------------------------------------------------------------------------
 
-def _virtual_fit(merged: Merged, messages: dict, formula: str, family: Family, options: FitOptions, seed: int):
+def _virtual_fit(merged: Merged, messages: dict, formula: str, family: Family, options: FitOptions, seed: int,
+                 compress: float = 1.0):
     from .iterative import fit_iterative
 
-    transport, diagnostics = virtual_transport(merged, messages, seed)
+    transport, diagnostics = virtual_transport(merged, messages, seed, compress)
     return fit_iterative(transport, formula, family, options), diagnostics, transport
 
 
@@ -536,8 +551,9 @@ def fit_hybrid(transport, formula: str, family: Family, options: FitOptions = Fi
         # it is only a start, so if it cannot be had the Newton rounds start from the site totals
         try:
             # only a start: the pseudo-data fit need not be polished
-            loose = replace(options, newton=replace(options.newton, tol=1e-4, near=1e-2))
-            first, _, virtual = _virtual_fit(merged, replies, formula, family, loose, seed)
+            loose = options if family.name == "gaussian" else \
+                replace(options, newton=replace(options.newton, tol=1e-4, near=1e-2))
+            first, _, virtual = _virtual_fit(merged, replies, formula, family, loose, seed, HYBRID_COMPRESS)
         except (FedGLMMError, np.linalg.LinAlgError, ValueError):
             first = None
     if first is not None:
@@ -556,8 +572,11 @@ def fit_hybrid(transport, formula: str, family: Family, options: FitOptions = Fi
             surrogate = _pseudo_objective(virtual, st)
             combined = _combined_start(st, list(own.values()), np.concatenate(start),
                                        _pseudo_objective(virtual, st, skip=own)) if own else None
-            start = (start, start_values(st, family)) if combined is None else \
-                (combined, start, start_values(st, family))
+            # the site-totals start is a safety net where summaries are missing
+            totals = [start_values(st, family)] if merged.refused else []
+            start = tuple(([] if combined is None else [combined]) + [start] + totals)
+            if len(start) == 1:
+                start = start[0]
     elif own and family.name != "gaussian":
         combined = _combined_start(st, list(own.values()))
         if combined is not None:
