@@ -104,7 +104,8 @@ def fed(tmp_path_factory):
         for s in SITES:
             procs.start(s, _cli("site", "start", "--data", folder / f"{s}.csv", "--site-id", s,
                                 "--superlink", f"localhost:{port}", "--root-certificates", certs / "ca.pem",
-                                "--auth-key", certs / f"{s}.key", "--port", _free_port()))
+                                "--auth-key", certs / f"{s}.key", "--port", _free_port(),
+                                "--audit", folder / f"{s}.audit.jsonl"))
         yield dict(folder=folder, certs=certs, port=port, frames=frames, procs=procs, env=env)
     finally:
         procs.close()
@@ -143,6 +144,21 @@ def test_fit_over_flower_equals_in_process(fed):
     np.testing.assert_allclose(res.fixef.to_numpy(), ref.fixef.to_numpy(), rtol=0, atol=1e-8)
     assert res.loglik == pytest.approx(ref.loglik, abs=1e-8, rel=0)
     assert transport.rounds == ref.rounds and transport.bytes_from_sites > 0
+
+    # each site's audit log lists every request of both fits, in order, with what it sent
+    from fedglmm.api import make_sites
+    from fedglmm.audit import read_log
+    from fedglmm.transport import InProcessTransport
+
+    ref_t = InProcessTransport(make_sites({s: fed["frames"][s] for s in SITES}))
+    fedglmm.fit_on(ref_t, FORMULA, family="binomial")
+    kinds = [entry[0] for entry in ref_t.log]
+    for s in SITES:
+        entries = read_log(fed["folder"] / f"{s}.audit.jsonl")
+        assert [e["kind"] for e in entries] == kinds * 2, (s, [e["kind"] for e in entries])
+        for e in entries:
+            assert e["site"] == s and "refused" not in e
+            assert e["sent"] and e["reply_bytes"] > 0 and len(e["reply_sha256"]) == 64
 
 
 def test_fewer_sites_than_expected(fed):
