@@ -409,7 +409,7 @@ def demo(ctx: typer.Context, json_out: JsonOption = None, quiet: QuietOption = F
 
 site_app = typer.Typer(
     name="site",
-    help="A site's side: its disclosure rules (site.toml) and its audit log.",
+    help="A site's side: serve its data to a coordinator under its rules (site.toml), and read its audit log.",
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
