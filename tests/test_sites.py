@@ -64,8 +64,8 @@ def test_split_equals_pooled(fname, formula, family, kw, group):
 @pytest.mark.parametrize("fname,formula,family,kw,group", SPLITS, ids=[s[1][:40] + str(s[3]) for s in SPLITS])
 def test_hybrid_split_equals_pooled(fname, formula, family, kw, group):
     """The hybrid (the default) starts from split-dependent summaries but ends at the same estimates
-    (1e-8); standard errors come from the Hessian at the last point visited, within ~1e-5 of the
-    estimate's, so they agree to a relative 1e-4."""
+    (1e-8); standard errors come from the Hessian at the last point visited, moved to the estimate by
+    a secant step, and agree to a relative 1e-4."""
     df = pd.read_csv(DATA / fname)
     pooled = fedglmm.fit(formula, df, family=family, **kw)
     for nsites in (2, 5):

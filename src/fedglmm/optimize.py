@@ -92,6 +92,7 @@ class TrustRegionNewton:
         self._ceiling = np.inf             # candidates stay shorter than the shortest step just rejected
         self.accepted: int | None = None   # index of the point of the last round that was accepted
         self._model_ok = True               # False after a rejected round, until a point is accepted
+        self.previous: _State | None = None  # the accepted point before the current one
 
     @property
     def current(self) -> _State | None:
@@ -122,6 +123,7 @@ class TrustRegionNewton:
             cand = self._cands[best] if best is not None else None
             rho = (self._cur.f - pts[best][1]) / cand.pred if cand is not None and cand.pred > 0 else -np.inf
             if rho >= self.config.accept:
+                self.previous = self._cur
                 self._cur, self.accepted = _State(*pts[best]), best
                 if not np.isfinite(cand.radius):
                     # a final-candidate Newton step carries no radius: keep the one in force

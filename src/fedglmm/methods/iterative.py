@@ -493,6 +493,7 @@ def _fit_glmm(transport, scale, mask, gamma0, theta0, options, first_extra=None,
     info = -s["hess"]
     if P is not None:
         info[:p, :p] += 2.0 * P      # standard errors from the penalised information
+    info = _information_at_estimate(opt, info, phi)
     messages = []
     try:
         cov = np.linalg.inv(np.linalg.cholesky(info))
@@ -506,6 +507,28 @@ def _fit_glmm(transport, scale, mask, gamma0, theta0, options, first_extra=None,
     loglik = float(s["value"] + s["grad"] @ step + 0.5 * step @ s["hess"] @ step)
     return {"gamma": phi[:p], "theta": _canonical_theta(phi[p:], mask), "vcov_gamma": vcov_gamma,
             "loglik": loglik, "final": final, "info": info, "converged": opt.converged, "messages": messages}
+
+
+def _information_at_estimate(opt, info, estimate):
+    """The information at the estimate rather than at the last point visited: the Hessian's change
+    between the last two points, scaled to the final step's component along that move (a secant
+    estimate of the third derivative).  Kept only if it stays positive definite."""
+    prev = opt.previous
+    if prev is None or opt.point is None:
+        return info
+    d = opt.point - prev.x
+    dd = d @ d
+    if not dd > 0:
+        return info
+    t = float((estimate - opt.point) @ d / dd)
+    if abs(t) > 1.0:
+        return info
+    corrected = info + t * (opt.current.H - prev.H)
+    try:
+        np.linalg.cholesky(corrected)
+    except np.linalg.LinAlgError:
+        return info
+    return corrected
 
 
 def _canonical_theta(theta, mask):
