@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import Design, theta_index
+from .spec import Design, lambda_matrix, theta_index
 
 
 class LMMSums:
@@ -57,9 +57,7 @@ class LMMSums:
         return self
 
     def lam(self, theta):
-        lam = np.zeros((self.q, self.q))
-        lam[self.theta_r, self.theta_c] = theta
-        return lam
+        return lambda_matrix(theta, self.q, (self.theta_r, self.theta_c))
 
     def evaluate(self, theta: np.ndarray, order: int = 2) -> dict:
         """A, b, c, d at θ and, for order ≥ 1 / 2, their first / second θ-derivatives."""

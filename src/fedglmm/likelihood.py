@@ -30,7 +30,7 @@ import numpy as np
 
 from .families import Family
 from .quadrature import product_grid
-from .spec import Design, theta_index
+from .spec import Design, lambda_matrix, theta_index
 
 
 @dataclass
@@ -102,9 +102,7 @@ class GLMMLikelihood:
         return self.p + self.ntheta
 
     def lam(self, theta: np.ndarray) -> np.ndarray:
-        lam = np.zeros((self.q, self.q))
-        lam[self.theta_r, self.theta_c] = theta
-        return lam
+        return lambda_matrix(theta, self.q, (self.theta_r, self.theta_c))
 
     def _gsum(self, a: np.ndarray) -> np.ndarray:
         return np.add.reduceat(a, self.starts, axis=0)

@@ -21,6 +21,13 @@ def theta_index(mask) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
+def lambda_matrix(theta, q: int, index: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """The q × q lower-triangular Λ with θ in the places ``index`` (from :func:`theta_index`)."""
+    lam = np.zeros((q, q))
+    lam[index[0], index[1]] = theta
+    return lam
+
+
 @dataclass(frozen=True)
 class RandomTerm:
     """One random-effects term such as ``(1 + x | g)``.

@@ -31,7 +31,7 @@ from ..gaussian import profiled_deviance
 from ..optimize import NewtonConfig, TrustRegionNewton
 from ..protocol import request
 from ..results import FitResult
-from ..spec import ModelSpec, theta_index
+from ..spec import ModelSpec, lambda_matrix, theta_index
 
 
 @dataclass(frozen=True)
@@ -227,8 +227,7 @@ def make_result(formula, family, options, st: Setup, core: dict, transport, t0, 
     if q:
         r_idx, c_idx = theta_index(mask)
         theta = theta / zs[r_idx]                                     # Λ = diag(zs)⁻¹ Λ̃
-        lam = np.zeros((q, q))
-        lam[r_idx, c_idx] = theta
+        lam = lambda_matrix(theta, q, (r_idx, c_idx))
         scale2 = core.get("sigma2", 1.0)
         cov_re = pd.DataFrame(scale2 * lam @ lam.T, index=znames, columns=znames)
         # a site may withhold the modes of its small groups (its min_group rule): they are NaN here
