@@ -544,3 +544,26 @@ def test_lmm_sums_add_over_sites():
     for key in ("A", "b", "c", "d", "dA", "db", "dc", "dd", "d2A", "d2b", "d2c", "d2d"):
         assert np.allclose(np.asarray(parts[0][key]) + np.asarray(parts[1][key]), whole[key], rtol=1e-10,
                            atol=1e-10 * np.max(np.abs(whole[key]))), key
+
+
+def test_modes_restart_from_zero_when_the_warm_start_is_off_scale():
+    """The modes of the last point visited start the next evaluation; when they are far off scale for
+    the new θ (exp(η) overflows) the site restarts them from zero instead of failing the round."""
+    lik, phi = model("pois-offset-slope", 1)
+    cold = lik.evaluate(phi)
+    lik.u = np.full_like(lik.u, 120.0)
+    warm = lik.evaluate(phi)
+    assert np.isfinite(warm.value) and warm.value == pytest.approx(cold.value, rel=1e-10)
+    np.testing.assert_allclose(warm.grad, cold.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_a_point_that_cannot_be_evaluated_gives_nan_not_an_error():
+    """exp(η) overflows everywhere: the reply is NaN (the optimiser steps back), and the next evaluation
+    still starts from the last good modes."""
+    lik, phi = model("pois-offset-int", 1)
+    good = lik.evaluate(phi)
+    modes = lik.u.copy()
+    bad = lik.evaluate(phi + np.r_[800.0, np.zeros(len(phi) - 1)])
+    assert np.isnan(bad.value) and np.all(np.isnan(bad.grad)) and np.all(np.isnan(bad.hess))
+    np.testing.assert_array_equal(lik.u, modes)
+    assert lik.evaluate(phi).value == pytest.approx(good.value, rel=1e-12)

@@ -197,7 +197,7 @@ def _surrogate(P):
 
 def test_a_surrogate_close_to_the_objective_saves_rounds():
     """A surrogate with the same curvature pattern as F (here F itself, shifted and tilted: the correction
-    removes a linear and quadratic difference exactly) takes F to its minimum in one step (the local
+    removes a linear and quadratic difference exactly) takes F to its minimum in a step or two (the local
     solve of the surrogate is capped at 8 local rounds: a start from which that suffices)."""
     shift = lambda x: rosenbrock(x)[0] + 3.0 + np.array([0.5, -0.2]) @ x   # noqa: E731
     P = lambda x: (shift(x), rosenbrock(x)[1] + np.array([0.5, -0.2]), rosenbrock(x)[2])   # noqa: E731
@@ -205,7 +205,7 @@ def test_a_surrogate_close_to_the_objective_saves_rounds():
     opt, r1 = _drive_model(rosenbrock, [0.6, 0.3], _surrogate(P))
     e = opt.solution - 1.0
     assert opt.converged and e @ rosenbrock(np.ones(2))[2] @ e < 1e-3 * NewtonConfig().tol
-    assert r1 <= 3 and r0 >= 8
+    assert r1 <= 4 and r0 >= 8
 
 
 def test_a_misleading_surrogate_costs_no_correctness():

@@ -277,8 +277,34 @@ class GLMMLikelihood:
     # --- the site's reply ---------------------------------------------------------------------------
     def evaluate(self, phi: np.ndarray, hess: bool = True, step: float = 1e-5) -> Evaluation:
         """Value, gradient and Hessian at φ: analytic for Laplace; for AGHQ the Hessian is the central
-        difference of the analytic gradient (local work only)."""
+        difference of the analytic gradient (local work only).
+
+        A point where the likelihood cannot be evaluated (the means overflow, a mode's curvature is not
+        finite) gives a value, gradient and Hessian of NaN: the coordinator's optimiser then rejects the
+        point and steps shorter, and the next evaluation starts from the last good modes."""
         phi = np.asarray(phi, float)
+        u_prev = None if self.u is None else np.array(self.u, copy=True)
+        # the modes start from the last point's (warm); if that fails -- the last point's modes can be far
+        # off scale for this θ, and exp(η) overflows -- they start again from zero
+        for warm in (True, False):
+            if not warm:
+                if u_prev is None or not np.any(u_prev):
+                    break
+                self.u = np.zeros_like(u_prev)
+            try:
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    ev = self._evaluate(phi, hess, step)
+                ok = np.isfinite(ev.value) and np.all(np.isfinite(ev.grad)) and \
+                    (ev.hess is None or np.all(np.isfinite(ev.hess)))
+            except (np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError):
+                ok = False
+            if ok:
+                return ev
+        self.u = u_prev
+        P = len(phi)
+        return Evaluation(np.nan, np.full(P, np.nan), np.full((P, P), np.nan) if hess else None)
+
+    def _evaluate(self, phi: np.ndarray, hess: bool, step: float) -> Evaluation:
         laplace = len(self.ck) == 1
         value, gr, aux = self.value_grad(phi, hess=hess and laplace)
         if self.q == 0 or (hess and laplace):

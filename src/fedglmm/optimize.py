@@ -92,6 +92,7 @@ class TrustRegionNewton:
         self._ceiling = np.inf             # candidates stay shorter than the shortest step just rejected
         self.accepted: int | None = None   # index of the point of the last round that was accepted
         self._model_ok = True               # False after a rejected round, until a point is accepted
+        self._model_rejections = 0
         self.previous: _State | None = None  # the accepted point before the current one
 
     @property
@@ -136,10 +137,11 @@ class TrustRegionNewton:
                     self._radius = cand.radius
                 self._trusted = rho >= 0.25
                 self._ceiling = np.inf
-                self._model_ok = True
+                self._model_ok = self._model_rejections < 2    # a model twice wrong is not asked again
             else:
                 self._trusted = False
                 self._model_ok = False
+                self._model_rejections += 1
                 self._ceiling = min(c.norm for c in self._cands)
                 self._radius = 0.25 * self._ceiling
                 if max(c.pred for c in self._cands) < 1e-13 * max(1.0, abs(self._cur.f)):
@@ -156,8 +158,8 @@ class TrustRegionNewton:
             self.message = f"no convergence within {self.config.max_evals} rounds"
             return self._finish(converged=False)
         # the caller's model only where the Newton step may fall short (it costs local work)
-        extra = self._model_step(cur) if newton is not None and self._model_ok and dec >= self.config.tol ** 0.5 \
-            else None
+        extra = self._model_step(cur, newton=newton) \
+            if newton is not None and self._model_ok and dec >= self.config.tol ** 0.5 else None
         if dec < self.config.near or (extra is not None and dec < self.config.near_model):
             self.final_candidate = True
             step, pred = (newton, dec / 2.0) if extra is None else (extra.step, extra.pred)
@@ -173,7 +175,7 @@ class TrustRegionNewton:
             self._cands.insert(0, extra)
         return [cur.x + c.step for c in self._cands]
 
-    def _model_step(self, cur, final: bool = False) -> _Candidate | None:
+    def _model_step(self, cur, final: bool = False, newton=None) -> _Candidate | None:
         """The step of the caller's model of F (e.g. a surrogate that the quadratic model corrects), as one
         more candidate of the round."""
         if self.model is None:
@@ -185,7 +187,10 @@ class TrustRegionNewton:
         if not (np.all(np.isfinite(step)) and np.isfinite(pred) and (pred > 0 or final)):
             return None
         d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
-        return _Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf)
+        norm = float(np.linalg.norm(d * step))
+        if newton is not None and norm > 2.0 * float(np.linalg.norm(d * newton)) + 1e-12:
+            return None           # the model and the sites' quadratic model disagree too much to try it
+        return _Candidate(step, pred, norm, np.inf)
 
     def _contracted(self, dec: float) -> bool:
         """Whether the final candidate, reached by a full step from a point with decrement d₀ in the

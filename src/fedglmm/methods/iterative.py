@@ -349,14 +349,19 @@ def _run(opt: TrustRegionNewton, evaluate, canon):
     iterates stay on one side of the sign symmetry of θ.  ``final`` marks the round that may be the last
     (the sites then also return their conditional modes).
     """
-    xs, final = list(opt.starts), False
+    xs, final, last_final = list(opt.starts), False, False
     while xs:
         xs = [canon(x) for x in xs]
         results, reply = evaluate(xs, final)
+        last_final = final
         xs = opt.tell(xs, results)
         final = opt.final_candidate
     if not opt.converged:
         raise ConvergenceError(f"the fit did not converge: {opt.message}")
+    if not last_final or opt.accepted is None:
+        # converged at a point the last round did not end on (no step could gain more): one final
+        # round there, for the sums at the point and the conditional modes
+        _, reply = evaluate([opt.point], True)
     return opt.solution, reply
 
 
