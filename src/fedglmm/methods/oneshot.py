@@ -551,8 +551,9 @@ def fit_hybrid(transport, formula: str, family: Family, options: FitOptions = Fi
         # it is only a start, so if it cannot be had the Newton rounds start from the site totals
         try:
             # only a start: the pseudo-data fit need not be polished
+            # (and by Laplace: the pseudo-data differ from the data by more than AGHQ does from Laplace)
             loose = options if family.name == "gaussian" else \
-                replace(options, newton=replace(options.newton, tol=1e-4, near=1e-2))
+                replace(options, nagq=1, newton=replace(options.newton, tol=1e-4, near=1e-2))
             first, _, virtual = _virtual_fit(merged, replies, formula, family, loose, seed, HYBRID_COMPRESS)
         except (FedGLMMError, np.linalg.LinAlgError, ValueError):
             first = None
