@@ -93,6 +93,7 @@ class TrustRegionNewton:
         self.accepted: int | None = None   # index of the point of the last round that was accepted
         self._model_ok = True               # False after a rejected round, until a point is accepted
         self._model_rejections = 0
+        self._dec_prev = np.inf             # the Newton decrement of the current point one round before
         self.previous: _State | None = None  # the accepted point before the current one
 
     @property
@@ -196,7 +197,7 @@ class TrustRegionNewton:
         """Whether the final candidate, reached by a full step from a point with decrement d₀ in the
         quadratic regime, has a decrement d (< 10·tol) whose observed contraction c = d/d₀² predicts a
         decrement c·d² < tol² after its own Newton step: what d < tol promises when c ≤ 1."""
-        d0 = getattr(self, "_dec_prev", np.inf)
+        d0 = self._dec_prev
         if not (dec < 10.0 * self.config.tol and d0 < self.config.near_model and d0 > 0):
             return False
         return dec ** 3 / d0 ** 2 < self.config.tol ** 2

@@ -952,6 +952,7 @@ def generate_order2(n, targets, expo, *, binary_first: bool = False, nonneg_firs
     W = (W + np.swapaxes(W, 1, 2)) / 2
     ok = n - (nc > 0).sum(axis=1) >= q + 1
     cell = np.repeat(np.arange(G * C), nc.ravel())                                # row → (group, cell)
+    gstart = np.r_[0, np.cumsum(n)[:-1]]                                            # each group's first row
     rowg = cell // C
     N = len(cell)
     V = np.zeros((N, d))
@@ -971,7 +972,6 @@ def generate_order2(n, targets, expo, *, binary_first: bool = False, nonneg_firs
         csum = np.zeros((G * C, q))
         csum[filled] = np.add.reduceat(R, cstart[filled], axis=0)
         R -= (csum / np.maximum(nc.ravel(), 1)[:, None])[cell]
-        gstart = np.r_[0, np.cumsum(n)[:-1]]
         has = n > 0
         gram = np.zeros((G, q, q))
         gram[has] = np.add.reduceat(R[:, :, None] * R[:, None, :], gstart[has], axis=0)
@@ -987,7 +987,6 @@ def generate_order2(n, targets, expo, *, binary_first: bool = False, nonneg_firs
         neg = np.zeros(G, dtype=bool)
         np.logical_or.at(neg, rowg, V[:, 0] < 0)
         ok &= ~neg
-    gstart = np.r_[0, np.cumsum(n)[:-1]]
     for g in np.flatnonzero(~ok & (n > 0)):                 # the few groups the batch cannot serve exactly
         Vg_, _ = generate_group(int(n[g]), expo, targets[g], binary=[0] if binary_first else [],
                                 nonneg=[0] if nonneg_first else [], rng=rng, tol=tol)

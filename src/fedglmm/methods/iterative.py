@@ -98,6 +98,19 @@ class Setup:
     def scale(self) -> dict:
         return {"transform": self.A, "zscale": self.zs}
 
+    @property
+    def theta_scale(self) -> np.ndarray:
+        """θ̃ = θ · theta_scale: each θ entry's Z column scale (Λ̃ = diag(zs) Λ)."""
+        return self.zs[theta_index(self.mask)[0]] if self.mask.shape[0] else np.zeros(0)
+
+    def internal_transform(self) -> np.ndarray:
+        """T with (γ, θ̃) = T (β, θ): the internal scale from the user's (γ = A⁻¹β, θ̃ = diag(zs) θ)."""
+        p, ts = len(self.names), self.theta_scale
+        T = np.zeros((p + len(ts), p + len(ts)))
+        T[:p, :p] = np.linalg.solve(self.A, np.eye(p))
+        T[p:, p:] = np.diag(ts)
+        return T
+
 
 def agree_schema(transport, formula: str, spec: ModelSpec, family: Family):
     """Round 1: each site describes its columns, levels and groups; one schema comes back."""
@@ -188,13 +201,8 @@ def local_fit(frame, formula: str, family: Family, options: FitOptions, site_id:
         return None
     if not core["converged"] or "info" not in core:
         return None
-    r_idx, _ = theta_index(st.mask)
-    scale = np.r_[np.ones(0), st.zs[r_idx]] if st.mask.shape[0] else np.zeros(0)
-    p = len(st.names)
-    T = np.zeros((p + len(scale), p + len(scale)))          # x_internal = T x_user
-    T[:p, :p] = np.linalg.inv(st.A)
-    T[p:, p:] = np.diag(scale)
-    return {"names": list(st.names), "beta": st.A @ core["gamma"], "theta": core["theta"] / scale,
+    T = st.internal_transform()
+    return {"names": list(st.names), "beta": st.A @ core["gamma"], "theta": core["theta"] / st.theta_scale,
             "info": T.T @ core["info"] @ T}
 
 

@@ -23,7 +23,6 @@ from that one-shot estimate (or, where a site refused, from the set-up sums in t
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, replace
 from math import comb
@@ -38,7 +37,7 @@ from ..formula import parse_formula, variables
 from ..gaussian import LMMSums
 from ..protocol import request
 from ..site import Site, start_sums
-from ..spec import Design, Schema, theta_index
+from ..spec import Design, Schema
 from ..transport import InProcessTransport
 from .iterative import (FitOptions, _check_options, make_result, make_setup, optimize, setup_request,
                         start_values)
@@ -587,8 +586,9 @@ def fit_hybrid(transport, formula: str, family: Family, options: FitOptions = Fi
                     surrogate=surrogate)
     res = make_result(formula, family, options, st, core, transport, t0)
     if merged.refused:
-        counts = [re.search(r"(\d+) group\(s\)", r) for r in merged.refused]
-        ngr = sum(int(m.group(1)) for m in counts if m)
+        # a site's groups less those it sent summaries for
+        ngr = sum(int(r["ngroups"]) - (len(r["groups"]["levels"]) if r.get("groups") else 0)
+                  for r in replies.values() if r.get("refused"))
         what = f"{ngr} group(s) at {len(merged.refused)} site(s), below a site's minimum size or the moment rule"
         source = ("the sites' own fits combined with the one-shot fit of the other groups" if own and first is not None
                   else "the sites' own fits" if own else
@@ -604,26 +604,22 @@ def _combined_start(st, own: list, x_pseudo=None, pseudo=None):
     combined with weights their marginal information (the inverse of their covariance), the covariance
     parameters with weights the numbers of groups behind them (the information about θ changes too
     quickly with θ to weight by it).  None if that cannot be done."""
-    p = len(st.names)
-    r_idx, _ = theta_index(st.mask)
-    scale = st.zs[r_idx] if st.mask.shape[0] else np.zeros(0)
-    Ai = np.linalg.solve(st.A, np.eye(p))
-    parts = []                                   # (fixed-effect information, γ, number of groups, θ̃)
+    p, nx = len(st.names), len(st.names) + int(st.mask.sum())
+    T = st.internal_transform()
+    Ti = np.linalg.inv(T)
+    parts = []                                   # (information, (γ, θ̃), number of groups behind them)
     if x_pseudo is not None and pseudo is not None:
         parts.append((pseudo(x_pseudo)[2], x_pseudo, st.ngroups - sum(o.get("ngroups", 0) for o in own)))
     for loc in own:
         try:
-            Tu = np.zeros((p + len(scale), p + len(scale)))
-            Tu[:p, :p], Tu[p:, p:] = Ai, np.diag(scale)
-            Ti = np.linalg.inv(Tu)
             H = Ti.T @ np.asarray(loc["info"], float) @ Ti
-            x = Tu @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)]
+            x = T @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)]
             parts.append((H, x, float(loc["ngroups"])))
-        except (KeyError, ValueError, TypeError, np.linalg.LinAlgError):
+        except (KeyError, ValueError, TypeError):
             continue
     Ib, bb, wt, tt = 0.0, 0.0, 0.0, 0.0
     for H, x, ng in parts:
-        if H.shape != (p + len(scale),) * 2 or not (np.all(np.isfinite(H)) and np.all(np.isfinite(x))):
+        if H.shape != (nx, nx) or not (np.all(np.isfinite(H)) and np.all(np.isfinite(x))):
             continue
         try:
             Vb = np.linalg.inv(H)[:p, :p]
@@ -632,13 +628,13 @@ def _combined_start(st, own: list, x_pseudo=None, pseudo=None):
             continue
         Ib, bb = Ib + Ig, bb + Ig @ x[:p]
         wt, tt = wt + max(ng, 0.0), tt + max(ng, 0.0) * x[p:]
-    if wt == 0.0 and len(scale):
+    if wt == 0.0 and nx > p:
         return None
     try:
         gamma = np.linalg.solve(Ib, bb)
     except (np.linalg.LinAlgError, ValueError):
         return None
-    theta = tt / wt if len(scale) else np.zeros(0)
+    theta = tt / wt if nx > p else np.zeros(0)
     return (gamma, theta) if np.all(np.isfinite(gamma)) and np.all(np.isfinite(theta)) else None
 
 
@@ -657,6 +653,4 @@ def _pseudo_objective(virtual, st, skip=()):
 def _internal_start(res, st) -> tuple[np.ndarray, np.ndarray]:
     """A fit's estimates on the iterative method's internal scale (γ = A⁻¹β, θ̃ = diag(zs) θ)."""
     gamma = np.linalg.solve(st.A, res.fixef.reindex(st.names).to_numpy())
-    r_idx, c_idx = theta_index(st.mask)
-    theta = np.asarray(res.theta) * st.zs[r_idx] if st.mask.shape[0] else np.zeros(0)
-    return gamma, theta
+    return gamma, np.asarray(res.theta, float) * st.theta_scale
