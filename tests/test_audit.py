@@ -18,6 +18,7 @@ from fedglmm.methods.iterative import FitOptions, fit_iterative
 from fedglmm.site import Site
 from fedglmm.siteconfig import SiteConfig
 from fedglmm.transport import InProcessTransport
+from recording import Recorder
 
 FORMULA = "y ~ x + f + (1 | g)"
 ENTRY_KEYS = {"time", "site", "kind", "request_bytes", "request_sha256", "reply_bytes", "reply_sha256"}
@@ -41,18 +42,6 @@ def simulate(ngroups: int, size: int, prefix: str, seed: int) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def frames() -> dict:
     return {"A": simulate(10, 14, "a", 1), "B": simulate(8, 12, "b", 2)}
-
-
-class Recorder:
-    """Keeps the exact bytes each site received and sent."""
-
-    def __init__(self, site):
-        self.site, self.calls = site, []
-
-    def handle(self, data: bytes) -> bytes:
-        out = self.site.handle(data)
-        self.calls.append((data, out))
-        return out
 
 
 def audited_fit(frames, tmp_path, config=None, method="iterative"):

@@ -18,6 +18,7 @@ from fedglmm.methods.iterative import FitOptions, fit_iterative
 from fedglmm.site import Site
 from fedglmm.siteconfig import SiteConfig
 from fedglmm.transport import InProcessTransport
+from recording import Recorder
 
 DATA = Path(__file__).parent / "data"
 FORMULA = "y ~ x + f + (1 | g)"
@@ -48,18 +49,6 @@ def simulate(ngroups: int, size, prefix: str, seed: int, family: str = "binomial
 @pytest.fixture(scope="module")
 def sites() -> dict:
     return {"A": simulate(12, 15, "a", 1), "B": simulate(10, 15, "b", 2)}
-
-
-class Recorder:
-    """Wraps a site and keeps the exact bytes in and out."""
-
-    def __init__(self, site):
-        self.site, self.calls = site, []
-
-    def handle(self, data: bytes) -> bytes:
-        out = self.site.handle(data)
-        self.calls.append((data, out))
-        return out
 
 
 def recorded_fit(frames: dict, formula: str, family: str, config):

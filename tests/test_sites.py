@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 
 import fedglmm
-from fedglmm import protocol
 from fedglmm.api import make_sites
 from fedglmm.errors import FedGLMMError
 from fedglmm.methods.iterative import FitOptions, fit_iterative
 from fedglmm.transport import InProcessTransport
+from recording import Recorder
 
 DATA = Path(__file__).parent / "data"
 
@@ -102,18 +102,6 @@ def test_group_at_two_sites_is_refused():
     assert "\n" not in str(err.value)
 
 
-class _Recorder:
-    """Wraps a site and keeps every decoded reply."""
-
-    def __init__(self, site):
-        self.site, self.replies = site, []
-
-    def handle(self, data):
-        out = self.site.handle(data)
-        self.replies.append(protocol.decode(out))
-        return out
-
-
 def _arrays(obj):
     if isinstance(obj, np.ndarray):
         yield obj
@@ -132,7 +120,7 @@ def _arrays(obj):
 def test_only_sums_leave_a_site(family, formula, kw):
     """No reply holds anything sized like the rows; per-group arrays appear only in the final round."""
     df = pd.read_csv(DATA / "contraception.csv")
-    sites = {k: _Recorder(s) for k, s in make_sites(_split_by_group(df, "district", 3)).items()}
+    sites = {k: Recorder(s) for k, s in make_sites(_split_by_group(df, "district", 3)).items()}
     transport = InProcessTransport(sites)
     res = fit_iterative(transport, formula, fedglmm.get_family(family), FitOptions(**kw))
     assert res.rounds == len(next(iter(sites.values())).replies)
