@@ -1,0 +1,138 @@
+"""The golden file: every reference case fitted by every method, recorded to guard refactors.
+
+``tests/data/golden.json`` holds, for each reference case (``tests/data/shared_cases.tsv`` and
+``tests/data/extra_cases.tsv``) and each variant (method, pooled or split over sites, options), the
+estimates, standard errors, θ, variance components, logLik, conditional modes, rounds and bytes, or the
+one-line error the fit ended with.  ``tests/test_golden.py`` refits everything and compares: values to
+1e-10 (relative to max(1, |value|)), rounds, bytes and messages exactly.
+
+The file changes only on purpose: ``python tests/golden.py --write`` rewrites it, and the commit that does
+so says why the numbers moved (``--write cbpp_olre/`` rewrites only the fits whose key starts so).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = DATA / "golden.json"
+
+# (label, method, split over 3 sites, extra options)
+VARIANTS = [
+    ("iterative", "iterative", False, {}),
+    ("iterative_3", "iterative", True, {}),
+    ("hybrid", "hybrid", False, {}),
+    ("hybrid_3", "hybrid", True, {}),
+    ("hybrid_3_rules", "hybrid", True, {"site_config": "rules"}),
+    ("oneshot_3_k2", "oneshot", True, {"min_group": 1, "moments": 2}),
+    ("oneshot_3", "oneshot", True, {}),
+]
+EXTRA = [   # a few option paths the variants above do not reach
+    ("cbpp_la", "penalty_iterative", "iterative", False, {"penalty": 1.0}),
+    ("sim_logit_uncorr", "penalty_hybrid_3", "hybrid", True, {"penalty": 2.0}),
+    ("cbpp_probit", "expected_curvature", "iterative", False, {"curvature": "expected"}),
+    ("contraception_la", "hybrid_3_k3", "hybrid", True, {"moments": 3}),
+]
+
+
+def cases() -> list[dict]:
+    out = []
+    for table in ("shared_cases.tsv", "extra_cases.tsv"):
+        tab = pd.read_csv(DATA / table, sep="\t", dtype=str, keep_default_na=False)
+        tab.columns = [c.lstrip("# ") for c in tab.columns]
+        for _, row in tab.iterrows():
+            fam, _, link = row["family"].partition("/")
+            link = link or row.get("link") or None
+            data = row["data"] if table == "shared_cases.tsv" else row["data"]
+            out.append({"name": row["name"], "data": DATA / f"{data}.csv", "formula": row["formula"],
+                        "family": fam, "link": link, "nagq": max(int(row["nagq"]), 1),
+                        "reml": row["reml"] == "1", "weights": row.get("weights") or None})
+    return out
+
+
+def _split(df: pd.DataFrame, formula: str, k: int = 3) -> dict:
+    """k sites, by the codes of the first grouping column (rows by position for a GLM)."""
+    import re
+
+    groups = re.findall(r"\|\|?\s*([A-Za-z_.][\w.]*)\s*\)", formula)
+    codes = pd.factorize(df[groups[-1]])[0] if groups else np.arange(len(df))
+    return {f"s{i}": df[codes % k == i].reset_index(drop=True) for i in range(k)}
+
+
+def _floats(x) -> list:
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(x, float).ravel()]
+
+
+def record(res) -> dict:
+    out = {"loglik": float(res.loglik), "fixef": _floats(res.fixef), "names": list(map(str, res.fixef.index)),
+           "se": _floats(res.se), "theta": _floats(res.theta if res.theta is not None else []),
+           "random": _floats([r.get("sd", r.get("corr")) for r in res.random]),
+           "residual_sd": None if res.residual_sd is None else float(res.residual_sd),
+           "rounds": int(res.rounds), "bytes_to_sites": int(res.bytes_to_sites),
+           "bytes_from_sites": int(res.bytes_from_sites), "converged": bool(res.converged),
+           "method": res.method, "messages": list(res.messages)}
+    if res.modes is not None:
+        modes, condsd = res.ranef(condvar=True)
+        out["levels"] = list(map(str, modes.index))
+        out["modes"] = _floats(modes.to_numpy())
+        out["condsd"] = _floats(condsd.to_numpy())
+    return out
+
+
+def run(case: dict, method: str, split: bool, opts: dict) -> dict:
+    import fedglmm
+    from fedglmm.errors import FedGLMMError
+
+    opts = dict(opts)
+    if opts.get("site_config") == "rules":
+        from fedglmm.siteconfig import SiteConfig
+
+        opts["site_config"] = SiteConfig(min_rows=10, min_cell=0, min_group=20)
+    df = pd.read_csv(case["data"])
+    data = _split(df, case["formula"]) if split else df
+    kw = {} if not case["weights"] else {"weights": case["weights"]}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = fedglmm.fit(case["formula"], data, family=case["family"], link=case["link"], nagq=case["nagq"],
+                              reml=case["reml"], method=method, **kw, **opts)
+    except (FedGLMMError, TypeError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return record(res)
+
+
+def runs():
+    """(key, case, method, split, options) for every recorded fit."""
+    all_cases = cases()
+    by_name = {c["name"]: c for c in all_cases}
+    for c in all_cases:
+        for label, method, split, opts in VARIANTS:
+            yield f"{c['name']}/{label}", c, method, split, opts
+    for name, label, method, split, opts in EXTRA:
+        yield f"{name}/{label}", by_name[name], method, split, opts
+
+
+def write(prefixes: list[str]) -> None:
+    """Refit and record the fits whose key starts with one of ``prefixes`` (all of them if none)."""
+    out = json.loads(GOLDEN.read_text()) if GOLDEN.exists() and prefixes else {}
+    keys = set()
+    for key, case, method, split, opts in runs():
+        keys.add(key)
+        if prefixes and not any(key.startswith(p) for p in prefixes):
+            continue
+        out[key] = run(case, method, split, opts)
+        print(key, out[key].get("error", out[key].get("loglik")), flush=True)
+    out = {k: v for k, v in out.items() if k in keys}
+    GOLDEN.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--write"]:
+        sys.exit("usage: python tests/golden.py --write [KEY_PREFIX ...]   (rewrites tests/data/golden.json: "
+                 "all fits, or those whose key starts with a prefix, e.g. cbpp_olre/)")
+    write(sys.argv[2:])
