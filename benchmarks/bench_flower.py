@@ -63,7 +63,7 @@ def main() -> None:
         import flwr  # noqa: F401
     except ImportError:
         sys.exit("bench_flower.py needs Flower: pip install 'fedglmm[flower]'")
-    from fedglmm.transport.flower import federation
+    from fedglmm.transport.flower_run import federation
 
     data = pd.read_csv(Path(fedglmm.__file__).parent / "data" / "contraception.csv")
     regions = sorted(data["region"].unique())[: args.sites]

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 import fedglmm
-from fedglmm.methods.oneshot import summarize, to_jsonable
+from fedglmm.site.summaries import summarize, to_jsonable
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "tests" / "data"
@@ -49,13 +49,13 @@ def compare(a, exact):
 
 def oneshot_unguarded(sites, formula, family, nagq, reml, order):
     """The one-shot fit with every group's summaries (no minimum size, no moment guard): accuracy only."""
-    from fedglmm.methods.iterative import FitOptions
-    from fedglmm.methods.oneshot import fit_from_messages, summarize
+    from fedglmm.methods.oneshot import fit_from_messages
+    from fedglmm.model.options import fit_request
+    from fedglmm.site.summaries import summarize
 
-    fam = fedglmm.get_family(family)
     msgs = {sid: summarize(f, formula, family, None, sid, order=order, min_group=1, guard=False)
             for sid, f in sites.items()}
-    return fit_from_messages(msgs, formula, fam, FitOptions(nagq=nagq, reml=reml), rounds=1)
+    return fit_from_messages(msgs, fit_request(formula, family, nagq=nagq, reml=reml, method="oneshot"), rounds=1)
 
 
 def main(argv=None):
@@ -72,7 +72,7 @@ def main(argv=None):
         if args.only and not re.search(args.only, name):
             continue
         df = pd.read_csv(path)
-        group = fedglmm.formula.parse_formula(formula).group
+        group = fedglmm.model.formula.parse_formula(formula).group
         codes = pd.factorize(df[group])[0]
         sites = {f"s{i}": df[codes % 3 == i].reset_index(drop=True) for i in range(3)}
         kw = dict(family=family, nagq=nagq, reml=reml)

@@ -90,7 +90,7 @@ def run(case: dict, method: str, split: bool, opts: dict) -> dict:
 
     opts = dict(opts)
     if opts.get("site_config") == "rules":
-        from fedglmm.siteconfig import SiteConfig
+        from fedglmm.site import SiteConfig
 
         opts["site_config"] = SiteConfig(min_rows=10, min_cell=0, min_group=20)
     df = pd.read_csv(case["data"])
@@ -101,8 +101,8 @@ def run(case: dict, method: str, split: bool, opts: dict) -> dict:
             warnings.simplefilter("ignore")
             res = fedglmm.fit(case["formula"], data, family=case["family"], link=case["link"], nagq=case["nagq"],
                               reml=case["reml"], method=method, **kw, **opts)
-    except (FedGLMMError, TypeError) as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"}
+    except (FedGLMMError, TypeError) as exc:      # the message, not the class: refactors may refine classes
+        return {"error": str(exc)}
     return record(res)
 
 

@@ -42,7 +42,7 @@ def saturated_loglik(case: dict) -> float:
     """Σ log f(y | μ = y), computed from the data with scipy (binomial: cbind or 0/1; poisson)."""
     from scipy import stats
 
-    from fedglmm.formula import parse_formula
+    from fedglmm.model.formula import parse_formula
 
     d = pd.read_csv(case["data"])
     spec = parse_formula(case["formula"])

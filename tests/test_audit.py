@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 import fedglmm
 from fedglmm import cli, protocol
-from fedglmm.audit import AuditLog, describe_fields, read_log
+from fedglmm.site.audit import AuditLog, describe_fields, read_log
 from fedglmm.errors import InputError, SiteRefusal
-from fedglmm.families import get_family
-from fedglmm.methods.iterative import FitOptions, fit_iterative
+from fedglmm.methods.iterative import fit_iterative
+from fedglmm.model.options import fit_request
 from fedglmm.site import Site
-from fedglmm.siteconfig import SiteConfig
+from fedglmm.site.rules import SiteConfig
 from fedglmm.transport import InProcessTransport
 from recording import Recorder
 
@@ -48,13 +48,13 @@ def audited_fit(frames, tmp_path, config=None, method="iterative"):
     recs = {sid: Recorder(Site(sid, fr, config=config, audit=tmp_path / f"{sid}.jsonl"))
             for sid, fr in frames.items()}
     transport = InProcessTransport(recs)
-    fam = get_family("binomial")
+    req = fit_request(FORMULA, "binomial", method=method)
     if method == "iterative":
-        res = fit_iterative(transport, FORMULA, fam, FitOptions())
+        res = fit_iterative(transport, req)
     else:
-        from fedglmm.methods.oneshot import fit_hybrid
+        from fedglmm.methods.hybrid import fit_hybrid
 
-        res = fit_hybrid(transport, FORMULA, fam, FitOptions())
+        res = fit_hybrid(transport, req)
     return res, recs, transport
 
 

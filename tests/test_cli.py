@@ -178,14 +178,16 @@ def test_fit_gaussian_ml_and_nagq(tmp_path, contra):
 
 
 def test_progress_callback(monkeypatch):
-    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: True)
-    with cli._progress(False, "fit") as on_round:
+    from fedglmm.cli import fit as cli_fit
+
+    monkeypatch.setattr(cli_fit, "_stderr_is_terminal", lambda: True)
+    with cli_fit._progress(False, "fit") as on_round:
         assert callable(on_round)
         on_round(1, "describe")
-    with cli._progress(True, "fit") as on_round:
+    with cli_fit._progress(True, "fit") as on_round:
         assert on_round is None
-    monkeypatch.setattr(cli, "_stderr_is_terminal", lambda: False)
-    with cli._progress(False, "fit") as on_round:
+    monkeypatch.setattr(cli_fit, "_stderr_is_terminal", lambda: False)
+    with cli_fit._progress(False, "fit") as on_round:
         assert on_round is None
 
 
@@ -290,7 +292,7 @@ def test_internal_error_is_one_line(monkeypatch, tmp_path, contra):
     def boom(*args, **kwargs):
         raise RuntimeError("something broke\non two lines")
 
-    monkeypatch.setattr("fedglmm.api.fit", boom)
+    monkeypatch.setattr("fedglmm.api.fit_request_on_data", boom)
     path = _write(contra, tmp_path / "c.csv")
     r = invoke("fit", "-f", SMALL, "--family", "binomial", "-s", "region", path)
     line = assert_clean_error(r, 3)

@@ -15,9 +15,10 @@ try:
 except ImportError:      # not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fedglmm.design import build_design, describe_frame, merge_schema, new_data_matrices
+from fedglmm.model.design import build_design, describe_frame, new_data_matrices
+from fedglmm.coordinator.schema import merge_schema
 from fedglmm.errors import InputError, SchemaError
-from fedglmm.formula import parse_formula
+from fedglmm.model.formula import parse_formula
 
 DATA = Path(__file__).parent / "data"
 CONTRA = "use ~ urban + age + I(age**2) + livch + (1 | district)"

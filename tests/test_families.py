@@ -28,7 +28,7 @@ except ImportError:      # not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fedglmm.errors import InputError
-from fedglmm.families import get_family
+from fedglmm.model.families import get_family
 
 LINKS = {  # link: (family, tail grid)
     "logit": ("binomial", (-30.0, 30.0)),

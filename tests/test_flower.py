@@ -112,7 +112,7 @@ def fed(tmp_path_factory):
 
 
 def _federated(fed, sites=3, timeout=TIMEOUT, on_round=None):
-    from fedglmm.transport.flower import federation
+    from fedglmm.transport.flower_run import federation
 
     return federation(f"127.0.0.1:{fed['port']}", root_certificates=fed["certs"] / "ca.pem", sites=sites,
                       timeout=timeout, connect_timeout=60.0, on_round=on_round)
@@ -146,13 +146,15 @@ def test_fit_over_flower_equals_in_process(fed):
     assert transport.rounds == ref.rounds and transport.bytes_from_sites > 0
 
     # each site's audit log lists every request of both fits, in order, with what it sent
+    from fedglmm import protocol
     from fedglmm.api import make_sites
-    from fedglmm.audit import read_log
+    from fedglmm.site.audit import read_log
     from fedglmm.transport import InProcessTransport
+    from recording import Recorder
 
-    ref_t = InProcessTransport(make_sites({s: fed["frames"][s] for s in SITES}))
-    fedglmm.fit_on(ref_t, FORMULA, family="binomial")
-    kinds = [entry[0] for entry in ref_t.log]
+    recs = {sid: Recorder(site) for sid, site in make_sites({s: fed["frames"][s] for s in SITES}).items()}
+    fedglmm.fit_on(InProcessTransport(recs), FORMULA, family="binomial")
+    kinds = [protocol.decode(req)["kind"] for req, _ in recs[SITES[0]].calls]
     for s in SITES:
         entries = read_log(fed["folder"] / f"{s}.audit.jsonl")
         assert [e["kind"] for e in entries] == kinds * 2, (s, [e["kind"] for e in entries])
@@ -268,7 +270,7 @@ def test_only_the_fleet_api_answers_other_machines(tmp_path):
                    for p in ("/v1/control/start-run", "/v1/runtime/acquire-task", "/v1/fleet/get-run")}
         assert outside["/v1/control/start-run"] == 403 and outside["/v1/runtime/acquire-task"] == 403
         assert outside["/v1/fleet/get-run"] != 403
-        from fedglmm.transport.flower import federation
+        from fedglmm.transport.flower_run import federation
 
         with pytest.raises(FedGLMMError, match="takes fits only from its own machine"):
             with federation(f"{ip}:{port}", root_certificates=certs / "ca.pem", sites=1, timeout=2):

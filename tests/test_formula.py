@@ -11,8 +11,8 @@ except ImportError:      # not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fedglmm.errors import InputError
-from fedglmm.formula import factor_columns, parse_formula, variables
-from fedglmm.spec import ModelSpec, RandomTerm
+from fedglmm.model.formula import factor_columns, parse_formula, variables
+from fedglmm.model.spec import ModelSpec, RandomTerm
 
 
 def test_contraception_formula():

@@ -22,12 +22,13 @@ try:
 except ImportError:      # not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fedglmm.design import build_design, describe_frame, merge_schema
-from fedglmm.families import get_family
-from fedglmm.formula import parse_formula
-from fedglmm.gaussian import LMMSums, profiled_deviance
-from fedglmm.likelihood import GLMMLikelihood
-from fedglmm.spec import Design
+from fedglmm.model.design import build_design, describe_frame
+from fedglmm.coordinator.schema import merge_schema
+from fedglmm.model.families import get_family
+from fedglmm.model.formula import parse_formula
+from fedglmm.likelihood.lmm import LMMSums, profiled_deviance
+from fedglmm.likelihood.laplace import GLMMLikelihood
+from fedglmm.model.spec import Design
 
 DATA = Path(__file__).parent / "data"
 H_STEP = 1e-5

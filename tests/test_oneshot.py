@@ -10,7 +10,7 @@ import pytest
 
 import fedglmm
 from fedglmm.errors import FedGLMMError
-from fedglmm.methods.oneshot import summarize, to_jsonable
+from fedglmm.site.summaries import summarize, to_jsonable
 
 DATA = Path(__file__).parent / "data"
 
@@ -182,11 +182,11 @@ def test_poisson_oneshot_on_badly_scaled_covariates():
     df = pd.read_csv(DATA / "grouseticks.csv")
     formula = "TICKS ~ YEAR + HEIGHT + (1 | LOCATION)"
     exact = fedglmm.fit(formula, df, family="poisson", method="iterative")
-    from fedglmm.methods.iterative import FitOptions
     from fedglmm.methods.oneshot import fit_from_messages
+    from fedglmm.model.options import fit_request
 
     msg = {"A": summarize(df, formula, "poisson", None, "A", order=4, min_group=1, guard=False)}
-    one = fit_from_messages(msg, formula, fedglmm.get_family("poisson"), FitOptions())
+    one = fit_from_messages(msg, fit_request(formula, "poisson", method="oneshot"))
     assert np.max(np.abs(one.fixef - exact.fixef) / exact.se) < 0.05
 
 
@@ -235,7 +235,7 @@ def test_hybrid_is_the_iterative_fit_in_at_most_four_rounds(case, nsites):
     """Every public and held-out reference case, pooled and split over 3 sites by group: the hybrid ends
     where the iterative method does (1e-8) in at most 4 rounds in all (grouseticks too, whose summaries
     mostly stay at the sites: 54 of its 63 locations have fewer than 10 rows)."""
-    from fedglmm.formula import parse_formula
+    from fedglmm.model.formula import parse_formula
 
     df = pd.read_csv(case["data"])
     group = parse_formula(case["formula"]).group

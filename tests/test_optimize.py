@@ -11,7 +11,7 @@ try:
 except ImportError:      # not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fedglmm.optimize import NewtonConfig, TrustRegionNewton
+from fedglmm.likelihood.newton import NewtonConfig, TrustRegionNewton
 
 
 def drive(fun, x0, config=None, starts=None):
@@ -190,7 +190,7 @@ def _drive_model(fun, x0, model):
 
 
 def _surrogate(P):
-    from fedglmm.methods.iterative import surrogate_model
+    from fedglmm.coordinator.surrogate import surrogate_model
 
     return surrogate_model(P)
 

@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 
 import fedglmm
-from fedglmm.design import build_design, describe_frame, merge_schema
-from fedglmm.formula import parse_formula
-from fedglmm.likelihood import GLMMLikelihood
+from fedglmm.model.design import build_design, describe_frame
+from fedglmm.coordinator.schema import merge_schema
+from fedglmm.model.formula import parse_formula
+from fedglmm.likelihood.laplace import GLMMLikelihood
 from fedglmm.path import fit_path, train_validation
 
 DATA = Path(__file__).parent / "data"

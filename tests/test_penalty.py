@@ -52,9 +52,10 @@ def test_penalty_shrinks_and_zero_is_the_plain_fit():
 def test_penalised_glmm_is_a_stationary_point_of_the_penalised_objective():
     """The penalised GLMM optimum: the Laplace log-likelihood's gradient balances the penalty's."""
     from fedglmm.api import make_sites
-    from fedglmm.design import build_design, describe_frame, merge_schema
-    from fedglmm.formula import parse_formula
-    from fedglmm.likelihood import GLMMLikelihood
+    from fedglmm.model.design import build_design, describe_frame
+    from fedglmm.coordinator.schema import merge_schema
+    from fedglmm.model.formula import parse_formula
+    from fedglmm.likelihood.laplace import GLMMLikelihood
 
     df = pd.read_csv(DATA / "contraception.csv")
     f, lam = "use ~ urban + age + (1 | district)", 5.0

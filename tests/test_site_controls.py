@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 import fedglmm
 from fedglmm import cli, protocol
 from fedglmm.errors import InputError, SiteRefusal
-from fedglmm.families import get_family
-from fedglmm.methods.iterative import FitOptions, fit_iterative
+from fedglmm.methods.iterative import fit_iterative
+from fedglmm.model.options import fit_request
 from fedglmm.site import Site
-from fedglmm.siteconfig import SiteConfig
+from fedglmm.site.rules import SiteConfig
 from fedglmm.transport import InProcessTransport
 from recording import Recorder
 
@@ -53,7 +53,7 @@ def sites() -> dict:
 
 def recorded_fit(frames: dict, formula: str, family: str, config):
     recs = {sid: Recorder(Site(sid, fr, config=config)) for sid, fr in frames.items()}
-    res = fit_iterative(InProcessTransport(recs), formula, get_family(family), FitOptions())
+    res = fit_iterative(InProcessTransport(recs), fit_request(formula, family, method="iterative"))
     return res, recs
 
 
@@ -102,7 +102,7 @@ def test_refusal_sends_nothing_but_the_reason(sites):
     frames = {"A": sites["A"], "B": sites["B"].iloc[:8]}
     recs = {sid: Recorder(Site(sid, fr, config=SiteConfig())) for sid, fr in frames.items()}
     with pytest.raises(SiteRefusal):
-        fit_iterative(InProcessTransport(recs), FORMULA, get_family("binomial"), FitOptions())
+        fit_iterative(InProcessTransport(recs), fit_request(FORMULA, "binomial", method="iterative"))
     (req, out), = recs["B"].calls            # the describe round only
     assert protocol.decode(req)["kind"] == "describe"
     assert set(protocol.decode(out)) == {"error"}
@@ -424,7 +424,7 @@ def test_cli_summarize_applies_the_site_rules(tmp_path, sites):
     assert r.exit_code == 0, r.stderr
     msg = json.loads(out.read_text())
     assert msg["groups"] is None and "fewer than 16 observations" in msg["refused"]
-    from fedglmm.audit import read_log
+    from fedglmm.site.audit import read_log
 
     entries = read_log(tmp_path / "audit.jsonl")
     assert [e["kind"] for e in entries] == ["oneshot", "oneshot"]

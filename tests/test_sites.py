@@ -10,7 +10,8 @@ import pytest
 import fedglmm
 from fedglmm.api import make_sites
 from fedglmm.errors import FedGLMMError
-from fedglmm.methods.iterative import FitOptions, fit_iterative
+from fedglmm.methods.iterative import fit_iterative
+from fedglmm.model.options import fit_request
 from fedglmm.transport import InProcessTransport
 from recording import Recorder
 
@@ -122,7 +123,7 @@ def test_only_sums_leave_a_site(family, formula, kw):
     df = pd.read_csv(DATA / "contraception.csv")
     sites = {k: Recorder(s) for k, s in make_sites(_split_by_group(df, "district", 3)).items()}
     transport = InProcessTransport(sites)
-    res = fit_iterative(transport, formula, fedglmm.get_family(family), FitOptions(**kw))
+    res = fit_iterative(transport, fit_request(formula, family, method="iterative", **kw))
     assert res.rounds == len(next(iter(sites.values())).replies)
     assert res.bytes_to_sites > 0 and res.bytes_from_sites > 0
     for rec in sites.values():

@@ -5,16 +5,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .families import get_family
-from .methods.iterative import FitOptions, fit_iterative
-from .optimize import NewtonConfig
+from .model.options import MIN_GROUP, FitRequest, NewtonConfig, fit_request
 from .results import FitResult
-from .site import Site
-from .siteconfig import SiteConfig
+from .site import Site, SiteConfig
 from .transport import InProcessTransport
 
 
@@ -48,7 +44,7 @@ def split_sites(data, site: str | None = None) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def make_sites(data, site: str | None = None, min_group: int = 10,
+def make_sites(data, site: str | None = None, min_group: int = MIN_GROUP,
                config: SiteConfig | None = None) -> dict[str, Site]:
     """One :class:`Site` per frame; ``config`` (the same rules for every site) replaces the permissive
     in-process default, and its ``min_group`` then replaces ``min_group``."""
@@ -66,8 +62,9 @@ def as_site_config(site_config) -> SiteConfig | None:
 
 def fit(formula: str, data, family: str = "gaussian", link: str | None = None, nagq: int = 1,
         reml: bool = True, site: str | None = None, method: str = "hybrid", curvature: str = "observed",
-        moments: int | None = None, min_group: int = 10, penalty: float = 0.0, on_round: Callable[[int, str], None] | None = None,
-        newton: NewtonConfig | None = None, site_config: SiteConfig | str | Path | None = None) -> FitResult:
+        moments: int | None = None, min_group: int = MIN_GROUP, penalty: float = 0.0,
+        on_round: Callable[[int, str], None] | None = None, newton: NewtonConfig | None = None,
+        site_config: SiteConfig | str | Path | None = None) -> FitResult:
     """Fit a (generalised) linear mixed model federated over sites.
 
     Parameters
@@ -98,10 +95,16 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
         for one-shot summaries.
     on_round : called as ``on_round(round_number, request_kind)`` after each round.
     """
-    checked = _check_options(family, link, nagq, reml, method, curvature, moments, penalty, newton)
+    req = fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty, newton)
+    return fit_request_on_data(req, data, site=site, min_group=min_group, site_config=site_config,
+                               on_round=on_round)
+
+
+def fit_request_on_data(req: FitRequest, data, site: str | None = None, min_group: int = MIN_GROUP,
+                        site_config=None, on_round=None) -> FitResult:
+    """A validated fit (:func:`fedglmm.model.options.fit_request`) on in-process sites built from ``data``."""
     config = as_site_config(site_config)
-    transport = InProcessTransport(make_sites(data, site, min_group, config), on_round=on_round)
-    return _run(transport, formula, *checked)
+    return run(InProcessTransport(make_sites(data, site, min_group, config), on_round=on_round), req)
 
 
 def fit_on(transport, formula: str, family: str = "gaussian", link: str | None = None, nagq: int = 1,
@@ -111,49 +114,34 @@ def fit_on(transport, formula: str, family: str = "gaussian", link: str | None =
 
     The sites' own settings (``min_group``, disclosure rules) live with the sites, not here.
     """
-    return _run(transport, formula, *_check_options(family, link, nagq, reml, method, curvature, moments,
-                                                    penalty, newton))
+    return run(transport, fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty,
+                                      newton))
 
 
-def _check_options(family, link, nagq, reml, method, curvature, moments, penalty, newton):
-    fam = get_family(family, link)
-    if isinstance(nagq, bool) or not isinstance(nagq, (int, np.integer)) or nagq < 1:
-        raise InputError(f"nagq must be a whole number ≥ 1, not {nagq!r}")
-    nagq = int(nagq)
-    if curvature not in ("observed", "expected"):
-        raise InputError(f"curvature must be 'observed' or 'expected', not {curvature!r}")
-    if method not in ("hybrid", "iterative", "oneshot"):
-        raise InputError(f"unknown method '{method}': use 'hybrid', 'iterative' or 'oneshot'")
-    if moments is not None and (isinstance(moments, bool) or not isinstance(moments, (int, np.integer))
-                                or not 2 <= moments <= 4):
-        raise InputError(f"moments must be 2, 3 or 4, not {moments!r}")
-    try:
-        penalty = float(penalty)
-    except (TypeError, ValueError):
-        raise InputError(f"the penalty must be a number, not {penalty!r}") from None
-    options = FitOptions(nagq=nagq, reml=bool(reml), curvature=curvature, penalty=penalty,
-                         newton=newton or NewtonConfig())
-    return fam, options, method, moments
+def run(transport, req: FitRequest) -> FitResult:
+    """Run the request's method over ``transport``."""
+    if req.method == "iterative":
+        from .methods.iterative import fit_iterative
 
+        return fit_iterative(transport, req)
+    if req.method == "hybrid":
+        from .methods.hybrid import fit_hybrid
 
-def _run(transport, formula, fam, options, method, moments):
-    if method == "iterative":
-        return fit_iterative(transport, formula, fam, options)
-    from .methods.oneshot import fit_hybrid, fit_oneshot
+        return fit_hybrid(transport, req)
+    from .methods.oneshot import fit_oneshot
 
-    run = fit_hybrid if method == "hybrid" else fit_oneshot
-    return run(transport, formula, fam, options, order=None if moments is None else int(moments))
+    return fit_oneshot(transport, req)
 
 
 def fit_summaries(summaries, formula: str, family: str = "gaussian", link: str | None = None, nagq: int = 1,
                   reml: bool = True, curvature: str = "observed") -> FitResult:
     """The one-shot fit from the sites' summary files (written by ``fedglmm summarize``) or messages."""
     import json
-    from pathlib import Path
 
-    from .methods.oneshot import fit_from_messages, from_jsonable
+    from .coordinator.messages import from_jsonable
+    from .methods.oneshot import fit_from_messages
 
-    fam = get_family(family, link)
+    req = fit_request(formula, family, link, nagq, reml, "oneshot", curvature)
     messages, size = {}, 0
     for item in summaries:
         if isinstance(item, dict):
@@ -175,5 +163,4 @@ def fit_summaries(summaries, formula: str, family: str = "gaussian", link: str |
         messages[msg["site"]] = from_jsonable(msg)
     if not messages:
         raise InputError("no summaries given")
-    options = FitOptions(nagq=nagq, reml=bool(reml), curvature=curvature)
-    return fit_from_messages(messages, formula, fam, options, rounds=1, bytes_from=size)
+    return fit_from_messages(messages, req, rounds=1, bytes_from=size)

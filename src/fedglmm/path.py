@@ -17,7 +17,7 @@ import pandas as pd
 
 from .api import fit, make_sites, split_sites
 from .errors import InputError
-from .families import get_family
+from .model.families import get_family
 from .protocol import request
 from .results import FitResult
 from .transport import InProcessTransport

@@ -8,6 +8,7 @@ random-effect covariance parameters and, for gaussian models, the residual varia
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +16,25 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .families import Family
-from .spec import ModelSpec, Schema
+from .model.families import Family
+from .model.spec import ModelSpec, Schema
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """How a fit ran: rounds, bytes each way, seconds, and the sites it ran over."""
+
+    rounds: int
+    bytes_to_sites: int
+    bytes_from_sites: int
+    seconds: float
+    site_ids: tuple
+
+    @classmethod
+    def of(cls, transport, t0: float) -> "RunStats":
+        """The transport's counts so far, and the time since ``t0`` (``time.perf_counter()``)."""
+        return cls(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
+                   time.perf_counter() - t0, tuple(transport.site_ids))
 
 
 @dataclass
@@ -48,6 +66,14 @@ class FitResult:
     schema: Schema | None = None
     messages: list = field(default_factory=list)
     site_ids: list = field(default_factory=list)
+
+    @classmethod
+    def build(cls, parts, run: RunStats) -> "FitResult":
+        """The result, built once from the assembled fit (:class:`fedglmm.coordinator.assemble.Assembled`)
+        and how it ran."""
+        fields_ = {f: getattr(parts, f) for f in parts.__dataclass_fields__}
+        return cls(**fields_, nsites=len(run.site_ids), rounds=run.rounds, bytes_to_sites=run.bytes_to_sites,
+                   bytes_from_sites=run.bytes_from_sites, seconds=run.seconds, site_ids=list(run.site_ids))
 
     # --- coefficients -----------------------------------------------------------------------------
     @property
@@ -111,7 +137,7 @@ class FitResult:
         """Conditional modes of the random effects (a DataFrame indexed by group level).
 
         With ``condvar=True`` returns ``(modes, conditional_sds)``.  Groups whose site withheld their modes
-        (groups below its ``min_group``, see :class:`fedglmm.siteconfig.SiteConfig`) have NaN rows; their
+        (groups below its ``min_group``, see :class:`fedglmm.site.SiteConfig`) have NaN rows; their
         labels are :attr:`withheld`.
         """
         if self.modes is None:
@@ -132,7 +158,7 @@ class FitResult:
         lme4's ``allow.new.levels``, and 0 for a group whose modes were withheld: its rows get the
         population-level prediction); ``False`` gives the population-level prediction.
         """
-        from .design import new_data_matrices
+        from .model.design import new_data_matrices
 
         if type not in ("link", "response"):
             raise ValueError("type must be 'link' or 'response'")

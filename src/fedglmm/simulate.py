@@ -18,7 +18,7 @@ Everything is deterministic for a seed (``numpy.random.default_rng``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd

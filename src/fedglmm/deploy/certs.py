@@ -34,12 +34,44 @@ def _write(path: Path, data: bytes, private: bool) -> None:
         fh.write(data)
 
 
+def _server_certificate(ca_key, ca_name, hosts, now, until):
+    """The coordinator's key and TLS certificate, signed by the CA, for localhost and ``hosts``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    names: list[str] = []
+    for h in ["localhost", "127.0.0.1", "::1", *hosts]:
+        if h not in names:
+            names.append(h)
+    alt = []
+    for h in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            alt.append(x509.DNSName(h))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    common = hosts[0] if hosts else "localhost"
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)]))
+              .issuer_name(ca_name).public_key(server_key.public_key())
+              .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(until)
+              .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                             critical=False)
+              .sign(ca_key, hashes.SHA384()))
+    return server_key, server
+
+
 def write_certs(folder: Path, hosts: list[str] = (), sites: list[str] = (), days: int = 3650) -> list[Path]:
     """Write the CA, the server certificate and the sites' key pairs into ``folder``; the files written."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
     for s in sites:
         if not _SITE_NAME.match(s):
@@ -73,28 +105,7 @@ def write_certs(folder: Path, hosts: list[str] = (), sites: list[str] = (), days
           .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
           .sign(ca_key, hashes.SHA384()))
 
-    names: list[str] = []
-    for h in ["localhost", "127.0.0.1", "::1", *hosts]:
-        if h not in names:
-            names.append(h)
-    alt = []
-    for h in names:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            alt.append(x509.DNSName(h))
-    server_key = ec.generate_private_key(ec.SECP384R1())
-    common = hosts[0] if hosts else "localhost"
-    server = (x509.CertificateBuilder()
-              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)]))
-              .issuer_name(ca_name).public_key(server_key.public_key())
-              .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(until)
-              .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                             critical=False)
-              .sign(ca_key, hashes.SHA384()))
+    server_key, server = _server_certificate(ca_key, ca_name, hosts, now, until)
 
     written = []
 

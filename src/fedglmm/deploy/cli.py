@@ -211,11 +211,11 @@ def certs(
     typer.echo("keep ca.key offline, server.key on the coordinator, each S.key at site S only", err=True)
 
 
-def fit_federated(address: str, formula: str, *, root_certificates, insecure: bool, sites, timeout: float,
-                  on_round, **options):
-    """The fit over the federation at ``address`` (the coordinator's loopback SuperLink)."""
-    from ..api import fit_on
-    from ..transport.flower import federation
+def fit_federated(address: str, req, *, root_certificates, insecure: bool, sites, timeout: float, on_round):
+    """The fit of ``req`` (a validated :class:`~fedglmm.model.options.FitRequest`) over the federation at
+    ``address`` (the coordinator's loopback SuperLink)."""
+    from ..api import run
+    from ..transport.flower_run import federation
     from .node import check_insecure, split_address
 
     split_address(address, "--federation")
@@ -224,4 +224,4 @@ def fit_federated(address: str, formula: str, *, root_certificates, insecure: bo
     with federation(address, root_certificates=root_certificates, insecure=insecure, sites=sites,
                     timeout=timeout, on_round=on_round) as transport:
         transport.connect()             # wait for the sites first: the fit's time is the fit's
-        return fit_on(transport, formula, **options)
+        return run(transport, req)

@@ -77,10 +77,9 @@ def supernode_command(superlink: str, site_id: str, *, root_certificates=None, i
 
 def make_site(data: Path, site_id: str, config=None, audit=None):
     """The site object for ``data``, under the rules of ``config`` (a site.toml; default: the strict
-    defaults of :class:`~fedglmm.siteconfig.SiteConfig`), logging to ``audit`` (default: the config's)."""
+    defaults of :class:`~fedglmm.site.SiteConfig`), logging to ``audit`` (default: the config's)."""
     from ..io import read_table
-    from ..site import Site
-    from ..siteconfig import SiteConfig
+    from ..site import Site, SiteConfig
 
     rules = SiteConfig.load(config) if config is not None else SiteConfig()
     frame = read_table(data)

@@ -1,7 +1,7 @@
 """The in-process transport: sites are objects in this process, but every message still goes as bytes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .. import protocol
@@ -28,7 +28,6 @@ class InProcessTransport:
     rounds: int = 0
     bytes_to_sites: int = 0
     bytes_from_sites: int = 0
-    log: list = field(default_factory=list)
 
     @property
     def site_ids(self) -> list[str]:
@@ -44,7 +43,6 @@ class InProcessTransport:
             out = site.handle(data)
             self.bytes_from_sites += len(out)
             replies[sid] = protocol.decode(out)
-        self.log.append((message.get("kind"), len(data), {s: None for s in replies}))
         if self.on_round is not None:
             self.on_round(self.rounds, message.get("kind", ""))
         for sid, rep in replies.items():

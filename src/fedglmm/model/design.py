@@ -1,15 +1,12 @@
-"""Schema agreement and model matrices for one site's frame.
+"""One site's frame -> model matrices: what a site describes of its frame, and its design in the agreed
+coding.
 
-The flow: each site calls :func:`describe_frame` on its own frame and sends the (JSON) description to
-the coordinator, which merges all of them into one :class:`Schema` with :func:`merge_schema`; each site
-then calls :func:`build_design` with that schema.  Because every categorical column is converted to a
-``pd.Categorical`` with the *agreed* levels before formulaic sees it, every site gets the same columns
-in the same order, also for levels it does not have.
-
-Labels: categorical values and group labels are compared as text (``str(value)``; a whole float such
-as ``3.0`` becomes ``"3"``).  Levels of a categorical column are sorted as plain strings (like R's
-``factor`` on text); levels of a numeric column used as ``C(x)`` and group labels are sorted
-numerically when all of them are numbers, else as strings.
+The flow: each site calls :func:`describe_frame` on its own frame and sends the (JSON) description; the
+coordinator merges all of them into one :class:`~fedglmm.model.spec.Schema`
+(:func:`fedglmm.coordinator.schema.merge_schema`); each site then calls :func:`build_design` with that
+schema.  Because every categorical column is converted to a ``pd.Categorical`` with the *agreed* levels
+before formulaic sees it, every site gets the same columns in the same order, also for levels it does
+not have.  How values become labels and how levels are ordered: :mod:`fedglmm.model.labels`.
 """
 from __future__ import annotations
 
@@ -22,12 +19,12 @@ from formulaic import model_matrix
 from formulaic.errors import DataMismatchWarning, FormulaicError
 from scipy.linalg import block_diag
 
-from .errors import InputError, SchemaError
+from ..errors import InputError
 from .families import get_family
-from .formula import _first_line, expression_columns, factor_columns, is_plain_name, variables
-from .spec import Design, ModelSpec, Schema
-
-NO_GROUP = "."     # group_levels of a model without random terms: one pseudo-group holding all rows
+from .formula import _first_line, factor_columns, is_plain_name, variables
+from .labels import (as_labels, column_kind, first_non_number, group_codes, level_columns, not_numbers,
+                     sort_levels)
+from .spec import NO_GROUP, Design, ModelSpec, Schema
 
 
 # --- 1. describe ----------------------------------------------------------------------------------
@@ -44,103 +41,23 @@ def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
     """
     where = f"site '{site}'"
     _check_frame(df, variables(spec), where)
-    kinds = {str(c): _kind(dt) for c, dt in df.dtypes.items()}
+    kinds = {str(c): column_kind(dt) for c, dt in df.dtypes.items()}
     levels = {}
     marked = set(factor_columns(spec))
-    for col in _level_columns(spec, kinds):
-        labels = _labels(df[col])
-        levels[col] = _sort_levels(labels, natural=kinds[col] == "numeric")
-        bad = _not_numbers(labels)
+    for col in level_columns(spec, kinds):
+        labels = as_labels(df[col])
+        levels[col] = sort_levels(labels, natural=kinds[col] == "numeric")
+        bad = not_numbers(labels)
         if kinds[col] == "categorical" and col not in marked and bad.any() and bad.mean() <= 0.05 \
                 and len(set(labels[bad])) <= 3:
             first = int(np.argmax(bad))
             raise InputError(f"{where}: column '{col}' has non-numeric value '{labels[first]}' in row {first + 1} "
                              f"(the other values are numbers; write C({col}) in the formula if it is a factor)")
-    groups = _sort_levels(_labels(df[spec.group]), natural=True) if spec.group else []
+    groups = sort_levels(as_labels(df[spec.group]), natural=True) if spec.group else []
     return {"n": int(len(df)), "columns": kinds, "levels": levels, "groups": groups}
 
 
-# --- 2. merge -------------------------------------------------------------------------------------
-
-def merge_schema(descriptions: dict[str, dict], spec: ModelSpec, family) -> Schema:
-    """Agree on column kinds and factor levels across sites; raise :class:`SchemaError` if they clash.
-
-    ``Schema.kinds`` covers the used columns (a grouping column stored differently at different sites
-    is recorded as categorical: only its labels matter); ``Schema.levels`` the used categorical columns
-    (not the grouping column unless the model also uses it as a predictor), each the sorted union over
-    sites.  A categorical outcome is allowed only for binomial models, with exactly two levels: the
-    first is failure (0), the second success (1), as in R's ``glm``.
-    """
-    fam = get_family(family)
-    if not descriptions:
-        raise SchemaError("no site descriptions to merge")
-    _check_same_columns(descriptions)
-    kinds = {col: _agreed_kind(col, descriptions, spec) for col in variables(spec)}
-    levels = {}
-    for col in _level_columns(spec, kinds):
-        union = np.concatenate([np.asarray(d["levels"].get(col, []), dtype=str) for d in descriptions.values()])
-        levels[col] = _sort_levels(union, natural=kinds[col] == "numeric")
-    _check_outcome_kinds(spec, kinds, levels, fam)
-    _check_groups_disjoint(descriptions, spec)
-    return Schema(kinds=kinds, levels=levels)
-
-
-def _check_same_columns(descriptions: dict[str, dict]) -> None:
-    (ref, d0), *rest = descriptions.items()
-    for site, d in rest:
-        extra = [c for c in d["columns"] if c not in d0["columns"]]
-        if extra:
-            raise SchemaError(f"site '{site}' has columns that site '{ref}' lacks: {', '.join(extra)}")
-        lacking = [c for c in d0["columns"] if c not in d["columns"]]
-        if lacking:
-            raise SchemaError(f"site '{site}' lacks columns that site '{ref}' has: {', '.join(lacking)}")
-
-
-def _agreed_kind(col: str, descriptions: dict[str, dict], spec: ModelSpec) -> str:
-    per_site = {site: d["columns"][col] for site, d in descriptions.items()}
-    kinds = set(per_site.values())
-    if len(kinds) == 1:
-        return kinds.pop()
-    if col == spec.group and col not in variables(spec, group=False):
-        return "categorical"
-    num = next(s for s, k in per_site.items() if k == "numeric")
-    txt = next(s for s, k in per_site.items() if k != "numeric")
-    raise SchemaError(f"column '{col}' is numeric at site '{num}' but holds text at site '{txt}'")
-
-
-def _check_outcome_kinds(spec: ModelSpec, kinds: dict, levels: dict, fam) -> None:
-    """The outcome, failures and offsets must be numbers (or a 2-level factor outcome for binomial)."""
-    if kinds.get(spec.response) == "categorical":
-        if fam.name != "binomial" or spec.failures:
-            raise SchemaError(f"outcome '{spec.response}' is not numeric"
-                              + ("" if spec.failures else " (only a binomial outcome may be a factor)"))
-        if len(levels[spec.response]) != 2:
-            shown = ", ".join(levels[spec.response][:5])
-            raise SchemaError(f"binomial outcome '{spec.response}' must have two levels (failure, success); "
-                              f"it has {len(levels[spec.response])}: {shown}")
-    exprs = ([spec.response] if spec.response not in kinds else []) + [spec.failures, *spec.offsets]
-    for expr in filter(None, exprs):
-        bad = [c for c in expression_columns(expr) if kinds.get(c) == "categorical"]
-        if bad:
-            raise SchemaError(f"column '{bad[0]}' is used as a number in '{expr}' but is not numeric")
-
-
-def _check_groups_disjoint(descriptions: dict[str, dict], spec: ModelSpec) -> None:
-    if not spec.group:
-        return
-    sites = list(descriptions)
-    per_site = [np.asarray(descriptions[s]["groups"], dtype=str) for s in sites]
-    where = np.repeat(np.asarray(sites, dtype=object), [len(x) for x in per_site])
-    labels = np.concatenate(per_site)
-    dup = pd.Series(labels).duplicated(keep=False).to_numpy()
-    if dup.any():
-        level = _sort_levels(labels[dup], natural=True)[0]
-        at = " and ".join(f"'{s}'" for s in where[labels == level][:2])
-        raise SchemaError(f"group '{spec.group}' level '{level}' is present at sites {at}; "
-                          "each group must live at one site")
-
-
-# --- 3. build -------------------------------------------------------------------------------------
+# --- 2. build -------------------------------------------------------------------------------------
 
 def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site: str,
                  checked: bool = False) -> Design:
@@ -159,7 +76,7 @@ def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site
     y, trials = _outcome(spec, schema, parts.frame, fam, where)
     fam.validate(y, trials, where=f"at {where}")
     if spec.group:
-        group, levels = _group_codes(_labels(df[spec.group]))
+        group, levels = group_codes(as_labels(df[spec.group]))
     else:
         group, levels = np.zeros(len(df), dtype=np.int64), [NO_GROUP]
     order = np.argsort(group, kind="stable")
@@ -179,17 +96,6 @@ def _outcome(spec, schema, frame, fam, where) -> tuple[np.ndarray, np.ndarray]:
     return y, trials
 
 
-def _group_codes(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Codes 0..G-1 into the site's own labels in natural order."""
-    codes, uniq = pd.factorize(labels)               # hashing: much faster than sorting n strings
-    uniq = np.asarray(uniq, dtype=str)
-    plain = np.argsort(uniq, kind="stable")
-    order = plain[_natural_order(uniq[plain])]
-    rank = np.empty(len(uniq), dtype=np.int64)
-    rank[order] = np.arange(len(uniq))
-    return rank[codes], uniq[order].tolist()
-
-
 def _theta_mask(spec: ModelSpec, widths: list[int]) -> np.ndarray:
     """Lower-triangular pattern of Λ: a full block per correlated term, a diagonal per uncorrelated one."""
     blocks = [np.tril(np.ones((k, k), bool)) if t.correlated else np.eye(k, dtype=bool)
@@ -197,7 +103,7 @@ def _theta_mask(spec: ModelSpec, widths: list[int]) -> np.ndarray:
     return block_diag(*blocks).astype(bool) if blocks else np.zeros((0, 0), dtype=bool)
 
 
-# --- 4. new data ----------------------------------------------------------------------------------
+# --- 3. new data ----------------------------------------------------------------------------------
 
 def new_data_matrices(spec: ModelSpec, schema: Schema, df: pd.DataFrame, need_group: bool
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -215,7 +121,7 @@ def new_data_matrices(spec: ModelSpec, schema: Schema, df: pd.DataFrame, need_gr
                              "(needed for group-level predictions)")
         cols.append(spec.group)
     parts = _model_parts(spec, schema, df, cols, where)
-    labels = _labels(df[spec.group]).astype(object) if need_group and spec.group else None
+    labels = as_labels(df[spec.group]).astype(object) if need_group and spec.group else None
     return parts.X, parts.Z, parts.offset, labels
 
 
@@ -257,15 +163,15 @@ def _prepare(df: pd.DataFrame, spec: ModelSpec, schema: Schema, cols: list[str],
     for col in cols:
         what = "outcome" if col == spec.response else "column"
         if col in schema.levels:
-            labels, levels = _labels(df[col]), schema.levels[col]
+            labels, levels = as_labels(df[col]), schema.levels[col]
             unknown = ~np.isin(labels, np.asarray(levels, dtype=str))
             if unknown.any():
                 i = int(np.argmax(unknown))
                 raise InputError(f"{where}: {what} '{col}' has level '{labels[i]}' in row {i + 1} that is not "
                                  f"among the model's levels ({', '.join(levels[:10])})")
             frame[col] = pd.Categorical(labels, categories=levels)
-        elif schema.kinds.get(col) == "numeric" and _kind(df[col].dtype) != "numeric":
-            raise InputError(f"{where}: {what} '{col}' is not numeric{_first_non_number(df[col])}")
+        elif schema.kinds.get(col) == "numeric" and column_kind(df[col].dtype) != "numeric":
+            raise InputError(f"{where}: {what} '{col}' is not numeric{first_non_number(df[col])}")
     return frame
 
 
@@ -295,7 +201,7 @@ def _plain_terms(rhs: str, frame: pd.DataFrame):
     terms = [t for t in parts if t not in ("0", "1")]
     if not parts or any(not t for t in parts) or len(set(terms)) != len(terms):
         return None
-    if any(t not in frame.columns or _kind(frame[t].dtype) != "numeric" for t in terms):
+    if any(t not in frame.columns or column_kind(frame[t].dtype) != "numeric" for t in terms):
         return None
     intercept = "0" not in parts
     cols = [frame[t].to_numpy(dtype=float) for t in terms]
@@ -309,7 +215,7 @@ def _numeric(expr: str, frame: pd.DataFrame, where: str, what: str) -> np.ndarra
     """A numeric expression of the columns (``log(t)``, ``size - incidence``) as a vector."""
     if expr in frame.columns and isinstance(frame[expr].dtype, pd.CategoricalDtype):
         raise InputError(f"{where}: {what} '{expr}' is not numeric")
-    if expr in frame.columns and _kind(frame[expr].dtype) == "numeric":
+    if expr in frame.columns and column_kind(frame[expr].dtype) == "numeric":
         return frame[expr].to_numpy(dtype=float)          # a plain column: no formula machinery needed
     values, _ = _matrix(f"0 + I({f'`{expr}`' if is_plain_name(expr) else expr})", frame, where)
     if values.shape[1] != 1:
@@ -343,7 +249,7 @@ def _check_frame(df: pd.DataFrame, cols: list[str], where: str) -> None:
         n = int(na[:, j].sum())
         raise InputError(f"{where}: column '{cols[j]}' has {n} missing value{'s' * (n > 1)} "
                          f"(first in row {int(np.argmax(na[:, j])) + 1})")
-    num = [c for c in cols if _kind(df[c].dtype) == "numeric"]
+    num = [c for c in cols if column_kind(df[c].dtype) == "numeric"]
     if num:
         values = used[num].to_numpy(dtype=float)
         bad = ~np.isfinite(values)
@@ -352,58 +258,3 @@ def _check_frame(df: pd.DataFrame, cols: list[str], where: str) -> None:
             raise InputError(f"{where}: column '{num[j]}' has non-finite value {values[i, j]:g} in row {i + 1}")
 
 
-# --- labels and levels ----------------------------------------------------------------------------
-
-def _kind(dt) -> str:
-    """``"numeric"`` for int and float dtypes, ``"categorical"`` for anything else (text, category, bool)."""
-    numeric = pd.api.types.is_numeric_dtype(dt) and not pd.api.types.is_bool_dtype(dt)
-    return "numeric" if numeric else "categorical"
-
-
-def _labels(s: pd.Series) -> np.ndarray:
-    """Values as text; whole floats without '.0' (3.0 -> '3')."""
-    if isinstance(s.dtype, pd.CategoricalDtype):
-        cats = _labels(pd.Series(s.cat.categories))
-        return cats[s.cat.codes.to_numpy()]
-    if pd.api.types.is_integer_dtype(s.dtype):
-        return s.astype(str).to_numpy(dtype=str)
-    if _kind(s.dtype) == "numeric":
-        v = s.to_numpy(dtype=float)
-        whole = np.isfinite(v) & (v == np.round(v)) & (np.abs(v) < 2.0 ** 53)
-        return np.where(whole, np.where(whole, v, 0).astype(np.int64).astype(str), v.astype(str))
-    return s.astype(str).to_numpy(dtype=str)
-
-
-def _not_numbers(labels: np.ndarray) -> np.ndarray:
-    """True where a text label does not read as a number."""
-    return pd.to_numeric(pd.Series(labels, dtype=object), errors="coerce").isna().to_numpy()
-
-
-def _natural_order(labels: np.ndarray) -> np.ndarray:
-    """Argsort: numerically if every label is a number, else as strings."""
-    numbers = pd.to_numeric(pd.Series(labels, dtype=object), errors="coerce").to_numpy(dtype=float)
-    key = numbers if len(labels) and not np.isnan(numbers).any() else np.asarray(labels, dtype=str)
-    return np.argsort(key, kind="stable")
-
-
-def _sort_levels(labels, natural: bool) -> list[str]:
-    uniq = np.sort(np.asarray(pd.unique(np.asarray(labels, dtype=object)), dtype=str))
-    return (uniq[_natural_order(uniq)] if natural else uniq).tolist()
-
-
-def _level_columns(spec: ModelSpec, kinds: dict[str, str]) -> list[str]:
-    """Used columns that need agreed levels: categorical ones and those inside ``C()``.
-
-    The grouping column counts only if the model also uses it as a predictor.
-    """
-    factors = set(factor_columns(spec))
-    cols = variables(spec, group=False)
-    return [c for c in cols if kinds.get(c) == "categorical" or c in factors]
-
-
-def _first_non_number(s: pd.Series) -> str:
-    """`` (value 'abc' in row 5)`` for the first value of ``s`` that is not a number, else ''."""
-    labels = _labels(s)
-    bad = _not_numbers(labels)
-    i = int(np.argmax(bad))
-    return f" (value '{labels[i]}' in row {i + 1})" if bad.any() else ""

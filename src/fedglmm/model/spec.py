@@ -1,12 +1,17 @@
-"""The shared contract between formula parsing, design building, sites and the coordinator.
+"""What a model is: the notation of the whole package, the parsed formula, the agreed schema and one
+site's design matrices.
 
-Notation (used throughout the package):
+Notation (used throughout the package; other modules refer here):
 
 * n rows, p fixed-effect columns (X), q random-effect columns (Z) for the single grouping factor;
 * G groups; rows of a group live at one site;
 * b_i = Λ u_i with u_i ~ N(0, I_q) for GLMMs (Σ = ΛΛᵀ); for gaussian models b_i = σ Λ u_i, as in lme4;
 * Λ is lower triangular; its free entries θ are those where :attr:`Design.theta_mask` is true, taken
-  column by column (lme4's order: for ``(1 + x | g)`` θ = (Λ₁₁, Λ₂₁, Λ₂₂)).
+  column by column (lme4's order: for ``(1 + x | g)`` θ = (Λ₁₁, Λ₂₁, Λ₂₂));
+* φ = (β, θ) are a GLMM's parameters; η = Xβ + o + Zb the linear predictor, o the offset;
+* the internal scale (chosen by the coordinator, applied by every site): X̃ = XA with A centring and
+  scaling the columns by their pooled means and SDs, Z̃ = Z / zs; then β = Aγ and θ̃ = diag(zs) θ, and
+  a GLMM is fitted in (γ, θ̃), a gaussian model in θ̃ (β and σ profiled out).
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ def lambda_matrix(theta, q: int, index: tuple[np.ndarray, np.ndarray]) -> np.nda
     lam = np.zeros((q, q))
     lam[index[0], index[1]] = theta
     return lam
+
+
+NO_GROUP = "."     # group_levels of a model without random terms: one pseudo-group holding all rows
 
 
 @dataclass(frozen=True)

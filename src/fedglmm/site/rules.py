@@ -16,7 +16,8 @@ A deployed site reads its rules from a TOML file its data steward controls::
 is what a site built in-process without rules does: no rule but the one-shot minimum group size, and
 every group's conditional modes are sent.
 
-What each rule means (checked by :class:`fedglmm.site.Site` before anything is sent):
+What each rule means (checked by :class:`fedglmm.site.Site`, with the functions below, before anything
+is sent):
 
 * ``min_rows``: the site's row count (rows of the columns the formula uses);
 * ``min_cell``: every level present at the site of every categorical column the formula uses (factor
@@ -40,7 +41,13 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import InputError
+import numpy as np
+import pandas as pd
+
+from ..errors import InputError, SiteRefusal
+from ..model.formula import variables
+from ..model.labels import as_labels, column_kind, level_columns
+from ..model.options import MIN_GROUP
 
 DISCLOSURE_KEYS = ("min_rows", "min_cell", "max_params_per_row", "min_group", "allowed_columns")
 AUDIT_KEYS = ("log",)
@@ -53,7 +60,7 @@ class SiteConfig:
     min_rows: int = 10
     min_cell: int = 3
     max_params_per_row: float = 0.33
-    min_group: int = 10
+    min_group: int = MIN_GROUP
     allowed_columns: list[str] | None = None
     audit_log: str | None = None
     # not read from site.toml: False only for in-process sites without rules (every mode is sent)
@@ -71,7 +78,7 @@ class SiteConfig:
         self.max_params_per_row = float(self.max_params_per_row)
 
     @classmethod
-    def permissive(cls, min_group: int = 10) -> "SiteConfig":
+    def permissive(cls, min_group: int = MIN_GROUP) -> "SiteConfig":
         """The rules of an in-process site built without any: only the one-shot minimum group size."""
         return cls(min_rows=0, min_cell=0, max_params_per_row=math.inf, min_group=min_group,
                    allowed_columns=None, audit_log=None, withhold_modes=False)
@@ -142,3 +149,59 @@ def _check_value(key: str, v, shown: str | None = None) -> str | None:
         if v is not None and (not isinstance(v, (str, Path)) or not str(v)):
             return f"'{shown}' must be a file path, not {v!r}"
     return None
+
+
+# --- the checks -------------------------------------------------------------------------------------
+
+def refuse(config: SiteConfig, site_id: str, what: str, key: str):
+    """Stop the request with the site's one-line reason, naming the rule."""
+    raise SiteRefusal(f"site '{site_id}' refuses: {what} ({config.where(key)})")
+
+
+def check_frame(config: SiteConfig, site_id: str, spec, frame: pd.DataFrame) -> None:
+    """Rules checked before the frame is read: allowed columns and the row count."""
+    if config.allowed_columns is not None:
+        bad = [c for c in variables(spec) if c not in config.allowed_columns]
+        if bad:
+            cols = ", ".join(f"'{c}'" for c in bad)
+            refuse(config, site_id, f"column{'s' if len(bad) > 1 else ''} {cols} "
+                   f"{'are' if len(bad) > 1 else 'is'} not among its allowed columns", "allowed_columns")
+    if config.min_rows and len(frame) < config.min_rows:
+        refuse(config, site_id, f"{len(frame)} rows, fewer than the minimum of {config.min_rows}", "min_rows")
+
+
+def check_cells(config: SiteConfig, site_id: str, spec, frame: pd.DataFrame) -> None:
+    """Every level present here of every factor the model uses has at least ``min_cell`` rows."""
+    if not config.min_cell:
+        return
+    kinds = {str(c): column_kind(dt) for c, dt in frame.dtypes.items()}
+    for col in level_columns(spec, kinds):
+        counts = pd.Series(as_labels(frame[col])).value_counts(sort=False)
+        small = counts[counts < config.min_cell]
+        if len(small):
+            level = sorted(small.index, key=str)[0]
+            refuse(config, site_id, f"column '{col}' level '{level}' has {int(small[level])} rows, fewer than "
+                   f"the minimum of {config.min_cell}", "min_cell")
+
+
+def check_model(config: SiteConfig, site_id: str, spec, n: int, p: int, ntheta: int, family, successes=None,
+                trials=None) -> None:
+    """Rules on the model: parameters per row and the binomial outcome classes."""
+    k = p + ntheta
+    if np.isfinite(config.max_params_per_row) and (n == 0 or k / n > config.max_params_per_row):
+        ratio = "no rows" if n == 0 else f"{k / n:.3g} per row"
+        refuse(config, site_id, f"{k} parameters ({p} fixed-effect column{'s' if p != 1 else ''}, {ntheta} "
+               f"covariance parameter{'s' if ntheta != 1 else ''}) for {n} rows is {ratio}, more than the "
+               f"maximum of {config.max_params_per_row:g}", "max_params_per_row")
+    if config.min_cell and family.name == "binomial":
+        for what, count in (("successes", successes), ("failures", trials - successes)):
+            if count < config.min_cell:
+                refuse(config, site_id, f"outcome '{spec.response}' has {count:g} {what}, fewer than the minimum "
+                       f"of {config.min_cell}", "min_cell")
+
+
+def group_sizes(design, family) -> np.ndarray:
+    """Observations per group: rows, or trials for ``cbind`` binomial outcomes (as the one-shot rule)."""
+    weight = design.trials if family is not None and family.name == "binomial" else np.ones(design.n)
+    return np.add.reduceat(weight, design.starts)
+

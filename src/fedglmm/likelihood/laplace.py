@@ -1,6 +1,6 @@
 """One site's contribution to the GLMM log-likelihood (Laplace or adaptive Gauss–Hermite), batched over groups.
 
-Model and notation (see :mod:`fedglmm.spec`): for group i, η = Xβ + o + M u with M = ZΛ(θ), u ~ N(0, I_q),
+Model and notation (see :mod:`fedglmm.model.spec`): for group i, η = Xβ + o + M u with M = ZΛ(θ), u ~ N(0, I_q),
 and
 
     h(u) = Σ_j ℓ_j(η_j) − ½ uᵀu,                    ℓ_j = log f(y_j | η_j) without its constant,
@@ -9,7 +9,7 @@ and
 
 W is −∂²ℓ/∂η² (``curvature="observed"``, the exact Laplace approximation, as glmmTMB computes it) or the
 Fisher weight (``"expected"``, lme4's PIRLS weight); the two coincide for canonical links (logit, log).
-(z_k, w_k) is the product Gauss–Hermite rule for N(0, I_q) (:mod:`fedglmm.quadrature`).  One node at 0
+(z_k, w_k) is the product Gauss–Hermite rule for N(0, I_q) (:mod:`fedglmm.likelihood.quadrature`).  One node at 0
 gives the Laplace approximation ``h(û) − ½ log det H``, which is what lme4's ``glmer`` maximises with nAGQ=1;
 for a scalar random effect the K-node rule is lme4's nAGQ=K.  For vector random effects the product grid
 over the Cholesky-scaled directions is used (lme4 refuses nAGQ > 1 there).
@@ -25,12 +25,14 @@ round.  Everything is a sum over groups, so a site's numbers add up across sites
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
-from .families import Family
+from ..model.families import Family
+from ..model.spec import Design, lambda_matrix, theta_index
+from .linalg import chol as _chol, inv as _inv, solve as _solve, upper_half as _upper_half
 from .quadrature import product_grid
-from .spec import Design, lambda_matrix, theta_index
 
 
 @dataclass
@@ -40,28 +42,6 @@ class Evaluation:
     value: float
     grad: np.ndarray
     hess: np.ndarray | None = None
-
-
-# Stacked q×q linear algebra; for a scalar random effect (q = 1, the common case) plain arithmetic,
-# which avoids numpy.linalg's per-call overhead on many tiny problems.
-def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return b / a if a.shape[-1] == 1 else np.linalg.solve(a, b)
-
-
-def _inv(a: np.ndarray) -> np.ndarray:
-    return 1.0 / a if a.shape[-1] == 1 else np.linalg.inv(a)
-
-
-def _chol(a: np.ndarray) -> np.ndarray:
-    return np.sqrt(a) if a.shape[-1] == 1 else np.linalg.cholesky(a)
-
-
-def _upper_half(a: np.ndarray) -> np.ndarray:
-    """Φ(A): the upper triangle of each trailing q×q matrix with its diagonal halved."""
-    out = np.triu(a)
-    idx = np.arange(a.shape[-1])
-    out[..., idx, idx] *= 0.5
-    return out
 
 
 class GLMMLikelihood:
@@ -152,21 +132,36 @@ class GLMMLikelihood:
         """
         phi = np.asarray(phi, float)
         beta, theta = phi[: self.p], phi[self.p:]
-        fam, g = self.family, self.g
         eta0 = self.X @ beta + self.off
         if self.q == 0:
             return self._glm(eta0, grad)
+        s = self._at_mode(eta0, theta, self.u if u0 is None else u0)
+        aux = {"u": s.u, "eta": s.eta, "lam": s.lam, "H": s.H, "L": s.L}
+        if not grad:
+            return s.value, None, aux
+        self._mode_derivatives(s)
+        gr = self._gradient(s)
+        aux["dU"] = s.dU
+        if hess and s.laplace:
+            aux["hess"] = self._laplace_hessian(s.u, s.eta, s.M, s.d2, s.w, s.w1, s.w2, s.hobs, s.C, s.dU, s.deta,
+                                                s.dH, s.Hinv)
+        return s.value, gr, aux
+
+    def _at_mode(self, eta0: np.ndarray, theta: np.ndarray, u0: np.ndarray) -> SimpleNamespace:
+        """The modes at (β, θ), the curvature there, and the Laplace / AGHQ value."""
+        fam, g = self.family, self.g
         lam = self.lam(theta)
         M = self.Z @ lam
         MM = M[:, :, None] * M[:, None, :]
-        u, eta = self._modes(eta0, M, MM, self.u if u0 is None else u0)
+        u, eta = self._modes(eta0, M, MM, u0)
         d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
         w, w1, w2 = fam.curvature(self.y, self.m, eta, self.curvature)
         H = self._gsum(w[:, None, None] * MM) + self._eye
         L = _chol(H)
         logdet = 2.0 * np.sum(np.log(np.diagonal(L, axis1=1, axis2=2)), axis=1)
-        laplace = len(self.ck) == 1
-        if laplace:
+        s = SimpleNamespace(lam=lam, M=M, MM=MM, u=u, eta=eta, d1=d1, d2=d2, w=w, w1=w1, w2=w2, H=H, L=L,
+                            laplace=len(self.ck) == 1)
+        if s.laplace:
             value = np.sum(self._h(eta, u) - 0.5 * logdet)
         else:
             S = _inv(L).transpose(0, 2, 1)               # R⁻¹ with H = RᵀR
@@ -179,13 +174,14 @@ class GLMMLikelihood:
             ea = np.exp(a - amax)
             se = ea.sum(axis=1, keepdims=True)
             value = np.sum(amax[:, 0] + np.log(se[:, 0]) - 0.5 * logdet)
-        value += self.const
-        aux = {"u": u, "eta": eta, "lam": lam, "H": H, "L": L}
-        if not grad:
-            return value, None, aux
+            s.S, s.V, s.etak, s.uk, s.ea, s.se = S, V, etak, uk, ea, se
+        s.value = value + self.const
+        return s
 
-        # dû/dφ from H_obs dû = ∂(∇_u h)/∂φ
-        r, c = self.theta_r, self.theta_c
+    def _mode_derivatives(self, s: SimpleNamespace) -> None:
+        """dû/dφ from H_obs dû = ∂(∇_u h)/∂φ, the total derivative of η at the mode, and that of H."""
+        g, r, c = self.g, self.theta_r, self.theta_c
+        M, MM, u, d1, d2, w, w1 = s.M, s.MM, s.u, s.d1, s.d2, s.w, s.w1
         hobs = self._gsum(-d2[:, None, None] * MM) + self._eye
         cb = self._gsum(d2[:, None, None] * M[:, :, None] * self.X[:, None, :])        # (G, q, p)
         ztd1 = self._gsum(self.Z * d1[:, None])                                        # (G, q)
@@ -202,29 +198,32 @@ class GLMMLikelihood:
             e = np.zeros((self.G, self.q, self.q))
             e[:, c[t], :] = N[:, r[t], :]
             dH[:, self.p + t] += e + e.transpose(0, 2, 1)
-        Hinv = _inv(H)
-        gr = -0.5 * np.einsum("gab,gpab->p", Hinv, dH)
-        if laplace:
-            d1bar = d1
-            T = d1[:, None] * u[g]
+        s.hobs, s.dU, s.deta, s.dH, s.Hinv = hobs, dU, deta, dH, _inv(s.H)
+        s.C = np.concatenate([cb, ct], axis=2)
+
+    def _gradient(self, s: SimpleNamespace) -> np.ndarray:
+        """The analytic gradient from the mode derivatives (and, for AGHQ, the nodes' posterior weights)."""
+        fam, g, r, c = self.family, self.g, self.theta_r, self.theta_c
+        u, dU, dH = s.u, s.dU, s.dH
+        gr = -0.5 * np.einsum("gab,gpab->p", s.Hinv, dH)
+        if s.laplace:
+            d1bar = s.d1
+            T = s.d1[:, None] * u[g]
         else:
+            S, V, ea, se = s.S, s.V, s.ea, s.se
             pi = ea / se                                             # (G, K) node posterior weights
-            D1k = fam.derivs(self.y[:, None], self.m[:, None], etak)[0]
+            D1k = fam.derivs(self.y[:, None], self.m[:, None], s.etak)[0]
             PD = pi[g] * D1k
             d1bar = PD.sum(axis=1)
             T = d1bar[:, None] * u[g] + np.einsum("jk,jck->jc", PD, V[g])
-            gk = self._gsum(D1k[:, :, None] * M[:, None, :]) - uk                  # ∇_u h at nodes
+            gk = self._gsum(D1k[:, :, None] * s.M[:, None, :]) - s.uk                  # ∇_u h at nodes
             gbar = np.einsum("gk,gkc->gc", pi, gk)
             gam = np.einsum("gk,kq,gkc->gqc", pi, self.zk, gk)
             dS = -S[:, None] @ _upper_half(S.transpose(0, 2, 1)[:, None] @ dH @ S[:, None])
             gr += np.einsum("gc,gcp->p", gbar, dU) + np.einsum("gpab,gba->p", dS, gam)
         gr[: self.p] += self.X.T @ d1bar
         gr[self.p:] += np.sum(self.Z[:, r] * T[:, c], axis=0)
-        aux["dU"] = dU
-        if hess and laplace:
-            C = np.concatenate([cb, ct], axis=2)
-            aux["hess"] = self._laplace_hessian(u, eta, M, d2, w, w1, w2, hobs, C, dU, deta, dH, Hinv)
-        return value, gr, aux
+        return gr
 
     def _laplace_hessian(self, u, eta, M, d2, w, w1, w2, hobs, C, dU, deta, dH, Hinv):
         """Analytic Hessian of Σ_i [h(û) − ½ log det H] (see the module docstring for the pieces).
@@ -332,3 +331,14 @@ class GLMMLikelihood:
         b = aux["u"] @ lam.T
         cov = lam @ _inv(aux["H"]) @ lam.T
         return b, np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
+
+    # --- the engine interface (see :mod:`fedglmm.likelihood.engine`) ------------------------------
+    def sums(self, point: np.ndarray) -> dict:
+        """Value, gradient and Hessian at φ as the site sends them."""
+        ev = self.evaluate(point, hess=True)
+        return {"value": ev.value, "grad": ev.grad, "hess": ev.hess}
+
+    def modes(self, point: np.ndarray, beta=None, sigma=None) -> tuple[np.ndarray, np.ndarray]:
+        """Each group's conditional modes and conditional SDs at φ (``beta``, ``sigma``: unused)."""
+        return self.conditional_modes(point)
+

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special
 
-from .errors import InputError
+from ..errors import InputError
 
 _LINKS = {
     "gaussian": ("identity",),

@@ -1,7 +1,8 @@
-"""The coordinator's optimiser: a trust-region Newton method driven one round at a time.
+"""The trust-region Newton method both sides run, driven one round (one batch of points) at a time.
 
-It minimises F from the value, gradient and Hessian that the sites' sums provide at the points it asks
-for.  The interface is ask/tell, so the caller owns the communication, and a round may carry several
+It minimises F from the value, gradient and Hessian at the points it asks for: the sites' sums (the
+coordinator's rounds), or an engine evaluated locally (a site's own fit, the coordinator's pseudo-data
+fit).  The interface is ask/tell, so the caller owns the communication, and a round may carry several
 points:
 
     opt = TrustRegionNewton(x0, starts=[...])
@@ -35,19 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class NewtonConfig:
-    """Immutable settings of the optimiser."""
-
-    tol: float = 1e-7           # Newton decrement gᵀH⁻¹g at which the final candidate is accepted
-    near: float = 1e-3          # decrement below which the next (Newton) point is the final candidate
-    max_evals: int = 60         # rounds at most
-    radius0: float = 3.0        # initial trust radius (scaled units) when the Hessian is indefinite
-    accept: float = 1e-4        # least ratio of actual to predicted decrease for accepting a step
-    spread: float = 4.0         # candidate radii Δ/spread, Δ, spread·Δ while the model is not trusted
-    near_model: float = 0.05    # with a caller's model (see ``model``): decrement below which its step is
-                                # proposed as the final candidate
+from ..model.options import NewtonConfig
 
 
 @dataclass

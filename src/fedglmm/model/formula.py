@@ -24,7 +24,7 @@ from formulaic.errors import FormulaicError
 from formulaic.formula import SimpleFormula
 from formulaic.parser import DefaultFormulaParser
 
-from .errors import InputError
+from ..errors import InputError
 from .spec import ModelSpec, RandomTerm
 
 _OPEN, _CLOSE, _QUOTES = "([{", ")]}", "'\"`"

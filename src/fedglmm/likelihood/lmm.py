@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spec import Design, lambda_matrix, theta_index
+from ..model.spec import Design, lambda_matrix, theta_index
 
 
 class LMMSums:
@@ -118,6 +118,15 @@ class LMMSums:
         K = np.linalg.solve((I + self.P @ sig).transpose(0, 2, 1), sig)
         b = np.einsum("gab,gb->ga", K, self.r - self.Q @ beta)
         return b, sigma * np.sqrt(np.maximum(np.diagonal(K, axis1=1, axis2=2), 0.0))
+
+    # --- the engine interface (see :mod:`fedglmm.likelihood.engine`) ------------------------------
+    def sums(self, point: np.ndarray) -> dict:
+        """A, b, c, d and their first and second θ-derivatives at θ, as the site sends them."""
+        return self.evaluate(point, order=2)
+
+    def modes(self, point: np.ndarray, beta=None, sigma=None) -> tuple[np.ndarray, np.ndarray]:
+        """Each group's conditional means and SDs at θ, given the profiled β̂ (internal scale) and σ̂."""
+        return self.conditional_modes(point, np.asarray(beta), float(sigma))
 
 
 @dataclass

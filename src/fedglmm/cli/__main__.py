@@ -1,0 +1,4 @@
+"""``python -m fedglmm.cli``: the command line."""
+from . import main
+
+main()

@@ -1,0 +1,268 @@
+"""``fedglmm fit``, ``fedglmm summarize`` and ``fedglmm demo``: a fit from data files, summary files or a
+federation, printed as an lme4-style summary or written as JSON."""
+from __future__ import annotations
+
+import sys
+import warnings
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Callable, Iterator, List, Optional
+
+import typer
+
+from ..model.options import MIN_GROUP, OptionError, fit_request
+from .app import ClickException, DebugOption, JsonOption, QuietOption, UsageError, app, check_json_target, \
+    one_line, set_debug
+
+DEMO_FORMULA = "use ~ urban + age + I(age**2) + livch + (1 | district)"
+DEMO_FAMILY = "binomial"
+DEMO_SITE_COLUMN = "region"
+DEMO_FILE = "contraception.csv"
+
+DataArg = Annotated[Optional[List[Path]], typer.Argument(
+    metavar="[DATA...]", show_default=False,
+    help="Data files, one per site (.csv, .csv.gz, .tsv, .parquet; the site id is the file name), "
+         "or one file split by --site-column. Not with --summaries.")]
+FormulaOpt = Annotated[str, typer.Option(
+    "--formula", "-f", show_default=False, help="lme4-style formula, e.g. 'use ~ urban + age + (1 | district)'.")]
+FamilyOpt = Annotated[str, typer.Option("--family", help="gaussian, binomial or poisson.")]
+LinkOpt = Annotated[Optional[str], typer.Option(
+    "--link", show_default=False,
+    help="Link function (binomial: logit, probit, cloglog). Default: the family's canonical link.")]
+NagqOpt = Annotated[int, typer.Option(
+    "--nagq", min=1, help="1: Laplace approximation; K > 1: adaptive Gauss-Hermite with K nodes.")]
+RemlOpt = Annotated[bool, typer.Option(
+    "--reml/--ml", help="REML or maximum likelihood (gaussian models; others are always ML).")]
+SiteColumnOpt = Annotated[Optional[str], typer.Option(
+    "--site-column", "-s", show_default=False, help="Column of the (single) data file naming each row's site.")]
+MethodOpt = Annotated[str, typer.Option(
+    "--method", help="hybrid (the default: one round of summaries, then exact Newton rounds; the pooled fit in "
+                     "few rounds), iterative (exact Newton rounds from site totals), or oneshot (one round; exact "
+                     "for gaussian, pseudo-data otherwise).")]
+MomentsOpt = Annotated[Optional[int], typer.Option(
+    "--moments", min=2, max=4, show_default=False,
+    help="Order K of the per-group moments for one-shot binomial/poisson fits (default 4; hybrid: 2).")]
+MinGroupOpt = Annotated[int, typer.Option(
+    "--min-group", min=1, help="Smallest group whose own summaries a site sends (one-shot, hybrid).")]
+SummariesOpt = Annotated[Optional[List[Path]], typer.Option(
+    "--summaries", show_default=False,
+    help="Fit from the sites' summary files (written by 'fedglmm summarize') instead of data.")]
+CurvatureOpt = Annotated[str, typer.Option(
+    "--curvature", help="probit/cloglog only: 'observed' (exact Laplace, as glmmTMB) or 'expected' "
+                        "(Fisher weights, as lme4's glmer).")]
+PenaltyOpt = Annotated[float, typer.Option(
+    "--penalty", min=0.0, help="λ of an L2 penalty λ‖β‖² on the fixed effects but the intercept (binomial, "
+                               "poisson).")]
+SiteConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--site-config", show_default=False,
+    help="A site.toml whose disclosure rules (and audit log) every site applies; its min_group replaces "
+         "--min-group.")]
+FederationOpt = Annotated[Optional[str], typer.Option(
+    "--federation", metavar="HOST:PORT", show_default=False,
+    help="Fit over the sites connected to the coordinator's SuperLink at HOST:PORT (run on the coordinator: "
+         "127.0.0.1:PORT) instead of data files.")]
+SitesOpt = Annotated[Optional[int], typer.Option(
+    "--sites", min=1, show_default=False,
+    help="With --federation: wait for exactly N sites (default: the sites connected, at least one).")]
+TimeoutOpt = Annotated[float, typer.Option(
+    "--timeout", min=0.1, help="With --federation: seconds a site may take per round (and to connect).")]
+RootCertOpt = Annotated[Optional[Path], typer.Option(
+    "--root-certificates", show_default=False, help="With --federation: the federation's CA certificate (ca.pem).")]
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help="With --federation: no TLS (loopback addresses only).")]
+
+
+def _request(ctx, formula, family, link, **options):
+    """The validated fit request; an option that is wrong whatever the data is a usage error."""
+    try:
+        return fit_request(formula, family, link, **options)
+    except OptionError as e:
+        raise UsageError(str(e), ctx=ctx) from None
+
+
+@app.command(no_args_is_help=False)
+def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., family: FamilyOpt = "gaussian",
+        link: LinkOpt = None, nagq: NagqOpt = 1, reml: RemlOpt = True, site_column: SiteColumnOpt = None,
+        method: MethodOpt = "hybrid", moments: MomentsOpt = None, min_group: MinGroupOpt = MIN_GROUP,
+        summaries: SummariesOpt = None, curvature: CurvatureOpt = "observed", penalty: PenaltyOpt = 0.0,
+        site_config: SiteConfigOpt = None, federation: FederationOpt = None, sites_expected: SitesOpt = None,
+        timeout: TimeoutOpt = 60.0, root_certificates: RootCertOpt = None, insecure: InsecureOpt = False,
+        json_out: JsonOption = None, quiet: QuietOption = False, debug: DebugOption = False) -> None:
+    """Fit a GLMM federated over sites and print an lme4-style summary."""
+    set_debug(debug)
+    req = _request(ctx, formula, family, link, nagq=nagq, reml=reml, method=method, curvature=curvature,
+                   moments=moments, penalty=penalty)
+    check_json_target(ctx, json_out)
+    data = list(data or [])
+    if federation is not None:
+        if data or summaries or site_column is not None or site_config is not None:
+            raise UsageError("--federation fits over the connected sites, under their own rules: give no data "
+                             "files, --summaries, --site-column or --site-config", ctx=ctx)
+        where = dict(address=federation, root_certificates=root_certificates, insecure=insecure,
+                     sites=sites_expected, timeout=timeout)
+        _emit(_run_fit(req, None, quiet=quiet, federation=where), json_out, quiet)
+        return
+    if sites_expected is not None or root_certificates is not None or insecure:
+        raise UsageError("--sites, --root-certificates and --insecure go with --federation", ctx=ctx)
+    if summaries and site_config is not None:
+        raise UsageError("--site-config applies to sites fitted from data files; summaries were made under "
+                         "each site's own rules ('fedglmm summarize --site-config')", ctx=ctx)
+    if summaries:
+        # '--summaries a.json b.json': the option takes the first file, the rest arrive as arguments
+        from ..api import fit_summaries
+
+        res = fit_summaries(list(summaries) + data, formula, family=family, link=link, nagq=nagq, reml=reml,
+                            curvature=curvature)
+        _emit(res, json_out, quiet)
+        return
+    if not data:
+        raise UsageError("no data files given (or use --summaries)", ctx=ctx)
+    if site_column is not None and len(data) > 1:
+        raise UsageError(f"--site-column splits one file into sites, but {len(data)} files were given and "
+                         "each file is already a site: give one file or drop --site-column", ctx=ctx)
+    from ..io import load_sites
+    from ..site import SiteConfig
+
+    config = SiteConfig.load(site_config) if site_config is not None else None
+    sites = load_sites(data, site_column)
+    _emit(_run_fit(req, sites, quiet=quiet, min_group=min_group, site_config=config), json_out, quiet)
+
+
+@app.command()
+def summarize(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Argument(metavar="DATA", show_default=False, help="This site's data file.")],
+    formula: Annotated[str, typer.Option("--formula", "-f", show_default=False, help="lme4-style formula.")],
+    output: Annotated[Path, typer.Option("--output", "-o", show_default=False,
+                                         help="Where to write the site's summaries (JSON).")],
+    family: FamilyOpt = "gaussian",
+    link: Annotated[Optional[str], typer.Option("--link", show_default=False, help="Link function.")] = None,
+    site_id: Annotated[Optional[str], typer.Option(
+        "--site-id", show_default=False, help="This site's name (default: the file name).")] = None,
+    moments: Annotated[int, typer.Option(
+        "--moments", min=2, max=4, help="Order K of the per-group moments (binomial/poisson).")] = 4,
+    min_group: Annotated[int, typer.Option(
+        "--min-group", min=1, help="Smallest group whose own summaries may leave the site.")] = MIN_GROUP,
+    site_config: Annotated[Optional[Path], typer.Option(
+        "--site-config", show_default=False,
+        help="This site's site.toml: its rules are applied (its min_group replaces --min-group) and the "
+             "message is recorded in its audit log.")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Write this site's one-shot message as readable JSON, for the data steward to review and send."""
+    set_debug(debug)
+    _request(ctx, formula, family, link, method="oneshot", moments=moments)
+    import json
+
+    from ..io import read_table
+    from ..site.summaries import summarize as make_summary, to_jsonable
+
+    frame = read_table(data)
+    if site_config is not None:
+        from .. import protocol
+        from ..errors import SiteRefusal
+        from ..site import Site, SiteConfig
+
+        # through the site itself: the same rules and the same audit line as a networked request
+        site = Site(site_id or data.stem, frame, config=SiteConfig.load(site_config))
+        req = protocol.request("oneshot", formula=formula, family=family, link=link, order=moments)
+        msg = protocol.decode(site.handle(protocol.encode(req)))
+        if "error" in msg:
+            raise SiteRefusal(msg["error"])
+    else:
+        msg = make_summary(frame, formula, family, link, site_id or data.stem, order=moments, min_group=min_group)
+    try:
+        output.write_text(json.dumps(to_jsonable(msg), indent=1) + "\n")
+    except OSError as e:
+        raise ClickException(f"cannot write '{output}': {e.strerror or e}") from None
+    what = msg["refused"] or (f"{len(msg['groups']['levels'])} groups of {msg['n']} rows")
+    typer.echo(f"wrote {output}: site '{msg['site']}', {what}", err=True)
+
+
+@contextmanager
+def _progress(quiet: bool, label: str) -> Iterator[Optional[Callable[[int, str], None]]]:
+    """An ``on_round`` callback showing "round k: kind" on stderr, or None when silent."""
+    if quiet or not _stderr_is_terminal():
+        yield None
+        return
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status(f"{label}: starting") as status:
+        def on_round(number: int, kind: str) -> None:
+            status.update(f"{label}: round {number}: {kind}")
+
+        yield on_round
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _run_fit(req, sites, *, quiet, label="fitting", min_group=MIN_GROUP, site_config=None, federation=None):
+    """The fit (in-process sites, or the federation at ``federation["address"]``), with its warnings shown
+    once each on stderr."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _progress(quiet, label) as on_round:
+            if federation is not None:                     # the sites are across the network
+                from ..deploy.cli import fit_federated
+
+                res = fit_federated(federation.pop("address"), req, on_round=on_round, **federation)
+            else:
+                from ..api import fit_request_on_data
+
+                res = fit_request_on_data(req, sites, min_group=min_group, site_config=site_config,
+                                          on_round=on_round)
+    if not quiet:
+        shown = set()
+        for w in caught:
+            if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
+                continue
+            text = one_line(str(w.message))
+            if text not in shown:
+                shown.add(text)
+                typer.echo(f"warning: {text}", err=True)
+    return res
+
+
+def _emit(res, json_out: str | None, quiet: bool, note: str | None = None) -> None:
+    """Write the JSON first (a failed write prints no fit), then the summary and the note."""
+    if json_out is not None and json_out != "-":
+        try:
+            res.to_json(json_out)
+        except OSError as e:
+            raise ClickException(f"cannot write --json '{json_out}': {e.strerror or e}") from None
+    if json_out == "-":
+        typer.echo(res.to_json())
+        if note and not quiet:
+            typer.echo(note, err=True)
+        return
+    typer.echo(res.summary())
+    if note:
+        typer.echo("")
+        typer.echo(note)
+    if json_out is not None and not quiet:
+        typer.echo(f"wrote {json_out}", err=True)
+
+
+@app.command()
+def demo(ctx: typer.Context, json_out: JsonOption = None, quiet: QuietOption = False, debug: DebugOption = False) -> None:
+    """Fit the bundled contraception data split over 4 regional sites (binomial, Laplace)."""
+    set_debug(debug)
+    check_json_target(ctx, json_out)
+    from ..io import load_sites
+
+    req = fit_request(DEMO_FORMULA, DEMO_FAMILY, None, nagq=1, reml=False)
+    with resources.as_file(resources.files("fedglmm") / "data" / DEMO_FILE) as path:
+        sites = load_sites([path], DEMO_SITE_COLUMN)
+    res = _run_fit(req, sites, quiet=quiet, label="demo")
+    ngroups = sum(res.ngroups.values())
+    note = (f"demo: fitted the Bangladesh contraception survey ({res.nobs} women, {ngroups} districts) "
+            f"federated over {res.nsites} sites split by '{DEMO_SITE_COLUMN}' ({', '.join(res.site_ids)}): "
+            f"{res.rounds} rounds, {res.bytes_to_sites:,} bytes sent to the sites and "
+            f"{res.bytes_from_sites:,} bytes back; no row left its site.")
+    _emit(res, json_out, quiet, note=note)

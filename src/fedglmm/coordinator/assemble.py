@@ -1,0 +1,108 @@
+"""The fit on the user's scale, assembled once from the estimate on the internal scale and the parts'
+final replies: coefficients and their covariance, the random-effect covariance, conditional modes,
+fit criteria and the notes that go with them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from ..likelihood.fit import Estimate, diagonal_positions
+from ..likelihood.setup import Setup
+from ..model.families import Family
+from ..model.labels import natural_order
+from ..model.options import FitOptions
+from ..model.spec import ModelSpec, Schema, lambda_matrix, theta_index
+
+
+@dataclass
+class Assembled:
+    """Everything a fit says about the model (run statistics -- rounds, bytes, time -- are kept apart)."""
+
+    formula: str
+    family: Family
+    method: str
+    nagq: int
+    reml: bool
+    fixef: pd.Series
+    vcov: pd.DataFrame
+    cov_re: pd.DataFrame | None          # covariance of the random effects (data scale)
+    residual_sd: float | None
+    loglik: float
+    n_params: int
+    nobs: int
+    ngroups: dict
+    converged: bool
+    group_name: str | None = None
+    modes: pd.DataFrame | None = None     # conditional modes, one row per group level
+    condsd: pd.DataFrame | None = None    # their conditional standard deviations
+    theta: np.ndarray | None = None
+    spec: ModelSpec | None = None
+    schema: Schema | None = None
+    messages: list = field(default_factory=list)
+
+
+def method_name(family: Family, options: FitOptions, q: int) -> str:
+    if family.name == "gaussian":
+        return "REML" if options.reml else "ML"
+    return "GLM" if not q else ("Laplace" if options.nagq == 1 else f"AGHQ({options.nagq})")
+
+
+def _random_effects(st: Setup, est: Estimate, messages: list):
+    """θ on the user's scale, the random-effect covariance and the conditional modes (NaN for groups a
+    site withheld), ordered by group level."""
+    mask, zs, znames, q = st.mask, st.zs, st.znames, st.mask.shape[0]
+    r_idx, c_idx = theta_index(mask)
+    theta = np.asarray(est.theta) / zs[r_idx]                            # Λ = diag(zs)⁻¹ Λ̃
+    lam = lambda_matrix(theta, q, (r_idx, c_idx))
+    scale2 = est.sigma2 if est.sigma2 is not None else 1.0
+    cov_re = pd.DataFrame(scale2 * lam @ lam.T, index=znames, columns=znames)
+    final = est.final
+    # a site may withhold the modes of its small groups (its min_group rule): they are NaN here
+    withheld = [lv for r in final.values() for lv in r.get("withheld", [])]
+    levels = [lv for r in final.values() for lv in r["levels"]] + withheld
+    gap = np.full((len(withheld), q), np.nan)
+    modes = pd.DataFrame(np.vstack([np.reshape(r["modes"], (-1, q)) for r in final.values()] + [gap]) / zs,
+                         index=levels, columns=znames)
+    condsd = pd.DataFrame(np.vstack([np.reshape(r["condsd"], (-1, q)) for r in final.values()] + [gap]) / zs,
+                          index=levels, columns=znames)
+    if withheld:
+        messages.append(f"conditional modes withheld by site rules for {len(withheld)} group"
+                        f"{'s' if len(withheld) != 1 else ''} (smaller than a site's min_group): "
+                        "ranef() shows NaN for them and predict() gives them the population-level "
+                        "prediction")
+    order = natural_order(np.asarray(levels, dtype=str))
+    return theta, cov_re, modes.iloc[order], condsd.iloc[order]
+
+
+def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec, schema: Schema, st: Setup,
+             est: Estimate, method: str | None = None) -> Assembled:
+    """The fit on the user's scale (β = Aγ, Cov(β) = A Cov(γ) Aᵀ) from the estimate on the internal scale."""
+    names, mask, A = st.names, st.mask, st.A
+    p, q = len(names), mask.shape[0]
+    beta = A @ est.gamma
+    vcov = A @ est.vcov_gamma @ A.T
+    group = spec.group
+    messages = list(est.messages)
+    cov_re = modes = condsd = None
+    theta = np.asarray(est.theta)
+    if q and np.min(np.abs(theta[diagonal_positions(mask)])) < 1e-4:
+        messages.append("boundary (singular) fit: the random-effect covariance is singular (a standard "
+                        "deviation at zero or a correlation of ±1)")
+    if q:
+        theta, cov_re, modes, condsd = _random_effects(st, est, messages)
+    method = method or method_name(family, options, q)
+    if options.penalty:
+        method += f", L2 penalty {options.penalty:g}"
+        messages.append(f"estimates maximise logLik − {options.penalty:g}·‖β‖² (intercept not penalised); "
+                        "logLik is reported without the penalty, standard errors from the penalised "
+                        "information")
+    gaussian = family.name == "gaussian"
+    return Assembled(
+        formula=formula, family=family, method=method, nagq=options.nagq, reml=bool(options.reml and gaussian),
+        fixef=pd.Series(beta, index=names), vcov=pd.DataFrame(vcov, index=names, columns=names), cov_re=cov_re,
+        residual_sd=float(np.sqrt(est.sigma2)) if gaussian else None, loglik=float(est.loglik),
+        n_params=p + int(mask.sum()) + (1 if gaussian else 0), nobs=st.n,
+        ngroups={group: st.ngroups} if group else {}, converged=bool(est.converged), group_name=group,
+        modes=modes, condsd=condsd, theta=theta, spec=spec, schema=schema, messages=messages)

@@ -1,0 +1,93 @@
+"""The sites' one-shot messages at the coordinator: read back from the readable files, checked against
+the fit, and mapped from each site's own coding (a column per factor level it has) to the agreed design."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+from ..model.families import Family
+from ..model.formula import parse_formula
+from ..model.spec import Schema
+from .schema import global_names, merge_schema
+
+# the axes of each summed quantity: x = fixed-effect column, z = random-effect column, g = group
+SUM_AXES = {"colsum": "x", "colsq": "x", "xtx": "xx", "ztz": "zz",
+            "st_xvx": "xx", "st_xv": "x", "st_xy": "x", "st_sy": "", "st_sv": "",
+            "st_aa": "zz", "st_ab": "zz", "st_bb": "zz", "st_at": "zzx", "st_bt": "zzx", "st_tt": "zxzx",
+            "st_ww": "zzzz", "st_w": "zz", "xtwx": "xx", "xtwz": "x",
+            "mom_ss": "zz", "mom_st": "zzx", "mom_tt": "zxzx", "mom_ww": "zzzz", "mom_w": "zz"}
+BLOCK_AXES = {"n": "g", "XtX": "gxx", "Xty": "gx", "yty": "g", "ZtX": "gzx", "ZtZ": "gzz", "Zty": "gz"}
+
+
+def from_jsonable(obj: dict) -> dict:
+    """Back from :func:`to_jsonable` (lists to arrays where the engine needs arrays)."""
+    msg = dict(obj)
+    msg.pop("about", None)
+    msg["theta_mask"] = np.asarray(msg["theta_mask"], bool).reshape(len(msg["z_names"]), len(msg["z_names"]))
+    msg["sums"] = {k: np.asarray(v, float) for k, v in msg["sums"].items()}
+    if msg.get("groups"):
+        msg["groups"] = {k: (v if k in ("levels", "variables") else np.asarray(v, float))
+                         for k, v in msg["groups"].items()}
+    return msg
+
+
+@dataclass
+class Merged:
+    spec: object
+    schema: Schema
+    family: Family
+    names: list
+    znames: list
+    mask: np.ndarray
+    setup: dict            # per site: a set-up reply in the agreed coding
+    blocks: dict           # per site: its per-group blocks in the agreed coding (or None)
+    refused: list
+
+
+def _remap(arr, axes: str, xmap: np.ndarray, zmap: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr, float)
+    for ax, kind in enumerate(axes):
+        if kind not in "xz":
+            continue
+        m = xmap if kind == "x" else zmap
+        arr = np.take(arr, np.maximum(m, 0), axis=ax)
+        index = [slice(None)] * arr.ndim
+        index[ax] = m < 0
+        arr[tuple(index)] = 0.0
+    return arr
+
+
+def merge_messages(messages: dict, formula: str, family: Family) -> Merged:
+    spec = parse_formula(formula)
+    for sid, m in messages.items():
+        if m.get("kind") != "oneshot":
+            raise InputError(f"site '{sid}': not a one-shot summary")
+        if " ".join(m["formula"].split()) != " ".join(formula.split()) or m["family"] != family.name \
+                or m["link"] != family.link:
+            raise InputError(f"site '{sid}': its summaries were made for '{m['formula']}' ({m['family']}, "
+                             f"{m['link']}), not for '{formula}' ({family.name}, {family.link})")
+    orders = {m["order"] for m in messages.values()}
+    if len(orders) > 1:
+        raise InputError(f"the sites' summaries use different moment orders: {sorted(map(str, orders))}")
+    schema = merge_schema({sid: m["description"] for sid, m in messages.items()}, spec, family)
+    names, znames, mask = global_names(spec, schema, family)
+    setup, blocks, refused = {}, {}, []
+    for sid, m in messages.items():
+        xmap = np.array([m["x_names"].index(nm) if nm in m["x_names"] else -1 for nm in names], dtype=np.int64)
+        zmap = np.array([m["z_names"].index(nm) if nm in m["z_names"] else -1 for nm in znames], dtype=np.int64)
+        sums = {k: _remap(v, SUM_AXES[k], xmap, zmap) for k, v in m["sums"].items()}
+        setup[sid] = {"n": m["n"], "ngroups": m["ngroups"], "x_names": names, "z_names": znames,
+                      "theta_mask": mask, **sums}
+        if m.get("refused"):
+            refused.append(m["refused"])
+        g = m.get("groups")
+        if not g:
+            blocks[sid] = None
+        elif family.name == "gaussian":
+            blocks[sid] = {"levels": list(g["levels"]),
+                           **{k: _remap(g[k], BLOCK_AXES[k], xmap, zmap) for k in BLOCK_AXES}}
+        else:
+            blocks[sid] = dict(g, x_names=m["x_names"], z_names=m["z_names"])
+    return Merged(spec, schema, family, names, znames, mask, setup, blocks, refused)

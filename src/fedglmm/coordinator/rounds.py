@@ -1,0 +1,75 @@
+"""The coordinator's rounds: the requests it broadcasts (describe, setup, evaluate, finalize) and the
+Newton iteration driven over them.
+
+A round is one request to every site and one reply from each, through a transport
+(:mod:`fedglmm.transport`); the sums of the replies feed the iteration of :mod:`fedglmm.likelihood.fit`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..likelihood.fit import Estimate, fit_glmm, fit_lmm
+from ..likelihood.setup import Setup, sum_replies
+from ..likelihood.starts import start_values
+from ..model.families import Family
+from ..model.options import FitOptions
+from ..model.spec import ModelSpec, Schema
+from ..protocol import request
+from .schema import merge_schema
+from .surrogate import surrogate_model
+
+
+def agree_schema(transport, formula: str, spec: ModelSpec, family: Family) -> Schema:
+    """Round 1: each site describes its columns, levels and groups; one schema comes back."""
+    desc = transport.broadcast(request("describe", formula=formula))
+    return merge_schema(desc, spec, family)
+
+
+def setup_request(formula: str, family: Family, options: FitOptions, schema: Schema) -> dict:
+    """Round 2 (or riding on the first evaluation): each site builds its design in the agreed coding."""
+    return request("setup", formula=formula, family=family.name, link=family.link, nagq=options.nagq,
+                   reml=options.reml, curvature=options.curvature,
+                   schema={"kinds": schema.kinds, "levels": schema.levels})
+
+
+class RoundEvaluator:
+    """The :class:`~fedglmm.likelihood.fit.Evaluator` of a federated fit: each call is one round.
+
+    ``first`` (a payload such as the set-up request) rides on the first request of the fit, once."""
+
+    def __init__(self, transport, setup: Setup, first: dict | None = None):
+        self.transport, self.scale = transport, setup.scale
+        self.first = dict(first or {})
+
+    def _ride(self) -> dict:
+        ride, self.first = self.first, {}
+        return ride
+
+    def evaluate(self, points, keys):
+        rep = self.transport.broadcast(request("evaluate", points=np.asarray(points), **self.scale, **self._ride()))
+        per_point = [{sid: r["points"][i] for sid, r in rep.items()} for i in range(len(points))]
+        return [sum_replies(pp, keys) for pp in per_point]
+
+    def finalize(self, point, keys, extra=None):
+        rep = self.transport.broadcast(request("finalize", point=point, **self.scale, **(extra or {}),
+                                               **self._ride()))
+        return sum_replies(rep, keys), rep
+
+
+def estimate(transport, st: Setup, family: Family, options: FitOptions, start=None, first: dict | None = None,
+             surrogate=None) -> Estimate:
+    """The Newton rounds and the final round.
+
+    ``start`` overrides the set-up start values (internal scale: (γ, θ̃) for GLMMs, θ̃ for gaussian
+    models; for GLMMs a tuple of such pairs gives candidate starts, all evaluated in the first round and
+    the best kept); ``first`` rides on the first request; ``surrogate(x) -> (f, g, H)`` is a local
+    stand-in for −ℓ (GLMMs; see :func:`~fedglmm.coordinator.surrogate.surrogate_model`)."""
+    evaluator = RoundEvaluator(transport, st, first)
+    if family.name == "gaussian":
+        return fit_lmm(evaluator, st, options, start)
+    model = surrogate_model(surrogate) if surrogate is not None else None
+    if start is not None and isinstance(start[0], tuple):
+        (gamma0, theta0), others = start[0], [np.concatenate(s) for s in start[1:]]
+        return fit_glmm(evaluator, st, gamma0, theta0, options, others, model)
+    gamma0, theta0 = start if start is not None else start_values(st, family)
+    return fit_glmm(evaluator, st, gamma0, theta0, options, model=model)

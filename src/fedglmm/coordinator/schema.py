@@ -1,0 +1,107 @@
+"""Schema agreement at the coordinator: the sites' descriptions merged into one schema (column kinds,
+factor levels), with the checks that the sites agree and that every group lives at one site; and the
+agreed design's column names."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..errors import SchemaError
+from ..model.design import build_design
+from ..model.families import get_family
+from ..model.formula import expression_columns, variables
+from ..model.labels import level_columns, sort_levels
+from ..model.families import Family
+from ..model.spec import ModelSpec, Schema
+
+
+def merge_schema(descriptions: dict[str, dict], spec: ModelSpec, family) -> Schema:
+    """Agree on column kinds and factor levels across sites; raise :class:`SchemaError` if they clash.
+
+    ``Schema.kinds`` covers the used columns (a grouping column stored differently at different sites
+    is recorded as categorical: only its labels matter); ``Schema.levels`` the used categorical columns
+    (not the grouping column unless the model also uses it as a predictor), each the sorted union over
+    sites.  A categorical outcome is allowed only for binomial models, with exactly two levels: the
+    first is failure (0), the second success (1), as in R's ``glm``.
+    """
+    fam = get_family(family)
+    if not descriptions:
+        raise SchemaError("no site descriptions to merge")
+    _check_same_columns(descriptions)
+    kinds = {col: _agreed_kind(col, descriptions, spec) for col in variables(spec)}
+    levels = {}
+    for col in level_columns(spec, kinds):
+        union = np.concatenate([np.asarray(d["levels"].get(col, []), dtype=str) for d in descriptions.values()])
+        levels[col] = sort_levels(union, natural=kinds[col] == "numeric")
+    _check_outcome_kinds(spec, kinds, levels, fam)
+    _check_groups_disjoint(descriptions, spec)
+    return Schema(kinds=kinds, levels=levels)
+
+
+def _check_same_columns(descriptions: dict[str, dict]) -> None:
+    (ref, d0), *rest = descriptions.items()
+    for site, d in rest:
+        extra = [c for c in d["columns"] if c not in d0["columns"]]
+        if extra:
+            raise SchemaError(f"site '{site}' has columns that site '{ref}' lacks: {', '.join(extra)}")
+        lacking = [c for c in d0["columns"] if c not in d["columns"]]
+        if lacking:
+            raise SchemaError(f"site '{site}' lacks columns that site '{ref}' has: {', '.join(lacking)}")
+
+
+def _agreed_kind(col: str, descriptions: dict[str, dict], spec: ModelSpec) -> str:
+    per_site = {site: d["columns"][col] for site, d in descriptions.items()}
+    kinds = set(per_site.values())
+    if len(kinds) == 1:
+        return kinds.pop()
+    if col == spec.group and col not in variables(spec, group=False):
+        return "categorical"
+    num = next(s for s, k in per_site.items() if k == "numeric")
+    txt = next(s for s, k in per_site.items() if k != "numeric")
+    raise SchemaError(f"column '{col}' is numeric at site '{num}' but holds text at site '{txt}'")
+
+
+def _check_outcome_kinds(spec: ModelSpec, kinds: dict, levels: dict, fam) -> None:
+    """The outcome, failures and offsets must be numbers (or a 2-level factor outcome for binomial)."""
+    if kinds.get(spec.response) == "categorical":
+        if fam.name != "binomial" or spec.failures:
+            raise SchemaError(f"outcome '{spec.response}' is not numeric"
+                              + ("" if spec.failures else " (only a binomial outcome may be a factor)"))
+        if len(levels[spec.response]) != 2:
+            shown = ", ".join(levels[spec.response][:5])
+            raise SchemaError(f"binomial outcome '{spec.response}' must have two levels (failure, success); "
+                              f"it has {len(levels[spec.response])}: {shown}")
+    exprs = ([spec.response] if spec.response not in kinds else []) + [spec.failures, *spec.offsets]
+    for expr in filter(None, exprs):
+        bad = [c for c in expression_columns(expr) if kinds.get(c) == "categorical"]
+        if bad:
+            raise SchemaError(f"column '{bad[0]}' is used as a number in '{expr}' but is not numeric")
+
+
+def _check_groups_disjoint(descriptions: dict[str, dict], spec: ModelSpec) -> None:
+    if not spec.group:
+        return
+    sites = list(descriptions)
+    per_site = [np.asarray(descriptions[s]["groups"], dtype=str) for s in sites]
+    where = np.repeat(np.asarray(sites, dtype=object), [len(x) for x in per_site])
+    labels = np.concatenate(per_site)
+    dup = pd.Series(labels).duplicated(keep=False).to_numpy()
+    if dup.any():
+        level = sort_levels(labels[dup], natural=True)[0]
+        at = " and ".join(f"'{s}'" for s in where[labels == level][:2])
+        raise SchemaError(f"group '{spec.group}' level '{level}' is present at sites {at}; "
+                          "each group must live at one site")
+
+
+def global_names(spec, schema: Schema, family: Family):
+    """The agreed design's column names and Λ pattern, from a one-row stand-in frame."""
+    row = {}
+    for col, kind in schema.kinds.items():
+        if col in schema.levels:
+            row[col] = [schema.levels[col][0]]
+        else:
+            row[col] = [0.0 if col == spec.response else 1.0]
+    if spec.group and spec.group not in row:
+        row[spec.group] = ["g"]
+    d = build_design(spec, schema, pd.DataFrame(row), family, "coordinator")
+    return list(d.x_names), list(d.z_names), np.asarray(d.theta_mask, bool)

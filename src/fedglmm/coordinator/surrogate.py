@@ -1,0 +1,97 @@
+"""The hybrid's step model: the pseudo-data log-likelihood, corrected to agree with the sites' exact
+gradient and Hessian at the current point, minimised locally (no round) to propose the next point."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..likelihood.newton import TrustRegionNewton
+from ..model.options import NewtonConfig
+
+
+def surrogate_model(surrogate):
+    """A model step for :class:`TrustRegionNewton` from a local stand-in for the objective.
+
+    ``surrogate(x) -> (f, g, H)`` approximates F (here −ℓ of pseudo-data with the sites' moments, computed
+    at the coordinator at no round's cost).  At the current point x_k, where the sites gave the exact
+    (g, H), the model is the surrogate corrected to agree with F to second order,
+
+        S(x) = P(x) + (g − g_P(x_k))ᵀ(x − x_k) + ½ (x − x_k)ᵀ(H − H_P(x_k))(x − x_k),
+
+    and its minimiser is the step (found locally by trust-region Newton on S).  Where P's third and
+    higher derivatives resemble F's, this step lands closer to F's minimiser than the Newton step does --
+    the idea of the communication-efficient surrogate likelihood (Jordan, Lee & Yang 2019, JASA 114:668),
+    with pseudo-data in place of one site's own rows.  The difference F − P has third derivatives too (from
+    groups the pseudo-data lack, above all): the change of its Hessian between the nearest other point the
+    sites evaluated and x_k gives them along that direction, added to S as a cubic term."""
+    cache = {}
+
+    def P(x):
+        key = np.asarray(x, float).tobytes()
+        if key not in cache:
+            cache.clear() if len(cache) > 64 else None
+            cache[key] = surrogate(x)
+        return cache[key]
+
+    seen = []                    # points the sites evaluated: (x, H)
+    last = {}                    # the point the model was last asked at, and F − P's Hessian there
+
+    def observe(x, f, g, H):
+        seen.append((np.array(x, float), np.array(H, float)))
+        del seen[:-8]
+
+    def model(x, f, g, H):
+        try:
+            fp, gp, Hp = P(x)
+            dg, dH = g - gp, H - Hp
+            # the difference F − P along the path: its Hessian changed by M over the last move d, a
+            # secant estimate of its third derivative in that direction, kept as the cubic
+            # C(s) = (sᵀMs)(uᵀs)/6 with u = d/dᵀd (exact for s ∥ d; zero with its derivatives at s = 0)
+            M = u = None
+            w = np.abs(np.diag(H))
+            if "x" in last and np.any(last["x"] != x):         # along the path: from the last point
+                y, dHy = last["x"], last["dH"]
+            else:                                             # first round: the nearest other start
+                others = [(float(((y - x) ** 2) @ w), y, Hy) for y, Hy in seen if np.any(y != x)]
+                y, dHy = (None, None) if not others else (lambda t: (t[1], t[2] - P(t[1])[2]))(
+                    min(others, key=lambda t: t[0]))
+            if y is not None:
+                d = x - y
+                M, u = dH - dHy, d / (d @ d)
+                M = (M + M.T) / 2
+            last.update(x=np.array(x, float), dH=dH)
+
+            def S(z):
+                fz, gz, Hz = P(z)
+                s = z - x
+                val, grad, hess = fz + dg @ s + 0.5 * s @ dH @ s, gz + dg + dH @ s, Hz + dH
+                if M is not None:
+                    Ms, us = M @ s, u @ s
+                    val += (s @ Ms) * us / 6.0
+                    grad = grad + Ms * us / 3.0 + (s @ Ms) * u / 6.0
+                    hess = hess + (M * us + np.outer(Ms, u) + np.outer(u, Ms)) / 3.0
+                return val, grad, hess
+
+            inner = TrustRegionNewton(x, NewtonConfig(tol=1e-10, near=1e-4, max_evals=8))
+            pts = inner.starts
+            while pts:
+                pts = inner.tell(pts, [S(z) for z in pts])
+            z = inner.solution if inner.converged else inner.current.x
+            return z - x, fp - S(z)[0]
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            return None
+
+    model.observe = observe
+    return model
+
+
+def pseudo_objective(parts: dict, st, skip=()):
+    """−ℓ of the pseudo-data (value, gradient, Hessian) on the fit's internal scale, computed by the
+    coordinator from the stand-ins of the one-shot fit (:mod:`fedglmm.coordinator.virtual`; but those in
+    ``skip``)."""
+    engines = [part.engines.get(st.A, st.zs) for sid, part in parts.items() if sid not in skip]
+
+    def objective(x):
+        evs = [eng.evaluate(np.asarray(x, float), hess=True) for eng in engines]
+        return (-sum(ev.value for ev in evs), -sum(ev.grad for ev in evs), -sum(ev.hess for ev in evs))
+
+    return objective if engines else None

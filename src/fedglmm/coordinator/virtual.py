@@ -1,0 +1,176 @@
+"""The coordinator's stand-ins for the sites, from their one-shot messages: per-group sufficient
+statistics (gaussian: the exact likelihood) or pseudo-data with the shared moments (binomial, poisson),
+each with an engine (:mod:`fedglmm.likelihood.engine`); and the fit of them, in this process.
+
+The pseudo-data fit is the iterative method's fit -- schema from the sites' descriptions, set-up sums,
+internal scale, starting values, Newton -- with the engines evaluated locally: no round reaches a site.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import comb
+from zlib import crc32
+
+import numpy as np
+from scipy.special import comb as binom
+
+from ..errors import InputError
+from ..likelihood.engine import EngineCache, make_engine
+from ..likelihood.fit import Estimate, LocalEvaluator, fit_glmm, fit_lmm
+from ..likelihood.lmm import LMMSums
+from ..likelihood.setup import Setup, make_setup, setup_reply
+from ..likelihood.starts import start_values
+from ..model.families import Family
+from ..model.moments import monomials
+from ..model.options import FitOptions
+from ..model.spec import Design, ModelSpec, Schema
+from .messages import Merged
+from .pseudo import generate_group, generate_order2
+from .schema import merge_schema
+
+
+@dataclass
+class Part:
+    """One site's stand-in: its description, its set-up reply, its group levels and its engines."""
+
+    description: dict
+    setup: dict
+    levels: list | None
+    engines: EngineCache
+
+
+def _block_engine(blocks: dict, mask: np.ndarray, A: np.ndarray, zs: np.ndarray) -> LMMSums:
+    """Gaussian: the exact LMM sums from per-group sufficient statistics, on the internal scale."""
+    b = blocks
+    zs = zs if len(zs) else np.ones(mask.shape[0])
+    return LMMSums.from_blocks(
+        float(np.sum(b["n"])), A.T @ b["XtX"].sum(axis=0) @ A, A.T @ b["Xty"].sum(axis=0),
+        float(np.sum(b["yty"])), b["ZtZ"] / np.outer(zs, zs), (b["ZtX"] / zs[None, :, None]) @ A,
+        b["Zty"] / zs, mask)
+
+
+def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0, compress: float = 1.0
+              ) -> tuple[dict, dict]:
+    """A :class:`Part` for every site that sent per-group summaries, and the pseudo-data diagnostics."""
+    parts, diagnostics = {}, {}
+    family = merged.family
+    for sid, m in messages.items():
+        blocks = merged.blocks[sid]
+        if blocks is None:
+            continue
+        if family.name == "gaussian":
+            engines = EngineCache(lambda A, zs, b=blocks: _block_engine(b, merged.mask, A, zs))
+            levels = list(blocks["levels"]) if merged.mask.shape[0] else None
+            parts[sid] = Part(m["description"], merged.setup[sid], levels, engines)
+            continue
+        design, diag = pseudo_design(blocks, merged.names, merged.znames, merged.mask, family, seed, compress)
+        diagnostics[sid] = diag
+        engines = EngineCache(lambda A, zs, d=design: make_engine(d, family, options.nagq, options.curvature, A, zs))
+        levels = list(design.group_levels) if design.Z.shape[1] else None
+        parts[sid] = Part(m["description"], setup_reply(design, family), levels, engines)
+    return parts, diagnostics
+
+
+def fit_stand_ins(parts: dict, spec: ModelSpec, family: Family, options: FitOptions
+                  ) -> tuple[Schema, Setup, Estimate]:
+    """The fit of the stand-ins, as the iterative method would fit sites holding them."""
+    schema = merge_schema({sid: {"site": sid, **p.description} for sid, p in parts.items()}, spec, family)
+    st = make_setup({sid: p.setup for sid, p in parts.items()})
+    engines = {sid: p.engines.get(st.A, st.zs) for sid, p in parts.items()}
+    evaluator = LocalEvaluator(engines, {sid: p.levels for sid, p in parts.items()})
+    if family.name == "gaussian":
+        return schema, st, fit_lmm(evaluator, st, options)
+    return schema, st, fit_glmm(evaluator, st, *start_values(st, family), options)
+
+
+def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, family: Family, seed: int,
+                  compress: float = 1.0) -> tuple:
+    """Pseudo rows for one site's groups, as a Design in the agreed coding, and the moment diagnostics.
+
+    ``compress`` = r > 1 (binomial, order 2; the hybrid's start and surrogate): a group of n rows gets
+    m = max(⌈n/r⌉, min(n, 25)) rows, each standing for n/m Bernoulli observations (a binomial row of n/m
+    trials): the likelihood costs r times less, the moments match up to the rounding of the count of ones."""
+    variables_ = list(block["variables"])
+    expo = monomials(len(variables_), _order_of(block, len(variables_)))
+    binary = [0] if family.name == "binomial" else []
+    nonneg = [0] if family.name == "poisson" else []
+    # generate on a standard scale: moments of (v − c)/s are a fixed linear map of the raw ones
+    c, sc = _standardisation(block, expo, keep=[0] if family.name != "gaussian" else [])
+    T = _shift_matrix(expo, c, sc)
+    targets = np.asarray(block["moments"], float) @ T.T
+    nrows = np.round(np.asarray(block["n"], float))
+    weight = np.ones(len(nrows))
+    if compress > 1 and binary and expo.sum(axis=1).max() == 2:
+        m = np.maximum(np.ceil(nrows / compress), np.minimum(nrows, 25))
+        weight = nrows / np.maximum(m, 1)
+        targets, nrows = targets / weight[:, None], m
+    if expo.sum(axis=1).max() == 2:
+        # order 2 is a closed form: all groups at once, from one stream seeded by the site's group labels
+        rng = np.random.default_rng([seed, crc32("\x1f".join(map(str, block["levels"])).encode())])
+        V, gidx, errors = generate_order2(nrows, targets, expo, binary_first=bool(binary),
+                                          nonneg_first=bool(nonneg), rng=rng)
+        V = V * sc + c
+        errors = list(errors)
+    else:
+        parts, errors = [], []
+        for level, n, target in zip(block["levels"], block["n"], targets):
+            # each group's stream is seeded by its label: the pseudo rows do not depend on how groups are
+            # spread over sites
+            rng = np.random.default_rng([seed, crc32(str(level).encode())])
+            Vg, err = generate_group(int(round(n)), expo, np.asarray(target, float), binary=binary,
+                                     nonneg=nonneg, rng=rng)
+            parts.append(Vg)
+            errors.append(err)
+        V = np.vstack(parts) * sc + c
+        gidx = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    diag = {"max_rel_error": float(max(errors)) if errors else 0.0, "per_group": errors}
+    col = {v: V[:, k] for k, v in enumerate(variables_)}
+    n = V.shape[0]
+    X = np.column_stack([np.ones(n) if nm == "Intercept" else col.get(nm, np.zeros(n)) for nm in names])
+    Z = np.column_stack([np.ones(n) if nm == "Intercept" else col.get(nm, np.zeros(n)) for nm in znames]) \
+        if znames else np.zeros((n, 0))
+    trials = weight[gidx] if np.any(weight != 1) else np.ones(n)
+    y = col["(outcome)"] * trials
+    design = Design(y=y, trials=trials, offset=col.get("(offset)", np.zeros(n)), X=X, Z=Z,
+                    group=gidx.astype(np.int64), group_levels=list(block["levels"]), x_names=list(names),
+                    z_names=list(znames), theta_mask=mask)
+    return design, diag
+
+
+def _standardisation(block: dict, expo: np.ndarray, keep=()) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and scale of each variable from the site's pooled first and second moments (variables in
+    ``keep``, the outcome, stay as they are: 0/1 or counts)."""
+    tot = np.asarray(block["moments"], float).sum(axis=0)
+    d = expo.shape[1]
+    n = tot[0]
+    c, sc = np.zeros(d), np.ones(d)
+    for k in range(d):
+        if k in keep:
+            continue
+        e1 = np.zeros(d, dtype=expo.dtype)
+        e1[k] = 1
+        i1 = int(np.flatnonzero((expo == e1).all(axis=1))[0])
+        i2 = int(np.flatnonzero((expo == 2 * e1).all(axis=1))[0])
+        c[k] = tot[i1] / n
+        var = tot[i2] / n - c[k] ** 2
+        sc[k] = np.sqrt(var) if var > 1e-12 * max(1.0, c[k] ** 2) else 1.0
+    return c, sc
+
+
+def _shift_matrix(expo: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """T with T @ raw = moments of (v − c)/s: Σ Π((v_k − c_k)/s_k)^{e_k} expands over sub-monomials j ≤ e
+    with weights Π_k C(e_k, j_k) (−c_k)^{e_k − j_k} / s_k^{e_k}."""
+    E = expo[:, None, :]
+    J = expo[None, :, :]
+    below = np.all(J <= E, axis=2)
+    w = np.prod(binom(E, J) * np.where(E - J > 0, (-c) ** np.maximum(E - J, 0), 1.0), axis=2)
+    return np.where(below, w, 0.0) / np.prod(s ** expo, axis=1)[:, None]
+
+
+def _order_of(block: dict, d: int) -> int:
+    """The moment order K from the number of monomials M = C(d + K, K)."""
+    M = np.asarray(block["moments"]).shape[1]
+    for k in range(1, 9):
+        if comb(d + k, k) == M:
+            return k
+    raise InputError("the moment summaries have an unexpected size")

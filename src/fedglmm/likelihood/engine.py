@@ -1,0 +1,61 @@
+"""The engine interface: what every likelihood engine answers, at a site or at the coordinator.
+
+An engine holds one part of the data (a site's rows, a site's per-group sufficient statistics, or
+pseudo-data) on the coordinator's internal scale (:mod:`fedglmm.model.spec`) and answers
+
+* ``sums(point) -> dict``: the sums at one point that add up over parts -- GLMMs: ``value``, ``grad``,
+  ``hess`` of the log-likelihood in φ = (γ, θ̃); gaussian models: the cross-products A, b, c, d of the
+  profiled criterion and their θ̃-derivatives (:mod:`fedglmm.likelihood.lmm`);
+* ``modes(point, beta=None, sigma=None) -> (modes, sds)``: each group's conditional modes and
+  conditional SDs on the internal scale (gaussian models need the profiled β̂ and σ̂ at the point).
+
+:class:`~fedglmm.likelihood.laplace.GLMMLikelihood` and :class:`~fedglmm.likelihood.lmm.LMMSums` implement
+it; :func:`make_engine` builds the right one for a design, and :class:`EngineCache` keeps one per
+internal scale, so an engine's warm-started modes survive from one request to the next.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Protocol
+
+import numpy as np
+
+from ..model.families import Family
+from ..model.spec import Design
+from .laplace import GLMMLikelihood
+from .lmm import LMMSums
+
+
+class Engine(Protocol):
+    def sums(self, point: np.ndarray) -> dict: ...
+
+    def modes(self, point: np.ndarray, beta=None, sigma=None) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+def make_engine(design: Design, family: Family, nagq: int, curvature: str, transform: np.ndarray,
+                zscale: np.ndarray) -> Engine:
+    """The engine of ``design`` on the internal scale X̃ = X·transform, Z̃ = Z / zscale."""
+    zs = zscale if len(zscale) else np.ones(design.Z.shape[1])
+    d = replace(design, X=design.X @ transform, Z=design.Z / zs)
+    if family.name == "gaussian":
+        return LMMSums(d)
+    return GLMMLikelihood(d, family, nagq, curvature=curvature)
+
+
+class EngineCache:
+    """One engine at a time, rebuilt only when the internal scale changes (``build(transform, zscale)``)."""
+
+    def __init__(self, build):
+        self._build = build
+        self._engine = None
+        self._key = None
+
+    def get(self, transform, zscale) -> Engine:
+        key = (np.asarray(transform, float), np.asarray(zscale if zscale is not None else np.ones(0), float))
+        if self._engine is None or not all(np.array_equal(a, b) for a, b in zip(key, self._key)):
+            self._engine = self._build(*key)
+            self._key = key
+        return self._engine
+
+    def clear(self) -> None:
+        self._engine, self._key = None, None

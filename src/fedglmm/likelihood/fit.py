@@ -1,0 +1,236 @@
+"""Maximum likelihood on a sum of parts: the trust-region Newton iteration of a GLMM in φ = (γ, θ̃) or of
+a gaussian model's profiled criterion in θ̃, with its final step, standard errors and log-likelihood.
+
+Who evaluates the sums is the caller's :class:`Evaluator`: the coordinator's rounds over the sites
+(:mod:`fedglmm.coordinator.rounds`), the coordinator's pseudo-data, or a site's own rows
+(:class:`LocalEvaluator`).  The iteration is the same in every case.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import ConvergenceError
+from ..model.options import FitOptions
+from ..model.spec import theta_index
+from .lmm import profiled_deviance
+from .newton import TrustRegionNewton
+from .setup import Setup, sum_replies
+
+GLMM_KEYS = ["value", "grad", "hess"]
+LMM_KEYS = ["n", "A", "b", "c", "d"]
+LMM_DERIVATIVE_KEYS = ["dA", "db", "dc", "dd", "d2A", "d2b", "d2c", "d2d"]
+
+
+class Evaluator(Protocol):
+    """Evaluates the parts' sums: at several points (one round), or at the final point with modes."""
+
+    def evaluate(self, points: list[np.ndarray], keys: list[str]) -> list[dict]: ...
+
+    def finalize(self, point: np.ndarray, keys: list[str], extra: dict | None = None) -> tuple[dict, dict]: ...
+
+
+class LocalEvaluator:
+    """The parts' engines evaluated in this process (no round, nothing counted): ``engines`` maps a part's
+    name to its engine (:mod:`fedglmm.likelihood.engine`); ``finalize`` answers like a site without rules."""
+
+    def __init__(self, engines: dict, levels: dict):
+        self.engines, self.levels = engines, levels
+
+    def evaluate(self, points, keys):
+        per_part = {name: [eng.sums(np.asarray(x, float)) for x in points] for name, eng in self.engines.items()}
+        return [sum_replies({name: r[i] for name, r in per_part.items()}, keys) for i in range(len(points))]
+
+    def finalize(self, point, keys, extra=None):
+        extra = extra or {}
+        parts = {}
+        for name, eng in self.engines.items():
+            reply = dict(eng.sums(np.asarray(point, float)))
+            if self.levels.get(name) is not None:
+                modes, sds = eng.modes(point, extra.get("beta_internal"), extra.get("sigma"))
+                reply.update({"levels": list(self.levels[name]), "modes": modes, "condsd": sds})
+            parts[name] = reply
+        return sum_replies(parts, keys), parts
+
+
+@dataclass
+class Estimate:
+    """What the iteration ends with, on the internal scale."""
+
+    gamma: np.ndarray               # fixed effects γ (β = Aγ)
+    theta: np.ndarray               # θ̃, canonical (non-negative diagonal of Λ̃)
+    vcov_gamma: np.ndarray
+    loglik: float
+    final: dict                     # the parts' replies at the estimate (sums, conditional modes)
+    converged: bool
+    messages: list = field(default_factory=list)
+    sigma2: float | None = None     # gaussian: the residual variance
+    info: np.ndarray | None = None  # GLMM: the information of (γ, θ̃) at the estimate
+
+
+def canonical_theta(theta, mask):
+    """Flip columns of Λ so its diagonal is non-negative (Σ = ΛΛᵀ is unchanged)."""
+    theta = np.array(theta, float)
+    r_idx, c_idx = theta_index(mask)
+    for col in np.unique(c_idx):
+        diag = np.flatnonzero((c_idx == col) & (r_idx == col))
+        if len(diag) and theta[diag[0]] < 0:
+            theta[c_idx == col] *= -1.0
+    return theta
+
+
+def diagonal_positions(mask) -> np.ndarray:
+    """Positions in θ of the diagonal of Λ."""
+    r_idx, c_idx = theta_index(mask)
+    return np.flatnonzero(c_idx == r_idx)
+
+
+def _theta_start(mask):
+    r_idx, c_idx = theta_index(mask)
+    return (r_idx == c_idx).astype(float)
+
+
+def _run(opt: TrustRegionNewton, evaluate, canon):
+    """Drive the optimiser; ``evaluate(points, final)`` does one round and returns ([(f, g, H)], reply).
+
+    Each point is first put in canonical form (non-negative diagonal of Λ): the same model, so the
+    iterates stay on one side of the sign symmetry of θ.  ``final`` marks the round that may be the last
+    (the parts then also return their conditional modes).
+    """
+    xs, final, last_final = list(opt.starts), False, False
+    while xs:
+        xs = [canon(x) for x in xs]
+        results, reply = evaluate(xs, final)
+        last_final = final
+        xs = opt.tell(xs, results)
+        final = opt.final_candidate
+    if not opt.converged:
+        raise ConvergenceError(f"the fit did not converge: {opt.message}")
+    if not last_final or opt.accepted is None:
+        # converged at a point the last round did not end on (no step could gain more): one final
+        # round there, for the sums at the point and the conditional modes
+        _, reply = evaluate([opt.point], True)
+    return opt.solution, reply
+
+
+def _penalty_matrix(A: np.ndarray, names: list | None, p: int, lam: float) -> np.ndarray:
+    """λ AᵀDA: the penalty λ‖β‖² (intercept excluded, user's scale) as a quadratic form in γ (β = Aγ)."""
+    D = np.eye(p)
+    if names is not None and "Intercept" in names:
+        D[names.index("Intercept"), names.index("Intercept")] = 0.0
+    return lam * A.T @ D @ A
+
+
+def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOptions, starts=None,
+             model=None) -> Estimate:
+    """Newton on −ℓ(γ, θ̃) (plus the penalty, applied here: the parts never see λ) from (γ0, θ̃0) and
+    ``starts`` (further points of the first round; default: the start's covariance halved and doubled).
+    ``model``: a local step model for the optimiser (:func:`fedglmm.coordinator.surrogate.surrogate_model`)."""
+    p, mask = len(gamma0), setup.mask
+    P = _penalty_matrix(setup.A, setup.names, p, options.penalty) if options.penalty else None
+
+    def penalised(x, f, g, H):
+        """The objective: −ℓ plus the penalty."""
+        if P is None:
+            return f, g, H
+        gam = x[:p]
+        g, H = g.copy(), H.copy()
+        g[:p] += 2.0 * P @ gam
+        H[:p, :p] += 2.0 * P
+        return f + gam @ P @ gam, g, H
+
+    def evaluate(xs, final):
+        if final:
+            s, parts = evaluator.finalize(xs[0], GLMM_KEYS)
+            sums = [s]
+        else:
+            sums, parts = evaluator.evaluate(xs, GLMM_KEYS), None
+        return [penalised(x, -float(s["value"]), -s["grad"], -s["hess"]) for x, s in zip(xs, sums)], (parts, sums[0])
+
+    if starts is None:
+        # the first round also tries the start covariance halved and doubled (local work, no extra round)
+        starts = [np.concatenate([gamma0, f * theta0]) for f in (np.sqrt(0.5), np.sqrt(2.0))] if len(theta0) else []
+    canon = lambda x: np.r_[x[:p], canonical_theta(x[p:], mask)]   # noqa: E731
+    opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts, model=model)
+    phi, (final, s) = _run(opt, evaluate, canon)
+    info = -s["hess"]
+    if P is not None:
+        info[:p, :p] += 2.0 * P      # standard errors from the penalised information
+    info = _information_at_estimate(opt, info, phi)
+    messages = []
+    try:
+        cov = np.linalg.inv(np.linalg.cholesky(info))
+        vcov_gamma = (cov.T @ cov)[:p, :p]
+    except np.linalg.LinAlgError:
+        messages.append("the Hessian is not positive definite at the estimate (a variance may be at its "
+                        "boundary); standard errors are conditional on the variance parameters")
+        vcov_gamma = np.linalg.inv(info[:p, :p])
+    # the estimate is the last point plus its Newton step: its log-likelihood to second order
+    step = phi - opt.point
+    loglik = float(s["value"] + s["grad"] @ step + 0.5 * step @ s["hess"] @ step)
+    return Estimate(phi[:p], canonical_theta(phi[p:], mask), vcov_gamma, loglik, final, opt.converged, messages,
+                    info=info)
+
+
+def _information_at_estimate(opt, info, estimate):
+    """The information at the estimate rather than at the last point visited: the Hessian's change
+    between the last two points, scaled to the final step's component along that move (a secant
+    estimate of the third derivative).  Kept only if it stays positive definite."""
+    prev = opt.previous
+    if prev is None or opt.point is None:
+        return info
+    d = opt.point - prev.x
+    dd = d @ d
+    if not dd > 0:
+        return info
+    t = float((estimate - opt.point) @ d / dd)
+    if abs(t) > 1.0:
+        return info
+    corrected = info + t * (opt.current.H - prev.H)
+    try:
+        np.linalg.cholesky(corrected)
+    except np.linalg.LinAlgError:
+        return info
+    return corrected
+
+
+def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None) -> Estimate:
+    """Newton on the profiled REML or ML criterion in θ̃ from ``start`` (default: Λ̃ = I)."""
+    mask = setup.mask
+    ntheta = int(mask.sum())
+    keys = LMM_KEYS + (LMM_DERIVATIVE_KEYS if ntheta else [])
+    profiles = {}
+
+    def evaluate(xs, final):
+        if final:
+            # the parts' conditional modes need β̂ and σ̂ at this θ: to first order from the point the
+            # final step was taken from (the estimates reported are recomputed from this round's sums)
+            base = opt.current.x
+            pr, step = profiles[base.tobytes()], xs[0] - base
+            extra = {"beta_internal": pr.beta + pr.dbeta.T @ step,
+                     "sigma": float(np.sqrt(pr.sigma2 + pr.dsigma2 @ step))}
+            s, parts = evaluator.finalize(xs[0], keys, extra)
+            sums = [s]
+        else:
+            sums, parts = evaluator.evaluate(xs, keys), None
+        out = []
+        for x, s in zip(xs, sums):
+            pr = profiled_deviance(s, options.reml)
+            profiles[np.asarray(x, float).tobytes()] = pr
+            out.append((0.5 * pr.dev, 0.5 * pr.grad, 0.5 * pr.hess))
+        return out, (parts, sums[0])
+
+    if ntheta:
+        opt = TrustRegionNewton(_theta_start(mask) if start is None else np.asarray(start, float), options.newton)
+        theta, (final, s) = _run(opt, evaluate, lambda x: canonical_theta(x, mask))
+        converged = opt.converged
+    else:
+        theta, converged = np.zeros(0), True
+        s, final = evaluator.finalize(theta, keys)
+    pr = profiled_deviance(s, options.reml, order=0)
+    return Estimate(pr.beta, canonical_theta(theta, mask), pr.sigma2 * np.linalg.inv(s["A"]),
+                    # REML's constant depends on how X is parametrised: report it for the user's columns
+                    -0.5 * pr.dev + (np.linalg.slogdet(setup.A)[1] if options.reml else 0.0),
+                    final, converged, [], sigma2=pr.sigma2)

@@ -1,0 +1,109 @@
+"""The hybrid method (the default): one one-shot round, then exact Newton rounds on the real sites.
+
+Stages: the sites' one-shot messages (moments up to order 2, the least revealing; a site withholding
+small groups adds its own fit) -> the pseudo-data fit at the coordinator -> the start (that fit, combined
+with the sites' own fits, and the site-totals start as a safety net) -> Newton rounds whose steps the
+pseudo-data surrogate proposes (:mod:`fedglmm.coordinator.surrogate`) -> the result.  Gaussian models
+whose per-group statistics all arrived are exact after the first round.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from ..coordinator.assemble import assemble
+from ..coordinator.messages import merge_messages
+from ..coordinator.rounds import estimate, setup_request
+from ..coordinator.starts import combined_start, internal_start
+from ..coordinator.surrogate import pseudo_objective
+from ..coordinator.virtual import fit_stand_ins, stand_ins
+from ..errors import FedGLMMError
+from ..likelihood.setup import make_setup
+from ..likelihood.starts import start_values
+from ..model.options import FitRequest
+from ..protocol import request
+from ..results import FitResult, RunStats
+
+HYBRID_ORDER = 2           # the hybrid needs only a start: means and covariances reveal the least
+HYBRID_COMPRESS = 4.0      # the hybrid's binomial pseudo rows stand for up to 4 observations each
+
+
+def _pseudo_fit(merged, replies, req: FitRequest, seed: int):
+    """The one-shot estimate from the groups the sites did send (all of them, unless some were small),
+    as (stand-ins, assembled fit); None if it cannot be had (the Newton rounds then start from the site
+    totals).  Only a start, so not polished, and by Laplace: the pseudo-data differ from the data by
+    more than AGHQ does from Laplace."""
+    options = req.options
+    loose = options if req.family.name == "gaussian" else \
+        replace(options, nagq=1, newton=replace(options.newton, tol=1e-4, near=1e-2))
+    try:
+        parts, _ = stand_ins(merged, replies, loose, seed, HYBRID_COMPRESS)
+        schema, st, est = fit_stand_ins(parts, req.spec, req.family, loose)
+        return parts, assemble(req.formula, req.family, loose, req.spec, schema, st, est)
+    except (FedGLMMError, np.linalg.LinAlgError, ValueError):
+        return None
+
+
+def _starts(req, st, merged, own: dict, pseudo):
+    """The Newton rounds' start(s) and the surrogate (see the module docstring)."""
+    family = req.family
+    if pseudo is None:
+        if own and family.name != "gaussian":
+            combined = combined_start(st, list(own.values()))
+            if combined is not None:
+                return (combined, start_values(st, family)), None
+        return None, None
+    parts, first = pseudo
+    start = internal_start(first.fixef, first.theta, st)
+    if family.name == "gaussian":
+        return start[1], None
+    # the one-shot estimate and the site-totals start are both tried in the first Newton round, with,
+    # when sites fitted their withheld groups, the combination of those fits with it
+    surrogate = pseudo_objective(parts, st)
+    combined = combined_start(st, list(own.values()), np.concatenate(start),
+                              pseudo_objective(parts, st, skip=own)) if own else None
+    # the site-totals start is a safety net where summaries are missing
+    totals = [start_values(st, family)] if merged.refused else []
+    start = tuple(([] if combined is None else [combined]) + [start] + totals)
+    return (start[0] if len(start) == 1 else start), surrogate
+
+
+def _note(replies, merged, own, pseudo) -> str:
+    """Where the start came from when some sites kept small groups' summaries."""
+    # a site's groups less those it sent summaries for
+    ngr = sum(int(r["ngroups"]) - (len(r["groups"]["levels"]) if r.get("groups") else 0)
+              for r in replies.values() if r.get("refused"))
+    what = f"{ngr} group(s) at {len(merged.refused)} site(s), below a site's minimum size or the moment rule"
+    source = ("the sites' own fits combined with the one-shot fit of the other groups" if own and pseudo is not None
+              else "the sites' own fits" if own else
+              "the one-shot fit of the other groups" if pseudo is not None else "site totals")
+    return (f"summaries of small groups stayed at their sites ({what}); the Newton rounds, which use every "
+            f"group, started from {source}")
+
+
+def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
+    """The one-shot round, then exact Newton rounds on the real sites from its estimate."""
+    t0 = time.perf_counter()
+    fam, options = req.family, req.options
+    order = HYBRID_ORDER if req.moments is None else req.moments
+    replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link, order=order,
+                                          local={"nagq": options.nagq, "curvature": options.curvature}))
+    merged = merge_messages(replies, req.formula, fam)
+    st = make_setup(merged.setup)
+    own = {sid: r["local"] for sid, r in replies.items() if r.get("local") is not None}
+    pseudo = _pseudo_fit(merged, replies, req, seed) if any(b is not None for b in merged.blocks.values()) \
+        else None
+    if pseudo is not None and fam.name == "gaussian" and not merged.refused:
+        # per-group sufficient statistics give the exact fit: nothing is left to iterate
+        run = RunStats(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
+                       time.perf_counter() - t0, tuple(replies))
+        return FitResult.build(pseudo[1], run)
+    start, surrogate = _starts(req, st, merged, own, pseudo)
+    est = estimate(transport, st, fam, options, start,
+                   first={"setup": setup_request(req.formula, fam, options, merged.schema)}, surrogate=surrogate)
+    fit = assemble(req.formula, fam, options, req.spec, merged.schema, st, est)
+    if merged.refused:
+        fit.messages.append(_note(replies, merged, own, pseudo))
+    return FitResult.build(fit, RunStats.of(transport, t0))

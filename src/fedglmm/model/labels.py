@@ -1,0 +1,80 @@
+"""Labels and levels: how values of a column become text labels, and how labels are ordered.
+
+Categorical values and group labels are compared as text (``str(value)``; a whole float such as ``3.0``
+becomes ``"3"``).  Levels of a categorical column are sorted as plain strings (like R's ``factor`` on
+text); levels of a numeric column used as ``C(x)`` and group labels are sorted numerically when all of
+them are numbers, else as strings.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .formula import factor_columns, variables
+from .spec import ModelSpec
+
+
+def column_kind(dt) -> str:
+    """``"numeric"`` for int and float dtypes, ``"categorical"`` for anything else (text, category, bool)."""
+    numeric = pd.api.types.is_numeric_dtype(dt) and not pd.api.types.is_bool_dtype(dt)
+    return "numeric" if numeric else "categorical"
+
+
+def as_labels(s: pd.Series) -> np.ndarray:
+    """Values as text; whole floats without '.0' (3.0 -> '3')."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        cats = as_labels(pd.Series(s.cat.categories))
+        return cats[s.cat.codes.to_numpy()]
+    if pd.api.types.is_integer_dtype(s.dtype):
+        return s.astype(str).to_numpy(dtype=str)
+    if column_kind(s.dtype) == "numeric":
+        v = s.to_numpy(dtype=float)
+        whole = np.isfinite(v) & (v == np.round(v)) & (np.abs(v) < 2.0 ** 53)
+        return np.where(whole, np.where(whole, v, 0).astype(np.int64).astype(str), v.astype(str))
+    return s.astype(str).to_numpy(dtype=str)
+
+
+def not_numbers(labels: np.ndarray) -> np.ndarray:
+    """True where a text label does not read as a number."""
+    return pd.to_numeric(pd.Series(labels, dtype=object), errors="coerce").isna().to_numpy()
+
+
+def natural_order(labels: np.ndarray) -> np.ndarray:
+    """Argsort: numerically if every label is a number, else as strings."""
+    numbers = pd.to_numeric(pd.Series(labels, dtype=object), errors="coerce").to_numpy(dtype=float)
+    key = numbers if len(labels) and not np.isnan(numbers).any() else np.asarray(labels, dtype=str)
+    return np.argsort(key, kind="stable")
+
+
+def sort_levels(labels, natural: bool) -> list[str]:
+    uniq = np.sort(np.asarray(pd.unique(np.asarray(labels, dtype=object)), dtype=str))
+    return (uniq[natural_order(uniq)] if natural else uniq).tolist()
+
+
+def level_columns(spec: ModelSpec, kinds: dict[str, str]) -> list[str]:
+    """Used columns that need agreed levels: categorical ones and those inside ``C()``.
+
+    The grouping column counts only if the model also uses it as a predictor.
+    """
+    factors = set(factor_columns(spec))
+    cols = variables(spec, group=False)
+    return [c for c in cols if kinds.get(c) == "categorical" or c in factors]
+
+
+def first_non_number(s: pd.Series) -> str:
+    """`` (value 'abc' in row 5)`` for the first value of ``s`` that is not a number, else ''."""
+    labels = as_labels(s)
+    bad = not_numbers(labels)
+    i = int(np.argmax(bad))
+    return f" (value '{labels[i]}' in row {i + 1})" if bad.any() else ""
+
+
+def group_codes(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Codes 0..G-1 into the site's own labels in natural order."""
+    codes, uniq = pd.factorize(labels)               # hashing: much faster than sorting n strings
+    uniq = np.asarray(uniq, dtype=str)
+    plain = np.argsort(uniq, kind="stable")
+    order = plain[natural_order(uniq[plain])]
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[order] = np.arange(len(uniq))
+    return rank[codes], uniq[order].tolist()

@@ -1,0 +1,104 @@
+"""The user's fit options, validated once, and the defaults every part of the package shares."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError
+from .families import Family, get_family
+from .formula import parse_formula
+from .spec import ModelSpec
+
+MIN_GROUP = 10          # default smallest group (observations) whose own summaries or modes a site sends
+METHODS = ("hybrid", "iterative", "oneshot")
+CURVATURES = ("observed", "expected")
+MOMENT_ORDERS = (2, 3, 4)
+
+
+class OptionError(InputError):
+    """An option (family, link, formula, method, ...) that is wrong whatever the data: a usage error."""
+
+
+@dataclass(frozen=True)
+class NewtonConfig:
+    """Immutable settings of the trust-region Newton method (:mod:`fedglmm.likelihood.newton`)."""
+
+    tol: float = 1e-7           # Newton decrement gᵀH⁻¹g at which the final candidate is accepted
+    near: float = 1e-3          # decrement below which the next (Newton) point is the final candidate
+    max_evals: int = 60         # rounds at most
+    radius0: float = 3.0        # initial trust radius (scaled units) when the Hessian is indefinite
+    accept: float = 1e-4        # least ratio of actual to predicted decrease for accepting a step
+    spread: float = 4.0         # candidate radii Δ/spread, Δ, spread·Δ while the model is not trusted
+    near_model: float = 0.05    # with a caller's model (see ``model``): decrement below which its step is
+                                # proposed as the final candidate
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How to fit (not what): approximation, criterion, curvature, penalty and the optimiser's settings."""
+
+    nagq: int = 1
+    reml: bool = True
+    curvature: str = "observed"
+    penalty: float = 0.0        # λ of an L2 penalty λ‖β‖² on the fixed effects but the intercept
+    newton: NewtonConfig = field(default_factory=NewtonConfig)
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """A validated fit: the formula and its parse, the family, the options, the method and moment order."""
+
+    formula: str
+    spec: ModelSpec
+    family: Family
+    options: FitOptions
+    method: str = "hybrid"
+    moments: int | None = None
+
+
+def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1, reml=True,
+                method: str = "hybrid", curvature: str = "observed", moments=None, penalty=0.0,
+                newton: NewtonConfig | None = None) -> FitRequest:
+    """Validate everything the user chose, once.  A choice that is wrong whatever the data raises
+    :class:`OptionError`; one that does not fit this model (nagq for a gaussian model, ...) raises
+    :class:`~fedglmm.errors.InputError`."""
+    try:
+        fam = get_family(family, link)
+        spec = parse_formula(formula)
+    except InputError as exc:
+        raise OptionError(str(exc)) from None
+    options, method, moments = _check_values(nagq, reml, method, curvature, moments, penalty, newton)
+    check_model(spec, fam, options)
+    return FitRequest(formula, spec, fam, options, method, moments)
+
+
+def _check_values(nagq, reml, method, curvature, moments, penalty, newton):
+    if isinstance(nagq, bool) or not isinstance(nagq, (int, np.integer)) or nagq < 1:
+        raise OptionError(f"nagq must be a whole number ≥ 1, not {nagq!r}")
+    if curvature not in CURVATURES:
+        raise OptionError(f"curvature must be 'observed' or 'expected', not {curvature!r}")
+    if method not in METHODS:
+        raise OptionError(f"unknown method '{method}': use 'hybrid', 'iterative' or 'oneshot'")
+    if moments is not None and (isinstance(moments, bool) or not isinstance(moments, (int, np.integer))
+                                or moments not in MOMENT_ORDERS):
+        raise OptionError(f"moments must be 2, 3 or 4, not {moments!r}")
+    try:
+        penalty = float(penalty)
+    except (TypeError, ValueError):
+        raise OptionError(f"the penalty must be a number, not {penalty!r}") from None
+    options = FitOptions(nagq=int(nagq), reml=bool(reml), curvature=curvature, penalty=penalty,
+                         newton=newton or NewtonConfig())
+    return options, method, None if moments is None else int(moments)
+
+
+def check_model(spec: ModelSpec, family: Family, options: FitOptions) -> None:
+    """The options against the model: what this family and formula allow."""
+    if options.penalty < 0 or not np.isfinite(options.penalty):
+        raise InputError(f"the penalty must be a non-negative number, not {options.penalty}")
+    if options.penalty and family.name == "gaussian":
+        raise InputError("the L2 penalty is available for binomial and poisson models")
+    if family.name == "gaussian" and options.nagq > 1:
+        raise InputError("nagq applies to binomial and poisson models; gaussian likelihoods are exact")
+    if spec.random == () and options.nagq > 1:
+        raise InputError("nagq needs a random-effects term in the formula")

@@ -1,0 +1,178 @@
+"""A site: it holds its private rows and answers the coordinator's requests with sums only.
+
+The site dispatches each request to the model (:mod:`fedglmm.model`), its engine
+(:mod:`fedglmm.likelihood`), its one-shot summaries (:mod:`fedglmm.site.summaries`) and its rules
+(:mod:`fedglmm.site.rules`); it never runs coordinator code and never sends a row.  Each request arrives
+as bytes (:mod:`fedglmm.protocol`) and each reply leaves as bytes; a user error inside the site becomes a
+reply ``{"error": "<one line>"}`` so the coordinator can stop the fit with the site's own message.
+
+The rules are checked before anything leaves: a request whose answer would break one is refused (too
+few rows, a small factor level or outcome class, too many parameters per row, a column outside the
+allowed list), and the conditional modes of groups smaller than ``min_group`` are withheld.  With an
+audit log (:mod:`fedglmm.site.audit`) the site appends one line per request: what was asked, what was
+sent (names, shapes, hashes) or why it refused.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import protocol
+from ..errors import FedGLMMError
+from ..likelihood.engine import EngineCache, make_engine
+from ..likelihood.setup import setup_reply
+from ..model.design import build_design, describe_frame
+from ..model.families import get_family
+from ..model.formula import parse_formula
+from ..model.options import MIN_GROUP
+from ..model.spec import Schema
+from . import rules
+from .audit import AuditLog
+from .rules import SiteConfig
+from .summaries import summarize
+
+
+class Site:
+    """One institution's data behind the protocol."""
+
+    def __init__(self, site_id: str, frame: pd.DataFrame, min_group: int = MIN_GROUP,
+                 config: SiteConfig | None = None, audit: AuditLog | str | None = None):
+        """``config=None``: no rules but ``min_group`` for one-shot blocks (:meth:`SiteConfig.permissive`);
+        with a config, its ``min_group`` governs.  ``audit``: an :class:`AuditLog` or its path (default:
+        the config's ``audit_log``, if any)."""
+        self.site_id = str(site_id)
+        self.frame = frame
+        self.config = SiteConfig.permissive(min_group) if config is None else config
+        self.min_group = int(self.config.min_group)   # smallest group whose own outputs may leave
+        if audit is None and self.config.audit_log:
+            audit = self.config.audit_log
+        self.audit = AuditLog(audit) if isinstance(audit, (str, Path)) else audit
+        self.design = None
+        self.family = None
+        self._engines: EngineCache | None = None
+        self._described = None       # the formula the frame was last checked for
+
+    # --- the boundary -------------------------------------------------------------------------------
+    def handle(self, data: bytes) -> bytes:
+        """Answer one encoded request with one encoded reply (and log both when auditing)."""
+        reply, kind = self._answer(data)
+        out = protocol.encode(reply)
+        if self.audit is not None:
+            try:
+                self.audit.record(self.site_id, kind, data, out, reply)
+            except (OSError, ValueError, TypeError) as exc:
+                # nothing leaves that the log does not show
+                reply = {"error": f"site '{self.site_id}': cannot write its audit log ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())})"}
+                out = protocol.encode(reply)
+        return out
+
+    def _answer(self, data: bytes) -> tuple[dict, str | None]:
+        kind = None
+        try:
+            req = protocol.decode(data)
+            kind = req.get("kind")
+            handler = getattr(self, f"_on_{kind}", None)
+            if kind not in protocol.KINDS or handler is None:
+                raise FedGLMMError(f"site '{self.site_id}': unknown request '{kind}'")
+            reply = handler(req)
+        except FedGLMMError as exc:
+            reply = {"error": str(exc)}
+        except protocol.ProtocolError as exc:
+            reply = {"error": f"site '{self.site_id}': refused a malformed request ({exc})"}
+        except Exception as exc:      # nothing but a one-line reply may leave the site, never a traceback
+            reply = {"error": f"site '{self.site_id}': could not answer the request: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        return reply, kind if isinstance(kind, str) else None
+
+    def _allowed_only(self, description: dict) -> None:
+        """With an allowed-columns rule, no other column's name leaves."""
+        if self.config.allowed_columns is not None:
+            description["columns"] = {c: k for c, k in description["columns"].items()
+                                      if c in self.config.allowed_columns}
+
+    # --- handlers -----------------------------------------------------------------------------------
+    def _on_describe(self, req):
+        spec = parse_formula(req["formula"])
+        rules.check_frame(self.config, self.site_id, spec, self.frame)
+        desc = describe_frame(self.frame, spec, self.site_id)
+        rules.check_cells(self.config, self.site_id, spec, self.frame)
+        self._allowed_only(desc)
+        out = {"site": self.site_id, **desc}
+        self._described = req["formula"]
+        return out
+
+    def _on_oneshot(self, req):
+        spec = parse_formula(req["formula"])
+        rules.check_frame(self.config, self.site_id, spec, self.frame)
+        msg = summarize(self.frame, req["formula"], req["family"], req.get("link"), self.site_id,
+                        order=req.get("order"), min_group=self.min_group, local=req.get("local"))
+        rules.check_cells(self.config, self.site_id, spec, self.frame)
+        self._allowed_only(msg["description"])
+        sums = msg["sums"]
+        rules.check_model(self.config, self.site_id, spec, msg["n"], _agreed_width(msg["x_names"]),
+                          int(np.sum(msg["theta_mask"])), get_family(req["family"], req.get("link")),
+                          sums.get("st_sy"), sums.get("st_sv"))
+        return msg
+
+    def _on_setup(self, req):
+        spec = parse_formula(req["formula"])
+        self.design, self.family, self._engines = None, None, None
+        rules.check_frame(self.config, self.site_id, spec, self.frame)
+        family = get_family(req["family"], req.get("link"))
+        schema = Schema(kinds=dict(req["schema"]["kinds"]),
+                        levels={k: list(v) for k, v in req["schema"]["levels"].items()})
+        self.family = family
+        d = build_design(spec, schema, self.frame, family, self.site_id, checked=self._described == req["formula"])
+        rules.check_cells(self.config, self.site_id, spec, self.frame)
+        rules.check_model(self.config, self.site_id, spec, d.n, d.X.shape[1], int(np.sum(d.theta_mask)), family,
+                          float(d.y.sum()), float(d.trials.sum()))
+        self.design = d
+        nagq, curvature = int(req.get("nagq", 1)), str(req.get("curvature", "observed"))
+        self._engines = EngineCache(lambda A, zs: make_engine(d, family, nagq, curvature, A, zs))
+        return setup_reply(d, family)
+
+    def _engine_for(self, req):
+        """The likelihood engine on the coordinator's internal scale (X̃ = X·transform, Z̃ = Z / zscale)."""
+        if self._engines is None:
+            raise FedGLMMError(f"site '{self.site_id}': no model set up (a setup request comes first)")
+        return self._engines.get(req["transform"], req.get("zscale", np.ones(0)))
+
+    def _ride_setup(self, req):
+        """A set-up payload may ride on the first evaluate / finalize request (hybrid fits)."""
+        if "setup" in req:
+            self._on_setup(req["setup"])
+
+    def _on_evaluate(self, req):
+        self._ride_setup(req)
+        eng = self._engine_for(req)
+        return {"points": [eng.sums(x) for x in np.asarray(req["points"], float)]}
+
+    def _on_finalize(self, req):
+        self._ride_setup(req)
+        eng = self._engine_for(req)
+        point = np.asarray(req["point"], float)
+        reply = eng.sums(point)
+        d = self.design
+        if d.Z.shape[1] == 0:
+            return reply
+        modes, sds = eng.modes(req["point"], req.get("beta_internal"), req.get("sigma"))
+        if not self.config.withhold_modes:
+            reply.update({"levels": list(d.group_levels), "modes": modes, "condsd": sds})
+            return reply
+        keep = rules.group_sizes(d, self.family) >= self.min_group
+        levels = np.asarray(d.group_levels, dtype=object)
+        # a withheld group's label was already sent in `describe`; nothing computed for it is sent
+        reply.update({"levels": levels[keep].tolist(), "modes": np.asarray(modes)[keep],
+                      "condsd": np.asarray(sds)[keep], "withheld": levels[~keep].tolist()})
+        return reply
+
+
+def _agreed_width(x_names) -> int:
+    """The number of fixed-effect columns in the agreed coding, from a one-shot message's own coding (a
+    column for every level of a factor, reference included): one fewer per factor term when there is an
+    intercept."""
+    factors = {name.rsplit("[", 1)[0] for name in x_names if "[T." in name}
+    return len(x_names) - (len(factors) if "Intercept" in x_names else 0)

@@ -1,0 +1,177 @@
+"""A site's one-shot message: its description, its set-up sums and, per group, the summaries the
+coordinator can fit from -- gaussian: the sufficient statistics n, XᵀX, Xᵀy, yᵀy, ZᵀX, ZᵀZ, Zᵀy (the exact
+likelihood is a function of them, :mod:`fedglmm.likelihood.lmm`); binomial and poisson: n and the raw
+moment sums of (outcome, covariates, offset) up to order K, from which the coordinator generates
+pseudo-data with the same moments (:mod:`fedglmm.coordinator.pseudo`).
+
+Per-group summaries describe a group, so a site refuses them when a group has fewer observations than
+its minimum (default 10), or than the moments would pin down; the message then holds only site-level
+sums (and, for the hybrid, the site's own fit: :mod:`fedglmm.site.own_fit`).
+
+The site has not seen the other sites' factor levels, so it codes every level it has as a treatment
+column (against a reference level with no rows): the columns are then named as in the agreed design, and
+the coordinator maps them by name, with zero columns for levels a site does not have.  The readable file
+(:func:`to_jsonable`) is what ``fedglmm summarize`` writes for the data steward.
+"""
+from __future__ import annotations
+
+from math import comb
+
+import numpy as np
+import pandas as pd
+
+from ..likelihood.setup import start_sums
+from ..model.design import build_design, describe_frame
+from ..model.families import get_family
+from ..model.formula import parse_formula, variables
+from ..model.moments import mono_values, monomials
+from ..model.options import MIN_GROUP
+from ..model.spec import Design, Schema
+from .own_fit import own_fit
+
+SENTINEL = "\x00"          # a reference level no row has: every real level gets its own column
+DEFAULT_ORDER = 4
+
+
+def _local_schema(desc: dict, spec) -> Schema:
+    kinds = {c: desc["columns"][c] for c in variables(spec)}
+    levels = {c: ([SENTINEL] + list(lv) if c != spec.response else list(lv)) for c, lv in desc["levels"].items()}
+    return Schema(kinds=kinds, levels=levels)
+
+
+def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, site_id: str,
+              order: int | None = None, min_group: int = MIN_GROUP, guard: bool = True, local: dict | None = None) -> dict:
+    """The site's one message (arrays as numpy; :func:`to_jsonable` makes the readable file).
+
+    ``guard=False`` drops the rule that keeps the moments of groups they would pin down (for accuracy
+    studies on public data only; the command line has no such switch).  ``local`` (the hybrid's request:
+    ``{"nagq", "curvature"}``) asks, when groups are withheld, for the site's own fit of the withheld
+    groups taken together (:func:`fedglmm.site.own_fit.own_fit`)."""
+    spec = parse_formula(formula)
+    fam = get_family(family, link)
+    desc = describe_frame(frame, spec, site_id)
+    d = build_design(spec, _local_schema(desc, spec), frame, fam, site_id, checked=True)
+    q = d.Z.shape[1]
+    sums = {"colsum": d.X.sum(axis=0), "colsq": (d.X * d.X).sum(axis=0), "xtx": d.X.T @ d.X, "ztz": d.Z.T @ d.Z}
+    if fam.name != "gaussian":
+        sums.update(start_sums(d, fam))
+    order = None if fam.name == "gaussian" else int(order or DEFAULT_ORDER)
+    msg = {"kind": "oneshot", "version": 1, "site": site_id, "formula": formula, "family": fam.name,
+           "link": fam.link, "order": order, "description": desc, "n": d.n,
+           "ngroups": len(d.group_levels) if q else 0, "x_names": list(d.x_names), "z_names": list(d.z_names),
+           "theta_mask": np.asarray(d.theta_mask), "sums": sums, "groups": None, "refused": None}
+    starts = d.starts if q else np.zeros(1, dtype=np.int64)
+    levels = list(d.group_levels) if q else ["(all rows)"]
+    # a group's size counts its observations: rows, or trials for cbind(successes, failures) outcomes
+    weight = d.trials if fam.name == "binomial" else np.ones(d.n)
+    sizes = np.add.reduceat(weight, starts)
+    need = float(min_group)
+    if fam.name != "gaussian" and guard:
+        # moments up to order K of d variables are C(d + K, K) equations; a group with fewer values than
+        # that is pinned down by them (its rows can be recovered), so a group needs twice as many
+        nvar = len(moment_variables(d)[0])
+        need = max(need, np.ceil(2.0 * comb(nvar + order, order) / nvar))
+    small = sizes < need
+    if small.any():
+        i = np.flatnonzero(small)[np.argmin(sizes[small])]
+        why = "" if need == min_group else (f" (moments up to order {order} of {nvar} variables need groups of "
+                                             f"at least {need:g}" + ("; a lower --moments needs fewer)" if order > 2
+                                                                     else ")"))
+        msg["refused"] = (f"site '{site_id}': {int(small.sum())} group(s) have fewer than {need:g} "
+                          f"observations (smallest: '{levels[i]}' with {sizes[i]:g}){why}; their own summaries "
+                          "would reveal them and are not sent (a one-shot fit needs every group: use --method "
+                          "hybrid or iterative)")
+    keep = ~small
+    if local is not None and small.any() and fam.name != "gaussian" and q:
+        msg["local"] = own_fit(frame, d, sizes, spec, fam, local, site_id, need)
+    if keep.any():
+        msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
+            _moment_blocks(d, starts, levels, keep, order)
+    return msg
+
+
+def _gaussian_blocks(d: Design, starts, levels, keep) -> dict:
+    y = d.y - d.offset
+    X, Z = d.X, d.Z
+    red = lambda a: np.add.reduceat(a, starts, axis=0)[keep]   # noqa: E731
+    return {"levels": [lv for lv, k in zip(levels, keep) if k], "n": np.diff(np.r_[starts, d.n])[keep].astype(float),
+            "XtX": red(X[:, :, None] * X[:, None, :]), "Xty": red(X * y[:, None]), "yty": red(y * y),
+            "ZtX": red(Z[:, :, None] * X[:, None, :]), "ZtZ": red(Z[:, :, None] * Z[:, None, :]),
+            "Zty": red(Z * y[:, None])}
+
+
+def moment_variables(d: Design) -> tuple[list[str], np.ndarray]:
+    """The variables whose moments are shared: outcome, design columns but the intercept, Z-only columns
+    and the offset (when there is one)."""
+    names = ["(outcome)"] + [n for n in d.x_names if n != "Intercept"]
+    cols = [d.y] + [d.X[:, j] for j, n in enumerate(d.x_names) if n != "Intercept"]
+    for j, n in enumerate(d.z_names):
+        if n != "Intercept" and n not in d.x_names:
+            names.append(n)
+            cols.append(d.Z[:, j])
+    if np.any(d.offset != 0):
+        names.append("(offset)")
+        cols.append(d.offset)
+    return names, np.column_stack(cols)
+
+
+def _moment_blocks(d: Design, starts, levels, keep, order: int) -> dict:
+    """Per group: the number of observations and the moment sums of (outcome, covariates, offset).
+
+    A cbind(successes, failures) row stands for its trials as Bernoulli observations (``y`` ones and
+    ``m − y`` zeros with the row's covariates): the moments are those of that expanded data, whose
+    likelihood is the binomial one up to a constant."""
+    names, V = moment_variables(d)
+    expo = monomials(V.shape[1], order)
+    xpart = mono_values(V[:, 1:], expo[:, 1:])                                      # (n, M) without y
+    with_y = expo[:, 0] > 0
+    if np.all(d.trials == 1.0):
+        rows = xpart * V[:, [0]] ** expo[None, :, 0]
+        count = np.ones(d.n)
+    else:
+        rows = xpart * np.where(with_y, d.y[:, None], d.trials[:, None])          # Σ over expanded rows
+        count = d.trials
+    return {"levels": [lv for lv, k in zip(levels, keep) if k], "n": np.add.reduceat(count, starts)[keep],
+            "variables": names, "moments": np.add.reduceat(rows, starts, axis=0)[keep]}
+
+
+def to_jsonable(msg: dict) -> dict:
+    """The message as plain JSON, each block named and described, for the data steward to read."""
+    def conv(o):
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, dict):
+            return {k: conv(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [conv(v) for v in o]
+        return o.item() if isinstance(o, np.generic) else o
+
+    out = conv(msg)
+    out["about"] = _describe_blocks(msg)
+    return out
+
+
+def _describe_blocks(msg: dict) -> dict:
+    about = {
+        "what": "everything this site sends for a one-shot fit: nothing else leaves it",
+        "description": "column names and kinds, factor levels present here, group labels present here",
+        "sums": "site totals over all rows: column sums and sums of squares, cross-products XᵀX and ZᵀZ, "
+                "and the sums for starting values (no row and no group is identifiable from them)",
+        "x_names": "fixed-effect design columns, in this site's coding (each factor level present here has "
+                   "its own column)",
+    }
+    if msg.get("groups") is None:
+        about["groups"] = "none: " + msg["refused"]
+        return about
+    if msg["family"] == "gaussian":
+        about["groups"] = ("per group (labels in 'levels'): n, XᵀX, Xᵀy, yᵀy, ZᵀX, ZᵀZ, Zᵀy over the group's "
+                           f"rows; {len(msg['groups']['levels'])} groups, smallest "
+                           f"{int(np.min(msg['groups']['n']))} rows")
+    else:
+        about["groups"] = (f"per group: n and the sums over its rows of every product of up to "
+                           f"{msg['order']} of the variables {msg['groups']['variables']} (monomials in the "
+                           f"order of fedglmm.pseudodata.monomials); {len(msg['groups']['levels'])} groups, "
+                           f"smallest {int(np.min(msg['groups']['n']))} observations")
+    if msg.get("refused"):
+        about["groups"] += "; not sent: " + msg["refused"]
+    return about
