@@ -88,7 +88,7 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
     curvature : the curvature in the Laplace / AGHQ determinant and node scaling for non-canonical links
         (probit, cloglog): ``observed`` (default, the exact Laplace approximation, as glmmTMB) or
         ``expected`` (Fisher weights, lme4's glmer).  Canonical links give the same either way.
-    site_config : disclosure rules applied by every site (a :class:`~fedglmm.siteconfig.SiteConfig` or
+    site_config : disclosure rules applied by every site (a :class:`~fedglmm.site.SiteConfig` or
         the path of a ``site.toml``); a site that refuses stops the fit with its one-line reason
         (:class:`~fedglmm.errors.SiteRefusal`), and conditional modes of groups below its ``min_group``
         come back as NaN.  Its ``min_group`` replaces ``min_group``.  Default: no rules but ``min_group``

@@ -22,7 +22,7 @@ Request kinds (coordinator → site) and what the site answers:
   conditional modes and conditional standard deviations (a site with rules sends them only for groups
   of at least its ``min_group`` and lists the others under ``withheld``);
 * ``oneshot`` {formula, family, link, order}: the site's whole one-shot message (its description, set-up
-  sums and per-group summaries, see :func:`fedglmm.methods.oneshot.summarize`), or its refusal to send
+  sums and per-group summaries, see :func:`fedglmm.site.summaries.summarize`), or its refusal to send
   per-group summaries for groups below its minimum size.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ For a row with outcome y, trials m (binomial; 1 otherwise) and linear predictor 
 * ``mean(η)``: the mean of y / m on the response scale.
 
 Everything is written in η to stay finite in the tails (log1p, expm1, log Φ via ``scipy.special``).
-The gaussian family is handled by the exact profiled likelihood in :mod:`fedglmm.gaussian`; its entry
+The gaussian family is handled by the exact profiled likelihood in :mod:`fedglmm.likelihood.lmm`; its entry
 here serves validation and prediction.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""lme4-style formulas -> :class:`~fedglmm.spec.ModelSpec`.
+"""lme4-style formulas -> :class:`~fedglmm.model.spec.ModelSpec`.
 
 Accepted syntax (the fixed part and the left sides of random terms are formulaic right-hand sides)::
 
