@@ -6,7 +6,7 @@ set-up sums of the iterative method (column moments, starting-value sums), and, 
 * gaussian models: the sufficient statistics n, XᵀX, Xᵀy, yᵀy, ZᵀX, ZᵀZ, Zᵀy: the exact likelihood is a
   function of them (:mod:`fedglmm.gaussian`);
 * binomial and poisson models: n and the raw moment sums of (outcome, covariates, offset) up to order K,
-  from which the coordinator generates pseudo-data with the same moments (:mod:`fedglmm.pseudodata`;
+  from which the coordinator generates pseudo-data with the same moments (:mod:`fedglmm.coordinator.pseudo`;
   the approach of estimating GLMMs from one-time shared summary statistics through pseudo-data).
 
 Per-group summaries describe a group, so a site refuses them when a group has fewer rows than its
@@ -166,11 +166,11 @@ def _moment_blocks(d: Design, starts, levels, keep, order: int) -> dict:
     A cbind(successes, failures) row stands for its trials as Bernoulli observations (``y`` ones and
     ``m − y`` zeros with the row's covariates): the moments are those of that expanded data, whose
     likelihood is the binomial one up to a constant."""
-    from ..pseudodata import _mono_values, monomials
+    from ..model.moments import mono_values, monomials
 
     names, V = moment_variables(d)
     expo = monomials(V.shape[1], order)
-    xpart = _mono_values(V[:, 1:], expo[:, 1:])                                      # (n, M) without y
+    xpart = mono_values(V[:, 1:], expo[:, 1:])                                      # (n, M) without y
     with_y = expo[:, 0] > 0
     if np.all(d.trials == 1.0):
         rows = xpart * V[:, [0]] ** expo[None, :, 0]
@@ -231,7 +231,7 @@ def _describe_blocks(msg: dict) -> dict:
     else:
         about["groups"] = (f"per group: n and the sums over its rows of every product of up to "
                            f"{msg['order']} of the variables {msg['groups']['variables']} (monomials in the "
-                           f"order of fedglmm.pseudodata.monomials); {len(msg['groups']['levels'])} groups, "
+                           f"order of fedglmm.model.moments.monomials); {len(msg['groups']['levels'])} groups, "
                            f"smallest {int(np.min(msg['groups']['n']))} observations")
     if msg.get("refused"):
         about["groups"] += "; not sent: " + msg["refused"]
@@ -381,7 +381,8 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
     trials): the likelihood costs r times less, the moments match up to the rounding of the count of ones."""
     from zlib import crc32
 
-    from ..pseudodata import generate_group, generate_order2, monomials
+    from ..coordinator.pseudo import generate_group, generate_order2
+    from ..model.moments import monomials
 
     variables_ = list(block["variables"])
     expo = monomials(len(variables_), _order_of(block, len(variables_)))
