@@ -164,7 +164,7 @@ def test_pseudo_data_oneshot_is_close_to_the_exact_fit(order):
 @pytest.mark.parametrize("order", [2, 3, 4])
 def test_shared_moments_are_the_moments_of_the_rows(order):
     """Counts are not 0/1: y² and y³ moments must be the counts' own (a direct computation)."""
-    from fedglmm.pseudodata import moment_sums, monomials
+    from fedglmm.model.moments import moment_sums, monomials
 
     df = pd.read_csv(DATA / "grouseticks.csv")
     msg = summarize(df, "TICKS ~ YEAR + HEIGHT + (1 | LOCATION)", "poisson", None, "A", order=order,

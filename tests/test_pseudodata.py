@@ -6,10 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from fedglmm import pseudodata
-from fedglmm.pseudodata import (PseudoDataWarning, generate, generate_group, moment_sums, monomials,
-                                relative_errors)
-from fedglmm.pseudodata import _generate_group
+from fedglmm.coordinator.pseudo import PseudoDataWarning, generate_group, generate_order2, solver
+from fedglmm.coordinator.pseudo.solver import _generate_group
+from fedglmm.model.moments import moment_sums, monomials, relative_errors
 
 
 def make_data(n, d, seed, dummy=True):
@@ -32,8 +31,7 @@ def run(X, K, binary=(0,), nonneg=(), seed=0, **kw):
     expo = monomials(X.shape[1], K)
     t = moment_sums(X, expo)
     V, err, info = _generate_group(X.shape[0], expo, t, binary, nonneg, np.random.default_rng(seed),
-                                   kw.get("tol", 1e-9), kw.get("max_tries", 6), kw.get("max_iter", 200),
-                                   kw.get("solver", "lm"))
+                                   kw.get("tol", 1e-9), kw.get("max_tries", 6), kw.get("max_iter", 200))
     return V, err, info, expo, t
 
 
@@ -189,7 +187,7 @@ def test_binary_variables_exact_with_their_joint_counts(K, p):
 
 
 def test_too_many_binaries_are_matched_as_real(monkeypatch):
-    monkeypatch.setattr(pseudodata, "MAX_BINARY", 2)
+    monkeypatch.setattr(solver, "MAX_BINARY", 2)
     X = make_data(60, 5, seed=8)
     X[:, 2] = (X[:, 2] > 0).astype(float)
     expo = monomials(5, 2)
@@ -235,13 +233,6 @@ def test_k4_keeps_dummies_squares_interactions_and_constants():
     assert np.all(V[:, 6] == 3.5)
 
 
-def test_scipy_least_squares_solver_gives_the_same_match():
-    X = make_data(40, 4, seed=13)
-    for solver in ("lm", "scipy"):
-        V, err, info, expo, t = run(X, 3, solver=solver)
-        assert err <= 1e-8, solver
-
-
 def test_subset_of_monomials_and_edge_groups():
     X = make_data(50, 4, seed=14)
     expo = np.vstack([monomials(4, 2), [[1, 1, 1, 0], [1, 0, 0, 3], [0, 0, 4, 0]]])    # not closed
@@ -274,22 +265,36 @@ def test_input_validation():
 # several groups
 # ---------------------------------------------------------------------------------------------------------
 
-def test_generate_stacks_groups_deterministically():
+def test_generate_group_is_a_function_of_its_stream():
+    """Each group draws only from the stream it is given: the same stream gives the same rows bit for bit
+    whatever was generated before, another stream other rows with the same match."""
     expo = monomials(4, 3)
     data = [make_data(n, 4, seed=20 + n) for n in (25, 40, 60)]
-    groups = [{"n": len(X), "target": moment_sums(X, expo)} for X in data]
-    V, g, diag = generate(groups, expo, binary=[0], seed=7)
-    assert V.shape == (125, 4) and np.array_equal(g, np.repeat([0, 1, 2], [25, 40, 60]))
-    assert diag["max_rel_error"] <= 1e-8 and len(diag["per_group"]) == 3
-    assert diag["max_rel_error"] == max(p["max_rel_error"] for p in diag["per_group"])
-    for i, X in enumerate(data):
-        assert np.max(relative_errors(V[g == i], expo, groups[i]["target"], binary=[0])) <= 1e-8
-    V2, g2, _ = generate(groups, expo, binary=[0], seed=7)
-    assert np.array_equal(V, V2) and np.array_equal(g, g2)
-    V3, _, _ = generate(groups, expo, binary=[0], seed=8)
-    assert not np.allclose(V, V3)
-    V4, g4, _ = generate(groups[:2], expo, binary=[0], seed=7)       # a group does not depend on later ones
-    assert np.array_equal(V4, V[g < 2])
+    targets = [moment_sums(X, expo) for X in data]
+
+    def gen(i, seed):
+        return generate_group(len(data[i]), expo, targets[i], binary=[0], rng=np.random.default_rng([seed, i]))
+
+    first = [gen(i, 7) for i in range(3)]
+    for i, (V, err) in enumerate(first):
+        assert V.shape == data[i].shape and err <= 1e-8
+        assert err == np.max(relative_errors(V, expo, targets[i], binary=[0]))
+    for i in (2, 0, 1):                                   # in another order: the same rows
+        V, err = gen(i, 7)
+        assert np.array_equal(V, first[i][0]) and err == first[i][1]
+    V8, err8 = gen(0, 8)
+    assert not np.allclose(V8, first[0][0]) and err8 <= 1e-8
+
+
+def test_order2_batch_stacks_groups_deterministically():
+    n, T, expo = _groups(5)
+    V, gi, err = generate_order2(n, T, expo, binary_first=True, rng=np.random.default_rng(7))
+    assert np.array_equal(gi, np.repeat(np.arange(len(n)), n))           # the groups in the order given
+    assert len(err) == len(n) and np.max(err) < 1e-9
+    V2, gi2, err2 = generate_order2(n, T, expo, binary_first=True, rng=np.random.default_rng(7))
+    assert np.array_equal(V, V2) and np.array_equal(gi, gi2) and np.array_equal(err, err2)
+    V3, _, err3 = generate_order2(n, T, expo, binary_first=True, rng=np.random.default_rng(8))
+    assert not np.allclose(V, V3) and np.max(err3) < 1e-9
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -376,8 +381,8 @@ def _groups(seed, G=40, binary=True):
 @pytest.mark.parametrize("binary", [True, False])
 def test_order2_batch_matches_every_group_exactly(binary):
     n, T, expo = _groups(3, binary=binary)
-    V, gi, err = pseudodata.generate_order2(n, T, expo, binary_first=binary, nonneg_first=not binary,
-                                            rng=np.random.default_rng(0))
+    V, gi, err = generate_order2(n, T, expo, binary_first=binary, nonneg_first=not binary,
+                                 rng=np.random.default_rng(0))
     assert V.shape == (n.sum(), 4) and np.array_equal(np.bincount(gi), n)
     for g in range(len(n)):
         rows = V[gi == g]

@@ -170,7 +170,7 @@ def _describe_blocks(msg: dict) -> dict:
     else:
         about["groups"] = (f"per group: n and the sums over its rows of every product of up to "
                            f"{msg['order']} of the variables {msg['groups']['variables']} (monomials in the "
-                           f"order of fedglmm.pseudodata.monomials); {len(msg['groups']['levels'])} groups, "
+                           f"order of fedglmm.model.moments.monomials); {len(msg['groups']['levels'])} groups, "
                            f"smallest {int(np.min(msg['groups']['n']))} observations")
     if msg.get("refused"):
         about["groups"] += "; not sent: " + msg["refused"]

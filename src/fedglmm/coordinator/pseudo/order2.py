@@ -1,0 +1,143 @@
+"""Order-2 pseudo data for many groups at once: the degree-≤2 closed form of the per-group generator,
+batched over groups (:func:`generate_order2`)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ...model.moments import mono_values, unit
+from .solver import generate_group
+from .structure import _check_expo
+
+__all__ = ["generate_order2"]
+
+
+def generate_order2(n, targets, expo, *, binary_first: bool = False, nonneg_first: bool = False,
+                    rng: np.random.Generator, tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pseudo rows for many groups at once when the moments stop at order 2 (the closed form, step 3).
+
+    ``n`` (G,) are the group sizes and ``targets`` (G, M) their moment sums over ``monomials(d, 2)``;
+    variable 0 is the outcome: 0/1 with exactly the shared number of ones when ``binary_first``, and
+    ≥ 0 when ``nonneg_first``.  Every group is solved by the same linear algebra as
+    :func:`generate_group` with ``K = 2`` -- cells (``y = 1``, ``y = 0`` for a binary outcome, else the
+    whole group) centred on their known means, and noise with the cells projected out, orthonormalised and
+    multiplied by a square root of the pooled within-cell scatter ``W`` -- but batched over groups: one
+    normal draw for all rows, per-group Gram matrices by ``reduceat`` and stacked eigen-decompositions.
+    Groups this cannot serve exactly (fewer rows than columns plus cells, or a negative outcome where it
+    must be ≥ 0) go through :func:`generate_group`.
+
+    Returns ``V`` (Σn, d) with the groups stacked in the order given, the group index of each row and
+    the largest relative error of each group (as :func:`fedglmm.model.moments.relative_errors`)."""
+    expo = _check_expo(expo)
+    if int(expo.sum(axis=1).max()) != 2:
+        raise ValueError("generate_order2 needs the monomials of order 2")
+    targets = np.atleast_2d(np.asarray(targets, dtype=float))
+    n = np.asarray(np.round(n), dtype=np.int64)
+    G, d = len(n), expo.shape[1]
+    base, nc, means, W = _cells(n, targets, expo, binary_first)
+    q, C = len(base), nc.shape[1]
+    ok = n - (nc > 0).sum(axis=1) >= q + 1
+    cell = np.repeat(np.arange(G * C), nc.ravel())                                # row → (group, cell)
+    gstart = np.r_[0, np.cumsum(n)[:-1]]                                            # each group's first row
+    rowg = cell // C
+    N = len(cell)
+    V = np.zeros((N, d))
+    if binary_first:
+        V[:, 0] = (cell % C == 0)
+    if q and N:
+        R = rng.standard_normal((N, q))
+        if nonneg_first and not binary_first:
+            # the outcome's column of E is its own noise column, standardised (the factors below are
+            # triangular): a gamma draw whose standardised minimum, about −√k, stays above −mean/SD keeps
+            # the outcome ≥ 0
+            ratio = means[:, 0, 0] / np.sqrt(np.maximum(W[:, 0, 0], 1e-300) / np.maximum(n, 1))
+            k = np.clip(0.5 * ratio ** 2, 1e-2, 1e6)
+            R[:, 0] = rng.gamma(k[rowg])
+        cstart = np.r_[0, np.cumsum(nc.ravel())[:-1]]
+        filled = nc.ravel() > 0
+        csum = np.zeros((G * C, q))
+        csum[filled] = np.add.reduceat(R, cstart[filled], axis=0)
+        R -= (csum / np.maximum(nc.ravel(), 1)[:, None])[cell]
+        has = n > 0
+        gram = np.zeros((G, q, q))
+        gram[has] = np.add.reduceat(R[:, :, None] * R[:, None, :], gstart[has], axis=0)
+        lg = np.linalg.eigvalsh(gram)
+        ok &= lg[:, 0] > 1e-10 * np.maximum(lg[:, -1], 1e-300)
+        eye = np.broadcast_to(np.eye(q), (G, q, q))
+        LR = np.linalg.cholesky(np.where(ok[:, None, None], gram, eye))
+        LW = _psd_cholesky(W)
+        # Q = R·L_R⁻ᵀ has QᵀQ = I, and E = Q·L_Wᵀ has EᵀE = W; both factors are triangular
+        M = np.linalg.solve(np.swapaxes(LR, 1, 2), np.swapaxes(LW, 1, 2))
+        V[:, base] = means.reshape(G * C, q)[cell] + np.einsum("nj,njk->nk", R, M[rowg])
+    if nonneg_first and not binary_first and N:
+        neg = np.zeros(G, dtype=bool)
+        np.logical_or.at(neg, rowg, V[:, 0] < 0)
+        ok &= ~neg
+    for g in np.flatnonzero(~ok & (n > 0)):                 # the few groups the batch cannot serve exactly
+        Vg_, _ = generate_group(int(n[g]), expo, targets[g], binary=[0] if binary_first else [],
+                                nonneg=[0] if nonneg_first else [], rng=rng, tol=tol)
+        V[gstart[g]:gstart[g] + n[g]] = Vg_
+    return V, rowg, _group_errors(V, rowg, n, expo, targets, binary_first)
+
+
+def _cells(n, targets, expo, binary_first):
+    """Per group, its cells (``y = 1``, ``y = 0`` when ``binary_first``, else the whole group): the base
+    columns, the cell sizes ``nc`` (G, C), the cells' means of the base columns (G, C, q) and the pooled
+    within-cell scatter ``W`` (G, q, q), read off the order-2 targets."""
+    d = expo.shape[1]
+    idx = {tuple(r): m for m, r in enumerate(expo)}
+    i1 = np.array([idx[unit(d, k)] for k in range(d)])
+    i2 = np.array([[idx[unit(d, j, k)] for k in range(d)] for j in range(d)])
+    S1, S2 = targets[:, i1], targets[:, i2]
+    base = np.arange(1, d) if binary_first else np.arange(d)
+    if binary_first:
+        n1 = np.clip(np.round(S1[:, 0]), 0, n).astype(np.int64)
+        nc = np.column_stack([n1, n - n1])                                           # (G, 2) cells
+        Sc = np.stack([S2[:, 0, base], S1[:, base] - S2[:, 0, base]], axis=1)        # (G, 2, q)
+    else:
+        nc = n[:, None]
+        Sc = S1[:, None, base]
+    means = Sc / np.maximum(nc, 1)[:, :, None]
+    W = S2[:, base[:, None], base[None, :]] - np.einsum("gc,gci,gcj->gij", nc, means, means)
+    W = (W + np.swapaxes(W, 1, 2)) / 2
+    return base, nc, means, W
+
+
+def _psd_cholesky(W: np.ndarray) -> np.ndarray:
+    """Lower-triangular L with L Lᵀ = W for a stack of PSD matrices: columns of (numerically) zero
+    variance get a zero column; a matrix that is singular otherwise gets its symmetric square root."""
+    G, q, _ = W.shape
+    dg = np.einsum("gii->gi", W)
+    zero = dg <= 1e-12 * np.maximum(dg.max(axis=1, initial=0.0), 1e-300)[:, None]
+    keep = ~zero[:, :, None] & ~zero[:, None, :]
+    Wm = np.where(keep, W, 0.0) + np.where(zero[:, :, None] & np.eye(q, dtype=bool), 1.0, 0.0)
+    lw = np.linalg.eigvalsh(Wm)
+    pd_ = lw[:, 0] > 1e-10 * np.maximum(lw[:, -1], 1e-300)
+    L = np.zeros_like(W)
+    if pd_.any():
+        L[pd_] = np.linalg.cholesky(Wm[pd_]) * ~zero[pd_][:, None, :]
+    if (~pd_).any():
+        lam, Q = np.linalg.eigh(W[~pd_])
+        L[~pd_] = (Q * np.sqrt(np.clip(lam, 0.0, None))[:, None, :]) @ np.swapaxes(Q, 1, 2)
+    return L
+
+
+def _group_errors(V, rowg, n, expo, targets, binary_first) -> np.ndarray:
+    """:func:`fedglmm.model.moments.relative_errors` of every group at once (stacked rows, ``rowg`` their group)."""
+    G, d = targets.shape[0], expo.shape[1]
+    if len(V) == 0:
+        return np.zeros(G)
+    has = n > 0
+    gstart = np.r_[0, np.cumsum(n)[:-1]]
+    got = np.zeros_like(targets)
+    got[has] = np.add.reduceat(mono_values(V, expo), gstart[has], axis=0)
+    idx = {tuple(r): m for m, r in enumerate(expo)}
+    scale = np.repeat(n[:, None].astype(float), len(expo), axis=1)
+    if binary_first:
+        ones = np.zeros(G)
+        ones[has] = np.add.reduceat(V[:, 0], gstart[has])
+        scale[:, expo[:, 0] > 0] = ones[:, None]
+    for k in range(1 if binary_first else 0, d):
+        rms = np.sqrt(np.maximum(targets[:, idx[unit(d, k, k)]], 0.0) / np.maximum(n, 1))
+        scale *= rms[:, None] ** expo[None, :, k]
+    scale = np.maximum(np.maximum(np.abs(targets), scale), 1e-300)
+    return np.max(np.abs(got - targets) / scale, axis=1, initial=0.0)
