@@ -55,8 +55,10 @@ d$service <- as.integer(as.character(d$service))
 save(d, "insteval_sub")
 
 # lme4 Arabidopsis: fruit counts of 625 plants, genotypes (24) nested in populations (9) in regions (3);
-# obs = row number (observation-level random effect).
-d <- Arabidopsis; d$obs <- seq_len(nrow(d)); save(d, "arabidopsis")
+# obs = row number (observation-level random effect). `total.fruits` is renamed `total_fruits` (a dotted
+# name is attribute access in pandas' eval and not a plain name in Python formulas).
+d <- Arabidopsis; names(d)[names(d) == "total.fruits"] <- "total_fruits"; d$obs <- seq_len(nrow(d))
+save(d, "arabidopsis")
 
 # lme4 cake: breaking angle of chocolate cakes, 3 recipes x 15 replicates x 6 temperatures; `temperature`
 # (ordered factor, the same values as `temp`) is left out.
