@@ -68,7 +68,7 @@ def test_one_line_per_request_with_hashes_of_the_bytes_sent(frames, tmp_path, me
     for sid, rec in recs.items():
         entries = read_log(tmp_path / f"{sid}.jsonl")
         assert len(entries) == len(rec.calls) == transport.rounds
-        assert [e["kind"] for e in entries] == [k for k, _, _ in transport.log]
+        assert [e["kind"] for e in entries] == [protocol.decode(req)["kind"] for req, _ in rec.calls]
         for e, (req, out) in zip(entries, rec.calls):
             assert set(e) == ENTRY_KEYS | {"sent"}
             assert e["site"] == sid
