@@ -182,7 +182,7 @@ def test_new_data_matrices():
     new = df.drop(columns="use").iloc[[5, 0, 900]]
     X, Z, off, groups = new_data_matrices(spec, schema, new, need_group=True)
     assert X.shape == (3, 7) and Z.shape == (3, 1) and np.all(off == 0)
-    assert list(groups) == [str(g) for g in new.district] and isinstance(groups[0], str)
+    assert list(groups["district"]) == [str(g) for g in new.district] and isinstance(groups["district"][0], str)
     assert np.allclose(X[:, 2], new.age)                                # rows in the given order
     X2, _, _, none = new_data_matrices(spec, schema, new.drop(columns="district").iloc[:1], need_group=False)
     assert none is None and np.array_equal(X2, X[:1])
@@ -343,3 +343,51 @@ def test_duplicate_column_refused(contra):
     dup = pd.concat([contra, contra[["age"]]], axis=1)
     assert error(InputError, describe_frame, dup, parse_formula(CONTRA), "A") == (
         "site 'A': column 'age' appears more than once")
+
+
+# --- several grouping factors ---------------------------------------------------------------------
+
+HELDOUT = DATA / "heldout" / "multilevel"
+
+
+def test_nested_factors_design():
+    """(1 | batch/cask): factors batch and cask:batch, levels as lme4 labels them ('a:A' = cask a of
+    batch A), each factor's Z columns and its own row codes."""
+    df = pd.read_csv(HELDOUT / "pastes.csv")
+    spec, _, d = fit_inputs({"A": df}, "strength ~ 1 + (1 | batch/cask)", "gaussian")
+    d = d["A"]
+    assert [f.name for f in d.factors] == ["batch", "cask:batch"]
+    batch, cask = d.factors
+    assert len(batch.levels) == 10 and len(cask.levels) == 30 and "a:A" in cask.levels
+    assert batch.columns.tolist() == [0] and cask.columns.tolist() == [1]
+    assert np.array_equal(d.theta_mask, np.eye(2, dtype=bool))
+    # every row's codes point at its own labels
+    rows = df.iloc[np.argsort(pd.factorize(df.batch, sort=True)[0], kind="stable")]
+    assert [batch.levels[c] for c in batch.codes] == rows.batch.tolist()
+    assert [cask.levels[c] for c in cask.codes] == (rows.cask + ":" + rows.batch).tolist()
+
+
+def test_several_factors_slopes_columns():
+    df = pd.read_csv(HELDOUT / "sim_gauss3.csv")
+    _, _, d = fit_inputs({"A": df}, "y ~ time + (1 + time | patient) + (1 | hospital)", "gaussian")
+    d = d["A"]
+    assert d.z_names == ["Intercept", "time", "Intercept"]
+    assert [f.columns.tolist() for f in d.factors] == [[0, 1], [2]]
+    assert d.theta_mask.sum() == 4          # (1 + time | patient): 3, (1 | hospital): 1
+
+
+def test_describe_lists_every_factor_and_schema_refuses_shared_level():
+    df = pd.read_csv(HELDOUT / "pastes.csv")
+    spec = parse_formula("strength ~ 1 + (1 | batch) + (1 | sample)")
+    desc = describe_frame(df, spec, "A")
+    assert set(desc["groups"]) == {"batch", "sample"} and len(desc["groups"]["sample"]) == 30
+    a, b = df[df.batch <= "E"], df[df.batch > "E"]
+    merge_schema({"A": describe_frame(a, spec, "A"), "B": describe_frame(b, spec, "B")}, spec, "gaussian")
+    b = pd.concat([b, a.iloc[[0]]])            # sample 'A:a' (batch 'A') now at both sites
+    msg = error(SchemaError, merge_schema, {"A": describe_frame(a, spec, "A"),
+                                            "B": describe_frame(b, spec, "B")}, spec, "gaussian")
+    assert msg.startswith("group 'batch' level 'A' is present at sites 'A' and 'B'")
+    c = b.assign(batch=b.batch.where(b.batch != "A", "Z"))      # batch relabelled, sample still shared
+    msg = error(SchemaError, merge_schema, {"A": describe_frame(a, spec, "A"),
+                                            "B": describe_frame(c, spec, "B")}, spec, "gaussian")
+    assert msg.startswith("group 'sample' level 'A:a' is present at sites 'A' and 'B'")

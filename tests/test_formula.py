@@ -115,15 +115,33 @@ def test_unparsable_formulas(f, why):
     assert why in msg
 
 
-def test_two_grouping_factors_refused():
-    assert one_line_error("y ~ x + (1 | g1) + (1 | g2)") == (
-        "only one grouping factor is supported in this version; the formula uses g1 and g2")
+@pytest.mark.parametrize("f, terms", [
+    # lme4's expandSlash: a/b is a + b:a, and the inner factor's name lists its own column first
+    ("y ~ (1 | batch/cask)", [("1", "batch", True, ()), ("1", "cask:batch", True, ("cask", "batch"))]),
+    ("y ~ (1 | a/b/c)", [("1", "a", True, ()), ("1", "b:a", True, ("b", "a")), ("1", "c:b:a", True, ("c", "b", "a"))]),
+    ("y ~ (1 | ward:patient)", [("1", "ward:patient", True, ("ward", "patient"))]),
+    ("y ~ (x || a/b)", [("1", "a", False, ()), ("0 + x", "a", False, ()), ("1", "b:a", False, ("b", "a")),
+                        ("0 + x", "b:a", False, ("b", "a"))]),
+    # terms are ordered by factor (first appearance): each factor's columns are contiguous
+    ("y ~ (1 | g) + (1 | h) + (0 + x | g)", [("1", "g", True, ()), ("0 + x", "g", True, ()), ("1", "h", True, ())]),
+    ("y ~ x + (1 + x | patient) + (1 | hospital)", [("1 + x", "patient", True, ()), ("1", "hospital", True, ())]),
+])
+def test_several_grouping_factors(f, terms):
+    assert parse_formula(f).random == tuple(RandomTerm(*t) for t in terms)
 
 
-@pytest.mark.parametrize("f, grp", [("y ~ (1 | a/b)", "a/b"), ("y ~ (1 | a:b)", "a:b")])
-def test_nested_and_crossed_groups_refused(f, grp):
+def test_grouping_columns_and_factor_names():
+    s = parse_formula("y ~ x + (1 | `my g`/h) + (1 | k)")
+    assert s.groups == ("my g", "h:my g", "k")
+    assert s.factor_columns("h:my g") == ("h", "my g") and s.grouping_columns == ("my g", "h", "k")
+    assert variables(s) == ["y", "x", "my g", "h", "k"]
+    assert variables(s, group=False) == ["y", "x"]
+
+
+@pytest.mark.parametrize("f", ["y ~ (1 | a/)", "y ~ (1 | a:log(b))", "y ~ (1 | a*b)"])
+def test_bad_grouping_factors(f):
     msg = one_line_error(f)
-    assert f"grouping factor '{grp}' is not supported" in msg and "one plain column name" in msg
+    assert "grouping factor" in msg
 
 
 def test_column_both_factor_and_number_refused():

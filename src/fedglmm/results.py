@@ -166,7 +166,7 @@ class FitResult:
         X, Z, offset, groups = new_data_matrices(self.spec, self.schema, newdata, need_group=cond)
         eta = X @ self.fixef.to_numpy() + offset
         if cond:
-            b = self.modes.reindex(pd.Index(groups, dtype=object)).fillna(0.0).to_numpy()
+            b = self.modes.reindex(pd.Index(groups[self.group_name], dtype=object)).fillna(0.0).to_numpy()
             eta = eta + np.sum(Z * b, axis=1)
         return eta if type == "link" else self.family.mean(eta)
 

@@ -54,7 +54,7 @@ def _agreed_kind(col: str, descriptions: dict[str, dict], spec: ModelSpec) -> st
     kinds = set(per_site.values())
     if len(kinds) == 1:
         return kinds.pop()
-    if col == spec.group and col not in variables(spec, group=False):
+    if col in spec.grouping_columns and col not in variables(spec, group=False):
         return "categorical"
     num = next(s for s, k in per_site.items() if k == "numeric")
     txt = next(s for s, k in per_site.items() if k != "numeric")
@@ -79,18 +79,25 @@ def _check_outcome_kinds(spec: ModelSpec, kinds: dict, levels: dict, fam) -> Non
 
 
 def _check_groups_disjoint(descriptions: dict[str, dict], spec: ModelSpec) -> None:
-    if not spec.group:
-        return
+    """Every level of every grouping factor lives at one site: a level at two sites is refused, naming
+    the factor, the level and two of its sites."""
     sites = list(descriptions)
-    per_site = [np.asarray(descriptions[s]["groups"], dtype=str) for s in sites]
-    where = np.repeat(np.asarray(sites, dtype=object), [len(x) for x in per_site])
-    labels = np.concatenate(per_site)
-    dup = pd.Series(labels).duplicated(keep=False).to_numpy()
-    if dup.any():
-        level = sort_levels(labels[dup], natural=True)[0]
-        at = " and ".join(f"'{s}'" for s in where[labels == level][:2])
-        raise SchemaError(f"group '{spec.group}' level '{level}' is present at sites {at}; "
-                          "each group must live at one site")
+    for name in spec.groups:
+        per_site = [np.asarray(_site_groups(descriptions[s], name, spec), dtype=str) for s in sites]
+        where = np.repeat(np.asarray(sites, dtype=object), [len(x) for x in per_site])
+        labels = np.concatenate(per_site)
+        dup = pd.Series(labels).duplicated(keep=False).to_numpy()
+        if dup.any():
+            level = sort_levels(labels[dup], natural=True)[0]
+            at = " and ".join(f"'{s}'" for s in where[labels == level][:2])
+            raise SchemaError(f"group '{name}' level '{level}' is present at sites {at}; "
+                              "each group must live at one site")
+
+
+def _site_groups(description: dict, name: str, spec: ModelSpec) -> list:
+    """A site's labels of grouping factor ``name`` (a list for one factor, a dict for several)."""
+    groups = description["groups"]
+    return groups.get(name, []) if isinstance(groups, dict) else groups
 
 
 def global_names(spec, schema: Schema, family: Family):
@@ -101,7 +108,7 @@ def global_names(spec, schema: Schema, family: Family):
             row[col] = [schema.levels[col][0]]
         else:
             row[col] = [0.0 if col == spec.response else 1.0]
-    if spec.group and spec.group not in row:
-        row[spec.group] = ["g"]
+    for col in spec.grouping_columns:
+        row.setdefault(col, ["g"])
     d = build_design(spec, schema, pd.DataFrame(row), family, "coordinator")
     return list(d.x_names), list(d.z_names), np.asarray(d.theta_mask, bool)

@@ -24,7 +24,7 @@ from .families import get_family
 from .formula import _first_line, factor_columns, is_plain_name, variables
 from .labels import (as_labels, column_kind, first_non_number, group_codes, level_columns, not_numbers,
                      sort_levels)
-from .spec import NO_GROUP, Design, ModelSpec, Schema
+from .spec import NO_GROUP, Design, Grouping, ModelSpec, Schema
 
 
 # --- 1. describe ----------------------------------------------------------------------------------
@@ -33,7 +33,8 @@ def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
     """What a site tells the coordinator about its frame (JSON-serialisable; no rows).
 
     ``{"n", "columns": {name: "numeric"|"categorical"} for all columns, "levels": {column: sorted
-    levels} for the categorical columns the model uses, "groups": [group labels present here]}``.
+    levels} for the categorical columns the model uses, "groups": [group labels present here]}``; with
+    several grouping factors ``"groups"`` is ``{factor: [its labels present here]}``.
 
     A used text column whose values are almost all numbers (at most 5 % of rows and 3 distinct labels are
     not) is taken for a numeric column with a typo and refused here, at the site, naming the first such
@@ -53,8 +54,19 @@ def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
             first = int(np.argmax(bad))
             raise InputError(f"{where}: column '{col}' has non-numeric value '{labels[first]}' in row {first + 1} "
                              f"(the other values are numbers; write C({col}) in the formula if it is a factor)")
-    groups = sort_levels(as_labels(df[spec.group]), natural=True) if spec.group else []
+    groups = {g: sort_levels(factor_labels(df, spec, g), natural=True) for g in spec.groups}
+    if len(groups) < 2:
+        groups = next(iter(groups.values()), [])
     return {"n": int(len(df)), "columns": kinds, "levels": levels, "groups": groups}
+
+
+def factor_labels(df: pd.DataFrame, spec: ModelSpec, group: str) -> np.ndarray:
+    """Each row's level of grouping factor ``group``: its columns' labels joined by ``:``."""
+    cols = spec.factor_columns(group)
+    labels = as_labels(df[cols[0]])
+    for col in cols[1:]:
+        labels = np.char.add(np.char.add(labels.astype(str), ":"), as_labels(df[col]).astype(str))
+    return labels
 
 
 # --- 2. build -------------------------------------------------------------------------------------
@@ -75,14 +87,20 @@ def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site
     parts = _model_parts(spec, schema, df, variables(spec), where, check=not checked)
     y, trials = _outcome(spec, schema, parts.frame, fam, where)
     fam.validate(y, trials, where=f"at {where}")
-    if spec.group:
-        group, levels = group_codes(as_labels(df[spec.group]))
-    else:
-        group, levels = np.zeros(len(df), dtype=np.int64), [NO_GROUP]
+    coded = [group_codes(factor_labels(df, spec, g)) for g in spec.groups]
+    group, levels = coded[0] if coded else (np.zeros(len(df), dtype=np.int64), [NO_GROUP])
     order = np.argsort(group, kind="stable")
+    factors = ()
+    if len(coded) > 1:
+        ends = np.cumsum([0] + parts.z_widths)
+        per_term = [np.arange(a, b) for a, b in zip(ends[:-1], ends[1:])]
+        factors = tuple(Grouping(g, codes[order], lv, np.concatenate([c for t, c in zip(spec.random, per_term)
+                                                                      if t.group == g]))
+                        for g, (codes, lv) in zip(spec.groups, coded))
     return Design(y=y[order], trials=trials[order], offset=parts.offset[order], X=parts.X[order],
                   Z=parts.Z[order], group=group[order], group_levels=levels, x_names=parts.x_names,
-                  z_names=parts.z_names, theta_mask=_theta_mask(spec, parts.z_widths), group_name=spec.group)
+                  z_names=parts.z_names, theta_mask=_theta_mask(spec, parts.z_widths), group_name=spec.group,
+                  factors=factors)
 
 
 def _outcome(spec, schema, frame, fam, where) -> tuple[np.ndarray, np.ndarray]:
@@ -110,18 +128,21 @@ def new_data_matrices(spec: ModelSpec, schema: Schema, df: pd.DataFrame, need_gr
     """``(X, Z, offset, group_labels)`` for prediction on new rows, in their original order.
 
     No outcome is needed.  Categorical columns get the schema's levels (a level the fit did not see is
-    an :class:`InputError`).  ``group_labels`` (text) is returned when ``need_group`` and the model has
-    a group; otherwise None (and the grouping column may be absent).
+    an :class:`InputError`).  ``group_labels`` -- ``{factor: each row's level (text)}`` -- is returned
+    when ``need_group`` and the model has random effects; otherwise None (and the grouping columns may be
+    absent).
     """
     where = "new data"
     cols = variables(spec, outcome=False, group=False)
     if need_group and spec.group:
-        if spec.group not in df.columns:
-            raise InputError(f"{where}: grouping column '{spec.group}' not found "
-                             "(needed for group-level predictions)")
-        cols.append(spec.group)
+        for col in spec.grouping_columns:
+            if col not in df.columns:
+                raise InputError(f"{where}: grouping column '{col}' not found "
+                                 "(needed for group-level predictions)")
+        cols += [c for c in spec.grouping_columns if c not in cols]
     parts = _model_parts(spec, schema, df, cols, where)
-    labels = as_labels(df[spec.group]).astype(object) if need_group and spec.group else None
+    labels = {g: factor_labels(df, spec, g).astype(object) for g in spec.groups} \
+        if need_group and spec.group else None
     return parts.X, parts.Z, parts.offset, labels
 
 

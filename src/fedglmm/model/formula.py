@@ -6,8 +6,14 @@ Accepted syntax (the fixed part and the left sides of random terms are formulaic
     y ~ x + (x || g)                           uncorrelated: (1 | g) + (0 + x | g), as lme4 expands it
     cbind(successes, trials - successes) ~ x   binomial with trials
     y ~ x + offset(log(t)) + (1 | g)           offsets are taken out of the fixed part
+    y ~ x + (1 + x | patient) + (1 | hospital) several grouping factors, nested or crossed
+    y ~ 1 + (1 | batch/cask)                   nested: (1 | batch) + (1 | cask:batch), as lme4
+    y ~ 1 + (1 | ward:patient)                 a factor whose levels are the pairs of two columns
 
-Only one grouping factor, a plain column name, is supported in this version.  Outcome, ``cbind``
+A grouping factor is a column, or columns joined by ``:`` (its levels are their labels joined by ``:``);
+``a/b`` stands for the factors ``a`` and ``b:a`` (``a/b/c`` adds ``c:b:a``), named as lme4 names them.
+The terms are ordered by factor (first appearance), so each factor's random-effect columns are
+contiguous.  Outcome, ``cbind``
 arguments and offsets are Python expressions over the columns (``log``, ``exp``, ``np.*`` allowed).
 ``C(x)`` marks a column as a factor even if it holds numbers; its levels are agreed by the sites
 (see :func:`factor_columns`).
@@ -38,10 +44,6 @@ class _Bad(Exception):
     """Internal: why a formula cannot be parsed."""
 
 
-class _Refused(Exception):
-    """Internal: a formula that parses but asks for something this version does not support."""
-
-
 # --- public ---------------------------------------------------------------------------------------
 
 def parse_formula(formula: str) -> ModelSpec:
@@ -59,12 +61,6 @@ def _parse_cached(formula: str) -> ModelSpec:
         spec = _parse(formula)
     except _Bad as e:
         raise InputError(f"cannot parse formula '{shown}': {e}") from None
-    except _Refused as e:
-        raise InputError(f"formula '{shown}': {e}") from None
-    groups = list(dict.fromkeys(t.group for t in spec.random))
-    if len(groups) > 1:
-        raise InputError("only one grouping factor is supported in this version; "
-                         f"the formula uses {_and(groups)}")
     _check_factor_use(spec, shown)
     return spec
 
@@ -82,8 +78,8 @@ def variables(spec: ModelSpec, *, outcome: bool = True, group: bool = True) -> l
     names += _rhs_names(spec.fixed)
     for term in spec.random:
         names += _rhs_names(term.expr)
-    if group and spec.group:
-        names.append(spec.group)
+    if group:
+        names += list(spec.grouping_columns)
     for off in spec.offsets:
         names += expression_columns(off)
     return list(dict.fromkeys(names))
@@ -133,6 +129,8 @@ def _parse(formula: str) -> ModelSpec:
     joined = " ".join(fixed)                       # "+ a + b - 1"
     fixed_text = (joined[2:] if joined[0] == "+" else "-" + joined[2:]) if fixed else "1"
     _rhs_formula(fixed_text, "the fixed part")
+    first = {g: i for i, g in reversed(list(enumerate(t.group for t in random)))}
+    random = sorted(random, key=lambda t: first[t.group])         # stable: each factor's terms together
     return ModelSpec(formula=formula, response=response, failures=failures, fixed=fixed_text,
                      random=tuple(random), offsets=tuple(offsets))
 
@@ -171,28 +169,39 @@ def _random_terms(inner: str, piece: str) -> list[RandomTerm]:
         raise _Bad(f"random term '{piece}' has nothing before '|' (write '1 | g' for an intercept)")
     if not grp:
         raise _Bad(f"random term '{piece}' has no grouping factor after '|'")
-    group = _group_name(grp)
+    factors = _group_factors(grp)
     terms = list(_rhs_formula(lhs, f"random term '{piece}'"))
     if not terms:
         raise _Bad(f"random term '{piece}' has no columns")
     has_int = any(str(t) == "1" for t in terms)
     if correlated:
         explicit = any(s == "+" and p == "1" for s, p in _signed_pieces(lhs))
-        return [RandomTerm(lhs if explicit or not has_int else f"1 + {lhs}", group, True)]
-    parts = (["1"] if has_int else []) + [f"0 + {_term_text(t)}" for t in terms if str(t) != "1"]
-    return [RandomTerm(p, group, False) for p in parts]
+        parts = [lhs if explicit or not has_int else f"1 + {lhs}"]
+    else:
+        parts = (["1"] if has_int else []) + [f"0 + {_term_text(t)}" for t in terms if str(t) != "1"]
+    return [RandomTerm(p, name, correlated, cols if cols != (name,) else ())
+            for name, cols in factors for p in parts]
 
 
-def _group_name(text: str) -> str:
-    if text.startswith("`") and text.endswith("`") and len(text) > 2:
-        return text[1:-1]
-    if _PLAIN_NAME.fullmatch(text):
-        return text
-    if ":" in text or "/" in text:
-        parts = [p.strip() for p in re.split("[:/]", text)]
-        raise _Refused(f"grouping factor '{text}' is not supported in this version: use one plain column "
-                       f"name per group (e.g. a column that combines {_and(parts)})")
-    raise _Bad(f"grouping factor '{text}' must be a column name")
+def _group_factors(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The grouping factors of the right side of a random term, as (name, columns): ``g`` -> g;
+    ``a:b`` -> a:b; ``a/b`` -> a and b:a (lme4's names; ``a/b/c`` adds c:b:a)."""
+    nested = [[_group_column(c.strip(), text) for c in _split(part, ":")] for part in _split(text, "/")]
+    out, outer = [], []
+    for cols in nested:
+        outer = cols + outer                       # b:a -- the inner factor's columns first
+        out.append((":".join(outer), tuple(outer)))
+    return out
+
+
+def _group_column(name: str, text: str) -> str:
+    if name.startswith("`") and name.endswith("`") and len(name) > 2:
+        return name[1:-1]
+    if _PLAIN_NAME.fullmatch(name):
+        return name
+    if not name:
+        raise _Bad(f"grouping factor '{text}' has an empty part")
+    raise _Bad(f"grouping factor '{text}' must be a column name, or column names joined by ':' or '/'")
 
 
 def _require_plus(sign: str, piece: str, what: str) -> None:
@@ -354,11 +363,6 @@ def _unwrap(piece: str) -> str | None:
 def _first_line(e: BaseException) -> str:
     text = _ANSI.sub("", str(e)).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def _and(items: list[str]) -> str:
-    items = [str(i) for i in items]
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 # Every site evaluates these for the same formula in every request; cache them, handing out fresh lists.

@@ -69,6 +69,10 @@ def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1
     except InputError as exc:
         raise OptionError(str(exc)) from None
     options, method, moments = _check_values(nagq, reml, method, curvature, moments, penalty, newton)
+    if len(spec.groups) > 1:
+        groups = list(spec.groups)
+        raise OptionError("only one grouping factor is supported in this version; the formula uses "
+                          + ", ".join(groups[:-1]) + " and " + groups[-1])
     check_model(spec, fam, options)
     return FitRequest(formula, spec, fam, options, method, moments)
 

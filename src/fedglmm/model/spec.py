@@ -3,11 +3,14 @@ site's design matrices.
 
 Notation (used throughout the package; other modules refer here):
 
-* n rows, p fixed-effect columns (X), q random-effect columns (Z) for the single grouping factor;
-* G groups; rows of a group live at one site;
-* b_i = Λ u_i with u_i ~ N(0, I_q) for GLMMs (Σ = ΛΛᵀ); for gaussian models b_i = σ Λ u_i, as in lme4;
-* Λ is lower triangular; its free entries θ are those where :attr:`Design.theta_mask` is true, taken
-  column by column (lme4's order: for ``(1 + x | g)`` θ = (Λ₁₁, Λ₂₁, Λ₂₂));
+* n rows, p fixed-effect columns (X), q random-effect columns (Z) over all grouping factors;
+* a grouping factor f (``g``, or ``cask:batch`` for ``(1 | batch/cask)``) has G_f levels and the q_f
+  columns of its terms (contiguous in Z: the terms are ordered by factor); every level lives at one site;
+* b = Λ u with u ~ N(0, I) for GLMMs, one q_f-vector per level of each factor (Σ_f = Λ_f Λ_fᵀ); for
+  gaussian models b = σ Λ u, as in lme4;
+* Λ is lower triangular and block-diagonal over the factors (and over uncorrelated terms); its free
+  entries θ are those where :attr:`Design.theta_mask` is true, taken column by column (lme4's order: for
+  ``(1 + x | g)`` θ = (Λ₁₁, Λ₂₁, Λ₂₂)), hence factor by factor;
 * φ = (β, θ) are a GLMM's parameters; η = Xβ + o + Zb the linear predictor, o the offset;
 * the internal scale (chosen by the coordinator, applied by every site): X̃ = XA with A centring and
   scaling the columns by their pooled means and SDs, Z̃ = Z / zs; then β = Aγ and θ̃ = diag(zs) θ, and
@@ -41,12 +44,20 @@ class RandomTerm:
     """One random-effects term such as ``(1 + x | g)``.
 
     ``expr`` is the left side as a formulaic right-hand side (``"1 + x"``, ``"0 + x"``); ``group`` the
-    grouping column; ``correlated`` is False for ``(x || g)`` (each column its own uncorrelated term).
+    grouping factor's name as lme4 prints it (``"g"``; ``"cask:batch"`` for the inner factor of
+    ``(1 | batch/cask)``); ``correlated`` is False for ``(x || g)`` (each column its own uncorrelated
+    term); ``columns`` the data columns whose labels, joined by ``:``, are the factor's levels (default:
+    the column ``group``).
     """
 
     expr: str
     group: str
     correlated: bool = True
+    columns: tuple[str, ...] = ()
+
+    @property
+    def group_columns(self) -> tuple[str, ...]:
+        return self.columns or (self.group,)
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,22 @@ class ModelSpec:
 
     @property
     def group(self) -> str | None:
+        """The first grouping factor (the only one of a single-factor model)."""
         return self.random[0].group if self.random else None
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The grouping factors, in the order of their first term (the terms are ordered by factor)."""
+        return tuple(dict.fromkeys(t.group for t in self.random))
+
+    def factor_columns(self, group: str) -> tuple[str, ...]:
+        """The data columns of grouping factor ``group`` (``("cask", "batch")`` for ``cask:batch``)."""
+        return next(t.group_columns for t in self.random if t.group == group)
+
+    @property
+    def grouping_columns(self) -> tuple[str, ...]:
+        """Every data column a grouping factor uses, in order of first appearance."""
+        return tuple(dict.fromkeys(c for t in self.random for c in t.group_columns))
 
 
 @dataclass
@@ -73,6 +99,21 @@ class Schema:
     levels: dict[str, list[str]] = field(default_factory=dict)   # categorical column -> levels
 
 
+@dataclass(frozen=True)
+class Grouping:
+    """One grouping factor at one site: its name, each row's level (codes into ``levels``, the site's own
+    labels in natural order) and the columns of Z that belong to its terms."""
+
+    name: str
+    codes: np.ndarray
+    levels: list[str]
+    columns: np.ndarray
+
+    @property
+    def q(self) -> int:
+        return len(self.columns)
+
+
 @dataclass
 class Design:
     """One site's model matrices, rows sorted by group.
@@ -80,6 +121,8 @@ class Design:
     ``y`` holds successes for binomial, counts for poisson, values for gaussian; ``trials`` is 1 except
     for ``cbind`` binomial outcomes.  ``group`` are codes 0..G-1 into ``group_levels`` and are
     non-decreasing (rows sorted by group), so per-group sums are ``np.add.reduceat(.., starts)``.
+    With several grouping factors, ``factors`` holds each one (:class:`Grouping`) and ``group`` /
+    ``group_levels`` / ``group_name`` are those of the first, by which the rows are sorted.
     """
 
     y: np.ndarray
@@ -93,10 +136,19 @@ class Design:
     z_names: list[str]
     theta_mask: np.ndarray                   # (q, q) lower-triangular bool pattern of Λ
     group_name: str | None = None
+    factors: tuple[Grouping, ...] = ()      # several grouping factors (empty: ``group`` is the only one)
 
     @property
     def n(self) -> int:
         return len(self.y)
+
+    @property
+    def groupings(self) -> tuple[Grouping, ...]:
+        """Every grouping factor of the design (none for a GLM)."""
+        if self.factors:
+            return self.factors
+        q = self.Z.shape[1]
+        return (Grouping(self.group_name, self.group, list(self.group_levels), np.arange(q)),) if q else ()
 
     @property
     def starts(self) -> np.ndarray:
