@@ -8,13 +8,14 @@ random-effect covariance parameters and, for gaussian models, the residual varia
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from .model.families import Family
 from .model.spec import ModelSpec, Schema
@@ -86,11 +87,13 @@ class FitResult:
 
     @property
     def pvalues(self) -> pd.Series:
-        return pd.Series(2.0 * stats.norm.sf(np.abs(self.zvalues.to_numpy())), index=self.fixef.index)
+        # 2 Φ(−|z|) = erfc(|z| / √2)
+        return pd.Series([math.erfc(abs(z) / math.sqrt(2.0)) for z in self.zvalues.to_numpy()],
+                         index=self.fixef.index)
 
     def conf_int(self, level: float = 0.95) -> pd.DataFrame:
         """Wald confidence intervals for the fixed effects."""
-        z = stats.norm.ppf(0.5 + level / 2.0)
+        z = NormalDist().inv_cdf(0.5 + level / 2.0)
         lo, hi = self.fixef - z * self.se, self.fixef + z * self.se
         pct = f"{100 * (1 - level) / 2:g} %", f"{100 * (1 + level) / 2:g} %"
         return pd.DataFrame({pct[0]: lo, pct[1]: hi})

@@ -11,7 +11,7 @@ from typing import Annotated, Callable, Iterator, List, Optional
 
 import typer
 
-from ..model.options import MIN_GROUP, OptionError, fit_request
+from ..model.options import MIN_GROUP
 from .app import ClickException, DebugOption, JsonOption, QuietOption, UsageError, app, check_json_target, \
     one_line, set_debug
 
@@ -74,6 +74,8 @@ InsecureOpt = Annotated[bool, typer.Option("--insecure", help="With --federation
 
 def _request(ctx, formula, family, link, **options):
     """The validated fit request; an option that is wrong whatever the data is a usage error."""
+    from ..model.options import OptionError, fit_request
+
     try:
         return fit_request(formula, family, link, **options)
     except OptionError as e:
@@ -255,6 +257,7 @@ def demo(ctx: typer.Context, json_out: JsonOption = None, quiet: QuietOption = F
     set_debug(debug)
     check_json_target(ctx, json_out)
     from ..io import load_sites
+    from ..model.options import fit_request
 
     req = fit_request(DEMO_FORMULA, DEMO_FAMILY, None, nagq=1, reml=False)
     with resources.as_file(resources.files("fedglmm") / "data" / DEMO_FILE) as path:

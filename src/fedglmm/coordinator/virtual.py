@@ -7,12 +7,12 @@ internal scale, starting values, Newton -- with the engines evaluated locally: n
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from math import comb
 from zlib import crc32
 
 import numpy as np
-from scipy.special import comb as binom
 
 from ..errors import InputError
 from ..likelihood.engine import EngineCache, make_engine
@@ -163,6 +163,7 @@ def _shift_matrix(expo: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
     E = expo[:, None, :]
     J = expo[None, :, :]
     below = np.all(J <= E, axis=2)
+    binom = np.vectorize(lambda a, b: float(math.comb(int(a), int(b))) if 0 <= b <= a else 0.0, otypes=[float])
     w = np.prod(binom(E, J) * np.where(E - J > 0, (-c) ** np.maximum(E - J, 0), 1.0), axis=2)
     return np.where(below, w, 0.0) / np.prod(s ** expo, axis=1)[:, None]
 

@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 from formulaic import model_matrix
 from formulaic.errors import DataMismatchWarning, FormulaicError
-from scipy.linalg import block_diag
 
 from ..errors import InputError
 from .families import get_family
@@ -118,7 +117,12 @@ def _theta_mask(spec: ModelSpec, widths: list[int]) -> np.ndarray:
     """Lower-triangular pattern of Λ: a full block per correlated term, a diagonal per uncorrelated one."""
     blocks = [np.tril(np.ones((k, k), bool)) if t.correlated else np.eye(k, dtype=bool)
               for t, k in zip(spec.random, widths)]
-    return block_diag(*blocks).astype(bool) if blocks else np.zeros((0, 0), dtype=bool)
+    k = sum(b.shape[0] for b in blocks)
+    mask, at = np.zeros((k, k), dtype=bool), 0
+    for b in blocks:                       # the blocks on the diagonal
+        mask[at:at + b.shape[0], at:at + b.shape[0]] = b
+        at += b.shape[0]
+    return mask
 
 
 # --- 3. new data ----------------------------------------------------------------------------------

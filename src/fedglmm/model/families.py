@@ -18,9 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special
 
 from ..errors import InputError
+
+
+class _LazySpecial:
+    """``scipy.special``, imported on first use: the logit and log links need none of it, and importing it
+    costs a small fit a fifth of a second."""
+
+    def __getattr__(self, name):
+        from scipy import special as module
+
+        return getattr(module, name)
+
+
+special = _LazySpecial()
 
 _LINKS = {
     "gaussian": ("identity",),

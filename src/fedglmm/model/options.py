@@ -1,14 +1,16 @@
 """The user's fit options, validated once, and the defaults every part of the package shares."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-
-import numpy as np
+from numbers import Integral
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .families import Family, get_family
-from .formula import parse_formula
-from .spec import ModelSpec
+
+if TYPE_CHECKING:          # imported where used: the command line reads the defaults without loading them
+    from .families import Family
+    from .spec import ModelSpec
 
 MIN_GROUP = 10          # default smallest group (observations) whose own summaries or modes a site sends
 METHODS = ("hybrid", "iterative", "oneshot")
@@ -63,6 +65,9 @@ def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1
     """Validate everything the user chose, once.  A choice that is wrong whatever the data raises
     :class:`OptionError`; one that does not fit this model (nagq for a gaussian model, ...) raises
     :class:`~fedglmm.errors.InputError`."""
+    from .families import get_family
+    from .formula import parse_formula
+
     try:
         fam = get_family(family, link)
         spec = parse_formula(formula)
@@ -78,13 +83,13 @@ def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1
 
 
 def _check_values(nagq, reml, method, curvature, moments, penalty, newton):
-    if isinstance(nagq, bool) or not isinstance(nagq, (int, np.integer)) or nagq < 1:
+    if isinstance(nagq, bool) or not isinstance(nagq, Integral) or nagq < 1:
         raise OptionError(f"nagq must be a whole number ≥ 1, not {nagq!r}")
     if curvature not in CURVATURES:
         raise OptionError(f"curvature must be 'observed' or 'expected', not {curvature!r}")
     if method not in METHODS:
         raise OptionError(f"unknown method '{method}': use 'hybrid', 'iterative' or 'oneshot'")
-    if moments is not None and (isinstance(moments, bool) or not isinstance(moments, (int, np.integer))
+    if moments is not None and (isinstance(moments, bool) or not isinstance(moments, Integral)
                                 or moments not in MOMENT_ORDERS):
         raise OptionError(f"moments must be 2, 3 or 4, not {moments!r}")
     try:
@@ -98,7 +103,7 @@ def _check_values(nagq, reml, method, curvature, moments, penalty, newton):
 
 def check_model(spec: ModelSpec, family: Family, options: FitOptions) -> None:
     """The options against the model: what this family and formula allow."""
-    if options.penalty < 0 or not np.isfinite(options.penalty):
+    if options.penalty < 0 or not math.isfinite(options.penalty):
         raise InputError(f"the penalty must be a non-negative number, not {options.penalty}")
     if options.penalty and family.name == "gaussian":
         raise InputError("the L2 penalty is available for binomial and poisson models")

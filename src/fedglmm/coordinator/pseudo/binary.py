@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import optimize
 
 from ...model.moments import binary_masks
 from .structure import _REL
@@ -31,6 +30,8 @@ def _cell_counts(n: int, p: int, counts: dict[int, int], time_limit: float) -> n
     masks = list(counts)
     A = np.array([(cells & s) == s for s in masks], dtype=float)
     b = np.array([counts[s] for s in masks], dtype=float)
+    from scipy import optimize      # only here: importing it costs a small fit a tenth of a second
+
     res = optimize.milp(np.zeros(2 ** p), constraints=optimize.LinearConstraint(A, b, b),
                         integrality=np.ones(2 ** p), bounds=optimize.Bounds(0, n),
                         options={"time_limit": time_limit})
