@@ -226,7 +226,7 @@ def _case_files(tmp_path, contra, case):
         return ["-f", "use ~ urban + (1 | )", "--family", "binomial", *two(a, b)], 2, "formula"
     if case == "missing values":
         b.loc[b.index[3], "age"] = np.nan
-        return base + two(a, b), 1, "missing value"
+        return base + ["--na-action", "fail", *two(a, b)], 1, "missing value (first in line 5 of"
     if case == "non-numeric value":
         b["age"] = b["age"].astype(object)
         b.loc[b.index[4], "age"] = "abc"

@@ -82,7 +82,7 @@ def test_parquet_unnamed_index_is_dropped(tmp_path, contra):
     contra.iloc[100:110].to_parquet(path)          # index 100..109, no name
     got = read_table(path)
     assert list(got.columns) == list(contra.columns)
-    assert got.index.tolist() == list(range(10))
+    assert got.index.tolist() == list(range(1, 11)) and got.index.name == "row"   # rows of the file, for messages
 
 
 def test_parquet_needs_pyarrow(tmp_path, contra, monkeypatch):

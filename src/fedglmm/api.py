@@ -8,6 +8,7 @@ from typing import Callable
 import pandas as pd
 
 from .errors import InputError
+from .model.labels import number_rows
 from .model.options import MIN_GROUP, FitRequest, NewtonConfig, fit_request
 from .results import FitResult
 from .site import Site, SiteConfig
@@ -27,7 +28,8 @@ def split_sites(data, site: str | None = None) -> dict[str, pd.DataFrame]:
             raise InputError(f"site column '{site}' not found (columns: {', '.join(map(str, data.columns))})")
         if data[site].isna().any():
             raise InputError(f"site column '{site}' has missing values")
-        return {str(k): g.reset_index(drop=True) for k, g in data.groupby(site, sort=True)}
+        # rows keep their numbers in ``data`` (or their lines in its file), so messages name them as the user sees them
+        return {str(k): g for k, g in number_rows(data).groupby(site, sort=True)}
     if site is not None:
         raise InputError("site= names a column of a single DataFrame; with several frames each is a site")
     if isinstance(data, Mapping):
@@ -64,7 +66,7 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
         reml: bool = True, site: str | None = None, method: str = "hybrid", curvature: str = "observed",
         moments: int | None = None, min_group: int = MIN_GROUP, penalty: float = 0.0,
         on_round: Callable[[int, str], None] | None = None, newton: NewtonConfig | None = None,
-        site_config: SiteConfig | str | Path | None = None) -> FitResult:
+        site_config: SiteConfig | str | Path | None = None, na_action: str = "omit") -> FitResult:
     """Fit a (generalised) linear mixed model federated over sites.
 
     Parameters
@@ -94,8 +96,11 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
         come back as NaN.  Its ``min_group`` replaces ``min_group``.  Default: no rules but ``min_group``
         for one-shot summaries.
     on_round : called as ``on_round(round_number, request_kind)`` after each round.
+    na_action : ``omit`` (the default, as lme4's ``na.omit``): each site drops its rows with a missing value in
+        a column the model uses, and the result counts them per site (:attr:`FitResult.omitted`); ``fail``:
+        a missing value stops the fit, naming the site, column and row.
     """
-    req = fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty, newton)
+    req = fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty, newton, na_action)
     return fit_request_on_data(req, data, site=site, min_group=min_group, site_config=site_config,
                                on_round=on_round)
 
@@ -109,13 +114,13 @@ def fit_request_on_data(req: FitRequest, data, site: str | None = None, min_grou
 
 def fit_on(transport, formula: str, family: str = "gaussian", link: str | None = None, nagq: int = 1,
            reml: bool = True, method: str = "hybrid", curvature: str = "observed", moments: int | None = None,
-           penalty: float = 0.0, newton: NewtonConfig | None = None) -> FitResult:
+           penalty: float = 0.0, newton: NewtonConfig | None = None, na_action: str = "omit") -> FitResult:
     """Fit over any :class:`~fedglmm.transport.Transport` (e.g. a Flower federation); options as :func:`fit`.
 
     The sites' own settings (``min_group``, disclosure rules) live with the sites, not here.
     """
     return run(transport, fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty,
-                                      newton))
+                                      newton, na_action))
 
 
 def run(transport, req: FitRequest) -> FitResult:

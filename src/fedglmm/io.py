@@ -6,18 +6,28 @@ command line into ``{site_id: DataFrame}`` (one file per site, or one file split
 Every problem is an :class:`~fedglmm.errors.InputError` whose one-line message names the file.
 Column types are pandas' own inference (as R's ``read.csv``: text that is all numbers becomes numbers,
 other text stays text); nothing is turned into a categorical here.
+
+A frame read from a file remembers where its rows came from, so that an error names the file and the
+line an editor shows: its index holds each row's line number in the file (named ``line``; for Parquet
+the row number, named ``row``) and ``frame.attrs["fedglmm.source"]`` the file's name
+(:func:`fedglmm.model.labels.row_name`).  Selecting rows keeps both.
 """
 from __future__ import annotations
 
+import codecs
+import csv
 import gzip
+import io
 import os
 import zlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .model.labels import SOURCE_ATTR
 
 #: file-name endings we read, longest first, and the reader for each
 _FORMATS = (
@@ -52,15 +62,39 @@ def site_stem(path) -> str:
     return Path(path).stem
 
 
-def read_table(path) -> pd.DataFrame:
+def check_sep(sep: str | None) -> str | None:
+    """The separator as pandas wants it: one character; ``\\t`` or ``tab`` for a tab.  None: by file type."""
+    if sep is None:
+        return None
+    sep = {"\\t": "\t", "tab": "\t", "TAB": "\t"}.get(sep, sep)
+    if len(sep) != 1 or sep in "\"\r\n":
+        raise InputError(f"the separator must be one character (e.g. ';' or '\\t'), not {sep!r}")
+    return sep
+
+
+def check_encoding(encoding: str | None) -> str | None:
+    """A text encoding Python knows (``latin-1``, ``cp1252``, ``utf-8``, ...); None: UTF-8."""
+    if encoding is None:
+        return None
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        raise InputError(f"unknown text encoding {encoding!r} (e.g. utf-8, latin-1, cp1252)") from None
+    return encoding
+
+
+def read_table(path, sep: str | None = None, encoding: str | None = None) -> pd.DataFrame:
     """Read a CSV (``.csv``, ``.csv.gz``), TSV (``.tsv``, ``.tsv.gz``) or Parquet (``.parquet``, ``.pq``) file.
 
-    Raises :class:`InputError` for a missing, empty, unreadable or garbled file, an unknown file type,
-    or Parquet without pyarrow.
+    ``sep``: the field separator of a text file (default: ``,`` for CSV, a tab for TSV); ``encoding``: its
+    text encoding (default UTF-8; e.g. ``latin-1``).  The index holds each row's line number in the file
+    (see the module docstring).  Raises :class:`InputError` for a missing, empty, unreadable or garbled
+    file, an unknown file type, duplicated column names, or Parquet without pyarrow.
     """
     shown = str(path)
     p = Path(path)
     fmt = file_format(p)
+    sep, encoding = check_sep(sep), check_encoding(encoding)
     if not p.exists():
         raise InputError(f"file '{shown}' not found")
     if p.is_dir():
@@ -69,36 +103,95 @@ def read_table(path) -> pd.DataFrame:
         raise InputError(f"cannot read file '{shown}': permission denied")
     if p.stat().st_size == 0:
         raise InputError(f"file '{shown}' is empty")
+    delim = sep or ("\t" if fmt == "tsv" else ",")
     try:
         if fmt == "parquet":
-            df = _read_parquet(p)
+            df = _read_parquet(p, shown)
+            lines = None
         else:
-            df = pd.read_csv(p, sep="\t" if fmt == "tsv" else ",", low_memory=False)
+            text = _text(p, encoding)
+            df = pd.read_csv(io.StringIO(text), sep=delim, low_memory=False)
+            lines = _record_lines(text, delim) if len(df) else None
+            _check_header(text, delim, shown)
     except InputError:
         raise
     except pd.errors.EmptyDataError:
         raise InputError(f"file '{shown}' is empty") from None
     except Exception as e:   # ParserError, UnicodeDecodeError, BadGzipFile, pyarrow's ArrowInvalid, OSError, ...
-        raise InputError(f"cannot read file '{shown}': {_reason(e)}") from None
+        raise InputError(f"cannot read file '{shown}': {_reason(e, encoding)}") from None
     if df.shape[1] == 0:
         raise InputError(f"file '{shown}' is empty (no columns)")
     if df.shape[0] == 0:
         raise InputError(f"file '{shown}' is empty (a header but no rows)")
-    if fmt != "parquet" and df.shape[1] == 1:
+    if fmt != "parquet" and df.shape[1] == 1 and sep is None:
         other = next((c for c in (";", "\t", ",", "|") if c in str(df.columns[0])), None)
-        if other is not None and other != ("\t" if fmt == "tsv" else ","):
+        if other is not None and other != delim:
             name = "a tab" if other == "\t" else f"'{other}'"
+            flag = "'\\t'" if other == "\t" else f"'{other}'"
             raise InputError(f"file '{shown}' has a single column '{df.columns[0]}': is it separated by "
-                             f"{name} rather than {'a tab' if fmt == 'tsv' else 'a comma'}?")
+                             f"{name} rather than {'a tab' if fmt == 'tsv' else 'a comma'}? (give --sep {flag})")
     df.columns = [str(c) for c in df.columns]
+    _check_unique(list(df.columns), shown)
+    if lines is not None and len(lines) == len(df):
+        df.index = pd.Index(lines, name="line")
+    elif fmt == "parquet":
+        df.index = pd.RangeIndex(1, len(df) + 1, name="row")
+    else:                     # a layout the line scan does not follow: the header is line 1, no blank lines
+        df.index = pd.RangeIndex(2, len(df) + 2, name="line")
+    df.attrs[SOURCE_ATTR] = shown
     return df
 
 
-def _read_parquet(p: Path) -> pd.DataFrame:
+def _text(p: Path, encoding: str | None) -> str:
+    """The file's text (gunzipped), decoded; a UTF-8 byte-order mark is dropped, as pandas does."""
+    raw = gzip.open(p).read() if p.name.lower().endswith(".gz") else p.read_bytes()
+    text = raw.decode(encoding or "utf-8")
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _check_header(text: str, delim: str, shown: str) -> None:
+    """pandas renames a repeated column name silently (x, x.1): refuse it, naming the names."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    names = next(csv.reader([first], delimiter=delim), [])
+    _check_unique([n.strip() for n in names], shown)
+
+
+def _check_unique(names: list[str], shown: str) -> None:
+    dup = [n for n, k in Counter(names).items() if k > 1]
+    if dup:
+        listed = ", ".join(f"'{n}'" for n in dup[:5])
+        raise InputError(f"file '{shown}': column name{'s' if len(dup) > 1 else ''} {listed} "
+                         f"appear{'' if len(dup) > 1 else 's'} more than once in the header; give each column "
+                         "its own name")
+
+
+def _record_lines(text: str, delim: str) -> np.ndarray | None:
+    """The line (1-based, as an editor counts) on which each data record of a delimited text starts.
+
+    Blank lines are skipped, as pandas skips them; a quoted field may span lines.  None if the scan and
+    pandas could disagree (the caller then counts from line 2)."""
+    if '"' not in text:
+        stripped = np.array([bool(line.strip()) for line in text.split("\n")])
+        starts = np.flatnonzero(stripped) + 1
+        return starts[1:]
+    starts, line = [], 1
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
     try:
-        import pyarrow  # noqa: F401
+        for record in reader:
+            if record and not (len(record) == 1 and not record[0].strip()):
+                starts.append(line)
+            line = reader.line_num + 1
+    except csv.Error:
+        return None
+    return np.asarray(starts[1:], dtype=np.int64)
+
+
+def _read_parquet(p: Path, shown: str) -> pd.DataFrame:
+    try:
+        import pyarrow.parquet as pq
     except ImportError:
         raise InputError(PARQUET_HINT) from None
+    _check_unique(list(pq.read_schema(p).names), shown)
     df = pd.read_parquet(p, engine="pyarrow")
     # a frame saved with a named index (``df.set_index("id").to_parquet``): keep it as columns;
     # an unnamed index (row numbers) is dropped, as CSV files written with index=False have none
@@ -106,10 +199,11 @@ def _read_parquet(p: Path) -> pd.DataFrame:
     return df.reset_index(drop=not named)
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, encoding: str | None = None) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, UnicodeDecodeError):
-        text = "it is not text (a binary or wrongly encoded file)"
+        text = (f"it is not {encoding or 'UTF-8'} text (byte 0x{e.object[e.start]:02x} cannot be decoded): a binary "
+                "file, or text in another encoding (give it, e.g. --encoding latin-1)")
     elif isinstance(e, (gzip.BadGzipFile, zlib.error)):
         text = f"it is not a valid gzip file ({text})"
     return text[:300]
@@ -133,7 +227,8 @@ def site_ids(paths) -> list[str]:
     return out
 
 
-def load_sites(paths, site_column: str | None = None) -> dict[str, pd.DataFrame]:
+def load_sites(paths, site_column: str | None = None, sep: str | None = None,
+               encoding: str | None = None) -> dict[str, pd.DataFrame]:
     """Read the data of every site: ``{site_id: DataFrame}``.
 
     * several files: each file is one site, named by its file stem (``data/north.csv`` → ``north``);
@@ -143,6 +238,7 @@ def load_sites(paths, site_column: str | None = None) -> dict[str, pd.DataFrame]
     * one file alone: a single site.
 
     Several files together with a site column are refused (ambiguous: give one or the other).
+    ``sep`` and ``encoding`` apply to every text file (see :func:`read_table`).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -163,9 +259,9 @@ def load_sites(paths, site_column: str | None = None) -> dict[str, pd.DataFrame]
     if site_column is not None:
         from .api import split_sites
 
-        df = read_table(paths[0])
+        df = read_table(paths[0], sep, encoding)
         try:
             return split_sites(df, site_column)
         except InputError as e:
             raise InputError(f"file '{paths[0]}': {e}") from None
-    return {sid: read_table(p) for sid, p in zip(site_ids(paths), paths)}
+    return {sid: read_table(p, sep, encoding) for sid, p in zip(site_ids(paths), paths)}

@@ -10,7 +10,9 @@ the fit counts.  The format is a small, self-describing, pickle-free container:
 The header is the message with each array replaced by ``{"__array__": i, "dtype": ..., "shape": ...}``;
 buffer i follows in order, little-endian, C-contiguous.  Only float64, int64 and bool arrays are allowed.
 
-Request kinds (coordinator → site) and what the site answers:
+Request kinds (coordinator → site) and what the site answers (``describe``, ``setup`` and ``oneshot`` carry
+``na_action: "fail"`` when the fit refuses missing values; without it a site omits its rows with a missing
+value in a used column and reports how many as ``omitted`` in its description, only when there are any):
 
 * ``describe`` {formula}: the site's columns, kinds, factor levels, grouping levels and row count;
 * ``setup`` {formula, family, link, nagq, reml, schema}: builds the design; answers counts, column

@@ -148,6 +148,12 @@ class FitResult:
         return (self.modes, self.condsd) if condvar else self.modes
 
     @property
+    def omitted(self) -> dict:
+        """Rows each site left out for a missing value in a column the model uses (``na_action="omit"``)."""
+        got = dict(self.schema.omitted) if self.schema is not None else {}
+        return {str(s): int(got.get(str(s), 0)) for s in self.site_ids} if self.site_ids else got
+
+    @property
     def withheld(self) -> list:
         """Group levels whose conditional modes their site did not send (its ``min_group`` rule)."""
         if self.modes is None:
@@ -189,6 +195,7 @@ class FitResult:
             "rounds": self.rounds, "bytes_to_sites": self.bytes_to_sites,
             "bytes_from_sites": self.bytes_from_sites, "converged": self.converged,
             "seconds": self.seconds, "messages": list(self.messages), "sites": list(self.site_ids),
+            "omitted": self.omitted,
         }
         if self.modes is not None:
             out["ranef"] = {self.group_name: {

@@ -57,6 +57,10 @@ def format_summary(res) -> str:
         if res.residual_sd is not None:
             lines.append(f"Residual standard deviation: {res.residual_sd:.4f}")
         lines.append(f"Number of obs: {res.nobs}; sites: {res.nsites}")
+    omitted = getattr(res, "omitted", {}) or {}
+    if sum(omitted.values()):
+        per_site = ", ".join(f"{s} {k}" for s, k in omitted.items() if k)
+        lines.append(f"  ({sum(omitted.values())} observations deleted due to missingness: {per_site})")
     lines.append("")
     lines.append("Fixed effects:")
     tab = res.coef_table()

@@ -70,6 +70,25 @@ TimeoutOpt = Annotated[float, typer.Option(
 RootCertOpt = Annotated[Optional[Path], typer.Option(
     "--root-certificates", show_default=False, help="With --federation: the federation's CA certificate (ca.pem).")]
 InsecureOpt = Annotated[bool, typer.Option("--insecure", help="With --federation: no TLS (loopback addresses only).")]
+NaActionOpt = Annotated[str, typer.Option(
+    "--na-action", help="Rows with a missing value in a column the model uses: 'omit' (each site drops them "
+                        "and the fit counts them, as lme4) or 'fail' (stop with the first one).")]
+SepOpt = Annotated[Optional[str], typer.Option(
+    "--sep", show_default=False, help="Field separator of the text files, e.g. ';' or '\\t' (default: ',' for "
+                                      ".csv, a tab for .tsv).")]
+EncodingOpt = Annotated[Optional[str], typer.Option(
+    "--encoding", show_default=False, help="Text encoding of the files, e.g. latin-1 or cp1252 (default: UTF-8).")]
+
+
+def _reading(ctx, sep, encoding):
+    """--sep and --encoding, checked before any file is read: a wrong one is a usage error."""
+    from ..errors import InputError
+    from ..io import check_encoding, check_sep
+
+    try:
+        return check_sep(sep), check_encoding(encoding)
+    except InputError as e:
+        raise UsageError(str(e), ctx=ctx) from None
 
 
 def _request(ctx, formula, family, link, **options):
@@ -89,11 +108,13 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
         summaries: SummariesOpt = None, curvature: CurvatureOpt = "observed", penalty: PenaltyOpt = 0.0,
         site_config: SiteConfigOpt = None, federation: FederationOpt = None, sites_expected: SitesOpt = None,
         timeout: TimeoutOpt = 60.0, root_certificates: RootCertOpt = None, insecure: InsecureOpt = False,
+        na_action: NaActionOpt = "omit", sep: SepOpt = None, encoding: EncodingOpt = None,
         json_out: JsonOption = None, quiet: QuietOption = False, debug: DebugOption = False) -> None:
     """Fit a GLMM federated over sites and print an lme4-style summary."""
     set_debug(debug)
     req = _request(ctx, formula, family, link, nagq=nagq, reml=reml, method=method, curvature=curvature,
-                   moments=moments, penalty=penalty)
+                   moments=moments, penalty=penalty, na_action=na_action)
+    sep, encoding = _reading(ctx, sep, encoding)
     check_json_target(ctx, json_out)
     data = list(data or [])
     if federation is not None:
@@ -126,7 +147,7 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
     from ..site import SiteConfig
 
     config = SiteConfig.load(site_config) if site_config is not None else None
-    sites = load_sites(data, site_column)
+    sites = load_sites(data, site_column, sep=sep, encoding=encoding)
     _emit(_run_fit(req, sites, quiet=quiet, min_group=min_group, site_config=config), json_out, quiet)
 
 
@@ -149,30 +170,32 @@ def summarize(
         "--site-config", show_default=False,
         help="This site's site.toml: its rules are applied (its min_group replaces --min-group) and the "
              "message is recorded in its audit log.")] = None,
+    na_action: NaActionOpt = "omit", sep: SepOpt = None, encoding: EncodingOpt = None,
     debug: DebugOption = False,
 ) -> None:
     """Write this site's one-shot message as readable JSON, for the data steward to review and send."""
     set_debug(debug)
-    _request(ctx, formula, family, link, method="oneshot", moments=moments)
+    req = _request(ctx, formula, family, link, method="oneshot", moments=moments, na_action=na_action)
+    sep, encoding = _reading(ctx, sep, encoding)
     import json
 
+    from .. import protocol
+    from ..errors import SiteRefusal
     from ..io import read_table
-    from ..site.summaries import summarize as make_summary, to_jsonable
+    from ..model.frame import na_payload
+    from ..site import Site, SiteConfig
+    from ..site.summaries import to_jsonable
 
-    frame = read_table(data)
-    if site_config is not None:
-        from .. import protocol
-        from ..errors import SiteRefusal
-        from ..site import Site, SiteConfig
-
-        # through the site itself: the same rules and the same audit line as a networked request
-        site = Site(site_id or data.stem, frame, config=SiteConfig.load(site_config))
-        req = protocol.request("oneshot", formula=formula, family=family, link=link, order=moments)
-        msg = protocol.decode(site.handle(protocol.encode(req)))
-        if "error" in msg:
-            raise SiteRefusal(msg["error"])
-    else:
-        msg = make_summary(frame, formula, family, link, site_id or data.stem, order=moments, min_group=min_group)
+    frame = read_table(data, sep, encoding)
+    # through the site itself: the same rows (incomplete ones omitted), the same rules and, with a
+    # site.toml, the same audit line as a networked request
+    config = SiteConfig.load(site_config) if site_config is not None else None
+    site = Site(site_id or data.stem, frame, min_group=min_group, config=config)
+    request = protocol.request("oneshot", formula=formula, family=family, link=link, order=moments,
+                               **na_payload(req.na_action))
+    msg = protocol.decode(site.handle(protocol.encode(request)))
+    if "error" in msg:
+        raise SiteRefusal(msg["error"])
     try:
         output.write_text(json.dumps(to_jsonable(msg), indent=1) + "\n")
     except OSError as e:

@@ -12,6 +12,7 @@ from ..likelihood.fit import Estimate, fit_glmm, fit_lmm
 from ..likelihood.setup import Setup, sum_replies
 from ..likelihood.starts import start_values
 from ..model.families import Family
+from ..model.frame import na_payload
 from ..model.options import FitOptions
 from ..model.spec import ModelSpec, Schema
 from ..protocol import request
@@ -19,17 +20,17 @@ from .schema import merge_schema
 from .surrogate import surrogate_model
 
 
-def agree_schema(transport, formula: str, spec: ModelSpec, family: Family) -> Schema:
+def agree_schema(transport, formula: str, spec: ModelSpec, family: Family, na_action: str = "omit") -> Schema:
     """Round 1: each site describes its columns, levels and groups; one schema comes back."""
-    desc = transport.broadcast(request("describe", formula=formula))
+    desc = transport.broadcast(request("describe", formula=formula, **na_payload(na_action)))
     return merge_schema(desc, spec, family)
 
 
-def setup_request(formula: str, family: Family, options: FitOptions, schema: Schema) -> dict:
+def setup_request(formula: str, family: Family, options: FitOptions, schema: Schema, na_action: str = "omit") -> dict:
     """Round 2 (or riding on the first evaluation): each site builds its design in the agreed coding."""
     return request("setup", formula=formula, family=family.name, link=family.link, nagq=options.nagq,
                    reml=options.reml, curvature=options.curvature,
-                   schema={"kinds": schema.kinds, "levels": schema.levels})
+                   schema={"kinds": schema.kinds, "levels": schema.levels}, **na_payload(na_action))
 
 
 class RoundEvaluator:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..errors import SchemaError
+from ..errors import InputError, SchemaError
+from ..likelihood.setup import Setup
 from ..model.design import build_design
 from ..model.families import get_family
 from ..model.formula import expression_columns, variables
@@ -35,7 +36,8 @@ def merge_schema(descriptions: dict[str, dict], spec: ModelSpec, family) -> Sche
         levels[col] = sort_levels(union, natural=kinds[col] == "numeric")
     _check_outcome_kinds(spec, kinds, levels, fam)
     _check_groups_disjoint(descriptions, spec)
-    return Schema(kinds=kinds, levels=levels)
+    omitted = {site: int(d.get("omitted", 0)) for site, d in descriptions.items()}
+    return Schema(kinds=kinds, levels=levels, omitted=omitted)
 
 
 def _check_same_columns(descriptions: dict[str, dict]) -> None:
@@ -86,6 +88,9 @@ def _check_groups_disjoint(descriptions: dict[str, dict], spec: ModelSpec) -> No
         per_site = [np.asarray(_site_groups(descriptions[s], name, spec), dtype=str) for s in sites]
         where = np.repeat(np.asarray(sites, dtype=object), [len(x) for x in per_site])
         labels = np.concatenate(per_site)
+        if len(set(labels)) == 1:        # lme4: "grouping factors must have > 1 sampled level"
+            raise SchemaError(f"grouping factor '{name}' has a single level ('{labels[0]}') over all sites: a "
+                              "random effect needs at least 2 levels (drop the random term for a model without it)")
         dup = pd.Series(labels).duplicated(keep=False).to_numpy()
         if dup.any():
             level = sort_levels(labels[dup], natural=True)[0]
@@ -112,3 +117,23 @@ def global_names(spec, schema: Schema, family: Family):
         row.setdefault(col, ["g"])
     d = build_design(spec, schema, pd.DataFrame(row), family, "coordinator")
     return list(d.x_names), list(d.z_names), np.asarray(d.theta_mask, bool)
+
+
+def check_outcome(st: Setup, spec: ModelSpec, family: Family) -> None:
+    """A constant outcome leaves nothing to fit (lme4 refuses it: "Response is constant"): a binomial outcome
+    that is 0 (or 1) in every row, a poisson count that is 0 in every row, from the pooled set-up sums.  (A
+    constant gaussian outcome is found at the first evaluation: :func:`fedglmm.likelihood.fit.fit_lmm`.)"""
+    sums = st.sums
+    if family.name == "binomial" and "st_sy" in sums:
+        succ, trials = float(sums["st_sy"]), float(sums["st_sv"])
+        if succ == 0 or succ == trials:
+            what = "0 (failure)" if succ == 0 else "1 (success)"
+            each = "every row" if trials == st.n else "every trial"
+            raise InputError(f"binomial outcome '{spec.response}' is {what} in {each} at every site: the "
+                             "outcome is constant and there is nothing to fit")
+    if family.name == "poisson" and "xtwx" in sums and "Intercept" in st.names:
+        k = st.names.index("Intercept")
+        total = float(sums["xtwx"][k, k]) - 0.5 * st.n        # Σ w = Σ (y + ½) at the start μ = y + ½
+        if total < 0.25:
+            raise InputError(f"poisson outcome '{spec.response}' is 0 in every row at every site: the outcome "
+                             "is constant and there is nothing to fit")

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import ConvergenceError
+from ..errors import ConvergenceError, InputError
 from ..model.options import FitOptions
 from ..model.spec import theta_index
 from .lmm import profiled_deviance
@@ -196,6 +196,16 @@ def _information_at_estimate(opt, info, estimate):
     return corrected
 
 
+def _check_residual(s: dict) -> None:
+    """A gaussian outcome that is constant (or that the fixed effects fit exactly) leaves no residual
+    variance: refused, as lme4 refuses a constant response.  Checked at the first point, where Λ̃ is of
+    order one, so the random effects cannot absorb the residuals either."""
+    rss = float(s["c"] - s["b"] @ np.linalg.solve(s["A"], s["b"]))
+    if rss <= 1e-13 * abs(float(s["c"])):
+        raise InputError("the outcome is constant (or the fixed effects fit it exactly) over all sites: there is "
+                         "no residual variance to estimate")
+
+
 def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None) -> Estimate:
     """Newton on the profiled REML or ML criterion in θ̃ from ``start`` (default: Λ̃ = I)."""
     mask = setup.mask
@@ -216,6 +226,8 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None)
         else:
             sums, parts = evaluator.evaluate(xs, keys), None
         out = []
+        if not profiles:
+            _check_residual(sums[0])
         for x, s in zip(xs, sums):
             pr = profiled_deviance(s, options.reml)
             profiles[np.asarray(x, float).tobytes()] = pr
@@ -229,6 +241,7 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None)
     else:
         theta, converged = np.zeros(0), True
         s, final = evaluator.finalize(theta, keys)
+        _check_residual(s)
     pr = profiled_deviance(s, options.reml, order=0)
     return Estimate(pr.beta, canonical_theta(theta, mask), pr.sigma2 * np.linalg.inv(s["A"]),
                     # REML's constant depends on how X is parametrised: report it for the user's columns

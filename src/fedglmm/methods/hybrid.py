@@ -16,12 +16,14 @@ import numpy as np
 from ..coordinator.assemble import assemble
 from ..coordinator.messages import merge_messages
 from ..coordinator.rounds import estimate, setup_request
+from ..coordinator.schema import check_outcome
 from ..coordinator.starts import combined_start, internal_start
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
 from ..likelihood.setup import make_setup
 from ..likelihood.starts import start_values
+from ..model.frame import na_payload
 from ..model.options import FitRequest
 from ..protocol import request
 from ..results import FitResult, RunStats
@@ -89,9 +91,11 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     fam, options = req.family, req.options
     order = HYBRID_ORDER if req.moments is None else req.moments
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link, order=order,
-                                          local={"nagq": options.nagq, "curvature": options.curvature}))
+                                          local={"nagq": options.nagq, "curvature": options.curvature},
+                                          **na_payload(req.na_action)))
     merged = merge_messages(replies, req.formula, fam)
     st = make_setup(merged.setup)
+    check_outcome(st, req.spec, fam)
     own = {sid: r["local"] for sid, r in replies.items() if r.get("local") is not None}
     pseudo = _pseudo_fit(merged, replies, req, seed) if any(b is not None for b in merged.blocks.values()) \
         else None
@@ -102,7 +106,8 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         return FitResult.build(pseudo[1], run)
     start, surrogate = _starts(req, st, merged, own, pseudo)
     est = estimate(transport, st, fam, options, start,
-                   first={"setup": setup_request(req.formula, fam, options, merged.schema)}, surrogate=surrogate)
+                   first={"setup": setup_request(req.formula, fam, options, merged.schema, req.na_action)},
+                   surrogate=surrogate)
     fit = assemble(req.formula, fam, options, req.spec, merged.schema, st, est)
     if merged.refused:
         fit.messages.append(_note(replies, merged, own, pseudo))

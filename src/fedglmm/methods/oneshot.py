@@ -7,8 +7,11 @@ import time
 
 from ..coordinator.assemble import assemble
 from ..coordinator.messages import merge_messages
+from ..coordinator.schema import check_outcome
+from ..likelihood.setup import make_setup
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
+from ..model.frame import na_payload
 from ..model.options import FitRequest
 from ..protocol import request
 from ..results import FitResult, RunStats
@@ -19,6 +22,7 @@ def fit_from_messages(messages: dict, req: FitRequest, rounds: int = 0, bytes_to
     """The one-shot fit from the sites' messages (the method ``oneshot`` and ``fit --summaries``)."""
     t0 = time.perf_counter()
     merged = merge_messages(messages, req.formula, req.family)
+    check_outcome(make_setup(merged.setup), req.spec, req.family)
     if merged.refused:
         raise FedGLMMError(merged.refused[0])
     parts, diagnostics = stand_ins(merged, messages, req.options, seed)
@@ -40,6 +44,6 @@ def fit_oneshot(transport, req: FitRequest, seed: int = 0) -> FitResult:
     """One round: every site sends its one message; the coordinator fits from them."""
     fam = req.family
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link,
-                                          order=req.moments))
+                                          order=req.moments, **na_payload(req.na_action)))
     return fit_from_messages(replies, req, transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
                              seed)

@@ -20,8 +20,9 @@ from formulaic.errors import DataMismatchWarning, FormulaicError
 
 from ..errors import InputError
 from .families import get_family
+from .frame import check_frame
 from .formula import _first_line, factor_columns, is_plain_name, variables
-from .labels import (as_labels, column_kind, first_non_number, group_codes, level_columns, not_numbers,
+from .labels import (as_labels, column_kind, first_non_number, group_codes, level_columns, not_numbers, row_name,
                      sort_levels)
 from .spec import NO_GROUP, Design, Grouping, ModelSpec, Schema
 
@@ -40,7 +41,7 @@ def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
     value and its row; a factor whose labels look like numbers can be marked ``C(column)`` in the formula.
     """
     where = f"site '{site}'"
-    _check_frame(df, variables(spec), where)
+    check_frame(df, variables(spec), where)
     kinds = {str(c): column_kind(dt) for c, dt in df.dtypes.items()}
     levels = {}
     marked = set(factor_columns(spec))
@@ -51,7 +52,7 @@ def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
         if kinds[col] == "categorical" and col not in marked and bad.any() and bad.mean() <= 0.05 \
                 and len(set(labels[bad])) <= 3:
             first = int(np.argmax(bad))
-            raise InputError(f"{where}: column '{col}' has non-numeric value '{labels[first]}' in row {first + 1} "
+            raise InputError(f"{where}: column '{col}' has non-numeric value '{labels[first]}' in {row_name(df, first)} "
                              f"(the other values are numbers; write C({col}) in the formula if it is a factor)")
     groups = {g: sort_levels(factor_labels(df, spec, g), natural=True) for g in spec.groups}
     if len(groups) < 2:
@@ -85,7 +86,7 @@ def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site
     where = f"site '{site}'"
     parts = _model_parts(spec, schema, df, variables(spec), where, check=not checked)
     y, trials = _outcome(spec, schema, parts.frame, fam, where)
-    fam.validate(y, trials, where=f"at {where}")
+    fam.validate(y, trials, where=f"at {where}", row=lambda i: row_name(df, i))
     coded = [group_codes(factor_labels(df, spec, g)) for g in spec.groups]
     group, levels = coded[0] if coded else (np.zeros(len(df), dtype=np.int64), [NO_GROUP])
     order = np.argsort(group, kind="stable")
@@ -169,15 +170,15 @@ def _model_parts(spec: ModelSpec, schema: Schema, df: pd.DataFrame, cols: list[s
                  check: bool = True) -> _Parts:
     """Check the frame, convert categoricals to the agreed levels, and build X, Z and the offset."""
     if check:
-        _check_frame(df, cols, where)
+        check_frame(df, cols, where)
     frame = _prepare(df, spec, schema, cols, where)
-    X, x_names = _finite(*_matrix(spec.fixed, frame, where), "fixed-effects column", where)
+    X, x_names = _finite(*_matrix(spec.fixed, frame, where), "fixed-effects column", where, df)
     blocks = [(np.ones((len(frame), 1)), ["Intercept"]) if t.expr.replace(" ", "") == "1"
               else _matrix(t.expr, frame, where) for t in spec.random]
     Z = np.hstack([b[0] for b in blocks]) if blocks else np.zeros((len(frame), 0))
-    Z, z_names = _finite(Z, [n for b in blocks for n in b[1]], "random-effects column", where)
+    Z, z_names = _finite(Z, [n for b in blocks for n in b[1]], "random-effects column", where, df)
     offs = [_numeric(expr, frame, where, "offset") for expr in spec.offsets]
-    offset = (_finite(np.column_stack(offs), list(spec.offsets), "offset", where)[0].sum(axis=1)
+    offset = (_finite(np.column_stack(offs), list(spec.offsets), "offset", where, df)[0].sum(axis=1)
               if offs else np.zeros(len(frame)))
     return _Parts(frame, X, x_names, Z, z_names, [b[0].shape[1] for b in blocks], offset)
 
@@ -192,11 +193,11 @@ def _prepare(df: pd.DataFrame, spec: ModelSpec, schema: Schema, cols: list[str],
             unknown = ~np.isin(labels, np.asarray(levels, dtype=str))
             if unknown.any():
                 i = int(np.argmax(unknown))
-                raise InputError(f"{where}: {what} '{col}' has level '{labels[i]}' in row {i + 1} that is not "
+                raise InputError(f"{where}: {what} '{col}' has level '{labels[i]}' in {row_name(df, i)} that is not "
                                  f"among the model's levels ({', '.join(levels[:10])})")
             frame[col] = pd.Categorical(labels, categories=levels)
         elif schema.kinds.get(col) == "numeric" and column_kind(df[col].dtype) != "numeric":
-            raise InputError(f"{where}: {what} '{col}' is not numeric{first_non_number(df[col])}")
+            raise InputError(f"{where}: {what} '{col}' is not numeric{first_non_number(df[col], df)}")
     return frame
 
 
@@ -248,38 +249,9 @@ def _numeric(expr: str, frame: pd.DataFrame, where: str, what: str) -> np.ndarra
     return values[:, 0]
 
 
-def _finite(M: np.ndarray, names: list[str], what: str, where: str):
+def _finite(M: np.ndarray, names: list[str], what: str, where: str, df: pd.DataFrame):
     bad = ~np.isfinite(M)
     if bad.any():
         i, j = np.argwhere(bad)[0]
-        raise InputError(f"{where}: {what} '{names[j]}' has non-finite value {M[i, j]:g} in row {i + 1}")
+        raise InputError(f"{where}: {what} '{names[j]}' has non-finite value {M[i, j]:g} in {row_name(df, i)}")
     return M, names
-
-
-def _check_frame(df: pd.DataFrame, cols: list[str], where: str) -> None:
-    """Rows present; used columns present, unique, complete, and finite if numeric."""
-    if len(df) == 0:
-        raise InputError(f"{where}: no rows")
-    names = [str(c) for c in df.columns]
-    for col in cols:
-        if col not in names:
-            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            raise InputError(f"{where}: column '{col}' not found (columns: {shown})")
-        if names.count(col) > 1:
-            raise InputError(f"{where}: column '{col}' appears more than once")
-    used = df[list(cols)]
-    na = used.isna().to_numpy()
-    if na.any():
-        j = int(np.argmax(na.any(axis=0)))
-        n = int(na[:, j].sum())
-        raise InputError(f"{where}: column '{cols[j]}' has {n} missing value{'s' * (n > 1)} "
-                         f"(first in row {int(np.argmax(na[:, j])) + 1})")
-    num = [c for c in cols if column_kind(df[c].dtype) == "numeric"]
-    if num:
-        values = used[num].to_numpy(dtype=float)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            i, j = np.argwhere(bad)[0]
-            raise InputError(f"{where}: column '{num[j]}' has non-finite value {values[i, j]:g} in row {i + 1}")
-
-

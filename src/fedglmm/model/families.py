@@ -79,9 +79,11 @@ class Family:
         raise AssertionError(self.link)
 
     # --- validation -----------------------------------------------------------------------------
-    def validate(self, y: np.ndarray, trials: np.ndarray, where: str = "") -> None:
-        """Raise :class:`InputError` if an outcome lies outside the family's support."""
+    def validate(self, y: np.ndarray, trials: np.ndarray, where: str = "", row=None) -> None:
+        """Raise :class:`InputError` if an outcome lies outside the family's support; ``row(i)`` names the
+        i-th row in the message (default ``row i+1``)."""
         at = f" {where}" if where else ""
+        row = row or (lambda i: f"row {i + 1}")
         y = np.asarray(y, dtype=float)
         if not np.all(np.isfinite(y)):
             raise InputError(f"outcome has non-finite values{at}")
@@ -91,16 +93,16 @@ class Family:
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 if np.all(m == 1):
-                    raise InputError(f"binomial outcome must be 0 or 1{at}: found {y[i]:g} in row {i + 1}")
+                    raise InputError(f"binomial outcome must be 0 or 1{at}: found {y[i]:g} in {row(i)}")
                 raise InputError(
                     f"binomial outcome must be whole successes between 0 and trials{at}: "
-                    f"found {y[i]:g} of {m[i]:g} in row {i + 1}")
+                    f"found {y[i]:g} of {m[i]:g} in {row(i)}")
         elif self.name == "poisson":
             bad = (y < 0) | (y != np.round(y))
             if bad.any():
                 i = int(np.flatnonzero(bad)[0])
                 raise InputError(f"poisson outcome must be a non-negative whole count{at}: "
-                                 f"found {y[i]:g} in row {i + 1}")
+                                 f"found {y[i]:g} in {row(i)}")
 
     # --- log-density ----------------------------------------------------------------------------
     def constant(self, y: np.ndarray, trials: np.ndarray) -> float:

@@ -13,6 +13,32 @@ import pandas as pd
 from .formula import factor_columns, variables
 from .spec import ModelSpec
 
+SOURCE_ATTR = "fedglmm.source"   # frame.attrs key: the file a frame was read from (fedglmm.io.read_table)
+
+
+def row_name(df: pd.DataFrame, i: int) -> str:
+    """How a message names the ``i``-th row (0-based position) of a site's frame.
+
+    A frame read by :func:`fedglmm.io.read_table` keeps each row's line in the file as its index (named
+    ``line``; ``row`` for Parquet) and the file in ``attrs``: ``line 7 of 'A.csv'``.  An index named
+    ``row`` without a file holds row numbers (:func:`number_rows`): ``row 5``.  Any other frame is counted
+    as it is: ``row 5`` for its 5th row.
+    """
+    name = df.index.name
+    source = df.attrs.get(SOURCE_ATTR)
+    if name in ("line", "row"):
+        label = df.index[i]
+        return f"{name} {label} of '{source}'" if source else f"row {label}"
+    return f"row {i + 1}"
+
+
+def number_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with its rows numbered 1..n (an index named ``row``), unless it already knows its lines in a
+    file: selecting rows (dropping incomplete ones, splitting by site) then keeps the numbers the user sees."""
+    if df.index.name in ("line", "row") and (df.attrs.get(SOURCE_ATTR) or df.index.is_unique):
+        return df
+    return df.set_axis(pd.RangeIndex(1, len(df) + 1, name="row"), axis=0)
+
 
 def column_kind(dt) -> str:
     """``"numeric"`` for int and float dtypes, ``"categorical"`` for anything else (text, category, bool)."""
@@ -61,12 +87,14 @@ def level_columns(spec: ModelSpec, kinds: dict[str, str]) -> list[str]:
     return [c for c in cols if kinds.get(c) == "categorical" or c in factors]
 
 
-def first_non_number(s: pd.Series) -> str:
-    """`` (value 'abc' in row 5)`` for the first value of ``s`` that is not a number, else ''."""
+def first_non_number(s: pd.Series, df: pd.DataFrame | None = None) -> str:
+    """`` (value 'abc' in row 5)`` for the first value of ``s`` that is not a number, else ''; the row as
+    :func:`row_name` names it in ``df`` (the frame ``s`` is a column of)."""
     labels = as_labels(s)
     bad = not_numbers(labels)
     i = int(np.argmax(bad))
-    return f" (value '{labels[i]}' in row {i + 1})" if bad.any() else ""
+    where = row_name(df, i) if df is not None else f"row {i + 1}"
+    return f" (value '{labels[i]}' in {where})" if bad.any() else ""
 
 
 def group_codes(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:

@@ -12,6 +12,7 @@ if TYPE_CHECKING:          # imported where used: the command line reads the def
     from .families import Family
     from .spec import ModelSpec
 
+NA_ACTIONS = ("omit", "fail")   # rows with a missing value in a used column: dropped (as lme4) or refused
 MIN_GROUP = 10          # default smallest group (observations) whose own summaries or modes a site sends
 METHODS = ("hybrid", "iterative", "oneshot")
 CURVATURES = ("observed", "expected")
@@ -57,11 +58,12 @@ class FitRequest:
     options: FitOptions
     method: str = "hybrid"
     moments: int | None = None
+    na_action: str = "omit"     # rows with a missing value in a used column: "omit" (as lme4) or "fail"
 
 
 def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1, reml=True,
                 method: str = "hybrid", curvature: str = "observed", moments=None, penalty=0.0,
-                newton: NewtonConfig | None = None) -> FitRequest:
+                newton: NewtonConfig | None = None, na_action: str = "omit") -> FitRequest:
     """Validate everything the user chose, once.  A choice that is wrong whatever the data raises
     :class:`OptionError`; one that does not fit this model (nagq for a gaussian model, ...) raises
     :class:`~fedglmm.errors.InputError`."""
@@ -78,8 +80,11 @@ def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1
         groups = list(spec.groups)
         raise OptionError("only one grouping factor is supported in this version; the formula uses "
                           + ", ".join(groups[:-1]) + " and " + groups[-1])
+    if na_action not in NA_ACTIONS:
+        raise OptionError(f"na_action must be 'omit' (drop rows with a missing value, as lme4) or 'fail', "
+                          f"not {na_action!r}")
     check_model(spec, fam, options)
-    return FitRequest(formula, spec, fam, options, method, moments)
+    return FitRequest(formula, spec, fam, options, method, moments, na_action)
 
 
 def _check_values(nagq, reml, method, curvature, moments, penalty, newton):

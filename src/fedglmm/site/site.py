@@ -25,7 +25,9 @@ from ..likelihood.engine import EngineCache, make_engine
 from ..likelihood.setup import setup_reply
 from ..model.design import build_design, describe_frame
 from ..model.families import get_family
-from ..model.formula import parse_formula
+from ..model.formula import parse_formula, variables
+from ..model.frame import complete_rows
+from ..model.labels import number_rows
 from ..model.options import MIN_GROUP
 from ..model.spec import Schema
 from . import rules
@@ -43,7 +45,7 @@ class Site:
         with a config, its ``min_group`` governs.  ``audit``: an :class:`AuditLog` or its path (default:
         the config's ``audit_log``, if any)."""
         self.site_id = str(site_id)
-        self.frame = frame
+        self.frame = number_rows(frame)      # messages name rows as the user's file or frame numbers them
         self.config = SiteConfig.permissive(min_group) if config is None else config
         self.min_group = int(self.config.min_group)   # smallest group whose own outputs may leave
         if audit is None and self.config.audit_log:
@@ -52,7 +54,8 @@ class Site:
         self.design = None
         self.family = None
         self._engines: EngineCache | None = None
-        self._described = None       # the formula the frame was last checked for
+        self._described = None       # the formula (and na_action) the frame was last checked for
+        self._rows = None            # (formula, na_action) -> (the rows the model uses, rows omitted)
 
     # --- the boundary -------------------------------------------------------------------------------
     def handle(self, data: bytes) -> bytes:
@@ -93,24 +96,40 @@ class Site:
             description["columns"] = {c: k for c, k in description["columns"].items()
                                       if c in self.config.allowed_columns}
 
+    def _used_rows(self, req, spec) -> tuple[pd.DataFrame, int]:
+        """The rows the model uses -- those with a value in every column it names, unless the request says
+        ``na_action: "fail"`` -- and how many were omitted.  The rules apply to the rows that remain."""
+        key = (req["formula"], req.get("na_action", "omit"))
+        if self._rows is None or self._rows[0] != key:
+            rules.check_frame(self.config, self.site_id, spec, self.frame)     # allowed columns first
+            frame, omitted = complete_rows(self.frame, variables(spec), f"site '{self.site_id}'", key[1])
+            self._rows = (key, frame, omitted)
+        _, frame, omitted = self._rows
+        rules.check_frame(self.config, self.site_id, spec, frame)
+        return frame, omitted
+
     # --- handlers -----------------------------------------------------------------------------------
     def _on_describe(self, req):
         spec = parse_formula(req["formula"])
-        rules.check_frame(self.config, self.site_id, spec, self.frame)
-        desc = describe_frame(self.frame, spec, self.site_id)
-        rules.check_cells(self.config, self.site_id, spec, self.frame)
+        frame, omitted = self._used_rows(req, spec)
+        desc = describe_frame(frame, spec, self.site_id)
+        rules.check_cells(self.config, self.site_id, spec, frame)
         self._allowed_only(desc)
         out = {"site": self.site_id, **desc}
-        self._described = req["formula"]
+        if omitted:
+            out["omitted"] = omitted
+        self._described = self._rows[0]
         return out
 
     def _on_oneshot(self, req):
         spec = parse_formula(req["formula"])
-        rules.check_frame(self.config, self.site_id, spec, self.frame)
-        msg = summarize(self.frame, req["formula"], req["family"], req.get("link"), self.site_id,
+        frame, omitted = self._used_rows(req, spec)
+        msg = summarize(frame, req["formula"], req["family"], req.get("link"), self.site_id,
                         order=req.get("order"), min_group=self.min_group, local=req.get("local"))
-        rules.check_cells(self.config, self.site_id, spec, self.frame)
+        rules.check_cells(self.config, self.site_id, spec, frame)
         self._allowed_only(msg["description"])
+        if omitted:
+            msg["description"]["omitted"] = omitted
         sums = msg["sums"]
         rules.check_model(self.config, self.site_id, spec, msg["n"], _agreed_width(msg["x_names"]),
                           int(np.sum(msg["theta_mask"])), get_family(req["family"], req.get("link")),
@@ -120,13 +139,13 @@ class Site:
     def _on_setup(self, req):
         spec = parse_formula(req["formula"])
         self.design, self.family, self._engines = None, None, None
-        rules.check_frame(self.config, self.site_id, spec, self.frame)
+        frame, _ = self._used_rows(req, spec)
         family = get_family(req["family"], req.get("link"))
         schema = Schema(kinds=dict(req["schema"]["kinds"]),
                         levels={k: list(v) for k, v in req["schema"]["levels"].items()})
         self.family = family
-        d = build_design(spec, schema, self.frame, family, self.site_id, checked=self._described == req["formula"])
-        rules.check_cells(self.config, self.site_id, spec, self.frame)
+        d = build_design(spec, schema, frame, family, self.site_id, checked=self._described == self._rows[0])
+        rules.check_cells(self.config, self.site_id, spec, frame)
         rules.check_model(self.config, self.site_id, spec, d.n, d.X.shape[1], int(np.sum(d.theta_mask)), family,
                           float(d.y.sum()), float(d.trials.sum()))
         self.design = d
