@@ -9,7 +9,7 @@ import pandas as pd
 
 from .errors import InputError
 from .model.labels import number_rows
-from .model.options import MIN_GROUP, FitRequest, NewtonConfig, fit_request
+from .model.options import MIN_GROUP, FitRequest, NewtonConfig, expand_request, fit_request
 from .results import FitResult
 from .site import Site, SiteConfig
 from .transport import InProcessTransport
@@ -109,7 +109,10 @@ def fit_request_on_data(req: FitRequest, data, site: str | None = None, min_grou
                         site_config=None, on_round=None) -> FitResult:
     """A validated fit (:func:`fedglmm.model.options.fit_request`) on in-process sites built from ``data``."""
     config = as_site_config(site_config)
-    return run(InProcessTransport(make_sites(data, site, min_group, config), on_round=on_round), req)
+    sites = make_sites(data, site, min_group, config)
+    # y ~ . : the columns are those of the frames in hand (every site must have the same ones)
+    req = expand_request(req, next(iter(sites.values())).frame.columns, site)
+    return run(InProcessTransport(sites, on_round=on_round), req)
 
 
 def fit_on(transport, formula: str, family: str = "gaussian", link: str | None = None, nagq: int = 1,
@@ -124,7 +127,15 @@ def fit_on(transport, formula: str, family: str = "gaussian", link: str | None =
 
 
 def run(transport, req: FitRequest) -> FitResult:
-    """Run the request's method over ``transport``."""
+    """Run the request's method over ``transport``.  A formula with ``.`` (every other column) first asks
+    the sites for their columns: one ``describe`` round, only for such formulas."""
+    if req.dot:
+        from .model.frame import na_payload
+        from .model.rsyntax import without_dot
+        from .protocol import request
+
+        desc = transport.broadcast(request("describe", formula=without_dot(req.formula), **na_payload(req.na_action)))
+        req = expand_request(req, list(next(iter(desc.values()))["columns"]))
     if req.method == "iterative":
         from .methods.iterative import fit_iterative
 
@@ -168,4 +179,5 @@ def fit_summaries(summaries, formula: str, family: str = "gaussian", link: str |
         messages[msg["site"]] = from_jsonable(msg)
     if not messages:
         raise InputError("no summaries given")
+    req = expand_request(req, list(next(iter(messages.values()))["description"]["columns"]))      # y ~ .
     return fit_from_messages(messages, req, rounds=1, bytes_from=size)

@@ -148,6 +148,9 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
 
     config = SiteConfig.load(site_config) if site_config is not None else None
     sites = load_sites(data, site_column, sep=sep, encoding=encoding)
+    from ..model.options import expand_request
+
+    req = expand_request(req, next(iter(sites.values())).columns, site_column)     # y ~ .
     _emit(_run_fit(req, sites, quiet=quiet, min_group=min_group, site_config=config), json_out, quiet)
 
 
@@ -187,11 +190,14 @@ def summarize(
     from ..site.summaries import to_jsonable
 
     frame = read_table(data, sep, encoding)
+    from ..model.options import expand_request
+
+    req = expand_request(req, frame.columns)                                        # y ~ .
     # through the site itself: the same rows (incomplete ones omitted), the same rules and, with a
     # site.toml, the same audit line as a networked request
     config = SiteConfig.load(site_config) if site_config is not None else None
     site = Site(site_id or data.stem, frame, min_group=min_group, config=config)
-    request = protocol.request("oneshot", formula=formula, family=family, link=link, order=moments,
+    request = protocol.request("oneshot", formula=req.formula, family=family, link=link, order=moments,
                                **na_payload(req.na_action))
     msg = protocol.decode(site.handle(protocol.encode(request)))
     if "error" in msg:

@@ -24,6 +24,7 @@ from .frame import check_frame
 from .formula import _first_line, factor_columns, is_plain_name, variables
 from .labels import (as_labels, column_kind, first_non_number, group_codes, level_columns, not_numbers, row_name,
                      sort_levels)
+from .rsyntax import functions
 from .spec import NO_GROUP, Design, Grouping, ModelSpec, Schema
 
 
@@ -213,7 +214,7 @@ def _matrix(rhs: str, frame: pd.DataFrame, where: str) -> tuple[np.ndarray, list
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore", DataMismatchWarning)
-            mm = model_matrix(rhs, frame, na_action="ignore")
+            mm = model_matrix(rhs, frame, na_action="ignore", context=functions())
             return mm.to_numpy(dtype=float), [str(c) for c in mm.columns]
     except (FormulaicError, SyntaxError, NameError, TypeError, ValueError, KeyError, AttributeError) as e:
         raise InputError(f"{where}: cannot evaluate '{rhs}': {_first_line(e)}") from None

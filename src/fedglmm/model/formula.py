@@ -15,7 +15,8 @@ A grouping factor is a column, or columns joined by ``:`` (its levels are their 
 The terms are ordered by factor (first appearance), so each factor's random-effect columns are
 contiguous.  Outcome, ``cbind``
 arguments and offsets are Python expressions over the columns (``log``, ``exp``, ``np.*`` allowed).
-``C(x)`` marks a column as a factor even if it holds numbers; its levels are agreed by the sites
+R's idioms (``I(x^2)``, ``factor(g)``, ``as.numeric(x)``, ``y ~ .``) are read as R reads them
+(:mod:`fedglmm.model.rsyntax`).  ``C(x)`` marks a column as a factor even if it holds numbers; its levels are agreed by the sites
 (see :func:`factor_columns`).
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from formulaic.formula import SimpleFormula
 from formulaic.parser import DefaultFormulaParser
 
 from ..errors import InputError
+from .rsyntax import has_dot, r_idioms
 from .spec import ModelSpec, RandomTerm
 
 _OPEN, _CLOSE, _QUOTES = "([{", ")]}", "'\"`"
@@ -57,6 +59,9 @@ def parse_formula(formula: str) -> ModelSpec:
 def _parse_cached(formula: str) -> ModelSpec:
     """The parse itself; a ModelSpec is immutable, so every site and round can share one."""
     shown = " ".join(formula.split())
+    if has_dot(formula):
+        raise InputError(f"formula '{shown}': '.' (every other column) is expanded where the data's columns are "
+                         "known (fedglmm.fit, fedglmm fit); here it cannot be")
     try:
         spec = _parse(formula)
     except _Bad as e:
@@ -110,7 +115,7 @@ def factor_columns(spec: ModelSpec) -> list[str]:
 # --- parsing --------------------------------------------------------------------------------------
 
 def _parse(formula: str) -> ModelSpec:
-    lhs, rhs = _split_tilde(formula)
+    lhs, rhs = _split_tilde(r_idioms(formula))          # R's ^, factor(), as.numeric() (model/rsyntax.py)
     response, failures = _outcome(lhs)
     fixed, random, offsets = [], [], []
     for sign, piece in _signed_pieces(rhs):

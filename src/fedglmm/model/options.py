@@ -59,6 +59,7 @@ class FitRequest:
     method: str = "hybrid"
     moments: int | None = None
     na_action: str = "omit"     # rows with a missing value in a used column: "omit" (as lme4) or "fail"
+    dot: bool = False           # the formula uses '.' (every other column): see expand_request
 
 
 def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1, reml=True,
@@ -69,10 +70,12 @@ def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1
     :class:`~fedglmm.errors.InputError`."""
     from .families import get_family
     from .formula import parse_formula
+    from .rsyntax import has_dot, without_dot
 
+    dot = isinstance(formula, str) and has_dot(formula)
     try:
         fam = get_family(family, link)
-        spec = parse_formula(formula)
+        spec = parse_formula(without_dot(formula) if dot else formula)
     except InputError as exc:
         raise OptionError(str(exc)) from None
     options, method, moments = _check_values(nagq, reml, method, curvature, moments, penalty, newton)
@@ -84,7 +87,27 @@ def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1
         raise OptionError(f"na_action must be 'omit' (drop rows with a missing value, as lme4) or 'fail', "
                           f"not {na_action!r}")
     check_model(spec, fam, options)
-    return FitRequest(formula, spec, fam, options, method, moments, na_action)
+    return FitRequest(formula, spec, fam, options, method, moments, na_action, dot)
+
+
+def expand_request(req: FitRequest, columns, site_column: str | None = None) -> FitRequest:
+    """``req`` with the ``.`` of its formula expanded to ``columns`` (in their order) less the response's
+    columns, the grouping columns and ``site_column``, as R's ``y ~ .`` (:func:`~fedglmm.model.rsyntax.expand_dot`);
+    ``req`` itself when its formula has no ``.``."""
+    if not req.dot:
+        return req
+    from dataclasses import replace
+
+    from .formula import expression_columns, parse_formula
+    from .rsyntax import expand_dot
+
+    spec = req.spec
+    exclude = expression_columns(spec.response) + (expression_columns(spec.failures) if spec.failures else [])
+    exclude += list(spec.grouping_columns) + ([site_column] if site_column else [])
+    formula = expand_dot(req.formula, columns, exclude)
+    spec = parse_formula(formula)
+    check_model(spec, req.family, req.options)
+    return replace(req, formula=formula, spec=spec, dot=False)
 
 
 def _check_values(nagq, reml, method, curvature, moments, penalty, newton):
