@@ -8,11 +8,11 @@ from importlib import import_module
 
 from .errors import FedGLMMError, InputError
 
-__all__ = ["fit", "fit_on", "fit_summaries", "split_sites", "FitResult", "FedGLMMError", "InputError", "get_family",
-           "SiteConfig"]
+__all__ = ["fit", "fit_on", "fit_summaries", "split_sites", "anova", "FitResult", "FedGLMMError", "InputError",
+           "get_family", "SiteConfig"]
 __version__ = "0.1.0"
 
-_LAZY = {"fit": ".api", "fit_on": ".api", "fit_summaries": ".api", "split_sites": ".api",
+_LAZY = {"anova": ".comparison", "fit": ".api", "fit_on": ".api", "fit_summaries": ".api", "split_sites": ".api",
          "FitResult": ".results", "get_family": ".model.families", "SiteConfig": ".site"}
 
 

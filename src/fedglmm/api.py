@@ -9,7 +9,8 @@ import pandas as pd
 
 from .errors import InputError
 from .model.labels import number_rows
-from .model.options import MIN_GROUP, FitRequest, NewtonConfig, expand_request, fit_request
+from .model.options import MIN_GROUP, Analysis, FitRequest, NewtonConfig, analysis_request, expand_request, \
+    fit_request
 from .results import FitResult
 from .site import Site, SiteConfig
 from .transport import InProcessTransport
@@ -66,7 +67,8 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
         reml: bool = True, site: str | None = None, method: str = "hybrid", curvature: str = "observed",
         moments: int | None = None, min_group: int = MIN_GROUP, penalty: float = 0.0,
         on_round: Callable[[int, str], None] | None = None, newton: NewtonConfig | None = None,
-        site_config: SiteConfig | str | Path | None = None, na_action: str = "omit") -> FitResult:
+        site_config: SiteConfig | str | Path | None = None, na_action: str = "omit", ddf: str = "satterthwaite",
+        ci: str = "wald", diagnostics: bool = False, seed: int = 0) -> FitResult:
     """Fit a (generalised) linear mixed model federated over sites.
 
     Parameters
@@ -95,40 +97,51 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
         (:class:`~fedglmm.errors.SiteRefusal`), and conditional modes of groups below its ``min_group``
         come back as NaN.  Its ``min_group`` replaces ``min_group``.  Default: no rules but ``min_group``
         for one-shot summaries.
+    ddf : gaussian models: ``"satterthwaite"`` (the default) for t-tests with Satterthwaite degrees of
+        freedom, as lmerTest, or ``"none"`` for z-tests.
+    ci : ``"profile"`` also computes the profile-likelihood intervals (``res.conf_int(method="profile")``;
+        a few more rounds), ``"wald"`` (the default) leaves them for later.
+    diagnostics : run the diagnostics round (one more round: binned residual aggregates from every
+        site, see ``res.diagnose()``); ``seed`` seeds its randomised residuals.
     on_round : called as ``on_round(round_number, request_kind)`` after each round.
     na_action : ``omit`` (the default, as lme4's ``na.omit``): each site drops its rows with a missing value in
         a column the model uses, and the result counts them per site (:attr:`FitResult.omitted`); ``fail``:
         a missing value stops the fit, naming the site, column and row.
     """
     req = fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty, newton, na_action)
+    analysis = analysis_request(ddf, ci, 0.95, diagnostics, seed)
     return fit_request_on_data(req, data, site=site, min_group=min_group, site_config=site_config,
-                               on_round=on_round)
+                               on_round=on_round, analysis=analysis)
 
 
 def fit_request_on_data(req: FitRequest, data, site: str | None = None, min_group: int = MIN_GROUP,
-                        site_config=None, on_round=None) -> FitResult:
+                        site_config=None, on_round=None, analysis: Analysis | None = None) -> FitResult:
     """A validated fit (:func:`fedglmm.model.options.fit_request`) on in-process sites built from ``data``."""
     config = as_site_config(site_config)
     sites = make_sites(data, site, min_group, config)
     # y ~ . : the columns are those of the frames in hand (every site must have the same ones)
     req = expand_request(req, next(iter(sites.values())).frame.columns, site)
-    return run(InProcessTransport(sites, on_round=on_round), req)
+    return run(InProcessTransport(sites, on_round=on_round), req, analysis)
 
 
 def fit_on(transport, formula: str, family: str = "gaussian", link: str | None = None, nagq: int = 1,
            reml: bool = True, method: str = "hybrid", curvature: str = "observed", moments: int | None = None,
-           penalty: float = 0.0, newton: NewtonConfig | None = None, na_action: str = "omit") -> FitResult:
+           penalty: float = 0.0, newton: NewtonConfig | None = None, na_action: str = "omit",
+           ddf: str = "satterthwaite", ci: str = "wald", diagnostics: bool = False, seed: int = 0) -> FitResult:
     """Fit over any :class:`~fedglmm.transport.Transport` (e.g. a Flower federation); options as :func:`fit`.
 
     The sites' own settings (``min_group``, disclosure rules) live with the sites, not here.
     """
-    return run(transport, fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty,
-                                      newton, na_action))
+    req = fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty, newton, na_action)
+    return run(transport, req, analysis_request(ddf, ci, 0.95, diagnostics, seed))
 
 
-def run(transport, req: FitRequest) -> FitResult:
-    """Run the request's method over ``transport``.  A formula with ``.`` (every other column) first asks
-    the sites for their columns: one ``describe`` round, only for such formulas."""
+def run(transport, req: FitRequest, analysis: Analysis | None = None) -> FitResult:
+    """Run the request's method over ``transport``, then the post-fit rounds ``analysis`` asks for.  A
+    formula with ``.`` (every other column) first asks the sites for their columns: one ``describe``
+    round, only for such formulas."""
+    from .analysis import apply
+
     if req.dot:
         from .model.frame import na_payload
         from .model.rsyntax import without_dot
@@ -137,16 +150,14 @@ def run(transport, req: FitRequest) -> FitResult:
         desc = transport.broadcast(request("describe", formula=without_dot(req.formula), **na_payload(req.na_action)))
         req = expand_request(req, list(next(iter(desc.values()))["columns"]))
     if req.method == "iterative":
-        from .methods.iterative import fit_iterative
-
-        return fit_iterative(transport, req)
-    if req.method == "hybrid":
-        from .methods.hybrid import fit_hybrid
-
-        return fit_hybrid(transport, req)
-    from .methods.oneshot import fit_oneshot
-
-    return fit_oneshot(transport, req)
+        from .methods.iterative import fit_iterative as method
+    elif req.method == "hybrid":
+        from .methods.hybrid import fit_hybrid as method
+    else:
+        from .methods.oneshot import fit_oneshot as method
+    res = method(transport, req)
+    apply(res, analysis)
+    return res
 
 
 def fit_summaries(summaries, formula: str, family: str = "gaussian", link: str | None = None, nagq: int = 1,

@@ -25,7 +25,14 @@ value in a used column and reports how many as ``omitted`` in its description, o
   of at least its ``min_group`` and lists the others under ``withheld``);
 * ``oneshot`` {formula, family, link, order}: the site's whole one-shot message (its description, set-up
   sums and per-group summaries, see :func:`fedglmm.site.summaries.summarize`), or its refusal to send
-  per-group summaries for groups below its minimum size.
+  per-group summaries for groups below its minimum size;
+* ``inspect`` {what, point, transform, zscale, beta_internal, sigma, seed, ...} (after a fit): for each
+  item of ``what`` an aggregate at the fitted point -- ``fingerprint``: the row count and a keyed digest
+  of the rows and response values the model uses (so fits of the same data can be recognised without
+  sending data); ``residuals``: the binned residual aggregates of :mod:`fedglmm.site.diagnostics`;
+  ``posterior``: each group's posterior means and SDs of its random effects (adaptive quadrature), with
+  the same withholding as the conditional modes.  Sizes depend on the number of bins, groups and
+  parameters, never on the number of rows.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ import numpy as np
 MAGIC = b"FGLM"
 VERSION = 1
 _DTYPES = {"float64": np.float64, "int64": np.int64, "bool": np.bool_}
-KINDS = ("describe", "setup", "evaluate", "finalize", "oneshot")
+KINDS = ("describe", "setup", "evaluate", "finalize", "oneshot", "inspect")
 
 
 class ProtocolError(ValueError):

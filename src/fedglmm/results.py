@@ -1,15 +1,15 @@
 """The fitted model: coefficient table, variance components, fit criteria, conditional modes, predictions.
 
-A :class:`FitResult` is what the coordinator ends with; it holds no row of any site.  Wald statistics use
-the normal distribution (z and Pr(>|z|), as lme4 reports for GLMMs); intervals are Wald intervals
-β̂ ± z_{1−α/2}·SE.  AIC = −2ℓ + 2k and BIC = −2ℓ + k log n with k counting the fixed effects, the
+A :class:`FitResult` is what the coordinator ends with; it holds no row of any site.  Tests of the fixed
+effects: for gaussian models t-tests with Satterthwaite degrees of freedom (as lmerTest's summary; see
+:mod:`fedglmm.coordinator.satterthwaite`), unless ``ddf="none"``; otherwise Wald z-tests (z and
+Pr(>|z|), as lme4 reports for GLMMs).  ``conf_int()`` gives Wald intervals β̂ ± z_{1−α/2}·SE.  AIC = −2ℓ + 2k and BIC = −2ℓ + k log n with k counting the fixed effects, the
 random-effect covariance parameters and, for gaussian models, the residual variance (lme4's ``df``).
 """
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -19,23 +19,7 @@ import pandas as pd
 
 from .model.families import Family
 from .model.spec import ModelSpec, Schema
-
-
-@dataclass(frozen=True)
-class RunStats:
-    """How a fit ran: rounds, bytes each way, seconds, and the sites it ran over."""
-
-    rounds: int
-    bytes_to_sites: int
-    bytes_from_sites: int
-    seconds: float
-    site_ids: tuple
-
-    @classmethod
-    def of(cls, transport, t0: float) -> "RunStats":
-        """The transport's counts so far, and the time since ``t0`` (``time.perf_counter()``)."""
-        return cls(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
-                   time.perf_counter() - t0, tuple(transport.site_ids))
+from .run_stats import RunStats
 
 
 @dataclass
@@ -66,7 +50,19 @@ class FitResult:
     spec: ModelSpec | None = None
     schema: Schema | None = None
     messages: list = field(default_factory=list)
+    df_satterthwaite: pd.Series | None = None   # gaussian: Satterthwaite df of each fixed effect
+    level_sites: pd.Series | None = None        # the site of each group level
+    design_moments: dict | None = None          # pooled n, column sums, XᵀX and ZᵀZ (user scale)
+    trace: list = field(default_factory=list)   # per Newton round: round, objective, Newton decrement
     site_ids: list = field(default_factory=list)
+    ddf: str = "satterthwaite"                  # gaussian t-tests: "satterthwaite", or "none" for z-tests
+    # the line back to the sites, for the rounds after the fit (profiles, diagnostics, an ML refit), and
+    # what those rounds gave (see fedglmm.analysis)
+    session: Any = field(default=None, repr=False, compare=False)
+    diagnostics: Any = field(default=None, repr=False, compare=False)
+    posterior: Any = field(default=None, repr=False, compare=False)
+    refit: Any = field(default=None, repr=False, compare=False)
+    profiles: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, parts, run: RunStats) -> "FitResult":
@@ -82,27 +78,59 @@ class FitResult:
         return pd.Series(np.sqrt(np.diag(self.vcov.to_numpy())), index=self.fixef.index)
 
     @property
+    def df(self) -> pd.Series | None:
+        """The denominator degrees of freedom of the t-tests (Satterthwaite), or None for z-tests."""
+        if self.ddf == "none" or self.df_satterthwaite is None:
+            return None
+        return self.df_satterthwaite
+
+    @property
     def zvalues(self) -> pd.Series:
+        """Estimate / SE: a t value when :attr:`df` is set, else a z value."""
         return self.fixef / self.se
+
+    tvalues = zvalues
 
     @property
     def pvalues(self) -> pd.Series:
-        # 2 Φ(−|z|) = erfc(|z| / √2)
-        return pd.Series([math.erfc(abs(z) / math.sqrt(2.0)) for z in self.zvalues.to_numpy()],
-                         index=self.fixef.index)
+        """Two-sided p-values: t with :attr:`df` degrees of freedom, or normal (2 Φ(−|z|) = erfc(|z| / √2))."""
+        stat = np.abs(self.zvalues.to_numpy())
+        df = self.df
+        if df is None:
+            return pd.Series([math.erfc(z / math.sqrt(2.0)) for z in stat], index=self.fixef.index)
+        from scipy import stats
 
-    def conf_int(self, level: float = 0.95) -> pd.DataFrame:
-        """Wald confidence intervals for the fixed effects."""
+        return pd.Series(2.0 * stats.t.sf(stat, df.to_numpy()), index=self.fixef.index)
+
+    def conf_int(self, level: float = 0.95, method: str = "wald") -> pd.DataFrame:
+        """Wald confidence intervals for the fixed effects, or with ``method="profile"`` profile-likelihood
+        intervals for the random-effect SDs and correlations, σ and the fixed effects (a few rounds at the
+        sites, all intervals at once; ``.attrs["rounds"]`` says how many), as lme4's
+        ``confint(method = "profile")``."""
+        if method == "profile":
+            from .analysis import profile_intervals
+
+            return profile_intervals(self, level)
+        if method != "wald":
+            raise ValueError("method must be 'wald' or 'profile'")
         z = NormalDist().inv_cdf(0.5 + level / 2.0)
         lo, hi = self.fixef - z * self.se, self.fixef + z * self.se
         pct = f"{100 * (1 - level) / 2:g} %", f"{100 * (1 + level) / 2:g} %"
         return pd.DataFrame({pct[0]: lo, pct[1]: hi})
 
     def coef_table(self, level: float = 0.95) -> pd.DataFrame:
+        """Estimate, Std. Error, (df,) t or z value, p-value -- lmerTest's or lme4's columns -- and the Wald
+        interval."""
         ci = self.conf_int(level)
-        tab = pd.DataFrame({"Estimate": self.fixef, "Std. Error": self.se, "z value": self.zvalues,
-                            "Pr(>|z|)": self.pvalues})
-        return pd.concat([tab, ci], axis=1)
+        return pd.concat([self.tests(), ci], axis=1)
+
+    def tests(self) -> pd.DataFrame:
+        """The coefficient table as lmerTest (gaussian, Satterthwaite) or lme4 (z-tests) prints it."""
+        if self.df is None:
+            return pd.DataFrame({"Estimate": self.fixef, "Std. Error": self.se, "z value": self.zvalues,
+                                 "Pr(>|z|)": self.pvalues})
+        return pd.DataFrame({"Estimate": self.fixef, "Std. Error": self.se, "df": self.df,
+                             "t value": self.tvalues, "Pr(>|t|)": self.pvalues})
 
     # --- variance components ---------------------------------------------------------------------
     @property
@@ -122,6 +150,49 @@ class FitResult:
                                 "corr": float(corr)})
         return out
 
+    def varcorr(self) -> pd.DataFrame:
+        """The variance components as R's ``as.data.frame(VarCorr(m))``: columns grp, var1, var2, vcov,
+        sdcor; per grouping factor the variances (var2 missing) then the covariances (sdcor: the
+        correlation), then the residual (gaussian)."""
+        rows = []
+        if self.cov_re is not None:
+            cov, names = self.cov_re.to_numpy(), [str(n) for n in self.cov_re.index]
+            sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
+            rows += [(self.group_name, n, None, float(cov[i, i]), float(sd[i])) for i, n in enumerate(names)]
+            for i in range(len(names)):
+                for j in range(i + 1, len(names)):
+                    if cov[i, j] != 0.0 or cov[j, i] != 0.0:
+                        corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else float("nan")
+                        rows.append((self.group_name, names[i], names[j], float(cov[i, j]), float(corr)))
+        if self.residual_sd is not None:
+            rows.append(("Residual", None, None, float(self.residual_sd ** 2), float(self.residual_sd)))
+        out = pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+        for c in ("grp", "var1", "var2"):       # missing names stay None, as R's NA
+            out[c] = pd.Series([r[k] for r in rows for k in [("grp", "var1", "var2").index(c)]], dtype=object)
+        return out
+
+    def icc(self) -> pd.Series:
+        """The intraclass correlation of Nakagawa, Johnson & Schielzeth (2017, J. R. Soc. Interface 14:
+        20170213), as ``performance::icc``: ``adjusted`` = σ²_d / (σ²_d + σ²_ε) and ``conditional`` =
+        σ²_d / (σ²_f + σ²_d + σ²_ε), with σ²_d the random-effect variance (for random slopes its mean
+        over the rows, tr(Σ ZᵀZ)/n), σ²_f the sample variance of the fixed-effect predictions Xβ̂ (from
+        the pooled XᵀX and column sums) and σ²_ε the residual variance: σ² (gaussian), or the latent
+        scale's π²/3 (logit), 1 (probit), π²/6 (cloglog).  Poisson models have no ICC here (NaN)."""
+        if self.cov_re is None:
+            raise ValueError("this model has no random effects")
+        resid = {"identity": None, "logit": np.pi ** 2 / 3, "probit": 1.0, "cloglog": np.pi ** 2 / 6}
+        if self.family.link not in resid:
+            return pd.Series({"adjusted": np.nan, "conditional": np.nan}, name="icc")
+        s2e = self.residual_sd ** 2 if self.family.name == "gaussian" else resid[self.family.link]
+        m = self.design_moments
+        n = float(m["n"])
+        s2d = float(np.trace(self.cov_re.to_numpy() @ m["ztz"]) / n)
+        beta = self.fixef.to_numpy()
+        mean = m["colsum"] @ beta / n
+        s2f = float((beta @ m["xtx"] @ beta - n * mean ** 2) / (n - 1))
+        return pd.Series({"adjusted": s2d / (s2d + s2e), "conditional": s2d / (s2f + s2d + s2e),
+                          "var_random": s2d, "var_fixed": s2f, "var_residual": s2e}, name="icc")
+
     # --- fit criteria -----------------------------------------------------------------------------
     @property
     def deviance(self) -> float:
@@ -136,16 +207,54 @@ class FitResult:
         return -2.0 * self.loglik + np.log(self.nobs) * self.n_params
 
     # --- random effects and prediction -------------------------------------------------------------
-    def ranef(self, condvar: bool = False):
-        """Conditional modes of the random effects (a DataFrame indexed by group level).
+    def ranef(self, condvar: bool = False, kind: str = "mode"):
+        """Conditional modes of the random effects (a DataFrame indexed by group level), or with
+        ``kind="mean"`` their posterior means (adaptive Gauss-Hermite quadrature at each site, one round;
+        for gaussian models the same as the modes).
 
-        With ``condvar=True`` returns ``(modes, conditional_sds)``.  Groups whose site withheld their modes
-        (groups below its ``min_group``, see :class:`fedglmm.site.SiteConfig`) have NaN rows; their
-        labels are :attr:`withheld`.
+        With ``condvar=True`` returns ``(modes, conditional_sds)`` (posterior SDs for ``kind="mean"``).
+        Groups whose site withheld their modes (groups below its ``min_group``, see
+        :class:`fedglmm.site.SiteConfig`) have NaN rows; their labels are :attr:`withheld`.
         """
         if self.modes is None:
             raise ValueError("this model has no random effects")
+        if kind == "mean":
+            from .analysis import posterior_means
+
+            mean, sd = posterior_means(self)
+            return (mean, sd) if condvar else mean
+        if kind != "mode":
+            raise ValueError("kind must be 'mode' or 'mean'")
         return (self.modes, self.condsd) if condvar else self.modes
+
+    def diagnose(self, seed: int = 0):
+        """The diagnostics round: residual aggregates from every site, pooled (see
+        :class:`fedglmm.coordinator.diagnostics.Diagnostics`); the summary then shows the scaled residuals."""
+        from .analysis import diagnose
+
+        return diagnose(self, seed)
+
+    def plot(self, kind: str, **kw):
+        """A matplotlib figure: ``"caterpillar"``, ``"forest"``, ``"residuals"`` or ``"convergence"``
+        (see :mod:`fedglmm.plots`; needs ``pip install 'fedglmm[plot]'``)."""
+        from .plots import plot
+
+        return plot(self, kind, **kw)
+
+    def refit_ml(self) -> "FitResult":
+        """This REML fit refitted by maximum likelihood at its sites (itself if it is not REML)."""
+        from .analysis import refit_ml
+
+        return refit_ml(self)
+
+    @property
+    def after_fit(self) -> dict:
+        """Rounds, bytes and seconds spent after the fit, by purpose (profile, diagnostics, refit, ...)."""
+        if self.session is None or not hasattr(self.session, "link"):
+            return {}
+        u = self.session.link.usage
+        return {k: {"rounds": u.rounds[k], "bytes_to_sites": u.bytes_to_sites[k],
+                    "bytes_from_sites": u.bytes_from_sites[k], "seconds": u.seconds[k]} for k in u.rounds}
 
     @property
     def omitted(self) -> dict:
@@ -186,17 +295,27 @@ class FitResult:
             "formula": self.formula, "family": self.family.name, "link": self.family.link,
             "method": self.method, "nagq": self.nagq, "reml": self.reml,
             "fixef": _fdict(self.fixef), "se": _fdict(self.se),
-            "z": _fdict(self.zvalues), "p": _fdict(self.pvalues),
+            ("z" if self.df is None else "t"): _fdict(self.zvalues), "p": _fdict(self.pvalues),
             "conf_int": {k: [float(a), float(b)] for k, (a, b) in self.conf_int().iterrows()},
             "vcov": self.vcov.to_numpy().tolist(),
             "random": self.random, "residual_sd": self.residual_sd,
             "loglik": self.loglik, "deviance": self.deviance, "aic": self.aic, "bic": self.bic,
-            "df": self.n_params, "nobs": self.nobs, "ngroups": self.ngroups, "nsites": self.nsites,
+            "npar": self.n_params, "nobs": self.nobs, "ngroups": self.ngroups, "nsites": self.nsites,
             "rounds": self.rounds, "bytes_to_sites": self.bytes_to_sites,
             "bytes_from_sites": self.bytes_from_sites, "converged": self.converged,
             "seconds": self.seconds, "messages": list(self.messages), "sites": list(self.site_ids),
             "omitted": self.omitted,
         }
+        if self.df is not None:
+            out["df"] = _fdict(self.df)
+        for level, tab in self.profiles.items():
+            out.setdefault("profile", {})[f"{level:g}"] = {
+                "intervals": {str(k): [float(a), float(b)] for k, (a, b) in tab.iterrows()},
+                "rounds": tab.attrs.get("rounds")}
+        if self.diagnostics is not None:
+            out["diagnostics"] = self.diagnostics.to_dict()
+        if self.after_fit:
+            out["after_fit"] = self.after_fit
         if self.modes is not None:
             out["ranef"] = {self.group_name: {
                 str(lv): {"mode": _fdict(self.modes.loc[lv]), "condsd": _fdict(self.condsd.loc[lv])}
@@ -213,10 +332,11 @@ class FitResult:
                 fh.write(text + "\n")
         return text
 
-    def summary(self) -> str:
+    def summary(self, correlation: bool = False) -> str:
+        """The summary as lme4 prints it; ``correlation=True`` adds the correlation of the fixed effects."""
         from .summary import format_summary
 
-        return format_summary(self)
+        return format_summary(self, correlation=correlation)
 
     def __str__(self) -> str:
         return self.summary()

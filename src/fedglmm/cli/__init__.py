@@ -1,4 +1,4 @@
-"""The command line: ``fedglmm fit``, ``fedglmm summarize``, ``fedglmm demo``, ``fedglmm site ...``,
+"""The command line: ``fedglmm fit``, ``fedglmm anova``, ``fedglmm summarize``, ``fedglmm demo``, ``fedglmm site ...``,
 ``fedglmm coordinator ...``, ``fedglmm certs`` and ``fedglmm --version``.
 
 Output contract:
@@ -11,7 +11,7 @@ Output contract:
   that disagree, no convergence), 2 a usage problem (unknown option, missing argument, unknown family or
   link, a formula that does not parse), 3 an internal error (``--debug`` shows its traceback).
 """
-from . import fit as _fit_commands, site as _site_commands  # noqa: F401 - registers the commands
+from . import anova as _anova_command, fit as _fit_commands, site as _site_commands  # noqa: F401 - registers
 from .app import EXIT_DATA, EXIT_INTERNAL, EXIT_USAGE, app, main
 from .fit import DEMO_FAMILY, DEMO_FILE, DEMO_FORMULA, DEMO_SITE_COLUMN
 

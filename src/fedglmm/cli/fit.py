@@ -69,6 +69,20 @@ TimeoutOpt = Annotated[float, typer.Option(
     "--timeout", min=0.1, help="With --federation: seconds a site may take per round (and to connect).")]
 RootCertOpt = Annotated[Optional[Path], typer.Option(
     "--root-certificates", show_default=False, help="With --federation: the federation's CA certificate (ca.pem).")]
+DdfOpt = Annotated[str, typer.Option(
+    "--ddf", help="Gaussian models: t-tests with 'satterthwaite' degrees of freedom (as lmerTest), or 'none' "
+                  "for z-tests.")]
+CiOpt = Annotated[str, typer.Option(
+    "--ci", help="'profile' adds profile-likelihood intervals for the fixed effects, random-effect SDs and "
+                 "correlations and sigma (a few more rounds); 'wald' (the default) adds none.")]
+DiagnosticsOpt = Annotated[bool, typer.Option(
+    "--diagnostics", help="One more round: binned residual aggregates from every site (uniformity and dispersion "
+                          "tests, scaled residuals in the summary).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the diagnostics' randomised residuals.")]
+PlotsOpt = Annotated[Optional[Path], typer.Option(
+    "--plots", metavar="DIR", show_default=False,
+    help="Write the figures (caterpillar, forest, residuals with --diagnostics, convergence) as PNG files into "
+         "DIR (needs matplotlib: pip install 'fedglmm[plot]').")]
 InsecureOpt = Annotated[bool, typer.Option("--insecure", help="With --federation: no TLS (loopback addresses only).")]
 NaActionOpt = Annotated[str, typer.Option(
     "--na-action", help="Rows with a missing value in a column the model uses: 'omit' (each site drops them "
@@ -91,6 +105,16 @@ def _reading(ctx, sep, encoding):
         raise UsageError(str(e), ctx=ctx) from None
 
 
+def _option(ctx, check, value):
+    """A checked option; a wrong value is a usage error."""
+    from ..model.options import OptionError
+
+    try:
+        return check(value)
+    except OptionError as e:
+        raise UsageError(str(e), ctx=ctx) from None
+
+
 def _request(ctx, formula, family, link, **options):
     """The validated fit request; an option that is wrong whatever the data is a usage error."""
     from ..model.options import OptionError, fit_request
@@ -109,13 +133,20 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
         site_config: SiteConfigOpt = None, federation: FederationOpt = None, sites_expected: SitesOpt = None,
         timeout: TimeoutOpt = 60.0, root_certificates: RootCertOpt = None, insecure: InsecureOpt = False,
         na_action: NaActionOpt = "omit", sep: SepOpt = None, encoding: EncodingOpt = None,
-        json_out: JsonOption = None, quiet: QuietOption = False, debug: DebugOption = False) -> None:
+        ddf: DdfOpt = "satterthwaite", ci: CiOpt = "wald", diagnostics: DiagnosticsOpt = False, seed: SeedOpt = 0,
+        plots: PlotsOpt = None, json_out: JsonOption = None, quiet: QuietOption = False,
+        debug: DebugOption = False) -> None:
     """Fit a GLMM federated over sites and print an lme4-style summary."""
     set_debug(debug)
     req = _request(ctx, formula, family, link, nagq=nagq, reml=reml, method=method, curvature=curvature,
                    moments=moments, penalty=penalty, na_action=na_action)
+    from ..model.options import analysis_request
+
+    analysis = _option(ctx, lambda _: analysis_request(ddf, ci, 0.95, diagnostics, seed), None)
     sep, encoding = _reading(ctx, sep, encoding)
     check_json_target(ctx, json_out)
+    check_plots_target(ctx, plots)
+    emit = lambda res, **kw: _emit(res, json_out, quiet, plots=plots, **kw)   # noqa: E731
     data = list(data or [])
     if federation is not None:
         if data or summaries or site_column is not None or site_config is not None:
@@ -123,7 +154,7 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
                              "files, --summaries, --site-column or --site-config", ctx=ctx)
         where = dict(address=federation, root_certificates=root_certificates, insecure=insecure,
                      sites=sites_expected, timeout=timeout)
-        _emit(_run_fit(req, None, quiet=quiet, federation=where), json_out, quiet)
+        emit(_run_fit(req, None, quiet=quiet, federation=where, analysis=analysis))
         return
     if sites_expected is not None or root_certificates is not None or insecure:
         raise UsageError("--sites, --root-certificates and --insecure go with --federation", ctx=ctx)
@@ -134,9 +165,13 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
         # '--summaries a.json b.json': the option takes the first file, the rest arrive as arguments
         from ..api import fit_summaries
 
+        if analysis.ci != "wald" or analysis.diagnostics:
+            raise UsageError("--ci profile and --diagnostics need rounds at the sites; summary files have none",
+                             ctx=ctx)
         res = fit_summaries(list(summaries) + data, formula, family=family, link=link, nagq=nagq, reml=reml,
                             curvature=curvature)
-        _emit(res, json_out, quiet)
+        res.ddf = analysis.ddf
+        emit(res)
         return
     if not data:
         raise UsageError("no data files given (or use --summaries)", ctx=ctx)
@@ -151,7 +186,7 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
     from ..model.options import expand_request
 
     req = expand_request(req, next(iter(sites.values())).columns, site_column)     # y ~ .
-    _emit(_run_fit(req, sites, quiet=quiet, min_group=min_group, site_config=config), json_out, quiet)
+    emit(_run_fit(req, sites, quiet=quiet, min_group=min_group, site_config=config, analysis=analysis))
 
 
 @app.command()
@@ -233,21 +268,29 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-def _run_fit(req, sites, *, quiet, label="fitting", min_group=MIN_GROUP, site_config=None, federation=None):
-    """The fit (in-process sites, or the federation at ``federation["address"]``), with its warnings shown
-    once each on stderr."""
+def _run_fit(req, sites, *, quiet, label="fitting", min_group=MIN_GROUP, site_config=None, federation=None,
+             analysis=None):
+    """The fit (in-process sites, or the federation at ``federation["address"]``) and its post-fit rounds."""
+    def work(on_round):
+        if federation is not None:                     # the sites are across the network
+            from ..deploy.cli import fit_federated
+
+            return fit_federated(federation.pop("address"), req, on_round=on_round, analysis=analysis,
+                                 **federation)
+        from ..api import fit_request_on_data
+
+        return fit_request_on_data(req, sites, min_group=min_group, site_config=site_config, on_round=on_round,
+                                   analysis=analysis)
+
+    return with_warnings(work, quiet, label)
+
+
+def with_warnings(work, quiet: bool, label: str):
+    """``work(on_round)`` with progress on a terminal, and its warnings shown once each on stderr."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _progress(quiet, label) as on_round:
-            if federation is not None:                     # the sites are across the network
-                from ..deploy.cli import fit_federated
-
-                res = fit_federated(federation.pop("address"), req, on_round=on_round, **federation)
-            else:
-                from ..api import fit_request_on_data
-
-                res = fit_request_on_data(req, sites, min_group=min_group, site_config=site_config,
-                                          on_round=on_round)
+            res = work(on_round)
     if not quiet:
         shown = set()
         for w in caught:
@@ -260,13 +303,28 @@ def _run_fit(req, sites, *, quiet, label="fitting", min_group=MIN_GROUP, site_co
     return res
 
 
-def _emit(res, json_out: str | None, quiet: bool, note: str | None = None) -> None:
-    """Write the JSON first (a failed write prints no fit), then the summary and the note."""
+def check_plots_target(ctx, plots: Path | None) -> None:
+    if plots is None:
+        return
+    if plots.exists() and not plots.is_dir():
+        raise UsageError(f"--plots '{plots}' is a file; give a folder", ctx=ctx)
+    if not plots.parent.is_dir():
+        raise UsageError(f"cannot write --plots '{plots}': folder '{plots.parent}' does not exist", ctx=ctx)
+
+
+def _emit(res, json_out: str | None, quiet: bool, note: str | None = None, plots: Path | None = None) -> None:
+    """Write the JSON and the figures first (a failed write prints no fit), then the summary and the note."""
     if json_out is not None and json_out != "-":
         try:
             res.to_json(json_out)
         except OSError as e:
             raise ClickException(f"cannot write --json '{json_out}': {e.strerror or e}") from None
+    if plots is not None:
+        from ..plots import save_all
+
+        written = save_all(res, plots)
+        if not quiet:
+            typer.echo(f"wrote {len(written)} figure(s) to {plots}: {', '.join(p.name for p in written)}", err=True)
     if json_out == "-":
         typer.echo(res.to_json())
         if note and not quiet:

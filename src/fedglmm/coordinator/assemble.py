@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..likelihood.fit import Estimate, diagonal_positions
-from ..likelihood.setup import Setup
+from ..likelihood.fit import LMM_DERIVATIVE_KEYS, LMM_KEYS, Estimate, diagonal_positions
+from ..likelihood.setup import Setup, sum_replies
 from ..model.families import Family
 from ..model.labels import natural_order
 from ..model.options import FitOptions
 from ..model.spec import ModelSpec, Schema, lambda_matrix, theta_index
+from .satterthwaite import satterthwaite_df
 
 
 @dataclass
@@ -41,6 +42,10 @@ class Assembled:
     spec: ModelSpec | None = None
     schema: Schema | None = None
     messages: list = field(default_factory=list)
+    df_satterthwaite: pd.Series | None = None   # gaussian: Satterthwaite df of each fixed effect
+    level_sites: pd.Series | None = None        # the site of each group level
+    design_moments: dict | None = None          # pooled n, column sums, XᵀX and ZᵀZ (user scale)
+    trace: list = field(default_factory=list)   # per Newton round: round, objective, Newton decrement
 
 
 def method_name(family: Family, options: FitOptions, q: int) -> str:
@@ -73,7 +78,10 @@ def _random_effects(st: Setup, est: Estimate, messages: list):
                         "ranef() shows NaN for them and predict() gives them the population-level "
                         "prediction")
     order = natural_order(np.asarray(levels, dtype=str))
-    return theta, cov_re, modes.iloc[order], condsd.iloc[order]
+    sites = [sid for sid, r in final.items() for _ in r["levels"]] + \
+        [sid for sid, r in final.items() for _ in r.get("withheld", [])]
+    where = pd.Series(sites, index=levels, dtype=object).iloc[order]
+    return theta, cov_re, modes.iloc[order], condsd.iloc[order], where
 
 
 def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec, schema: Schema, st: Setup,
@@ -85,13 +93,13 @@ def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec,
     vcov = A @ est.vcov_gamma @ A.T
     group = spec.group
     messages = list(est.messages)
-    cov_re = modes = condsd = None
+    cov_re = modes = condsd = where = None
     theta = np.asarray(est.theta)
     if q and np.min(np.abs(theta[diagonal_positions(mask)])) < 1e-4:
         messages.append("boundary (singular) fit: the random-effect covariance is singular (a standard "
                         "deviation at zero or a correlation of ±1)")
     if q:
-        theta, cov_re, modes, condsd = _random_effects(st, est, messages)
+        theta, cov_re, modes, condsd, where = _random_effects(st, est, messages)
     method = method or method_name(family, options, q)
     if options.penalty:
         method += f", L2 penalty {options.penalty:g}"
@@ -105,4 +113,18 @@ def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec,
         residual_sd=float(np.sqrt(est.sigma2)) if gaussian else None, loglik=float(est.loglik),
         n_params=p + int(mask.sum()) + (1 if gaussian else 0), nobs=st.n,
         ngroups={group: st.ngroups} if group else {}, converged=bool(est.converged), group_name=group,
-        modes=modes, condsd=condsd, theta=theta, spec=spec, schema=schema, messages=messages)
+        modes=modes, condsd=condsd, theta=theta, spec=spec, schema=schema, messages=messages,
+        df_satterthwaite=_satterthwaite(st, est, options) if gaussian else None, level_sites=where,
+        trace=[{"round": int(r), "objective": f, "decrement": d} for r, f, d in est.trace],
+        design_moments={"n": st.n, **{k: np.asarray(st.sums[k], float) for k in ("colsum", "xtx", "ztz")
+                                      if k in st.sums}})
+
+
+def _satterthwaite(st: Setup, est: Estimate, options: FitOptions) -> pd.Series | None:
+    """The Satterthwaite df of each fixed effect from the sums of the final round (none if a part did not
+    send its θ-derivatives)."""
+    keys = LMM_KEYS + (LMM_DERIVATIVE_KEYS if st.mask.sum() else [])
+    if not all(k in r for r in est.final.values() for k in keys):
+        return None
+    df = satterthwaite_df(sum_replies(est.final, keys), options.reml, st.A)
+    return pd.Series(df, index=st.names, name="df")

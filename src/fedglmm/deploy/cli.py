@@ -211,10 +211,20 @@ def certs(
     typer.echo("keep ca.key offline, server.key on the coordinator, each S.key at site S only", err=True)
 
 
-def fit_federated(address: str, req, *, root_certificates, insecure: bool, sites, timeout: float, on_round):
+def fit_federated(address: str, req, *, root_certificates, insecure: bool, sites, timeout: float, on_round,
+                  analysis=None):
     """The fit of ``req`` (a validated :class:`~fedglmm.model.options.FitRequest`) over the federation at
-    ``address`` (the coordinator's loopback SuperLink)."""
+    ``address`` (the coordinator's loopback SuperLink), and the post-fit rounds ``analysis`` asks for."""
     from ..api import run
+
+    return with_federation(address, lambda transport: run(transport, req, analysis),
+                           root_certificates=root_certificates, insecure=insecure, sites=sites, timeout=timeout,
+                           on_round=on_round)
+
+
+def with_federation(address: str, work, *, root_certificates, insecure: bool, sites, timeout: float, on_round):
+    """``work(transport)`` over the federation at ``address``; the fits it returns lose their line to the
+    sites when the run ends (a fit, or a list or dict of fits)."""
     from ..transport.flower_run import federation
     from .node import check_insecure, split_address
 
@@ -224,4 +234,10 @@ def fit_federated(address: str, req, *, root_certificates, insecure: bool, sites
     with federation(address, root_certificates=root_certificates, insecure=insecure, sites=sites,
                     timeout=timeout, on_round=on_round) as transport:
         transport.connect()             # wait for the sites first: the fit's time is the fit's
-        return run(transport, req)
+        out = work(transport)
+    fits = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [out]
+    for res in fits:
+        session = getattr(res, "session", None)
+        if session is not None and hasattr(session, "link"):
+            session.link.closed = True
+    return out

@@ -68,6 +68,7 @@ class Estimate:
     messages: list = field(default_factory=list)
     sigma2: float | None = None     # gaussian: the residual variance
     info: np.ndarray | None = None  # GLMM: the information of (γ, θ̃) at the estimate
+    trace: list = field(default_factory=list)   # (round, objective, Newton decrement) of the iteration
 
 
 def canonical_theta(theta, mask):
@@ -171,7 +172,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     step = phi - opt.point
     loglik = float(s["value"] + s["grad"] @ step + 0.5 * step @ s["hess"] @ step)
     return Estimate(phi[:p], canonical_theta(phi[p:], mask), vcov_gamma, loglik, final, opt.converged, messages,
-                    info=info)
+                    info=info, trace=list(opt.trace))
 
 
 def _information_at_estimate(opt, info, estimate):
@@ -237,13 +238,13 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None)
     if ntheta:
         opt = TrustRegionNewton(_theta_start(mask) if start is None else np.asarray(start, float), options.newton)
         theta, (final, s) = _run(opt, evaluate, lambda x: canonical_theta(x, mask))
-        converged = opt.converged
+        converged, trace = opt.converged, list(opt.trace)
     else:
-        theta, converged = np.zeros(0), True
+        theta, converged, trace = np.zeros(0), True, []
         s, final = evaluator.finalize(theta, keys)
         _check_residual(s)
     pr = profiled_deviance(s, options.reml, order=0)
     return Estimate(pr.beta, canonical_theta(theta, mask), pr.sigma2 * np.linalg.inv(s["A"]),
                     # REML's constant depends on how X is parametrised: report it for the user's columns
                     -0.5 * pr.dev + (np.linalg.slogdet(setup.A)[1] if options.reml else 0.0),
-                    final, converged, [], sigma2=pr.sigma2)
+                    final, converged, [], sigma2=pr.sigma2, trace=trace)

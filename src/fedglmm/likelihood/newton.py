@@ -65,6 +65,7 @@ class TrustRegionNewton:
     point: np.ndarray | None = None
     message: str = ""
     history: list = field(default_factory=list)
+    trace: list = field(default_factory=list)    # (round, objective, Newton decrement gᵀH⁻¹g) per round
 
     starts: list | None = None      # further starting points, evaluated in the first round with x0
     model: object = None            # optional model(x, f, g, H) -> (step, predicted decrease) or None;
@@ -141,6 +142,7 @@ class TrustRegionNewton:
         cur = self._cur
         newton = _newton_step(cur.g, cur.H)
         dec = -(cur.g @ newton) if newton is not None else np.inf
+        self.trace.append((self.evals, float(cur.f), float(dec)))
         if was_final and self.accepted is not None and (dec < self.config.tol or self._contracted(dec)):
             return self._finish(converged=True)
         self._dec_prev = dec

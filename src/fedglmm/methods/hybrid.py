@@ -17,6 +17,7 @@ from ..coordinator.assemble import assemble
 from ..coordinator.messages import merge_messages
 from ..coordinator.rounds import estimate, setup_request
 from ..coordinator.schema import check_outcome
+from ..coordinator.session import Link, Session
 from ..coordinator.starts import combined_start, internal_start
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
@@ -43,7 +44,7 @@ def _pseudo_fit(merged, replies, req: FitRequest, seed: int):
     try:
         parts, _ = stand_ins(merged, replies, loose, seed, HYBRID_COMPRESS)
         schema, st, est = fit_stand_ins(parts, req.spec, req.family, loose)
-        return parts, assemble(req.formula, req.family, loose, req.spec, schema, st, est)
+        return parts, assemble(req.formula, req.family, loose, req.spec, schema, st, est), st, est
     except (FedGLMMError, np.linalg.LinAlgError, ValueError):
         return None
 
@@ -57,7 +58,7 @@ def _starts(req, st, merged, own: dict, pseudo):
             if combined is not None:
                 return (combined, start_values(st, family)), None
         return None, None
-    parts, first = pseudo
+    parts, first = pseudo[:2]
     start = internal_start(first.fixef, first.theta, st)
     if family.name == "gaussian":
         return start[1], None
@@ -103,12 +104,16 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         # per-group sufficient statistics give the exact fit: nothing is left to iterate
         run = RunStats(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
                        time.perf_counter() - t0, tuple(replies))
-        return FitResult.build(pseudo[1], run)
+        res = FitResult.build(pseudo[1], run)
+        link = Link(transport, setup=setup_request(req.formula, fam, options, merged.schema, req.na_action))
+        res.session = Session(link, req.formula, fam, options, req.spec, merged.schema, pseudo[2], pseudo[3])
+        return res
     start, surrogate = _starts(req, st, merged, own, pseudo)
-    est = estimate(transport, st, fam, options, start,
-                   first={"setup": setup_request(req.formula, fam, options, merged.schema, req.na_action)},
-                   surrogate=surrogate)
+    payload = setup_request(req.formula, fam, options, merged.schema, req.na_action)
+    est = estimate(transport, st, fam, options, start, first={"setup": payload}, surrogate=surrogate)
     fit = assemble(req.formula, fam, options, req.spec, merged.schema, st, est)
     if merged.refused:
         fit.messages.append(_note(replies, merged, own, pseudo))
-    return FitResult.build(fit, RunStats.of(transport, t0))
+    res = FitResult.build(fit, RunStats.of(transport, t0))
+    res.session = Session(Link(transport, payload), req.formula, fam, options, req.spec, merged.schema, st, est)
+    return res

@@ -18,6 +18,7 @@ import time
 from ..coordinator.assemble import assemble
 from ..coordinator.rounds import agree_schema, estimate, setup_request
 from ..coordinator.schema import check_outcome
+from ..coordinator.session import Link, Session
 from ..likelihood.setup import make_setup
 from ..model.options import FitRequest
 from ..results import FitResult, RunStats
@@ -27,9 +28,11 @@ def fit_iterative(transport, req: FitRequest) -> FitResult:
     """Fit by exact Newton rounds over the sites reached through ``transport``."""
     t0 = time.perf_counter()
     schema = agree_schema(transport, req.formula, req.spec, req.family, req.na_action)
-    setup = make_setup(transport.broadcast(setup_request(req.formula, req.family, req.options, schema,
-                                                         req.na_action)))
+    payload = setup_request(req.formula, req.family, req.options, schema, req.na_action)
+    setup = make_setup(transport.broadcast(payload))
     check_outcome(setup, req.spec, req.family)
     est = estimate(transport, setup, req.family, req.options)
     parts = assemble(req.formula, req.family, req.options, req.spec, schema, setup, est)
-    return FitResult.build(parts, RunStats.of(transport, t0))
+    res = FitResult.build(parts, RunStats.of(transport, t0))
+    res.session = Session(Link(transport, payload), req.formula, req.family, req.options, req.spec, schema, setup, est)
+    return res

@@ -9,6 +9,8 @@ from ..coordinator.assemble import assemble
 from ..coordinator.messages import merge_messages
 from ..coordinator.schema import check_outcome
 from ..likelihood.setup import make_setup
+from ..coordinator.rounds import setup_request
+from ..coordinator.session import Link, Session
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
 from ..model.frame import na_payload
@@ -27,6 +29,7 @@ def fit_from_messages(messages: dict, req: FitRequest, rounds: int = 0, bytes_to
         raise FedGLMMError(merged.refused[0])
     parts, diagnostics = stand_ins(merged, messages, req.options, seed)
     schema, setup, est = fit_stand_ins(parts, req.spec, req.family, req.options)
+    internals = (schema, setup, est)
     fit = assemble(req.formula, req.family, req.options, req.spec, schema, setup, est)
     if req.family.name == "gaussian":
         fit.method = f"one-shot {fit.method} (exact, from per-group sufficient statistics)"
@@ -37,7 +40,10 @@ def fit_from_messages(messages: dict, req: FitRequest, rounds: int = 0, bytes_to
         fit.messages.append(f"pseudo-data match the shared moments to {err:.1e} (largest relative error); "
                             "the log-likelihood is that of the pseudo-data")
     run = RunStats(rounds, bytes_to, bytes_from, time.perf_counter() - t0, tuple(messages))
-    return FitResult.build(fit, run)
+    res = FitResult.build(fit, run)
+    # no line to the sites (summary files); fit_oneshot gives it its transport
+    res.session = Session(Link(None), req.formula, req.family, req.options, req.spec, *internals)
+    return res
 
 
 def fit_oneshot(transport, req: FitRequest, seed: int = 0) -> FitResult:
@@ -45,5 +51,8 @@ def fit_oneshot(transport, req: FitRequest, seed: int = 0) -> FitResult:
     fam = req.family
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link,
                                           order=req.moments, **na_payload(req.na_action)))
-    return fit_from_messages(replies, req, transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
-                             seed)
+    res = fit_from_messages(replies, req, transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
+                            seed)
+    res.session.link = Link(transport, setup=setup_request(req.formula, fam, req.options, res.session.schema,
+                                                           req.na_action))
+    return res

@@ -16,6 +16,7 @@ NA_ACTIONS = ("omit", "fail")   # rows with a missing value in a used column: dr
 MIN_GROUP = 10          # default smallest group (observations) whose own summaries or modes a site sends
 METHODS = ("hybrid", "iterative", "oneshot")
 CURVATURES = ("observed", "expected")
+DDF = ("satterthwaite", "none")
 MOMENT_ORDERS = (2, 3, 4)
 
 
@@ -127,6 +128,43 @@ def _check_values(nagq, reml, method, curvature, moments, penalty, newton):
     options = FitOptions(nagq=int(nagq), reml=bool(reml), curvature=curvature, penalty=penalty,
                          newton=newton or NewtonConfig())
     return options, method, None if moments is None else int(moments)
+
+
+CI_METHODS = ("wald", "profile")
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What to do after the fit, through the sites: t-test df, profile intervals, the diagnostics round."""
+
+    ddf: str = "satterthwaite"
+    ci: str = "wald"
+    level: float = 0.95
+    diagnostics: bool = False
+    seed: int = 0
+
+
+def analysis_request(ddf="satterthwaite", ci="wald", level=0.95, diagnostics=False, seed=0) -> Analysis:
+    """Validated post-fit choices (a wrong value raises :class:`OptionError`)."""
+    ddf = check_ddf(ddf)
+    if not isinstance(ci, str) or ci.lower() not in CI_METHODS:
+        raise OptionError(f"ci must be 'wald' or 'profile', not {ci!r}")
+    try:
+        level = float(level)
+    except (TypeError, ValueError):
+        raise OptionError(f"the confidence level must be a number, not {level!r}") from None
+    if not 0.0 < level < 1.0:
+        raise OptionError(f"the confidence level must be between 0 and 1, not {level}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise OptionError(f"the seed must be a whole number, not {seed!r}")
+    return Analysis(ddf, ci.lower(), level, bool(diagnostics), int(seed))
+
+
+def check_ddf(ddf: str) -> str:
+    """The t-tests' degrees of freedom for gaussian models: ``satterthwaite`` or ``none`` (z-tests)."""
+    if not isinstance(ddf, str) or ddf.lower() not in DDF:
+        raise OptionError(f"ddf must be 'satterthwaite' or 'none', not {ddf!r}")
+    return ddf.lower()
 
 
 def check_model(spec: ModelSpec, family: Family, options: FitOptions) -> None:

@@ -30,6 +30,7 @@ from ..model.frame import complete_rows
 from ..model.labels import number_rows
 from ..model.options import MIN_GROUP
 from ..model.spec import Schema
+from . import diagnostics as inspect
 from . import rules
 from .audit import AuditLog
 from .rules import SiteConfig
@@ -56,6 +57,7 @@ class Site:
         self._engines: EngineCache | None = None
         self._described = None       # the formula (and na_action) the frame was last checked for
         self._rows = None            # (formula, na_action) -> (the rows the model uses, rows omitted)
+        self._setup_bytes = None     # the set-up request the current design was built from
 
     # --- the boundary -------------------------------------------------------------------------------
     def handle(self, data: bytes) -> bytes:
@@ -138,7 +140,7 @@ class Site:
 
     def _on_setup(self, req):
         spec = parse_formula(req["formula"])
-        self.design, self.family, self._engines = None, None, None
+        self.design, self.family, self._engines, self._setup_bytes = None, None, None, None
         frame, _ = self._used_rows(req, spec)
         family = get_family(req["family"], req.get("link"))
         schema = Schema(kinds=dict(req["schema"]["kinds"]),
@@ -149,6 +151,7 @@ class Site:
         rules.check_model(self.config, self.site_id, spec, d.n, d.X.shape[1], int(np.sum(d.theta_mask)), family,
                           float(d.y.sum()), float(d.trials.sum()))
         self.design = d
+        self._setup_bytes = protocol.encode(req)
         nagq, curvature = int(req.get("nagq", 1)), str(req.get("curvature", "observed"))
         self._engines = EngineCache(lambda A, zs: make_engine(d, family, nagq, curvature, A, zs))
         return setup_reply(d, family)
@@ -160,8 +163,9 @@ class Site:
         return self._engines.get(req["transform"], req.get("zscale", np.ones(0)))
 
     def _ride_setup(self, req):
-        """A set-up payload may ride on the first evaluate / finalize request (hybrid fits)."""
-        if "setup" in req:
+        """A set-up payload may ride on an evaluate / finalize / inspect request (hybrid fits, and the
+        rounds after a fit); the design is rebuilt only if it differs from the one built last."""
+        if "setup" in req and protocol.encode(req["setup"]) != self._setup_bytes:
             self._on_setup(req["setup"])
 
     def _on_evaluate(self, req):
@@ -187,6 +191,34 @@ class Site:
         reply.update({"levels": levels[keep].tolist(), "modes": np.asarray(modes)[keep],
                       "condsd": np.asarray(sds)[keep], "withheld": levels[~keep].tolist()})
         return reply
+
+
+    def _on_inspect(self, req):
+        self._ride_setup(req)
+        eng = self._engine_for(req)
+        d, out = self.design, {}
+        for item in req.get("what", []):
+            if item == "fingerprint":
+                out["fingerprint"] = inspect.fingerprint(d)
+            elif item == "residuals":
+                out["residuals"] = inspect.residuals(d, self.family, eng, req, self.config.min_cell)
+            elif item == "posterior":
+                out["posterior"] = self._posterior(eng, req)
+            else:
+                raise FedGLMMError(f"site '{self.site_id}': unknown inspection '{item}'")
+        return out
+
+    def _posterior(self, eng, req):
+        """Posterior means and SDs of each group's random effects (withheld as the conditional modes)."""
+        d = self.design
+        if d.Z.shape[1] == 0:
+            return {"levels": [], "mean": np.zeros((0, 0)), "sd": np.zeros((0, 0))}
+        mean, sd = inspect.posterior(eng, req)
+        levels = np.asarray(d.group_levels, dtype=object)
+        keep = np.ones(len(levels), bool) if not self.config.withhold_modes else \
+            rules.group_sizes(d, self.family) >= self.min_group
+        return {"levels": levels[keep].tolist(), "mean": mean[keep], "sd": sd[keep],
+                "withheld": levels[~keep].tolist()}
 
 
 def _agreed_width(x_names) -> int:

@@ -1,0 +1,55 @@
+"""The toolbox references (tests/data/toolbox: lme4 anova, profile intervals, lmerTest, VarCorr/ICC and
+posterior means from R) and the fits to compare with them."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+DATA = Path(__file__).parent / "data"
+TOOLBOX = DATA / "toolbox"
+
+
+def table(kind: str) -> list[dict]:
+    """The rows of ``tests/data/toolbox/<kind>.tsv`` with their reference JSON (``ref``)."""
+    if not (TOOLBOX / f"{kind}.tsv").exists():
+        pytest.skip("tests/data/toolbox is missing")
+    tab = pd.read_csv(TOOLBOX / f"{kind}.tsv", sep="\t", dtype=str, keep_default_na=False)
+    tab.columns = [c.lstrip("# ") for c in tab.columns]
+    out = []
+    for _, row in tab.iterrows():
+        case = dict(row)
+        case["ref"] = json.loads((TOOLBOX / f"{kind}_{row['name']}.json").read_text())
+        out.append(case)
+    return out
+
+
+def frame(case: dict) -> pd.DataFrame:
+    return pd.read_csv(DATA / case["data"])
+
+
+def several_factors(formula: str) -> bool:
+    """Whether the formula has more than one random-effects term on different grouping factors."""
+    import re
+
+    groups = re.findall(r"\|\|?\s*([A-Za-z_.][\w.]*)\s*\)", formula)
+    return len(set(groups)) > 1
+
+
+def fit(formula: str, data, **kw):
+    """A fit, skipped (not failed) when the formula needs what this build does not fit yet (several
+    grouping factors)."""
+    import fedglmm
+    from fedglmm.errors import FedGLMMError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fedglmm.fit(formula, data, **kw)
+    except FedGLMMError as exc:
+        if several_factors(formula):
+            pytest.skip(f"several grouping factors: {exc}")
+        raise
