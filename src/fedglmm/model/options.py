@@ -155,7 +155,7 @@ def analysis_request(ddf="satterthwaite", ci="wald", level=0.95, diagnostics=Fal
         raise OptionError(f"the confidence level must be a number, not {level!r}") from None
     if not 0.0 < level < 1.0:
         raise OptionError(f"the confidence level must be between 0 and 1, not {level}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
         raise OptionError(f"the seed must be a whole number, not {seed!r}")
     return Analysis(ddf, ci.lower(), level, bool(diagnostics), int(seed))
 

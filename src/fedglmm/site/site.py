@@ -30,7 +30,6 @@ from ..model.frame import complete_rows
 from ..model.labels import number_rows
 from ..model.options import MIN_GROUP
 from ..model.spec import Schema
-from . import diagnostics as inspect
 from . import rules
 from .audit import AuditLog
 from .rules import SiteConfig
@@ -194,6 +193,8 @@ class Site:
 
 
     def _on_inspect(self, req):
+        from . import diagnostics as inspect
+
         self._ride_setup(req)
         eng = self._engine_for(req)
         d, out = self.design, {}
@@ -213,7 +214,9 @@ class Site:
         d = self.design
         if d.Z.shape[1] == 0:
             return {"levels": [], "mean": np.zeros((0, 0)), "sd": np.zeros((0, 0))}
-        mean, sd = inspect.posterior(eng, req)
+        from .diagnostics import posterior
+
+        mean, sd = posterior(eng, req)
         levels = np.asarray(d.group_levels, dtype=object)
         keep = np.ones(len(levels), bool) if not self.config.withhold_modes else \
             rules.group_sizes(d, self.family) >= self.min_group
