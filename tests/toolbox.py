@@ -22,7 +22,10 @@ def table(kind: str) -> list[dict]:
     out = []
     for _, row in tab.iterrows():
         case = dict(row)
-        case["ref"] = json.loads((TOOLBOX / f"{kind}_{row['name']}.json").read_text())
+        path = TOOLBOX / f"{kind}_{row['name']}.json"
+        if not path.exists():          # a row whose reference is not written (check_toolbox.py reports it)
+            continue
+        case["ref"] = json.loads(path.read_text())
         out.append(case)
     return out
 
