@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import fedglmm
 from fedglmm import cli
 from fedglmm.comparison import AnovaError, format_anova
-from toolbox import DATA, fit, frame, table
+from toolbox import DATA, case as named, fit, frame, table
 
 CASES = {c["name"]: c for c in table("anova")}
 
@@ -67,7 +67,7 @@ def test_refusals():
 
 def test_same_rows_over_sites_pass():
     """Three sites, REML fits: the refit rounds run at the sites and the table equals the pooled one."""
-    case = CASES["sleepstudy_int_slope"]
+    case = named(CASES, "sleepstudy_int_slope")
     d = frame(case)
     sites = {f"s{k}": d[d.Subject % 3 == k] for k in range(3)}
     split = fedglmm.anova(*[fedglmm.fit(case[k], sites) for k in ("formula0", "formula1")])
@@ -78,7 +78,7 @@ def test_same_rows_over_sites_pass():
 
 def test_cli_anova(tmp_path):
     runner = CliRunner()
-    case = CASES["cbpp_period"]
+    case = named(CASES, "cbpp_period")
     out = tmp_path / "anova.json"
     r = runner.invoke(cli.app, ["anova", "-f", case["formula0"], "-f", case["formula1"], "--family", "binomial",
                                 "--json", str(out), str(DATA / "cbpp.csv")])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from toolbox import DATA, fit, frame, table
+from toolbox import DATA, case as named, fit, frame, table
 
-LMERTEST = {c["name"]: c for c in table("lmertest")} if True else {}
+LMERTEST = {c["name"]: c for c in table("lmertest")}
 
 
 def _r(name: str) -> str:
@@ -36,7 +36,7 @@ def test_satterthwaite_matches_lmertest(name):
 
 
 def test_ddf_none_gives_z_tests():
-    case = LMERTEST["sleepstudy_reml"]
+    case = named(LMERTEST, "sleepstudy_reml")
     res = fit(case["formula"], frame(case), ddf="none")
     assert res.df is None and list(res.tests().columns)[2:] == ["z value", "Pr(>|z|)"]
     assert np.allclose(res.pvalues, 2 * stats.norm.sf(np.abs(res.fixef / res.se)))
@@ -45,7 +45,7 @@ def test_ddf_none_gives_z_tests():
 
 
 def test_summary_and_json_as_lmertest():
-    case = LMERTEST["sleepstudy_reml"]
+    case = named(LMERTEST, "sleepstudy_reml")
     res = fit(case["formula"], frame(case))
     text = res.summary(correlation=True)
     lines = text.splitlines()

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import fedglmm
-from toolbox import fit, frame, table
+from toolbox import case as named, fit, frame, table
 
 CASES = {c["name"]: c for c in table("profile")}
 FAST = ["sleepstudy_reml", "sleepstudy_uncorr_ml", "cbpp_la", "sim_logit_slope", "sim_pois_offset_la",
@@ -55,7 +55,7 @@ def test_profile_matches_lme4(name):
 
 
 def test_profile_over_sites_equals_pooled():
-    case = CASES["cbpp_la"]
+    case = named(CASES, "cbpp_la")
     d = frame(case)
     sites = {f"s{k}": d[d.herd.astype("category").cat.codes % 3 == k] for k in range(3)}
     a, b = _fit(case).conf_int(method="profile"), _fit(case, sites).conf_int(method="profile")
@@ -76,7 +76,7 @@ def test_sd_at_zero_has_lower_bound_zero():
 
 
 def test_profile_needs_the_sites(tmp_path):
-    case = CASES["cbpp_la"]
+    case = named(CASES, "cbpp_la")
     res = _fit(case)
     res.session.link.closed = True
     with pytest.raises(fedglmm.FedGLMMError, match="can no longer be reached"):
