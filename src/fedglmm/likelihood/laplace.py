@@ -3,7 +3,7 @@
 Model and notation (see :mod:`fedglmm.model.spec`): for group i, η = Xβ + o + M u with M = ZΛ(θ), u ~ N(0, I_q),
 and
 
-    h(u) = Σ_j ℓ_j(η_j) − ½ uᵀu,                    ℓ_j = log f(y_j | η_j) without its constant,
+    h(u) = Σ_j ℓ_j(η_j, ψ) − ½ uᵀu,                 ℓ_j = log f(y_j | η_j, ψ) without its constant,
     H    = Mᵀ W M + I,                              W = curvature weights at the mode,
     ℓ_i  ≈ −½ log det H + log Σ_k w_k exp(h(û + S z_k) + ½‖z_k‖²),   S = R⁻¹, H = RᵀR (Cholesky),
 
@@ -21,6 +21,12 @@ derivative of the Cholesky-scaled nodes dS = −S Φ(Sᵀ dH S) (Φ: upper trian
 For the Laplace approximation the Hessian is analytic as well (:meth:`GLMMLikelihood._laplace_hessian`); for
 AGHQ it is the central difference of the analytic gradient, computed inside the site: local work, never a
 round.  Everything is a sum over groups, so a site's numbers add up across sites.
+
+Families with a dispersion parameter (negative binomial, Gamma; :mod:`fedglmm.model.dispersion`) add its
+logarithm ψ as the last coordinate, φ = (β, θ, ψ).  ψ enters only through ℓ(η, ψ): ∂η/∂ψ = 0 at fixed u,
+so dû/dψ solves H_obs dû = Σ_j ∂²ℓ_j/∂η∂ψ m_j, the curvature weight moves by w_η dη̂ + w_ψ, and the
+Hessian gains the ψ rows below (each the generalisation of a term of the (β, θ) Hessian to a second
+row variable).
 """
 from __future__ import annotations
 
@@ -73,13 +79,15 @@ class GLMMLikelihood:
         self.zk, lw = product_grid(self.nagq, self.q)
         self.ck = lw + 0.5 * np.sum(self.zk**2, axis=1)
         self.const = family.constant(self.y, self.m)
+        self.ndisp = int(family.ndisp)
+        self.psi = None                      # the dispersion parameter of the current evaluation
         self.u = np.zeros((self.G, self.q))
         self._eye = np.eye(self.q)
 
     # --- helpers ----------------------------------------------------------------------------------
     @property
     def nparams(self) -> int:
-        return self.p + self.ntheta
+        return self.p + self.ntheta + self.ndisp
 
     def lam(self, theta: np.ndarray) -> np.ndarray:
         return lambda_matrix(theta, self.q, (self.theta_r, self.theta_c))
@@ -88,7 +96,7 @@ class GLMMLikelihood:
         return np.add.reduceat(a, self.starts, axis=0)
 
     def _h(self, eta: np.ndarray, u: np.ndarray) -> np.ndarray:
-        return self._gsum(self.family.loglik(self.y, self.m, eta)) - 0.5 * np.sum(u * u, axis=1)
+        return self._gsum(self.family.loglik(self.y, self.m, eta, self.psi)) - 0.5 * np.sum(u * u, axis=1)
 
     def _modes(self, eta0: np.ndarray, M: np.ndarray, MM: np.ndarray, u: np.ndarray):
         """Newton with per-group step halving for û = argmax h; returns (û, η at û)."""
@@ -96,9 +104,11 @@ class GLMMLikelihood:
         eta = eta0 + np.einsum("jc,jc->j", M, u[g])
         h = None                                   # h at u, computed only when a step must be checked
         for _ in range(100):
-            d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
+            d1, d2, _, _ = fam.derivs(self.y, self.m, eta, self.psi)
             grad = self._gsum(M * d1[:, None]) - u
             hobs = self._gsum(-d2[:, None, None] * MM) + self._eye
+            if not fam.log_concave:
+                hobs = self._definite(hobs, d2, MM)
             step = _solve(hobs, grad[..., None])[..., 0]
             t = np.ones(self.G)
             if np.max(np.sum(grad * step, axis=1)) < 1e-8:
@@ -115,7 +125,7 @@ class GLMMLikelihood:
                 u_new = u + t[:, None] * step
                 eta_new = eta0 + np.einsum("jc,jc->j", M, u_new[g])
                 h_new = self._h(eta_new, u_new)
-                worse = h_new < h - 1e-12 * (1.0 + np.abs(h))
+                worse = ~(h_new >= h - 1e-12 * (1.0 + np.abs(h)))      # a point outside the support: NaN
                 if not worse.any():
                     break
                 t = np.where(worse, 0.5 * t, t)
@@ -124,14 +134,24 @@ class GLMMLikelihood:
                 break
         return u, eta
 
+    def _definite(self, hobs, d2, MM):
+        """The Newton matrix of the modes for a family whose ℓ is not concave in η (Gamma, identity link):
+        the observed curvature where it is positive definite, else that of the rows with ∂²ℓ/∂η² < 0 only."""
+        low = (hobs[:, 0, 0] if self.q == 1 else np.linalg.eigvalsh(hobs)[:, 0]) <= 0
+        if not low.any():
+            return hobs
+        clipped = self._gsum(np.maximum(-d2, 0.0)[:, None, None] * MM) + self._eye
+        return np.where(low[:, None, None], clipped, hobs)
+
     # --- value and gradient -------------------------------------------------------------------------
     def value_grad(self, phi: np.ndarray, u0: np.ndarray | None = None, grad: bool = True, hess: bool = False):
-        """Log-likelihood, gradient and auxiliaries (modes û and dû/dφ) at φ = (β, θ).
+        """Log-likelihood, gradient and auxiliaries (modes û and dû/dφ) at φ = (β, θ) or (β, θ, ψ).
 
         With ``hess`` (Laplace only) the analytic Hessian is returned in ``aux["hess"]``.
         """
         phi = np.asarray(phi, float)
-        beta, theta = phi[: self.p], phi[self.p:]
+        beta, theta = phi[: self.p], phi[self.p: self.p + self.ntheta]
+        self.psi = phi[self.p + self.ntheta] if self.ndisp else None
         eta0 = self.X @ beta + self.off
         if self.q == 0:
             return self._glm(eta0, grad)
@@ -144,7 +164,7 @@ class GLMMLikelihood:
         aux["dU"] = s.dU
         if hess and s.laplace:
             aux["hess"] = self._laplace_hessian(s.u, s.eta, s.M, s.d2, s.w, s.w1, s.w2, s.hobs, s.C, s.dU, s.deta,
-                                                s.dH, s.Hinv)
+                                                s.dH, s.Hinv, s.dp)
         return s.value, gr, aux
 
     def _at_mode(self, eta0: np.ndarray, theta: np.ndarray, u0: np.ndarray) -> SimpleNamespace:
@@ -154,13 +174,15 @@ class GLMMLikelihood:
         M = self.Z @ lam
         MM = M[:, :, None] * M[:, None, :]
         u, eta = self._modes(eta0, M, MM, u0)
-        d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
-        w, w1, w2 = fam.curvature(self.y, self.m, eta, self.curvature)
+        psi = self.psi
+        d1, d2, _, _ = fam.derivs(self.y, self.m, eta, psi)
+        w, w1, w2 = fam.curvature(self.y, self.m, eta, self.curvature, psi)
         H = self._gsum(w[:, None, None] * MM) + self._eye
         L = _chol(H)
         logdet = 2.0 * np.sum(np.log(np.diagonal(L, axis1=1, axis2=2)), axis=1)
         s = SimpleNamespace(lam=lam, M=M, MM=MM, u=u, eta=eta, d1=d1, d2=d2, w=w, w1=w1, w2=w2, H=H, L=L,
-                            laplace=len(self.ck) == 1)
+                            laplace=len(self.ck) == 1,
+                            dp=fam.dispersion_derivs(self.y, self.m, eta, psi) if self.ndisp else None)
         if s.laplace:
             value = np.sum(self._h(eta, u) - 0.5 * logdet)
         else:
@@ -168,7 +190,7 @@ class GLMMLikelihood:
             V = S @ self.zk.T                                      # (G, q, K) node offsets
             etak = eta[:, None] + np.einsum("jc,jck->jk", M, V[g])
             uk = u[:, None, :] + V.transpose(0, 2, 1)              # (G, K, q)
-            a = self.ck + self._gsum(fam.loglik(self.y[:, None], self.m[:, None], etak)) \
+            a = self.ck + self._gsum(fam.loglik(self.y[:, None], self.m[:, None], etak, psi)) \
                 - 0.5 * np.sum(uk * uk, axis=2)
             amax = a.max(axis=1, keepdims=True)
             ea = np.exp(a - amax)
@@ -188,18 +210,24 @@ class GLMMLikelihood:
         md2z = self._gsum(d2[:, None, None] * M[:, :, None] * self.Z[:, None, :])      # (G, q, q)
         ct = md2z[:, :, r] * u[:, None, c]                                               # (G, q, nθ)
         ct[:, c, np.arange(self.ntheta)] += ztd1[:, r]
-        dU = _solve(hobs, np.concatenate([cb, ct], axis=2))                   # (G, q, P)
+        blocks, E = [cb, ct], [self.X, self.Z[:, r] * u[g][:, c]]
+        if self.ndisp:                            # ψ: ∂(∇_u h)/∂ψ = Σ ∂²ℓ/∂η∂ψ m; ∂η/∂ψ = 0 at fixed u
+            blocks.append(self._gsum(M * s.dp.d1p[:, None])[:, :, None])
+            E.append(np.zeros((self.n, 1)))
+        C = np.concatenate(blocks, axis=2)
+        dU = _solve(hobs, C)                                                   # (G, q, P)
         # total derivative of η at the mode, and of H
-        deta = np.concatenate([self.X, self.Z[:, r] * u[g][:, c]], axis=1) \
-            + np.einsum("jc,jcp->jp", M, dU[g])
-        dH = self._gsum((w1[:, None] * deta)[:, :, None, None] * MM[:, None])        # (G, P, q, q)
+        deta = np.concatenate(E, axis=1) + np.einsum("jc,jcp->jp", M, dU[g])
+        dw = w1[:, None] * deta                   # total derivative of the curvature weight
+        if self.ndisp:
+            dw[:, -1] -= s.dp.d2p                 # w_ψ = −∂³ℓ/∂η²∂ψ
+        dH = self._gsum(dw[:, :, None, None] * MM[:, None])                  # (G, P, q, q)
         N = self._gsum(w[:, None, None] * self.Z[:, :, None] * M[:, None, :])         # Σ w z mᵀ
         for t in range(self.ntheta):
             e = np.zeros((self.G, self.q, self.q))
             e[:, c[t], :] = N[:, r[t], :]
             dH[:, self.p + t] += e + e.transpose(0, 2, 1)
-        s.hobs, s.dU, s.deta, s.dH, s.Hinv = hobs, dU, deta, dH, _inv(s.H)
-        s.C = np.concatenate([cb, ct], axis=2)
+        s.hobs, s.dU, s.deta, s.dH, s.Hinv, s.C, s.dw = hobs, dU, deta, dH, _inv(s.H), C, dw
 
     def _gradient(self, s: SimpleNamespace) -> np.ndarray:
         """The analytic gradient from the mode derivatives (and, for AGHQ, the nodes' posterior weights)."""
@@ -212,7 +240,7 @@ class GLMMLikelihood:
         else:
             S, V, ea, se = s.S, s.V, s.ea, s.se
             pi = ea / se                                             # (G, K) node posterior weights
-            D1k = fam.derivs(self.y[:, None], self.m[:, None], s.etak)[0]
+            D1k = fam.derivs(self.y[:, None], self.m[:, None], s.etak, self.psi)[0]
             PD = pi[g] * D1k
             d1bar = PD.sum(axis=1)
             T = d1bar[:, None] * u[g] + np.einsum("jk,jck->jc", PD, V[g])
@@ -222,22 +250,35 @@ class GLMMLikelihood:
             dS = -S[:, None] @ _upper_half(S.transpose(0, 2, 1)[:, None] @ dH @ S[:, None])
             gr += np.einsum("gc,gcp->p", gbar, dU) + np.einsum("gpab,gba->p", dS, gam)
         gr[: self.p] += self.X.T @ d1bar
-        gr[self.p:] += np.sum(self.Z[:, r] * T[:, c], axis=0)
+        gr[self.p: self.p + self.ntheta] += np.sum(self.Z[:, r] * T[:, c], axis=0)
+        if self.ndisp:                            # ∂h/∂ψ at the mode, or its posterior mean over the nodes
+            gr[-1] += np.sum(s.dp.p1) if s.laplace else \
+                np.sum(pi[g] * fam.dispersion_derivs(self.y[:, None], self.m[:, None], s.etak, self.psi).p1)
         return gr
 
-    def _laplace_hessian(self, u, eta, M, d2, w, w1, w2, hobs, C, dU, deta, dH, Hinv):
+    def _laplace_hessian(self, u, eta, M, d2, w, w1, w2, hobs, C, dU, deta, dH, Hinv, dp=None):
         """Analytic Hessian of Σ_i [h(û) − ½ log det H] (see the module docstring for the pieces).
 
         Hessian = h_φφ + Cᵀ dU (the profiled h) − ½ tr(H⁻¹ D²H) + ½ tr(H⁻¹ DH H⁻¹ DH).  The second
         derivatives of the modes enter tr(H⁻¹ D²H) only through a_gᵀ d²û with a_g = Σ_j w′_j lev_j m_j,
         so they are never formed: with v_g = H_obs⁻¹ a_g every term is a row-weighted cross-product.
+
+        A dispersion ψ (``dp``, the ψ-derivatives) is a second row variable beside η: wherever a (β, θ)
+        term has f′(η̂) dη̂_s, the ψ row has f_η dη̂_ψ + f_ψ, and f″ dη̂_s dη̂_t becomes
+        f_ηη dη̂_s dη̂_t + f_ηψ (dη̂_s δ_tψ + δ_sψ dη̂_t) + f_ψψ δ_sψ δ_tψ (f: ℓ_η for the modes, w for H).
         """
         p, k, g, Z = self.p, self.ntheta, self.g, self.Z
         r, c = self.theta_r, self.theta_c
-        P = p + k
-        d3 = self.family.derivs2(self.y, self.m, eta)[0]
-        E = np.concatenate([self.X, Z[:, r] * u[g][:, c]], axis=1)      # ∂η/∂φ at fixed u
+        nd = self.ndisp
+        P = p + k + nd
+        d3 = self.family.derivs2(self.y, self.m, eta, self.psi)[0]
+        E = np.concatenate([self.X, Z[:, r] * u[g][:, c]] + ([np.zeros((self.n, 1))] if nd else []), axis=1)
         hs = (E * d2[:, None]).T @ E + np.einsum("gqs,gqt->st", C, dU)
+        if nd:                               # h_φψ at fixed u: Σ ℓ_ηψ ∂η/∂φ, and h_ψψ
+            a = E.T @ dp.d1p
+            hs[:, -1] += a
+            hs[-1, :] += a
+            hs[-1, -1] += np.sum(dp.pp)
         HinvM = np.einsum("jab,jb->ja", Hinv[g], M)
         lev = np.sum(M * HinvM, axis=1)
 
@@ -246,32 +287,46 @@ class GLMMLikelihood:
 
         def q_term(bg):                      # Σ_j ω_j Q_jst with Σ_{j∈g} ω_j z_j = bg
             K = np.zeros((P, P))
-            K[:, p:] = np.einsum("gt,gts->st", bg[:, r], dU[:, c, :]) if k else 0.0
+            K[:, p: p + k] = np.einsum("gt,gts->st", bg[:, r], dU[:, c, :]) if k else 0.0
             return K + K.T
 
         v = _solve(hobs, self._gsum(M * (w1 * lev)[:, None])[..., None])[..., 0]
         vm = np.einsum("jc,jc->j", M, v[g])
         S = cross(w2 * lev + d3 * vm)
+        if nd:                               # w_ηψ = −ℓ_ηηηψ, w_ψψ = −ℓ_ηηψψ; ℓ_ηηψ and ℓ_ηψψ for the modes
+            b = deta.T @ (-dp.d3p * lev + dp.d2p * vm)
+            S[:, -1] += b
+            S[-1, :] += b
+            S[-1, -1] += np.sum(-dp.d2pp * lev + dp.d1pp * vm)
         S += q_term(self._gsum(Z * (w1 * lev)[:, None])) + q_term(self._gsum(Z * (d2 * vm)[:, None]))
         if k:
             F = self._gsum((Z * d2[:, None])[:, :, None] * deta[:, None, :])        # (G, q, P)
+            if nd:                           # the total derivative of ℓ_η along ψ has ℓ_ηψ besides ℓ_ηη dη̂_ψ
+                F[:, :, -1] += self._gsum(Z * dp.d1p[:, None])
             K = np.zeros((P, P))
-            K[p:, :] = np.einsum("gs,gst->st", v[:, c], F[:, r, :])
-            K[p:, :] += 2.0 * (w1[:, None] * HinvM[:, c] * Z[:, r]).T @ deta
+            K[p: p + k, :] = np.einsum("gs,gst->st", v[:, c], F[:, r, :])
+            K[p: p + k, :] += 2.0 * (w1[:, None] * HinvM[:, c] * Z[:, r]).T @ deta
+            if nd:                           # and that of w has w_ψ = −ℓ_ηηψ besides w_η dη̂_ψ
+                K[p: p + k, -1] -= 2.0 * (HinvM[:, c] * Z[:, r]).T @ dp.d2p
             S += K + K.T
             Wzz = self._gsum((Z * w[:, None])[:, :, None] * Z[:, None, :])
-            S[p:, p:] += 2.0 * np.einsum("gts,gts->ts", Wzz[:, r][:, :, r], Hinv[:, c][:, :, c])
+            S[p: p + k, p: p + k] += 2.0 * np.einsum("gts,gts->ts", Wzz[:, r][:, :, r], Hinv[:, c][:, :, c])
         HdH = Hinv[:, None] @ dH
         hs += -0.5 * S + 0.5 * np.einsum("gsab,gtba->st", HdH, HdH)
         return 0.5 * (hs + hs.T)
 
     def _glm(self, eta, grad):
-        fam = self.family
-        value = float(np.sum(fam.loglik(self.y, self.m, eta))) + self.const
+        fam, psi = self.family, self.psi
+        value = float(np.sum(fam.loglik(self.y, self.m, eta, psi))) + self.const
         if not grad:
             return value, None, {}
-        d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
-        return value, self.X.T @ d1, {"hess": (self.X * d2[:, None]).T @ self.X}
+        d1, d2, _, _ = fam.derivs(self.y, self.m, eta, psi)
+        gr, hess = self.X.T @ d1, (self.X * d2[:, None]).T @ self.X
+        if self.ndisp:
+            dp = fam.dispersion_derivs(self.y, self.m, eta, psi)
+            a = self.X.T @ dp.d1p
+            gr, hess = np.r_[gr, np.sum(dp.p1)], np.block([[hess, a[:, None]], [a[None, :], np.sum(dp.pp)]])
+        return value, gr, {"hess": hess}
 
     # --- the site's reply ---------------------------------------------------------------------------
     def evaluate(self, phi: np.ndarray, hess: bool = True, step: float = 1e-5) -> Evaluation:

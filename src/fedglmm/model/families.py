@@ -1,268 +1,41 @@
-"""Families and links.
+"""The families a model can name, their links and aliases: ``get_family(name, link)``.
 
-For a row with outcome y, trials m (binomial; 1 otherwise) and linear predictor η, a family gives
-
-* ``loglik(y, m, η)``: log f(y | η) without the constant that does not depend on η;
-* ``constant(y, m)``: that constant (log binomial coefficient, −log y!), so that the sum is the full
-  log-density, as lme4 and glmmTMB report it;
-* ``derivs(y, m, η)``: ``d1 = ∂ℓ/∂η``, ``d2 = ∂²ℓ/∂η²`` (observed), the Fisher weight
-  ``w = m μ'(η)² / V(μ)`` (the PIRLS weight lme4 uses in its Laplace determinant) and ``w1 = ∂w/∂η``;
-* ``mean(η)``: the mean of y / m on the response scale.
-
-Everything is written in η to stay finite in the tails (log1p, expm1, log Φ via ``scipy.special``).
-The gaussian family is handled by the exact profiled likelihood in :mod:`fedglmm.likelihood.lmm`; its entry
-here serves validation and prediction.
+The interface and the classic families are in :mod:`fedglmm.model.family`; the negative binomial and Gamma,
+with a dispersion parameter, in :mod:`fedglmm.model.dispersion`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-
 from ..errors import InputError
+from .dispersion import GammaFamily, NegativeBinomial
+from .family import DispersionDerivs, Family
 
+__all__ = ["Family", "DispersionDerivs", "get_family", "FAMILIES"]
 
-class _LazySpecial:
-    """``scipy.special``, imported on first use: the logit and log links need none of it, and importing it
-    costs a small fit a fifth of a second."""
-
-    def __getattr__(self, name):
-        from scipy import special as module
-
-        return getattr(module, name)
-
-
-special = _LazySpecial()
-
-_LINKS = {
-    "gaussian": ("identity",),
-    "binomial": ("logit", "probit", "cloglog"),
-    "poisson": ("log",),
+# name -> (class, links, default link)
+FAMILIES = {
+    "gaussian": (Family, ("identity",), "identity"),
+    "binomial": (Family, ("logit", "probit", "cloglog"), "logit"),
+    "poisson": (Family, ("log",), "log"),
 }
-_DEFAULT_LINK = {"gaussian": "identity", "binomial": "logit", "poisson": "log"}
+# the families with a dispersion parameter, registered once the whole fit supports them
+DISPERSION_FAMILIES = {
+    "negative_binomial": (NegativeBinomial, ("log",), "log"),
+    "gamma": (GammaFamily, ("inverse", "log", "identity"), "inverse"),
+}
+ALIASES = {"nbinom2": "negative_binomial", "negbin": "negative_binomial", "nb": "negative_binomial"}
 
 
-@dataclass(frozen=True)
-class Family:
-    """A GLM family with a link; see the module docstring for what it computes."""
-
-    name: str
-    link: str
-
-    # --- response scale -------------------------------------------------------------------------
-    def mean(self, eta: np.ndarray) -> np.ndarray:
-        eta = np.asarray(eta, dtype=float)
-        if self.link == "identity":
-            return eta
-        if self.link == "log":
-            return np.exp(eta)
-        if self.link == "logit":
-            return special.expit(eta)
-        if self.link == "probit":
-            return special.ndtr(eta)
-        if self.link == "cloglog":
-            return -np.expm1(-np.exp(eta))
-        raise AssertionError(self.link)
-
-    def linkfun(self, mu: np.ndarray) -> np.ndarray:
-        mu = np.asarray(mu, dtype=float)
-        if self.link == "identity":
-            return mu
-        if self.link == "log":
-            return np.log(mu)
-        if self.link == "logit":
-            return special.logit(mu)
-        if self.link == "probit":
-            return special.ndtri(mu)
-        if self.link == "cloglog":
-            return np.log(-np.log1p(-mu))
-        raise AssertionError(self.link)
-
-    # --- validation -----------------------------------------------------------------------------
-    def validate(self, y: np.ndarray, trials: np.ndarray, where: str = "", row=None) -> None:
-        """Raise :class:`InputError` if an outcome lies outside the family's support; ``row(i)`` names the
-        i-th row in the message (default ``row i+1``)."""
-        at = f" {where}" if where else ""
-        row = row or (lambda i: f"row {i + 1}")
-        y = np.asarray(y, dtype=float)
-        if not np.all(np.isfinite(y)):
-            raise InputError(f"outcome has non-finite values{at}")
-        if self.name == "binomial":
-            m = np.asarray(trials, dtype=float)
-            bad = (y < 0) | (y != np.round(y)) | (y > m) | (m != np.round(m)) | (m < 0)
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                if np.all(m == 1):
-                    raise InputError(f"binomial outcome must be 0 or 1{at}: found {y[i]:g} in {row(i)}")
-                raise InputError(
-                    f"binomial outcome must be whole successes between 0 and trials{at}: "
-                    f"found {y[i]:g} of {m[i]:g} in {row(i)}")
-        elif self.name == "poisson":
-            bad = (y < 0) | (y != np.round(y))
-            if bad.any():
-                i = int(np.flatnonzero(bad)[0])
-                raise InputError(f"poisson outcome must be a non-negative whole count{at}: "
-                                 f"found {y[i]:g} in {row(i)}")
-
-    # --- log-density ----------------------------------------------------------------------------
-    def constant(self, y: np.ndarray, trials: np.ndarray) -> float:
-        """Σ of the η-free part of log f(y) (binomial coefficient, −log y!)."""
-        if self.name == "binomial":
-            m = trials
-            return float(np.sum(special.gammaln(m + 1) - special.gammaln(y + 1) - special.gammaln(m - y + 1)))
-        if self.name == "poisson":
-            return float(-np.sum(special.gammaln(y + 1)))
-        return 0.0
-
-    def loglik(self, y, m, eta):
-        """Row log-densities up to :meth:`constant`; works on any broadcastable shapes."""
-        if self.link == "logit":        # −(y log(1 + e^−η) + (m − y) log(1 + e^η)), exact in both tails
-            t = np.log1p(np.exp(-np.abs(eta)))
-            return -(m * t + y * np.maximum(-eta, 0.0) + (m - y) * np.maximum(eta, 0.0))
-        if self.link == "log":        # e^η may overflow at a rejected trial point: −inf, no warning
-            with np.errstate(over="ignore"):
-                return y * eta - np.exp(eta)
-        if self.link == "probit":
-            return _xlogy(y, special.log_ndtr(eta)) + _xlogy(m - y, special.log_ndtr(-eta))
-        if self.link == "cloglog":
-            with np.errstate(over="ignore"):
-                t = np.exp(eta)
-                return _xlogy(y, _log1mexp(t)) - (m - y) * t
-        raise AssertionError(self.link)
-
-    def derivs(self, y, m, eta):
-        """(d1, d2, w, w1): first and second η-derivatives of ℓ, Fisher weight and its η-derivative."""
-        if self.link == "logit":
-            mu, cmu = _expit2(eta)        # μ and 1 − μ, each to full precision
-            d1 = np.where(eta > 0, (y - m) + m * cmu, y - m * mu)
-            w = m * mu * cmu
-            return d1, -w, w, w * (cmu - mu)
-        if self.link == "log":
-            with np.errstate(over="ignore"):
-                mu = np.exp(eta)
-            return y - mu, -mu, mu, mu
-        if self.link == "probit":
-            logphi = -0.5 * eta * eta - 0.5 * np.log(2.0 * np.pi)
-            lam1 = np.exp(logphi - special.log_ndtr(eta))    # φ/Φ(η)
-            lam0 = np.exp(logphi - special.log_ndtr(-eta))   # φ/Φ(−η)
-            d1 = y * lam1 - (m - y) * lam0
-            d2 = -y * lam1 * (eta + lam1) - (m - y) * lam0 * (lam0 - eta)
-            w = m * lam1 * lam0          # m φ² / (Φ (1 − Φ))
-            return d1, d2, w, w * (lam0 - lam1 - 2.0 * eta)
-        if self.link == "cloglog":
-            with np.errstate(over="ignore"):
-                t = np.exp(eta)
-                em1 = np.expm1(t)
-                a = t / em1                            # t / (e^t − 1)
-                a2et = t * t / (em1 * -np.expm1(-t))   # a² e^t, finite for large t
-                d1 = y * a - (m - y) * t
-                d2 = y * (a - a2et) - (m - y) * t
-                w = m * t * a
-                return d1, d2, w, m * t * (2.0 * a - a2et)
-        raise AssertionError(self.link)
-
-    def derivs2(self, y, m, eta):
-        """(d3, w2): third η-derivative of ℓ and second η-derivative of the Fisher weight."""
-        if self.link == "logit":
-            mu, cmu = _expit2(eta)
-            w = m * mu * cmu
-            return -w * (cmu - mu), w * (1.0 - 6.0 * mu * cmu)
-        if self.link == "log":
-            mu = np.exp(eta)
-            return -mu, mu
-        if self.link == "probit":
-            logphi = -0.5 * eta * eta - 0.5 * np.log(2.0 * np.pi)
-            lam1 = np.exp(logphi - special.log_ndtr(eta))
-            lam0 = np.exp(logphi - special.log_ndtr(-eta))
-            da1 = lam1 * (1.0 - (eta + lam1) * (eta + 2.0 * lam1))      # d/dη [λ1 (η + λ1)]
-            da0 = lam0 * ((lam0 - eta) * (2.0 * lam0 - eta) - 1.0)      # d/dη [λ0 (λ0 − η)]
-            w = m * lam1 * lam0
-            k = lam0 - lam1 - 2.0 * eta
-            return -y * da1 - (m - y) * da0, w * (k * k + lam0 * (lam0 - eta) + lam1 * (eta + lam1) - 2.0)
-        if self.link == "cloglog":
-            with np.errstate(over="ignore"):
-                t = np.exp(eta)
-                a = t / np.expm1(t)
-                b = t * t / (np.expm1(t) * -np.expm1(-t))     # a² e^t
-                c = t / -np.expm1(-t)                          # b / a
-                db = b * (2.0 - 2.0 * c + t)
-                return y * (a - b - db) - (m - y) * t, m * t * (4.0 * a - 3.0 * b - db)
-        raise AssertionError(self.link)
-
-    @property
-    def canonical(self) -> bool:
-        """Canonical link: observed and expected information coincide."""
-        return self.link in ("logit", "log", "identity")
-
-    def curvature(self, y, m, eta, kind: str = "observed"):
-        """(w, w1, w2): the curvature weight used in log det H and its first two η-derivatives.
-
-        ``observed``: −∂²ℓ/∂η² (the exact Laplace approximation, as glmmTMB); ``expected``: the Fisher
-        weight (lme4's PIRLS weight).  They coincide for canonical links.
-        """
-        d1, d2, w, w1 = self.derivs(y, m, eta)
-        d3, w2 = self.derivs2(y, m, eta)
-        if kind == "expected" or self.canonical:
-            return w, w1, w2
-        return -d2, -d3, -self.d4(y, m, eta)
-
-    def d4(self, y, m, eta):
-        """Fourth η-derivative of ℓ (needed for the Hessian of the observed-curvature Laplace value)."""
-        if self.link == "logit":
-            mu, cmu = _expit2(eta)
-            return -m * mu * cmu * (1.0 - 6.0 * mu * cmu)
-        if self.link == "log":
-            return -np.exp(eta)
-        if self.link == "probit":
-            logphi = -0.5 * eta * eta - 0.5 * np.log(2.0 * np.pi)
-            lam1 = np.exp(logphi - special.log_ndtr(eta))
-            lam0 = np.exp(logphi - special.log_ndtr(-eta))
-            dl1, dl0 = -lam1 * (eta + lam1), lam0 * (lam0 - eta)
-            k1, k0 = 1.0 - (eta + lam1) * (eta + 2.0 * lam1), (lam0 - eta) * (2.0 * lam0 - eta) - 1.0
-            dda1 = dl1 * k1 - lam1 * ((1.0 + dl1) * (eta + 2.0 * lam1) + (eta + lam1) * (1.0 + 2.0 * dl1))
-            dda0 = dl0 * k0 + lam0 * ((dl0 - 1.0) * (2.0 * lam0 - eta) + (lam0 - eta) * (2.0 * dl0 - 1.0))
-            return -y * dda1 - (m - y) * dda0
-        if self.link == "cloglog":
-            with np.errstate(over="ignore"):
-                t = np.exp(eta)
-                a = t / np.expm1(t)
-                b = t * t / (np.expm1(t) * -np.expm1(-t))
-                c = t / -np.expm1(-t)
-                db = b * (2.0 - 2.0 * c + t)
-                ddb = db * (2.0 - 2.0 * c + t) + b * (t - 2.0 * c * (1.0 - a))
-                return y * (a - b - db - ddb) - (m - y) * t
-        raise AssertionError(self.link)
-
-
-def _expit2(eta):
-    """(μ, 1 − μ) for the logit link from one exponential, each accurate to full relative precision."""
-    e = np.exp(-np.abs(eta))
-    small = e / (1.0 + e)
-    big = 1.0 / (1.0 + e)
-    pos = eta >= 0
-    return np.where(pos, big, small), np.where(pos, small, big)
-
-
-def _log1mexp(t):
-    """log(1 − e^−t) for t > 0, accurate for small and large t (Mächler 2012, 'Accurately computing
-    log(1 − exp(−|a|))', CRAN Rmpfr vignette)."""
-    return np.where(t < np.log(2.0), np.log(-np.expm1(-np.minimum(t, np.log(2.0)))),
-                    np.log1p(-np.exp(-np.maximum(t, np.log(2.0)))))
-
-
-def _xlogy(x, logv):
-    """x·log v with 0·(−∞) = 0."""
-    return np.where(x == 0, 0.0, x * logv)
-
-
-def get_family(name: str, link: str | None = None) -> Family:
-    """Look up a family by name (``gaussian``, ``binomial``, ``poisson``) and optional link."""
+def get_family(name, link: str | None = None) -> Family:
+    """Look up a family by name (``gaussian``, ``binomial``, ``poisson``, ``negative_binomial`` (alias
+    ``nbinom2``), ``gamma`` (alias ``Gamma``)) and optional link."""
     if isinstance(name, Family):
         return name
     fam = str(name).strip().lower()
-    if fam not in _LINKS:
-        raise InputError(f"unknown family '{name}': use one of {', '.join(_LINKS)}")
-    lk = _DEFAULT_LINK[fam] if link is None else str(link).strip().lower()
-    if lk not in _LINKS[fam]:
-        raise InputError(f"link '{link}' is not available for family {fam}: use one of {', '.join(_LINKS[fam])}")
-    return Family(fam, lk)
+    fam = ALIASES.get(fam, fam)
+    if fam not in FAMILIES:
+        raise InputError(f"unknown family '{name}': use one of {', '.join(FAMILIES)}")
+    cls, links, default = FAMILIES[fam]
+    lk = default if link is None else str(link).strip().lower()
+    if lk not in links:
+        raise InputError(f"link '{link}' is not available for family {fam}: use one of {', '.join(links)}")
+    return cls(fam, lk)

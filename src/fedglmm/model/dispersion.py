@@ -1,0 +1,212 @@
+"""Families with a dispersion parameter: the negative binomial (glmmTMB's ``nbinom2``) and Gamma.
+
+The GLMM engine estimates the dispersion by maximum likelihood jointly with β and θ, as one more
+coordinate ψ of the parameter vector, on a log scale (glmmTMB's ``betad``):
+
+* **negative binomial** (log link): Var(y) = μ + μ²/ϑ with ϑ = e^ψ (glmmTMB's ``sigma()``, "theta"):
+
+      ℓ = m [ϑ log(ϑ/s) + y log(μ/s) + log Γ(y + ϑ) − log Γ(ϑ)] − m log y!,    s = ϑ + μ;
+
+  written with r = μ/s = expit(η − ψ) and c = ϑ/s = 1 − r, every derivative stays finite for any μ, ϑ;
+* **Gamma** (links inverse, R's default, log and identity): shape ν = e^ψ, CV 1/√ν (glmmTMB's ``sigma()``):
+
+      ℓ = m [ν (ψ − log μ − y/μ + log y) − log Γ(ν)] − m log y.
+
+m is the prior weight that multiplies each row's log-likelihood, as glmmTMB's ``weights``.  The
+curvature in the Laplace determinant is always the observed one, −∂²ℓ/∂η² (the exact Laplace
+approximation glmmTMB computes); lme4's ``glmer.nb`` puts the expected information there, and its Gamma
+fits evaluate the density at a plug-in dispersion, so glmmTMB is the reference for both.
+Derivatives in ψ and the mixed ones are in :class:`~fedglmm.model.family.DispersionDerivs`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import InputError
+from .family import DispersionDerivs, Family, special
+
+
+def _softplus(x):
+    """log(1 + eˣ), accurate in both tails."""
+    return np.logaddexp(0.0, x)
+
+
+@dataclass(frozen=True)
+class DispersionFamily(Family):
+    """What the families with a dispersion parameter share: one more parameter ψ, the observed curvature."""
+
+    ndisp: ClassVar[int] = 1
+    dispersion_name: ClassVar[str] = ""     # the reported parameter: "theta" or "sigma"
+    display: ClassVar[str] = ""             # the family's name as glmmTMB prints it
+
+    def dispersion(self, psi: float) -> float:
+        """The reported dispersion parameter at ψ."""
+        raise NotImplementedError
+
+    def dispersion_slope(self, psi: float) -> float:
+        """d(reported dispersion)/dψ, for its standard error by the delta method."""
+        raise NotImplementedError
+
+    def curvature(self, y, m, eta, kind: str = "observed", psi=None):
+        d2 = self.derivs(y, m, eta, psi)[1]
+        d3 = self.derivs2(y, m, eta, psi)[0]
+        return -d2, -d3, -self.d4(y, m, eta, psi)
+
+
+@dataclass(frozen=True)
+class NegativeBinomial(DispersionFamily):
+    """glmmTMB's ``nbinom2`` with log link: Var(y) = μ + μ²/ϑ, ψ = log ϑ."""
+
+    dispersion_name: ClassVar[str] = "theta"
+    display: ClassVar[str] = "nbinom2"
+
+    def dispersion(self, psi):
+        return float(np.exp(psi))
+
+    def dispersion_slope(self, psi):
+        return float(np.exp(psi))
+
+    def validate(self, y, trials, where: str = "", row=None, proportion: bool = False) -> None:
+        at = f" {where}" if where else ""
+        row = row or (lambda i: f"row {i + 1}")
+        y = np.asarray(y, dtype=float)
+        bad = ~np.isfinite(y) | (y < 0) | (y != np.round(y))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InputError(f"negative binomial outcome must be a non-negative whole count{at}: "
+                             f"found {y[i]:g} in {row(i)}")
+
+    def constant(self, y, trials) -> float:
+        return float(-np.sum(trials * special.gammaln(y + 1)))
+
+    @staticmethod
+    def _rc(eta, psi):
+        return special.expit(eta - psi), special.expit(psi - eta)
+
+    def loglik(self, y, m, eta, psi=None):
+        th = np.exp(psi)
+        return m * (-th * _softplus(eta - psi) - y * _softplus(psi - eta)
+                    + special.gammaln(y + th) - special.gammaln(th))
+
+    def derivs(self, y, m, eta, psi=None):
+        """(d1, d2, w, w1); without ψ (starting values) the poisson limit ϑ → ∞."""
+        if psi is None:
+            mu = m * np.exp(eta)
+            return m * y - mu, -mu, mu, mu
+        th = np.exp(psi)
+        r, c = self._rc(eta, psi)
+        w = m * th * r                                  # Fisher weight μϑ/(ϑ + μ)
+        return m * (y * c - th * r), -m * (th + y) * r * c, w, w * c
+
+    def derivs2(self, y, m, eta, psi=None):
+        th = np.exp(psi)
+        r, c = self._rc(eta, psi)
+        return -m * (th + y) * r * c * (c - r), m * th * r * c * (c - r)
+
+    def d4(self, y, m, eta, psi=None):
+        th = np.exp(psi)
+        r, c = self._rc(eta, psi)
+        return -m * (th + y) * r * c * (c * c - 4.0 * r * c + r * r)
+
+    def dispersion_derivs(self, y, m, eta, psi) -> DispersionDerivs:
+        th = np.exp(psi)
+        r, c = self._rc(eta, psi)
+        mu = np.exp(eta)
+        p1 = m * (-th * _softplus(eta - psi) + c * (mu - y) + th * (special.digamma(y + th) - special.digamma(th)))
+        pp = p1 + m * (th * r * r + y * c * c + th * th * (special.polygamma(1, y + th) - special.polygamma(1, th)))
+        d1p = m * r * (y * c - th * r)
+        rc = m * r * c
+        return DispersionDerivs(
+            p1=p1, pp=pp, d1p=d1p, d1pp=d1p * (r - c),
+            d2p=-rc * (2.0 * th * r + y * (r - c)),
+            d3p=-rc * (3.0 * th * c + 2.0 * c * y - 2.0 * th * r - y * r - 3.0 * (th + y) * c * (c - r)),
+            d2pp=-rc * (4.0 * th * r + r * y - 2.0 * c * y - 6.0 * th * r * c - 3.0 * c * r * y + 3.0 * c * c * y))
+
+
+@dataclass(frozen=True)
+class GammaFamily(DispersionFamily):
+    """Gamma with shape ν = e^ψ (CV 1/√ν); links inverse, log, identity.
+
+    With a(η) = log μ(η) and b(η) = 1/μ(η), ℓ = m[ν(ψ − a − y b + log y) − log Γ(ν)], so every η-derivative
+    is −mν(a⁽ᵏ⁾ + y b⁽ᵏ⁾) and every mixed derivative with ψ equals the η-derivative itself."""
+
+    dispersion_name: ClassVar[str] = "sigma"
+    display: ClassVar[str] = "Gamma"
+
+    @property
+    def log_concave(self) -> bool:             # identity: ∂²ℓ/∂η² = mν(η − 2y)/η³ changes sign
+        return self.link != "identity"
+
+    @property
+    def canonical(self) -> bool:
+        return self.link == "inverse"
+
+    def dispersion(self, psi):
+        return float(np.exp(-0.5 * psi))
+
+    def dispersion_slope(self, psi):
+        return float(-0.5 * np.exp(-0.5 * psi))
+
+    def validate(self, y, trials, where: str = "", row=None, proportion: bool = False) -> None:
+        at = f" {where}" if where else ""
+        row = row or (lambda i: f"row {i + 1}")
+        y = np.asarray(y, dtype=float)
+        bad = ~np.isfinite(y) | (y <= 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InputError(f"Gamma outcome must be positive{at}: found {y[i]:g} in {row(i)}")
+
+    def constant(self, y, trials) -> float:
+        return float(-np.sum(trials * np.log(y)))
+
+    def _ab(self, eta, k: int):
+        """The k-th η-derivatives of a = log μ and b = 1/μ (k ≥ 1; k = 0: a and b)."""
+        if self.link == "log":
+            a = eta if k == 0 else (np.ones_like(eta) if k == 1 else np.zeros_like(eta))
+            return a, (-1.0) ** k * np.exp(-eta)
+        sign = -1.0 if self.link == "inverse" else 1.0          # a = ∓log η
+        fact = [1.0, 1.0, -1.0, 2.0, -6.0][k]                    # d^k log η = fact / η^k (k ≥ 1)
+        a = sign * (np.log(eta) if k == 0 else fact / eta ** k)
+        if self.link == "inverse":                               # b = η
+            b = eta if k == 0 else (np.ones_like(eta) if k == 1 else np.zeros_like(eta))
+        else:                                                    # b = 1/η
+            b = [1.0, -1.0, 2.0, -6.0, 24.0][k] / eta ** (k + 1)
+        return a, b
+
+    def _dk(self, y, m, eta, psi, k):
+        a, b = self._ab(eta, k)
+        return -m * np.exp(psi) * (a + y * b)
+
+    def loglik(self, y, m, eta, psi=None):
+        a, b = self._ab(eta, 0)
+        nu = np.exp(psi)
+        return m * (nu * (psi - a - y * b + np.log(y)) - special.gammaln(nu))
+
+    def derivs(self, y, m, eta, psi=None):
+        """(d1, d2, w, w1); without ψ (starting values) the shape is 1."""
+        psi = 0.0 if psi is None else psi
+        nu = np.exp(psi)
+        if self.link == "log":
+            w, w1 = m * nu * np.ones_like(eta), np.zeros_like(eta)
+        else:                                                    # inverse and identity: ν/η², −2ν/η³
+            w, w1 = m * nu / eta ** 2, -2.0 * m * nu / eta ** 3
+        return self._dk(y, m, eta, psi, 1), self._dk(y, m, eta, psi, 2), w, w1
+
+    def derivs2(self, y, m, eta, psi=None):
+        nu = np.exp(psi)
+        w2 = np.zeros_like(eta) if self.link == "log" else 6.0 * m * nu / eta ** 4
+        return self._dk(y, m, eta, psi, 3), w2
+
+    def d4(self, y, m, eta, psi=None):
+        return self._dk(y, m, eta, psi, 4)
+
+    def dispersion_derivs(self, y, m, eta, psi) -> DispersionDerivs:
+        nu = np.exp(psi)
+        a, b = self._ab(eta, 0)
+        p1 = m * nu * (psi - a - y * b + np.log(y) + 1.0 - special.digamma(nu))
+        pp = p1 + m * nu * (1.0 - nu * special.polygamma(1, nu))
+        d1, d2 = self._dk(y, m, eta, psi, 1), self._dk(y, m, eta, psi, 2)
+        return DispersionDerivs(p1=p1, pp=pp, d1p=d1, d2p=d2, d3p=self._dk(y, m, eta, psi, 3), d1pp=d1, d2pp=d2)

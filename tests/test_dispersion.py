@@ -1,0 +1,158 @@
+"""Families with a dispersion parameter (negative binomial, Gamma): densities against scipy, every η-, ψ- and
+mixed derivative against central finite differences of the family's own functions, and the GLMM engine's
+gradient and Hessian in (β, θ, ψ) against finite differences of its value and gradient (Laplace and
+AGHQ, scalar and vector random effects, with and without prior weights)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedglmm.likelihood.laplace import GLMMLikelihood
+from fedglmm.model.dispersion import GammaFamily, NegativeBinomial
+from fedglmm.model.spec import Design
+
+NB = NegativeBinomial("negative_binomial", "log")
+GAMMAS = {lk: GammaFamily("gamma", lk) for lk in ("log", "inverse", "identity")}
+FAMILIES = {"nb": NB, **{f"gamma_{lk}": f for lk, f in GAMMAS.items()}}
+
+
+def _rows(fam):
+    """(y, m, η, ψ) covering small and large counts / values, weights, and dispersions."""
+    rng = np.random.default_rng(3)
+    n = 40
+    m = np.r_[np.ones(20), rng.uniform(0.2, 3.0, 20)]
+    psi = rng.uniform(-1.5, 4.0, n)
+    if fam is NB:
+        eta = rng.uniform(-4.0, 6.0, n)
+        y = np.r_[np.zeros(5), rng.integers(0, 400, n - 5)].astype(float)
+    else:
+        eta = {"log": rng.uniform(-3.0, 6.0, n), "inverse": rng.uniform(0.05, 3.0, n),
+               "identity": rng.uniform(0.1, 50.0, n)}[fam.link]
+        y = rng.gamma(2.0, 2.0, n) + 1e-3
+    return y, m, eta, psi
+
+
+def _all(fam, y, m, eta, psi):
+    d1, d2, w, w1 = fam.derivs(y, m, eta, psi)
+    d3, w2 = fam.derivs2(y, m, eta, psi)
+    dp = fam.dispersion_derivs(y, m, eta, psi)
+    return {"l": fam.loglik(y, m, eta, psi), "d1": d1, "d2": d2, "d3": d3, "d4": fam.d4(y, m, eta, psi),
+            "w": w, "w1": w1, "w2": w2, **vars(dp)}
+
+
+# (derivative, of what, with respect to): every derivative from two directions where it has two
+CHAINS = [("d1", "l", "eta"), ("d2", "d1", "eta"), ("d3", "d2", "eta"), ("d4", "d3", "eta"),
+          ("w1", "w", "eta"), ("w2", "w1", "eta"),
+          ("p1", "l", "psi"), ("pp", "p1", "psi"), ("d1p", "d1", "psi"), ("d1p", "p1", "eta"),
+          ("d2p", "d2", "psi"), ("d2p", "d1p", "eta"), ("d3p", "d3", "psi"), ("d3p", "d2p", "eta"),
+          ("d1pp", "d1p", "psi"), ("d1pp", "pp", "eta"), ("d2pp", "d2p", "psi"), ("d2pp", "d1pp", "eta")]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("chain", CHAINS, ids=lambda c: f"{c[0]}=d{c[1]}/d{c[2]}")
+def test_derivatives_match_finite_differences(name, chain):
+    fam = FAMILIES[name]
+    y, m, eta, psi = _rows(fam)
+    key, base, wrt = chain
+    got = _all(fam, y, m, eta, psi)[key]
+    h = 1e-6 * np.maximum(1.0, np.abs(eta if wrt == "eta" else psi))
+    shift = {"eta": (h, 0.0), "psi": (0.0, h)}[wrt]
+    hi = _all(fam, y, m, eta + shift[0], psi + shift[1])[base]
+    lo = _all(fam, y, m, eta - shift[0], psi - shift[1])[base]
+    fd = (hi - lo) / (2.0 * h)
+    scale = np.abs(hi) + np.abs(lo) + np.abs(fd)
+    assert np.all(np.abs(got - fd) <= 1e-6 * scale + 1e-12), (key, np.max(np.abs(got - fd) / (scale + 1e-300)))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_density_is_the_full_log_likelihood(name):
+    """loglik + constant is m × scipy's log-density (nbinom2: size ϑ, prob ϑ/(ϑ + μ); Gamma: shape ν,
+    scale μ/ν), and the Fisher weight is m μ'² / V(μ)."""
+    fam = FAMILIES[name]
+    y, m, eta, psi = _rows(fam)
+    mu, disp = fam.mean(eta), np.exp(psi)
+    full = np.array([fam.loglik(y[i:i + 1], m[i:i + 1], eta[i:i + 1], psi[i]) [0] + fam.constant(y[i:i + 1], m[i:i + 1])
+                     for i in range(len(y))])
+    if fam is NB:
+        ref = stats.nbinom.logpmf(y, disp, disp / (disp + mu))
+        var = mu + mu ** 2 / disp
+    else:
+        ref = stats.gamma.logpdf(y, disp, scale=mu / disp)
+        var = mu ** 2 / disp
+    np.testing.assert_allclose(full, m * ref, rtol=1e-11, atol=1e-9)
+    h = 1e-6
+    dmu = (fam.mean(eta + h) - fam.mean(eta - h)) / (2 * h)
+    np.testing.assert_allclose(fam.derivs(y, m, eta, psi)[2], m * dmu ** 2 / var, rtol=1e-7)
+
+
+def test_observed_curvature_and_reported_dispersion():
+    """The Laplace determinant uses −∂²ℓ/∂η² (glmmTMB); Gamma's inverse link is canonical (it equals the
+    Fisher weight); ϑ = e^ψ and σ = e^{−ψ/2} (glmmTMB's sigma: the CV), with their slopes in ψ."""
+    y, m, eta, psi = _rows(GAMMAS["inverse"])
+    w = GAMMAS["inverse"].curvature(y, m, eta, "observed", psi)[0]
+    np.testing.assert_allclose(w, GAMMAS["inverse"].derivs(y, m, eta, psi)[2], rtol=1e-12)
+    y, m, eta, psi = _rows(NB)
+    np.testing.assert_array_equal(NB.curvature(y, m, eta, "observed", psi)[0], -NB.derivs(y, m, eta, psi)[1])
+    assert NB.dispersion(np.log(2.5)) == pytest.approx(2.5) and NB.dispersion_slope(0.3) == pytest.approx(np.exp(0.3))
+    g = GAMMAS["log"]
+    assert g.dispersion(np.log(4.0)) == pytest.approx(0.5)
+    assert g.dispersion_slope(0.7) == pytest.approx((g.dispersion(0.7 + 1e-6) - g.dispersion(0.7 - 1e-6)) / 2e-6)
+
+
+def _design(fam, q, weights, seed=1, G=12):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(G), rng.integers(3, 9, G))
+    n = len(g)
+    X = np.column_stack([np.ones(n), rng.normal(size=n), rng.normal(size=n)])
+    b = rng.normal(size=(G, q)) * 0.3
+    eta = X @ [0.5, 0.3, -0.2] + np.sum(X[:, :q] * b[g], axis=1)
+    if fam is NB:
+        mu = np.exp(eta)
+        y = rng.negative_binomial(2.0, 2.0 / (2.0 + mu)).astype(float)
+    else:
+        mu = {"log": np.exp(eta), "inverse": 1.0 / (1.0 + 0.2 * (eta - 0.5)), "identity": 2.0 + 0.3 * eta}[fam.link]
+        y = rng.gamma(3.0, mu / 3.0)
+    return Design(y=y, trials=rng.uniform(0.5, 2.0, n) if weights else np.ones(n), offset=np.zeros(n), X=X,
+                  Z=X[:, :q], group=g, group_levels=[str(i) for i in range(G)], x_names=["Intercept", "x", "z"],
+                  z_names=["Intercept", "x"][:q], theta_mask=np.tril(np.ones((q, q), bool)))
+
+
+POINTS = {"log": ([0.4, 0.25, -0.15], [0.3, 0.1, 0.25], 0.5), "inverse": ([1.0, 0.06, -0.04], [0.05, 0.01, 0.03], 1.0),
+          "identity": ([2.1, 0.3, -0.06], [0.1, 0.02, 0.06], 1.0)}
+ENGINE_CASES = [(name, nagq, q, w) for name in FAMILIES for nagq, q, w in ((1, 1, False), (1, 2, True), (4, 1, True))]
+
+
+@pytest.mark.parametrize("name,nagq,q,weights", ENGINE_CASES, ids=[f"{c[0]}-gh{c[1]}-q{c[2]}-w{int(c[3])}"
+                                                                    for c in ENGINE_CASES])
+def test_engine_derivatives_in_dispersion(name, nagq, q, weights):
+    """The site's gradient is the central difference of its value, and its Hessian (analytic for Laplace,
+    differences of the analytic gradient for AGHQ) that of its gradient, in every coordinate incl. ψ."""
+    fam = FAMILIES[name]
+    eng = GLMMLikelihood(_design(fam, q, weights), fam, nagq)
+    beta, theta, psi = POINTS[fam.link]
+    phi = np.r_[beta, theta[:1] if q == 1 else theta, psi]
+    ev = eng.evaluate(phi)
+    h = 1e-5
+    for t in range(len(phi)):
+        e = np.zeros(len(phi))
+        e[t] = h
+        hi, lo = eng.evaluate(phi + e), eng.evaluate(phi - e)
+        g_fd, H_fd = (hi.value - lo.value) / (2 * h), (hi.grad - lo.grad) / (2 * h)
+        assert abs(ev.grad[t] - g_fd) <= 1e-7 * (1.0 + abs(g_fd)), (t, ev.grad[t], g_fd)
+        assert np.max(np.abs(ev.hess[:, t] - H_fd)) <= 1e-6 * (1.0 + np.max(np.abs(H_fd))), (t, ev.hess[:, t], H_fd)
+
+
+def test_glm_without_random_effects_has_the_dispersion_too():
+    d = _design(NB, 1, True)
+    d = Design(y=d.y, trials=d.trials, offset=d.offset, X=d.X, Z=np.zeros((d.n, 0)), group=np.zeros(d.n, int),
+               group_levels=["."], x_names=d.x_names, z_names=[], theta_mask=np.zeros((0, 0), bool))
+    eng = GLMMLikelihood(d, NB)
+    phi = np.array([0.4, 0.2, -0.1, 0.7])
+    ev = eng.evaluate(phi)
+    full = NB.loglik(d.y, d.trials, d.X @ phi[:3], phi[3]).sum() + NB.constant(d.y, d.trials)
+    assert ev.value == pytest.approx(full, rel=1e-13)
+    for t in range(4):
+        e = np.eye(4)[t] * 1e-5
+        hi, lo = eng.evaluate(phi + e), eng.evaluate(phi - e)
+        np.testing.assert_allclose(ev.hess[:, t], (hi.grad - lo.grad) / 2e-5, rtol=1e-6, atol=1e-6)
