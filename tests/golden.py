@@ -78,9 +78,14 @@ def record(res) -> dict:
            "method": res.method, "messages": list(res.messages)}
     if res.modes is not None:
         modes, condsd = res.ranef(condvar=True)
-        out["levels"] = list(map(str, modes.index))
-        out["modes"] = _floats(modes.to_numpy())
-        out["condsd"] = _floats(condsd.to_numpy())
+        if isinstance(modes, dict):         # several grouping factors: each factor's levels as factor/level
+            out["levels"] = [f"{g}/{lv}" for g, m in modes.items() for lv in m.index]
+            out["modes"] = [v for m in modes.values() for v in _floats(m.to_numpy())]
+            out["condsd"] = [v for m in condsd.values() for v in _floats(m.to_numpy())]
+        else:
+            out["levels"] = list(map(str, modes.index))
+            out["modes"] = _floats(modes.to_numpy())
+            out["condsd"] = _floats(condsd.to_numpy())
     return out
 
 

@@ -31,7 +31,7 @@ class FitResult:
     reml: bool
     fixef: pd.Series
     vcov: pd.DataFrame
-    cov_re: pd.DataFrame | None          # covariance of the random effects (data scale)
+    cov_re: pd.DataFrame | dict | None   # covariance of the random effects (data scale); by factor if several
     residual_sd: float | None
     loglik: float
     n_params: int
@@ -44,8 +44,8 @@ class FitResult:
     converged: bool
     seconds: float
     group_name: str | None = None
-    modes: pd.DataFrame | None = None     # conditional modes, one row per group level
-    condsd: pd.DataFrame | None = None    # their conditional standard deviations
+    modes: pd.DataFrame | dict | None = None    # conditional modes, one row per group level (by factor)
+    condsd: pd.DataFrame | dict | None = None   # their conditional standard deviations
     theta: np.ndarray | None = None
     spec: ModelSpec | None = None
     schema: Schema | None = None
@@ -133,21 +133,27 @@ class FitResult:
                              "t value": self.tvalues, "Pr(>|t|)": self.pvalues})
 
     # --- variance components ---------------------------------------------------------------------
+    def covariances(self) -> dict:
+        """{grouping factor: covariance of its random effects (DataFrame, data scale)}, every factor."""
+        if self.cov_re is None:
+            return {}
+        return dict(self.cov_re) if isinstance(self.cov_re, dict) else {self.group_name: self.cov_re}
+
     @property
     def random(self) -> list[dict]:
-        """lme4's ``VarCorr``: ``{group, term, sd}`` rows, then ``{group, term1, term2, corr}`` rows."""
-        if self.cov_re is None:
-            return []
-        cov = self.cov_re.to_numpy()
-        names = list(self.cov_re.index)
-        sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
-        out = [{"group": self.group_name, "term": n, "sd": float(s)} for n, s in zip(names, sd)]
-        for i in range(len(names)):
-            for j in range(i + 1, len(names)):
-                if cov[i, j] != 0.0 or cov[j, i] != 0.0:
-                    corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else float("nan")
-                    out.append({"group": self.group_name, "term1": names[i], "term2": names[j],
-                                "corr": float(corr)})
+        """lme4's ``VarCorr``: for each grouping factor ``{group, term, sd}`` rows, then
+        ``{group, term1, term2, corr}`` rows."""
+        out = []
+        for group, frame in self.covariances().items():
+            cov = frame.to_numpy()
+            names = list(frame.index)
+            sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
+            out += [{"group": group, "term": n, "sd": float(s)} for n, s in zip(names, sd)]
+            for i in range(len(names)):
+                for j in range(i + 1, len(names)):
+                    if cov[i, j] != 0.0 or cov[j, i] != 0.0:
+                        corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else float("nan")
+                        out.append({"group": group, "term1": names[i], "term2": names[j], "corr": float(corr)})
         return out
 
     def varcorr(self) -> pd.DataFrame:
@@ -155,15 +161,15 @@ class FitResult:
         sdcor; per grouping factor the variances (var2 missing) then the covariances (sdcor: the
         correlation), then the residual (gaussian)."""
         rows = []
-        if self.cov_re is not None:
-            cov, names = self.cov_re.to_numpy(), [str(n) for n in self.cov_re.index]
+        for group, frame in self.covariances().items():
+            cov, names = frame.to_numpy(), [str(n) for n in frame.index]
             sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
-            rows += [(self.group_name, n, None, float(cov[i, i]), float(sd[i])) for i, n in enumerate(names)]
+            rows += [(group, n, None, float(cov[i, i]), float(sd[i])) for i, n in enumerate(names)]
             for i in range(len(names)):
                 for j in range(i + 1, len(names)):
                     if cov[i, j] != 0.0 or cov[j, i] != 0.0:
                         corr = cov[i, j] / (sd[i] * sd[j]) if sd[i] > 0 and sd[j] > 0 else float("nan")
-                        rows.append((self.group_name, names[i], names[j], float(cov[i, j]), float(corr)))
+                        rows.append((group, names[i], names[j], float(cov[i, j]), float(corr)))
         if self.residual_sd is not None:
             rows.append(("Residual", None, None, float(self.residual_sd ** 2), float(self.residual_sd)))
         out = pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
@@ -186,7 +192,10 @@ class FitResult:
         s2e = self.residual_sd ** 2 if self.family.name == "gaussian" else resid[self.family.link]
         m = self.design_moments
         n = float(m["n"])
-        s2d = float(np.trace(self.cov_re.to_numpy() @ m["ztz"]) / n)
+        from scipy.linalg import block_diag
+
+        cov = block_diag(*[c.to_numpy() for c in self.covariances().values()])    # Z's columns, factor by factor
+        s2d = float(np.trace(cov @ m["ztz"]) / n)
         beta = self.fixef.to_numpy()
         mean = m["colsum"] @ beta / n
         s2f = float((beta @ m["xtx"] @ beta - n * mean ** 2) / (n - 1))
@@ -207,17 +216,20 @@ class FitResult:
         return -2.0 * self.loglik + np.log(self.nobs) * self.n_params
 
     # --- random effects and prediction -------------------------------------------------------------
-    def ranef(self, condvar: bool = False, kind: str = "mode"):
+    def ranef(self, condvar: bool = False, kind: str = "mode", by_factor: bool = False):
         """Conditional modes of the random effects (a DataFrame indexed by group level), or with
         ``kind="mean"`` their posterior means (adaptive Gauss-Hermite quadrature at each site, one round;
         for gaussian models the same as the modes).
 
         With ``condvar=True`` returns ``(modes, conditional_sds)`` (posterior SDs for ``kind="mean"``).
         Groups whose site withheld their modes (groups below its ``min_group``, see
-        :class:`fedglmm.site.SiteConfig`) have NaN rows; their labels are :attr:`withheld`.
+        :class:`fedglmm.site.SiteConfig`) have NaN rows; their labels are :attr:`withheld`.  With several
+        grouping factors (or ``by_factor=True``) each is a dict {factor: DataFrame}, as lme4's ``ranef``.
         """
         if self.modes is None:
             raise ValueError("this model has no random effects")
+        if kind == "mean" and isinstance(self.modes, dict):
+            raise ValueError("posterior means need a single grouping factor")
         if kind == "mean":
             from .analysis import posterior_means
 
@@ -225,7 +237,10 @@ class FitResult:
             return (mean, sd) if condvar else mean
         if kind != "mode":
             raise ValueError("kind must be 'mode' or 'mean'")
-        return (self.modes, self.condsd) if condvar else self.modes
+        modes, sds = self.modes, self.condsd
+        if by_factor and not isinstance(modes, dict):
+            modes, sds = {self.group_name: modes}, {self.group_name: sds}
+        return (modes, sds) if condvar else modes
 
     def diagnose(self, seed: int = 0):
         """The diagnostics round: residual aggregates from every site, pooled (see
@@ -263,18 +278,23 @@ class FitResult:
         return {str(s): int(got.get(str(s), 0)) for s in self.site_ids} if self.site_ids else got
 
     @property
-    def withheld(self) -> list:
-        """Group levels whose conditional modes their site did not send (its ``min_group`` rule)."""
+    def withheld(self) -> list | dict:
+        """Group levels whose conditional modes their site did not send (its ``min_group`` rule); with
+        several grouping factors a dict {factor: levels}."""
         if self.modes is None:
             return []
+        if isinstance(self.modes, dict):
+            return {g: list(m.index[m.isna().all(axis=1).to_numpy()]) for g, m in self.modes.items()
+                    if m.isna().all(axis=1).any()}
         return list(self.modes.index[self.modes.isna().all(axis=1).to_numpy()])
 
     def predict(self, newdata: pd.DataFrame, conditional: bool = True, type: str = "link") -> np.ndarray:
         """Predictions for new rows: on the link scale (lme4's default) or ``type="response"``.
 
-        ``conditional=True`` adds each row's group's conditional mode (0 for a level not in the fit, as
-        lme4's ``allow.new.levels``, and 0 for a group whose modes were withheld: its rows get the
-        population-level prediction); ``False`` gives the population-level prediction.
+        ``conditional=True`` adds each row's group's conditional mode, for every grouping factor (0 for a
+        level not in the fit, as lme4's ``allow.new.levels``, and 0 for a group whose modes were withheld:
+        with one factor its rows get the population-level prediction); ``False`` gives the
+        population-level prediction.
         """
         from .model.design import new_data_matrices
 
@@ -284,8 +304,12 @@ class FitResult:
         X, Z, offset, groups = new_data_matrices(self.spec, self.schema, newdata, need_group=cond)
         eta = X @ self.fixef.to_numpy() + offset
         if cond:
-            b = self.modes.reindex(pd.Index(groups[self.group_name], dtype=object)).fillna(0.0).to_numpy()
-            eta = eta + np.sum(Z * b, axis=1)
+            modes = self.ranef(by_factor=True)
+            start = 0
+            for g, m in modes.items():
+                b = m.reindex(pd.Index(groups[g], dtype=object)).fillna(0.0).to_numpy()
+                eta = eta + np.sum(Z[:, start:start + b.shape[1]] * b, axis=1)
+                start += b.shape[1]
         return eta if type == "link" else self.family.mean(eta)
 
     # --- output -----------------------------------------------------------------------------------
@@ -317,11 +341,13 @@ class FitResult:
         if self.after_fit:
             out["after_fit"] = self.after_fit
         if self.modes is not None:
-            out["ranef"] = {self.group_name: {
-                str(lv): {"mode": _fdict(self.modes.loc[lv]), "condsd": _fdict(self.condsd.loc[lv])}
-                for lv in self.modes.index}}
-            if self.withheld:
-                out["withheld"] = {self.group_name: [str(lv) for lv in self.withheld]}
+            modes, sds = self.ranef(condvar=True, by_factor=True)
+            out["ranef"] = {g: {str(lv): {"mode": _fdict(m.loc[lv]), "condsd": _fdict(sds[g].loc[lv])}
+                                for lv in m.index} for g, m in modes.items()}
+            withheld = self.withheld if isinstance(self.withheld, dict) else {self.group_name: self.withheld}
+            withheld = {g: [str(lv) for lv in lvs] for g, lvs in withheld.items() if lvs}
+            if withheld:
+                out["withheld"] = withheld
         return out
 
     def to_json(self, path=None, indent: int = 2) -> str:

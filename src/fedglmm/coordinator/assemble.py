@@ -28,7 +28,7 @@ class Assembled:
     reml: bool
     fixef: pd.Series
     vcov: pd.DataFrame
-    cov_re: pd.DataFrame | None          # covariance of the random effects (data scale)
+    cov_re: pd.DataFrame | dict | None   # covariance of the random effects (data scale); by factor if several
     residual_sd: float | None
     loglik: float
     n_params: int
@@ -36,8 +36,8 @@ class Assembled:
     ngroups: dict
     converged: bool
     group_name: str | None = None
-    modes: pd.DataFrame | None = None     # conditional modes, one row per group level
-    condsd: pd.DataFrame | None = None    # their conditional standard deviations
+    modes: pd.DataFrame | dict | None = None    # conditional modes, one row per group level (by factor)
+    condsd: pd.DataFrame | dict | None = None   # their conditional standard deviations
     theta: np.ndarray | None = None
     spec: ModelSpec | None = None
     schema: Schema | None = None
@@ -84,6 +84,35 @@ def _random_effects(st: Setup, est: Estimate, messages: list):
     return theta, cov_re, modes.iloc[order], condsd.iloc[order], where
 
 
+def _factor_effects(st: Setup, est: Estimate, messages: list):
+    """:func:`_random_effects` with several grouping factors: θ, and the covariance, modes and SDs of
+    each factor (dictionaries by factor name)."""
+    mask, zs, q = st.mask, st.zs, st.mask.shape[0]
+    r_idx, c_idx = theta_index(mask)
+    theta = np.asarray(est.theta) / zs[r_idx]
+    lam = lambda_matrix(theta, q, (r_idx, c_idx))
+    scale2 = est.sigma2 if est.sigma2 is not None else 1.0
+    final = est.final
+    cov_re, modes, condsd, nwithheld = {}, {}, {}, 0
+    for g, c in st.factor_columns().items():
+        names = [st.znames[j] for j in c]
+        lg = lam[np.ix_(c, c)]
+        cov_re[g] = pd.DataFrame(scale2 * lg @ lg.T, index=names, columns=names)
+        withheld = [lv for r in final.values() for lv in r.get("withheld", {}).get(g, [])]
+        nwithheld += len(withheld)
+        levels = [lv for r in final.values() for lv in r["levels"][g]] + withheld
+        gap = np.full((len(withheld), len(c)), np.nan)
+        order = natural_order(np.asarray(levels, dtype=str))
+        for out, key in ((modes, "modes"), (condsd, "condsd")):
+            vals = np.vstack([np.reshape(r[key][g], (-1, len(c))) for r in final.values()] + [gap]) / zs[c]
+            out[g] = pd.DataFrame(vals, index=levels, columns=names).iloc[order]
+    if nwithheld:
+        messages.append(f"conditional modes withheld by site rules for {nwithheld} group"
+                        f"{'s' if nwithheld != 1 else ''} (levels smaller than a site's min_group): ranef() "
+                        "shows NaN for them and predict() leaves their effects out")
+    return theta, cov_re, modes, condsd
+
+
 def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec, schema: Schema, st: Setup,
              est: Estimate, method: str | None = None) -> Assembled:
     """The fit on the user's scale (β = Aγ, Cov(β) = A Cov(γ) Aᵀ) from the estimate on the internal scale."""
@@ -99,7 +128,10 @@ def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec,
         messages.append("boundary (singular) fit: the random-effect covariance is singular (a standard "
                         "deviation at zero or a correlation of ±1)")
     if q:
-        theta, cov_re, modes, condsd, where = _random_effects(st, est, messages)
+        if st.factor_groups:
+            theta, cov_re, modes, condsd = _factor_effects(st, est, messages)
+        else:
+            theta, cov_re, modes, condsd, where = _random_effects(st, est, messages)
     method = method or method_name(family, options, q)
     if options.penalty:
         method += f", L2 penalty {options.penalty:g}"
@@ -112,7 +144,8 @@ def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec,
         fixef=pd.Series(beta, index=names), vcov=pd.DataFrame(vcov, index=names, columns=names), cov_re=cov_re,
         residual_sd=float(np.sqrt(est.sigma2)) if gaussian else None, loglik=float(est.loglik),
         n_params=p + int(mask.sum()) + (1 if gaussian else 0), nobs=st.n,
-        ngroups={group: st.ngroups} if group else {}, converged=bool(est.converged), group_name=group,
+        ngroups=dict(st.factor_groups) if st.factor_groups else {group: st.ngroups} if group else {},
+        converged=bool(est.converged), group_name=group,
         modes=modes, condsd=condsd, theta=theta, spec=spec, schema=schema, messages=messages,
         df_satterthwaite=_satterthwaite(st, est, options) if gaussian else None, level_sites=where,
         trace=[{"round": int(r), "objective": f, "decrement": d} for r, f, d in est.trace],

@@ -17,7 +17,8 @@ SUM_AXES = {"colsum": "x", "colsq": "x", "xtx": "xx", "ztz": "zz",
             "st_xvx": "xx", "st_xv": "x", "st_xy": "x", "st_sy": "", "st_sv": "",
             "st_aa": "zz", "st_ab": "zz", "st_bb": "zz", "st_at": "zzx", "st_bt": "zzx", "st_tt": "zxzx",
             "st_ww": "zzzz", "st_w": "zz", "xtwx": "xx", "xtwz": "x",
-            "mom_ss": "zz", "mom_st": "zzx", "mom_tt": "zxzx", "mom_ww": "zzzz", "mom_w": "zz"}
+            "mom_ss": "zz", "mom_st": "zzx", "mom_tt": "zxzx", "mom_ww": "zzzz", "mom_w": "zz",
+            "xty": "x", "yty": ""}
 BLOCK_AXES = {"n": "g", "XtX": "gxx", "Xty": "gx", "yty": "g", "ZtX": "gzx", "ZtZ": "gzz", "Zty": "gz"}
 
 
@@ -46,17 +47,47 @@ class Merged:
     refused: list
 
 
-def _remap(arr, axes: str, xmap: np.ndarray, zmap: np.ndarray) -> np.ndarray:
+def _remap(arr, axes: str, xmap: np.ndarray, zmap) -> np.ndarray:
+    """The array in the agreed coding; ``zmap`` is one map for every z axis, or a list (the z axes in turn)."""
     arr = np.asarray(arr, float)
+    zmaps = list(zmap) if isinstance(zmap, list) else None
     for ax, kind in enumerate(axes):
         if kind not in "xz":
             continue
-        m = xmap if kind == "x" else zmap
+        m = xmap if kind == "x" else (zmaps.pop(0) if zmaps is not None else zmap)
         arr = np.take(arr, np.maximum(m, 0), axis=ax)
         index = [slice(None)] * arr.ndim
         index[ax] = m < 0
         arr[tuple(index)] = 0.0
     return arr
+
+
+def _factor_sums(m: dict, znames: list, zgroups: list, xmap: np.ndarray) -> dict:
+    """A site's per-factor set-up sums (keys ``base.i``, and ``base.i.k`` for a pair of factors whose axes
+    a, d belong to factor i and b, c to factor k) in the agreed coding."""
+    factors = list(dict.fromkeys(zgroups))
+    fmaps = []
+    for g in factors:
+        own = [j for j, zg in enumerate(m.get("z_groups", [])) if zg == g]
+        fmaps.append(_zmap([znames[j] for j, zg in enumerate(zgroups) if zg == g], [],
+                           [m["z_names"][j] for j in own], []))
+    out = {}
+    for key, v in m["sums"].items():
+        base, *idx = key.split(".")
+        if base not in SUM_AXES or not idx or not all(i.isdigit() for i in idx):
+            continue
+        i, k = int(idx[0]), int(idx[-1])
+        zmaps = [fmaps[i], fmaps[k], fmaps[k], fmaps[i]] if len(idx) == 2 else [fmaps[i]] * 4
+        out[key] = _remap(v, SUM_AXES[base], xmap, zmaps)
+    return out
+
+
+def _zmap(znames, zgroups, site_names, site_groups) -> np.ndarray:
+    """Each agreed Z column's position in a site's own coding (-1: the site has no such column), by
+    (grouping factor, name) when there are several factors."""
+    ours = list(zip(zgroups, znames)) if zgroups else list(znames)
+    theirs = list(zip(site_groups, site_names)) if zgroups else list(site_names)
+    return np.array([theirs.index(nm) if nm in theirs else -1 for nm in ours], dtype=np.int64)
 
 
 def merge_messages(messages: dict, formula: str, family: Family) -> Merged:
@@ -72,14 +103,16 @@ def merge_messages(messages: dict, formula: str, family: Family) -> Merged:
     if len(orders) > 1:
         raise InputError(f"the sites' summaries use different moment orders: {sorted(map(str, orders))}")
     schema = merge_schema({sid: m["description"] for sid, m in messages.items()}, spec, family)
-    names, znames, mask = global_names(spec, schema, family)
+    names, znames, mask, zgroups = global_names(spec, schema, family)
     setup, blocks, refused = {}, {}, []
     for sid, m in messages.items():
         xmap = np.array([m["x_names"].index(nm) if nm in m["x_names"] else -1 for nm in names], dtype=np.int64)
-        zmap = np.array([m["z_names"].index(nm) if nm in m["z_names"] else -1 for nm in znames], dtype=np.int64)
-        sums = {k: _remap(v, SUM_AXES[k], xmap, zmap) for k, v in m["sums"].items()}
+        zmap = _zmap(znames, zgroups, m["z_names"], m.get("z_groups", []))
+        sums = {k: _remap(v, SUM_AXES[k], xmap, zmap) for k, v in m["sums"].items() if k in SUM_AXES}
+        if zgroups:
+            sums.update(_factor_sums(m, znames, zgroups, xmap))
         setup[sid] = {"n": m["n"], "ngroups": m["ngroups"], "x_names": names, "z_names": znames,
-                      "theta_mask": mask, **sums}
+                      "theta_mask": mask, **({"z_groups": zgroups} if zgroups else {}), **sums}
         if m.get("refused"):
             refused.append(m["refused"])
         g = m.get("groups")

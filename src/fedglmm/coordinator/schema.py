@@ -106,7 +106,8 @@ def _site_groups(description: dict, name: str, spec: ModelSpec) -> list:
 
 
 def global_names(spec, schema: Schema, family: Family):
-    """The agreed design's column names and Λ pattern, from a one-row stand-in frame."""
+    """The agreed design's column names, Λ pattern and each Z column's grouping factor (empty with one
+    factor), from a one-row stand-in frame."""
     row = {}
     for col, kind in schema.kinds.items():
         if col in schema.levels:
@@ -116,7 +117,8 @@ def global_names(spec, schema: Schema, family: Family):
     for col in spec.grouping_columns:
         row.setdefault(col, ["g"])
     d = build_design(spec, schema, pd.DataFrame(row), family, "coordinator")
-    return list(d.x_names), list(d.z_names), np.asarray(d.theta_mask, bool)
+    zgroups = [f.name for f in d.factors for _ in f.columns]
+    return list(d.x_names), list(d.z_names), np.asarray(d.theta_mask, bool), zgroups
 
 
 def check_outcome(st: Setup, spec: ModelSpec, family: Family) -> None:

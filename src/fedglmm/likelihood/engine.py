@@ -10,7 +10,9 @@ pseudo-data) on the coordinator's internal scale (:mod:`fedglmm.model.spec`) and
   conditional SDs on the internal scale (gaussian models need the profiled β̂ and σ̂ at the point).
 
 :class:`~fedglmm.likelihood.laplace.GLMMLikelihood` and :class:`~fedglmm.likelihood.lmm.LMMSums` implement
-it; :func:`make_engine` builds the right one for a design, and :class:`EngineCache` keeps one per
+it for one grouping factor (batched over groups), :class:`~fedglmm.likelihood.multilevel.MultiLevelGLMM` and
+:class:`~fedglmm.likelihood.lmm_sparse.MultiLMMSums` for several (sparse; their ``modes`` are dictionaries
+by factor); :func:`make_engine` builds the right one for a design, and :class:`EngineCache` keeps one per
 internal scale, so an engine's warm-started modes survive from one request to the next.
 """
 from __future__ import annotations
@@ -24,6 +26,8 @@ from ..model.families import Family
 from ..model.spec import Design
 from .laplace import GLMMLikelihood
 from .lmm import LMMSums
+from .lmm_sparse import MultiLMMSums
+from .multilevel import MultiLevelGLMM
 
 
 class Engine(Protocol):
@@ -37,6 +41,8 @@ def make_engine(design: Design, family: Family, nagq: int, curvature: str, trans
     """The engine of ``design`` on the internal scale X̃ = X·transform, Z̃ = Z / zscale."""
     zs = zscale if len(zscale) else np.ones(design.Z.shape[1])
     d = replace(design, X=design.X @ transform, Z=design.Z / zs)
+    if design.factors:                 # several grouping factors: the sparse engines
+        return MultiLMMSums(d) if family.name == "gaussian" else MultiLevelGLMM(d, family, curvature=curvature)
     if family.name == "gaussian":
         return LMMSums(d)
     return GLMMLikelihood(d, family, nagq, curvature=curvature)

@@ -88,6 +88,13 @@ def diagonal_positions(mask) -> np.ndarray:
     return np.flatnonzero(c_idx == r_idx)
 
 
+def boundary_positions(mask) -> np.ndarray:
+    """Positions in θ of the diagonal entries of Λ alone in their column: the objective is even in each
+    (flipping the column leaves ΛΛᵀ as it is), so 0 is a boundary (see :class:`TrustRegionNewton`)."""
+    r_idx, c_idx = theta_index(mask)
+    return np.array([i for i in diagonal_positions(mask) if np.sum(c_idx == c_idx[i]) == 1], dtype=int)
+
+
 def _theta_start(mask):
     r_idx, c_idx = theta_index(mask)
     return (r_idx == c_idx).astype(float)
@@ -154,7 +161,10 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
         # the first round also tries the start covariance halved and doubled (local work, no extra round)
         starts = [np.concatenate([gamma0, f * theta0]) for f in (np.sqrt(0.5), np.sqrt(2.0))] if len(theta0) else []
     canon = lambda x: np.r_[x[:p], canonical_theta(x[p:], mask)]   # noqa: E731
-    opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts, model=model)
+    # with several grouping factors the optimiser also tries zero variances (not with one: unchanged fits)
+    edge = tuple(p + boundary_positions(mask)) if setup.factor_groups else ()
+    opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts, model=model,
+                            boundary=edge)
     phi, (final, s) = _run(opt, evaluate, canon)
     info = -s["hess"]
     if P is not None:
@@ -236,7 +246,15 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None)
         return out, (parts, sums[0])
 
     if ntheta:
-        opt = TrustRegionNewton(_theta_start(mask) if start is None else np.asarray(start, float), options.newton)
+        edge, others = (), None
+        if setup.factor_groups:
+            # several grouping factors: a moment start, also tried halved and doubled, and zero variances
+            from .factor_starts import factor_theta_start
+
+            start = factor_theta_start(setup) if start is None else start
+            edge, others = tuple(boundary_positions(mask)), [f * np.asarray(start) for f in (np.sqrt(0.5), np.sqrt(2))]
+        opt = TrustRegionNewton(_theta_start(mask) if start is None else np.asarray(start, float), options.newton,
+                                starts=others, boundary=edge)
         theta, (final, s) = _run(opt, evaluate, lambda x: canonical_theta(x, mask))
         converged, trace = opt.converged, list(opt.trace)
     else:

@@ -70,6 +70,8 @@ class TrustRegionNewton:
     starts: list | None = None      # further starting points, evaluated in the first round with x0
     model: object = None            # optional model(x, f, g, H) -> (step, predicted decrease) or None;
                                     # its optional model.observe(x, f, g, H) sees every point evaluated
+    boundary: tuple = ()            # coordinates whose sign does not matter (F is even in each): 0 is a
+                                    # boundary a Newton iteration approaches only linearly (see _boundary)
 
     def __post_init__(self):
         self.x0 = np.asarray(self.x0, float)
@@ -152,7 +154,9 @@ class TrustRegionNewton:
         # the caller's model only where the Newton step may fall short (it costs local work)
         extra = self._model_step(cur, newton=newton) \
             if newton is not None and self._model_ok and dec >= self.config.tol ** 0.5 else None
-        if dec < self.config.near or (extra is not None and dec < self.config.near_model):
+        edge = self._boundary(cur, newton)      # (a final candidate just rejected is not proposed again)
+        if edge is None and not (was_final and self.accepted is None) and \
+                (dec < self.config.near or (extra is not None and dec < self.config.near_model)):
             self.final_candidate = True
             step, pred = (newton, dec / 2.0) if extra is None else (extra.step, extra.pred)
             d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
@@ -165,7 +169,30 @@ class TrustRegionNewton:
                 # the model has the Newton step's information and more: it alone, while steps succeed
                 self._cands = []
             self._cands.insert(0, extra)
+        if edge is not None:
+            self._cands.append(edge)
         return [cur.x + c.step for c in self._cands]
+
+    def _boundary(self, cur, newton) -> _Candidate | None:
+        """A candidate on the boundary: where the Newton step shrinks a coordinate of ``boundary`` by more
+        than half, that coordinate set to 0 and the others minimising the quadratic model.  F is even in
+        such a coordinate (a standard deviation), so near a zero optimum it behaves like its fourth power
+        and Newton only halves it round after round; at 0 its gradient vanishes and Newton stays there."""
+        if newton is None or not self.boundary:
+            return None
+        x, g, H = cur.x, cur.g, cur.H
+        hit = [i for i in self.boundary if x[i] != 0 and abs(x[i] + newton[i]) < 0.5 * abs(x[i])]
+        if not hit:
+            return None
+        s = np.zeros_like(x)
+        s[hit] = -x[hit]
+        free = np.setdiff1d(np.arange(len(x)), hit)
+        try:
+            s[free] = -np.linalg.solve(H[np.ix_(free, free)], g[free] + H[np.ix_(free, hit)] @ s[hit])
+        except np.linalg.LinAlgError:
+            return None
+        d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12))
+        return _Candidate(s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(d * s)), np.inf)
 
     def _model_step(self, cur, final: bool = False, newton=None) -> _Candidate | None:
         """The step of the caller's model of F (e.g. a surrogate that the quadratic model corrects), as one

@@ -80,10 +80,9 @@ def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1
     except InputError as exc:
         raise OptionError(str(exc)) from None
     options, method, moments = _check_values(nagq, reml, method, curvature, moments, penalty, newton)
-    if len(spec.groups) > 1:
-        groups = list(spec.groups)
-        raise OptionError("only one grouping factor is supported in this version; the formula uses "
-                          + ", ".join(groups[:-1]) + " and " + groups[-1])
+    if len(spec.groups) > 1 and method == "oneshot":
+        raise OptionError("the one-shot method fits models with one grouping factor; this formula has "
+                          f"{len(spec.groups)} ({', '.join(spec.groups)}): use --method hybrid or iterative")
     if na_action not in NA_ACTIONS:
         raise OptionError(f"na_action must be 'omit' (drop rows with a missing value, as lme4) or 'fail', "
                           f"not {na_action!r}")
@@ -177,3 +176,6 @@ def check_model(spec: ModelSpec, family: Family, options: FitOptions) -> None:
         raise InputError("nagq applies to binomial and poisson models; gaussian likelihoods are exact")
     if spec.random == () and options.nagq > 1:
         raise InputError("nagq needs a random-effects term in the formula")
+    if len(spec.groups) > 1 and options.nagq > 1:
+        raise InputError(f"nagq > 1 (adaptive Gauss-Hermite quadrature) needs a single grouping factor; this "
+                         f"formula has {len(spec.groups)} ({', '.join(spec.groups)}): use nagq = 1 (Laplace)")

@@ -27,8 +27,9 @@ is sent):
 * ``max_params_per_row``: (fixed-effect columns + random-effect covariance parameters) / rows, the
   columns counted as the site sends them: the agreed design's in ``setup``, and in a one-shot message
   the site's own coding (a column for every factor level it has);
-* ``min_group``: a group's size counts its observations: rows, or trials for ``cbind(s, f)`` outcomes.
-  Smaller groups' conditional modes are withheld at ``finalize`` (the fit itself is unaffected: the
+* ``min_group``: a group's size counts its observations: rows, or trials for ``cbind(s, f)`` outcomes;
+  with several grouping factors, each level of each factor is a group.  Smaller groups' conditional
+  modes are withheld at ``finalize`` (the fit itself is unaffected: the
   likelihood sums are totals over all groups) and their one-shot blocks are not sent;
 * ``allowed_columns``: every column the formula names (outcome, covariates, grouping factor, offset)
   must be in the list; the site's description then lists only these columns.
@@ -205,3 +206,9 @@ def group_sizes(design, family) -> np.ndarray:
     weight = design.trials if family is not None and family.name == "binomial" else np.ones(design.n)
     return np.add.reduceat(weight, design.starts)
 
+
+
+def factor_sizes(design, family) -> dict:
+    """Observations per level of each grouping factor (as :func:`group_sizes`), by factor name."""
+    weight = design.trials if family is not None and family.name == "binomial" else np.ones(design.n)
+    return {f.name: np.bincount(f.codes, weight, len(f.levels)) for f in design.groupings}

@@ -181,6 +181,9 @@ class Site:
         if d.Z.shape[1] == 0:
             return reply
         modes, sds = eng.modes(req["point"], req.get("beta_internal"), req.get("sigma"))
+        if d.factors:
+            reply.update(self._factor_modes(modes, sds))
+            return reply
         if not self.config.withhold_modes:
             reply.update({"levels": list(d.group_levels), "modes": modes, "condsd": sds})
             return reply
@@ -222,6 +225,24 @@ class Site:
             rules.group_sizes(d, self.family) >= self.min_group
         return {"levels": levels[keep].tolist(), "mean": mean[keep], "sd": sd[keep],
                 "withheld": levels[~keep].tolist()}
+
+    def _factor_modes(self, modes: dict, sds: dict) -> dict:
+        """With several grouping factors: each factor's levels, modes and SDs (dictionaries by factor),
+        the modes of levels below ``min_group`` withheld per factor."""
+        d, out = self.design, {"levels": {}, "modes": {}, "condsd": {}}
+        withheld = {}
+        sizes = rules.factor_sizes(d, self.family)
+        for f in d.factors:
+            keep = sizes[f.name] >= self.min_group if self.config.withhold_modes else np.ones(len(f.levels), bool)
+            levels = np.asarray(f.levels, dtype=object)
+            out["levels"][f.name] = levels[keep].tolist()
+            out["modes"][f.name] = np.asarray(modes[f.name])[keep]
+            out["condsd"][f.name] = np.asarray(sds[f.name])[keep]
+            if not keep.all():
+                withheld[f.name] = levels[~keep].tolist()
+        if withheld:
+            out["withheld"] = withheld
+        return out
 
 
 def _agreed_width(x_names) -> int:

@@ -20,7 +20,7 @@ from math import comb
 import numpy as np
 import pandas as pd
 
-from ..likelihood.setup import start_sums
+from ..likelihood.setup import setup_reply, start_sums
 from ..model.design import build_design, describe_frame
 from ..model.families import get_family
 from ..model.formula import parse_formula, variables
@@ -53,6 +53,8 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     d = build_design(spec, _local_schema(desc, spec), frame, fam, site_id, checked=True)
     q = d.Z.shape[1]
     sums = {"colsum": d.X.sum(axis=0), "colsq": (d.X * d.X).sum(axis=0), "xtx": d.X.T @ d.X, "ztz": d.Z.T @ d.Z}
+    if d.factors:
+        return _factors_message(d, fam, desc, sums, formula, site_id)
     if fam.name != "gaussian":
         sums.update(start_sums(d, fam))
     order = None if fam.name == "gaussian" else int(order or DEFAULT_ORDER)
@@ -88,6 +90,18 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
             _moment_blocks(d, starts, levels, keep, order)
     return msg
+
+
+def _factors_message(d: Design, fam, desc: dict, sums: dict, formula: str, site_id: str) -> dict:
+    """With several grouping factors the message holds the site's totals only (the description and the
+    set-up sums, per factor where they are per group): the hybrid starts its Newton rounds from them."""
+    setup = setup_reply(d, fam)
+    sums.update({k: v for k, v in setup.items() if k not in ("n", "ngroups", "x_names", "z_names", "theta_mask",
+                                                               "z_groups") and k not in sums})
+    return {"kind": "oneshot", "version": 1, "site": site_id, "formula": formula, "family": fam.name,
+            "link": fam.link, "order": None, "description": desc, "n": d.n, "ngroups": setup["ngroups"],
+            "x_names": list(d.x_names), "z_names": list(d.z_names), "z_groups": setup["z_groups"],
+            "theta_mask": np.asarray(d.theta_mask), "sums": sums, "groups": None, "refused": None}
 
 
 def _gaussian_blocks(d: Design, starts, levels, keep) -> dict:

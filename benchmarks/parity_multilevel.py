@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Parity of fedglmm's multi-level fits (several grouping factors) with lme4 and glmmTMB, case by case.
+
+usage: python3 benchmarks/parity_multilevel.py [--only REGEX] [--which all|shared|heldout] [--no-split]
+                                               [--iterative]
+
+For every case of tests/multilevel_reference.py (the multi-level rows of the shared reference table and
+the 52 held-out cases of tests/data/heldout/multilevel/) it fits the pooled rows with the default
+(hybrid) method and prints: rounds, fit seconds, logLik minus the better comparable reference, and the
+criteria the fit misses (see tests/multilevel_reference.py; empty = all met).  With a split column it
+also fits the rows split over sites by that column (one site per level) and prints the largest
+difference from the pooled fit (estimates, SEs, SDs, logLik) -- or the refusal, for the shared-factor
+cases whose levels are at several sites.  ``--iterative`` adds the iterative method's rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from multilevel_reference import cases, compare, fit, split_sites  # noqa: E402
+
+from fedglmm.errors import FedGLMMError  # noqa: E402
+
+
+def _vector(res):
+    return np.r_[res.fixef.to_numpy(), res.se.to_numpy(), [r.get("sd", r.get("corr")) for r in res.random],
+                 res.residual_sd or 0.0, res.loglik]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--which", default="all")
+    ap.add_argument("--no-split", action="store_true")
+    ap.add_argument("--iterative", action="store_true")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    print(f"{'case':28s} {'rounds':>6s} {'iter':>4s} {'sec':>6s} {'ΔlogLik':>9s} {'split Δ':>9s}  misses")
+    nfail = 0
+    for case in cases(args.which):
+        if args.only and not re.search(args.only, case["name"]):
+            continue
+        t0 = time.perf_counter()
+        try:
+            res = fit(case)
+        except (FedGLMMError, TypeError) as e:
+            print(f"{case['name']:28s} error: {e}")
+            nfail += 1
+            continue
+        sec = time.perf_counter() - t0
+        best = max(r["logLik"] for r in case["refs"] if r.get("loglik_comparable", True) is not False)
+        misses = compare(res, case)
+        it = fit(case, method="iterative").rounds if args.iterative else ""
+        split = ""
+        if case["split"] and not args.no_split:
+            try:
+                sres = fit(case, data=split_sites(case))
+                a, b = _vector(res), _vector(sres)
+                split = f"{np.max(np.abs(a - b) / np.maximum(1, np.abs(a))):.1e}"
+            except FedGLMMError as e:
+                split = "refused"
+                misses = misses + ([] if "present at sites" in str(e) else [f"split: {e}"])
+        nfail += bool(misses)
+        print(f"{case['name']:28s} {res.rounds:6d} {it!s:>4s} {sec:6.2f} {res.loglik - best:9.2e} {split:>9s}  "
+              + "; ".join(misses))
+    print(f"{nfail} case(s) miss a criterion")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""One site's Laplace log-likelihood of a GLMM with several grouping factors (nested or crossed).
+
+Model and notation as in :mod:`fedglmm.likelihood.laplace`, with u holding one q_f-vector per level of
+every factor f and row j touching one level of each: η_j = x_jᵀβ + o_j + Σ_f M_f[j]·u_f[c_f(j)] with
+M_f = Z_f Λ_f, and
+
+    ℓ ≈ h(û) − ½ log det H,    h(u) = Σ_j ℓ_j(η_j) − ½ ‖u‖²,    H = Σ_j w_j m_j m_jᵀ + I,
+
+m_j being row j's column of (ZΛ)ᵀ: lme4's ``glmer(nAGQ = 1)`` objective.  H is sparse; it is factored
+by :mod:`fedglmm.likelihood.sparse` (block elimination along the nested factors, a dense block for the
+crossed ones), never as a dense matrix over all of the site's random effects.
+
+The modes û come from Newton's method on h (H_obs = Σ_j −ℓ″_j m_j m_jᵀ + I), with step halving per
+connected block of random effects (per top-level group of a nested design).  The gradient is analytic,
+as in the single-factor engine: dû/dφ from H_obs dû = ∂(∇_u h)/∂φ, the total derivative of η at the
+mode, and of −½ log det H = −½ tr(H⁻¹ dH), which needs only the entries of H⁻¹ on the pattern of H:
+with Y_f[j] = (H⁻¹ m_j) at row j's level of factor f (:meth:`~fedglmm.likelihood.sparse.Selected.row_products`)
+and lev_j = m_jᵀ H⁻¹ m_j,
+
+    ∂/∂φ_p [−½ log det H] = −½ Σ_j w′_j (dη̂_j/dφ_p) lev_j − [φ_p = θ_t = Λ_f(r, c)] Σ_j w_j z_{f,j,r} Y_f[j, c].
+
+The Hessian is the central difference of the analytic gradient (the modes warm-started along dû/dφ),
+computed inside the site: local work, never a round.  Everything is a sum over the site's rows and
+levels, so sites' numbers add up when every level lives at one site.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..model.families import Family
+from ..model.spec import Design, theta_index
+from .laplace import Evaluation
+from .sparse import Pattern, aggregator
+
+
+class MultiLevelGLMM:
+    """Laplace log-likelihood of one site's rows with several grouping factors, in φ = (β, θ)."""
+
+    def __init__(self, design: Design, family: Family, X: np.ndarray | None = None, curvature: str = "observed"):
+        self.family, self.curvature = family, curvature
+        self.y = np.asarray(design.y, float)
+        self.m = np.asarray(design.trials, float)
+        self.off = np.asarray(design.offset, float)
+        self.X = np.asarray(design.X if X is None else X, float)
+        self.Z = np.asarray(design.Z, float)
+        self.n, self.p = self.X.shape
+        facs = design.groupings
+        self.names = [f.name for f in facs]
+        self.levels = [list(f.levels) for f in facs]
+        self.codes = [np.asarray(f.codes, dtype=np.int64) for f in facs]
+        self.cols = [np.asarray(f.columns) for f in facs]
+        self.G = [len(lv) for lv in self.levels]
+        self.pat = Pattern(self.codes, self.G, [len(c) for c in self.cols])
+        self.agg = [aggregator(c, g) for c, g in zip(self.codes, self.G)]
+        self.theta_r, self.theta_c = theta_index(design.theta_mask)
+        self.ntheta = len(self.theta_r)
+        # each θ entry's factor and its column within the factor
+        self.theta_f = np.array([next(i for i, c in enumerate(self.cols) if col in c) for col in self.theta_c], int)
+        self.theta_lc = np.array([int(np.flatnonzero(self.cols[f] == col)[0])
+                                  for f, col in zip(self.theta_f, self.theta_c)], int)
+        self._components()
+        self.const = family.constant(self.y, self.m)
+        self.u = [np.zeros((g, len(c))) for g, c in zip(self.G, self.cols)]
+
+    def _components(self):
+        """Connected blocks of random effects for step halving: a nested design's top-level groups."""
+        pat = self.pat
+        if pat.nested:
+            top = pat.chain[-1]
+            self.ncomp = self.G[top]
+            self.row_comp = self.codes[top]
+            self.level_comp = [None] * len(self.G)
+            for k, f in enumerate(pat.chain):
+                self.level_comp[f] = pat.par[k][len(pat.chain) - 1] if f != top else np.arange(self.G[f])
+        else:
+            self.ncomp, self.row_comp = 1, np.zeros(self.n, dtype=np.int64)
+            self.level_comp = [np.zeros(g, dtype=np.int64) for g in self.G]
+
+    @property
+    def nparams(self) -> int:
+        return self.p + self.ntheta
+
+    def lambdas(self, theta: np.ndarray) -> list:
+        """Λ_f of every factor (its block of the block-diagonal Λ)."""
+        lam = np.zeros((self.Z.shape[1],) * 2)
+        lam[self.theta_r, self.theta_c] = theta
+        return [lam[np.ix_(c, c)] for c in self.cols]
+
+    def _eta(self, eta0, M, u):
+        return eta0 + sum(np.einsum("jc,jc->j", Mf, uf[c]) for Mf, uf, c in zip(M, u, self.codes))
+
+    def _h(self, eta, u):
+        """h per connected block."""
+        val = np.bincount(self.row_comp, self.family.loglik(self.y, self.m, eta), self.ncomp)
+        for uf, comp in zip(u, self.level_comp):
+            val -= 0.5 * np.bincount(comp, np.sum(uf * uf, axis=1), self.ncomp)
+        return val
+
+    def _grad_u(self, M, d1, u):
+        return [_rows(a, Mf * d1[:, None]) - uf for a, Mf, uf in zip(self.agg, M, u)]
+
+    def _modes(self, eta0, M, u):
+        """Newton on h with step halving per connected block; returns (û, η at û)."""
+        fam = self.family
+        u = [x.copy() for x in u]
+        eta = self._eta(eta0, M, u)
+        h = None
+        for _ in range(100):
+            d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
+            grad = self._grad_u(M, d1, u)
+            step = self.pat.factor(self.pat.assemble(-d2, M)).solve(grad)
+            dec = sum(np.bincount(c, np.sum(g * s, axis=1), self.ncomp) for g, s, c in zip(grad, step, self.level_comp))
+            biggest = max(float(np.max(np.abs(s))) for s in step)
+            if np.max(dec) < 1e-8:
+                u = [a + s for a, s in zip(u, step)]
+                eta = self._eta(eta0, M, u)
+                if biggest < 1e-10:
+                    break
+                h = None
+                continue
+            if h is None:
+                h = self._h(eta, u)
+            t = np.ones(self.ncomp)
+            for _ in range(40):
+                u_new = [a + t[c][:, None] * s for a, s, c in zip(u, step, self.level_comp)]
+                eta_new = self._eta(eta0, M, u_new)
+                h_new = self._h(eta_new, u_new)
+                worse = h_new < h - 1e-12 * (1.0 + np.abs(h))
+                if not worse.any():
+                    break
+                t = np.where(worse, 0.5 * t, t)
+            u, eta, h = u_new, eta_new, h_new
+            if biggest * float(np.max(t)) < 1e-10:
+                break
+        return u, eta
+
+    # --- value and gradient ---------------------------------------------------------------------
+    def value_grad(self, phi: np.ndarray, u0=None, grad: bool = True):
+        """Log-likelihood, gradient and auxiliaries (modes û, dû/dφ, the factor of H) at φ = (β, θ)."""
+        phi = np.asarray(phi, float)
+        beta, theta = phi[: self.p], phi[self.p:]
+        eta0 = self.X @ beta + self.off
+        lams = self.lambdas(theta)
+        M = [self.Z[:, c] @ lam for c, lam in zip(self.cols, lams)]
+        u, eta = self._modes(eta0, M, self.u if u0 is None else u0)
+        fam = self.family
+        w, w1, _ = fam.curvature(self.y, self.m, eta, self.curvature)
+        H = self.pat.factor(self.pat.assemble(w, M))
+        hval = float(np.sum(fam.loglik(self.y, self.m, eta))) - 0.5 * sum(float(np.sum(x * x)) for x in u)
+        value = hval - 0.5 * H.logdet + self.const
+        aux = {"u": u, "eta": eta, "lams": lams, "H": H}
+        if not grad:
+            return value, None, aux
+        d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
+        E = self._deta_fixed_u(u)
+        C = [_rows(a, (d2[:, None, None] * Mf[:, :, None]) * E[:, None, :]) for a, Mf in zip(self.agg, M)]
+        for t in range(self.ntheta):
+            f, r = self.theta_f[t], self.theta_r[t]
+            C[f][:, self.theta_lc[t], self.p + t] += self.agg[f] @ (d1 * self.Z[:, r])
+        # observed curvature (and any canonical link): H is H_obs
+        Hobs = H if (fam.canonical or self.curvature == "observed") else self.pat.factor(self.pat.assemble(-d2, M))
+        dU = Hobs.solve(C)
+        deta = E + sum(np.einsum("jc,jcp->jp", Mf, d[c]) for Mf, d, c in zip(M, dU, self.codes))
+        Y = H.selected_inverse().row_products(M)
+        lev = sum(np.sum(Mf * Yf, axis=1) for Mf, Yf in zip(M, Y))
+        gr = E.T @ d1 - 0.5 * (w1 * lev) @ deta
+        for t in range(self.ntheta):
+            f = self.theta_f[t]
+            gr[self.p + t] -= np.sum(w * self.Z[:, self.theta_r[t]] * Y[f][:, self.theta_lc[t]])
+        aux["dU"] = dU
+        return value, gr, aux
+
+    def _deta_fixed_u(self, u) -> np.ndarray:
+        """∂η/∂φ at fixed u: X for β, z_{f,j,r} u_f[c_f(j), c] for θ_t = Λ_f(r, c)."""
+        E = np.empty((self.n, self.p + self.ntheta))
+        E[:, : self.p] = self.X
+        for t in range(self.ntheta):
+            f = self.theta_f[t]
+            E[:, self.p + t] = self.Z[:, self.theta_r[t]] * u[f][self.codes[f], self.theta_lc[t]]
+        return E
+
+    # --- the site's reply -----------------------------------------------------------------------
+    def evaluate(self, phi: np.ndarray, hess: bool = True, step: float = 1e-5) -> Evaluation:
+        """Value, analytic gradient and (central differences of the gradient) Hessian at φ; NaN where the
+        likelihood cannot be evaluated (the coordinator then steps shorter), as the single-factor engine."""
+        phi = np.asarray(phi, float)
+        u_prev = [x.copy() for x in self.u]
+        for warm in (True, False):
+            if not warm:
+                if not any(np.any(x) for x in u_prev):
+                    break
+                self.u = [np.zeros_like(x) for x in u_prev]
+            try:
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    ev = self._evaluate(phi, hess, step)
+                ok = np.isfinite(ev.value) and np.all(np.isfinite(ev.grad)) and \
+                    (ev.hess is None or np.all(np.isfinite(ev.hess)))
+            except (np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError, ValueError):
+                ok = False
+            if ok:
+                return ev
+        self.u = u_prev
+        P = len(phi)
+        return Evaluation(np.nan, np.full(P, np.nan), np.full((P, P), np.nan) if hess else None)
+
+    def _evaluate(self, phi, hess, step):
+        value, gr, aux = self.value_grad(phi)
+        u, dU = aux["u"], aux["dU"]
+        self.u = u
+        if not hess:
+            return Evaluation(value, gr)
+        P = len(phi)
+        Hs = np.empty((P, P))
+        for t in range(P):
+            h = step * (1.0 + abs(phi[t]))
+            e = np.zeros(P)
+            e[t] = h
+            gp = self.value_grad(phi + e, u0=[a + h * d[:, :, t] for a, d in zip(u, dU)])[1]
+            gm = self.value_grad(phi - e, u0=[a - h * d[:, :, t] for a, d in zip(u, dU)])[1]
+            Hs[:, t] = (gp - gm) / (2.0 * h)
+        return Evaluation(value, gr, 0.5 * (Hs + Hs.T))
+
+    def conditional_modes(self, phi: np.ndarray) -> tuple[dict, dict]:
+        """Each factor's conditional modes b̂_f = Λ_f û_f and SDs sqrt(diag(Λ_f Σ_ff Λ_fᵀ)), by factor name."""
+        _, _, aux = self.value_grad(phi, grad=False)
+        diag = aux["H"].selected_inverse().diagonal_blocks()
+        modes, sds = {}, {}
+        for name, lam, uf, S in zip(self.names, aux["lams"], aux["u"], diag):
+            modes[name] = uf @ lam.T
+            cov = lam @ S @ lam.T
+            sds[name] = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
+        return modes, sds
+
+    # --- the engine interface (see :mod:`fedglmm.likelihood.engine`) ----------------------------
+    def sums(self, point: np.ndarray) -> dict:
+        ev = self.evaluate(point, hess=True)
+        return {"value": ev.value, "grad": ev.grad, "hess": ev.hess}
+
+    def modes(self, point: np.ndarray, beta=None, sigma=None) -> tuple[dict, dict]:
+        return self.conditional_modes(point)
+
+
+def _rows(agg, a: np.ndarray) -> np.ndarray:
+    """Sums of the rows of ``a`` (n, ...) by the aggregator's index: (levels, ...)."""
+    out = agg @ a.reshape(a.shape[0], -1)
+    return np.asarray(out).reshape(agg.shape[0], *a.shape[1:])

@@ -1,0 +1,104 @@
+"""The set-up sums a site sends for starting values: totals over its rows and groups, nothing per row
+or group (what the coordinator makes of them: :mod:`fedglmm.likelihood.starts` and, with several grouping
+factors, :mod:`fedglmm.likelihood.factor_starts`)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..model.families import Family
+from ..model.spec import Design
+from .sparse import _unique_pairs, aggregator
+
+MOMENT_KEYS = ("mom_ss", "mom_st", "mom_tt", "mom_ww", "mom_w")
+BINOMIAL_KEYS = ("st_aa", "st_ab", "st_bb", "st_at", "st_bt", "st_tt", "st_ww", "st_w")
+
+
+def start_sums(d, family) -> dict:
+    """Sums for starting values, summed over the site's rows and groups (nothing per row or group).
+
+    Binomial: one IRLS step from the intercept-only model η = c.  With a constant start, μ_j = m_j μ(c),
+    the IRLS weight is m_j μ'(c)²/V(μ(c)) and w_j z_j is a fixed combination of y_j and m_j, so the step
+    needs only XᵀMX, Xᵀm and Xᵀy, whatever c the coordinator picks (c = link(Σy / Σm)); for the first
+    estimate of Σ the same holds per group, through the moments of A_g = Σ ζ_j y_j, B_g = Σ ζ_j m_j,
+    T_g = Σ m_j ζ_j x_jᵀ and W_g = Σ m_j ζ_j ζ_jᵀ (see :func:`fedglmm.likelihood.starts.null_step_start`).
+
+    Poisson: one IRLS step from μ = y + ½ (near each count, so log y is linearised where it is accurate
+    even for large random-effect variances), with the moments of the working residuals per group (see
+    :func:`fedglmm.likelihood.starts.moment_start`).
+    """
+    y, X, Zm = d.y, d.X, d.Z
+    st = d.starts
+    if family.name == "binomial":
+        v = d.trials
+        out = {"st_xvx": (X * v[:, None]).T @ X, "st_xv": X.T @ v, "st_xy": X.T @ y,
+               "st_sy": float(y.sum()), "st_sv": float(v.sum())}
+        if Zm.shape[1]:
+            A_g = np.add.reduceat(Zm * y[:, None], st, axis=0)                                  # (G, q)
+            B_g = np.add.reduceat(Zm * v[:, None], st, axis=0)
+            T_g = np.add.reduceat((Zm * v[:, None])[:, :, None] * X[:, None, :], st, axis=0)  # (G, q, p)
+            W_g = np.add.reduceat((Zm * v[:, None])[:, :, None] * Zm[:, None, :], st, axis=0)  # (G, q, q)
+            out.update({"st_aa": A_g.T @ A_g, "st_ab": A_g.T @ B_g, "st_bb": B_g.T @ B_g,
+                        "st_at": np.einsum("ga,gbk->abk", A_g, T_g), "st_bt": np.einsum("ga,gbk->abk", B_g, T_g),
+                        "st_tt": np.einsum("gak,gbl->akbl", T_g, T_g),
+                        "st_ww": np.einsum("gab,gcd->abcd", W_g, W_g), "st_w": W_g.sum(axis=0)})
+        return out
+    eta = family.linkfun(y + 0.5)
+    d1, _, w, _ = family.derivs(y, d.trials, eta)
+    z = eta + d1 / w - d.offset            # IRLS working response
+    out = {"xtwx": (X * w[:, None]).T @ X, "xtwz": X.T @ (w * z)}
+    if Zm.shape[1]:
+        out.update(working_moments(Zm, X, w, z, st))
+    return out
+
+
+def working_moments(Zm, X, w, z, st) -> dict:
+    """The per-group moments of the working residuals (keys ``mom_*``, see :func:`start_sums`); the rows
+    are sorted by group and ``st`` are the groups' first rows."""
+    s_g = np.add.reduceat(Zm * (w * z)[:, None], st, axis=0)                        # (G, q)
+    T_g = np.add.reduceat((Zm * w[:, None])[:, :, None] * X[:, None, :], st, axis=0)  # (G, q, p)
+    W_g = np.add.reduceat((Zm * w[:, None])[:, :, None] * Zm[:, None, :], st, axis=0)  # (G, q, q)
+    return {"mom_ss": s_g.T @ s_g, "mom_st": np.einsum("ga,gbk->abk", s_g, T_g),
+            "mom_tt": np.einsum("gak,gbl->akbl", T_g, T_g),
+            "mom_ww": np.einsum("gab,gcd->abcd", W_g, W_g), "mom_w": W_g.sum(axis=0)}
+
+
+def factor_start_sums(d: Design, family: Family) -> dict:
+    """The set-up sums for starting values with several grouping factors: the single-factor sums for each
+    factor i alone (its columns, its levels as the groups; keys suffixed ``.i``), the sums without Z once,
+    and the cross-products of each pair of factors i < k (``…_ww.i.k``)."""
+    out = {}
+    X = d.X
+    if family.name == "gaussian":
+        y = d.y - d.offset
+        out.update({"xty": X.T @ y, "yty": float(y @ y)})
+        w, z = np.ones(d.n), y
+    elif family.name == "binomial":
+        w, z = d.trials, None
+    else:
+        eta = family.linkfun(d.y + 0.5)
+        d1, _, w, _ = family.derivs(d.y, d.trials, eta)
+        z = eta + d1 / w - d.offset
+    zkeys = BINOMIAL_KEYS if family.name == "binomial" else MOMENT_KEYS
+    for i, f in enumerate(d.factors):
+        order = np.argsort(f.codes, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(f.codes[order]) != 0])
+        Zf = d.Z[order][:, f.columns]
+        if family.name == "gaussian":
+            sums = working_moments(Zf, X[order], w[order], z[order], starts)
+        else:
+            sub = Design(y=d.y[order], trials=d.trials[order], offset=d.offset[order], X=X[order], Z=Zf,
+                         group=f.codes[order], group_levels=f.levels, x_names=d.x_names,
+                         z_names=[d.z_names[c] for c in f.columns],
+                         theta_mask=d.theta_mask[np.ix_(f.columns, f.columns)])
+            sums = start_sums(sub, family)
+        out.update({(f"{k}.{i}" if k in zkeys else k): v for k, v in sums.items()})
+    key = "st_ww" if family.name == "binomial" else "mom_ww"
+    for i, fi in enumerate(d.factors):
+        for k in range(i + 1, len(d.factors)):
+            fk = d.factors[k]
+            _, _, row = _unique_pairs(fi.codes, fk.codes, len(fk.levels))
+            prod = (w[:, None] * d.Z[:, fi.columns])[:, :, None] * d.Z[:, fk.columns][:, None, :]
+            C = aggregator(row, int(row.max()) + 1) @ prod.reshape(d.n, -1)
+            C = np.asarray(C).reshape(-1, fi.q, fk.q)
+            out[f"{key}.{i}.{k}"] = np.einsum("pab,pdc->abcd", C, C)
+    return out

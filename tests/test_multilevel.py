@@ -1,0 +1,329 @@
+"""Several grouping factors (nested and crossed): the sparse factor, the engines and the fits.
+
+* the block Cholesky of H (:mod:`fedglmm.likelihood.sparse`) against dense linear algebra: log det,
+  solves, the selected inverse, for nested, crossed and mixed patterns;
+* the Laplace engine's analytic gradient against central differences of its value, and its Hessian
+  against second differences of the value; its value against a brute-force Laplace approximation (dense
+  H, modes by scipy); on a single-factor design it equals the batched single-factor engine;
+* the exact LMM sums against the dense V = I + ZΛΛᵀZᵀ, their θ-derivatives against differences;
+* fits against lme4 and glmmTMB (the shared multi-level cases and a subset of the held-out ones; all of
+  them: ``benchmarks/parity_multilevel.py``), the same data split over sites by its top-level factor,
+  and the refusals (a level at two sites, quadrature, one-shot).
+"""
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import optimize
+
+try:
+    import fedglmm  # noqa: F401
+except ImportError:      # not installed: run from the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from multilevel_reference import cases, compare, fit, split_sites
+
+from fedglmm.coordinator.schema import merge_schema
+from fedglmm.errors import FedGLMMError, InputError, SchemaError
+from fedglmm.likelihood.laplace import GLMMLikelihood
+from fedglmm.likelihood.lmm import LMMSums
+from fedglmm.likelihood.lmm_sparse import MultiLMMSums
+from fedglmm.likelihood.multilevel import MultiLevelGLMM
+from fedglmm.likelihood.sparse import Pattern
+from fedglmm.model.design import build_design, describe_frame
+from fedglmm.model.families import get_family
+from fedglmm.model.formula import parse_formula
+
+DATA = Path(__file__).parent / "data"
+HELDOUT = DATA / "heldout" / "multilevel"
+CASES = {c["name"]: c for c in cases()}
+
+
+@lru_cache(maxsize=None)
+def design(path, formula, family="poisson", link=None, rows=None):
+    df = pd.read_csv(path)
+    if rows:
+        df = df.iloc[:rows]
+    spec, fam = parse_formula(formula), get_family(family, link)
+    schema = merge_schema({"s": describe_frame(df, spec, "s")}, spec, fam)
+    return build_design(spec, schema, df, fam, "s"), fam
+
+
+def dense(codes, G, q, w, M):
+    """H = Σ w m mᵀ + I as a dense matrix, with the rows' m and each factor's offset."""
+    offs = np.cumsum([0] + [g * k for g, k in zip(G, q)])
+    n = len(w)
+    Mfull = np.zeros((n, offs[-1]))
+    for f in range(len(G)):
+        for a in range(q[f]):
+            Mfull[np.arange(n), offs[f] + codes[f] * q[f] + a] = M[f][:, a]
+    return Mfull.T @ (w[:, None] * Mfull) + np.eye(offs[-1]), offs, Mfull
+
+
+def patterns():
+    rng = np.random.default_rng(1)
+    ward = np.repeat(np.arange(4), 15)
+    patient = np.repeat(np.arange(20), 3)
+    perm = rng.permutation(60)
+    n = 90
+    p2, item = rng.integers(0, 15, n), rng.integers(0, 5, n)
+    p2[:15], item[:5] = np.arange(15), np.arange(5)
+    c = rng.integers(0, 4, n)
+    c[:4] = np.arange(4)
+    a, b = rng.integers(0, 12, 80), rng.integers(0, 7, 80)
+    a, b = np.r_[a, np.arange(12)], np.r_[b, np.arange(12) % 7]
+    return {"nested3": ([patient[perm], ward[perm], np.arange(60)], [20, 4, 60], [2, 1, 1]),
+            "crossed": ([a, b], [12, 7], [1, 2]),
+            "chain+tail": ([np.arange(n), p2, item], [n, 15, 5], [1, 2, 1]),
+            "three crossed": ([p2, item, c], [15, 5, 4], [1, 1, 2])}
+
+
+@pytest.mark.parametrize("name", list(patterns()))
+def test_block_cholesky_against_dense(name):
+    codes, G, q = patterns()[name]
+    rng = np.random.default_rng(2)
+    n = len(codes[0])
+    w = rng.uniform(0.2, 2.0, n)
+    M = [rng.normal(size=(n, k)) for k in q]
+    pat = Pattern(codes, G, q)
+    F = pat.factor(pat.assemble(w, M))
+    H, offs, Mfull = dense(codes, G, q, w, M)
+    assert abs(F.logdet - np.linalg.slogdet(H)[1]) < 1e-10
+    b = [rng.normal(size=(g, k)) for g, k in zip(G, q)]
+    x = np.concatenate([v.ravel() for v in F.solve(b)])
+    assert np.allclose(x, np.linalg.solve(H, np.concatenate([v.ravel() for v in b])), atol=1e-12)
+    Hi = np.linalg.inv(H)
+    S = F.selected_inverse()
+    for f, blocks in enumerate(S.diagonal_blocks()):
+        for lv in range(G[f]):
+            i = slice(offs[f] + lv * q[f], offs[f] + (lv + 1) * q[f])
+            assert np.allclose(blocks[lv], Hi[i, i], atol=1e-12)
+    Y, Yd = S.row_products(M), Mfull @ Hi
+    for f in range(len(G)):
+        for a in range(q[f]):
+            assert np.allclose(Y[f][:, a], Yd[np.arange(n), offs[f] + codes[f] * q[f] + a], atol=1e-12)
+
+
+def test_nested_factors_form_a_chain_and_crossed_ones_a_tail():
+    pats = patterns()
+    assert Pattern(*pats["nested3"]).nested and Pattern(*pats["nested3"]).chain == [2, 0, 1]
+    crossed = Pattern(*pats["crossed"])
+    assert crossed.chain == [0] and crossed.tail == [1] and crossed.R == 14
+
+
+ENGINE_CASES = {
+    "nested": (DATA / "grouseticks.csv", "TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | LOCATION)", "poisson", None),
+    "olre": (DATA / "cbpp_obs.csv", "cbind(incidence, size - incidence) ~ period + (1 | herd) + (1 | obs)",
+             "binomial", None),
+    "crossed slope": (HELDOUT / "sim_crossed_pois_slope.csv", "y ~ x + (1 + x | subject) + (1 | item)", "poisson", None),
+    "nested slopes probit": (HELDOUT / "sim_mc_binary.csv", "y ~ time + (1 + time | patient) + (1 | hospital)",
+                             "binomial", "probit"),
+}
+
+
+def _point(eng, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.r_[rng.normal(scale=0.2, size=eng.p), 0.3 + 0.4 * rng.random(eng.ntheta)]
+
+
+@pytest.mark.parametrize("key", list(ENGINE_CASES))
+def test_gradient_and_hessian_against_differences(key):
+    path, formula, family, link = ENGINE_CASES[key]
+    d, fam = design(path, formula, family, link, rows=600)
+    eng = MultiLevelGLMM(d, fam)
+    phi = _point(eng)
+    ev = eng.evaluate(phi)
+
+    def value(x):
+        return eng.value_grad(x, grad=False)[0]
+
+    P = len(phi)
+    fd, fd2 = np.zeros(P), np.zeros((P, P))
+    for i in range(P):
+        h = 1e-5 * (1 + abs(phi[i]))
+        e = np.zeros(P)
+        e[i] = h
+        fd[i] = (value(phi + e) - value(phi - e)) / (2 * h)
+    assert np.allclose(ev.grad, fd, rtol=1e-6, atol=1e-6 * np.max(np.abs(fd)))
+    for i in range(P):
+        for j in range(i, P):
+            h = 1e-3
+            ei, ej = np.eye(P)[i] * h, np.eye(P)[j] * h
+            fd2[i, j] = fd2[j, i] = (value(phi + ei + ej) - value(phi + ei - ej) - value(phi - ei + ej)
+                                     + value(phi - ei - ej)) / (4 * h * h)
+    assert np.allclose(ev.hess, fd2, rtol=1e-3, atol=1e-4 * np.max(np.abs(fd2)))
+
+
+def test_expected_curvature_gradient():
+    path, formula, family, link = ENGINE_CASES["nested slopes probit"]
+    d, fam = design(path, formula, family, link, rows=400)
+    eng = MultiLevelGLMM(d, fam, curvature="expected")
+    phi = _point(eng, 3)
+    g = eng.value_grad(phi)[1]
+    fd = np.array([(eng.value_grad(phi + e, grad=False)[0] - eng.value_grad(phi - e, grad=False)[0]) / 2e-6
+                   for e in np.eye(len(phi)) * 1e-6])
+    assert np.allclose(g, fd, rtol=1e-5, atol=1e-5 * np.max(np.abs(fd)))
+
+
+def test_single_factor_design_equals_the_batched_engine():
+    d, fam = design(DATA / "contraception.csv", "use ~ age + urban + (1 + urban | district)", "binomial")
+    batched, sparse = GLMMLikelihood(d, fam), MultiLevelGLMM(d, fam)
+    phi = np.r_[-0.2, 0.01, 0.5, 0.6, -0.3, 0.4]
+    a, b = batched.evaluate(phi), sparse.evaluate(phi)
+    assert abs(a.value - b.value) < 1e-9 and np.allclose(a.grad, b.grad, atol=1e-8)
+    assert np.allclose(a.hess, b.hess, rtol=1e-5, atol=1e-5)
+    (m1, s1), (m2, s2) = batched.conditional_modes(phi), sparse.conditional_modes(phi)
+    assert np.allclose(m1, m2["district"], atol=1e-8) and np.allclose(s1, s2["district"], atol=1e-8)
+
+
+def test_laplace_value_against_brute_force_on_a_crossed_design():
+    """h(û) − ½ log det H with û found by scipy on the dense problem."""
+    d, fam = design(DATA / "penicillin.csv", "I(diameter > 23) ~ 1 + (1 | plate) + (1 | sample)", "binomial",
+                    rows=None)
+    eng = MultiLevelGLMM(d, fam)
+    phi = np.array([0.3, 0.8, 1.1])
+    value = eng.value_grad(phi, grad=False)[0]
+    lams = eng.lambdas(phi[1:])
+    M = [d.Z[:, c] @ lam for c, lam in zip(eng.cols, lams)]
+    eta0 = d.X @ phi[:1]
+
+    def h(u):
+        parts = np.split(u, np.cumsum(eng.G)[:-1])
+        eta = eta0 + sum(Mf[:, 0] * p[c] for Mf, p, c in zip(M, parts, eng.codes))
+        return -(np.sum(fam.loglik(d.y, d.trials, eta)) - 0.5 * u @ u)
+
+    u = optimize.minimize(h, np.zeros(sum(eng.G)), method="BFGS", options={"gtol": 1e-10}).x
+    parts = np.split(u, np.cumsum(eng.G)[:-1])
+    eta = eta0 + sum(Mf[:, 0] * p[c] for Mf, p, c in zip(M, parts, eng.codes))
+    w = fam.curvature(d.y, d.trials, eta)[0]
+    H = dense(eng.codes, eng.G, [1, 1], w, M)[0]
+    brute = -h(u) - 0.5 * np.linalg.slogdet(H)[1] + fam.constant(d.y, d.trials)
+    assert abs(value - brute) < 1e-6
+
+
+@pytest.mark.parametrize("path, formula", [
+    (HELDOUT / "pastes.csv", "strength ~ 1 + (1 | batch/cask)"),
+    (DATA / "penicillin.csv", "diameter ~ 1 + (1 | plate) + (1 | sample)"),
+    (HELDOUT / "sim_gauss3.csv", "y ~ time + trt + (1 + time | patient) + (1 + time | hospital)"),
+])
+def test_lmm_sums_against_the_dense_covariance(path, formula):
+    d, _ = design(path, formula, "gaussian", rows=400)
+    eng = MultiLMMSums(d)
+    theta = 0.4 + 0.5 * np.random.default_rng(0).random(eng.ntheta)
+    out = eng.evaluate(theta)
+    M = [d.Z[:, cols] @ lam for cols, lam in zip(eng.cols, eng.lambdas(theta))]
+    ZL = dense(eng.codes, eng.G, [len(c) for c in eng.cols], np.ones(d.n), M)[2]      # rows of ZΛ
+    Vi = np.linalg.inv(np.eye(d.n) + ZL @ ZL.T)
+    y = d.y
+    assert np.allclose(out["A"], d.X.T @ Vi @ d.X, rtol=1e-9)
+    assert np.allclose(out["b"], d.X.T @ Vi @ y, rtol=1e-9)
+    assert abs(out["c"] - y @ Vi @ y) < 1e-9 * abs(out["c"])
+    assert abs(out["d"] + np.linalg.slogdet(Vi)[1]) < 1e-8
+    for t in range(eng.ntheta):
+        h = 1e-6
+        e = np.eye(eng.ntheta)[t] * h
+        up, dn = eng.evaluate(theta + e, order=1), eng.evaluate(theta - e, order=1)
+        for key in ("A", "b", "c", "d"):
+            fd = (np.asarray(up[key]) - np.asarray(dn[key])) / (2 * h)
+            assert np.allclose(out["d" + key][t], fd, rtol=1e-5, atol=1e-6 * (1 + np.max(np.abs(fd))))
+            fd2 = (np.asarray(up["d" + key]) - np.asarray(dn["d" + key])) / (2 * h)
+            assert np.allclose(out["d2" + key][t], fd2,
+                               rtol=1e-4, atol=1e-4 * (1 + np.max(np.abs(fd2))))
+
+
+def test_lmm_sums_single_factor_equal_the_batched_sums():
+    d, _ = design(DATA / "sleepstudy.csv", "Reaction ~ Days + (Days | Subject)", "gaussian")
+    theta = np.array([0.9, 0.1, 0.3])
+    a, b = LMMSums(d).evaluate(theta), MultiLMMSums(d).evaluate(theta)
+    for key in ("A", "b", "c", "d", "dA", "db", "dc", "dd"):
+        assert np.allclose(a[key], b[key], rtol=1e-9), key
+    for key in ("d2A", "d2b", "d2c", "d2d"):
+        assert np.allclose(a[key], b[key], rtol=1e-5, atol=1e-6 * np.max(np.abs(a[key]))), key
+
+
+# --- fits against lme4 and glmmTMB ----------------------------------------------------------------
+
+PARITY = ["grouseticks_nested", "grouseticks_olre", "cbpp_olre", "penicillin_crossed", "penicillin_crossed_ml",
+          "pastes_nested_reml", "oats_splitplot_ml", "sim_mc_binary_uncorr", "sim_pois_ward_slash", "epil_olre",
+          "mmmec_olre", "sim_binom_agg_la", "sim_gauss3_hslope_ml", "sim_crossed_binom_la", "scotssec_reml",
+          "sim_gauss_singular_reml"]
+
+
+@pytest.fixture(scope="module")
+def fits():
+    return {}
+
+
+def _fit(fits, name):
+    if name not in fits:
+        fits[name] = fit(CASES[name])
+    return fits[name]
+
+
+@pytest.mark.parametrize("name", PARITY)
+def test_parity_with_lme4_and_glmmtmb(name, fits):
+    res = _fit(fits, name)
+    assert compare(res, CASES[name]) == []
+    assert res.rounds <= 10
+
+
+@pytest.mark.parametrize("name, k", [("grouseticks_olre", 3), ("sim_mc_binary_uncorr", 6), ("pastes_inter_ml", 4)])
+def test_split_over_sites_gives_the_pooled_fit(name, k, fits):
+    pooled = _fit(fits, name)
+    split = fit(CASES[name], data=split_sites(CASES[name], k))
+    assert split.nsites > 1
+    assert abs(split.loglik - pooled.loglik) < 1e-8 * max(1, abs(pooled.loglik))
+    assert np.allclose(split.fixef, pooled.fixef, rtol=1e-8, atol=1e-8)
+    assert np.allclose([r.get("sd", r.get("corr")) for r in split.random],
+                       [r.get("sd", r.get("corr")) for r in pooled.random], rtol=1e-7, atol=1e-8)
+    assert np.allclose(split.se, pooled.se, rtol=1e-6)
+
+
+def test_a_level_at_two_sites_is_refused_naming_factor_level_and_sites():
+    case = CASES["sim_items_pois"]
+    with pytest.raises(SchemaError) as e:
+        fit(case, data=split_sites(case))
+    assert str(e.value).startswith("group 'item' level ") and "is present at sites 's" in str(e.value)
+
+
+def test_quadrature_and_oneshot_need_a_single_grouping_factor():
+    case = CASES["sim_pois_ward"]
+    with pytest.raises(InputError, match="nagq > 1 .* needs a single grouping factor"):
+        fit(case, nagq=5)
+    with pytest.raises(FedGLMMError, match="one-shot method fits models with one grouping factor"):
+        fit(case, method="oneshot")
+
+
+def test_results_per_factor(fits):
+    res = _fit(fits, "sim_pois_ward_slash")
+    modes, sds = res.ranef(condvar=True)
+    assert set(modes) == {"ward", "patient:ward"} == set(res.ngroups)
+    assert modes["ward"].shape == (20, 1) and modes["patient:ward"].shape == (res.ngroups["patient:ward"], 1)
+    assert (sds["ward"].to_numpy() > 0).all()
+    text = res.summary()
+    assert " ward " in text and " patient:ward " in text and "patient:ward, 278" in text
+    js = res.to_dict()
+    assert set(js["ranef"]) == {"ward", "patient:ward"} and js["ngroups"] == res.ngroups
+    df = pd.read_csv(CASES["sim_pois_ward_slash"]["data"])
+    new = df.iloc[:3].copy()
+    eta = res.predict(new)
+    ward = modes["ward"].loc[new.ward.astype(str)].to_numpy()[:, 0]
+    pw = modes["patient:ward"].loc[(new.patient.astype(str) + ":" + new.ward.astype(str))].to_numpy()[:, 0]
+    assert np.allclose(eta, res.predict(new, conditional=False) + ward + pw)
+    new.loc[:, "ward"] = "unseen"                       # a new ward: its effect and its patients' are 0
+    assert np.allclose(res.predict(new), res.predict(new, conditional=False))
+
+
+def test_min_group_withholds_each_factors_small_levels():
+    from fedglmm.site import SiteConfig
+
+    case = CASES["sim_pois_ward"]
+    res = fit(case, site_config=SiteConfig(min_rows=0, min_cell=0, max_params_per_row=1.0, min_group=8))
+    modes = res.ranef()
+    held = res.withheld
+    assert "ward:patient" in held and "ward" not in held
+    assert modes["ward:patient"].loc[held["ward:patient"]].isna().all().all()
+    assert not modes["ward"].isna().any().any()
