@@ -14,8 +14,12 @@ Request kinds (coordinator → site) and what the site answers (``describe``, ``
 ``na_action: "fail"`` when the fit refuses missing values; without it a site omits its rows with a missing
 value in a used column and reports how many as ``omitted`` in its description, only when there are any):
 
-* ``describe`` {formula}: the site's columns, kinds, factor levels, grouping levels and row count;
-* ``setup`` {formula, family, link, nagq, reml, schema}: builds the design; answers counts, column
+* ``describe`` {formula}: the site's columns, kinds, factor levels, grouping levels and row count; for a
+  formula with stateful transforms (``center(x)``, ``poly(x, 2)``, ...) also ``transforms``: per call, the
+  count and sums of powers of its argument (:mod:`fedglmm.model.transforms`), from which the coordinator
+  pools one state per call;
+* ``setup`` {formula, family, link, nagq, reml, schema}: builds the design (``schema`` carries the
+  transforms' pooled state as ``transforms`` when the formula has any); answers counts, column
   moments for scaling and the sums of a one-step linearised fit used as starting values;
 * ``evaluate`` {points, transform, zscale}: for each point (φ = (β, θ), or θ for gaussian models) the
   log-likelihood sums: value, gradient, Hessian (gaussian: the cross-product sums A, b, c, d and their
@@ -23,7 +27,7 @@ value in a used column and reports how many as ``omitted`` in its description, o
 * ``finalize`` {point, transform, zscale, ...}: the same sums at the final estimate, and each group's
   conditional modes and conditional standard deviations (a site with rules sends them only for groups
   of at least its ``min_group`` and lists the others under ``withheld``);
-* ``oneshot`` {formula, family, link, order}: the site's whole one-shot message (its description, set-up
+* ``oneshot`` {formula, family, link, order[, transforms]}: the site's whole one-shot message (its description, set-up
   sums and per-group summaries, see :func:`fedglmm.site.summaries.summarize`), or its refusal to send
   per-group summaries for groups below its minimum size;
 * ``inspect`` {what, point, transform, zscale, beta_internal, sigma, seed, ...} (after a fit): for each

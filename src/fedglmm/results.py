@@ -288,29 +288,22 @@ class FitResult:
                     if m.isna().all(axis=1).any()}
         return list(self.modes.index[self.modes.isna().all(axis=1).to_numpy()])
 
-    def predict(self, newdata: pd.DataFrame, conditional: bool = True, type: str = "link") -> np.ndarray:
-        """Predictions for new rows: on the link scale (lme4's default) or ``type="response"``.
+    def predict(self, newdata: pd.DataFrame | None = None, type: str = "link", conditional: bool = True
+                ) -> pd.Series:
+        """Predictions for new rows, a Series indexed like ``newdata``: on the link scale (lme4's default) or
+        ``type="response"`` (the mean).
 
         ``conditional=True`` adds each row's group's conditional mode, for every grouping factor (0 for a
         level not in the fit, as lme4's ``allow.new.levels``, and 0 for a group whose modes were withheld:
         with one factor its rows get the population-level prediction); ``False`` gives the
         population-level prediction.
+        Stateful transforms (``scale(x)``, ``poly(x, 2)``, ...) use the fit's pooled state; a row lacking a
+        value gives NaN.  Without ``newdata``: an error saying how a site gets its own fitted values (they
+        never leave it).
         """
-        from .model.design import new_data_matrices
+        from .prediction import Predictor
 
-        if type not in ("link", "response"):
-            raise ValueError("type must be 'link' or 'response'")
-        cond = conditional and self.modes is not None
-        X, Z, offset, groups = new_data_matrices(self.spec, self.schema, newdata, need_group=cond)
-        eta = X @ self.fixef.to_numpy() + offset
-        if cond:
-            modes = self.ranef(by_factor=True)
-            start = 0
-            for g, m in modes.items():
-                b = m.reindex(pd.Index(groups[g], dtype=object)).fillna(0.0).to_numpy()
-                eta = eta + np.sum(Z[:, start:start + b.shape[1]] * b, axis=1)
-                start += b.shape[1]
-        return eta if type == "link" else self.family.mean(eta)
+        return Predictor.from_result(self).predict(newdata, type=type, conditional=conditional)
 
     # --- output -----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -340,6 +333,9 @@ class FitResult:
             out["diagnostics"] = self.diagnostics.to_dict()
         if self.after_fit:
             out["after_fit"] = self.after_fit
+        if self.schema is not None:           # what prediction needs: levels and the transforms' pooled state
+            out["schema"] = {"kinds": dict(self.schema.kinds), "levels": dict(self.schema.levels),
+                             "transforms": dict(self.schema.transforms)}
         if self.modes is not None:
             modes, sds = self.ranef(condvar=True, by_factor=True)
             out["ranef"] = {g: {str(lv): {"mode": _fdict(m.loc[lv]), "condsd": _fdict(sds[g].loc[lv])}

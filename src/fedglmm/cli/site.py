@@ -1,13 +1,14 @@
-"""``fedglmm site ...`` (a site's side: ``site start`` serves its data, ``site log`` shows its audit log),
+"""``fedglmm site ...`` (a site's side: ``site start`` serves its data, ``site predict`` writes its fitted
+values to its own disk, ``site log`` shows its audit log),
 and the deployment commands ``fedglmm coordinator ...`` and ``fedglmm certs``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
-from .app import DebugOption, app, set_debug
+from .app import DebugOption, UsageError, app, set_debug
 
 site_app = typer.Typer(
     name="site",
@@ -29,6 +30,55 @@ site_app.command("start")(site_start)
 def _site_root(ctx: typer.Context) -> None:
     if ctx.invoked_subcommand is None:
         typer.echo(ctx.get_help())
+
+
+@site_app.command("predict")
+def site_predict(
+    fit_json: Annotated[Path, typer.Option("--fit", show_default=False,
+                                           help="The fit's JSON (fedglmm fit --json), as the coordinator wrote it.")],
+    data: Annotated[Path, typer.Option("--data", show_default=False, help="This site's data file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", show_default=False,
+                                         help="Where to write the fitted values (CSV), on this site's disk.")],
+    type_: Annotated[str, typer.Option("--type", help="response (the fitted mean, as R's fitted()) or link.")]
+    = "response",
+    conditional: Annotated[bool, typer.Option(
+        "--conditional/--population", help="With each group's conditional mode (default), or population-level.")]
+    = True,
+    sep: Annotated[Optional[str], typer.Option("--sep", show_default=False, help="Field separator of the data file.")]
+    = None,
+    encoding: Annotated[Optional[str], typer.Option("--encoding", show_default=False,
+                                                 help="Text encoding of the data file (default UTF-8).")] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Write this site's fitted values, from a fit's JSON and the site's own data, to this site's disk.
+
+    Nothing is sent anywhere: the values are computed here, from the fixed effects, the conditional modes
+    and the agreed coding in the fit's JSON, one line per row of the data file (its line number and the
+    value; NaN for a row lacking a value the model uses)."""
+    set_debug(debug)
+    import json
+
+    from ..errors import InputError
+    from ..io import read_table
+    from ..prediction import TYPES, site_fitted
+
+    if type_ not in TYPES:
+        raise UsageError(f"--type must be 'response' or 'link', not '{type_}'")
+    try:
+        fit = json.loads(fit_json.read_text())
+    except OSError as e:
+        raise InputError(f"cannot read the fit '{fit_json}': {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"the fit '{fit_json}' is not JSON ({' '.join(str(e).split())[:120]})") from None
+    frame = read_table(data, sep, encoding)
+    table = site_fitted(fit, frame, type=type_, conditional=conditional, source=f"'{fit_json}'")
+    try:
+        table.to_csv(output, index=False)
+    except OSError as e:
+        raise InputError(f"cannot write '{output}': {e.strerror or e}") from None
+    missing = int(table.iloc[:, 1].isna().sum())
+    typer.echo(f"wrote {output}: {len(table)} fitted values ({type_} scale) for '{data}'"
+               + (f", {missing} NaN for rows lacking a value" if missing else ""), err=True)
 
 
 @site_app.command("log")

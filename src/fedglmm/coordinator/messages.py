@@ -90,7 +90,9 @@ def _zmap(znames, zgroups, site_names, site_groups) -> np.ndarray:
     return np.array([theirs.index(nm) if nm in theirs else -1 for nm in ours], dtype=np.int64)
 
 
-def merge_messages(messages: dict, formula: str, family: Family) -> Merged:
+def merge_messages(messages: dict, formula: str, family: Family, transforms: dict | None = None) -> Merged:
+    """The sites' one-shot messages in the agreed coding (``transforms``: the pooled state of the formula's
+    stateful transforms, from the round before: :func:`fedglmm.coordinator.rounds.pooled_transforms`)."""
     spec = parse_formula(formula)
     for sid, m in messages.items():
         if m.get("kind") != "oneshot":
@@ -102,7 +104,7 @@ def merge_messages(messages: dict, formula: str, family: Family) -> Merged:
     orders = {m["order"] for m in messages.values()}
     if len(orders) > 1:
         raise InputError(f"the sites' summaries use different moment orders: {sorted(map(str, orders))}")
-    schema = merge_schema({sid: m["description"] for sid, m in messages.items()}, spec, family)
+    schema = merge_schema({sid: m["description"] for sid, m in messages.items()}, spec, family, transforms)
     names, znames, mask, zgroups = global_names(spec, schema, family)
     setup, blocks, refused = {}, {}, []
     for sid, m in messages.items():

@@ -13,6 +13,7 @@ from ..likelihood.setup import Setup, sum_replies
 from ..likelihood.starts import start_values
 from ..model.families import Family
 from ..model.frame import na_payload
+from ..model.transforms import is_stateful
 from ..model.options import FitOptions
 from ..model.spec import ModelSpec, Schema
 from ..protocol import request
@@ -26,11 +27,30 @@ def agree_schema(transport, formula: str, spec: ModelSpec, family: Family, na_ac
     return merge_schema(desc, spec, family)
 
 
+def pooled_transforms(transport, formula: str, spec: ModelSpec, family: Family, na_action: str = "omit"
+                      ) -> dict | None:
+    """The pooled state of the formula's stateful transforms (``center(x)``, ``poly(x, 2)``, ...), from one
+    ``describe`` round (the sites' sums of powers); None, and no round, for a formula without them.  The
+    one-shot and hybrid methods need it before their one-shot round, whose summaries are of the
+    transformed columns."""
+    if not is_stateful(spec):
+        return None
+    return agree_schema(transport, formula, spec, family, na_action).transforms
+
+
 def setup_request(formula: str, family: Family, options: FitOptions, schema: Schema, na_action: str = "omit") -> dict:
     """Round 2 (or riding on the first evaluation): each site builds its design in the agreed coding."""
     return request("setup", formula=formula, family=family.name, link=family.link, nagq=options.nagq,
                    reml=options.reml, curvature=options.curvature,
-                   schema={"kinds": schema.kinds, "levels": schema.levels}, **na_payload(na_action))
+                   schema=schema_payload(schema), **na_payload(na_action))
+
+
+def schema_payload(schema: Schema) -> dict:
+    """The schema as a request carries it: kinds and levels, and the transforms' pooled state when there is one."""
+    out = {"kinds": schema.kinds, "levels": schema.levels}
+    if schema.transforms:
+        out["transforms"] = schema.transforms
+    return out
 
 
 class RoundEvaluator:

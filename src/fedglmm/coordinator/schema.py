@@ -14,16 +14,19 @@ from ..model.formula import expression_columns, variables
 from ..model.labels import level_columns, sort_levels
 from ..model.families import Family
 from ..model.spec import ModelSpec, Schema
+from ..model.transforms import pool_statistics
 
 
-def merge_schema(descriptions: dict[str, dict], spec: ModelSpec, family) -> Schema:
+def merge_schema(descriptions: dict[str, dict], spec: ModelSpec, family, transforms: dict | None = None) -> Schema:
     """Agree on column kinds and factor levels across sites; raise :class:`SchemaError` if they clash.
 
     ``Schema.kinds`` covers the used columns (a grouping column stored differently at different sites
     is recorded as categorical: only its labels matter); ``Schema.levels`` the used categorical columns
     (not the grouping column unless the model also uses it as a predictor), each the sorted union over
     sites.  A categorical outcome is allowed only for binomial models, with exactly two levels: the
-    first is failure (0), the second success (1), as in R's ``glm``.
+    first is failure (0), the second success (1), as in R's ``glm``.  ``Schema.transforms``: the pooled state
+    of the formula's stateful transforms, from the statistics in the descriptions
+    (:func:`~fedglmm.model.transforms.pool_statistics`), or ``transforms`` when already pooled.
     """
     fam = get_family(family)
     if not descriptions:
@@ -37,7 +40,9 @@ def merge_schema(descriptions: dict[str, dict], spec: ModelSpec, family) -> Sche
     _check_outcome_kinds(spec, kinds, levels, fam)
     _check_groups_disjoint(descriptions, spec)
     omitted = {site: int(d.get("omitted", 0)) for site, d in descriptions.items()}
-    return Schema(kinds=kinds, levels=levels, omitted=omitted)
+    if transforms is None and any("transforms" in d for d in descriptions.values()):
+        transforms = pool_statistics({site: d.get("transforms", {}) for site, d in descriptions.items()})
+    return Schema(kinds=kinds, levels=levels, omitted=omitted, transforms=dict(transforms or {}))
 
 
 def _check_same_columns(descriptions: dict[str, dict]) -> None:

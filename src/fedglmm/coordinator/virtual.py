@@ -71,10 +71,12 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
     return parts, diagnostics
 
 
-def fit_stand_ins(parts: dict, spec: ModelSpec, family: Family, options: FitOptions
+def fit_stand_ins(parts: dict, spec: ModelSpec, family: Family, options: FitOptions, transforms: dict | None = None
                   ) -> tuple[Schema, Setup, Estimate]:
-    """The fit of the stand-ins, as the iterative method would fit sites holding them."""
-    schema = merge_schema({sid: {"site": sid, **p.description} for sid, p in parts.items()}, spec, family)
+    """The fit of the stand-ins, as the iterative method would fit sites holding them (``transforms``: the
+    pooled state of the formula's stateful transforms, kept in the schema for prediction)."""
+    schema = merge_schema({sid: {"site": sid, **p.description} for sid, p in parts.items()}, spec, family,
+                          transforms)
     st = make_setup({sid: p.setup for sid, p in parts.items()})
     engines = {sid: p.engines.get(st.A, st.zs) for sid, p in parts.items()}
     evaluator = LocalEvaluator(engines, {sid: p.levels for sid, p in parts.items()})

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..coordinator.assemble import assemble
 from ..coordinator.messages import merge_messages
-from ..coordinator.rounds import estimate, setup_request
+from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.starts import combined_start, internal_start
@@ -43,7 +43,7 @@ def _pseudo_fit(merged, replies, req: FitRequest, seed: int):
         replace(options, nagq=1, newton=replace(options.newton, tol=1e-4, near=1e-2))
     try:
         parts, _ = stand_ins(merged, replies, loose, seed, HYBRID_COMPRESS)
-        schema, st, est = fit_stand_ins(parts, req.spec, req.family, loose)
+        schema, st, est = fit_stand_ins(parts, req.spec, req.family, loose, merged.schema.transforms)
         return parts, assemble(req.formula, req.family, loose, req.spec, schema, st, est), st, est
     except (FedGLMMError, np.linalg.LinAlgError, ValueError):
         return None
@@ -91,10 +91,11 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     t0 = time.perf_counter()
     fam, options = req.family, req.options
     order = HYBRID_ORDER if req.moments is None else req.moments
+    transforms = pooled_transforms(transport, req.formula, req.spec, fam, req.na_action)    # center(x), ...: a round
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link, order=order,
                                           local={"nagq": options.nagq, "curvature": options.curvature},
-                                          **na_payload(req.na_action)))
-    merged = merge_messages(replies, req.formula, fam)
+                                          **na_payload(req.na_action), **({"transforms": transforms} if transforms else {})))
+    merged = merge_messages(replies, req.formula, fam, transforms)
     st = make_setup(merged.setup)
     check_outcome(st, req.spec, fam)
     own = {sid: r["local"] for sid, r in replies.items() if r.get("local") is not None}

@@ -7,6 +7,7 @@ import time
 
 from ..coordinator.assemble import assemble
 from ..coordinator.messages import merge_messages
+from ..coordinator.rounds import pooled_transforms
 from ..coordinator.schema import check_outcome
 from ..likelihood.setup import make_setup
 from ..coordinator.rounds import setup_request
@@ -20,15 +21,15 @@ from ..results import FitResult, RunStats
 
 
 def fit_from_messages(messages: dict, req: FitRequest, rounds: int = 0, bytes_to: int = 0, bytes_from: int = 0,
-                      seed: int = 0) -> FitResult:
+                      seed: int = 0, transforms: dict | None = None) -> FitResult:
     """The one-shot fit from the sites' messages (the method ``oneshot`` and ``fit --summaries``)."""
     t0 = time.perf_counter()
-    merged = merge_messages(messages, req.formula, req.family)
+    merged = merge_messages(messages, req.formula, req.family, transforms)
     check_outcome(make_setup(merged.setup), req.spec, req.family)
     if merged.refused:
         raise FedGLMMError(merged.refused[0])
     parts, diagnostics = stand_ins(merged, messages, req.options, seed)
-    schema, setup, est = fit_stand_ins(parts, req.spec, req.family, req.options)
+    schema, setup, est = fit_stand_ins(parts, req.spec, req.family, req.options, merged.schema.transforms)
     internals = (schema, setup, est)
     fit = assemble(req.formula, req.family, req.options, req.spec, schema, setup, est)
     if req.family.name == "gaussian":
@@ -49,10 +50,12 @@ def fit_from_messages(messages: dict, req: FitRequest, rounds: int = 0, bytes_to
 def fit_oneshot(transport, req: FitRequest, seed: int = 0) -> FitResult:
     """One round: every site sends its one message; the coordinator fits from them."""
     fam = req.family
+    transforms = pooled_transforms(transport, req.formula, req.spec, fam, req.na_action)    # center(x), ...: a round
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link,
-                                          order=req.moments, **na_payload(req.na_action)))
+                                          order=req.moments, **na_payload(req.na_action),
+                                          **({"transforms": transforms} if transforms else {})))
     res = fit_from_messages(replies, req, transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
-                            seed)
+                            seed, transforms)
     res.session.link = Link(transport, setup=setup_request(req.formula, fam, req.options, res.session.schema,
                                                            req.na_action))
     return res

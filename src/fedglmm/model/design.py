@@ -10,6 +10,7 @@ not have.  How values become labels and how levels are ordered: :mod:`fedglmm.mo
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from .frame import check_frame
 from .formula import _first_line, factor_columns, is_plain_name, variables
 from .labels import (as_labels, column_kind, first_non_number, group_codes, level_columns, not_numbers, row_name,
                      sort_levels)
+from . import transforms
 from .rsyntax import functions
 from .spec import NO_GROUP, Design, Grouping, ModelSpec, Schema
 
@@ -110,8 +112,9 @@ def _outcome(spec, schema, frame, fam, where) -> tuple[np.ndarray, np.ndarray]:
             raise InputError(f"{where}: outcome '{spec.response}' is not numeric")
         y = frame[spec.response].cat.codes.to_numpy().astype(float)
         return y, np.ones_like(y)
-    y = _numeric(spec.response, frame, where, "outcome")
-    trials = y + _numeric(spec.failures, frame, where, "outcome") if spec.failures else np.ones_like(y)
+    y = _numeric(spec.response, frame, where, "outcome", schema.transforms)
+    trials = y + _numeric(spec.failures, frame, where, "outcome", schema.transforms) if spec.failures \
+        else np.ones_like(y)
     return y, trials
 
 
@@ -173,12 +176,13 @@ def _model_parts(spec: ModelSpec, schema: Schema, df: pd.DataFrame, cols: list[s
     if check:
         check_frame(df, cols, where)
     frame = _prepare(df, spec, schema, cols, where)
-    X, x_names = _finite(*_matrix(spec.fixed, frame, where), "fixed-effects column", where, df)
+    state = schema.transforms                   # pooled state of center(), scale(), poly(), ... (transforms.py)
+    X, x_names = _finite(*_matrix(spec.fixed, frame, where, state), "fixed-effects column", where, df)
     blocks = [(np.ones((len(frame), 1)), ["Intercept"]) if t.expr.replace(" ", "") == "1"
-              else _matrix(t.expr, frame, where) for t in spec.random]
+              else _matrix(t.expr, frame, where, state) for t in spec.random]
     Z = np.hstack([b[0] for b in blocks]) if blocks else np.zeros((len(frame), 0))
     Z, z_names = _finite(Z, [n for b in blocks for n in b[1]], "random-effects column", where, df)
-    offs = [_numeric(expr, frame, where, "offset") for expr in spec.offsets]
+    offs = [_numeric(expr, frame, where, "offset", state) for expr in spec.offsets]
     offset = (_finite(np.column_stack(offs), list(spec.offsets), "offset", where, df)[0].sum(axis=1)
               if offs else np.zeros(len(frame)))
     return _Parts(frame, X, x_names, Z, z_names, [b[0].shape[1] for b in blocks], offset)
@@ -202,22 +206,43 @@ def _prepare(df: pd.DataFrame, spec: ModelSpec, schema: Schema, cols: list[str],
     return frame
 
 
-def _matrix(rhs: str, frame: pd.DataFrame, where: str) -> tuple[np.ndarray, list[str]]:
+def _matrix(rhs: str, frame: pd.DataFrame, where: str, state: dict | None = None) -> tuple[np.ndarray, list[str]]:
     """formulaic's model matrix of a right-hand side, as floats with its column names.
 
-    Levels are already validated by :func:`_prepare`, so formulaic's DataMismatchWarning is silenced;
-    non-finite values are reported by the callers, so numpy's warnings are too.
+    ``state``: the pooled state of the formula's stateful transforms (:mod:`fedglmm.model.transforms`);
+    they are always evaluated with it, never learnt from these rows.  Levels are already validated by
+    :func:`_prepare`, so formulaic's DataMismatchWarning is silenced; non-finite values are reported by the
+    callers, so numpy's warnings are too.
     """
     plain = _plain_terms(rhs, frame)
     if plain is not None:
         return plain
+    mm = _formulaic(rhs, frame, where, transforms.apply_context(), state)
+    return mm.to_numpy(dtype=float), [str(c) for c in mm.columns]
+
+
+def _formulaic(rhs: str, frame: pd.DataFrame, where: str, context: dict, state: dict | None):
+    """formulaic's model matrix (its errors as one line)."""
+    from formulaic import Formula, ModelSpec as FormulaicSpec
+
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore", DataMismatchWarning)
-            mm = model_matrix(rhs, frame, na_action="ignore", context=functions())
-            return mm.to_numpy(dtype=float), [str(c) for c in mm.columns]
+            spec = FormulaicSpec(formula=Formula(rhs), transform_state=copy.deepcopy(state)) if state else rhs
+            return model_matrix(spec, frame, na_action="ignore", context={**functions(), **context})
     except (FormulaicError, SyntaxError, NameError, TypeError, ValueError, KeyError, AttributeError) as e:
         raise InputError(f"{where}: cannot evaluate '{rhs}': {_first_line(e)}") from None
+
+
+def transform_statistics(spec: ModelSpec, df: pd.DataFrame, where: str) -> dict:
+    """A site's statistics for the pooled state of the formula's stateful transforms (``{call: sums}``,
+    :func:`fedglmm.model.transforms.site_statistics`), from its rows ``df`` (complete ones)."""
+    frame = df[variables(spec)]
+    exprs = [spec.fixed] + [t.expr for t in spec.random if t.expr.replace(" ", "") != "1"]
+    exprs += [f"0 + I({e})" for e in (spec.response, spec.failures, *spec.offsets) if e and not is_plain_name(e)]
+    context = transforms.collect_context()
+    return transforms.site_statistics([_formulaic(e, frame, where, context, None).model_spec.transform_state
+                                       for e in exprs])
 
 
 def _plain_terms(rhs: str, frame: pd.DataFrame):
@@ -238,13 +263,13 @@ def _plain_terms(rhs: str, frame: pd.DataFrame):
     return (np.column_stack(cols) if cols else np.zeros((len(frame), 0))), names
 
 
-def _numeric(expr: str, frame: pd.DataFrame, where: str, what: str) -> np.ndarray:
+def _numeric(expr: str, frame: pd.DataFrame, where: str, what: str, state: dict | None = None) -> np.ndarray:
     """A numeric expression of the columns (``log(t)``, ``size - incidence``) as a vector."""
     if expr in frame.columns and isinstance(frame[expr].dtype, pd.CategoricalDtype):
         raise InputError(f"{where}: {what} '{expr}' is not numeric")
     if expr in frame.columns and column_kind(frame[expr].dtype) == "numeric":
         return frame[expr].to_numpy(dtype=float)          # a plain column: no formula machinery needed
-    values, _ = _matrix(f"0 + I({f'`{expr}`' if is_plain_name(expr) else expr})", frame, where)
+    values, _ = _matrix(f"0 + I({f'`{expr}`' if is_plain_name(expr) else expr})", frame, where, state)
     if values.shape[1] != 1:
         raise InputError(f"{where}: {what} '{expr}' is not numeric")
     return values[:, 0]

@@ -34,6 +34,7 @@ from formulaic.parser import DefaultFormulaParser
 from ..errors import InputError
 from .rsyntax import has_dot, r_idioms
 from .spec import ModelSpec, RandomTerm
+from .transforms import check_transforms
 
 _OPEN, _CLOSE, _QUOTES = "([{", ")]}", "'\"`"
 _PLAIN_NAME = re.compile(r"[A-Za-z_.][\w.]*")
@@ -67,6 +68,7 @@ def _parse_cached(formula: str) -> ModelSpec:
     except _Bad as e:
         raise InputError(f"cannot parse formula '{shown}': {e}") from None
     _check_factor_use(spec, shown)
+    check_transforms(spec, shown)
     return spec
 
 

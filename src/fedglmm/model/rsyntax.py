@@ -6,7 +6,8 @@ Done on the formula's text before it is parsed (:func:`fedglmm.model.formula.par
   ``offset(t^0.5)``) and on the left of ``~``; between terms it stays formulaic's interaction power
   (``(a + b)^2``).  Python would read ``x^2`` as a bitwise XOR, silently for whole numbers.
 * ``factor(x)`` and ``as.factor(x)`` are ``C(x)`` (x a factor whatever its storage);
-  ``as.numeric(x)`` is ``as_numeric(x)`` (a dotted name is not a Python function name).
+  ``as.numeric(x)`` is ``as_numeric(x)`` (a dotted name is not a Python function name);
+  ``TRUE`` and ``FALSE`` are ``True`` and ``False`` (``scale(x, center = FALSE)``).
 * ``y ~ .`` stands for every column but the response, the grouping factors and the site column
   (:func:`expand_dot`, once the columns are known: :func:`fedglmm.model.options.expand_request`).
 
@@ -72,7 +73,23 @@ def r_idioms(formula: str) -> str:
             out.append("**")
             continue
         out.append(ch)
-    return "".join(out)
+    return _unquoted_sub("".join(out), _LOGICAL, lambda m: m.group(0).capitalize())
+
+
+_LOGICAL = re.compile(r"(?<![\w.])(TRUE|FALSE)(?![\w.])")
+
+
+def _unquoted_sub(text: str, pattern: re.Pattern, repl) -> str:
+    """``pattern.sub`` on the parts of ``text`` outside quotes and backticks."""
+    runs, cur, flag = [], [], False
+    for _, ch, quoted in _scan(text):
+        if quoted != flag and cur:
+            runs.append((flag, "".join(cur)))
+            cur = []
+        flag = quoted
+        cur.append(ch)
+    runs.append((flag, "".join(cur)))
+    return "".join(part if quoted else pattern.sub(repl, part) for quoted, part in runs)
 
 
 # --- y ~ . ---------------------------------------------------------------------------------------------

@@ -93,12 +93,14 @@ class ModelSpec:
 
 @dataclass
 class Schema:
-    """What all sites agree on before fitting: the kind of each used column and factor levels; and how many
-    incomplete rows each site left out (``na_action="omit"``)."""
+    """What all sites agree on before fitting: the kind of each used column, factor levels and the pooled
+    state of stateful transforms (``center(x)``, ``poly(x, 2)``, ...); and how many incomplete rows each
+    site left out (``na_action="omit"``)."""
 
     kinds: dict[str, str]                     # column -> "numeric" | "categorical"
     levels: dict[str, list[str]] = field(default_factory=dict)   # categorical column -> levels
     omitted: dict[str, int] = field(default_factory=dict, compare=False)   # site -> rows omitted (missing values)
+    transforms: dict[str, dict] = field(default_factory=dict)     # call -> pooled state (model/transforms.py)
 
 
 @dataclass(frozen=True)

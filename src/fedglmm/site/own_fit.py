@@ -21,7 +21,8 @@ from ..model.options import FitOptions
 from ..model.spec import Design, ModelSpec, Schema
 
 
-def own_fit(frame, d: Design, sizes, spec: ModelSpec, fam: Family, local: dict, site_id: str, need) -> dict | None:
+def own_fit(frame, d: Design, sizes, spec: ModelSpec, fam: Family, local: dict, site_id: str, need,
+            transforms: dict | None = None) -> dict | None:
     """The site's own GLMM fit of all its rows: β̂, θ̂ and their information, sums over many rows and
     groups.  Sent only for at least two groups and ``need`` observations, with at least three
     observations per parameter (as the site rules' 0.33 parameters per row); not for models with factor
@@ -31,18 +32,20 @@ def own_fit(frame, d: Design, sizes, spec: ModelSpec, fam: Family, local: dict, 
     if any("[" in nm for nm in d.x_names) or len(sizes) < 2 or total < max(need, 3.0 * npar):
         return None
     options = FitOptions(nagq=int(local.get("nagq", 1)), curvature=str(local.get("curvature", "observed")))
-    res = local_fit(frame, spec, fam, options, site_id)
+    res = local_fit(frame, spec, fam, options, site_id, transforms)
     if res is None or res["names"] != list(d.x_names):
         return None
     return {"beta": res["beta"], "theta": res["theta"], "info": res["info"], "n": total, "ngroups": len(sizes)}
 
 
-def local_fit(frame, spec: ModelSpec, family: Family, options: FitOptions, site_id: str) -> dict | None:
+def local_fit(frame, spec: ModelSpec, family: Family, options: FitOptions, site_id: str,
+              transforms: dict | None = None) -> dict | None:
     """A fit of ``frame`` alone, as an estimate and its information on the user's scale: β, θ and the
     information matrix of (β, θ).  None when the fit fails or does not converge."""
     try:
         desc = describe_frame(frame, spec, site_id)
-        schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]))
+        schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]),
+                        transforms=dict(transforms or {}))
         design = build_design(spec, schema, frame, family, site_id, checked=True)
         st = make_setup({site_id: setup_reply(design, family)})
         engine = make_engine(design, family, options.nagq, options.curvature, st.A, st.zs)

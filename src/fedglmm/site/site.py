@@ -23,13 +23,14 @@ from .. import protocol
 from ..errors import FedGLMMError
 from ..likelihood.engine import EngineCache, make_engine
 from ..likelihood.setup import setup_reply
-from ..model.design import build_design, describe_frame
+from ..model.design import build_design, describe_frame, transform_statistics
 from ..model.families import get_family
 from ..model.formula import parse_formula, variables
 from ..model.frame import complete_rows
 from ..model.labels import number_rows
 from ..model.options import MIN_GROUP
 from ..model.spec import Schema
+from ..model.transforms import is_stateful
 from . import rules
 from .audit import AuditLog
 from .rules import SiteConfig
@@ -119,6 +120,8 @@ class Site:
         out = {"site": self.site_id, **desc}
         if omitted:
             out["omitted"] = omitted
+        if is_stateful(spec):        # sums for the pooled state of center(), scale(), poly(), ...
+            out["transforms"] = transform_statistics(spec, frame, f"site '{self.site_id}'")
         self._described = self._rows[0]
         return out
 
@@ -126,7 +129,8 @@ class Site:
         spec = parse_formula(req["formula"])
         frame, omitted = self._used_rows(req, spec)
         msg = summarize(frame, req["formula"], req["family"], req.get("link"), self.site_id,
-                        order=req.get("order"), min_group=self.min_group, local=req.get("local"))
+                        order=req.get("order"), min_group=self.min_group, local=req.get("local"),
+                        transforms=req.get("transforms"))
         rules.check_cells(self.config, self.site_id, spec, frame)
         self._allowed_only(msg["description"])
         if omitted:
@@ -143,7 +147,8 @@ class Site:
         frame, _ = self._used_rows(req, spec)
         family = get_family(req["family"], req.get("link"))
         schema = Schema(kinds=dict(req["schema"]["kinds"]),
-                        levels={k: list(v) for k, v in req["schema"]["levels"].items()})
+                        levels={k: list(v) for k, v in req["schema"]["levels"].items()},
+                        transforms=dict(req["schema"].get("transforms", {})))
         self.family = family
         d = build_design(spec, schema, frame, family, self.site_id, checked=self._described == self._rows[0])
         rules.check_cells(self.config, self.site_id, spec, frame)

@@ -20,6 +20,7 @@ from math import comb
 import numpy as np
 import pandas as pd
 
+from ..errors import InputError
 from ..likelihood.setup import setup_reply, start_sums
 from ..model.design import build_design, describe_frame
 from ..model.families import get_family
@@ -27,20 +28,22 @@ from ..model.formula import parse_formula, variables
 from ..model.moments import mono_values, monomials
 from ..model.options import MIN_GROUP
 from ..model.spec import Design, Schema
+from ..model.transforms import is_stateful
 from .own_fit import own_fit
 
 SENTINEL = "\x00"          # a reference level no row has: every real level gets its own column
 DEFAULT_ORDER = 4
 
 
-def _local_schema(desc: dict, spec) -> Schema:
+def _local_schema(desc: dict, spec, transforms: dict | None = None) -> Schema:
     kinds = {c: desc["columns"][c] for c in variables(spec)}
     levels = {c: ([SENTINEL] + list(lv) if c != spec.response else list(lv)) for c, lv in desc["levels"].items()}
-    return Schema(kinds=kinds, levels=levels)
+    return Schema(kinds=kinds, levels=levels, transforms=dict(transforms or {}))
 
 
 def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, site_id: str,
-              order: int | None = None, min_group: int = MIN_GROUP, guard: bool = True, local: dict | None = None) -> dict:
+              order: int | None = None, min_group: int = MIN_GROUP, guard: bool = True, local: dict | None = None,
+              transforms: dict | None = None) -> dict:
     """The site's one message (arrays as numpy; :func:`to_jsonable` makes the readable file).
 
     ``guard=False`` drops the rule that keeps the moments of groups they would pin down (for accuracy
@@ -50,7 +53,11 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     spec = parse_formula(formula)
     fam = get_family(family, link)
     desc = describe_frame(frame, spec, site_id)
-    d = build_design(spec, _local_schema(desc, spec), frame, fam, site_id, checked=True)
+    if is_stateful(spec) and not transforms:
+        raise InputError(f"site '{site_id}': {formula!r} uses center(), scale(), poly() or mean(), whose "
+                         "statistics must be pooled over all sites first: a summary made at one site alone cannot "
+                         "have them (fit over the sites, or write the numbers, e.g. I(age - 30))")
+    d = build_design(spec, _local_schema(desc, spec, transforms), frame, fam, site_id, checked=True)
     q = d.Z.shape[1]
     sums = {"colsum": d.X.sum(axis=0), "colsq": (d.X * d.X).sum(axis=0), "xtx": d.X.T @ d.X, "ztz": d.Z.T @ d.Z}
     if d.factors:
@@ -85,7 +92,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
                           "hybrid or iterative)")
     keep = ~small
     if local is not None and small.any() and fam.name != "gaussian" and q:
-        msg["local"] = own_fit(frame, d, sizes, spec, fam, local, site_id, need)
+        msg["local"] = own_fit(frame, d, sizes, spec, fam, local, site_id, need, transforms)
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
             _moment_blocks(d, starts, levels, keep, order)
