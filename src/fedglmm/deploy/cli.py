@@ -167,6 +167,11 @@ def site_start(
                                          "on a machine.")] = 9094,
     insecure: Annotated[bool, typer.Option(
         "--insecure", help="No TLS: only to a coordinator on a loopback address.")] = False,
+    sep: Annotated[Optional[str], typer.Option(
+        "--sep", show_default=False, help="Field separator of the data file (default: ',' for .csv, a tab for .tsv).")]
+    = None,
+    encoding: Annotated[Optional[str], typer.Option(
+        "--encoding", show_default=False, help="Text encoding of the data file (default UTF-8).")] = None,
 ) -> None:
     """Serve this site's data to a coordinator: answers with sums, under the site's rules, until stopped."""
     from .node import check_insecure, make_site, run_site, split_address
@@ -182,7 +187,7 @@ def site_start(
         if path is not None and not path.is_file():
             raise InputError(f"{what} '{path}' is not a file")
     _need_flower()
-    site = make_site(data, site_id, config=config, audit=audit)
+    site = make_site(data, site_id, config=config, audit=audit, sep=sep, encoding=encoding)
     typer.echo(f"site '{site_id}': {len(site.frame)} rows from {data}; connecting to {superlink}", err=True)
     code = run_site(site, superlink, root_certificates=root_certificates, insecure=insecure, auth_key=auth_key,
                     port=port)

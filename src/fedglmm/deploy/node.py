@@ -75,14 +75,15 @@ def supernode_command(superlink: str, site_id: str, *, root_certificates=None, i
     return cmd
 
 
-def make_site(data: Path, site_id: str, config=None, audit=None):
-    """The site object for ``data``, under the rules of ``config`` (a site.toml; default: the strict
-    defaults of :class:`~fedglmm.site.SiteConfig`), logging to ``audit`` (default: the config's)."""
+def make_site(data: Path, site_id: str, config=None, audit=None, sep=None, encoding=None):
+    """The site object for ``data`` (read with ``sep`` and ``encoding``, :func:`fedglmm.io.read_table`), under
+    the rules of ``config`` (a site.toml; default: the strict defaults of :class:`~fedglmm.site.SiteConfig`),
+    logging to ``audit`` (default: the config's)."""
     from ..io import read_table
     from ..site import Site, SiteConfig
 
     rules = SiteConfig.load(config) if config is not None else SiteConfig()
-    frame = read_table(data)
+    frame = read_table(data, sep, encoding)
     return Site(site_id, frame, config=rules, audit=str(audit) if audit is not None else None)
 
 
