@@ -30,6 +30,7 @@ def contra():
     ("y ~ I(x^2) + (a + b)^2 + (1 | g)", "y ~ I(x**2) + (a + b)^2 + (1 | g)"),     # between terms: interactions
     ("log(y)^2 ~ log(x^2) + offset(t^0.5)", "log(y)**2 ~ log(x**2) + offset(t**0.5)"),
     ("y ~ factor(g) + as.factor( h ) + as.numeric(z)", "y ~ C(g) + C( h ) + as_numeric(z)"),
+    ("y ~ x + (1 | factor(g)) + (x || as.factor(h))", "y ~ x + (1 | g) + (x || h)"),
     ("y ~ np.factor(q) + my_factor(x) + `a^b` + I('^')", "y ~ np.factor(q) + my_factor(x) + `a^b` + I('^')"),
 ])
 def test_r_idioms_rewrite(written, read):

@@ -5,7 +5,8 @@ Done on the formula's text before it is parsed (:func:`fedglmm.model.formula.par
 * ``^`` is a power wherever R evaluates arithmetic: inside any function call (``I(x^2)``, ``log(x^2)``,
   ``offset(t^0.5)``) and on the left of ``~``; between terms it stays formulaic's interaction power
   (``(a + b)^2``).  Python would read ``x^2`` as a bitwise XOR, silently for whole numbers.
-* ``factor(x)`` and ``as.factor(x)`` are ``C(x)`` (x a factor whatever its storage);
+* ``factor(x)`` and ``as.factor(x)`` are ``C(x)`` (x a factor whatever its storage), and a grouping
+  factor ``(1 | factor(g))`` is ``(1 | g)`` (grouping factors are factors anyway);
   ``as.numeric(x)`` is ``as_numeric(x)`` (a dotted name is not a Python function name);
   ``TRUE`` and ``FALSE`` are ``True`` and ``False`` (``scale(x, center = FALSE)``).
 * ``y ~ .`` stands for every column but the response, the grouping factors and the site column
@@ -50,32 +51,30 @@ def _name_before(text: str, i: int) -> str:
 
 
 def r_idioms(formula: str) -> str:
-    """The formula with R's ``^`` (inside calls and on the left side), ``factor()``, ``as.factor()`` and
-    ``as.numeric()`` rewritten (see the module docstring); anything else is left as written."""
-    out, calls, depth, lhs = [], [], 0, "~" in formula
+    """The formula with R's ``^`` (inside calls and on the left side), ``factor()``, ``as.factor()``,
+    ``as.numeric()``, ``TRUE`` and ``FALSE`` rewritten (see the module docstring); anything else, and
+    anything quoted, is left as written."""
+    formula = _unquoted_sub(formula, _GROUP_FACTOR, lambda m: "| " + m.group(1))     # (1 | factor(g)): g
+    formula = _unquoted_sub(formula, _RENAMED, lambda m: _RENAMES[m.group(1)])
+    out, calls, lhs = [], [], "~" in formula
     for i, ch, quoted in _scan(formula):
         if quoted:
-            out.append(ch)
-            continue
-        if ch == "(":
+            pass
+        elif ch == "(":                         # a call if a name comes just before the bracket
             name = _name_before(formula, i)
             calls.append(bool(name) and not name[0].isdigit())
-            if name in _RENAMES:
-                start = len("".join(out)) - len(name) - (len("".join(out)) - len("".join(out).rstrip()))
-                text = "".join(out)
-                out = [text[:start] + _RENAMES[name] + text[start + len(name):]]
-        elif ch == ")":
-            if calls:
-                calls.pop()
+        elif ch == ")" and calls:
+            calls.pop()
         elif ch == "~":
             lhs = False
         elif ch == "^" and (lhs or any(calls)):
-            out.append("**")
-            continue
+            ch = "**"
         out.append(ch)
     return _unquoted_sub("".join(out), _LOGICAL, lambda m: m.group(0).capitalize())
 
 
+_RENAMED = re.compile(r"(?<![\w.])(as\.factor|factor|as\.numeric)(?=\s*\()")
+_GROUP_FACTOR = re.compile(r"\|\s*(?:as\.)?factor\(\s*([A-Za-z_.][\w.]*)\s*\)")
 _LOGICAL = re.compile(r"(?<![\w.])(TRUE|FALSE)(?![\w.])")
 
 
