@@ -50,10 +50,12 @@ def validation_loglik(results: list[FitResult], validation: dict, nagq: int = 1)
     """Each fit's log-likelihood on the validation rows, computed by the sites in two rounds."""
     ref = results[0]
     fam = ref.family
+    from .coordinator.rounds import schema_payload
+
     transport = InProcessTransport(make_sites(validation))
     setup = request("setup", formula=ref.formula, family=fam.name, link=fam.link, nagq=nagq, reml=False,
                     curvature="observed",
-                    schema={"kinds": ref.schema.kinds, "levels": ref.schema.levels})
+                    schema=schema_payload(ref.schema))            # levels and transforms' state of the fit
     replies = transport.broadcast(setup)
     first = next(iter(replies.values()))
     if list(first["x_names"]) != list(ref.fixef.index):
