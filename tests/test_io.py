@@ -258,3 +258,54 @@ def test_load_sites_errors(tmp_path, contra):
     with pytest.raises(InputError) as e:      # unknown types are reported before reading anything
         load_sites([tmp_path / "missing.csv", tmp_path / "x.xlsx"])
     _one_line_error(e, "x.xlsx", "unknown file type")
+
+
+# --- large files: pyarrow's reader gives pandas' frame; only the model's columns --------------------
+
+def test_arrow_reader_gives_pandas_frame(tmp_path, monkeypatch):
+    """Above the size threshold a plain file goes through pyarrow: the same columns, types, values and
+    line numbers as pandas (missing-value and boolean spellings, dates kept as text); a file with quotes
+    or blank lines, a gzipped one, or a garbled one goes to pandas."""
+    import fedglmm.io as fio
+
+    text = ("a,b,c,d,e,f,g,h\n1,2.5,x,2020-01-01,true,NA,,None\n2,3.5,y,2020-01-02,FALSE,3,,n/a\n"
+            "3,1e3,z,2020-01-03,True,,5,<NA>\n4,0.1,NA,2021-12-31 10:00:00,false,7,6,q\n")
+    plain, packed, quoted = tmp_path / "t.csv", tmp_path / "t.csv.gz", tmp_path / "q.csv"
+    plain.write_text(text)
+    packed.write_bytes(gzip.compress(text.encode()))
+    quoted.write_text(text.replace("x,", '"x",'))
+    monkeypatch.setattr(fio, "ARROW_BYTES", 10**9)
+    expected = {p: read_table(p) for p in (plain, packed, quoted)}       # pandas
+    monkeypatch.setattr(fio, "ARROW_BYTES", 0)
+    assert fio._read_arrow(plain, ",", None, "t.csv", None) is not None      # the arrow path is taken
+    assert fio._read_arrow(packed, ",", None, "t.csv.gz", None) is None
+    assert fio._read_arrow(quoted, ",", None, "q.csv", None) is None
+    blank = tmp_path / "b.csv"
+    blank.write_text(text.replace("\n2,", "\n\n2,"))
+    assert fio._read_arrow(blank, ",", None, "b.csv", None) is None
+    for path in (plain, packed, quoted):
+        got = read_table(path)
+        pd.testing.assert_frame_equal(got, expected[path])
+        assert got.attrs == expected[path].attrs
+    assert read_table(plain, columns=["g", "a"]).columns.tolist() == ["a", "g"]
+    assert read_table(plain, columns=["a", "nope"]).shape == (4, 8)       # a missing column: the whole file
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n1,2,3,4\n")
+    with pytest.raises(InputError) as e:
+        read_table(bad)
+    _one_line_error(e, "bad.csv")
+
+
+def test_parquet_reads_used_columns(tmp_path):
+    pytest.importorskip("pyarrow")
+    df = pd.DataFrame({"y": [0, 1, 1], "x": [0.5, 1.5, 2.5], "g": ["a", "b", "a"], "other": [1, 2, 3]})
+    path = tmp_path / "s.parquet"
+    df.to_parquet(path)
+    from fedglmm.io import used_columns
+
+    cols = used_columns("y ~ log(x) + (1 | g)", "site")
+    assert cols == ["y", "x", "g", "site"]
+    assert read_table(path, columns=cols[:3]).columns.tolist() == ["y", "x", "g"]
+    assert read_table(path, columns=cols).columns.tolist() == ["y", "x", "g", "other"]   # no 'site' column
+    sites = load_sites([path], None, columns=["g", "y", "x"])
+    assert list(sites["s"].columns) == ["y", "x", "g"]

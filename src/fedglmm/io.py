@@ -11,6 +11,14 @@ A frame read from a file remembers where its rows came from, so that an error na
 line an editor shows: its index holds each row's line number in the file (named ``line``; for Parquet
 the row number, named ``row``) and ``frame.attrs["fedglmm.source"]`` the file's name
 (:func:`fedglmm.model.labels.row_name`).  Selecting rows keeps both.
+
+Large files: an uncompressed UTF-8 text file above :data:`ARROW_BYTES` without quote characters or blank
+lines (so that record k is line k + 1) is parsed by pyarrow's multi-threaded reader when pyarrow is
+installed, with pandas' missing-value and boolean spellings and dates kept as text: the frame pandas
+would give, in a fraction of the time; any other file, and anything pyarrow cannot read, goes to pandas.
+``columns`` (the formula's variables, see :func:`used_columns`) reads only those columns of a Parquet or
+text file that has them all (otherwise the whole file, so that a message about a missing column can list
+the others).
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import csv
 import gzip
 import io
 import os
+import re
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -39,6 +48,11 @@ _FORMATS = (
     (".pq", "parquet"),
 )
 PARQUET_HINT = "reading Parquet needs pyarrow: pip install 'fedglmm[parquet]'"
+ARROW_BYTES = 16 * 2**20     # text files larger than this are parsed by pyarrow (when installed and plain)
+# pandas' default missing-value spellings (``pandas.read_csv``'s ``na_values``), for pyarrow's reader
+_NA = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+       "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
+_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")
 
 
 def file_format(path) -> str:
@@ -83,8 +97,9 @@ def check_encoding(encoding: str | None) -> str | None:
     return encoding
 
 
-def read_table(path, sep: str | None = None, encoding: str | None = None) -> pd.DataFrame:
-    """Read a CSV (``.csv``, ``.csv.gz``), TSV (``.tsv``, ``.tsv.gz``) or Parquet (``.parquet``, ``.pq``) file.
+def read_table(path, sep: str | None = None, encoding: str | None = None, columns=None) -> pd.DataFrame:
+    """Read a CSV (``.csv``, ``.csv.gz``), TSV (``.tsv``, ``.tsv.gz``) or Parquet (``.parquet``, ``.pq``) file
+    (only ``columns``, if given and all present).
 
     ``sep``: the field separator of a text file (default: ``,`` for CSV, a tab for TSV); ``encoding``: its
     text encoding (default UTF-8; e.g. ``latin-1``).  The index holds each row's line number in the file
@@ -106,13 +121,10 @@ def read_table(path, sep: str | None = None, encoding: str | None = None) -> pd.
     delim = sep or ("\t" if fmt == "tsv" else ",")
     try:
         if fmt == "parquet":
-            df = _read_parquet(p, shown)
+            df = _read_parquet(p, shown, columns)
             lines = None
         else:
-            text = _text(p, encoding)
-            df = pd.read_csv(io.StringIO(text), sep=delim, low_memory=False)
-            lines = _record_lines(text, delim) if len(df) else None
-            _check_header(text, delim, shown)
+            df, lines = _read_text(p, delim, encoding, shown, columns)
     except InputError:
         raise
     except pd.errors.EmptyDataError:
@@ -140,6 +152,78 @@ def read_table(path, sep: str | None = None, encoding: str | None = None) -> pd.
         df.index = pd.RangeIndex(2, len(df) + 2, name="line")
     df.attrs[SOURCE_ATTR] = shown
     return df
+
+
+def _read_text(p: Path, delim: str, encoding: str | None, shown: str, columns):
+    """(frame, each record's line or None: record k on line k + 1) of a delimited text file."""
+    df = _read_arrow(p, delim, encoding, shown, columns)
+    if df is not None:
+        return df, None
+    text = _text(p, encoding)
+    if columns is not None:
+        header = [str(c) for c in pd.read_csv(io.StringIO(text), sep=delim, nrows=0).columns]
+        columns = [c for c in header if c in set(columns)] if set(columns) <= set(header) else None
+    df = pd.read_csv(io.StringIO(text), sep=delim, low_memory=False, usecols=columns)
+    lines = _record_lines(text, delim) if len(df) else None
+    _check_header(text, delim, shown)
+    return df, lines
+
+
+def _plain(p: Path) -> bool:
+    """A file whose record k is on line k + 1: no quote character, no blank line, no byte-order mark."""
+    tail, size = b"\n", 1 << 26
+    with open(p, "rb") as fh:
+        first = fh.read(4)
+        if not first or first.startswith(b"\xef\xbb\xbf") or first[:1] in (b"\n", b"\r", b" ", b"\t"):
+            return False
+        fh.seek(0)
+        while chunk := fh.read(size):
+            block = tail + chunk
+            if len(chunk) < size:              # the end: blank lines after the last record do not count
+                block = block.rstrip(b" \t\r\n")
+            if b'"' in chunk or _BLANK_LINE.search(block) is not None:
+                return False
+            tail = block[-64:]
+    return True
+
+
+def _read_arrow(p: Path, delim: str, encoding: str | None, shown: str, columns) -> pd.DataFrame | None:
+    """pyarrow's multi-threaded reader for a large plain text file (see the module docstring), or None."""
+    if p.stat().st_size <= ARROW_BYTES or p.name.lower().endswith(".gz") or \
+            (encoding or "utf-8").lower().replace("_", "-") not in ("utf-8", "utf8") or not _plain(p):
+        return None
+    try:
+        import pyarrow as pa
+        from pyarrow import csv as pacsv
+    except ImportError:
+        return None
+    try:
+        names = _arrow_header(p, delim)
+        _check_unique(names, shown)
+        keep = [c for c in names if c in set(columns)] if columns is not None and set(columns) <= set(names) \
+            else None
+        bools = {"true_values": ["True", "TRUE", "true"], "false_values": ["False", "FALSE", "false"]}
+        types: dict = {}
+        for _ in range(2):
+            convert = pacsv.ConvertOptions(null_values=_NA, strings_can_be_null=True, include_columns=keep,
+                                           column_types=types, **bools)
+            table = pacsv.read_csv(p, parse_options=pacsv.ParseOptions(delimiter=delim), convert_options=convert)
+            # pandas keeps dates and times as text: read those columns again as text
+            temporal = {f.name: pa.string() for f in table.schema if pa.types.is_temporal(f.type)}
+            if not temporal or types:
+                break
+            types = temporal
+        return table.to_pandas()
+    except InputError:
+        raise
+    except (pa.ArrowException, OSError, ValueError):
+        return None
+
+
+def _arrow_header(p: Path, delim: str) -> list[str]:
+    with open(p, encoding="utf-8") as fh:
+        first = fh.readline().rstrip("\r\n")
+    return [n.strip() for n in next(csv.reader([first], delimiter=delim), [])]
 
 
 def _text(p: Path, encoding: str | None) -> str:
@@ -186,12 +270,15 @@ def _record_lines(text: str, delim: str) -> np.ndarray | None:
     return np.asarray(starts[1:], dtype=np.int64)
 
 
-def _read_parquet(p: Path, shown: str) -> pd.DataFrame:
+def _read_parquet(p: Path, shown: str, columns=None) -> pd.DataFrame:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise InputError(PARQUET_HINT) from None
-    _check_unique(list(pq.read_schema(p).names), shown)
+    names = list(pq.read_schema(p).names)
+    _check_unique(names, shown)
+    if columns is not None and set(columns) <= set(names):     # the file's order, as for text files
+        return pd.read_parquet(p, engine="pyarrow", columns=[c for c in names if c in set(columns)])
     df = pd.read_parquet(p, engine="pyarrow")
     # a frame saved with a named index (``df.set_index("id").to_parquet``): keep it as columns;
     # an unnamed index (row numbers) is dropped, as CSV files written with index=False have none
@@ -227,9 +314,35 @@ def site_ids(paths) -> list[str]:
     return out
 
 
+def used_columns(formula: str, *extra: str | None) -> list[str] | None:
+    """The columns a fit of ``formula`` reads, and the ``extra`` ones named (the site column, ...; None is
+    skipped); None if the formula does not parse (the whole file is read, and the fit reports it)."""
+    from .model.formula import parse_formula, variables
+
+    try:
+        cols = variables(parse_formula(formula))
+    except InputError:
+        return None
+    return list(dict.fromkeys(cols + [c for c in extra if c is not None]))
+
+
+def _header(p, sep, encoding) -> list[str]:
+    """A file's column names (empty if it cannot be read: the read itself reports that)."""
+    try:
+        if file_format(p) == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(p).names)
+        delim = check_sep(sep) or ("\t" if file_format(p) == "tsv" else ",")
+        return [str(c) for c in pd.read_csv(p, sep=delim, nrows=0, encoding=encoding).columns]
+    except Exception:         # noqa: BLE001 - any unreadable file is reported by read_table
+        return []
+
+
 def load_sites(paths, site_column: str | None = None, sep: str | None = None,
-               encoding: str | None = None) -> dict[str, pd.DataFrame]:
-    """Read the data of every site: ``{site_id: DataFrame}``.
+               encoding: str | None = None, columns=None) -> dict[str, pd.DataFrame]:
+    """Read the data of every site: ``{site_id: DataFrame}`` (only ``columns``, if given, where the files
+    have them all).
 
     * several files: each file is one site, named by its file stem (``data/north.csv`` → ``north``);
       equal stems are told apart by their folder (``a/x``, ``b/x``), then by an index (``x#1``, ``x#2``);
@@ -256,12 +369,14 @@ def load_sites(paths, site_column: str | None = None, sep: str | None = None,
         if key in seen:
             raise InputError(f"file '{p}' is given twice (also as '{seen[key]}')")
         seen[key] = p
+    if columns is not None and len(paths) > 1 and len({frozenset(_header(p, sep, encoding)) for p in paths}) > 1:
+        columns = None          # files whose columns differ: read whole, so the fit can say which differ
     if site_column is not None:
         from .api import split_sites
 
-        df = read_table(paths[0], sep, encoding)
+        df = read_table(paths[0], sep, encoding, columns)
         try:
             return split_sites(df, site_column)
         except InputError as e:
             raise InputError(f"file '{paths[0]}': {e}") from None
-    return {sid: read_table(p, sep, encoding) for sid, p in zip(site_ids(paths), paths)}
+    return {sid: read_table(p, sep, encoding, columns) for sid, p in zip(site_ids(paths), paths)}

@@ -178,11 +178,13 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
     if site_column is not None and len(data) > 1:
         raise UsageError(f"--site-column splits one file into sites, but {len(data)} files were given and "
                          "each file is already a site: give one file or drop --site-column", ctx=ctx)
-    from ..io import load_sites
+    from ..io import load_sites, used_columns
     from ..site import SiteConfig
 
     config = SiteConfig.load(site_config) if site_config is not None else None
-    sites = load_sites(data, site_column, sep=sep, encoding=encoding)
+    # only the columns the model uses are read (Parquet by column; text files parsed for those columns only;
+    # every column for a formula with '.')
+    sites = load_sites(data, site_column, sep=sep, encoding=encoding, columns=used_columns(formula, site_column))
     from ..model.options import expand_request
 
     req = expand_request(req, next(iter(sites.values())).columns, site_column)     # y ~ .
