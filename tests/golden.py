@@ -136,8 +136,47 @@ def write(prefixes: list[str]) -> None:
     GOLDEN.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
 
 
+VALUES = ("loglik", "residual_sd", "fixef", "se", "theta", "random", "modes", "condsd")
+EXACT = ("rounds", "bytes_to_sites", "bytes_from_sites", "converged", "method", "messages", "names", "levels")
+
+
+def deviation(got: dict, want: dict) -> tuple[float, list[str]]:
+    """The largest relative deviation of any value (relative to max(1, |recorded|)) and the exact fields
+    that differ."""
+    if "error" in want or "error" in got:
+        return 0.0, ([] if got.get("error") == want.get("error") else ["error"])
+    worst = 0.0
+    for field in VALUES:
+        a, b = got.get(field), want.get(field)
+        a, b = ([a], [b]) if not isinstance(a, list) else (a, b or [])
+        if len(a) != len(b):
+            return np.inf, [field]
+        for x, y in zip(a, b):
+            if (x is None) != (y is None):
+                return np.inf, [field]
+            if x is not None:
+                worst = max(worst, abs(x - y) / max(1.0, abs(y)))
+    return worst, [f for f in EXACT if got.get(f) != want.get(f)]
+
+
+def compare(prefixes: list[str]) -> None:
+    """Refit and print, per fit, the largest relative deviation from the golden file and the exact fields
+    that moved (nothing is written); the last line is the largest deviation over all fits."""
+    recorded = json.loads(GOLDEN.read_text())
+    worst = 0.0
+    for key, case, method, split, opts in runs():
+        if prefixes and not any(key.startswith(p) for p in prefixes):
+            continue
+        dev, moved = deviation(run(case, method, split, opts), recorded[key])
+        worst = max(worst, dev)
+        print(f"{key}\t{dev:.2e}\t{','.join(moved)}", flush=True)
+    print(f"largest relative deviation: {worst:.2e}")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["--write"]:
+    if sys.argv[1:2] not in (["--write"], ["--compare"]):
         sys.exit("usage: python tests/golden.py --write [KEY_PREFIX ...]   (rewrites tests/data/golden.json: "
-                 "all fits, or those whose key starts with a prefix, e.g. cbpp_olre/)")
-    write(sys.argv[2:])
+                 "all fits, or those whose key starts with a prefix, e.g. cbpp_olre/)\n"
+                 "       python tests/golden.py --compare [KEY_PREFIX ...] (prints each fit's largest relative "
+                 "deviation from it and the exact fields that moved; writes nothing)")
+    (write if sys.argv[1] == "--write" else compare)(sys.argv[2:])

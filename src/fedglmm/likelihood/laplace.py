@@ -37,6 +37,7 @@ import numpy as np
 
 from ..model.families import Family
 from ..model.spec import Design, lambda_matrix, theta_index
+from . import fused
 from .linalg import chol as _chol, inv as _inv, solve as _solve, upper_half as _upper_half
 from .quadrature import product_grid
 
@@ -83,6 +84,8 @@ class GLMMLikelihood:
         self.psi = None                      # the dispersion parameter of the current evaluation
         self.u = np.zeros((self.G, self.q))
         self._eye = np.eye(self.q)
+        self._last = None           # (φ, dû/dφ) of the last evaluation: the next one starts from û + dû·Δφ
+        self._fused = None          # the fused kernel's view of the arrays, built on first use
 
     # --- helpers ----------------------------------------------------------------------------------
     @property
@@ -221,7 +224,11 @@ class GLMMLikelihood:
         dw = w1[:, None] * deta                   # total derivative of the curvature weight
         if self.ndisp:
             dw[:, -1] -= s.dp.d2p                 # w_ψ = −∂³ℓ/∂η²∂ψ
-        dH = self._gsum(dw[:, :, None, None] * MM[:, None])                  # (G, P, q, q)
+        P = deta.shape[1]
+        dH = np.empty((self.G, P, self.q, self.q))                                     # Σ ẇ m mᵀ, one
+        for a in range(self.q):                                                        # (a, b) at a time:
+            for b in range(a, self.q):                                                 # no n × P × q × q
+                dH[:, :, a, b] = dH[:, :, b, a] = self._gsum(dw * MM[:, a, b][:, None])
         N = self._gsum(w[:, None, None] * self.Z[:, :, None] * M[:, None, :])         # Σ w z mᵀ
         for t in range(self.ntheta):
             e = np.zeros((self.G, self.q, self.q))
@@ -337,14 +344,17 @@ class GLMMLikelihood:
         finite) gives a value, gradient and Hessian of NaN: the coordinator's optimiser then rejects the
         point and steps shorter, and the next evaluation starts from the last good modes."""
         phi = np.asarray(phi, float)
-        u_prev = None if self.u is None else np.array(self.u, copy=True)
-        # the modes start from the last point's (warm); if that fails -- the last point's modes can be far
-        # off scale for this θ, and exp(η) overflows -- they start again from zero
-        for warm in (True, False):
-            if not warm:
-                if u_prev is None or not np.any(u_prev):
-                    break
-                self.u = np.zeros_like(u_prev)
+        u_prev, last = (None if self.u is None else np.array(self.u, copy=True)), self._last
+        # the modes start from the last point's, moved to first order along the step (dû/dφ·Δφ); then
+        # from the last point's; if that fails too -- the last point's modes can be far off scale for this
+        # θ, and exp(η) overflows -- from zero
+        starts = [u_prev] if u_prev is not None and np.any(u_prev) else []
+        if self._last is not None and starts and self._last[0].shape == phi.shape:
+            du = self._last[1] @ (phi - self._last[0])
+            if np.all(np.abs(du) < 5.0):        # further, the first-order move is not to be trusted
+                starts.insert(0, u_prev + du)
+        for start in starts + [np.zeros((self.G, self.q))]:
+            self.u = np.array(start, copy=True)
             try:
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                     ev = self._evaluate(phi, hess, step)
@@ -354,13 +364,17 @@ class GLMMLikelihood:
                 ok = False
             if ok:
                 return ev
-        self.u = u_prev
+        self.u, self._last = u_prev, last
         P = len(phi)
         return Evaluation(np.nan, np.full(P, np.nan), np.full((P, P), np.nan) if hess else None)
 
     def _evaluate(self, phi: np.ndarray, hess: bool, step: float) -> Evaluation:
+        if fused.usable(self):
+            return self._evaluate_fused(phi, hess)
         laplace = len(self.ck) == 1
         value, gr, aux = self.value_grad(phi, hess=hess and laplace)
+        if self.q:
+            self._last = (phi.copy(), aux["dU"])
         if self.q == 0 or (hess and laplace):
             self.u = aux.get("u", self.u)
             return Evaluation(value, gr, aux["hess"] if hess else None)
@@ -379,10 +393,31 @@ class GLMMLikelihood:
             H[:, t] = (gp - gm) / (2.0 * h)
         return Evaluation(value, gr, 0.5 * (H + H.T))
 
+    def _evaluate_fused(self, phi: np.ndarray, hess: bool) -> Evaluation:
+        """The Laplace sums from the fused kernel (:mod:`fedglmm.likelihood.fused`), from the modes in
+        ``self.u``; a failure (a singular curvature, an overflow) raises, as the numpy engine does."""
+        self._fused = self._fused or fused.FusedLaplace(self)
+        u = np.array(self.u, copy=True)
+        value, gr, H, ok, dU, _ = self._fused.run(phi[: self.p], self.lam(phi[self.p:]), u, 2 if hess else 1,
+                                                  keep_du=True)
+        if not ok:
+            raise np.linalg.LinAlgError("a group's curvature is singular")
+        self.u, self._last = u, (phi.copy(), dU)
+        return Evaluation(value + self.const, gr, H if hess else None)
+
     def conditional_modes(self, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Conditional modes b̂ = Λû and conditional SDs sqrt(diag(Λ H⁻¹ Λᵀ)) of each group's effects."""
+        phi = np.asarray(phi, float)
+        lam = self.lam(phi[self.p:])
+        if fused.usable(self):
+            self._fused = self._fused or fused.FusedLaplace(self)
+            u = np.array(self.u, copy=True)
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                *_, ok, _, Hinv = self._fused.run(phi[: self.p], lam, u, 0, keep_du=True)
+            if ok:
+                cov = lam @ Hinv @ lam.T
+                return u @ lam.T, np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
         _, _, aux = self.value_grad(phi, grad=False)
-        lam = aux["lam"]
         b = aux["u"] @ lam.T
         cov = lam @ _inv(aux["H"]) @ lam.T
         return b, np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))

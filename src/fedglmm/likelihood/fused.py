@@ -1,0 +1,105 @@
+"""When and how a GLMM engine evaluates through the fused kernel (:mod:`fedglmm.likelihood.kernel`).
+
+The Laplace value, gradient and Hessian of a site with at least :data:`MIN_ROWS` rows come from the
+compiled kernel (one pass over the rows, no per-row temporaries); smaller parts, AGHQ, and families the
+kernel does not know use the numpy engine of :mod:`fedglmm.likelihood.laplace`, so a small fit never
+loads the compiler.  Both compute the same quantities; they agree to rounding (the tests check 1e-9).
+numba is a dependency of the package; where it cannot be imported the numpy engine does everything.
+
+A part with at least :data:`CHUNK_ROWS` rows splits its groups into chunks evaluated in parallel threads
+(the kernel runs without the interpreter lock); the chunks' sums are added in a fixed order, so the
+result does not depend on the number of threads.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# parts with fewer rows stay on the numpy engine (FEDGLMM_FUSED_MIN_ROWS=0: every part on the kernel)
+MIN_ROWS = int(os.environ.get("FEDGLMM_FUSED_MIN_ROWS", 20_000))
+CHUNK_ROWS = 250_000             # parts with more rows are cut into chunks of about this many rows
+_POOL: ThreadPoolExecutor | None = None
+_KERNEL = None                   # the compiled module once imported; False if numba is missing
+
+
+def _kernel():
+    global _KERNEL
+    if _KERNEL is None:
+        try:
+            from . import kernel, rows
+            _KERNEL = (kernel, rows)
+        except ImportError:
+            _KERNEL = False
+    return _KERNEL
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            n = os.cpu_count() or 1
+        _POOL = ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="fedglmm-chunk")
+    return _POOL
+
+
+def usable(lik) -> bool:
+    """Whether the fused kernel evaluates this engine (Laplace, random effects, a family it knows, enough
+    rows, numba importable)."""
+    if lik.q == 0 or len(lik.ck) != 1 or lik.n < MIN_ROWS:
+        return False
+    if getattr(lik.family, "ndisp", 0):
+        return False
+    kern = _kernel()
+    return bool(kern) and (lik.family.name, lik.family.link) in kern[1].CODES
+
+
+class FusedLaplace:
+    """The kernel's view of one engine's arrays (contiguous float64, group boundaries, Λ's pattern)."""
+
+    def __init__(self, lik):
+        kernel, rows = _kernel()
+        self.kernel = kernel
+        self.code = rows.CODES[(lik.family.name, lik.family.link)]
+        self.expected = lik.curvature == "expected"
+        self.X, self.Z = np.ascontiguousarray(lik.X), np.ascontiguousarray(lik.Z)
+        self.y, self.m, self.off = (np.ascontiguousarray(a, dtype=float) for a in (lik.y, lik.m, lik.off))
+        self.starts = np.asarray(lik.starts, np.int64)
+        self.ends = np.append(self.starts[1:], lik.n).astype(np.int64)
+        self.tr, self.tc = np.asarray(lik.theta_r, np.int64), np.asarray(lik.theta_c, np.int64)
+        self.p, self.q, self.G = lik.p, lik.q, lik.G
+        cuts = np.searchsorted(self.starts, np.arange(CHUNK_ROWS, lik.n, CHUNK_ROWS))
+        self.chunks = [(int(a), int(b)) for a, b in zip(np.r_[0, cuts], np.r_[cuts, self.G]) if b > a]
+
+    def run(self, beta, lam, u, level: int, keep_du: bool = False):
+        """(value, grad, hess, ok) without the family's constant; ``u`` (G × q) is the start and receives
+        the modes; with ``keep_du`` also each group's dU (G × q × P) and H⁻¹ (G × q × q)."""
+        P = self.p + len(self.tr)
+        du = np.empty((self.G if keep_du else 0, self.q, P))
+        hinv = np.empty((self.G if keep_du else 0, self.q, self.q))
+        acc = [(np.zeros(P), np.zeros((P, P)), np.zeros((P, P))) for _ in self.chunks]
+
+        def one(i):
+            g0, g1 = self.chunks[i]
+            grad, R, G = acc[i]
+            return self.kernel.laplace_chunk(self.code, self.expected, self.X, self.Z, self.y, self.m, self.off,
+                                             self.starts, self.ends, beta, lam, self.tr, self.tc, level, u,
+                                             g0, g1, keep_du, du, hinv, grad, R, G)
+
+        if len(self.chunks) > 1:
+            out = list(_pool().map(one, range(len(self.chunks))))
+        else:
+            out = [one(i) for i in range(len(self.chunks))]
+        ok = all(o[1] for o in out)
+        value = 0.0
+        grad, R, G = np.zeros(P), np.zeros((P, P)), np.zeros((P, P))
+        for (v, _), (g, r, gg) in zip(out, acc):
+            value += v
+            grad += g
+            R += r
+            G += gg
+        hs = np.triu(R) + np.triu(R, 1).T + G
+        return value, grad, 0.5 * (hs + hs.T), ok, du, hinv

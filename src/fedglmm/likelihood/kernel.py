@@ -1,0 +1,314 @@
+"""The fused Laplace kernel: one site's value, gradient and Hessian in one pass over its rows.
+
+The arithmetic is that of :class:`~fedglmm.likelihood.laplace.GLMMLikelihood` (see its module docstring
+for the model and the pieces of the gradient and Hessian), reorganised by group: the rows of a group are
+contiguous, so the kernel takes one group at a time, finds its mode by Newton's method on rows that stay
+in the processor's cache, and adds the group's contributions to the sums.  Memory traffic is one read of
+the rows per evaluation; nothing of size n × P × q × q (nor n × P) is ever formed.  Compiled by numba,
+without the interpreter lock, so sites (and chunks of groups) run in parallel threads.
+
+Accumulators of a chunk of groups: ``value``; ``grad`` (P); ``R`` (P × P, upper triangle): the row-wise
+rank-one terms Σ d2 E Eᵀ − ½ Σ (w2·lev + d3·vm) η̇ η̇ᵀ; ``G`` (P × P): the group-wise terms Cᵀ dU,
+½ tr(H⁻¹Ḣ_s H⁻¹Ḣ_t) and −K for the non-symmetric pieces K of :meth:`GLMMLikelihood._laplace_hessian`.  The
+Hessian is ½(hs + hsᵀ) with hs = R (mirrored) + G.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .rows import all_row, chol_logdet, d12_row, loglik_row, solve
+
+
+@njit(cache=True)
+def _eta(eta0, M, u, n, eta):
+    q = M.shape[1]
+    for j in range(n):
+        acc = 0.0
+        for c in range(q):
+            acc += M[j, c] * u[c]
+        eta[j] = eta0[j] + acc
+
+
+@njit(cache=True)
+def _h(code, y, m, s, n, eta, u):
+    total = 0.0
+    for j in range(n):
+        total += loglik_row(code, y[s + j], m[s + j], eta[j])
+    return total - 0.5 * np.sum(u * u)
+
+
+@njit(cache=True)
+def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new):
+    """Newton with step halving for the group's mode û = argmax h (``u`` in, û out; η at û in ``eta``).
+    The same iteration as the numpy engine's, for one group."""
+    q = M.shape[1]
+    grad, hobs, step = np.empty((q, 1)), np.empty((q, q)), np.empty((q, 1))
+    u_new = np.empty(q)
+    _eta(eta0, M, u, n, eta)
+    h, known = 0.0, False
+    for _ in range(100):
+        grad[:, 0] = 0.0
+        hobs[:, :] = 0.0
+        for j in range(n):
+            d1, d2 = d12_row(code, y[s + j], m[s + j], eta[j])
+            for a in range(q):
+                grad[a, 0] += M[j, a] * d1
+                for b in range(q):
+                    hobs[a, b] += -d2 * M[j, a] * M[j, b]
+        for a in range(q):
+            grad[a, 0] -= u[a]
+            hobs[a, a] += 1.0
+        if not solve(hobs, grad, step):
+            return False
+        dec = np.sum(grad[:, 0] * step[:, 0])
+        if dec < 1e-8:
+            u += step[:, 0]
+            _eta(eta0, M, u, n, eta)
+            if np.max(np.abs(step[:, 0])) < 1e-10:
+                return True
+            known = False
+            continue
+        if not known:
+            h = _h(code, y, m, s, n, eta, u)
+        t, h_new, t_used = 1.0, 0.0, 1.0
+        for _ in range(40):
+            u_new[:] = u + t * step[:, 0]
+            _eta(eta0, M, u_new, n, eta_new)
+            h_new = _h(code, y, m, s, n, eta_new, u_new)
+            t_used = t
+            if not h_new < h - 1e-12 * (1.0 + abs(h)):
+                break
+            t *= 0.5
+        u[:] = u_new
+        eta[:n] = eta_new[:n]
+        h, known = h_new, True
+        if np.max(np.abs(t_used * step[:, 0])) < 1e-10:
+            return True
+    return True
+
+
+@njit(cache=True)
+def _rows_of(X, Z, off, beta, lam, s, n, eta0, M):
+    """η at u = 0 and M = ZΛ for the group's rows."""
+    p, q = X.shape[1], Z.shape[1]
+    for j in range(n):
+        acc = off[s + j]
+        for k in range(p):
+            acc += X[s + j, k] * beta[k]
+        eta0[j] = acc
+        for c in range(q):
+            v = 0.0
+            for a in range(q):
+                v += Z[s + j, a] * lam[a, c]
+            M[j, c] = v
+
+
+@njit(cache=True)
+def _at_mode(code, expected, X, Z, y, m, s, n, u, eta, M, D, tr, tc, level, grad, R, S):
+    """The group's sums at its mode.  D[j] = (d1, d2, d3, w, w1, w2); S = (H, hobs, cb, ztd1, md2z, N, Wzz)
+    are filled; the log-density total is returned; at ``level`` ≥ 1 the Σ x d1 part of the gradient is
+    added."""
+    H, hobs, cb, ztd1, md2z, N, Wzz = S
+    p, q = X.shape[1], M.shape[1]
+    for arr in (H, hobs, cb, md2z, N, Wzz):
+        arr[:, :] = 0.0
+    ztd1[:] = 0.0
+    total = 0.0
+    for j in range(n):
+        r = s + j
+        ll, d1, d2, d3, w, w1, w2 = all_row(code, expected, y[r], m[r], eta[j])
+        total += ll
+        D[j, 0], D[j, 1], D[j, 2], D[j, 3], D[j, 4], D[j, 5] = d1, d2, d3, w, w1, w2
+        for a in range(q):
+            for b in range(q):
+                mm = M[j, a] * M[j, b]
+                H[a, b] += w * mm
+                hobs[a, b] += -d2 * mm
+                md2z[a, b] += d2 * M[j, a] * Z[r, b]
+                N[a, b] += w * Z[r, a] * M[j, b]
+                Wzz[a, b] += w * Z[r, a] * Z[r, b]
+            ztd1[a] += Z[r, a] * d1
+            for kk in range(p):
+                cb[a, kk] += d2 * M[j, a] * X[r, kk]
+        if level >= 1:
+            for kk in range(p):
+                grad[kk] += X[r, kk] * d1
+    for a in range(q):
+        H[a, a] += 1.0
+        hobs[a, a] += 1.0
+    return total
+
+
+@njit(cache=True)
+def _derivatives(X, Z, s, n, u, M, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W, lam):
+    """The group's mode derivatives dU (q × P), the gradient and (level 2) Hessian contributions.
+    W = (deta (n × P), lev (n), HinvM (n × q), dH (P × q × q)) is scratch."""
+    H, hobs, cb, ztd1, md2z, N, Wzz = Sg
+    deta, lev, HinvM, dH = W
+    p, q, k = X.shape[1], M.shape[1], len(tr)
+    P = p + k
+    C = np.empty((q, P))
+    C[:, :p] = cb
+    for t in range(k):
+        for a in range(q):
+            C[a, p + t] = md2z[a, tr[t]] * u[tc[t]]
+        C[tc[t], p + t] += ztd1[tr[t]]
+    if not solve(hobs, C, dU) or not solve(H, np.eye(q), Hinv):
+        return False
+    for t in range(k):
+        grad[p + t] += ztd1[tr[t]] * u[tc[t]]
+    dH[:, :, :] = 0.0
+    a_g, bg = np.zeros((q, 1)), np.zeros(q)
+    F = np.zeros((q, P))
+    for j in range(n):
+        r = s + j
+        w1, d2 = D[j, 4], D[j, 1]
+        for kk in range(p):
+            deta[j, kk] = X[r, kk]
+        for t in range(k):
+            deta[j, p + t] = Z[r, tr[t]] * u[tc[t]]
+        for c in range(q):
+            for t in range(P):
+                deta[j, t] += M[j, c] * dU[c, t]
+        lv = 0.0
+        for a in range(q):
+            hm = 0.0
+            for b in range(q):
+                hm += Hinv[a, b] * M[j, b]
+            HinvM[j, a] = hm
+            lv += M[j, a] * hm
+        lev[j] = lv
+        for a in range(q):                  # Σ w' η̇ m mᵀ: the upper triangle (mirrored below)
+            for b in range(a, q):
+                f = w1 * M[j, a] * M[j, b]
+                for t in range(P):
+                    dH[t, a, b] += f * deta[j, t]
+        if level >= 2:
+            for a in range(q):
+                a_g[a, 0] += M[j, a] * (w1 * lv)
+                bg[a] += Z[r, a] * (w1 * lv)
+                for t in range(P):
+                    F[a, t] += Z[r, a] * d2 * deta[j, t]
+            for t in range(k):
+                f = 2.0 * w1 * HinvM[j, tc[t]] * Z[r, tr[t]]
+                for t2 in range(P):
+                    G[p + t, t2] -= f * deta[j, t2]
+    for t in range(P):
+        for a in range(q):
+            for b in range(a):
+                dH[t, a, b] = dH[t, b, a]
+    for t in range(k):
+        for b in range(q):
+            dH[p + t, tc[t], b] += N[tr[t], b]
+            dH[p + t, b, tc[t]] += N[tr[t], b]
+    for t in range(P):
+        acc = 0.0
+        for a in range(q):
+            for b in range(q):
+                acc += Hinv[a, b] * dH[t, a, b]
+        grad[t] += -0.5 * acc
+    if level >= 2:
+        return _hessian_group(Z, s, n, M, D, tr, tc, p, C, dU, Hinv, hobs, Wzz, a_g, bg, F, W, R, G, lam)
+    return True
+
+
+@njit(cache=True)
+def _hessian_group(Z, s, n, M, D, tr, tc, p, C, dU, Hinv, hobs, Wzz, a_g, bg, F, W, R, G, lam):
+    """The rest of the group's Hessian terms, once v = H_obs⁻¹ a_g is known (a second sweep over the
+    group's rows, which are still in cache).  Σ d2 E Eᵀ (E = ∂η/∂φ at fixed u) rides on the sweep's
+    rank-one update through E = η̇ − dUᵀm: Σ d2 η̇ η̇ᵀ − Bᵀ dU − dUᵀ B + dUᵀ A dU, with B = Σ d2 m η̇ᵀ = ΛᵀF
+    and A = Σ d2 m mᵀ = I − H_obs."""
+    deta, lev, HinvM, dH = W
+    q, k = M.shape[1], len(tr)
+    P = p + k
+    v = np.empty((q, 1))
+    if not solve(hobs, a_g, v):
+        return False
+    for j in range(n):
+        d2, d3, w2 = D[j, 1], D[j, 2], D[j, 5]
+        vm = 0.0
+        for c in range(q):
+            vm += M[j, c] * v[c, 0]
+        sw = d2 - 0.5 * (w2 * lev[j] + d3 * vm)
+        for a in range(q):
+            bg[a] += Z[s + j, a] * (d2 * vm)
+        for a in range(P):
+            f = sw * deta[j, a]
+            for b in range(a, P):
+                R[a, b] += f * deta[j, b]
+    B, AdU = np.zeros((q, P)), np.zeros((q, P))
+    for c in range(q):
+        for t in range(P):
+            acc = 0.0
+            for a in range(q):
+                acc += lam[a, c] * F[a, t]
+            B[c, t] = acc
+            acc = 0.0
+            for a in range(q):
+                acc += ((1.0 if a == c else 0.0) - hobs[c, a]) * dU[a, t]
+            AdU[c, t] = acc
+    for s1 in range(P):                               # Cᵀ dU, and E's corrections
+        for s2 in range(P):
+            acc = 0.0
+            for a in range(q):
+                acc += C[a, s1] * dU[a, s2] - 2.0 * B[a, s1] * dU[a, s2] + dU[a, s1] * AdU[a, s2]
+            G[s1, s2] += acc
+    for t in range(k):                                # −K: the q-terms, the F term, 2 Wzz ∘ H⁻¹
+        for s1 in range(P):
+            G[s1, p + t] -= bg[tr[t]] * dU[tc[t], s1]
+            G[p + t, s1] -= v[tc[t], 0] * F[tr[t], s1]
+        for t2 in range(k):
+            G[p + t, p + t2] -= Wzz[tr[t], tr[t2]] * Hinv[tc[t], tc[t2]]
+    HdH = np.empty((P, q, q))
+    for t in range(P):
+        for a in range(q):
+            for b in range(q):
+                acc = 0.0
+                for c in range(q):
+                    acc += Hinv[a, c] * dH[t, c, b]
+                HdH[t, a, b] = acc
+    for s1 in range(P):
+        for s2 in range(P):
+            acc = 0.0
+            for a in range(q):
+                for b in range(q):
+                    acc += HdH[s1, a, b] * HdH[s2, b, a]
+            G[s1, s2] += 0.5 * acc
+    return True
+
+
+@njit(cache=True, nogil=True)
+def laplace_chunk(code, expected, X, Z, y, m, off, starts, ends, beta, lam, tr, tc, level, u, g0, g1,
+                  keep_du, du_out, hinv_out, grad, R, G):
+    """Groups g0 .. g1 − 1: their modes (``u`` is the start and receives û), and the sums at ``level``
+    (0 value, 1 gradient, 2 Hessian) added to ``grad``, ``R`` and ``G``; with ``keep_du`` each group's dU
+    goes to ``du_out`` and its H⁻¹ to ``hinv_out``.  Returns (value, ok)."""
+    p, q, k = X.shape[1], Z.shape[1], len(tr)
+    P = p + k
+    nmax = 1
+    for g in range(g0, g1):
+        nmax = max(nmax, ends[g] - starts[g])
+    eta0, eta, eta_new = np.empty(nmax), np.empty(nmax), np.empty(nmax)
+    M, D = np.empty((nmax, q)), np.empty((nmax, 6))
+    Sg = (np.empty((q, q)), np.empty((q, q)), np.empty((q, p)), np.empty(q), np.empty((q, q)),
+          np.empty((q, q)), np.empty((q, q)))
+    W = (np.empty((nmax, P)), np.empty(nmax), np.empty((nmax, q)), np.empty((P, q, q)))
+    dU, Hinv = np.empty((q, P)), np.empty((q, q))
+    value = 0.0
+    for g in range(g0, g1):
+        s, n = starts[g], ends[g] - starts[g]
+        _rows_of(X, Z, off, beta, lam, s, n, eta0, M)
+        ug = u[g]
+        if not _mode(code, y, m, s, n, eta0, M, ug, eta, eta_new):
+            return value, False
+        total = _at_mode(code, expected, X, Z, y, m, s, n, ug, eta, M, D, tr, tc, level, grad, R, Sg)
+        logdet = chol_logdet(Sg[0])
+        value += total - 0.5 * np.sum(ug * ug) - 0.5 * logdet
+        if level >= 1 or keep_du:
+            if not _derivatives(X, Z, s, n, ug, M, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W, lam):
+                return value, False
+            if keep_du:
+                du_out[g] = dU
+                hinv_out[g] = Hinv
+    return value, True

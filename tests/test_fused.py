@@ -1,0 +1,91 @@
+"""The fused Laplace kernel (fedglmm.likelihood.kernel) against the numpy engine it reorganises.
+
+Every model of tests/test_likelihood.py (logit, probit and cloglog with observed and expected curvature,
+cbind trials, poisson with an offset; random intercepts, correlated and uncorrelated slopes): value,
+gradient, Hessian and conditional modes at a point away from the optimum and from a cold start, to a
+relative 1e-9; the numpy engine's own gradient and Hessian are checked against finite differences in
+test_likelihood.py.  Also: log Φ against scipy, chunks in parallel threads give the chunks' sum, a failing
+point gives NaN as the numpy engine does, and the modes' warm start moves along dû/dφ.
+"""
+import numpy as np
+import pytest
+from scipy import special
+
+from fedglmm.likelihood import fused
+from fedglmm.likelihood.laplace import GLMMLikelihood
+
+from test_likelihood import MODELS, load, start_phi
+
+pytest.importorskip("numba")
+
+
+def _pair(key):
+    (name, formula), family, link, theta, curvature = MODELS[key]
+    d, fam = load(name, formula, family, link)
+    return (GLMMLikelihood(d, fam, 1, curvature=curvature), GLMMLikelihood(d, fam, 1, curvature=curvature),
+            start_phi(d, theta))
+
+
+def _close(a, b, what, rtol=1e-9):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    scale = max(1.0, float(np.max(np.abs(b))))
+    assert np.max(np.abs(a - b)) <= rtol * scale, f"{what}: {np.max(np.abs(a - b)) / scale:.2e}"
+
+
+@pytest.mark.parametrize("key", list(MODELS))
+def test_fused_equals_numpy(key, monkeypatch):
+    ref, fast, phi = _pair(key)
+    monkeypatch.setattr(fused, "MIN_ROWS", 10**12)
+    want = ref.evaluate(phi)
+    want_modes = ref.conditional_modes(phi)
+    monkeypatch.setattr(fused, "MIN_ROWS", 0)
+    assert fused.usable(fast)
+    got = fast.evaluate(phi)
+    _close(got.value, want.value, f"{key} value", 1e-11)
+    _close(got.grad, want.grad, f"{key} gradient")
+    _close(got.hess, want.hess, f"{key} Hessian")
+    for g, w in zip(fast.conditional_modes(phi), want_modes):
+        _close(g, w, f"{key} modes")
+
+
+def test_log_ndtr_matches_scipy():
+    from fedglmm.likelihood.rows import log_ndtr
+
+    x = np.r_[np.linspace(-60, 12, 2001), -37.5, -37.49, -1.0, -0.999, 0.0]
+    ours = np.array([log_ndtr(v) for v in x])
+    np.testing.assert_allclose(ours, special.log_ndtr(x), rtol=2e-14, atol=1e-300)
+
+
+def test_chunks_in_threads_sum_to_the_whole(monkeypatch):
+    ref, fast, phi = _pair("sim-logit-slope")
+    monkeypatch.setattr(fused, "MIN_ROWS", 0)
+    whole = ref.evaluate(phi)
+    monkeypatch.setattr(fused, "CHUNK_ROWS", 97)      # many chunks over the pool's threads
+    parts = fast.evaluate(phi)
+    assert len(fast._fused.chunks) > 5
+    _close(parts.value, whole.value, "value", 1e-12)
+    _close(parts.grad, whole.grad, "gradient", 1e-12)
+    _close(parts.hess, whole.hess, "Hessian", 1e-12)
+
+
+def test_failing_point_gives_nan_and_keeps_modes(monkeypatch):
+    monkeypatch.setattr(fused, "MIN_ROWS", 0)
+    ref, lik, phi = _pair("pois-offset-int")
+    good = lik.evaluate(phi)
+    modes = lik.u.copy()
+    bad = lik.evaluate(phi + np.r_[800.0, np.zeros(len(phi) - 1)])
+    assert np.isnan(bad.value) and np.all(np.isnan(bad.grad))
+    np.testing.assert_array_equal(lik.u, modes)
+    assert lik.evaluate(phi).value == pytest.approx(good.value, rel=1e-12)
+
+
+def test_warm_start_moves_along_the_mode_derivative(monkeypatch):
+    """After an evaluation at φ, the modes at φ + δ start from û + dû/dφ·δ, within O(δ²) of the answer."""
+    monkeypatch.setattr(fused, "MIN_ROWS", 0)
+    _, lik, phi = _pair("contra-logit-slope")
+    lik.evaluate(phi)
+    u0, (phi0, dU) = lik.u.copy(), lik._last
+    delta = np.full(len(phi), 0.01)
+    lik.evaluate(phi + delta)
+    predicted = u0 + dU @ delta
+    assert np.max(np.abs(predicted - lik.u)) < 0.05 * np.max(np.abs(lik.u - u0))
