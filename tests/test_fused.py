@@ -89,3 +89,21 @@ def test_warm_start_moves_along_the_mode_derivative(monkeypatch):
     lik.evaluate(phi + delta)
     predicted = u0 + dU @ delta
     assert np.max(np.abs(predicted - lik.u)) < 0.05 * np.max(np.abs(lik.u - u0))
+
+
+@pytest.mark.parametrize("key", ["sim-logit-slope", "cbpp-cbind-logit", "pois-offset-slope"])
+@pytest.mark.parametrize("order", [2, 4])
+def test_compiled_moment_sums_equal_numpy(key, order, monkeypatch):
+    """The one-shot message's per-group moments (Bernoulli rows, cbind trials, counts with an offset)."""
+    from fedglmm.site import summaries
+
+    (name, formula), family, link, *_ = MODELS[key]
+    d, _ = load(name, formula, family, link)
+    keep = np.ones(len(d.starts), bool)
+    monkeypatch.setattr(fused, "MIN_ROWS", 10**12)
+    want = summaries._moment_blocks(d, d.starts, d.group_levels, keep, order)
+    monkeypatch.setattr(fused, "MIN_ROWS", 0)
+    got = summaries._moment_blocks(d, d.starts, d.group_levels, keep, order)
+    assert got["variables"] == want["variables"] and got["levels"] == want["levels"]
+    np.testing.assert_array_equal(got["n"], want["n"])
+    np.testing.assert_allclose(got["moments"], want["moments"], rtol=1e-12, atol=1e-12)

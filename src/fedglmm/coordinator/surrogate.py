@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..likelihood.fused import parallel_map
 from ..likelihood.newton import TrustRegionNewton
 from ..model.options import NewtonConfig
 
@@ -91,7 +92,7 @@ def pseudo_objective(parts: dict, st, skip=()):
     engines = [part.engines.get(st.A, st.zs) for sid, part in parts.items() if sid not in skip]
 
     def objective(x):
-        evs = [eng.evaluate(np.asarray(x, float), hess=True) for eng in engines]
+        evs = parallel_map(lambda eng: eng.evaluate(np.asarray(x, float), hess=True), engines)
         return (-sum(ev.value for ev in evs), -sum(ev.grad for ev in evs), -sum(ev.hess for ev in evs))
 
     return objective if engines else None

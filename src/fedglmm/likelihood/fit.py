@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import ConvergenceError, InputError
 from ..model.options import FitOptions
 from ..model.spec import theta_index
+from .fused import parallel_map
 from .lmm import profiled_deviance
 from .newton import TrustRegionNewton
 from .setup import Setup, sum_replies
@@ -40,7 +41,10 @@ class LocalEvaluator:
         self.engines, self.levels = engines, levels
 
     def evaluate(self, points, keys):
-        per_part = {name: [eng.sums(np.asarray(x, float)) for x in points] for name, eng in self.engines.items()}
+        names = list(self.engines)
+        # the parts are independent: in parallel threads, as the sites of a round are
+        done = parallel_map(lambda name: [self.engines[name].sums(np.asarray(x, float)) for x in points], names)
+        per_part = dict(zip(names, done))
         return [sum_replies({name: r[i] for name, r in per_part.items()}, keys) for i in range(len(points))]
 
     def finalize(self, point, keys, extra=None):

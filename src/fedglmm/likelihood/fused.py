@@ -21,6 +21,7 @@ import numpy as np
 MIN_ROWS = int(os.environ.get("FEDGLMM_FUSED_MIN_ROWS", 20_000))
 CHUNK_ROWS = 250_000             # parts with more rows are cut into chunks of about this many rows
 _POOL: ThreadPoolExecutor | None = None
+_PARTS: ThreadPoolExecutor | None = None
 _KERNEL = None                   # the compiled module once imported; False if numba is missing
 
 
@@ -38,12 +39,26 @@ def _kernel():
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            n = os.cpu_count() or 1
-        _POOL = ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="fedglmm-chunk")
+        _POOL = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="fedglmm-chunk")
     return _POOL
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def parallel_map(fn, items: list) -> list:
+    """``[fn(x) for x in items]`` with the items in parallel threads (the coordinator's parts: the pseudo-data
+    stand-ins of the sites), results in order."""
+    global _PARTS
+    if len(items) < 2 or _cores() < 2:
+        return [fn(x) for x in items]
+    if _PARTS is None:
+        _PARTS = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="fedglmm-part")
+    return list(_PARTS.map(fn, items))
 
 
 def usable(lik) -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..likelihood import fused
 from ..likelihood.setup import setup_reply, start_sums
 from ..model.design import build_design, describe_frame
 from ..model.families import get_family
@@ -144,6 +145,14 @@ def _moment_blocks(d: Design, starts, levels, keep, order: int) -> dict:
     likelihood is the binomial one up to a constant."""
     names, V = moment_variables(d)
     expo = monomials(V.shape[1], order)
+    bernoulli = bool(np.all(d.trials == 1.0))
+    if d.n >= fused.MIN_ROWS and fused._kernel():                                 # large sites: compiled
+        from ..likelihood.moment_sums import group_moments
+
+        sums = group_moments(V[:, 1:], d.y, d.trials, starts, expo, bernoulli)
+        count = np.ones(d.n) if bernoulli else d.trials
+        return {"levels": [lv for lv, k in zip(levels, keep) if k], "n": np.add.reduceat(count, starts)[keep],
+                "variables": names, "moments": sums[keep]}
     xpart = mono_values(V[:, 1:], expo[:, 1:])                                      # (n, M) without y
     with_y = expo[:, 0] > 0
     if np.all(d.trials == 1.0):
