@@ -127,7 +127,8 @@ def child(n: int, sites: int, method: str) -> dict:
             "site_wall_round": statistics.mean(r["wall"] for r in newton) if newton else float("nan"),
             "pass_s": pass_s, "loglik": float(res.loglik),
             "peak_GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "rounds_detail": [r["kind"] for r in transport.timings]}
+            "rounds_detail": [(r["kind"], round(sum(r["site_cpu"].values()), 4), round(r["wall"], 4))
+                              for r in transport.timings]}
 
 
 # --- start-up ---------------------------------------------------------------------------------------

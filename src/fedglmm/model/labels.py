@@ -51,12 +51,17 @@ def as_labels(s: pd.Series) -> np.ndarray:
     if isinstance(s.dtype, pd.CategoricalDtype):
         cats = as_labels(pd.Series(s.cat.categories))
         return cats[s.cat.codes.to_numpy()]
+    if isinstance(s.dtype, np.dtype) and s.dtype.kind in "iu":
+        # each distinct value is written once (a million rows hold a few thousand groups)
+        codes, uniq = pd.factorize(s.to_numpy())
+        return np.array([str(x) for x in uniq.tolist()] or [""], dtype=str)[codes]
     if pd.api.types.is_integer_dtype(s.dtype):
         return s.astype(str).to_numpy(dtype=str)
     if column_kind(s.dtype) == "numeric":
-        v = s.to_numpy(dtype=float)
+        codes, uniq = pd.factorize(s.to_numpy(dtype=float), use_na_sentinel=False)
+        v = np.asarray(uniq, dtype=float)
         whole = np.isfinite(v) & (v == np.round(v)) & (np.abs(v) < 2.0 ** 53)
-        return np.where(whole, np.where(whole, v, 0).astype(np.int64).astype(str), v.astype(str))
+        return np.where(whole, np.where(whole, v, 0).astype(np.int64).astype(str), v.astype(str))[codes]
     return s.astype(str).to_numpy(dtype=str)
 
 
