@@ -86,6 +86,7 @@ class GLMMLikelihood:
         self._eye = np.eye(self.q)
         self._last = None           # (φ, dû/dφ) of the last evaluation: the next one starts from û + dû·Δφ
         self._fused = None          # the fused kernel's view of the arrays, built on first use
+        self._hinv = None           # the fused kernel's H⁻¹ per group at the last point
 
     # --- helpers ----------------------------------------------------------------------------------
     @property
@@ -398,11 +399,11 @@ class GLMMLikelihood:
         ``self.u``; a failure (a singular curvature, an overflow) raises, as the numpy engine does."""
         self._fused = self._fused or fused.FusedLaplace(self)
         u = np.array(self.u, copy=True)
-        value, gr, H, ok, dU, _ = self._fused.run(phi[: self.p], self.lam(phi[self.p:]), u, 2 if hess else 1,
-                                                  keep_du=True)
+        value, gr, H, ok, dU, Hinv = self._fused.run(phi[: self.p], self.lam(phi[self.p:]), u, 2 if hess else 1,
+                                                     keep_du=True)
         if not ok:
             raise np.linalg.LinAlgError("a group's curvature is singular")
-        self.u, self._last = u, (phi.copy(), dU)
+        self.u, self._last, self._hinv = u, (phi.copy(), dU), Hinv
         return Evaluation(value + self.const, gr, H if hess else None)
 
     def conditional_modes(self, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -410,10 +411,13 @@ class GLMMLikelihood:
         phi = np.asarray(phi, float)
         lam = self.lam(phi[self.p:])
         if fused.usable(self):
-            self._fused = self._fused or fused.FusedLaplace(self)
-            u = np.array(self.u, copy=True)
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                *_, ok, _, Hinv = self._fused.run(phi[: self.p], lam, u, 0, keep_du=True)
+            if self._last is not None and np.array_equal(self._last[0], phi):
+                u, Hinv, ok = self.u, self._hinv, True        # the last evaluation was at φ (finalize)
+            else:
+                self._fused = self._fused or fused.FusedLaplace(self)
+                u = np.array(self.u, copy=True)
+                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                    *_, ok, _, Hinv = self._fused.run(phi[: self.p], lam, u, 0, keep_du=True)
             if ok:
                 cov = lam @ Hinv @ lam.T
                 return u @ lam.T, np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
