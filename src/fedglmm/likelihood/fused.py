@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 # parts with fewer rows stay on the numpy engine (FEDGLMM_FUSED_MIN_ROWS=0: every part on the kernel)
-MIN_ROWS = int(os.environ.get("FEDGLMM_FUSED_MIN_ROWS", 20_000))
+MIN_ROWS = int(os.environ.get("FEDGLMM_FUSED_MIN_ROWS", 5_000))
 CHUNK_ROWS = 250_000             # parts with more rows are cut into chunks of about this many rows
 _POOL: ThreadPoolExecutor | None = None
 _PARTS: ThreadPoolExecutor | None = None
