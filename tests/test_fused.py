@@ -107,3 +107,24 @@ def test_compiled_moment_sums_equal_numpy(key, order, monkeypatch):
     assert got["variables"] == want["variables"] and got["levels"] == want["levels"]
     np.testing.assert_array_equal(got["n"], want["n"])
     np.testing.assert_allclose(got["moments"], want["moments"], rtol=1e-12, atol=1e-12)
+
+
+def test_pooled_stand_ins_give_the_same_hybrid_fit(monkeypatch):
+    """The coordinator's pseudo-data parts evaluated as one engine (many sites) or one per site: the same
+    hybrid fit (its start and surrogate move only by rounding)."""
+    import pandas as pd
+
+    import fedglmm
+    from fedglmm.coordinator import virtual
+    from test_likelihood import DATA
+
+    df = pd.read_csv(DATA / "extra_sim_logit_uncorr.csv")
+    sites = {f"s{i}": df[pd.factorize(df["g"])[0] % 4 == i].reset_index(drop=True) for i in range(4)}
+    formula = "y ~ x1 + x2 + (x1 || g)"
+    per_site = fedglmm.fit(formula, sites, family="binomial")
+    monkeypatch.setattr(virtual, "MERGE_ROWS", 0)
+    pooled = fedglmm.fit(formula, sites, family="binomial")
+    assert pooled.rounds == per_site.rounds
+    np.testing.assert_allclose(pooled.fixef, per_site.fixef, rtol=1e-8)
+    np.testing.assert_allclose(pooled.theta, per_site.theta, rtol=1e-8)
+    assert pooled.loglik == pytest.approx(per_site.loglik, rel=1e-10)

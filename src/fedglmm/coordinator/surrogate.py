@@ -7,6 +7,7 @@ import numpy as np
 from ..likelihood.fused import parallel_map
 from ..likelihood.newton import TrustRegionNewton
 from ..model.options import NewtonConfig
+from .virtual import part_engines
 
 
 def surrogate_model(surrogate):
@@ -89,7 +90,11 @@ def pseudo_objective(parts: dict, st, skip=()):
     """−ℓ of the pseudo-data (value, gradient, Hessian) on the fit's internal scale, computed by the
     coordinator from the stand-ins of the one-shot fit (:mod:`fedglmm.coordinator.virtual`; but those in
     ``skip``)."""
-    engines = [part.engines.get(st.A, st.zs) for sid, part in parts.items() if sid not in skip]
+    first = next(iter(parts.values()), None)
+    if first is None or first.design is None:                     # gaussian stand-ins: no surrogate needed
+        engines = [part.engines.get(st.A, st.zs) for sid, part in parts.items() if sid not in skip]
+    else:
+        engines = list(part_engines(parts, st, skip)[0].values())
 
     def objective(x):
         evs = parallel_map(lambda eng: eng.evaluate(np.asarray(x, float), hess=True), engines)

@@ -8,7 +8,7 @@ internal scale, starting values, Newton -- with the engines evaluated locally: n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from math import comb
 from zlib import crc32
 
@@ -37,6 +37,42 @@ class Part:
     setup: dict
     levels: list | None
     engines: EngineCache
+    design: Design | None = None                        # the pseudo rows (binomial, poisson)
+    pooled: dict = field(default_factory=dict)          # shared by the parts of one fit: their pooled engines
+
+
+MERGE_ROWS = 20_000     # pseudo rows from which all sites' stand-ins are evaluated as one engine
+
+
+def part_engines(parts: dict, st: Setup, skip=()) -> tuple[dict, dict]:
+    """({name: engine}, {name: levels}) of the parts but those in ``skip``, on the internal scale of ``st``.
+
+    Many pseudo rows (at least :data:`MERGE_ROWS`): the parts' rows as one design and one engine, so that
+    the coordinator's work per evaluation grows with the rows it generated, not with the number of sites
+    (and a large engine runs the fused kernel in parallel chunks).  The groups are disjoint, so the sums are
+    the same up to rounding."""
+    use = {sid: p for sid, p in parts.items() if sid not in skip}
+    designs = [p.design for p in use.values()]
+    if len(use) < 2 or any(d is None for d in designs) or sum(d.n for d in designs) < MERGE_ROWS:
+        return ({sid: p.engines.get(st.A, st.zs) for sid, p in use.items()}, {sid: p.levels for sid, p in use.items()})
+    pool = next(iter(use.values())).pooled
+    key = tuple(use)
+    if key not in pool:
+        d = _concatenate(designs)
+        pool[key] = (pool["make"](d), list(d.group_levels) if d.Z.shape[1] else None)
+    cache, levels = pool[key]
+    return {"+".join(key): cache.get(st.A, st.zs)}, {"+".join(key): levels}
+
+
+def _concatenate(designs: list) -> Design:
+    """One design holding several parts' rows, their groups numbered one after another."""
+    offsets = np.cumsum([0] + [len(d.group_levels) for d in designs[:-1]])
+    return replace(designs[0], y=np.concatenate([d.y for d in designs]),
+                   trials=np.concatenate([d.trials for d in designs]),
+                   offset=np.concatenate([d.offset for d in designs]), X=np.vstack([d.X for d in designs]),
+                   Z=np.vstack([d.Z for d in designs]),
+                   group=np.concatenate([d.group + o for d, o in zip(designs, offsets)]),
+                   group_levels=[lv for d in designs for lv in d.group_levels])
 
 
 def _block_engine(blocks: dict, mask: np.ndarray, A: np.ndarray, zs: np.ndarray) -> LMMSums:
@@ -52,8 +88,10 @@ def _block_engine(blocks: dict, mask: np.ndarray, A: np.ndarray, zs: np.ndarray)
 def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0, compress: float = 1.0
               ) -> tuple[dict, dict]:
     """A :class:`Part` for every site that sent per-group summaries, and the pseudo-data diagnostics."""
-    parts, diagnostics = {}, {}
     family = merged.family
+    parts, diagnostics = {}, {}
+    pooled = {"make": lambda d: EngineCache(lambda A, zs: make_engine(d, family, options.nagq, options.curvature,
+                                                                      A, zs))}
     for sid, m in messages.items():
         blocks = merged.blocks[sid]
         if blocks is None:
@@ -65,9 +103,9 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
             continue
         design, diag = pseudo_design(blocks, merged.names, merged.znames, merged.mask, family, seed, compress)
         diagnostics[sid] = diag
-        engines = EngineCache(lambda A, zs, d=design: make_engine(d, family, options.nagq, options.curvature, A, zs))
+        engines = pooled["make"](design)
         levels = list(design.group_levels) if design.Z.shape[1] else None
-        parts[sid] = Part(m["description"], setup_reply(design, family), levels, engines)
+        parts[sid] = Part(m["description"], setup_reply(design, family), levels, engines, design, pooled)
     return parts, diagnostics
 
 
@@ -78,8 +116,7 @@ def fit_stand_ins(parts: dict, spec: ModelSpec, family: Family, options: FitOpti
     schema = merge_schema({sid: {"site": sid, **p.description} for sid, p in parts.items()}, spec, family,
                           transforms)
     st = make_setup({sid: p.setup for sid, p in parts.items()})
-    engines = {sid: p.engines.get(st.A, st.zs) for sid, p in parts.items()}
-    evaluator = LocalEvaluator(engines, {sid: p.levels for sid, p in parts.items()})
+    evaluator = LocalEvaluator(*part_engines(parts, st))
     if family.name == "gaussian":
         return schema, st, fit_lmm(evaluator, st, options)
     return schema, st, fit_glmm(evaluator, st, *start_values(st, family), options)
