@@ -118,3 +118,29 @@ class FusedLaplace:
             G += gg
         hs = np.triu(R) + np.triu(R, 1).T + G
         return value, grad, 0.5 * (hs + hs.T), ok, du, hinv
+
+
+def evaluate(lik, phi: np.ndarray, hess: bool):
+    """(value, gradient, Hessian or None) of a :class:`~fedglmm.likelihood.laplace.GLMMLikelihood` from the
+    kernel, from the modes in ``lik.u`` (which receives the new ones, with dû/dφ and H⁻¹ kept for the next
+    start and for the conditional modes); a failure (a singular curvature) raises, as the numpy engine does."""
+    lik._fused = lik._fused or FusedLaplace(lik)
+    u = np.array(lik.u, copy=True)
+    value, gr, H, ok, dU, Hinv = lik._fused.run(phi[: lik.p], lik.lam(phi[lik.p:lik.p + lik.ntheta]), u,
+                                                2 if hess else 1, keep_du=True)
+    if not ok:
+        raise np.linalg.LinAlgError("a group's curvature is singular")
+    lik.u, lik._last, lik._hinv = u, (phi.copy(), dU), Hinv
+    return value + lik.const, gr, (H if hess else None)
+
+
+def modes(lik, phi: np.ndarray, lam: np.ndarray):
+    """(û, H⁻¹ per group) at φ: those of the last evaluation if it was at φ (the final round), else from the
+    kernel; None if the kernel fails there."""
+    if lik._last is not None and np.array_equal(lik._last[0], phi):
+        return lik.u, lik._hinv
+    lik._fused = lik._fused or FusedLaplace(lik)
+    u = np.array(lik.u, copy=True)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        *_, ok, _, Hinv = lik._fused.run(phi[: lik.p], lam, u, 0, keep_du=True)
+    return (u, Hinv) if ok else None

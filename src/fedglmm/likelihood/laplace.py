@@ -37,7 +37,7 @@ import numpy as np
 
 from ..model.families import Family
 from ..model.spec import Design, lambda_matrix, theta_index
-from . import fused
+from . import fused, restarts
 from .linalg import chol as _chol, inv as _inv, solve as _solve, upper_half as _upper_half
 from .quadrature import product_grid
 
@@ -85,8 +85,7 @@ class GLMMLikelihood:
         self.u = np.zeros((self.G, self.q))
         self._eye = np.eye(self.q)
         self._last = None           # (φ, dû/dφ) of the last evaluation: the next one starts from û + dû·Δφ
-        self._fused = None          # the fused kernel's view of the arrays, built on first use
-        self._hinv = None           # the fused kernel's H⁻¹ per group at the last point
+        self._fused = self._hinv = None    # the fused kernel's view of the arrays, its H⁻¹ at the last point
 
     # --- helpers ----------------------------------------------------------------------------------
     @property
@@ -343,35 +342,18 @@ class GLMMLikelihood:
 
         A point where the likelihood cannot be evaluated (the means overflow, a mode's curvature is not
         finite) gives a value, gradient and Hessian of NaN: the coordinator's optimiser then rejects the
-        point and steps shorter, and the next evaluation starts from the last good modes."""
+        point and steps shorter, and the next evaluation starts from the last good modes (where the
+        modes start: :mod:`fedglmm.likelihood.restarts`)."""
         phi = np.asarray(phi, float)
-        u_prev, last = (None if self.u is None else np.array(self.u, copy=True)), self._last
-        # the modes start from the last point's, moved to first order along the step (dû/dφ·Δφ); then
-        # from the last point's; if that fails too -- the last point's modes can be far off scale for this
-        # θ, and exp(η) overflows -- from zero
-        starts = [u_prev] if u_prev is not None and np.any(u_prev) else []
-        if self._last is not None and starts and self._last[0].shape == phi.shape:
-            du = self._last[1] @ (phi - self._last[0])
-            if np.all(np.abs(du) < 5.0):        # further, the first-order move is not to be trusted
-                starts.insert(0, u_prev + du)
-        for start in starts + [np.zeros((self.G, self.q))]:
-            self.u = np.array(start, copy=True)
-            try:
-                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    ev = self._evaluate(phi, hess, step)
-                ok = np.isfinite(ev.value) and np.all(np.isfinite(ev.grad)) and \
-                    (ev.hess is None or np.all(np.isfinite(ev.hess)))
-            except (np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError):
-                ok = False
-            if ok:
-                return ev
-        self.u, self._last = u_prev, last
+        ev = restarts.evaluate(self, phi, lambda: self._evaluate(phi, hess, step))
+        if ev is not None:
+            return ev
         P = len(phi)
         return Evaluation(np.nan, np.full(P, np.nan), np.full((P, P), np.nan) if hess else None)
 
     def _evaluate(self, phi: np.ndarray, hess: bool, step: float) -> Evaluation:
         if fused.usable(self):
-            return self._evaluate_fused(phi, hess)
+            return Evaluation(*fused.evaluate(self, phi, hess))
         laplace = len(self.ck) == 1
         value, gr, aux = self.value_grad(phi, hess=hess and laplace)
         if self.q:
@@ -394,37 +376,16 @@ class GLMMLikelihood:
             H[:, t] = (gp - gm) / (2.0 * h)
         return Evaluation(value, gr, 0.5 * (H + H.T))
 
-    def _evaluate_fused(self, phi: np.ndarray, hess: bool) -> Evaluation:
-        """The Laplace sums from the fused kernel (:mod:`fedglmm.likelihood.fused`), from the modes in
-        ``self.u``; a failure (a singular curvature, an overflow) raises, as the numpy engine does."""
-        self._fused = self._fused or fused.FusedLaplace(self)
-        u = np.array(self.u, copy=True)
-        value, gr, H, ok, dU, Hinv = self._fused.run(phi[: self.p], self.lam(phi[self.p:]), u, 2 if hess else 1,
-                                                     keep_du=True)
-        if not ok:
-            raise np.linalg.LinAlgError("a group's curvature is singular")
-        self.u, self._last, self._hinv = u, (phi.copy(), dU), Hinv
-        return Evaluation(value + self.const, gr, H if hess else None)
-
     def conditional_modes(self, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Conditional modes b̂ = Λû and conditional SDs sqrt(diag(Λ H⁻¹ Λᵀ)) of each group's effects."""
         phi = np.asarray(phi, float)
-        lam = self.lam(phi[self.p:])
-        if fused.usable(self):
-            if self._last is not None and np.array_equal(self._last[0], phi):
-                u, Hinv, ok = self.u, self._hinv, True        # the last evaluation was at φ (finalize)
-            else:
-                self._fused = self._fused or fused.FusedLaplace(self)
-                u = np.array(self.u, copy=True)
-                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    *_, ok, _, Hinv = self._fused.run(phi[: self.p], lam, u, 0, keep_du=True)
-            if ok:
-                cov = lam @ Hinv @ lam.T
-                return u @ lam.T, np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
-        _, _, aux = self.value_grad(phi, grad=False)
-        b = aux["u"] @ lam.T
-        cov = lam @ _inv(aux["H"]) @ lam.T
-        return b, np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
+        lam = self.lam(phi[self.p:self.p + self.ntheta])
+        got = fused.modes(self, phi, lam) if fused.usable(self) else None
+        if got is None:
+            _, _, aux = self.value_grad(phi, grad=False)
+            got = aux["u"], _inv(aux["H"])
+        cov = lam @ got[1] @ lam.T
+        return got[0] @ lam.T, np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
 
     # --- the engine interface (see :mod:`fedglmm.likelihood.engine`) ------------------------------
     def sums(self, point: np.ndarray) -> dict:
