@@ -142,6 +142,11 @@ class Site:
         return msg
 
     def _on_setup(self, req):
+        self._build(req)
+        return setup_reply(self.design, self.family)
+
+    def _build(self, req) -> None:
+        """The design in the agreed coding, the rules' checks, and the engines (the set-up request)."""
         spec = parse_formula(req["formula"])
         self.design, self.family, self._engines, self._setup_bytes = None, None, None, None
         frame, _ = self._used_rows(req, spec)
@@ -158,7 +163,6 @@ class Site:
         self._setup_bytes = protocol.encode(req)
         nagq, curvature = int(req.get("nagq", 1)), str(req.get("curvature", "observed"))
         self._engines = EngineCache(lambda A, zs: make_engine(d, family, nagq, curvature, A, zs))
-        return setup_reply(d, family)
 
     def _engine_for(self, req):
         """The likelihood engine on the coordinator's internal scale (X̃ = X·transform, Z̃ = Z / zscale)."""
@@ -168,9 +172,10 @@ class Site:
 
     def _ride_setup(self, req):
         """A set-up payload may ride on an evaluate / finalize / inspect request (hybrid fits, and the
-        rounds after a fit); the design is rebuilt only if it differs from the one built last."""
+        rounds after a fit); the design is rebuilt only if it differs from the one built last.  Its set-up
+        sums are not needed then (no reply carries them), so they are not computed."""
         if "setup" in req and protocol.encode(req["setup"]) != self._setup_bytes:
-            self._on_setup(req["setup"])
+            self._build(req["setup"])
 
     def _on_evaluate(self, req):
         self._ride_setup(req)
