@@ -157,3 +157,12 @@ def test_dotted_and_quoted_names():
     s = parse_formula("Reaction.time ~ my.x + log(`my.t`) + offset(log(`ex.p`)) + (1 | `my g`)")
     assert (s.response, s.group, s.offsets) == ("Reaction.time", "my g", ("log(`ex.p`)",))
     assert variables(s) == ["Reaction.time", "my.x", "my.t", "my g", "ex.p"]
+
+
+@pytest.mark.parametrize("formula", ["use ~ urban + C(age > 30) + (1 | district)",
+                                     "use ~ urban + factor(age > 30) + (1 | district)",
+                                     "use ~ urban + (1 + C(age > 30) | district)"])
+def test_factor_of_an_expression_is_refused_with_how_to_write_it(formula):
+    """The levels of C(expression) would be each site's own: refused before fitting, for every method."""
+    with pytest.raises(InputError, match=r"C\(\) or factor\(\) of an expression \('age > 30'\).*C\(column\)"):
+        parse_formula(formula)

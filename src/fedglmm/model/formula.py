@@ -238,11 +238,16 @@ def _python(expr: str, what: str) -> str:
 
 
 def _check_factor_use(spec: ModelSpec, shown: str) -> None:
-    """A column inside ``C()`` becomes a factor for the whole model, so it cannot also be a number."""
+    """A column inside ``C()`` becomes a factor for the whole model, so it cannot also be a number; and
+    ``C()`` takes a column: the levels of an expression could not be agreed between sites."""
+    exprs = [spec.fixed] + [t.expr for t in spec.random]
+    inner = [a for e in exprs for tok in _tokens(e) if tok.kind.name == "PYTHON" for a in _c_args(str(tok), True)]
+    if inner:
+        raise InputError(f"formula '{shown}': C() or factor() of an expression ('{inner[0]}') is not supported; "
+                         "add it to the data as a column and write C(column)")
     factors = set(factor_columns(spec))
     if not factors:
         return
-    exprs = [spec.fixed] + [t.expr for t in spec.random]
     plain = [n for e in exprs for n in _rhs_names(e, skip_c=True)]
     plain += [n for e in (spec.response, spec.failures, *spec.offsets) if e for n in expression_columns(e)]
     both = [n for n in dict.fromkeys(plain) if n in factors]
@@ -290,12 +295,15 @@ def _py_names(expr: str, skip_c: bool = False) -> list[str]:
     return [name for _, _, name in sorted(cols, key=lambda x: x[:2])]
 
 
-def _c_args(expr: str) -> list[str]:
-    """Plain names given as first argument of ``C(...)`` in a Python expression."""
+def _c_args(expr: str, expressions: bool = False) -> list[str]:
+    """Plain names given as first argument of ``C(...)`` in a Python expression (``expressions``: the
+    first arguments that are not plain names, as text)."""
     tree, quoted = _ast(expr)
-    return [quoted.get(node.args[0].id, node.args[0].id) for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "C"
-            and node.args and isinstance(node.args[0], ast.Name)]
+    calls = [node.args[0] for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+             and node.func.id == "C" and node.args]
+    if expressions:
+        return [ast.unparse(a) for a in calls if not isinstance(a, ast.Name)]
+    return [quoted.get(a.id, a.id) for a in calls if isinstance(a, ast.Name)]
 
 
 def _ast(expr: str) -> tuple[ast.Expression, dict[str, str]]:
