@@ -1,5 +1,8 @@
 # Second opinion on lme4's profile intervals for GLMMs (sourced by ref_profile.R): the same profiled
 # deviance as lme4 (lme4:::devfun2, i.e. the Laplace deviance in sd/cor and beta), but
+#  * evaluated with a PIRLS tolerance of 1e-13 instead of the 1e-7 that getME(m, "devfun") always uses
+#    (lme4's profile thereby carries Laplace errors up to ~3e-3 in the log-likelihood, a few 1e-4 SE in
+#    the bounds; checked against a direct per-group Laplace for sim_pois_offset_la: agreement to 1e-6),
 #  * the optimum is refined (BFGS in whitened coordinates, also from glmmTMB's estimates), and
 #  * each bound is found by root-finding on the signed root deviance zeta(c) = +-qnorm((1 + level) / 2),
 #    every zeta(c) a full constrained minimisation, instead of lme4's spline through a grid of points.
@@ -10,9 +13,14 @@
 # correlations to (-1, 1) (bound -1 or 1 likewise).
 
 exact_profile <- function(m, levels, starts = list(), maxit = 500) {
+  t0 <- proc.time()[["elapsed"]]
   dd <- lme4:::devfun2(m, useSc = FALSE, signames = FALSE,
                        transfuns = list(from.chol = lme4:::Cv_to_Sv, to.chol = lme4:::Sv_to_Cv, to.sd = identity),
                        prefix = c("sd", "cor"))
+  # getME(m, "devfun"), which devfun2 (and so lme4's profile) uses, is rebuilt with glmerControl()'s default
+  # tolPwrss = 1e-7 whatever the fit's control: its inner PIRLS then stops early enough to misstate the
+  # Laplace log-likelihood by up to ~3e-3 at parameters two SEs from the optimum (1e-5 at it). Tighten it.
+  assign("tolPwrss", 1e-13, envir = environment(environment(dd)$d0))
   opt <- attr(dd, "optimum"); pn <- names(opt); np <- length(opt)
   is_sd <- startsWith(pn, "sd_"); is_cor <- startsWith(pn, "cor_")
   nev <- 0L
@@ -67,7 +75,6 @@ exact_profile <- function(m, levels, starts = list(), maxit = 500) {
     r <- uniroot(function(c) zeta(k, c) - q, sort(c(a, b)), tol = 1e-9 * max(1, abs(z0)))
     list(value = r$root, at_limit = FALSE)
   }
-  t0 <- proc.time()[["elapsed"]]
   out <- lapply(setNames(levels, sprintf("%g", levels)), function(lv) {
     q <- qnorm((1 + lv) / 2)
     lapply(setNames(seq_len(np), pn), function(k) {
@@ -75,8 +82,38 @@ exact_profile <- function(m, levels, starts = list(), maxit = 500) {
       list(lower = lo$value, upper = up$value, lower_at_limit = lo$at_limit, upper_at_limit = up$at_limit)
     })
   })
-  list(method = "root-finding on the Laplace profile (lme4:::devfun2), optimum refined",
+  list(method = "root-finding on lme4's profiled deviance (lme4:::devfun2: Laplace, or AGHQ for nAGQ > 1) with PIRLS tolerance 1e-13, optimum refined",
        optimum = as.list(phat), deviance = dmin, logLik = -dmin / 2, optimum_from = best$from,
-       lme4_deviance = attr(dd, "basedev"), intervals = out,
+       lme4_deviance = attr(dd, "basedev"), lme4_deviance_tight_at_lme4_optimum = f(opt),
+       pirls_tolerance = 1e-13, intervals = out,
        evaluations = nev, seconds = proc.time()[["elapsed"]] - t0)
+}
+
+# Independent check of the fixed-effect bounds: refit the GLMM with beta_k held at the bound (an offset
+# c x_k, the column dropped from X) by glmer (bobyqa and Nelder_Mead, tolPwrss 1e-12, the better kept) and report
+# zeta = sign * sqrt(2 (logLik_max - logLik_constrained)); at an exact bound it is +-qnorm((1 + level) / 2).
+offset_check <- function(m, d, ex, level = 0.95) {
+  X <- getME(m, "X"); bars <- findbars(formula(m))
+  re <- paste(vapply(bars, function(b) paste0("(", deparse1(b), ")"), ""), collapse = " + ")
+  d$.y <- m@resp$y; d$.w <- m@resp$weights
+  ll0 <- ex$logLik; lv <- sprintf("%g", level)
+  fam <- family(m)
+  t0 <- proc.time()[["elapsed"]]
+  res <- lapply(setNames(colnames(X), colnames(X)), function(k) {
+    Xo <- X[, colnames(X) != k, drop = FALSE]
+    sapply(c(lower = "lower", upper = "upper"), function(side) {
+      cval <- ex$intervals[[lv]][[k]][[side]]
+      d$.off <- cval * X[, k] + m@resp$offset
+      f <- as.formula(paste(".y ~ 0 + Xo + offset(.off) +", re))
+      lls <- sapply(c("bobyqa", "Nelder_Mead"), function(opt) tryCatch(suppressWarnings(suppressMessages(
+        as.numeric(logLik(glmer(f, data = d, family = fam, weights = .w, nAGQ = m@devcomp$dims[["nAGQ"]],
+                                control = glmerControl(optimizer = opt, tolPwrss = 1e-12, optCtrl = list(maxfun = 1e5))))))),
+        error = function(e) NA_real_))
+      if (all(is.na(lls))) NA_real_ else (if (side == "lower") -1 else 1) * sqrt(max(0, 2 * (ll0 - max(lls, na.rm = TRUE))))
+    })
+  })
+  list(level = level, target = qnorm((1 + level) / 2), zeta = res,
+       max_abs_error = if (all(is.na(unlist(res)))) NA else max(abs(abs(unlist(res)) - qnorm((1 + level) / 2)), na.rm = TRUE),
+       failed = sum(is.na(unlist(res))),
+       seconds = proc.time()[["elapsed"]] - t0)
 }

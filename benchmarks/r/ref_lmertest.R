@@ -26,7 +26,7 @@ pat <- if (length(a) >= 2) a[2] else "."
 cases <- tb_cases(tsv)
 data_dir <- file.path(dirname(tsv), ".."); out_dir <- dirname(tsv)
 
-rows_of <- function(tab) lapply(setNames(seq_len(nrow(tab)), rownames(tab)), function(i) as.list(tab[i, , drop = FALSE]))
+rows_of <- function(tab) { tab <- as.data.frame(tab); lapply(setNames(seq_len(nrow(tab)), rownames(tab)), function(i) as.list(tab[i, , drop = FALSE])) }
 
 run_case <- function(cs) {
   name <- cs$name

@@ -4,8 +4,9 @@
 #
 # usage (repo root): Rscript benchmarks/r/ref_profile.R [tests/data/toolbox/profile.tsv] [case-name-regex]
 #   One case a row: name, data (path under tests/data), formula (project syntax, `**` -> `^`), family, link
-#   ("" = default), nagq (1 for GLMMs: lme4 profiles the Laplace deviance), reml (gaussian), levels
-#   (comma-separated confidence levels). Writes profile_NAME.json next to the TSV.
+#   ("" = default), nagq (GLMMs: lme4 profiles the fit's deviance, Laplace for 1), reml (gaussian), levels
+#   (comma-separated confidence levels), scaled_check (optional, comma-separated covariates: see
+#   `scaled_check` below). Writes profile_NAME.json next to the TSV.
 #
 # What lme4 does (1.1-31, profile.merMod / devfun2):
 #  * confint(m, method = "profile") is profile(m, signames = oldNames) followed by confint(<profile>, level):
@@ -15,15 +16,19 @@
 #    a REML fit are therefore those of the ML fit (centred at the ML estimates), while its Wald intervals
 #    use the REML estimates and standard errors.
 #  * Parameters are on the sd/correlation scale: sd_TERM|GROUP, cor_TERM2.TERM1|GROUP, sigma (LMMs), then
-#    the fixed effects. For GLMMs the deviance is the Laplace one (nAGQ = 1) and the fixed effects are
-#    profiled with beta in the outer optimisation (nAGQ = 1 fits), not inside PIRLS.
+#    the fixed effects. For GLMMs the deviance is the fit's own: Laplace for nAGQ = 1, adaptive quadrature
+#    for nAGQ > 1 (getME(m, "devfun") is rebuilt with the fit's nAGQ); beta is in the outer optimisation.
 #
 # JSON: intervals (per level: parameter -> [lower, upper], null where lme4 gives NA), wald (same layout;
 # variance parameters are NA in lme4's Wald intervals), estimates (the zeta = 0 row of the profile, i.e. the
 # ML estimates), profile (per parameter: the profiled values and zeta), seconds (fit, profile), warnings.
 # status "error" + profile_error where lme4's profile() stops (intervals then null).
 # GLMMs also get `exact` (profile_exact.R): the bounds by root-finding on the same Laplace profile from a
-# refined optimum (lme4's and glmmTMB's estimates as starts), and their largest difference from lme4's.
+# refined optimum (lme4's and glmmTMB's estimates as starts), and their largest difference from lme4's;
+# exact$offset_check re-derives zeta at each exact fixed-effect bound (first level) from a glmer fit with
+# that coefficient held fixed by an offset (should be +-qnorm((1 + level) / 2)).
+# scaled_check (cases with a scaled_check column): lme4's profile intervals (first level) of the same model
+# with those covariates centred and scaled, mapped back (sd/cor unchanged, slopes / sd(column), no intercept).
 a <- commandArgs(trailingOnly = FALSE)
 here <- dirname(normalizePath(sub("^--file=", "", a[grep("^--file=", a)])))
 source(file.path(here, "toolbox_common.R"))
@@ -45,9 +50,10 @@ run_case <- function(cs) {
   m <- fit$model
 
   rec <- tb_rec()
-  t0 <- proc.time()[["elapsed"]]
+  t0 <- proc.time()
   pp <- tryCatch(tb_catch(profile(m, signames = FALSE), rec), error = function(e) e)
-  prof_sec <- proc.time()[["elapsed"]] - t0
+  dt <- proc.time() - t0
+  prof_sec <- dt[["elapsed"]]; prof_cpu <- dt[["user.self"]] + dt[["sys.self"]]
   prof_error <- if (inherits(pp, "error")) conditionMessage(pp) else NULL
   rec_ci <- tb_rec()
   wald <- lapply(setNames(levels, sprintf("%g", levels)), function(lv)
@@ -89,16 +95,42 @@ run_case <- function(cs) {
     }
     exact <- exact_profile(m, levels, starts)
     exact$glmmTMB_logLik <- tmb_ll
+    exact$offset_check <- offset_check(m, d, exact, levels[1])
     if (!is.null(intervals)) exact$max_abs_diff_vs_lme4 <- lapply(setNames(names(intervals), names(intervals)), function(lv)
       max(abs(unlist(lapply(names(intervals[[lv]]), function(p) intervals[[lv]][[p]] -
         c(exact$intervals[[lv]][[p]]$lower, exact$intervals[[lv]][[p]]$upper)))), na.rm = TRUE))
+  }
+
+  # optional check on badly scaled data: the same model with the listed covariates centred and scaled,
+  # profiled by lme4; its sd/cor and slope bounds map back exactly (slopes divided by the column's sd;
+  # the intercept is a different parameter there and is left out)
+  scaled <- NULL
+  if (nzchar(cs$scaled_check)) {
+    vs <- strsplit(cs$scaled_check, ",", fixed = TRUE)[[1]]
+    d2 <- d; sds <- sapply(vs, function(v) sd(d[[v]]))
+    for (v in vs) d2[[v]] <- (d[[v]] - mean(d[[v]])) / sds[[v]]
+    f2 <- tb_fit(d2, cs$formula, cs$family, cs$link, nagq, reml)
+    rec2 <- tb_rec(); t2 <- proc.time()[["elapsed"]]
+    ci2 <- tryCatch(tb_catch(confint(f2$model, method = "profile", oldNames = FALSE, level = levels[1]), rec2),
+                    error = function(e) e)
+    if (!inherits(ci2, "error")) {
+      keep <- rownames(ci2) != "(Intercept)"
+      ci2 <- ci2[keep, , drop = FALSE]
+      for (v in intersect(vs, rownames(ci2))) ci2[v, ] <- ci2[v, ] / sds[[v]]
+    }
+    scaled <- list(covariates = as.list(vs), sds = as.list(sds), level = levels[1],
+                   logLik = as.numeric(logLik(f2$model)), fit_warnings = as.list(f2$warnings),
+                   intervals = if (inherits(ci2, "error")) NULL else ci_list(ci2),
+                   error = if (inherits(ci2, "error")) conditionMessage(ci2) else NULL,
+                   warnings = as.list(unique(rec2$warnings)), seconds = proc.time()[["elapsed"]] - t2)
   }
 
   res <- list(
     name = name, kind = "profile", data = cs$data, formula = cs$formula,
     formula_r = tb_formula_r(cs$formula), family = family(m)$family, link = family(m)$link,
     nAGQ = if (isGLMM(m)) nagq else NA, reml = isLMM(m) && isREML(m),
-    profiled_deviance = if (isGLMM(m)) "Laplace (nAGQ = 1) deviance" else
+    profiled_deviance = if (isGLMM(m) && nagq <= 1) "Laplace (nAGQ = 1) deviance" else
+      if (isGLMM(m)) sprintf("adaptive Gauss-Hermite (nAGQ = %d) deviance, the fit's own; lme4's logLik convention (no saturated term)", nagq) else
       if (isREML(m)) "ML deviance (lme4 refits the REML fit by ML before profiling)" else "ML deviance",
     call = sprintf("confint(m, method = \"profile\", oldNames = FALSE, level = L) for L in %s",
                    paste(levels, collapse = ", ")),
@@ -108,16 +140,17 @@ run_case <- function(cs) {
     estimates = est,
     fit = tb_summary(m),
     na_bounds = as.list(na_bounds),
-    seconds = list(fit = fit$seconds, profile = prof_sec),
+    seconds = list(fit = fit$seconds, profile = prof_sec, profile_cpu = prof_cpu),
     fit_warnings = as.list(fit$warnings), conv_messages = as.list(fit$conv_messages),
     profile_warnings = as.list(unique(rec$warnings)), confint_warnings = as.list(unique(rec_ci$warnings)),
-    exact = exact, profile = prof, engine = tb_meta())
+    exact = exact, scaled_check = scaled, profile = prof, engine = tb_meta())
   tb_write(res, file.path(out_dir, paste0("profile_", name, ".json")))
   ci <- if (!is.null(intervals)) intervals[[1]] else lapply(exact$intervals[[1]], function(b) c(b$lower, b$upper))
-  cat(sprintf("%s: fit %.1fs, profile %.1fs%s, %d warnings, NA bounds: %s%s\n  %s%s\n", name, fit$seconds, prof_sec,
+  cat(sprintf("%s: fit %.1fs, profile %.1fs (cpu %.1fs)%s, %d warnings, NA bounds: %s%s\n  %s%s\n", name, fit$seconds, prof_sec, prof_cpu,
               if (!is.null(prof_error)) paste0(" ERROR: ", prof_error) else "",
               length(unique(c(rec$warnings, rec_ci$warnings))), if (length(na_bounds)) paste(na_bounds, collapse = "; ") else "none",
-              if (!is.null(exact)) sprintf(", exact %.1fs, max diff %s", exact$seconds,
+              if (!is.null(exact)) sprintf(", exact %.1fs (offset check: max |zeta| error %.2g), max diff %s", exact$seconds,
+                                           exact$offset_check$max_abs_error,
                                            paste(format(unlist(exact$max_abs_diff_vs_lme4), digits = 2), collapse = "/")) else "",
               if (is.null(intervals)) "(exact) " else "",
               paste(sprintf("%s [%.4g, %.4g]", names(ci), sapply(ci, `[`, 1), sapply(ci, `[`, 2)), collapse = "  ")))
