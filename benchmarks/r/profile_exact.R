@@ -117,3 +117,23 @@ offset_check <- function(m, d, ex, level = 0.95) {
        failed = sum(is.na(unlist(res))),
        seconds = proc.time()[["elapsed"]] - t0)
 }
+
+# LMMs: the same check for lme4's own fixed-effect bounds (no second profile needed there: lme4's LMM
+# deviance is exact). zeta from an ML lmer fit with beta_k held at lme4's bound by an offset.
+lmm_offset_check <- function(m, d, intervals, level = 0.95) {
+  mml <- if (isREML(m)) refitML(m) else m
+  X <- getME(mml, "X"); ll0 <- as.numeric(logLik(mml)); lv <- sprintf("%g", level)
+  re <- paste(vapply(findbars(formula(mml)), function(b) paste0("(", deparse1(b), ")"), ""), collapse = " + ")
+  d$.y <- getME(mml, "y")
+  res <- lapply(setNames(colnames(X), colnames(X)), function(k) {
+    Xo <- X[, colnames(X) != k, drop = FALSE]
+    sapply(c(lower = 1, upper = 2), function(side) {
+      d$.off <- intervals[[lv]][[k]][side] * X[, k] + getME(mml, "offset")
+      f <- as.formula(paste(".y ~ 0 +", if (ncol(Xo)) "Xo +" else "", "offset(.off) +", re))
+      ll <- as.numeric(logLik(suppressMessages(lmer(f, data = d, REML = FALSE))))
+      (if (side == 1) -1 else 1) * sqrt(max(0, 2 * (ll0 - ll)))
+    })
+  })
+  list(level = level, target = qnorm((1 + level) / 2), zeta = res,
+       max_abs_error = max(abs(abs(unlist(res)) - qnorm((1 + level) / 2))))
+}

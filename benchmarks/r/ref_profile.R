@@ -27,6 +27,8 @@
 # refined optimum (lme4's and glmmTMB's estimates as starts), and their largest difference from lme4's;
 # exact$offset_check re-derives zeta at each exact fixed-effect bound (first level) from a glmer fit with
 # that coefficient held fixed by an offset (should be +-qnorm((1 + level) / 2)).
+# lmm_offset_check (LMMs): zeta at lme4's fixed-effect bounds (first level) from an ML lmer fit with the
+# coefficient held by an offset (should be +-qnorm((1 + level) / 2)).
 # scaled_check (cases with a scaled_check column): lme4's profile intervals (first level) of the same model
 # with those covariates centred and scaled, mapped back (sd/cor unchanged, slopes / sd(column), no intercept).
 a <- commandArgs(trailingOnly = FALSE)
@@ -101,6 +103,8 @@ run_case <- function(cs) {
         c(exact$intervals[[lv]][[p]]$lower, exact$intervals[[lv]][[p]]$upper)))), na.rm = TRUE))
   }
 
+  lmm_check <- if (isLMM(m) && !is.null(intervals)) lmm_offset_check(m, d, intervals, levels[1]) else NULL
+
   # optional check on badly scaled data: the same model with the listed covariates centred and scaled,
   # profiled by lme4; its sd/cor and slope bounds map back exactly (slopes divided by the column's sd;
   # the intercept is a different parameter there and is left out)
@@ -143,12 +147,13 @@ run_case <- function(cs) {
     seconds = list(fit = fit$seconds, profile = prof_sec, profile_cpu = prof_cpu),
     fit_warnings = as.list(fit$warnings), conv_messages = as.list(fit$conv_messages),
     profile_warnings = as.list(unique(rec$warnings)), confint_warnings = as.list(unique(rec_ci$warnings)),
-    exact = exact, scaled_check = scaled, profile = prof, engine = tb_meta())
+    exact = exact, lmm_offset_check = lmm_check, scaled_check = scaled, profile = prof, engine = tb_meta())
   tb_write(res, file.path(out_dir, paste0("profile_", name, ".json")))
   ci <- if (!is.null(intervals)) intervals[[1]] else lapply(exact$intervals[[1]], function(b) c(b$lower, b$upper))
-  cat(sprintf("%s: fit %.1fs, profile %.1fs (cpu %.1fs)%s, %d warnings, NA bounds: %s%s\n  %s%s\n", name, fit$seconds, prof_sec, prof_cpu,
+  cat(sprintf("%s: fit %.1fs, profile %.1fs (cpu %.1fs)%s, %d warnings, NA bounds: %s%s%s\n  %s%s\n", name, fit$seconds, prof_sec, prof_cpu,
               if (!is.null(prof_error)) paste0(" ERROR: ", prof_error) else "",
               length(unique(c(rec$warnings, rec_ci$warnings))), if (length(na_bounds)) paste(na_bounds, collapse = "; ") else "none",
+              if (!is.null(lmm_check)) sprintf(", LMM offset check: max |zeta| error %.2g", lmm_check$max_abs_error) else "",
               if (!is.null(exact)) sprintf(", exact %.1fs (offset check: max |zeta| error %.2g), max diff %s", exact$seconds,
                                            exact$offset_check$max_abs_error,
                                            paste(format(unlist(exact$max_abs_diff_vs_lme4), digits = 2), collapse = "/")) else "",
