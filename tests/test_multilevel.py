@@ -272,6 +272,8 @@ def test_parity_with_lme4_and_glmmtmb(name, fits):
 
 @pytest.mark.parametrize("name, k", [("grouseticks_olre", 3), ("sim_mc_binary_uncorr", 6), ("pastes_inter_ml", 4)])
 def test_split_over_sites_gives_the_pooled_fit(name, k, fits):
+    """The default (hybrid) method from another split: estimates, variance components and logLik to 1e-8;
+    standard errors (from the Hessian at the last point, moved to the estimate) to a relative 1e-4."""
     pooled = _fit(fits, name)
     split = fit(CASES[name], data=split_sites(CASES[name], k))
     assert split.nsites > 1
@@ -279,7 +281,41 @@ def test_split_over_sites_gives_the_pooled_fit(name, k, fits):
     assert np.allclose(split.fixef, pooled.fixef, rtol=1e-8, atol=1e-8)
     assert np.allclose([r.get("sd", r.get("corr")) for r in split.random],
                        [r.get("sd", r.get("corr")) for r in pooled.random], rtol=1e-7, atol=1e-8)
-    assert np.allclose(split.se, pooled.se, rtol=1e-6)
+    assert np.allclose(split.se, pooled.se, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, k", [("grouseticks_nested", 5), ("pastes_sample_reml", 3)])
+def test_iterative_split_equals_pooled_exactly(name, k):
+    """The iterative method's rounds do not depend on the split (the sums add up): everything to 1e-8."""
+    case = CASES[name]
+    pooled = fit(case, method="iterative")
+    split = fit(case, data=split_sites(case, k), method="iterative")
+    assert split.rounds == pooled.rounds
+    for a, b in ((pooled.fixef, split.fixef), (pooled.se, split.se), (pooled.theta, split.theta)):
+        assert np.allclose(a, b, rtol=1e-8, atol=1e-10)
+    assert abs(pooled.loglik - split.loglik) < 1e-8
+
+
+@pytest.mark.parametrize("name", ["pastes_nested_reml", "sim_gauss3_ml", "penicillin_crossed"])
+def test_gaussian_cells_give_the_exact_fit_in_one_round(name):
+    """Per-cell sufficient statistics (the rows sharing a level of every factor) determine the gaussian
+    likelihood: with every cell allowed to leave, the one-shot and hybrid fits are the iterative one."""
+    case = CASES[name]
+    ref = fit(case, method="iterative")
+    for method in ("oneshot", "hybrid"):
+        res = fit(case, method=method, min_group=1)
+        assert res.rounds == 1
+        assert abs(res.loglik - ref.loglik) < 1e-7 and np.allclose(res.fixef, ref.fixef, rtol=1e-7, atol=1e-8)
+        assert np.allclose(res.se, ref.se, rtol=1e-6)
+        assert np.allclose([r.get("sd", r.get("corr")) for r in res.random],
+                           [r.get("sd", r.get("corr")) for r in ref.random], rtol=1e-6)
+    held = fit(case)                                     # cells below min_group stay: Newton rounds
+    assert held.rounds > 1 and "per-cell summaries stayed" in " ".join(held.messages)
+
+
+@pytest.mark.parametrize("name", ["grouseticks_nested", "sim_mc_binary_uncorr", "scotssec_reml", "sim_gauss_singular_reml"])
+def test_hybrid_takes_no_more_rounds_than_iterative(name, fits):
+    assert _fit(fits, name).rounds <= fit(CASES[name], method="iterative").rounds
 
 
 def test_a_level_at_two_sites_is_refused_naming_factor_level_and_sites():
@@ -293,7 +329,7 @@ def test_quadrature_and_oneshot_need_a_single_grouping_factor():
     case = CASES["sim_pois_ward"]
     with pytest.raises(InputError, match="nagq > 1 .* needs a single grouping factor"):
         fit(case, nagq=5)
-    with pytest.raises(FedGLMMError, match="one-shot method fits models with one grouping factor"):
+    with pytest.raises(FedGLMMError, match="one-shot method fits binomial and poisson models with one grouping"):
         fit(case, method="oneshot")
 
 

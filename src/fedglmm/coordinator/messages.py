@@ -29,7 +29,7 @@ def from_jsonable(obj: dict) -> dict:
     msg["theta_mask"] = np.asarray(msg["theta_mask"], bool).reshape(len(msg["z_names"]), len(msg["z_names"]))
     msg["sums"] = {k: np.asarray(v, float) for k, v in msg["sums"].items()}
     if msg.get("groups"):
-        msg["groups"] = {k: (v if k in ("levels", "variables") else np.asarray(v, float))
+        msg["groups"] = {k: (v if k in ("levels", "variables", "cells") else np.asarray(v, float))
                          for k, v in msg["groups"].items()}
     return msg
 
@@ -120,6 +120,11 @@ def merge_messages(messages: dict, formula: str, family: Family, transforms: dic
         g = m.get("groups")
         if not g:
             blocks[sid] = None
+        elif "S" in g:                                    # gaussian, several grouping factors: cells
+            q_site = len(m["z_names"])
+            idx = np.r_[zmap, np.where(xmap >= 0, xmap + q_site, -1), q_site + len(m["x_names"])]
+            blocks[sid] = {"cells": g["cells"], "n": np.asarray(g["n"], float),
+                           "S": _remap(g["S"], "gzz", np.zeros(0, np.int64), [idx, idx])}
         elif family.name == "gaussian":
             blocks[sid] = {"levels": list(g["levels"]),
                            **{k: _remap(g[k], BLOCK_AXES[k], xmap, zmap) for k in BLOCK_AXES}}

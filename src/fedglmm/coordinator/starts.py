@@ -46,6 +46,52 @@ def combined_start(st, own: list, x_pseudo=None, pseudo=None):
     return (gamma, theta) if np.all(np.isfinite(gamma)) and np.all(np.isfinite(theta)) else None
 
 
+MIN_LEVELS = 5        # a site's own estimate of a factor's covariance counts from this many of its levels
+
+
+def factor_combined_start(st, own: list, fallback):
+    """With several grouping factors, a start from the sites' own fits (internal scale): each factor's
+    covariance the mean of the sites' estimates weighted by their numbers of its levels (sites with at
+    least ``MIN_LEVELS`` of them; else ``fallback``'s, the site-totals start), the fixed effects combined
+    with weights their information (else ``fallback``'s).  ``fallback``: (γ, θ̃), or θ̃ alone (gaussian).
+    Returns (the start, whether the sites' fits gave all of it)."""
+    from ..model.spec import lambda_matrix, theta_index
+
+    gaussian = not isinstance(fallback, tuple)
+    gamma0, theta0 = (None, np.asarray(fallback, float)) if gaussian else fallback
+    own = [loc for loc in own if list(loc.get("z_names", [])) == list(st.znames)]       # coded as agreed
+    mask, ts = st.mask, st.theta_scale
+    r_idx, c_idx = theta_index(mask)
+    q = mask.shape[0]
+    lam0 = lambda_matrix(theta0, q, (r_idx, c_idx))
+    sig = lam0 @ lam0.T
+    complete = True
+    for g, cols in st.factor_columns().items():
+        acc, wsum = 0.0, 0.0
+        for loc in own:
+            n = float(loc.get("levels", {}).get(g, 0))
+            th = np.asarray(loc.get("theta", []), float)
+            if n >= MIN_LEVELS and th.shape == theta0.shape and np.all(np.isfinite(th)):
+                lam = lambda_matrix(th * ts, q, (r_idx, c_idx))[np.ix_(cols, cols)]
+                acc, wsum = acc + n * (lam @ lam.T), wsum + n
+        if wsum:
+            sig[np.ix_(cols, cols)] = acc / wsum
+        complete = complete and wsum > 0
+    try:
+        L = np.linalg.cholesky(sig + 1e-12 * np.eye(q))
+    except np.linalg.LinAlgError:
+        return fallback, False
+    theta = L[r_idx, c_idx]
+    if gaussian:
+        return theta, complete
+    with_beta = [loc for loc in own if loc.get("info") is not None and list(loc.get("names", [])) == list(st.names)]
+    gamma = gamma0
+    if with_beta:
+        combined = combined_start(st, [dict(loc, ngroups=1.0) for loc in with_beta])
+        gamma = combined[0] if combined is not None else gamma0
+    return (gamma, theta), complete and bool(with_beta)
+
+
 def internal_start(fixef, theta, st) -> tuple[np.ndarray, np.ndarray]:
     """A fit's estimates on the iterative method's internal scale (γ = A⁻¹β, θ̃ = diag(zs) θ)."""
     gamma = np.linalg.solve(st.A, fixef.reindex(st.names).to_numpy())

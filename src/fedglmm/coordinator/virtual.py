@@ -18,12 +18,14 @@ from ..errors import InputError
 from ..likelihood.engine import EngineCache, make_engine
 from ..likelihood.fit import Estimate, LocalEvaluator, fit_glmm, fit_lmm
 from ..likelihood.lmm import LMMSums
+from ..likelihood.lmm_sparse import MultiLMMSums
 from ..likelihood.setup import Setup, make_setup, setup_reply
 from ..likelihood.starts import start_values
 from ..model.families import Family
 from ..model.moments import monomials
 from ..model.options import FitOptions
-from ..model.spec import Design, ModelSpec, Schema
+from ..model.labels import group_codes
+from ..model.spec import Design, Grouping, ModelSpec, Schema
 from .messages import Merged
 from .pseudo import generate_group, generate_order2
 from .schema import merge_schema
@@ -96,6 +98,12 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
         blocks = merged.blocks[sid]
         if blocks is None:
             continue
+        if "S" in blocks:                      # gaussian, several grouping factors: per-cell statistics
+            design = cell_design(blocks, merged.names, merged.znames, merged.mask, merged.setup[sid]["z_groups"])
+            nobs = int(round(float(np.sum(blocks["n"]))))
+            engines = EngineCache(lambda A, zs, d=design, k=nobs: MultiLMMSums(replace(d, X=d.X @ A, Z=d.Z / zs), nobs=k))
+            parts[sid] = Part(m["description"], merged.setup[sid], {f.name: f.levels for f in design.factors}, engines)
+            continue
         if family.name == "gaussian":
             engines = EngineCache(lambda A, zs, b=blocks: _block_engine(b, merged.mask, A, zs))
             levels = list(blocks["levels"]) if merged.mask.shape[0] else None
@@ -107,6 +115,27 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
         levels = list(design.group_levels) if design.Z.shape[1] else None
         parts[sid] = Part(m["description"], setup_reply(design, family), levels, engines, design, pooled)
     return parts, diagnostics
+
+
+def cell_design(blocks: dict, names: list, znames: list, mask: np.ndarray, zgroups: list) -> Design:
+    """Stand-in rows for one site's cells: for each cell with S = WᵀW (W = [Z X y]) the rows √λ_k v_kᵀ of
+    its eigen-decomposition, so that every cross-product -- and with it the exact gaussian likelihood, a
+    function of them alone -- is the site's own."""
+    S = np.asarray(blocks["S"], float)
+    lam, vec = np.linalg.eigh(S)                                         # (C, d), (C, d, d)
+    rows = (vec * np.sqrt(np.maximum(lam, 0.0))[:, None, :]).transpose(0, 2, 1)    # (C, d, d): rows
+    C, dim = S.shape[0], S.shape[1]
+    W = rows.reshape(C * dim, dim)
+    q, p = len(znames), len(names)
+    factors = []
+    for g in dict.fromkeys(zgroups):
+        labels = np.asarray(blocks["cells"][g], dtype=str)
+        codes, levels = group_codes(labels)
+        factors.append(Grouping(g, np.repeat(codes, dim), levels, np.flatnonzero(np.asarray(zgroups) == g)))
+    n = C * dim
+    return Design(y=W[:, q + p], trials=np.ones(n), offset=np.zeros(n), X=W[:, q:q + p], Z=W[:, :q],
+                  group=factors[0].codes, group_levels=factors[0].levels, x_names=list(names), z_names=list(znames),
+                  theta_mask=mask, group_name=factors[0].name, factors=tuple(factors))
 
 
 def fit_stand_ins(parts: dict, spec: ModelSpec, family: Family, options: FitOptions, transforms: dict | None = None

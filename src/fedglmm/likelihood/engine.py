@@ -3,7 +3,8 @@
 An engine holds one part of the data (a site's rows, a site's per-group sufficient statistics, or
 pseudo-data) on the coordinator's internal scale (:mod:`fedglmm.model.spec`) and answers
 
-* ``sums(point) -> dict``: the sums at one point that add up over parts -- GLMMs: ``value``, ``grad``,
+* ``sums(point, final=False) -> dict``: the sums at one point that add up over parts (``final``: the
+  estimate, whose Hessian gives the standard errors; an engine may compute a cheaper one before) -- GLMMs: ``value``, ``grad``,
   ``hess`` of the log-likelihood in φ = (γ, θ̃); gaussian models: the cross-products A, b, c, d of the
   profiled criterion and their θ̃-derivatives (:mod:`fedglmm.likelihood.lmm`);
 * ``modes(point, beta=None, sigma=None) -> (modes, sds)``: each group's conditional modes and
@@ -31,7 +32,7 @@ from .multilevel import MultiLevelGLMM
 
 
 class Engine(Protocol):
-    def sums(self, point: np.ndarray) -> dict: ...
+    def sums(self, point: np.ndarray, final: bool = False) -> dict: ...
 
     def modes(self, point: np.ndarray, beta=None, sigma=None) -> tuple[np.ndarray, np.ndarray]: ...
 

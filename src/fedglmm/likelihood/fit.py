@@ -51,10 +51,11 @@ class LocalEvaluator:
         extra = extra or {}
         parts = {}
         for name, eng in self.engines.items():
-            reply = dict(eng.sums(np.asarray(point, float)))
+            reply = dict(eng.sums(np.asarray(point, float), final=True))
             if self.levels.get(name) is not None:
                 modes, sds = eng.modes(point, extra.get("beta_internal"), extra.get("sigma"))
-                reply.update({"levels": list(self.levels[name]), "modes": modes, "condsd": sds})
+                lv = self.levels[name]
+                reply.update({"levels": dict(lv) if isinstance(lv, dict) else list(lv), "modes": modes, "condsd": sds})
             parts[name] = reply
         return sum_replies(parts, keys), parts
 
@@ -162,13 +163,15 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
         return [penalised(x, -float(s["value"]), -s["grad"], -s["hess"]) for x, s in zip(xs, sums)], (parts, sums[0])
 
     if starts is None:
-        # the first round also tries the start covariance halved and doubled (local work, no extra round)
-        starts = [np.concatenate([gamma0, f * theta0]) for f in (np.sqrt(0.5), np.sqrt(2.0))] if len(theta0) else []
+        # the first round also tries the start covariance halved and doubled (local work, no extra round);
+        # not with several grouping factors, whose joint moment start gains nothing from them on average
+        starts = [np.concatenate([gamma0, f * theta0]) for f in (np.sqrt(0.5), np.sqrt(2.0))] \
+            if len(theta0) and not setup.factor_groups else []
     canon = lambda x: np.r_[x[:p], canonical_theta(x[p:], mask)]   # noqa: E731
     # with several grouping factors the optimiser also tries zero variances (not with one: unchanged fits)
     edge = tuple(p + boundary_positions(mask)) if setup.factor_groups else ()
     opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts, model=model,
-                            boundary=edge)
+                            boundary=edge, predict_final=bool(setup.factor_groups))
     phi, (final, s) = _run(opt, evaluate, canon)
     info = -s["hess"]
     if P is not None:
@@ -252,21 +255,32 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None)
     if ntheta:
         edge, others = (), None
         if setup.factor_groups:
-            # several grouping factors: a moment start, also tried halved and doubled, and zero variances
+            # several grouping factors: the joint moment start, and zero variances tried on the way
             from .factor_starts import factor_theta_start
 
             start = factor_theta_start(setup) if start is None else start
-            edge, others = tuple(boundary_positions(mask)), [f * np.asarray(start) for f in (np.sqrt(0.5), np.sqrt(2))]
+            edge = tuple(boundary_positions(mask))
         opt = TrustRegionNewton(_theta_start(mask) if start is None else np.asarray(start, float), options.newton,
-                                starts=others, boundary=edge)
+                                starts=others, boundary=edge, predict_final=bool(setup.factor_groups))
         theta, (final, s) = _run(opt, evaluate, lambda x: canonical_theta(x, mask))
         converged, trace = opt.converged, list(opt.trace)
     else:
         theta, converged, trace = np.zeros(0), True, []
         s, final = evaluator.finalize(theta, keys)
         _check_residual(s)
-    pr = profiled_deviance(s, options.reml, order=0)
-    return Estimate(pr.beta, canonical_theta(theta, mask), pr.sigma2 * np.linalg.inv(s["A"]),
+    if ntheta and setup.factor_groups:
+        # several grouping factors: β̂, σ̂² and the criterion moved from the last point to the estimate
+        # along the final Newton step (first and second order), as θ̃ is: the same estimate whatever path
+        # the iteration took (a hybrid start or another split of the rows)
+        pr = profiled_deviance(s, options.reml, order=2)
+        step = opt.solution - opt.point
+        beta, sigma2 = pr.beta + pr.dbeta.T @ step, float(pr.sigma2 + pr.dsigma2 @ step)
+        dev = float(pr.dev + pr.grad @ step + 0.5 * step @ pr.hess @ step)
+        A = s["A"] + np.einsum("t,tpr->pr", step, s["dA"])
+    else:
+        pr = profiled_deviance(s, options.reml, order=0)
+        beta, sigma2, dev, A = pr.beta, pr.sigma2, pr.dev, s["A"]
+    return Estimate(beta, canonical_theta(theta, mask), sigma2 * np.linalg.inv(A),
                     # REML's constant depends on how X is parametrised: report it for the user's columns
-                    -0.5 * pr.dev + (np.linalg.slogdet(setup.A)[1] if options.reml else 0.0),
-                    final, converged, [], sigma2=pr.sigma2, trace=trace)
+                    -0.5 * dev + (np.linalg.slogdet(setup.A)[1] if options.reml else 0.0),
+                    final, converged, [], sigma2=sigma2, trace=trace)

@@ -388,7 +388,7 @@ class GLMMLikelihood:
         return got[0] @ lam.T, np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
 
     # --- the engine interface (see :mod:`fedglmm.likelihood.engine`) ------------------------------
-    def sums(self, point: np.ndarray) -> dict:
+    def sums(self, point: np.ndarray, final: bool = False) -> dict:
         """Value, gradient and Hessian at φ as the site sends them."""
         ev = self.evaluate(point, hess=True)
         return {"value": ev.value, "grad": ev.grad, "hess": ev.hess}

@@ -120,7 +120,7 @@ class LMMSums:
         return b, sigma * np.sqrt(np.maximum(np.diagonal(K, axis1=1, axis2=2), 0.0))
 
     # --- the engine interface (see :mod:`fedglmm.likelihood.engine`) ------------------------------
-    def sums(self, point: np.ndarray) -> dict:
+    def sums(self, point: np.ndarray, final: bool = False) -> dict:
         """A, b, c, d and their first and second θ-derivatives at θ, as the site sends them."""
         return self.evaluate(point, order=2)
 

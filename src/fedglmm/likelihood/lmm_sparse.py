@@ -27,11 +27,14 @@ from .sparse import Pattern, aggregator
 class MultiLMMSums:
     """One site's A, b, c, d with θ-derivatives, for a model with several grouping factors."""
 
-    def __init__(self, design: Design, X: np.ndarray | None = None):
+    def __init__(self, design: Design, X: np.ndarray | None = None, nobs: int | None = None):
+        """``nobs``: the number of observations when the rows are stand-ins with the same cross-products
+        (one-shot cells, :mod:`fedglmm.coordinator.virtual`); default: the rows."""
         X = np.asarray(design.X if X is None else X, float)
         y = np.asarray(design.y, float) - np.asarray(design.offset, float)
         self.Z = np.asarray(design.Z, float)
         self.n, self.p = X.shape
+        self.nobs = self.n if nobs is None else int(nobs)
         self.Xy = np.c_[X, y]
         facs = design.groupings
         self.names = [f.name for f in facs]
@@ -88,12 +91,12 @@ class MultiLMMSums:
         out.update({"dA": -dK[:, :p, :p], "db": -dK[:, :p, p], "dc": -dK[:, p, p], "dd": dd})
         return out
 
-    def evaluate(self, theta: np.ndarray, order: int = 2, step: float = 1e-5) -> dict:
-        """A, b, c, d at θ and, for order ≥ 1 / 2, their first (analytic) and second (central differences
-        of the first) θ-derivatives."""
+    def evaluate(self, theta: np.ndarray, order: int = 2, step: float = 1e-5, central: bool = True) -> dict:
+        """A, b, c, d at θ and, for order ≥ 1 / 2, their first (analytic) and second (central or forward
+        differences of the first) θ-derivatives."""
         theta = np.asarray(theta, float)
         out = self._first(theta) if order >= 1 else self._zeroth(theta)
-        out["n"] = self.n
+        out["n"] = self.nobs
         if order < 2 or self.ntheta == 0:
             return out
         k = self.ntheta
@@ -102,9 +105,10 @@ class MultiLMMSums:
             h = step * (1.0 + abs(theta[t]))
             e = np.zeros(k)
             e[t] = h
-            up, dn = self._first(theta + e), self._first(theta - e)
+            up = self._first(theta + e)
+            dn, width = (self._first(theta - e), 2.0 * h) if central else (out, h)
             for key in second:
-                second[key].append((np.asarray(up[key]) - np.asarray(dn[key])) / (2.0 * h))
+                second[key].append((np.asarray(up[key]) - np.asarray(dn[key])) / width)
         for key, rows in second.items():
             arr = np.stack(rows, axis=1)                          # (k_s, k_t, ...): d/dθ_t of d?/dθ_s
             out["d2" + key[1:]] = 0.5 * (arr + np.swapaxes(arr, 0, 1))
@@ -130,8 +134,10 @@ class MultiLMMSums:
         return modes, sds
 
     # --- the engine interface (see :mod:`fedglmm.likelihood.engine`) ----------------------------
-    def sums(self, point: np.ndarray) -> dict:
-        return self.evaluate(point, order=2)
+    def sums(self, point: np.ndarray, final: bool = False) -> dict:
+        """The sums with forward-difference second derivatives while iterating, central ones at the
+        estimate (``final``)."""
+        return self.evaluate(point, order=2, central=final)
 
     def modes(self, point: np.ndarray, beta=None, sigma=None) -> tuple[dict, dict]:
         return self.conditional_modes(point, np.asarray(beta), float(sigma))

@@ -19,8 +19,9 @@ and lev_j = m_jᵀ H⁻¹ m_j,
 
     ∂/∂φ_p [−½ log det H] = −½ Σ_j w′_j (dη̂_j/dφ_p) lev_j − [φ_p = θ_t = Λ_f(r, c)] Σ_j w_j z_{f,j,r} Y_f[j, c].
 
-The Hessian is the central difference of the analytic gradient (the modes warm-started along dû/dφ),
-computed inside the site: local work, never a round.  Everything is a sum over the site's rows and
+The Hessian is the difference of the analytic gradient (the modes moved along dû/dφ and finished by one
+Newton step), computed inside the site: local work, never a round -- forward differences while the
+coordinator iterates, central ones at the estimate, where it gives the standard errors.  Everything is a sum over the site's rows and
 levels, so sites' numbers add up when every level lives at one site.
 """
 from __future__ import annotations
@@ -99,11 +100,17 @@ class MultiLevelGLMM:
     def _grad_u(self, M, d1, u):
         return [_rows(a, Mf * d1[:, None]) - uf for a, Mf, uf in zip(self.agg, M, u)]
 
-    def _modes(self, eta0, M, u):
-        """Newton on h with step halving per connected block; returns (û, η at û)."""
+    def _modes(self, eta0, M, u, polish: bool = False):
+        """Newton on h with step halving per connected block; returns (û, η at û).  ``polish``: ``u`` is
+        within O(h²) of the modes (a start moved along dû/dφ), and one full Newton step finishes them."""
         fam = self.family
         u = [x.copy() for x in u]
         eta = self._eta(eta0, M, u)
+        if polish:
+            d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
+            step = self.pat.factor(self.pat.assemble(-d2, M)).solve(self._grad_u(M, d1, u))
+            u = [a + s for a, s in zip(u, step)]
+            return u, self._eta(eta0, M, u)
         h = None
         for _ in range(100):
             d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
@@ -135,14 +142,19 @@ class MultiLevelGLMM:
         return u, eta
 
     # --- value and gradient ---------------------------------------------------------------------
-    def value_grad(self, phi: np.ndarray, u0=None, grad: bool = True):
-        """Log-likelihood, gradient and auxiliaries (modes û, dû/dφ, the factor of H) at φ = (β, θ)."""
+    def value_grad(self, phi: np.ndarray, u0=None, grad: bool = True, polish: bool = False, move_only: bool = False):
+        """Log-likelihood, gradient and auxiliaries (modes û, dû/dφ, the factor of H) at φ = (β, θ)
+        (``polish``: see :meth:`_modes`)."""
         phi = np.asarray(phi, float)
         beta, theta = phi[: self.p], phi[self.p:]
         eta0 = self.X @ beta + self.off
         lams = self.lambdas(theta)
         M = [self.Z[:, c] @ lam for c, lam in zip(self.cols, lams)]
-        u, eta = self._modes(eta0, M, self.u if u0 is None else u0)
+        if move_only:
+            u = [np.asarray(x, float) for x in u0]
+            eta = self._eta(eta0, M, u)
+        else:
+            u, eta = self._modes(eta0, M, self.u if u0 is None else u0, polish)
         fam = self.family
         w, w1, _ = fam.curvature(self.y, self.m, eta, self.curvature)
         H = self.pat.factor(self.pat.assemble(w, M))
@@ -180,9 +192,10 @@ class MultiLevelGLMM:
         return E
 
     # --- the site's reply -----------------------------------------------------------------------
-    def evaluate(self, phi: np.ndarray, hess: bool = True, step: float = 1e-5) -> Evaluation:
-        """Value, analytic gradient and (central differences of the gradient) Hessian at φ; NaN where the
-        likelihood cannot be evaluated (the coordinator then steps shorter), as the single-factor engine."""
+    def evaluate(self, phi: np.ndarray, hess: bool = True, step: float = 1e-5, central: bool = True) -> Evaluation:
+        """Value, analytic gradient and Hessian at φ: central (``central``) or forward differences of the
+        analytic gradient; NaN where the likelihood cannot be evaluated (the coordinator then steps
+        shorter), as the single-factor engine."""
         phi = np.asarray(phi, float)
         u_prev = [x.copy() for x in self.u]
         for warm in (True, False):
@@ -192,7 +205,7 @@ class MultiLevelGLMM:
                 self.u = [np.zeros_like(x) for x in u_prev]
             try:
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    ev = self._evaluate(phi, hess, step)
+                    ev = self._evaluate(phi, hess, step, central)
                 ok = np.isfinite(ev.value) and np.all(np.isfinite(ev.grad)) and \
                     (ev.hess is None or np.all(np.isfinite(ev.hess)))
             except (np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError, ValueError):
@@ -203,7 +216,7 @@ class MultiLevelGLMM:
         P = len(phi)
         return Evaluation(np.nan, np.full(P, np.nan), np.full((P, P), np.nan) if hess else None)
 
-    def _evaluate(self, phi, hess, step):
+    def _evaluate(self, phi, hess, step, central):
         value, gr, aux = self.value_grad(phi)
         u, dU = aux["u"], aux["dU"]
         self.u = u
@@ -215,9 +228,15 @@ class MultiLevelGLMM:
             h = step * (1.0 + abs(phi[t]))
             e = np.zeros(P)
             e[t] = h
-            gp = self.value_grad(phi + e, u0=[a + h * d[:, :, t] for a, d in zip(u, dU)])[1]
-            gm = self.value_grad(phi - e, u0=[a - h * d[:, :, t] for a, d in zip(u, dU)])[1]
-            Hs[:, t] = (gp - gm) / (2.0 * h)
+            # central: the moved modes finished by a Newton step; forward: moved only (their O(h²) error
+            # costs the gradient O(h²), the difference O(h): the order of a forward difference anyway)
+            gp = self.value_grad(phi + e, u0=[a + h * d[:, :, t] for a, d in zip(u, dU)],
+                                 polish=True, move_only=not central)[1]
+            if central:
+                gm = self.value_grad(phi - e, u0=[a - h * d[:, :, t] for a, d in zip(u, dU)], polish=True)[1]
+                Hs[:, t] = (gp - gm) / (2.0 * h)
+            else:
+                Hs[:, t] = (gp - gr) / h
         return Evaluation(value, gr, 0.5 * (Hs + Hs.T))
 
     def conditional_modes(self, phi: np.ndarray) -> tuple[dict, dict]:
@@ -232,8 +251,10 @@ class MultiLevelGLMM:
         return modes, sds
 
     # --- the engine interface (see :mod:`fedglmm.likelihood.engine`) ----------------------------
-    def sums(self, point: np.ndarray) -> dict:
-        ev = self.evaluate(point, hess=True)
+    def sums(self, point: np.ndarray, final: bool = False) -> dict:
+        """Value, gradient and Hessian: forward differences of the gradient while iterating, central ones
+        at the estimate (``final``: the round whose Hessian gives the standard errors)."""
+        ev = self.evaluate(point, hess=True, central=final)
         return {"value": ev.value, "grad": ev.grad, "hess": ev.hess}
 
     def modes(self, point: np.ndarray, beta=None, sigma=None) -> tuple[dict, dict]:

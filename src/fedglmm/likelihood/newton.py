@@ -53,6 +53,7 @@ class _Candidate:
     pred: float        # predicted decrease
     norm: float        # scaled step length
     radius: float      # radius it was computed for
+    newton: bool = False   # the full Newton step
 
 
 @dataclass
@@ -72,6 +73,8 @@ class TrustRegionNewton:
                                     # its optional model.observe(x, f, g, H) sees every point evaluated
     boundary: tuple = ()            # coordinates whose sign does not matter (F is even in each): 0 is a
                                     # boundary a Newton iteration approaches only linearly (see _boundary)
+    predict_final: bool = False     # also propose the final candidate where the observed quadratic
+                                    # contraction predicts a decrement below tol after the step (_promising)
 
     def __post_init__(self):
         self.x0 = np.asarray(self.x0, float)
@@ -147,7 +150,7 @@ class TrustRegionNewton:
         self.trace.append((self.evals, float(cur.f), float(dec)))
         if was_final and self.accepted is not None and (dec < self.config.tol or self._contracted(dec)):
             return self._finish(converged=True)
-        self._dec_prev = dec
+        dec_before, self._dec_prev = self._dec_prev, dec
         if self.evals >= self.config.max_evals:
             self.message = f"no convergence within {self.config.max_evals} rounds"
             return self._finish(converged=False)
@@ -155,13 +158,9 @@ class TrustRegionNewton:
         extra = self._model_step(cur, newton=newton) \
             if newton is not None and self._model_ok and dec >= self.config.tol ** 0.5 else None
         edge = self._boundary(cur, newton)      # (a final candidate just rejected is not proposed again)
-        if edge is None and not (was_final and self.accepted is None) and \
-                (dec < self.config.near or (extra is not None and dec < self.config.near_model)):
-            self.final_candidate = True
-            step, pred = (newton, dec / 2.0) if extra is None else (extra.step, extra.pred)
-            d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
-            self._cands = [_Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf)]
-            return [cur.x + step]
+        if not (was_final and self.accepted is None) and (dec < self.config.near or (
+                extra is not None and dec < self.config.near_model) or self._promising(dec, dec_before)):
+            return self._final(cur, newton, dec, extra, edge)
         self._cands = self._propose(cur.g, cur.H, newton)
         if extra is not None:
             extra.radius = self._radius
@@ -173,6 +172,17 @@ class TrustRegionNewton:
             self._cands.append(edge)
         return [cur.x + c.step for c in self._cands]
 
+    def _final(self, cur, newton, dec, extra, edge) -> list:
+        """The final candidate: the Newton step, the caller's model's step, or, converging onto a zero
+        variance, the boundary point."""
+        self.final_candidate = True
+        step, pred = (newton, dec / 2.0) if extra is None else (extra.step, extra.pred)
+        if edge is not None:
+            step, pred = edge.step, edge.pred
+        d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
+        self._cands = [_Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf, extra is None and edge is None)]
+        return [cur.x + step]
+
     def _boundary(self, cur, newton) -> _Candidate | None:
         """A candidate on the boundary: where the Newton step shrinks a coordinate of ``boundary`` by more
         than half, that coordinate set to 0 and the others minimising the quadratic model.  F is even in
@@ -181,7 +191,7 @@ class TrustRegionNewton:
         if newton is None or not self.boundary:
             return None
         x, g, H = cur.x, cur.g, cur.H
-        hit = [i for i in self.boundary if x[i] != 0 and abs(x[i] + newton[i]) < 0.5 * abs(x[i])]
+        hit = [i for i in self.boundary if abs(x[i]) > 1e-8 and abs(x[i] + newton[i]) < 0.5 * abs(x[i])]
         if not hit:
             return None
         s = np.zeros_like(x)
@@ -210,6 +220,14 @@ class TrustRegionNewton:
         if newton is not None and norm > 2.0 * float(np.linalg.norm(d * newton)) + 1e-12:
             return None           # the model and the sites' quadratic model disagree too much to try it
         return _Candidate(step, pred, norm, np.inf)
+
+    def _promising(self, dec: float, d0: float) -> bool:
+        """With ``predict_final``: the step just accepted was a full Newton step from a decrement d₀ and
+        left d (< near_model); its contraction c = d/d₀² predicts c·d² after the next one -- below tol?"""
+        full = self.accepted is not None and self._cands and self._cands[self.accepted].newton
+        if not (self.predict_final and full and dec < self.config.near_model and 0 < d0 < np.inf and dec < d0):
+            return False
+        return dec ** 3 / d0 ** 2 < self.config.tol
 
     def _contracted(self, dec: float) -> bool:
         """Whether the final candidate, reached by a full step from a point with decrement d₀ in the
@@ -244,11 +262,11 @@ class TrustRegionNewton:
             self._radius = nn if newton is not None else self.config.radius0
             self._trusted = newton is not None
         if self._trusted and newton is not None and nn <= self._radius:
-            return [_Candidate(newton, -(g @ newton + 0.5 * newton @ H @ newton), nn, self._radius)]
+            return [_Candidate(newton, -(g @ newton + 0.5 * newton @ H @ newton), nn, self._radius, True)]
         gs, Hs = g / d, H / np.outer(d, d)
         out = []
         k = self.config.spread
-        for radius in (self._radius / k, self._radius, self._radius * k):
+        for radius in ((self._radius,) if self.config.single else (self._radius / k, self._radius, self._radius * k)):
             if out and (out[-1].norm >= nn or radius >= 0.99 * self._ceiling):
                 break                             # the Newton step is in already, or this one just failed
             y = _trust_region_subproblem(gs, Hs, radius)

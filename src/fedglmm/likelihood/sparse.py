@@ -198,7 +198,7 @@ class Factor:
             UT = {t: V[k, t] @ LiT[pat.kt[k, t][0]] for t in pat.tail}            # L_tk per pair
             self.U.update({(k, t): u for t, u in UT.items()})
             self._schur(k, D, B, V, UT)
-            W = pat.coupling(k, UT)
+            W = pat.coupling(k, UT) if pat.R else None
             self.W.append(W)
             if pat.R:
                 T -= (W @ W.T).toarray()

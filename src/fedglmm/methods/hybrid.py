@@ -18,11 +18,12 @@ from ..coordinator.messages import merge_messages
 from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
-from ..coordinator.starts import combined_start, internal_start
+from ..coordinator.starts import combined_start, factor_combined_start, internal_start
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
 from ..likelihood.setup import make_setup
+from ..likelihood.factor_starts import factor_theta_start
 from ..likelihood.starts import start_values
 from ..model.frame import na_payload
 from ..model.options import FitRequest
@@ -52,6 +53,14 @@ def _pseudo_fit(merged, replies, req: FitRequest, seed: int):
 def _starts(req, st, merged, own: dict, pseudo):
     """The Newton rounds' start(s) and the surrogate (see the module docstring)."""
     family = req.family
+    if st.factor_groups:
+        # several grouping factors: the sites' own fits, and the site-totals start beside them
+        if not own:
+            return None, None
+        totals = factor_theta_start(st) if family.name == "gaussian" else start_values(st, family)
+        combined, complete = factor_combined_start(st, list(own.values()), totals)
+        # the site-totals start is tried beside it where the sites' fits left parts of it to them
+        return (combined if family.name == "gaussian" or complete else (combined, totals)), None
     if pseudo is None:
         if own and family.name != "gaussian":
             combined = combined_start(st, list(own.values()))
@@ -75,6 +84,10 @@ def _starts(req, st, merged, own: dict, pseudo):
 
 def _note(replies, merged, own, pseudo) -> str:
     """Where the start came from when some sites kept small groups' summaries."""
+    if any(isinstance(r["ngroups"], dict) for r in replies.values()):       # several grouping factors: cells
+        return (f"per-cell summaries stayed at {len(merged.refused)} site(s) (cells below a site's minimum size); "
+                "the Newton rounds, which use every row, started from "
+                + ("the sites' own fits" if own else "site totals"))
     # a site's groups less those it sent summaries for
     ngr = sum(int(r["ngroups"]) - (len(r["groups"]["levels"]) if r.get("groups") else 0)
               for r in replies.values() if r.get("refused"))

@@ -36,6 +36,7 @@ class NewtonConfig:
     spread: float = 4.0         # candidate radii Δ/spread, Δ, spread·Δ while the model is not trusted
     near_model: float = 0.05    # with a caller's model (see ``model``): decrement below which its step is
                                 # proposed as the final candidate
+    single: bool = False        # one trust-region point per round (a local fit, where rounds are cheap)
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,10 @@ def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1
     except InputError as exc:
         raise OptionError(str(exc)) from None
     options, method, moments = _check_values(nagq, reml, method, curvature, moments, penalty, newton)
-    if len(spec.groups) > 1 and method == "oneshot":
-        raise OptionError("the one-shot method fits models with one grouping factor; this formula has "
-                          f"{len(spec.groups)} ({', '.join(spec.groups)}): use --method hybrid or iterative")
+    if len(spec.groups) > 1 and method == "oneshot" and fam.name != "gaussian":
+        raise OptionError("the one-shot method fits binomial and poisson models with one grouping factor; this "
+                          f"formula has {len(spec.groups)} ({', '.join(spec.groups)}): use --method hybrid or "
+                          "iterative")
     if na_action not in NA_ACTIONS:
         raise OptionError(f"na_action must be 'omit' (drop rows with a missing value, as lme4) or 'fail', "
                           f"not {na_action!r}")

@@ -11,13 +11,14 @@ import numpy as np
 
 from ..errors import FedGLMMError
 from ..likelihood.engine import make_engine
-from ..likelihood.fit import LocalEvaluator, fit_glmm
+from ..likelihood.fit import LocalEvaluator, canonical_theta, fit_glmm, fit_lmm
+from ..likelihood.newton import TrustRegionNewton
 from ..likelihood.setup import make_setup, setup_reply
 from ..likelihood.starts import start_values
 from ..model.design import build_design, describe_frame
 from ..model.families import Family
 from ..model.formula import variables
-from ..model.options import FitOptions
+from ..model.options import FitOptions, NewtonConfig
 from ..model.spec import Design, ModelSpec, Schema
 
 
@@ -38,10 +39,31 @@ def own_fit(frame, d: Design, sizes, spec: ModelSpec, fam: Family, local: dict, 
     return {"beta": res["beta"], "theta": res["theta"], "info": res["info"], "n": total, "ngroups": len(sizes)}
 
 
+def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, site_id: str,
+                   transforms: dict | None = None) -> dict | None:
+    """With several grouping factors: the site's own fit of its rows -- β, θ and their information, with
+    the number of levels of each factor behind them and the column names of the site's own coding (the
+    coordinator uses what is coded as in the agreed design), sums over many rows and levels -- for the
+    hybrid's start.  Sent with at least two levels of every factor and three observations per parameter,
+    whatever the sizes of the groups."""
+    npar = d.X.shape[1] + int(np.asarray(d.theta_mask).sum())
+    levels = {f.name: len(f.levels) for f in d.factors}
+    if min(levels.values()) < 2 or d.n < 3.0 * npar:
+        return None
+    res = short_fit(frame, spec, fam, str(local.get("curvature", "observed")), site_id, transforms)
+    if res is None:
+        return None
+    out = {"names": res["names"], "z_names": res["z_names"], "beta": res["beta"], "theta": res["theta"],
+           "levels": levels, "n": float(d.n)}
+    if res["info"] is not None:
+        out["info"] = res["info"]
+    return out
+
+
 def local_fit(frame, spec: ModelSpec, family: Family, options: FitOptions, site_id: str,
               transforms: dict | None = None) -> dict | None:
     """A fit of ``frame`` alone, as an estimate and its information on the user's scale: β, θ and the
-    information matrix of (β, θ).  None when the fit fails or does not converge."""
+    information matrix of (β, θ) (gaussian: None).  None when the fit fails or does not converge."""
     try:
         desc = describe_frame(frame, spec, site_id)
         schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]),
@@ -49,12 +71,53 @@ def local_fit(frame, spec: ModelSpec, family: Family, options: FitOptions, site_
         design = build_design(spec, schema, frame, family, site_id, checked=True)
         st = make_setup({site_id: setup_reply(design, family)})
         engine = make_engine(design, family, options.nagq, options.curvature, st.A, st.zs)
-        evaluator = LocalEvaluator({site_id: engine}, {site_id: design.group_levels if design.Z.shape[1] else None})
-        est = fit_glmm(evaluator, st, *start_values(st, family), options)
+        evaluator = LocalEvaluator({site_id: engine}, {site_id: None if design.factors or not design.Z.shape[1]
+                                                       else design.group_levels})
+        est = fit_lmm(evaluator, st, options) if family.name == "gaussian" else \
+            fit_glmm(evaluator, st, *start_values(st, family), options)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
-    if not est.converged or est.info is None:
+    if not est.converged or (est.info is None and family.name != "gaussian"):
         return None
-    T = st.internal_transform()
-    return {"names": list(st.names), "beta": st.A @ est.gamma, "theta": est.theta / st.theta_scale,
-            "info": T.T @ est.info @ T}
+    out = {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ est.gamma,
+           "theta": est.theta / st.theta_scale, "info": None}
+    if est.info is not None:
+        T = st.internal_transform()
+        out["info"] = T.T @ est.info @ T
+    return out
+
+
+SHORT_ROUNDS = 4      # local Newton iterations of a site's own fit with several factors: it is only a start
+
+
+def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: str,
+              transforms: dict | None = None) -> dict | None:
+    """A site's own fit of its rows, cut short: at most ``SHORT_ROUNDS`` local Newton iterations from the
+    site-totals start (the point reached is a start for the federated rounds, which finish the job), as
+    β, θ and the information at that point on the user's scale (gaussian: no information, β profiled)."""
+    if family.name == "gaussian":
+        return local_fit(frame, spec, family, FitOptions(newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id,
+                         transforms)
+    try:
+        desc = describe_frame(frame, spec, site_id)
+        schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]),
+                        transforms=dict(transforms or {}))
+        design = build_design(spec, schema, frame, family, site_id, checked=True)
+        st = make_setup({site_id: setup_reply(design, family)})
+        engine = make_engine(design, family, 1, curvature, st.A, st.zs)
+        opt = TrustRegionNewton(np.concatenate(start_values(st, family)),
+                                NewtonConfig(tol=1e-4, near=1e-2, max_evals=SHORT_ROUNDS, single=True),
+                                predict_final=True)
+        xs = opt.starts
+        while xs:
+            sums = [engine.sums(x) for x in xs]
+            xs = opt.tell(xs, [(-r["value"], -r["grad"], -r["hess"]) for r in sums])
+    except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
+        return None
+    cur = opt.current
+    if cur is None or not np.all(np.isfinite(cur.H)):
+        return None
+    x = opt.solution if opt.converged else cur.x
+    p, T = len(st.names), st.internal_transform()
+    return {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ x[:p],
+            "theta": canonical_theta(x[p:], st.mask) / st.theta_scale, "info": T.T @ cur.H @ T}

@@ -186,7 +186,7 @@ class Site:
         self._ride_setup(req)
         eng = self._engine_for(req)
         point = np.asarray(req["point"], float)
-        reply = eng.sums(point)
+        reply = eng.sums(point, final=True)
         d = self.design
         if d.Z.shape[1] == 0:
             return reply

@@ -23,6 +23,7 @@ import pandas as pd
 from ..errors import InputError
 from ..likelihood import fused
 from ..likelihood.setup import setup_reply, start_sums
+from ..likelihood.sparse import aggregator
 from ..model.design import build_design, describe_frame
 from ..model.families import get_family
 from ..model.formula import parse_formula, variables
@@ -30,7 +31,7 @@ from ..model.moments import mono_values, monomials
 from ..model.options import MIN_GROUP
 from ..model.spec import Design, Schema
 from ..model.transforms import is_stateful
-from .own_fit import own_fit
+from .own_fit import own_factor_fit, own_fit
 
 SENTINEL = "\x00"          # a reference level no row has: every real level gets its own column
 DEFAULT_ORDER = 4
@@ -62,7 +63,12 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     q = d.Z.shape[1]
     sums = {"colsum": d.X.sum(axis=0), "colsq": (d.X * d.X).sum(axis=0), "xtx": d.X.T @ d.X, "ztz": d.Z.T @ d.Z}
     if d.factors:
-        return _factors_message(d, fam, desc, sums, formula, site_id)
+        msg = _factors_message(d, fam, desc, sums, formula, site_id)
+        if fam.name == "gaussian":
+            msg["groups"], msg["refused"] = _cell_blocks(d, min_group, site_id)
+        if local is not None and msg["groups"] is None:
+            msg["local"] = own_factor_fit(frame, d, spec, fam, local, site_id, transforms)
+        return msg
     if fam.name != "gaussian":
         sums.update(start_sums(d, fam))
     order = None if fam.name == "gaussian" else int(order or DEFAULT_ORDER)
@@ -110,6 +116,27 @@ def _factors_message(d: Design, fam, desc: dict, sums: dict, formula: str, site_
             "link": fam.link, "order": None, "description": desc, "n": d.n, "ngroups": setup["ngroups"],
             "x_names": list(d.x_names), "z_names": list(d.z_names), "z_groups": setup["z_groups"],
             "theta_mask": np.asarray(d.theta_mask), "sums": sums, "groups": None, "refused": None}
+
+
+def _cell_blocks(d: Design, min_group: float, site_id: str):
+    """Gaussian, several grouping factors: per cell (the rows that share a level of every factor -- in a
+    nested design a lowest-level group) n and S = WᵀW with W = [Z X y−o]: the exact likelihood is a
+    function of them.  (blocks, None), or (None, the refusal) when a cell is smaller than ``min_group``."""
+    codes = np.stack([f.codes for f in d.factors], axis=1)
+    uniq, cell = np.unique(codes, axis=0, return_inverse=True)
+    cell = cell.ravel()
+    n_c = np.bincount(cell, minlength=len(uniq)).astype(float)
+    if n_c.min() < min_group:
+        i = int(np.argmin(n_c))
+        where = ", ".join(f"{f.name} '{f.levels[uniq[i, k]]}'" for k, f in enumerate(d.factors))
+        return None, (f"site '{site_id}': {int(np.sum(n_c < min_group))} cell(s) of the grouping factors have fewer "
+                      f"than {min_group:g} observations (smallest: {where} with {n_c[i]:g}); their own summaries "
+                      "would reveal them and are not sent (a one-shot fit needs every cell: use --method hybrid "
+                      "or iterative)")
+    W = np.c_[d.Z, d.X, d.y - d.offset]
+    S = aggregator(cell, len(uniq)) @ (W[:, :, None] * W[:, None, :]).reshape(d.n, -1)
+    return {"cells": {f.name: [f.levels[c] for c in uniq[:, k]] for k, f in enumerate(d.factors)}, "n": n_c,
+            "S": np.asarray(S).reshape(len(uniq), W.shape[1], W.shape[1])}, None
 
 
 def _gaussian_blocks(d: Design, starts, levels, keep) -> dict:
