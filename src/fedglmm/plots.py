@@ -74,7 +74,7 @@ def caterpillar(res, level: float = 0.95):
             ax.set_yticklabels([str(v) for v in labs] if k == 0 else [""] * n, fontsize=7)
         ax.set_title(term)
         ax.set_xlabel(f"conditional mode ± {100 * level:g} %")
-    fig.suptitle(f"Random effects of {res.group_name} ({n} groups, {res.nsites} sites)")
+    fig.suptitle(f"Random effects of {res.group_name} ({n} groups, {res.nsites} site{'s' if res.nsites != 1 else ''})")
     fig.tight_layout()
     if sites is not None and len(site_ids) > 1:
         from matplotlib.lines import Line2D
@@ -125,8 +125,9 @@ def residuals(res):
     n = diag.u["count"].sum()
     band = 1.96 * np.sqrt(expected * (1 - expected) / n)
     q = special.ndtri
-    ax.fill_between(q(expected), q(np.clip(expected - band, 1e-9, 1)), q(np.clip(expected + band, 0, 1 - 1e-9)),
-                    color="0.85", label="95 % band")
+    edge = 0.5 / n                                    # the band is drawn within the data's own range
+    ax.fill_between(q(expected), q(np.clip(expected - band, edge, 1 - edge)),
+                    q(np.clip(expected + band, edge, 1 - edge)), color="0.85", label="pointwise 95 % band")
     ax.plot(q(expected), q(np.clip(observed, 1e-9, 1 - 1e-9)), "o", color="C0", markersize=3, label="observed")
     lim = [q(expected[0]), q(expected[-1])]
     ax.plot(lim, lim, color="0.3", linewidth=0.8)

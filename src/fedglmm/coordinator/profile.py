@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
+from ..errors import FedGLMMError
 from ..likelihood.fit import GLMM_KEYS, LMM_DERIVATIVE_KEYS, LMM_KEYS
 from ..likelihood.setup import sum_replies
 from ..protocol import request
@@ -206,6 +207,10 @@ def _endpoints(q: Quantity, x0, Hinv, z: float, L: Layout) -> list[Endpoint]:
 def profile(session, level: float = 0.95, max_rounds: int = MAX_ROUNDS) -> tuple[dict, dict]:
     """Every quantity's profile interval at ``level``: ``({name: (lower, upper)}, info)`` on the quantities'
     own scales; ``info`` has the rounds used and the endpoints not found (NaN)."""
+    groups = {t.group for t in session.spec.random}
+    if len(groups) > 1:
+        raise FedGLMMError("profile intervals are made for one grouping factor; this model has "
+                           f"{', '.join(sorted(groups))}")
     L, qtys = quantities(session.setup, session.spec.group, session.gaussian)
     x0, f0, H0 = _start(session, L)
     Hinv = np.linalg.pinv(H0, hermitian=True)

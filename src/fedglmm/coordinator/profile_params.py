@@ -78,7 +78,8 @@ class Layout:
 
 
 def quantities(setup, group: str | None, gaussian: bool) -> tuple[Layout, list[Quantity]]:
-    """The layout and the quantities in lme4's order (see the module docstring)."""
+    """The layout and the quantities in lme4's order (see the module docstring); one grouping factor
+    (``group``) names every random-effect term."""
     rows, cols = theta_index(setup.mask)
     layout = Layout(len(setup.names), len(rows), gaussian, setup.A, setup.zs, rows, cols)
     q = setup.mask.shape[0]

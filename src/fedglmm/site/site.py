@@ -211,6 +211,9 @@ class Site:
         self._ride_setup(req)
         eng = self._engine_for(req)
         d, out = self.design, {}
+        if len(d.groupings) > 1 and set(req.get("what", [])) & {"residuals", "posterior"}:
+            raise FedGLMMError(f"site '{self.site_id}': residual diagnostics and posterior means are made for "
+                               "one grouping factor")
         for item in req.get("what", []):
             if item == "fingerprint":
                 out["fingerprint"] = inspect.fingerprint(d)
