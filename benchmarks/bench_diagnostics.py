@@ -41,6 +41,8 @@ CASES = [
 def simulate(res, d: pd.DataFrame, rng, trials_col, overdispersion=0.0) -> pd.DataFrame:
     """One data set from the fitted model: the same covariates and groups, new effects and outcomes."""
     X, Z, off, groups = new_data_matrices(res.spec, res.schema, d, need_group=True)
+    if isinstance(groups, dict):
+        groups = groups[res.group_name]
     levels, code = np.unique(groups.astype(str), return_inverse=True)
     cov = res.cov_re.to_numpy()
     b = rng.multivariate_normal(np.zeros(len(cov)), cov, size=len(levels))

@@ -115,8 +115,8 @@ class Diagnostics:
                 "max_deviation": float(np.max(np.abs(ecdf - edges[1:]))), "n": int(n)}
 
     def dispersion(self) -> dict | None:
-        """The dispersion test of the module docstring (None for gaussian models)."""
-        if self.family == "gaussian":
+        """The dispersion test of the module docstring (binomial and poisson models; None otherwise)."""
+        if self.family not in ("binomial", "poisson"):
             return None
         n, ss, v = self.draws["n"], self.draws["sumsq"], self.draws["var_sumsq"]
         z = (ss - n) / np.sqrt(v)

@@ -5,7 +5,8 @@ aggregates whose size depends on the number of bins or groups, never on the numb
 
 **Residuals** (Dunn & Smyth 1996, J. Comput. Graph. Stat. 5(3): 236-244).  For row j with outcome y_j,
 trials m_j and the conditional distribution F_j given the random effects, the randomized quantile
-residual is u_j = F_j(y_j⁻) + V_j (F_j(y_j) − F_j(y_j⁻)), V_j ~ U(0, 1) (gaussian: u_j = F_j(y_j)).  The
+residual is u_j = F_j(y_j⁻) + V_j (F_j(y_j) − F_j(y_j⁻)), V_j ~ U(0, 1) (continuous families, gaussian
+and Gamma: u_j = F_j(y_j)).  The
 random effects in F_j are a draw b* from their posterior given the group's rows (exact for gaussian
 models; for GLMMs an independence Metropolis-Hastings chain with a multivariate-t proposal at the Laplace
 approximation, :data:`MH_STEPS` steps).  Then (y, b*) has the distribution of (y, b), so under the model
@@ -15,7 +16,8 @@ site sends
 
 * ``u``: the counts of u in :data:`U_BINS` equal bins of (0, 1);
 * ``draws``: n, Σ r*_j² and Σ Var(r*_j²), the Pearson residuals r* = (y/m − μ*)/sqrt(V(μ*)/m) at the
-  draw, whose sum of squares has mean n under the model (the dispersion test);
+  draw, whose sum of squares has mean n under the model (the dispersion test; Var(r²) = E r⁴ − 1 from
+  the family's kurtosis);
 * ``pearson``: the counts of the Pearson residuals at the modes b̂ (lme4's scaled residuals) on the
   coordinator's grid, with n, Σ r and Σ r²;
 * ``fitted``: per bin of the linear predictor at the modes (without offset), on the coordinator's grid:
@@ -127,18 +129,23 @@ def grid_index(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 # --- the fitted model at the site's rows -----------------------------------------------------------
+def _psi(eng, point):
+    """The dispersion coordinate ψ of φ = (β, θ, ψ) for families that have one (else None)."""
+    return point[eng.p + eng.ntheta] if getattr(eng.family, "ndisp", 0) else None
+
+
 def _state(d, eng, req):
     """Linear predictor without random effects η0, the random-effect design M (b = M-space effects),
     the modes and their posterior precision, on the internal scale of the request."""
     point = np.asarray(req["point"], float)
     if hasattr(eng, "value_grad"):                      # GLMM engine: u-space, b = Λu
         _, _, aux = eng.value_grad(point, grad=False)
-        p = eng.p
+        p, psi = eng.p, _psi(eng, point)
         eta0 = eng.X @ point[:p] + eng.off
         if eng.q == 0:
-            return {"eta0": eta0, "M": np.zeros((d.n, 0)), "mode": np.zeros((1, 0)), "L": None, "aux": aux}
+            return {"eta0": eta0, "M": np.zeros((d.n, 0)), "mode": np.zeros((1, 0)), "L": None, "psi": psi}
         M = eng.Z @ aux["lam"]
-        return {"eta0": eta0, "M": M, "mode": aux["u"], "L": aux["L"], "aux": aux}
+        return {"eta0": eta0, "M": M, "mode": aux["u"], "L": aux["L"], "psi": psi}
     beta = np.asarray(req["beta_internal"], float)       # gaussian: b̃ ~ N(b̂, σ² K) exactly
     X = d.X @ np.asarray(req["transform"], float)
     zs = np.asarray(req.get("zscale", np.ones(0)), float)
@@ -175,7 +182,7 @@ def _mh_draw(d, eng, st, keys) -> np.ndarray:
 
     def logpost(u):
         eta = st["eta0"] + np.einsum("jc,jc->j", st["M"], u[d.group])
-        return eng._gsum(eng.family.loglik(eng.y, eng.m, eta)) - 0.5 * np.sum(u * u, axis=1)
+        return eng._gsum(_loglik(eng.family, eng.y, eng.m, eta, st["psi"])) - 0.5 * np.sum(u * u, axis=1)
 
     def logprop(u):
         dlt = u - mode
@@ -198,30 +205,52 @@ def _mh_draw(d, eng, st, keys) -> np.ndarray:
     return cur
 
 
-def _moments(family, y, m, mu, sigma):
-    """Per row: the mean of y/m, its variance V(μ)/m and E[r⁴] of the Pearson residual."""
+def _loglik(family, y, m, eta, psi):
+    return family.loglik(y, m, eta) if psi is None else family.loglik(y, m, eta, psi)
+
+
+def _moments(family, y, m, mu, scale):
+    """Per row: the variance of y/m at the mean μ and E[r⁴] of its Pearson residual.  ``scale``: σ
+    (gaussian), ϑ (negative binomial), ν (Gamma shape)."""
     if family.name == "gaussian":
-        return np.full_like(mu, sigma ** 2), np.full_like(mu, 3.0)
+        return np.full_like(mu, scale ** 2), np.full_like(mu, 3.0)
     if family.name == "poisson":
         return mu, 3.0 + 1.0 / np.maximum(mu, 1e-300)
+    if family.name == "negative_binomial":
+        return mu + mu * mu / scale, 3.0 + 6.0 / scale + scale / np.maximum(mu * (mu + scale), 1e-300)
+    if family.name == "gamma":
+        return mu * mu / scale, np.full_like(mu, 3.0 + 6.0 / scale)
     pq = np.maximum(mu * (1.0 - mu), 1e-300)
     return pq / m, 3.0 + (1.0 - 6.0 * pq) / (m * pq)
 
 
-def _quantile_residual(family, y, m, mu, sigma, v):
+def _quantile_residual(family, y, m, mu, scale, v):
     if family.name == "gaussian":
-        return special.ndtr((y - mu) / sigma)
+        return special.ndtr((y - mu) / scale)
+    if family.name == "gamma":
+        return stats.gamma.cdf(y, scale, scale=mu / scale)
     if family.name == "poisson":
         lo, hi = stats.poisson.cdf(y - 1, mu), stats.poisson.cdf(y, mu)
+    elif family.name == "negative_binomial":
+        p = scale / (scale + mu)
+        lo, hi = stats.nbinom.cdf(y - 1, scale, p), stats.nbinom.cdf(y, scale, p)
     else:
         lo, hi = stats.binom.cdf(y - 1, m, mu), stats.binom.cdf(y, m, mu)
     return np.clip(lo + v * (hi - lo), 0.0, 1.0)
 
 
+def _scale(family, req, st) -> float:
+    """σ (gaussian), the dispersion ϑ = e^ψ (negative binomial) or shape ν = e^ψ (Gamma), else 1."""
+    if family.name == "gaussian":
+        return float(req["sigma"])
+    psi = st.get("psi")
+    return float(np.exp(psi)) if psi is not None else 1.0
+
+
 def residuals(d, family, eng, req, min_cell: int) -> dict:
     """The binned residual aggregates of the module docstring, at the request's point."""
     st = _state(d, eng, req)
-    sigma = float(req.get("sigma") or 1.0)
+    sigma = _scale(family, req, st)
     y, m = np.asarray(d.y, float), np.asarray(d.trials, float)
     gkeys = group_keys(d.group_levels, req.get("seed", 0))
     rkeys = row_keys(d, gkeys)
@@ -263,8 +292,8 @@ def posterior(eng, req) -> tuple[np.ndarray, np.ndarray]:
     eta0 = eng.X @ point[:eng.p] + eng.off
     uk = aux["u"][:, None, :] + V.transpose(0, 2, 1)                     # (G, K, q)
     etak = eta0[:, None] + np.einsum("jc,jkc->jk", M, uk[eng.g])
-    a = lw + 0.5 * np.sum(zk ** 2, axis=1) + eng._gsum(eng.family.loglik(eng.y[:, None], eng.m[:, None], etak)) \
-        - 0.5 * np.sum(uk * uk, axis=2)
+    loglik = _loglik(eng.family, eng.y[:, None], eng.m[:, None], etak, _psi(eng, point))
+    a = lw + 0.5 * np.sum(zk ** 2, axis=1) + eng._gsum(loglik) - 0.5 * np.sum(uk * uk, axis=2)
     w = np.exp(a - a.max(axis=1, keepdims=True))
     w /= w.sum(axis=1, keepdims=True)
     bk = uk @ lam.T                                                      # (G, K, q)
