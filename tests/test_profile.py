@@ -12,7 +12,7 @@ from toolbox import case as named, fit, frame, table
 
 CASES = {c["name"]: c for c in table("profile")}
 FAST = ["sleepstudy_reml", "sleepstudy_uncorr_ml", "cbpp_la", "sim_logit_slope", "sim_pois_offset_la",
-        "heldout_hosp8_reml", "heldout_logit30", "grouseticks_la"]
+        "heldout_hosp8_reml", "heldout_logit30", "grouseticks_la", "penicillin_crossed_ml"]
 
 
 def r_name(name: str) -> str:

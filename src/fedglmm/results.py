@@ -161,7 +161,11 @@ class FitResult:
         sdcor; per grouping factor the variances (var2 missing) then the covariances (sdcor: the
         correlation), then the residual (gaussian)."""
         rows = []
-        for group, frame in self.covariances().items():
+        covs = self.covariances()
+        # lme4 orders the grouping factors by decreasing number of levels (ties: as in the formula)
+        order = sorted(covs, key=lambda g: -int(self.ngroups.get(g, 0)))
+        for group in order:
+            frame = covs[group]
             cov, names = frame.to_numpy(), [str(n) for n in frame.index]
             sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
             rows += [(group, n, None, float(cov[i, i]), float(sd[i])) for i, n in enumerate(names)]
@@ -183,7 +187,9 @@ class FitResult:
         σ²_d / (σ²_f + σ²_d + σ²_ε), with σ²_d the random-effect variance (for random slopes its mean
         over the rows, tr(Σ ZᵀZ)/n), σ²_f the sample variance of the fixed-effect predictions Xβ̂ (from
         the pooled XᵀX and column sums) and σ²_ε the residual variance: σ² (gaussian), or the latent
-        scale's π²/3 (logit), 1 (probit), π²/6 (cloglog).  Poisson models have no ICC here (NaN)."""
+        scale's π²/3 (logit), 1 (probit), π²/6 (cloglog).  Poisson models have no ICC here (NaN).  With
+        several grouping factors σ²_d is their sum, and ``group:<factor>`` = σ²_k / (σ²_d + σ²_ε) each
+        factor's share (performance's ICC "by group")."""
         if self.cov_re is None:
             raise ValueError("this model has no random effects")
         resid = {"identity": None, "logit": np.pi ** 2 / 3, "probit": 1.0, "cloglog": np.pi ** 2 / 6}
@@ -194,13 +200,22 @@ class FitResult:
         n = float(m["n"])
         from scipy.linalg import block_diag
 
-        cov = block_diag(*[c.to_numpy() for c in self.covariances().values()])    # Z's columns, factor by factor
+        covs = self.covariances()
+        cov = block_diag(*[c.to_numpy() for c in covs.values()])    # Z's columns, factor by factor
         s2d = float(np.trace(cov @ m["ztz"]) / n)
         beta = self.fixef.to_numpy()
         mean = m["colsum"] @ beta / n
         s2f = float((beta @ m["xtx"] @ beta - n * mean ** 2) / (n - 1))
-        return pd.Series({"adjusted": s2d / (s2d + s2e), "conditional": s2d / (s2f + s2d + s2e),
-                          "var_random": s2d, "var_fixed": s2f, "var_residual": s2e}, name="icc")
+        out = {"adjusted": s2d / (s2d + s2e), "conditional": s2d / (s2f + s2d + s2e),
+               "var_random": s2d, "var_fixed": s2f, "var_residual": s2e}
+        if len(covs) > 1:
+            start = 0
+            for g, c in covs.items():
+                k = c.shape[0]
+                block = m["ztz"][start:start + k, start:start + k]
+                out[f"group:{g}"] = float(np.trace(c.to_numpy() @ block) / n) / (s2d + s2e)
+                start += k
+        return pd.Series(out, name="icc")
 
     # --- fit criteria -----------------------------------------------------------------------------
     @property

@@ -138,7 +138,7 @@ def _random_effects(res) -> list[str]:
     if not any(r[4] for r in rows[1:]):
         rows = [r[:4] for r in rows]
     lines = ["Random effects:"] + table(rows, [False, False, True, True, False][:len(rows[0])], " ")
-    ng = ", ".join(f"{k}, {v}" for k, v in res.ngroups.items())
+    ng = "; ".join(f"{k}, {v}" for k, v in res.ngroups.items())
     return lines + [f"Number of obs: {res.nobs}, groups:  {ng}; sites: {res.nsites}"] + _omitted(res) + [""]
 
 

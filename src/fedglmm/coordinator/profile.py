@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from ..errors import FedGLMMError
 from ..likelihood.fit import GLMM_KEYS, LMM_DERIVATIVE_KEYS, LMM_KEYS
 from ..likelihood.setup import sum_replies
 from ..protocol import request
@@ -35,6 +34,7 @@ MAX_ROUNDS = 12
 TOL_ZETA = 1e-4          # |ζ − z| at an accepted endpoint
 TOL_STATIONARY = 1e-8    # the Lagrangian gradient's size in the metric of the Hessian at the optimum
 FRACTIONS = (1.0, 0.5, 0.25)
+CENTER_TOL = 1e-9        # the optimum's Newton decrement below which it is not refined further (f to ~1e-9)
 
 
 @dataclass
@@ -171,7 +171,7 @@ def _center_step(center: Point) -> list[np.ndarray]:
         dx = -np.linalg.solve(center.H, center.g)
     except np.linalg.LinAlgError:
         return []
-    if not np.all(np.isfinite(dx)) or -(center.g @ dx) < 1e-12:
+    if not np.all(np.isfinite(dx)) or -(center.g @ dx) < CENTER_TOL:
         return []
     return [center.x + dx, center.x + 0.5 * dx]
 
@@ -207,10 +207,6 @@ def _endpoints(q: Quantity, x0, Hinv, z: float, L: Layout) -> list[Endpoint]:
 def profile(session, level: float = 0.95, max_rounds: int = MAX_ROUNDS) -> tuple[dict, dict]:
     """Every quantity's profile interval at ``level``: ``({name: (lower, upper)}, info)`` on the quantities'
     own scales; ``info`` has the rounds used and the endpoints not found (NaN)."""
-    groups = {t.group for t in session.spec.random}
-    if len(groups) > 1:
-        raise FedGLMMError("profile intervals are made for one grouping factor; this model has "
-                           f"{', '.join(sorted(groups))}")
     L, qtys = quantities(session.setup, session.spec.group, session.gaussian)
     x0, f0, H0 = _start(session, L)
     Hinv = np.linalg.pinv(H0, hermitian=True)
@@ -226,11 +222,12 @@ def profile(session, level: float = 0.95, max_rounds: int = MAX_ROUNDS) -> tuple
         results = Evaluator(session, L)(pts)
         rounds += 1
         cres, rest = results[:len(center_trials)], results[len(center_trials):]
+        improved = False
         for x, (f, g, H) in zip(center_trials, cres):
             if np.isfinite(f) and (center.g is None or f < center.f):
-                center = Point(x, 0.0, f, g, H)
+                center, improved = Point(x, 0.0, f, g, H), True
         fhat = min(fhat, center.f) if center.g is not None else fhat
-        center_trials = _center_step(center) if center.g is not None else []
+        center_trials = _center_step(center) if center.g is not None and improved else []
         k = 0
         for e in eps:
             if e.done:

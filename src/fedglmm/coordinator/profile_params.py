@@ -78,19 +78,20 @@ class Layout:
 
 
 def quantities(setup, group: str | None, gaussian: bool) -> tuple[Layout, list[Quantity]]:
-    """The layout and the quantities in lme4's order (see the module docstring); one grouping factor
-    (``group``) names every random-effect term."""
+    """The layout and the quantities in lme4's order (see the module docstring); each random-effect term is
+    named with its grouping factor (``setup.zgroups``; ``group`` when the model has one)."""
     rows, cols = theta_index(setup.mask)
     layout = Layout(len(setup.names), len(rows), gaussian, setup.A, setup.zs, rows, cols)
     q = setup.mask.shape[0]
     out = []
     znames = list(setup.znames)
+    zgroup = list(getattr(setup, "zgroups", None) or [group] * q)
     for c in range(q):                        # Λ's lower triangle column by column, as lme4's θ
         for r in range(c, q):
             if r == c and setup.mask[r, c]:
-                out.append(Quantity(f"sd_{znames[r]}|{group}", "sd", (r,), "exp"))
+                out.append(Quantity(f"sd_{znames[r]}|{zgroup[r]}", "sd", (r,), "exp"))
             elif r > c and _correlated(setup.mask, r, c):
-                out.append(Quantity(f"cor_{znames[r]}.{znames[c]}|{group}", "cor", (r, c), "tanh"))
+                out.append(Quantity(f"cor_{znames[r]}.{znames[c]}|{zgroup[r]}", "cor", (r, c), "tanh"))
     if gaussian:
         out.append(Quantity("sigma", "sigma", (), "exp"))
     for j, nm in enumerate(setup.names):

@@ -41,8 +41,9 @@ dimension centred at the mode and scaled by the Laplace curvature (gaussian: the
 which is the mode).
 
 **Fingerprint**: the row count and a keyed digest (HMAC-SHA-256 with a key that never leaves the site's
-process) of the sorted (group, outcome, trials) of the rows the model uses: two fits of the same rows and
-response give equal digests, and the digest reveals nothing that can be checked against guesses.
+process) of the positions of the rows the model uses and of their sorted (outcome, trials): two fits of
+the same rows and response give equal digests, and the digest reveals nothing that can be checked
+against guesses.
 """
 from __future__ import annotations
 
@@ -302,12 +303,13 @@ def posterior(eng, req) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(np.maximum(var, 0.0))
 
 
-def fingerprint(d) -> dict:
-    """The row count and a keyed digest of the sorted (group, outcome, trials) of the model's rows."""
-    order = np.lexsort((d.trials, d.y, d.group))
-    labels = np.asarray(d.group_levels, dtype=object)[d.group[order]] if len(d.group_levels) else []
+def fingerprint(d, rows: np.ndarray) -> dict:
+    """The row count and a keyed digest of the positions of the rows the model uses in the site's frame
+    (``rows``) and of the sorted (outcome, trials) pairs: the same for every model of the same rows and
+    response, whatever their covariates and grouping factors."""
+    order = np.lexsort((d.trials, d.y))
     h = hmac.new(_KEY, digestmod=hashlib.sha256)
-    h.update("\0".join(map(str, labels)).encode())
+    h.update(np.ascontiguousarray(np.sort(np.asarray(rows, np.int64))).tobytes())
     h.update(np.ascontiguousarray(np.asarray(d.y, float)[order]).tobytes())
     h.update(np.ascontiguousarray(np.asarray(d.trials, float)[order]).tobytes())
     return {"n": int(d.n), "digest": h.hexdigest()[:32]}

@@ -216,7 +216,7 @@ class Site:
                                "one grouping factor")
         for item in req.get("what", []):
             if item == "fingerprint":
-                out["fingerprint"] = inspect.fingerprint(d)
+                out["fingerprint"] = inspect.fingerprint(d, self._row_positions(req["setup"]))
             elif item == "residuals":
                 out["residuals"] = inspect.residuals(d, self.family, eng, req, self.config.min_cell)
             elif item == "posterior":
@@ -224,6 +224,14 @@ class Site:
             else:
                 raise FedGLMMError(f"site '{self.site_id}': unknown inspection '{item}'")
         return out
+
+    def _row_positions(self, setup: dict) -> np.ndarray:
+        """Positions in the site's frame of the rows the model of ``setup`` uses."""
+        frame, _ = self._used_rows(setup, parse_formula(setup["formula"]))
+        index = self.frame.index
+        if index.is_unique:
+            return index.get_indexer(frame.index)
+        return np.flatnonzero(index.isin(frame.index))
 
     def _posterior(self, eng, req):
         """Posterior means and SDs of each group's random effects (withheld as the conditional modes)."""
