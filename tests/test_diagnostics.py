@@ -180,3 +180,14 @@ def test_gaussian_posterior_means_are_the_modes():
     scale = np.abs(res.ranef().to_numpy()).max()
     assert np.allclose(mean.to_numpy(), res.ranef().to_numpy(), rtol=0, atol=1e-4 * scale)
     assert np.allclose(sd, res.condsd, rtol=1e-4)
+
+
+def test_singular_fit_diagnostics_run():
+    """A random slope with no variance (a singular covariance): the exact gaussian draw still exists."""
+    rng = np.random.default_rng(1)
+    g = np.repeat(np.arange(20), 6)
+    x = rng.normal(size=g.size)
+    d = pd.DataFrame({"y": 1 + 0.5 * x + rng.normal(size=20)[g] + rng.normal(size=g.size), "x": x, "g": g})
+    res = fedglmm.fit("y ~ x + (x | g)", d, diagnostics=True)
+    assert any("singular" in m for m in res.messages)
+    assert res.diagnostics.uniformity()["n"] == len(d)

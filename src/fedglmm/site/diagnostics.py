@@ -160,7 +160,7 @@ def _state(d, eng, req):
     K = np.linalg.solve((np.eye(eng.q) + eng.P @ sig).transpose(0, 2, 1), sig)
     K = 0.5 * (K + K.transpose(0, 2, 1))
     mode = np.einsum("gab,gb->ga", K, eng.r - eng.Q @ beta)
-    cov = sigma ** 2 * K + 1e-300 * np.eye(eng.q)
+    cov = sigma ** 2 * K
     return {"eta0": eta0, "M": Z, "mode": mode, "cov": cov}
 
 
@@ -171,7 +171,9 @@ def _draw(d, eng, family, st, keys) -> np.ndarray:
         return st["mode"]
     if "cov" in st:                                       # gaussian: exact
         z = special.ndtri(uniforms(keys, 1, q))
-        return st["mode"] + np.einsum("gab,gb->ga", np.linalg.cholesky(st["cov"]), z)
+        lam, vec = np.linalg.eigh(st["cov"])              # a square root that a singular fit's (PSD) covariance has
+        root = vec * np.sqrt(np.maximum(lam, 0.0))[:, None, :]
+        return st["mode"] + np.einsum("gab,gb->ga", root, z)
     return _mh_draw(d, eng, st, keys)
 
 
