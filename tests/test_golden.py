@@ -1,5 +1,7 @@
 """Every reference case by every method equals the golden file (see tests/golden.py): refactors change
-no result.  Values agree to 1e-10 relative to max(1, |value|); rounds, bytes, messages and errors exactly."""
+no result.  Values agree to 1e-10 relative to max(1, |value|); rounds, messages and errors exactly; bytes to 16
+per round (a float's shortest repr gains or loses a digit when its last bit moves, as it does between
+compilations of the fused kernel)."""
 from __future__ import annotations
 
 import json
@@ -26,9 +28,10 @@ def test_golden(key, case, method, split, opts):
     if "error" in want or "error" in got:
         assert got.get("error") == want.get("error")
         return
-    for field in ("rounds", "bytes_to_sites", "bytes_from_sites", "converged", "method", "messages", "names",
-                  "levels"):
+    for field in ("rounds", "converged", "method", "messages", "names", "levels"):
         assert got.get(field) == want.get(field), field
+    for field in ("bytes_to_sites", "bytes_from_sites"):
+        assert abs(got[field] - want[field]) <= 16 * max(1, want["rounds"]), (field, got[field], want[field])
     for field in ("loglik", "residual_sd"):
         assert _close(got[field], want[field]), (field, got[field], want[field])
     for field in ("fixef", "se", "theta", "random", "modes", "condsd"):
