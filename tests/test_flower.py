@@ -277,3 +277,34 @@ def test_only_the_fleet_api_answers_other_machines(tmp_path):
                 pass
     finally:
         procs.close()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_sigterm_to_the_coordinator_stops_its_superlink(tmp_path):
+    """`kill <pid>` of `fedglmm coordinator start` (not of its process group) leaves no SuperLink behind:
+    the port is free and no process of the group is left."""
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(tmp_path / "flwr"))
+    port = _free_port()
+    proc = subprocess.Popen(_cli("coordinator", "start", "--address", f"127.0.0.1:{port}", "--insecure"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _listening(port):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert not _listening(port)
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(proc.pid, 0)                  # nothing of the group is left
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -8,7 +8,7 @@ the fit counts.  The format is a small, self-describing, pickle-free container:
     b"FGLM" | version (1 byte) | header length (4 bytes, little endian) | JSON header | array buffers
 
 The header is the message with each array replaced by ``{"__array__": i, "dtype": ..., "shape": ...}``;
-buffer i follows in order, little-endian, C-contiguous.  Only float64, int64 and bool arrays are allowed.
+buffer i follows in order, little-endian, C-contiguous.  Only float64, int64, uint64 (masked sums) and bool arrays are allowed.
 
 Request kinds (coordinator → site) and what the site answers (``describe``, ``setup`` and ``oneshot`` carry
 ``na_action: "fail"`` when the fit refuses missing values; without it a site omits its rows with a missing
@@ -41,13 +41,14 @@ value in a used column and reports how many as ``omitted`` in its description, o
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
 
 MAGIC = b"FGLM"
 VERSION = 1
-_DTYPES = {"float64": np.float64, "int64": np.int64, "bool": np.bool_}
+_DTYPES = {"float64": np.float64, "int64": np.int64, "uint64": np.uint64, "bool": np.bool_}
 KINDS = ("describe", "setup", "evaluate", "finalize", "oneshot", "inspect")
 
 
@@ -64,6 +65,8 @@ def encode(message: dict) -> bytes:
             arr = obj
             if arr.dtype.kind == "f":
                 arr = arr.astype("<f8")
+            elif arr.dtype == np.uint64:
+                arr = arr.astype("<u8")
             elif arr.dtype.kind in "iu":
                 arr = arr.astype("<i8")
             elif arr.dtype.kind == "b":
@@ -92,7 +95,8 @@ def decode(data: bytes) -> dict:
         message = _decode(bytes(data))
     except ProtocolError:
         raise
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, OverflowError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, OverflowError, RecursionError,
+            MemoryError) as exc:
         raise ProtocolError(f"malformed message: {type(exc).__name__}") from None
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a dictionary")
@@ -124,14 +128,18 @@ def _decode(data: bytes):
 
     collect(header)
     arrays = {}
-    for i, spec in enumerate(sorted(specs, key=lambda s: s["__array__"])):
-        if spec["__array__"] != i or spec["dtype"] not in _DTYPES:
+    for spec in specs:
+        if not _whole(spec["__array__"]) or not isinstance(spec.get("dtype"), str) \
+                or spec["dtype"] not in _DTYPES or not isinstance(spec.get("shape"), list):
             raise ProtocolError("malformed array descriptor")
-        shape = [int(k) for k in spec["shape"]]
-        if any(k < 0 for k in shape):
+    for i, spec in enumerate(sorted(specs, key=lambda s: s["__array__"])):
+        if spec["__array__"] != i:
+            raise ProtocolError("malformed array descriptor")
+        shape = spec["shape"]
+        if len(shape) > 32 or not all(_whole(k) and k >= 0 for k in shape):
             raise ProtocolError("malformed array shape")
         dtype = np.dtype(_DTYPES[spec["dtype"]]).newbyteorder("<")
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)             # Python integers: a huge shape cannot wrap around
         nbytes = count * dtype.itemsize
         if offset + nbytes > len(data):
             raise ProtocolError("message is truncated")
@@ -150,6 +158,10 @@ def _decode(data: bytes):
         return obj
 
     return rebuild(header)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def request(kind: str, **payload) -> dict:

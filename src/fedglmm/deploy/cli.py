@@ -6,6 +6,7 @@ Errors follow :mod:`fedglmm.cli`: one line ``error: ...`` and exit code 1 (data,
 """
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -86,6 +87,11 @@ def register_keys(local: str, keys, ca: Path | None, deadline: float, alive=lamb
         client.close()
 
 
+def _stop_on_signal(signum, _frame):
+    """SIGTERM ends ``coordinator start`` as Ctrl-C does: through its clean-up, which stops the SuperLink."""
+    raise KeyboardInterrupt
+
+
 @coordinator_app.command("start")
 def coordinator_start(
     address: Annotated[str, typer.Option(
@@ -124,6 +130,8 @@ def coordinator_start(
         keys = read_public_keys(auth_keys)
     args = superlink_args(host, port, None if insecure else certificates, auth=keys is not None)
     proc = subprocess.Popen([sys.executable, "-m", "fedglmm.deploy.superlink", *args], env=flower_env())
+    # SIGTERM (a service manager, `kill`) stops the SuperLink too: it must not outlive us and keep the port
+    previous = signal.signal(signal.SIGTERM, _stop_on_signal)
     try:
         if keys:
             register_keys(f"127.0.0.1:{port}", keys, None if insecure else certificates / "ca.pem",
@@ -137,12 +145,14 @@ def coordinator_start(
     except KeyboardInterrupt:
         code = 0
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
     if code not in (0, -2, -15, 130):
         raise FedGLMMError(f"the SuperLink stopped with exit code {code}")
 

@@ -154,8 +154,8 @@ class TaskServer:
                                                   "a fedglmm request"})
             elif not request:                           # the coordinator's identification round
                 reply = b""
-            else:
-                reply = self.site.handle(request)
+            else:                                       # the Flower run is the coordinator's session
+                reply = self.site.handle(request, session=f"run {message.metadata.run_id}")
             out = Message(RecordDict({RECORD: ConfigRecord({"reply": reply, "site": self.site.site_id})}),
                           reply_to=message)
             push_message(client, out, context)

@@ -9,8 +9,17 @@ A deployed site reads its rules from a TOML file its data steward controls::
     min_group = 10                # smallest group whose own outputs may leave
     allowed_columns = ["use", "age", "urban", "livch", "district"]   # optional
 
+    [limits]
+    max_points = 1000             # points per evaluate request
+    max_requests = 200            # requests per fit, from its set-up on
+    max_fits_per_day = 100        # fits set up per UTC day
+    max_param = 1e6               # largest |entry| of a requested point (internal scale)
+    max_scaled = 1e5              # largest |entry| of the scaled columns X·transform and Z / zscale here
+    require_secure_aggregation = false   # true: sums leave only masked
+
     [audit]
     log = "audit.jsonl"           # relative to the folder of site.toml
+    state = "site-state.json"     # what the limits remember (default: next to the log, none without one)
 
 ``SiteConfig()`` holds the strict defaults above (no column list, no log).  ``SiteConfig.permissive()``
 is what a site built in-process without rules does: no rule but the one-shot minimum group size, and
@@ -34,7 +43,9 @@ is sent):
 * ``allowed_columns``: every column the formula names (outcome, covariates, grouping factor, offset)
   must be in the list; the site's description then lists only these columns.
 
-0 switches ``min_rows`` and ``min_cell`` off, ``inf`` switches ``max_params_per_row`` off.
+The limits bound what a coordinator can ask (checked by :mod:`fedglmm.site.limits`; ``min_rows`` also
+governs differencing, see there); 0 switches ``min_rows`` and ``min_cell`` off, ``inf`` switches
+``max_params_per_row`` and each limit off.
 """
 from __future__ import annotations
 
@@ -51,7 +62,10 @@ from ..model.labels import as_labels, column_kind, level_columns
 from ..model.options import MIN_GROUP
 
 DISCLOSURE_KEYS = ("min_rows", "min_cell", "max_params_per_row", "min_group", "allowed_columns")
-AUDIT_KEYS = ("log",)
+LIMIT_KEYS = ("max_points", "max_requests", "max_fits_per_day", "max_param", "max_scaled",
+              "require_secure_aggregation")
+AUDIT_KEYS = ("log", "state")
+_TABLES = {"disclosure": DISCLOSURE_KEYS, "limits": LIMIT_KEYS, "audit": AUDIT_KEYS}
 
 
 @dataclass
@@ -63,14 +77,22 @@ class SiteConfig:
     max_params_per_row: float = 0.33
     min_group: int = MIN_GROUP
     allowed_columns: list[str] | None = None
+    max_points: float = 1000
+    max_requests: float = 200
+    max_fits_per_day: float = 100
+    max_param: float = 1e6
+    max_scaled: float = 1e5
+    require_secure_aggregation: bool = False
     audit_log: str | None = None
+    state_file: str | None = None     # default: next to the audit log (see :attr:`state_path`)
     # not read from site.toml: False only for in-process sites without rules (every mode is sent)
     withhold_modes: bool = True
     # the file the rules came from, named in refusals ("min_rows in site.toml")
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
-        for key in ("min_rows", "min_cell", "min_group", "max_params_per_row", "allowed_columns", "audit_log"):
+        for key in ("min_rows", "min_cell", "min_group", "max_params_per_row", "allowed_columns", "audit_log",
+                    "state_file") + LIMIT_KEYS:
             err = _check_value(key, getattr(self, key))
             if err:
                 raise InputError(f"site rules: {err}")
@@ -81,8 +103,24 @@ class SiteConfig:
     @classmethod
     def permissive(cls, min_group: int = MIN_GROUP) -> "SiteConfig":
         """The rules of an in-process site built without any: only the one-shot minimum group size."""
-        return cls(min_rows=0, min_cell=0, max_params_per_row=math.inf, min_group=min_group,
-                   allowed_columns=None, audit_log=None, withhold_modes=False)
+        off = math.inf
+        return cls(min_rows=0, min_cell=0, max_params_per_row=off, min_group=min_group, allowed_columns=None,
+                   max_points=off, max_requests=off, max_fits_per_day=off, max_param=off, max_scaled=off,
+                   audit_log=None, withhold_modes=False)
+
+    @property
+    def limited(self) -> bool:
+        """Whether any limit on requests applies (the permissive in-process site has none)."""
+        return any(getattr(self, k) != math.inf for k in LIMIT_KEYS[:-1]) or self.min_rows > 0 \
+            or self.require_secure_aggregation
+
+    @property
+    def state_path(self) -> str | None:
+        """Where the limits' memory is kept: ``state_file``, else ``<audit log>.state.json``, else nowhere
+        (kept in memory for the site's lifetime)."""
+        if self.state_file:
+            return self.state_file
+        return f"{self.audit_log}.state.json" if self.audit_log else None
 
     @classmethod
     def load(cls, path) -> "SiteConfig":
@@ -103,23 +141,25 @@ class SiteConfig:
             raise InputError(f"site config '{path}' is not UTF-8 text") from None
         kwargs = {}
         for table, value in doc.items():
-            if table not in ("disclosure", "audit"):
-                raise InputError(f"site config '{path}': unknown key '{table}' (known tables: [disclosure], [audit])")
+            if table not in _TABLES:
+                raise InputError(f"site config '{path}': unknown key '{table}' (known tables: "
+                                 f"{', '.join(f'[{t}]' for t in _TABLES)})")
             if not isinstance(value, dict):
                 raise InputError(f"site config '{path}': '{table}' must be a table ([{table}])")
-            known = DISCLOSURE_KEYS if table == "disclosure" else AUDIT_KEYS
+            known = _TABLES[table]
             for key, v in value.items():
                 if key not in known:
                     raise InputError(f"site config '{path}': unknown key '{table}.{key}' "
                                      f"(known: {', '.join(known)})")
-                name = "audit_log" if table == "audit" else key
+                name = {"log": "audit_log", "state": "state_file"}.get(key, key) if table == "audit" else key
                 err = _check_value(name, v, shown=f"{table}.{key}")
                 if err:
                     raise InputError(f"site config '{path}': {err}")
                 kwargs[name] = v
-        if kwargs.get("audit_log") is not None:
-            log = Path(kwargs["audit_log"]).expanduser()
-            kwargs["audit_log"] = str(log if log.is_absolute() else (path.parent / log).resolve())
+        for name in ("audit_log", "state_file"):
+            if kwargs.get(name) is not None:
+                file = Path(kwargs[name]).expanduser()
+                kwargs[name] = str(file if file.is_absolute() else (path.parent / file).resolve())
         return cls(**kwargs, source=path.name)
 
     def where(self, key: str) -> str:
@@ -146,9 +186,18 @@ def _check_value(key: str, v, shown: str | None = None) -> str | None:
     elif key == "allowed_columns":
         if v is not None and (not isinstance(v, (list, tuple)) or not all(isinstance(c, str) for c in v)):
             return f"'{shown}' must be a list of column names, not {v!r}"
-    elif key == "audit_log":
+    elif key in ("audit_log", "state_file"):
         if v is not None and (not isinstance(v, (str, Path)) or not str(v)):
             return f"'{shown}' must be a file path, not {v!r}"
+    elif key in ("max_points", "max_requests", "max_fits_per_day"):
+        if not ((whole and v >= 1) or v == math.inf):
+            return f"'{shown}' must be a whole number ≥ 1 (or inf), not {v!r}"
+    elif key in ("max_param", "max_scaled"):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
+            return f"'{shown}' must be a number > 0, not {v!r}"
+    elif key == "require_secure_aggregation":
+        if not isinstance(v, bool):
+            return f"'{shown}' must be true or false, not {v!r}"
     return None
 
 

@@ -33,6 +33,8 @@ from ..model.spec import Schema
 from ..model.transforms import is_stateful
 from . import rules
 from .audit import AuditLog
+from .limits import Limits
+from .requests import check_oneshot, check_setup
 from .rules import SiteConfig
 from .summaries import summarize
 
@@ -58,10 +60,16 @@ class Site:
         self._described = None       # the formula (and na_action) the frame was last checked for
         self._rows = None            # (formula, na_action) -> (the rows the model uses, rows omitted)
         self._setup_bytes = None     # the set-up request the current design was built from
+        self.limits = Limits(self.site_id, self.config)
+        self._session = None         # the coordinator session of the request being answered
 
     # --- the boundary -------------------------------------------------------------------------------
-    def handle(self, data: bytes) -> bytes:
-        """Answer one encoded request with one encoded reply (and log both when auditing)."""
+    def handle(self, data: bytes, session=None) -> bytes:
+        """Answer one encoded request with one encoded reply (and log both when auditing).
+
+        ``session`` names the coordinator session the request came in (the Flower run; None in-process):
+        evaluate and finalize are answered only within a fit set up in the same session."""
+        self._session = session
         reply, kind = self._answer(data)
         out = protocol.encode(reply)
         if self.audit is not None:
@@ -128,6 +136,8 @@ class Site:
     def _on_oneshot(self, req):
         spec = parse_formula(req["formula"])
         frame, omitted = self._used_rows(req, spec)
+        check_oneshot(self.site_id, req)
+        self.limits.open_fit(self._session, frame, "oneshot")
         msg = summarize(frame, req["formula"], req["family"], req.get("link"), self.site_id,
                         order=req.get("order"), min_group=self.min_group, local=req.get("local"),
                         transforms=req.get("transforms"))
@@ -159,21 +169,23 @@ class Site:
         rules.check_cells(self.config, self.site_id, spec, frame)
         rules.check_model(self.config, self.site_id, spec, d.n, d.X.shape[1], int(np.sum(d.theta_mask)), family,
                           float(d.y.sum()), float(d.trials.sum()))
+        nagq, curvature = check_setup(self.site_id, req, d)
+        self.limits.open_fit(self._session, frame, "setup")
         self.design = d
-        self._setup_bytes = protocol.encode(req)
-        nagq, curvature = int(req.get("nagq", 1)), str(req.get("curvature", "observed"))
+        self._setup_bytes = protocol.encode({k: v for k, v in req.items() if k != "secagg"})
         self._engines = EngineCache(lambda A, zs: make_engine(d, family, nagq, curvature, A, zs))
 
     def _engine_for(self, req):
         """The likelihood engine on the coordinator's internal scale (X̃ = X·transform, Z̃ = Z / zscale)."""
-        if self._engines is None:
-            raise FedGLMMError(f"site '{self.site_id}': no model set up (a setup request comes first)")
+        self.limits.check_use(req["kind"], self._session, req, self.design if self._engines is not None else None)
         return self._engines.get(req["transform"], req.get("zscale", np.ones(0)))
 
     def _ride_setup(self, req):
         """A set-up payload may ride on an evaluate / finalize / inspect request (hybrid fits, and the
         rounds after a fit); the design is rebuilt only if it differs from the one built last.  Its set-up
         sums are not needed then (no reply carries them), so they are not computed."""
+        if "setup" in req and not isinstance(req["setup"], dict):
+            raise FedGLMMError(f"site '{self.site_id}': refused a malformed request (setup is not a request)")
         if "setup" in req and protocol.encode(req["setup"]) != self._setup_bytes:
             self._build(req["setup"])
 
