@@ -115,6 +115,13 @@ def _option(ctx, check, value):
         raise UsageError(str(e), ctx=ctx) from None
 
 
+AllowNonconvergenceOpt = Annotated[bool, typer.Option(
+    "--allow-nonconvergence",
+    help="Print a fit that did not converge (estimates that run off under separation, a variance growing "
+         "without bound) and exit 0; without it such a fit is an error (exit 1; --json still records it with "
+         "converged false).")]
+
+
 def _request(ctx, formula, family, link, **options):
     """The validated fit request; an option that is wrong whatever the data is a usage error."""
     from ..model.options import OptionError, fit_request
@@ -134,8 +141,8 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
         timeout: TimeoutOpt = 60.0, root_certificates: RootCertOpt = None, insecure: InsecureOpt = False,
         na_action: NaActionOpt = "omit", sep: SepOpt = None, encoding: EncodingOpt = None,
         ddf: DdfOpt = "satterthwaite", ci: CiOpt = "wald", diagnostics: DiagnosticsOpt = False, seed: SeedOpt = 0,
-        plots: PlotsOpt = None, json_out: JsonOption = None, quiet: QuietOption = False,
-        debug: DebugOption = False) -> None:
+        plots: PlotsOpt = None, allow_nonconvergence: AllowNonconvergenceOpt = False, json_out: JsonOption = None,
+        quiet: QuietOption = False, debug: DebugOption = False) -> None:
     """Fit a GLMM federated over sites and print an lme4-style summary."""
     set_debug(debug)
     req = _request(ctx, formula, family, link, nagq=nagq, reml=reml, method=method, curvature=curvature,
@@ -146,7 +153,7 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
     sep, encoding = _reading(ctx, sep, encoding)
     check_json_target(ctx, json_out)
     check_plots_target(ctx, plots)
-    emit = lambda res, **kw: _emit(res, json_out, quiet, plots=plots, **kw)   # noqa: E731
+    emit = lambda res, **kw: _emit(res, json_out, quiet, plots=plots, allow=allow_nonconvergence, **kw)  # noqa: E731
     data = list(data or [])
     if federation is not None:
         if data or summaries or site_column is not None or site_config is not None:
@@ -314,8 +321,11 @@ def check_plots_target(ctx, plots: Path | None) -> None:
         raise UsageError(f"cannot write --plots '{plots}': folder '{plots.parent}' does not exist", ctx=ctx)
 
 
-def _emit(res, json_out: str | None, quiet: bool, note: str | None = None, plots: Path | None = None) -> None:
-    """Write the JSON and the figures first (a failed write prints no fit), then the summary and the note."""
+def _emit(res, json_out: str | None, quiet: bool, note: str | None = None, plots: Path | None = None,
+          allow: bool = False) -> None:
+    """Write the JSON and the figures first (a failed write prints no fit), then the summary and the note.
+    A fit that did not converge is an error unless ``allow``: its JSON (converged false) is still written
+    to a file, but nothing is presented as a fit."""
     if json_out is not None and json_out != "-":
         try:
             res.to_json(json_out)
@@ -327,6 +337,11 @@ def _emit(res, json_out: str | None, quiet: bool, note: str | None = None, plots
         written = save_all(res, plots)
         if not quiet:
             typer.echo(f"wrote {len(written)} figure(s) to {plots}: {', '.join(p.name for p in written)}", err=True)
+    if not res.converged and not allow:
+        from ..errors import ConvergenceError
+
+        why = next((m for m in res.messages if m.startswith("not converged")), "the fit did not converge")
+        raise ConvergenceError(f"{why} (--allow-nonconvergence prints the estimates anyway)")
     if json_out == "-":
         typer.echo(res.to_json())
         if note and not quiet:

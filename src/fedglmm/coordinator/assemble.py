@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..likelihood.fit import LMM_DERIVATIVE_KEYS, LMM_KEYS, Estimate, diagonal_positions
+from ..likelihood.runaway import runaway
 from ..likelihood.setup import Setup, sum_replies
 from ..model.families import Family
 from ..model.labels import natural_order
@@ -111,6 +112,33 @@ def _factor_effects(st: Setup, est: Estimate, messages: list):
                         f"{'s' if nwithheld != 1 else ''} (levels smaller than a site's min_group): ranef() "
                         "shows NaN for them and predict() leaves their effects out")
     return theta, cov_re, modes, condsd
+def runaway_message(est: Estimate, st: Setup, group: str | None) -> str | None:
+    """"not converged: ..." naming the coefficients or variances that run off (:mod:`~fedglmm.likelihood.runaway`),
+    or None."""
+    if est.info is None:
+        return None
+    p = len(st.names)
+    idx = runaway(est.path, np.r_[est.gamma, est.theta], est.info, p, diagonal_positions(st.mask),
+                  st.names.index("Intercept") if "Intercept" in st.names else None)
+    if not len(idx):
+        return None
+    r_idx, c_idx = theta_index(st.mask)
+    factor = {int(j): g for g, cols in st.factor_columns().items() for j in cols} \
+        if getattr(st, "factor_groups", None) else {}
+    fixed = [f"'{st.names[i]}'" for i in idx if i < p]
+    random = [f"the {'standard deviation' if r_idx[i - p] == c_idx[i - p] else 'covariance'} of "
+              f"'{st.znames[r_idx[i - p]]}'" + ("" if r_idx[i - p] == c_idx[i - p] else
+                                                f" and '{st.znames[c_idx[i - p]]}'")
+              + f" | {factor.get(int(r_idx[i - p]), group)}" for i in idx if i >= p]
+    what = []
+    if fixed:
+        many = len(fixed) > 1
+        what.append(f"the estimate{'s' if many else ''} of {', '.join(fixed)} grow{'' if many else 's'} without "
+                    "bound while the log-likelihood flattens (complete or quasi-complete separation: some "
+                    "outcome class is predicted perfectly)")
+    if random:
+        what.append(f"{', '.join(random)} grow{'' if len(random) > 1 else 's'} without bound")
+    return "not converged: " + "; ".join(what)
 
 
 def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec, schema: Schema, st: Setup,
@@ -132,6 +160,11 @@ def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec,
             theta, cov_re, modes, condsd = _factor_effects(st, est, messages)
         else:
             theta, cov_re, modes, condsd, where = _random_effects(st, est, messages)
+    converged = bool(est.converged)
+    gone = runaway_message(est, st, group)
+    if gone:
+        converged = False
+        messages.insert(0, gone)
     method = method or method_name(family, options, q)
     if options.penalty:
         method += f", L2 penalty {options.penalty:g}"
@@ -145,7 +178,7 @@ def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec,
         residual_sd=float(np.sqrt(est.sigma2)) if gaussian else None, loglik=float(est.loglik),
         n_params=p + int(mask.sum()) + (1 if gaussian else 0), nobs=st.n,
         ngroups=dict(st.factor_groups) if st.factor_groups else {group: st.ngroups} if group else {},
-        converged=bool(est.converged), group_name=group,
+        converged=converged, group_name=group,
         modes=modes, condsd=condsd, theta=theta, spec=spec, schema=schema, messages=messages,
         df_satterthwaite=_satterthwaite(st, est, options) if gaussian else None, level_sites=where,
         trace=[{"round": int(r), "objective": f, "decrement": d} for r, f, d in est.trace],

@@ -74,6 +74,8 @@ class Estimate:
     sigma2: float | None = None     # gaussian: the residual variance
     info: np.ndarray | None = None  # GLMM: the information of (γ, θ̃) at the estimate
     trace: list = field(default_factory=list)   # (round, objective, Newton decrement) of the iteration
+    path: tuple | None = None       # GLMM: x, H (and g) of −ℓ at the last two accepted points, for the
+                                    # check of estimates that run off (:mod:`fedglmm.likelihood.runaway`)
 
 
 def canonical_theta(theta, mask):
@@ -188,8 +190,10 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     # the estimate is the last point plus its Newton step: its log-likelihood to second order
     step = phi - opt.point
     loglik = float(s["value"] + s["grad"] @ step + 0.5 * step @ s["hess"] @ step)
+    path = None if opt.previous is None or opt.current is None else \
+        (opt.previous.x, opt.previous.H, opt.current.x, opt.current.H, opt.current.g)
     return Estimate(phi[:p], canonical_theta(phi[p:], mask), vcov_gamma, loglik, final, opt.converged, messages,
-                    info=info, trace=list(opt.trace))
+                    info=info, trace=list(opt.trace), path=path)
 
 
 def _information_at_estimate(opt, info, estimate):

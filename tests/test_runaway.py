@@ -1,0 +1,120 @@
+"""Nothing impossible reported as converged: complete and quasi-complete separation, and a variance that
+runs off to infinity, end as "not converged" naming the coefficient or variance; the command line exits
+non-zero unless --allow-nonconvergence.  Fits whose estimates exist -- large effects included -- are not
+flagged (every reference case is checked by the golden test)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fedglmm
+from fedglmm.cli import app
+
+
+def _data(seed=1, groups=30, size=12) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    g = np.repeat([f"g{i}" for i in range(groups)], size)
+    n = len(g)
+    return pd.DataFrame({"x": rng.normal(size=n), "z": rng.normal(size=n), "g": g,
+                         "lev": np.where(np.arange(n) % 10 == 0, "rare", "common"),
+                         "b": np.repeat(rng.normal(0, 0.7, groups), size), "u": rng.uniform(size=n)})
+
+
+def _sites(df: pd.DataFrame) -> dict:
+    half = len(df) // 2
+    return {"A": df.iloc[:half].reset_index(drop=True), "B": df.iloc[half:].reset_index(drop=True)}
+
+
+def _not_converged(res, *names):
+    assert res.converged is False
+    msg = res.messages[0]
+    assert msg.startswith("not converged: ")
+    for name in names:
+        assert f"'{name}'" in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("method", ["iterative", "hybrid"])
+def test_complete_separation(method):
+    df = _data()
+    df["y"] = (df["x"] > 0).astype(int)                    # x predicts every outcome
+    res = fedglmm.fit("y ~ x + z + (1 | g)", _sites(df), family="binomial", method=method)
+    msg = _not_converged(res, "x")
+    assert "separation" in msg and "'z'" not in msg and "'Intercept'" not in msg
+    assert res.to_dict()["converged"] is False
+
+
+@pytest.mark.parametrize("method", ["iterative", "hybrid"])
+def test_quasi_complete_separation(method):
+    """A factor level whose rows are all successes (the others mixed): only that coefficient runs off."""
+    df = _data(seed=2)
+    rng = np.random.default_rng(5)
+    df["y"] = np.where(df["lev"] == "rare", 1, rng.binomial(1, 0.35, len(df)))
+    res = fedglmm.fit("y ~ lev + z + (1 | g)", _sites(df), family="binomial", method=method)
+    msg = _not_converged(res, "lev[T.rare]")
+    assert "'z'" not in msg and "'Intercept'" not in msg
+
+
+def test_quasi_separation_of_counts():
+    """A poisson factor level with no event at all: its log-rate runs off to −∞."""
+    df = _data(seed=3)
+    rng = np.random.default_rng(6)
+    df["y"] = np.where(df["lev"] == "rare", 0, rng.poisson(np.exp(0.5 + 0.3 * df["z"] + df["b"])))
+    res = fedglmm.fit("y ~ lev + z + (1 | g)", _sites(df), family="poisson", method="iterative")
+    _not_converged(res, "lev[T.rare]")
+
+
+def test_a_variance_that_runs_off():
+    """Every group all successes or all failures: the random-intercept variance has no finite maximum."""
+    df = _data(seed=4)
+    rng = np.random.default_rng(7)
+    df["y"] = np.repeat(rng.binomial(1, 0.5, 30), 12)
+    res = fedglmm.fit("y ~ z + (1 | g)", _sites(df), family="binomial", method="iterative")
+    msg = _not_converged(res, "Intercept")
+    assert "standard deviation of 'Intercept' | g grows without bound" in msg
+
+
+def test_large_but_finite_effects_are_not_flagged():
+    """A strong effect (odds ratio e^4 per unit) with overlap, and a large random-effect SD: converged."""
+    df = _data(seed=8, groups=40, size=25)
+    eta = -0.5 + 4.0 * df["x"] + 3.0 * df["b"] / 0.7
+    df["y"] = (df["u"] < 1 / (1 + np.exp(-eta))).astype(int)
+    res = fedglmm.fit("y ~ x + z + (1 | g)", _sites(df), family="binomial")
+    assert res.converged and not any(m.startswith("not converged") for m in res.messages)
+    assert 3.0 < res.fixef["x"] < 5.5
+
+
+def _cli(*args):
+    import contextlib
+    import io
+
+    from typer.main import get_command
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = get_command(app).main(list(map(str, args)), prog_name="fedglmm", standalone_mode=False)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_command_line_exit_code_and_json(tmp_path):
+    df = _data()
+    df["y"] = (df["x"] > 0).astype(int)
+    for sid, frame in _sites(df).items():
+        frame.to_csv(tmp_path / f"{sid}.csv", index=False)
+    files = [tmp_path / "A.csv", tmp_path / "B.csv"]
+    out = tmp_path / "fit.json"
+    code, stdout, stderr = _cli("fit", "-f", "y ~ x + z + (1 | g)", "--family", "binomial", "--json", out,
+                                *files)
+    assert code == 1 and stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: not converged: the estimate of 'x'"), stderr
+    assert json.loads(out.read_text())["converged"] is False
+    code, stdout, stderr = _cli("fit", "-f", "y ~ x + z + (1 | g)", "--family", "binomial", "--json", "-",
+                                "--allow-nonconvergence", *files)
+    assert code == 0 and json.loads(stdout)["converged"] is False
+    code, stdout, _ = _cli("fit", "-f", "y ~ x + z + (1 | g)", "--family", "binomial", "--allow-nonconvergence",
+                           *files)
+    assert code == 0 and "NOT CONVERGED" in stdout and "not converged: the estimate of 'x'" in stdout
