@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from fedglmm.cli import app
@@ -161,10 +162,17 @@ def test_bad_auth_keys_file(tmp_path):
 class FakeGrid:
     """Answers like a SuperLink whose nodes are in-process sites; ``silent``/``broken`` misbehave."""
 
-    def __init__(self, sites: dict, silent=(), broken=()):
+    def __init__(self, sites: dict, silent=(), broken=(), instances=False):
         self.sites = {1000 + i: s for i, s in enumerate(sites.values())}
         self.silent, self.broken = set(silent), set(broken)
         self.queue = {}
+        self.instances = {nid: "1" for nid in self.sites} if instances else {}
+
+    def restart(self, site):
+        """The site's process starts again: same node, same rows, nothing of the fit; its own instance."""
+        nid = next(n for n, s in self.sites.items() if s.site_id == site.site_id)
+        self.sites[nid] = site
+        self.instances[nid] = str(int(self.instances[nid]) + 1)
 
     def get_node_ids(self):
         return list(self.sites)
@@ -191,8 +199,10 @@ class FakeGrid:
             else:
                 req = bytes(m.content["fedglmm"]["request"])
                 body = site.handle(req) if req else b""
-                rep = Message(RecordDict({"fedglmm": ConfigRecord({"reply": body, "site": site.site_id})}),
-                              reply_to=m)
+                rec = {"reply": body, "site": site.site_id}
+                if self.instances:
+                    rec["instance"] = self.instances[m.metadata.dst_node_id]
+                rep = Message(RecordDict({"fedglmm": ConfigRecord(rec)}), reply_to=m)
             rep.metadata.__dict__["_reply_to_message_id"] = mid
             out.append(rep)
         return out
@@ -226,9 +236,10 @@ def test_flower_transport_equals_in_process_on_a_stand_in_grid(flower_identity):
 
     formula = "use ~ urban + age + (1 | district)"
     t = FlowerTransport(FakeGrid(_sites()), expected=4, timeout=2, connect_timeout=2, poll=0.001)
-    res = fedglmm.fit_on(t, formula, family="binomial")
+    res = fedglmm.fit_on(t, formula, family="binomial")          # a federation of 4: secure aggregation
+    assert res.secure_aggregation
     ref_t = InProcessTransport(_sites())
-    ref = fedglmm.fit_on(ref_t, formula, family="binomial")
+    ref = fedglmm.fit_on(ref_t, formula, family="binomial", secure_aggregation=True)
     assert t.site_ids == sorted(ref_t.site_ids)
     assert res.loglik == pytest.approx(ref.loglik, abs=1e-10, rel=0)
     assert (t.rounds, t.bytes_to_sites, t.bytes_from_sites) == (ref_t.rounds, ref_t.bytes_to_sites,
@@ -250,6 +261,34 @@ def test_a_silent_or_failing_site_ends_the_fit_naming_it_and_the_round(flower_id
     with pytest.raises(FederationError) as err:
         fedglmm.fit_on(t, "use ~ urban + (1 | district)", family="binomial")
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_restarted_site_is_let_back_in_and_the_round_retried(flower_identity, secure):
+    """A site whose process restarts between two rounds (its next request finds a site with no fit) or
+    during one: it is asked again, with the set-up riding along (and, with secure aggregation, after a new
+    key exchange, every site asked again with fresh masks); the fit is the same to 1e-8."""
+    import fedglmm
+    from fedglmm.transport import InProcessTransport
+    from fedglmm.transport.flower import FlowerTransport
+
+    formula = "use ~ urban + age + (urban | district)"
+    ref = fedglmm.fit_on(InProcessTransport(_sites()), formula, family="binomial", secure_aggregation=secure)
+    for at in (2, 3):
+        grid = FakeGrid(_sites(), instances=True)
+        fresh = _sites()
+
+        def on_round(number, kind, at=at):
+            if number == at:
+                grid.restart(fresh["south"])
+
+        t = FlowerTransport(grid, expected=4, timeout=5, connect_timeout=2, poll=0.001, probe_every=0.01,
+                            on_round=on_round)
+        res = fedglmm.fit_on(t, formula, family="binomial", secure_aggregation=secure)
+        np.testing.assert_allclose(res.fixef, ref.fixef, rtol=0, atol=1e-8)
+        np.testing.assert_allclose(res.theta, ref.theta, rtol=0, atol=1e-8)
+        assert res.loglik == pytest.approx(ref.loglik, abs=1e-8)
+        assert res.rounds == ref.rounds + (2 if secure else 0)      # the key exchange and the round again
 
 
 def test_too_few_or_twice_named_sites(flower_identity):

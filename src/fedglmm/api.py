@@ -9,8 +9,8 @@ import pandas as pd
 
 from .errors import InputError
 from .model.labels import number_rows
-from .model.options import MIN_GROUP, Analysis, FitRequest, NewtonConfig, analysis_request, expand_request, \
-    fit_request
+from .model.options import MIN_GROUP, Analysis, FitRequest, NewtonConfig, OptionError, analysis_request, \
+    expand_request, fit_request
 from .results import FitResult
 from .site import Site, SiteConfig
 from .transport import InProcessTransport
@@ -68,7 +68,7 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
         moments: int | None = None, min_group: int = MIN_GROUP, penalty: float = 0.0,
         on_round: Callable[[int, str], None] | None = None, newton: NewtonConfig | None = None,
         site_config: SiteConfig | str | Path | None = None, na_action: str = "omit", ddf: str = "satterthwaite",
-        ci: str = "wald", diagnostics: bool = False, seed: int = 0) -> FitResult:
+        ci: str = "wald", diagnostics: bool = False, seed: int = 0, secure_aggregation: bool = False) -> FitResult:
     """Fit a (generalised) linear mixed model federated over sites.
 
     Parameters
@@ -107,39 +107,51 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
     na_action : ``omit`` (the default, as lme4's ``na.omit``): each site drops its rows with a missing value in
         a column the model uses, and the result counts them per site (:attr:`FitResult.omitted`); ``fail``:
         a missing value stops the fit, naming the site, column and row.
+    secure_aggregation : mask every site's sums so the coordinator receives each round's sums only as the
+        total over sites (:mod:`fedglmm.coordinator.secagg`; the results are the same to 1e-10).  Off by
+        default here: in-process sites share the coordinator's process, so masking protects nothing; it
+        is on by default over a federation of three or more sites (:func:`fit_on`).
     """
     req = fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty, newton, na_action)
     analysis = analysis_request(ddf, ci, 0.95, diagnostics, seed)
     return fit_request_on_data(req, data, site=site, min_group=min_group, site_config=site_config,
-                               on_round=on_round, analysis=analysis)
+                               on_round=on_round, analysis=analysis, secure_aggregation=secure_aggregation)
 
 
 def fit_request_on_data(req: FitRequest, data, site: str | None = None, min_group: int = MIN_GROUP,
-                        site_config=None, on_round=None, analysis: Analysis | None = None) -> FitResult:
+                        site_config=None, on_round=None, analysis: Analysis | None = None,
+                        secure_aggregation: bool = False) -> FitResult:
     """A validated fit (:func:`fedglmm.model.options.fit_request`) on in-process sites built from ``data``."""
     config = as_site_config(site_config)
     sites = make_sites(data, site, min_group, config)
     # y ~ . : the columns are those of the frames in hand (every site must have the same ones)
     req = expand_request(req, next(iter(sites.values())).frame.columns, site)
-    return run(InProcessTransport(sites, on_round=on_round), req, analysis)
+    return run(InProcessTransport(sites, on_round=on_round), req, analysis, secure_aggregation)
 
 
 def fit_on(transport, formula: str, family: str = "gaussian", link: str | None = None, nagq: int = 1,
            reml: bool = True, method: str = "hybrid", curvature: str = "observed", moments: int | None = None,
            penalty: float = 0.0, newton: NewtonConfig | None = None, na_action: str = "omit",
-           ddf: str = "satterthwaite", ci: str = "wald", diagnostics: bool = False, seed: int = 0) -> FitResult:
+           ddf: str = "satterthwaite", ci: str = "wald", diagnostics: bool = False, seed: int = 0,
+           secure_aggregation: bool | None = None) -> FitResult:
     """Fit over any :class:`~fedglmm.transport.Transport` (e.g. a Flower federation); options as :func:`fit`.
 
     The sites' own settings (``min_group``, disclosure rules) live with the sites, not here.
+    ``secure_aggregation=None``: on for a federation (a transport marked ``federated``, as Flower's) of
+    three or more sites and a method with rounds of sums (not ``oneshot``), off otherwise.
     """
     req = fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty, newton, na_action)
-    return run(transport, req, analysis_request(ddf, ci, 0.95, diagnostics, seed))
+    if secure_aggregation is None:
+        secure_aggregation = bool(getattr(transport, "federated", False)) and req.method != "oneshot" \
+            and len(transport.site_ids) >= 3
+    return run(transport, req, analysis_request(ddf, ci, 0.95, diagnostics, seed), secure_aggregation)
 
 
-def run(transport, req: FitRequest, analysis: Analysis | None = None) -> FitResult:
-    """Run the request's method over ``transport``, then the post-fit rounds ``analysis`` asks for.  A
-    formula with ``.`` (every other column) first asks the sites for their columns: one ``describe``
-    round, only for such formulas."""
+def run(transport, req: FitRequest, analysis: Analysis | None = None, secure_aggregation: bool = False
+        ) -> FitResult:
+    """Run the request's method over ``transport`` (with its sums masked if ``secure_aggregation``), then
+    the post-fit rounds ``analysis`` asks for.  A formula with ``.`` (every other column) first asks the
+    sites for their columns: one ``describe`` round, only for such formulas."""
     from .analysis import apply
 
     if req.dot:
@@ -149,6 +161,15 @@ def run(transport, req: FitRequest, analysis: Analysis | None = None) -> FitResu
 
         desc = transport.broadcast(request("describe", formula=without_dot(req.formula), **na_payload(req.na_action)))
         req = expand_request(req, list(next(iter(desc.values()))["columns"]))
+    if secure_aggregation:
+        from .coordinator.secagg import SecureTransport
+
+        if req.method == "oneshot":
+            raise OptionError("secure aggregation applies to rounds of sums; the one-shot method sends per-group "
+                              "summaries, which cannot be masked (use --method iterative or hybrid)")
+        if len(transport.site_ids) < 2:
+            raise InputError("secure aggregation needs at least 2 sites (with one, the total is that site's sums)")
+        transport = SecureTransport(transport)
     if req.method == "iterative":
         from .methods.iterative import fit_iterative as method
     elif req.method == "hybrid":

@@ -24,3 +24,13 @@ class SiteRefusal(FedGLMMError):
 
 class ConvergenceError(FedGLMMError):
     """The optimiser could not produce a fit."""
+
+
+class SiteRestarted(FedGLMMError):
+    """A site came back with a new process during a round whose replies must come from one set of keys
+    (secure aggregation): raised by a transport that can tell, once the site is back; the round is then
+    asked again."""
+
+    def __init__(self, site: str, message: str = ""):
+        super().__init__(message or f"site '{site}' restarted")
+        self.site = site

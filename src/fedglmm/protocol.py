@@ -36,7 +36,14 @@ value in a used column and reports how many as ``omitted`` in its description, o
   sending data); ``residuals``: the binned residual aggregates of :mod:`fedglmm.site.diagnostics`;
   ``posterior``: each group's posterior means and SDs of its random effects (adaptive quadrature), with
   the same withholding as the conditional modes.  Sizes depend on the number of bins, groups and
-  parameters, never on the number of rows.
+  parameters, never on the number of rows;
+* ``keys`` {secagg}: nothing but the site's public key for secure aggregation (a key exchange outside the
+  fit's first round, e.g. after a site restarted).
+
+Secure aggregation (:mod:`fedglmm.site.secagg`, :mod:`fedglmm.coordinator.secagg`) adds a field
+``secagg`` to requests: ``{"fit", "hello": true}`` asks for the site's public key (``secagg_key`` in the
+reply); ``{"fit", "round", "keys"}`` asks for the reply's sums masked, sent as ``secagg: {"layout",
+"masked"}`` (ring integers, below) instead of their values.
 """
 from __future__ import annotations
 
@@ -49,7 +56,7 @@ import numpy as np
 MAGIC = b"FGLM"
 VERSION = 1
 _DTYPES = {"float64": np.float64, "int64": np.int64, "uint64": np.uint64, "bool": np.bool_}
-KINDS = ("describe", "setup", "evaluate", "finalize", "oneshot", "inspect")
+KINDS = ("describe", "setup", "evaluate", "finalize", "oneshot", "inspect", "keys")
 
 
 class ProtocolError(ValueError):
@@ -168,3 +175,129 @@ def request(kind: str, **payload) -> dict:
     if kind not in KINDS:
         raise ProtocolError(f"unknown request kind '{kind}'")
     return {"kind": kind, **payload}
+
+
+# --- masked sums (secure aggregation) -----------------------------------------------------------------
+# With secure aggregation a site sends its sums as integers in the ring Z / 2^(64·RING_LIMBS), each plus
+# pairwise masks that cancel in the sum over sites (:mod:`fedglmm.site.secagg`); the coordinator adds the
+# sites' integers and reads the total back (:mod:`fedglmm.coordinator.secagg`).  The encoding is exact:
+# every finite float64 is an integer multiple of 2^-1074 below 2^1024, so value · 2^1074 is an integer of
+# at most 2098 bits, and 34 limbs of 64 bits leave 77 bits of headroom for the sum over sites.  The total
+# is the exact sum of the sites' values, rounded once to float64 (to within 2 units in the last place).
+
+RING_LIMBS = 34
+RING_UNIT = 1074                 # ring integer k stands for k · 2^-1074
+NOT_SUMMED = ("modes", "condsd")  # per-group values: never masked, never summed
+_ONE = np.uint64(1)
+
+
+def to_ring(values) -> np.ndarray:
+    """Finite float64 values as ring integers: shape (n, RING_LIMBS), little-endian uint64 limbs."""
+    x = np.ascontiguousarray(values, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(x)):
+        raise ValueError("only finite values have a ring encoding")
+    m, e = np.frexp(np.abs(x))                           # |x| = m · 2^e, m in [0.5, 1)
+    mant = (m * 2.0 ** 53).astype(np.uint64)             # exact: 53-bit integer
+    shift = e.astype(np.int64) - 53 + RING_UNIT          # bit position of the mantissa's lowest bit
+    low = shift < 0                                      # subnormals: their low bits are zero
+    mant = np.where(low, mant >> np.minimum(-shift, 63).astype(np.uint64), mant)
+    shift = np.maximum(shift, 0)
+    limb, off = shift // 64, (shift % 64).astype(np.uint64)
+    out = np.zeros((len(x), RING_LIMBS), dtype=np.uint64)
+    rows = np.arange(len(x))
+    out[rows, limb] = mant << off
+    carry = np.where(off > 0, mant >> (np.uint64(64) - np.maximum(off, _ONE)), np.uint64(0))
+    out[rows, np.minimum(limb + 1, RING_LIMBS - 1)] |= np.where(limb + 1 < RING_LIMBS, carry, np.uint64(0))
+    neg = x < 0
+    if neg.any():
+        out[neg] = ring_neg(out[neg])
+    return out
+
+
+def ring_add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(a + b) mod 2^(64·RING_LIMBS), limb by limb with the carries."""
+    out = np.empty_like(a)
+    carry = np.zeros(a.shape[0], dtype=np.uint64)
+    for k in range(a.shape[1]):
+        s = a[:, k] + b[:, k]
+        c1 = s < a[:, k]
+        t = s + carry
+        out[:, k] = t
+        carry = (c1 | (t < s)).astype(np.uint64)
+    return out
+
+
+def ring_neg(a: np.ndarray) -> np.ndarray:
+    """−a mod 2^(64·RING_LIMBS) (two's complement)."""
+    one = np.zeros_like(a)
+    one[:, 0] = 1
+    return ring_add(~a, one)
+
+
+def from_ring(a: np.ndarray) -> np.ndarray:
+    """The float64 nearest (within 2 ulp) to each ring integer read as a signed fixed-point number."""
+    a = np.asarray(a, dtype=np.uint64)
+    neg = (a[:, -1] >> np.uint64(63)).astype(bool)
+    mag = a.copy()
+    if neg.any():
+        mag[neg] = ring_neg(a[neg])
+    nonzero = mag != 0
+    top = np.where(nonzero.any(axis=1), RING_LIMBS - 1 - np.argmax(nonzero[:, ::-1], axis=1), 0)
+    rows = np.arange(len(a))
+    value = np.zeros(len(a))
+    with np.errstate(over="ignore"):
+        for k in (0, 1, 2):
+            idx = top - k
+            part = np.where(idx >= 0, mag[rows, np.maximum(idx, 0)], np.uint64(0)).astype(np.float64)
+            value += np.ldexp(part, 64 * idx - RING_UNIT)
+    return np.where(neg, -value, value)
+
+
+def split_sums(reply: dict) -> tuple[list, np.ndarray, dict]:
+    """A reply's summable values (every float, and float array, not under :data:`NOT_SUMMED`) as a layout
+    ``[[path, shape or None], ...]`` and one flat vector, and the reply without them."""
+    layout, values = [], []
+
+    def walk(obj, path):
+        if isinstance(obj, dict):
+            rest = {}
+            for k, v in obj.items():
+                if k in NOT_SUMMED:
+                    rest[k] = v
+                elif _summable(v):
+                    arr = np.asarray(v, dtype=np.float64)
+                    layout.append([path + [k], None if np.isscalar(v) or isinstance(v, np.floating) else list(arr.shape)])
+                    values.append(arr.ravel())
+                else:
+                    rest[k] = walk(v, path + [k])
+            return rest
+        if isinstance(obj, list) and obj and all(isinstance(v, dict) for v in obj):
+            return [walk(v, path + [i]) for i, v in enumerate(obj)]
+        return obj
+
+    rest = walk(reply, [])
+    flat = np.concatenate(values) if values else np.zeros(0)
+    return layout, flat, rest
+
+
+def join_sums(layout: list, flat: np.ndarray, rest: dict) -> dict:
+    """The inverse of :func:`split_sums`: the values put back at their paths in (a copy of) ``rest``."""
+    import copy
+
+    out = copy.deepcopy(rest)
+    pos = 0
+    for path, shape in layout:
+        size = 1 if shape is None else int(math.prod(shape))
+        chunk = flat[pos: pos + size]
+        pos += size
+        node = out
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = float(chunk[0]) if shape is None else chunk.reshape(shape)
+    return out
+
+
+def _summable(v) -> bool:
+    if isinstance(v, np.ndarray):
+        return v.dtype.kind == "f"
+    return isinstance(v, (float, np.floating)) and not isinstance(v, bool)

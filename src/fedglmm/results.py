@@ -63,6 +63,7 @@ class FitResult:
     posterior: Any = field(default=None, repr=False, compare=False)
     refit: Any = field(default=None, repr=False, compare=False)
     profiles: dict = field(default_factory=dict, repr=False, compare=False)
+    secure_aggregation: bool = False     # the sums reached the coordinator only as totals over sites
 
     @classmethod
     def build(cls, parts, run: RunStats) -> "FitResult":
@@ -70,7 +71,8 @@ class FitResult:
         and how it ran."""
         fields_ = {f: getattr(parts, f) for f in parts.__dataclass_fields__}
         return cls(**fields_, nsites=len(run.site_ids), rounds=run.rounds, bytes_to_sites=run.bytes_to_sites,
-                   bytes_from_sites=run.bytes_from_sites, seconds=run.seconds, site_ids=list(run.site_ids))
+                   bytes_from_sites=run.bytes_from_sites, seconds=run.seconds, site_ids=list(run.site_ids),
+                   secure_aggregation=bool(run.secure))
 
     # --- coefficients -----------------------------------------------------------------------------
     @property
@@ -288,6 +290,7 @@ class FitResult:
             "bytes_from_sites": self.bytes_from_sites, "converged": self.converged,
             "seconds": self.seconds, "messages": list(self.messages), "sites": list(self.site_ids),
             "omitted": self.omitted,
+            "secure_aggregation": self.secure_aggregation,
         }
         if self.df is not None:
             out["df"] = _fdict(self.df)

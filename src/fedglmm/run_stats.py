@@ -14,9 +14,10 @@ class RunStats:
     bytes_from_sites: int
     seconds: float
     site_ids: tuple
+    secure: bool = False      # secure aggregation: the coordinator saw only totals of the sums
 
     @classmethod
     def of(cls, transport, t0: float) -> "RunStats":
         """The transport's counts so far, and the time since ``t0`` (``time.perf_counter()``)."""
         return cls(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
-                   time.perf_counter() - t0, tuple(transport.site_ids))
+                   time.perf_counter() - t0, tuple(transport.site_ids), bool(getattr(transport, "secure", False)))

@@ -215,6 +215,8 @@ def format_summary(res, correlation: bool = False) -> str:
     for purpose, u in res.after_fit.items():
         lines.append(f"After the fit ({purpose}): {u['rounds']} round{'s' if u['rounds'] != 1 else ''}; bytes to "
                      f"sites: {u['bytes_to_sites']}, from sites: {u['bytes_from_sites']}")
+    if res.secure_aggregation:
+        lines.append("Secure aggregation: on (every round's sums reached the coordinator only as totals over sites)")
     for m in res.messages:
         lines.append(f"Note: {m}")
     return "\n".join(lines)

@@ -115,6 +115,11 @@ def _option(ctx, check, value):
         raise UsageError(str(e), ctx=ctx) from None
 
 
+SecureOpt = Annotated[Optional[bool], typer.Option(
+    "--secure-aggregation/--no-secure-aggregation", show_default=False,
+    help="Mask every site's sums so the coordinator sees each round's sums only as totals over sites (same "
+         "results). Default: on with --federation and 3 or more sites (methods hybrid and iterative), off "
+         "in-process, where the sites share the coordinator's process.")]
 AllowNonconvergenceOpt = Annotated[bool, typer.Option(
     "--allow-nonconvergence",
     help="Print a fit that did not converge (estimates that run off under separation, a variance growing "
@@ -141,7 +146,8 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
         timeout: TimeoutOpt = 60.0, root_certificates: RootCertOpt = None, insecure: InsecureOpt = False,
         na_action: NaActionOpt = "omit", sep: SepOpt = None, encoding: EncodingOpt = None,
         ddf: DdfOpt = "satterthwaite", ci: CiOpt = "wald", diagnostics: DiagnosticsOpt = False, seed: SeedOpt = 0,
-        plots: PlotsOpt = None, allow_nonconvergence: AllowNonconvergenceOpt = False, json_out: JsonOption = None,
+        plots: PlotsOpt = None, secure_aggregation: SecureOpt = None,
+        allow_nonconvergence: AllowNonconvergenceOpt = False, json_out: JsonOption = None,
         quiet: QuietOption = False, debug: DebugOption = False) -> None:
     """Fit a GLMM federated over sites and print an lme4-style summary."""
     set_debug(debug)
@@ -160,7 +166,7 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
             raise UsageError("--federation fits over the connected sites, under their own rules: give no data "
                              "files, --summaries, --site-column or --site-config", ctx=ctx)
         where = dict(address=federation, root_certificates=root_certificates, insecure=insecure,
-                     sites=sites_expected, timeout=timeout)
+                     sites=sites_expected, timeout=timeout, secure_aggregation=secure_aggregation)
         emit(_run_fit(req, None, quiet=quiet, federation=where, analysis=analysis))
         return
     if sites_expected is not None or root_certificates is not None or insecure:
@@ -168,6 +174,8 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
     if summaries and site_config is not None:
         raise UsageError("--site-config applies to sites fitted from data files; summaries were made under "
                          "each site's own rules ('fedglmm summarize --site-config')", ctx=ctx)
+    if summaries and secure_aggregation:
+        raise UsageError("--secure-aggregation applies to rounds of sums, not to one-shot summary files", ctx=ctx)
     if summaries:
         # '--summaries a.json b.json': the option takes the first file, the rest arrive as arguments
         from ..api import fit_summaries
@@ -195,7 +203,8 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
     from ..model.options import expand_request
 
     req = expand_request(req, next(iter(sites.values())).columns, site_column)     # y ~ .
-    emit(_run_fit(req, sites, quiet=quiet, min_group=min_group, site_config=config, analysis=analysis))
+    emit(_run_fit(req, sites, quiet=quiet, min_group=min_group, site_config=config, analysis=analysis,
+                  secure_aggregation=bool(secure_aggregation)))
 
 
 @app.command()
@@ -278,7 +287,7 @@ def _stderr_is_terminal() -> bool:
 
 
 def _run_fit(req, sites, *, quiet, label="fitting", min_group=MIN_GROUP, site_config=None, federation=None,
-             analysis=None):
+             analysis=None, secure_aggregation=False):
     """The fit (in-process sites, or the federation at ``federation["address"]``) and its post-fit rounds."""
     def work(on_round):
         if federation is not None:                     # the sites are across the network
@@ -289,7 +298,7 @@ def _run_fit(req, sites, *, quiet, label="fitting", min_group=MIN_GROUP, site_co
         from ..api import fit_request_on_data
 
         return fit_request_on_data(req, sites, min_group=min_group, site_config=site_config, on_round=on_round,
-                                   analysis=analysis)
+                                   analysis=analysis, secure_aggregation=secure_aggregation)
 
     return with_warnings(work, quiet, label)
 

@@ -110,8 +110,9 @@ def merge_messages(messages: dict, formula: str, family: Family, transforms: dic
     for sid, m in messages.items():
         xmap = np.array([m["x_names"].index(nm) if nm in m["x_names"] else -1 for nm in names], dtype=np.int64)
         zmap = _zmap(znames, zgroups, m["z_names"], m.get("z_groups", []))
-        sums = {k: _remap(v, SUM_AXES[k], xmap, zmap) for k, v in m["sums"].items() if k in SUM_AXES}
-        if zgroups:
+        # with secure aggregation the site totals come masked in a set-up round instead (none here)
+        sums = {k: _remap(v, SUM_AXES[k], xmap, zmap) for k, v in (m.get("sums") or {}).items() if k in SUM_AXES}
+        if zgroups and m.get("sums"):
             sums.update(_factor_sums(m, znames, zgroups, xmap))
         setup[sid] = {"n": m["n"], "ngroups": m["ngroups"], "x_names": names, "z_names": znames,
                       "theta_mask": mask, **({"z_groups": zgroups} if zgroups else {}), **sums}

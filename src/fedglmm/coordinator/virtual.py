@@ -107,7 +107,9 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
         if family.name == "gaussian":
             engines = EngineCache(lambda A, zs, b=blocks: _block_engine(b, merged.mask, A, zs))
             levels = list(blocks["levels"]) if merged.mask.shape[0] else None
-            parts[sid] = Part(m["description"], merged.setup[sid], levels, engines)
+            setup = merged.setup[sid] if "xtx" in merged.setup[sid] else _block_setup(merged.setup[sid], blocks,
+                                                                                      merged.names)
+            parts[sid] = Part(m["description"], setup, levels, engines)
             continue
         design, diag = pseudo_design(blocks, merged.names, merged.znames, merged.mask, family, seed, compress)
         diagnostics[sid] = diag
@@ -136,6 +138,14 @@ def cell_design(blocks: dict, names: list, znames: list, mask: np.ndarray, zgrou
     return Design(y=W[:, q + p], trials=np.ones(n), offset=np.zeros(n), X=W[:, q:q + p], Z=W[:, :q],
                   group=factors[0].codes, group_levels=factors[0].levels, x_names=list(names), z_names=list(znames),
                   theta_mask=mask, group_name=factors[0].name, factors=tuple(factors))
+
+def _block_setup(counts: dict, b: dict, names: list) -> dict:
+    """A gaussian part's set-up sums from its per-group blocks (when its site totals were not sent, as with
+    secure aggregation): the same sums over the groups it sent."""
+    xtx = b["XtX"].sum(axis=0)
+    colsum = xtx[names.index("Intercept")] if "Intercept" in names else np.zeros(len(names))
+    return dict(counts, n=int(round(float(np.sum(b["n"])))), ngroups=len(b["levels"]), colsum=colsum,
+                colsq=np.diag(xtx).copy(), xtx=xtx, ztz=b["ZtZ"].sum(axis=0))
 
 
 def fit_stand_ins(parts: dict, spec: ModelSpec, family: Family, options: FitOptions, transforms: dict | None = None

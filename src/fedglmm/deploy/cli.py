@@ -227,14 +227,20 @@ def certs(
 
 
 def fit_federated(address: str, req, *, root_certificates, insecure: bool, sites, timeout: float, on_round,
-                  analysis=None):
+                  analysis=None, secure_aggregation: bool | None = None):
     """The fit of ``req`` (a validated :class:`~fedglmm.model.options.FitRequest`) over the federation at
-    ``address`` (the coordinator's loopback SuperLink), and the post-fit rounds ``analysis`` asks for."""
+    ``address`` (the coordinator's loopback SuperLink), and the post-fit rounds ``analysis`` asks for;
+    ``secure_aggregation=None``: on for 3+ sites and a method with rounds of sums."""
     from ..api import run
 
-    return with_federation(address, lambda transport: run(transport, req, analysis),
-                           root_certificates=root_certificates, insecure=insecure, sites=sites, timeout=timeout,
-                           on_round=on_round)
+    def work(transport):
+        secure = secure_aggregation
+        if secure is None:
+            secure = req.method != "oneshot" and len(transport.site_ids) >= 3
+        return run(transport, req, analysis, secure)
+
+    return with_federation(address, work, root_certificates=root_certificates, insecure=insecure, sites=sites,
+                           timeout=timeout, on_round=on_round)
 
 
 def with_federation(address: str, work, *, root_certificates, insecure: bool, sites, timeout: float, on_round):

@@ -12,6 +12,7 @@ never loaded, and the site's design and engine live as long as the site.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -92,6 +93,7 @@ class TaskServer:
 
     def __init__(self, site, runtime_address: str, poll: float = 0.05):
         self.site = site
+        self.instance = secrets.token_hex(8)      # this process: a coordinator tells a restarted site by it
         self.address = runtime_address
         self.poll = poll
         self.stopped = threading.Event()
@@ -156,8 +158,8 @@ class TaskServer:
                 reply = b""
             else:                                       # the Flower run is the coordinator's session
                 reply = self.site.handle(request, session=f"run {message.metadata.run_id}")
-            out = Message(RecordDict({RECORD: ConfigRecord({"reply": reply, "site": self.site.site_id})}),
-                          reply_to=message)
+            out = Message(RecordDict({RECORD: ConfigRecord({"reply": reply, "site": self.site.site_id,
+                                                            "instance": self.instance})}), reply_to=message)
             push_message(client, out, context)
             status, details = SubStatus.COMPLETED, ""
         except Exception as exc:  # noqa: BLE001 - the coordinator times out; the site keeps serving

@@ -9,6 +9,11 @@ from any peer that is not a loopback address gets ``403`` unless its path is in 
 coordinator machine itself.  If a reverse proxy on the same host forwards outside traffic, it must
 forward only ``/v1/fleet/`` (its requests arrive from loopback).
 
+A site that restarts (a crash, a reboot) presents the same authentication key again; Flower would refuse
+it until the SuperLink has given up on its previous connection (two missed heartbeats, about a minute).
+:func:`let_sites_reconnect` lets the owner of the key take its node over at once instead, so a site that
+comes back within a fit's timeout is let in and its round retried (:mod:`fedglmm.transport.flower`).
+
 Run as ``python -m fedglmm.deploy.superlink <flower-superlink options>``.
 """
 from __future__ import annotations
@@ -54,6 +59,27 @@ class LoopbackGuard:
         await self.app(scope, receive, send)
 
 
+def let_sites_reconnect() -> None:
+    """Flower's node activation, accepting a node still marked online: an authenticated SuperNode that
+    activates again replaces its previous connection (which is gone: the same key cannot be online twice)."""
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    for cls in (SqlLinkState, InMemoryLinkState):
+        original = cls.activate_node
+        if getattr(original, "_fedglmm", False):
+            continue
+
+        def activate_node(self, node_id, heartbeat_interval, _original=original):
+            if _original(self, node_id, heartbeat_interval):
+                return True
+            self.deactivate_node(node_id)
+            return _original(self, node_id, heartbeat_interval)
+
+        activate_node._fedglmm = True
+        cls.activate_node = activate_node
+
+
 def serve(flower_args: list[str]) -> None:
     """Run Flower's SuperLink with ``flower_args`` (its own command-line options), guarded."""
     import uvicorn
@@ -68,6 +94,7 @@ def serve(flower_args: list[str]) -> None:
         config = _parse_superlink_lifespan_config()
     finally:
         sys.argv = argv
+    let_sites_reconnect()
     app = LoopbackGuard(create_app(config, SuperLinkLifespan))
     uvicorn.run(app=app, host=config.host, port=config.port, reload=False, access_log=False,
                 log_config=get_uvicorn_log_config(console_handler.level),

@@ -109,22 +109,28 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
                                           local={"nagq": options.nagq, "curvature": options.curvature},
                                           **na_payload(req.na_action), **({"transforms": transforms} if transforms else {})))
     merged = merge_messages(replies, req.formula, fam, transforms)
-    st = make_setup(merged.setup)
-    check_outcome(st, req.spec, fam)
+    secure = bool(getattr(transport, "secure", False))
+    st = None if secure else make_setup(merged.setup)
+    if st is not None:
+        check_outcome(st, req.spec, fam)
     own = {sid: r["local"] for sid, r in replies.items() if r.get("local") is not None}
     pseudo = _pseudo_fit(merged, replies, req, seed) if any(b is not None for b in merged.blocks.values()) \
         else None
     if pseudo is not None and fam.name == "gaussian" and not merged.refused:
         # per-group sufficient statistics give the exact fit: nothing is left to iterate
         run = RunStats(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
-                       time.perf_counter() - t0, tuple(replies))
+                       time.perf_counter() - t0, tuple(replies), secure)
         res = FitResult.build(pseudo[1], run)
         link = Link(transport, setup=setup_request(req.formula, fam, options, merged.schema, req.na_action))
         res.session = Session(link, req.formula, fam, options, req.spec, merged.schema, pseudo[2], pseudo[3])
         return res
-    start, surrogate = _starts(req, st, merged, own, pseudo)
     payload = setup_request(req.formula, fam, options, merged.schema, req.na_action)
-    est = estimate(transport, st, fam, options, start, first={"setup": payload}, surrogate=surrogate)
+    if secure:                 # the site totals come only as their total, in a masked set-up round
+        st = make_setup(transport.broadcast(payload))
+        check_outcome(st, req.spec, fam)
+    start, surrogate = _starts(req, st, merged, own, pseudo)
+    est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
+                   surrogate=surrogate)
     fit = assemble(req.formula, fam, options, req.spec, merged.schema, st, est)
     if merged.refused:
         fit.messages.append(_note(replies, merged, own, pseudo))

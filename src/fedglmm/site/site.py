@@ -36,6 +36,7 @@ from .audit import AuditLog
 from .limits import Limits
 from .requests import check_oneshot, check_setup
 from .rules import SiteConfig
+from .secagg import SecureAggregation
 from .summaries import summarize
 
 
@@ -61,6 +62,7 @@ class Site:
         self._rows = None            # (formula, na_action) -> (the rows the model uses, rows omitted)
         self._setup_bytes = None     # the set-up request the current design was built from
         self.limits = Limits(self.site_id, self.config)
+        self.secagg = SecureAggregation(self.site_id)
         self._session = None         # the coordinator session of the request being answered
 
     # --- the boundary -------------------------------------------------------------------------------
@@ -90,7 +92,8 @@ class Site:
             handler = getattr(self, f"_on_{kind}", None)
             if kind not in protocol.KINDS or handler is None:
                 raise FedGLMMError(f"site '{self.site_id}': unknown request '{kind}'")
-            reply = handler(req)
+            self.secagg.check(kind, req, self.config, self.limits.refuse)
+            reply = self.secagg.apply(kind, req, handler(req), data)
         except FedGLMMError as exc:
             reply = {"error": str(exc)}
         except protocol.ProtocolError as exc:
@@ -150,6 +153,10 @@ class Site:
                           int(np.sum(msg["theta_mask"])), get_family(req["family"], req.get("link")),
                           sums.get("st_sy"), sums.get("st_sv"))
         return msg
+
+    def _on_keys(self, req):
+        """Only the key exchange of secure aggregation (the key is added by :meth:`SecureAggregation.apply`)."""
+        return {}
 
     def _on_setup(self, req):
         self._build(req)

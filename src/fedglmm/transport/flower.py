@@ -42,13 +42,10 @@ from typing import Callable
 
 from .. import protocol
 from ..errors import FedGLMMError, SiteRefusal
+from .recovery import FederationError, Recovery, Round
 
 RECORD = "fedglmm"
 APP_NAME = "fedglmm-site"
-
-
-class FederationError(FedGLMMError):
-    """The federation could not carry the fit: a site missing, silent or failing, a SuperLink unreachable."""
 
 
 def _import_flower():
@@ -71,6 +68,7 @@ class FlowerTransport:
     """
 
     grid: object
+    federated = True          # sites across a network: secure aggregation is on by default (3+ sites)
     expected: int | None = None
     timeout: float = 60.0
     connect_timeout: float = 60.0
@@ -80,6 +78,9 @@ class FlowerTransport:
     bytes_to_sites: int = 0
     bytes_from_sites: int = 0
     nodes: dict = field(default_factory=dict)       # site id -> node id
+    instances: dict = field(default_factory=dict)   # site id -> the id of its running process
+    probe_every: float = 1.0                        # seconds between probes of a silent site
+    recovery: Recovery = field(default_factory=Recovery)
 
     @property
     def site_ids(self) -> list[str]:
@@ -107,7 +108,7 @@ class FlowerTransport:
                  partial: bool = False) -> dict[int, tuple[str, bytes]]:
         """Pull replies until none is pending or ``deadline``; then raise, or return what came if ``partial``.
 
-        Removes answered messages from ``pending``; returns node id -> (site id, reply bytes).  With
+        Removes answered messages from ``pending``; returns node id -> (site id, reply bytes, instance).  With
         ``partial``, a Flower error reply (a node that went away) leaves that node out instead of raising.
         """
         out: dict[int, tuple[str, bytes]] = {}
@@ -125,11 +126,7 @@ class FlowerTransport:
                     continue
                 if rep.has_error():
                     raise FederationError(f"{name} failed {what}: {_one_line(rep.error.reason)}")
-                try:
-                    rec = rep.content[RECORD]
-                    out[nid] = (str(rec["site"]), bytes(rec["reply"]))
-                except (KeyError, TypeError):
-                    raise FederationError(f"{name} sent a reply to {what} that is not fedglmm's") from None
+                out[nid] = _record(rep, name, what)
             if not pending or time.monotonic() > deadline:
                 break
             time.sleep(self.poll)
@@ -163,7 +160,8 @@ class FlowerTransport:
             if new:
                 asked.update(self._push(b"", new, what))
             got = self._collect(asked, {}, what, min(time.monotonic() + 0.5, deadline), partial=True)
-            ident.update({nid: sid for nid, (sid, _) in got.items()})
+            ident.update({nid: sid for nid, (sid, _, _) in got.items()})
+            self.instances.update({sid: inst for sid, _, inst in got.values()})
             done = len(ident) >= want if want is not None else bool(ident) and not asked
             if done:
                 break
@@ -186,20 +184,18 @@ class FlowerTransport:
 
     # --- the Transport protocol -------------------------------------------------------------------
     def broadcast(self, message: dict) -> dict[str, dict]:
-        """One round: the same request to every site, one reply from each (decoded)."""
+        """One round: the same request to every site, one reply from each (decoded).
+
+        A site that restarts within the round's timeout is let back in (:mod:`fedglmm.transport.recovery`)."""
         if not self.nodes:
             self.connect()
-        data = protocol.encode(message)
         self.rounds += 1
         kind = message.get("kind", "")
-        names = {nid: f"site '{sid}'" for sid, nid in self.nodes.items()}
-        what = f"round {self.rounds} ({kind})"
-        pending = self._push(data, list(self.nodes.values()), what)
-        got = self._collect(pending, names, what, time.monotonic() + self.timeout)
+        got = Round(self, message, f"round {self.rounds} ({kind})").run()
         replies = {}
-        for sid, nid in self.nodes.items():
-            self.bytes_to_sites += len(data)
-            out = got[nid][1]
+        for sid in self.nodes:
+            sent, out = got[sid]
+            self.bytes_to_sites += sent
             self.bytes_from_sites += len(out)
             replies[sid] = protocol.decode(out)
         if self.on_round is not None:
@@ -208,6 +204,16 @@ class FlowerTransport:
             if "error" in rep:
                 raise SiteRefusal(rep["error"])
         return replies
+
+
+def _record(rep, name: str, what: str) -> tuple[str, bytes, str | None]:
+    """(site id, reply bytes, process instance) of a fedglmm reply."""
+    try:
+        rec = rep.content[RECORD]
+        instance = str(rec["instance"]) if "instance" in rec else None
+        return str(rec["site"]), bytes(rec["reply"]), instance
+    except (KeyError, TypeError):
+        raise FederationError(f"{name} sent a reply to {what} that is not fedglmm's") from None
 
 
 def short_object_backoff(initial: float = 0.02, cap: float = 0.5) -> None:
