@@ -10,11 +10,15 @@ start`` and one ``fedglmm site start`` per site (the bundled contraception data 
 most 4 sites), each in its own process group (all killed at the end), and fits each model --repeat
 times over the federation with ``fedglmm.fit_on`` and in-process with ``fedglmm.fit``.
 
+Each model is fitted twice over the federation: ``plain`` (the sites' sums in the clear) and ``secure``
+(secure aggregation, the default for 3+ sites: pairwise-masked sums on the exact fixed-point ring).
 Columns: rounds; ``fed s``, the median wall time of the fit over the federation (from the first round's
 request to the last reply; the connection and identification round before it are shown once as
-``connect s``); ``s/round`` = fed s / rounds; ``in-proc s``, the median in-process fit time;
-``bytes to/from``, the request and reply bytes summed over sites (the same as in-process).
-All site processes, the SuperLink and the analyst share this machine's cores.
+``connect s``); ``s/round`` = fed s / rounds; ``overhead`` = the secure fit's s/round over the plain
+fit's, minus one (the hybrid's secure fit has one round more, its masked set-up round, so the per-round
+figure is the fair one); ``in-proc s``, the median in-process fit time; ``bytes to/from``, the request
+and reply bytes summed over sites (the same as in-process).  All site processes, the SuperLink and the
+analyst share this machine's cores.
 """
 from __future__ import annotations
 
@@ -100,24 +104,27 @@ def main() -> None:
             rows = []
             for name, formula, family, *rest in MODELS:
                 nagq = rest[0] if rest else 1
-                fed_s, local_s, connect_s = [], [], []
-                for _ in range(args.repeat):
-                    t0 = time.perf_counter()
-                    with federation(f"127.0.0.1:{port}", root_certificates=certs / "ca.pem", sites=len(regions),
-                                    timeout=60, connect_timeout=60) as tr:
-                        tr.connect()
-                        t1 = time.perf_counter()
-                        res = fedglmm.fit_on(tr, formula, family=family, nagq=nagq)
-                        fed_s.append(time.perf_counter() - t1)
-                    connect_s.append(t1 - t0)
-                    ref = fedglmm.fit(formula, frames, family=family, nagq=nagq)
-                    local_s.append(ref.seconds)
-                    assert abs(res.loglik - ref.loglik) < 1e-8, (res.loglik, ref.loglik)
-                fed = statistics.median(fed_s)
-                rows.append(dict(model=name, sites=len(regions), rounds=tr.rounds,
-                                 connect_s=statistics.median(connect_s), fed_s=fed, s_per_round=fed / tr.rounds,
-                                 inproc_s=statistics.median(local_s), bytes_to=tr.bytes_to_sites,
-                                 bytes_from=tr.bytes_from_sites))
+                for secure in (False, True):
+                    fed_s, local_s, connect_s = [], [], []
+                    for _ in range(args.repeat):
+                        t0 = time.perf_counter()
+                        with federation(f"127.0.0.1:{port}", root_certificates=certs / "ca.pem",
+                                        sites=len(regions), timeout=60, connect_timeout=60) as tr:
+                            tr.connect()
+                            t1 = time.perf_counter()
+                            res = fedglmm.fit_on(tr, formula, family=family, nagq=nagq, secure_aggregation=secure)
+                            fed_s.append(time.perf_counter() - t1)
+                        connect_s.append(t1 - t0)
+                        ref = fedglmm.fit(formula, frames, family=family, nagq=nagq, secure_aggregation=secure)
+                        local_s.append(ref.seconds)
+                        assert abs(res.loglik - ref.loglik) < 1e-8, (res.loglik, ref.loglik)
+                    fed = statistics.median(fed_s)
+                    rows.append(dict(model=name, mode="secure" if secure else "plain", sites=len(regions),
+                                     rounds=tr.rounds, connect_s=statistics.median(connect_s), fed_s=fed,
+                                     s_per_round=fed / tr.rounds, inproc_s=statistics.median(local_s),
+                                     bytes_to=tr.bytes_to_sites, bytes_from=tr.bytes_from_sites))
+                    if secure:
+                        rows[-1]["overhead"] = rows[-1]["s_per_round"] / rows[-2]["s_per_round"] - 1.0
         finally:
             for p in procs:
                 try:
@@ -128,13 +135,14 @@ def main() -> None:
 
     print(f"fits over Flower on 127.0.0.1 (TLS, SuperNode keys), {len(regions)} sites, "
           f"median of {args.repeat}; {os.cpu_count()} CPU cores shared by all processes")
-    head = f"{'model':<28} {'rounds':>6} {'connect s':>9} {'fed s':>7} {'s/round':>8} {'in-proc s':>9} " \
-           f"{'bytes to/from':>15}"
+    head = f"{'model':<28} {'mode':<6} {'rounds':>6} {'connect s':>9} {'fed s':>7} {'s/round':>8} " \
+           f"{'overhead':>8} {'in-proc s':>9} {'bytes to/from':>17}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['model']:<28} {r['rounds']:>6} {r['connect_s']:>9.2f} {r['fed_s']:>7.2f} "
-              f"{r['s_per_round']:>8.3f} {r['inproc_s']:>9.3f} {r['bytes_to']:>7}/{r['bytes_from']:<7}")
+        over = f"{100 * r['overhead']:+7.1f}%" if "overhead" in r else ""
+        print(f"{r['model']:<28} {r['mode']:<6} {r['rounds']:>6} {r['connect_s']:>9.2f} {r['fed_s']:>7.2f} "
+              f"{r['s_per_round']:>8.3f} {over:>8} {r['inproc_s']:>9.3f} {r['bytes_to']:>8}/{r['bytes_from']:<8}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -42,9 +42,8 @@ from typing import Callable
 
 from .. import protocol
 from ..errors import FedGLMMError, SiteRefusal
-from .recovery import FederationError, Recovery, Round
+from .recovery import RECORD, FederationError, Recovery, Round, _record
 
-RECORD = "fedglmm"
 APP_NAME = "fedglmm-site"
 
 
@@ -204,16 +203,6 @@ class FlowerTransport:
             if "error" in rep:
                 raise SiteRefusal(rep["error"])
         return replies
-
-
-def _record(rep, name: str, what: str) -> tuple[str, bytes, str | None]:
-    """(site id, reply bytes, process instance) of a fedglmm reply."""
-    try:
-        rec = rep.content[RECORD]
-        instance = str(rec["instance"]) if "instance" in rec else None
-        return str(rec["site"]), bytes(rec["reply"]), instance
-    except (KeyError, TypeError):
-        raise FederationError(f"{name} sent a reply to {what} that is not fedglmm's") from None
 
 
 def short_object_backoff(initial: float = 0.02, cap: float = 0.5) -> None:

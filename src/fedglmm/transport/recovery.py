@@ -167,10 +167,17 @@ class Round:
         raise FederationError(f"{silent} did not answer {self.what} within {self.t.timeout:g} s")
 
 
-def _record(rep, name: str, what: str):
-    from .flower import _record as record
+RECORD = "fedglmm"          # the record holding our bytes, both ways
 
-    return record(rep, name, what)
+
+def _record(rep, name: str, what: str) -> tuple[str, bytes, str | None]:
+    """(site id, reply bytes, process instance) of a fedglmm reply."""
+    try:
+        rec = rep.content[RECORD]
+        instance = str(rec["instance"]) if "instance" in rec else None
+        return str(rec["site"]), bytes(rec["reply"]), instance
+    except (KeyError, TypeError):
+        raise FederationError(f"{name} sent a reply to {what} that is not fedglmm's") from None
 
 
 def _one_line(exc) -> str:
