@@ -8,7 +8,8 @@ the fit counts.  The format is a small, self-describing, pickle-free container:
     b"FGLM" | version (1 byte) | header length (4 bytes, little endian) | JSON header | array buffers
 
 The header is the message with each array replaced by ``{"__array__": i, "dtype": ..., "shape": ...}``;
-buffer i follows in order, little-endian, C-contiguous.  Only float64, int64, uint64 (masked sums) and bool arrays are allowed.
+buffer i follows in order, little-endian, C-contiguous.  Only float64, int64, uint64 (masked sums) and bool
+arrays are allowed.
 
 Request kinds (coordinator → site) and what the site answers (``describe``, ``setup`` and ``oneshot`` carry
 ``na_action: "fail"`` when the fit refuses missing values; without it a site omits its rows with a missing
@@ -266,7 +267,8 @@ def split_sums(reply: dict) -> tuple[list, np.ndarray, dict]:
                     rest[k] = v
                 elif _summable(v):
                     arr = np.asarray(v, dtype=np.float64)
-                    layout.append([path + [k], None if np.isscalar(v) or isinstance(v, np.floating) else list(arr.shape)])
+                    scalar = not isinstance(v, np.ndarray)
+                    layout.append([path + [k], None if scalar else list(arr.shape)])
                     values.append(arr.ravel())
                 else:
                     rest[k] = walk(v, path + [k])

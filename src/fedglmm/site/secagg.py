@@ -110,7 +110,8 @@ class SecureAggregation:
             _, serialization, X25519PrivateKey, *_ = _crypto()
             key = X25519PrivateKey.generate()
             raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-            self._fits[fit] = {"key": key, "public": raw.hex(), "seeds": None, "round": -1, "last": None}
+            self._fits[fit] = {"fit": fit, "key": key, "public": raw.hex(), "seeds": None, "round": -1,
+                               "last": None}
             while len(self._fits) > MAX_FITS:
                 self._fits.pop(next(iter(self._fits)))
         return self._fits[fit]["public"]
@@ -162,14 +163,11 @@ class SecureAggregation:
                 self._bad(f"the key of site '{other}' is not a valid X25519 public key")
             low, high = sorted((self.site_id, other))
             info = INFO + b"\0" + low.encode() + b"\0" + high.encode()
-            seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes.fromhex(self._fit_of(state)),
+            seed = HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes.fromhex(state["fit"]),
                         info=info).derive(shared)
             peers.append((other, seed))
         state["seeds"] = (table, peers)
         return peers
-
-    def _fit_of(self, state) -> str:
-        return next(f for f, s in self._fits.items() if s is state)
 
 
 def _fields(layout, values):
