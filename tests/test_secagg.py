@@ -239,3 +239,13 @@ def test_options():
     with pytest.raises(FedGLMMError, match="one-shot"):
         fedglmm.fit("y ~ x + (1 | g)", FRAMES, family="binomial", method="oneshot", secure_aggregation=True)
     assert not fedglmm.fit("y ~ x + (1 | g)", FRAMES, family="binomial").secure_aggregation  # in-process: off
+
+
+def test_rounds_after_the_fit_are_masked_too():
+    """Profile intervals ask the sites for more sums after the fit: with secure aggregation they come masked,
+    and the intervals are the plain ones."""
+    plain = fedglmm.fit("y ~ x + (1 | g)", FRAMES, family="binomial", ci="profile")
+    secure = fedglmm.fit("y ~ x + (1 | g)", FRAMES, family="binomial", ci="profile", secure_aggregation=True)
+    np.testing.assert_allclose(secure.conf_int(method="profile").to_numpy(),
+                               plain.conf_int(method="profile").to_numpy(), rtol=1e-10, atol=1e-10)
+    assert secure.after_fit["profile"]["rounds"] == plain.after_fit["profile"]["rounds"]

@@ -185,3 +185,20 @@ def test_limits_in_site_toml(tmp_path):
     toml.write_text("[limits]\nmax_points = 0\n")
     with pytest.raises(fedglmm.errors.InputError, match="max_points"):
         SiteConfig.load(toml)
+
+
+def test_a_setup_riding_again_continues_or_opens_a_fit(requests):
+    """Two hybrid-like fits in one session with the same set-up riding on their first evaluation (the
+    design is kept): each is set up; a post-fit request riding it stays in the fit; from another session
+    the same payload starts a fit of its own."""
+    site = Site("A", frame(), config=SiteConfig())
+    setup, evaluate = requests["setup"], requests["evaluate"]
+    ride = {k: v for k, v in setup.items()}
+    oneshot = {"kind": "oneshot", "formula": setup["formula"], "family": setup["family"], "link": setup.get("link"),
+               "order": 2}
+    for _ in range(2):
+        assert "error" not in ask(site, oneshot, "run 1")
+        assert "error" not in ask(site, dict(evaluate, setup=ride), "run 1")
+        assert "error" not in ask(site, dict(evaluate, setup=ride), "run 1")
+    assert "error" not in ask(site, dict(evaluate, setup=ride), "run 2")
+    assert site.limits.state.fits_today() == 3

@@ -87,6 +87,17 @@ class Limits:
         self.fit = _Fit(session, by == "setup")
         self.count()
 
+    def ride(self, session, frame) -> None:
+        """A set-up riding on a request names the design already built: within this session's fit nothing
+        changes (a one-shot round's fit is now set up); from another session it starts a fit on it."""
+        fit = self.fit
+        if fit is not None and fit.session == session:
+            if not fit.set_up:
+                fit.set_up = True
+                self.count()
+            return
+        self.open_fit(session, frame, "setup")
+
     def count(self) -> None:
         """One more request in the current fit."""
         self.fit.requests += 1

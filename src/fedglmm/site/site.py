@@ -61,6 +61,7 @@ class Site:
         self._described = None       # the formula (and na_action) the frame was last checked for
         self._rows = None            # (formula, na_action) -> (the rows the model uses, rows omitted)
         self._setup_bytes = None     # the set-up request the current design was built from
+        self._setup_frame = None     # and the rows it was built on
         self.limits = Limits(self.site_id, self.config)
         self.secagg = SecureAggregation(self.site_id)
         self._session = None         # the coordinator session of the request being answered
@@ -180,6 +181,7 @@ class Site:
         self.limits.open_fit(self._session, frame, "setup")
         self.design = d
         self._setup_bytes = protocol.encode({k: v for k, v in req.items() if k != "secagg"})
+        self._setup_frame = frame
         self._engines = EngineCache(lambda A, zs: make_engine(d, family, nagq, curvature, A, zs))
 
     def _engine_for(self, req):
@@ -193,8 +195,12 @@ class Site:
         sums are not needed then (no reply carries them), so they are not computed."""
         if "setup" in req and not isinstance(req["setup"], dict):
             raise FedGLMMError(f"site '{self.site_id}': refused a malformed request (setup is not a request)")
-        if "setup" in req and protocol.encode(req["setup"]) != self._setup_bytes:
+        if "setup" not in req:
+            return
+        if protocol.encode(req["setup"]) != self._setup_bytes:
             self._build(req["setup"])
+        else:
+            self.limits.ride(self._session, self._setup_frame)
 
     def _on_evaluate(self, req):
         self._ride_setup(req)
