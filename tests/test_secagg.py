@@ -249,3 +249,18 @@ def test_rounds_after_the_fit_are_masked_too():
     np.testing.assert_allclose(secure.conf_int(method="profile").to_numpy(),
                                plain.conf_int(method="profile").to_numpy(), rtol=1e-10, atol=1e-10)
     assert secure.after_fit["profile"]["rounds"] == plain.after_fit["profile"]["rounds"]
+
+
+def test_the_merge_of_per_group_values():
+    """What is not a sum: counts added, per-group lists and arrays concatenated (per factor too)."""
+    from fedglmm.coordinator.secagg import _merge
+
+    a = {"n": 3, "x_names": ["Intercept"], "levels": ["a1", "a2"], "modes": np.ones((2, 1)),
+         "withheld": {"g": ["a3"]}, "points": [{}, {}]}
+    b = {"n": 4, "x_names": ["Intercept"], "levels": ["b1"], "modes": np.zeros((1, 1)), "withheld": {"g": []},
+         "points": [{}, {}]}
+    m = _merge([a, b])
+    assert m["n"] == 7 and m["x_names"] == ["Intercept"] and m["levels"] == ["a1", "a2", "b1"]
+    assert m["modes"].shape == (3, 1) and m["withheld"] == {"g": ["a3"]} and m["points"] == [{}, {}]
+    f = _merge([{"levels": {"g": ["a"], "h": ["x"]}}, {"levels": {"g": ["b"], "h": ["y", "z"]}}])
+    assert f["levels"] == {"g": ["a", "b"], "h": ["x", "y", "z"]}

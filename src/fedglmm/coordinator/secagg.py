@@ -111,25 +111,23 @@ def _poison(layout, flat: np.ndarray, flags: np.ndarray) -> np.ndarray:
     return out
 
 
-def _merge(parts: list[dict]):
-    """One reply from the sites' unmasked parts: counts added, per-group values concatenated."""
+def _merge(parts: list, concat: bool = False):
+    """One reply from the sites' unmasked parts: counts added, per-group values (under the keys in
+    :data:`CONCATENATED`, also per grouping factor) concatenated, the rest kept from the first site."""
     first = parts[0]
+    if concat and isinstance(first, np.ndarray):
+        return np.concatenate([np.asarray(x).reshape((-1,) + first.shape[1:]) for x in parts if x is not None])
+    if concat and isinstance(first, list):
+        return [item for x in parts if x is not None for item in x]
     if isinstance(first, list):
         return [_merge([p[i] for p in parts]) for i in range(len(first))]
     if not isinstance(first, dict):
         return first
     out = {}
-    for k, v in first.items():
-        vals = [p.get(k) for p in parts]
-        if k in CONCATENATED and isinstance(v, np.ndarray):
-            out[k] = np.concatenate([np.asarray(x).reshape((-1,) + v.shape[1:]) for x in vals if x is not None])
-        elif k in CONCATENATED and isinstance(v, list):
-            out[k] = [item for x in vals if x is not None for item in x]
-        elif k in ADDED and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+    for k in dict.fromkeys(k for p in parts for k in p):
+        vals = [p[k] for p in parts if k in p]
+        if k in ADDED and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
             out[k] = sum(vals)
         else:
-            out[k] = _merge(vals) if isinstance(v, (dict, list)) else v
-    for k in {k for p in parts[1:] for k in p} - set(first):
-        vals = [p[k] for p in parts if k in p]
-        out[k] = [item for x in vals for item in x] if k in CONCATENATED and isinstance(vals[0], list) else vals[0]
+            out[k] = _merge(vals, concat or k in CONCATENATED)
     return out
