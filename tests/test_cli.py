@@ -217,7 +217,7 @@ def _case_files(tmp_path, contra, case):
         (tmp_path / "g.csv.gz").write_bytes(b"\x00\x01not gzip")
         return base + [tmp_path / "g.csv.gz"], 1, "cannot read"
     if case == "unknown family":
-        return ["-f", SMALL, "--family", "gamma", *two(a, b)], 2, "unknown family 'gamma'"
+        return ["-f", SMALL, "--family", "tweedie", *two(a, b)], 2, "unknown family 'tweedie'"
     if case == "unknown link":
         return ["-f", SMALL, "--family", "binomial", "--link", "log", *two(a, b)], 2, "link 'log'"
     if case == "unparsable formula":

@@ -156,3 +156,28 @@ def test_glm_without_random_effects_has_the_dispersion_too():
         e = np.eye(4)[t] * 1e-5
         hi, lo = eng.evaluate(phi + e), eng.evaluate(phi - e)
         np.testing.assert_allclose(ev.hess[:, t], (hi.grad - lo.grad) / 2e-5, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["nb", "gamma_log"])
+def test_quadrature_value_is_the_integral(name):
+    """With many nodes the AGHQ value is the marginal log-likelihood, Σ_g log ∫ Π_j f(y_j | η_j + σu) φ(u) du,
+    computed here independently by scipy's adaptive quadrature (scalar random effect, weighted rows)."""
+    from scipy import integrate
+
+    fam = FAMILIES[name]
+    d = _design(fam, 1, True, seed=4, G=5)
+    beta, theta, psi = POINTS[fam.link]
+    phi = np.r_[beta, theta[:1], psi]
+    value = GLMMLikelihood(d, fam, 30).evaluate(phi).value
+    eta0 = d.X @ np.asarray(beta)
+    total = 0.0
+    for g in range(5):
+        rows = d.group == g
+        y, m, e = d.y[rows], d.trials[rows], eta0[rows]
+        const = fam.constant(y, m)
+
+        def f(u):
+            return np.exp(np.sum(fam.loglik(y, m, e + theta[0] * u, psi)) + const - 0.5 * u * u) / np.sqrt(2 * np.pi)
+
+        total += np.log(integrate.quad(f, -12, 12, epsabs=0, epsrel=1e-12, limit=200)[0])
+    assert value == pytest.approx(total, rel=1e-9, abs=1e-9)

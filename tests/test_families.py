@@ -390,6 +390,10 @@ def test_links_and_families_are_checked():
     with pytest.raises(InputError):
         get_family("binomial", "log")
     with pytest.raises(InputError):
-        get_family("gamma")
+        get_family("tweedie")
+    with pytest.raises(InputError):
+        get_family("gamma", "logit")
+    assert get_family("Gamma").link == "inverse"                   # R's default
+    assert get_family("nbinom2").name == "negative_binomial"
     assert get_family("Binomial", " Probit ").link == "probit"
     assert get_family("poisson").link == "log"

@@ -68,14 +68,22 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
         moments: int | None = None, min_group: int = MIN_GROUP, penalty: float = 0.0,
         on_round: Callable[[int, str], None] | None = None, newton: NewtonConfig | None = None,
         site_config: SiteConfig | str | Path | None = None, na_action: str = "omit", ddf: str = "satterthwaite",
-        ci: str = "wald", diagnostics: bool = False, seed: int = 0, secure_aggregation: bool = False) -> FitResult:
+        ci: str = "wald", diagnostics: bool = False, seed: int = 0, secure_aggregation: bool = False,
+        weights: str | None = None, offset: str | None = None) -> FitResult:
     """Fit a (generalised) linear mixed model federated over sites.
 
     Parameters
     ----------
     formula : lme4-style formula, e.g. ``"use ~ urban + age + (1 + urban | district)"``.
     data : a DataFrame (with ``site=`` naming its site column, or one site), a list or a dict of DataFrames.
-    family, link : ``gaussian`` (identity), ``binomial`` (logit, probit, cloglog), ``poisson`` (log).
+    family, link : ``gaussian`` (identity), ``binomial`` (logit, probit, cloglog), ``poisson`` (log),
+        ``negative_binomial`` (alias ``nbinom2``; log; variance μ + μ²/ϑ) or ``gamma`` (alias ``Gamma``;
+        inverse, log, identity).  The last two estimate their dispersion by maximum likelihood, as glmmTMB
+        (``res.dispersion``: ``{"theta": ϑ, "se": …}`` or ``{"sigma": CV, "se": …}``).
+    weights : a column of prior weights (finite, ≥ 0): gaussian, precision weights (row variance σ²/w, as
+        lmer); binomial, the trials of a proportion outcome (``incidence / size ~ …, weights="size"``: the
+        ``cbind`` fit); poisson, negative binomial, Gamma, the weight of each row's log-likelihood (glmmTMB).
+    offset : a column added to the linear predictor, as ``offset(column)`` in the formula.
     nagq : 1 for the Laplace approximation, K > 1 for adaptive Gauss–Hermite with K nodes per dimension.
     reml : REML (default, as lme4) or ML for gaussian models; ignored otherwise.
     method : ``hybrid`` (the default: one round of one-shot summaries -- order-2 moments per group, and a
@@ -112,7 +120,8 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
         default here: in-process sites share the coordinator's process, so masking protects nothing; it
         is on by default over a federation of three or more sites (:func:`fit_on`).
     """
-    req = fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty, newton, na_action)
+    req = fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty, newton, na_action,
+                      weights, offset)
     analysis = analysis_request(ddf, ci, 0.95, diagnostics, seed)
     return fit_request_on_data(req, data, site=site, min_group=min_group, site_config=site_config,
                                on_round=on_round, analysis=analysis, secure_aggregation=secure_aggregation)
@@ -133,14 +142,16 @@ def fit_on(transport, formula: str, family: str = "gaussian", link: str | None =
            reml: bool = True, method: str = "hybrid", curvature: str = "observed", moments: int | None = None,
            penalty: float = 0.0, newton: NewtonConfig | None = None, na_action: str = "omit",
            ddf: str = "satterthwaite", ci: str = "wald", diagnostics: bool = False, seed: int = 0,
-           secure_aggregation: bool | None = None) -> FitResult:
+           secure_aggregation: bool | None = None, weights: str | None = None,
+           offset: str | None = None) -> FitResult:
     """Fit over any :class:`~fedglmm.transport.Transport` (e.g. a Flower federation); options as :func:`fit`.
 
     The sites' own settings (``min_group``, disclosure rules) live with the sites, not here.
     ``secure_aggregation=None``: on for a federation (a transport marked ``federated``, as Flower's) of
     three or more sites and a method with rounds of sums (not ``oneshot``), off otherwise.
     """
-    req = fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty, newton, na_action)
+    req = fit_request(formula, family, link, nagq, reml, method, curvature, moments, penalty, newton, na_action,
+                      weights, offset)
     if secure_aggregation is None:
         secure_aggregation = bool(getattr(transport, "federated", False)) and req.method != "oneshot" \
             and len(transport.site_ids) >= 3
@@ -159,7 +170,8 @@ def run(transport, req: FitRequest, analysis: Analysis | None = None, secure_agg
         from .model.rsyntax import without_dot
         from .protocol import request
 
-        desc = transport.broadcast(request("describe", formula=without_dot(req.formula), **na_payload(req.na_action)))
+        desc = transport.broadcast(request("describe", formula=without_dot(req.formula), **na_payload(req.na_action),
+                                           **req.spec.columns_payload))
         req = expand_request(req, list(next(iter(desc.values()))["columns"]))
     if secure_aggregation:
         from .coordinator.secagg import SecureTransport
@@ -182,14 +194,15 @@ def run(transport, req: FitRequest, analysis: Analysis | None = None, secure_agg
 
 
 def fit_summaries(summaries, formula: str, family: str = "gaussian", link: str | None = None, nagq: int = 1,
-                  reml: bool = True, curvature: str = "observed") -> FitResult:
+                  reml: bool = True, curvature: str = "observed", weights: str | None = None,
+                  offset: str | None = None) -> FitResult:
     """The one-shot fit from the sites' summary files (written by ``fedglmm summarize``) or messages."""
     import json
 
     from .coordinator.messages import from_jsonable
     from .methods.oneshot import fit_from_messages
 
-    req = fit_request(formula, family, link, nagq, reml, "oneshot", curvature)
+    req = fit_request(formula, family, link, nagq, reml, "oneshot", curvature, weights=weights, offset=offset)
     messages, size = {}, 0
     for item in summaries:
         if isinstance(item, dict):

@@ -54,6 +54,7 @@ class FitResult:
     level_sites: pd.Series | None = None        # the site of each group level
     design_moments: dict | None = None          # pooled n, column sums, XᵀX and ZᵀZ (user scale)
     trace: list = field(default_factory=list)   # per Newton round: round, objective, Newton decrement
+    dispersion: dict | None = None              # negative binomial {"theta", "se"}, Gamma {"sigma", "se"}
     site_ids: list = field(default_factory=list)
     ddf: str = "satterthwaite"                  # gaussian t-tests: "satterthwaite", or "none" for z-tests
     # the line back to the sites, for the rounds after the fit (profiles, diagnostics, an ML refit), and
@@ -294,6 +295,8 @@ class FitResult:
         }
         if self.df is not None:
             out["df"] = _fdict(self.df)
+        if self.dispersion is not None:
+            out["dispersion"] = {k: float(v) for k, v in self.dispersion.items()}
         for level, tab in self.profiles.items():
             out.setdefault("profile", {})[f"{level:g}"] = {
                 "intervals": {str(k): [float(a), float(b)] for k, (a, b) in tab.iterrows()},

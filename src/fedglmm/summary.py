@@ -81,7 +81,7 @@ def _title(res) -> list[str]:
         kind = "Generalized linear model fit by maximum likelihood"
     lines = [f"{kind} [federated over {res.nsites} site{'s' if res.nsites != 1 else ''}]"]
     if fam.name != "gaussian":
-        lines.append(f" Family: {fam.name}  ( {fam.link} )")
+        lines.append(f" Family: {getattr(fam, 'display', '') or fam.name}  ( {fam.link} )")
     lines += [f"Formula: {res.formula}", ""]
     return lines
 
@@ -140,6 +140,19 @@ def _random_effects(res) -> list[str]:
     lines = ["Random effects:"] + table(rows, [False, False, True, True, False][:len(rows[0])], " ")
     ng = "; ".join(f"{k}, {v}" for k, v in res.ngroups.items())
     return lines + [f"Number of obs: {res.nobs}, groups:  {ng}; sites: {res.nsites}"] + _omitted(res) + [""]
+
+
+def _dispersion(res) -> list[str]:
+    """The dispersion line as glmmTMB prints it: negative binomial ϑ; Gamma σ² (σ the CV, 1/√shape)."""
+    disp = getattr(res, "dispersion", None)
+    if not disp:
+        return []
+    fam = res.family
+    if fam.name == "gamma":
+        text = f"Dispersion estimate for {fam.display} family (sigma^2): {disp['sigma'] ** 2:.3g}"
+    else:
+        text = f"Dispersion parameter for {fam.display} family (): {disp['theta']:.3g}"
+    return [text + f"  (SE of {fam.dispersion_name}: {disp['se']:.3g})", ""]
 
 
 def _fixed_effects(res) -> list[str]:
@@ -204,7 +217,8 @@ def _diagnostics(res) -> list[str]:
 
 
 def format_summary(res, correlation: bool = False) -> str:
-    lines = _title(res) + _criteria(res) + _scaled_residuals(res) + _random_effects(res) + _fixed_effects(res)
+    lines = _title(res) + _criteria(res) + _scaled_residuals(res) + _random_effects(res) + _dispersion(res) \
+        + _fixed_effects(res)
     if correlation:
         lines += _correlation(res)
     lines += _profiles(res) + _diagnostics(res)

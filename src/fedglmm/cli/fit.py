@@ -26,10 +26,12 @@ DataArg = Annotated[Optional[List[Path]], typer.Argument(
          "or one file split by --site-column. Not with --summaries.")]
 FormulaOpt = Annotated[str, typer.Option(
     "--formula", "-f", show_default=False, help="lme4-style formula, e.g. 'use ~ urban + age + (1 | district)'.")]
-FamilyOpt = Annotated[str, typer.Option("--family", help="gaussian, binomial or poisson.")]
+FamilyOpt = Annotated[str, typer.Option(
+    "--family", help="gaussian, binomial, poisson, negative_binomial (nbinom2) or gamma (Gamma).")]
 LinkOpt = Annotated[Optional[str], typer.Option(
     "--link", show_default=False,
-    help="Link function (binomial: logit, probit, cloglog). Default: the family's canonical link.")]
+    help="Link function (binomial: logit, probit, cloglog; gamma: inverse, log, identity). Default: logit for "
+         "binomial, log for poisson and negative_binomial, inverse for gamma (R's).")]
 NagqOpt = Annotated[int, typer.Option(
     "--nagq", min=1, help="1: Laplace approximation; K > 1: adaptive Gauss-Hermite with K nodes.")]
 RemlOpt = Annotated[bool, typer.Option(
@@ -84,6 +86,14 @@ PlotsOpt = Annotated[Optional[Path], typer.Option(
     help="Write the figures (caterpillar, forest, residuals with --diagnostics, convergence) as PNG files into "
          "DIR (needs matplotlib: pip install 'fedglmm[plot]').")]
 InsecureOpt = Annotated[bool, typer.Option("--insecure", help="With --federation: no TLS (loopback addresses only).")]
+WeightsOpt = Annotated[Optional[str], typer.Option(
+    "--weights", metavar="COL", show_default=False,
+    help="Column of prior weights (finite, ≥ 0): gaussian, precision weights (as lmer); binomial, the trials of a "
+         "proportion outcome (as cbind); poisson, negative_binomial, gamma, each row's log-likelihood weight "
+         "(as glmmTMB).")]
+OffsetOpt = Annotated[Optional[str], typer.Option(
+    "--offset", metavar="COL", show_default=False,
+    help="Column added to the linear predictor, as offset(COL) in the formula.")]
 NaActionOpt = Annotated[str, typer.Option(
     "--na-action", help="Rows with a missing value in a column the model uses: 'omit' (each site drops them "
                         "and the fit counts them, as lme4) or 'fail' (stop with the first one).")]
@@ -145,14 +155,14 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
         site_config: SiteConfigOpt = None, federation: FederationOpt = None, sites_expected: SitesOpt = None,
         timeout: TimeoutOpt = 60.0, root_certificates: RootCertOpt = None, insecure: InsecureOpt = False,
         na_action: NaActionOpt = "omit", sep: SepOpt = None, encoding: EncodingOpt = None,
-        ddf: DdfOpt = "satterthwaite", ci: CiOpt = "wald", diagnostics: DiagnosticsOpt = False, seed: SeedOpt = 0,
-        plots: PlotsOpt = None, secure_aggregation: SecureOpt = None,
-        allow_nonconvergence: AllowNonconvergenceOpt = False, json_out: JsonOption = None,
-        quiet: QuietOption = False, debug: DebugOption = False) -> None:
+        weights: WeightsOpt = None, offset: OffsetOpt = None, ddf: DdfOpt = "satterthwaite", ci: CiOpt = "wald",
+        diagnostics: DiagnosticsOpt = False, seed: SeedOpt = 0, plots: PlotsOpt = None,
+        secure_aggregation: SecureOpt = None, allow_nonconvergence: AllowNonconvergenceOpt = False,
+        json_out: JsonOption = None, quiet: QuietOption = False, debug: DebugOption = False) -> None:
     """Fit a GLMM federated over sites and print an lme4-style summary."""
     set_debug(debug)
     req = _request(ctx, formula, family, link, nagq=nagq, reml=reml, method=method, curvature=curvature,
-                   moments=moments, penalty=penalty, na_action=na_action)
+                   moments=moments, penalty=penalty, na_action=na_action, weights=weights, offset=offset)
     from ..model.options import analysis_request
 
     analysis = _option(ctx, lambda _: analysis_request(ddf, ci, 0.95, diagnostics, seed), None)
@@ -184,7 +194,7 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
             raise UsageError("--ci profile and --diagnostics need rounds at the sites; summary files have none",
                              ctx=ctx)
         res = fit_summaries(list(summaries) + data, formula, family=family, link=link, nagq=nagq, reml=reml,
-                            curvature=curvature)
+                            curvature=curvature, weights=weights, offset=offset)
         res.ddf = analysis.ddf
         emit(res)
         return
@@ -199,7 +209,8 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
     config = SiteConfig.load(site_config) if site_config is not None else None
     # only the columns the model uses are read (Parquet by column; text files parsed for those columns only;
     # every column for a formula with '.')
-    sites = load_sites(data, site_column, sep=sep, encoding=encoding, columns=used_columns(formula, site_column))
+    sites = load_sites(data, site_column, sep=sep, encoding=encoding,
+                       columns=used_columns(formula, site_column, weights, offset))
     from ..model.options import expand_request
 
     req = expand_request(req, next(iter(sites.values())).columns, site_column)     # y ~ .
@@ -227,11 +238,12 @@ def summarize(
         help="This site's site.toml: its rules are applied (its min_group replaces --min-group) and the "
              "message is recorded in its audit log.")] = None,
     na_action: NaActionOpt = "omit", sep: SepOpt = None, encoding: EncodingOpt = None,
-    debug: DebugOption = False,
+    weights: WeightsOpt = None, offset: OffsetOpt = None, debug: DebugOption = False,
 ) -> None:
     """Write this site's one-shot message as readable JSON, for the data steward to review and send."""
     set_debug(debug)
-    req = _request(ctx, formula, family, link, method="oneshot", moments=moments, na_action=na_action)
+    req = _request(ctx, formula, family, link, method="oneshot", moments=moments, na_action=na_action,
+                   weights=weights, offset=offset)
     sep, encoding = _reading(ctx, sep, encoding)
     import json
 
@@ -251,7 +263,7 @@ def summarize(
     config = SiteConfig.load(site_config) if site_config is not None else None
     site = Site(site_id or data.stem, frame, min_group=min_group, config=config)
     request = protocol.request("oneshot", formula=req.formula, family=family, link=link, order=moments,
-                               **na_payload(req.na_action))
+                               **na_payload(req.na_action), **req.spec.columns_payload)
     msg = protocol.decode(site.handle(protocol.encode(request)))
     if "error" in msg:
         raise SiteRefusal(msg["error"])

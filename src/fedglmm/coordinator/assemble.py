@@ -47,6 +47,7 @@ class Assembled:
     level_sites: pd.Series | None = None        # the site of each group level
     design_moments: dict | None = None          # pooled n, column sums, XᵀX and ZᵀZ (user scale)
     trace: list = field(default_factory=list)   # per Newton round: round, objective, Newton decrement
+    dispersion: dict | None = None              # negative binomial {"theta", "se"}, Gamma {"sigma", "se"}
 
 
 def method_name(family: Family, options: FitOptions, q: int) -> str:
@@ -112,14 +113,18 @@ def _factor_effects(st: Setup, est: Estimate, messages: list):
                         f"{'s' if nwithheld != 1 else ''} (levels smaller than a site's min_group): ranef() "
                         "shows NaN for them and predict() leaves their effects out")
     return theta, cov_re, modes, condsd
+
+
 def runaway_message(est: Estimate, st: Setup, group: str | None) -> str | None:
     """"not converged: ..." naming the coefficients or variances that run off (:mod:`~fedglmm.likelihood.runaway`),
     or None."""
     if est.info is None:
         return None
     p = len(st.names)
-    idx = runaway(est.path, np.r_[est.gamma, est.theta], est.info, p, diagonal_positions(st.mask),
+    idx = runaway(est.path, np.r_[est.gamma, est.theta, est.disp], est.info, p, diagonal_positions(st.mask),
                   st.names.index("Intercept") if "Intercept" in st.names else None)
+    # a dispersion growing without bound is the family's boundary (negative binomial: the poisson limit)
+    idx = idx[idx < p + len(est.theta)]
     if not len(idx):
         return None
     r_idx, c_idx = theta_index(st.mask)
@@ -176,14 +181,26 @@ def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec,
         formula=formula, family=family, method=method, nagq=options.nagq, reml=bool(options.reml and gaussian),
         fixef=pd.Series(beta, index=names), vcov=pd.DataFrame(vcov, index=names, columns=names), cov_re=cov_re,
         residual_sd=float(np.sqrt(est.sigma2)) if gaussian else None, loglik=float(est.loglik),
-        n_params=p + int(mask.sum()) + (1 if gaussian else 0), nobs=st.n,
+        n_params=p + int(mask.sum()) + (1 if gaussian else 0) + family.ndisp, nobs=st.n,
         ngroups=dict(st.factor_groups) if st.factor_groups else {group: st.ngroups} if group else {},
         converged=converged, group_name=group,
         modes=modes, condsd=condsd, theta=theta, spec=spec, schema=schema, messages=messages,
         df_satterthwaite=_satterthwaite(st, est, options) if gaussian else None, level_sites=where,
         trace=[{"round": int(r), "objective": f, "decrement": d} for r, f, d in est.trace],
         design_moments={"n": st.n, **{k: np.asarray(st.sums[k], float) for k in ("colsum", "xtx", "ztz")
-                                      if k in st.sums}})
+                                      if k in st.sums}},
+        dispersion=_dispersion(family, est))
+
+
+def _dispersion(family: Family, est: Estimate) -> dict | None:
+    """The dispersion parameter as glmmTMB reports it (negative binomial ϑ = e^ψ; Gamma σ = e^{−ψ/2}, the
+    coefficient of variation), with its standard error by the delta method from that of ψ."""
+    if not family.ndisp:
+        return None
+    psi = float(est.disp[0])
+    var = float(est.vcov_disp[0, 0]) if est.vcov_disp is not None and est.vcov_disp.size else float("nan")
+    return {family.dispersion_name: family.dispersion(psi),
+            "se": abs(family.dispersion_slope(psi)) * float(np.sqrt(var)) if var >= 0 else float("nan")}
 
 
 def _satterthwaite(st: Setup, est: Estimate, options: FitOptions) -> pd.Series | None:

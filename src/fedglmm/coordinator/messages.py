@@ -2,7 +2,7 @@
 the fit, and mapped from each site's own coding (a column per factor level it has) to the agreed design."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,7 +18,9 @@ SUM_AXES = {"colsum": "x", "colsq": "x", "xtx": "xx", "ztz": "zz",
             "st_aa": "zz", "st_ab": "zz", "st_bb": "zz", "st_at": "zzx", "st_bt": "zzx", "st_tt": "zxzx",
             "st_ww": "zzzz", "st_w": "zz", "xtwx": "xx", "xtwz": "x",
             "mom_ss": "zz", "mom_st": "zzx", "mom_tt": "zxzx", "mom_ww": "zzzz", "mom_w": "zz",
-            "xty": "x", "yty": ""}
+            "xty": "x", "yty": "",
+            "mom_w2": "zz", "st_wxx": "xx", "st_wxz": "x", "st_wzz": "", "st_wdf": "", "st_z1": "", "st_z2": "",
+            "ldw": ""}
 BLOCK_AXES = {"n": "g", "XtX": "gxx", "Xty": "gx", "yty": "g", "ZtX": "gzx", "ZtZ": "gzz", "Zty": "gz"}
 
 
@@ -45,6 +47,8 @@ class Merged:
     setup: dict            # per site: a set-up reply in the agreed coding
     blocks: dict           # per site: its per-group blocks in the agreed coding (or None)
     refused: list
+    unsupported: bool = False   # a site sent no per-group summaries because the model has none to send
+    own: dict = field(default_factory=dict)   # per site: its own fit (the hybrid's start), in the agreed coding
 
 
 def _remap(arr, axes: str, xmap: np.ndarray, zmap) -> np.ndarray:
@@ -90,10 +94,12 @@ def _zmap(znames, zgroups, site_names, site_groups) -> np.ndarray:
     return np.array([theirs.index(nm) if nm in theirs else -1 for nm in ours], dtype=np.int64)
 
 
-def merge_messages(messages: dict, formula: str, family: Family, transforms: dict | None = None) -> Merged:
+def merge_messages(messages: dict, formula: str, family: Family, transforms: dict | None = None,
+                   spec=None) -> Merged:
     """The sites' one-shot messages in the agreed coding (``transforms``: the pooled state of the formula's
-    stateful transforms, from the round before: :func:`fedglmm.coordinator.rounds.pooled_transforms`)."""
-    spec = parse_formula(formula)
+    stateful transforms, from the round before: :func:`fedglmm.coordinator.rounds.pooled_transforms`;
+    ``spec``, default the formula's: names the weights and offset columns the summaries were made with)."""
+    spec = parse_formula(formula) if spec is None else spec
     for sid, m in messages.items():
         if m.get("kind") != "oneshot":
             raise InputError(f"site '{sid}': not a one-shot summary")
@@ -101,12 +107,16 @@ def merge_messages(messages: dict, formula: str, family: Family, transforms: dic
                 or m["link"] != family.link:
             raise InputError(f"site '{sid}': its summaries were made for '{m['formula']}' ({m['family']}, "
                              f"{m['link']}), not for '{formula}' ({family.name}, {family.link})")
+        for key, want in (("weights", spec.weights), ("offset", spec.offset_column)):
+            if m.get(key) != want:
+                raise InputError(f"site '{sid}': its summaries were made with {key} "
+                                 f"{m.get(key) or 'none'}, not {want or 'none'}")
     orders = {m["order"] for m in messages.values()}
     if len(orders) > 1:
         raise InputError(f"the sites' summaries use different moment orders: {sorted(map(str, orders))}")
     schema = merge_schema({sid: m["description"] for sid, m in messages.items()}, spec, family, transforms)
     names, znames, mask, zgroups = global_names(spec, schema, family)
-    setup, blocks, refused = {}, {}, []
+    setup, blocks, refused, own = {}, {}, [], {}
     for sid, m in messages.items():
         xmap = np.array([m["x_names"].index(nm) if nm in m["x_names"] else -1 for nm in names], dtype=np.int64)
         zmap = _zmap(znames, zgroups, m["z_names"], m.get("z_groups", []))
@@ -118,6 +128,8 @@ def merge_messages(messages: dict, formula: str, family: Family, transforms: dic
                       "theta_mask": mask, **({"z_groups": zgroups} if zgroups else {}), **sums}
         if m.get("refused"):
             refused.append(m["refused"])
+        if m.get("local") is not None:
+            own[sid] = _own_fit(m["local"], xmap, zmap)
         g = m.get("groups")
         if not g:
             blocks[sid] = None
@@ -131,4 +143,13 @@ def merge_messages(messages: dict, formula: str, family: Family, transforms: dic
                            **{k: _remap(g[k], BLOCK_AXES[k], xmap, zmap) for k in BLOCK_AXES}}
         else:
             blocks[sid] = dict(g, x_names=m["x_names"], z_names=m["z_names"])
-    return Merged(spec, schema, family, names, znames, mask, setup, blocks, refused)
+    return Merged(spec, schema, family, names, znames, mask, setup, blocks, refused,
+                  any(m.get("unsupported") for m in messages.values()), own)
+
+
+def _own_fit(local: dict, xmap, zmap) -> dict:
+    """A site's own fit; sent as information sums in its own coding (:mod:`fedglmm.site.own_fit`), mapped to
+    the agreed one."""
+    if "xinfo" not in local:
+        return local
+    return dict(local, xinfo=_remap(local["xinfo"], "xx", xmap, zmap), xinfo_b=_remap(local["xinfo_b"], "x", xmap, zmap))

@@ -162,7 +162,7 @@ def _start(session, L: Layout):
         x = np.r_[est.gamma, est.theta, 0.5 * np.log(est.sigma2)]
         f, _, H = lmm_objective(x, s, L)
         return x, f, H
-    return np.r_[est.gamma, est.theta], -float(est.loglik), np.asarray(est.info, float)
+    return np.r_[est.gamma, est.theta, est.disp], -float(est.loglik), np.asarray(est.info, float)
 
 
 def _center_step(center: Point) -> list[np.ndarray]:

@@ -23,7 +23,7 @@ from .surrogate import surrogate_model
 
 def agree_schema(transport, formula: str, spec: ModelSpec, family: Family, na_action: str = "omit") -> Schema:
     """Round 1: each site describes its columns, levels and groups; one schema comes back."""
-    desc = transport.broadcast(request("describe", formula=formula, **na_payload(na_action)))
+    desc = transport.broadcast(request("describe", formula=formula, **na_payload(na_action), **spec.columns_payload))
     return merge_schema(desc, spec, family)
 
 
@@ -38,11 +38,13 @@ def pooled_transforms(transport, formula: str, spec: ModelSpec, family: Family, 
     return agree_schema(transport, formula, spec, family, na_action).transforms
 
 
-def setup_request(formula: str, family: Family, options: FitOptions, schema: Schema, na_action: str = "omit") -> dict:
-    """Round 2 (or riding on the first evaluation): each site builds its design in the agreed coding."""
+def setup_request(formula: str, family: Family, options: FitOptions, schema: Schema, na_action: str = "omit",
+                  columns: dict | None = None) -> dict:
+    """Round 2 (or riding on the first evaluation): each site builds its design in the agreed coding.
+    ``columns``: the weights and offset columns (:attr:`~fedglmm.model.spec.ModelSpec.columns_payload`)."""
     return request("setup", formula=formula, family=family.name, link=family.link, nagq=options.nagq,
                    reml=options.reml, curvature=options.curvature,
-                   schema=schema_payload(schema), **na_payload(na_action))
+                   schema=schema_payload(schema), **na_payload(na_action), **(columns or {}))
 
 
 def schema_payload(schema: Schema) -> dict:

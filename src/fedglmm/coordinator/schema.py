@@ -78,7 +78,7 @@ def _check_outcome_kinds(spec: ModelSpec, kinds: dict, levels: dict, fam) -> Non
             shown = ", ".join(levels[spec.response][:5])
             raise SchemaError(f"binomial outcome '{spec.response}' must have two levels (failure, success); "
                               f"it has {len(levels[spec.response])}: {shown}")
-    exprs = ([spec.response] if spec.response not in kinds else []) + [spec.failures, *spec.offsets]
+    exprs = ([spec.response] if spec.response not in kinds else []) + [spec.failures, *spec.offsets, spec.weights]
     for expr in filter(None, exprs):
         bad = [c for c in expression_columns(expr) if kinds.get(c) == "categorical"]
         if bad:
@@ -118,7 +118,7 @@ def global_names(spec, schema: Schema, family: Family):
         if col in schema.levels:
             row[col] = [schema.levels[col][0]]
         else:
-            row[col] = [0.0 if col == spec.response else 1.0]
+            row[col] = [1.0]                    # a valid outcome of every family, and a weight
     for col in spec.grouping_columns:
         row.setdefault(col, ["g"])
     d = build_design(spec, schema, pd.DataFrame(row), family, "coordinator")
@@ -138,6 +138,9 @@ def check_outcome(st: Setup, spec: ModelSpec, family: Family) -> None:
             each = "every row" if trials == st.n else "every trial"
             raise InputError(f"binomial outcome '{spec.response}' is {what} in {each} at every site: the "
                              "outcome is constant and there is nothing to fit")
+    if family.name == "negative_binomial" and "st_z1" in sums and float(sums["st_z1"]) == 0:
+        raise InputError(f"negative binomial outcome '{spec.response}' is 0 in every row at every site: the "
+                         "outcome is constant and there is nothing to fit")
     if family.name == "poisson" and "xtwx" in sums and "Intercept" in st.names:
         k = st.names.index("Intercept")
         total = float(sums["xtwx"][k, k]) - 0.5 * st.n        # Σ w = Σ (y + ½) at the start μ = y + ½

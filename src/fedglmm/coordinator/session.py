@@ -118,6 +118,7 @@ class Session:
         return self.family.name == "gaussian"
 
     def point(self) -> np.ndarray:
-        """The estimate as the sites evaluate it: θ̃ (gaussian) or φ = (γ, θ̃)."""
+        """The estimate as the sites evaluate it: θ̃ (gaussian) or φ = (γ, θ̃), followed by the log-dispersion ψ
+        for a family with one."""
         est = self.estimate
-        return np.asarray(est.theta, float) if self.gaussian else np.r_[est.gamma, est.theta]
+        return np.asarray(est.theta, float) if self.gaussian else np.r_[est.gamma, est.theta, est.disp]

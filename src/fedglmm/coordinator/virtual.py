@@ -154,7 +154,7 @@ def fit_stand_ins(parts: dict, spec: ModelSpec, family: Family, options: FitOpti
     pooled state of the formula's stateful transforms, kept in the schema for prediction)."""
     schema = merge_schema({sid: {"site": sid, **p.description} for sid, p in parts.items()}, spec, family,
                           transforms)
-    st = make_setup({sid: p.setup for sid, p in parts.items()})
+    st = make_setup({sid: p.setup for sid, p in parts.items()}, family.ndisp)
     evaluator = LocalEvaluator(*part_engines(parts, st))
     if family.name == "gaussian":
         return schema, st, fit_lmm(evaluator, st, options)

@@ -72,10 +72,12 @@ class Estimate:
     converged: bool
     messages: list = field(default_factory=list)
     sigma2: float | None = None     # gaussian: the residual variance
-    info: np.ndarray | None = None  # GLMM: the information of (γ, θ̃) at the estimate
+    info: np.ndarray | None = None  # GLMM: the information of (γ, θ̃, ψ) at the estimate
     trace: list = field(default_factory=list)   # (round, objective, Newton decrement) of the iteration
     path: tuple | None = None       # GLMM: x, H (and g) of −ℓ at the last two accepted points, for the
                                     # check of estimates that run off (:mod:`fedglmm.likelihood.runaway`)
+    disp: np.ndarray = field(default_factory=lambda: np.zeros(0))   # ψ: the log-dispersion (NB, Gamma)
+    vcov_disp: np.ndarray | None = None                              # its covariance
 
 
 def canonical_theta(theta, mask):
@@ -142,8 +144,11 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
              model=None) -> Estimate:
     """Newton on −ℓ(γ, θ̃) (plus the penalty, applied here: the parts never see λ) from (γ0, θ̃0) and
     ``starts`` (further points of the first round; default: the start's covariance halved and doubled).
-    ``model``: a local step model for the optimiser (:func:`fedglmm.coordinator.surrogate.surrogate_model`)."""
+    ``model``: a local step model for the optimiser (:func:`fedglmm.coordinator.surrogate.surrogate_model`).
+    A family with a dispersion parameter (``setup.ndisp``) has its ψ as the last entries of θ̃0 and of
+    every point."""
     p, mask = len(gamma0), setup.mask
+    k = int(np.sum(mask))
     P = _penalty_matrix(setup.A, setup.names, p, options.penalty) if options.penalty else None
 
     def penalised(x, f, g, H):
@@ -167,9 +172,9 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     if starts is None:
         # the first round also tries the start covariance halved and doubled (local work, no extra round);
         # not with several grouping factors, whose joint moment start gains nothing from them on average
-        starts = [np.concatenate([gamma0, f * theta0]) for f in (np.sqrt(0.5), np.sqrt(2.0))] \
-            if len(theta0) and not setup.factor_groups else []
-    canon = lambda x: np.r_[x[:p], canonical_theta(x[p:], mask)]   # noqa: E731
+        starts = [np.concatenate([gamma0, f * theta0[:k], theta0[k:]]) for f in (np.sqrt(0.5), np.sqrt(2.0))] \
+            if k and not setup.factor_groups else []
+    canon = lambda x: np.r_[x[:p], canonical_theta(x[p:p + k], mask), x[p + k:]]   # noqa: E731
     # with several grouping factors the optimiser also tries zero variances (not with one: unchanged fits)
     edge = tuple(p + boundary_positions(mask)) if setup.factor_groups else ()
     opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts, model=model,
@@ -182,18 +187,20 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     messages = []
     try:
         cov = np.linalg.inv(np.linalg.cholesky(info))
-        vcov_gamma = (cov.T @ cov)[:p, :p]
+        cov = cov.T @ cov
+        vcov_gamma, vcov_disp = cov[:p, :p], cov[p + k:, p + k:]
     except np.linalg.LinAlgError:
         messages.append("the Hessian is not positive definite at the estimate (a variance may be at its "
                         "boundary); standard errors are conditional on the variance parameters")
         vcov_gamma = np.linalg.inv(info[:p, :p])
+        vcov_disp = np.linalg.inv(info[p + k:, p + k:]) if len(phi) > p + k else np.zeros((0, 0))
     # the estimate is the last point plus its Newton step: its log-likelihood to second order
     step = phi - opt.point
     loglik = float(s["value"] + s["grad"] @ step + 0.5 * step @ s["hess"] @ step)
     path = None if opt.previous is None or opt.current is None else \
         (opt.previous.x, opt.previous.H, opt.current.x, opt.current.H, opt.current.g)
-    return Estimate(phi[:p], canonical_theta(phi[p:], mask), vcov_gamma, loglik, final, opt.converged, messages,
-                    info=info, trace=list(opt.trace), path=path)
+    return Estimate(phi[:p], canonical_theta(phi[p:p + k], mask), vcov_gamma, loglik, final, opt.converged,
+                    messages, info=info, trace=list(opt.trace), path=path, disp=phi[p + k:], vcov_disp=vcov_disp)
 
 
 def _information_at_estimate(opt, info, estimate):
@@ -286,5 +293,6 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None)
         beta, sigma2, dev, A = pr.beta, pr.sigma2, pr.dev, s["A"]
     return Estimate(beta, canonical_theta(theta, mask), sigma2 * np.linalg.inv(A),
                     # REML's constant depends on how X is parametrised: report it for the user's columns
-                    -0.5 * dev + (np.linalg.slogdet(setup.A)[1] if options.reml else 0.0),
+                    -0.5 * dev + (np.linalg.slogdet(setup.A)[1] if options.reml else 0.0)
+                    + 0.5 * float(setup.sums.get("ldw", 0.0)),
                     final, converged, [], sigma2=sigma2, trace=trace)

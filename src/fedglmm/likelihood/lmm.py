@@ -7,7 +7,9 @@ Q_i = ZᵢᵀXᵢ, r_i = Zᵢᵀyᵢ, Woodbury gives V_i⁻¹ = I − Z_i K_i Z_
     A(θ) = Σ XᵀV⁻¹X = XᵀX − Σ_i Q_iᵀ K_i Q_i,    b(θ) = XᵀV⁻¹y = Xᵀy − Σ_i Q_iᵀ K_i r_i,
     c(θ) = yᵀV⁻¹y = yᵀy − Σ_i r_iᵀ K_i r_i,       d(θ) = Σ_i log det V_i = Σ_i log det(I + P_iΣ).
 
-These four are sums over groups, hence over sites.  The coordinator profiles β and σ out:
+These four are sums over groups, hence over sites.  Precision weights w (row variance σ²/w, lmer's
+``weights``) scale each row of y, X and Z by √w; n counts the rows with w > 0, and the log-likelihood gains
+½ Σ log w (sent once, in the set-up reply: :func:`fedglmm.likelihood.setup.log_weights`).  The coordinator profiles β and σ out:
 β̂ = A⁻¹b, RSS = c − bᵀβ̂, and (Laird & Ware; Bates et al. 2015, J. Stat. Softw. 67(1), eq. 34 and 41)
 
     −2ℓ_ML(θ)   = d + n (1 + log(2π RSS / n)),
@@ -34,6 +36,10 @@ class LMMSums:
         y = np.asarray(design.y, float) - np.asarray(design.offset, float)
         Z = np.asarray(design.Z, float)
         self.n, self.p = X.shape
+        if getattr(design, "weighted", False):
+            w = np.asarray(design.trials, float)
+            r = np.sqrt(w)
+            X, y, Z, self.n = X * r[:, None], y * r, Z * r[:, None], int(np.sum(w > 0))
         self.q = Z.shape[1]
         self.theta_r, self.theta_c = theta_index(design.theta_mask)
         self.ntheta = len(self.theta_r)

@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import InputError
 from ..model.families import Family
 from ..model.spec import Design, theta_index
-from .start_sums import factor_start_sums, start_sums  # noqa: F401  (start_sums: re-exported)
+from .start_sums import factor_start_sums, log_weights, start_sums  # noqa: F401  (start_sums: re-exported)
 
 
 def setup_reply(d: Design, family: Family) -> dict:
@@ -27,6 +27,8 @@ def setup_reply(d: Design, family: Family) -> dict:
         reply.update(factor_start_sums(d, family))
     elif family.name != "gaussian":
         reply.update(start_sums(d, family))
+    if family.name == "gaussian" and d.weighted:
+        reply["ldw"] = log_weights(d.trials)
     return reply
 
 
@@ -84,6 +86,7 @@ class Setup:
     zs: np.ndarray              # Z̃ = Z / zs
     factor_groups: dict = field(default_factory=dict)
     zgroups: list = field(default_factory=list)
+    ndisp: int = 0              # dispersion parameters (ψ, the last coordinates of a GLMM's parameters)
 
     def factor_columns(self) -> dict:
         """{factor: its Z columns} (several grouping factors only)."""
@@ -99,16 +102,19 @@ class Setup:
         return self.zs[theta_index(self.mask)[0]] if self.mask.shape[0] else np.zeros(0)
 
     def internal_transform(self) -> np.ndarray:
-        """T with (γ, θ̃) = T (β, θ): the internal scale from the user's (γ = A⁻¹β, θ̃ = diag(zs) θ)."""
+        """T with (γ, θ̃, ψ) = T (β, θ, ψ): the internal scale from the user's (γ = A⁻¹β, θ̃ = diag(zs) θ;
+        the log-dispersion ψ as it is)."""
         p, ts = len(self.names), self.theta_scale
-        T = np.zeros((p + len(ts), p + len(ts)))
+        k = p + len(ts)
+        T = np.eye(k + self.ndisp)
         T[:p, :p] = np.linalg.solve(self.A, np.eye(p))
-        T[p:, p:] = np.diag(ts)
+        T[p:k, p:k] = np.diag(ts)
         return T
 
 
-def make_setup(replies: dict) -> Setup:
-    """Scaling and counts from the parts' set-up replies (in the global coding; see :func:`setup_reply`)."""
+def make_setup(replies: dict, ndisp: int = 0) -> Setup:
+    """Scaling and counts from the parts' set-up replies (in the global coding; see :func:`setup_reply`);
+    ``ndisp``: the family's dispersion parameters."""
     first = next(iter(replies.values()))
     names, znames = list(first["x_names"]), list(first["z_names"])
     mask = np.asarray(first["theta_mask"], bool)
@@ -123,4 +129,5 @@ def make_setup(replies: dict) -> Setup:
     check_rank(names, A.T @ sums["xtx"] @ A)
     zs = np.sqrt(np.diag(sums["ztz"]) / n) if mask.shape[0] else np.ones(0)   # Z̃ = Z / zs: Λ̃ = diag(zs) Λ
     zs = np.where(zs > 0, zs, 1.0)
-    return Setup(names, znames, mask, n, ngroups, sums, A, zs, factor_groups, list(first.get("z_groups", [])))
+    return Setup(names, znames, mask, n, ngroups, sums, A, zs, factor_groups, list(first.get("z_groups", [])),
+                 int(ndisp))

@@ -9,8 +9,22 @@ from ..model.families import Family
 from ..model.spec import Design
 from .sparse import _unique_pairs, aggregator
 
-MOMENT_KEYS = ("mom_ss", "mom_st", "mom_tt", "mom_ww", "mom_w")
+MOMENT_KEYS = ("mom_ss", "mom_st", "mom_tt", "mom_ww", "mom_w", "mom_w2")
 BINOMIAL_KEYS = ("st_aa", "st_ab", "st_bb", "st_at", "st_bt", "st_tt", "st_ww", "st_w")
+
+
+def from_null_model(family: Family) -> bool:
+    """Whether the start is one IRLS step from the intercept-only model
+    (:func:`fedglmm.likelihood.starts.null_step_start`): binomial, and Gamma with the inverse or identity
+    link (its step from μ = y would weight the rows by y⁻⁴ or y⁻²)."""
+    return family.name == "binomial" or (family.name == "gamma" and family.link != "log")
+
+
+def log_weights(w) -> float:
+    """Σ log w over the rows with a positive precision weight: a gaussian model's log-likelihood gains half
+    of it (the rows' variances are σ²/w), as lmer's."""
+    w = np.asarray(w, float)
+    return float(np.sum(np.log(w[w > 0])))
 
 
 def start_sums(d, family) -> dict:
@@ -22,14 +36,19 @@ def start_sums(d, family) -> dict:
     estimate of Σ the same holds per group, through the moments of A_g = Σ ζ_j y_j, B_g = Σ ζ_j m_j,
     T_g = Σ m_j ζ_j x_jᵀ and W_g = Σ m_j ζ_j ζ_jᵀ (see :func:`fedglmm.likelihood.starts.null_step_start`).
 
-    Poisson: one IRLS step from μ = y + ½ (near each count, so log y is linearised where it is accurate
-    even for large random-effect variances), with the moments of the working residuals per group (see
-    :func:`fedglmm.likelihood.starts.moment_start`).
+    Poisson (and negative binomial): one IRLS step from μ = y + ½ (near each count, so log y is linearised
+    where it is accurate even for large random-effect variances), with the moments of the working
+    residuals per group (see :func:`fedglmm.likelihood.starts.moment_start`); Gamma with the log link: the
+    same from μ = y; Gamma with the inverse or identity link: as binomial, with V(μ) = μ².
+
+    Families with a dispersion parameter add the within-group regression sums of :func:`within_sums`.
     """
     y, X, Zm = d.y, d.X, d.Z
     st = d.starts
-    if family.name == "binomial":
+    if from_null_model(family):
         v = d.trials
+        if family.name != "binomial":       # Gamma: the prior weights multiply each row's contribution
+            y = v * y
         out = {"st_xvx": (X * v[:, None]).T @ X, "st_xv": X.T @ v, "st_xy": X.T @ y,
                "st_sy": float(y.sum()), "st_sv": float(v.sum())}
         if Zm.shape[1]:
@@ -41,14 +60,41 @@ def start_sums(d, family) -> dict:
                         "st_at": np.einsum("ga,gbk->abk", A_g, T_g), "st_bt": np.einsum("ga,gbk->abk", B_g, T_g),
                         "st_tt": np.einsum("gak,gbl->akbl", T_g, T_g),
                         "st_ww": np.einsum("gab,gcd->abcd", W_g, W_g), "st_w": W_g.sum(axis=0)})
+        if family.ndisp:
+            out.update(within_sums(d, np.log(d.y)))
         return out
-    eta = family.linkfun(y + 0.5)
-    d1, _, w, _ = family.derivs(y, d.trials, eta)
-    z = eta + d1 / w - d.offset            # IRLS working response
+    w, z = working_response(d, family)
     out = {"xtwx": (X * w[:, None]).T @ X, "xtwz": X.T @ (w * z)}
+    if family.ndisp:
+        out.update(within_sums(d, np.log(y) if family.name == "gamma" else y))
     if Zm.shape[1]:
         out.update(working_moments(Zm, X, w, z, st))
+        if family.name == "negative_binomial":
+            out["mom_w2"] = (Zm * (w * w)[:, None]).T @ Zm
     return out
+
+
+def working_response(d: Design, family: Family) -> tuple[np.ndarray, np.ndarray]:
+    """IRLS weights and working response (without the offset) of one step from μ = y + ½ (poisson, negative
+    binomial at ϑ = ∞) or μ = y (Gamma, log link)."""
+    y = d.y
+    eta = family.linkfun(y if family.name == "gamma" else y + 0.5)
+    d1, _, w, _ = family.derivs(y, d.trials, eta)
+    return w, eta + np.divide(d1, w, out=np.zeros_like(d1), where=w > 0) - d.offset
+
+
+def within_sums(d: Design, z: np.ndarray) -> dict:
+    """The regression of z (Gamma: log y; negative binomial: y) on X within the groups (each centred on its
+    group's means): XᵀX, Xᵀz and zᵀz of the centred columns, the rows less the groups, Σz and Σz².  Their
+    totals give a first dispersion estimate free of the random intercepts
+    (:func:`fedglmm.likelihood.starts.dispersion_start`)."""
+    st = d.starts if d.n else np.zeros(1, dtype=np.int64)
+    count = np.diff(np.r_[st, d.n])
+    gidx = np.repeat(np.arange(len(st)), count)
+    Xc = d.X - (np.add.reduceat(d.X, st, axis=0) / count[:, None])[gidx]
+    zc = z - (np.add.reduceat(z, st) / count)[gidx]
+    return {"st_wxx": Xc.T @ Xc, "st_wxz": Xc.T @ zc, "st_wzz": float(zc @ zc), "st_wdf": float(d.n - len(st)),
+            "st_z1": float(z.sum()), "st_z2": float(z @ z)}
 
 
 def working_moments(Zm, X, w, z, st) -> dict:

@@ -107,13 +107,14 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     transforms = pooled_transforms(transport, req.formula, req.spec, fam, req.na_action)    # center(x), ...: a round
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link, order=order,
                                           local={"nagq": options.nagq, "curvature": options.curvature},
-                                          **na_payload(req.na_action), **({"transforms": transforms} if transforms else {})))
-    merged = merge_messages(replies, req.formula, fam, transforms)
+                                          **na_payload(req.na_action), **({"transforms": transforms} if transforms else {}),
+                                          **req.spec.columns_payload))
+    merged = merge_messages(replies, req.formula, fam, transforms, req.spec)
     secure = bool(getattr(transport, "secure", False))
-    st = None if secure else make_setup(merged.setup)
+    st = None if secure else make_setup(merged.setup, fam.ndisp)
     if st is not None:
         check_outcome(st, req.spec, fam)
-    own = {sid: r["local"] for sid, r in replies.items() if r.get("local") is not None}
+    own = merged.own
     pseudo = _pseudo_fit(merged, replies, req, seed) if any(b is not None for b in merged.blocks.values()) \
         else None
     if pseudo is not None and fam.name == "gaussian" and not merged.refused:
@@ -121,18 +122,19 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         run = RunStats(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
                        time.perf_counter() - t0, tuple(replies), secure)
         res = FitResult.build(pseudo[1], run)
-        link = Link(transport, setup=setup_request(req.formula, fam, options, merged.schema, req.na_action))
+        link = Link(transport, setup=setup_request(req.formula, fam, options, merged.schema, req.na_action,
+                                                   req.spec.columns_payload))
         res.session = Session(link, req.formula, fam, options, req.spec, merged.schema, pseudo[2], pseudo[3])
         return res
-    payload = setup_request(req.formula, fam, options, merged.schema, req.na_action)
+    payload = setup_request(req.formula, fam, options, merged.schema, req.na_action, req.spec.columns_payload)
     if secure:                 # the site totals come only as their total, in a masked set-up round
-        st = make_setup(transport.broadcast(payload))
+        st = make_setup(transport.broadcast(payload), fam.ndisp)
         check_outcome(st, req.spec, fam)
     start, surrogate = _starts(req, st, merged, own, pseudo)
     est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
                    surrogate=surrogate)
     fit = assemble(req.formula, fam, options, req.spec, merged.schema, st, est)
-    if merged.refused:
+    if merged.refused and not merged.unsupported:
         fit.messages.append(_note(replies, merged, own, pseudo))
     res = FitResult.build(fit, RunStats.of(transport, t0))
     res.session = Session(Link(transport, payload), req.formula, fam, options, req.spec, merged.schema, st, est)

@@ -28,8 +28,8 @@ def fit_iterative(transport, req: FitRequest) -> FitResult:
     """Fit by exact Newton rounds over the sites reached through ``transport``."""
     t0 = time.perf_counter()
     schema = agree_schema(transport, req.formula, req.spec, req.family, req.na_action)
-    payload = setup_request(req.formula, req.family, req.options, schema, req.na_action)
-    setup = make_setup(transport.broadcast(payload))
+    payload = setup_request(req.formula, req.family, req.options, schema, req.na_action, req.spec.columns_payload)
+    setup = make_setup(transport.broadcast(payload), req.family.ndisp)
     check_outcome(setup, req.spec, req.family)
     est = estimate(transport, setup, req.family, req.options)
     parts = assemble(req.formula, req.family, req.options, req.spec, schema, setup, est)

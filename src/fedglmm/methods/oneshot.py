@@ -24,8 +24,8 @@ def fit_from_messages(messages: dict, req: FitRequest, rounds: int = 0, bytes_to
                       seed: int = 0, transforms: dict | None = None) -> FitResult:
     """The one-shot fit from the sites' messages (the method ``oneshot`` and ``fit --summaries``)."""
     t0 = time.perf_counter()
-    merged = merge_messages(messages, req.formula, req.family, transforms)
-    check_outcome(make_setup(merged.setup), req.spec, req.family)
+    merged = merge_messages(messages, req.formula, req.family, transforms, req.spec)
+    check_outcome(make_setup(merged.setup, req.family.ndisp), req.spec, req.family)
     if merged.refused:
         raise FedGLMMError(merged.refused[0])
     parts, diagnostics = stand_ins(merged, messages, req.options, seed)
@@ -53,9 +53,10 @@ def fit_oneshot(transport, req: FitRequest, seed: int = 0) -> FitResult:
     transforms = pooled_transforms(transport, req.formula, req.spec, fam, req.na_action)    # center(x), ...: a round
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link,
                                           order=req.moments, **na_payload(req.na_action),
-                                          **({"transforms": transforms} if transforms else {})))
+                                          **({"transforms": transforms} if transforms else {}),
+                                          **req.spec.columns_payload))
     res = fit_from_messages(replies, req, transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
                             seed, transforms)
     res.session.link = Link(transport, setup=setup_request(req.formula, fam, req.options, res.session.schema,
-                                                           req.na_action))
+                                                           req.na_action, req.spec.columns_payload))
     return res

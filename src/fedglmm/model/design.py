@@ -46,6 +46,9 @@ def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
     where = f"site '{site}'"
     check_frame(df, variables(spec), where)
     kinds = {str(c): column_kind(dt) for c, dt in df.dtypes.items()}
+    for what, col in (("weights", spec.weights), ("offset", spec.offset_column)):
+        if col is not None and kinds.get(col) != "numeric":
+            raise InputError(f"{where}: {what} column '{col}' is not numeric{first_non_number(df[col], df)}")
     levels = {}
     marked = set(factor_columns(spec))
     for col in level_columns(spec, kinds):
@@ -89,7 +92,11 @@ def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site
     where = f"site '{site}'"
     parts = _model_parts(spec, schema, df, variables(spec), where, check=not checked)
     y, trials = _outcome(spec, schema, parts.frame, fam, where)
-    fam.validate(y, trials, where=f"at {where}", row=lambda i: row_name(df, i))
+    row = lambda i: row_name(df, i)      # noqa: E731
+    fam.validate(y, trials, where=f"at {where}", row=row,
+                 proportion=spec.weights is not None and not spec.failures and spec.response not in schema.levels)
+    if spec.weights is not None:
+        y, trials = _weighted(y, trials, _numeric(spec.weights, parts.frame, where, "weights"), fam, where, row)
     coded = [group_codes(factor_labels(df, spec, g)) for g in spec.groups]
     group, levels = coded[0] if coded else (np.zeros(len(df), dtype=np.int64), [NO_GROUP])
     order = np.argsort(group, kind="stable")
@@ -103,7 +110,7 @@ def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site
     return Design(y=y[order], trials=trials[order], offset=parts.offset[order], X=parts.X[order],
                   Z=parts.Z[order], group=group[order], group_levels=levels, x_names=parts.x_names,
                   z_names=parts.z_names, theta_mask=_theta_mask(spec, parts.z_widths), group_name=spec.group,
-                  factors=factors)
+                  factors=factors, weighted=spec.weights is not None)
 
 
 def _outcome(spec, schema, frame, fam, where) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +123,21 @@ def _outcome(spec, schema, frame, fam, where) -> tuple[np.ndarray, np.ndarray]:
     trials = y + _numeric(spec.failures, frame, where, "outcome", schema.transforms) if spec.failures \
         else np.ones_like(y)
     return y, trials
+
+
+def _weighted(y, trials, w, fam, where, row) -> tuple[np.ndarray, np.ndarray]:
+    """(y, trials) with prior weights ``w`` (finite, ≥ 0): binomial, a proportion (or a cbind count) of
+    trials × w successes -- the cbind form, whole counts kept whole; the other families keep y and carry w
+    as ``trials`` (see :class:`~fedglmm.model.spec.Design`)."""
+    bad = ~(w >= 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{where}: weights must be ≥ 0: found {w[i]:g} in {row(i)}")
+    if fam.name != "binomial":
+        return y, w
+    succ, m = y * w, trials * w
+    whole = np.abs(succ - np.round(succ)) <= 1e-9 * np.maximum(1.0, m)
+    return np.where(whole, np.round(succ), succ), m
 
 
 def _theta_mask(spec: ModelSpec, widths: list[int]) -> np.ndarray:

@@ -16,9 +16,6 @@ FAMILIES = {
     "gaussian": (Family, ("identity",), "identity"),
     "binomial": (Family, ("logit", "probit", "cloglog"), "logit"),
     "poisson": (Family, ("log",), "log"),
-}
-# the families with a dispersion parameter, registered once the whole fit supports them
-DISPERSION_FAMILIES = {
     "negative_binomial": (NegativeBinomial, ("log",), "log"),
     "gamma": (GammaFamily, ("inverse", "log", "identity"), "inverse"),
 }

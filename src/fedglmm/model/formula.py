@@ -56,6 +56,12 @@ def parse_formula(formula: str) -> ModelSpec:
     return _parse_cached(formula)
 
 
+def request_spec(req: dict) -> ModelSpec:
+    """The model a request names: its formula, and the weights and offset columns it carries (see
+    :attr:`ModelSpec.columns_payload`)."""
+    return parse_formula(req["formula"]).with_columns(req.get("weights"), req.get("offset"))
+
+
 @lru_cache(maxsize=256)
 def _parse_cached(formula: str) -> ModelSpec:
     """The parse itself; a ModelSpec is immutable, so every site and round can share one."""
@@ -75,8 +81,9 @@ def _parse_cached(formula: str) -> ModelSpec:
 def variables(spec: ModelSpec, *, outcome: bool = True, group: bool = True) -> list[str]:
     """Data columns the model uses, in order of first appearance.
 
-    The order is: outcome (and ``cbind`` failures), fixed part, random terms, grouping column, offsets.
-    ``outcome=False`` / ``group=False`` leave those out (prediction on new data needs neither).
+    The order is: outcome (and ``cbind`` failures), fixed part, random terms, grouping column, offsets,
+    prior weights.  ``outcome=False`` / ``group=False`` leave out the outcome and weights / the grouping
+    columns (prediction on new data needs none of them).
     Function names (``log``, ``I``, ``np.exp``) are not columns; ``Q('a b')`` names column ``a b``.
     """
     names: list[str] = []
@@ -89,6 +96,8 @@ def variables(spec: ModelSpec, *, outcome: bool = True, group: bool = True) -> l
         names += list(spec.grouping_columns)
     for off in spec.offsets:
         names += expression_columns(off)
+    if outcome and spec.weights is not None:
+        names.append(spec.weights)
     return list(dict.fromkeys(names))
 
 

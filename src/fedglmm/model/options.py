@@ -66,10 +66,12 @@ class FitRequest:
 
 def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1, reml=True,
                 method: str = "hybrid", curvature: str = "observed", moments=None, penalty=0.0,
-                newton: NewtonConfig | None = None, na_action: str = "omit") -> FitRequest:
+                newton: NewtonConfig | None = None, na_action: str = "omit", weights: str | None = None,
+                offset: str | None = None) -> FitRequest:
     """Validate everything the user chose, once.  A choice that is wrong whatever the data raises
     :class:`OptionError`; one that does not fit this model (nagq for a gaussian model, ...) raises
-    :class:`~fedglmm.errors.InputError`."""
+    :class:`~fedglmm.errors.InputError`.  ``weights`` and ``offset`` name columns (prior weights; an
+    offset beside any ``offset()`` of the formula)."""
     from .families import get_family
     from .formula import parse_formula
     from .rsyntax import has_dot, without_dot
@@ -78,6 +80,7 @@ def fit_request(formula: str, family="gaussian", link: str | None = None, nagq=1
     try:
         fam = get_family(family, link)
         spec = parse_formula(without_dot(formula) if dot else formula)
+        spec = spec.with_columns(_column_name(weights, "weights"), _column_name(offset, "offset"))
     except InputError as exc:
         raise OptionError(str(exc)) from None
     options, method, moments = _check_values(nagq, reml, method, curvature, moments, penalty, newton)
@@ -106,10 +109,20 @@ def expand_request(req: FitRequest, columns, site_column: str | None = None) -> 
     spec = req.spec
     exclude = expression_columns(spec.response) + (expression_columns(spec.failures) if spec.failures else [])
     exclude += list(spec.grouping_columns) + ([site_column] if site_column else [])
+    exclude += [c for c in (spec.weights, spec.offset_column) if c is not None]
     formula = expand_dot(req.formula, columns, exclude)
-    spec = parse_formula(formula)
+    spec = parse_formula(formula).with_columns(spec.weights, spec.offset_column)
     check_model(spec, req.family, req.options)
     return replace(req, formula=formula, spec=spec, dot=False)
+
+
+def _column_name(value, what: str) -> str | None:
+    """A column named by ``weights=`` or ``offset=``: None or a non-empty text."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(f"{what} must name a column of the data, not {value!r}")
+    return value.strip()
 
 
 def _check_values(nagq, reml, method, curvature, moments, penalty, newton):
@@ -174,6 +187,9 @@ def check_model(spec: ModelSpec, family: Family, options: FitOptions) -> None:
         raise InputError(f"the penalty must be a non-negative number, not {options.penalty}")
     if options.penalty and family.name == "gaussian":
         raise InputError("the L2 penalty is available for binomial and poisson models")
+    if family.ndisp and options.curvature == "expected":
+        raise InputError(f"curvature='expected' applies to binomial models; {family.name} models use the observed "
+                         "curvature (the exact Laplace approximation, as glmmTMB)")
     if family.name == "gaussian" and options.nagq > 1:
         raise InputError("nagq applies to binomial and poisson models; gaussian likelihoods are exact")
     if spec.random == () and options.nagq > 1:

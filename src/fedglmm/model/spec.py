@@ -69,7 +69,30 @@ class ModelSpec:
     failures: str | None              # cbind(successes, failures): failures expression, else None
     fixed: str                        # fixed-effects right-hand side for formulaic, e.g. "1 + age"
     random: tuple[RandomTerm, ...] = ()
-    offsets: tuple[str, ...] = ()     # expressions inside offset(...)
+    offsets: tuple[str, ...] = ()     # expressions inside offset(...), and the offset= column
+    weights: str | None = None        # the prior-weights column (weights=)
+    offset_column: str | None = None  # the column given as offset= (also the last of ``offsets``)
+
+    def with_columns(self, weights: str | None = None, offset: str | None = None) -> "ModelSpec":
+        """This model with a prior-weights column and an offset column given beside the formula (the
+        ``weights=`` and ``offset=`` of lme4 and glmmTMB)."""
+        from dataclasses import replace
+
+        if weights is None and offset is None:
+            return self
+        offsets = self.offsets + ((offset,) if offset is not None else ())
+        return replace(self, weights=weights, offset_column=offset, offsets=offsets)
+
+    @property
+    def columns_payload(self) -> dict:
+        """What a request carries besides the formula: the weights and offset columns, when there are
+        (nothing otherwise, so a request is the same bytes as before there was a choice)."""
+        out = {}
+        if self.weights is not None:
+            out["weights"] = self.weights
+        if self.offset_column is not None:
+            out["offset"] = self.offset_column
+        return out
 
     @property
     def group(self) -> str | None:
@@ -122,8 +145,10 @@ class Grouping:
 class Design:
     """One site's model matrices, rows sorted by group.
 
-    ``y`` holds successes for binomial, counts for poisson, values for gaussian; ``trials`` is 1 except
-    for ``cbind`` binomial outcomes.  ``group`` are codes 0..G-1 into ``group_levels`` and are
+    ``y`` holds successes for binomial, counts for poisson, values for gaussian; ``trials`` is the
+    binomial trials (1 for a 0/1 outcome), and for the other families the prior weight (gaussian:
+    precision weight; poisson, negative binomial, Gamma: the weight of the row's log-likelihood), 1 without
+    ``weights=``; ``weighted`` says that weights were given.  ``group`` are codes 0..G-1 into ``group_levels`` and are
     non-decreasing (rows sorted by group), so per-group sums are ``np.add.reduceat(.., starts)``.
     With several grouping factors, ``factors`` holds each one (:class:`Grouping`) and ``group`` /
     ``group_levels`` / ``group_name`` are those of the first, by which the rows are sorted.
@@ -141,6 +166,7 @@ class Design:
     theta_mask: np.ndarray                   # (q, q) lower-triangular bool pattern of Λ
     group_name: str | None = None
     factors: tuple[Grouping, ...] = ()      # several grouping factors (empty: ``group`` is the only one)
+    weighted: bool = False                  # prior weights were given (``trials`` holds them)
 
     @property
     def n(self) -> int:

@@ -213,14 +213,17 @@ def _loglik(family, y, m, eta, psi):
 
 
 def _moments(family, y, m, mu, scale):
-    """Per row: the variance of y/m at the mean μ and E[r⁴] of its Pearson residual.  ``scale``: σ
-    (gaussian), ϑ (negative binomial), ν (Gamma shape)."""
+    """Per row: the variance of the outcome at the mean μ and E[r⁴] of its Pearson residual.  ``scale``: σ
+    (gaussian), ϑ (negative binomial), ν (Gamma shape).  The outcome is y/m for the binomial (V(μ)/m); for
+    the others m is a prior weight: gaussian σ²/m (precision weights), poisson, negative binomial, Gamma
+    V(μ) (their weights multiply a row's log-likelihood, not its distribution)."""
     if family.name == "gaussian":
-        return np.full_like(mu, scale ** 2), np.full_like(mu, 3.0)
+        return scale ** 2 / m * np.ones_like(mu), np.full_like(mu, 3.0)
     if family.name == "poisson":
         return mu, 3.0 + 1.0 / np.maximum(mu, 1e-300)
     if family.name == "negative_binomial":
-        return mu + mu * mu / scale, 3.0 + 6.0 / scale + scale / np.maximum(mu * (mu + scale), 1e-300)
+        mu = np.maximum(mu, 1e-300)
+        return mu + mu * mu / scale, 3.0 + 6.0 / scale + scale / (mu * (mu + scale))
     if family.name == "gamma":
         return mu * mu / scale, np.full_like(mu, 3.0 + 6.0 / scale)
     pq = np.maximum(mu * (1.0 - mu), 1e-300)
@@ -229,7 +232,7 @@ def _moments(family, y, m, mu, scale):
 
 def _quantile_residual(family, y, m, mu, scale, v):
     if family.name == "gaussian":
-        return special.ndtr((y - mu) / scale)
+        return special.ndtr(np.sqrt(m) * (y - mu) / scale)
     if family.name == "gamma":
         return stats.gamma.cdf(y, scale, scale=mu / scale)
     if family.name == "poisson":
@@ -255,13 +258,14 @@ def residuals(d, family, eng, req, min_cell: int) -> dict:
     st = _state(d, eng, req)
     sigma = _scale(family, req, st)
     y, m = np.asarray(d.y, float), np.asarray(d.trials, float)
+    ym = y / m if family.name == "binomial" else y            # other families: m is a prior weight
     gkeys = group_keys(d.group_levels, req.get("seed", 0))
     rkeys = row_keys(d, gkeys)
     # at the modes (deterministic)
     eta = st["eta0"] + np.einsum("jc,jc->j", st["M"], st["mode"][d.group])
     mu = family.mean(eta)
     var, _ = _moments(family, y, m, mu, sigma)
-    e = y / m - mu
+    e = ym - mu
     r = e / np.sqrt(var)
     pedges = np.asarray(req["pearson_edges"], float)
     fedges = np.asarray(req["fitted_edges"], float)
@@ -274,7 +278,7 @@ def residuals(d, family, eng, req, min_cell: int) -> dict:
     eta_s = st["eta0"] + np.einsum("jc,jc->j", st["M"], b[d.group])
     mu_s = family.mean(eta_s)
     var_s, r4 = _moments(family, y, m, mu_s, sigma)
-    rs2 = (y / m - mu_s) ** 2 / var_s
+    rs2 = (ym - mu_s) ** 2 / var_s
     u = _quantile_residual(family, y, m, mu_s, sigma, uniforms(rkeys, 3)[:, 0])
     out["u"] = binned(np.minimum((u * U_BINS).astype(np.int64), U_BINS - 1), U_BINS, min_cell)
     out["draws"] = {"n": float(d.n), "sumsq": float(rs2.sum()), "var_sumsq": float(np.sum(r4 - 1.0))}

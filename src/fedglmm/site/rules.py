@@ -33,7 +33,7 @@ is sent):
   columns, ``C(x)`` terms, a factor outcome; not the grouping factor, which ``min_group`` governs) must
   have at least this many rows, and a binomial outcome at least this many successes and this many
   failures (rows with y = 1 and y = 0; for ``cbind(s, f)`` the totals of s and of f);
-* ``max_params_per_row``: (fixed-effect columns + random-effect covariance parameters) / rows, the
+* ``max_params_per_row``: (fixed-effect columns + random-effect covariance and dispersion parameters) / rows, the
   columns counted as the site sends them: the agreed design's in ``setup``, and in a one-shot message
   the site's own coding (a column for every factor level it has);
 * ``min_group``: a group's size counts its observations: rows, or trials for ``cbind(s, f)`` outcomes;
@@ -237,11 +237,13 @@ def check_cells(config: SiteConfig, site_id: str, spec, frame: pd.DataFrame) -> 
 def check_model(config: SiteConfig, site_id: str, spec, n: int, p: int, ntheta: int, family, successes=None,
                 trials=None) -> None:
     """Rules on the model: parameters per row and the binomial outcome classes."""
-    k = p + ntheta
+    nd = int(getattr(family, "ndisp", 0))
+    k = p + ntheta + nd
     if np.isfinite(config.max_params_per_row) and (n == 0 or k / n > config.max_params_per_row):
         ratio = "no rows" if n == 0 else f"{k / n:.3g} per row"
+        disp = f", {nd} dispersion parameter" if nd else ""
         refuse(config, site_id, f"{k} parameters ({p} fixed-effect column{'s' if p != 1 else ''}, {ntheta} "
-               f"covariance parameter{'s' if ntheta != 1 else ''}) for {n} rows is {ratio}, more than the "
+               f"covariance parameter{'s' if ntheta != 1 else ''}{disp}) for {n} rows is {ratio}, more than the "
                f"maximum of {config.max_params_per_row:g}", "max_params_per_row")
     if config.min_cell and family.name == "binomial":
         for what, count in (("successes", successes), ("failures", trials - successes)):

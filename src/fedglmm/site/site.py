@@ -25,7 +25,7 @@ from ..likelihood.engine import EngineCache, make_engine
 from ..likelihood.setup import setup_reply
 from ..model.design import build_design, describe_frame, transform_statistics
 from ..model.families import get_family
-from ..model.formula import parse_formula, variables
+from ..model.formula import request_spec, variables
 from ..model.frame import complete_rows
 from ..model.labels import number_rows
 from ..model.options import MIN_GROUP
@@ -113,7 +113,7 @@ class Site:
     def _used_rows(self, req, spec) -> tuple[pd.DataFrame, int]:
         """The rows the model uses -- those with a value in every column it names, unless the request says
         ``na_action: "fail"`` -- and how many were omitted.  The rules apply to the rows that remain."""
-        key = (req["formula"], req.get("na_action", "omit"))
+        key = (req["formula"], req.get("na_action", "omit"), req.get("weights"), req.get("offset"))
         if self._rows is None or self._rows[0] != key:
             rules.check_frame(self.config, self.site_id, spec, self.frame)     # allowed columns first
             frame, omitted = complete_rows(self.frame, variables(spec), f"site '{self.site_id}'", key[1])
@@ -124,7 +124,7 @@ class Site:
 
     # --- handlers -----------------------------------------------------------------------------------
     def _on_describe(self, req):
-        spec = parse_formula(req["formula"])
+        spec = request_spec(req)
         frame, omitted = self._used_rows(req, spec)
         desc = describe_frame(frame, spec, self.site_id)
         rules.check_cells(self.config, self.site_id, spec, frame)
@@ -138,13 +138,13 @@ class Site:
         return out
 
     def _on_oneshot(self, req):
-        spec = parse_formula(req["formula"])
+        spec = request_spec(req)
         frame, omitted = self._used_rows(req, spec)
         check_oneshot(self.site_id, req)
         self.limits.open_fit(self._session, frame, "oneshot")
         msg = summarize(frame, req["formula"], req["family"], req.get("link"), self.site_id,
                         order=req.get("order"), min_group=self.min_group, local=req.get("local"),
-                        transforms=req.get("transforms"))
+                        transforms=req.get("transforms"), weights=spec.weights, offset=spec.offset_column)
         rules.check_cells(self.config, self.site_id, spec, frame)
         self._allowed_only(msg["description"])
         if omitted:
@@ -165,7 +165,7 @@ class Site:
 
     def _build(self, req) -> None:
         """The design in the agreed coding, the rules' checks, and the engines (the set-up request)."""
-        spec = parse_formula(req["formula"])
+        spec = request_spec(req)
         self.design, self.family, self._engines, self._setup_bytes = None, None, None, None
         frame, _ = self._used_rows(req, spec)
         family = get_family(req["family"], req.get("link"))

@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..likelihood import fused
-from ..likelihood.setup import setup_reply, start_sums
+from ..likelihood.setup import log_weights, setup_reply, start_sums
 from ..likelihood.sparse import aggregator
 from ..model.design import build_design, describe_frame
 from ..model.families import get_family
@@ -45,14 +45,20 @@ def _local_schema(desc: dict, spec, transforms: dict | None = None) -> Schema:
 
 def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, site_id: str,
               order: int | None = None, min_group: int = MIN_GROUP, guard: bool = True, local: dict | None = None,
-              transforms: dict | None = None) -> dict:
+              transforms: dict | None = None, weights: str | None = None, offset: str | None = None) -> dict:
     """The site's one message (arrays as numpy; :func:`to_jsonable` makes the readable file).
 
     ``guard=False`` drops the rule that keeps the moments of groups they would pin down (for accuracy
     studies on public data only; the command line has no such switch).  ``local`` (the hybrid's request:
     ``{"nagq", "curvature"}``) asks, when groups are withheld, for the site's own fit of the withheld
-    groups taken together (:func:`fedglmm.site.own_fit.own_fit`)."""
-    spec = parse_formula(formula)
+    groups taken together (:func:`fedglmm.site.own_fit.own_fit`).  ``weights``, ``offset``: columns
+    (prior weights; an offset beside the formula's).
+
+    A model whose likelihood the shared moments do not carry -- a dispersion parameter (negative
+    binomial, Gamma: no moment of order 2 pins down the shape), poisson weights, binomial weights that
+    are not whole trials -- gets no per-group summaries (``unsupported``); the hybrid then starts from the
+    site's own fit or the site totals."""
+    spec = parse_formula(formula).with_columns(weights, offset)
     fam = get_family(family, link)
     desc = describe_frame(frame, spec, site_id)
     if is_stateful(spec) and not transforms:
@@ -63,7 +69,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     q = d.Z.shape[1]
     sums = {"colsum": d.X.sum(axis=0), "colsq": (d.X * d.X).sum(axis=0), "xtx": d.X.T @ d.X, "ztz": d.Z.T @ d.Z}
     if d.factors:
-        msg = _factors_message(d, fam, desc, sums, formula, site_id)
+        msg = dict(_factors_message(d, fam, desc, sums, formula, site_id), **spec.columns_payload)
         if fam.name == "gaussian":
             msg["groups"], msg["refused"] = _cell_blocks(d, min_group, site_id)
         if local is not None and msg["groups"] is None:
@@ -71,11 +77,22 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
         return msg
     if fam.name != "gaussian":
         sums.update(start_sums(d, fam))
+    elif d.weighted:
+        sums["ldw"] = log_weights(d.trials)
     order = None if fam.name == "gaussian" else int(order or DEFAULT_ORDER)
     msg = {"kind": "oneshot", "version": 1, "site": site_id, "formula": formula, "family": fam.name,
            "link": fam.link, "order": order, "description": desc, "n": d.n,
            "ngroups": len(d.group_levels) if q else 0, "x_names": list(d.x_names), "z_names": list(d.z_names),
-           "theta_mask": np.asarray(d.theta_mask), "sums": sums, "groups": None, "refused": None}
+           "theta_mask": np.asarray(d.theta_mask), "sums": sums, "groups": None, "refused": None,
+           **spec.columns_payload}
+    unsupported = _no_summaries(fam, d)
+    if unsupported:
+        msg.update(refused=f"site '{site_id}': {unsupported}; a one-shot fit is not possible (use --method hybrid "
+                           "or iterative)", unsupported=True)
+        if local is not None and q:
+            msg["local"] = own_fit(frame, d, np.add.reduceat(np.ones(d.n), d.starts), spec, fam, local, site_id,
+                                   float(min_group), transforms, coded=True)
+        return msg
     starts = d.starts if q else np.zeros(1, dtype=np.int64)
     levels = list(d.group_levels) if q else ["(all rows)"]
     # a group's size counts its observations: rows, or trials for cbind(successes, failures) outcomes
@@ -118,14 +135,28 @@ def _factors_message(d: Design, fam, desc: dict, sums: dict, formula: str, site_
             "theta_mask": np.asarray(d.theta_mask), "sums": sums, "groups": None, "refused": None}
 
 
+def _no_summaries(fam, d: Design) -> str | None:
+    """Why a model has no one-shot summaries, or None."""
+    if fam.ndisp:
+        return (f"one-shot summaries are not available for the {fam.name.replace('_', ' ')} family (the shared "
+                "moments do not determine its dispersion)")
+    if d.weighted and fam.name == "poisson":
+        return "one-shot summaries are not available for poisson models with weights"
+    if d.weighted and fam.name == "binomial" and np.any(d.trials != np.round(d.trials)):
+        return "one-shot summaries need whole numbers of binomial trials (weights × trials)"
+    return None
+
+
 def _cell_blocks(d: Design, min_group: float, site_id: str):
     """Gaussian, several grouping factors: per cell (the rows that share a level of every factor -- in a
     nested design a lowest-level group) n and S = WᵀW with W = [Z X y−o]: the exact likelihood is a
-    function of them.  (blocks, None), or (None, the refusal) when a cell is smaller than ``min_group``."""
+    function of them.  (blocks, None), or (None, the refusal) when a cell is smaller than ``min_group``.
+    Precision weights scale each row by √w (a row of weight 0 counts for nothing)."""
     codes = np.stack([f.codes for f in d.factors], axis=1)
     uniq, cell = np.unique(codes, axis=0, return_inverse=True)
     cell = cell.ravel()
-    n_c = np.bincount(cell, minlength=len(uniq)).astype(float)
+    r = np.sqrt(d.trials) if d.weighted else np.ones(d.n)
+    n_c = np.bincount(cell, weights=(r > 0).astype(float), minlength=len(uniq))
     if n_c.min() < min_group:
         i = int(np.argmin(n_c))
         where = ", ".join(f"{f.name} '{f.levels[uniq[i, k]]}'" for k, f in enumerate(d.factors))
@@ -133,17 +164,22 @@ def _cell_blocks(d: Design, min_group: float, site_id: str):
                       f"than {min_group:g} observations (smallest: {where} with {n_c[i]:g}); their own summaries "
                       "would reveal them and are not sent (a one-shot fit needs every cell: use --method hybrid "
                       "or iterative)")
-    W = np.c_[d.Z, d.X, d.y - d.offset]
+    W = np.c_[d.Z, d.X, d.y - d.offset] * r[:, None]
     S = aggregator(cell, len(uniq)) @ (W[:, :, None] * W[:, None, :]).reshape(d.n, -1)
     return {"cells": {f.name: [f.levels[c] for c in uniq[:, k]] for k, f in enumerate(d.factors)}, "n": n_c,
             "S": np.asarray(S).reshape(len(uniq), W.shape[1], W.shape[1])}, None
 
 
 def _gaussian_blocks(d: Design, starts, levels, keep) -> dict:
+    """Per group the sufficient statistics of the rows scaled by √w (precision weights; w = 1 without)."""
     y = d.y - d.offset
     X, Z = d.X, d.Z
+    count = np.ones(d.n)
+    if d.weighted:
+        r = np.sqrt(d.trials)
+        y, X, Z, count = y * r, X * r[:, None], Z * r[:, None], (d.trials > 0).astype(float)
     red = lambda a: np.add.reduceat(a, starts, axis=0)[keep]   # noqa: E731
-    return {"levels": [lv for lv, k in zip(levels, keep) if k], "n": np.diff(np.r_[starts, d.n])[keep].astype(float),
+    return {"levels": [lv for lv, k in zip(levels, keep) if k], "n": red(count),
             "XtX": red(X[:, :, None] * X[:, None, :]), "Xty": red(X * y[:, None]), "yty": red(y * y),
             "ZtX": red(Z[:, :, None] * X[:, None, :]), "ZtZ": red(Z[:, :, None] * Z[:, None, :]),
             "Zty": red(Z * y[:, None])}
