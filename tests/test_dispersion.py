@@ -181,3 +181,47 @@ def test_quadrature_value_is_the_integral(name):
 
         total += np.log(integrate.quad(f, -12, 12, epsabs=0, epsrel=1e-12, limit=200)[0])
     assert value == pytest.approx(total, rel=1e-9, abs=1e-9)
+
+
+def _two_factor_design(fam, crossed: bool, seed: int = 2):
+    from fedglmm.model.spec import Grouping
+
+    rng = np.random.default_rng(seed)
+    n = 240
+    a = np.sort(rng.integers(0, 12, n)) if crossed else np.repeat(np.arange(12), 20)
+    b = rng.integers(0, 8, n) if crossed else np.repeat(np.arange(48), 5)
+    X = np.column_stack([np.ones(n), rng.normal(size=n)])
+    eta = 0.4 + 0.3 * X[:, 1] + rng.normal(0, 0.4, 12)[a] + rng.normal(0, 0.3, 48)[b]
+    if fam is NB:
+        y = rng.negative_binomial(2.0, 2.0 / (2.0 + np.exp(eta))).astype(float)
+    else:
+        y = rng.gamma(3.0, {"log": np.exp(eta), "inverse": 1 / (1 + 0.1 * eta), "identity": 2 + eta}[fam.link] / 3.0)
+    facs = (Grouping("a", a, [str(i) for i in range(12)], np.array([0, 1])),
+            Grouping("b", b, [str(i) for i in range(8 if crossed else 48)], np.array([2])))
+    mask = np.zeros((3, 3), bool)
+    mask[0, 0] = mask[1, 0] = mask[1, 1] = mask[2, 2] = True
+    return Design(y=y, trials=rng.uniform(0.5, 2, n), offset=np.zeros(n), X=X,
+                  Z=np.column_stack([np.ones(n), X[:, 1], np.ones(n)]), group=a,
+                  group_levels=[str(i) for i in range(12)], x_names=["Intercept", "x"],
+                  z_names=["Intercept", "x", "Intercept"], theta_mask=mask, group_name="a", factors=facs,
+                  weighted=True)
+
+
+ML_POINTS = {"log": [0.35, 0.25, 0.3, 0.05, 0.2, 0.25, 0.6], "inverse": [0.95, -0.03, 0.03, 0.005, 0.02, 0.02, 1.0],
+             "identity": [2.3, 0.3, 0.3, 0.05, 0.2, 0.2, 1.0]}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("crossed", [False, True], ids=["nested", "crossed"])
+def test_multilevel_engine_gradient_in_dispersion(name, crossed):
+    """The several-factor engine's analytic gradient, ψ included, against differences of its value."""
+    from fedglmm.likelihood.multilevel import MultiLevelGLMM
+
+    fam = FAMILIES[name]
+    eng = MultiLevelGLMM(_two_factor_design(fam, crossed), fam)
+    phi = np.asarray(ML_POINTS[fam.link])
+    grad = eng.evaluate(phi, hess=False).grad
+    for t in range(len(phi)):
+        e = np.eye(len(phi))[t] * 1e-6
+        fd = (eng.evaluate(phi + e, hess=False).value - eng.evaluate(phi - e, hess=False).value) / 2e-6
+        assert abs(grad[t] - fd) <= 2e-7 * (1.0 + abs(fd)), (t, grad[t], fd)

@@ -253,3 +253,15 @@ def test_post_fit_rounds_work_for_the_new_families(fits):
     ci = fits["grouseticks_nb"].conf_int(method="profile")
     sd = ci.loc["sd_Intercept|LOCATION"]
     assert sd.iloc[0] < fits["grouseticks_nb"].random[0]["sd"] < sd.iloc[1]
+
+
+def test_several_grouping_factors_negative_binomial():
+    """Patients in centres (held-out multi-level set): glmmTMB's fit and θ, and any split by centre."""
+    from multilevel_reference import cases as ml_cases, compare, fit, split_sites
+
+    case = next(c for c in ml_cases("heldout") if c["name"] == "sim_nb_nested")
+    res = fit(case)
+    assert compare(res, case) == [] and res.rounds <= 10
+    tmb = next(r for r in case["refs"] if r["engine"].startswith("glmmTMB"))
+    assert _rel(res.dispersion["theta"], tmb["nb_theta"]) <= 0.05
+    _same(fit(case, data=split_sites(case, 3)), res, se_rtol=1e-5)

@@ -23,36 +23,44 @@ import numpy as np
 from ..model.families import Family
 from .moment_estimates import binomial_moments, conditional, moment_sigma, null_step, sigma_theta
 from .setup import Setup
-from .start_sums import MOMENT_KEYS
+from .start_sums import MOMENT_KEYS, from_null_model
 
 FLOOR = 0.25            # smallest standard deviation of a start (internal scale)
 
 
 # --- at the coordinator -------------------------------------------------------------------------------
 
-def factor_start(st: Setup, family: Family) -> tuple[np.ndarray, np.ndarray]:
-    """(γ0, θ̃0) for binomial and poisson models with several grouping factors."""
+def factor_start(st: Setup, family: Family, psi0: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(γ0, θ̃0) for models with several grouping factors; with a dispersion parameter (its start ``psi0``)
+    θ̃0 ends with it, and the working residuals' own variance is that of the family at ψ0."""
     s, A, n = st.sums, st.A, st.n
     cols = st.factor_columns()
-    if family.name == "binomial":
-        gamma, (omega, alpha, delta) = null_step(s, family, A)
+    phi = 1.0 if psi0 is None else float(np.exp(-psi0))
+    eta = []
+    if from_null_model(family):
+        gamma, (omega, alpha, delta) = null_step(s, family, A, eta)
         moments = [binomial_moments(s, omega, alpha, delta, suffix=f".{i}") for i in range(len(cols))]
         cross = {key: omega ** 2 * v for key, v in _cross(s, "st_ww").items()}
+        noise = [phi * m["mom_w"] for m in moments]
     else:
         gamma = np.linalg.solve(A.T @ s["xtwx"] @ A, A.T @ s["xtwz"])
         moments = [{k: s[f"{k}.{i}"] for k in MOMENT_KEYS} for i in range(len(cols))]
         cross = _cross(s, "mom_ww")
-    sigmas, _ = joint_sigmas(st, moments, cross, A @ gamma)
+        noise = [m["mom_w"] + phi * s[f"mom_w2.{i}"] if family.name == "negative_binomial" else phi * m["mom_w"]
+                 for i, m in enumerate(moments)]
+    sigmas, _ = joint_sigmas(st, moments, cross, A @ gamma, noise=None if psi0 is None else noise)
+    floor = FLOOR if family.name != "gamma" or family.link == "log" else 0.2 * FLOOR * abs(eta[0])   # η on y's scale
     theta, s2 = [], 0.0
     for (g, c), sig in zip(cols.items(), sigmas):
-        th, cov = sigma_theta(sig, st.mask[np.ix_(c, c)], st.zs[c], FLOOR)
+        th, cov = sigma_theta(sig, st.mask[np.ix_(c, c)], st.zs[c], floor)
         theta.append(th)
         s2 += float(np.trace(cov @ s["ztz"][np.ix_(c, c)]) / n)
-    if family.name == "binomial":
-        return conditional(gamma, family, s2), np.concatenate(theta)
-    if "Intercept" in st.names:
+    disp = [] if psi0 is None else [psi0]
+    if from_null_model(family):
+        return conditional(gamma, family, s2), np.concatenate(theta + [disp])
+    if "Intercept" in st.names and family.name != "gamma":
         gamma[st.names.index("Intercept")] -= s2
-    return gamma, np.concatenate(theta)
+    return gamma, np.concatenate(theta + [disp])
 
 
 def factor_theta_start(st: Setup) -> np.ndarray:
@@ -80,9 +88,10 @@ def _cross(s: dict, key: str) -> dict:
     return out
 
 
-def joint_sigmas(st: Setup, moments: list, cross: dict, beta: np.ndarray, rss: float | None = None):
+def joint_sigmas(st: Setup, moments: list, cross: dict, beta: np.ndarray, rss: float | None = None, noise=None):
     """Every factor's Σ (data scale) from the joint moment equations (see the module docstring), and σ²
-    (gaussian: ``rss`` given; else 1).  Falls back to each factor's own estimate if the system is singular."""
+    (gaussian: ``rss`` given; else 1, or the working residuals' own covariance per factor in ``noise``).
+    Falls back to each factor's own estimate if the system is singular."""
     cols = list(st.factor_columns().values())
     masks = [st.mask[np.ix_(c, c)] for c in cols]
     allowed = [(m.astype(float) @ m.T.astype(float)) > 0 for m in masks]
@@ -103,7 +112,7 @@ def joint_sigmas(st: Setup, moments: list, cross: dict, beta: np.ndarray, rss: f
             if gaussian:
                 row[-1] = mom["mom_w"][a, d]
             rows.append(row)
-            rhs.append(R[a, d] - (0.0 if gaussian else mom["mom_w"][a, d]))
+            rhs.append(R[a, d] - (0.0 if gaussian else (mom["mom_w"] if noise is None else noise[f])[a, d]))
     if gaussian:
         row = np.zeros(nunk)
         for h, c in enumerate(cols):
@@ -116,7 +125,8 @@ def joint_sigmas(st: Setup, moments: list, cross: dict, beta: np.ndarray, rss: f
     M, r = np.asarray(rows), np.asarray(rhs)
     sol = np.linalg.lstsq(M, r, rcond=None)[0] if np.all(np.isfinite(M)) and np.all(np.isfinite(r)) else None
     if sol is None or not np.all(np.isfinite(sol)):
-        return [moment_sigma(m, beta, mk) for m, mk in zip(moments, masks)], 1.0
+        return [moment_sigma(m, beta, mk, None if noise is None else nz)
+                for m, mk, nz in zip(moments, masks, noise or [None] * len(moments))], 1.0
     sigmas = []
     for f, c in enumerate(cols):
         S = np.zeros((len(c), len(c)))

@@ -19,6 +19,10 @@ and lev_j = m_jᵀ H⁻¹ m_j,
 
     ∂/∂φ_p [−½ log det H] = −½ Σ_j w′_j (dη̂_j/dφ_p) lev_j − [φ_p = θ_t = Λ_f(r, c)] Σ_j w_j z_{f,j,r} Y_f[j, c].
 
+A dispersion ψ (negative binomial, Gamma: the last coordinate of φ) enters only through ℓ_j(η_j, ψ): its
+column of ∂(∇_u h)/∂φ is Σ_j ∂²ℓ_j/∂η∂ψ m_j, ∂η/∂ψ = 0 at fixed u, and the curvature weight moves by
+w′_j dη̂_j/dψ − ∂³ℓ_j/∂η²∂ψ; as in :mod:`fedglmm.likelihood.laplace`.
+
 The Hessian is the difference of the analytic gradient (the modes moved along dû/dφ and finished by one
 Newton step), computed inside the site: local work, never a round -- forward differences while the
 coordinator iterates, central ones at the estimate, where it gives the standard errors.  Everything is a sum over the site's rows and
@@ -61,6 +65,8 @@ class MultiLevelGLMM:
                                   for f, col in zip(self.theta_f, self.theta_c)], int)
         self._components()
         self.const = family.constant(self.y, self.m)
+        self.ndisp = int(family.ndisp)
+        self.psi = None                      # the dispersion parameter of the current evaluation
         self.u = [np.zeros((g, len(c))) for g, c in zip(self.G, self.cols)]
 
     def _components(self):
@@ -79,7 +85,7 @@ class MultiLevelGLMM:
 
     @property
     def nparams(self) -> int:
-        return self.p + self.ntheta
+        return self.p + self.ntheta + self.ndisp
 
     def lambdas(self, theta: np.ndarray) -> list:
         """Λ_f of every factor (its block of the block-diagonal Λ)."""
@@ -92,7 +98,7 @@ class MultiLevelGLMM:
 
     def _h(self, eta, u):
         """h per connected block."""
-        val = np.bincount(self.row_comp, self.family.loglik(self.y, self.m, eta), self.ncomp)
+        val = np.bincount(self.row_comp, self.family.loglik(self.y, self.m, eta, self.psi), self.ncomp)
         for uf, comp in zip(u, self.level_comp):
             val -= 0.5 * np.bincount(comp, np.sum(uf * uf, axis=1), self.ncomp)
         return val
@@ -107,15 +113,15 @@ class MultiLevelGLMM:
         u = [x.copy() for x in u]
         eta = self._eta(eta0, M, u)
         if polish:
-            d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
-            step = self.pat.factor(self.pat.assemble(-d2, M)).solve(self._grad_u(M, d1, u))
+            d1, d2, _, _ = fam.derivs(self.y, self.m, eta, self.psi)
+            step = self._newton_matrix(-d2, M).solve(self._grad_u(M, d1, u))
             u = [a + s for a, s in zip(u, step)]
             return u, self._eta(eta0, M, u)
         h = None
         for _ in range(100):
-            d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
+            d1, d2, _, _ = fam.derivs(self.y, self.m, eta, self.psi)
             grad = self._grad_u(M, d1, u)
-            step = self.pat.factor(self.pat.assemble(-d2, M)).solve(grad)
+            step = self._newton_matrix(-d2, M).solve(grad)
             dec = sum(np.bincount(c, np.sum(g * s, axis=1), self.ncomp) for g, s, c in zip(grad, step, self.level_comp))
             biggest = max(float(np.max(np.abs(s))) for s in step)
             if np.max(dec) < 1e-8:
@@ -132,7 +138,7 @@ class MultiLevelGLMM:
                 u_new = [a + t[c][:, None] * s for a, s, c in zip(u, step, self.level_comp)]
                 eta_new = self._eta(eta0, M, u_new)
                 h_new = self._h(eta_new, u_new)
-                worse = h_new < h - 1e-12 * (1.0 + np.abs(h))
+                worse = ~(h_new >= h - 1e-12 * (1.0 + np.abs(h)))      # a point outside the support: NaN
                 if not worse.any():
                     break
                 t = np.where(worse, 0.5 * t, t)
@@ -141,12 +147,23 @@ class MultiLevelGLMM:
                 break
         return u, eta
 
+    def _newton_matrix(self, curv, M):
+        """The factor of the modes' Newton matrix; for a family whose ℓ is not concave in η (Gamma, identity
+        link), where the observed curvature is not positive definite, that of the rows with curvature > 0."""
+        if self.family.log_concave:
+            return self.pat.factor(self.pat.assemble(curv, M))
+        try:
+            return self.pat.factor(self.pat.assemble(curv, M))
+        except np.linalg.LinAlgError:
+            return self.pat.factor(self.pat.assemble(np.maximum(curv, 0.0), M))
+
     # --- value and gradient ---------------------------------------------------------------------
     def value_grad(self, phi: np.ndarray, u0=None, grad: bool = True, polish: bool = False, move_only: bool = False):
-        """Log-likelihood, gradient and auxiliaries (modes û, dû/dφ, the factor of H) at φ = (β, θ)
-        (``polish``: see :meth:`_modes`)."""
+        """Log-likelihood, gradient and auxiliaries (modes û, dû/dφ, the factor of H) at φ = (β, θ) or
+        (β, θ, ψ) (``polish``: see :meth:`_modes`)."""
         phi = np.asarray(phi, float)
-        beta, theta = phi[: self.p], phi[self.p:]
+        beta, theta = phi[: self.p], phi[self.p: self.p + self.ntheta]
+        self.psi = phi[self.p + self.ntheta] if self.ndisp else None
         eta0 = self.X @ beta + self.off
         lams = self.lambdas(theta)
         M = [self.Z[:, c] @ lam for c, lam in zip(self.cols, lams)]
@@ -155,20 +172,24 @@ class MultiLevelGLMM:
             eta = self._eta(eta0, M, u)
         else:
             u, eta = self._modes(eta0, M, self.u if u0 is None else u0, polish)
-        fam = self.family
-        w, w1, _ = fam.curvature(self.y, self.m, eta, self.curvature)
+        fam, psi = self.family, self.psi
+        w, w1, _ = fam.curvature(self.y, self.m, eta, self.curvature, psi)
         H = self.pat.factor(self.pat.assemble(w, M))
-        hval = float(np.sum(fam.loglik(self.y, self.m, eta))) - 0.5 * sum(float(np.sum(x * x)) for x in u)
+        hval = float(np.sum(fam.loglik(self.y, self.m, eta, psi))) - 0.5 * sum(float(np.sum(x * x)) for x in u)
         value = hval - 0.5 * H.logdet + self.const
         aux = {"u": u, "eta": eta, "lams": lams, "H": H}
         if not grad:
             return value, None, aux
-        d1, d2, _, _ = fam.derivs(self.y, self.m, eta)
+        d1, d2, _, _ = fam.derivs(self.y, self.m, eta, psi)
         E = self._deta_fixed_u(u)
         C = [_rows(a, (d2[:, None, None] * Mf[:, :, None]) * E[:, None, :]) for a, Mf in zip(self.agg, M)]
         for t in range(self.ntheta):
             f, r = self.theta_f[t], self.theta_r[t]
             C[f][:, self.theta_lc[t], self.p + t] += self.agg[f] @ (d1 * self.Z[:, r])
+        dp = fam.dispersion_derivs(self.y, self.m, eta, psi) if self.ndisp else None
+        if dp is not None:                   # ∂(∇_u h)/∂ψ = Σ_j ∂²ℓ_j/∂η∂ψ m_j
+            for Cf, a, Mf in zip(C, self.agg, M):
+                Cf[:, :, -1] += _rows(a, Mf * dp.d1p[:, None])
         # observed curvature (and any canonical link): H is H_obs
         Hobs = H if (fam.canonical or self.curvature == "observed") else self.pat.factor(self.pat.assemble(-d2, M))
         dU = Hobs.solve(C)
@@ -179,12 +200,14 @@ class MultiLevelGLMM:
         for t in range(self.ntheta):
             f = self.theta_f[t]
             gr[self.p + t] -= np.sum(w * self.Z[:, self.theta_r[t]] * Y[f][:, self.theta_lc[t]])
+        if dp is not None:                   # ∂h/∂ψ, and the weight's own ψ-derivative w_ψ = −ℓ_ηηψ
+            gr[-1] += np.sum(dp.p1) + 0.5 * np.sum(dp.d2p * lev)
         aux["dU"] = dU
         return value, gr, aux
 
     def _deta_fixed_u(self, u) -> np.ndarray:
         """∂η/∂φ at fixed u: X for β, z_{f,j,r} u_f[c_f(j), c] for θ_t = Λ_f(r, c)."""
-        E = np.empty((self.n, self.p + self.ntheta))
+        E = np.zeros((self.n, self.p + self.ntheta + self.ndisp))
         E[:, : self.p] = self.X
         for t in range(self.ntheta):
             f = self.theta_f[t]

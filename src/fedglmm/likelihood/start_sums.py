@@ -9,7 +9,7 @@ from ..model.families import Family
 from ..model.spec import Design
 from .sparse import _unique_pairs, aggregator
 
-MOMENT_KEYS = ("mom_ss", "mom_st", "mom_tt", "mom_ww", "mom_w", "mom_w2")
+MOMENT_KEYS = ("mom_ss", "mom_st", "mom_tt", "mom_ww", "mom_w")
 BINOMIAL_KEYS = ("st_aa", "st_ab", "st_bb", "st_at", "st_bt", "st_tt", "st_ww", "st_w")
 
 
@@ -118,13 +118,12 @@ def factor_start_sums(d: Design, family: Family) -> dict:
         y = d.y - d.offset
         out.update({"xty": X.T @ y, "yty": float(y @ y)})
         w, z = np.ones(d.n), y
-    elif family.name == "binomial":
+    elif from_null_model(family):
         w, z = d.trials, None
     else:
-        eta = family.linkfun(d.y + 0.5)
-        d1, _, w, _ = family.derivs(d.y, d.trials, eta)
-        z = eta + d1 / w - d.offset
-    zkeys = BINOMIAL_KEYS if family.name == "binomial" else MOMENT_KEYS
+        w, z = working_response(d, family)
+    zkeys = BINOMIAL_KEYS if from_null_model(family) else MOMENT_KEYS + ("mom_w2",)
+    finest = None
     for i, f in enumerate(d.factors):
         order = np.argsort(f.codes, kind="stable")
         starts = np.flatnonzero(np.r_[True, np.diff(f.codes[order]) != 0])
@@ -137,8 +136,11 @@ def factor_start_sums(d: Design, family: Family) -> dict:
                          z_names=[d.z_names[c] for c in f.columns],
                          theta_mask=d.theta_mask[np.ix_(f.columns, f.columns)])
             sums = start_sums(sub, family)
+            finest = sub if finest is None or len(sub.group_levels) > len(finest.group_levels) else finest
         out.update({(f"{k}.{i}" if k in zkeys else k): v for k, v in sums.items()})
-    key = "st_ww" if family.name == "binomial" else "mom_ww"
+    if family.ndisp:        # the dispersion's start: within the levels of the factor with the most
+        out.update(within_sums(finest, np.log(finest.y) if family.name == "gamma" else finest.y))
+    key = "st_ww" if from_null_model(family) else "mom_ww"
     for i, fi in enumerate(d.factors):
         for k in range(i + 1, len(d.factors)):
             fk = d.factors[k]
