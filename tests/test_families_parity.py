@@ -265,3 +265,12 @@ def test_several_grouping_factors_negative_binomial():
     tmb = next(r for r in case["refs"] if r["engine"].startswith("glmmTMB"))
     assert _rel(res.dispersion["theta"], tmb["nb_theta"]) <= 0.05
     _same(fit(case, data=split_sites(case, 3)), res, se_rtol=1e-5)
+
+
+def test_weighted_poisson_on_the_fused_kernel(fits, monkeypatch):
+    """Large sites evaluate through the compiled kernel: its poisson rows carry the prior weight too."""
+    pytest.importorskip("numba")
+    from fedglmm.likelihood import fused
+
+    monkeypatch.setattr(fused, "MIN_ROWS", 0)
+    _same(_fit(CASES["sim_pois_w"]), fits["sim_pois_w"], tol=1e-8, se_rtol=1e-6)

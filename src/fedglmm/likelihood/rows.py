@@ -79,8 +79,8 @@ def loglik_row(code, y, m, eta):
     if code == LOGIT:
         t = math.log1p(math.exp(-abs(eta)))
         return -(m * t + y * _pos(-eta) + (m - y) * _pos(eta))
-    if code == LOG:
-        return y * eta - math.exp(eta)
+    if code == LOG:                          # m: the prior weight multiplying the row's log-likelihood
+        return m * (y * eta - math.exp(eta))
     if code == PROBIT:
         return _xlogy(y, log_ndtr(eta)) + _xlogy(m - y, log_ndtr(-eta))
     t = math.exp(eta)
@@ -110,8 +110,8 @@ def d12_row(code, y, m, eta):
         d1 = (y - m) + m * cmu if eta > 0 else y - m * mu
         return d1, -(m * mu * cmu)
     if code == LOG:
-        mu = math.exp(eta)
-        return y - mu, -mu
+        mu = m * math.exp(eta)
+        return m * y - mu, -mu
     if code == PROBIT:
         lam1, lam0 = _probit_lams(eta)
         return y * lam1 - (m - y) * lam0, -y * lam1 * (eta + lam1) - (m - y) * lam0 * (lam0 - eta)
@@ -133,8 +133,8 @@ def all_row(code, expected, y, m, eta):
         return ll, d1, -w, -w * (cmu - mu), w, w * (cmu - mu), w * (1.0 - 6.0 * mu * cmu)
     ll = loglik_row(code, y, m, eta)
     if code == LOG:
-        mu = math.exp(eta)
-        return ll, y - mu, -mu, -mu, mu, mu, mu
+        mu = m * math.exp(eta)
+        return ll, m * y - mu, -mu, -mu, mu, mu, mu
     if code == PROBIT:
         lam1, lam0 = _probit_lams(eta)
         d1 = y * lam1 - (m - y) * lam0
