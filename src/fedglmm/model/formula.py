@@ -13,11 +13,10 @@ Accepted syntax (the fixed part and the left sides of random terms are formulaic
 A grouping factor is a column, or columns joined by ``:`` (its levels are their labels joined by ``:``);
 ``a/b`` stands for the factors ``a`` and ``b:a`` (``a/b/c`` adds ``c:b:a``), named as lme4 names them.
 The terms are ordered by factor (first appearance), so each factor's random-effect columns are
-contiguous.  Outcome, ``cbind``
-arguments and offsets are Python expressions over the columns (``log``, ``exp``, ``np.*`` allowed).
-R's idioms (``I(x^2)``, ``factor(g)``, ``as.numeric(x)``, ``y ~ .``) are read as R reads them
-(:mod:`fedglmm.model.rsyntax`).  ``C(x)`` marks a column as a factor even if it holds numbers; its levels are agreed by the sites
-(see :func:`factor_columns`).
+contiguous.  Outcome, ``cbind`` arguments and offsets are Python expressions over the columns (``log``,
+``exp``, ``np.*`` allowed).  R's idioms (``I(x^2)``, ``factor(g)``, ``as.numeric(x)``, ``y ~ .``) are
+read as R reads them (:mod:`fedglmm.model.rsyntax`).  ``C(x)`` marks a column as a factor even if it
+holds numbers; its levels are agreed by the sites (see :func:`factor_columns`).
 """
 from __future__ import annotations
 
@@ -57,8 +56,7 @@ def parse_formula(formula: str) -> ModelSpec:
 
 
 def request_spec(req: dict) -> ModelSpec:
-    """The model a request names: its formula, and the weights and offset columns it carries (see
-    :attr:`ModelSpec.columns_payload`)."""
+    """The model a request names: formula, weights and offset columns (:attr:`ModelSpec.columns_payload`)."""
     return parse_formula(req["formula"]).with_columns(req.get("weights"), req.get("offset"))
 
 
@@ -79,13 +77,10 @@ def _parse_cached(formula: str) -> ModelSpec:
 
 
 def variables(spec: ModelSpec, *, outcome: bool = True, group: bool = True) -> list[str]:
-    """Data columns the model uses, in order of first appearance.
-
-    The order is: outcome (and ``cbind`` failures), fixed part, random terms, grouping column, offsets,
-    prior weights.  ``outcome=False`` / ``group=False`` leave out the outcome and weights / the grouping
-    columns (prediction on new data needs none of them).
-    Function names (``log``, ``I``, ``np.exp``) are not columns; ``Q('a b')`` names column ``a b``.
-    """
+    """Data columns the model uses, in order of first appearance: outcome (and ``cbind`` failures), fixed
+    part, random terms, grouping column, offsets, prior weights.  ``outcome=False`` / ``group=False`` leave
+    out the outcome and weights / the grouping columns (prediction on new data needs none of them).
+    Function names (``log``, ``I``, ``np.exp``) are not columns; ``Q('a b')`` names column ``a b``."""
     names: list[str] = []
     if outcome:
         names += expression_columns(spec.response) + (expression_columns(spec.failures) if spec.failures else [])

@@ -252,7 +252,7 @@ class Site:
 
     def _row_positions(self, setup: dict) -> np.ndarray:
         """Positions in the site's frame of the rows the model of ``setup`` uses."""
-        frame, _ = self._used_rows(setup, parse_formula(setup["formula"]))
+        frame, _ = self._used_rows(setup, request_spec(setup))
         index = self.frame.index
         if index.is_unique:
             return index.get_indexer(frame.index)
