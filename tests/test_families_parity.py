@@ -275,3 +275,26 @@ def test_weighted_poisson_on_the_fused_kernel(fits, monkeypatch):
 
     monkeypatch.setattr(fused, "MIN_ROWS", 0)
     _same(_fit(CASES["sim_pois_w"]), fits["sim_pois_w"], tol=1e-8, se_rtol=1e-6)
+
+
+def test_negative_binomial_near_the_poisson_limit():
+    """θ = 200 (benchmarks/sim_families.py, nb_near_poisson): −ℓ is nearly flat in ψ = log θ and Newton in ψ
+    advances about ½ a round from a start below the optimum; the first round's larger-θ points
+    (likelihood.starts.NB_PSI_SHIFTS) bring it within a few rounds.  glmmTMB 1.1.5 (ref_glmmtmb.R on the same
+    data): logLik −2252.5942004033, θ 1199.26, (Intercept) 0.907077 (SE 0.0500716), x 0.285084 (SE 0.0177282),
+    SD 0.357665."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from sim_families import nb_near_poisson
+
+    df, formula, _, _ = nb_near_poisson()
+    pooled = fedglmm.fit(formula, df, family="negative_binomial", method="iterative")
+    split = fedglmm.fit(formula, _split(df, "g", 8), family="negative_binomial")
+    for res in (pooled, split):
+        assert res.converged and res.rounds <= 6, res.rounds
+        assert res.loglik >= -2252.5942004033 - 1e-6
+        assert abs(res.fixef["Intercept"] - 0.907077028) <= 1e-3 * 0.0500716
+        assert abs(res.fixef["x"] - 0.285084121) <= 1e-3 * 0.0177282
+        assert _rel(res.random[0]["sd"], 0.357664568) <= 1e-4
+        assert _rel(res.dispersion["theta"], 1199.25943681768) <= 0.01       # its SE is about 20500

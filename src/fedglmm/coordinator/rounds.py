@@ -10,7 +10,7 @@ import numpy as np
 
 from ..likelihood.fit import Estimate, fit_glmm, fit_lmm
 from ..likelihood.setup import Setup, sum_replies
-from ..likelihood.starts import start_values
+from ..likelihood.starts import NB_PSI_SHIFTS, start_values
 from ..model.families import Family
 from ..model.frame import na_payload
 from ..model.transforms import is_stateful
@@ -91,8 +91,10 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     if family.name == "gaussian":
         return fit_lmm(evaluator, st, options, start)
     model = surrogate_model(surrogate) if surrogate is not None else None
+    others = None
     if start is not None and isinstance(start[0], tuple):
         (gamma0, theta0), others = start[0], [np.concatenate(s) for s in start[1:]]
-        return fit_glmm(evaluator, st, gamma0, theta0, options, others, model)
-    gamma0, theta0 = start if start is not None else start_values(st, family)
-    return fit_glmm(evaluator, st, gamma0, theta0, options, model=model)
+    else:
+        gamma0, theta0 = start if start is not None else start_values(st, family)
+    shifts = NB_PSI_SHIFTS if family.name == "negative_binomial" else ()
+    return fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts)

@@ -141,9 +141,10 @@ def _penalty_matrix(A: np.ndarray, names: list | None, p: int, lam: float) -> np
 
 
 def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOptions, starts=None,
-             model=None) -> Estimate:
+             model=None, disp_shifts=()) -> Estimate:
     """Newton on −ℓ(γ, θ̃) (plus the penalty, applied here: the parts never see λ) from (γ0, θ̃0) and
-    ``starts`` (further points of the first round; default: the start's covariance halved and doubled).
+    ``starts`` (further points of the first round; default: the start's covariance halved and doubled);
+    ``disp_shifts``: the first round also tries each of those points with ψ (the last entry) moved by each.
     ``model``: a local step model for the optimiser (:func:`fedglmm.coordinator.surrogate.surrogate_model`).
     A family with a dispersion parameter (``setup.ndisp``) has its ψ as the last entries of θ̃0 and of
     every point."""
@@ -174,6 +175,8 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
         # not with several grouping factors, whose joint moment start gains nothing from them on average
         starts = [np.concatenate([gamma0, f * theta0[:k], theta0[k:]]) for f in (np.sqrt(0.5), np.sqrt(2.0))] \
             if k and not setup.factor_groups else []
+    first = [np.concatenate([gamma0, theta0])] + [np.asarray(x, float) for x in starts]
+    starts = first[1:] + [np.r_[x[:-1], x[-1] + d] for x in first for d in disp_shifts]
     canon = lambda x: np.r_[x[:p], canonical_theta(x[p:p + k], mask), x[p + k:]]   # noqa: E731
     # with several grouping factors the optimiser also tries zero variances (not with one: unchanged fits)
     edge = tuple(p + boundary_positions(mask)) if setup.factor_groups else ()

@@ -13,6 +13,12 @@ from .setup import Setup
 from .start_sums import from_null_model
 
 
+# The negative binomial's −ℓ flattens towards the poisson limit like a e^{−ψ} + b e^{−2ψ} (ψ = log ϑ): from a
+# start below the optimum, Newton in ψ advances by about ½ a round (the step of c e^{−2ψ}).  The first round
+# also tries the start with ϑ e² and e⁴ times larger: points of one round, local work, no extra round.
+NB_PSI_SHIFTS = (2.0, 4.0)
+
+
 def start_values(st: Setup, family: Family) -> tuple[np.ndarray, np.ndarray]:
     """(γ0, θ̃0) on the internal scale from the set-up sums; for a family with a dispersion parameter θ̃0
     ends with its ψ0 (the optimiser's parameters are (γ, θ̃, ψ))."""
