@@ -225,3 +225,40 @@ def test_multilevel_engine_gradient_in_dispersion(name, crossed):
         e = np.eye(len(phi))[t] * 1e-6
         fd = (eng.evaluate(phi + e, hess=False).value - eng.evaluate(phi - e, hess=False).value) / 2e-6
         assert abs(grad[t] - fd) <= 2e-7 * (1.0 + abs(fd)), (t, grad[t], fd)
+
+
+def _exact_nb(y: int, mu: float, th: float, m: float = 1.0):
+    """ℓ (without −log y!), ∂ℓ/∂ψ and ∂²ℓ/∂ψ² of one NB row in 60-digit decimal arithmetic, from the
+    finite sums that log Γ(y + ϑ) − log Γ(ϑ), ψ(y + ϑ) − ψ(ϑ) and ψ₁(y + ϑ) − ψ₁(ϑ) are for whole y."""
+    from decimal import Decimal, localcontext
+
+    with localcontext() as ctx:
+        ctx.prec = 60
+        Y, M, T = Decimal(y), Decimal(mu), Decimal(th)
+        S = T + M
+        lg = sum(((T + k).ln() for k in range(y)), Decimal(0))
+        dg = sum((1 / (T + k) for k in range(y)), Decimal(0))
+        tg = -sum((1 / (T + k) ** 2 for k in range(y)), Decimal(0))
+        ll = T * (T / S).ln() + Y * (M / S).ln() + lg
+        d_th = (T / S).ln() + 1 - (T + Y) / S + dg                 # ∂ℓ/∂ϑ
+        d_thth = 1 / T - 1 / S - (S - T - Y) / S ** 2 + tg         # ∂²ℓ/∂ϑ²
+        return [float(Decimal(m) * v) for v in (ll, T * d_th, T * d_th + T * T * d_thth)]
+
+
+@pytest.mark.parametrize("th", [20.0, 49.9, 50.0, 1e3, 1e6, 1e9, 1e13])
+def test_negative_binomial_towards_the_poisson_limit(th):
+    """ℓ, ∂ℓ/∂ψ and ∂²ℓ/∂ψ² to 1e-10 relative of exact values at any ϑ: for large ϑ they are formed from
+    asymptotic series without cancellation (the direct differences lost every digit at ϑ ≈ 1e9)."""
+    ys = [0, 1, 2, 5, 17, 60, 400]
+    mus = [0.03, 1.1, 3.7, 55.0]
+    rows = [(y, mu) for y in ys for mu in mus]
+    y = np.array([r[0] for r in rows], float)
+    mu = np.array([r[1] for r in rows])
+    m = np.full(len(rows), 1.5)
+    eta, psi = np.log(mu), np.log(th)
+    ll = NB.loglik(y, m, eta, psi)
+    dp = NB.dispersion_derivs(y, m, eta, psi)
+    for i, (yi, mi) in enumerate(rows):
+        ref = _exact_nb(int(yi), float(mu[i]), float(np.exp(psi)), 1.5)
+        for got, want, what in zip((ll[i], dp.p1[i], dp.pp[i]), ref, ("loglik", "p1", "pp")):
+            assert abs(got - want) <= 1e-10 * abs(want) + 1e-300, (what, yi, mi, got, want)

@@ -115,6 +115,9 @@ def _factor_effects(st: Setup, est: Estimate, messages: list):
     return theta, cov_re, modes, condsd
 
 
+POISSON_LIMIT = np.log(1e6)     # ψ = log ϑ beyond which the negative binomial is the poisson model
+
+
 def runaway_message(est: Estimate, st: Setup, group: str | None) -> str | None:
     """"not converged: ..." naming the coefficients or variances that run off (:mod:`~fedglmm.likelihood.runaway`),
     or None."""
@@ -165,6 +168,9 @@ def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec,
             theta, cov_re, modes, condsd = _factor_effects(st, est, messages)
         else:
             theta, cov_re, modes, condsd, where = _random_effects(st, est, messages)
+    if family.name == "negative_binomial" and len(est.disp) and est.disp[0] > POISSON_LIMIT:
+        messages.append(f"theta = {np.exp(est.disp[0]):.3g} is at the poisson limit: the data show no "
+                        "overdispersion beyond the poisson's (a poisson fit has the same estimates and logLik)")
     converged = bool(est.converged)
     gone = runaway_message(est, st, group)
     if gone:

@@ -34,6 +34,53 @@ def _softplus(x):
     return np.logaddexp(0.0, x)
 
 
+# From ϑ = 50 on, the differences log Γ(y + ϑ) − log Γ(ϑ), ψ(y + ϑ) − ψ(ϑ) and ψ₁(y + ϑ) − ψ₁(ϑ) come from
+# their asymptotic (Stirling) series, with every difference of powers formed without cancellation: as ϑ
+# grows towards the poisson limit the direct differences of two large numbers lose every digit (at ϑ = 1e9
+# the ψ-gradient's noise exceeded its value, and Newton wandered).  Truncation error < 1e-17 relative.
+LARGE_THETA = 50.0
+
+
+def _powdiff(th, y, k):
+    """(ϑ + y)⁻ᵏ − ϑ⁻ᵏ without cancellation."""
+    return th ** -k * np.expm1(-k * np.log1p(y / th))
+
+
+def _log1pmx(x):
+    """log(1 + x) − x without cancellation for small |x| (x > −1)."""
+    x = np.asarray(x, float)
+    small = np.abs(x) < 1e-2
+    z = np.where(small, x, 0.0)
+    series = z * z * (-1 / 2 + z * (1 / 3 + z * (-1 / 4 + z * (1 / 5 + z * (-1 / 6 + z * (1 / 7 - z / 8))))))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(small, series, np.log1p(x) - x)
+
+
+def _large(th):
+    return np.asarray(th, float) >= LARGE_THETA
+
+
+def _lgamma_diff(y, th):
+    """log Γ(y + ϑ) − log Γ(ϑ)."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        t = np.maximum(th, LARGE_THETA)
+        asym = (t - 0.5) * np.log1p(y / t) + y * np.log(t + y) - y + _powdiff(t, y, 1) / 12 \
+            - _powdiff(t, y, 3) / 360 + _powdiff(t, y, 5) / 1260 - _powdiff(t, y, 7) / 1680
+        return np.where(_large(th), asym, special.gammaln(y + th) - special.gammaln(th))
+
+
+def _digamma_rest(y, th):
+    """ψ(y + ϑ) − ψ(ϑ) − log(1 + y/ϑ) for large ϑ (the asymptotic series' corrections)."""
+    return -_powdiff(th, y, 1) / 2 - _powdiff(th, y, 2) / 12 + _powdiff(th, y, 4) / 120 \
+        - _powdiff(th, y, 6) / 252 + _powdiff(th, y, 8) / 240 - _powdiff(th, y, 10) / 132
+
+
+def _trigamma_rest(y, th):
+    """ψ₁(y + ϑ) − ψ₁(ϑ) − [(ϑ + y)⁻¹ − ϑ⁻¹] for large ϑ."""
+    return _powdiff(th, y, 2) / 2 + _powdiff(th, y, 3) / 6 - _powdiff(th, y, 5) / 30 \
+        + _powdiff(th, y, 7) / 42 - _powdiff(th, y, 9) / 30
+
+
 @dataclass(frozen=True)
 class DispersionFamily(Family):
     """What the families with a dispersion parameter share: one more parameter ψ, the observed curvature."""
@@ -88,8 +135,7 @@ class NegativeBinomial(DispersionFamily):
 
     def loglik(self, y, m, eta, psi=None):
         th = np.exp(psi)
-        return m * (-th * _softplus(eta - psi) - y * _softplus(psi - eta)
-                    + special.gammaln(y + th) - special.gammaln(th))
+        return m * (-th * _softplus(eta - psi) - y * _softplus(psi - eta) + _lgamma_diff(y, th))
 
     def derivs(self, y, m, eta, psi=None):
         """(d1, d2, w, w1); without ψ (starting values) the poisson limit ϑ → ∞."""
@@ -111,12 +157,28 @@ class NegativeBinomial(DispersionFamily):
         r, c = self._rc(eta, psi)
         return -m * (th + y) * r * c * (c * c - 4.0 * r * c + r * r)
 
+    @staticmethod
+    def _psi_derivs(y, m, eta, psi, mu, th, r, c):
+        """∂ℓ/∂ψ and ∂²ℓ/∂ψ².  With s = ϑ + μ and x = (y − μ)/s, ∂ℓ/∂ψ = mϑ[log(1 + x) − x + ψ(y + ϑ) − ψ(ϑ) −
+        log(1 + y/ϑ)]; for large ϑ each term is formed without cancellation (see ``LARGE_THETA``), and
+        y c² + ϑ²[ψ₁(y + ϑ) − ψ₁(ϑ)] as ϑ² [y (ϑ(y − 2μ) − μ²) / (s² ϑ (ϑ + y)) + the series' rest]."""
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            p1 = m * (-th * _softplus(eta - psi) + c * (mu - y)
+                      + th * (special.digamma(y + th) - special.digamma(th)))
+            tail = y * c * c + th * th * (special.polygamma(1, y + th) - special.polygamma(1, th))
+            t = np.maximum(th, LARGE_THETA)
+            s = t + mu
+            p1_big = m * t * (_log1pmx((y - mu) / s) + _digamma_rest(y, t))
+            tail_big = t * t * (y * (t * (y - 2.0 * mu) - mu * mu) / (s * s * t * (t + y)) + _trigamma_rest(y, t))
+        big = _large(th)
+        p1 = np.where(big, p1_big, p1)
+        return p1, p1 + m * (th * r * r + np.where(big, tail_big, tail))
+
     def dispersion_derivs(self, y, m, eta, psi) -> DispersionDerivs:
         th = np.exp(psi)
         r, c = self._rc(eta, psi)
         mu = np.exp(eta)
-        p1 = m * (-th * _softplus(eta - psi) + c * (mu - y) + th * (special.digamma(y + th) - special.digamma(th)))
-        pp = p1 + m * (th * r * r + y * c * c + th * th * (special.polygamma(1, y + th) - special.polygamma(1, th)))
+        p1, pp = self._psi_derivs(y, m, eta, psi, mu, th, r, c)
         d1p = m * r * (y * c - th * r)
         rc = m * r * c
         return DispersionDerivs(
