@@ -165,6 +165,29 @@ def test_fit_summary_and_json_file(tmp_path, contra):
     assert r.stderr.strip() == f"wrote {out}"
 
 
+def test_weights_and_offset_columns_from_files(tmp_path):
+    """--weights and --offset name columns the files are read for (only the model's columns are read):
+    the proportion fit with its trials as weights equals the cbind fit, and --offset COL equals offset(COL);
+    the dispersion is in the JSON."""
+    cbpp = pd.read_csv(os.path.join(os.path.dirname(__file__), "data", "cbpp.csv"))
+    cbpp["prop"] = cbpp["incidence"] / cbpp["size"]
+    cbpp["lsize"] = np.log(cbpp["size"])
+    path = _write(cbpp, tmp_path / "cbpp.csv")
+    r = invoke("fit", "-f", "prop ~ period + (1 | herd)", "--family", "binomial", "--weights", "size",
+               "--json", "-", "-q", path)
+    assert r.exit_code == 0, r.stderr
+    ref = fedglmm.fit("cbind(incidence, size - incidence) ~ period + (1 | herd)", cbpp, family="binomial")
+    got = json.loads(r.stdout)
+    np.testing.assert_allclose(list(got["fixef"].values()), ref.fixef.to_numpy(), rtol=0, atol=1e-8)
+    r = invoke("fit", "-f", "incidence ~ period + (1 | herd)", "--family", "nbinom2", "--offset", "lsize",
+               "--json", "-", "-q", path)
+    assert r.exit_code == 0, r.stderr
+    ref = fedglmm.fit("incidence ~ period + offset(lsize) + (1 | herd)", cbpp, family="negative_binomial")
+    got = json.loads(r.stdout)
+    np.testing.assert_allclose(list(got["fixef"].values()), ref.fixef.to_numpy(), rtol=0, atol=1e-8)
+    assert got["dispersion"]["theta"] == pytest.approx(ref.dispersion["theta"], rel=1e-8)
+
+
 def test_fit_gaussian_ml_and_nagq(tmp_path, contra):
     path = _write(contra, tmp_path / "c.csv")
     r = invoke("fit", "-f", "age ~ urban + (1 | district)", "--ml", "--json", "-", "-q", "-s", "region", path)

@@ -179,6 +179,20 @@ def test_fit_over_flower_equals_in_process(fed):
             assert e["sent"] and e["reply_bytes"] > 0 and len(e["reply_sha256"]) == 64
 
 
+def test_a_dispersion_family_over_flower_equals_in_process(fed):
+    """Gamma (log link; its shape a parameter of the same Newton rounds) with secure aggregation over the
+    federation: the in-process fit of the same frames to 1e-8, the dispersion included."""
+    formula = "age + 14 ~ urban + (1 | district)"            # age is centred: + 14 makes it positive
+    with _federated(fed) as transport:
+        res = fedglmm.fit_on(transport, formula, family="gamma", link="log")
+    ref = fedglmm.fit(formula, {s: fed["frames"][s] for s in SITES}, family="gamma", link="log",
+                      secure_aggregation=True)
+    assert res.secure_aggregation and res.converged and res.rounds == ref.rounds
+    np.testing.assert_allclose(res.fixef.to_numpy(), ref.fixef.to_numpy(), rtol=0, atol=1e-8)
+    assert res.loglik == pytest.approx(ref.loglik, abs=1e-8, rel=0)
+    assert res.dispersion["sigma"] == pytest.approx(ref.dispersion["sigma"], abs=1e-8, rel=0)
+
+
 class _Recording:
     """A transport that keeps every round's replies as the coordinator receives them."""
 
