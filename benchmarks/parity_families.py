@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Negative binomial, Gamma and prior weights: parity with glmmTMB, rounds, splits and ψ-derivatives.
 
-usage: python3 benchmarks/parity_families.py [--only REGEX] [--sites K]
+usage: python3 benchmarks/parity_families.py [--only REGEX] [--sites K | --per-level]
 
 For the shared cases ``sleepstudy_gamma``, ``grouseticks_nb``, ``cbpp_prop`` and the held-out cases of
 tests/data/heldout/families/ (references: glmmTMB for NB and Gamma, glmmTMB and lme4 otherwise; see
@@ -14,8 +14,9 @@ method and prints per case:
 * ``SE``, ``SD``, ``disp``: the largest relative difference of the standard errors, of the random-effect
   (and residual) SDs, of the dispersion (θ for NB, σ for Gamma) from the reference's (each ≤ 0.05);
 * ``split h``, ``split i``: the rows split over K sites by the case's split column (site = level code mod
-  K), hybrid and iterative: the largest relative difference of the estimates, SDs, dispersion and logLik
-  from the pooled fit of the same method (must be ≤ 1e-8);
+  K; ``--per-level``: one site per level), hybrid and iterative: the largest relative difference of the
+  estimates, SDs, dispersion and logLik from the pooled fit of the same method (must be ≤ 1e-8), and
+  (``sites``, ``rnd``) the number of sites and the split hybrid fit's rounds;
 * ``dψ``: at the pooled estimate, the largest relative difference between the engine's analytic
   derivatives with respect to ψ (the gradient's entry and the Hessian's row) and central differences of
   its value and gradient (NB and Gamma only).
@@ -77,8 +78,9 @@ def difference(a, b) -> float:
     return float(np.max(np.abs(x - y) / np.maximum(1.0, np.abs(y))))
 
 
-def split(df: pd.DataFrame, column: str, k: int) -> dict:
+def split(df: pd.DataFrame, column: str, k: int | None) -> dict:
     codes = pd.factorize(df[column])[0]
+    k = k or int(codes.max()) + 1
     return {f"s{i}": df[codes % k == i].reset_index(drop=True) for i in range(k) if np.any(codes % k == i)}
 
 
@@ -121,10 +123,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default=None)
     ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--per-level", action="store_true")
     args = ap.parse_args()
+    k = None if args.per_level else args.sites
     warnings.simplefilter("ignore")
     print(f"{'case':22s} {'family':18s} {'conv':>4s} {'hyb':>3s} {'iter':>4s} {'ΔlogLik':>9s} {'β/SE':>7s} "
-          f"{'SE':>7s} {'SD':>7s} {'disp':>7s} {'split h':>8s} {'split i':>8s} {'dψ':>8s} {'sec':>5s}")
+          f"{'SE':>7s} {'SD':>7s} {'disp':>7s} {'split h':>8s} {'split i':>8s} {'sites':>5s} {'rnd':>3s} {'dψ':>8s} "
+          f"{'sec':>5s}")
     bad = 0
     fits = {}
     for name, case in CASES.items():
@@ -138,16 +143,18 @@ def main() -> int:
         c = criteria(res, case)
         column = case.get("split") or SPLIT.get(name)
         df = _data(case)
-        sh = difference(_fit(case, split(df, column, args.sites)), res)
-        si = difference(_fit(case, split(df, column, args.sites), method="iterative"), it)
+        parts = split(df, column, k)
+        hs = _fit(case, parts)
+        sh = difference(hs, res)
+        si = difference(_fit(case, parts, method="iterative"), it)
         dpsi = dispersion_fd(case) if case["family"] in DISPERSION else np.nan
         fam = case["family"] + (f"/{case['link']}" if case["link"] else "") + (" w" if case["weights"] else "")
-        ok = (res.converged and res.rounds <= 10 and c["dll"] >= -1e-4 and c["beta"] <= 0.1 and c["se"] <= 0.05
+        ok = (res.converged and res.rounds <= 10 and hs.rounds <= 10 and c["dll"] >= -1e-4 and c["beta"] <= 0.1 and c["se"] <= 0.05
               and c["sd"] <= 0.05 and not c["disp"] > 0.05 and sh <= 1e-8 and si <= 1e-8 and not dpsi > 1e-5)
         bad += not ok
         print(f"{name:22s} {fam:18s} {'yes' if res.converged else 'NO':>4s} {res.rounds:3d} {it.rounds:4d} "
               f"{c['dll']:9.1e} {c['beta']:7.1e} {c['se']:7.1e} {c['sd']:7.1e} {c['disp']:7.1e} {sh:8.1e} "
-              f"{si:8.1e} {dpsi:8.1e} {sec:5.1f}{'' if ok else '  FAILS'}")
+              f"{si:8.1e} {len(parts):5d} {hs.rounds:3d} {dpsi:8.1e} {sec:5.1f}{'' if ok else '  FAILS'}")
     twins = [("cbpp_prop", None), ("sim_binom_prop", "sim_binom_cbind")]
     for prop, cbind in twins:
         if prop not in fits:
