@@ -272,7 +272,8 @@ def test_group_at_two_sites(contra):
     desc = {"A": describe_frame(contra[contra.district <= 12], spec, "A"),
             "B": describe_frame(contra[contra.district >= 12], spec, "B")}
     assert error(SchemaError, merge_schema, desc, spec, "binomial") == (
-        "group 'district' level '12' is present at sites 'A' and 'B'; each group must live at one site")
+        "group 'district' level '12' is present at sites 'A' and 'B'; levels shared by sites are fitted for "
+        "gaussian models only (binomial models need each group at one site)")
 
 
 def test_group_column_may_differ_in_kind(contra):
@@ -376,18 +377,18 @@ def test_several_factors_slopes_columns():
     assert d.theta_mask.sum() == 4          # (1 + time | patient): 3, (1 | hospital): 1
 
 
-def test_describe_lists_every_factor_and_schema_refuses_shared_level():
+def test_describe_lists_every_factor_and_schema_finds_shared_levels():
     df = pd.read_csv(HELDOUT / "pastes.csv")
     spec = parse_formula("strength ~ 1 + (1 | batch) + (1 | sample)")
     desc = describe_frame(df, spec, "A")
     assert set(desc["groups"]) == {"batch", "sample"} and len(desc["groups"]["sample"]) == 30
     a, b = df[df.batch <= "E"], df[df.batch > "E"]
-    merge_schema({"A": describe_frame(a, spec, "A"), "B": describe_frame(b, spec, "B")}, spec, "gaussian")
+    assert merge_schema({"A": describe_frame(a, spec, "A"), "B": describe_frame(b, spec, "B")}, spec,
+                        "gaussian").shared == {}
     b = pd.concat([b, a.iloc[[0]]])            # sample 'A:a' (batch 'A') now at both sites
+    schema = merge_schema({"A": describe_frame(a, spec, "A"), "B": describe_frame(b, spec, "B")}, spec, "gaussian")
+    assert schema.shared == {"batch": {"A": 2}, "sample": {"A:a": 2}}
+    assert schema.nlevels == {"batch": 10, "sample": 30}
     msg = error(SchemaError, merge_schema, {"A": describe_frame(a, spec, "A"),
-                                            "B": describe_frame(b, spec, "B")}, spec, "gaussian")
-    assert msg.startswith("group 'batch' level 'A' is present at sites 'A' and 'B'")
-    c = b.assign(batch=b.batch.where(b.batch != "A", "Z"))      # batch relabelled, sample still shared
-    msg = error(SchemaError, merge_schema, {"A": describe_frame(a, spec, "A"),
-                                            "B": describe_frame(c, spec, "B")}, spec, "gaussian")
-    assert msg.startswith("group 'sample' level 'A:a' is present at sites 'A' and 'B'")
+                                            "B": describe_frame(b, spec, "B")}, spec, "poisson")
+    assert msg.startswith("group 'batch' level 'A' is present at sites 'A' and 'B'; levels shared by sites")

@@ -24,10 +24,16 @@ value in a used column and reports how many as ``omitted`` in its description, o
   moments for scaling and the sums of a one-step linearised fit used as starting values;
 * ``evaluate`` {points, transform, zscale}: for each point (φ = (β, θ), or θ for gaussian models) the
   log-likelihood sums: value, gradient, Hessian (gaussian: the cross-product sums A, b, c, d and their
-  θ-derivatives), as ``{"points": [...]}``;
+  θ-derivatives), as ``{"points": [...]}``; with levels shared by sites (the set-up's ``schema`` lists them
+  under ``shared``: {factor: [levels]}) a gaussian site sends instead ``sG``, ``sdG``, ``sd2G`` (the sums
+  [Z_v X y]ᵀV_s⁻¹[Z_v X y] over its rows and their θ-derivatives, laid out over all shared levels),
+  ``sd``, ``sdd``, ``sd2d`` (log det V_s and its derivatives) and ``n``
+  (:mod:`fedglmm.likelihood.lmm_shared`);
 * ``finalize`` {point, transform, zscale, ...}: the same sums at the final estimate, and each group's
   conditional modes and conditional standard deviations (a site with rules sends them only for groups
-  of at least its ``min_group`` and lists the others under ``withheld``);
+  of at least its ``min_group`` and lists the others under ``withheld``); with shared levels the request
+  carries ``shared_v`` and ``shared_N`` (the shared modes and their conditional covariance over σ²) and
+  the site answers with the modes of its own levels only;
 * ``oneshot`` {formula, family, link, order[, transforms]}: the site's whole one-shot message (its description, set-up
   sums and per-group summaries, see :func:`fedglmm.site.summaries.summarize`), or its refusal to send
   per-group summaries for groups below its minimum size;

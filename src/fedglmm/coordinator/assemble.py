@@ -171,6 +171,8 @@ def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec,
     if family.name == "negative_binomial" and len(est.disp) and est.disp[0] > POISSON_LIMIT:
         messages.append(f"theta = {np.exp(est.disp[0]):.3g} is at the poisson limit: the data show no "
                         "overdispersion beyond the poisson's (a poisson fit has the same estimates and logLik)")
+    if st.shared:
+        messages.append(shared_note(st))
     converged = bool(est.converged)
     gone = runaway_message(est, st, group)
     if gone:
@@ -209,11 +211,24 @@ def _dispersion(family: Family, est: Estimate) -> dict | None:
             "se": abs(family.dispersion_slope(psi)) * float(np.sqrt(var)) if var >= 0 else float("nan")}
 
 
+def shared_note(st: Setup) -> str:
+    """Which grouping factors have levels at several sites, and how many."""
+    parts = []
+    for f, levels in st.shared.items():
+        nsites = list(levels.values())
+        span = f"{min(nsites)}" if min(nsites) == max(nsites) else f"{min(nsites)}-{max(nsites)}"
+        parts.append(f"{f}: {len(levels)} of {st.factor_groups.get(f, len(levels))} levels at {span} sites each")
+    return ("levels shared by sites (" + "; ".join(parts) + "), fitted exactly: each site sent sums over its "
+            "rows for the shared levels' block, the coordinator solved for their effects")
+
+
 def _satterthwaite(st: Setup, est: Estimate, options: FitOptions) -> pd.Series | None:
     """The Satterthwaite df of each fixed effect from the sums of the final round (none if a part did not
     send its θ-derivatives)."""
     keys = LMM_KEYS + (LMM_DERIVATIVE_KEYS if st.mask.sum() else [])
-    if not all(k in r for r in est.final.values() for k in keys):
+    # with shared levels the pooled sums come as one part (the sites' parts carry their modes only)
+    parts = {k: r for k, r in est.final.items() if not st.shared or "A" in r}
+    if not all(k in r for r in parts.values() for k in keys):
         return None
-    df = satterthwaite_df(sum_replies(est.final, keys), options.reml, st.A)
+    df = satterthwaite_df(sum_replies(parts, keys), options.reml, st.A)
     return pd.Series(df, index=st.names, name="df")

@@ -15,9 +15,10 @@ from ..model.families import Family
 from ..model.frame import na_payload
 from ..model.transforms import is_stateful
 from ..model.options import FitOptions
-from ..model.spec import ModelSpec, Schema
+from ..model.spec import ModelSpec, Schema, theta_index
 from ..protocol import request
 from .schema import merge_schema
+from .shared_rounds import SharedRoundEvaluator
 from .surrogate import surrogate_model
 
 
@@ -52,6 +53,8 @@ def schema_payload(schema: Schema) -> dict:
     out = {"kinds": schema.kinds, "levels": schema.levels}
     if schema.transforms:
         out["transforms"] = schema.transforms
+    if schema.shared:                   # which levels are shared (never by which sites, nor how many)
+        out["shared"] = {f: list(levels) for f, levels in schema.shared.items()}
     return out
 
 
@@ -87,6 +90,10 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     models; for GLMMs a tuple of such pairs gives candidate starts, all evaluated in the first round and
     the best kept); ``first`` rides on the first request; ``surrogate(x) -> (f, g, H)`` is a local
     stand-in for −ℓ (GLMMs; see :func:`~fedglmm.coordinator.surrogate.surrogate_model`)."""
+    if st.shared:                      # levels shared by sites: gaussian models only (schema)
+        if start is None and "xty" not in st.sums:        # one grouping factor: no joint moment start
+            start = np.eye(st.mask.shape[0])[theta_index(st.mask)] if st.mask.shape[0] else None
+        return fit_lmm(SharedRoundEvaluator(RoundEvaluator(transport, st, first), st, options.reml), st, options, start)
     evaluator = RoundEvaluator(transport, st, first)
     if family.name == "gaussian":
         return fit_lmm(evaluator, st, options, start)

@@ -1,6 +1,6 @@
 """Schema agreement at the coordinator: the sites' descriptions merged into one schema (column kinds,
-factor levels), with the checks that the sites agree and that every group lives at one site; and the
-agreed design's column names."""
+factor levels), with the checks that the sites agree, the levels of grouping factors held by several sites
+(shared levels, :mod:`fedglmm.likelihood.shared`); and the agreed design's column names."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,11 +38,12 @@ def merge_schema(descriptions: dict[str, dict], spec: ModelSpec, family, transfo
         union = np.concatenate([np.asarray(d["levels"].get(col, []), dtype=str) for d in descriptions.values()])
         levels[col] = sort_levels(union, natural=kinds[col] == "numeric")
     _check_outcome_kinds(spec, kinds, levels, fam)
-    _check_groups_disjoint(descriptions, spec)
+    shared, nlevels = shared_levels(descriptions, spec, fam)
     omitted = {site: int(d.get("omitted", 0)) for site, d in descriptions.items()}
     if transforms is None and any("transforms" in d for d in descriptions.values()):
         transforms = pool_statistics({site: d.get("transforms", {}) for site, d in descriptions.items()})
-    return Schema(kinds=kinds, levels=levels, omitted=omitted, transforms=dict(transforms or {}))
+    return Schema(kinds=kinds, levels=levels, omitted=omitted, transforms=dict(transforms or {}), shared=shared,
+                  nlevels=nlevels)
 
 
 def _check_same_columns(descriptions: dict[str, dict]) -> None:
@@ -85,10 +86,11 @@ def _check_outcome_kinds(spec: ModelSpec, kinds: dict, levels: dict, fam) -> Non
             raise SchemaError(f"column '{bad[0]}' is used as a number in '{expr}' but is not numeric")
 
 
-def _check_groups_disjoint(descriptions: dict[str, dict], spec: ModelSpec) -> None:
-    """Every level of every grouping factor lives at one site: a level at two sites is refused, naming
-    the factor, the level and two of its sites."""
-    sites = list(descriptions)
+def shared_levels(descriptions: dict[str, dict], spec: ModelSpec, fam) -> tuple[dict, dict]:
+    """{factor: {level: number of sites}} for the levels of grouping factors present at two or more sites
+    (natural order), and {factor: number of levels over all sites}.  Gaussian models fit them exactly; other families refuse them, naming the factor,
+    the level and two of its sites."""
+    sites, out, nlevels = list(descriptions), {}, {}
     for name in spec.groups:
         per_site = [np.asarray(_site_groups(descriptions[s], name, spec), dtype=str) for s in sites]
         where = np.repeat(np.asarray(sites, dtype=object), [len(x) for x in per_site])
@@ -96,12 +98,20 @@ def _check_groups_disjoint(descriptions: dict[str, dict], spec: ModelSpec) -> No
         if len(set(labels)) == 1:        # lme4: "grouping factors must have > 1 sampled level"
             raise SchemaError(f"grouping factor '{name}' has a single level ('{labels[0]}') over all sites: a "
                               "random effect needs at least 2 levels (drop the random term for a model without it)")
-        dup = pd.Series(labels).duplicated(keep=False).to_numpy()
-        if dup.any():
-            level = sort_levels(labels[dup], natural=True)[0]
+        counts = pd.Series(labels).value_counts()
+        nlevels[name] = len(counts)
+        dup = counts[counts > 1]
+        if dup.empty:
+            continue
+        if fam.name != "gaussian":
+            level = sort_levels(np.asarray(dup.index, dtype=str), natural=True)[0]
             at = " and ".join(f"'{s}'" for s in where[labels == level][:2])
-            raise SchemaError(f"group '{name}' level '{level}' is present at sites {at}; "
-                              "each group must live at one site")
+            raise SchemaError(f"group '{name}' level '{level}' is present at sites {at}; levels shared by "
+                              f"sites are fitted for gaussian models only ({fam.name} models need each group "
+                              "at one site)")
+        order = sort_levels(np.asarray(dup.index, dtype=str), natural=True)
+        out[name] = {str(lv): int(dup[lv]) for lv in order}
+    return out, nlevels
 
 
 def _site_groups(description: dict, name: str, spec: ModelSpec) -> list:

@@ -87,6 +87,7 @@ class Setup:
     factor_groups: dict = field(default_factory=dict)
     zgroups: list = field(default_factory=list)
     ndisp: int = 0              # dispersion parameters (ψ, the last coordinates of a GLMM's parameters)
+    shared: dict = field(default_factory=dict)      # factor -> {level: sites} for levels at several sites
 
     def factor_columns(self) -> dict:
         """{factor: its Z columns} (several grouping factors only)."""

@@ -4,7 +4,8 @@ Stages: the sites' one-shot messages (moments up to order 2, the least revealing
 small groups adds its own fit) -> the pseudo-data fit at the coordinator -> the start (that fit, combined
 with the sites' own fits, and the site-totals start as a safety net) -> Newton rounds whose steps the
 pseudo-data surrogate proposes (:mod:`fedglmm.coordinator.surrogate`) -> the result.  Gaussian models
-whose per-group statistics all arrived are exact after the first round.
+whose per-group statistics all arrived are exact after the first round (unless levels are shared by sites:
+the stand-ins of one site do not know the others', so the Newton rounds follow).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..coordinator.messages import merge_messages
 from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
+from ..coordinator.shared_rounds import shared_setup
 from ..coordinator.starts import combined_start, factor_combined_start, internal_start
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
@@ -111,13 +113,13 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
                                           **req.spec.columns_payload))
     merged = merge_messages(replies, req.formula, fam, transforms, req.spec)
     secure = bool(getattr(transport, "secure", False))
-    st = None if secure else make_setup(merged.setup, fam.ndisp)
+    st = None if secure else shared_setup(make_setup(merged.setup, fam.ndisp), merged.schema)
     if st is not None:
         check_outcome(st, req.spec, fam)
     own = merged.own
     pseudo = _pseudo_fit(merged, replies, req, seed) if any(b is not None for b in merged.blocks.values()) \
         else None
-    if pseudo is not None and fam.name == "gaussian" and not merged.refused:
+    if pseudo is not None and fam.name == "gaussian" and not merged.refused and not merged.schema.shared:
         # per-group sufficient statistics give the exact fit: nothing is left to iterate
         run = RunStats(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
                        time.perf_counter() - t0, tuple(replies), secure)
@@ -128,7 +130,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         return res
     payload = setup_request(req.formula, fam, options, merged.schema, req.na_action, req.spec.columns_payload)
     if secure:                 # the site totals come only as their total, in a masked set-up round
-        st = make_setup(transport.broadcast(payload), fam.ndisp)
+        st = shared_setup(make_setup(transport.broadcast(payload), fam.ndisp), merged.schema)
         check_outcome(st, req.spec, fam)
     start, surrogate = _starts(req, st, merged, own, pseudo)
     est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},

@@ -19,6 +19,7 @@ from ..coordinator.assemble import assemble
 from ..coordinator.rounds import agree_schema, estimate, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
+from ..coordinator.shared_rounds import shared_setup
 from ..likelihood.setup import make_setup
 from ..model.options import FitRequest
 from ..results import FitResult, RunStats
@@ -29,7 +30,7 @@ def fit_iterative(transport, req: FitRequest) -> FitResult:
     t0 = time.perf_counter()
     schema = agree_schema(transport, req.formula, req.spec, req.family, req.na_action)
     payload = setup_request(req.formula, req.family, req.options, schema, req.na_action, req.spec.columns_payload)
-    setup = make_setup(transport.broadcast(payload), req.family.ndisp)
+    setup = shared_setup(make_setup(transport.broadcast(payload), req.family.ndisp), schema)
     check_outcome(setup, req.spec, req.family)
     est = estimate(transport, setup, req.family, req.options)
     parts = assemble(req.formula, req.family, req.options, req.spec, schema, setup, est)

@@ -28,6 +28,10 @@ def fit_from_messages(messages: dict, req: FitRequest, rounds: int = 0, bytes_to
     check_outcome(make_setup(merged.setup, req.family.ndisp), req.spec, req.family)
     if merged.refused:
         raise FedGLMMError(merged.refused[0])
+    if merged.schema.shared:
+        f, levels = next(iter(merged.schema.shared.items()))
+        raise FedGLMMError(f"group '{f}' level '{next(iter(levels))}' is present at several sites: the one-shot "
+                           "method needs each group at one site (method='hybrid' or 'iterative' fits shared levels)")
     parts, diagnostics = stand_ins(merged, messages, req.options, seed)
     schema, setup, est = fit_stand_ins(parts, req.spec, req.family, req.options, merged.schema.transforms)
     internals = (schema, setup, est)

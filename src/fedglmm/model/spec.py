@@ -124,6 +124,9 @@ class Schema:
     levels: dict[str, list[str]] = field(default_factory=dict)   # categorical column -> levels
     omitted: dict[str, int] = field(default_factory=dict, compare=False)   # site -> rows omitted (missing values)
     transforms: dict[str, dict] = field(default_factory=dict)     # call -> pooled state (model/transforms.py)
+    # grouping factor -> {level: number of sites holding it}, for the levels at two or more sites
+    shared: dict[str, dict] = field(default_factory=dict, compare=False)
+    nlevels: dict[str, int] = field(default_factory=dict, compare=False)   # factor -> levels over all sites
 
 
 @dataclass(frozen=True)

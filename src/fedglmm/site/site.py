@@ -182,7 +182,8 @@ class Site:
         self.design = d
         self._setup_bytes = protocol.encode({k: v for k, v in req.items() if k != "secagg"})
         self._setup_frame = frame
-        self._engines = EngineCache(lambda A, zs: make_engine(d, family, nagq, curvature, A, zs))
+        shared = req["schema"].get("shared") or None
+        self._engines = EngineCache(lambda A, zs: make_engine(d, family, nagq, curvature, A, zs, shared))
 
     def _engine_for(self, req):
         """The likelihood engine on the coordinator's internal scale (X̃ = X·transform, Z̃ = Z / zscale)."""
@@ -202,22 +203,43 @@ class Site:
         else:
             self.limits.ride(self._session, self._setup_frame)
 
+    def _shared_cells(self, req, eng) -> None:
+        """With rules, a shared level's rows here (a (level, site) cell) below ``min_group`` leave only in
+        masked sums: an unmasked request is refused (the sums of the shared block are per cell)."""
+        split = getattr(eng, "split", None)
+        if split is None or not self.config.withhold_modes or "secagg" in req:
+            return
+        for factor, cells in split.cells.items():
+            small = {lv: n for lv, n in cells.items() if n < self.min_group}
+            if small:
+                level = min(small, key=lambda lv: (small[lv], lv))
+                rules.refuse(self.config, self.site_id, f"group '{factor}' level '{level}' (shared with other sites) "
+                             f"has {small[level]:g} observation(s) here, fewer than min_group {self.min_group}: its "
+                             "sums leave only under secure aggregation", "min_group")
+
     def _on_evaluate(self, req):
         self._ride_setup(req)
         eng = self._engine_for(req)
+        self._shared_cells(req, eng)
         return {"points": [eng.sums(x) for x in np.asarray(req["points"], float)]}
 
     def _on_finalize(self, req):
         self._ride_setup(req)
         eng = self._engine_for(req)
+        self._shared_cells(req, eng)
         point = np.asarray(req["point"], float)
         reply = eng.sums(point, final=True)
         d = self.design
         if d.Z.shape[1] == 0:
             return reply
-        modes, sds = eng.modes(req["point"], req.get("beta_internal"), req.get("sigma"))
-        if d.factors:
-            reply.update(self._factor_modes(modes, sds))
+        if "shared_v" in req:           # levels shared by sites: the local modes given the shared ones
+            modes, sds = eng.modes(req["point"], req.get("beta_internal"), req.get("sigma"),
+                                   (req["shared_v"], req["shared_N"]))
+        else:
+            modes, sds = eng.modes(req["point"], req.get("beta_internal"), req.get("sigma"))
+        split = getattr(eng, "split", None)
+        if d.factors or split is not None:
+            reply.update(self._factor_modes(modes, sds, split))
             return reply
         if not self.config.withhold_modes:
             reply.update({"levels": list(d.group_levels), "modes": modes, "condsd": sds})
@@ -272,15 +294,19 @@ class Site:
         return {"levels": levels[keep].tolist(), "mean": mean[keep], "sd": sd[keep],
                 "withheld": levels[~keep].tolist()}
 
-    def _factor_modes(self, modes: dict, sds: dict) -> dict:
+    def _factor_modes(self, modes: dict, sds: dict, split=None) -> dict:
         """With several grouping factors: each factor's levels, modes and SDs (dictionaries by factor),
-        the modes of levels below ``min_group`` withheld per factor."""
+        the modes of levels below ``min_group`` withheld per factor.  With levels shared by sites
+        (``split``), only the site's own levels: the coordinator reports the shared ones."""
         d, out = self.design, {"levels": {}, "modes": {}, "condsd": {}}
         withheld = {}
         sizes = rules.factor_sizes(d, self.family)
-        for f in d.factors:
-            keep = sizes[f.name] >= self.min_group if self.config.withhold_modes else np.ones(len(f.levels), bool)
-            levels = np.asarray(f.levels, dtype=object)
+        for f in d.groupings:
+            own = np.ones(len(f.levels), bool) if split is None else \
+                np.isin(np.asarray(f.levels, dtype=str), np.asarray(split.local_levels[f.name], dtype=str))
+            size = np.asarray(sizes[f.name])[own]
+            keep = size >= self.min_group if self.config.withhold_modes else np.ones(len(size), bool)
+            levels = np.asarray(f.levels, dtype=object)[own]
             out["levels"][f.name] = levels[keep].tolist()
             out["modes"][f.name] = np.asarray(modes[f.name])[keep]
             out["condsd"][f.name] = np.asarray(sds[f.name])[keep]

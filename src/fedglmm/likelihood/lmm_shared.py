@@ -1,0 +1,215 @@
+"""Exact linear mixed model sums when levels of grouping factors are shared by sites (gaussian, ML/REML).
+
+Model and criterion as in :mod:`fedglmm.likelihood.lmm`; notation of the shared effects v, Λ_v, Z_v in
+:mod:`fedglmm.likelihood.shared`.  With V_u = I + Z_u Λ_u Λ_uᵀ Z_uᵀ the covariance (over σ²) of a site's
+rows given v -- block-diagonal over sites -- the whole covariance is V = V_u + Z_v Λ_v Λ_vᵀ Z_vᵀ, and by
+Woodbury
+
+    [X y]ᵀ V⁻¹ [X y] = G_xx − G_xv Λ_v C⁻¹ Λ_vᵀ G_vx,     log det V = Σ_s log det V_u,s + log det C,
+    C = I + Λ_vᵀ G_vv Λ_v,     G = Σ_s [Z_v X y]ᵀ V_u,s⁻¹ [Z_v X y]   (over each site's rows).
+
+So a site sends G_s -- its local LMM sums with its shared columns Z_v as extra fixed-effect columns (the
+sums A, b, c of :mod:`fedglmm.likelihood.lmm_sparse` for the design [Z_v X]) -- and log det V_u,s, with
+their first and second θ-derivatives (θ enters V_u through the local levels), placed in the global
+layout of v (:func:`fedglmm.likelihood.shared.embed`) so that they add up over sites and can travel
+masked: (Q + p + 1)² numbers each, never a number per row.  The coordinator sums them, adds Λ_v and gets the exact A = XᵀV⁻¹X, b, c, d and their
+θ-derivatives (:func:`pooled_sums`): the profiled REML/ML criterion then follows as with local levels
+only.  First θ-derivatives are analytic (below); second ones are central differences of them, the sums
+moved along their own second-order Taylor expansion (exact to O(h²)).  With N = Λ_v C⁻¹ Λ_vᵀ,
+
+    dC = dΛᵀ G_vv Λ + Λᵀ G_vv dΛ + Λᵀ dG_vv Λ,   dN = dΛ C⁻¹ Λᵀ + Λ C⁻¹ dΛᵀ − Λ C⁻¹ dC C⁻¹ Λᵀ,
+    d[G_xx − G_xv N G_vx] = dG_xx − dG_xv N G_vx − G_xv N dG_vx − G_xv dN G_vx,   d log det C = tr(C⁻¹ dC).
+
+Conditional modes: b̂_v = N (G_vy − G_vX β̂) and Var(b_v | y) = σ² N (the coordinator's); a site's local
+modes are those of its local model with b̂_v as fixed coefficients of Z_v, and their variances add the
+shared part R N Rᵀ (R: the local effects' regression on Z_v).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.linalg import cho_factor, cho_solve
+
+from ..model.spec import Design, theta_index
+from .lmm_sparse import MultiLMMSums
+from .shared import SharedLayout, SiteSplit, embed, lambda_v, split_design
+
+SUM_KEYS = ("n", "sG", "sdG", "sd2G", "sd", "sdd", "sd2d")
+
+
+class SharedLMMSums:
+    """One site's shared-model sums (see the module docstring) on the internal scale: the engine of
+    :mod:`fedglmm.likelihood.engine` for a gaussian model with shared levels.  Its sums are placed in
+    the global layout (v's Q columns, then X, then y), so that the sites' replies add up (and can travel
+    masked); the rows never leave."""
+
+    def __init__(self, design: Design, layout: SharedLayout):
+        self.split: SiteSplit = split_design(design, layout)
+        self.p = design.X.shape[1]
+        self.Q = layout.Q
+        self.inner = MultiLMMSums(self.split.local, X=np.c_[self.split.Zv, design.X])
+        self.n = design.n
+
+    def sums(self, point: np.ndarray, final: bool = False) -> dict:
+        """G_s, log det V_u,s and their θ-derivatives (first analytic, second by differences)."""
+        s = self.inner.evaluate(np.asarray(point, float), order=2)
+        k = self.inner.ntheta
+        P = s["A"].shape[0]
+        cols, Q = self.split.cols, self.Q
+        out = {"n": self.n, "sG": embed(_pack(s["A"], s["b"], s["c"]), cols, Q, (0, 1)), "sd": float(s["d"])}
+        if k:
+            dG = np.stack([_pack(s["dA"][t], s["db"][t], s["dc"][t]) for t in range(k)])
+            d2G = np.stack([[_pack(s["d2A"][a, t], s["d2b"][a, t], s["d2c"][a, t]) for t in range(k)]
+                            for a in range(k)])
+            out["sdG"], out["sd2G"] = embed(dG, cols, Q, (1, 2)), embed(d2G, cols, Q, (2, 3))
+            out["sdd"], out["sd2d"] = np.asarray(s["dd"], float), np.asarray(s["d2d"], float)
+        else:
+            width = Q + P - len(cols) + 1
+            out["sdG"], out["sd2G"] = np.zeros((0, width, width)), np.zeros((0, 0, width, width))
+            out["sdd"], out["sd2d"] = np.zeros(0), np.zeros((0, 0))
+        return out
+
+    def modes(self, point, beta=None, sigma=None, shared=None):
+        """The local levels' conditional modes and SDs by factor (internal scale), given β̂ (``beta``), σ̂ and
+        ``shared`` = (b̂_v, N) over all Q shared effects (the coordinator's: the shared modes and
+        Var(b_v | y) / σ²).  A local level's SD adds the shared part R N Rᵀ (R: the local effects'
+        regression on Z_v)."""
+        cols = self.split.cols
+        bv, N = (np.zeros(self.Q), None) if shared is None else (np.asarray(shared[0], float), shared[1])
+        Ns = None if N is None else np.asarray(N, float)[np.ix_(cols, cols)]
+        beta_ext = np.r_[bv[cols], np.asarray(beta, float)]
+        inner = self.inner
+        lams, M, H, F, R = inner._at(np.asarray(point, float))
+        diag = H.selected_inverse().diagonal_blocks()
+        coef = np.r_[-beta_ext, 1.0]
+        Qs = len(cols)
+        modes, sds = {}, {}
+        for name, lam, Rf, S in zip(inner.names, lams, R, diag):
+            keep = np.arange(len(self.split.local_levels[name]))
+            modes[name] = ((Rf @ coef) @ lam.T)[keep]
+            cov = S
+            if Qs and Ns is not None:
+                Rv = Rf[:, :, :Qs]                                # (G_f, q_f, Q_s): local on shared
+                cov = S + np.einsum("gaq,qr,gbr->gab", Rv, Ns, Rv)
+            cov = lam @ cov @ lam.T
+            sds[name] = (float(sigma) * np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0)))[keep]
+        return modes, sds
+
+
+def _pack(A, b, c) -> np.ndarray:
+    """[[A, b], [bᵀ, c]]."""
+    p = A.shape[0]
+    out = np.empty((p + 1, p + 1))
+    out[:p, :p], out[:p, p], out[p, :p], out[p, p] = A, b, b, c
+    return out
+
+
+# --- at the coordinator ---------------------------------------------------------------------------------
+
+class SharedLMM:
+    """The coordinator's side: the pooled A, b, c, d (and θ-derivatives) from the summed shared sums, and
+    the shared effects' conditional modes."""
+
+    def __init__(self, layout: SharedLayout, mask: np.ndarray, zcols: dict, p: int):
+        self.layout, self.mask, self.zcols, self.p = layout, np.asarray(mask, bool), zcols, p
+        self.index = theta_index(self.mask)
+        q = self.mask.shape[0]
+        self.k = len(self.index[0])
+        self.Q = layout.Q
+        self.dL = []
+        for t in range(self.k):
+            unit = np.zeros((q, q))
+            unit[self.index[0][t], self.index[1][t]] = 1.0
+            self.dL.append(lambda_v(unit, layout, zcols))
+
+    def L(self, theta) -> np.ndarray:
+        lam = np.zeros(self.mask.shape)
+        lam[self.index] = theta
+        return lambda_v(lam, self.layout, self.zcols)
+
+    def _first(self, theta, G, dG, du, ddu):
+        """(K, d, dK, dd): K = [X y]ᵀV⁻¹[X y], d = log det V and their first θ-derivatives."""
+        Q = self.Q
+        L = self.L(theta)
+        Gvv, Gvx, Gxx = G[:Q, :Q], G[:Q, Q:], G[Q:, Q:]
+        C = np.eye(Q) + L.T @ Gvv @ L
+        cf = cho_factor(C, lower=True)
+        Ci = cho_solve(cf, np.eye(Q))
+        M = L @ Ci                                           # Λ C⁻¹
+        N = M @ L.T
+        W1 = M.T @ Gvx                                       # C⁻¹ Λᵀ G_vx
+        U = L @ W1                                           # N G_vx
+        K = Gxx - Gvx.T @ U
+        d = du + 2.0 * float(np.sum(np.log(np.diag(cf[0]))))
+        GM = Gvv @ M
+        LW = L @ W1
+        dK, dd = np.empty((self.k,) + K.shape), np.empty(self.k)
+        for t in range(self.k):
+            dLt, dGt = self.dL[t], dG[t]
+            dGvv, dGvx, dGxx = dGt[:Q, :Q], dGt[:Q, Q:], dGt[Q:, Q:]
+            # dC W1 = dΛᵀ G_vv Λ W1 + Λᵀ G_vv dΛ W1 + Λᵀ dG_vv Λ W1
+            dCW = dLt.T @ (Gvv @ LW) + L.T @ (Gvv @ (dLt @ W1)) + L.T @ (dGvv @ LW)
+            a = (dLt.T @ Gvx).T @ W1                         # G_xv dΛ C⁻¹ Λᵀ G_vx
+            dNG = a + a.T - W1.T @ dCW                        # G_xv dN G_vx
+            b = dGvx.T @ U
+            dK[t] = dGxx - b - b.T - dNG
+            dd[t] = ddu[t] + 2.0 * float(np.sum(GM * dLt)) + float(np.sum(N * dGvv))
+        return K, d, dK, dd, N, U
+
+    def pooled_sums(self, tot: dict, theta, order: int = 2, step: float = 1e-5) -> dict:
+        """The LMM sums of :mod:`fedglmm.likelihood.lmm` (n, A, b, c, d and, for order 2, their first and
+        second θ-derivatives) from the sites' summed shared sums ``tot`` at θ."""
+        theta = np.asarray(theta, float)
+        G, dG, d2G = tot["sG"], tot["sdG"], tot["sd2G"]
+        K, d, dK, dd, _, _ = self._first(theta, G, dG, tot["sd"], tot["sdd"])
+        p = self.p
+        out = {"n": tot["n"], "A": K[:p, :p], "b": K[:p, p], "c": float(K[p, p]), "d": d}
+        if order < 1 or self.k == 0:
+            return out
+        out.update({"dA": dK[:, :p, :p], "db": dK[:, :p, p], "dc": dK[:, p, p], "dd": dd})
+        if order < 2:
+            return out
+        k = self.k
+        rows = {key: [] for key in ("dA", "db", "dc", "dd")}
+        for s in range(k):
+            h = step * (1.0 + abs(theta[s]))
+            parts = []
+            for sign in (1.0, -1.0):
+                e = sign * h
+                Gs = G + e * dG[s] + 0.5 * e * e * d2G[s, s]
+                dGs = dG + e * d2G[:, s]
+                dus = tot["sdd"] + e * tot["sd2d"][:, s]
+                du = tot["sd"] + e * tot["sdd"][s] + 0.5 * e * e * tot["sd2d"][s, s]
+                th = theta.copy()
+                th[s] += e
+                parts.append(self._first(th, Gs, dGs, du, dus))
+            (_, _, dKp, ddp, _, _), (_, _, dKm, ddm, _, _) = parts
+            D = (dKp - dKm) / (2.0 * h)
+            rows["dA"].append(D[:, :p, :p])
+            rows["db"].append(D[:, :p, p])
+            rows["dc"].append(D[:, p, p])
+            rows["dd"].append((ddp - ddm) / (2.0 * h))
+        for key, r in rows.items():
+            arr = np.stack(r, axis=0)                       # d/dθ_s of d?/dθ_t: (s, t, ...)
+            out["d2" + key[1:]] = 0.5 * (arr + np.swapaxes(arr, 0, 1))
+        return out
+
+    def shared_modes(self, tot: dict, theta, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """b̂_v = N (G_vy − G_vX β̂) (Q) and N (Q × Q), internal scale (Var(b_v | y) = σ² N)."""
+        Q = self.Q
+        G = tot["sG"]
+        L = self.L(np.asarray(theta, float))
+        C = np.eye(Q) + L.T @ G[:Q, :Q] @ L
+        cf = cho_factor(C, lower=True)
+        N = L @ cho_solve(cf, L.T)
+        r = G[:Q, Q + self.p] - G[:Q, Q:Q + self.p] @ np.asarray(beta, float)
+        return N @ r, N
+
+    def predicted(self, tot: dict, step: np.ndarray) -> dict:
+        """The summed sums moved by ``step`` in θ along their second-order Taylor expansion."""
+        s = np.asarray(step, float)
+        out = dict(tot)
+        out["sG"] = tot["sG"] + np.tensordot(s, tot["sdG"], 1) + 0.5 * np.einsum("a,b,abij->ij", s, s, tot["sd2G"])
+        out["sd"] = tot["sd"] + tot["sdd"] @ s + 0.5 * s @ tot["sd2d"] @ s
+        out["sdG"] = tot["sdG"] + np.einsum("b,abij->aij", s, tot["sd2G"])
+        out["sdd"] = tot["sdd"] + tot["sd2d"] @ s
+        return out
