@@ -30,7 +30,7 @@ import fedglmm
 from fedglmm.api import fit_on
 from fedglmm.coordinator.schema import merge_schema
 from fedglmm.errors import FedGLMMError, SchemaError, SiteRefusal
-from fedglmm.likelihood.lmm_shared import SharedLMM, SharedLMMSums, SUM_KEYS
+from fedglmm.likelihood.lmm_shared import SharedLMM, SharedLMMSums, SUM_KEYS, to_global
 from fedglmm.likelihood.setup import sum_replies
 from fedglmm.likelihood.shared import SharedLayout
 from fedglmm.model.design import build_design, describe_frame
@@ -99,7 +99,7 @@ def test_pooled_sums_equal_the_dense_covariance_of_the_pooled_rows():
     assert set(schema.shared) == {"item"} and "i9" not in schema.shared["item"]
     engines, pool = _pool(schema, designs, pooled)
     theta = np.array([0.8, 0.6, -0.2, 0.5])
-    tot = sum_replies({s: e.sums(theta) for s, e in engines.items()}, SUM_KEYS)
+    tot = sum_replies({s: to_global(e.sums(theta), pool.Q) for s, e in engines.items()}, SUM_KEYS)
     s = pool.pooled_sums(tot, theta)
     A, b, c, d = _dense(pooled, theta)
     assert np.allclose(s["A"], A, rtol=1e-10) and np.allclose(s["b"], b, rtol=1e-10)
@@ -114,7 +114,7 @@ def test_coupled_derivatives_against_central_differences():
     theta = np.array([0.9, 0.5, 0.3, 0.4])
 
     def at(t, order=2):
-        tot = sum_replies({s: e.sums(t) for s, e in engines.items()}, SUM_KEYS)
+        tot = sum_replies({s: to_global(e.sums(t), pool.Q) for s, e in engines.items()}, SUM_KEYS)
         return pool.pooled_sums(tot, t, order=order)
 
     s = at(theta)

@@ -26,9 +26,9 @@ value in a used column and reports how many as ``omitted`` in its description, o
   log-likelihood sums: value, gradient, Hessian (gaussian: the cross-product sums A, b, c, d and their
   θ-derivatives), as ``{"points": [...]}``; with levels shared by sites (the set-up's ``schema`` lists them
   under ``shared``: {factor: [levels]}) a gaussian site sends instead ``sG``, ``sdG``, ``sd2G`` (the sums
-  [Z_v X y]ᵀV_s⁻¹[Z_v X y] over its rows and their θ-derivatives, laid out over all shared levels),
-  ``sd``, ``sdd``, ``sd2d`` (log det V_s and its derivatives) and ``n``
-  (:mod:`fedglmm.likelihood.lmm_shared`);
+  [Z_v X y]ᵀV_s⁻¹[Z_v X y] over its rows and their θ-derivatives, over the shared levels present at the
+  site, whose positions in v are ``scols``; masked: over all shared levels, without ``scols``), ``sd``,
+  ``sdd``, ``sd2d`` (log det V_s and its derivatives) and ``n`` (:mod:`fedglmm.likelihood.lmm_shared`);
 * ``finalize`` {point, transform, zscale, ...}: the same sums at the final estimate, and each group's
   conditional modes and conditional standard deviations (a site with rules sends them only for groups
   of at least its ``min_group`` and lists the others under ``withheld``); with shared levels the request

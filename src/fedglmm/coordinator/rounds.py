@@ -63,9 +63,11 @@ class RoundEvaluator:
 
     ``first`` (a payload such as the set-up request) rides on the first request of the fit, once."""
 
-    def __init__(self, transport, setup: Setup, first: dict | None = None):
+    def __init__(self, transport, setup: Setup, first: dict | None = None, total=sum_replies):
+        """``total(replies, keys)``: the replies' sums (default: added up as they come)."""
         self.transport, self.scale = transport, setup.scale
         self.first = dict(first or {})
+        self.total = total
 
     def _ride(self) -> dict:
         ride, self.first = self.first, {}
@@ -74,12 +76,12 @@ class RoundEvaluator:
     def evaluate(self, points, keys):
         rep = self.transport.broadcast(request("evaluate", points=np.asarray(points), **self.scale, **self._ride()))
         per_point = [{sid: r["points"][i] for sid, r in rep.items()} for i in range(len(points))]
-        return [sum_replies(pp, keys) for pp in per_point]
+        return [self.total(pp, keys) for pp in per_point]
 
     def finalize(self, point, keys, extra=None):
         rep = self.transport.broadcast(request("finalize", point=point, **self.scale, **(extra or {}),
                                                **self._ride()))
-        return sum_replies(rep, keys), rep
+        return self.total(rep, keys), rep
 
 
 def estimate(transport, st: Setup, family: Family, options: FitOptions, start=None, first: dict | None = None,
@@ -93,7 +95,9 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     if st.shared:                      # levels shared by sites: gaussian models only (schema)
         if start is None and "xty" not in st.sums:        # one grouping factor: no joint moment start
             start = np.eye(st.mask.shape[0])[theta_index(st.mask)] if st.mask.shape[0] else None
-        return fit_lmm(SharedRoundEvaluator(RoundEvaluator(transport, st, first), st, options.reml), st, options, start)
+        shared = SharedRoundEvaluator(st, options.reml)
+        shared.rounds = RoundEvaluator(transport, st, first, total=shared.total)
+        return fit_lmm(shared, st, options, start)
     evaluator = RoundEvaluator(transport, st, first)
     if family.name == "gaussian":
         return fit_lmm(evaluator, st, options, start)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..likelihood.fit import profiled_deviance
-from ..likelihood.lmm_shared import SUM_KEYS, SharedLMM
-from ..likelihood.setup import Setup
+from ..likelihood.lmm_shared import SUM_KEYS, SharedLMM, to_global
+from ..likelihood.setup import Setup, sum_replies
 from ..likelihood.shared import SharedLayout
 
 POOLED = "(shared levels)"      # the part of the final replies that the coordinator adds
@@ -37,15 +37,22 @@ def shared_setup(st: Setup, schema) -> Setup:
 
 class SharedRoundEvaluator:
     """The evaluator of a model with shared levels, over ``rounds`` (a
-    :class:`~fedglmm.coordinator.rounds.RoundEvaluator`, whose totals it turns into the pooled sums)."""
+    :class:`~fedglmm.coordinator.rounds.RoundEvaluator` built with :meth:`total`, whose totals it turns
+    into the pooled sums)."""
 
-    def __init__(self, rounds, setup: Setup, reml: bool):
+    def __init__(self, setup: Setup, reml: bool, rounds=None):
         self.rounds = rounds
         zcols = setup.factor_columns()
         self.layout = SharedLayout.from_payload({f: list(lv) for f, lv in setup.shared.items()},
                                                 {f: len(c) for f, c in zcols.items()})
         self.pool = SharedLMM(self.layout, setup.mask, zcols, len(setup.names))
         self.zcols, self.reml, self.seen = zcols, reml, []
+
+    def total(self, replies: dict, keys) -> dict:
+        """The sites' shared sums added up in the global layout (a site's own layout, with ``scols``,
+        placed there first; masked replies arrive as one total already in it)."""
+        Q = self.layout.Q
+        return sum_replies({sid: to_global(r, Q) for sid, r in replies.items()}, keys)
 
     def evaluate(self, points, keys):
         totals = self.rounds.evaluate(points, SUM_KEYS)
@@ -66,7 +73,7 @@ class SharedRoundEvaluator:
             extra.update({"shared_v": bv, "shared_N": N})
         tot, rep = self.rounds.finalize(point, SUM_KEYS, extra)
         s = self.pool.pooled_sums(tot, point)
-        parts = {sid: {k: v for k, v in r.items() if k not in SUM_KEYS} for sid, r in rep.items()}
+        parts = {sid: {k: v for k, v in r.items() if k not in SUM_KEYS + ("scols",)} for sid, r in rep.items()}
         parts[POOLED] = {**s, **self._shared_modes(tot, point, s)}
         return s, parts
 

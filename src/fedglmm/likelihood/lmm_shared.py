@@ -50,20 +50,19 @@ class SharedLMMSums:
         self.n = design.n
 
     def sums(self, point: np.ndarray, final: bool = False) -> dict:
-        """G_s, log det V_u,s and their θ-derivatives (first analytic, second by differences)."""
+        """G_s, log det V_u,s and their θ-derivatives (first analytic, second by differences), over the
+        site's own shared columns (``scols``: their positions in v; :func:`to_global` places them)."""
         s = self.inner.evaluate(np.asarray(point, float), order=2)
         k = self.inner.ntheta
-        P = s["A"].shape[0]
-        cols, Q = self.split.cols, self.Q
-        out = {"n": self.n, "sG": embed(_pack(s["A"], s["b"], s["c"]), cols, Q, (0, 1)), "sd": float(s["d"])}
+        width = s["A"].shape[0] + 1
+        out = {"n": self.n, "scols": self.split.cols.astype(np.int64), "sG": _pack(s["A"], s["b"], s["c"]),
+               "sd": float(s["d"])}
         if k:
-            dG = np.stack([_pack(s["dA"][t], s["db"][t], s["dc"][t]) for t in range(k)])
-            d2G = np.stack([[_pack(s["d2A"][a, t], s["d2b"][a, t], s["d2c"][a, t]) for t in range(k)]
-                            for a in range(k)])
-            out["sdG"], out["sd2G"] = embed(dG, cols, Q, (1, 2)), embed(d2G, cols, Q, (2, 3))
+            out["sdG"] = np.stack([_pack(s["dA"][t], s["db"][t], s["dc"][t]) for t in range(k)])
+            out["sd2G"] = np.stack([[_pack(s["d2A"][a, t], s["d2b"][a, t], s["d2c"][a, t]) for t in range(k)]
+                                    for a in range(k)])
             out["sdd"], out["sd2d"] = np.asarray(s["dd"], float), np.asarray(s["d2d"], float)
         else:
-            width = Q + P - len(cols) + 1
             out["sdG"], out["sd2G"] = np.zeros((0, width, width)), np.zeros((0, 0, width, width))
             out["sdd"], out["sd2d"] = np.zeros(0), np.zeros((0, 0))
         return out
@@ -93,6 +92,18 @@ class SharedLMMSums:
             cov = lam @ cov @ lam.T
             sds[name] = (float(sigma) * np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0)))[keep]
         return modes, sds
+
+
+def to_global(reply: dict, Q: int) -> dict:
+    """A site's shared sums in its own layout (with ``scols``) placed in the global one (v's Q columns,
+    then X, then y), where they add up over sites; a reply without ``scols`` is returned as it is."""
+    if "scols" not in reply:
+        return reply
+    cols = np.asarray(reply["scols"], dtype=np.int64)
+    out = {k: v for k, v in reply.items() if k != "scols"}
+    for key, axes in (("sG", (0, 1)), ("sdG", (1, 2)), ("sd2G", (2, 3))):
+        out[key] = embed(np.asarray(reply[key], float), cols, Q, axes)
+    return out
 
 
 def _pack(A, b, c) -> np.ndarray:

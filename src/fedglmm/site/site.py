@@ -22,6 +22,7 @@ import pandas as pd
 from .. import protocol
 from ..errors import FedGLMMError
 from ..likelihood.engine import EngineCache, make_engine
+from ..likelihood.lmm_shared import to_global
 from ..likelihood.setup import setup_reply
 from ..model.design import build_design, describe_frame, transform_statistics
 from ..model.families import get_family
@@ -92,7 +93,8 @@ class Site:
             kind = req.get("kind")
             handler = getattr(self, f"_on_{kind}", None)
             if kind not in protocol.KINDS or handler is None:
-                raise FedGLMMError(f"site '{self.site_id}': unknown request '{kind}'")
+                shown = str(kind).encode("unicode_escape").decode("ascii")[:40]    # one line, whatever it holds
+                raise FedGLMMError(f"site '{self.site_id}': unknown request '{shown}'")
             self.secagg.check(kind, req, self.config, self.limits.refuse)
             reply = self.secagg.apply(kind, req, handler(req), data)
         except FedGLMMError as exc:
@@ -217,18 +219,23 @@ class Site:
                              f"has {small[level]:g} observation(s) here, fewer than min_group {self.min_group}: its "
                              "sums leave only under secure aggregation", "min_group")
 
+    @staticmethod
+    def _masked_layout(req, eng, sums: dict) -> dict:
+        """Shared sums travel in the site's own layout, but masked ones in the global layout (to add up)."""
+        return to_global(sums, eng.Q) if "secagg" in req and "scols" in sums else sums
+
     def _on_evaluate(self, req):
         self._ride_setup(req)
         eng = self._engine_for(req)
         self._shared_cells(req, eng)
-        return {"points": [eng.sums(x) for x in np.asarray(req["points"], float)]}
+        return {"points": [self._masked_layout(req, eng, eng.sums(x)) for x in np.asarray(req["points"], float)]}
 
     def _on_finalize(self, req):
         self._ride_setup(req)
         eng = self._engine_for(req)
         self._shared_cells(req, eng)
         point = np.asarray(req["point"], float)
-        reply = eng.sums(point, final=True)
+        reply = self._masked_layout(req, eng, eng.sums(point, final=True))
         d = self.design
         if d.Z.shape[1] == 0:
             return reply
