@@ -226,3 +226,11 @@ def test_min_group_per_level_and_site_cell_under_rules():
     plain = fedglmm.fit(FORMULA, df, site="site", method="iterative", min_group=1)
     assert abs(masked.loglik - plain.loglik) < 1e-8
     assert np.allclose(masked.fixef, plain.fixef, rtol=1e-7) and np.allclose(masked.theta, plain.theta, rtol=1e-6)
+
+
+def test_profile_intervals_equal_the_pooled_ones():
+    df = _simulated(seed=13, n=300)
+    formula = "y ~ x + (1 | subject) + (1 | item)"
+    res = fedglmm.fit(formula, df, site="site", min_group=1)
+    pooled = fedglmm.fit(formula, df, method="iterative", min_group=1)
+    assert np.allclose(res.conf_int(method="profile"), pooled.conf_int(method="profile"), atol=1e-6)

@@ -26,9 +26,11 @@ import numpy as np
 from scipy import stats
 
 from ..likelihood.fit import GLMM_KEYS, LMM_DERIVATIVE_KEYS, LMM_KEYS
+from ..likelihood.lmm_shared import SUM_KEYS
 from ..likelihood.setup import sum_replies
 from ..protocol import request
 from .profile_params import Layout, Quantity, lmm_objective, quantities
+from .shared_rounds import SharedRoundEvaluator
 
 MAX_ROUNDS = 12
 TOL_ZETA = 1e-4          # |ζ − z| at an accepted endpoint
@@ -149,16 +151,22 @@ class Evaluator:
         return [(-float(s["value"]), -np.asarray(s["grad"]), -np.asarray(s["hess"])) for s in sums]
 
     def _round(self, pts: np.ndarray, keys) -> list[dict]:
-        msg = request("evaluate", points=pts, **self.session.setup.scale)
+        st = self.session.setup
+        msg = request("evaluate", points=pts, **st.scale)
         rep = self.session.broadcast(msg, "profile")
-        return [sum_replies({sid: r["points"][i] for sid, r in rep.items()}, keys) for i in range(len(pts))]
+        per_point = [{sid: r["points"][i] for sid, r in rep.items()} for i in range(len(pts))]
+        if st.shared:             # levels shared by sites: the pooled sums from the shared ones
+            shared = SharedRoundEvaluator(st, self.session.options.reml)
+            return [shared.pool.pooled_sums(shared.total(pp, SUM_KEYS), x) for pp, x in zip(per_point, pts)]
+        return [sum_replies(pp, keys) for pp in per_point]
 
 
 def _start(session, L: Layout):
     """The estimate in profiling coordinates, f there, and the Hessian (from the fit's last sums)."""
     est = session.estimate
     if L.gaussian:
-        s = sum_replies(est.final, LMM_KEYS + (LMM_DERIVATIVE_KEYS if L.k else []))
+        final = {sid: r for sid, r in est.final.items() if not session.setup.shared or "A" in r}
+        s = sum_replies(final, LMM_KEYS + (LMM_DERIVATIVE_KEYS if L.k else []))
         x = np.r_[est.gamma, est.theta, 0.5 * np.log(est.sigma2)]
         f, _, H = lmm_objective(x, s, L)
         return x, f, H

@@ -265,9 +265,9 @@ class Site:
         self._ride_setup(req)
         eng = self._engine_for(req)
         d, out = self.design, {}
-        if len(d.groupings) > 1 and set(req.get("what", [])) & {"residuals", "posterior"}:
+        if (len(d.groupings) > 1 or hasattr(eng, "split")) and set(req.get("what", [])) & {"residuals", "posterior"}:
             raise FedGLMMError(f"site '{self.site_id}': residual diagnostics and posterior means are made for "
-                               "one grouping factor")
+                               "one grouping factor (whose levels each live at one site)")
         for item in req.get("what", []):
             if item == "fingerprint":
                 out["fingerprint"] = inspect.fingerprint(d, self._row_positions(req["setup"]))
