@@ -29,7 +29,7 @@ from fedglmm.api import fit_on  # noqa: E402
 from fedglmm.site import Site  # noqa: E402
 from fedglmm.transport.inprocess import InProcessTransport  # noqa: E402
 
-HELDOUT = ("sim_teachers_reml", "sim_teachers_ml", "scotssec_reml", "scotssec_ml")
+HELDOUT = ("sim_teachers_reml", "sim_teachers_ml", "scotssec_reml", "scotssec_ml", "insteval_reml", "insteval_ml")
 
 
 def simulate(items: int, per_site: int, sites: int = 4, seed: int = 1) -> dict:
@@ -81,8 +81,8 @@ def table_heldout() -> None:
 
     table = {c["name"]: c for c in cases("heldout")}
     print("\nTable 2: held-out shared gaussian cases split by their site column, against the pooled fit")
-    print(f"{'case':<18} {'sites':>5} {'method':<9} {'rounds':>6} {'s':>6} {'|dlogLik|':>10} {'max|db|/SE':>11} "
-          f"{'lme4 parity':>12}")
+    print(f"{'case':<18} {'sites':>5} {'dim(v)':>6} {'method':<9} {'rounds':>6} {'s':>6} {'bytes/site/rnd':>14} "
+          f"{'|dlogLik|':>10} {'max|db|/SE':>11} {'lme4 parity':>12}")
     for name in HELDOUT:
         case = table[name]
         pooled = fit(case, method="iterative", min_group=1)
@@ -94,7 +94,18 @@ def table_heldout() -> None:
             dll = abs(res.loglik - pooled.loglik)
             db = float(np.max(np.abs(res.fixef - pooled.fixef) / pooled.se))
             ok = "ok" if not compare(res, case) else "; ".join(compare(res, case))
-            print(f"{name:<18} {len(parts):>5} {method:<9} {res.rounds:>6} {sec:>6.1f} {dll:>10.1e} {db:>11.1e} {ok:>12}")
+            per = res.bytes_from_sites / (res.rounds * len(parts))
+            dim = _dim(res)
+            print(f"{name:<18} {len(parts):>5} {dim:>6} {method:<9} {res.rounds:>6} {sec:>6.1f} {per:>14,.0f} "
+                  f"{dll:>10.1e} {db:>11.1e} {ok:>12}")
+
+
+def _dim(res) -> int:
+    """dim(v) from the summary's note on shared levels ("teacher: 178 of 400 levels ...")."""
+    import re
+
+    note = next((m for m in res.messages if m.startswith("levels shared by sites")), "")
+    return sum(int(k) for k in re.findall(r": (\d+) of \d+ levels", note))
 
 
 def main() -> None:
