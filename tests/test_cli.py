@@ -90,7 +90,7 @@ def test_demo_json_to_stdout():
     assert JSON_KEYS <= set(out)
     assert out["nsites"] == 4 and out["nobs"] == 1934 and out["ngroups"] == {"district": 60}
     assert out["method"] == "Laplace" and out["nagq"] == 1 and out["converged"] is True
-    assert out["bytes_to_sites"] > 0 and out["bytes_from_sites"] > 0 and out["rounds"] >= 4
+    assert out["bytes_to_sites"] > 0 and out["bytes_from_sites"] > 0 and 2 <= out["rounds"] <= 4
     # at least as good as glmmTMB's optimum, and the same coefficients
     assert out["loglik"] >= TMB_LOGLIK - 1e-6
     for name, value in TMB_FIXEF.items():

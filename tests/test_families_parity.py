@@ -133,14 +133,16 @@ def _same(a, b, tol=1e-8, se_rtol=None):
                                          ("sim_gauss_wmean_reml", "g"), ("sim_pois_w", "g")])
 def test_split_over_sites_equals_pooled(name, column, fits):
     """Every round's sums add up over sites: the iterative fit is the same to 1e-8 whatever the split; the
-    default (hybrid) fit too (its SEs to a relative 1e-5: they come from the Hessian at its last point)."""
+    default (hybrid) fit too (its SEs to a relative 1e-4: they come from the Hessian at its last point)."""
     case = CASES[name]
     df = _data(case)
     pooled = _fit(case, method="iterative")
     _same(_fit(case, _split(df, column), method="iterative"), pooled)
     split = _fit(case, _split(df, column, 4))
     assert split.rounds <= 10
-    _same(split, fits[name], se_rtol=1e-5)
+    # the SEs to a relative 1e-4, as the other split-hybrid tests (test_missing, test_transforms): a fit that
+    # stops at a decrement near tol (sim_gamma_log over 4 sites: 2.4e-8) has them from a point ~1e-4 away
+    _same(split, fits[name], se_rtol=1e-4)
 
 
 def test_proportion_with_weights_is_the_cbind_fit(fits):

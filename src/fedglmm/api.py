@@ -86,12 +86,13 @@ def fit(formula: str, data, family: str = "gaussian", link: str | None = None, n
     offset : a column added to the linear predictor, as ``offset(column)`` in the formula.
     nagq : 1 for the Laplace approximation, K > 1 for adaptive Gauss–Hermite with K nodes per dimension.
     reml : REML (default, as lme4) or ML for gaussian models; ignored otherwise.
-    method : ``hybrid`` (the default: one round of one-shot summaries -- order-2 moments per group, and a
-        site's own fit where it withholds small groups -- then exact Newton rounds from that start, with
-        steps from the pseudo-data corrected by the sites' exact derivatives: the pooled fit in at most
-        4 rounds on the reference cases), ``iterative`` (exact Newton rounds from starting values built
-        from site totals: 5-9 rounds, less work at the coordinator) or ``oneshot`` (one round only: exact
-        for gaussian models, pseudo-data matched to the shared moments otherwise).
+    method : ``hybrid`` (the default: one round of one-shot summaries -- order-2 moments per group and
+        each site's own fit of its rows -- then exact Newton rounds from their combination, with steps
+        from the pseudo-data corrected by the sites' exact derivatives: the pooled fit in 2 rounds with
+        one site, 3-4 split over sites on the reference cases), ``iterative`` (exact Newton rounds from
+        starting values built from site totals: 5-9 rounds, less work at the sites and the coordinator)
+        or ``oneshot`` (one round only: exact for gaussian models, pseudo-data matched to the shared
+        moments otherwise).
     moments : the order K (2, 3 or 4) of the moments shared per group for binomial/poisson one-shot fits
         (default 4; the hybrid asks for 2: it needs only a start).
     min_group : a site's smallest group whose own summaries it sends (one-shot and hybrid).

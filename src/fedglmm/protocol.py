@@ -194,7 +194,7 @@ def request(kind: str, **payload) -> dict:
 
 RING_LIMBS = 34
 RING_UNIT = 1074                 # ring integer k stands for k · 2^-1074
-NOT_SUMMED = ("modes", "condsd")  # per-group values: never masked, never summed
+NOT_SUMMED = ("modes", "condsd", "dmodes", "dcondsd")  # per-group values: never masked, never summed
 _ONE = np.uint64(1)
 
 

@@ -70,10 +70,10 @@ def _random_effects(st: Setup, est: Estimate, messages: list):
     withheld = [lv for r in final.values() for lv in r.get("withheld", [])]
     levels = [lv for r in final.values() for lv in r["levels"]] + withheld
     gap = np.full((len(withheld), q), np.nan)
-    modes = pd.DataFrame(np.vstack([np.reshape(r["modes"], (-1, q)) for r in final.values()] + [gap]) / zs,
+    modes = pd.DataFrame(np.vstack([_at_estimate(r, "modes", q, est.step) for r in final.values()] + [gap]) / zs,
                          index=levels, columns=znames)
-    condsd = pd.DataFrame(np.vstack([np.reshape(r["condsd"], (-1, q)) for r in final.values()] + [gap]) / zs,
-                          index=levels, columns=znames)
+    condsd = pd.DataFrame(np.vstack([_at_estimate(r, "condsd", q, est.step) for r in final.values()] + [gap])
+                          / zs, index=levels, columns=znames)
     if withheld:
         messages.append(f"conditional modes withheld by site rules for {len(withheld)} group"
                         f"{'s' if len(withheld) != 1 else ''} (smaller than a site's min_group): "
@@ -147,6 +147,17 @@ def runaway_message(est: Estimate, st: Setup, group: str | None) -> str | None:
     if random:
         what.append(f"{', '.join(random)} grow{'' if len(random) > 1 else 's'} without bound")
     return "not converged: " + "; ".join(what)
+
+
+def _at_estimate(reply: dict, key: str, q: int, step) -> np.ndarray:
+    """A site's conditional modes (or SDs) at the point of the final sums, moved to the estimate to first
+    order when the site sent their derivatives (``d`` + key, (G, q, P))."""
+    vals = np.reshape(np.asarray(reply[key], float), (-1, q))
+    deriv = reply.get("d" + key)
+    if deriv is None or step is None or not len(vals):
+        return vals
+    deriv = np.asarray(deriv, float)
+    return vals + deriv.reshape(len(vals), q, -1) @ np.asarray(step, float)
 
 
 def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec, schema: Schema, st: Setup,

@@ -61,12 +61,16 @@ def schema_payload(schema: Schema) -> dict:
 class RoundEvaluator:
     """The :class:`~fedglmm.likelihood.fit.Evaluator` of a federated fit: each call is one round.
 
-    ``first`` (a payload such as the set-up request) rides on the first request of the fit, once."""
+    ``first`` (a payload such as the set-up request) rides on the first request of the fit, once;
+    ``final`` rides on the finalize request (e.g. ``{"derivatives": True}``: the sites send the derivatives
+    of the conditional modes too)."""
 
-    def __init__(self, transport, setup: Setup, first: dict | None = None, total=sum_replies):
+    def __init__(self, transport, setup: Setup, first: dict | None = None, final: dict | None = None,
+                 total=sum_replies):
         """``total(replies, keys)``: the replies' sums (default: added up as they come)."""
         self.transport, self.scale = transport, setup.scale
         self.first = dict(first or {})
+        self.final = dict(final or {})
         self.total = total
 
     def _ride(self) -> dict:
@@ -80,32 +84,38 @@ class RoundEvaluator:
 
     def finalize(self, point, keys, extra=None):
         rep = self.transport.broadcast(request("finalize", point=point, **self.scale, **(extra or {}),
-                                               **self._ride()))
+                                               **self.final, **self._ride()))
         return self.total(rep, keys), rep
 
 
 def estimate(transport, st: Setup, family: Family, options: FitOptions, start=None, first: dict | None = None,
-             surrogate=None) -> Estimate:
+             surrogate=None, final_first: bool = False, mode_derivatives: bool = False) -> Estimate:
     """The Newton rounds and the final round.
 
     ``start`` overrides the set-up start values (internal scale: (γ, θ̃) for GLMMs, θ̃ for gaussian
     models; for GLMMs a tuple of such pairs gives candidate starts, all evaluated in the first round and
     the best kept); ``first`` rides on the first request; ``surrogate(x) -> (f, g, H)`` is a local
-    stand-in for −ℓ (GLMMs; see :func:`~fedglmm.coordinator.surrogate.surrogate_model`)."""
+    stand-in for −ℓ (GLMMs; see :func:`~fedglmm.coordinator.surrogate.surrogate_model`); ``final_first``: the
+    (single) GLMM start is believed to be the estimate, and the first round is final;
+    ``mode_derivatives``: the conditional modes are moved from the last point to the estimate (GLMMs)."""
     if st.shared:                      # levels shared by sites: gaussian models only (schema)
         if start is None and "xty" not in st.sums:        # one grouping factor: no joint moment start
             start = np.eye(st.mask.shape[0])[theta_index(st.mask)] if st.mask.shape[0] else None
         shared = SharedRoundEvaluator(st, options.reml)
         shared.rounds = RoundEvaluator(transport, st, first, total=shared.total)
         return fit_lmm(shared, st, options, start)
-    evaluator = RoundEvaluator(transport, st, first)
+    evaluator = RoundEvaluator(transport, st, first,
+                               {"derivatives": True} if mode_derivatives and family.name != "gaussian"
+                               and not st.factor_groups else None)
     if family.name == "gaussian":
         return fit_lmm(evaluator, st, options, start)
     model = surrogate_model(surrogate) if surrogate is not None else None
     others = None
     if start is not None and isinstance(start[0], tuple):
+        # candidate starts from different sources: go on from a sound one
         (gamma0, theta0), others = start[0], [np.concatenate(s) for s in start[1:]]
     else:
         gamma0, theta0 = start if start is not None else start_values(st, family)
     shifts = NB_PSI_SHIFTS if family.name == "negative_binomial" else ()
-    return fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts)
+    return fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts,
+                    final_first=final_first and others is None, sound_start=others is not None)

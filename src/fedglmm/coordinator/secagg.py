@@ -6,7 +6,7 @@ are in :mod:`fedglmm.site.secagg`).
 carries the key exchange; ``setup``, ``evaluate`` and ``finalize`` carry the key table and a fresh round
 number, and their replies come back as one reply, ``{"(all sites)": total}``: every sum is the total over
 sites (:func:`unmask`), and what is not a sum is merged -- counts added, each site's per-group values
-(levels, modes, conditional SDs, withheld groups) concatenated, names kept.  The methods need nothing else:
+(levels, modes, conditional SDs and their derivatives, withheld groups) concatenated, names kept.  The methods need nothing else:
 a total is what they add up anyway.  A site that restarts mid-fit (the transport raises
 :class:`SiteRestarted` once it is back) has lost its key: the keys are exchanged again and the round is
 asked again, with fresh masks, of every site.
@@ -23,7 +23,7 @@ from ..errors import FedGLMMError, SiteRestarted
 MASKED_KINDS = ("setup", "evaluate", "finalize")
 HELLO_KINDS = ("describe", "oneshot", "keys")
 TOTAL = "(all sites)"
-CONCATENATED = ("levels", "withheld", "modes", "condsd")
+CONCATENATED = ("levels", "withheld", "modes", "condsd", "dmodes", "dcondsd")
 ADDED = ("n", "ngroups")
 
 

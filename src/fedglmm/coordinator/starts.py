@@ -1,78 +1,182 @@
 """The hybrid's starting points at the coordinator: an estimate on the internal scale, and the
-combination of estimates of disjoint sets of groups (the sites' own fits and the pseudo-data fit)."""
+combination of the sites' own fits with the pseudo-data (:mod:`fedglmm.coordinator.virtual`).
+
+A site fits its own rows in its own coding (:mod:`fedglmm.site.own_fit`): columns ``names`` of its one-shot
+design, ψ.  On its rows the agreed design is X_a = X_F[:, map] (each agreed column is the site's column of
+the same name, or zero), and X_S ψ = X_a β for ψ = Lβ with L = (X_SᵀX_S)⁻¹X_SᵀX_a, both from the
+cross-products ``XᵀX`` the site sends in the same message.  Its fit is then the quadratic
+q_s(x) = ½ (Mx − x̂_s)ᵀ I_s (Mx − x̂_s) in the internal parameters x = (γ, θ̃, and a dispersion), with M
+mapping x to the site's (ψ, θ, dispersion) -- singular where the site lacks a level.
+
+The combined start minimises Σ_s q_s(x) + Σ_s R_s(x) + Σ_t P_t(x): R_s is what the site's pseudo-data
+(from its groups' moments) have beyond their second-order Taylor expansion at the site's estimate -- the
+third and higher derivatives of a likelihood of the same kind, which the quadratics lack -- and P_t the
+pseudo-data log-likelihood of the sites that sent no fit of their own.  Without pseudo-data this is the
+information-weighted combination of the sites' fits.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 
 
-def combined_start(st, own: list, x_pseudo=None, pseudo=None):
-    """A start from estimates of disjoint sets of groups (internal scale): the sites' own fits and the
-    one-shot fit (with the information of the pseudo-data of the other sites).  The fixed effects are
-    combined with weights their marginal information (the inverse of their covariance), the covariance
-    parameters with weights the numbers of groups behind them (the information about θ changes too
-    quickly with θ to weight by it); a dispersion ψ (the last entries) as the fixed effects.  None if that
-    cannot be done."""
-    p, k = len(st.names), int(st.mask.sum())
-    nx = p + k + st.ndisp
-    fixed = np.r_[np.arange(p), np.arange(p + k, nx)]
-    T = st.internal_transform()
-    Ti = np.linalg.inv(T)
-    parts = []                                   # (information, (γ, θ̃), number of groups behind them)
-    if x_pseudo is not None and pseudo is not None:
-        parts.append((pseudo(x_pseudo)[2], x_pseudo, st.ngroups - sum(o.get("ngroups", 0) for o in own)))
-    Ib, bb, wt, tt = 0.0, 0.0, 0.0, 0.0
-    for loc in own:
-        if "xinfo" in loc:              # information sums in the agreed coding (a model with factor columns)
-            got = _coded(loc, st, p, k, nx)
-            if got is not None:
-                Ib, bb = Ib + got[0], bb + got[1]
-                wt, tt = wt + max(got[3], 0.0), tt + max(got[3], 0.0) * got[2]
-            continue
-        try:
-            H = Ti.T @ np.asarray(loc["info"], float) @ Ti
-            x = T @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)]
-            parts.append((H, x, float(loc["ngroups"])))
-        except (KeyError, ValueError, TypeError):
-            continue
-    for H, x, ng in parts:
-        if H.shape != (nx, nx) or not (np.all(np.isfinite(H)) and np.all(np.isfinite(x))):
-            continue
-        try:
-            Vb = np.linalg.inv(H)[np.ix_(fixed, fixed)]
-            Ig = np.linalg.inv(Vb)
-        except np.linalg.LinAlgError:
-            continue
-        Ib, bb = Ib + Ig, bb + Ig @ x[fixed]
-        wt, tt = wt + max(ng, 0.0), tt + max(ng, 0.0) * x[p:p + k]
-    if wt == 0.0 and k:
+@dataclass
+class OwnPart:
+    """A site's own fit on the internal scale: −ℓ_s ≈ ½ xᵀKx − hᵀx + c around ``center`` (a minimiser)."""
+
+    K: np.ndarray
+    h: np.ndarray
+    center: np.ndarray
+    ngroups: float
+
+    def quadratic(self, x):
+        d = x - self.center
+        Kd = self.K @ d
+        return 0.5 * d @ Kd, Kd, self.K
+
+
+def own_part(loc: dict, message: dict, st) -> OwnPart | None:
+    """A site's own fit (:func:`fedglmm.site.own_fit.own_fit`; ``message`` is the one-shot message it came
+    in) in the agreed coding, on the internal scale; None if it does not fit the model.  A fit coded as
+    agreed needs no mapping; another needs the message's ``XᵀX``, which a site under secure aggregation
+    does not send (its fit is then left out)."""
+    site_names = list(message["x_names"])
+    if list(loc.get("z_names", message["z_names"])) != list(st.znames):
         return None
     try:
-        gamma = np.linalg.solve(Ib, bb)
+        names = list(loc.get("names", site_names))
+        S = [site_names.index(nm) for nm in names]
+        if names == list(st.names):
+            L = st.A                                                    # ψ = β = A γ
+        elif "sums" not in message:
+            return None
+        else:
+            xmap = np.array([site_names.index(nm) if nm in site_names else -1 for nm in st.names])
+            xtx = np.asarray(message["sums"]["xtx"], float)
+            cross = xtx[np.ix_(S, np.maximum(xmap, 0))]
+            cross[:, xmap < 0] = 0.0
+            L = np.linalg.solve(xtx[np.ix_(S, S)], cross) @ st.A      # ψ = L γ
+        ps, p, nt = len(S), len(st.names), len(st.theta_scale) + st.ndisp
+        M = np.zeros((ps + nt, p + nt))
+        M[:ps, :p] = L
+        M[ps:, p:] = np.diag(np.r_[1.0 / st.theta_scale, np.ones(st.ndisp)])     # θ̃ = diag(zs) θ; a dispersion as it is
+        info = np.asarray(loc["info"], float)
+        xhat = np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)]
+        if info.shape != (ps + nt, ps + nt) or xhat.shape != (ps + nt,):
+            return None
+        K, h = M.T @ info @ M, M.T @ info @ xhat
+        center = np.linalg.lstsq(K, h, rcond=None)[0]
+    except (KeyError, ValueError, TypeError, IndexError, np.linalg.LinAlgError):
+        return None
+    ok = all(np.all(np.isfinite(a)) for a in (K, h, center))
+    return OwnPart(K, h, center, float(loc["ngroups"])) if ok else None
+
+
+def combined_start(own: dict, pseudo: dict, x0=None, sd_index=(), radius: float = 3.0) -> list:
+    """Starts (γ, θ̃ stacked) from the sites' own fits ``own`` {site: OwnPart} and the pseudo-data objectives
+    ``pseudo`` {site: x -> (f, g, H) of −ℓ} (see the module docstring): the minimiser of the full combination
+    (damped Newton from the quadratic combination and ``x0``, kept only within ``radius`` of the quadratic
+    combination in the metric of the fits' information: pseudo-data far from the data can make it run off),
+    and the quadratic combination of the fits with the standard deviations (positions ``sd_index``) on the
+    log scale, where a small site's likelihood is closer to quadratic.  Empty if there is nothing to
+    combine."""
+    parts = [o for o in own.values() if o is not None]
+    if not parts:
+        return []
+    K, h = sum(o.K for o in parts), sum(o.h for o in parts)
+    xlog = _log_combination(parts, np.asarray(sd_index, dtype=np.int64))
+    residuals = []
+    for sid, P in pseudo.items():
+        if P is None:
+            continue
+        if sid in own:
+            c = own[sid].center
+            fc, gc, Hc = P(c)
+            residuals.append(lambda x, P=P, c=c, fc=fc, gc=gc, Hc=Hc: _minus_taylor(P(x), x - c, fc, gc, Hc))
+        else:
+            residuals.append(P)
+    xq = np.linalg.lstsq(K, h, rcond=None)[0]
+    out = [x for x in (xlog,) if x is not None]
+    if not residuals or not np.all(np.isfinite(xq)):
+        return out or ([xq] if np.all(np.isfinite(xq)) else [])
+
+    def C(x):
+        f, g, H = 0.5 * x @ K @ x - h @ x, K @ x - h, K.copy()
+        for R in residuals:
+            fr, gr, Hr = R(x)
+            f, g, H = f + fr, g + gr, H + Hr
+        return f, g, H
+
+    others = [np.asarray(y, float) for y in (x0, xlog) if y is not None]
+    x = _minimise_in_ball(C, xq, K, radius, others)
+    if x is not None:
+        out.insert(0, x)
+    return out
+
+
+def _log_combination(parts: list, idx: np.ndarray):
+    """The information-weighted combination of the fits with the entries ``idx`` (standard deviations) on the
+    log scale: each fit's quadratic is carried to (…, log θ_k, …) by its Jacobian at its own estimate."""
+    K, h = 0.0, 0.0
+    for o in parts:
+        c = o.center.copy()
+        sd = np.maximum(np.abs(c[idx]), 1e-4)
+        J = np.ones(len(c))
+        J[idx] = sd
+        c[idx] = np.log(sd)
+        Kl = o.K * np.outer(J, J)
+        K, h = K + Kl, h + Kl @ c
+    try:
+        y = np.linalg.lstsq(K, h, rcond=None)[0]
     except (np.linalg.LinAlgError, ValueError):
         return None
-    theta = np.r_[tt / wt if k else np.zeros(0), gamma[p:]]
-    gamma = gamma[:p]
-    return (gamma, theta) if np.all(np.isfinite(gamma)) and np.all(np.isfinite(theta)) else None
+    y[idx] = np.exp(np.clip(y[idx], -30.0, 30.0))
+    return y if np.all(np.isfinite(y)) else None
 
 
-def _coded(loc: dict, st, p: int, k: int, nx: int):
-    """(information, information × estimate) of (γ, ψ), θ̃ and the number of groups of an own fit sent as
-    information sums (β = Aγ: Aᵀ I A and Aᵀ I β̂; ψ by its own variance); None if unusable."""
+def _minimise_in_ball(C, xq, K, radius: float, others=(), iterations: int = 20):
+    """Damped Newton on C from the best of x_q and ``others`` (the anchor), within ‖x − anchor‖_K ≤ radius
+    (C may be far from quadratic, or unbounded, away from the anchor): each step is cut back to the ball
+    and halved until C decreases.  The minimiser, or None."""
+    anchor = xq
+
+    def inside(x):
+        d = x - anchor
+        r = float(np.sqrt(max(d @ K @ d, 0.0)))
+        return x if r <= radius else anchor + d * (radius / r)
+
     try:
-        A = st.A
-        I, b = A.T @ np.asarray(loc["xinfo"], float) @ A, A.T @ np.asarray(loc["xinfo_b"], float)
-        theta = np.asarray(loc["theta"], float)
-        info, vec = np.zeros((nx - k, nx - k)), np.zeros(nx - k)
-        info[:p, :p], vec[:p] = I, b
-        if nx > p + k:
-            info[p, p] = 1.0 / float(loc["disp_var"])
-            vec[p] = theta[k] * info[p, p]
-        th = theta[:k] * st.theta_scale
-    except (KeyError, ValueError, TypeError, ZeroDivisionError, IndexError):
+        cands = [xq] + list(others)
+        vals = [C(y) for y in cands]
+        best = int(np.argmin([v[0] if np.isfinite(v[0]) else np.inf for v in vals]))
+        x, (f, g, H) = cands[best], vals[best]
+        anchor = x
+        for _ in range(iterations):
+            lam = np.linalg.eigvalsh(H)
+            shift = 0.0 if lam[0] > 1e-10 * abs(lam[-1]) else 1e-6 * abs(lam[-1]) - lam[0]
+            step = -np.linalg.solve(H + shift * np.eye(len(x)), g)
+            if -(g @ step) < 1e-12 * max(1.0, abs(f)):
+                break
+            for _ in range(30):
+                y = inside(x + step)
+                fy, gy, Hy = C(y)
+                if np.isfinite(fy) and fy < f:
+                    break
+                step = step / 2.0
+            else:
+                break
+            x, f, g, H = y, fy, gy, Hy
+    except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         return None
-    ok = all(np.all(np.isfinite(a)) for a in (info, vec, th)) and theta.shape == (nx - p,)
-    return (info, vec, th, float(loc["ngroups"])) if ok else None
+    return x if np.all(np.isfinite(x)) else None
+
+
+def _minus_taylor(fgh, d, fc, gc, Hc):
+    """(f, g, H) less the second-order Taylor expansion (fc, gc, Hc) at the point d away."""
+    f, g, H = fgh
+    return f - fc - gc @ d - 0.5 * d @ Hc @ d, g - gc - Hc @ d, H - Hc
 
 
 MIN_LEVELS = 5        # a site's own estimate of a factor's covariance counts from this many of its levels
@@ -119,10 +223,36 @@ def factor_combined_start(st, own: list, fallback):
     with_beta = [loc for loc in own if loc.get("info") is not None and list(loc.get("names", [])) == list(st.names)]
     gamma = gamma0
     if with_beta:
-        combined = combined_start(st, [dict(loc, ngroups=1.0) for loc in with_beta])
+        combined = _fixed_combination(st, with_beta)
         if combined is not None:
-            gamma, psi = combined[0], combined[1][k:]
+            gamma, psi = combined
     return (gamma, np.r_[theta, psi]), complete and bool(with_beta)
+
+
+def _fixed_combination(st, own: list):
+    """The fixed effects γ and the dispersion ψ of fits coded as agreed, combined with weights their marginal
+    information (the inverse of their covariance); None if that cannot be done."""
+    p, k = len(st.names), int(st.mask.sum())
+    nx = p + k + st.ndisp
+    fixed = np.r_[np.arange(p), np.arange(p + k, nx)]
+    T = st.internal_transform()
+    Ti = np.linalg.inv(T)
+    Ib, bb = 0.0, 0.0
+    for loc in own:
+        try:
+            H = Ti.T @ np.asarray(loc["info"], float) @ Ti
+            x = T @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)]
+            if H.shape != (nx, nx) or not (np.all(np.isfinite(H)) and np.all(np.isfinite(x))):
+                continue
+            Ig = np.linalg.inv(np.linalg.inv(H)[np.ix_(fixed, fixed)])
+        except (KeyError, ValueError, TypeError, np.linalg.LinAlgError):
+            continue
+        Ib, bb = Ib + Ig, bb + Ig @ x[fixed]
+    try:
+        y = np.linalg.solve(Ib, bb)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    return (y[:p], y[p:]) if np.all(np.isfinite(y)) else None
 
 
 def internal_start(fixef, theta, st) -> tuple[np.ndarray, np.ndarray]:

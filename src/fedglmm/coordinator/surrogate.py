@@ -25,15 +25,7 @@ def surrogate_model(surrogate):
     with pseudo-data in place of one site's own rows.  The difference F − P has third derivatives too (from
     groups the pseudo-data lack, above all): the change of its Hessian between the nearest other point the
     sites evaluated and x_k gives them along that direction, added to S as a cubic term."""
-    cache = {}
-
-    def P(x):
-        key = np.asarray(x, float).tobytes()
-        if key not in cache:
-            cache.clear() if len(cache) > 64 else None
-            cache[key] = surrogate(x)
-        return cache[key]
-
+    P = _cached(surrogate)
     seen = []                    # points the sites evaluated: (x, H)
     last = {}                    # the point the model was last asked at, and F − P's Hessian there
 
@@ -82,8 +74,30 @@ def surrogate_model(surrogate):
         except (np.linalg.LinAlgError, ValueError, FloatingPointError):
             return None
 
+    def hessian_change(x, y):
+        """The surrogate's Hessian at y less that at x: its third derivatives along the move."""
+        try:
+            return P(y)[2] - P(x)[2]
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            return None
+
     model.observe = observe
+    model.hessian_change = hessian_change
     return model
+
+
+def _cached(surrogate):
+    """``surrogate`` remembering its last 64 points (the step model asks for the same points repeatedly)."""
+    cache = {}
+
+    def P(x):
+        key = np.asarray(x, float).tobytes()
+        if key not in cache:
+            cache.clear() if len(cache) > 64 else None
+            cache[key] = surrogate(x)
+        return cache[key]
+
+    return P
 
 
 def pseudo_objective(parts: dict, st, skip=()):

@@ -73,6 +73,7 @@ class Estimate:
     messages: list = field(default_factory=list)
     sigma2: float | None = None     # gaussian: the residual variance
     info: np.ndarray | None = None  # GLMM: the information of (γ, θ̃, ψ) at the estimate
+    step: np.ndarray | None = None  # GLMM: the estimate less the point of the final sums (internal scale)
     trace: list = field(default_factory=list)   # (round, objective, Newton decrement) of the iteration
     path: tuple | None = None       # GLMM: x, H (and g) of −ℓ at the last two accepted points, for the
                                     # check of estimates that run off (:mod:`fedglmm.likelihood.runaway`)
@@ -116,7 +117,7 @@ def _run(opt: TrustRegionNewton, evaluate, canon):
     iterates stay on one side of the sign symmetry of θ.  ``final`` marks the round that may be the last
     (the parts then also return their conditional modes).
     """
-    xs, final, last_final = list(opt.starts), False, False
+    xs, final, last_final = list(opt.starts), opt.final_candidate, False
     while xs:
         xs = [canon(x) for x in xs]
         results, reply = evaluate(xs, final)
@@ -141,13 +142,16 @@ def _penalty_matrix(A: np.ndarray, names: list | None, p: int, lam: float) -> np
 
 
 def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOptions, starts=None,
-             model=None, disp_shifts=()) -> Estimate:
+             model=None, disp_shifts=(), final_first: bool = False, sound_start: bool = False) -> Estimate:
     """Newton on −ℓ(γ, θ̃) (plus the penalty, applied here: the parts never see λ) from (γ0, θ̃0) and
     ``starts`` (further points of the first round; default: the start's covariance halved and doubled);
     ``disp_shifts``: the first round also tries each of those points with ψ (the last entry) moved by each.
     ``model``: a local step model for the optimiser (:func:`fedglmm.coordinator.surrogate.surrogate_model`).
     A family with a dispersion parameter (``setup.ndisp``) has its ψ as the last entries of θ̃0 and of
-    every point."""
+    every point.  ``final_first``: (γ0, θ̃0) is believed to be the estimate (a single part's own fit), so
+    the first round evaluates it alone and is final: it ends the iteration if the decrement there is below
+    ``tol``; ``sound_start``: of several starts, go on from one with a positive-definite Hessian (see
+    :class:`~fedglmm.likelihood.newton.TrustRegionNewton`)."""
     p, mask = len(gamma0), setup.mask
     k = int(np.sum(mask))
     P = _penalty_matrix(setup.A, setup.names, p, options.penalty) if options.penalty else None
@@ -170,18 +174,21 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
             sums, parts = evaluator.evaluate(xs, GLMM_KEYS), None
         return [penalised(x, -float(s["value"]), -s["grad"], -s["hess"]) for x, s in zip(xs, sums)], (parts, sums[0])
 
-    if starts is None:
+    if final_first:
+        starts = []
+    elif starts is None:
         # the first round also tries the start covariance halved and doubled (local work, no extra round);
         # not with several grouping factors, whose joint moment start gains nothing from them on average
         starts = [np.concatenate([gamma0, f * theta0[:k], theta0[k:]]) for f in (np.sqrt(0.5), np.sqrt(2.0))] \
             if k and not setup.factor_groups else []
     first = [np.concatenate([gamma0, theta0])] + [np.asarray(x, float) for x in starts]
-    starts = first[1:] + [np.r_[x[:-1], x[-1] + d] for x in first for d in disp_shifts]
+    starts = first[1:] + [np.r_[x[:-1], x[-1] + d] for x in first for d in (() if final_first else disp_shifts)]
     canon = lambda x: np.r_[x[:p], canonical_theta(x[p:p + k], mask), x[p + k:]]   # noqa: E731
     # with several grouping factors the optimiser also tries zero variances (not with one: unchanged fits)
     edge = tuple(p + boundary_positions(mask)) if setup.factor_groups else ()
     opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts, model=model,
-                            boundary=edge, predict_final=bool(setup.factor_groups))
+                            boundary=edge, predict_final=bool(setup.factor_groups), final_first=final_first,
+                            sound_start=sound_start)
     phi, (final, s) = _run(opt, evaluate, canon)
     info = -s["hess"]
     if P is not None:
@@ -203,29 +210,42 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     path = None if opt.previous is None or opt.current is None else \
         (opt.previous.x, opt.previous.H, opt.current.x, opt.current.H, opt.current.g)
     return Estimate(phi[:p], canonical_theta(phi[p:p + k], mask), vcov_gamma, loglik, final, opt.converged,
-                    messages, info=info, trace=list(opt.trace), path=path, disp=phi[p + k:], vcov_disp=vcov_disp)
+                    messages, info=info, trace=list(opt.trace), path=path, disp=phi[p + k:], vcov_disp=vcov_disp,
+                    step=step)
 
 
 def _information_at_estimate(opt, info, estimate):
-    """The information at the estimate rather than at the last point visited: the Hessian's change
-    between the last two points, scaled to the final step's component along that move (a secant
-    estimate of the third derivative).  Kept only if it stays positive definite."""
+    """The information at the estimate rather than at the last point visited: its change over the final
+    step s.  A step model with third derivatives of its own (the pseudo-data surrogate) gives its Hessian's
+    change over s; what the model misses, the change of (Hessian − model's Hessian) between the last two
+    points d, scaled to the component of s along d, adds (a secant estimate of the remaining third
+    derivative; without a model the whole change).  Kept only if it stays positive definite."""
+    if opt.point is None:
+        return info
+    change = getattr(opt.model, "hessian_change", None)
+    parts = []
+    model = change(opt.point, estimate) if change is not None else None
+    if model is not None and np.all(np.isfinite(model)):
+        parts.append(model)
     prev = opt.previous
-    if prev is None or opt.point is None:
-        return info
-    d = opt.point - prev.x
-    dd = d @ d
-    if not dd > 0:
-        return info
-    t = float((estimate - opt.point) @ d / dd)
-    if abs(t) > 1.0:
-        return info
-    corrected = info + t * (opt.current.H - prev.H)
-    try:
-        np.linalg.cholesky(corrected)
-    except np.linalg.LinAlgError:
-        return info
-    return corrected
+    if prev is not None:
+        d = opt.point - prev.x
+        dd = d @ d
+        t = float((estimate - opt.point) @ d / dd) if dd > 0 else np.inf
+        if abs(t) <= 1.0:
+            rest = opt.current.H - prev.H
+            along = change(prev.x, opt.point) if change is not None and parts else None
+            if along is not None and np.all(np.isfinite(along)):
+                rest = rest - along
+            parts.append(t * rest)
+    for k in range(len(parts), 0, -1):
+        corrected = info + sum(parts[:k])
+        try:
+            np.linalg.cholesky(corrected)
+            return corrected
+        except np.linalg.LinAlgError:
+            continue
+    return info
 
 
 def _check_residual(s: dict) -> None:

@@ -164,7 +164,7 @@ class GLMMLikelihood:
             return s.value, None, aux
         self._mode_derivatives(s)
         gr = self._gradient(s)
-        aux["dU"] = s.dU
+        aux.update(dU=s.dU, dH=s.dH, Hinv=s.Hinv)         # dH, Hinv: the modes' derivatives (conditional.py)
         if hess and s.laplace:
             aux["hess"] = self._laplace_hessian(s.u, s.eta, s.M, s.d2, s.w, s.w1, s.w2, s.hobs, s.C, s.dU, s.deta,
                                                 s.dH, s.Hinv, s.dp)

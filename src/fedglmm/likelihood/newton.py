@@ -75,11 +75,13 @@ class TrustRegionNewton:
                                     # boundary a Newton iteration approaches only linearly (see _boundary)
     predict_final: bool = False     # also propose the final candidate where the observed quadratic
                                     # contraction predicts a decrement below tol after the step (_promising)
+    final_first: bool = False       # x0 is believed to be the solution: the first round (x0 alone) is final
+    sound_start: bool = False       # of several starts, prefer one with a positive-definite Hessian
 
     def __post_init__(self):
         self.x0 = np.asarray(self.x0, float)
         self.starts = [self.x0] + [np.asarray(x, float) for x in (self.starts or [])]
-        self.final_candidate = False
+        self.final_candidate = bool(self.final_first) and len(self.starts) == 1
         self._cur: _State | None = None
         self._radius: float | None = None
         self._cands: list[_Candidate] = []
@@ -112,13 +114,13 @@ class TrustRegionNewton:
             if not finite:
                 self.message = "the objective is not finite at the starting values"
                 return self._finish(converged=False)
-            best = min(finite, key=lambda i: pts[i][1])
+            best = _best_start(pts, finite) if self.sound_start else min(finite, key=lambda i: pts[i][1])
             self._cur, self.accepted = _State(*pts[best]), best
         else:
             finite = [i for i in range(len(pts)) if ok[i]]
             best = min(finite, key=lambda i: pts[i][1]) if finite else None
             cand = self._cands[best] if best is not None else None
-            rho = (self._cur.f - pts[best][1]) / cand.pred if cand is not None and cand.pred > 0 else -np.inf
+            rho = self._ratio(cand, pts[best][1], was_final) if cand is not None else -np.inf
             if rho >= self.config.accept:
                 self.previous = self._cur
                 self._cur, self.accepted = _State(*pts[best]), best
@@ -148,7 +150,9 @@ class TrustRegionNewton:
         newton = _newton_step(cur.g, cur.H)
         dec = -(cur.g @ newton) if newton is not None else np.inf
         self.trace.append((self.evals, float(cur.f), float(dec)))
-        if was_final and self.accepted is not None and (dec < self.config.tol or self._contracted(dec)):
+        # (the contraction a final candidate shows predicts the next Newton step's only if it was one)
+        contracted = bool(self._cands) and self._cands[0].newton and self._contracted(dec)
+        if was_final and self.accepted is not None and (dec < self.config.tol or contracted):
             return self._finish(converged=True)
         dec_before, self._dec_prev = self._dec_prev, dec
         if self.evals >= self.config.max_evals:
@@ -229,6 +233,15 @@ class TrustRegionNewton:
             return False
         return dec ** 3 / d0 ** 2 < self.config.tol
 
+    def _ratio(self, cand: _Candidate, f: float, final: bool) -> float:
+        """Actual over predicted decrease of the step to a point of value ``f``.  A final candidate that is
+        the current point to within the rounding of the objective (1e-12 relative) counts as a full success:
+        it ends the iteration there, with the sums the final round brought."""
+        noise = 1e-12 * max(1.0, abs(self._cur.f))
+        if final and cand.pred <= noise and f <= self._cur.f + noise:
+            return 1.0
+        return (self._cur.f - f) / cand.pred if cand.pred > 0 else -np.inf
+
     def _contracted(self, dec: float) -> bool:
         """Whether the final candidate, reached by a full step from a point with decrement d₀ in the
         quadratic regime, has a decrement d (< 10·tol) whose observed contraction c = d/d₀² predicts a
@@ -273,6 +286,19 @@ class TrustRegionNewton:
             s = y / d
             out.append(_Candidate(s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(y)), radius))
         return out
+
+
+def _best_start(pts, finite) -> int:
+    """The start to go on from: the lowest value among those with a positive-definite Hessian (their Newton
+    steps are sound), unless a start without one is lower than that value less its Newton decrement."""
+    best = min(finite, key=lambda i: pts[i][1])
+    steps = {i: _newton_step(pts[i][2], pts[i][3]) for i in finite}
+    pd = [i for i in finite if steps[i] is not None]
+    if not pd or best in pd:
+        return best
+    sound = min(pd, key=lambda i: pts[i][1])
+    dec = -(pts[sound][2] @ steps[sound])
+    return best if pts[best][1] < pts[sound][1] - dec else sound
 
 
 def _newton_step(g, H):

@@ -1,11 +1,13 @@
 """The hybrid method (the default): one one-shot round, then exact Newton rounds on the real sites.
 
-Stages: the sites' one-shot messages (moments up to order 2, the least revealing; a site withholding
-small groups adds its own fit) -> the pseudo-data fit at the coordinator -> the start (that fit, combined
-with the sites' own fits, and the site-totals start as a safety net) -> Newton rounds whose steps the
-pseudo-data surrogate proposes (:mod:`fedglmm.coordinator.surrogate`) -> the result.  Gaussian models
-whose per-group statistics all arrived are exact after the first round (unless levels are shared by sites:
-the stand-ins of one site do not know the others', so the Newton rounds follow).
+Stages: the sites' one-shot messages (moments up to order 2, the least revealing, and each site's own fit
+of its rows, :mod:`fedglmm.site.own_fit`) -> with one site, its own fit, which the first Newton round checks
+and ends on; with several, the pseudo-data fit at the coordinator and the combinations of the sites' own
+fits with the pseudo-data (:mod:`fedglmm.coordinator.starts`), tried together in the first Newton round (with
+the site-totals start where summaries are missing) -> Newton rounds whose steps the pseudo-data surrogate
+proposes (:mod:`fedglmm.coordinator.surrogate`) -> the result, its conditional modes moved to the estimate.
+Gaussian models whose per-group statistics all arrived are exact after the first round (unless levels are
+shared by sites: the stand-ins of one site do not know the others', so the Newton rounds follow).
 """
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.shared_rounds import shared_setup
-from ..coordinator.starts import combined_start, factor_combined_start, internal_start
+from ..coordinator.starts import combined_start, factor_combined_start, internal_start, OwnPart, own_part
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
+from ..likelihood.fit import diagonal_positions
 from ..likelihood.setup import make_setup
 from ..likelihood.factor_starts import factor_theta_start
 from ..likelihood.starts import start_values
@@ -52,9 +55,16 @@ def _pseudo_fit(merged, replies, req: FitRequest, seed: int):
         return None
 
 
+def _sd_index(st) -> np.ndarray:
+    """Positions in (γ, θ̃) of the diagonal of Λ̃ (the standard deviations, up to the correlations)."""
+    return len(st.names) + diagonal_positions(st.mask)
+
+
 def _starts(req, st, merged, own: dict, pseudo):
-    """The Newton rounds' start(s) and the surrogate (see the module docstring)."""
-    family = req.family
+    """The Newton rounds' start(s) and the surrogate (see the module docstring): a tuple of (γ, θ̃) starts,
+    all tried in the first Newton round (the best kept), or None (the set-up start).  ``own``: the sites'
+    own fits, as sent (several grouping factors) or as :class:`~fedglmm.coordinator.starts.OwnPart`."""
+    family, p = req.family, len(st.names)
     if st.factor_groups:
         # several grouping factors: the sites' own fits, and the site-totals start beside them
         if not own:
@@ -63,25 +73,29 @@ def _starts(req, st, merged, own: dict, pseudo):
         combined, complete = factor_combined_start(st, list(own.values()), totals)
         # the site-totals start is tried beside it where the sites' fits left parts of it to them
         return (combined if family.name == "gaussian" or complete else (combined, totals)), None
+    pair = lambda x: (x[:p], x[p:])                                     # noqa: E731
     if pseudo is None:
         if own and family.name != "gaussian":
-            combined = combined_start(st, list(own.values()))
-            if combined is not None:
-                return (combined, start_values(st, family)), None
+            combined = combined_start(own, {}, sd_index=_sd_index(st))
+            if combined:
+                nx = len(st.names) + int(st.mask.sum()) + st.ndisp
+                zero = lambda x: (0.0, np.zeros(nx), np.zeros((nx, nx)))   # noqa: E731
+                return tuple(pair(x) for x in combined) + (start_values(st, family),), zero
         return None, None
     parts, first = pseudo[:2]
     start = internal_start(first.fixef, first.theta, st)
     if family.name == "gaussian":
         return start[1], None
-    # the one-shot estimate and the site-totals start are both tried in the first Newton round, with,
-    # when sites fitted their withheld groups, the combination of those fits with it
     surrogate = pseudo_objective(parts, st)
-    combined = combined_start(st, list(own.values()), np.concatenate(start),
-                              pseudo_objective(parts, st, skip=own)) if own else None
-    # the site-totals start is a safety net where summaries are missing
+    # the one-shot estimate with its covariance halved and doubled, the combinations of the sites' own fits
+    # with the pseudo-data, and where summaries are missing the site-totals start: all tried in the first
+    # Newton round
+    variants = [(start[0], f * start[1]) for f in (np.sqrt(0.5), np.sqrt(2.0))] if len(start[1]) and not own else []
+    combined = combined_start(own, {sid: pseudo_objective({sid: part}, st) for sid, part in parts.items()},
+                              np.concatenate(start), _sd_index(st)) if own else []
     totals = [start_values(st, family)] if merged.refused else []
-    start = tuple(([] if combined is None else [combined]) + [start] + totals)
-    return (start[0] if len(start) == 1 else start), surrogate
+    starts = tuple([pair(x) for x in combined] + [start] + variants + totals)
+    return (starts[0] if len(starts) == 1 else starts), surrogate
 
 
 def _note(replies, merged, own, pseudo) -> str:
@@ -101,22 +115,45 @@ def _note(replies, merged, own, pseudo) -> str:
             f"group, started from {source}")
 
 
+def _nsites(transport) -> int | None:
+    try:
+        return len(transport.site_ids)
+    except Exception:       # noqa: BLE001 -- a transport that cannot tell before its first round
+        return None
+
+
 def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     """The one-shot round, then exact Newton rounds on the real sites from its estimate."""
     t0 = time.perf_counter()
     fam, options = req.family, req.options
     order = HYBRID_ORDER if req.moments is None else req.moments
     transforms = pooled_transforms(transport, req.formula, req.spec, fam, req.na_action)    # center(x), ...: a round
+    # a site also fits its own rows (one grouping factor): to the last digit when it is the only site (its
+    # fit is then the fit)
+    local = {"nagq": options.nagq, "curvature": options.curvature}
+    if len(req.spec.groups) <= 1 and _nsites(transport) == 1:
+        local["exact"] = True
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link, order=order,
-                                          local={"nagq": options.nagq, "curvature": options.curvature},
-                                          **na_payload(req.na_action), **({"transforms": transforms} if transforms else {}),
+                                          local=local, **na_payload(req.na_action),
+                                          **({"transforms": transforms} if transforms else {}),
                                           **req.spec.columns_payload))
     merged = merge_messages(replies, req.formula, fam, transforms, req.spec)
     secure = bool(getattr(transport, "secure", False))
     st = None if secure else shared_setup(make_setup(merged.setup, fam.ndisp), merged.schema)
     if st is not None:
         check_outcome(st, req.spec, fam)
-    own = merged.own
+    payload = setup_request(req.formula, fam, options, merged.schema, req.na_action, req.spec.columns_payload)
+    own = {sid: r["local"] for sid, r in replies.items() if r.get("local") is not None}
+    if len(replies) == 1 and own and len(req.spec.groups) <= 1:
+        # one site: its own fit is the fit; the first round checks it and collects the modes
+        st = _secure_setup(transport, payload, req, merged) if secure else st
+        own = _own_parts(own, replies, st)
+        if own:
+            x = next(iter(own.values())).center
+            p = len(st.names)
+            est = estimate(transport, st, fam, options, (x[:p], x[p:]), first=None if secure else {"setup": payload},
+                           final_first=True, mode_derivatives=True)
+            return _result(transport, req, merged, st, est, payload, t0, replies, own, None)
     pseudo = _pseudo_fit(merged, replies, req, seed) if any(b is not None for b in merged.blocks.values()) \
         else None
     if pseudo is not None and fam.name == "gaussian" and not merged.refused and not merged.schema.shared:
@@ -124,20 +161,39 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         run = RunStats(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
                        time.perf_counter() - t0, tuple(replies), secure)
         res = FitResult.build(pseudo[1], run)
-        link = Link(transport, setup=setup_request(req.formula, fam, options, merged.schema, req.na_action,
-                                                   req.spec.columns_payload))
+        link = Link(transport, setup=payload)
         res.session = Session(link, req.formula, fam, options, req.spec, merged.schema, pseudo[2], pseudo[3])
         return res
-    payload = setup_request(req.formula, fam, options, merged.schema, req.na_action, req.spec.columns_payload)
-    if secure:                 # the site totals come only as their total, in a masked set-up round
-        st = shared_setup(make_setup(transport.broadcast(payload), fam.ndisp), merged.schema)
-        check_outcome(st, req.spec, fam)
+    if st is None:             # secure: the site totals come only as their total, in a masked set-up round
+        st = _secure_setup(transport, payload, req, merged)
+    own = _own_parts(own, replies, st)
     start, surrogate = _starts(req, st, merged, own, pseudo)
     est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
-                   surrogate=surrogate)
-    fit = assemble(req.formula, fam, options, req.spec, merged.schema, st, est)
+                   surrogate=surrogate, mode_derivatives=True)
+    return _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo)
+
+
+def _secure_setup(transport, payload, req, merged):
+    """The set-up from the site totals' total, in a masked round."""
+    st = shared_setup(make_setup(transport.broadcast(payload), req.family.ndisp), merged.schema)
+    check_outcome(st, req.spec, req.family)
+    return st
+
+
+def _own_parts(own: dict, replies: dict, st) -> dict:
+    """The sites' own fits in the agreed coding (:func:`~fedglmm.coordinator.starts.own_part`); with several
+    grouping factors as sent (:func:`~fedglmm.coordinator.starts.factor_combined_start` reads them)."""
+    if st.factor_groups or not own or isinstance(next(iter(own.values())), OwnPart):
+        return own
+    parts = {sid: own_part(loc, replies[sid], st) for sid, loc in own.items()}
+    return {sid: o for sid, o in parts.items() if o is not None}
+
+
+def _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo) -> FitResult:
+    fit = assemble(req.formula, req.family, req.options, req.spec, merged.schema, st, est)
     if merged.refused and not merged.unsupported:
         fit.messages.append(_note(replies, merged, own, pseudo))
     res = FitResult.build(fit, RunStats.of(transport, t0))
-    res.session = Session(Link(transport, payload), req.formula, fam, options, req.spec, merged.schema, st, est)
+    res.session = Session(Link(transport, payload), req.formula, req.family, req.options, req.spec, merged.schema,
+                          st, est)
     return res

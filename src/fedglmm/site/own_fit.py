@@ -1,11 +1,20 @@
-"""A site's own fit of its rows: the estimate and its information that a site withholding small groups'
-summaries sends in their stead, for the hybrid's start.
+"""A site's own fit of its rows: the estimate and its information that a site sends with its one-shot
+summaries, for the hybrid's start.
 
 The site fits its own rows as a whole federation of one would -- the same set-up sums, internal scale,
 starting values and Newton iteration (:mod:`fedglmm.likelihood.fit`) -- with its engine evaluated in
 place: no transport and no coordinator.
+
+The site does not know the other sites' factor levels, so it fits in its own coding: each factor against
+its own first level (the agreed reference whenever the site has it: levels are sorted the same way
+everywhere), less any column that depends on the ones before it (a covariate constant at this site).  Its
+columns are named as in its one-shot design (where every level it has is a column), and the coordinator
+maps them by name to the agreed design through the site's cross-products ``XᵀX`` of the same message
+(:func:`fedglmm.coordinator.starts.own_part`).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -22,31 +31,60 @@ from ..model.options import FitOptions, NewtonConfig
 from ..model.spec import Design, ModelSpec, Schema
 
 
-def own_fit(frame, d: Design, sizes, spec: ModelSpec, fam: Family, local: dict, site_id: str, need,
-            transforms: dict | None = None, coded: bool = False) -> dict | None:
-    """The site's own GLMM fit of all its rows: β̂, θ̂ and their information, sums over many rows and
-    groups.  Sent only for at least two groups and ``need`` observations, with at least three
-    observations per parameter (as the site rules' 0.33 parameters per row).
+def _site_design(frame, spec: ModelSpec, fam: Family, site_id: str, transforms: dict | None) -> Design:
+    """The site's design of its rows in its own coding (each factor against its own first level)."""
+    desc = describe_frame(frame, spec, site_id)
+    schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]),
+                    transforms=dict(transforms or {}))
+    return build_design(spec, schema, frame, fam, site_id, checked=True)
 
-    The site's own coding of a factor need not be the agreed one, so a model with factor columns gets no
-    own fit -- unless ``coded`` (families without one-shot summaries, for which the own fit is the start):
-    then the fit is sent as information sums in the coding of ``d`` (:func:`_in_design_coding`), which
-    the coordinator maps to the agreed design by column name, as it maps the one-shot sums."""
-    npar = d.X.shape[1] + int(np.asarray(d.theta_mask).sum()) + fam.ndisp
-    total = float(sizes.sum())
-    factors = any("[" in nm for nm in d.x_names)
-    if (factors and not coded) or any("[" in nm for nm in d.z_names) or len(sizes) < 2 \
-            or total < max(need, 3.0 * npar):
+
+def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: str, need,
+            transforms: dict | None = None) -> dict | None:
+    """The site's own GLMM fit of all its rows: β̂ of the columns ``names``, θ̂ (and ψ̂) and the information
+    of (β, θ, ψ), sums over many rows and groups.  Sent only for at least two groups and ``need`` observations,
+    with at least three observations per parameter (as the site rules' 0.33 parameters per row).
+    ``transforms``: the pooled statistics of stateful transforms (center(x), poly(x, k), ...), as agreed."""
+    try:
+        d = _site_design(frame, spec, fam, site_id, transforms)
+    except FedGLMMError:
         return None
-    options = FitOptions(nagq=int(local.get("nagq", 1)), curvature=str(local.get("curvature", "observed")))
-    res = local_fit(frame, spec, fam, options, site_id, transforms)
-    if res is None:
+    keep = independent_columns(d.X)
+    npar = len(keep) + int(np.asarray(d.theta_mask).sum()) + fam.ndisp
+    total = float(np.sum(sizes))
+    if (d.Z.shape[1] and len(sizes) < 2) or total < max(need, 3.0 * npar):
         return None
-    if factors:
-        return _in_design_coding(res, d, fam, total, len(sizes))
-    if res["names"] != list(d.x_names):
+    # a start for a fit with other sites needs no more than a decrement of 1e-4 (a hundredth of a standard
+    # error); the fit of the only site is the fit itself
+    newton = NewtonConfig() if local.get("exact") else NewtonConfig(tol=1e-4, near=1e-2)
+    options = FitOptions(nagq=int(local.get("nagq", 1)), curvature=str(local.get("curvature", "observed")),
+                         newton=newton)
+    sub = replace(d, X=d.X[:, keep], x_names=[d.x_names[j] for j in keep])
+    res = local_fit(sub, fam, options, site_id, starts=[])
+    if res is None or res["info"] is None:
         return None
-    return {"beta": res["beta"], "theta": res["theta"], "info": res["info"], "n": total, "ngroups": len(sizes)}
+    return {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"], "theta": res["theta"],
+            "info": res["info"], "n": total, "ngroups": len(sizes) if d.Z.shape[1] else 0}
+
+
+def independent_columns(X: np.ndarray, tol: float = 1e-9) -> list[int]:
+    """Indices of the columns of ``X`` that do not depend on the ones before them (in order): a Cholesky
+    of the correlation-scaled cross-products, skipping a column whose residual variance is below ``tol``."""
+    G = X.T @ X
+    s = np.sqrt(np.where(np.diag(G) > 0, np.diag(G), 1.0))
+    G = G / np.outer(s, s)
+    keep: list[int] = []
+    for j in range(G.shape[0]):
+        if G[j, j] <= 0:
+            continue
+        if keep:
+            K = np.asarray(keep)
+            r = G[j, j] - G[j, K] @ np.linalg.lstsq(G[np.ix_(K, K)], G[K, j], rcond=None)[0]
+        else:
+            r = G[j, j]
+        if r > tol:
+            keep.append(j)
+    return keep
 
 
 def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, site_id: str,
@@ -70,50 +108,24 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     return out
 
 
-def _in_design_coding(res: dict, d: Design, fam: Family, total: float, ngroups: int) -> dict | None:
-    """An own fit in the coding of ``d`` (a column for every level the site has): with X_d = X_own K (every
-    column of d's design is a combination of the own fit's columns), the marginal information of β in
-    that coding is Kᵀ I K and its product with the estimate Kᵀ I β̂ -- sums over rows that the coordinator
-    maps to any coding whose columns are among d's, and adds over sites (the information-weighted
-    combination of the sites' estimates).  θ and ψ do not depend on the coding of X."""
-    K, *_ = np.linalg.lstsq(res["X"], d.X, rcond=None)
-    if np.max(np.abs(res["X"] @ K - d.X)) > 1e-8 * max(1.0, float(np.max(np.abs(d.X)))):
-        return None
-    p = len(res["beta"])
+def local_fit(design: Design, family: Family, options: FitOptions, site_id: str, starts=None) -> dict | None:
+    """A fit of ``design`` alone, as an estimate and its information on the user's scale: β, θ (followed by
+    the log-dispersion ψ for a family with one) and the information matrix of (β, θ, ψ) (gaussian: None).  ``starts``: the GLMM iteration's further first-round
+    points (default: the start's covariance halved and doubled).  None when the fit fails or does not
+    converge."""
     try:
-        cov = np.linalg.inv(res["info"])
-        info_b = np.linalg.inv(cov[:p, :p])
-    except np.linalg.LinAlgError:
-        return None
-    out = {"xinfo": K.T @ info_b @ K, "xinfo_b": K.T @ info_b @ res["beta"], "theta": res["theta"],
-           "n": total, "ngroups": ngroups}
-    if fam.ndisp:
-        out["disp_var"] = float(cov[-1, -1])
-    return out
-
-
-def local_fit(frame, spec: ModelSpec, family: Family, options: FitOptions, site_id: str,
-              transforms: dict | None = None) -> dict | None:
-    """A fit of ``frame`` alone, as an estimate and its information on the user's scale: β, θ (followed by
-    the log-dispersion ψ for a family with one) and the information matrix of (β, θ, ψ) (gaussian: None);
-    and the fit's design matrix X.  None when the fit fails or does not converge."""
-    try:
-        desc = describe_frame(frame, spec, site_id)
-        schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]),
-                        transforms=dict(transforms or {}))
-        design = build_design(spec, schema, frame, family, site_id, checked=True)
         st = make_setup({site_id: setup_reply(design, family)}, family.ndisp)
         engine = make_engine(design, family, options.nagq, options.curvature, st.A, st.zs)
         evaluator = LocalEvaluator({site_id: engine}, {site_id: None if design.factors or not design.Z.shape[1]
                                                        else design.group_levels})
         est = fit_lmm(evaluator, st, options) if family.name == "gaussian" else \
-            fit_glmm(evaluator, st, *start_values(st, family), options)
+            fit_glmm(evaluator, st, *start_values(st, family), options, starts=starts)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
     if not est.converged or (est.info is None and family.name != "gaussian"):
         return None
     out = {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ est.gamma,
-           "theta": np.r_[est.theta / st.theta_scale, est.disp], "info": None, "X": design.X}
+           "theta": np.r_[est.theta / st.theta_scale, est.disp], "info": None}
     if est.info is not None:
         T = st.internal_transform()
         out["info"] = T.T @ est.info @ T
@@ -129,14 +141,10 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
     site-totals start (the point reached is a start for the federated rounds, which finish the job), as
     β, θ (and ψ) and the information at that point on the user's scale (gaussian: no information, β
     profiled)."""
-    if family.name == "gaussian":
-        return local_fit(frame, spec, family, FitOptions(newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id,
-                         transforms)
     try:
-        desc = describe_frame(frame, spec, site_id)
-        schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]),
-                        transforms=dict(transforms or {}))
-        design = build_design(spec, schema, frame, family, site_id, checked=True)
+        design = _site_design(frame, spec, family, site_id, transforms)
+        if family.name == "gaussian":
+            return local_fit(design, family, FitOptions(newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id)
         st = make_setup({site_id: setup_reply(design, family)}, family.ndisp)
         engine = make_engine(design, family, 1, curvature, st.A, st.zs)
         opt = TrustRegionNewton(np.concatenate(start_values(st, family)),

@@ -21,7 +21,9 @@ import pandas as pd
 
 from .. import protocol
 from ..errors import FedGLMMError
+from ..likelihood.conditional import mode_derivatives
 from ..likelihood.engine import EngineCache, make_engine
+from ..likelihood.laplace import GLMMLikelihood
 from ..likelihood.lmm_shared import to_global
 from ..likelihood.setup import setup_reply
 from ..model.design import build_design, describe_frame, transform_statistics
@@ -248,14 +250,18 @@ class Site:
         if d.factors or split is not None:
             reply.update(self._factor_modes(modes, sds, split))
             return reply
+        out = {"modes": np.asarray(modes), "condsd": np.asarray(sds)}
+        if req.get("derivatives") and isinstance(eng, GLMMLikelihood):
+            # their derivatives in the parameters: the coordinator moves them to its final estimate
+            out["dmodes"], out["dcondsd"] = mode_derivatives(eng, point)
         if not self.config.withhold_modes:
-            reply.update({"levels": list(d.group_levels), "modes": modes, "condsd": sds})
+            reply.update({"levels": list(d.group_levels), **out})
             return reply
         keep = rules.group_sizes(d, self.family) >= self.min_group
         levels = np.asarray(d.group_levels, dtype=object)
         # a withheld group's label was already sent in `describe`; nothing computed for it is sent
-        reply.update({"levels": levels[keep].tolist(), "modes": np.asarray(modes)[keep],
-                      "condsd": np.asarray(sds)[keep], "withheld": levels[~keep].tolist()})
+        reply.update({"levels": levels[keep].tolist(), **{k: v[keep] for k, v in out.items()},
+                      "withheld": levels[~keep].tolist()})
         return reply
 
 

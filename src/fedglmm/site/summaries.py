@@ -50,9 +50,9 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
 
     ``guard=False`` drops the rule that keeps the moments of groups they would pin down (for accuracy
     studies on public data only; the command line has no such switch).  ``local`` (the hybrid's request:
-    ``{"nagq", "curvature"}``) asks, when groups are withheld, for the site's own fit of the withheld
-    groups taken together (:func:`fedglmm.site.own_fit.own_fit`).  ``weights``, ``offset``: columns
-    (prior weights; an offset beside the formula's).
+    ``{"nagq", "curvature", "exact"}``) asks for the site's own fit of all its rows, estimates and their
+    information (:func:`fedglmm.site.own_fit.own_fit`; not for gaussian models).  ``weights``, ``offset``:
+    columns (prior weights; an offset beside the formula's).
 
     A model whose likelihood the shared moments do not carry -- a dispersion parameter (negative
     binomial, Gamma: no moment of order 2 pins down the shape), poisson weights, binomial weights that
@@ -89,9 +89,9 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     if unsupported:
         msg.update(refused=f"site '{site_id}': {unsupported}; a one-shot fit is not possible (use --method hybrid "
                            "or iterative)", unsupported=True)
-        if local is not None and q:
-            msg["local"] = own_fit(frame, d, np.add.reduceat(np.ones(d.n), d.starts), spec, fam, local, site_id,
-                                   float(min_group), transforms, coded=True)
+        if local is not None:
+            sizes = np.add.reduceat(np.ones(d.n), d.starts) if q else np.array([float(d.n)])
+            msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, float(min_group), transforms)
         return msg
     starts = d.starts if q else np.zeros(1, dtype=np.int64)
     levels = list(d.group_levels) if q else ["(all rows)"]
@@ -115,8 +115,8 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
                           "would reveal them and are not sent (a one-shot fit needs every group: use --method "
                           "hybrid or iterative)")
     keep = ~small
-    if local is not None and small.any() and fam.name != "gaussian" and q:
-        msg["local"] = own_fit(frame, d, sizes, spec, fam, local, site_id, need, transforms)
+    if local is not None and fam.name != "gaussian":
+        msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms)
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
             _moment_blocks(d, starts, levels, keep, order)
@@ -253,6 +253,11 @@ def _describe_blocks(msg: dict) -> dict:
         "x_names": "fixed-effect design columns, in this site's coding (each factor level present here has "
                    "its own column)",
     }
+    if msg.get("local"):
+        about["local"] = ("this site's own fit of all its rows (for the hybrid's start): the estimates of the "
+                          "design columns 'names' (its own coding: each factor against its first level), of "
+                          "the random-effect covariance parameters 'theta', and their information matrix: "
+                          f"sums over its {msg['local']['ngroups']} groups and {msg['local']['n']:g} observations")
     if msg.get("groups") is None:
         about["groups"] = "none: " + msg["refused"]
         return about

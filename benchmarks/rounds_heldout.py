@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Rounds of the hybrid (the default) and the iterative method on the held-out `rounds` cases.
+
+usage: python3 benchmarks/rounds_heldout.py [--only REGEX] [--cases TSV ...] [--splits pooled,split]
+
+For every case of tests/data/heldout/rounds/cases.tsv (and any other case table given), pooled (one site)
+and split over sites: by the case's `split` column when it is not the grouping factor itself (e.g.
+`sim_many_sites`: 50 sites), otherwise by group into 3 sites (labels in order of appearance, dealt
+round-robin).  The table gives both methods' rounds, the largest difference between the two fits (fixed
+effects, θ, logLik), the hybrid's logLik against the better of lme4/glmmTMB (full log-likelihood: lme4's
+nAGQ > 1 value plus the saturated term), and both methods' fit times.  The last lines give the median and
+largest number of hybrid rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import fedglmm
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = ROOT / "tests" / "data" / "heldout" / "rounds" / "cases.tsv"
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def read_cases(path: Path) -> list[dict]:
+    tab = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    tab.columns = [c.lstrip("# ") for c in tab.columns]
+    out = []
+    for _, row in tab.iterrows():
+        fam, _, link = row["family"].partition("/")
+        out.append({"name": row["name"], "dir": path.parent, "data": path.parent / f"{row['data']}.csv",
+                    "formula": row["formula"], "family": fam, "link": link or None,
+                    "nagq": max(int(row["nagq"]), 1), "reml": row.get("reml") == "1",
+                    "split": row.get("split", "")})
+    return out
+
+
+def best_reference(case: dict) -> float | None:
+    """The better full logLik of lme4 and glmmTMB (None if neither file is there)."""
+    from reference import full_loglik
+
+    vals = []
+    for suffix in (".json", ".tmb.json"):
+        f = case["dir"] / f"{case['name']}{suffix}"
+        if f.exists():
+            vals.append(full_loglik(json.loads(f.read_text()), case))
+    return max(vals) if vals else None
+
+
+def site_data(case: dict, how: str):
+    """The case's data pooled (one DataFrame) or split over sites (a dict)."""
+    from fedglmm.model.formula import parse_formula
+
+    df = pd.read_csv(case["data"])
+    if how == "pooled":
+        return df
+    group = parse_formula(case["formula"]).group
+    col = case["split"] if case["split"] and case["split"] != group else None
+    if col is not None:
+        return {str(k): part.reset_index(drop=True) for k, part in df.groupby(col, sort=False)}
+    codes = pd.factorize(df[group])[0] if group else np.arange(len(df))
+    return {f"s{i}": df[codes % 3 == i].reset_index(drop=True) for i in range(3)}
+
+
+def run(case: dict, how: str) -> dict:
+    data = site_data(case, how)
+    kw = dict(family=case["family"], link=case["link"], nagq=case["nagq"], reml=case["reml"])
+    res = {}
+    for method in ("iterative", "hybrid"):
+        try:
+            res[method] = fedglmm.fit(case["formula"], data, method=method, **kw)
+        except fedglmm.FedGLMMError as e:
+            res[method] = str(e).splitlines()[0][:50]
+    a, b = res["iterative"], res["hybrid"]
+    row = {"case": case["name"], "sites": 1 if how == "pooled" else len(data)}
+    if isinstance(a, str) or isinstance(b, str):
+        row.update(it_rounds=a if isinstance(a, str) else a.rounds, hyb_rounds=b if isinstance(b, str) else b.rounds)
+        return row
+    diff = max(np.max(np.abs(a.fixef - b.fixef)), np.max(np.abs(np.asarray(a.theta) - np.asarray(b.theta)),
+                                                         initial=0.0), abs(a.loglik - b.loglik))
+    ref = best_reference(case)
+    row.update(it_rounds=a.rounds, hyb_rounds=b.rounds, max_diff=f"{diff:.1e}",
+               vs_ref="" if ref is None else f"{b.loglik - ref:+.1e}", it_s=f"{a.seconds:.2f}",
+               hyb_s=f"{b.seconds:.2f}", hyb_bytes=b.bytes_to_sites + b.bytes_from_sites)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=None, help="regex on case names")
+    ap.add_argument("--cases", nargs="*", type=Path, default=[ROUNDS])
+    ap.add_argument("--splits", default="pooled,split")
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    rows = []
+    for table in args.cases:
+        for case in read_cases(table):
+            if args.only and not re.search(args.only, case["name"]):
+                continue
+            for how in args.splits.split(","):
+                rows.append(run(case, how))
+                print(rows[-1], file=sys.stderr, flush=True)
+    tab = pd.DataFrame(rows)
+    print(tab.to_string(index=False))
+    ok = tab[[isinstance(r, (int, np.integer)) for r in tab.hyb_rounds]]
+    hr = ok.hyb_rounds.astype(int)
+    print(f"hybrid rounds: median {np.median(hr):g}, max {hr.max()}, > 4 in {(hr > 4).sum()} of {len(tab)}; "
+          f"failures {len(tab) - len(ok)}; largest difference to iterative "
+          f"{pd.to_numeric(ok.max_diff).max():.1e}; worst logLik against the better reference "
+          f"{pd.to_numeric(ok.vs_ref, errors='coerce').min():+.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The hybrid's start: a site's own fit in its own coding, mapped by name to the agreed design; and the
+derivatives of the conditional modes that carry them from the last point to the estimate."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fedglmm
+from fedglmm.coordinator.messages import merge_messages
+from fedglmm.coordinator.starts import combined_start, own_part
+from fedglmm.likelihood.conditional import mode_derivatives
+from fedglmm.likelihood.laplace import GLMMLikelihood
+from fedglmm.likelihood.setup import make_setup
+from fedglmm.model.design import build_design, describe_frame
+from fedglmm.model.families import get_family
+from fedglmm.model.formula import parse_formula, variables
+from fedglmm.model.spec import Schema
+from fedglmm.site.summaries import summarize
+
+
+def _two_sites(seed=5):
+    """Site A has levels a, b, c of f; site B only b and c (not the agreed reference a) and a covariate z
+    that is constant at B; binary outcome, 40 groups of 3-8 rows (all below min_group)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in range(40):
+        site = "A" if g < 20 else "B"
+        n = int(rng.integers(3, 9))
+        b = rng.normal(0, 1.0)
+        for _ in range(n):
+            f = rng.choice(["a", "b", "c"] if site == "A" else ["b", "c"])
+            x = rng.normal()
+            z = rng.normal() if site == "A" else 1.0
+            eta = -0.3 + {"a": 0.0, "b": 0.8, "c": -0.5}[f] + 0.6 * x + 0.3 * z + b
+            rows.append({"site": site, "g": f"g{g}", "f": f, "x": x, "z": z, "y": rng.binomial(1, 1 / (1 + np.exp(-eta)))})
+    df = pd.DataFrame(rows)
+    return {s: part.drop(columns="site").reset_index(drop=True) for s, part in df.groupby("site")}
+
+
+FORMULA = "y ~ f * x + z + (1 | g)"
+
+
+def test_own_fit_maps_to_the_agreed_coding():
+    """Site B's own fit (its coding: f against b, no z column) carried to the agreed design (f against a,
+    with z) predicts the same linear predictor on B's rows: X_a β = X_B ψ."""
+    sites = _two_sites()
+    fam = get_family("binomial")
+    msgs = {s: summarize(d, FORMULA, "binomial", None, s, order=2, local={"nagq": 1, "exact": True})
+            for s, d in sites.items()}
+    merged = merge_messages(msgs, FORMULA, fam)
+    st = make_setup(merged.setup)
+    loc = msgs["B"]["local"]
+    assert "f[T.a]" not in loc["names"] and "z" not in loc["names"]
+    part = own_part(loc, msgs["B"], st)
+    beta = st.A @ part.center[:len(st.names)]
+    d = build_design(parse_formula(FORMULA), merged.schema, sites["B"], fam, "B", checked=True)
+    spec = parse_formula(FORMULA)
+    desc = describe_frame(sites["B"], spec, "B")
+    own = build_design(spec, Schema(kinds={c: desc["columns"][c] for c in variables(spec)},
+                                    levels=dict(desc["levels"])), sites["B"], fam, "B", checked=True)
+    X_own = own.X[:, [own.x_names.index(nm) for nm in loc["names"]]]
+    assert np.allclose(d.X @ beta, X_own @ loc["beta"], atol=1e-8)
+    # the random-effect SD is the site's own
+    assert np.allclose(part.center[len(st.names):] / st.theta_scale, loc["theta"])
+
+
+def test_combined_start_of_one_site_is_its_fit():
+    """With one site the start is its own fit, which the first round confirms: 2 rounds in all."""
+    df = pd.concat(_two_sites().values(), ignore_index=True)
+    hybrid = fedglmm.fit(FORMULA, df, family="binomial")
+    exact = fedglmm.fit(FORMULA, df, family="binomial", method="iterative")
+    assert hybrid.rounds == 2
+    assert np.allclose(hybrid.fixef, exact.fixef, atol=1e-8) and abs(hybrid.loglik - exact.loglik) < 1e-8
+
+
+def test_sites_without_a_level_end_at_the_iterative_fit():
+    sites = _two_sites()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hybrid = fedglmm.fit(FORMULA, sites, family="binomial")
+        exact = fedglmm.fit(FORMULA, sites, family="binomial", method="iterative")
+    assert hybrid.rounds <= 4 and hybrid.rounds < exact.rounds
+    assert np.allclose(hybrid.fixef, exact.fixef, atol=1e-8)
+    assert np.allclose(hybrid.theta, exact.theta, atol=1e-8) and abs(hybrid.loglik - exact.loglik) < 1e-8
+    assert "own fits" in " ".join(hybrid.messages)
+
+
+def test_combined_start_is_empty_without_fits():
+    assert combined_start({}, {}) == []
+
+
+@pytest.mark.parametrize("formula,nagq", [("use ~ urban + age + livch + (urban | district)", 1),
+                                          ("use ~ urban + age + (1 | district)", 5)])
+def test_mode_derivatives_match_finite_differences(formula, nagq):
+    df = pd.read_csv("tests/data/contraception.csv")
+    spec, fam = parse_formula(formula), get_family("binomial")
+    desc = describe_frame(df, spec, "a")
+    schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]))
+    eng = GLMMLikelihood(build_design(spec, schema, df, fam, "a", checked=True), fam, nagq)
+    p = eng.p
+    rng = np.random.default_rng(0)
+    phi = rng.normal(0, 0.3, p + eng.ntheta)
+    phi[p:] = np.abs(phi[p:]) + 0.4
+    db, dsd = mode_derivatives(eng, phi)
+    h = 1e-6
+    for t in range(len(phi)):
+        e = np.zeros(len(phi))
+        e[t] = h
+        (bp, sp), (bm, sm) = eng.conditional_modes(phi + e), eng.conditional_modes(phi - e)
+        assert np.allclose(db[:, :, t], (bp - bm) / (2 * h), atol=1e-7)
+        assert np.allclose(dsd[:, :, t], (sp - sm) / (2 * h), atol=1e-7)
