@@ -264,3 +264,15 @@ def test_the_merge_of_per_group_values():
     assert m["modes"].shape == (3, 1) and m["withheld"] == {"g": ["a3"]} and m["points"] == [{}, {}]
     f = _merge([{"levels": {"g": ["a"], "h": ["x"]}}, {"levels": {"g": ["b"], "h": ["y", "z"]}}])
     assert f["levels"] == {"g": ["a", "b"], "h": ["x", "y", "z"]}
+    c = _merge([{"n": 3, "ngroups": {"g": 15, "f:g": 45}}, {"n": 4, "ngroups": {"g": 15, "f:g": 44}}])
+    assert c["n"] == 7 and c["ngroups"] == {"g": 30, "f:g": 89}
+
+
+@pytest.mark.parametrize("family,y", [("gaussian", "w"), ("poisson", "c")])
+def test_several_grouping_factors_count_every_sites_levels(family, y):
+    """With several grouping factors the set-up's per-factor level counts are added over the sites."""
+    formula = f"{y} ~ x + (1 | g) + (1 | f:g)"
+    plain = fedglmm.fit(formula, FRAMES, family=family, method="iterative")
+    secure = fedglmm.fit(formula, FRAMES, family=family, method="iterative", secure_aggregation=True)
+    assert plain.ngroups == {"g": 45, "f:g": 135} and secure.ngroups == plain.ngroups
+    assert secure.loglik == pytest.approx(plain.loglik, rel=1e-10)

@@ -126,8 +126,22 @@ def _merge(parts: list, concat: bool = False):
     out = {}
     for k in dict.fromkeys(k for p in parts for k in p):
         vals = [p[k] for p in parts if k in p]
-        if k in ADDED and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
-            out[k] = sum(vals)
+        if k in ADDED and all(_count(x) for x in vals):
+            out[k] = _add(vals)
         else:
             out[k] = _merge(vals, concat or k in CONCATENATED)
     return out
+
+
+def _count(x) -> bool:
+    """A count, or a dict of counts (one per grouping factor)."""
+    if isinstance(x, dict):
+        return all(_count(v) for v in x.values())
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _add(vals: list):
+    """The sum of counts, or of dicts of counts key by key."""
+    if isinstance(vals[0], dict):
+        return {g: _add([v.get(g, 0) for v in vals]) for g in dict.fromkeys(g for v in vals for g in v)}
+    return sum(vals)
