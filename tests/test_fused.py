@@ -128,3 +128,24 @@ def test_pooled_stand_ins_give_the_same_hybrid_fit(monkeypatch):
     np.testing.assert_allclose(pooled.fixef, per_site.fixef, rtol=1e-8)
     np.testing.assert_allclose(pooled.theta, per_site.theta, rtol=1e-8)
     assert pooled.loglik == pytest.approx(per_site.loglik, rel=1e-10)
+
+
+def test_compiled_kernel_is_dropped_when_rows_py_changes(tmp_path):
+    """numba stamps the cached kernel with kernel.py alone; a change of rows.py must drop it too."""
+    (tmp_path / "kernel.py").write_text("k = 1\n")
+    (tmp_path / "rows.py").write_text("r = 1\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    compiled = [cache / "kernel._eta-23.py311.nbi", cache / "kernel._eta-23.py311.1.nbc"]
+    other = cache / "laplace.cpython-311.pyc"
+    for f in compiled + [other]:
+        f.write_text("x")
+    fused._drop_stale_cache(tmp_path)                   # no record yet: dropped
+    assert not any(f.exists() for f in compiled) and other.exists()
+    for f in compiled:
+        f.write_text("x")
+    fused._drop_stale_cache(tmp_path)                   # same sources: kept
+    assert all(f.exists() for f in compiled)
+    (tmp_path / "rows.py").write_text("r = 2\n")
+    fused._drop_stale_cache(tmp_path)                   # rows.py changed: dropped
+    assert not any(f.exists() for f in compiled) and other.exists()

@@ -29,11 +29,35 @@ def _kernel():
     global _KERNEL
     if _KERNEL is None:
         try:
+            _drop_stale_cache()
             from . import kernel, rows
             _KERNEL = (kernel, rows)
         except ImportError:
             _KERNEL = False
     return _KERNEL
+
+
+def _drop_stale_cache(here=None) -> None:
+    """numba keys a cached kernel to kernel.py's own time stamp only, not to rows.py whose functions it
+    compiles in: after rows.py changes (a checkout, an edit) the old machine code would still be loaded.
+    So the compiled files beside the source (``__pycache__/kernel.*``) are dropped when the two sources'
+    hash differs from the one recorded with them."""
+    import hashlib
+    from pathlib import Path
+
+    here = Path(here or Path(__file__).parent)
+    cache = here / "__pycache__"
+    digest = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("kernel.py", "rows.py"))).hexdigest()
+    stamp = cache / "kernel.sources"
+    try:
+        if stamp.exists() and stamp.read_text() == digest:
+            return
+        for f in cache.glob("kernel.*.nb[ic]"):
+            f.unlink()
+        cache.mkdir(exist_ok=True)
+        stamp.write_text(digest)
+    except OSError:                  # a read-only install: numba caches elsewhere, stamped by the install
+        pass
 
 
 def _pool() -> ThreadPoolExecutor:
