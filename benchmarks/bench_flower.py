@@ -8,7 +8,8 @@ usage (from anywhere; needs ``pip install 'fedglmm[flower]'``):
 It writes certificates with ``fedglmm certs`` into a temporary folder, starts ``fedglmm coordinator
 start`` and one ``fedglmm site start`` per site (the bundled contraception data split by region; at
 most 4 sites), each in its own process group (all killed at the end), and fits each model --repeat
-times over the federation with ``fedglmm.fit_on`` and in-process with ``fedglmm.fit``.
+times over the federation with ``fedglmm.fit_on`` and in-process with ``fedglmm.fit`` (plain and secure fits
+alternate, so that a change in the machine's load hits both).
 
 Each model is fitted twice over the federation: ``plain`` (the sites' sums in the clear) and ``secure``
 (secure aggregation, the default for 3+ sites: pairwise-masked sums on the exact fixed-point ring).
@@ -104,25 +105,30 @@ def main() -> None:
             rows = []
             for name, formula, family, *rest in MODELS:
                 nagq = rest[0] if rest else 1
-                for secure in (False, True):
-                    fed_s, local_s, connect_s = [], [], []
-                    for _ in range(args.repeat):
+                times = {m: {"fed": [], "local": [], "connect": []} for m in (False, True)}
+                rounds = {}
+                for _ in range(args.repeat):
+                    for secure in (False, True):       # alternated, so that load drifts hit both alike
                         t0 = time.perf_counter()
                         with federation(f"127.0.0.1:{port}", root_certificates=certs / "ca.pem",
                                         sites=len(regions), timeout=60, connect_timeout=60) as tr:
                             tr.connect()
                             t1 = time.perf_counter()
                             res = fedglmm.fit_on(tr, formula, family=family, nagq=nagq, secure_aggregation=secure)
-                            fed_s.append(time.perf_counter() - t1)
-                        connect_s.append(t1 - t0)
+                            times[secure]["fed"].append(time.perf_counter() - t1)
+                        times[secure]["connect"].append(t1 - t0)
                         ref = fedglmm.fit(formula, frames, family=family, nagq=nagq, secure_aggregation=secure)
-                        local_s.append(ref.seconds)
+                        times[secure]["local"].append(ref.seconds)
                         assert abs(res.loglik - ref.loglik) < 1e-8, (res.loglik, ref.loglik)
-                    fed = statistics.median(fed_s)
+                        rounds[secure] = (tr.rounds, tr.bytes_to_sites, tr.bytes_from_sites)
+                for secure in (False, True):
+                    t = times[secure]
+                    fed = statistics.median(t["fed"])
+                    n, b_to, b_from = rounds[secure]
                     rows.append(dict(model=name, mode="secure" if secure else "plain", sites=len(regions),
-                                     rounds=tr.rounds, connect_s=statistics.median(connect_s), fed_s=fed,
-                                     s_per_round=fed / tr.rounds, inproc_s=statistics.median(local_s),
-                                     bytes_to=tr.bytes_to_sites, bytes_from=tr.bytes_from_sites))
+                                     rounds=n, connect_s=statistics.median(t["connect"]), fed_s=fed,
+                                     s_per_round=fed / n, inproc_s=statistics.median(t["local"]),
+                                     bytes_to=b_to, bytes_from=b_from))
                     if secure:
                         rows[-1]["overhead"] = rows[-1]["s_per_round"] / rows[-2]["s_per_round"] - 1.0
         finally:
