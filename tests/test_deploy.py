@@ -333,3 +333,37 @@ def test_a_node_gone_before_the_fit_is_left_out(flower_identity):
     assert t.site_ids == ["east", "north", "south"]
     with pytest.raises(FederationError, match="^3 sites answered at the federation, expected 4"):
         FlowerTransport(grid, expected=4, connect_timeout=0.3, poll=0.001).connect()
+
+
+def test_a_reply_from_another_sites_process_ends_the_fit(flower_identity):
+    """A node whose reply names another site (that site's process attached to this node's SuperNode, e.g.
+    two sites on one machine given the same --port): the fit stops naming both, no mixed-up rows."""
+    import fedglmm
+    from fedglmm.transport.flower import FederationError, FlowerTransport
+
+    grid = FakeGrid(_sites())
+    t = FlowerTransport(grid, expected=4, timeout=1, connect_timeout=1, poll=0.001)
+    t.connect()
+    south = next(n for n, s in grid.sites.items() if s.site_id == "south")
+    grid.sites[south] = _sites()["north"]          # north's process now answers south's node
+    with pytest.raises(FederationError, match=r"^site 'south''s node answered round 1 \(oneshot\) as site "
+                                              r"'north': another site's process is attached"):
+        fedglmm.fit_on(t, "use ~ urban + (1 | district)", family="binomial")
+
+
+def test_a_site_refuses_a_port_in_use(tmp_path):
+    """The site's task loop talks to whatever listens on its --port: a port already taken (another site's
+    SuperNode) is refused before anything starts."""
+    import socket
+
+    data = tmp_path / "a.csv"
+    data.write_text("y,x,g\n1,2,a\n")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code, out, err = run_cli("site", "start", "--data", data, "--site-id", "A", "--superlink",
+                                 "127.0.0.1:9", "--insecure", "--port", port)
+    assert code == 1, err
+    assert err.splitlines()[-1] == f"error: --port {port}: 127.0.0.1:{port} is in use (another site or program); " \
+                                   "give this site a port of its own"

@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -60,6 +61,18 @@ def flower_env() -> dict:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")   # the SuperExec's wait between polls
     return env
+
+
+def check_port_free(port: int) -> None:
+    """The SuperNode's local port must be free: the site's task loop talks to whatever listens there, so a
+    port held by another site's SuperNode would have this site answer that site's requests."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as the SuperNode binds it
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise InputError(f"--port {port}: 127.0.0.1:{port} is in use (another site or program); give this "
+                             "site a port of its own") from None
 
 
 def supernode_command(superlink: str, site_id: str, *, root_certificates=None, insecure: bool = False,
@@ -185,6 +198,7 @@ def run_site(site, superlink: str, *, root_certificates=None, insecure: bool = F
             raise InputError(f"{what} '{path}' is not a file")
     cmd = supernode_command(superlink, site.site_id, root_certificates=root_certificates, insecure=insecure,
                             auth_key=auth_key, port=port)
+    check_port_free(port)
     tasks = TaskServer(site, f"127.0.0.1:{port}").start()
     state = {"proc": None, "stopping": False}
 
@@ -198,6 +212,8 @@ def run_site(site, superlink: str, *, root_certificates=None, insecure: bool = F
     try:
         while True:
             started = time.monotonic()
+            if state["proc"] is not None:
+                check_port_free(port)            # a restart: the port may have been taken meanwhile
             proc = state["proc"] = subprocess.Popen(cmd, env=flower_env())
             if on_start is not None:
                 on_start(proc)

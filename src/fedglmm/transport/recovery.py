@@ -115,7 +115,11 @@ class Round:
                 if rep.has_error():
                     self.failed[sid] = _one_line(rep.error.reason)
                     continue
-                _, body, instance = _record(rep, f"site '{sid}'", self.what)
+                name, body, instance = _record(rep, f"site '{sid}'", self.what)
+                if name != sid:
+                    raise FederationError(f"site '{sid}''s node answered {self.what} as site '{name}': another "
+                                          "site's process is attached to its SuperNode (two sites given the "
+                                          "same --port on one machine?)")
                 if self._seen(sid, t.nodes[sid], instance):
                     self.out[sid] = (self.sent[sid], body)
                     if self.message.get("kind") in NEEDS_DESIGN:
