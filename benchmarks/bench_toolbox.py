@@ -1,8 +1,8 @@
 """Parity of the analyst's toolbox with R on every reference case of tests/data/toolbox (lme4 1.1-31
 anova() and confint(method = "profile"), lmerTest 3.1-3 Satterthwaite tables, posterior means by
 50-node quadrature), with the rounds each took.  With --sites K the data are split over K sites by the
-first grouping factor of the (first) formula; where that cannot be (crossed factors: a level of the other
-factor would be at several sites) the case is fitted pooled and its `sites` column says 1.
+first grouping factor of the (first) formula; a fit the package refuses over that split is fitted pooled
+and its `sites` column says 1.
 
     python3 benchmarks/bench_toolbox.py              # pooled, ~15 s
     python3 benchmarks/bench_toolbox.py --sites 3    # the data split over 3 sites by group
