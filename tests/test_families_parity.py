@@ -325,3 +325,39 @@ def test_negative_binomial_at_the_poisson_limit():
     assert weighted.converged and weighted.rounds <= 4
     assert abs(weighted.loglik - pois.loglik) <= 1e-6
     np.testing.assert_allclose(weighted.fixef.to_numpy(), [1.14088470584535, -0.0223084751486221], atol=1e-6)
+
+
+def _gamma_nested() -> pd.DataFrame:
+    """Lengths of stay, 12 hospitals × 8 wards of 5–40 patients: log μ = 1.5 + 0.1 age10 + b_h + b_w,
+    SDs 0.3 and 0.2, shape 1.5."""
+    rng = np.random.default_rng(20261207)
+    bh, bw = rng.normal(0, 0.3, 12), rng.normal(0, 0.2, (12, 8))
+    rows = []
+    for h in range(12):
+        for w in range(8):
+            k = rng.integers(5, 41)
+            age10 = rng.uniform(2, 9, k)
+            y = rng.gamma(1.5, np.exp(1.5 + 0.1 * age10 + bh[h] + bw[h, w]) / 1.5)
+            rows += [(round(v, 4) + 0.0001, round(a, 3), f"h{h + 1:02d}", f"w{w + 1}") for a, v in zip(age10, y)]
+    return pd.DataFrame(rows, columns=["los", "age10", "hospital", "ward"])
+
+
+def test_gamma_with_nested_grouping_factors():
+    """Gamma (log link) with wards nested in hospitals against glmmTMB 1.1.5 (ref_glmmtmb.R on these rows:
+    logLik −6904.16198377395, (Intercept) 1.3835010578563 SE 0.0855012229827264, age10 0.105413359784211
+    SE 0.00836277993611919, SD ward:hospital 0.232642639137557, hospital 0.225510344278815, sigma
+    0.80531869573066); split by hospital over 3 sites it is the pooled fit."""
+    df = _gamma_nested()
+    formula = "los ~ age10 + (1 | hospital/ward)"
+    res = fedglmm.fit(formula, df, family="gamma", link="log")
+    assert res.converged and res.rounds <= 10
+    assert res.loglik >= -6904.16198377395 - 1e-4
+    for term, ref, se in (("Intercept", 1.3835010578563, 0.0855012229827264),
+                          ("age10", 0.105413359784211, 0.00836277993611919)):
+        assert abs(res.fixef[term] - ref) <= 0.01 * se and _rel(res.se[term], se) <= 0.01
+    sds = {r["group"]: r["sd"] for r in res.random}
+    assert _rel(sds["ward:hospital"], 0.232642639137557) <= 0.01 and _rel(sds["hospital"], 0.225510344278815) <= 0.01
+    assert _rel(res.dispersion["sigma"], 0.80531869573066) <= 0.01
+    split = fedglmm.fit(formula, _split(df, "hospital"), family="gamma", link="log")
+    assert split.rounds <= 10
+    _same(split, res, se_rtol=1e-5)
