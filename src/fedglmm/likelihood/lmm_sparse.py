@@ -29,12 +29,19 @@ class MultiLMMSums:
 
     def __init__(self, design: Design, X: np.ndarray | None = None, nobs: int | None = None):
         """``nobs``: the number of observations when the rows are stand-ins with the same cross-products
-        (one-shot cells, :mod:`fedglmm.coordinator.virtual`); default: the rows."""
+        (one-shot cells, :mod:`fedglmm.coordinator.virtual`); default: the rows.  Precision weights w
+        (``design.weighted``) scale each row by √w, as in :class:`~fedglmm.likelihood.lmm.LMMSums` (the
+        ½ Σ log w of the likelihood comes with the set-up sums); rows of weight 0 count for nothing."""
         X = np.asarray(design.X if X is None else X, float)
         y = np.asarray(design.y, float) - np.asarray(design.offset, float)
         self.Z = np.asarray(design.Z, float)
         self.n, self.p = X.shape
         self.nobs = self.n if nobs is None else int(nobs)
+        if getattr(design, "weighted", False):
+            w = np.asarray(design.trials, float)
+            r = np.sqrt(w)
+            X, y, self.Z = X * r[:, None], y * r, self.Z * r[:, None]
+            self.nobs = int(np.sum(w > 0)) if nobs is None else self.nobs
         self.Xy = np.c_[X, y]
         facs = design.groupings
         self.names = [f.name for f in facs]
