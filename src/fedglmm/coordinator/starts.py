@@ -180,15 +180,18 @@ def _minus_taylor(fgh, d, fc, gc, Hc):
 
 
 MIN_LEVELS = 5        # a site's own estimate of a factor's covariance counts from this many of its levels
+MIN_SHARE = 0.9       # the sites' own fits alone start the Newton rounds when they cover this share of rows
 
 
 def factor_combined_start(st, own: list, fallback):
     """With several grouping factors, a start from the sites' own fits (internal scale): each factor's
     covariance the mean of the sites' estimates weighted by their numbers of its levels (sites with at
     least ``MIN_LEVELS`` of them; else ``fallback``'s, the site-totals start), the fixed effects combined
-    with weights their information (else ``fallback``'s), as is a dispersion ψ (θ̃'s last entries).
-    ``fallback``: (γ, θ̃), or θ̃ alone (gaussian).  Returns (the start, whether the sites' fits gave all
-    of it)."""
+    with weights their information from the fits with ``MIN_LEVELS`` levels of every factor (else
+    ``fallback``'s), as is a dispersion ψ (θ̃'s last entries).  ``fallback``: (γ, θ̃), or θ̃ alone
+    (gaussian).  Returns (the start, whether the sites' fits gave all of it and stand for at least
+    ``MIN_SHARE`` of the rows: a start from a part of the data may be further from the pooled fit than the
+    site totals)."""
     from ..model.spec import lambda_matrix, theta_index
 
     gaussian = not isinstance(fallback, tuple)
@@ -220,13 +223,17 @@ def factor_combined_start(st, own: list, fallback):
     theta = L[r_idx, c_idx]
     if gaussian:
         return theta, complete
-    with_beta = [loc for loc in own if loc.get("info") is not None and list(loc.get("names", [])) == list(st.names)]
+    # the fixed effects from the fits that saw enough levels of every factor: a site with two or three
+    # hospitals estimates their variance poorly, and its information about the intercept with it
+    with_beta = [loc for loc in own if loc.get("info") is not None and list(loc.get("names", [])) == list(st.names)
+                 and all(float(loc.get("levels", {}).get(g, 0)) >= MIN_LEVELS for g in st.factor_columns())]
     gamma = gamma0
     if with_beta:
         combined = _fixed_combination(st, with_beta)
         if combined is not None:
             gamma, psi = combined
-    return (gamma, np.r_[theta, psi]), complete and bool(with_beta)
+    covered = sum(float(loc.get("n", 0.0)) for loc in with_beta) >= MIN_SHARE * st.n
+    return (gamma, np.r_[theta, psi]), complete and bool(with_beta) and covered
 
 
 def _fixed_combination(st, own: list):
