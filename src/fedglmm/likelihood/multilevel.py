@@ -193,10 +193,12 @@ class MultiLevelGLMM:
         # observed curvature (and any canonical link): H is H_obs
         Hobs = H if (fam.canonical or self.curvature == "observed") else self.pat.factor(self.pat.assemble(-d2, M))
         dU = Hobs.solve(C)
-        deta = E + sum(np.einsum("jc,jcp->jp", Mf, d[c]) for Mf, d, c in zip(M, dU, self.codes))
         Y = H.selected_inverse().row_products(M)
         lev = sum(np.sum(Mf * Yf, axis=1) for Mf, Yf in zip(M, Y))
-        gr = E.T @ d1 - 0.5 * (w1 * lev) @ deta
+        # (w1·lev)ᵀ dη/dφ with dη/dφ = E + Σ_f M_f dU_f[codes]: the second part summed by level first
+        wl = w1 * lev
+        gr = E.T @ (d1 - 0.5 * wl) - 0.5 * sum(np.einsum("gc,gcp->p", _rows(a, Mf * wl[:, None]), d)
+                                               for a, Mf, d in zip(self.agg, M, dU))
         for t in range(self.ntheta):
             f = self.theta_f[t]
             gr[self.p + t] -= np.sum(w * self.Z[:, self.theta_r[t]] * Y[f][:, self.theta_lc[t]])
