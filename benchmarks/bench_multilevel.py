@@ -17,6 +17,10 @@ Printed per fit: wall seconds, CPU seconds (this process and its threads; on a b
 measure, since the wall time there depends on the other load), rounds, logLik and its difference from
 glmer's, and peak memory: for fedglmm the largest amount Python and numpy held during a separate fit
 (``tracemalloc``), for R ``gc()``'s "max used" (R's heap; memory TMB allocates in C++ is not in it).
+Both sides are timed with their libraries loaded: a small fit first loads fedglmm's modules (about 1 s
+of CPU, as R's ``library(lme4)``, which ``multilevel_time.R`` runs before its clock starts).  The last
+line gives the peak resident memory of the whole processes (``getrusage``): this one (data, modules,
+all fits) and the R process (both R fits).
 R (``Rscript`` with lme4, glmmTMB and jsonlite) runs ``benchmarks/r/multilevel_time.R`` on the same rows;
 without R only fedglmm is timed.
 """
@@ -27,6 +31,7 @@ import json
 import shutil
 import subprocess
 import sys
+import resource
 import tempfile
 import time
 import tracemalloc
@@ -99,6 +104,7 @@ def main() -> int:
     df = simulate(hospitals=20 if args.small else 100)
     print(f"{len(df)} visits, {df.patient.nunique()} patients, {df.hospital.nunique()} hospitals, "
           f"{df.site.nunique()} sites; {FORMULA}")
+    fedglmm.fit("y ~ time + (1 | patient) + (1 | hospital)", df.iloc[:3000], family="binomial")   # load modules
     rows = [run_fedglmm(df, "hybrid"), run_fedglmm(df, "iterative")]
     rows += [] if args.no_r else run_r(df)
     glmer = next((r for r in rows if r["engine"] == "glmer"), None)
@@ -114,6 +120,9 @@ def main() -> int:
             print(f"{r['engine']}: {r['seconds'] / glmer['seconds']:.3f} x glmer's wall time, "
                   f"{r['cpu_seconds'] / glmer['cpu_seconds']:.3f} x its CPU time; logLik − glmer's "
                   f"{r['logLik'] - glmer['logLik']:+.2e}")
+    rss = {who: resource.getrusage(w).ru_maxrss / 1024 for who, w in
+           (("this process", resource.RUSAGE_SELF), ("R", resource.RUSAGE_CHILDREN))}
+    print("peak resident memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items() if v))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float) + "\n")
     return 0
