@@ -267,6 +267,13 @@ def test_factor_with_number_like_labels_is_kept(contra):
     assert desc["levels"]["livch"] == ["0", "1", "2", "3+"]
 
 
+def test_factor_of_codes_at_a_site_where_its_text_label_is_rare(contra):
+    """A site whose rows hold one '3+' among hundreds of '0'-'2' still has a factor of codes, not a typo: the
+    share of a label at one site depends on the split (mlmRev's guImmun 'ord' split by community)."""
+    rare = pd.concat([contra[contra.livch.astype(str) != "3+"], contra[contra.livch.astype(str) == "3+"].iloc[:1]])
+    assert describe_frame(rare, parse_formula(CONTRA), "A")["levels"]["livch"] == ["0", "1", "2", "3+"]
+
+
 def test_group_at_two_sites(contra):
     spec = parse_formula(CONTRA)
     desc = {"A": describe_frame(contra[contra.district <= 12], spec, "A"),

@@ -30,6 +30,8 @@ from .rsyntax import functions
 from .spec import NO_GROUP, Design, Grouping, ModelSpec, Schema
 
 
+MAX_CODES = 10      # a text column with at most this many number-like labels is a factor of codes
+
 # --- 1. describe ----------------------------------------------------------------------------------
 
 def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
@@ -40,8 +42,11 @@ def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
     several grouping factors ``"groups"`` is ``{factor: [its labels present here]}``.
 
     A used text column whose values are almost all numbers (at most 5 % of rows and 3 distinct labels are
-    not) is taken for a numeric column with a typo and refused here, at the site, naming the first such
-    value and its row; a factor whose labels look like numbers can be marked ``C(column)`` in the formula.
+    not, more than ``MAX_CODES`` distinct labels are) is taken for a numeric column with a typo and
+    refused here, at the site, naming the first such value and its row; a factor whose labels look like
+    numbers can be marked ``C(column)`` in the formula.  A text column with few number-like labels is a
+    factor of codes (mlmRev's birth order '01', '23', '46', '7p'), whatever share of a site's rows its other
+    labels hold: the share depends on how the rows are split over sites.
     """
     where = f"site '{site}'"
     check_frame(df, variables(spec), where)
@@ -56,7 +61,7 @@ def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
         levels[col] = sort_levels(labels, natural=kinds[col] == "numeric")
         bad = not_numbers(labels)
         if kinds[col] == "categorical" and col not in marked and bad.any() and bad.mean() <= 0.05 \
-                and len(set(labels[bad])) <= 3:
+                and len(set(labels[bad])) <= 3 and len(set(labels[~bad])) > MAX_CODES:
             first = int(np.argmax(bad))
             raise InputError(f"{where}: column '{col}' has non-numeric value '{labels[first]}' in {row_name(df, first)} "
                              f"(the other values are numbers; write C({col}) in the formula if it is a factor)")
