@@ -229,7 +229,9 @@ def test_fewer_sites_than_expected(fed):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: 3 sites answered at the federation, expected 5")
     assert r.stdout == ""
-    assert time.monotonic() - t0 < 30
+    # --timeout 3 honoured, not the default 60 s: the bound leaves room for a loaded machine's start-up (a
+    # CLI process importing Flower took 30.6 s under load average 12 and failed a 30 s bound)
+    assert time.monotonic() - t0 < 50
 
 
 def test_a_site_rule_refuses_and_stops_the_fit(fed):
