@@ -74,8 +74,9 @@ def main() -> None:
     failed_hy = sum(isinstance(r, str) for r in tab.hyb_rounds)
     num = tab[[not isinstance(a, str) and not isinstance(b, str) for a, b in zip(tab.it_rounds, tab.hyb_rounds)]]
     print(f"failures: iterative {failed_it}, hybrid {failed_hy} of {len(tab)}; "
-          f"hybrid rounds median {int(np.median(num.hyb_rounds.astype(int)))} (iterative "
-          f"{int(np.median(num.it_rounds.astype(int)))}); hybrid took more rounds in "
+          f"hybrid rounds median {int(np.median(num.hyb_rounds.astype(int)))}, max {num.hyb_rounds.astype(int).max()} "
+          f"(iterative median {int(np.median(num.it_rounds.astype(int)))}, max {num.it_rounds.astype(int).max()}); "
+          f"hybrid took more rounds in "
           f"{int((num.hyb_rounds.astype(int) > num.it_rounds.astype(int)).sum())}; largest difference "
           f"{num.max_diff.astype(float).max():.1e}")
 

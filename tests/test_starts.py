@@ -89,7 +89,7 @@ def test_sites_without_a_level_end_at_the_iterative_fit():
 
 
 def test_combined_start_is_empty_without_fits():
-    assert combined_start({}, {}) == []
+    assert combined_start({}) == []
 
 
 @pytest.mark.parametrize("formula,nagq", [("use ~ urban + age + livch + (urban | district)", 1),

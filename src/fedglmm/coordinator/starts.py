@@ -74,39 +74,35 @@ def own_part(loc: dict, message: dict, st) -> OwnPart | None:
     return OwnPart(K, h, center, float(loc["ngroups"])) if ok else None
 
 
-def combined_start(own: dict, pseudo: dict, x0=None, sd_index=(), radius: float = 3.0) -> list:
-    """Starts (γ, θ̃ stacked) from the sites' own fits ``own`` {site: OwnPart} and the pseudo-data objectives
-    ``pseudo`` {site: x -> (f, g, H) of −ℓ} (see the module docstring): the minimiser of the full combination
-    (damped Newton from the quadratic combination and ``x0``, kept only within ``radius`` of the quadratic
-    combination in the metric of the fits' information: pseudo-data far from the data can make it run off),
+def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd_index=(),
+                   radius: float = 3.0) -> list:
+    """Starts (γ, θ̃ stacked) from the sites' own fits ``own`` {site: OwnPart} and the pseudo-data: ``pseudo``
+    x -> (f, g, H) of −ℓ over every site's pseudo-data, ``each`` {site: the same for its own} (see the module
+    docstring; the sites' own are evaluated once, at their estimates).  The starts: the minimiser of the
+    full combination (damped Newton from the quadratic combination and ``x0``, kept within ``radius`` of the
+    best of those in the metric of the fits' information: pseudo-data far from the data can make it run off),
     and the quadratic combination of the fits with the standard deviations (positions ``sd_index``) on the
-    log scale, where a small site's likelihood is closer to quadratic.  Empty if there is nothing to
-    combine."""
+    log scale, where a small site's likelihood is closer to quadratic.  Empty if there is nothing to combine."""
     parts = [o for o in own.values() if o is not None]
     if not parts:
         return []
     K, h = sum(o.K for o in parts), sum(o.h for o in parts)
     xlog = _log_combination(parts, np.asarray(sd_index, dtype=np.int64))
-    residuals = []
-    for sid, P in pseudo.items():
-        if P is None:
-            continue
-        if sid in own:
-            c = own[sid].center
-            fc, gc, Hc = P(c)
-            residuals.append(lambda x, P=P, c=c, fc=fc, gc=gc, Hc=Hc: _minus_taylor(P(x), x - c, fc, gc, Hc))
-        else:
-            residuals.append(P)
+    taylor = []                        # the sites' own pseudo-data to second order at their estimates
+    for sid, P in (each or {}).items():
+        if sid in own and P is not None:
+            taylor.append((own[sid].center, *P(own[sid].center)))
     xq = np.linalg.lstsq(K, h, rcond=None)[0]
     out = [x for x in (xlog,) if x is not None]
-    if not residuals or not np.all(np.isfinite(xq)):
+    if pseudo is None or not np.all(np.isfinite(xq)):
         return out or ([xq] if np.all(np.isfinite(xq)) else [])
 
     def C(x):
-        f, g, H = 0.5 * x @ K @ x - h @ x, K @ x - h, K.copy()
-        for R in residuals:
-            fr, gr, Hr = R(x)
-            f, g, H = f + fr, g + gr, H + Hr
+        f, g, H = pseudo(x)
+        f, g, H = f + 0.5 * x @ K @ x - h @ x, g + K @ x - h, H + K
+        for c, fc, gc, Hc in taylor:
+            d = x - c
+            f, g, H = f - fc - gc @ d - 0.5 * d @ Hc @ d, g - gc - Hc @ d, H - Hc
         return f, g, H
 
     others = [np.asarray(y, float) for y in (x0, xlog) if y is not None]
@@ -171,12 +167,6 @@ def _minimise_in_ball(C, xq, K, radius: float, others=(), iterations: int = 20):
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         return None
     return x if np.all(np.isfinite(x)) else None
-
-
-def _minus_taylor(fgh, d, fc, gc, Hc):
-    """(f, g, H) less the second-order Taylor expansion (fc, gc, Hc) at the point d away."""
-    f, g, H = fgh
-    return f - fc - gc @ d - 0.5 * d @ Hc @ d, g - gc - Hc @ d, H - Hc
 
 
 MIN_LEVELS = 5        # a site's own estimate of a factor's covariance counts from this many of its levels

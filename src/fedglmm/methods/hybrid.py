@@ -76,7 +76,7 @@ def _starts(req, st, merged, own: dict, pseudo):
     pair = lambda x: (x[:p], x[p:])                                     # noqa: E731
     if pseudo is None:
         if own and family.name != "gaussian":
-            combined = combined_start(own, {}, sd_index=_sd_index(st))
+            combined = combined_start(own, sd_index=_sd_index(st))
             if combined:
                 nx = len(st.names) + int(st.mask.sum()) + st.ndisp
                 zero = lambda x: (0.0, np.zeros(nx), np.zeros((nx, nx)))   # noqa: E731
@@ -91,8 +91,8 @@ def _starts(req, st, merged, own: dict, pseudo):
     # with the pseudo-data, and where summaries are missing the site-totals start: all tried in the first
     # Newton round
     variants = [(start[0], f * start[1]) for f in (np.sqrt(0.5), np.sqrt(2.0))] if len(start[1]) and not own else []
-    combined = combined_start(own, {sid: pseudo_objective({sid: part}, st) for sid, part in parts.items()},
-                              np.concatenate(start), _sd_index(st)) if own else []
+    each = {sid: pseudo_objective({sid: part}, st) for sid, part in parts.items() if sid in own}
+    combined = combined_start(own, surrogate, each, np.concatenate(start), _sd_index(st)) if own else []
     totals = [start_values(st, family)] if merged.refused else []
     starts = tuple([pair(x) for x in combined] + [start] + variants + totals)
     return (starts[0] if len(starts) == 1 else starts), surrogate
