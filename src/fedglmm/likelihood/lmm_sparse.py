@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model.spec import Design, theta_index
-from .sparse import Pattern, aggregator
+from ..model.spec import Design
+from .sparse import FactorLayout
 
 
-class MultiLMMSums:
+class MultiLMMSums(FactorLayout):
     """One site's A, b, c, d with θ-derivatives, for a model with several grouping factors."""
 
     def __init__(self, design: Design, X: np.ndarray | None = None, nobs: int | None = None):
@@ -43,20 +43,7 @@ class MultiLMMSums:
             X, y, self.Z = X * r[:, None], y * r, self.Z * r[:, None]
             self.nobs = int(np.sum(w > 0)) if nobs is None else self.nobs
         self.Xy = np.c_[X, y]
-        facs = design.groupings
-        self.names = [f.name for f in facs]
-        self.codes = [np.asarray(f.codes, dtype=np.int64) for f in facs]
-        self.cols = [np.asarray(f.columns) for f in facs]
-        self.G = [len(f.levels) for f in facs]
-        self.pat = Pattern(self.codes, self.G, [len(c) for c in self.cols])
-        self.agg = [aggregator(c, g) for c, g in zip(self.codes, self.G)]
-        self.theta_r, self.theta_c = theta_index(design.theta_mask)
-        self.ntheta = len(self.theta_r)
-        self.theta_f = np.array([next(i for i, c in enumerate(self.cols) if col in c) for col in self.theta_c], int)
-        self.theta_lc = np.array([int(np.flatnonzero(self.cols[f] == col)[0])
-                                  for f, col in zip(self.theta_f, self.theta_c)], int)
-        self.theta_lr = np.array([int(np.flatnonzero(self.cols[f] == row)[0])
-                                  for f, row in zip(self.theta_f, self.theta_r)], int)
+        self._set_factor_layout(design)
         self.cross = self.Xy.T @ self.Xy
         # Z_fᵀ[X y] per level (θ-free)
         self.ZtXy = [_rows(a, self.Z[:, c][:, :, None] * self.Xy[:, None, :]) for a, c in zip(self.agg, self.cols)]

@@ -33,12 +33,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..model.families import Family
-from ..model.spec import Design, theta_index
+from ..model.spec import Design
 from .laplace import Evaluation
-from .sparse import Pattern, aggregator
+from .sparse import FactorLayout
 
 
-class MultiLevelGLMM:
+class MultiLevelGLMM(FactorLayout):
     """Laplace log-likelihood of one site's rows with several grouping factors, in φ = (β, θ)."""
 
     def __init__(self, design: Design, family: Family, X: np.ndarray | None = None, curvature: str = "observed"):
@@ -49,20 +49,7 @@ class MultiLevelGLMM:
         self.X = np.asarray(design.X if X is None else X, float)
         self.Z = np.asarray(design.Z, float)
         self.n, self.p = self.X.shape
-        facs = design.groupings
-        self.names = [f.name for f in facs]
-        self.levels = [list(f.levels) for f in facs]
-        self.codes = [np.asarray(f.codes, dtype=np.int64) for f in facs]
-        self.cols = [np.asarray(f.columns) for f in facs]
-        self.G = [len(lv) for lv in self.levels]
-        self.pat = Pattern(self.codes, self.G, [len(c) for c in self.cols])
-        self.agg = [aggregator(c, g) for c, g in zip(self.codes, self.G)]
-        self.theta_r, self.theta_c = theta_index(design.theta_mask)
-        self.ntheta = len(self.theta_r)
-        # each θ entry's factor and its column within the factor
-        self.theta_f = np.array([next(i for i, c in enumerate(self.cols) if col in c) for col in self.theta_c], int)
-        self.theta_lc = np.array([int(np.flatnonzero(self.cols[f] == col)[0])
-                                  for f, col in zip(self.theta_f, self.theta_c)], int)
+        self._set_factor_layout(design)
         self._components()
         self.const = family.constant(self.y, self.m)
         self.ndisp = int(family.ndisp)

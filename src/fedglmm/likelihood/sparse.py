@@ -34,6 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import cho_solve, solve_triangular
 
+from ..model.spec import theta_index
 from .linalg import chol, inv
 
 TAIL_LIMIT = 20000          # random effects in the dense tail (crossed factors) a site will factor
@@ -360,3 +361,26 @@ def _rows(agg: sp.csr_matrix, blocks: np.ndarray) -> np.ndarray:
 def _pair_sum(level: np.ndarray, size: int, blocks: np.ndarray) -> np.ndarray:
     """Sum per-pair blocks (pairs, a, b) into per-level blocks (size, a, b) by the pairs' level."""
     return _rows(aggregator(level, size), blocks)
+
+
+class FactorLayout:
+    """The layout of a design's grouping factors that the several-factor engines share (a mixin): each
+    factor's name, levels, codes and Z columns, the sparsity :class:`Pattern`, per-level aggregators, and
+    each θ entry's factor and its row and column within the factor."""
+
+    def _set_factor_layout(self, design) -> None:
+        facs = design.groupings
+        self.names = [f.name for f in facs]
+        self.levels = [list(f.levels) for f in facs]
+        self.codes = [np.asarray(f.codes, dtype=np.int64) for f in facs]
+        self.cols = [np.asarray(f.columns) for f in facs]
+        self.G = [len(lv) for lv in self.levels]
+        self.pat = Pattern(self.codes, self.G, [len(c) for c in self.cols])
+        self.agg = [aggregator(c, g) for c, g in zip(self.codes, self.G)]
+        self.theta_r, self.theta_c = theta_index(design.theta_mask)
+        self.ntheta = len(self.theta_r)
+        self.theta_f = np.array([next(i for i, c in enumerate(self.cols) if col in c) for col in self.theta_c], int)
+        self.theta_lc = np.array([int(np.flatnonzero(self.cols[f] == col)[0])
+                                  for f, col in zip(self.theta_f, self.theta_c)], int)
+        self.theta_lr = np.array([int(np.flatnonzero(self.cols[f] == row)[0])
+                                  for f, row in zip(self.theta_f, self.theta_r)], int)
