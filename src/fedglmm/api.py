@@ -8,6 +8,7 @@ from typing import Callable
 import pandas as pd
 
 from .errors import InputError
+from .likelihood.blas import single_blas
 from .model.labels import number_rows
 from .model.options import MIN_GROUP, Analysis, FitRequest, NewtonConfig, OptionError, analysis_request, \
     expand_request, fit_request
@@ -189,8 +190,9 @@ def run(transport, req: FitRequest, analysis: Analysis | None = None, secure_agg
         from .methods.hybrid import fit_hybrid as method
     else:
         from .methods.oneshot import fit_oneshot as method
-    res = method(transport, req)
-    apply(res, analysis)
+    with single_blas():                  # the fit's parallelism is its own threads (likelihood/blas.py)
+        res = method(transport, req)
+        apply(res, analysis)
     return res
 
 

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .blas import single_blas
+
 # parts with fewer rows stay on the numpy engine (FEDGLMM_FUSED_MIN_ROWS=0: every part on the kernel)
 MIN_ROWS = int(os.environ.get("FEDGLMM_FUSED_MIN_ROWS", 5_000))
 CHUNK_ROWS = 250_000             # parts with more rows are cut into chunks of about this many rows
@@ -82,7 +84,8 @@ def parallel_map(fn, items: list) -> list:
         return [fn(x) for x in items]
     if _PARTS is None:
         _PARTS = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="fedglmm-part")
-    return list(_PARTS.map(fn, items))
+    with single_blas():                  # one BLAS thread in each part's thread
+        return list(_PARTS.map(fn, items))
 
 
 def usable(lik) -> bool:

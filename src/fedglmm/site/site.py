@@ -21,6 +21,7 @@ import pandas as pd
 
 from .. import protocol
 from ..errors import FedGLMMError
+from ..likelihood.blas import single_blas
 from ..likelihood.conditional import mode_derivatives
 from ..likelihood.engine import EngineCache, make_engine
 from ..likelihood.laplace import GLMMLikelihood
@@ -76,7 +77,8 @@ class Site:
         ``session`` names the coordinator session the request came in (the Flower run; None in-process):
         evaluate and finalize are answered only within a fit set up in the same session."""
         self._session = session
-        reply, kind = self._answer(data)
+        with single_blas():              # BLAS at one thread: sites answer in parallel (likelihood/blas.py)
+            reply, kind = self._answer(data)
         out = protocol.encode(reply)
         if self.audit is not None:
             try:

@@ -2,8 +2,9 @@
 
 The sites of a round are independent and the coordinator waits for the slowest, so they answer in
 parallel, one thread per core (their heavy work -- numpy and the compiled likelihood kernel -- runs
-without the interpreter lock).  Sites that keep an audit log answer one after the other, so the lines
-they append keep the order of the sites.  ``timings`` records, for every round, its wall time and each
+without the interpreter lock), with BLAS held at one thread meanwhile (:mod:`fedglmm.likelihood.blas`).
+Sites that keep an audit log answer one after the other, so the lines they append keep the order of the
+sites.  ``timings`` records, for every round, its wall time and each
 site's own CPU time (``benchmarks/bench_scale.py`` reads it).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Protocol
 
 from .. import protocol
 from ..errors import SiteRefusal
+from ..likelihood.blas import single_blas
 
 _POOL: ThreadPoolExecutor | None = None
 
@@ -79,8 +81,9 @@ class InProcessTransport:
         self.rounds += 1
         t0 = time.perf_counter()
         if self._in_parallel():
-            futures = {sid: _pool().submit(_answer, site, data) for sid, site in self.sites.items()}
-            answers = {sid: f.result() for sid, f in futures.items()}
+            with single_blas():          # one BLAS thread per site thread: no more threads than cores
+                futures = {sid: _pool().submit(_answer, site, data) for sid, site in self.sites.items()}
+                answers = {sid: f.result() for sid, f in futures.items()}
         else:
             answers = {sid: _answer(site, data) for sid, site in self.sites.items()}
         self.timings.append({"kind": message.get("kind", ""), "wall": time.perf_counter() - t0,
