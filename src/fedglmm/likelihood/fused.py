@@ -13,6 +13,7 @@ result does not depend on the number of threads.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,18 +26,47 @@ CHUNK_ROWS = 250_000             # parts with more rows are cut into chunks of a
 _POOL: ThreadPoolExecutor | None = None
 _PARTS: ThreadPoolExecutor | None = None
 _KERNEL = None                   # the compiled module once imported; False if numba is missing
+_LOAD = threading.Lock()
 
 
 def _kernel():
     global _KERNEL
-    if _KERNEL is None:
-        try:
-            _drop_stale_cache()
-            from . import kernel, rows
-            _KERNEL = (kernel, rows)
-        except ImportError:
-            _KERNEL = False
+    with _LOAD:
+        if _KERNEL is None:
+            try:
+                _drop_stale_cache()
+                from . import kernel, rows
+                _KERNEL = (kernel, rows)
+            except ImportError:
+                _KERNEL = False
     return _KERNEL
+
+
+def prefetch(design, family, nagq: int) -> None:
+    """At set-up, if the site's engine will evaluate through the kernel, load it in a background thread:
+    importing numba and loading the cached machine code take about 0.5 s of CPU once per process, which
+    then overlaps the rest of the set-up (and, over a network, the wait for the first evaluation)
+    instead of delaying the first evaluation."""
+    q = design.Z.shape[1]
+    if nagq != 1 or q == 0 or design.factors or len(design.y) < MIN_ROWS or getattr(family, "ndisp", 0):
+        return
+    k = int(np.sum(design.theta_mask))
+    threading.Thread(target=_warm, args=(family.name, family.link, design.X.shape[1], q, k), daemon=True,
+                     name="fedglmm-kernel-load").start()
+
+
+def _warm(name: str, link: str, p: int, q: int, k: int) -> None:
+    """One call of the kernel on no groups, with arguments of the types :class:`FusedLaplace` passes."""
+    kern = _kernel()
+    if not kern or (name, link) not in kern[1].CODES:
+        return
+    f, i, P = np.zeros, np.int64, p + k
+    try:
+        kern[0].laplace_chunk(kern[1].CODES[(name, link)], False, f((1, p)), f((1, q)), f(1), f(1), f(1),
+                              f(1, i), f(1, i), f(p), f((q, q)), f(k, i), f(k, i), 2, f((1, q)), 0, 0, True,
+                              f((1, q, P)), f((1, q, q)), f(P), f((P, P)), f((P, P)))
+    except Exception:                  # a warm-up only: the first evaluation loads (and reports) anyway
+        pass
 
 
 def _drop_stale_cache(here=None) -> None:
@@ -107,11 +137,12 @@ class FusedLaplace:
         self.kernel = kernel
         self.code = rows.CODES[(lik.family.name, lik.family.link)]
         self.expected = lik.curvature == "expected"
-        self.X, self.Z = np.ascontiguousarray(lik.X), np.ascontiguousarray(lik.Z)
-        self.y, self.m, self.off = (np.ascontiguousarray(a, dtype=float) for a in (lik.y, lik.m, lik.off))
-        self.starts = np.asarray(lik.starts, np.int64)
+        # contiguous, writable arrays: the types the kernel was compiled (and is warmed, prefetch) for
+        self.X, self.Z, self.y, self.m, self.off = (np.require(a, float, ["C", "W"])
+                                                    for a in (lik.X, lik.Z, lik.y, lik.m, lik.off))
+        self.starts = np.require(lik.starts, np.int64, ["C", "W"])
         self.ends = np.append(self.starts[1:], lik.n).astype(np.int64)
-        self.tr, self.tc = np.asarray(lik.theta_r, np.int64), np.asarray(lik.theta_c, np.int64)
+        self.tr, self.tc = (np.require(a, np.int64, ["C", "W"]) for a in (lik.theta_r, lik.theta_c))
         self.p, self.q, self.G = lik.p, lik.q, lik.G
         cuts = np.searchsorted(self.starts, np.arange(CHUNK_ROWS, lik.n, CHUNK_ROWS))
         self.chunks = [(int(a), int(b)) for a, b in zip(np.r_[0, cuts], np.r_[cuts, self.G]) if b > a]

@@ -39,26 +39,59 @@ def _h(code, y, m, s, n, eta, u):
 
 
 @njit(cache=True)
+def _sweep(code, y, m, s, n, eta, M, u, grad, hobs, with_h):
+    """∇h (q × 1) and the Newton matrix −∇²h at η; with ``with_h`` also h itself (else 0), summed in the
+    order :func:`_h` sums it."""
+    q = M.shape[1]
+    grad[:, 0] = 0.0
+    hobs[:, :] = 0.0
+    total = 0.0
+    for j in range(n):
+        d1, d2 = d12_row(code, y[s + j], m[s + j], eta[j])
+        if with_h:
+            total += loglik_row(code, y[s + j], m[s + j], eta[j])
+        for a in range(q):
+            grad[a, 0] += M[j, a] * d1
+            for b in range(q):
+                hobs[a, b] += -d2 * M[j, a] * M[j, b]
+    for a in range(q):
+        grad[a, 0] -= u[a]
+        hobs[a, a] += 1.0
+    return total - 0.5 * np.sum(u * u) if with_h else 0.0
+
+
+@njit(cache=True)
 def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new):
     """Newton with step halving for the group's mode û = argmax h (``u`` in, û out; η at û in ``eta``).
-    The same iteration as the numpy engine's, for one group."""
+    The same iteration as the numpy engine's, for one group: a step whose Newton decrement is at least
+    1e-8 must not lower h, else it is halved.  The full step is tried first, and the pass that computes
+    the derivatives at the new point computes h there too: a step that passes (nearly all) costs no pass
+    of its own.  The points visited are those of a separate test pass."""
     q = M.shape[1]
     grad, hobs, step = np.empty((q, 1)), np.empty((q, q)), np.empty((q, 1))
     u_new = np.empty(q)
     _eta(eta0, M, u, n, eta)
-    h, known = 0.0, False
-    for _ in range(100):
-        grad[:, 0] = 0.0
-        hobs[:, :] = 0.0
-        for j in range(n):
-            d1, d2 = d12_row(code, y[s + j], m[s + j], eta[j])
-            for a in range(q):
-                grad[a, 0] += M[j, a] * d1
-                for b in range(q):
-                    hobs[a, b] += -d2 * M[j, a] * M[j, b]
-        for a in range(q):
-            grad[a, 0] -= u[a]
-            hobs[a, a] += 1.0
+    h, known, trial = 0.0, False, False
+    it = 0
+    while it < 100 or trial:
+        if trial:                                  # the derivatives and h at the full step's end
+            trial = False
+            for c in range(q):
+                u_new[c] = u[c] + step[c, 0]
+            h_new = _sweep(code, y, m, s, n, eta_new, M, u_new, grad, hobs, True)
+            if h_new < h - 1e-12 * (1.0 + abs(h)):     # h fell: halve, as the step test does
+                if _halve(code, y, m, s, n, eta0, M, u, eta, eta_new, step, u_new, h):
+                    return True
+                known = False
+                continue
+            u[:] = u_new
+            eta[:n] = eta_new[:n]
+            h, known = h_new, True
+            if np.max(np.abs(step[:, 0])) < 1e-10 or it >= 100:
+                return True
+        else:
+            _sweep(code, y, m, s, n, eta, M, u, grad, hobs, False)
+        it += 1
         if not solve(hobs, grad, step):
             return False
         dec = np.sum(grad[:, 0] * step[:, 0])
@@ -71,21 +104,32 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new):
             continue
         if not known:
             h = _h(code, y, m, s, n, eta, u)
-        t, h_new, t_used = 1.0, 0.0, 1.0
-        for _ in range(40):
-            u_new[:] = u + t * step[:, 0]
-            _eta(eta0, M, u_new, n, eta_new)
-            h_new = _h(code, y, m, s, n, eta_new, u_new)
-            t_used = t
-            if not h_new < h - 1e-12 * (1.0 + abs(h)):
-                break
-            t *= 0.5
-        u[:] = u_new
-        eta[:n] = eta_new[:n]
-        h, known = h_new, True
-        if np.max(np.abs(t_used * step[:, 0])) < 1e-10:
-            return True
+            known = True
+        for c in range(q):
+            u_new[c] = u[c] + step[c, 0]
+        _eta(eta0, M, u_new, n, eta_new)
+        trial = True
     return True
+
+
+@njit(cache=True)
+def _halve(code, y, m, s, n, eta0, M, u, eta, eta_new, step, u_new, h):
+    """The step test after its full step failed: the step halved until h does not fall (at most 40 tries
+    in all); u and η move to the point taken.  True if that move is below 1e-10 (the mode is found)."""
+    q = M.shape[1]
+    t, t_used = 0.5, 0.5
+    for _ in range(39):
+        for c in range(q):
+            u_new[c] = u[c] + t * step[c, 0]
+        _eta(eta0, M, u_new, n, eta_new)
+        h_new = _h(code, y, m, s, n, eta_new, u_new)
+        t_used = t
+        if not h_new < h - 1e-12 * (1.0 + abs(h)):
+            break
+        t *= 0.5
+    u[:] = u_new
+    eta[:n] = eta_new[:n]
+    return np.max(np.abs(t_used * step[:, 0])) < 1e-10
 
 
 @njit(cache=True)

@@ -22,6 +22,7 @@ import pandas as pd
 from .. import protocol
 from ..errors import FedGLMMError
 from ..likelihood.blas import single_blas
+from ..likelihood import fused
 from ..likelihood.conditional import mode_derivatives
 from ..likelihood.engine import EngineCache, make_engine
 from ..likelihood.laplace import GLMMLikelihood
@@ -184,6 +185,7 @@ class Site:
         rules.check_model(self.config, self.site_id, spec, d.n, d.X.shape[1], int(np.sum(d.theta_mask)), family,
                           float(d.y.sum()), float(d.trials.sum()))
         nagq, curvature = check_setup(self.site_id, req, d)
+        fused.prefetch(d, family, nagq)          # the compiled kernel, if this design will use it
         self.limits.open_fit(self._session, frame, "setup")
         self.design = d
         self._setup_bytes = protocol.encode({k: v for k, v in req.items() if k != "secagg"})
