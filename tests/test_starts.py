@@ -112,3 +112,109 @@ def test_mode_derivatives_match_finite_differences(formula, nagq):
         (bp, sp), (bm, sm) = eng.conditional_modes(phi + e), eng.conditional_modes(phi - e)
         assert np.allclose(db[:, :, t], (bp - bm) / (2 * h), atol=1e-7)
         assert np.allclose(dsd[:, :, t], (sp - sm) / (2 * h), atol=1e-7)
+
+
+def test_mode_derivatives_from_the_fused_kernels_last_evaluation(monkeypatch):
+    """In the final round the site has just evaluated at φ with the fused kernel: the derivatives then come
+    from its kept modes, dû/dφ and H⁻¹ (only dH/dφ computed again) and must match finite differences."""
+    from fedglmm.likelihood import fused
+    monkeypatch.setattr(fused, "MIN_ROWS", 0)
+    df = pd.read_csv("tests/data/contraception.csv")
+    spec, fam = parse_formula("use ~ urban + age + livch + (urban | district)"), get_family("binomial")
+    desc = describe_frame(df, spec, "a")
+    schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]))
+    eng = GLMMLikelihood(build_design(spec, schema, df, fam, "a", checked=True), fam, 1)
+    if not fused.usable(eng):
+        pytest.skip("numba is not installed")
+    p = eng.p
+    phi = np.r_[np.random.default_rng(1).normal(0, 0.3, p), 0.6, 0.2, 0.5]
+    eng.sums(phi, final=True)
+    assert np.array_equal(eng._last[0], phi)
+    db, dsd = mode_derivatives(eng, phi)
+    h = 1e-6
+    for t in range(len(phi)):
+        e = np.zeros(len(phi))
+        e[t] = h
+        (bp, sp), (bm, sm) = eng.conditional_modes(phi + e), eng.conditional_modes(phi - e)
+        assert np.allclose(db[:, :, t], (bp - bm) / (2 * h), atol=1e-6)
+        assert np.allclose(dsd[:, :, t], (sp - sm) / (2 * h), atol=1e-6)
+
+
+def test_own_fit_third_derivatives_on_the_users_scale():
+    """A site's own fit sends −ℓ's third derivatives on the user's scale (β, θ): each slice must match the
+    change of the information over a small move in that coordinate, computed separately on the engine's
+    internal scale and carried back (catches a wrong sign, transform or symmetrisation)."""
+    from fedglmm.likelihood.engine import make_engine
+    from fedglmm.likelihood.setup import setup_reply
+    from fedglmm.model.options import FitOptions, NewtonConfig
+    from fedglmm.site.own_fit import local_fit
+
+    df = pd.read_csv("tests/data/contraception.csv")
+    spec, fam = parse_formula("use ~ urban + age + (1 | district)"), get_family("binomial")
+    desc = describe_frame(df, spec, "a")
+    schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]))
+    d = build_design(spec, schema, df, fam, "a", checked=True)
+    res = local_fit(d, fam, FitOptions(newton=NewtonConfig()), "a", starts=[], third=True)
+    D = np.asarray(res["third"])
+    P = D.shape[0]
+    assert np.allclose(D, D.transpose(1, 0, 2)) and np.allclose(D, D.transpose(2, 1, 0))
+    st = make_setup({"a": setup_reply(d, fam)}, 0)
+    eng = make_engine(d, fam, 1, "observed", st.A, st.zs)
+    T = st.internal_transform()
+    x = T @ np.r_[res["beta"], res["theta"]]
+    h = 1e-4
+    for k in range(P):
+        e = T[:, k] * h
+        dI = -(eng.sums(x + e)["hess"] - eng.sums(x - e)["hess"]) / (2 * h)
+        assert np.allclose(T.T @ dI @ T, D[:, :, k], rtol=0.05, atol=0.02 * np.abs(D).max())
+
+
+def test_third_order_fits_move_to_the_log_scale_by_the_chain_rule():
+    """A fit to third order re-expressed with a standard deviation on the log scale: its information and third
+    derivatives there equal those of the same cubic composed with x = exp(y) (central differences)."""
+    from fedglmm.coordinator.starts import OwnPart, _on_log_scale
+
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(3, 3))
+    K = A @ A.T + 3 * np.eye(3)
+    T = rng.normal(size=(3, 3, 3))
+    T = sum(T.transpose(p) for p in [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]) / 6
+    c = np.array([0.3, -1.0, 0.8])
+    part = OwnPart(K, K @ c, c, 10.0, T)
+    idx = np.array([2])
+    cy, Ky, Ty = _on_log_scale(part, idx)
+
+    def hess_y(y):
+        x = y.copy()
+        x[2] = np.exp(y[2])
+        _, g, H = part.cubic(x)
+        J = np.ones(3)
+        J[2] = x[2]
+        return H * np.outer(J, J) + np.diag(np.r_[0.0, 0.0, g[2] * x[2]])
+
+    assert np.allclose(Ky, hess_y(cy), atol=1e-10)
+    h = 1e-5
+    for k in range(3):
+        e = np.zeros(3)
+        e[k] = h
+        assert np.allclose(Ty[:, :, k], (hess_y(cy + e) - hess_y(cy - e)) / (2 * h), atol=1e-5)
+
+
+def test_own_fit_modes_stay_at_the_site():
+    """The own fit's conditional modes start the site's engine but never leave: the encoded one-shot reply
+    holds no per-group array, and the site keeps one mode per group."""
+    from fedglmm.api import make_sites
+    from fedglmm.protocol import decode, encode, request
+    from fedglmm.site.own_fit import KEPT
+
+    df = pd.read_csv("tests/data/contraception.csv")
+    site = next(iter(make_sites({"a": df}).values()))
+    fam = get_family("binomial")
+    msg = request("oneshot", formula="use ~ urban + age + (1 | district)", family=fam.name, link=fam.link,
+                  order=2, local={"nagq": 1, "curvature": "observed"})
+    raw = site.handle(encode(msg))
+    reply = decode(raw)
+    assert reply["local"] is not None and KEPT not in reply["local"]
+    assert KEPT.encode() not in raw
+    levels, modes = site._warm
+    assert modes.shape == (df["district"].nunique(), 1) and len(levels) == modes.shape[0]

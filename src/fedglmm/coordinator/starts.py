@@ -30,11 +30,21 @@ class OwnPart:
     h: np.ndarray
     center: np.ndarray
     ngroups: float
+    T: np.ndarray | None = None      # the third derivatives of −ℓ_s at the centre, when the site sent them
 
     def quadratic(self, x):
         d = x - self.center
         Kd = self.K @ d
         return 0.5 * d @ Kd, Kd, self.K
+
+    def cubic(self, x):
+        """The site's fit to third order: its quadratic plus ⅙ T[d, d, d] (d = x − centre)."""
+        f, g, H = self.quadratic(x)
+        if self.T is None:
+            return f, g, H
+        d = x - self.center
+        Td = self.T @ d
+        return f + Td @ d @ d / 6.0, g + 0.5 * Td @ d, H + Td
 
 
 def own_part(loc: dict, message: dict, st) -> OwnPart | None:
@@ -68,10 +78,14 @@ def own_part(loc: dict, message: dict, st) -> OwnPart | None:
             return None
         K, h = M.T @ info @ M, M.T @ info @ xhat
         center = np.linalg.lstsq(K, h, rcond=None)[0]
+        T = None
+        if loc.get("third") is not None:
+            T = np.einsum("abc,ai,bj,ck->ijk", np.asarray(loc["third"], float), M, M, M)
+            T = T if np.all(np.isfinite(T)) else None
     except (KeyError, ValueError, TypeError, IndexError, np.linalg.LinAlgError):
         return None
     ok = all(np.all(np.isfinite(a)) for a in (K, h, center))
-    return OwnPart(K, h, center, float(loc["ngroups"])) if ok else None
+    return OwnPart(K, h, center, float(loc["ngroups"]), T) if ok else None
 
 
 def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd_index=(),
@@ -94,6 +108,9 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
             taylor.append((own[sid].center, *P(own[sid].center)))
     xq = np.linalg.lstsq(K, h, rcond=None)[0]
     out = [x for x in (xlog,) if x is not None]
+    if pseudo is None and np.all(np.isfinite(xq)) and any(o.T is not None for o in parts):
+        x = _cubic_combination(parts, np.asarray(sd_index, dtype=np.int64), radius)
+        return ([x] if x is not None else []) + out
     if pseudo is None or not np.all(np.isfinite(xq)):
         return out or ([xq] if np.all(np.isfinite(xq)) else [])
 
@@ -110,6 +127,57 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
     if x is not None:
         out.insert(0, x)
     return out
+
+
+def _on_log_scale(o: OwnPart, idx: np.ndarray):
+    """A fit's centre, information and third derivatives with the entries ``idx`` (standard deviations) on
+    the log scale, x_i = exp(y_i) (the chain rule to third order; the gradient is zero at the centre)."""
+    c = o.center.copy()
+    sd = np.maximum(np.abs(c[idx]), 1e-4)
+    J, J2 = np.ones(len(c)), np.zeros(len(c))
+    J[idx] = J2[idx] = sd                                   # dx/dy = d²x/dy² = x
+    c[idx] = np.log(sd)
+    K = o.K * np.outer(J, J)
+    T = np.zeros((len(c),) * 3) if o.T is None else np.einsum("abc,a,b,c->abc", o.T, J, J, J)
+    KJ2 = o.K * (J[:, None] * J2[None, :])                  # K_ab J_a J2_b
+    for b in idx:                                          # the second derivative of x_b in y_b
+        T[:, b, b] += KJ2[:, b]
+        T[b, :, b] += KJ2[:, b]
+        T[b, b, :] += KJ2[:, b]
+    return c, K, T
+
+
+def _log_cubic(parts: list, idx: np.ndarray):
+    """The sum of the sites' fits to third order in y (the standard deviations ``idx`` on the log scale), as
+    y -> (f, g, H), with the summed information and the quadratic combination's y."""
+    logs = [_on_log_scale(o, idx) for o in parts]
+    K = sum(L[1] for L in logs)
+    yq = np.linalg.lstsq(K, sum(L[1] @ L[0] for L in logs), rcond=None)[0]
+
+    def cubic(y):
+        f, g, H = 0.0, 0.0, 0.0
+        for c, Kc, T in logs:
+            d = y - c
+            Td = T @ d
+            f, g, H = f + 0.5 * d @ Kc @ d + Td @ d @ d / 6.0, g + Kc @ d + 0.5 * Td @ d, H + Kc + Td
+        return f, g, H
+
+    return cubic, K, yq
+
+
+def _cubic_combination(parts: list, idx: np.ndarray, radius: float):
+    """The minimiser of the sum of the sites' fits to third order, with the standard deviations on the log
+    scale (where their likelihoods are closer to quadratic), within ``radius`` of the quadratic combination
+    in the metric of the summed information; None if it fails."""
+    try:
+        cubic, K, yq = _log_cubic(parts, idx)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    y = _minimise_in_ball(cubic, yq, K, radius)
+    if y is None:
+        return None
+    y[idx] = np.exp(np.clip(y[idx], -30.0, 30.0))
+    return y if np.all(np.isfinite(y)) else None
 
 
 def _log_combination(parts: list, idx: np.ndarray):

@@ -8,12 +8,53 @@ import numpy as np
 
 
 
+def curvature_derivative(lik, M, MM, w, w1, deta, dp=None) -> tuple[np.ndarray, np.ndarray]:
+    """dH/dφ (G, P, q, q) of each group's curvature H = Σ w m mᵀ + I at the mode, and the rows' total
+    derivative of the weight ẇ (n, P): Σ ẇ m mᵀ plus, for θ, the change of m = Λᵀz (Σ w z mᵀ placed in
+    Λ's pattern, symmetrised).  ``deta``: the total derivative of η at the mode (n, P); ``dp``: the
+    dispersion derivatives of a family with ψ (the last parameter)."""
+    dw = w1[:, None] * deta                   # total derivative of the curvature weight
+    if dp is not None:
+        dw[:, -1] -= dp.d2p                   # w_ψ = −∂³ℓ/∂η²∂ψ
+    P, q, r, c = deta.shape[1], lik.q, lik.theta_r, lik.theta_c
+    dH = np.empty((lik.G, P, q, q))                                                    # Σ ẇ m mᵀ, one
+    for a in range(q):                                                                 # (a, b) at a time:
+        for b in range(a, q):                                                          # no n × P × q × q
+            dH[:, :, a, b] = dH[:, :, b, a] = lik._gsum(dw * MM[:, a, b][:, None])
+    N = lik._gsum(w[:, None, None] * lik.Z[:, :, None] * M[:, None, :])               # Σ w z mᵀ
+    for t in range(lik.ntheta):
+        e = np.zeros((lik.G, q, q))
+        e[:, c[t], :] = N[:, r[t], :]
+        dH[:, lik.p + t] += e + e.transpose(0, 2, 1)
+    return dH, dw
+
+
+def _at_last(engine, phi: np.ndarray):
+    """The auxiliaries :func:`mode_derivatives` needs, from the fused kernel's last evaluation when it was at
+    φ (its modes, dû/dφ and H⁻¹ are kept; only dH/dφ is computed, in one pass over the rows); else None."""
+    last, hinv = getattr(engine, "_last", None), getattr(engine, "_hinv", None)
+    if last is None or hinv is None or not np.array_equal(last[0], phi) or getattr(engine, "ndisp", 0):
+        return None
+    dU, u = last[1], engine.u
+    beta, lam = phi[: engine.p], engine.lam(phi[engine.p: engine.p + engine.ntheta])
+    M = engine.Z @ lam
+    MM = M[:, :, None] * M[:, None, :]
+    g, r, c = engine.g, engine.theta_r, engine.theta_c
+    eta = engine.X @ beta + engine.off + np.einsum("jc,jc->j", M, u[g])
+    w, w1, _ = engine.family.curvature(engine.y, engine.m, eta, engine.curvature, None)
+    deta = np.concatenate([engine.X, engine.Z[:, r] * u[g][:, c]], axis=1) + np.einsum("jc,jcp->jp", M, dU[g])
+    dH = curvature_derivative(engine, M, MM, w, w1, deta)[0]
+    return {"lam": lam, "u": u, "Hinv": hinv, "dU": dU, "dH": dH}
+
+
 def mode_derivatives(engine, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The derivatives in φ = (β, θ, ψ) of a :class:`~fedglmm.likelihood.laplace.GLMMLikelihood`'s conditional
     modes and SDs, (G, q, P) each: db̂/dφ = Λ dû/dφ + (dΛ/dφ) û, and d sd from
     dC = dΛ H⁻¹Λᵀ + Λ H⁻¹ dΛᵀ − Λ H⁻¹ dH H⁻¹ Λᵀ, with dû/dφ and dH/dφ from the engine's implicit-function
-    derivatives at φ (its modes start from the last evaluation's, at φ in the final round)."""
-    aux = engine.value_grad(np.asarray(phi, float))[2]
+    derivatives at φ (those the fused kernel kept at its last evaluation when it was at φ -- the final
+    round's -- else computed again from the last modes)."""
+    phi = np.asarray(phi, float)
+    aux = _at_last(engine, phi) or engine.value_grad(phi)[2]
     lam, u, Hinv = aux["lam"], aux["u"], aux["Hinv"]
     q, p, (r, c) = lam.shape[0], engine.p, (engine.theta_r, engine.theta_c)
     dlam = np.zeros((engine.nparams, q, q))                    # Λ does not depend on β or ψ

@@ -38,6 +38,7 @@ import numpy as np
 from ..model.families import Family
 from ..model.spec import Design, lambda_matrix, theta_index
 from . import fused, restarts
+from .conditional import curvature_derivative
 from .linalg import chol as _chol, inv as _inv, solve as _solve, upper_half as _upper_half
 from .quadrature import product_grid
 
@@ -221,19 +222,7 @@ class GLMMLikelihood:
         dU = _solve(hobs, C)                                                   # (G, q, P)
         # total derivative of η at the mode, and of H
         deta = np.concatenate(E, axis=1) + np.einsum("jc,jcp->jp", M, dU[g])
-        dw = w1[:, None] * deta                   # total derivative of the curvature weight
-        if self.ndisp:
-            dw[:, -1] -= s.dp.d2p                 # w_ψ = −∂³ℓ/∂η²∂ψ
-        P = deta.shape[1]
-        dH = np.empty((self.G, P, self.q, self.q))                                     # Σ ẇ m mᵀ, one
-        for a in range(self.q):                                                        # (a, b) at a time:
-            for b in range(a, self.q):                                                 # no n × P × q × q
-                dH[:, :, a, b] = dH[:, :, b, a] = self._gsum(dw * MM[:, a, b][:, None])
-        N = self._gsum(w[:, None, None] * self.Z[:, :, None] * M[:, None, :])         # Σ w z mᵀ
-        for t in range(self.ntheta):
-            e = np.zeros((self.G, self.q, self.q))
-            e[:, c[t], :] = N[:, r[t], :]
-            dH[:, self.p + t] += e + e.transpose(0, 2, 1)
+        dH, dw = curvature_derivative(self, M, MM, w, w1, deta, s.dp)
         s.hobs, s.dU, s.deta, s.dH, s.Hinv, s.C, s.dw = hobs, dU, deta, dH, _inv(s.H), C, dw
 
     def _gradient(self, s: SimpleNamespace) -> np.ndarray:

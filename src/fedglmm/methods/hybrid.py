@@ -31,12 +31,13 @@ from ..likelihood.setup import make_setup
 from ..likelihood.factor_starts import factor_theta_start
 from ..likelihood.starts import start_values
 from ..model.frame import na_payload
-from ..model.options import FitRequest
+from ..model.options import OWN_FIT_GROUPS, FitRequest
 from ..protocol import request
 from ..results import FitResult, RunStats
 
 HYBRID_ORDER = 2           # the hybrid needs only a start: means and covariances reveal the least
 HYBRID_COMPRESS = 4.0      # the hybrid's binomial pseudo rows stand for up to 4 observations each
+OWN_NEAR = 0.5            # with such fits alone: decrement below which the Newton step is the final candidate
 
 
 def _pseudo_fit(merged, replies, req: FitRequest, seed: int):
@@ -60,7 +61,7 @@ def _sd_index(st) -> np.ndarray:
     return len(st.names) + diagonal_positions(st.mask)
 
 
-def _starts(req, st, merged, own: dict, pseudo):
+def _starts(req, st, merged, own: dict, pseudo, big: bool = False):
     """The Newton rounds' start(s) and the surrogate (see the module docstring): a tuple of (γ, θ̃) starts,
     all tried in the first Newton round (the best kept), or None (the set-up start).  ``own``: the sites'
     own fits, as sent (several grouping factors) or as :class:`~fedglmm.coordinator.starts.OwnPart`."""
@@ -77,6 +78,9 @@ def _starts(req, st, merged, own: dict, pseudo):
     if pseudo is None:
         if own and family.name != "gaussian":
             combined = combined_start(own, sd_index=_sd_index(st))
+            if combined and big:
+                # every site fitted its many groups: their combination alone, and plain Newton steps
+                return (pair(combined[0]) if len(combined) == 1 else tuple(pair(x) for x in combined)), None
             if combined:
                 nx = len(st.names) + int(st.mask.sum()) + st.ndisp
                 zero = lambda x: (0.0, np.zeros(nx), np.zeros((nx, nx)))   # noqa: E731
@@ -154,8 +158,9 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
             est = estimate(transport, st, fam, options, (x[:p], x[p:]), first=None if secure else {"setup": payload},
                            final_first=True, mode_derivatives=True)
             return _result(transport, req, merged, st, est, payload, t0, replies, own, None)
+    big = st is not None and _fits_suffice(own, replies, merged, req, st)
     pseudo = _pseudo_fit(merged, replies, req, seed) if any(b is not None for b in merged.blocks.values()) \
-        else None
+        and not big else None
     if pseudo is not None and fam.name == "gaussian" and not merged.refused and not merged.schema.shared:
         # per-group sufficient statistics give the exact fit: nothing is left to iterate
         run = RunStats(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
@@ -167,10 +172,26 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     if st is None:             # secure: the site totals come only as their total, in a masked set-up round
         st = _secure_setup(transport, payload, req, merged)
     own = _own_parts(own, replies, st)
-    start, surrogate = _starts(req, st, merged, own, pseudo)
+    start, surrogate = _starts(req, st, merged, own, pseudo, big)
+    if big:
+        options = replace(options, newton=replace(options.newton, near=OWN_NEAR, near_model=OWN_NEAR))
+    # the conditional modes move to the estimate with their derivatives, unless the last step is a plain
+    # Newton step below the iterative method's tolerance (the fits alone): then, as there, they stay
     est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
-                   surrogate=surrogate, mode_derivatives=True)
+                   surrogate=surrogate, mode_derivatives=not big)
     return _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo)
+
+
+def _fits_suffice(own: dict, replies: dict, merged, req, st) -> bool:
+    """Whether the sites' own fits alone make the start (no pseudo-data fit at the coordinator, whose cost
+    grows with the groups): a GLMM with one grouping factor, every site's fit in the agreed coding, every
+    summary sent, and at least ``OWN_FIT_GROUPS`` groups at every site -- likelihoods that close to
+    quadratic combine by their information to within a Newton step of the pooled optimum."""
+    if req.family.name == "gaussian" or len(req.spec.groups) > 1 or merged.refused or len(own) < len(replies):
+        return False
+    if min(int(r["ngroups"]) for r in replies.values()) < OWN_FIT_GROUPS:
+        return False
+    return len(_own_parts(own, replies, st)) == len(replies)
 
 
 def _secure_setup(transport, payload, req, merged):

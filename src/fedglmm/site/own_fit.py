@@ -27,7 +27,7 @@ from ..likelihood.starts import start_values
 from ..model.design import build_design, describe_frame
 from ..model.families import Family
 from ..model.formula import variables
-from ..model.options import FitOptions, NewtonConfig
+from ..model.options import OWN_FIT_GROUPS, FitOptions, NewtonConfig
 from ..model.spec import Design, ModelSpec, Schema
 
 
@@ -37,6 +37,12 @@ def _site_design(frame, spec: ModelSpec, fam: Family, site_id: str, transforms: 
     schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]),
                     transforms=dict(transforms or {}))
     return build_design(spec, schema, frame, fam, site_id, checked=True)
+
+
+# A site with OWN_FIT_GROUPS groups or more (model.options) stops its own fit at a Newton decrement of
+# MANY_TOL, plus its Newton step (whose error is of the order of the square of that): an evaluation or two
+# earlier than at 1e-4.
+MANY_TOL = 0.05
 
 
 def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: str, need,
@@ -56,15 +62,25 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
         return None
     # a start for a fit with other sites needs no more than a decrement of 1e-4 (a hundredth of a standard
     # error); the fit of the only site is the fit itself
-    newton = NewtonConfig() if local.get("exact") else NewtonConfig(tol=1e-4, near=1e-2)
+    many = len(sizes) >= OWN_FIT_GROUPS and not local.get("exact")
+    newton = NewtonConfig() if local.get("exact") else NewtonConfig(tol=MANY_TOL, near=MANY_TOL) if many else \
+        NewtonConfig(tol=1e-4, near=1e-2)
     options = FitOptions(nagq=int(local.get("nagq", 1)), curvature=str(local.get("curvature", "observed")),
                          newton=newton)
     sub = replace(d, X=d.X[:, keep], x_names=[d.x_names[j] for j in keep])
-    res = local_fit(sub, fam, options, site_id, starts=[])
+    res = local_fit(sub, fam, options, site_id, starts=[], predict=many, third=not many and not local.get("exact"))
     if res is None or res["info"] is None:
         return None
-    return {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"], "theta": res["theta"],
-            "info": res["info"], "n": total, "ngroups": len(sizes) if d.Z.shape[1] else 0}
+    out = {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"], "theta": res["theta"],
+           "info": res["info"], "n": total, "ngroups": len(sizes) if d.Z.shape[1] else 0}
+    if res.get("third") is not None:
+        out["third"] = res["third"]
+    if res.get("modes") is not None:
+        out[KEPT] = (list(d.group_levels), res["modes"])
+    return out
+
+
+KEPT = "kept at the site"     # the own fit's modes: the site keeps them (never sent) to start its engine from
 
 
 def independent_columns(X: np.ndarray, tol: float = 1e-9) -> list[int]:
@@ -108,28 +124,62 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     return out
 
 
-def local_fit(design: Design, family: Family, options: FitOptions, site_id: str, starts=None) -> dict | None:
+def local_fit(design: Design, family: Family, options: FitOptions, site_id: str, starts=None,
+              predict: bool = False, third: bool = False) -> dict | None:
     """A fit of ``design`` alone, as an estimate and its information on the user's scale: β, θ (followed by
     the log-dispersion ψ for a family with one) and the information matrix of (β, θ, ψ) (gaussian: None).  ``starts``: the GLMM iteration's further first-round
-    points (default: the start's covariance halved and doubled).  None when the fit fails or does not
-    converge."""
+    points (default: the start's covariance halved and doubled); ``predict``: stop where the observed
+    contraction predicts convergence (:class:`~fedglmm.likelihood.newton.TrustRegionNewton`); ``third``: also
+    the third derivatives of −ℓ there (:func:`third_derivatives`, user's scale).  None when the fit fails
+    or does not converge."""
     try:
         st = make_setup({site_id: setup_reply(design, family)}, family.ndisp)
         engine = make_engine(design, family, options.nagq, options.curvature, st.A, st.zs)
         evaluator = LocalEvaluator({site_id: engine}, {site_id: None if design.factors or not design.Z.shape[1]
                                                        else design.group_levels})
         est = fit_lmm(evaluator, st, options) if family.name == "gaussian" else \
-            fit_glmm(evaluator, st, *start_values(st, family), options, starts=starts)
+            fit_glmm(evaluator, st, *start_values(st, family), options, starts=starts, predict_final=predict)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
     if not est.converged or (est.info is None and family.name != "gaussian"):
         return None
     out = {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ est.gamma,
-           "theta": np.r_[est.theta / st.theta_scale, est.disp], "info": None}
+           "theta": np.r_[est.theta / st.theta_scale, est.disp], "info": None,
+           "modes": np.array(engine.u, copy=True) if getattr(engine, "u", None) is not None else None}
     if est.info is not None:
         T = st.internal_transform()
         out["info"] = T.T @ est.info @ T
+        x = np.r_[est.gamma, est.theta, est.disp]
+        D3 = third_derivatives(engine, x, est.info) if third and family.name != "gaussian" else None
+        if D3 is not None:
+            out["third"] = np.einsum("ijk,ia,jb,kc->abc", D3, T, T, T)
     return out
+
+
+THIRD_STEP = 0.5      # the differences for the third derivatives: half a standard error each way
+
+
+def third_derivatives(engine, x: np.ndarray, info: np.ndarray) -> np.ndarray | None:
+    """The third derivatives of −ℓ at ``x`` (the engine's internal scale), from central differences of its
+    analytic Hessian half a standard error either side in each coordinate (2P evaluations from
+    warm modes), made symmetric; None if an evaluation fails.  Over that range they stand for the change of
+    curvature that a quadratic summary of the fit misses (the skew of a variance's likelihood above all)."""
+    try:
+        se = np.sqrt(np.maximum(np.diag(np.linalg.inv(info)), 0.0))
+    except np.linalg.LinAlgError:
+        return None
+    P = len(x)
+    D = np.empty((P, P, P))
+    for k in range(P):
+        h = THIRD_STEP * se[k] if se[k] > 0 else 1e-3
+        e = np.zeros(P)
+        e[k] = h
+        hp, hm = engine.sums(x + e)["hess"], engine.sums(x - e)["hess"]
+        D[:, :, k] = -(np.asarray(hp) - np.asarray(hm)) / (2.0 * h)
+    if not np.all(np.isfinite(D)):
+        return None
+    perms = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
+    return sum(D.transpose(pm) for pm in perms) / 6.0
 
 
 SHORT_ROUNDS = 4      # local Newton iterations of a site's own fit with several factors: it is only a start
@@ -164,3 +214,17 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
     k = p + int(st.mask.sum())
     return {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ x[:p],
             "theta": np.r_[canonical_theta(x[p:k], st.mask) / st.theta_scale, x[k:]], "info": T.T @ cur.H @ T}
+
+
+def warm_start(engine, design: Design, levels: list, modes: np.ndarray) -> None:
+    """Start a fresh engine's modes (spherical û, which do not depend on the internal scale) from the site's
+    own fit's, group by group: the first Newton round then begins where the own fit ended rather than at
+    zero.  Nothing happens unless every group of ``design`` has a mode of the same size."""
+    u = getattr(engine, "u", None)
+    if u is None or getattr(engine, "_last", 0) is not None or modes.ndim != 2 or modes.shape[1] != u.shape[1]:
+        return
+    index = {str(lv): i for i, lv in enumerate(levels)}
+    pos = [index.get(str(lv), -1) for lv in design.group_levels]
+    if len(pos) != u.shape[0] or min(pos, default=-1) < 0:
+        return
+    engine.u = np.array(modes[pos], dtype=float)

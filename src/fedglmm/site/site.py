@@ -42,6 +42,7 @@ from .limits import Limits
 from .requests import check_oneshot, check_setup
 from .rules import SiteConfig
 from .secagg import SecureAggregation
+from .own_fit import KEPT, warm_start
 from .summaries import summarize
 
 
@@ -152,6 +153,8 @@ class Site:
         msg = summarize(frame, req["formula"], req["family"], req.get("link"), self.site_id,
                         order=req.get("order"), min_group=self.min_group, local=req.get("local"),
                         transforms=req.get("transforms"), weights=spec.weights, offset=spec.offset_column)
+        # the own fit's modes stay here: they start this site's engine in the first Newton round
+        self._warm = msg["local"].pop(KEPT, None) if isinstance(msg.get("local"), dict) else None
         rules.check_cells(self.config, self.site_id, spec, frame)
         self._allowed_only(msg["description"])
         if omitted:
@@ -196,7 +199,11 @@ class Site:
     def _engine_for(self, req):
         """The likelihood engine on the coordinator's internal scale (X̃ = X·transform, Z̃ = Z / zscale)."""
         self.limits.check_use(req["kind"], self._session, req, self.design if self._engines is not None else None)
-        return self._engines.get(req["transform"], req.get("zscale", np.ones(0)))
+        eng = self._engines.get(req["transform"], req.get("zscale", np.ones(0)))
+        warm, self._warm = getattr(self, "_warm", None), None
+        if warm is not None:
+            warm_start(eng, self.design, *warm)
+        return eng
 
     def _ride_setup(self, req):
         """A set-up payload may ride on an evaluate / finalize / inspect request (hybrid fits, and the
