@@ -46,11 +46,12 @@ MANY_TOL = 0.05
 
 
 def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: str, need,
-            transforms: dict | None = None) -> dict | None:
+            transforms: dict | None = None, third: bool = True) -> dict | None:
     """The site's own GLMM fit of all its rows: β̂ of the columns ``names``, θ̂ (and ψ̂) and the information
     of (β, θ, ψ), sums over many rows and groups.  Sent only for at least two groups and ``need`` observations,
     with at least three observations per parameter (as the site rules' 0.33 parameters per row).
-    ``transforms``: the pooled statistics of stateful transforms (center(x), poly(x, k), ...), as agreed."""
+    ``transforms``: the pooled statistics of stateful transforms (center(x), poly(x, k), ...), as agreed;
+    ``third``: also the third derivatives (with fewer than ``OWN_FIT_GROUPS`` groups)."""
     try:
         d = _site_design(frame, spec, fam, site_id, transforms)
     except FedGLMMError:
@@ -68,7 +69,7 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
     options = FitOptions(nagq=int(local.get("nagq", 1)), curvature=str(local.get("curvature", "observed")),
                          newton=newton)
     sub = replace(d, X=d.X[:, keep], x_names=[d.x_names[j] for j in keep])
-    res = local_fit(sub, fam, options, site_id, starts=[], predict=many, third=not many and not local.get("exact"))
+    res = local_fit(sub, fam, options, site_id, starts=[], predict=many, third=third and not many and not local.get("exact"))
     if res is None or res["info"] is None:
         return None
     out = {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"], "theta": res["theta"],

@@ -116,7 +116,8 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
                           "hybrid or iterative)")
     keep = ~small
     if local is not None and fam.name != "gaussian":
-        msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms)
+        # its third derivatives only where no group's moments go (the pseudo-data have the shape then)
+        msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any())
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
             _moment_blocks(d, starts, levels, keep, order)
