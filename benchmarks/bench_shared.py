@@ -9,7 +9,12 @@ Table 2 (held-out, ``tests/data/heldout/multilevel``): each gaussian shared case
 column, fitted by the default (hybrid) and iterative methods, against the fit of the pooled rows on one
 site: rounds, seconds, |ΔlogLik|, max |Δβ| / SE.
 
-    python3 benchmarks/bench_shared.py            # both tables (about a minute on 2 cores)
+Table 3: the same for binary and count models (Laplace), ``y ~ x + (1 | id) + (1 | item)`` binomial as
+in table 1 (bytes per site per ``evaluate`` round, and per point: a round carries 1 + 2·dim(φ) points
+for each trial φ), then the held-out binomial and poisson shared cases (``sim_crossed_binom_la`` split
+over 4 sites by rater, so that all 30 items are shared).
+
+    python3 benchmarks/bench_shared.py            # all tables (a few minutes on 2 cores)
     python3 benchmarks/bench_shared.py --no-heldout
 """
 from __future__ import annotations
@@ -30,9 +35,12 @@ from fedglmm.site import Site  # noqa: E402
 from fedglmm.transport.inprocess import InProcessTransport  # noqa: E402
 
 HELDOUT = ("sim_teachers_reml", "sim_teachers_ml", "scotssec_reml", "scotssec_ml", "insteval_reml", "insteval_ml")
+HELDOUT_GLMM = ("verbagg_la", "verbagg_dif", "sim_crossed_binom_la", "sim_doctors_la", "sim_items_pois",
+                "sim_items_pois_slope")
+SPLIT = {"sim_crossed_binom_la": ("rater", 4)}       # no site column: 4 sites by rater, every item shared
 
 
-def simulate(items: int, per_site: int, sites: int = 4, seed: int = 1) -> dict:
+def simulate(items: int, per_site: int, sites: int = 4, seed: int = 1, binary: bool = False) -> dict:
     """``per_site`` rows at each site: respondents of 6 rows each, every row a random shared item."""
     rng = np.random.default_rng(seed)
     out = {}
@@ -43,12 +51,14 @@ def simulate(items: int, per_site: int, sites: int = 4, seed: int = 1) -> dict:
         item[:items] = np.arange(items)                       # every item at every site
         x = rng.normal(size=per_site)
         y = 1 + 0.5 * x + rng.normal(0, 1, ids.max() + 1)[ids] + item_effect[item] + rng.normal(size=per_site)
+        if binary:
+            y = (y - 1.0 > 0).astype(float)
         out[f"s{s}"] = pd.DataFrame({"y": y, "x": x, "id": [f"{s}-{i}" for i in ids],
                                      "item": [f"i{i:03d}" for i in item]})
     return out
 
 
-def evaluate_bytes(frames: dict, formula: str) -> tuple[float, int, float]:
+def evaluate_bytes(frames: dict, formula: str, family: str = "gaussian") -> tuple[float, int, float]:
     """(mean bytes per site per evaluate round, evaluate rounds, seconds)."""
     sites = {sid: Site(sid, df, min_group=1) for sid, df in frames.items()}
     per_round = []
@@ -62,7 +72,7 @@ def evaluate_bytes(frames: dict, formula: str) -> tuple[float, int, float]:
 
     transport = InProcessTransport(sites, on_round=on_round)
     t0 = time.perf_counter()
-    fit_on(transport, formula, method="iterative")
+    fit_on(transport, formula, family=family, method="iterative")
     return float(np.mean(per_round)), len(per_round), time.perf_counter() - t0
 
 
@@ -100,6 +110,39 @@ def table_heldout() -> None:
                   f"{dll:>10.1e} {db:>11.1e} {ok:>12}")
 
 
+def table_glmm(heldout: bool = True) -> None:
+    print("\nTable 3a: bytes per site per evaluate round, binomial y ~ x + (1 | id) + (1 | item), 4 sites, items shared")
+    print(f"{'dim(v)':>7} {'rows/site':>10} {'bytes/site/round':>17} {'(dim(v)+p+k)^2':>15} {'ratio':>7} "
+          f"{'rounds':>7} {'s':>6}")
+    for items, rows in ((10, 600), (10, 2400), (10, 9600), (20, 2400), (40, 2400), (80, 2400)):
+        b, rounds, sec = evaluate_bytes(simulate(items, rows, binary=True), "y ~ x + (1 | id) + (1 | item)", "binomial")
+        width = (items + 2 + 2) ** 2
+        print(f"{items:>7} {rows:>10} {b:>17,.0f} {width:>15,} {b / width:>7.1f} {rounds:>7} {sec:>6.1f}")
+    if not heldout:
+        return
+    from multilevel_reference import cases, compare, fit, split_sites
+
+    table = {c["name"]: c for c in cases("heldout")}
+    print("\nTable 3b: held-out shared binomial and poisson cases split over sites, against the pooled fit")
+    print(f"{'case':<21} {'sites':>5} {'dim(v)':>6} {'method':<9} {'rounds':>6} {'s':>6} {'bytes/site/rnd':>14} "
+          f"{'|dlogLik|':>10} {'max|db|/SE':>11} {'lme4 parity':>12}")
+    for name in HELDOUT_GLMM:
+        case = table[name]
+        pooled = fit(case, method="iterative", min_group=1)
+        col, k = SPLIT.get(name, (case["split"], None))
+        parts = split_sites(dict(case, split=col), k)
+        for method in ("hybrid", "iterative"):
+            t0 = time.perf_counter()
+            res = fit(case, data=parts, method=method, min_group=1)
+            sec = time.perf_counter() - t0
+            dll = abs(res.loglik - pooled.loglik)
+            db = float(np.max(np.abs(res.fixef - pooled.fixef) / pooled.se))
+            ok = "ok" if not compare(res, case) else "; ".join(compare(res, case))
+            per = res.bytes_from_sites / (res.rounds * len(parts))
+            print(f"{name:<21} {len(parts):>5} {_dim(res):>6} {method:<9} {res.rounds:>6} {sec:>6.1f} {per:>14,.0f} "
+                  f"{dll:>10.1e} {db:>11.1e} {ok:>12}")
+
+
 def _dim(res) -> int:
     """dim(v) from the summary's note on shared levels ("teacher: 178 of 400 levels ...")."""
     import re
@@ -115,6 +158,7 @@ def main() -> None:
     table_bytes()
     if not args.no_heldout:
         table_heldout()
+    table_glmm(not args.no_heldout)
 
 
 if __name__ == "__main__":

@@ -278,9 +278,9 @@ def test_group_at_two_sites(contra):
     spec = parse_formula(CONTRA)
     desc = {"A": describe_frame(contra[contra.district <= 12], spec, "A"),
             "B": describe_frame(contra[contra.district >= 12], spec, "B")}
-    assert error(SchemaError, merge_schema, desc, spec, "binomial") == (
+    assert error(SchemaError, merge_schema, desc, spec, "negative_binomial") == (
         "group 'district' level '12' is present at sites 'A' and 'B'; levels shared by sites are fitted for "
-        "gaussian models only (binomial models need each group at one site)")
+        "gaussian, binomial and poisson models (negative_binomial models need each group at one site)")
 
 
 def test_group_column_may_differ_in_kind(contra):
@@ -397,5 +397,5 @@ def test_describe_lists_every_factor_and_schema_finds_shared_levels():
     assert schema.shared == {"batch": {"A": 2}, "sample": {"A:a": 2}}
     assert schema.nlevels == {"batch": 10, "sample": 30}
     msg = error(SchemaError, merge_schema, {"A": describe_frame(a, spec, "A"),
-                                            "B": describe_frame(b, spec, "B")}, spec, "poisson")
+                                            "B": describe_frame(b, spec, "B")}, spec, "gamma")
     assert msg.startswith("group 'batch' level 'A' is present at sites 'A' and 'B'; levels shared by sites")

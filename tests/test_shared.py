@@ -10,7 +10,7 @@
 * one grouping factor shared (``(1 + x | teacher)`` split by site);
 * what reaches the coordinator: every array a site sends has the same shape when each row is doubled (no
   array grows with the rows);
-* refusals: other families, the one-shot method.
+* refusals: the one-shot method (binomial and poisson models: ``tests/test_shared_glmm.py``).
 """
 import sys
 from pathlib import Path
@@ -29,7 +29,7 @@ from multilevel_reference import cases, compare, fit, split_sites
 import fedglmm
 from fedglmm.api import fit_on
 from fedglmm.coordinator.schema import merge_schema
-from fedglmm.errors import FedGLMMError, SchemaError, SiteRefusal
+from fedglmm.errors import FedGLMMError, SiteRefusal
 from fedglmm.likelihood.lmm_shared import SharedLMM, SharedLMMSums, SUM_KEYS, to_global
 from fedglmm.likelihood.setup import sum_replies
 from fedglmm.likelihood.shared import SharedLayout
@@ -205,10 +205,7 @@ def test_no_array_the_coordinator_receives_grows_with_the_rows():
     assert any(key.endswith("sd2G") for _, key in seen[0])
 
 
-def test_other_families_and_the_oneshot_method_refuse_shared_levels():
-    case = CASES["sim_items_pois"]
-    with pytest.raises(SchemaError, match="levels shared by sites are fitted for gaussian models only"):
-        fit(case, data=split_sites(case))
+def test_the_oneshot_method_refuses_shared_levels():
     df = _simulated()
     with pytest.raises(FedGLMMError, match="one-shot method needs each group at one site"):
         fedglmm.fit(FORMULA, df, site="site", method="oneshot", min_group=1)

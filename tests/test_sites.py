@@ -96,7 +96,7 @@ def test_glm_without_random_effects_splits_by_rows():
     assert pooled.random == [] and pooled.method == "GLM"
 
 
-def test_group_at_two_sites_is_shared_for_gaussian_and_refused_otherwise():
+def test_group_at_two_sites_is_shared_for_gaussian_and_binomial_and_refused_otherwise():
     df = pd.read_csv(DATA / "sleepstudy.csv")
     parts = [df.iloc[:95], df.iloc[95:]]                  # subject 337's days at both sites
     res = fedglmm.fit("Reaction ~ Days + (1 | Subject)", parts)
@@ -104,8 +104,11 @@ def test_group_at_two_sites_is_shared_for_gaussian_and_refused_otherwise():
     assert abs(res.loglik - pooled.loglik) < 1e-6
     assert "levels shared by sites (Subject: 1 of 18 levels at 2 sites each)" in res.summary()
     counts = [df.assign(Reaction=(df.Reaction > 300).astype(int)).iloc[s] for s in (slice(0, 95), slice(95, None))]
+    res = fedglmm.fit("Reaction ~ Days + (1 | Subject)", counts, family="binomial")
+    pooled = fedglmm.fit("Reaction ~ Days + (1 | Subject)", pd.concat(counts), family="binomial")
+    assert abs(res.loglik - pooled.loglik) < 1e-6
     with pytest.raises(FedGLMMError, match="level .337. is present at sites .site1. and .site2.") as err:
-        fedglmm.fit("Reaction ~ Days + (1 | Subject)", counts, family="binomial")
+        fedglmm.fit("Reaction ~ Days + (1 | Subject)", counts, family="negative_binomial")
     assert "\n" not in str(err.value)
 
 

@@ -29,11 +29,21 @@ value in a used column and reports how many as ``omitted`` in its description, o
   [Z_v X y]ᵀV_s⁻¹[Z_v X y] over its rows and their θ-derivatives, over the shared levels present at the
   site, whose positions in v are ``scols``; masked: over all shared levels, without ``scols``), ``sd``,
   ``sdd``, ``sd2d`` (log det V_s and its derivatives) and ``n`` (:mod:`fedglmm.likelihood.lmm_shared`);
+  a binomial or poisson site with shared levels gets points (b, β, θ) -- b the shared effects -- and
+  ``gammas`` (one matrix dim(v) × dim(v) per point, the coordinator's prediction of Λ_v C⁻¹ Λ_vᵀ there)
+  and sends per point ``h``, ``gh``, ``Hh`` (the maximum over its own random effects of its log-density
+  given b, and its gradient and Hessian in (b, β, θ)), ``l``, ``gl`` (the log-determinant of its own
+  Laplace curvature and its gradient), ``gc`` (the gradient of ⟨Γ, S_s⟩, S_s its Schur complement for b)
+  and ``n``, over the shared levels present at the site (``scols``; masked: over all of them)
+  (:mod:`fedglmm.likelihood.glmm_shared`);
 * ``finalize`` {point, transform, zscale, ...}: the same sums at the final estimate, and each group's
   conditional modes and conditional standard deviations (a site with rules sends them only for groups
   of at least its ``min_group`` and lists the others under ``withheld``); with shared levels the request
   carries ``shared_v`` and ``shared_N`` (the shared modes and their conditional covariance over σ²) and
-  the site answers with the modes of its own levels only;
+  the site answers with the modes of its own levels only; a binomial or poisson fit's final request
+  carries ``points`` and ``gammas`` as an ``evaluate`` request (answered as ``points``), the first point
+  being the estimate with the shared modes, and ``shared_G`` (their conditional covariance on the scale
+  of b): the site adds the modes and SDs of its own levels given them;
 * ``oneshot`` {formula, family, link, order[, transforms]}: the site's whole one-shot message (its description, set-up
   sums and per-group summaries, see :func:`fedglmm.site.summaries.summarize`), or its refusal to send
   per-group summaries for groups below its minimum size;

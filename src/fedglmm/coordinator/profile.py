@@ -30,6 +30,7 @@ from ..likelihood.lmm_shared import SUM_KEYS
 from ..likelihood.setup import sum_replies
 from ..protocol import request
 from .profile_params import Layout, Quantity, lmm_objective, quantities
+from .shared_glmm_rounds import FINAL_DEC, SharedGLMMEvaluator
 from .shared_rounds import SharedRoundEvaluator
 
 MAX_ROUNDS = 12
@@ -139,6 +140,7 @@ class Evaluator:
 
     def __init__(self, session, layout: Layout):
         self.session, self.L = session, layout
+        self.shared = None
 
     def __call__(self, points: list[np.ndarray]) -> list[tuple]:
         L, st = self.L, self.session.setup
@@ -147,8 +149,21 @@ class Evaluator:
             uniq, inv = np.unique(thetas, axis=0, return_inverse=True)
             sums = self._round(uniq, LMM_KEYS + (LMM_DERIVATIVE_KEYS if L.k else []))
             return [lmm_objective(x, sums[i], L) for x, i in zip(points, np.ravel(inv))]
-        sums = self._round(np.asarray(points), GLMM_KEYS)
+        if st.shared:            # levels shared by sites: the coordinator's Laplace sums, v solved as in the fit
+            if self.shared is None:
+                self.shared = SharedGLMMEvaluator(st, self, settle=FINAL_DEC, patient=True)
+            sums = self.shared.evaluate(list(points), GLMM_KEYS)
+        else:
+            sums = self._round(np.asarray(points), GLMM_KEYS)
         return [(-float(s["value"]), -np.asarray(s["grad"]), -np.asarray(s["hess"])) for s in sums]
+
+    def evaluate(self, points, keys, extra=None) -> list[dict]:
+        """One round at the points (b, β, θ) of a GLMM with shared levels (the interface of
+        :class:`~fedglmm.coordinator.rounds.RoundEvaluator` that :class:`SharedGLMMEvaluator` uses)."""
+        st = self.session.setup
+        rep = self.session.broadcast(request("evaluate", points=np.asarray(points), **st.scale, **(extra or {})),
+                                     "profile")
+        return [self.shared.total({sid: r["points"][i] for sid, r in rep.items()}, keys) for i in range(len(points))]
 
     def _round(self, pts: np.ndarray, keys) -> list[dict]:
         st = self.session.setup

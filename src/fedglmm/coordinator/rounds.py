@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InputError
 from ..likelihood.fit import Estimate, fit_glmm, fit_lmm
 from ..likelihood.setup import Setup, sum_replies
 from ..likelihood.starts import NB_PSI_SHIFTS, start_values
@@ -18,6 +19,7 @@ from ..model.options import FitOptions
 from ..model.spec import ModelSpec, Schema, theta_index
 from ..protocol import request
 from .schema import merge_schema
+from .shared_glmm_rounds import SharedGLMMEvaluator
 from .shared_rounds import SharedRoundEvaluator
 from .surrogate import surrogate_model
 
@@ -58,6 +60,16 @@ def schema_payload(schema: Schema) -> dict:
     return out
 
 
+def check_shared_glmm(family: Family, options: FitOptions) -> None:
+    """Levels shared by sites are fitted by the Laplace approximation with the observed curvature."""
+    if options.nagq > 1:
+        raise InputError("nagq > 1 (adaptive Gauss-Hermite quadrature) is not available when levels of a grouping "
+                         "factor are shared by sites; use nagq=1 (Laplace)")
+    if options.curvature == "expected" and not family.canonical:
+        raise InputError(f"curvature='expected' is not available when levels are shared by sites (the {family.link} "
+                         "link's fit uses the observed curvature)")
+
+
 class RoundEvaluator:
     """The :class:`~fedglmm.likelihood.fit.Evaluator` of a federated fit: each call is one round.
 
@@ -77,8 +89,9 @@ class RoundEvaluator:
         ride, self.first = self.first, {}
         return ride
 
-    def evaluate(self, points, keys):
-        rep = self.transport.broadcast(request("evaluate", points=np.asarray(points), **self.scale, **self._ride()))
+    def evaluate(self, points, keys, extra=None):
+        rep = self.transport.broadcast(request("evaluate", points=np.asarray(points), **self.scale, **(extra or {}),
+                                               **self._ride()))
         per_point = [{sid: r["points"][i] for sid, r in rep.items()} for i in range(len(points))]
         return [self.total(pp, keys) for pp in per_point]
 
@@ -98,7 +111,14 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     stand-in for −ℓ (GLMMs; see :func:`~fedglmm.coordinator.surrogate.surrogate_model`); ``final_first``: the
     (single) GLMM start is believed to be the estimate, and the first round is final;
     ``mode_derivatives``: the conditional modes are moved from the last point to the estimate (GLMMs)."""
-    if st.shared:                      # levels shared by sites: gaussian models only (schema)
+    if st.shared and family.name != "gaussian":          # levels shared by sites: Laplace, v by the coordinator
+        check_shared_glmm(family, options)
+        shared = SharedGLMMEvaluator(st)
+        shared.rounds = RoundEvaluator(transport, st, first, total=shared.total)
+        gamma0, theta0 = start_values(st, family) if start is None else start[0] if isinstance(start[0], tuple) \
+            else start
+        return fit_glmm(shared, st, gamma0, theta0, options)
+    if st.shared:                      # levels shared by sites, gaussian: exact sums
         if start is None and "xty" not in st.sums:        # one grouping factor: no joint moment start
             start = np.eye(st.mask.shape[0])[theta_index(st.mask)] if st.mask.shape[0] else None
         shared = SharedRoundEvaluator(st, options.reml)

@@ -86,6 +86,9 @@ def _check_outcome_kinds(spec: ModelSpec, kinds: dict, levels: dict, fam) -> Non
             raise SchemaError(f"column '{bad[0]}' is used as a number in '{expr}' but is not numeric")
 
 
+SHARED_FAMILIES = ("gaussian", "binomial", "poisson")      # fitted with levels shared by sites
+
+
 def shared_levels(descriptions: dict[str, dict], spec: ModelSpec, fam) -> tuple[dict, dict]:
     """{factor: {level: number of sites}} for the levels of grouping factors present at two or more sites
     (natural order), and {factor: number of levels over all sites}.  Gaussian models fit them exactly; other families refuse them, naming the factor,
@@ -103,12 +106,12 @@ def shared_levels(descriptions: dict[str, dict], spec: ModelSpec, fam) -> tuple[
         dup = counts[counts > 1]
         if dup.empty:
             continue
-        if fam.name != "gaussian":
+        if fam.name not in SHARED_FAMILIES:
             level = sort_levels(np.asarray(dup.index, dtype=str), natural=True)[0]
             at = " and ".join(f"'{s}'" for s in where[labels == level][:2])
             raise SchemaError(f"group '{name}' level '{level}' is present at sites {at}; levels shared by "
-                              f"sites are fitted for gaussian models only ({fam.name} models need each group "
-                              "at one site)")
+                              f"sites are fitted for gaussian, binomial and poisson models ({fam.name} models "
+                              "need each group at one site)")
         order = sort_levels(np.asarray(dup.index, dtype=str), natural=True)
         out[name] = {str(lv): int(dup[lv]) for lv in order}
     return out, nlevels

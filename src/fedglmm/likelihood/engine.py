@@ -13,8 +13,9 @@ pseudo-data) on the coordinator's internal scale (:mod:`fedglmm.model.spec`) and
 :class:`~fedglmm.likelihood.laplace.GLMMLikelihood` and :class:`~fedglmm.likelihood.lmm.LMMSums` implement
 it for one grouping factor (batched over groups), :class:`~fedglmm.likelihood.multilevel.MultiLevelGLMM` and
 :class:`~fedglmm.likelihood.lmm_sparse.MultiLMMSums` for several (sparse; their ``modes`` are dictionaries
-by factor), :class:`~fedglmm.likelihood.lmm_shared.SharedLMMSums` for a gaussian model whose grouping
-factors have levels at several sites; :func:`make_engine` builds the right one for a design, and :class:`EngineCache` keeps one per
+by factor), :class:`~fedglmm.likelihood.lmm_shared.SharedLMMSums` and
+:class:`~fedglmm.likelihood.glmm_shared.SharedGLMMSums` for a gaussian or binomial/poisson model whose
+grouping factors have levels at several sites; :func:`make_engine` builds the right one for a design, and :class:`EngineCache` keeps one per
 internal scale, so an engine's warm-started modes survive from one request to the next.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from ..model.families import Family
 from ..model.spec import Design
+from .glmm_shared import SharedGLMMSums
 from .laplace import GLMMLikelihood
 from .lmm import LMMSums
 from .lmm_shared import SharedLMMSums
@@ -43,12 +45,12 @@ class Engine(Protocol):
 def make_engine(design: Design, family: Family, nagq: int, curvature: str, transform: np.ndarray,
                 zscale: np.ndarray, shared: dict | None = None) -> Engine:
     """The engine of ``design`` on the internal scale X̃ = X·transform, Z̃ = Z / zscale.  ``shared``: the
-    levels of grouping factors held by several sites ({factor: [levels]}; gaussian models only)."""
+    levels of grouping factors held by several sites ({factor: [levels]}; gaussian, binomial and poisson)."""
     zs = zscale if len(zscale) else np.ones(design.Z.shape[1])
     d = replace(design, X=design.X @ transform, Z=design.Z / zs)
     if shared:
         layout = SharedLayout.from_payload(shared, {f.name: f.q for f in design.groupings})
-        return SharedLMMSums(d, layout)
+        return SharedLMMSums(d, layout) if family.name == "gaussian" else SharedGLMMSums(d, family, layout)
     if design.factors:                 # several grouping factors: the sparse engines
         return MultiLMMSums(d) if family.name == "gaussian" else MultiLevelGLMM(d, family, curvature=curvature)
     if family.name == "gaussian":

@@ -24,10 +24,13 @@ def start_values(st: Setup, family: Family) -> tuple[np.ndarray, np.ndarray]:
     ends with its ψ0 (the optimiser's parameters are (γ, θ̃, ψ))."""
     s, A, mask, zs, n = st.sums, st.A, st.mask, st.zs, st.n
     q = mask.shape[0]
-    if family.name == "binomial" and not st.factor_groups:
+    # one grouping factor whose levels are shared by sites is laid out as one of several, but its set-up
+    # sums are those of one factor
+    several = bool(st.factor_groups) and any(k.endswith(".0") for k in s)
+    if family.name == "binomial" and not several:
         return null_step_start(s, family, A, mask, zs, s["ztz"] / n)
     psi0 = dispersion_start(st, family) if family.ndisp else None
-    if st.factor_groups:
+    if several:
         return factor_start(st, family, psi0)
     if from_null_model(family):
         gamma0, theta0 = null_step_start(s, family, A, mask, zs, s["ztz"] / n, np.exp(-psi0))

@@ -26,6 +26,7 @@ from ..likelihood import fused
 from ..likelihood.conditional import mode_derivatives
 from ..likelihood.engine import EngineCache, make_engine
 from ..likelihood.laplace import GLMMLikelihood
+from ..likelihood.glmm_shared import SharedGLMMSums
 from ..likelihood.lmm_shared import to_global
 from ..likelihood.setup import setup_reply
 from ..model.design import build_design, describe_frame, transform_statistics
@@ -235,19 +236,36 @@ class Site:
     @staticmethod
     def _masked_layout(req, eng, sums: dict) -> dict:
         """Shared sums travel in the site's own layout, but masked ones in the global layout (to add up)."""
-        return to_global(sums, eng.Q) if "secagg" in req and "scols" in sums else sums
+        if "secagg" not in req or "scols" not in sums:
+            return sums
+        return eng.to_global(sums) if hasattr(eng, "to_global") else to_global(sums, eng.Q)
+
+    def _points(self, req, eng) -> list:
+        """The sums at each requested point (a GLMM with shared levels: with the coordinator's Γ̂ at each)."""
+        points = np.asarray(req["points"], float)
+        if "gammas" not in req:
+            return [self._masked_layout(req, eng, eng.sums(x)) for x in points]
+        gammas = np.asarray(req["gammas"], float)
+        if not isinstance(eng, SharedGLMMSums) or gammas.shape != (len(points), eng.Q, eng.Q):
+            raise FedGLMMError(f"site '{self.site_id}': refused a malformed request (gammas)")
+        return [self._masked_layout(req, eng, eng.sums(x, gamma=g)) for x, g in zip(points, gammas)]
 
     def _on_evaluate(self, req):
         self._ride_setup(req)
         eng = self._engine_for(req)
         self._shared_cells(req, eng)
-        return {"points": [self._masked_layout(req, eng, eng.sums(x)) for x in np.asarray(req["points"], float)]}
+        return {"points": self._points(req, eng)}
 
     def _on_finalize(self, req):
         self._ride_setup(req)
         eng = self._engine_for(req)
         self._shared_cells(req, eng)
         point = np.asarray(req["point"], float)
+        if "gammas" in req:             # a GLMM with shared levels: the final points, and the local modes
+            reply = {"points": self._points(req, eng)}
+            modes, sds = eng.modes(point, shared=(None, req["shared_G"]))
+            reply.update(self._factor_modes(modes, sds, eng.split))
+            return reply
         reply = self._masked_layout(req, eng, eng.sums(point, final=True))
         d = self.design
         if d.Z.shape[1] == 0:

@@ -1,0 +1,200 @@
+"""The rounds of a binomial or poisson fit whose grouping factors have levels at several sites (Laplace):
+the evaluator that the trust-region Newton iteration of :func:`fedglmm.likelihood.fit.fit_glmm` drives in
+φ = (β, θ), while the shared effects v follow by Newton steps of their own, warm-started across rounds.
+
+For each φ the iteration asks for, one round carries 1 + 2P points x = (v, φ) (P = dim φ): the point
+(v̄, φ), v̄ the prediction from the nearest point evaluated before (its v plus its Newton step δv plus its
+tangent τ times the change of φ, plus half the change of τ, known from that point's differences), and
+(v̄ ± h_j τ̄_j, φ ± h_j e_j).  The sites evaluate every point
+(:class:`~fedglmm.likelihood.glmm_shared.SharedGLMMSums`) with the coordinator's prediction Γ̂ of
+Λ C⁻¹ Λᵀ there; from their totals :class:`~fedglmm.likelihood.glmm_shared_pool.SharedGLMMPool` gives the
+Laplace log-likelihood and its gradient at each point, the central differences of the totals S the
+derivatives of log det C with the exact Γ (at the difference points: what Γ̂ missed, to first order),
+and the central differences of the gradients the Hessian.  The value, gradient and Hessian are those
+of ℓ(φ) at the joint mode to first order in δv.  A trial φ whose δv is not small (the start; a long
+step) takes further rounds (:meth:`SharedGLMMEvaluator._solve`); otherwise the rounds are those of the
+Newton iteration.  At the estimate the final round is repeated, with v moved by δv, until v's Newton
+decrement is below ``FINAL_DEC``: its value and gradient are then those at the joint mode.
+
+The final round also returns each site's local modes given the shared ones (and their SDs, adding the
+shared part RΓRᵀ); the coordinator reports the shared levels' modes, b̂_v = Λ v̂ with SDs from Λ C⁻¹ Λᵀ.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..likelihood.glmm_shared import GLMM_SHARED_KEYS, to_global
+from ..likelihood.glmm_shared_pool import SharedGLMMPool, SharedPoint
+from ..likelihood.setup import Setup, sum_replies
+from ..likelihood.shared import SharedLayout
+from .shared_rounds import POOLED
+
+WARM, MAX_WARM = 0.5, 8      # rounds for one φ while v's Newton decrement is above WARM (see _solve)
+LINE = (0.5, 0.25, 0.125)    # the fractions of v's Newton step also tried in those rounds
+FINAL_DEC = 1e-8             # v's Newton decrement at the estimate below which its value is exact
+STEP = 1e-4          # central differences along (τ̄_j, e_j): h_j = STEP (1 + |φ_j|)
+
+
+class SharedGLMMEvaluator:
+    """The evaluator of a GLMM with shared levels over ``rounds`` (a
+    :class:`~fedglmm.coordinator.rounds.RoundEvaluator` built with :meth:`total`)."""
+
+    def __init__(self, setup: Setup, rounds=None, settle: float = WARM, patient: bool = False):
+        """``settle``: the decrement of v below which a point's value counts (WARM in a fit; a point of a
+        profile, whose every value counts, is settled much further); ``patient``: every point is
+        settled, none given up for another (a profile)."""
+        self.rounds, self.settle, self.patient = rounds, settle, patient
+        zcols = setup.factor_columns()
+        self.layout = SharedLayout.from_payload({f: list(lv) for f, lv in setup.shared.items()},
+                                                {f: len(c) for f, c in zcols.items()})
+        self.pool = SharedGLMMPool(self.layout, setup.mask, zcols, len(setup.names))
+        self.zcols = zcols
+        self.seen: list[SharedPoint] = []
+
+    def total(self, replies: dict, keys) -> dict:
+        """The sites' sums added up in the global layout."""
+        Q = self.layout.Q
+        return sum_replies({sid: to_global(r, Q) for sid, r in replies.items()}, keys)
+
+    # --- the points of one φ ----------------------------------------------------------------------
+    def _nearest(self, phi) -> SharedPoint | None:
+        if not self.seen:
+            return None
+        return min(reversed(self.seen), key=lambda s: float(np.sum((s.phi - phi) ** 2)))
+
+    def _plan(self, phi, v=None, near: SharedPoint | None = None) -> dict:
+        """The points (v, φ) for one φ -- v predicted from the nearest point evaluated unless given --
+        the prediction Γ̂ at each, and the difference steps; with ``near`` at the same φ, also the points
+        with v moved by the fractions LINE of the step from ``near`` (the line search of :meth:`_solve`)."""
+        phi = np.asarray(phi, float)
+        P, Q = len(phi), self.layout.Q
+        near = self._nearest(phi) if near is None else near
+        if v is None:
+            v = np.zeros(Q) if near is None else near.v_at(phi)
+        taubar = np.zeros((Q, P)) if near is None else near.tau
+        h = STEP * (1.0 + np.abs(phi))
+        xs = [(v, phi)]
+        for j in range(P):
+            for sign in (1.0, -1.0):
+                e = np.zeros(P)
+                e[j] = sign * h[j]
+                xs.append((v + sign * h[j] * taubar[:, j], phi + e))
+        line = [] if near is None or not np.array_equal(near.phi, phi) else \
+            [(near.v + t * (v - near.v), phi) for t in LINE]
+        S = [np.zeros((Q, Q)) if near is None else near.S_at(x[1]) for x in xs + line]
+        gammas = [self.pool.gamma(x[1], s) for x, s in zip(xs + line, S)]
+        psis = [self.pool.psi(x[1], x[0]) for x in xs + line]
+        return {"phi": phi, "xs": xs, "line": line, "gammas": gammas, "psis": psis, "h": h, "taubar": taubar}
+
+    def _digest(self, plan: dict, totals: list):
+        """The profile at the plan's point from its totals (and those of its difference points), the best
+        of its line points (or None), and the result for the iteration (NaN where it failed)."""
+        pool, P = self.pool, len(plan["phi"])
+        Q = self.layout.Q
+        nan = {"value": np.nan, "grad": np.full(P, np.nan), "hess": np.full((P, P), np.nan)}
+        m = len(plan["xs"])
+        line = []
+        with np.errstate(all="ignore"):
+            for t, x in zip(totals[m:], plan["line"]):
+                try:
+                    line.append(pool.assess(t, x[1], x[0]))
+                except (np.linalg.LinAlgError, ValueError):
+                    pass
+            best = max([pt for pt in line if np.isfinite(pt.F)], key=lambda pt: pt.F, default=None)
+            try:
+                Smat = [-np.asarray(t["Hh"], float)[:Q, :Q] for t in totals[:m]]
+                fd = (Smat[1::2][:P], Smat[2::2][:P], plan["h"], plan["taubar"])
+                base = pool.assess(totals[0], plan["phi"], plan["xs"][0][0], fd)
+                others = [pool.assess(t, x[1], x[0], near=(g, base.dS))
+                          for t, x, g in zip(totals[1:m], plan["xs"][1:], plan["gammas"][1:m])]
+            except (np.linalg.LinAlgError, ValueError):
+                return None, best, nan
+        H = np.empty((P, P))
+        for j in range(P):
+            H[:, j] = (others[2 * j].grad - others[2 * j + 1].grad) / (2.0 * plan["h"][j])
+        base.dtau = np.stack([(others[2 * j].tau - others[2 * j + 1].tau) / (2.0 * plan["h"][j]) for j in range(P)])
+        H = 0.5 * (H + H.T)
+        ok = np.isfinite(base.value) and np.isfinite(base.F) and np.all(np.isfinite(base.grad)) \
+            and np.all(np.isfinite(H))
+        if not ok:
+            return None, best, nan
+        return base, best, {"value": base.value, "grad": base.grad, "hess": H}
+
+    def _solve(self, points) -> list:
+        """One round for the given φs, and more while the v of some φ is not yet close to its mode (a
+        Newton decrement F_v·δv above WARM, where the first-order corrections for δv are too rough to
+        compare values: from far away at the start, or after a long step).  Each further round moves that
+        φ's v by its Newton step δv, and also tries v moved by the fractions LINE of it (a line search
+        within the round: a full Newton step from far away overshoots for the log and logit links),
+        going on from the best F.  Once some φ of the call is settled, or after MAX_WARM rounds, the
+        others get NaN: a trial point whose v is far from its mode is a long step, and the iteration then
+        steps shorter."""
+        plans = {i: self._plan(x) for i, x in enumerate(points)}
+        P = len(np.asarray(points[0]))
+        out = {i: {"value": np.nan, "grad": np.full(P, np.nan), "hess": np.full((P, P), np.nan)}
+               for i in plans}
+        for _ in range(MAX_WARM):
+            order = list(plans)
+            psis = [p for i in order for p in plans[i]["psis"]]
+            gammas = [g for i in order for g in plans[i]["gammas"]]
+            totals = self.rounds.evaluate(psis, GLMM_SHARED_KEYS, {"gammas": np.asarray(gammas)})
+            at = 0
+            for i in order:
+                pl = plans.pop(i)
+                m = len(pl["psis"])
+                base, best, res = self._digest(pl, totals[at: at + m])
+                at += m
+                if base is not None and (best is None or base.F >= best.F):
+                    if base.decrement < self.settle:
+                        self.seen.append(base)
+                        out[i] = res
+                        continue
+                    start = base
+                else:
+                    start = best
+                if start is not None:
+                    plans[i] = self._plan(pl["phi"], start.v + start.dv, start)
+            if not plans or not self.patient and any(np.isfinite(r["value"]) for r in out.values()):
+                break
+        return [out[i] for i in range(len(points))]
+
+    def evaluate(self, points, keys):
+        return self._solve(points)
+
+    def finalize(self, point, keys, extra=None):
+        """The final round at ``point`` (its difference points too: the Hessian gives the standard errors),
+        with each site's local modes; again with v moved by its Newton step while that step is not
+        negligible (a decrement above FINAL_DEC: the value and gradient are then exact at the mode)."""
+        plan = self._plan(point)
+        for _ in range(MAX_WARM):
+            extra = dict(extra or {})
+            extra.update({"points": np.asarray(plan["psis"]), "gammas": np.asarray(plan["gammas"]),
+                          "shared_G": plan["gammas"][0]})
+            _, rep = self.rounds.finalize(plan["psis"][0], (), extra)
+            m = len(plan["psis"])
+            totals = [self.total({sid: r["points"][i] for sid, r in rep.items()}, GLMM_SHARED_KEYS)
+                      for i in range(m)]
+            base, best, s = self._digest(plan, totals)
+            if base is not None and (best is None or base.F >= best.F) and base.decrement < FINAL_DEC:
+                break
+            start = base if base is not None and (best is None or base.F >= best.F) else best
+            if start is None:
+                break
+            plan = self._plan(point, start.v + start.dv, start)
+        parts = {sid: {k: v for k, v in r.items() if k not in GLMM_SHARED_KEYS + ("points", "scols")}
+                 for sid, r in rep.items()}
+        if base is not None:
+            self.seen.append(base)
+            parts[POOLED] = self._shared_modes(base)
+        return s, parts
+
+    def _shared_modes(self, pt: SharedPoint) -> dict:
+        """The shared levels' modes b̂_v = Λ v̂ and SDs sqrt(diag Λ C⁻¹ Λᵀ), by factor (internal scale)."""
+        L = self.pool.L(pt.phi[self.pool.p:])
+        bv, sd = L @ (pt.v + pt.dv), np.sqrt(np.maximum(np.diag(pt.Gamma), 0.0))
+        out = {"levels": {}, "modes": {}, "condsd": {}}
+        for f, c in self.zcols.items():
+            levels = self.layout.levels.get(f, [])
+            idx = self.layout.columns(f, np.arange(len(levels))) if levels else np.zeros((0, len(c)), int)
+            out["levels"][f], out["modes"][f], out["condsd"][f] = list(levels), bv[idx], sd[idx]
+        return out
