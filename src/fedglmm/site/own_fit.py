@@ -39,10 +39,11 @@ def _site_design(frame, spec: ModelSpec, fam: Family, site_id: str, transforms: 
     return build_design(spec, schema, frame, fam, site_id, checked=True)
 
 
-# A site with OWN_FIT_GROUPS groups or more (model.options) stops its own fit at a Newton decrement of
-# MANY_TOL, plus its Newton step (whose error is of the order of the square of that): an evaluation or two
-# earlier than at 1e-4.
-MANY_TOL = 0.05
+# A site with OWN_FIT_GROUPS groups or more (model.options) stops its own fit at a Newton decrement below
+# MANY_TOL, plus its Newton step (whose error is of the order of the square of that, times a contraction of
+# about 1e-3 with a thousand groups): two evaluations earlier than at 1e-4, with an error well below the
+# spread of the sites' estimates that the combination carries anyway.
+MANY_TOL = 0.5
 
 
 def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: str, need,
@@ -63,13 +64,18 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
         return None
     # a start for a fit with other sites needs no more than a decrement of 1e-4 (a hundredth of a standard
     # error); the fit of the only site is the fit itself
-    many = len(sizes) >= OWN_FIT_GROUPS and not local.get("exact")
-    newton = NewtonConfig() if local.get("exact") else NewtonConfig(tol=MANY_TOL, near=MANY_TOL) if many else \
-        NewtonConfig(tol=1e-4, near=1e-2)
-    options = FitOptions(nagq=int(local.get("nagq", 1)), curvature=str(local.get("curvature", "observed")),
-                         newton=newton)
+    many = len(sizes) >= OWN_FIT_GROUPS and not local.get("exact") and not d.factors
+    newton = NewtonConfig() if local.get("exact") else NewtonConfig(tol=1e-4, near=1e-2)
+    nagq, curvature = int(local.get("nagq", 1)), str(local.get("curvature", "observed"))
+    options = FitOptions(nagq=nagq, curvature=curvature, newton=newton)
     sub = replace(d, X=d.X[:, keep], x_names=[d.x_names[j] for j in keep])
-    res = local_fit(sub, fam, options, site_id, starts=[], predict=many, third=third and not many and not local.get("exact"))
+    if many:
+        try:
+            res = _cut_short(sub, fam, nagq, curvature, site_id, 60, MANY_TOL)
+        except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
+            res = None
+    else:
+        res = local_fit(sub, fam, options, site_id, starts=[], third=third and not local.get("exact"))
     if res is None or res["info"] is None:
         return None
     out = {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"], "theta": res["theta"],
@@ -126,11 +132,10 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
 
 
 def local_fit(design: Design, family: Family, options: FitOptions, site_id: str, starts=None,
-              predict: bool = False, third: bool = False) -> dict | None:
+              third: bool = False) -> dict | None:
     """A fit of ``design`` alone, as an estimate and its information on the user's scale: β, θ (followed by
     the log-dispersion ψ for a family with one) and the information matrix of (β, θ, ψ) (gaussian: None).  ``starts``: the GLMM iteration's further first-round
-    points (default: the start's covariance halved and doubled); ``predict``: stop where the observed
-    contraction predicts convergence (:class:`~fedglmm.likelihood.newton.TrustRegionNewton`); ``third``: also
+    points (default: the start's covariance halved and doubled); ``third``: also
     the third derivatives of −ℓ there (:func:`third_derivatives`, user's scale).  None when the fit fails
     or does not converge."""
     try:
@@ -139,14 +144,14 @@ def local_fit(design: Design, family: Family, options: FitOptions, site_id: str,
         evaluator = LocalEvaluator({site_id: engine}, {site_id: None if design.factors or not design.Z.shape[1]
                                                        else design.group_levels})
         est = fit_lmm(evaluator, st, options) if family.name == "gaussian" else \
-            fit_glmm(evaluator, st, *start_values(st, family), options, starts=starts, predict_final=predict)
+            fit_glmm(evaluator, st, *start_values(st, family), options, starts=starts)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
     if not est.converged or (est.info is None and family.name != "gaussian"):
         return None
     out = {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ est.gamma,
            "theta": np.r_[est.theta / st.theta_scale, est.disp], "info": None,
-           "modes": np.array(engine.u, copy=True) if getattr(engine, "u", None) is not None else None}
+           "modes": _modes_of(engine)}
     if est.info is not None:
         T = st.internal_transform()
         out["info"] = T.T @ est.info @ T
@@ -196,25 +201,43 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
         design = _site_design(frame, spec, family, site_id, transforms)
         if family.name == "gaussian":
             return local_fit(design, family, FitOptions(newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id)
-        st = make_setup({site_id: setup_reply(design, family)}, family.ndisp)
-        engine = make_engine(design, family, 1, curvature, st.A, st.zs)
-        opt = TrustRegionNewton(np.concatenate(start_values(st, family)),
-                                NewtonConfig(tol=1e-4, near=1e-2, max_evals=SHORT_ROUNDS, single=True),
-                                predict_final=True)
-        xs = opt.starts
-        while xs:
-            sums = [engine.sums(x) for x in xs]
-            xs = opt.tell(xs, [(-r["value"], -r["grad"], -r["hess"]) for r in sums])
+        return _cut_short(design, family, 1, curvature, site_id, SHORT_ROUNDS, 0.0)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
+
+
+def _cut_short(design: Design, family: Family, nagq: int, curvature: str, site_id: str, rounds: int,
+               stop: float) -> dict | None:
+    """Local Newton iterations from the site-totals start, at most ``rounds``, ending early where the
+    decrement falls below ``stop`` (the point plus its Newton step is then the estimate), as :func:`short_fit`
+    returns them, with the engine's modes."""
+    st = make_setup({site_id: setup_reply(design, family)}, family.ndisp)
+    engine = make_engine(design, family, nagq, curvature, st.A, st.zs)
+    opt = TrustRegionNewton(np.concatenate(start_values(st, family)),
+                            NewtonConfig(tol=1e-4, near=1e-2, max_evals=rounds, single=True), predict_final=True)
+    xs = opt.starts
+    while xs:
+        sums = [engine.sums(x) for x in xs]
+        xs = opt.tell(xs, [(-r["value"], -r["grad"], -r["hess"]) for r in sums])
+        if xs and opt.accepted is not None and opt.trace and opt.trace[-1][2] < stop:
+            break
     cur = opt.current
     if cur is None or not np.all(np.isfinite(cur.H)):
         return None
     x = opt.solution if opt.converged else cur.x
+    if not opt.converged and opt.trace and opt.trace[-1][2] < stop:
+        x = cur.x + np.linalg.solve(cur.H, -cur.g)
     p, T = len(st.names), st.internal_transform()
     k = p + int(st.mask.sum())
     return {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ x[:p],
-            "theta": np.r_[canonical_theta(x[p:k], st.mask) / st.theta_scale, x[k:]], "info": T.T @ cur.H @ T}
+            "theta": np.r_[canonical_theta(x[p:k], st.mask) / st.theta_scale, x[k:]], "info": T.T @ cur.H @ T,
+            "modes": _modes_of(engine)}
+
+
+def _modes_of(engine) -> np.ndarray | None:
+    """An engine's spherical modes (G × q) where it has one grouping factor, else None."""
+    u = getattr(engine, "u", None)
+    return np.array(u, copy=True) if isinstance(u, np.ndarray) else None
 
 
 def warm_start(engine, design: Design, levels: list, modes: np.ndarray) -> None:
