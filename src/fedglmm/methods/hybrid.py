@@ -185,13 +185,25 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
 def _fits_suffice(own: dict, replies: dict, merged, req, st) -> bool:
     """Whether the sites' own fits alone make the start (no pseudo-data fit at the coordinator, whose cost
     grows with the groups): a GLMM with one grouping factor, every site's fit in the agreed coding, every
-    summary sent, and at least ``OWN_FIT_GROUPS`` groups at every site -- likelihoods that close to
-    quadratic combine by their information to within a Newton step of the pooled optimum."""
+    summary sent, at least ``OWN_FIT_GROUPS`` groups at every site and no standard deviation near zero --
+    likelihoods that close to quadratic combine by their information to within a Newton step of the pooled
+    optimum."""
     if req.family.name == "gaussian" or len(req.spec.groups) > 1 or merged.refused or len(own) < len(replies):
         return False
     if min(int(r["ngroups"]) for r in replies.values()) < OWN_FIT_GROUPS:
         return False
-    return len(_own_parts(own, replies, st)) == len(replies)
+    parts = _own_parts(own, replies, st)
+    return len(parts) == len(replies) and all(_clear_of_zero(o, _sd_index(st)) for o in parts.values())
+
+
+def _clear_of_zero(part: OwnPart, idx) -> bool:
+    """Whether a site's estimated standard deviations are all more than three of their standard errors from
+    zero: near that boundary a likelihood is far from quadratic, and the fits alone combine badly."""
+    try:
+        se = np.sqrt(np.maximum(np.diag(np.linalg.pinv(part.K)), 0.0))[idx]
+    except np.linalg.LinAlgError:
+        return False
+    return bool(np.all(np.abs(part.center[idx]) > 3.0 * se))
 
 
 def _secure_setup(transport, payload, req, merged):

@@ -16,7 +16,7 @@ NA_ACTIONS = ("omit", "fail")   # rows with a missing value in a used column: dr
 MIN_GROUP = 10          # default smallest group (observations) whose own summaries or modes a site sends
 # a site with this many groups has a log-likelihood close to quadratic around its own fit (third derivatives
 # shrink like one over the square root of the groups): the hybrid combines such fits without pseudo-data
-OWN_FIT_GROUPS = 200
+OWN_FIT_GROUPS = 500
 METHODS = ("hybrid", "iterative", "oneshot")
 CURVATURES = ("observed", "expected")
 DDF = ("satterthwaite", "none")
