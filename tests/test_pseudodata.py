@@ -393,3 +393,21 @@ def test_order2_batch_matches_every_group_exactly(binary):
             assert set(np.unique(rows[:, 0])) <= {0.0, 1.0} and rows[:, 0].sum() == round(T[g][1])
         else:
             assert rows[:, 0].min() >= 0.0
+
+
+def test_order2_start_draws_again_instead_of_solving_each_group(monkeypatch):
+    """For a start (``exact=False``), low counts whose closed-form draw goes negative are drawn again in a
+    batch (and at last clipped), never solved group by group: the counts stay ≥ 0, groups served by a redraw
+    match their moments exactly, the rest are close; with ``exact=True`` every group still matches."""
+    n, T, expo = _groups(5, binary=False)
+    calls = []
+    monkeypatch.setattr("fedglmm.coordinator.pseudo.order2.generate_group",
+                        lambda *a, **k: calls.append(a[0]) or generate_group(*a, **k))
+    V, gi, err = generate_order2(n, T, expo, nonneg_first=True, rng=np.random.default_rng(0), exact=False)
+    assert V[:, 0].min() >= 0.0 and np.array_equal(np.bincount(gi), n)
+    assert calls and max(calls) <= 5                       # only the groups too small for the batch
+    err = np.asarray(err)
+    assert np.mean(err < 1e-9) > 0.5 and np.all(err[n >= 10] < 0.5)
+    calls.clear()
+    _, _, err_exact = generate_order2(n, T, expo, nonneg_first=True, rng=np.random.default_rng(0))
+    assert np.max(err_exact) < 1e-9 and len(calls) > 3       # exactness needs the group-by-group solver

@@ -167,7 +167,9 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
 
     ``compress`` = r > 1 (binomial, order 2; the hybrid's start and surrogate): a group of n rows gets
     m = max(⌈n/r⌉, min(n, 25)) rows, each standing for n/m Bernoulli observations (a binomial row of n/m
-    trials): the likelihood costs r times less, the moments match up to the rounding of the count of ones."""
+    trials): the likelihood costs r times less, the moments match up to the rounding of the count of ones;
+    and (poisson) a group whose closed-form draw has a negative count is drawn again or clipped rather than
+    solved on its own (:func:`~fedglmm.coordinator.pseudo.order2.generate_order2`, ``exact`` False)."""
     variables_ = list(block["variables"])
     expo = monomials(len(variables_), _order_of(block, len(variables_)))
     binary = [0] if family.name == "binomial" else []
@@ -186,7 +188,7 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
         # order 2 is a closed form: all groups at once, from one stream seeded by the site's group labels
         rng = np.random.default_rng([seed, crc32("\x1f".join(map(str, block["levels"])).encode())])
         V, gidx, errors = generate_order2(nrows, targets, expo, binary_first=bool(binary),
-                                          nonneg_first=bool(nonneg), rng=rng)
+                                          nonneg_first=bool(nonneg), rng=rng, exact=compress <= 1)
         V = V * sc + c
         errors = list(errors)
     else:

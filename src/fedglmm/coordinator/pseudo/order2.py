@@ -12,7 +12,8 @@ __all__ = ["generate_order2"]
 
 
 def generate_order2(n, targets, expo, *, binary_first: bool = False, nonneg_first: bool = False,
-                    rng: np.random.Generator, tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    rng: np.random.Generator, tol: float = 1e-9,
+                    exact: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pseudo rows for many groups at once when the moments stop at order 2 (the closed form, step 3).
 
     ``n`` (G,) are the group sizes and ``targets`` (G, M) their moment sums over ``monomials(d, 2)``;
@@ -25,8 +26,21 @@ def generate_order2(n, targets, expo, *, binary_first: bool = False, nonneg_firs
     Groups this cannot serve exactly (fewer rows than columns plus cells, or a negative outcome where it
     must be ≥ 0) go through :func:`generate_group`.
 
+    With ``exact`` False (a start, not a fit: the hybrid's), a group whose draw has a negative outcome
+    where it must be ≥ 0 is drawn again, batched with the others, up to ``REDRAWS`` times, and then has its
+    outcome clipped at 0 (its moments then off by what was clipped) rather than solved group by group.
+
     Returns ``V`` (Σn, d) with the groups stacked in the order given, the group index of each row and
     the largest relative error of each group (as :func:`fedglmm.model.moments.relative_errors`)."""
+    return _order2(n, targets, expo, binary_first, nonneg_first, rng, tol, 0 if exact else REDRAWS)
+
+
+REDRAWS = 4
+
+
+def _order2(n, targets, expo, binary_first, nonneg_first, rng, tol, redraws: int):
+    """:func:`generate_order2`; ``redraws`` > 0: a start, whose negative outcomes are drawn again (and at the
+    last, clipped) rather than solved group by group."""
     expo = _check_expo(expo)
     if int(expo.sum(axis=1).max()) != 2:
         raise ValueError("generate_order2 needs the monomials of order 2")
@@ -71,6 +85,15 @@ def generate_order2(n, targets, expo, *, binary_first: bool = False, nonneg_firs
     if nonneg_first and not binary_first and N:
         neg = np.zeros(G, dtype=bool)
         np.logical_or.at(neg, rowg, V[:, 0] < 0)
+        if redraws and np.any(neg & ok):
+            again = np.flatnonzero(neg & ok)
+            # the rows of those groups, in order (each group's first row plus 0 .. n − 1)
+            rows = np.repeat(gstart[again] - np.r_[0, np.cumsum(n[again])[:-1]], n[again]) + np.arange(n[again].sum())
+            if redraws > 1:
+                V[rows] = _order2(n[again], targets[again], expo, binary_first, nonneg_first, rng, tol, redraws - 1)[0]
+            else:
+                V[rows, 0] = np.maximum(V[rows, 0], 0.0)
+            neg[again] = False
         ok &= ~neg
     for g in np.flatnonzero(~ok & (n > 0)):                 # the few groups the batch cannot serve exactly
         Vg_, _ = generate_group(int(n[g]), expo, targets[g], binary=[0] if binary_first else [],
