@@ -218,3 +218,27 @@ def test_own_fit_modes_stay_at_the_site():
     assert KEPT.encode() not in raw
     levels, modes = site._warm
     assert modes.shape == (df["district"].nunique(), 1) and len(levels) == modes.shape[0]
+
+
+def test_many_groups_per_site_start_from_the_fits_alone(monkeypatch):
+    """Sites with at least OWN_FIT_GROUPS groups each: the start is the combination of their own fits, with no
+    pseudo-data fit at the coordinator, and the fit equals the iterative one to 1e-8 in at most 4 rounds."""
+    import fedglmm.methods.hybrid as hybrid
+    from fedglmm.model.options import OWN_FIT_GROUPS
+
+    rng = np.random.default_rng(4)
+    G, m = 2 * OWN_FIT_GROUPS, 12
+    g = np.repeat(np.arange(G), m)
+    x = rng.normal(size=g.size)
+    b = rng.normal(0, 0.8, G)
+    df = pd.DataFrame({"y": rng.binomial(1, 1 / (1 + np.exp(0.3 - 0.5 * x - b[g]))), "x": x, "g": g})
+    sites = {"a": df[df.g % 2 == 0], "b": df[df.g % 2 == 1]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exact = fedglmm.fit("y ~ x + (1 | g)", sites, family="binomial", method="iterative")
+        monkeypatch.setattr(hybrid, "_pseudo_fit", lambda *a, **k: pytest.fail("pseudo-data fitted"))
+        fit = fedglmm.fit("y ~ x + (1 | g)", sites, family="binomial")
+    assert not any("stayed at their sites" in msg for msg in fit.messages)     # every summary was sent
+    assert fit.rounds <= 4
+    assert np.allclose(fit.fixef, exact.fixef, atol=1e-8) and np.allclose(fit.theta, exact.theta, atol=1e-8)
+    assert abs(fit.loglik - exact.loglik) < 1e-8
