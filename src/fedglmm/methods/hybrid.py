@@ -37,6 +37,8 @@ from ..results import FitResult, RunStats
 
 HYBRID_ORDER = 2           # the hybrid needs only a start: means and covariances reveal the least
 HYBRID_COMPRESS = 4.0      # the hybrid's binomial pseudo rows stand for up to 4 observations each
+MANY_GROUPS = 5000         # groups in all beyond which the pseudo-data fit costs more than a round ...
+SOME_GROUPS = 50           # ... when every site has this many groups (their fits alone then start)
 OWN_NEAR = 0.5            # with such fits alone: decrement below which the Newton step is the final candidate
 
 
@@ -187,10 +189,12 @@ def _fits_suffice(own: dict, replies: dict, merged, req, st) -> bool:
     grows with the groups): a GLMM with one grouping factor, every site's fit in the agreed coding, every
     summary sent, at least ``OWN_FIT_GROUPS`` groups at every site and no standard deviation near zero --
     likelihoods that close to quadratic combine by their information to within a Newton step of the pooled
-    optimum."""
+    optimum -- or, with ``MANY_GROUPS`` groups in all, ``SOME_GROUPS`` at every site: a pseudo-data fit
+    over that many groups costs the coordinator more than the round it may save."""
     if req.family.name == "gaussian" or len(req.spec.groups) > 1 or merged.refused or len(own) < len(replies):
         return False
-    if min(int(r["ngroups"]) for r in replies.values()) < OWN_FIT_GROUPS:
+    sizes = [int(r["ngroups"]) for r in replies.values()]
+    if min(sizes) < OWN_FIT_GROUPS and not (sum(sizes) >= MANY_GROUPS and min(sizes) >= SOME_GROUPS):
         return False
     parts = _own_parts(own, replies, st)
     return len(parts) == len(replies) and all(_clear_of_zero(o, _sd_index(st)) for o in parts.values())
