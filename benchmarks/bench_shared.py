@@ -11,7 +11,8 @@ site: rounds, seconds, |ΔlogLik|, max |Δβ| / SE.
 
 Table 3: the same for binary and count models (Laplace), ``y ~ x + (1 | id) + (1 | item)`` binomial as
 in table 1 (bytes per site per ``evaluate`` round, and per point: a round carries 1 + 2·dim(φ) points
-for each trial φ), then the held-out binomial and poisson shared cases (``sim_crossed_binom_la`` split
+for each trial φ, 1 to 3 trial φs, and 3 more points while v is far from its mode; the ratio is that of
+bytes per point), then the held-out binomial and poisson shared cases (``sim_crossed_binom_la`` split
 over 4 sites by rater, so that all 30 items are shared).
 
     python3 benchmarks/bench_shared.py            # all tables (a few minutes on 2 cores)
@@ -58,8 +59,17 @@ def simulate(items: int, per_site: int, sites: int = 4, seed: int = 1, binary: b
     return out
 
 
-def evaluate_bytes(frames: dict, formula: str, family: str = "gaussian") -> tuple[float, int, float]:
-    """(mean bytes per site per evaluate round, evaluate rounds, seconds)."""
+class _Counting(InProcessTransport):
+    """Counts the points of each ``evaluate`` request."""
+
+    def broadcast(self, message):
+        if message.get("kind") == "evaluate":
+            self.points.append(len(message["points"]))
+        return super().broadcast(message)
+
+
+def evaluate_bytes(frames: dict, formula: str, family: str = "gaussian") -> tuple[float, int, float, float]:
+    """(mean bytes per site per evaluate round, evaluate rounds, seconds, mean bytes per site per point)."""
     sites = {sid: Site(sid, df, min_group=1) for sid, df in frames.items()}
     per_round = []
     state = {"last": 0}
@@ -70,10 +80,12 @@ def evaluate_bytes(frames: dict, formula: str, family: str = "gaussian") -> tupl
             per_round.append((now - state["last"]) / len(sites))
         state["last"] = now
 
-    transport = InProcessTransport(sites, on_round=on_round)
+    transport = _Counting(sites, on_round=on_round)
+    transport.points = []
     t0 = time.perf_counter()
     fit_on(transport, formula, family=family, method="iterative")
-    return float(np.mean(per_round)), len(per_round), time.perf_counter() - t0
+    per_point = float(np.sum(per_round) / np.sum(transport.points))
+    return float(np.mean(per_round)), len(per_round), time.perf_counter() - t0, per_point
 
 
 def table_bytes() -> None:
@@ -81,7 +93,7 @@ def table_bytes() -> None:
     print(f"{'dim(v)':>7} {'rows/site':>10} {'bytes/site/round':>17} {'(dim(v)+p+1)^2':>15} {'ratio':>7} "
           f"{'rounds':>7} {'s':>6}")
     for items, rows in ((10, 600), (10, 2400), (10, 9600), (20, 2400), (40, 2400), (80, 2400), (160, 2400)):
-        b, rounds, sec = evaluate_bytes(simulate(items, rows), "y ~ x + (1 | id) + (1 | item)")
+        b, rounds, sec, _ = evaluate_bytes(simulate(items, rows), "y ~ x + (1 | id) + (1 | item)")
         width = (items + 2 + 1) ** 2
         print(f"{items:>7} {rows:>10} {b:>17,.0f} {width:>15,} {b / width:>7.1f} {rounds:>7} {sec:>6.1f}")
 
@@ -112,12 +124,14 @@ def table_heldout() -> None:
 
 def table_glmm(heldout: bool = True) -> None:
     print("\nTable 3a: bytes per site per evaluate round, binomial y ~ x + (1 | id) + (1 | item), 4 sites, items shared")
-    print(f"{'dim(v)':>7} {'rows/site':>10} {'bytes/site/round':>17} {'(dim(v)+p+k)^2':>15} {'ratio':>7} "
-          f"{'rounds':>7} {'s':>6}")
+    print(f"{'dim(v)':>7} {'rows/site':>10} {'bytes/site/round':>17} {'bytes/site/point':>17} "
+          f"{'(dim(v)+p+k)^2':>15} {'ratio':>7} {'rounds':>7} {'s':>6}")
     for items, rows in ((10, 600), (10, 2400), (10, 9600), (20, 2400), (40, 2400), (80, 2400)):
-        b, rounds, sec = evaluate_bytes(simulate(items, rows, binary=True), "y ~ x + (1 | id) + (1 | item)", "binomial")
+        b, rounds, sec, per = evaluate_bytes(simulate(items, rows, binary=True), "y ~ x + (1 | id) + (1 | item)",
+                                             "binomial")
         width = (items + 2 + 2) ** 2
-        print(f"{items:>7} {rows:>10} {b:>17,.0f} {width:>15,} {b / width:>7.1f} {rounds:>7} {sec:>6.1f}")
+        print(f"{items:>7} {rows:>10} {b:>17,.0f} {per:>17,.0f} {width:>15,} {per / width:>7.1f} {rounds:>7} "
+              f"{sec:>6.1f}")
     if not heldout:
         return
     from multilevel_reference import cases, compare, fit, split_sites
