@@ -170,8 +170,9 @@ def test_split_by_site_gives_the_pooled_fit_and_lme4s(name):
     assert abs(res.loglik - pooled.loglik) < 1e-6
     assert np.all(np.abs(res.fixef - pooled.fixef) / pooled.se < 1e-6)
     assert np.allclose(res.theta, pooled.theta, rtol=1e-6, atol=1e-8)
-    # standard errors: both from central differences of analytic gradients (to about 1e-6)
-    assert np.allclose(res.se, pooled.se, rtol=3e-5)
+    # standard errors: each fit's from differences of gradients at its own last point, moved to the
+    # estimate by a secant; they agree to a few 1e-5 (lme4's parity criterion: 5 %)
+    assert np.allclose(res.se, pooled.se, rtol=1e-4)
     (m, sd), (pm, psd) = res.ranef(condvar=True, by_factor=True), pooled.ranef(condvar=True, by_factor=True)
     for f in pm:
         assert set(m[f].index) == set(pm[f].index)

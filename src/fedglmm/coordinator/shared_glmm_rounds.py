@@ -31,6 +31,8 @@ from .shared_rounds import POOLED
 
 WARM, MAX_WARM = 0.5, 8      # rounds for one φ while v's Newton decrement is above WARM (see _solve)
 LINE = (0.5, 0.25, 0.125)    # the fractions of v's Newton step also tried in those rounds
+CAP = 2.0                    # largest move of a shared effect by one Newton step of v (linear predictor scale)
+GIVE_UP = 100.0              # a trial φ (not the start) whose v has a larger decrement is not pursued
 FINAL_DEC = 1e-8             # v's Newton decrement at the estimate below which its value is exact
 STEP = 1e-4          # central differences along (τ̄_j, e_j): h_j = STEP (1 + |φ_j|)
 
@@ -71,7 +73,7 @@ class SharedGLMMEvaluator:
         near = self._nearest(phi) if near is None else near
         if v is None:
             v = np.zeros(Q) if near is None else near.v_at(phi)
-        taubar = np.zeros((Q, P)) if near is None else near.tau
+        taubar = np.zeros((Q, P)) if near is None else near.tau_at(phi)
         h = STEP * (1.0 + np.abs(phi))
         xs = [(v, phi)]
         for j in range(P):
@@ -85,6 +87,13 @@ class SharedGLMMEvaluator:
         gammas = [self.pool.gamma(x[1], s) for x, s in zip(xs + line, S)]
         psis = [self.pool.psi(x[1], x[0]) for x in xs + line]
         return {"phi": phi, "xs": xs, "line": line, "gammas": gammas, "psis": psis, "h": h, "taubar": taubar}
+
+    def _step(self, pt: SharedPoint) -> np.ndarray:
+        """v moved by its Newton step, shortened so that no shared effect b = Λv moves by more than CAP
+        on the scale of the linear predictor (Newton's step for a logit or log link overshoots from far)."""
+        db = np.abs(self.pool.L(pt.phi[self.pool.p:]) @ pt.dv)
+        big = float(np.max(db, initial=0.0))
+        return pt.v + pt.dv * (min(1.0, CAP / big) if big > 0 else 1.0)
 
     def _digest(self, plan: dict, totals: list):
         """The profile at the plan's point from its totals (and those of its difference points), the best
@@ -126,9 +135,10 @@ class SharedGLMMEvaluator:
         compare values: from far away at the start, or after a long step).  Each further round moves that
         φ's v by its Newton step δv, and also tries v moved by the fractions LINE of it (a line search
         within the round: a full Newton step from far away overshoots for the log and logit links),
-        going on from the best F.  Once some φ of the call is settled, or after MAX_WARM rounds, the
-        others get NaN: a trial point whose v is far from its mode is a long step, and the iteration then
-        steps shorter."""
+        going on from the best F (steps capped by :meth:`_step`).  Once some φ of the call is settled, or
+        after MAX_WARM rounds, the others get NaN, and so does at once a trial φ (not the start) whose
+        decrement is above GIVE_UP: a trial point whose v is far from its mode is a long step, and the
+        iteration then steps shorter."""
         plans = {i: self._plan(x) for i, x in enumerate(points)}
         P = len(np.asarray(points[0]))
         out = {i: {"value": np.nan, "grad": np.full(P, np.nan), "hess": np.full((P, P), np.nan)}
@@ -152,8 +162,10 @@ class SharedGLMMEvaluator:
                     start = base
                 else:
                     start = best
+                if start is not None and self.seen and not self.patient and start.decrement > GIVE_UP:
+                    continue             # far from any v known: a long step (NaN: the iteration steps shorter)
                 if start is not None:
-                    plans[i] = self._plan(pl["phi"], start.v + start.dv, start)
+                    plans[i] = self._plan(pl["phi"], self._step(start), start)
             if not plans or not self.patient and any(np.isfinite(r["value"]) for r in out.values()):
                 break
         return [out[i] for i in range(len(points))]
@@ -180,7 +192,7 @@ class SharedGLMMEvaluator:
             start = base if base is not None and (best is None or base.F >= best.F) else best
             if start is None:
                 break
-            plan = self._plan(point, start.v + start.dv, start)
+            plan = self._plan(point, self._step(start), start)
         parts = {sid: {k: v for k, v in r.items() if k not in GLMM_SHARED_KEYS + ("points", "scols")}
                  for sid, r in rep.items()}
         if base is not None:

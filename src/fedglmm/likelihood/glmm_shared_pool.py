@@ -61,6 +61,12 @@ class SharedPoint:
             out = out + 0.5 * np.einsum("j,jqk,k->q", d, self.dtau, d)
         return out
 
+    def tau_at(self, phi) -> np.ndarray:
+        """The tangent dv̂/dφ predicted at φ (to first order where ∂τ is known)."""
+        if self.dtau is None:
+            return self.tau
+        return self.tau + np.tensordot(np.asarray(phi, float) - self.phi, self.dtau, 1)
+
     def S_at(self, phi) -> np.ndarray:
         """S predicted at φ (to first order where ∂S is known)."""
         if self.dS is None:
