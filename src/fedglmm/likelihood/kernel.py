@@ -187,9 +187,11 @@ def _at_mode(code, expected, X, Z, y, m, s, n, u, eta, M, D, tr, tc, level, grad
 @njit(cache=True)
 def _derivatives(X, Z, s, n, u, M, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W, lam):
     """The group's mode derivatives dU (q × P), the gradient and (level 2) Hessian contributions.
-    W = (deta (n × P), lev (n), HinvM (n × q), dH (P × q × q)) is scratch."""
+    W = (deta (n × P), lev (n), HinvM (n × q), dH (P × q × q), sw·deta (n × P)) is scratch.  The sums
+    over the group's rows of a coefficient times η̇ (Σ w' m mᵀ η̇ᵀ, Σ d2 z η̇ᵀ, Σ 2w' (H⁻¹m)_c z_r η̇ᵀ) are
+    one small matrix product of the rows' coefficients with η̇, as is η̇ = E + M dU itself."""
     H, hobs, cb, ztd1, md2z, N, Wzz = Sg
-    deta, lev, HinvM, dH = W
+    deta, lev, HinvM, dH, _ = W
     p, q, k = X.shape[1], M.shape[1], len(tr)
     P = p + k
     C = np.empty((q, P))
@@ -202,19 +204,21 @@ def _derivatives(X, Z, s, n, u, M, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W
         return False
     for t in range(k):
         grad[p + t] += ztd1[tr[t]] * u[tc[t]]
-    dH[:, :, :] = 0.0
     a_g, bg = np.zeros((q, 1)), np.zeros(q)
     F = np.zeros((q, P))
+    nq = q * (q + 1) // 2
+    coef = np.empty((nq + q + k if level >= 2 else nq, n))
     for j in range(n):
         r = s + j
-        w1, d2 = D[j, 4], D[j, 1]
         for kk in range(p):
             deta[j, kk] = X[r, kk]
         for t in range(k):
             deta[j, p + t] = Z[r, tr[t]] * u[tc[t]]
-        for c in range(q):
-            for t in range(P):
-                deta[j, t] += M[j, c] * dU[c, t]
+    deta_n = deta[:n]
+    deta_n += np.dot(M[:n], dU)
+    for j in range(n):
+        r = s + j
+        w1, d2 = D[j, 4], D[j, 1]
         lv = 0.0
         for a in range(q):
             hm = 0.0
@@ -223,25 +227,29 @@ def _derivatives(X, Z, s, n, u, M, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W
             HinvM[j, a] = hm
             lv += M[j, a] * hm
         lev[j] = lv
+        i = 0
         for a in range(q):                  # Σ w' η̇ m mᵀ: the upper triangle (mirrored below)
             for b in range(a, q):
-                f = w1 * M[j, a] * M[j, b]
-                for t in range(P):
-                    dH[t, a, b] += f * deta[j, t]
+                coef[i, j] = w1 * M[j, a] * M[j, b]
+                i += 1
         if level >= 2:
             for a in range(q):
                 a_g[a, 0] += M[j, a] * (w1 * lv)
                 bg[a] += Z[r, a] * (w1 * lv)
-                for t in range(P):
-                    F[a, t] += Z[r, a] * d2 * deta[j, t]
+                coef[nq + a, j] = Z[r, a] * d2
             for t in range(k):
-                f = 2.0 * w1 * HinvM[j, tc[t]] * Z[r, tr[t]]
-                for t2 in range(P):
-                    G[p + t, t2] -= f * deta[j, t2]
-    for t in range(P):
-        for a in range(q):
-            for b in range(a):
-                dH[t, a, b] = dH[t, b, a]
+                coef[nq + q + t, j] = 2.0 * w1 * HinvM[j, tc[t]] * Z[r, tr[t]]
+    out = np.dot(coef, deta_n)
+    i = 0
+    for a in range(q):
+        for b in range(a, q):
+            for t in range(P):
+                dH[t, a, b] = out[i, t]
+                dH[t, b, a] = out[i, t]
+            i += 1
+    if level >= 2:
+        F[:, :] = out[nq:nq + q]
+        G[p:, :] -= out[nq + q:]
     for t in range(k):
         for b in range(q):
             dH[p + t, tc[t], b] += N[tr[t], b]
@@ -263,7 +271,7 @@ def _hessian_group(Z, s, n, M, D, tr, tc, p, C, dU, Hinv, hobs, Wzz, a_g, bg, F,
     group's rows, which are still in cache).  Σ d2 E Eᵀ (E = ∂η/∂φ at fixed u) rides on the sweep's
     rank-one update through E = η̇ − dUᵀm: Σ d2 η̇ η̇ᵀ − Bᵀ dU − dUᵀ B + dUᵀ A dU, with B = Σ d2 m η̇ᵀ = ΛᵀF
     and A = Σ d2 m mᵀ = I − H_obs."""
-    deta, lev, HinvM, dH = W
+    deta, lev, HinvM, dH, swd = W
     q, k = M.shape[1], len(tr)
     P = p + k
     v = np.empty((q, 1))
@@ -278,9 +286,8 @@ def _hessian_group(Z, s, n, M, D, tr, tc, p, C, dU, Hinv, hobs, Wzz, a_g, bg, F,
         for a in range(q):
             bg[a] += Z[s + j, a] * (d2 * vm)
         for a in range(P):
-            f = sw * deta[j, a]
-            for b in range(a, P):
-                R[a, b] += f * deta[j, b]
+            swd[j, a] = sw * deta[j, a]
+    R += np.dot(swd[:n].T, deta[:n])                # Σ sw η̇ η̇ᵀ (whole: its upper triangle is used)
     B, AdU = np.zeros((q, P)), np.zeros((q, P))
     for c in range(q):
         for t in range(P):
@@ -337,7 +344,7 @@ def laplace_chunk(code, expected, X, Z, y, m, off, starts, ends, beta, lam, tr, 
     M, D = np.empty((nmax, q)), np.empty((nmax, 6))
     Sg = (np.empty((q, q)), np.empty((q, q)), np.empty((q, p)), np.empty(q), np.empty((q, q)),
           np.empty((q, q)), np.empty((q, q)))
-    W = (np.empty((nmax, P)), np.empty(nmax), np.empty((nmax, q)), np.empty((P, q, q)))
+    W = (np.empty((nmax, P)), np.empty(nmax), np.empty((nmax, q)), np.empty((P, q, q)), np.empty((nmax, P)))
     dU, Hinv = np.empty((q, P)), np.empty((q, q))
     value = 0.0
     for g in range(g0, g1):
