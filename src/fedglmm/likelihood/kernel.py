@@ -61,8 +61,10 @@ def _sweep(code, y, m, s, n, eta, M, u, grad, hobs, with_h):
 
 
 @njit(cache=True)
-def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new):
-    """Newton with step halving for the group's mode û = argmax h (``u`` in, û out; η at û in ``eta``).
+def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
+    """Newton with step halving for the group's mode û = argmax h (``u`` in, û out; η at û in ``eta``);
+    returns 0 (a singular Newton matrix), 1 (converged) or, with ``fuse``, 2 after a full step of
+    decrement below 1e-8: the caller's pass for the sums at the mode then gives the next step too.
     The same iteration as the numpy engine's, for one group: a step whose Newton decrement is at least
     1e-8 must not lower h, else it is halved.  The full step is tried first, and the pass that computes
     the derivatives at the new point computes h there too: a step that passes (nearly all) costs no pass
@@ -81,25 +83,27 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new):
             h_new = _sweep(code, y, m, s, n, eta_new, M, u_new, grad, hobs, True)
             if h_new < h - 1e-12 * (1.0 + abs(h)):     # h fell: halve, as the step test does
                 if _halve(code, y, m, s, n, eta0, M, u, eta, eta_new, step, u_new, h):
-                    return True
+                    return 1
                 known = False
                 continue
             u[:] = u_new
             eta[:n] = eta_new[:n]
             h, known = h_new, True
             if np.max(np.abs(step[:, 0])) < 1e-10 or it >= 100:
-                return True
+                return 1
         else:
             _sweep(code, y, m, s, n, eta, M, u, grad, hobs, False)
         it += 1
         if not solve(hobs, grad, step):
-            return False
+            return 0
         dec = np.sum(grad[:, 0] * step[:, 0])
         if dec < 1e-8:
             u += step[:, 0]
             _eta(eta0, M, u, n, eta)
             if np.max(np.abs(step[:, 0])) < 1e-10:
-                return True
+                return 1
+            if fuse:
+                return 2
             known = False
             continue
         if not known:
@@ -109,7 +113,7 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new):
             u_new[c] = u[c] + step[c, 0]
         _eta(eta0, M, u_new, n, eta_new)
         trial = True
-    return True
+    return 1
 
 
 @njit(cache=True)
@@ -149,15 +153,17 @@ def _rows_of(X, Z, off, beta, lam, s, n, eta0, M):
 
 
 @njit(cache=True)
-def _at_mode(code, expected, X, Z, y, m, s, n, u, eta, M, D, tr, tc, level, grad, R, S):
-    """The group's sums at its mode.  D[j] = (d1, d2, d3, w, w1, w2); S = (H, hobs, cb, ztd1, md2z, N, Wzz)
-    are filled; the log-density total is returned; at ``level`` ≥ 1 the Σ x d1 part of the gradient is
-    added."""
+def _at_mode(code, expected, X, Z, y, m, s, n, u, eta, M, D, tr, tc, gx, gu, S):
+    """The group's sums at its mode.  D[j] = (d1, d2, d3, w, w1, w2); S = (H, hobs, cb, ztd1, md2z, N, Wzz),
+    ``gx`` (Σ x d1, the gradient's part in β) and ``gu`` (∇h, for one more Newton step) are filled; the
+    log-density total is returned."""
     H, hobs, cb, ztd1, md2z, N, Wzz = S
     p, q = X.shape[1], M.shape[1]
     for arr in (H, hobs, cb, md2z, N, Wzz):
         arr[:, :] = 0.0
     ztd1[:] = 0.0
+    gx[:] = 0.0
+    gu[:, 0] = 0.0
     total = 0.0
     for j in range(n):
         r = s + j
@@ -173,14 +179,15 @@ def _at_mode(code, expected, X, Z, y, m, s, n, u, eta, M, D, tr, tc, level, grad
                 N[a, b] += w * Z[r, a] * M[j, b]
                 Wzz[a, b] += w * Z[r, a] * Z[r, b]
             ztd1[a] += Z[r, a] * d1
+            gu[a, 0] += M[j, a] * d1
             for kk in range(p):
                 cb[a, kk] += d2 * M[j, a] * X[r, kk]
-        if level >= 1:
-            for kk in range(p):
-                grad[kk] += X[r, kk] * d1
+        for kk in range(p):
+            gx[kk] += X[r, kk] * d1
     for a in range(q):
         H[a, a] += 1.0
         hobs[a, a] += 1.0
+        gu[a, 0] -= u[a]
     return total
 
 
@@ -346,14 +353,28 @@ def laplace_chunk(code, expected, X, Z, y, m, off, starts, ends, beta, lam, tr, 
           np.empty((q, q)), np.empty((q, q)))
     W = (np.empty((nmax, P)), np.empty(nmax), np.empty((nmax, q)), np.empty((P, q, q)), np.empty((nmax, P)))
     dU, Hinv = np.empty((q, P)), np.empty((q, q))
+    gx, gu, stp = np.empty(p), np.empty((q, 1)), np.empty((q, 1))
     value = 0.0
     for g in range(g0, g1):
         s, n = starts[g], ends[g] - starts[g]
         _rows_of(X, Z, off, beta, lam, s, n, eta0, M)
         ug = u[g]
-        if not _mode(code, y, m, s, n, eta0, M, ug, eta, eta_new):
+        state = _mode(code, y, m, s, n, eta0, M, ug, eta, eta_new, True)
+        if state == 0:
             return value, False
-        total = _at_mode(code, expected, X, Z, y, m, s, n, ug, eta, M, D, tr, tc, level, grad, R, Sg)
+        total = _at_mode(code, expected, X, Z, y, m, s, n, ug, eta, M, D, tr, tc, gx, gu, Sg)
+        if state == 2:
+            # the last Newton step (decrement below 1e-8) was taken without a look at its end: the sums
+            # there give the next step, and where that is below 1e-12 they are the sums at the mode (the
+            # iteration itself stops below 1e-10); else Newton goes on and the sums come after
+            if not solve(Sg[1], gu, stp):
+                return value, False
+            if np.max(np.abs(stp[:, 0])) >= 1e-12:
+                if _mode(code, y, m, s, n, eta0, M, ug, eta, eta_new, False) == 0:
+                    return value, False
+                total = _at_mode(code, expected, X, Z, y, m, s, n, ug, eta, M, D, tr, tc, gx, gu, Sg)
+        if level >= 1:
+            grad[:p] += gx
         logdet = chol_logdet(Sg[0])
         value += total - 0.5 * np.sum(ug * ug) - 0.5 * logdet
         if level >= 1 or keep_du:
