@@ -26,7 +26,7 @@ import numpy as np
 from ..likelihood.glmm_shared import GLMM_SHARED_KEYS, to_global
 from ..likelihood.glmm_shared_pool import SharedGLMMPool, SharedPoint
 from ..likelihood.setup import Setup, sum_replies
-from ..likelihood.shared import SharedLayout
+from ..likelihood.shared import SharedLayout, by_factor
 from .shared_rounds import POOLED
 
 WARM, MAX_WARM = 0.5, 8      # rounds for one φ while v's Newton decrement is above WARM (see _solve)
@@ -203,10 +203,4 @@ class SharedGLMMEvaluator:
     def _shared_modes(self, pt: SharedPoint) -> dict:
         """The shared levels' modes b̂_v = Λ v̂ and SDs sqrt(diag Λ C⁻¹ Λᵀ), by factor (internal scale)."""
         L = self.pool.L(pt.phi[self.pool.p:])
-        bv, sd = L @ (pt.v + pt.dv), np.sqrt(np.maximum(np.diag(pt.Gamma), 0.0))
-        out = {"levels": {}, "modes": {}, "condsd": {}}
-        for f, c in self.zcols.items():
-            levels = self.layout.levels.get(f, [])
-            idx = self.layout.columns(f, np.arange(len(levels))) if levels else np.zeros((0, len(c)), int)
-            out["levels"][f], out["modes"][f], out["condsd"][f] = list(levels), bv[idx], sd[idx]
-        return out
+        return by_factor(self.layout, self.zcols, L @ (pt.v + pt.dv), np.sqrt(np.maximum(np.diag(pt.Gamma), 0.0)))

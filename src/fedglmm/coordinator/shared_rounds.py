@@ -16,7 +16,7 @@ import numpy as np
 from ..likelihood.fit import profiled_deviance
 from ..likelihood.lmm_shared import SUM_KEYS, SharedLMM, to_global
 from ..likelihood.setup import Setup, sum_replies
-from ..likelihood.shared import SharedLayout
+from ..likelihood.shared import SharedLayout, by_factor
 
 POOLED = "(shared levels)"      # the part of the final replies that the coordinator adds
 
@@ -81,10 +81,4 @@ class SharedRoundEvaluator:
         """The shared levels' modes and SDs, by factor (empty for factors without shared levels)."""
         pr = profiled_deviance(s, self.reml, order=0)
         bv, N = self.pool.shared_modes(tot, point, pr.beta)
-        sd = np.sqrt(pr.sigma2 * np.maximum(np.diag(N), 0.0))
-        out = {"levels": {}, "modes": {}, "condsd": {}}
-        for f, c in self.zcols.items():
-            levels = self.layout.levels.get(f, [])
-            idx = self.layout.columns(f, np.arange(len(levels))) if levels else np.zeros((0, len(c)), int)
-            out["levels"][f], out["modes"][f], out["condsd"][f] = list(levels), bv[idx], sd[idx]
-        return out
+        return by_factor(self.layout, self.zcols, bv, np.sqrt(pr.sigma2 * np.maximum(np.diag(N), 0.0)))

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
-from ..model.spec import theta_index
-from .shared import SharedLayout, lambda_v
+from .shared import SharedLambda
 
 
 @dataclass
@@ -74,25 +73,8 @@ class SharedPoint:
         return self.S + np.tensordot(np.asarray(phi, float) - self.phi, self.dS, 1)
 
 
-class SharedGLMMPool:
+class SharedGLMMPool(SharedLambda):
     """The coordinator's algebra over the summed sums (global layout: v's Q columns, then β, θ)."""
-
-    def __init__(self, layout: SharedLayout, mask: np.ndarray, zcols: dict, p: int):
-        self.layout, self.mask, self.zcols, self.p = layout, np.asarray(mask, bool), zcols, p
-        self.index = theta_index(self.mask)
-        self.k = len(self.index[0])
-        self.Q = layout.Q
-        q = self.mask.shape[0]
-        self.dL = []
-        for t in range(self.k):
-            unit = np.zeros((q, q))
-            unit[self.index[0][t], self.index[1][t]] = 1.0
-            self.dL.append(lambda_v(unit, layout, zcols))
-
-    def L(self, theta) -> np.ndarray:
-        lam = np.zeros(self.mask.shape)
-        lam[self.index] = theta
-        return lambda_v(lam, self.layout, self.zcols)
 
     def psi(self, phi, v) -> np.ndarray:
         """The global point the sites evaluate: (b = Λ v, β, θ)."""

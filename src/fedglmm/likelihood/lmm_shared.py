@@ -29,9 +29,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import cho_factor, cho_solve
 
-from ..model.spec import Design, theta_index
+from ..model.spec import Design
 from .lmm_sparse import MultiLMMSums
-from .shared import SharedLayout, SiteSplit, embed, lambda_v, split_design
+from .shared import SharedLambda, SharedLayout, SiteSplit, embed, split_design
 
 SUM_KEYS = ("n", "sG", "sdG", "sd2G", "sd", "sdd", "sd2d")
 
@@ -116,26 +116,9 @@ def _pack(A, b, c) -> np.ndarray:
 
 # --- at the coordinator ---------------------------------------------------------------------------------
 
-class SharedLMM:
+class SharedLMM(SharedLambda):
     """The coordinator's side: the pooled A, b, c, d (and θ-derivatives) from the summed shared sums, and
     the shared effects' conditional modes."""
-
-    def __init__(self, layout: SharedLayout, mask: np.ndarray, zcols: dict, p: int):
-        self.layout, self.mask, self.zcols, self.p = layout, np.asarray(mask, bool), zcols, p
-        self.index = theta_index(self.mask)
-        q = self.mask.shape[0]
-        self.k = len(self.index[0])
-        self.Q = layout.Q
-        self.dL = []
-        for t in range(self.k):
-            unit = np.zeros((q, q))
-            unit[self.index[0][t], self.index[1][t]] = 1.0
-            self.dL.append(lambda_v(unit, layout, zcols))
-
-    def L(self, theta) -> np.ndarray:
-        lam = np.zeros(self.mask.shape)
-        lam[self.index] = theta
-        return lambda_v(lam, self.layout, self.zcols)
 
     def _first(self, theta, G, dG, du, ddu):
         """(K, d, dK, dd): K = [X y]ᵀV⁻¹[X y], d = log det V and their first θ-derivatives."""

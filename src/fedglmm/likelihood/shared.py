@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..model.spec import Design, Grouping
+from ..model.spec import Design, Grouping, theta_index
 
 PLACEHOLDER = "\x00shared"        # the local level standing for a factor's shared levels at a site
 
@@ -79,6 +79,39 @@ def lambda_v(lam: np.ndarray, layout: SharedLayout, zcols: dict) -> np.ndarray:
         block = lam[np.ix_(zcols[f], zcols[f])]
         idx = layout.columns(f, np.arange(len(layout.levels[f])))
         out[idx[:, :, None], idx[:, None, :]] = block
+    return out
+
+
+class SharedLambda:
+    """Λ_v as a function of θ, and its derivative in each θ entry (constant: Λ_v is linear in θ), for the
+    coordinator's pooled algebra over the shared levels (gaussian and GLMM alike)."""
+
+    def __init__(self, layout: SharedLayout, mask: np.ndarray, zcols: dict, p: int):
+        self.layout, self.mask, self.zcols, self.p = layout, np.asarray(mask, bool), zcols, p
+        self.index = theta_index(self.mask)
+        q = self.mask.shape[0]
+        self.k = len(self.index[0])
+        self.Q = layout.Q
+        self.dL = []
+        for t in range(self.k):
+            unit = np.zeros((q, q))
+            unit[self.index[0][t], self.index[1][t]] = 1.0
+            self.dL.append(lambda_v(unit, layout, zcols))
+
+    def L(self, theta) -> np.ndarray:
+        lam = np.zeros(self.mask.shape)
+        lam[self.index] = theta
+        return lambda_v(lam, self.layout, self.zcols)
+
+
+def by_factor(layout: SharedLayout, zcols: dict, modes: np.ndarray, sds: np.ndarray) -> dict:
+    """The shared levels' modes and SDs (over v's columns) as levels, modes and SDs per factor (empty for
+    factors without shared levels)."""
+    out = {"levels": {}, "modes": {}, "condsd": {}}
+    for f, c in zcols.items():
+        levels = layout.levels.get(f, [])
+        idx = layout.columns(f, np.arange(len(levels))) if levels else np.zeros((0, len(c)), int)
+        out["levels"][f], out["modes"][f], out["condsd"][f] = list(levels), modes[idx], sds[idx]
     return out
 
 
