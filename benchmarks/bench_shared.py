@@ -99,27 +99,14 @@ def table_bytes() -> None:
 
 
 def table_heldout() -> None:
-    from multilevel_reference import cases, compare, fit, split_sites
+    from multilevel_reference import cases, split_sites
 
     table = {c["name"]: c for c in cases("heldout")}
     print("\nTable 2: held-out shared gaussian cases split by their site column, against the pooled fit")
     print(f"{'case':<18} {'sites':>5} {'dim(v)':>6} {'method':<9} {'rounds':>6} {'s':>6} {'bytes/site/rnd':>14} "
           f"{'|dlogLik|':>10} {'max|db|/SE':>11} {'lme4 parity':>12}")
     for name in HELDOUT:
-        case = table[name]
-        pooled = fit(case, method="iterative", min_group=1)
-        parts = split_sites(case)
-        for method in ("hybrid", "iterative"):
-            t0 = time.perf_counter()
-            res = fit(case, data=parts, method=method, min_group=1)
-            sec = time.perf_counter() - t0
-            dll = abs(res.loglik - pooled.loglik)
-            db = float(np.max(np.abs(res.fixef - pooled.fixef) / pooled.se))
-            ok = "ok" if not compare(res, case) else "; ".join(compare(res, case))
-            per = res.bytes_from_sites / (res.rounds * len(parts))
-            dim = _dim(res)
-            print(f"{name:<18} {len(parts):>5} {dim:>6} {method:<9} {res.rounds:>6} {sec:>6.1f} {per:>14,.0f} "
-                  f"{dll:>10.1e} {db:>11.1e} {ok:>12}")
+        _split_rows(table[name], split_sites(table[name]), 18)
 
 
 def table_glmm(heldout: bool = True) -> None:
@@ -134,27 +121,33 @@ def table_glmm(heldout: bool = True) -> None:
               f"{sec:>6.1f}")
     if not heldout:
         return
-    from multilevel_reference import cases, compare, fit, split_sites
+    from multilevel_reference import cases, split_sites
 
     table = {c["name"]: c for c in cases("heldout")}
     print("\nTable 3b: held-out shared binomial and poisson cases split over sites, against the pooled fit")
     print(f"{'case':<21} {'sites':>5} {'dim(v)':>6} {'method':<9} {'rounds':>6} {'s':>6} {'bytes/site/rnd':>14} "
           f"{'|dlogLik|':>10} {'max|db|/SE':>11} {'lme4 parity':>12}")
     for name in HELDOUT_GLMM:
-        case = table[name]
-        pooled = fit(case, method="iterative", min_group=1)
-        col, k = SPLIT.get(name, (case["split"], None))
-        parts = split_sites(dict(case, split=col), k)
-        for method in ("hybrid", "iterative"):
-            t0 = time.perf_counter()
-            res = fit(case, data=parts, method=method, min_group=1)
-            sec = time.perf_counter() - t0
-            dll = abs(res.loglik - pooled.loglik)
-            db = float(np.max(np.abs(res.fixef - pooled.fixef) / pooled.se))
-            ok = "ok" if not compare(res, case) else "; ".join(compare(res, case))
-            per = res.bytes_from_sites / (res.rounds * len(parts))
-            print(f"{name:<21} {len(parts):>5} {_dim(res):>6} {method:<9} {res.rounds:>6} {sec:>6.1f} {per:>14,.0f} "
-                  f"{dll:>10.1e} {db:>11.1e} {ok:>12}")
+        col, k = SPLIT.get(name, (table[name]["split"], None))
+        _split_rows(table[name], split_sites(dict(table[name], split=col), k), 21)
+
+
+def _split_rows(case: dict, parts: dict, width: int) -> None:
+    """One row per method: the case fitted over ``parts`` against its pooled iterative fit (rounds, seconds,
+    bytes per site per round, |ΔlogLik|, max |Δβ|/SE) and the lme4 parity rules."""
+    from multilevel_reference import compare, fit
+
+    pooled = fit(case, method="iterative", min_group=1)
+    for method in ("hybrid", "iterative"):
+        t0 = time.perf_counter()
+        res = fit(case, data=parts, method=method, min_group=1)
+        sec = time.perf_counter() - t0
+        dll = abs(res.loglik - pooled.loglik)
+        db = float(np.max(np.abs(res.fixef - pooled.fixef) / pooled.se))
+        ok = "ok" if not compare(res, case) else "; ".join(compare(res, case))
+        per = res.bytes_from_sites / (res.rounds * len(parts))
+        print(f"{case['name']:<{width}} {len(parts):>5} {_dim(res):>6} {method:<9} {res.rounds:>6} {sec:>6.1f} "
+              f"{per:>14,.0f} {dll:>10.1e} {db:>11.1e} {ok:>12}")
 
 
 def _dim(res) -> int:

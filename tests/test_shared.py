@@ -172,6 +172,24 @@ class _Recording(InProcessTransport):
         return replies
 
 
+def reply_shapes_doubled(df: pd.DataFrame, formula: str, **kw) -> list:
+    """The shapes of every field of every site's replies to an iterative fit, {(site, field): shapes},
+    for ``df`` split by its ``site`` column and for the same rows doubled."""
+    seen = []
+    for data in (df, pd.concat([df, df], ignore_index=True)):
+        sites = {f"site{s}": Site(f"site{s}", d.reset_index(drop=True), min_group=1) for s, d in data.groupby("site")}
+        tr = _Recording(sites)
+        tr.seen = []
+        fit_on(tr, formula, method="iterative", **kw)
+        merged = {}
+        for rnd in tr.seen:
+            for sid, fields in rnd.items():
+                for key, shapes in fields.items():
+                    merged.setdefault((sid, key), set()).update(shapes)
+        seen.append(merged)
+    return seen
+
+
 def _shapes(obj, prefix="", out=None) -> dict:
     """{field path: the set of shapes seen} (list items under their list's path)."""
     out = {} if out is None else out
@@ -188,19 +206,7 @@ def _shapes(obj, prefix="", out=None) -> dict:
 
 def test_no_array_the_coordinator_receives_grows_with_the_rows():
     """The same fit with every row doubled: every field of every reply has the same shapes."""
-    df = _simulated(seed=7, n=240)
-    seen = []
-    for data in (df, pd.concat([df, df], ignore_index=True)):
-        sites = {f"site{s}": Site(f"site{s}", d.reset_index(drop=True), min_group=1) for s, d in data.groupby("site")}
-        tr = _Recording(sites)
-        tr.seen = []
-        fit_on(tr, FORMULA, method="iterative")
-        merged = {}
-        for rnd in tr.seen:
-            for sid, fields in rnd.items():
-                for key, shapes in fields.items():
-                    merged.setdefault((sid, key), set()).update(shapes)
-        seen.append(merged)
+    seen = reply_shapes_doubled(_simulated(seed=7, n=240), FORMULA)
     assert seen[0] == seen[1]
     assert any(key.endswith("sd2G") for _, key in seen[0])
 

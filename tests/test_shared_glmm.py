@@ -25,10 +25,9 @@ except ImportError:      # not installed: run from the source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from multilevel_reference import cases, compare, fit, split_sites
-from test_shared import _Recording
+from test_shared import reply_shapes_doubled
 
 import fedglmm
-from fedglmm.api import fit_on
 from fedglmm.coordinator.schema import merge_schema
 from fedglmm.errors import FedGLMMError, SchemaError, SiteRefusal
 from fedglmm.likelihood.glmm_shared import GLMM_SHARED_KEYS, SharedGLMMSums, to_global
@@ -39,7 +38,7 @@ from fedglmm.likelihood.shared import SharedLayout
 from fedglmm.model.design import build_design, describe_frame
 from fedglmm.model.families import get_family
 from fedglmm.model.formula import parse_formula
-from fedglmm.site import Site, SiteConfig
+from fedglmm.site import SiteConfig
 
 CASES = {c["name"]: c for c in cases("heldout")}
 FORMULA = "y ~ x + (1 | subject) + (1 + x | item)"
@@ -184,19 +183,7 @@ def test_split_by_site_gives_the_pooled_fit_and_lme4s(name):
 
 def test_no_array_the_coordinator_receives_grows_with_the_rows():
     """The same binomial fit with every row doubled: every field of every reply has the same shapes."""
-    df = _simulated(seed=9, n=200)
-    seen = []
-    for data in (df, pd.concat([df, df], ignore_index=True)):
-        sites = {f"site{s}": Site(f"site{s}", d.reset_index(drop=True), min_group=1) for s, d in data.groupby("site")}
-        tr = _Recording(sites)
-        tr.seen = []
-        fit_on(tr, "y ~ x + (1 | subject) + (1 | item)", family="binomial", method="iterative")
-        merged = {}
-        for rnd in tr.seen:
-            for sid, fields in rnd.items():
-                for key, shapes in fields.items():
-                    merged.setdefault((sid, key), set()).update(shapes)
-        seen.append(merged)
+    seen = reply_shapes_doubled(_simulated(seed=9, n=200), "y ~ x + (1 | subject) + (1 | item)", family="binomial")
     assert seen[0] == seen[1]
     assert any(key.endswith("Hh") for _, key in seen[0])
 
