@@ -37,15 +37,6 @@ class OwnPart:
         Kd = self.K @ d
         return 0.5 * d @ Kd, Kd, self.K
 
-    def cubic(self, x):
-        """The site's fit to third order: its quadratic plus ⅙ T[d, d, d] (d = x − centre)."""
-        f, g, H = self.quadratic(x)
-        if self.T is None:
-            return f, g, H
-        d = x - self.center
-        Td = self.T @ d
-        return f + Td @ d @ d / 6.0, g + 0.5 * Td @ d, H + Td
-
 
 def own_part(loc: dict, message: dict, st) -> OwnPart | None:
     """A site's own fit (:func:`fedglmm.site.own_fit.own_fit`; ``message`` is the one-shot message it came

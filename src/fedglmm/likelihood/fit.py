@@ -142,8 +142,7 @@ def _penalty_matrix(A: np.ndarray, names: list | None, p: int, lam: float) -> np
 
 
 def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOptions, starts=None,
-             model=None, disp_shifts=(), final_first: bool = False, sound_start: bool = False,
-             predict_final: bool = False) -> Estimate:
+             model=None, disp_shifts=(), final_first: bool = False, sound_start: bool = False) -> Estimate:
     """Newton on −ℓ(γ, θ̃) (plus the penalty, applied here: the parts never see λ) from (γ0, θ̃0) and
     ``starts`` (further points of the first round; default: the start's covariance halved and doubled);
     ``disp_shifts``: the first round also tries each of those points with ψ (the last entry) moved by each.
@@ -151,9 +150,8 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     A family with a dispersion parameter (``setup.ndisp``) has its ψ as the last entries of θ̃0 and of
     every point.  ``final_first``: (γ0, θ̃0) is believed to be the estimate (a single part's own fit), so
     the first round evaluates it alone and is final: it ends the iteration if the decrement there is below
-    ``tol``; ``sound_start``: of several starts, go on from one with a positive-definite Hessian;
-    ``predict_final``: also propose the final candidate where the observed contraction predicts it (always
-    with several grouping factors; see :class:`~fedglmm.likelihood.newton.TrustRegionNewton`)."""
+    ``tol``; ``sound_start``: of several starts, go on from one with a positive-definite Hessian (see
+    :class:`~fedglmm.likelihood.newton.TrustRegionNewton`)."""
     p, mask = len(gamma0), setup.mask
     k = int(np.sum(mask))
     P = _penalty_matrix(setup.A, setup.names, p, options.penalty) if options.penalty else None
@@ -189,7 +187,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     # with several grouping factors the optimiser also tries zero variances (not with one: unchanged fits)
     edge = tuple(p + boundary_positions(mask)) if setup.factor_groups else ()
     opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts, model=model,
-                            boundary=edge, predict_final=predict_final or bool(setup.factor_groups), final_first=final_first,
+                            boundary=edge, predict_final=bool(setup.factor_groups), final_first=final_first,
                             sound_start=sound_start)
     phi, (final, s) = _run(opt, evaluate, canon)
     info = -s["hess"]
