@@ -13,7 +13,7 @@ import typer
 
 from ..model.options import MIN_GROUP
 from .app import ClickException, DebugOption, JsonOption, QuietOption, UsageError, app, check_json_target, \
-    one_line, set_debug
+    imports_loaded, one_line, set_debug
 
 DEMO_FORMULA = "use ~ urban + age + I(age**2) + livch + (1 | district)"
 DEMO_FAMILY = "binomial"
@@ -305,10 +305,12 @@ def _run_fit(req, sites, *, quiet, label="fitting", min_group=MIN_GROUP, site_co
         if federation is not None:                     # the sites are across the network
             from ..deploy.cli import fit_federated
 
+            imports_loaded()
             return fit_federated(federation.pop("address"), req, on_round=on_round, analysis=analysis,
                                  **federation)
         from ..api import fit_request_on_data
 
+        imports_loaded()
         return fit_request_on_data(req, sites, min_group=min_group, site_config=site_config, on_round=on_round,
                                    analysis=analysis, secure_aggregation=secure_aggregation)
 

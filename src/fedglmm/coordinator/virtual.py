@@ -243,8 +243,9 @@ def _shift_matrix(expo: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
     E = expo[:, None, :]
     J = expo[None, :, :]
     below = np.all(J <= E, axis=2)
-    binom = np.vectorize(lambda a, b: float(math.comb(int(a), int(b))) if 0 <= b <= a else 0.0, otypes=[float])
-    w = np.prod(binom(E, J) * np.where(E - J > 0, (-c) ** np.maximum(E - J, 0), 1.0), axis=2)
+    top = int(expo.max(initial=0)) + 1            # C(a, b) for exponents 0 <= a, b < top (0 where b > a)
+    binom = np.array([[float(math.comb(a, b)) for b in range(top)] for a in range(top)])
+    w = np.prod(binom[E, J] * np.where(E - J > 0, (-c) ** np.maximum(E - J, 0), 1.0), axis=2)
     return np.where(below, w, 0.0) / np.prod(s ** expo, axis=1)[:, None]
 
 

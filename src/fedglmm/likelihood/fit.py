@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import ConvergenceError, InputError
 from ..model.options import FitOptions
 from ..model.spec import theta_index
-from .fused import parallel_map
+from .fused import parallel_map, rows_of
 from .lmm import profiled_deviance
 from .newton import TrustRegionNewton
 from .setup import Setup, sum_replies
@@ -43,7 +43,8 @@ class LocalEvaluator:
     def evaluate(self, points, keys):
         names = list(self.engines)
         # the parts are independent: in parallel threads, as the sites of a round are
-        done = parallel_map(lambda name: [self.engines[name].sums(np.asarray(x, float)) for x in points], names)
+        done = parallel_map(lambda name: [self.engines[name].sums(np.asarray(x, float)) for x in points], names,
+                            rows_of(self.engines.values()))
         per_part = dict(zip(names, done))
         return [sum_replies({name: r[i] for name, r in per_part.items()}, keys) for i in range(len(points))]
 

@@ -31,9 +31,11 @@ from ..model.options import OWN_FIT_GROUPS, FitOptions, NewtonConfig
 from ..model.spec import Design, ModelSpec, Schema
 
 
-def _site_design(frame, spec: ModelSpec, fam: Family, site_id: str, transforms: dict | None) -> Design:
-    """The site's design of its rows in its own coding (each factor against its own first level)."""
-    desc = describe_frame(frame, spec, site_id)
+def _site_design(frame, spec: ModelSpec, fam: Family, site_id: str, transforms: dict | None,
+                 desc: dict | None = None) -> Design:
+    """The site's design of its rows in its own coding (each factor against its own first level); ``desc``:
+    :func:`describe_frame` of these rows, if the caller has it already."""
+    desc = describe_frame(frame, spec, site_id) if desc is None else desc
     schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]),
                     transforms=dict(transforms or {}))
     return build_design(spec, schema, frame, fam, site_id, checked=True)
@@ -47,14 +49,15 @@ MANY_TOL = 0.5
 
 
 def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: str, need,
-            transforms: dict | None = None, third: bool = True) -> dict | None:
+            transforms: dict | None = None, third: bool = True, desc: dict | None = None) -> dict | None:
     """The site's own GLMM fit of all its rows: β̂ of the columns ``names``, θ̂ (and ψ̂) and the information
     of (β, θ, ψ), sums over many rows and groups.  Sent only for at least two groups and ``need`` observations,
     with at least three observations per parameter (as the site rules' 0.33 parameters per row).
     ``transforms``: the pooled statistics of stateful transforms (center(x), poly(x, k), ...), as agreed;
-    ``third``: also the third derivatives (with fewer than ``OWN_FIT_GROUPS`` groups)."""
+    ``third``: also the third derivatives (with fewer than ``OWN_FIT_GROUPS`` groups); ``desc``: the frame's
+    description, if at hand."""
     try:
-        d = _site_design(frame, spec, fam, site_id, transforms)
+        d = _site_design(frame, spec, fam, site_id, transforms, desc)
     except FedGLMMError:
         return None
     keep = independent_columns(d.X)

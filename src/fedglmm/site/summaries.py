@@ -91,7 +91,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
                            "or iterative)", unsupported=True)
         if local is not None:
             sizes = np.add.reduceat(np.ones(d.n), d.starts) if q else np.array([float(d.n)])
-            msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, float(min_group), transforms)
+            msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, float(min_group), transforms, desc=desc)
         return msg
     starts = d.starts if q else np.zeros(1, dtype=np.int64)
     levels = list(d.group_levels) if q else ["(all rows)"]
@@ -117,7 +117,8 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     keep = ~small
     if local is not None and fam.name != "gaussian":
         # its third derivatives only where no group's moments go (the pseudo-data have the shape then)
-        msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any())
+        msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any(),
+                               desc=desc)
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
             _moment_blocks(d, starts, levels, keep, order)

@@ -2,7 +2,9 @@
 
 The sites of a round are independent and the coordinator waits for the slowest, so they answer in
 parallel, one thread per core (their heavy work -- numpy and the compiled likelihood kernel -- runs
-without the interpreter lock), with BLAS held at one thread meanwhile (:mod:`fedglmm.likelihood.blas`).
+without the interpreter lock), with BLAS held at one thread meanwhile (:mod:`fedglmm.likelihood.blas`);
+sites holding fewer than :data:`~fedglmm.likelihood.fused.PARALLEL_ROWS` rows in all answer one after the
+other (their work is then mostly the interpreter's, which threads cannot share).
 Sites that keep an audit log answer one after the other, so the lines they append keep the order of the
 sites.  ``timings`` records, for every round, its wall time and each
 site's own CPU time (``benchmarks/bench_scale.py`` reads it).
@@ -18,6 +20,7 @@ from typing import Callable, Protocol
 from .. import protocol
 from ..errors import SiteRefusal
 from ..likelihood.blas import single_blas
+from ..likelihood.fused import PARALLEL_ROWS, rows_of
 
 _POOL: ThreadPoolExecutor | None = None
 
@@ -72,8 +75,9 @@ class InProcessTransport:
         return list(self.sites)
 
     def _in_parallel(self) -> bool:
-        return self.parallel and len(self.sites) > 1 and workers() > 1 and \
-            not any(getattr(site, "audit", None) is not None for site in self.sites.values())
+        rows = rows_of(self.sites.values())
+        return self.parallel and len(self.sites) > 1 and workers() > 1 and (rows is None or rows >= PARALLEL_ROWS) \
+            and not any(getattr(site, "audit", None) is not None for site in self.sites.values())
 
     def broadcast(self, message: dict) -> dict[str, dict]:
         """One round: the same request to every site, one reply from each (decoded)."""
