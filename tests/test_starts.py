@@ -43,6 +43,32 @@ def _two_sites(seed=5):
 FORMULA = "y ~ f * x + z + (1 | g)"
 
 
+def test_own_fit_design_serves_the_setup_where_the_codings_agree(monkeypatch):
+    """A site's own-fit design is its set-up design when its own coding is the agreed one (site A has every
+    level of f) and is built again when not (B lacks the reference level a); either way the site's design
+    is what build_design gives in the agreed coding."""
+    import fedglmm.site.site as site_module
+    from fedglmm.api import make_sites, run
+    from fedglmm.model.options import fit_request
+    from fedglmm.protocol import decode
+    from fedglmm.transport import InProcessTransport
+
+    built, real = [], site_module.build_design
+    monkeypatch.setattr(site_module, "build_design", lambda *a, **k: built.append(a[4]) or real(*a, **k))
+    sites = make_sites(_two_sites())
+    res = run(InProcessTransport(sites), fit_request(FORMULA, "binomial", None, nagq=1, reml=False))
+    assert res.converged and built == ["B"]
+    fam = get_family("binomial")
+    for sid, site in sites.items():
+        req = decode(site._setup_bytes)
+        schema = Schema(kinds=dict(req["schema"]["kinds"]), levels={k: list(v) for k, v in req["schema"]["levels"].items()})
+        fresh = build_design(parse_formula(FORMULA), schema, site._setup_frame, fam, sid)
+        for field in ("y", "trials", "offset", "X", "Z", "group", "theta_mask"):
+            assert np.array_equal(getattr(site.design, field), getattr(fresh, field)), (sid, field)
+        assert (site.design.x_names, site.design.group_levels) == (fresh.x_names, fresh.group_levels)
+        assert site._own_design is None
+
+
 def test_own_fit_maps_to_the_agreed_coding():
     """Site B's own fit (its coding: f against b, no z column) carried to the agreed design (f against a,
     with z) predicts the same linear predictor on B's rows: X_a β = X_B ψ."""
@@ -205,7 +231,7 @@ def test_own_fit_modes_stay_at_the_site():
     holds no per-group array, and the site keeps one mode per group."""
     from fedglmm.api import make_sites
     from fedglmm.protocol import decode, encode, request
-    from fedglmm.site.own_fit import KEPT
+    from fedglmm.site.own_fit import KEPT, KEPT_DESIGN
 
     df = pd.read_csv("tests/data/contraception.csv")
     site = next(iter(make_sites({"a": df}).values()))
@@ -214,8 +240,8 @@ def test_own_fit_modes_stay_at_the_site():
                   order=2, local={"nagq": 1, "curvature": "observed"})
     raw = site.handle(encode(msg))
     reply = decode(raw)
-    assert reply["local"] is not None and KEPT not in reply["local"]
-    assert KEPT.encode() not in raw
+    assert reply["local"] is not None and KEPT not in reply["local"] and KEPT_DESIGN not in reply["local"]
+    assert KEPT.encode() not in raw and KEPT_DESIGN.encode() not in raw
     levels, modes = site._warm
     assert modes.shape == (df["district"].nunique(), 1) and len(levels) == modes.shape[0]
 

@@ -118,6 +118,18 @@ def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site
                   factors=factors, weighted=spec.weights is not None)
 
 
+def coding_key(spec: ModelSpec, schema: Schema, family) -> tuple | None:
+    """All that :func:`build_design` reads besides the rows: two designs of the same rows with equal keys
+    are equal (a site's own coding and the agreed one coincide where the site has every level).  None --
+    never equal -- for a formula with stateful transforms (their pooled state is not compared)."""
+    if schema.transforms:
+        return None
+    fam = get_family(family)
+    cols = tuple((c, schema.kinds.get(c), tuple(schema.levels[c]) if c in schema.levels else None)
+                 for c in variables(spec))
+    return spec, fam.name, fam.link, cols
+
+
 def _outcome(spec, schema, frame, fam, where) -> tuple[np.ndarray, np.ndarray]:
     if spec.response in schema.levels:        # a two-level factor: first level 0, second 1
         if fam.name != "binomial":

@@ -24,7 +24,7 @@ from ..likelihood.fit import LocalEvaluator, canonical_theta, fit_glmm, fit_lmm
 from ..likelihood.newton import TrustRegionNewton
 from ..likelihood.setup import make_setup, setup_reply
 from ..likelihood.starts import start_values
-from ..model.design import build_design, describe_frame
+from ..model.design import build_design, coding_key, describe_frame
 from ..model.families import Family
 from ..model.formula import variables
 from ..model.options import OWN_FIT_GROUPS, FitOptions, NewtonConfig
@@ -35,10 +35,13 @@ def _site_design(frame, spec: ModelSpec, fam: Family, site_id: str, transforms: 
                  desc: dict | None = None) -> Design:
     """The site's design of its rows in its own coding (each factor against its own first level); ``desc``:
     :func:`describe_frame` of these rows, if the caller has it already."""
+    return build_design(spec, _site_schema(frame, spec, site_id, transforms, desc), frame, fam, site_id, checked=True)
+
+
+def _site_schema(frame, spec: ModelSpec, site_id: str, transforms: dict | None, desc: dict | None) -> Schema:
     desc = describe_frame(frame, spec, site_id) if desc is None else desc
-    schema = Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]),
-                    transforms=dict(transforms or {}))
-    return build_design(spec, schema, frame, fam, site_id, checked=True)
+    return Schema(kinds={c: desc["columns"][c] for c in variables(spec)}, levels=dict(desc["levels"]),
+                  transforms=dict(transforms or {}))
 
 
 # A site with OWN_FIT_GROUPS groups or more (model.options) stops its own fit at a Newton decrement below
@@ -57,7 +60,8 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
     ``third``: also the third derivatives (with fewer than ``OWN_FIT_GROUPS`` groups); ``desc``: the frame's
     description, if at hand."""
     try:
-        d = _site_design(frame, spec, fam, site_id, transforms, desc)
+        schema = _site_schema(frame, spec, site_id, transforms, desc)
+        d = build_design(spec, schema, frame, fam, site_id, checked=True)
     except FedGLMMError:
         return None
     keep = independent_columns(d.X)
@@ -87,10 +91,13 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
         out["third"] = res["third"]
     if res.get("modes") is not None:
         out[KEPT] = (list(d.group_levels), res["modes"])
+    out[KEPT_DESIGN] = (frame, coding_key(spec, schema, fam), d)
     return out
 
 
 KEPT = "kept at the site"     # the own fit's modes: the site keeps them (never sent) to start its engine from
+# and its design (with the rows and the coding it was built for): the set-up's design where the codings agree
+KEPT_DESIGN = "design kept at the site"
 
 
 def independent_columns(X: np.ndarray, tol: float = 1e-9) -> list[int]:

@@ -29,7 +29,7 @@ from ..likelihood.laplace import GLMMLikelihood
 from ..likelihood.glmm_shared import SharedGLMMSums
 from ..likelihood.lmm_shared import to_global
 from ..likelihood.setup import setup_reply
-from ..model.design import build_design, describe_frame, transform_statistics
+from ..model.design import build_design, coding_key, describe_frame, transform_statistics
 from ..model.families import get_family
 from ..model.formula import request_spec, variables
 from ..model.frame import complete_rows
@@ -43,7 +43,7 @@ from .limits import Limits
 from .requests import check_oneshot, check_setup
 from .rules import SiteConfig
 from .secagg import SecureAggregation
-from .own_fit import KEPT, warm_start
+from .own_fit import KEPT, KEPT_DESIGN, warm_start
 from .summaries import summarize
 
 
@@ -69,6 +69,7 @@ class Site:
         self._rows = None            # (formula, na_action) -> (the rows the model uses, rows omitted)
         self._setup_bytes = None     # the set-up request the current design was built from
         self._setup_frame = None     # and the rows it was built on
+        self._own_design = None      # (rows, coding, design) of the last one-shot request's own fit
         self.limits = Limits(self.site_id, self.config)
         self.secagg = SecureAggregation(self.site_id)
         self._session = None         # the coordinator session of the request being answered
@@ -154,8 +155,10 @@ class Site:
         msg = summarize(frame, req["formula"], req["family"], req.get("link"), self.site_id,
                         order=req.get("order"), min_group=self.min_group, local=req.get("local"),
                         transforms=req.get("transforms"), weights=spec.weights, offset=spec.offset_column)
-        # the own fit's modes stay here: they start this site's engine in the first Newton round
-        self._warm = msg["local"].pop(KEPT, None) if isinstance(msg.get("local"), dict) else None
+        # the own fit's modes stay here: they start this site's engine in the first Newton round; and its
+        # design, which is the set-up's where the site has every level of the agreed coding
+        local = msg["local"] if isinstance(msg.get("local"), dict) else {}
+        self._warm, self._own_design = local.pop(KEPT, None), local.pop(KEPT_DESIGN, None)
         rules.check_cells(self.config, self.site_id, spec, frame)
         self._allowed_only(msg["description"])
         if omitted:
@@ -184,7 +187,11 @@ class Site:
                         levels={k: list(v) for k, v in req["schema"]["levels"].items()},
                         transforms=dict(req["schema"].get("transforms", {})))
         self.family = family
-        d = build_design(spec, schema, frame, family, self.site_id, checked=self._described == self._rows[0])
+        kept, self._own_design = self._own_design, None
+        if kept is not None and kept[0] is frame and kept[1] is not None and kept[1] == coding_key(spec, schema, family):
+            d = kept[2]          # the own fit's design of these rows, in the same coding
+        else:
+            d = build_design(spec, schema, frame, family, self.site_id, checked=self._described == self._rows[0])
         rules.check_cells(self.config, self.site_id, spec, frame)
         rules.check_model(self.config, self.site_id, spec, d.n, d.X.shape[1], int(np.sum(d.theta_mask)), family,
                           float(d.y.sum()), float(d.trials.sum()))
