@@ -83,7 +83,7 @@ def factor_labels(df: pd.DataFrame, spec: ModelSpec, group: str) -> np.ndarray:
 # --- 2. build -------------------------------------------------------------------------------------
 
 def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site: str,
-                 checked: bool = False) -> Design:
+                 checked: bool = False, specs: dict | None = None) -> Design:
     """One site's :class:`Design`, rows sorted (stably) by group.
 
     ``group_levels`` are the site's own group labels, numeric order if they are all numbers, else
@@ -91,11 +91,12 @@ def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site
     (0, 0), ``group`` all zeros, ``group_levels == ["."]`` and ``group_name`` None, and rows in
     their original order.  ``family.validate`` runs before the reordering, so the rows it names are
     rows of the site's file.  ``checked``: :func:`describe_frame` already checked this frame for this
-    formula (missing and non-finite values), so the check is not repeated.
+    formula (missing and non-finite values), so the check is not repeated.  ``specs``, a dict, receives
+    formulaic's model spec of X (``"x"``) and of each block of Z (``"z"``), None where built without it.
     """
     fam = get_family(family)
     where = f"site '{site}'"
-    parts = _model_parts(spec, schema, df, variables(spec), where, check=not checked)
+    parts = _model_parts(spec, schema, df, variables(spec), where, check=not checked, specs=specs)
     y, trials = _outcome(spec, schema, parts.frame, fam, where)
     row = lambda i: row_name(df, i)      # noqa: E731
     fam.validate(y, trials, where=f"at {where}", row=row,
@@ -210,15 +211,22 @@ class _Parts:
 
 
 def _model_parts(spec: ModelSpec, schema: Schema, df: pd.DataFrame, cols: list[str], where: str,
-                 check: bool = True) -> _Parts:
-    """Check the frame, convert categoricals to the agreed levels, and build X, Z and the offset."""
+                 check: bool = True, specs: dict | None = None) -> _Parts:
+    """Check the frame, convert categoricals to the agreed levels, and build X, Z and the offset (formulaic's
+    model specs into ``specs``, see :func:`build_design`)."""
+    specs = {} if specs is None else specs
     if check:
         check_frame(df, cols, where)
     frame = _prepare(df, spec, schema, cols, where)
     state = schema.transforms                   # pooled state of center(), scale(), poly(), ... (transforms.py)
-    X, x_names = _finite(*_matrix(spec.fixed, frame, where, state), "fixed-effects column", where, df)
-    blocks = [(np.ones((len(frame), 1)), ["Intercept"]) if t.expr.replace(" ", "") == "1"
-              else _matrix(t.expr, frame, where, state) for t in spec.random]
+    X, x_names = _finite(*_matrix(spec.fixed, frame, where, state, specs, "x"), "fixed-effects column", where, df)
+    blocks, specs["z"] = [], []
+    for t in spec.random:
+        if t.expr.replace(" ", "") == "1":
+            blocks.append((np.ones((len(frame), 1)), ["Intercept"]))
+            specs["z"].append(None)
+        else:
+            blocks.append(_matrix(t.expr, frame, where, state, specs["z"]))
     Z = np.hstack([b[0] for b in blocks]) if blocks else np.zeros((len(frame), 0))
     Z, z_names = _finite(Z, [n for b in blocks for n in b[1]], "random-effects column", where, df)
     offs = [_numeric(expr, frame, where, "offset", state) for expr in spec.offsets]
@@ -245,8 +253,10 @@ def _prepare(df: pd.DataFrame, spec: ModelSpec, schema: Schema, cols: list[str],
     return frame
 
 
-def _matrix(rhs: str, frame: pd.DataFrame, where: str, state: dict | None = None) -> tuple[np.ndarray, list[str]]:
-    """formulaic's model matrix of a right-hand side, as floats with its column names.
+def _matrix(rhs: str, frame: pd.DataFrame, where: str, state: dict | None = None, into=None, key=None
+            ) -> tuple[np.ndarray, list[str]]:
+    """formulaic's model matrix of a right-hand side, as floats with its column names (its model spec, None
+    if built without formulaic, into ``into[key]``, or appended to the list ``into``).
 
     ``state``: the pooled state of the formula's stateful transforms (:mod:`fedglmm.model.transforms`);
     they are always evaluated with it, never learnt from these rows.  Levels are already validated by
@@ -254,10 +264,12 @@ def _matrix(rhs: str, frame: pd.DataFrame, where: str, state: dict | None = None
     callers, so numpy's warnings are too.
     """
     plain = _plain_terms(rhs, frame)
-    if plain is not None:
-        return plain
-    mm = _formulaic(rhs, frame, where, transforms.apply_context(), state)
-    return mm.to_numpy(dtype=float), [str(c) for c in mm.columns]
+    mm = _formulaic(rhs, frame, where, transforms.apply_context(), state) if plain is None else None
+    if into is not None and key is None:
+        into.append(mm.model_spec if mm is not None else None)
+    elif into is not None:
+        into[key] = mm.model_spec if mm is not None else None
+    return plain if mm is None else (mm.to_numpy(dtype=float), [str(c) for c in mm.columns])
 
 
 def _formulaic(rhs: str, frame: pd.DataFrame, where: str, context: dict, state: dict | None):

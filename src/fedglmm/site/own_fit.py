@@ -28,6 +28,7 @@ from ..model.design import build_design, coding_key, describe_frame
 from ..model.families import Family
 from ..model.formula import variables
 from ..model.options import OWN_FIT_GROUPS, FitOptions, NewtonConfig
+from ..model.recode import own_design
 from ..model.spec import Design, ModelSpec, Schema
 
 
@@ -52,16 +53,19 @@ MANY_TOL = 0.5
 
 
 def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: str, need,
-            transforms: dict | None = None, third: bool = True, desc: dict | None = None) -> dict | None:
+            transforms: dict | None = None, third: bool = True, desc: dict | None = None,
+            oneshot: tuple | None = None) -> dict | None:
     """The site's own GLMM fit of all its rows: β̂ of the columns ``names``, θ̂ (and ψ̂) and the information
     of (β, θ, ψ), sums over many rows and groups.  Sent only for at least two groups and ``need`` observations,
     with at least three observations per parameter (as the site rules' 0.33 parameters per row).
     ``transforms``: the pooled statistics of stateful transforms (center(x), poly(x, k), ...), as agreed;
     ``third``: also the third derivatives (with fewer than ``OWN_FIT_GROUPS`` groups); ``desc``: the frame's
-    description, if at hand."""
+    description, and ``oneshot`` its one-shot design, the model specs of its build and its reference level,
+    if at hand (the own coding's design is read off them where it can be: :func:`fedglmm.model.recode.own_design`)."""
     try:
         schema = _site_schema(frame, spec, site_id, transforms, desc)
-        d = build_design(spec, schema, frame, fam, site_id, checked=True)
+        d = own_design(*oneshot) if oneshot is not None else None
+        d = d if d is not None else build_design(spec, schema, frame, fam, site_id, checked=True)
     except FedGLMMError:
         return None
     keep = independent_columns(d.X)

@@ -65,7 +65,8 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
         raise InputError(f"site '{site_id}': {formula!r} uses center(), scale(), poly() or mean(), whose "
                          "statistics must be pooled over all sites first: a summary made at one site alone cannot "
                          "have them (fit over the sites, or write the numbers, e.g. I(age - 30))")
-    d = build_design(spec, _local_schema(desc, spec, transforms), frame, fam, site_id, checked=True)
+    d = build_design(spec, _local_schema(desc, spec, transforms), frame, fam, site_id, checked=True, specs=(specs := {}))
+    own = {"desc": desc, "oneshot": (d, specs, SENTINEL)}      # what the site's own fit need not make again
     q = d.Z.shape[1]
     sums = {"colsum": d.X.sum(axis=0), "colsq": (d.X * d.X).sum(axis=0), "xtx": d.X.T @ d.X, "ztz": d.Z.T @ d.Z}
     if d.factors:
@@ -91,7 +92,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
                            "or iterative)", unsupported=True)
         if local is not None:
             sizes = np.add.reduceat(np.ones(d.n), d.starts) if q else np.array([float(d.n)])
-            msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, float(min_group), transforms, desc=desc)
+            msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, float(min_group), transforms, **own)
         return msg
     starts = d.starts if q else np.zeros(1, dtype=np.int64)
     levels = list(d.group_levels) if q else ["(all rows)"]
@@ -117,8 +118,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     keep = ~small
     if local is not None and fam.name != "gaussian":
         # its third derivatives only where no group's moments go (the pseudo-data have the shape then)
-        msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any(),
-                               desc=desc)
+        msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any(), **own)
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
             _moment_blocks(d, starts, levels, keep, order)
