@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import cho_factor, cho_solve
 
 from .shared import SharedLambda
 
@@ -113,6 +112,8 @@ class SharedGLMMPool(SharedLambda):
             Fvphi[:, p + t] += L.T @ (Hbb @ dLv[t]) + self.dL[t].T @ gb
         S = -0.5 * (Hbb + Hbb.T)
         C = np.eye(Q) + L.T @ S @ L
+        from scipy.linalg import cho_factor, cho_solve      # on first use: a fit without shared levels needs none
+
         cf = cho_factor(C, lower=True)
         Cinv = cho_solve(cf, np.eye(Q))
         dv, tau = Cinv @ Fv, Cinv @ Fvphi

@@ -27,7 +27,6 @@ shared part R N Rᵀ (R: the local effects' regression on Z_v).
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import cho_factor, cho_solve
 
 from ..model.spec import Design
 from .lmm_sparse import MultiLMMSums
@@ -126,6 +125,8 @@ class SharedLMM(SharedLambda):
         L = self.L(theta)
         Gvv, Gvx, Gxx = G[:Q, :Q], G[:Q, Q:], G[Q:, Q:]
         C = np.eye(Q) + L.T @ Gvv @ L
+        from scipy.linalg import cho_factor, cho_solve      # on first use: a fit without shared levels needs none
+
         cf = cho_factor(C, lower=True)
         Ci = cho_solve(cf, np.eye(Q))
         M = L @ Ci                                           # Λ C⁻¹
@@ -193,6 +194,8 @@ class SharedLMM(SharedLambda):
         G = tot["sG"]
         L = self.L(np.asarray(theta, float))
         C = np.eye(Q) + L.T @ G[:Q, :Q] @ L
+        from scipy.linalg import cho_factor, cho_solve
+
         cf = cho_factor(C, lower=True)
         N = L @ cho_solve(cf, L.T)
         r = G[:Q, Q + self.p] - G[:Q, Q:Q + self.p] @ np.asarray(beta, float)

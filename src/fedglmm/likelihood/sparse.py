@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.linalg import cho_solve, solve_triangular
 
 from ..model.spec import theta_index
 from .linalg import chol, inv
@@ -237,7 +236,7 @@ class Factor:
             if pat.R:
                 yT -= self.W[k] @ y[f].reshape(-1, r)
         if pat.R:
-            yT = cho_solve((self.LT, True), yT)
+            yT = _cho_solve((self.LT, True), yT)
         for k in range(len(pat.chain) - 1, -1, -1):
             f = pat.chain[k]
             for g in pat.par[k]:
@@ -254,7 +253,7 @@ class Factor:
         """Σ = H⁻¹ on the pattern of H (see the module docstring)."""
         pat = self.pat
         m = len(pat.chain)
-        ST = cho_solve((self.LT, True), np.eye(pat.R)) if pat.R else np.zeros((0, 0))
+        ST = _cho_solve((self.LT, True), np.eye(pat.R)) if pat.R else np.zeros((0, 0))
         SD, SB, SV = [None] * m, {}, {}
         for k in range(m - 1, -1, -1):
             f, Li = pat.chain[k], self.Linv[k]
@@ -384,3 +383,11 @@ class FactorLayout:
                                   for f, col in zip(self.theta_f, self.theta_c)], int)
         self.theta_lr = np.array([int(np.flatnonzero(self.cols[f] == row)[0])
                                   for f, row in zip(self.theta_f, self.theta_r)], int)
+
+
+def _cho_solve(factor, b):
+    """scipy.linalg.cho_solve, imported on first use (a fit with one grouping factor needs none of
+    scipy.linalg, whose import costs a small fit a few hundredths of a second)."""
+    from scipy.linalg import cho_solve
+
+    return cho_solve(factor, b)

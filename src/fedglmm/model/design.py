@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from . import deferred  # noqa: F401 -- first: formulaic's scipy.sparse.linalg is then loaded on first use
 from formulaic import model_matrix
 from formulaic.errors import DataMismatchWarning, FormulaicError
 

@@ -20,11 +20,11 @@ holds numbers; its levels are agreed by the sites (see :func:`factor_columns`).
 """
 from __future__ import annotations
 
-from functools import lru_cache, wraps
-
 import ast
 import re
+from functools import lru_cache, wraps
 
+from . import deferred  # noqa: F401 -- first: formulaic's scipy.sparse.linalg is then loaded on first use
 from formulaic import Formula
 from formulaic.errors import FormulaicError
 from formulaic.formula import SimpleFormula
