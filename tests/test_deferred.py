@@ -40,3 +40,18 @@ def test_the_deferred_module_is_the_real_one_on_use():
               contrasts.scipy.sparse.linalg.inv is real.inv, interface.LinearOperator is real.LinearOperator)
     """)
     assert out == "module True True True True"
+
+
+def test_scipys_blas_loaded_during_a_fit_is_held_at_one_thread():
+    """scipy.linalg imported inside single_blas (a fit with several grouping factors loads it there, now that
+    start-up does not) runs its BLAS at one thread like the libraries loaded before."""
+    out = _run("""
+        import numpy
+        from threadpoolctl import ThreadpoolController
+        from fedglmm.likelihood.blas import single_blas
+        with single_blas():
+            import scipy.linalg
+            inside = [i["num_threads"] for i in ThreadpoolController().info() if i["user_api"] == "blas"]
+        print(len(inside) >= 2, set(inside))
+    """)
+    assert out == "True {1}"

@@ -15,6 +15,11 @@ threadpoolctl (BSD-3-Clause) sets the limits; without it this does nothing.
 """
 from __future__ import annotations
 
+import ctypes
+import glob
+import importlib.util
+import os
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -27,6 +32,7 @@ def _controller():
     would escape one kept from before)."""
     if not _STATE["available"]:
         return None
+    _preload_scipy_blas()
     try:
         from threadpoolctl import ThreadpoolController
         return ThreadpoolController()
@@ -51,3 +57,24 @@ def single_blas():
             if _STATE["depth"] == 0 and _STATE["limiter"] is not None:
                 _STATE["limiter"].restore_original_limits()
                 _STATE["limiter"] = None
+
+
+def _preload_scipy_blas() -> None:
+    """scipy's wheels bundle an OpenBLAS of their own (``scipy.libs/libscipy_openblas*.so``), which loads with
+    scipy.linalg; a fit with one grouping factor never imports scipy.linalg (:mod:`fedglmm.model.deferred`),
+    but one with several, or scipy.optimize, imports it during the fit, inside the block, where its BLAS
+    would run with as many threads as cores.  So the library alone is loaded first (a few ms, once): the
+    limit then covers it, and scipy.linalg, when it comes, uses the same one.  Elsewhere (scipy linked to
+    the BLAS numpy uses, or a layout without that folder) nothing is loaded."""
+    if _STATE.get("preloaded") or "scipy.linalg" in sys.modules:
+        return
+    _STATE["preloaded"] = True
+    try:
+        spec = importlib.util.find_spec("scipy")
+        if spec is None or spec.origin is None:
+            return
+        for path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(spec.origin)), "scipy.libs",
+                                                  "libscipy_openblas*.so*"))):
+            ctypes.CDLL(path)
+    except (OSError, ImportError, ValueError):
+        pass
