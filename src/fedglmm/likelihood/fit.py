@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import ConvergenceError, InputError
 from ..model.options import FitOptions
 from ..model.spec import theta_index
+from .covariance_steps import CovarianceSteps
 from .fused import parallel_map, rows_of
 from .lmm import profiled_deviance
 from .newton import TrustRegionNewton
@@ -186,9 +187,10 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     starts = first[1:] + [np.r_[x[:-1], x[-1] + d] for x in first for d in (() if final_first else disp_shifts)]
     canon = lambda x: np.r_[x[:p], canonical_theta(x[p:p + k], mask), x[p + k:]]   # noqa: E731
     # with several grouping factors the optimiser also tries zero variances (not with one: unchanged fits)
-    edge = tuple(p + boundary_positions(mask)) if setup.factor_groups else ()
+    edge = tuple(p + boundary_positions(mask))
     opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts, model=model,
-                            boundary=edge, predict_final=bool(setup.factor_groups), final_first=final_first,
+                            boundary=edge, covariance=CovarianceSteps(mask, p) if k else None,
+                            predict_final=bool(setup.factor_groups), final_first=final_first,
                             sound_start=sound_start)
     phi, (final, s) = _run(opt, evaluate, canon)
     info = -s["hess"]

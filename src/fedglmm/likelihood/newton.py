@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..model.options import NewtonConfig
+from .last_step import last_step
 
 
 @dataclass
@@ -73,6 +74,7 @@ class TrustRegionNewton:
                                     # its optional model.observe(x, f, g, H) sees every point evaluated
     boundary: tuple = ()            # coordinates whose sign does not matter (F is even in each): 0 is a
                                     # boundary a Newton iteration approaches only linearly (see _boundary)
+    covariance: object = None       # optional steps in the covariance's entries (see _in_covariance)
     predict_final: bool = False     # also propose the final candidate where the observed quadratic
                                     # contraction predicts a decrement below tol after the step (_promising)
     final_first: bool = False       # x0 is believed to be the solution: the first round (x0 alone) is final
@@ -92,6 +94,7 @@ class TrustRegionNewton:
         self._model_rejections = 0
         self._dec_prev = np.inf             # the Newton decrement of the current point one round before
         self.previous: _State | None = None  # the accepted point before the current one
+        self._settling = False              # one more final round was taken to settle the last step
 
     @property
     def current(self) -> _State | None:
@@ -153,7 +156,7 @@ class TrustRegionNewton:
         # (the contraction a final candidate shows predicts the next Newton step's only if it was one)
         contracted = bool(self._cands) and self._cands[0].newton and self._contracted(dec)
         if was_final and self.accepted is not None and (dec < self.config.tol or contracted):
-            return self._finish(converged=True)
+            return self._stop_or_settle(cur, newton)
         dec_before, self._dec_prev = self._dec_prev, dec
         if self.evals >= self.config.max_evals:
             self.message = f"no convergence within {self.config.max_evals} rounds"
@@ -162,7 +165,9 @@ class TrustRegionNewton:
         extra = self._model_step(cur, newton=newton) \
             if newton is not None and self._model_ok and dec >= self.config.tol ** 0.5 else None
         edge = self._boundary(cur, newton)      # (a final candidate just rejected is not proposed again)
-        if not (was_final and self.accepted is None) and (dec < self.config.near or (
+        cov = self._in_covariance(cur, newton, self._linear(cur, newton, dec, dec_before)) \
+            if dec >= self.config.tol else None
+        if cov is None and not (was_final and self.accepted is None) and (dec < self.config.near or (
                 extra is not None and dec < self.config.near_model) or self._promising(dec, dec_before)):
             return self._final(cur, newton, dec, extra, edge)
         self._cands = self._propose(cur.g, cur.H, newton)
@@ -172,8 +177,7 @@ class TrustRegionNewton:
                 # the model has the Newton step's information and more: it alone, while steps succeed
                 self._cands = []
             self._cands.insert(0, extra)
-        if edge is not None:
-            self._cands.append(edge)
+        self._cands += [c for c in (edge, cov) if c is not None]
         return [cur.x + c.step for c in self._cands]
 
     def _final(self, cur, newton, dec, extra, edge) -> list:
@@ -207,6 +211,24 @@ class TrustRegionNewton:
             return None
         d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12))
         return _Candidate(s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(d * s)), np.inf)
+
+    def _in_covariance(self, cur, newton, linear: bool) -> _Candidate | None:
+        """The Newton step in the covariance's entries (``covariance``: see
+        :mod:`~fedglmm.likelihood.covariance_steps`) as one more candidate, where the Newton step in θ may
+        fall short: it converged only linearly last round (``linear``), or it shrinks a diagonal entry of Λ
+        by more than a quarter (a variance or a conditional variance heading towards 0)."""
+        cov = self.covariance
+        if newton is None or cov is None:
+            return None
+        diag = cov.diagonal
+        shrinks = np.any((np.abs(cur.x[diag]) > 1e-8) & (np.abs(cur.x[diag] + newton[diag]) < 0.75 * np.abs(cur.x[diag])))
+        if not (linear or shrinks):
+            return None
+        st = cov.step(cur.x, cur.g, cur.H)
+        if st is None:
+            return None
+        d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
+        return _Candidate(st[0], st[1], float(np.linalg.norm(d * st[0])), np.inf)
 
     def _model_step(self, cur, final: bool = False, newton=None) -> _Candidate | None:
         """The step of the caller's model of F (e.g. a surrogate that the quadratic model corrects), as one
@@ -262,11 +284,43 @@ class TrustRegionNewton:
             d = np.sqrt(np.abs(np.diag(self._cur.H)))
             if extra is not None and np.linalg.norm(d * (extra.step - step)) <= np.linalg.norm(d * step):
                 step = extra.step
+            else:
+                step = self._final_step(step)
+        elif step is not None:
+            step = self._final_step(step)
         self.solution = self.point + (step if step is not None else 0.0)
         self.converged = converged
         if converged and not self.message:
             self.message = "converged"
         return None
+
+    def _linear(self, cur, newton, dec: float, d0: float) -> bool:
+        """Whether full Newton steps converge only linearly: the last one shrank the decrement by less than
+        a tenth (a distance ratio √(d/d₀) above 0.3) and the new step points the same way -- a nearly
+        degenerate optimum, where F is far from quadratic in θ (e.g. a covariance close to singular)."""
+        if newton is None or self.previous is None or self.accepted is None or not self._cands:
+            return False
+        if not self._cands[self.accepted].newton or not (0 < dec < d0 < np.inf) or dec < 0.09 * d0:
+            return False
+        last = cur.x - self.previous.x
+        norms = np.sqrt(dec * (last @ cur.H @ last))
+        return bool(norms > 0 and (newton @ cur.H @ last) >= 0.9 * norms)
+
+    def _stop_or_settle(self, cur, newton):
+        """Finish, unless the last step is not yet known to the tolerance: the models of F at the current
+        point (plain Newton, to third order, or in the covariance's entries: :func:`last_step`) disagree
+        on it by more than tol² in the norm of H -- what a Newton step would leave where its error is of
+        that order (cf. :meth:`_contracted`).  Then that step is one more final candidate (once)."""
+        if newton is not None and not self._settling:
+            last = self._final_step(newton)
+            miss = last - newton
+            if miss @ cur.H @ miss > self.config.tol ** 2:
+                self._settling = True
+                return self._final(cur, last, -(cur.g @ last), None, None)
+        return self._finish(converged=True)
+
+    def _final_step(self, step: np.ndarray) -> np.ndarray:
+        return last_step(self._cur, self.previous, self.covariance, step)
 
     def _propose(self, g, H, newton) -> list[_Candidate]:
         d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12 * max(1.0, np.max(np.abs(np.diag(H))))))

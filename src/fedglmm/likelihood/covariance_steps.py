@@ -1,0 +1,133 @@
+"""Steps of the coordinator's Newton iteration taken in the entries of the random-effect covariance
+Σ = ΛΛᵀ instead of those of its Cholesky factor Λ (θ, lme4's parameters).
+
+Why: near a nearly singular covariance -- a correlation close to ±1, or an SD close to 0 -- the objective
+is far from quadratic in θ.  A term's Σ depends on θ quadratically, and where its optimum is nearly
+singular the valley of the objective curves through θ (for ``(1 + x | g)`` with correlation −0.98, along
+the path Σ₁₂ and Σ₂₂ stay put while Λ₂₁ and Λ₂₂ swing together) and Newton in θ covers a third of the way
+per round.  In Σ's entries the valley is straight and the quadratic model holds much further.  A scalar
+term's Σ is θ²: the step in θ's square.
+
+:class:`CovarianceSteps` maps x = (β, θ, ψ) to y = (β, σ, ψ), σ the entries of Σ at θ's places (the map is
+one-to-one where Σ is positive definite: θ is the Cholesky factor of Σ), and takes the Newton step in y
+with the chain rule: g_y = Jᵀg, H_y = JᵀHJ + Σ_k g_k ∂²x_k/∂y∂y, J = ∂x/∂y -- J and the second
+derivatives by central differences of the map (q × q Cholesky factors, no round, no site).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..model.spec import lambda_matrix, theta_index
+
+
+class CovarianceSteps:
+    """The θ block x[p : p + k] of the parameters in Σ's entries (``mask``: Λ's pattern, as in the model)."""
+
+    def __init__(self, mask, p: int):
+        self.mask = np.asarray(mask, bool)
+        self.q = self.mask.shape[0]
+        self.index = theta_index(self.mask)
+        self.p, self.k = p, len(self.index[0])
+        self.off = ~np.tril(self.mask)
+        self.diagonal = p + np.flatnonzero(self.index[0] == self.index[1])   # positions in x of Λ's diagonal
+
+    def to_inner(self, x: np.ndarray) -> np.ndarray:
+        lam = lambda_matrix(x[self.p:self.p + self.k], self.q, self.index)
+        y = np.array(x, float)
+        y[self.p:self.p + self.k] = (lam @ lam.T)[self.index]
+        return y
+
+    def from_inner(self, y: np.ndarray) -> np.ndarray | None:
+        """x of y, or None where Σ is not positive definite or its factor leaves Λ's pattern."""
+        low = np.zeros((self.q, self.q))
+        low[self.index] = y[self.p:self.p + self.k]
+        sigma = low + np.tril(low, -1).T
+        try:
+            lam = np.linalg.cholesky(sigma)
+        except np.linalg.LinAlgError:
+            return None
+        if np.any(np.abs(lam[self.off]) > 1e-10 * max(1.0, float(np.max(np.abs(lam))))):
+            return None
+        x = np.array(y, float)
+        x[self.p:self.p + self.k] = lam[self.index]
+        return x
+
+    def _chain(self, y0: np.ndarray, g: np.ndarray):
+        """J = ∂x/∂y and Σ_k g_k ∂²x_k/∂y∂y on the θ block at y0, by central differences (None off the
+        positive-definite cone)."""
+        th = slice(self.p, self.p + self.k)
+        h = 1e-4 * np.maximum(np.abs(y0[th]), 1e-3)
+        x0 = self.from_inner(y0)
+        if x0 is None:
+            return None
+        J, D = np.zeros((self.k, self.k)), np.zeros((self.k, self.k))
+
+        def at(*moves):
+            y = y0.copy()
+            for i, s in moves:
+                y[self.p + i] += s * h[i]
+            x = self.from_inner(y)
+            return None if x is None else x[th]
+
+        psi0 = g[th] @ x0[th]
+        for i in range(self.k):
+            up, down = at((i, 1)), at((i, -1))
+            if up is None or down is None:
+                return None
+            J[:, i] = (up - down) / (2.0 * h[i])
+            D[i, i] = (g[th] @ up - 2.0 * psi0 + g[th] @ down) / h[i] ** 2
+            for j in range(i):
+                c = [at((i, a), (j, b)) for a, b in ((1, 1), (1, -1), (-1, 1), (-1, -1))]
+                if any(v is None for v in c):
+                    return None
+                D[i, j] = D[j, i] = g[th] @ (c[0] - c[1] - c[2] + c[3]) / (4.0 * h[i] * h[j])
+        return J, D
+
+    def model(self, x: np.ndarray, g: np.ndarray, H: np.ndarray):
+        """(y, g_y, H_y, J) of the quadratic model in y at x, or None."""
+        y0 = self.to_inner(x)
+        chain = self._chain(y0, g)
+        if chain is None:
+            return None
+        Jt, D = chain
+        th = slice(self.p, self.p + self.k)
+        J = np.eye(len(x))
+        J[th, th] = Jt
+        Hy = J.T @ H @ J
+        Hy[th, th] += D
+        return y0, J.T @ g, Hy, J
+
+    def step(self, x: np.ndarray, g: np.ndarray, H: np.ndarray):
+        """The Newton step in y, as a step in x, and its predicted decrease; None where the model in y is
+        not convex or the step leaves the positive-definite cone (even halved twice)."""
+        m = self.model(x, g, H)
+        if m is None:
+            return None
+        y0, gy, Hy, _ = m
+        try:
+            np.linalg.cholesky(Hy)
+            dy = -np.linalg.solve(Hy, gy)
+        except np.linalg.LinAlgError:
+            return None
+        for _ in range(3):
+            xn = self.from_inner(y0 + dy)
+            if xn is not None:
+                return xn - x, float(-(gy @ dy + 0.5 * dy @ Hy @ dy))
+            dy = 0.5 * dy
+        return None
+
+    def predicted_gradient(self, x, g, H, other: np.ndarray, g_other: np.ndarray) -> np.ndarray | None:
+        """The gradient in x at ``other`` that the quadratic model in y at x predicts (None off the cone);
+        ``g_other`` (the gradient there) gives the second-order part of the map's chain rule there."""
+        m = self.model(x, g, H)
+        yo = self.to_inner(other)
+        mo = self._chain(yo, g_other)
+        if m is None or mo is None:
+            return None
+        y0, gy, Hy, _ = m
+        Jo = np.eye(len(x))
+        Jo[self.p:self.p + self.k, self.p:self.p + self.k] = mo[0]
+        try:
+            return np.linalg.solve(Jo.T, gy + Hy @ (yo - y0))
+        except np.linalg.LinAlgError:
+            return None
