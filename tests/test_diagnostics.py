@@ -3,6 +3,8 @@ dispersion tests on simulated data, no row-sized array in any message, posterior
 effects against R (adaptive quadrature with 50 nodes, tests/data/toolbox/varcorr_*.json)."""
 from __future__ import annotations
 
+import re
+
 from dataclasses import replace
 
 import numpy as np
@@ -104,8 +106,9 @@ def test_no_message_carries_a_row_sized_array(monkeypatch):
         res = fedglmm.fit("cbind(incidence, size - incidence) ~ period + (1 | herd)", _split(big, "herd"),
                           family="binomial", ci="profile", diagnostics=True, method="iterative")
         res.ranef(kind="mean")
-        runs.append(sorted(shapes[-1]))
-    assert runs[0] == runs[1] and len(runs[0]) > 50
+        # the kinds of arrays and their shapes (how many points a round carries may differ with the data)
+        runs.append(sorted({(re.sub(r"/\d+(?=/|$)", "/*", path), shape) for path, shape in shapes[-1]}))
+    assert runs[0] == runs[1] and len(runs[0]) > 20
 
 
 def _simulate(rng, family, G=40, n=12, od=0.0):

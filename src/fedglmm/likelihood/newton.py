@@ -276,18 +276,9 @@ class TrustRegionNewton:
     def _finish(self, converged: bool):
         self.point = self._cur.x if self._cur is not None else self.x0
         step = _newton_step(self._cur.g, self._cur.H) if converged else None
-        if step is not None and self.model is not None and self._model_ok \
-                and 1e-3 * self.config.tol ** 2 < -(self._cur.g @ step) < 10.0 * self.config.tol:
-            # the caller's model carries the last step's higher-order terms; keep its step when it agrees
-            # with Newton's to within the Newton step's own size (and the Newton step is not already exact)
-            extra = self._model_step(self._cur, final=True)
-            d = np.sqrt(np.abs(np.diag(self._cur.H)))
-            if extra is not None and np.linalg.norm(d * (extra.step - step)) <= np.linalg.norm(d * step):
-                step = extra.step
-            else:
-                step = self._final_step(step)
-        elif step is not None:
-            step = self._final_step(step)
+        if step is not None:
+            model = self._model_last(step)
+            step = model if model is not None else self._final_step(step)
         self.solution = self.point + (step if step is not None else 0.0)
         self.converged = converged
         if converged and not self.message:
@@ -310,14 +301,27 @@ class TrustRegionNewton:
         """Finish, unless the last step is not yet known to the tolerance: the models of F at the current
         point (plain Newton, to third order, or in the covariance's entries: :func:`last_step`) disagree
         on it by more than tol² in the norm of H -- what a Newton step would leave where its error is of
-        that order (cf. :meth:`_contracted`).  Then that step is one more final candidate (once)."""
-        if newton is not None and not self._settling:
+        that order (cf. :meth:`_contracted`).  Then that step is one more final candidate (once).  Not
+        where the caller's model gives the last step (:meth:`_model_last`)."""
+        if newton is not None and not self._settling and self._model_last(newton) is None:
             last = self._final_step(newton)
             miss = last - newton
             if miss @ cur.H @ miss > self.config.tol ** 2:
                 self._settling = True
                 return self._final(cur, last, -(cur.g @ last), None, None)
         return self._finish(converged=True)
+
+    def _model_last(self, step: np.ndarray) -> np.ndarray | None:
+        """The caller's model's last step: it carries the higher-order terms, so it is kept where it agrees
+        with Newton's to within the Newton step's own size (and the Newton step is not already exact)."""
+        if self.model is None or not self._model_ok \
+                or not 1e-3 * self.config.tol ** 2 < -(self._cur.g @ step) < 10.0 * self.config.tol:
+            return None
+        extra = self._model_step(self._cur, final=True)
+        d = np.sqrt(np.abs(np.diag(self._cur.H)))
+        if extra is not None and np.linalg.norm(d * (extra.step - step)) <= np.linalg.norm(d * step):
+            return extra.step
+        return None
 
     def _final_step(self, step: np.ndarray) -> np.ndarray:
         return last_step(self._cur, self.previous, self.covariance, step)
