@@ -190,6 +190,7 @@ def fit(ctx: typer.Context, data: DataArg = None, formula: FormulaOpt = ..., fam
         # '--summaries a.json b.json': the option takes the first file, the rest arrive as arguments
         from ..api import fit_summaries
 
+        imports_loaded()
         if analysis.ci != "wald" or analysis.diagnostics:
             raise UsageError("--ci profile and --diagnostics need rounds at the sites; summary files have none",
                              ctx=ctx)
