@@ -81,8 +81,9 @@ def _starts(req, st, merged, own: dict, pseudo, big: bool = False):
         if own and family.name != "gaussian":
             combined = combined_start(own, sd_index=_sd_index(st))
             if combined and big:
-                # every site fitted its many groups: their combination alone, and plain Newton steps
-                return (pair(combined[0]) if len(combined) == 1 else tuple(pair(x) for x in combined)), None
+                # every site fitted its many groups: their combination alone (no covariance halved and
+                # doubled beside it: two points' work at every site for nothing), and plain Newton steps
+                return tuple(pair(x) for x in combined), None
             if combined:
                 nx = len(st.names) + int(st.mask.sum()) + st.ndisp
                 zero = lambda x: (0.0, np.zeros(nx), np.zeros((nx, nx)))   # noqa: E731
