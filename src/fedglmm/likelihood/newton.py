@@ -221,7 +221,7 @@ class TrustRegionNewton:
         if newton is None or cov is None:
             return None
         diag = cov.diagonal
-        shrinks = np.any((np.abs(cur.x[diag]) > 1e-8) & (np.abs(cur.x[diag] + newton[diag]) < 0.75 * np.abs(cur.x[diag])))
+        shrinks = np.any((np.abs(cur.x[diag]) > 1e-8) & (np.abs(cur.x[diag] + newton[diag]) < 0.95 * np.abs(cur.x[diag])))
         if not (linear or shrinks):
             return None
         st = cov.step(cur.x, cur.g, cur.H)
@@ -295,7 +295,7 @@ class TrustRegionNewton:
             return False
         last = cur.x - self.previous.x
         norms = np.sqrt(dec * (last @ cur.H @ last))
-        return bool(norms > 0 and (newton @ cur.H @ last) >= 0.9 * norms)
+        return bool(norms > 0 and (newton @ cur.H @ last) >= 0.0 * norms)
 
     def _stop_or_settle(self, cur, newton):
         """Finish, unless the last step is not yet known to the tolerance: the models of F at the current
