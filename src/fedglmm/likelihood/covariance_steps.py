@@ -31,6 +31,14 @@ class CovarianceSteps:
         self.off = ~np.tril(self.mask)
         self.diagonal = p + np.flatnonzero(self.index[0] == self.index[1])   # positions in x of Λ's diagonal
 
+    def conditional_share(self, x: np.ndarray) -> np.ndarray:
+        """For each diagonal entry of Λ (in the order of ``diagonal``): |Λ_rr| / ‖row r of Λ‖, the share of
+        effect r's SD not explained by the effects before it (small: Σ close to singular)."""
+        lam = lambda_matrix(x[self.p:self.p + self.k], self.q, self.index)
+        rows = self.index[0][self.diagonal - self.p]
+        norms = np.linalg.norm(lam[rows], axis=1)
+        return np.abs(lam[rows, rows]) / np.where(norms > 0, norms, 1.0)
+
     def to_inner(self, x: np.ndarray) -> np.ndarray:
         lam = lambda_matrix(x[self.p:self.p + self.k], self.q, self.index)
         y = np.array(x, float)

@@ -215,14 +215,16 @@ class TrustRegionNewton:
     def _in_covariance(self, cur, newton, linear: bool) -> _Candidate | None:
         """The Newton step in the covariance's entries (``covariance``: see
         :mod:`~fedglmm.likelihood.covariance_steps`) as one more candidate, where the Newton step in θ may
-        fall short: it converged only linearly last round (``linear``), or it shrinks a diagonal entry of Λ
-        by more than a quarter (a variance or a conditional variance heading towards 0)."""
+        fall short: it converged only linearly (``linear``), or shrinks a diagonal entry of Λ by a quarter
+        (a variance heading to 0), or by 5 % where that entry is under half its row's norm (Σ nearly
+        singular, where Newton in θ crawls along a curved valley)."""
         cov = self.covariance
         if newton is None or cov is None:
             return None
         diag = cov.diagonal
-        shrinks = np.any((np.abs(cur.x[diag]) > 1e-8) & (np.abs(cur.x[diag] + newton[diag]) < 0.95 * np.abs(cur.x[diag])))
-        if not (linear or shrinks):
+        t, t1 = np.abs(cur.x[diag]), np.abs(cur.x[diag] + newton[diag])
+        shrinks = (t > 1e-8) & ((t1 < 0.75 * t) | ((t1 < 0.95 * t) & (cov.conditional_share(cur.x) < 0.5)))
+        if not (linear or shrinks.any()):
             return None
         st = cov.step(cur.x, cur.g, cur.H)
         if st is None:
