@@ -4,6 +4,7 @@ from quadratic at the optimum against the same fit continued to machine precisio
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -115,3 +116,17 @@ def test_fits_far_from_quadratic_end_at_the_optimum():
     assert abs(t[1]) / np.hypot(t[1], t[2]) > 0.9
     for method in ("hybrid", "iterative"):
         _within(fedglmm.fit("y ~ x1 + (1 + x1 | g)", data, family="binomial", method=method), opt)
+
+
+@pytest.mark.parametrize("formula, data", [("Reaction ~ Days + (Days | Subject)", "sleepstudy"),
+                                           ("y ~ x * f + (1 | g)", "extra_sim_gauss_factor")])
+def test_gaussian_estimates_move_with_the_last_step(formula, data):
+    """A linear mixed model's β̂, σ̂², standard errors and REML criterion are moved along θ's last step (they
+    were taken at the last point: β up to 5e-7 and SEs 4e-5 from the continued fit)."""
+    df = pd.read_csv(Path(__file__).parent / "data" / f"{data}.csv")
+    opt = fedglmm.fit(formula, df, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6, max_evals=60))
+    for method in ("iterative", "hybrid"):
+        res = fedglmm.fit(formula, df, method=method)
+        _within(res, opt)
+        assert np.allclose(res.se, opt.se, rtol=1e-8, atol=0)
+        assert res.loglik == pytest.approx(opt.loglik, rel=1e-12)

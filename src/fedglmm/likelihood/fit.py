@@ -305,14 +305,15 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None)
         theta, converged, trace = np.zeros(0), True, []
         s, final = evaluator.finalize(theta, keys)
         _check_residual(s)
-    if ntheta and setup.factor_groups:
-        # several grouping factors: β̂, σ̂² and the criterion moved from the last point to the estimate
-        # along the final Newton step (first and second order), as θ̃ is: the same estimate whatever path
-        # the iteration took (a hybrid start or another split of the rows)
-        pr = profiled_deviance(s, options.reml, order=2)
+    if ntheta:
+        # β̂, σ̂² and the criterion moved from the last point to the estimate along the final step (first and
+        # second order), as θ̃ is: the same estimate whatever path the iteration took (a hybrid start or
+        # another split of the rows; one grouping factor: the iteration's Hessian of the criterion)
+        pr = profiled_deviance(s, options.reml, order=2 if setup.factor_groups else 1)
         step = opt.solution - opt.point
         beta, sigma2 = pr.beta + pr.dbeta.T @ step, float(pr.sigma2 + pr.dsigma2 @ step)
-        dev = float(pr.dev + pr.grad @ step + 0.5 * step @ pr.hess @ step)
+        hess = pr.hess if pr.hess is not None else 2.0 * opt.current.H
+        dev = float(pr.dev + pr.grad @ step + 0.5 * step @ hess @ step)
         A = s["A"] + np.einsum("t,tpr->pr", step, s["dA"])
     else:
         pr = profiled_deviance(s, options.reml, order=0)
