@@ -21,8 +21,9 @@ import numpy as np
 
 def last_step(cur, prev, cov, step: np.ndarray) -> np.ndarray:
     """The step from the final point ``cur`` (x, g, H) to the solution, given the previous accepted point
-    ``prev`` (or None), the covariance steps ``cov`` (or None) and the Newton step ``step``."""
-    if cov is not None and prev is not None and prev.g.shape == cur.g.shape:
+    ``prev`` (or None), the covariance steps ``cov`` (or None) and the Newton step ``step`` (kept as it is
+    where its decrement is below 1e-10: the other models could not tell it apart)."""
+    if cov is not None and prev is not None and prev.g.shape == cur.g.shape and -(cur.g @ step) > 1e-10:
         st = cov.step(cur.x, cur.g, cur.H)
         pred = cov.predicted_gradient(cur.x, cur.g, cur.H, prev.x, prev.g) if st is not None else None
         if pred is not None:

@@ -24,12 +24,9 @@ steps are accepted, each round carries the single Newton step.
 Convergence: once the Newton decrement gᵀH⁻¹g at an accepted point with a positive-definite Hessian
 falls below ``near``, the full Newton step is proposed as the *final candidate* (``opt.final_candidate``
 is True, so the caller can ask for everything it wants at the end in that same round); if the decrement
-there is below ``tol`` the iteration stops, otherwise it goes on.  The solution is that last evaluated
-point plus its own Newton step (``solution``; ``point`` is the evaluated point).  With quadratic
-convergence, the squared error of the solution in the Hessian's metric, (x − x*)ᵀH(x − x*), is of the
-order of the squared decrement: measured in standard errors, the solution is off by about the decrement
-(≤ 1e-7 by default), far below any statistical precision.
-"""
+there is below ``tol`` the iteration stops, otherwise it goes on.  The solution (``solution``) is that
+last evaluated point (``point``) plus one more step, Newton's to third order or in the covariance's
+entries (:mod:`~fedglmm.likelihood.last_step`): its error is far below the decrement (≤ 1e-7)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -95,6 +92,7 @@ class TrustRegionNewton:
         self._dec_prev = np.inf             # the Newton decrement of the current point one round before
         self.previous: _State | None = None  # the accepted point before the current one
         self._settling = False              # one more final round was taken to settle the last step
+        self._model_at = self._model_extra = None   # the point the model's last step was computed at; it
 
     @property
     def current(self) -> _State | None:
@@ -319,7 +317,9 @@ class TrustRegionNewton:
         if self.model is None or not self._model_ok \
                 or not 1e-3 * self.config.tol ** 2 < -(self._cur.g @ step) < 10.0 * self.config.tol:
             return None
-        extra = self._model_step(self._cur, final=True)
+        if self._model_at is not self._cur:          # (once per point: the model's local solve)
+            self._model_at, self._model_extra = self._cur, self._model_step(self._cur, final=True)
+        extra = self._model_extra
         d = np.sqrt(np.abs(np.diag(self._cur.H)))
         if extra is not None and np.linalg.norm(d * (extra.step - step)) <= np.linalg.norm(d * step):
             return extra.step
