@@ -140,6 +140,8 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     local = {"nagq": options.nagq, "curvature": options.curvature}
     if len(req.spec.groups) <= 1 and _nsites(transport) == 1:
         local["exact"] = True
+    if _nsites(transport):
+        local["sites"] = _nsites(transport)
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link, order=order,
                                           local=local, **na_payload(req.na_action),
                                           **({"transforms": transforms} if transforms else {}),

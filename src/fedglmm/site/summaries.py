@@ -28,7 +28,7 @@ from ..model.design import build_design, describe_frame
 from ..model.families import get_family
 from ..model.formula import parse_formula, variables
 from ..model.moments import mono_values, monomials
-from ..model.options import MIN_GROUP
+from ..model.options import MANY_SITES, MIN_GROUP, SKIP_OWN_GROUPS
 from ..model.spec import Design, Schema
 from ..model.transforms import is_stateful
 from .own_fit import own_factor_fit, own_fit
@@ -116,7 +116,9 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
                           "would reveal them and are not sent (a one-shot fit needs every group: use --method "
                           "hybrid or iterative)")
     keep = ~small
-    if local is not None and fam.name != "gaussian":
+    skip = int(local.get("sites", 1)) > MANY_SITES and keep.all() and len(sizes) < SKIP_OWN_GROUPS \
+        if local is not None else True
+    if not skip and fam.name != "gaussian":
         # its third derivatives only where no group's moments go (the pseudo-data have the shape then)
         msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any(), **own)
     if keep.any():
