@@ -116,15 +116,20 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
                           "would reveal them and are not sent (a one-shot fit needs every group: use --method "
                           "hybrid or iterative)")
     keep = ~small
-    skip = int(local.get("sites", 1)) > MANY_SITES and keep.all() and len(sizes) < SKIP_OWN_GROUPS \
-        if local is not None else True
-    if not skip and fam.name != "gaussian":
+    if _own_wanted(local, keep) and fam.name != "gaussian":
         # its third derivatives only where no group's moments go (the pseudo-data have the shape then)
         msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any(), **own)
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
             _moment_blocks(d, starts, levels, keep, order)
     return msg
+
+
+def _own_wanted(local: dict | None, keep: np.ndarray) -> bool:
+    """Whether the site fits its own rows: asked to, unless there are more than ``MANY_SITES`` sites and its
+    few groups (fewer than ``SKIP_OWN_GROUPS``) all go as summaries."""
+    return local is not None and not (int(local.get("sites", 1)) > MANY_SITES and keep.all()
+                                      and len(keep) < SKIP_OWN_GROUPS)
 
 
 def _factors_message(d: Design, fam, desc: dict, sums: dict, formula: str, site_id: str) -> dict:
