@@ -92,7 +92,6 @@ class TrustRegionNewton:
         self._dec_prev = np.inf             # the Newton decrement of the current point one round before
         self.previous: _State | None = None  # the accepted point before the current one
         self._settling = False              # one more final round was taken to settle the last step
-        self._model_at = self._model_extra = None   # the point the model's last step was computed at; it
 
     @property
     def current(self) -> _State | None:
@@ -317,9 +316,8 @@ class TrustRegionNewton:
         if self.model is None or not self._model_ok \
                 or not 1e-3 * self.config.tol ** 2 < -(self._cur.g @ step) < 10.0 * self.config.tol:
             return None
-        if self._model_at is not self._cur:          # (once per point: the model's local solve)
-            self._model_at, self._model_extra = self._cur, self._model_step(self._cur, final=True)
-        extra = self._model_extra
+        # (asked again at the finish: the model's local solve then goes on from where the first one ended)
+        extra = self._model_step(self._cur, final=True)
         d = np.sqrt(np.abs(np.diag(self._cur.H)))
         if extra is not None and np.linalg.norm(d * (extra.step - step)) <= np.linalg.norm(d * step):
             return extra.step
