@@ -105,10 +105,11 @@ class CovarianceSteps:
         Hy[th, th] += D
         return y0, J.T @ g, Hy, J
 
-    def step(self, x: np.ndarray, g: np.ndarray, H: np.ndarray):
+    def step(self, x: np.ndarray, g: np.ndarray, H: np.ndarray, m=None):
         """The Newton step in y, as a step in x, and its predicted decrease; None where the model in y is
-        not convex or the step leaves the positive-definite cone (even halved twice)."""
-        m = self.model(x, g, H)
+        not convex or the step leaves the positive-definite cone (even halved twice); ``m``: :meth:`model`'s
+        result at x if already at hand."""
+        m = self.model(x, g, H) if m is None else m
         if m is None:
             return None
         y0, gy, Hy, _ = m
@@ -124,10 +125,10 @@ class CovarianceSteps:
             dy = 0.5 * dy
         return None
 
-    def predicted_gradient(self, x, g, H, other: np.ndarray, g_other: np.ndarray) -> np.ndarray | None:
+    def predicted_gradient(self, x, g, H, other: np.ndarray, g_other: np.ndarray, m=None) -> np.ndarray | None:
         """The gradient in x at ``other`` that the quadratic model in y at x predicts (None off the cone);
         ``g_other`` (the gradient there) gives the second-order part of the map's chain rule there."""
-        m = self.model(x, g, H)
+        m = self.model(x, g, H) if m is None else m
         yo = self.to_inner(other)
         mo = self._chain(yo, g_other)
         if m is None or mo is None:

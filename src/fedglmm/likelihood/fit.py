@@ -186,7 +186,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     first = [np.concatenate([gamma0, theta0])] + [np.asarray(x, float) for x in starts]
     starts = first[1:] + [np.r_[x[:-1], x[-1] + d] for x in first for d in (() if final_first else disp_shifts)]
     canon = lambda x: np.r_[x[:p], canonical_theta(x[p:p + k], mask), x[p + k:]]   # noqa: E731
-    # with several grouping factors the optimiser also tries zero variances (not with one: unchanged fits)
+    # the optimiser also tries zero variances, and steps in the covariance's entries near a singular one
     edge = tuple(p + boundary_positions(mask))
     opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts, model=model,
                             boundary=edge, covariance=CovarianceSteps(mask, p) if k else None,

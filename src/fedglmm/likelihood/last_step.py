@@ -24,8 +24,9 @@ def last_step(cur, prev, cov, step: np.ndarray) -> np.ndarray:
     ``prev`` (or None), the covariance steps ``cov`` (or None) and the Newton step ``step`` (kept as it is
     where its decrement is below 1e-10: the other models could not tell it apart)."""
     if cov is not None and prev is not None and prev.g.shape == cur.g.shape and -(cur.g @ step) > 1e-10:
-        st = cov.step(cur.x, cur.g, cur.H)
-        pred = cov.predicted_gradient(cur.x, cur.g, cur.H, prev.x, prev.g) if st is not None else None
+        m = cov.model(cur.x, cur.g, cur.H)          # (the model in Σ's entries, for the step and the test)
+        st = cov.step(cur.x, cur.g, cur.H, m) if m is not None else None
+        pred = cov.predicted_gradient(cur.x, cur.g, cur.H, prev.x, prev.g, m) if st is not None else None
         if pred is not None:
             plain = prev.g - (cur.g + cur.H @ (prev.x - cur.x))
             miss = [float(r @ np.linalg.solve(cur.H, r)) for r in (plain, prev.g - pred)]

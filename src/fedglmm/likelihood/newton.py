@@ -286,15 +286,14 @@ class TrustRegionNewton:
 
     def _linear(self, cur, newton, dec: float, d0: float) -> bool:
         """Whether full Newton steps converge only linearly: the last one shrank the decrement by less than
-        a tenth (a distance ratio √(d/d₀) above 0.3) and the new step points the same way -- a nearly
+        a tenth (a distance ratio √(d/d₀) above 0.3) and the new step does not turn back -- a nearly
         degenerate optimum, where F is far from quadratic in θ (e.g. a covariance close to singular)."""
         if newton is None or self.previous is None or self.accepted is None or not self._cands:
             return False
         if not self._cands[self.accepted].newton or not (0 < dec < d0 < np.inf) or dec < 0.09 * d0:
             return False
         last = cur.x - self.previous.x
-        norms = np.sqrt(dec * (last @ cur.H @ last))
-        return bool(norms > 0 and (newton @ cur.H @ last) >= 0.0 * norms)
+        return bool(last @ cur.H @ last > 0 and newton @ cur.H @ last >= 0)
 
     def _stop_or_settle(self, cur, newton):
         """Finish, unless the last step is not yet known to the tolerance: the models of F at the current

@@ -138,10 +138,11 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     # a site also fits its own rows (one grouping factor): to the last digit when it is the only site (its
     # fit is then the fit)
     local = {"nagq": options.nagq, "curvature": options.curvature}
-    if len(req.spec.groups) <= 1 and _nsites(transport) == 1:
+    nsites = _nsites(transport)
+    if len(req.spec.groups) <= 1 and nsites == 1:
         local["exact"] = True
-    if _nsites(transport):
-        local["sites"] = _nsites(transport)
+    if nsites:
+        local["sites"] = nsites
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link, order=order,
                                           local=local, **na_payload(req.na_action),
                                           **({"transforms": transforms} if transforms else {}),
