@@ -149,3 +149,26 @@ def test_compiled_kernel_is_dropped_when_rows_py_changes(tmp_path):
     (tmp_path / "rows.py").write_text("r = 2\n")
     fused._drop_stale_cache(tmp_path)                   # rows.py changed: dropped
     assert not any(f.exists() for f in compiled) and other.exists()
+
+
+def test_threads_only_where_a_site_holds_many_rows(monkeypatch):
+    """Sites (or parts) answer in threads when they hold PARALLEL_ROWS rows in all and one of them SITE_ROWS;
+    many small sites one after the other (their work is the interpreter's); unknown sizes in threads."""
+    from types import SimpleNamespace as NS
+
+    from fedglmm.transport import InProcessTransport
+
+    small = [NS(n=1000) for _ in range(100)]
+    assert not fused.threads_pay(small)                          # 1e5 rows, none with SITE_ROWS
+    assert fused.threads_pay(small + [NS(n=fused.SITE_ROWS)])    # one large site among them
+    assert not fused.threads_pay([NS(n=fused.SITE_ROWS)])        # fewer than PARALLEL_ROWS in all
+    assert fused.threads_pay([NS(n=6000), NS(n=6000)])
+    assert fused.threads_pay(small + [NS()])                     # a site that does not say
+    monkeypatch.setattr("fedglmm.transport.inprocess.workers", lambda: 2)
+    sites = {f"s{i}": NS(frame=np.zeros(n), audit=None) for i, n in enumerate([1000] * 20)}
+    assert not InProcessTransport(sites)._in_parallel()
+    sites["big"] = NS(frame=np.zeros(8000), audit=None)
+    assert InProcessTransport(sites)._in_parallel()
+    seen = []
+    assert fused.parallel_map(lambda x: seen.append(x) or x * 2, [1, 2, 3], parallel=False) == [2, 4, 6]
+    assert seen == [1, 2, 3]

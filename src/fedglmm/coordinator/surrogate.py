@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..likelihood.fused import parallel_map, rows_of
+from ..likelihood.fused import parallel_map, threads_pay
 from ..likelihood.newton import TrustRegionNewton
 from ..model.options import NewtonConfig
 from .virtual import part_engines
@@ -111,7 +111,7 @@ def pseudo_objective(parts: dict, st, skip=()):
         engines = list(part_engines(parts, st, skip)[0].values())
 
     def objective(x):
-        evs = parallel_map(lambda eng: eng.evaluate(np.asarray(x, float), hess=True), engines, rows_of(engines))
+        evs = parallel_map(lambda eng: eng.evaluate(np.asarray(x, float), hess=True), engines, threads_pay(engines))
         return (-sum(ev.value for ev in evs), -sum(ev.grad for ev in evs), -sum(ev.hess for ev in evs))
 
     return objective if engines else None

@@ -16,7 +16,7 @@ from ..errors import ConvergenceError, InputError
 from ..model.options import FitOptions
 from ..model.spec import theta_index
 from .covariance_steps import CovarianceSteps
-from .fused import parallel_map, rows_of
+from .fused import parallel_map, threads_pay
 from .lmm import profiled_deviance
 from .newton import TrustRegionNewton
 from .setup import Setup, sum_replies
@@ -45,7 +45,7 @@ class LocalEvaluator:
         names = list(self.engines)
         # the parts are independent: in parallel threads, as the sites of a round are
         done = parallel_map(lambda name: [self.engines[name].sums(np.asarray(x, float)) for x in points], names,
-                            rows_of(self.engines.values()))
+                            threads_pay(self.engines.values()))
         per_part = dict(zip(names, done))
         return [sum_replies({name: r[i] for name, r in per_part.items()}, keys) for i in range(len(points))]
 

@@ -23,10 +23,14 @@ from .blas import single_blas
 # parts with fewer rows stay on the numpy engine (FEDGLMM_FUSED_MIN_ROWS=0: every part on the kernel)
 MIN_ROWS = int(os.environ.get("FEDGLMM_FUSED_MIN_ROWS", 5_000))
 CHUNK_ROWS = 250_000             # parts with more rows are cut into chunks of about this many rows
-# parts (or sites) holding fewer rows than this in all answer one after the other: their work is then mostly
-# the interpreter's, which threads cannot share, and handing the interpreter lock between threads costs
-# more than they gain (the demo's 1934 rows over 4 sites fit in 0.33 s serially, 0.36-0.39 s in threads)
+# parts (or sites) answer one after the other unless they hold PARALLEL_ROWS rows in all and one of them
+# SITE_ROWS at least: smaller ones' work is mostly the interpreter's, which threads cannot share, and handing
+# the interpreter lock between threads costs more than they gain (the demo's 1934 rows over 4 sites fit in
+# 0.33 s serially, 0.36-0.39 s in threads; benchmarks/bench_scale.py's 1e5 rows over 100 sites of 1000 rows,
+# iterative: 1.9 s serially, 3.1 s in two threads; over 25 sites of 4000: 1.23 and 1.37 s; over 40 sites of
+# 5000 rows: 1.02 and 0.75 s)
 PARALLEL_ROWS = 10_000
+SITE_ROWS = 5_000
 _POOL: ThreadPoolExecutor | None = None
 _PARTS: ThreadPoolExecutor | None = None
 _KERNEL = None                   # the compiled module once imported; False if numba is missing
@@ -110,12 +114,11 @@ def _cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def parallel_map(fn, items: list, rows: int | None = None) -> list:
+def parallel_map(fn, items: list, parallel: bool = True) -> list:
     """``[fn(x) for x in items]`` with the items in parallel threads (the coordinator's parts: the pseudo-data
-    stand-ins of the sites), results in order; one after the other when they hold ``rows`` < :data:`PARALLEL_ROWS`
-    rows in all."""
+    stand-ins of the sites), results in order; one after the other unless ``parallel`` (see :func:`threads_pay`)."""
     global _PARTS
-    if len(items) < 2 or _cores() < 2 or (rows is not None and rows < PARALLEL_ROWS):
+    if len(items) < 2 or _cores() < 2 or not parallel:
         return [fn(x) for x in items]
     if _PARTS is None:
         _PARTS = ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="fedglmm-part")
@@ -123,17 +126,18 @@ def parallel_map(fn, items: list, rows: int | None = None) -> list:
         return list(_PARTS.map(fn, items))
 
 
-def rows_of(holders) -> int | None:
-    """The rows the engines (or sites) hold in all: their ``n`` (a site: its frame's length); None if one
-    does not say."""
-    total = 0
+def threads_pay(holders) -> bool:
+    """Whether engines (or sites) are worth evaluating in parallel threads: they hold :data:`PARALLEL_ROWS`
+    rows in all and one of them :data:`SITE_ROWS` at least (their ``n``; a site: its frame's length), or one
+    does not say how many."""
+    sizes = []
     for h in holders:
         frame = getattr(h, "frame", None)
         n = len(frame) if frame is not None else getattr(h, "n", None)
         if n is None:
-            return None
-        total += int(n)
-    return total
+            return True
+        sizes.append(int(n))
+    return sum(sizes) >= PARALLEL_ROWS and max(sizes, default=0) >= SITE_ROWS
 
 
 def usable(lik) -> bool:

@@ -3,8 +3,8 @@
 The sites of a round are independent and the coordinator waits for the slowest, so they answer in
 parallel, one thread per core (their heavy work -- numpy and the compiled likelihood kernel -- runs
 without the interpreter lock), with BLAS held at one thread meanwhile (:mod:`fedglmm.likelihood.blas`);
-sites holding fewer than :data:`~fedglmm.likelihood.fused.PARALLEL_ROWS` rows in all answer one after the
-other (their work is then mostly the interpreter's, which threads cannot share).
+small sites answer one after the other (their work is then mostly the interpreter's, which threads cannot
+share: :func:`~fedglmm.likelihood.fused.threads_pay`).
 Sites that keep an audit log answer one after the other, so the lines they append keep the order of the
 sites.  ``timings`` records, for every round, its wall time and each
 site's own CPU time (``benchmarks/bench_scale.py`` reads it).
@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 from .. import protocol
 from ..errors import SiteRefusal
 from ..likelihood.blas import single_blas
-from ..likelihood.fused import PARALLEL_ROWS, rows_of
+from ..likelihood.fused import threads_pay
 
 _POOL: ThreadPoolExecutor | None = None
 
@@ -75,8 +75,7 @@ class InProcessTransport:
         return list(self.sites)
 
     def _in_parallel(self) -> bool:
-        rows = rows_of(self.sites.values())
-        return self.parallel and len(self.sites) > 1 and workers() > 1 and (rows is None or rows >= PARALLEL_ROWS) \
+        return self.parallel and len(self.sites) > 1 and workers() > 1 and threads_pay(self.sites.values()) \
             and not any(getattr(site, "audit", None) is not None for site in self.sites.values())
 
     def broadcast(self, message: dict) -> dict[str, dict]:
