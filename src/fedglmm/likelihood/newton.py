@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..model.options import NewtonConfig
+from .boundary import boundary_step
 from .last_step import last_step
 
 
@@ -189,25 +190,13 @@ class TrustRegionNewton:
         return [cur.x + step]
 
     def _boundary(self, cur, newton) -> _Candidate | None:
-        """A candidate on the boundary: where the Newton step shrinks a coordinate of ``boundary`` by more
-        than half, that coordinate set to 0 and the others minimising the quadratic model.  F is even in
-        such a coordinate (a standard deviation), so near a zero optimum it behaves like its fourth power
-        and Newton only halves it round after round; at 0 its gradient vanishes and Newton stays there."""
-        if newton is None or not self.boundary:
+        """Where the Newton step shrinks a coordinate of ``boundary`` by more than half: the step of the
+        model in its square, onto 0 where that model's minimum lies beyond (:func:`boundary_step`)."""
+        out = boundary_step(cur.x, cur.g, cur.H, newton, self.boundary) if newton is not None else None
+        if out is None:
             return None
-        x, g, H = cur.x, cur.g, cur.H
-        hit = [i for i in self.boundary if abs(x[i]) > 1e-8 and abs(x[i] + newton[i]) < 0.5 * abs(x[i])]
-        if not hit:
-            return None
-        s = np.zeros_like(x)
-        s[hit] = -x[hit]
-        free = np.setdiff1d(np.arange(len(x)), hit)
-        try:
-            s[free] = -np.linalg.solve(H[np.ix_(free, free)], g[free] + H[np.ix_(free, hit)] @ s[hit])
-        except np.linalg.LinAlgError:
-            return None
-        d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12))
-        return _Candidate(s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(d * s)), np.inf)
+        d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
+        return _Candidate(out[0], out[1], float(np.linalg.norm(d * out[0])), np.inf)
 
     def _in_covariance(self, cur, newton, linear: bool) -> _Candidate | None:
         """The Newton step in the covariance's entries (``covariance``: see
@@ -216,14 +205,17 @@ class TrustRegionNewton:
         (a variance heading to 0), or by 5 % where that entry is under half its row's norm (Σ nearly
         singular, where Newton in θ crawls along a curved valley)."""
         cov = self.covariance
-        if newton is None or cov is None:
+        if cov is None:
             return None
+        if newton is None:        # H indefinite in θ: the model in Σ's entries may be convex all the same
+            return self._cov_candidate(cur)
         diag = cov.diagonal
         t, t1 = np.abs(cur.x[diag]), np.abs(cur.x[diag] + newton[diag])
         shrinks = (t > 1e-8) & ((t1 < 0.75 * t) | ((t1 < 0.95 * t) & (cov.conditional_share(cur.x) < 0.5)))
-        if not (linear or shrinks.any()):
-            return None
-        st = cov.step(cur.x, cur.g, cur.H)
+        return self._cov_candidate(cur) if linear or shrinks.any() else None
+
+    def _cov_candidate(self, cur) -> _Candidate | None:
+        st = self.covariance.step(cur.x, cur.g, cur.H)
         if st is None:
             return None
         d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
@@ -299,12 +291,15 @@ class TrustRegionNewton:
         """Finish, unless the last step is not yet known to the tolerance: the models of F at the current
         point (plain Newton, to third order, or in the covariance's entries: :func:`last_step`) disagree
         on it by more than tol² in the norm of H -- what a Newton step would leave where its error is of
-        that order (cf. :meth:`_contracted`).  Then that step is one more final candidate (once).  Not
-        where the caller's model gives the last step (:meth:`_model_last`)."""
-        if newton is not None and not self._settling and self._model_last(newton) is None:
-            last = self._final_step(newton)
-            miss = last - newton
-            if miss @ cur.H @ miss > self.config.tol ** 2:
+        that order (cf. :meth:`_contracted`).  Then that step is one more final candidate (once).  Where
+        the caller's model gives the last step (:meth:`_model_last`), it is held against both of these:
+        the round is taken if it disagrees with each."""
+        if newton is not None and not self._settling:
+            model, last = self._model_last(newton), self._final_step(newton)
+            others = (newton,) if model is None else (newton, last)
+            last = last if model is None else model
+            miss = min((last - other for other in others), key=lambda m: m @ cur.H @ m)
+            if min(miss @ cur.H @ miss, last @ cur.H @ last) > self.config.tol ** 2:    # (not to stay put)
                 self._settling = True
                 return self._final(cur, last, -(cur.g @ last), None, None)
         return self._finish(converged=True)

@@ -1,0 +1,50 @@
+"""The step for coordinates a Newton iteration approaches zero in, where F is even in each (a standard
+deviation, a diagonal entry of a covariance's Cholesky factor): :func:`boundary_step`.
+
+Near a zero optimum F behaves like the fourth power of such a coordinate, so Newton only shrinks it by a
+fraction round after round.  F is smooth in its square u = x² though (F is even in x), and the quadratic
+model in u is the right one there: the coupling of x with the other coordinates is odd in x, so the others'
+gradient changes by half as much on the way to x = 0 as the model in x says (H_fx·x/2, not H_fx·x).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def boundary_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray, even) -> tuple | None:
+    """Where the Newton step shrinks coordinates of ``even`` by more than half: the step of the quadratic
+    model of F in u = x² for those coordinates (and the rest as they are), onto u = 0 for each whose model
+    step leaves u ≤ 0, as (step in x, predicted decrease); None if none shrinks so or the model in u is not
+    convex."""
+    hit = np.array([i for i in even if abs(x[i]) > 1e-8 and abs(x[i] + newton[i]) < 0.5 * abs(x[i])], int)
+    if not hit.size:
+        return None
+    # F(x(u)) with x = √u at the hit coordinates: gradient D g, Hessian D H D + the second derivative of x(u)
+    scale = np.ones_like(x)
+    scale[hit] = 1.0 / (2.0 * x[hit])
+    gu = scale * g
+    Hu = H * np.outer(scale, scale)
+    Hu[hit, hit] -= g[hit] / (4.0 * x[hit] ** 3)
+    u = x[hit] ** 2
+    zero = np.zeros(len(x), bool)
+    for _ in range(hit.size + 1):
+        s = np.zeros_like(x)
+        s[hit[zero[hit]]] = -u[zero[hit]]
+        free = ~zero
+        try:
+            c = np.linalg.cholesky(Hu[np.ix_(free, free)])
+        except np.linalg.LinAlgError:
+            return None
+        rhs = gu[free] + Hu[np.ix_(free, ~free)] @ s[~free]
+        s[free] = -np.linalg.solve(c.T, np.linalg.solve(c, rhs))
+        cross = hit[(u + s[hit] <= 0.0) & ~zero[hit]]
+        if not cross.size:
+            break
+        zero[cross] = True
+    new = x.copy()
+    free = np.setdiff1d(np.arange(len(x)), hit)
+    new[free] = x[free] + s[free]
+    new[hit] = np.sign(x[hit]) * np.sqrt(np.maximum(u + s[hit], 0.0))
+    new[hit[zero[hit]]] = 0.0
+    return new - x, float(-(gu @ s + 0.5 * s @ Hu @ s))
+

@@ -1,0 +1,65 @@
+"""The step for a coordinate F is even in (fedglmm.likelihood.boundary): where F is quadratic in the
+coordinate's square u = x² and the others, that model is exact, so one step lands on the optimum -- on
+u = 0 where the unconstrained minimum in u lies below 0, inside where it does not; and the trust-region
+Newton iteration reaches a zero optimum in a couple of rounds where Newton in x would only halve x."""
+import numpy as np
+import pytest
+
+from fedglmm.likelihood.boundary import boundary_step
+from fedglmm.likelihood.newton import TrustRegionNewton, _newton_step
+from fedglmm.model.options import NewtonConfig
+
+A = np.array([[2.0, 0.7], [0.7, 1.5]])       # F's Hessian in (b, u)
+
+
+def fgh(z, ustar):
+    """F(b, x) = ½ [b − 1, x² − u*] A [b − 1, x² − u*]ᵀ, its gradient and Hessian in (b, x)."""
+    b, x = z
+    r = np.array([b - 1.0, x * x - ustar])
+    Fb, Fu = A @ r
+    g = np.array([Fb, 2.0 * x * Fu])
+    H = np.array([[A[0, 0], 2.0 * x * A[0, 1]], [2.0 * x * A[0, 1], 4.0 * x * x * A[1, 1] + 2.0 * Fu]])
+    return 0.5 * r @ A @ r, g, H
+
+
+@pytest.mark.parametrize("ustar, start", [(-0.2, (0.5, 0.3)), (0.01, (1.3, 0.4)), (-0.05, (0.8, -0.25))])
+def test_one_step_to_the_optimum_of_a_function_quadratic_in_the_square(ustar, start):
+    z = np.array(start)
+    f, g, H = fgh(z, ustar)
+    newton = _newton_step(g, H)
+    if ustar < 0:
+        assert newton is not None and abs(z[1] + newton[1]) < 0.5 * abs(z[1])   # Newton in x shrinks x by half
+    else:       # (Newton in x comes down from above here: the step is asked for as if it shrank x)
+        newton = np.array([0.0, -0.9 * z[1]])
+    step, pred = boundary_step(z, g, H, newton, (1,))
+    u = max(ustar, 0.0)
+    b = 1.0 - A[0, 1] / A[0, 0] * (u - ustar)            # b's optimum given u
+    assert z[1] + step[1] == pytest.approx(np.sign(z[1]) * np.sqrt(u), abs=1e-12)
+    assert z[0] + step[0] == pytest.approx(b, abs=1e-12)
+    assert f - fgh(z + step, ustar)[0] == pytest.approx(pred, rel=1e-10)   # the model is exact
+    # the model in x (the others at the quadratic model's minimum given x = 0) misses b
+    if ustar < 0:
+        bx = z[0] - (g[0] + H[0, 1] * (-z[1])) / H[0, 0]
+        assert abs(bx - b) > 1e-3
+
+
+def test_none_where_newton_does_not_shrink_the_coordinate():
+    z = np.array([0.9, 0.5])
+    f, g, H = fgh(z, 0.3)
+    assert boundary_step(z, g, H, _newton_step(g, H), (1,)) is None
+    assert boundary_step(z, g, H, _newton_step(g, H), ()) is None
+
+
+def test_the_iteration_reaches_a_zero_optimum_in_few_rounds():
+    """F even in x with its minimum at x = 0: the iteration lands there (x exactly 0) in a few rounds;
+    without the coordinate declared even, Newton's halving takes many more."""
+    def run(boundary):
+        opt = TrustRegionNewton(np.array([0.2, 0.6]), NewtonConfig(tol=1e-12), boundary=boundary)
+        xs = opt.starts
+        while xs:
+            xs = opt.tell(xs, [fgh(x, -0.1) for x in xs])
+        return opt
+    even, plain = run((1,)), run(())
+    assert even.converged and even.solution[1] == 0.0
+    assert even.solution[0] == pytest.approx(1.0 - A[0, 1] / A[0, 0] * 0.1, abs=1e-10)
+    assert even.evals <= 4 < plain.evals
