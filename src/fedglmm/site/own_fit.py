@@ -27,7 +27,7 @@ from ..likelihood.starts import start_values
 from ..model.design import build_design, coding_key, describe_frame
 from ..model.families import Family
 from ..model.formula import variables
-from ..model.options import OWN_FIT_GROUPS, FitOptions, NewtonConfig
+from ..model.options import CUT_SHORT_GROUPS, FitOptions, NewtonConfig
 from ..model.recode import own_design
 from ..model.spec import Design, ModelSpec, Schema
 
@@ -45,7 +45,7 @@ def _site_schema(frame, spec: ModelSpec, site_id: str, transforms: dict | None, 
                   transforms=dict(transforms or {}))
 
 
-# A site with OWN_FIT_GROUPS groups or more (model.options) stops its own fit at a Newton decrement below
+# A site with CUT_SHORT_GROUPS groups or more (model.options) stops its own fit at a Newton decrement below
 # MANY_TOL, plus its Newton step (whose error is of the order of the square of that, times a contraction of
 # about 1e-3 with a thousand groups): two evaluations earlier than at 1e-4, with an error well below the
 # spread of the sites' estimates that the combination carries anyway.
@@ -59,7 +59,7 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
     of (β, θ, ψ), sums over many rows and groups.  Sent only for at least two groups and ``need`` observations,
     with at least three observations per parameter (as the site rules' 0.33 parameters per row).
     ``transforms``: the pooled statistics of stateful transforms (center(x), poly(x, k), ...), as agreed;
-    ``third``: also the third derivatives (with fewer than ``OWN_FIT_GROUPS`` groups); ``desc``: the frame's
+    ``third``: also the third derivatives (with fewer than ``CUT_SHORT_GROUPS`` groups); ``desc``: the frame's
     description, and ``oneshot`` its one-shot design, the model specs of its build and its reference level,
     if at hand (the own coding's design is read off them where it can be: :func:`fedglmm.model.recode.own_design`)."""
     try:
@@ -75,7 +75,7 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
         return None
     # a start for a fit with other sites needs no more than a decrement of 1e-4 (a hundredth of a standard
     # error); the fit of the only site is the fit itself
-    many = len(sizes) >= OWN_FIT_GROUPS and not local.get("exact") and not d.factors
+    many = len(sizes) >= CUT_SHORT_GROUPS and not local.get("exact") and not d.factors
     newton = NewtonConfig() if local.get("exact") else NewtonConfig(tol=1e-4, near=1e-2)
     nagq, curvature = int(local.get("nagq", 1)), str(local.get("curvature", "observed"))
     options = FitOptions(nagq=nagq, curvature=curvature, newton=newton)
