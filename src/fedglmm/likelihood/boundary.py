@@ -47,4 +47,3 @@ def boundary_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarra
     new[hit] = np.sign(x[hit]) * np.sqrt(np.maximum(u + s[hit], 0.0))
     new[hit[zero[hit]]] = 0.0
     return new - x, float(-(gu @ s + 0.5 * s @ Hu @ s))
-

@@ -185,8 +185,7 @@ class TrustRegionNewton:
         step, pred = (newton, dec / 2.0) if extra is None else (extra.step, extra.pred)
         if edge is not None:
             step, pred = edge.step, edge.pred
-        d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
-        self._cands = [_Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf, extra is None and edge is None)]
+        self._cands = [_unbounded(step, pred, cur.H, extra is None and edge is None)]
         return [cur.x + step]
 
     def _boundary(self, cur, newton) -> _Candidate | None:
@@ -195,8 +194,7 @@ class TrustRegionNewton:
         out = boundary_step(cur.x, cur.g, cur.H, newton, self.boundary) if newton is not None else None
         if out is None:
             return None
-        d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
-        return _Candidate(out[0], out[1], float(np.linalg.norm(d * out[0])), np.inf)
+        return _unbounded(*out, cur.H)
 
     def _in_covariance(self, cur, newton, linear: bool) -> _Candidate | None:
         """The Newton step in the covariance's entries (``covariance``: see
@@ -218,8 +216,7 @@ class TrustRegionNewton:
         st = self.covariance.step(cur.x, cur.g, cur.H)
         if st is None:
             return None
-        d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
-        return _Candidate(st[0], st[1], float(np.linalg.norm(d * st[0])), np.inf)
+        return _unbounded(*st, cur.H)
 
     def _model_step(self, cur, final: bool = False, newton=None) -> _Candidate | None:
         """The step of the caller's model of F (e.g. a surrogate that the quadratic model corrects), as one
@@ -338,6 +335,13 @@ class TrustRegionNewton:
             s = y / d
             out.append(_Candidate(s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(y)), radius))
         return out
+
+
+def _unbounded(step, pred: float, H, newton: bool = False) -> _Candidate:
+    """A candidate outside the trust region's radii (a final, boundary or covariance step), its length
+    scaled by √|diag H| as the radii are."""
+    d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12))
+    return _Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf, newton)
 
 
 def _best_start(pts, finite) -> int:
