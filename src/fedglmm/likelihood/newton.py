@@ -93,6 +93,7 @@ class TrustRegionNewton:
         self._dec_prev = np.inf             # the Newton decrement of the current point one round before
         self.previous: _State | None = None  # the accepted point before the current one
         self._settling = False              # one more final round was taken to settle the last step
+        self._step = np.inf                 # the scaled length of the last accepted step
 
     @property
     def current(self) -> _State | None:
@@ -124,7 +125,7 @@ class TrustRegionNewton:
             rho = self._ratio(cand, pts[best][1], was_final) if cand is not None else -np.inf
             if rho >= self.config.accept:
                 self.previous = self._cur
-                self._cur, self.accepted = _State(*pts[best]), best
+                self._cur, self.accepted, self._step = _State(*pts[best]), best, cand.norm
                 if not np.isfinite(cand.radius):
                     # a final-candidate Newton step carries no radius: keep the one in force
                     self._radius = self._radius if self._radius is not None else self.config.radius0
@@ -323,6 +324,8 @@ class TrustRegionNewton:
         if self._radius is None:
             self._radius = nn if newton is not None else self.config.radius0
             self._trusted = newton is not None
+        elif newton is None:      # H turned indefinite: no further than twice the step that led here
+            self._radius = min(self._radius, 2.0 * self._step)
         if self._trusted and newton is not None and nn <= self._radius:
             return [_Candidate(newton, -(g @ newton + 0.5 * newton @ H @ newton), nn, self._radius, True)]
         gs, Hs = g / d, H / np.outer(d, d)
