@@ -262,12 +262,12 @@ class TrustRegionNewton:
             return False
         return dec ** 3 / d0 ** 2 < self.config.tol ** 2
 
-    def _finish(self, converged: bool):
+    def _finish(self, converged: bool, last: np.ndarray | None = None):    # last: _final_step's, if made
         self.point = self._cur.x if self._cur is not None else self.x0
         step = _newton_step(self._cur.g, self._cur.H) if converged else None
         if step is not None:
             model = self._model_last(step)
-            step = model if model is not None else self._final_step(step)
+            step = model if model is not None else last if last is not None else self._final_step(step)
         self.solution = self.point + (step if step is not None else 0.0)
         self.converged = converged
         if converged and not self.message:
@@ -293,13 +293,14 @@ class TrustRegionNewton:
         the caller's model gives the last step (:meth:`_model_last`), it is held against both of these:
         the round is taken if it disagrees with each."""
         if newton is not None and not self._settling:
-            model, last = self._model_last(newton), self._final_step(newton)
-            others = (newton,) if model is None else (newton, last)
-            last = last if model is None else model
-            miss = min((last - other for other in others), key=lambda m: m @ cur.H @ m)
+            model, third = self._model_last(newton), self._final_step(newton)
+            last = third if model is None else model
+            miss = min((last - other for other in ((newton,) if model is None else (newton, third))),
+                       key=lambda m: m @ cur.H @ m)
             if min(miss @ cur.H @ miss, last @ cur.H @ last) > self.config.tol ** 2:    # (not to stay put)
                 self._settling = True
                 return self._final(cur, last, -(cur.g @ last), None, None)
+            return self._finish(converged=True, last=third)
         return self._finish(converged=True)
 
     def _model_last(self, step: np.ndarray) -> np.ndarray | None:
