@@ -251,3 +251,36 @@ def test_hybrid_is_the_iterative_fit_in_at_most_four_rounds(case, nsites):
     assert np.allclose(hybrid.theta, exact.theta, rtol=0, atol=1e-8)
     assert np.allclose(hybrid.se, exact.se, rtol=3e-5, atol=0)     # Hessians at two different last points
     assert abs(hybrid.loglik - exact.loglik) < 1e-8
+
+
+@pytest.mark.parametrize("factor", [False, True])
+def test_own_fit_set_up_sums_from_the_oneshot_message_are_its_own(factor):
+    """The own fit takes the one-shot message's set-up sums where its design has the one-shot design's
+    columns (no factor column): they must be what the set-up of that design would send; with a factor
+    column the codings differ and the sums are made again."""
+    from fedglmm.likelihood.setup import setup_reply
+    from fedglmm.model.families import get_family
+    from fedglmm.model.recode import own_design
+    from fedglmm.site.own_fit import _same_setup
+
+    rng = np.random.default_rng(3)
+    n = 600
+    df = pd.DataFrame({"x": rng.normal(size=n), "f": rng.choice(["a", "b", "c"], n),
+                       "g": np.repeat([f"g{k:02d}" for k in range(30)], n // 30)})
+    df["y"] = (rng.random(n) < 1 / (1 + np.exp(-(0.3 * df["x"] + rng.normal(size=30)[np.arange(n) // 20])))) * 1.0
+    formula = "y ~ x + f + (1 | g)" if factor else "y ~ x + (1 + x | g)"
+    kept: dict = {}
+    msg = summarize(df, formula, "binomial", None, "s1", order=2, local={"nagq": 1}, kept=kept)
+    d0 = kept["oneshot"][0]
+    d = own_design(*kept["oneshot"])
+    reply = _same_setup(d, d0, msg["sums"])
+    if factor:
+        assert reply is None
+        return
+    want = setup_reply(d, get_family("binomial"))
+    assert set(reply) == set(want)
+    for k, v in want.items():
+        if k in ("x_names", "z_names"):
+            assert list(reply[k]) == list(v)
+        else:
+            np.testing.assert_allclose(np.asarray(reply[k], float), np.asarray(v, float), rtol=1e-12, atol=1e-12)

@@ -148,6 +148,8 @@ class Family:
         """Σ of the η-free part of log f(y) (binomial coefficient, −log y!)."""
         if self.name == "binomial":
             m = trials
+            if np.all(m == 1.0) and np.all((y == 0.0) | (y == 1.0)):
+                return 0.0                      # binary rows: every term is log 1
             return float(np.sum(special.gammaln(m + 1) - special.gammaln(y + 1) - special.gammaln(m - y + 1)))
         if self.name == "poisson":
             return float(-np.sum(trials * special.gammaln(y + 1)))

@@ -54,18 +54,21 @@ MANY_TOL = 0.5
 
 def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: str, need,
             transforms: dict | None = None, third: bool = True, desc: dict | None = None,
-            oneshot: tuple | None = None) -> dict | None:
+            oneshot: tuple | None = None, sums: dict | None = None) -> dict | None:
     """The site's own GLMM fit of all its rows: β̂ of the columns ``names``, θ̂ (and ψ̂) and the information
     of (β, θ, ψ), sums over many rows and groups.  Sent only for at least two groups and ``need`` observations,
     with at least three observations per parameter (as the site rules' 0.33 parameters per row).
     ``transforms``: the pooled statistics of stateful transforms (center(x), poly(x, k), ...), as agreed;
     ``third``: also the third derivatives (with fewer than ``CUT_SHORT_GROUPS`` groups); ``desc``: the frame's
     description, and ``oneshot`` its one-shot design, the model specs of its build and its reference level,
-    if at hand (the own coding's design is read off them where it can be: :func:`fedglmm.model.recode.own_design`)."""
+    if at hand (the own coding's design is read off them where it can be: :func:`fedglmm.model.recode.own_design`);
+    ``sums``: the one-shot message's set-up sums of that design, which the fit's set-up takes where its
+    columns are the one-shot design's (:func:`_same_setup`)."""
     try:
         schema = _site_schema(frame, spec, site_id, transforms, desc)
         d = own_design(*oneshot) if oneshot is not None else None
-        d = d if d is not None else build_design(spec, schema, frame, fam, site_id, checked=True)
+        read_off = d is not None
+        d = d if read_off else build_design(spec, schema, frame, fam, site_id, checked=True)
     except FedGLMMError:
         return None
     keep = independent_columns(d.X)
@@ -80,13 +83,14 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
     nagq, curvature = int(local.get("nagq", 1)), str(local.get("curvature", "observed"))
     options = FitOptions(nagq=nagq, curvature=curvature, newton=newton)
     sub = replace(d, X=d.X[:, keep], x_names=[d.x_names[j] for j in keep])
+    reply = _same_setup(sub, oneshot[0], sums) if read_off and sums is not None else None
     if many:
         try:
-            res = _cut_short(sub, fam, nagq, curvature, site_id, 60, MANY_TOL)
+            res = _cut_short(sub, fam, nagq, curvature, site_id, 60, MANY_TOL, reply)
         except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
             res = None
     else:
-        res = local_fit(sub, fam, options, site_id, starts=[], third=third and not local.get("exact"))
+        res = local_fit(sub, fam, options, site_id, starts=[], third=third and not local.get("exact"), reply=reply)
     if res is None or res["info"] is None:
         return None
     out = {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"], "theta": res["theta"],
@@ -97,6 +101,28 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
         out[KEPT] = (list(d.group_levels), res["modes"])
     out[KEPT_DESIGN] = (frame, coding_key(spec, schema, fam), d)
     return out
+
+
+def kept_design(frame, spec: ModelSpec, fam: Family, site_id: str, transforms: dict | None, desc: dict,
+                oneshot: tuple) -> tuple | None:
+    """What :data:`KEPT_DESIGN` holds where the site does not fit its own rows: its design in its own coding,
+    read off the one-shot design (None where it cannot be; the set-up then builds its design)."""
+    try:
+        d = own_design(*oneshot)
+        return None if d is None else (frame, coding_key(spec, _site_schema(frame, spec, site_id, transforms, desc),
+                                                          fam), d)
+    except FedGLMMError:
+        return None
+
+
+def _same_setup(sub: Design, oneshot: Design, sums: dict) -> dict | None:
+    """The set-up reply of ``sub`` (:func:`~fedglmm.likelihood.setup.setup_reply`) from the one-shot sums of
+    the design it was read off, where its columns are all of that design's, in order (a site without factor
+    columns, or with every level of each: the sums are then the same, and not made twice); else None."""
+    if list(sub.x_names) != list(oneshot.x_names) or sub.X.shape != oneshot.X.shape or sub.factors:
+        return None
+    return {"n": sub.n, "ngroups": len(sub.group_levels) if sub.Z.shape[1] else 0, "x_names": list(sub.x_names),
+            "z_names": list(sub.z_names), "theta_mask": np.asarray(sub.theta_mask), **sums}
 
 
 KEPT = "kept at the site"     # the own fit's modes: the site keeps them (never sent) to start its engine from
@@ -146,14 +172,14 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
 
 
 def local_fit(design: Design, family: Family, options: FitOptions, site_id: str, starts=None,
-              third: bool = False) -> dict | None:
+              third: bool = False, reply: dict | None = None) -> dict | None:
     """A fit of ``design`` alone, as an estimate and its information on the user's scale: β, θ (followed by
     the log-dispersion ψ for a family with one) and the information matrix of (β, θ, ψ) (gaussian: None).  ``starts``: the GLMM iteration's further first-round
     points (default: the start's covariance halved and doubled); ``third``: also
-    the third derivatives of −ℓ there (:func:`third_derivatives`, user's scale).  None when the fit fails
-    or does not converge."""
+    the third derivatives of −ℓ there (:func:`third_derivatives`, user's scale); ``reply``: the design's
+    set-up reply, if at hand.  None when the fit fails or does not converge."""
     try:
-        st = make_setup({site_id: setup_reply(design, family)}, family.ndisp)
+        st = make_setup({site_id: setup_reply(design, family) if reply is None else reply}, family.ndisp)
         engine = make_engine(design, family, options.nagq, options.curvature, st.A, st.zs)
         evaluator = LocalEvaluator({site_id: engine}, {site_id: None if design.factors or not design.Z.shape[1]
                                                        else design.group_levels})
@@ -221,11 +247,11 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
 
 
 def _cut_short(design: Design, family: Family, nagq: int, curvature: str, site_id: str, rounds: int,
-               stop: float) -> dict | None:
+               stop: float, reply: dict | None = None) -> dict | None:
     """Local Newton iterations from the site-totals start, at most ``rounds``, ending early where the
     decrement falls below ``stop`` (the point plus its Newton step is then the estimate), as :func:`short_fit`
-    returns them, with the engine's modes."""
-    st = make_setup({site_id: setup_reply(design, family)}, family.ndisp)
+    returns them, with the engine's modes; ``reply``: the design's set-up reply, if at hand."""
+    st = make_setup({site_id: setup_reply(design, family) if reply is None else reply}, family.ndisp)
     engine = make_engine(design, family, nagq, curvature, st.A, st.zs)
     opt = TrustRegionNewton(np.concatenate(start_values(st, family)),
                             NewtonConfig(tol=1e-4, near=1e-2, max_evals=rounds, single=True), predict_final=True)

@@ -43,7 +43,7 @@ from .limits import Limits
 from .requests import check_oneshot, check_setup
 from .rules import SiteConfig
 from .secagg import SecureAggregation
-from .own_fit import KEPT, KEPT_DESIGN, warm_start
+from .own_fit import KEPT, KEPT_DESIGN, kept_design, warm_start
 from .summaries import summarize
 
 
@@ -154,11 +154,16 @@ class Site:
         self.limits.open_fit(self._session, frame, "oneshot")
         msg = summarize(frame, req["formula"], req["family"], req.get("link"), self.site_id,
                         order=req.get("order"), min_group=self.min_group, local=req.get("local"),
-                        transforms=req.get("transforms"), weights=spec.weights, offset=spec.offset_column)
+                        transforms=req.get("transforms"), weights=spec.weights, offset=spec.offset_column,
+                        kept=(kept := {}))
         # the own fit's modes stay here: they start this site's engine in the first Newton round; and its
-        # design, which is the set-up's where the site has every level of the agreed coding
+        # design (without an own fit, read off the one-shot design), which is the set-up's where the site has
+        # every level of the agreed coding
         local = msg["local"] if isinstance(msg.get("local"), dict) else {}
         self._warm, self._own_design = local.pop(KEPT, None), local.pop(KEPT_DESIGN, None)
+        if self._own_design is None and kept:
+            self._own_design = kept_design(frame, spec, get_family(req["family"], req.get("link")), self.site_id,
+                                           req.get("transforms"), **kept)
         rules.check_cells(self.config, self.site_id, spec, frame)
         self._allowed_only(msg["description"])
         if omitted:

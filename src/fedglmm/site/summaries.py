@@ -45,14 +45,15 @@ def _local_schema(desc: dict, spec, transforms: dict | None = None) -> Schema:
 
 def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, site_id: str,
               order: int | None = None, min_group: int = MIN_GROUP, guard: bool = True, local: dict | None = None,
-              transforms: dict | None = None, weights: str | None = None, offset: str | None = None) -> dict:
+              transforms: dict | None = None, weights: str | None = None, offset: str | None = None,
+              kept: dict | None = None) -> dict:
     """The site's one message (arrays as numpy; :func:`to_jsonable` makes the readable file).
 
     ``guard=False`` drops the rule that keeps the moments of groups they would pin down (for accuracy
     studies on public data only; the command line has no such switch).  ``local`` (the hybrid's request:
     ``{"nagq", "curvature", "exact"}``) asks for the site's own fit of all its rows, estimates and their
     information (:func:`fedglmm.site.own_fit.own_fit`; not for gaussian models).  ``weights``, ``offset``:
-    columns (prior weights; an offset beside the formula's).
+    columns (prior weights; an offset).  ``kept``: a dict the one-shot design is left in (for the set-up).
 
     A model whose likelihood the shared moments do not carry -- a dispersion parameter (negative
     binomial, Gamma: no moment of order 2 pins down the shape), poisson weights, binomial weights that
@@ -61,12 +62,10 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     spec = parse_formula(formula).with_columns(weights, offset)
     fam = get_family(family, link)
     desc = describe_frame(frame, spec, site_id)
-    if is_stateful(spec) and not transforms:
-        raise InputError(f"site '{site_id}': {formula!r} uses center(), scale(), poly() or mean(), whose "
-                         "statistics must be pooled over all sites first: a summary made at one site alone cannot "
-                         "have them (fit over the sites, or write the numbers, e.g. I(age - 30))")
+    _pooled_state(spec, transforms, formula, site_id)
     d = build_design(spec, _local_schema(desc, spec, transforms), frame, fam, site_id, checked=True, specs=(specs := {}))
     own = {"desc": desc, "oneshot": (d, specs, SENTINEL)}      # what the site's own fit need not make again
+    (kept if kept is not None else {}).update(own)
     q = d.Z.shape[1]
     sums = {"colsum": d.X.sum(axis=0), "colsq": (d.X * d.X).sum(axis=0), "xtx": d.X.T @ d.X, "ztz": d.Z.T @ d.Z}
     if d.factors:
@@ -92,7 +91,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
                            "or iterative)", unsupported=True)
         if local is not None:
             sizes = np.add.reduceat(np.ones(d.n), d.starts) if q else np.array([float(d.n)])
-            msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, float(min_group), transforms, **own)
+            msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, float(min_group), transforms, sums=sums, **own)
         return msg
     starts = d.starts if q else np.zeros(1, dtype=np.int64)
     levels = list(d.group_levels) if q else ["(all rows)"]
@@ -118,11 +117,19 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     keep = ~small
     if _own_wanted(local, keep) and fam.name != "gaussian":
         # its third derivatives only where no group's moments go (the pseudo-data have the shape then)
-        msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any(), **own)
+        msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any(),
+                               sums=sums, **own)
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
             _moment_blocks(d, starts, levels, keep, order)
     return msg
+
+
+def _pooled_state(spec, transforms: dict | None, formula: str, site_id: str) -> None:
+    if is_stateful(spec) and not transforms:
+        raise InputError(f"site '{site_id}': {formula!r} uses center(), scale(), poly() or mean(), whose "
+                         "statistics must be pooled over all sites first: a summary made at one site alone cannot "
+                         "have them (fit over the sites, or write the numbers, e.g. I(age - 30))")
 
 
 def _own_wanted(local: dict | None, keep: np.ndarray) -> bool:
