@@ -268,3 +268,30 @@ def test_many_groups_per_site_start_from_the_fits_alone(monkeypatch):
     assert fit.rounds <= 4
     assert np.allclose(fit.fixef, exact.fixef, atol=1e-8) and np.allclose(fit.theta, exact.theta, atol=1e-8)
     assert abs(fit.loglik - exact.loglik) < 1e-8
+
+
+def test_log_combination_keeps_sds_within_twice_the_sites_range():
+    """A site whose SD is at 0 couples its information into the combination on the log scale: unclipped,
+    this pair combines to an SD beyond every site's (exp(30) was seen in a stress fit); kept within a factor
+    of 2 of the sites' range, it lands on the bound."""
+    from fedglmm.coordinator.starts import OwnPart, _log_combination
+    K1 = np.array([[3.5655101993076643, 1.801342645699767], [1.801342645699767, 1.1506226997325402]])
+    K2 = np.array([[0.40916354179464604, -1.0603563786907504], [-1.0603563786907504, 3.2408869523768495]])
+    c1, c2 = np.array([0.9166547888245957, 3.709468350944102e-07]), np.array([-1.934959636609707, 0.23993667125803605])
+    parts = [OwnPart(K1, K1 @ c1, c1, 10.0), OwnPart(K2, K2 @ c2, c2, 10.0)]
+    y = _log_combination(parts, np.array([1]))
+    assert y is not None
+    assert np.isclose(y[1], 2.0 * c2[1], rtol=1e-12)
+
+
+def test_a_far_sound_start_does_not_displace_a_much_lower_one():
+    """Of the first round's points, one with an indefinite Hessian but the lowest value is kept unless a sound
+    one is within its decrement (taken as at most 2) of it: a start 2.4 higher with decrement 49.6 (the site
+    totals' start far from the optimum) does not win; a near one (decrement 0.07, 0.04 higher) does."""
+    from fedglmm.likelihood.start_choice import best_start
+
+    indefinite = (np.zeros(2), 161.84, np.array([0.1, 0.0]), np.diag([1.0, -1.0]))
+    far = (np.ones(2), 164.26, np.array([np.sqrt(49.6), 0.0]), np.eye(2))
+    assert best_start([indefinite, far], [0, 1]) == 0
+    near = (np.ones(2), 161.88, np.array([np.sqrt(0.07), 0.0]), np.eye(2))
+    assert best_start([indefinite, near], [0, 1]) == 1

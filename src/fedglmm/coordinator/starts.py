@@ -167,8 +167,16 @@ def _cubic_combination(parts: list, idx: np.ndarray, radius: float):
     y = _minimise_in_ball(cubic, yq, K, radius)
     if y is None:
         return None
-    y[idx] = np.exp(np.clip(y[idx], -30.0, 30.0))
+    y[idx] = np.exp(_within_sites(y[idx], parts, idx))
     return y if np.all(np.isfinite(y)) else None
+
+
+def _within_sites(logsd: np.ndarray, parts: list, idx: np.ndarray) -> np.ndarray:
+    """Combined log standard deviations kept within a factor of 2 of the range of the sites' own: a
+    combination of their fits beyond that is the coupling of a site's nearly singular information (an SD
+    at zero there), not the data (exp(30) was seen)."""
+    own = np.log(np.maximum(np.array([np.abs(o.center[idx]) for o in parts]), 1e-4))
+    return np.clip(logsd, own.min(axis=0) - np.log(2.0), own.max(axis=0) + np.log(2.0))
 
 
 def _log_combination(parts: list, idx: np.ndarray):
@@ -187,7 +195,7 @@ def _log_combination(parts: list, idx: np.ndarray):
         y = np.linalg.lstsq(K, h, rcond=None)[0]
     except (np.linalg.LinAlgError, ValueError):
         return None
-    y[idx] = np.exp(np.clip(y[idx], -30.0, 30.0))
+    y[idx] = np.exp(_within_sites(y[idx], parts, idx))
     return y if np.all(np.isfinite(y)) else None
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from ..model.options import NewtonConfig
 from .boundary import boundary_step
 from .last_step import last_step
+from .start_choice import best_start, newton_step as _newton_step
 
 
 @dataclass
@@ -116,7 +117,7 @@ class TrustRegionNewton:
             if not finite:
                 self.message = "the objective is not finite at the starting values"
                 return self._finish(converged=False)
-            best = _best_start(pts, finite) if self.sound_start else min(finite, key=lambda i: pts[i][1])
+            best = best_start(pts, finite) if self.sound_start else min(finite, key=lambda i: pts[i][1])
             self._cur, self.accepted = _State(*pts[best]), best
         else:
             finite = [i for i in range(len(pts)) if ok[i]]
@@ -346,28 +347,6 @@ def _unbounded(step, pred: float, H, newton: bool = False) -> _Candidate:
     scaled by √|diag H| as the radii are."""
     d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12))
     return _Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf, newton)
-
-
-def _best_start(pts, finite) -> int:
-    """The start to go on from: the lowest value among those with a positive-definite Hessian (their Newton
-    steps are sound), unless a start without one is lower than that value less its Newton decrement."""
-    best = min(finite, key=lambda i: pts[i][1])
-    steps = {i: _newton_step(pts[i][2], pts[i][3]) for i in finite}
-    pd = [i for i in finite if steps[i] is not None]
-    if not pd or best in pd:
-        return best
-    sound = min(pd, key=lambda i: pts[i][1])
-    dec = -(pts[sound][2] @ steps[sound])
-    return best if pts[best][1] < pts[sound][1] - dec else sound
-
-
-def _newton_step(g, H):
-    """−H⁻¹g if H is positive definite, else None."""
-    try:
-        c = np.linalg.cholesky(H)
-    except np.linalg.LinAlgError:
-        return None
-    return -np.linalg.solve(c.T, np.linalg.solve(c, g))
 
 
 def _trust_region_subproblem(g, H, radius):
