@@ -42,16 +42,18 @@ SOME_GROUPS = 50           # ... when every site has this many groups (their fit
 OWN_NEAR = 0.5            # with such fits alone: decrement below which the Newton step is the final candidate
 
 
-def _pseudo_fit(merged, replies, req: FitRequest, seed: int):
+def _pseudo_fit(merged, replies, req: FitRequest, seed: int, fit: bool = True):
     """The one-shot estimate from the groups the sites did send (all of them, unless some were small),
     as (stand-ins, assembled fit); None if it cannot be had (the Newton rounds then start from the site
     totals).  Only a start, so not polished, and by Laplace: the pseudo-data differ from the data by
-    more than AGHQ does from Laplace."""
+    more than AGHQ does from Laplace.  ``fit=False``: the stand-ins alone, (stand-ins, None, None, None)."""
     options = req.options
     loose = options if req.family.name == "gaussian" else \
         replace(options, nagq=1, newton=replace(options.newton, tol=1e-4, near=1e-2))
     try:
         parts, _ = stand_ins(merged, replies, loose, seed, HYBRID_COMPRESS)
+        if not fit:
+            return parts, None, None, None
         schema, st, est = fit_stand_ins(parts, req.spec, req.family, loose, merged.schema.transforms)
         return parts, assemble(req.formula, req.family, loose, req.spec, schema, st, est), st, est
     except (FedGLMMError, np.linalg.LinAlgError, ValueError):
@@ -90,6 +92,12 @@ def _starts(req, st, merged, own: dict, pseudo, big: bool = False):
                 return tuple(pair(x) for x in combined) + (start_values(st, family),), zero
         return None, None
     parts, first = pseudo[:2]
+    if first is None:
+        # every site's fit and every group's summaries: the fits combined, their shape from the pseudo-data
+        surrogate = pseudo_objective(parts, st)
+        each = {sid: pseudo_objective({sid: part}, st) for sid, part in parts.items() if sid in own}
+        combined = combined_start(own, surrogate, each, None, _sd_index(st))
+        return tuple(pair(x) for x in combined) or None, surrogate
     start = internal_start(first.fixef, first.theta, st)
     if family.name == "gaussian":
         return start[1], None
@@ -164,9 +172,12 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
             est = estimate(transport, st, fam, options, (x[:p], x[p:]), first=None if secure else {"setup": payload},
                            final_first=True, mode_derivatives=True)
             return _result(transport, req, merged, st, est, payload, t0, replies, own, None)
+    if st is None and fam.name != "gaussian":      # secure: the site totals' total, in a masked set-up round
+        st = _secure_setup(transport, payload, req, merged)    # (first: the start is chosen as without it)
     big = st is not None and _fits_suffice(own, replies, merged, req, st)
-    pseudo = _pseudo_fit(merged, replies, req, seed) if any(b is not None for b in merged.blocks.values()) \
-        and not big else None
+    lean = st is not None and not big and _lean(own, replies, merged, req, st)
+    pseudo = _pseudo_fit(merged, replies, req, seed, fit=not lean) \
+        if any(b is not None for b in merged.blocks.values()) and not big else None
     if pseudo is not None and fam.name == "gaussian" and not merged.refused and not merged.schema.shared:
         # per-group sufficient statistics give the exact fit: nothing is left to iterate
         run = RunStats(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
@@ -175,7 +186,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         link = Link(transport, setup=payload)
         res.session = Session(link, req.formula, fam, options, req.spec, merged.schema, pseudo[2], pseudo[3])
         return res
-    if st is None:             # secure: the site totals come only as their total, in a masked set-up round
+    if st is None:             # secure gaussian: the set-up after all
         st = _secure_setup(transport, payload, req, merged)
     own = _own_parts(own, replies, st)
     start, surrogate = _starts(req, st, merged, own, pseudo, big)
@@ -199,6 +210,18 @@ def _fits_suffice(own: dict, replies: dict, merged, req, st) -> bool:
         return False
     sizes = [int(r["ngroups"]) for r in replies.values()]
     if min(sizes) < OWN_FIT_GROUPS and not (sum(sizes) >= MANY_GROUPS and min(sizes) >= SOME_GROUPS):
+        return False
+    parts = _own_parts(own, replies, st)
+    return len(parts) == len(replies) and all(_clear_of_zero(o, _sd_index(st)) for o in parts.values())
+
+
+def _lean(own: dict, replies: dict, merged, req, st) -> bool:
+    """Whether the pseudo-data only shape the combination of the sites' own fits, not fitted themselves:
+    every site sent its fit (in the agreed coding) and every group's summaries, no site's standard deviation
+    is near zero and there is no penalty -- the fits then combine to within a Newton step, and the
+    pseudo-data fit at the coordinator costs more than it adds."""
+    if req.family.name == "gaussian" or merged.refused or len(own) < len(replies) or req.options.penalty \
+            or st.factor_groups:
         return False
     parts = _own_parts(own, replies, st)
     return len(parts) == len(replies) and all(_clear_of_zero(o, _sd_index(st)) for o in parts.values())
