@@ -56,7 +56,8 @@ def prefetch(design, family, nagq: int) -> None:
     then overlaps the rest of the set-up (and, over a network, the wait for the first evaluation)
     instead of delaying the first evaluation.  Nothing once it is loaded (by a site's own fit, say)."""
     q = design.Z.shape[1]
-    if _KERNEL is not None or nagq != 1 or q == 0 or design.factors or len(design.y) < MIN_ROWS or getattr(family, "ndisp", 0):
+    if _KERNEL is not None or nagq != 1 or q == 0 or design.factors or len(design.y) < MIN_ROWS \
+            or getattr(family, "ndisp", 0):
         return
     k = int(np.sum(design.theta_mask))
     threading.Thread(target=_warm, args=(family.name, family.link, design.X.shape[1], q, k), daemon=True,

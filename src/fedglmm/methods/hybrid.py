@@ -172,8 +172,10 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
             est = estimate(transport, st, fam, options, (x[:p], x[p:]), first=None if secure else {"setup": payload},
                            final_first=True, mode_derivatives=True)
             return _result(transport, req, merged, st, est, payload, t0, replies, own, None)
-    if st is None and fam.name != "gaussian":      # secure: the site totals' total, in a masked set-up round
-        st = _secure_setup(transport, payload, req, merged)    # (first: the start is chosen as without it)
+    if st is None and fam.name != "gaussian":
+        # secure: the site totals' total, in a masked set-up round -- before the start is chosen, so that it
+        # is chosen as in a plain fit
+        st = _secure_setup(transport, payload, req, merged)
     big = st is not None and _fits_suffice(own, replies, merged, req, st)
     lean = st is not None and not big and _lean(own, replies, merged, req, st)
     pseudo = _pseudo_fit(merged, replies, req, seed, fit=not lean) \
@@ -211,8 +213,7 @@ def _fits_suffice(own: dict, replies: dict, merged, req, st) -> bool:
     sizes = [int(r["ngroups"]) for r in replies.values()]
     if min(sizes) < OWN_FIT_GROUPS and not (sum(sizes) >= MANY_GROUPS and min(sizes) >= SOME_GROUPS):
         return False
-    parts = _own_parts(own, replies, st)
-    return len(parts) == len(replies) and all(_clear_of_zero(o, _sd_index(st)) for o in parts.values())
+    return _all_clear(own, replies, st)
 
 
 def _lean(own: dict, replies: dict, merged, req, st) -> bool:
@@ -223,6 +224,11 @@ def _lean(own: dict, replies: dict, merged, req, st) -> bool:
     if req.family.name == "gaussian" or merged.refused or len(own) < len(replies) or req.options.penalty \
             or st.factor_groups:
         return False
+    return _all_clear(own, replies, st)
+
+
+def _all_clear(own: dict, replies: dict, st) -> bool:
+    """Whether every site's own fit maps to the agreed coding with its standard deviations clear of zero."""
     parts = _own_parts(own, replies, st)
     return len(parts) == len(replies) and all(_clear_of_zero(o, _sd_index(st)) for o in parts.values())
 
