@@ -176,6 +176,8 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         # secure: the site totals' total, in a masked set-up round -- before the start is chosen, so that it
         # is chosen as in a plain fit
         st = _secure_setup(transport, payload, req, merged)
+    if st is not None:
+        own = _own_parts(own, replies, st)         # the sites' fits in the agreed coding, once
     big = st is not None and _fits_suffice(own, replies, merged, req, st)
     lean = st is not None and not big and _lean(own, replies, merged, req, st)
     pseudo = _pseudo_fit(merged, replies, req, seed, fit=not lean) \
@@ -190,7 +192,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         return res
     if st is None:             # secure gaussian: the set-up after all
         st = _secure_setup(transport, payload, req, merged)
-    own = _own_parts(own, replies, st)
+        own = _own_parts(own, replies, st)
     start, surrogate = _starts(req, st, merged, own, pseudo, big)
     if big:
         options = replace(options, newton=replace(options.newton, near=OWN_NEAR, near_model=OWN_NEAR))
@@ -228,9 +230,9 @@ def _lean(own: dict, replies: dict, merged, req, st) -> bool:
 
 
 def _all_clear(own: dict, replies: dict, st) -> bool:
-    """Whether every site's own fit maps to the agreed coding with its standard deviations clear of zero."""
-    parts = _own_parts(own, replies, st)
-    return len(parts) == len(replies) and all(_clear_of_zero(o, _sd_index(st)) for o in parts.values())
+    """Whether every site's own fit mapped to the agreed coding (``own``: :func:`_own_parts`) with its standard
+    deviations clear of zero."""
+    return len(own) == len(replies) and all(_clear_of_zero(o, _sd_index(st)) for o in own.values())
 
 
 def _clear_of_zero(part: OwnPart, idx) -> bool:
