@@ -7,7 +7,9 @@ usage: python3 benchmarks/stress_shapes.py [--seeds 1,2,3]
 Shapes (each drawn afresh per seed): many sites with few groups each (30 sites of 5 groups, binary; 25
 sites of 4 groups, counts), rare events (an intercept of -3.5 on the logit scale), a large random-effect
 variance (poisson, SD 2), a 12-level factor, a correlated random slope over 6 sites, large groups (200
-rows), and every site with 100 groups (counts).  Groups are dealt to sites by label (g mod sites); the
+rows), every site with 100 groups (counts), and two longitudinal shapes whose groups are all below the
+sites' minimum size: 294 subjects x 7 visits over 3 sites, binary, a random-intercept SD of 4, treatment x
+time (the shape of a dermatology trial's follow-up), and 60 subjects x 4 visits of counts.  Groups are dealt to sites by label (g mod sites); the
 sites keep the default rules (groups under 10 rows send no summaries).  The hybrid should take at most 4
 rounds and agree with the iterative fit to 1e-8.
 """
@@ -30,18 +32,28 @@ SHAPES = [
     ("random slope, 6 sites", dict(G=120, m=15, sites=6, family="binomial", slope=True)),
     ("large groups", dict(G=60, m=200, sites=3, family="binomial")),
     ("100 groups at every site", dict(G=300, m=30, sites=3, family="poisson")),
+    ("visits, SD 4, binary", dict(G=294, m=7, sites=3, family="binomial", sd=4.0, b0=-1.6, visits=True)),
+    ("visits, 60 groups, counts", dict(G=60, m=4, sites=3, family="poisson", sd=0.5, b0=1.5, visits=True)),
 ]
 
 
-def simulate(rng, G, m, sites, family, sd=0.8, slope=False, b0=-0.5, nlev=0) -> tuple[str, pd.DataFrame]:
+def simulate(rng, G, m, sites, family, sd=0.8, slope=False, b0=-0.5, nlev=0, visits=False) -> tuple[str, pd.DataFrame]:
     g = np.repeat(np.arange(G), m)
     x = rng.normal(size=g.size)
+    if visits:       # longitudinal: x is the visit's time, a treatment per subject, and their interaction
+        x = np.tile(np.arange(m), G) * 1.5 / (m - 1) * 3 + rng.normal(0, 0.2, g.size)
+        trt = (np.arange(G) % 2)[g]
     f = rng.integers(0, max(nlev, 1), g.size)
     b, bs = rng.normal(0, sd, G), (rng.normal(0, 0.4, G) if slope else np.zeros(G))
     eta = b0 + 0.5 * x + b[g] + bs[g] * x + (0.3 * (f % 3) if nlev else 0.0)
+    if visits:
+        eta = b0 - 0.1 * trt - 0.4 * x - 0.14 * trt * x + b[g]
     y = rng.binomial(1, 1 / (1 + np.exp(-eta))) if family == "binomial" else rng.poisson(np.exp(eta))
     df = pd.DataFrame({"y": y, "x": x, "g": g, "f": [f"l{v:02d}" for v in f], "site": g % sites})
     formula = "y ~ x + " + ("factor(f) + " if nlev else "") + ("(1 + x | g)" if slope else "(1 | g)")
+    if visits:
+        df["trt"] = trt
+        formula = "y ~ trt * x + (1 | g)"
     return formula, df
 
 
