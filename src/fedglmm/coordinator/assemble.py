@@ -128,9 +128,11 @@ def runaway_message(est: Estimate, st: Setup, group: str | None) -> str | None:
                   st.names.index("Intercept") if "Intercept" in st.names else None)
     # a dispersion growing without bound is the family's boundary (negative binomial: the poisson limit)
     idx = idx[idx < p + len(est.theta)]
+    r_idx, c_idx = theta_index(st.mask)
+    idx = np.array([i for i in idx if i < p or r_idx[i - p] == c_idx[i - p] or _variance_grows(est, p, r_idx, r_idx[i - p])],
+                   dtype=np.int64)
     if not len(idx):
         return None
-    r_idx, c_idx = theta_index(st.mask)
     factor = {int(j): g for g, cols in st.factor_columns().items() for j in cols} \
         if getattr(st, "factor_groups", None) else {}
     fixed = [f"'{st.names[i]}'" for i in idx if i < p]
@@ -147,6 +149,19 @@ def runaway_message(est: Estimate, st: Setup, group: str | None) -> str | None:
     if random:
         what.append(f"{', '.join(random)} grow{'' if len(random) > 1 else 's'} without bound")
     return "not converged: " + "; ".join(what)
+
+
+def _variance_grows(est: Estimate, p: int, r_idx, row: int) -> bool:
+    """Whether the variance of random effect ``row`` (the squared norm of its row of Λ) grew by more than 1 %
+    over the last move of the iteration: a covariance that runs off does; a correlation drifting along a flat
+    ridge at constant variances (an intercept variance at zero, its correlation with a slope undetermined: a
+    singular fit, not a runaway) does not."""
+    if est.path is None:
+        return True
+    rows = np.flatnonzero(np.asarray(r_idx) == row)
+    before = float(np.sum(np.asarray(est.path[0], float)[p + rows] ** 2))
+    after = float(np.sum(np.asarray(est.theta, float)[rows] ** 2))
+    return after > 1.01 * before
 
 
 def _at_estimate(reply: dict, key: str, q: int, step) -> np.ndarray:
