@@ -9,7 +9,8 @@ sites of 4 groups, counts), rare events (an intercept of -3.5 on the logit scale
 variance (poisson, SD 2), a 12-level factor, a correlated random slope over 6 sites, large groups (200
 rows), every site with 100 groups (counts), and two longitudinal shapes whose groups are all below the
 sites' minimum size: 294 subjects x 7 visits over 3 sites, binary, a random-intercept SD of 4, treatment x
-time (the shape of a dermatology trial's follow-up), and 60 subjects x 4 visits of counts.  Groups are dealt to sites by label (g mod sites); the
+time (the shape of a dermatology trial's follow-up), and 60 subjects x 4 visits of counts; 12 % of the
+visits missed.  Groups are dealt to sites by label (g mod sites); the
 sites keep the default rules (groups under 10 rows send no summaries).  The hybrid should take at most 4
 rounds and agree with the iterative fit to 1e-8.
 """
@@ -51,9 +52,10 @@ def simulate(rng, G, m, sites, family, sd=0.8, slope=False, b0=-0.5, nlev=0, vis
     y = rng.binomial(1, 1 / (1 + np.exp(-eta))) if family == "binomial" else rng.poisson(np.exp(eta))
     df = pd.DataFrame({"y": y, "x": x, "g": g, "f": [f"l{v:02d}" for v in f], "site": g % sites})
     formula = "y ~ x + " + ("factor(f) + " if nlev else "") + ("(1 + x | g)" if slope else "(1 | g)")
-    if visits:
+    if visits:       # and 12 % of the visits missed (every group then has 7 rows or fewer)
         df["trt"] = trt
         formula = "y ~ trt * x + (1 | g)"
+        df = df[rng.random(len(df)) > 0.12].reset_index(drop=True)
     return formula, df
 
 
