@@ -88,17 +88,18 @@ def test_large_but_finite_effects_are_not_flagged():
 
 
 def test_a_correlation_drifting_at_a_zero_variance_is_not_a_runaway():
-    """A random slope without intercept variation (the intercept's SD is 0 in truth): the intercept variance
-    goes to zero, and its correlation with the slope, no longer determined, drifts along a flat ridge at
-    constant variances until the gain per step is below the tolerance.  Nothing runs off: both methods end
-    converged at the same log-likelihood (the undetermined correlation aside), not "not converged" (which
-    both reported before: the drifting covariance looked like one that runs off)."""
+    """A random slope without intercept variation (the intercept's SD is 0 in truth; fit 0 of
+    ``benchmarks/stress_methods.py --seed 5``): the intercept variance goes to zero, and its correlation with
+    the slope, no longer determined, drifts along a flat ridge at constant variances until the gain per step
+    is below the tolerance.  Nothing runs off: both methods end converged at the same log-likelihood (the
+    undetermined correlation aside), not "not converged" (which both reported before: the drifting
+    covariance looked like one that runs off)."""
     rng = np.random.default_rng(5)
     G = int(rng.integers(8, 80))
     g = np.repeat(np.arange(G), rng.integers(2, 60, G))
     n = g.size
     x1, x2, x3 = rng.normal(size=n), rng.binomial(1, 0.4, n), rng.uniform(-1, 2, n) * 100
-    rng.normal(0, 0.0, G)
+    rng.normal(0, 0.0, G)                       # (the intercepts' draw, SD 0: the stream of the stress test's)
     b1 = rng.normal(0, 0.5, G)
     eta = -1.0 + 0.5 * x1 - 0.4 * x2 + 0.2 * x3 / 100 + b1[g] * x1
     df = pd.DataFrame({"y": rng.binomial(1, 1 / (1 + np.exp(-eta))), "x1": x1, "x2": x2, "x3": x3, "g": g})

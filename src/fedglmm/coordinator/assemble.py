@@ -129,8 +129,9 @@ def runaway_message(est: Estimate, st: Setup, group: str | None) -> str | None:
     # a dispersion growing without bound is the family's boundary (negative binomial: the poisson limit)
     idx = idx[idx < p + len(est.theta)]
     r_idx, c_idx = theta_index(st.mask)
-    idx = np.array([i for i in idx if i < p or r_idx[i - p] == c_idx[i - p] or _variance_grows(est, p, r_idx, r_idx[i - p])],
-                   dtype=np.int64)
+    # a covariance (off the diagonal of Λ) counts only if its effect's variance grows with it
+    keep = [i for i in idx if i < p or r_idx[i - p] == c_idx[i - p] or _variance_grows(est, p, r_idx, r_idx[i - p])]
+    idx = np.array(keep, dtype=np.int64)
     if not len(idx):
         return None
     factor = {int(j): g for g, cols in st.factor_columns().items() for j in cols} \
