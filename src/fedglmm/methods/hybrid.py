@@ -92,21 +92,19 @@ def _starts(req, st, merged, own: dict, pseudo, big: bool = False):
                 return tuple(pair(x) for x in combined) + (start_values(st, family),), zero
         return None, None
     parts, first = pseudo[:2]
-    if first is None:
-        # every site's fit and every group's summaries: the fits combined, their shape from the pseudo-data
-        surrogate = pseudo_objective(parts, st)
-        each = {sid: pseudo_objective({sid: part}, st) for sid, part in parts.items() if sid in own}
-        combined = combined_start(own, surrogate, each, None, _sd_index(st))
-        return tuple(pair(x) for x in combined) or None, surrogate
-    start = internal_start(first.fixef, first.theta, st)
-    if family.name == "gaussian":
+    start = internal_start(first.fixef, first.theta, st) if first is not None else None
+    if start is not None and family.name == "gaussian":
         return start[1], None
     surrogate = pseudo_objective(parts, st)
+    each = {sid: pseudo_objective({sid: part}, st) for sid, part in parts.items() if sid in own}
+    if start is None:
+        # every site's fit and every group's summaries, the stand-ins not fitted: the fits combined, their
+        # shape from the pseudo-data
+        return tuple(pair(x) for x in combined_start(own, surrogate, each, None, _sd_index(st))) or None, surrogate
     # the one-shot estimate with its covariance halved and doubled, the combinations of the sites' own fits
     # with the pseudo-data, and where summaries are missing the site-totals start: all tried in the first
     # Newton round
     variants = [(start[0], f * start[1]) for f in (np.sqrt(0.5), np.sqrt(2.0))] if len(start[1]) and not own else []
-    each = {sid: pseudo_objective({sid: part}, st) for sid, part in parts.items() if sid in own}
     combined = combined_start(own, surrogate, each, np.concatenate(start), _sd_index(st)) if own else []
     totals = [start_values(st, family)] if merged.refused else []
     starts = tuple([pair(x) for x in combined] + [start] + variants + totals)
