@@ -49,6 +49,7 @@ class Merged:
     refused: list
     unsupported: bool = False   # a site sent no per-group summaries because the model has none to send
     own: dict = field(default_factory=dict)   # per site: its own fit (the hybrid's start), in the agreed coding
+    pooled: dict = field(default_factory=dict)   # per site: its pooled small groups (binomial; site/pooled.py)
 
 
 def _remap(arr, axes: str, xmap: np.ndarray, zmap) -> np.ndarray:
@@ -116,7 +117,7 @@ def merge_messages(messages: dict, formula: str, family: Family, transforms: dic
         raise InputError(f"the sites' summaries use different moment orders: {sorted(map(str, orders))}")
     schema = merge_schema({sid: m["description"] for sid, m in messages.items()}, spec, family, transforms)
     names, znames, mask, zgroups = global_names(spec, schema, family)
-    setup, blocks, refused, own = {}, {}, [], {}
+    setup, blocks, refused, own, pooled = {}, {}, [], {}, {}
     for sid, m in messages.items():
         xmap = np.array([m["x_names"].index(nm) if nm in m["x_names"] else -1 for nm in names], dtype=np.int64)
         zmap = _zmap(znames, zgroups, m["z_names"], m.get("z_groups", []))
@@ -130,6 +131,8 @@ def merge_messages(messages: dict, formula: str, family: Family, transforms: dic
             refused.append(m["refused"])
         if m.get("local") is not None:
             own[sid] = _own_fit(m["local"], xmap, zmap)
+        if m.get("pooled"):
+            pooled[sid] = {k: (v if k == "variables" else np.asarray(v, float)) for k, v in m["pooled"].items()}
         g = m.get("groups")
         if not g:
             blocks[sid] = None
@@ -144,7 +147,7 @@ def merge_messages(messages: dict, formula: str, family: Family, transforms: dic
         else:
             blocks[sid] = dict(g, x_names=m["x_names"], z_names=m["z_names"])
     return Merged(spec, schema, family, names, znames, mask, setup, blocks, refused,
-                  any(m.get("unsupported") for m in messages.values()), own)
+                  any(m.get("unsupported") for m in messages.values()), own, pooled)
 
 
 def _own_fit(local: dict, xmap, zmap) -> dict:

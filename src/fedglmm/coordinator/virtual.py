@@ -28,6 +28,7 @@ from ..model.labels import group_codes
 from ..model.spec import Design, Grouping, ModelSpec, Schema
 from .messages import Merged
 from .pseudo import generate_group, generate_order2
+from .pseudo.pooled import generate_pooled
 from .schema import merge_schema
 
 
@@ -87,32 +88,40 @@ def _block_engine(blocks: dict, mask: np.ndarray, A: np.ndarray, zs: np.ndarray)
         b["Zty"] / zs, mask)
 
 
-def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0, compress: float = 1.0
-              ) -> tuple[dict, dict]:
-    """A :class:`Part` for every site that sent per-group summaries, and the pseudo-data diagnostics."""
+def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0, compress: float = 1.0,
+              bins: bool = False) -> tuple[dict, dict]:
+    """A :class:`Part` for every site that sent per-group summaries, and the pseudo-data diagnostics.
+    ``bins``: the sites' pooled small groups (:func:`pooled_design`) join their stand-ins (the hybrid)."""
     family = merged.family
     parts, diagnostics = {}, {}
     pooled = {"make": lambda d: EngineCache(lambda A, zs: make_engine(d, family, options.nagq, options.curvature,
                                                                       A, zs))}
     for sid, m in messages.items():
         blocks = merged.blocks[sid]
-        if blocks is None:
+        extra = merged.pooled.get(sid) if bins else None
+        if blocks is None and extra is None:
             continue
-        if "S" in blocks:                      # gaussian, several grouping factors: per-cell statistics
+        if blocks is None:                     # only pooled small groups (binomial)
+            design = pooled_design(extra, merged.names, merged.znames, merged.mask, seed, sid)
+        elif "S" in blocks:                      # gaussian, several grouping factors: per-cell statistics
             design = cell_design(blocks, merged.names, merged.znames, merged.mask, merged.setup[sid]["z_groups"])
             nobs = int(round(float(np.sum(blocks["n"]))))
             engines = EngineCache(lambda A, zs, d=design, k=nobs: MultiLMMSums(replace(d, X=d.X @ A, Z=d.Z / zs), nobs=k))
             parts[sid] = Part(m["description"], merged.setup[sid], {f.name: f.levels for f in design.factors}, engines)
             continue
-        if family.name == "gaussian":
+        elif family.name == "gaussian":
             engines = EngineCache(lambda A, zs, b=blocks: _block_engine(b, merged.mask, A, zs))
             levels = list(blocks["levels"]) if merged.mask.shape[0] else None
             setup = merged.setup[sid] if "xtx" in merged.setup[sid] else _block_setup(merged.setup[sid], blocks,
                                                                                       merged.names)
             parts[sid] = Part(m["description"], setup, levels, engines)
             continue
-        design, diag = pseudo_design(blocks, merged.names, merged.znames, merged.mask, family, seed, compress)
-        diagnostics[sid] = diag
+        else:
+            design, diagnostics[sid] = pseudo_design(blocks, merged.names, merged.znames, merged.mask, family,
+                                                     seed, compress)
+            if extra is not None:
+                design = _concatenate([design, pooled_design(extra, merged.names, merged.znames, merged.mask,
+                                                             seed, sid)])
         engines = pooled["make"](design)
         levels = list(design.group_levels) if design.Z.shape[1] else None
         parts[sid] = Part(m["description"], setup_reply(design, family), levels, engines, design, pooled)
@@ -204,17 +213,35 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
         V = np.vstack(parts) * sc + c
         gidx = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     diag = {"max_rel_error": float(max(errors)) if errors else 0.0, "per_group": errors}
+    trials = weight[gidx] if np.any(weight != 1) else np.ones(V.shape[0])
+    return _as_design(V, variables_, gidx, list(block["levels"]), trials, names, znames, mask), diag
+
+
+def pooled_design(bins: dict, names: list, znames: list, mask: np.ndarray, seed: int, site: str) -> Design:
+    """Pseudo-groups for a site's pooled small groups (:mod:`~fedglmm.coordinator.pseudo.pooled`), as a
+    Design in the agreed coding; their labels start with a NUL, so no real group's label is among them."""
+    rng = np.random.default_rng([seed, crc32(f"pooled\x1f{site}".encode())])
+    V, gidx = generate_pooled(bins, rng)
+    levels = [f"\x00pooled {site} {j}" for j in range(int(gidx[-1]) + 1)]
+    return _as_design(V, list(bins["variables"]), gidx, levels, np.ones(V.shape[0]), names, znames, mask, True)
+
+
+def _as_design(V, variables_: list, gidx, levels: list, trials, names, znames, mask, products=False) -> Design:
+    """Pseudo rows V (columns ``variables_``, the outcome first, as a share of the trials) as a Design in
+    the agreed coding: a column of the design the site did not have is zero; ``products``: an interaction
+    ``a:b`` of two drawn variables is made their product (draws that do not keep it themselves)."""
     col = {v: V[:, k] for k, v in enumerate(variables_)}
+    for nm in list(col) if products else ():
+        parts = nm.split(":")
+        if len(parts) > 1 and all(p in col for p in parts):
+            col[nm] = np.prod([col[p] for p in parts], axis=0)
     n = V.shape[0]
     X = np.column_stack([np.ones(n) if nm == "Intercept" else col.get(nm, np.zeros(n)) for nm in names])
     Z = np.column_stack([np.ones(n) if nm == "Intercept" else col.get(nm, np.zeros(n)) for nm in znames]) \
         if znames else np.zeros((n, 0))
-    trials = weight[gidx] if np.any(weight != 1) else np.ones(n)
-    y = col["(outcome)"] * trials
-    design = Design(y=y, trials=trials, offset=col.get("(offset)", np.zeros(n)), X=X, Z=Z,
-                    group=gidx.astype(np.int64), group_levels=list(block["levels"]), x_names=list(names),
-                    z_names=list(znames), theta_mask=mask)
-    return design, diag
+    return Design(y=col["(outcome)"] * trials, trials=trials, offset=col.get("(offset)", np.zeros(n)), X=X, Z=Z,
+                  group=np.asarray(gidx, np.int64), group_levels=levels, x_names=list(names),
+                  z_names=list(znames), theta_mask=mask)
 
 
 def _standardisation(block: dict, expo: np.ndarray, keep=()) -> tuple[np.ndarray, np.ndarray]:

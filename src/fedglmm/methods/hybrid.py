@@ -51,7 +51,7 @@ def _pseudo_fit(merged, replies, req: FitRequest, seed: int, fit: bool = True):
     loose = options if req.family.name == "gaussian" else \
         replace(options, nagq=1, newton=replace(options.newton, tol=1e-4, near=1e-2))
     try:
-        parts, _ = stand_ins(merged, replies, loose, seed, HYBRID_COMPRESS)
+        parts, _ = stand_ins(merged, replies, loose, seed, HYBRID_COMPRESS, bins=True)
         if not fit:
             return parts, None, None, None
         schema, st, est = fit_stand_ins(parts, req.spec, req.family, loose, merged.schema.transforms)
@@ -121,6 +121,9 @@ def _note(replies, merged, own, pseudo) -> str:
     ngr = sum(int(r["ngroups"]) - (len(r["groups"]["levels"]) if r.get("groups") else 0)
               for r in replies.values() if r.get("refused"))
     what = f"{ngr} group(s) at {len(merged.refused)} site(s), below a site's minimum size or the moment rule"
+    binned = sum(int(np.sum(b["k"])) for b in merged.pooled.values()) if pseudo is not None else 0
+    if binned:
+        what += f"; {binned} of them went only pooled in bins of several groups"
     source = ("the sites' own fits combined with the one-shot fit of the other groups" if own and pseudo is not None
               else "the sites' own fits" if own else
               "the one-shot fit of the other groups" if pseudo is not None else "site totals")
@@ -179,7 +182,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     big = st is not None and _fits_suffice(own, replies, merged, req, st)
     lean = st is not None and not big and _lean(own, replies, merged, req, st)
     pseudo = _pseudo_fit(merged, replies, req, seed, fit=not lean) \
-        if any(b is not None for b in merged.blocks.values()) and not big else None
+        if (any(b is not None for b in merged.blocks.values()) or merged.pooled) and not big else None
     if pseudo is not None and fam.name == "gaussian" and not merged.refused and not merged.schema.shared:
         # per-group sufficient statistics give the exact fit: nothing is left to iterate
         run = RunStats(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,

@@ -7,6 +7,7 @@ A deployed site reads its rules from a TOML file its data steward controls::
     min_cell = 3                  # smallest count per factor level and per binomial outcome class
     max_params_per_row = 0.33     # (fixed-effect columns + covariance parameters) / rows
     min_group = 10                # smallest group whose own outputs may leave
+    min_pooled = 5                # fewest small groups pooled in one bin (the hybrid's start); 0: none
     allowed_columns = ["use", "age", "urban", "livch", "district"]   # optional
 
     [limits]
@@ -40,6 +41,9 @@ is sent):
   with several grouping factors, each level of each factor is a group.  Smaller groups' conditional
   modes are withheld at ``finalize`` (the fit itself is unaffected: the
   likelihood sums are totals over all groups) and their one-shot blocks are not sent;
+* ``min_pooled``: for the hybrid's start, the groups of a binary outcome below ``min_group`` leave only
+  pooled: binned by (size, count of positive rows), each bin of at least this many groups sending its
+  group count and pooled moments (:mod:`fedglmm.site.pooled`, which says what that reveals); 0: not at all;
 * ``allowed_columns``: every column the formula names (outcome, covariates, grouping factor, offset)
   must be in the list; the site's description then lists only these columns.
 
@@ -59,9 +63,9 @@ import pandas as pd
 from ..errors import InputError, SiteRefusal
 from ..model.formula import variables
 from ..model.labels import as_labels, column_kind, level_columns
-from ..model.options import MIN_GROUP
+from ..model.options import MIN_GROUP, MIN_POOLED
 
-DISCLOSURE_KEYS = ("min_rows", "min_cell", "max_params_per_row", "min_group", "allowed_columns")
+DISCLOSURE_KEYS = ("min_rows", "min_cell", "max_params_per_row", "min_group", "min_pooled", "allowed_columns")
 LIMIT_KEYS = ("max_points", "max_requests", "max_fits_per_day", "max_param", "max_scaled",
               "require_secure_aggregation")
 AUDIT_KEYS = ("log", "state")
@@ -76,6 +80,7 @@ class SiteConfig:
     min_cell: int = 3
     max_params_per_row: float = 0.33
     min_group: int = MIN_GROUP
+    min_pooled: int = MIN_POOLED
     allowed_columns: list[str] | None = None
     max_points: float = 1000
     max_requests: float = 200
@@ -91,7 +96,7 @@ class SiteConfig:
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
-        for key in ("min_rows", "min_cell", "min_group", "max_params_per_row", "allowed_columns", "audit_log",
+        for key in ("min_rows", "min_cell", "min_group", "min_pooled", "max_params_per_row", "allowed_columns", "audit_log",
                     "state_file") + LIMIT_KEYS:
             err = _check_value(key, getattr(self, key))
             if err:
@@ -177,6 +182,9 @@ def _check_value(key: str, v, shown: str | None = None) -> str | None:
     if key in ("min_rows", "min_cell"):
         if not whole or v < 0:
             return f"'{shown}' must be a whole number ≥ 0, not {v!r}"
+    elif key == "min_pooled":
+        if not whole or v < 0 or v in (1, 2):
+            return f"'{shown}' must be 0 (no pooled bins) or a whole number ≥ 3, not {v!r}"
     elif key == "min_group":
         if not whole or v < 1:
             return f"'{shown}' must be a whole number ≥ 1, not {v!r}"

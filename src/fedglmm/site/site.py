@@ -155,7 +155,7 @@ class Site:
         msg = summarize(frame, req["formula"], req["family"], req.get("link"), self.site_id,
                         order=req.get("order"), min_group=self.min_group, local=req.get("local"),
                         transforms=req.get("transforms"), weights=spec.weights, offset=spec.offset_column,
-                        kept=(kept := {}))
+                        kept=(kept := {}), min_pooled=int(self.config.min_pooled))
         # the own fit's modes stay here: they start this site's engine in the first Newton round; and its
         # design (without an own fit, read off the one-shot design), which is the set-up's where the site has
         # every level of the agreed coding

@@ -28,10 +28,11 @@ from ..model.design import build_design, describe_frame
 from ..model.families import get_family
 from ..model.formula import parse_formula, variables
 from ..model.moments import mono_values, monomials
-from ..model.options import MANY_SITES, MIN_GROUP, SKIP_OWN_GROUPS
+from ..model.options import MANY_SITES, MIN_GROUP, MIN_POOLED, SKIP_OWN_GROUPS
 from ..model.spec import Design, Schema
 from ..model.transforms import is_stateful
 from .own_fit import own_factor_fit, own_fit
+from .pooled import pooled_bins
 
 SENTINEL = "\x00"          # a reference level no row has: every real level gets its own column
 DEFAULT_ORDER = 4
@@ -46,7 +47,7 @@ def _local_schema(desc: dict, spec, transforms: dict | None = None) -> Schema:
 def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, site_id: str,
               order: int | None = None, min_group: int = MIN_GROUP, guard: bool = True, local: dict | None = None,
               transforms: dict | None = None, weights: str | None = None, offset: str | None = None,
-              kept: dict | None = None) -> dict:
+              kept: dict | None = None, min_pooled: int = MIN_POOLED) -> dict:
     """The site's one message (arrays as numpy; :func:`to_jsonable` makes the readable file).
 
     ``guard=False`` drops the rule that keeps the moments of groups they would pin down (for accuracy
@@ -54,6 +55,8 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     ``{"nagq", "curvature", "exact"}``) asks for the site's own fit of all its rows, estimates and their
     information (:func:`fedglmm.site.own_fit.own_fit`; not for gaussian models).  ``weights``, ``offset``:
     columns (prior weights; an offset).  ``kept``: a dict the one-shot design is left in (for the set-up).
+    ``min_pooled``: for the hybrid (``local`` given), the small groups of a binary outcome go pooled in bins
+    of at least this many groups (:mod:`fedglmm.site.pooled`; 0: not at all).
 
     A model whose likelihood the shared moments do not carry -- a dispersion parameter (negative
     binomial, Gamma: no moment of order 2 pins down the shape), poisson weights, binomial weights that
@@ -106,23 +109,28 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
         need = max(need, np.ceil(2.0 * comb(nvar + order, order) / nvar))
     small = sizes < need
     if small.any():
-        i = np.flatnonzero(small)[np.argmin(sizes[small])]
-        why = "" if need == min_group else (f" (moments up to order {order} of {nvar} variables need groups of "
-                                             f"at least {need:g}" + ("; a lower --moments needs fewer)" if order > 2
-                                                                     else ")"))
-        msg["refused"] = (f"site '{site_id}': {int(small.sum())} group(s) have fewer than {need:g} "
-                          f"observations (smallest: '{levels[i]}' with {sizes[i]:g}){why}; their own summaries "
-                          "would reveal them and are not sent (a one-shot fit needs every group: use --method "
-                          "hybrid or iterative)")
+        msg["refused"] = _small_refusal(site_id, small, sizes, levels, need, min_group, order, d)
     keep = ~small
     if _own_wanted(local, keep) and fam.name != "gaussian":
         # its third derivatives only where no group's moments go (the pseudo-data have the shape then)
         msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any(),
                                sums=sums, **own)
+    if local is not None and fam.name == "binomial" and small.any():
+        msg["pooled"] = pooled_bins(d, starts, small, min_pooled, moment_variables(d))
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
             _moment_blocks(d, starts, levels, keep, order)
     return msg
+
+
+def _small_refusal(site_id: str, small, sizes, levels, need: float, min_group: int, order, d: Design) -> str:
+    i = np.flatnonzero(small)[np.argmin(sizes[small])]
+    nvar = len(moment_variables(d)[0])
+    why = "" if need == min_group else (f" (moments up to order {order} of {nvar} variables need groups of at least "
+                                         f"{need:g}" + ("; a lower --moments needs fewer)" if order > 2 else ")"))
+    return (f"site '{site_id}': {int(small.sum())} group(s) have fewer than {need:g} observations (smallest: "
+            f"'{levels[i]}' with {sizes[i]:g}){why}; their own summaries would reveal them and are not sent (a "
+            "one-shot fit needs every group: use --method hybrid or iterative)")
 
 
 def _pooled_state(spec, transforms: dict | None, formula: str, site_id: str) -> None:
@@ -274,6 +282,14 @@ def _describe_blocks(msg: dict) -> dict:
                           "design columns 'names' (its own coding: each factor against its first level), of "
                           "the random-effect covariance parameters 'theta', and their information matrix: "
                           f"sums over its {msg['local']['ngroups']} groups and {msg['local']['n']:g} observations")
+    if msg.get("pooled"):
+        b = msg["pooled"]
+        about["pooled"] = (f"the groups too small for their own summaries, pooled (for the hybrid's start): "
+                           f"{int(np.sum(b['k']))} groups in {len(b['k'])} bins by (group size, count of positive "
+                           f"rows), each of at least {int(np.min(b['k']))} groups; per bin its group size, its "
+                           f"number of groups, the sums over its rows of the variables {b['variables']} (s1) and "
+                           "of their pairwise products (s2), and over its groups of each variable's squared group "
+                           "mean (bd) and of its group mean times the outcome's (by)")
     if msg.get("groups") is None:
         about["groups"] = "none: " + msg["refused"]
         return about

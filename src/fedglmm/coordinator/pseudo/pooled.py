@@ -1,0 +1,100 @@
+"""Pseudo-groups for a site's pooled small groups (:mod:`fedglmm.site.pooled`): per bin, ``k`` groups of
+``size`` rows of a binary outcome whose pooled moments are close to the bin's.
+
+Per bin, with μ the rows' mean of v = (outcome, variables), B_j = bd_j/k − μ_j² the variance of the
+group means of variable j and B_jy = by_j/k − μ_j μ_y their covariance with the outcome's, and
+W_j = s2_jj/(k·size) − bd_j/k the within-group variance of the rows (the within-group covariances of the
+row-level variables with each other and with the outcome taken as their pooled covariances less the
+between part that ``by`` gives):
+
+1. the groups' counts of positive rows: all ``round(size·μ_y)`` where B_yy is zero (a bin of one count),
+   else spread at the normal quantiles with mean μ_y and variance B_yy (rounded, within [0, size]);
+2. every other variable's group mean: μ, plus its regression on the group's outcome mean, plus a normal
+   draw with the residual between-group variance (independent across variables).  A variable without within-group variance
+   (W_jj = 0) is *group-level* and stays constant within each group; a group-level 0/1 variable (a
+   treatment) is 1 in the round(k·μ_j) groups with the largest drawn means, and 0 elsewhere -- and never
+   1 beside an earlier 0/1 column it is never 1 with in the data (levels of one factor);
+3. the rows: the group's count of ones, then zeros; each row-level variable its group mean plus its
+   within-group regression on the outcome under W, plus a normal draw with the residual within covariance.
+
+The draw matches the bins' moments approximately (the counts are rounded, the draws are not corrected),
+which is all a start needs: these rows only shape the start and the step model of the hybrid, whose
+Newton rounds then use every row of the real data."""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import ndtri
+
+
+def generate_pooled(bins: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(V, group index) of the pseudo-groups of every bin; V's columns are ``bins['variables']``."""
+    out, gidx, start = [], [], 0
+    for b in range(len(bins["k"])):
+        V = _one_bin(int(round(bins["size"][b])), int(round(bins["k"][b])), np.asarray(bins["s1"][b], float),
+                     np.asarray(bins["s2"][b], float), np.asarray(bins["bd"][b], float),
+                     np.asarray(bins["by"][b], float), rng)
+        n = int(round(bins["size"][b]))
+        out.append(V)
+        gidx.append(start + np.repeat(np.arange(len(V) // n), n))
+        start += len(V) // n
+    return np.vstack(out), np.concatenate(gidx)
+
+
+def _psd_root(S: np.ndarray) -> np.ndarray:
+    lam, vec = np.linalg.eigh(0.5 * (S + S.T))
+    return vec * np.sqrt(np.maximum(lam, 0.0))
+
+
+def _one_bin(n: int, k: int, s1, s2, bd, by, rng) -> np.ndarray:
+    mu = s1 / (k * n)
+    T = s2 / (k * n) - np.outer(mu, mu)                     # the rows' covariance
+    B = np.diag(bd / k - mu * mu)                           # the group means': variances and ...
+    B[:, 0] = B[0, :] = by / k - mu * mu[0]                 # ... covariances with the outcome's
+    W = T - B                                               # within groups (row-level pairs: approximately)
+    dim = len(mu)
+    # 1. counts
+    z = ndtri((np.arange(k) + 0.5) / k)
+    z = (z - z.mean()) / z.std() if k > 1 and z.std() > 0 else np.zeros(k)
+    spread = np.sqrt(max(B[0, 0], 0.0)) if B[0, 0] > 1e-12 else 0.0
+    counts = np.clip(np.round(n * (mu[0] + spread * rng.permutation(z))), 0, n)
+    ybar = counts / n
+    # 2. group means of the other variables
+    o = np.arange(1, dim)
+    if spread > 0:
+        beta = B[o, 0] / B[0, 0]
+        R = B[np.ix_(o, o)] - np.outer(beta, beta) * B[0, 0]
+    else:
+        beta, R = np.zeros(dim - 1), B[np.ix_(o, o)]
+    M = mu[o] + np.outer(ybar - mu[0], beta) + rng.standard_normal((k, dim - 1)) @ _psd_root(R).T
+    glevel = np.diag(W)[o] <= 1e-9 * np.maximum(np.diag(T)[o], 1e-300)
+    binary = glevel & (np.abs(np.diag(s2)[o] / (k * n) - mu[o]) <= 1e-9 * np.maximum(np.abs(mu[o]), 1e-300)) \
+        & (mu[o] >= 0) & (mu[o] <= 1)
+    _binary_columns(M, np.flatnonzero(binary), mu[o], s2[np.ix_(o, o)], k, rng)
+    # 3. rows
+    y = (np.arange(n)[None, :] < counts[:, None]).astype(float)                # (k, n)
+    rowlevel = np.flatnonzero(~glevel)
+    X = np.repeat(M[:, None, :], n, axis=1)                                     # (k, n, dim-1)
+    if len(rowlevel):
+        r = o[rowlevel]
+        wb = W[r, 0] / W[0, 0] if W[0, 0] > 1e-12 else np.zeros(len(r))
+        E = W[np.ix_(r, r)] - np.outer(wb, wb) * W[0, 0]
+        noise = rng.standard_normal((k, n, len(r))) @ _psd_root(E).T
+        X[:, :, rowlevel] += (y - ybar[:, None])[:, :, None] * wb + noise
+    return np.concatenate([y[:, :, None], X], axis=2).reshape(k * n, dim)
+
+
+def _binary_columns(M: np.ndarray, cols: np.ndarray, mu: np.ndarray, s2: np.ndarray, k: int, rng) -> None:
+    """Group-level 0/1 columns in place: 1 in the round(k·μ) groups with the largest drawn means (ties
+    broken at random), never beside an earlier 0/1 column it is never 1 with."""
+    done = []
+    for j in cols:
+        busy = np.zeros(k, bool)
+        for i in done:
+            if s2[i, j] <= 1e-12 * max(s2[j, j], 1e-300):                        # never both 1
+                busy |= M[:, i] == 1.0
+        order = np.lexsort((rng.random(k), -M[:, j]))
+        order = np.r_[order[~busy[order]], order[busy[order]]]
+        ones = np.zeros(k)
+        ones[order[:int(round(k * mu[j]))]] = 1.0
+        M[:, j] = ones
+        done.append(j)

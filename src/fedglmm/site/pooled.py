@@ -1,0 +1,92 @@
+"""The hybrid's block for a site's small groups: groups too small for their own summaries, pooled in bins.
+
+A binary outcome's groups below the site's minimum size send nothing of their own.  Where most groups are
+small (a follow-up of a few visits per patient) the hybrid's start then misses what the groups carry about
+the random-effect variance: how the groups' counts of positive rows spread.  So, for the hybrid only, the
+site sorts its small groups by (size, count of positive rows) into *bins* of at least ``min_groups`` groups
+(counts next to each other merged within a size until a bin is that large; a remainder joins the last bin
+of its size) and sends, per bin, only sums over its groups:
+
+* ``size`` (the rows of each of its groups) and ``k`` (how many groups);
+* ``s1`` = Σ v and ``s2`` = Σ v vᵀ over the bin's rows, v = (outcome, the design's variables): the bin's
+  pooled first and second moments;
+* ``bd`` = Σ_g m_g² and ``by`` = Σ_g m_g,y m_g over its groups, m_g the group's mean of v: the groups'
+  spread and each variable's group means against the outcome's, from which the coordinator tells
+  group-level columns (a treatment, constant within a group) from row-level ones and draws them per group
+  (not the whole between-group matrix Σ_g m_g m_gᵀ: with many variables, a few groups' means would be
+  nearly pinned down by it).
+
+The moment rule of per-group summaries holds for a bin too: its rows' values (k·size·d) are at least
+twice the equations s1, s2 give (d + d(d+1)/2), and its groups' means (k·d) at least twice the equations
+s1, bd, by give (3d − 1): a bin has at least max(``min_groups``, ⌈2(3d − 1)/d⌉) groups.
+
+What this reveals is a frequency table of the small groups by (size, count) with every cell of at least
+``min_groups`` groups, and pooled moments within each cell -- the table statistical offices publish under a
+minimum cell size.  A cell whose groups all share one count tells that count of each of its groups, but
+not which groups they are; so where *all* the groups of a size would fall in one bin and share one count
+(whoever knows a group's size would learn its count), that size is not sent.  The rule ``min_pooled`` of
+``site.toml`` sets ``min_groups`` (0: no bins).  Only for binary (0/1) outcomes without weights, one
+grouping factor; only when the bins hold at least ``COVER`` of the small groups (groups of many different
+sizes, few of each, fall out of bins: pseudo-groups for the few left would misshape the start more than
+none); the coordinator uses the bins for the hybrid's start and step model, never as a fit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..model.spec import Design
+
+COVER = 0.8          # the least share of the small groups the bins must hold, or none are sent
+
+
+def pooled_bins(d: Design, starts: np.ndarray, small: np.ndarray, min_groups: int, variables) -> dict | None:
+    """The bins of the groups marked ``small`` (see the module docstring), or None when none can be sent.
+
+    ``starts``: the first row of each group (rows sorted by group); ``variables``: (names, V) with the
+    outcome in column 0 (:func:`fedglmm.site.summaries.moment_variables`)."""
+    if min_groups <= 0 or not small.any() or d.weighted or not np.all(d.trials == 1.0) or len(d.factors) > 1:
+        return None
+    names, V = variables
+    dim = V.shape[1]
+    min_groups = max(int(min_groups), int(np.ceil(2.0 * (3 * dim - 1) / dim)))
+    rows_needed = 2.0 * (dim + dim * (dim + 1) / 2) / dim
+    sizes = np.diff(np.r_[starts, d.n])
+    counts = np.add.reduceat(d.y, starts)
+    bins = []
+    for size in np.unique(sizes[small]):
+        idx = np.flatnonzero(small & (sizes == size))
+        idx = idx[np.argsort(counts[idx], kind="stable")]
+        _, many = np.unique(counts[idx], return_counts=True)     # at most size + 1 distinct counts
+        cuts, acc = [], 0
+        for end, m in zip(np.cumsum(many), many):
+            acc += m
+            if acc >= min_groups and acc * size >= rows_needed:
+                cuts.append(int(end))
+                acc = 0
+        if not cuts:
+            continue                                   # fewer than min_groups groups of this size
+        cuts[-1] = len(idx)                            # a remainder joins the last bin
+        if len(many) == 1:
+            continue                                   # every group of this size has the same count
+        bins += [idx[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
+    if sum(len(i) for i in bins) < COVER * small.sum():
+        return None                      # pseudo-groups for a few of the small groups would skew the start
+    return _bin_sums(V, starts, sizes, bins, names)
+
+
+def _bin_sums(V: np.ndarray, starts: np.ndarray, sizes: np.ndarray, bins: list, names) -> dict:
+    """Per bin: size, k, s1, s2, bd, by (vectorised over groups; one pass over the small groups' rows)."""
+    gsum = np.add.reduceat(V, starts, axis=0)                                  # (G, d) group sums
+    gsq = np.add.reduceat(V[:, :, None] * V[:, None, :], starts, axis=0)       # (G, d, d)
+    mean = gsum / sizes[:, None]
+    label = np.full(len(starts), -1)
+    for b, idx in enumerate(bins):
+        label[idx] = b
+    keep = label >= 0
+    red = lambda a: np.stack([np.bincount(label[keep], weights=col, minlength=len(bins))         # noqa: E731
+                              for col in a[keep].reshape(int(keep.sum()), -1).T], axis=1)
+    dim = V.shape[1]
+    return {"variables": list(names), "size": np.array([float(sizes[i[0]]) for i in bins]),
+            "k": np.array([float(len(i)) for i in bins]), "s1": red(gsum),
+            "s2": red(gsq).reshape(len(bins), dim, dim),
+            "bd": red(mean * mean), "by": red(mean * mean[:, [0]])}

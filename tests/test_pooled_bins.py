@@ -1,0 +1,144 @@
+"""The hybrid's pooled block for small groups (site/pooled.py, coordinator/pseudo/pooled.py).
+
+The bins are checked against an independent pandas computation of the same rule (sizes, counts, merging,
+sums); the disclosure rules (min groups per bin, a size of one count left out, most small groups binned)
+on data made to break them; the pseudo-groups against the bins' counts and group-level columns; and the
+hybrid with the bins against the iterative fit (1e-8) on a simulated binary follow-up whose every group is
+small, in at most 4 rounds."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fedglmm
+from fedglmm.coordinator.pseudo.pooled import generate_pooled
+from fedglmm.errors import InputError
+from fedglmm.site.summaries import summarize
+
+FORMULA = "y ~ trt * time + (1 | id)"
+LOCAL = {"nagq": 1, "curvature": "observed"}
+
+
+def follow_up(seed: int, subjects: int = 240, visits: int = 6, sd: float = 3.0, sites: int = 3) -> pd.DataFrame:
+    """A binary follow-up: subjects x visits (some missed), treatment per subject, SD ``sd``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(subjects):
+        b, trt = rng.normal(0, sd), int(rng.random() < 0.5)
+        t = np.arange(visits, dtype=float)
+        t = t[rng.random(visits) > 0.12] if visits > 2 else t
+        eta = -1.0 + b - 0.3 * t - 0.4 * trt * t
+        y = (rng.random(len(t)) < 1 / (1 + np.exp(-eta))).astype(int)
+        rows.append(pd.DataFrame({"id": f"p{i:03d}", "trt": trt, "time": t, "y": y, "site": i % sites}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def expected_bins(df: pd.DataFrame, min_groups: int) -> list[dict]:
+    """The binning rule written out in pandas (the module docstring of site/pooled.py)."""
+    df = df.assign(**{"trt:time": df.trt * df.time})
+    cols = ["y", "trt", "time", "trt:time"]
+    g = df.groupby("id", sort=True)
+    size, count = g.size(), g["y"].sum()
+    dim = len(cols)
+    floor = max(min_groups, math.ceil(2 * (3 * dim - 1) / dim))
+    out = []
+    for n in sorted(size.unique()):
+        ids = count[size == n].sort_values(kind="stable")
+        groups, cur = [], []
+        for c in sorted(ids.unique()):
+            cur += list(ids.index[ids == c])
+            if len(cur) >= floor and len(cur) * n >= 2 * (dim + dim * (dim + 1) / 2) / dim:
+                groups.append(cur)
+                cur = []
+        if not groups or ids.nunique() == 1:
+            continue
+        if cur:
+            groups[-1] += cur
+        for b in groups:
+            rows = df[df.id.isin(b)][cols].to_numpy(float)
+            means = df[df.id.isin(b)].groupby("id")[cols].mean().to_numpy()
+            out.append({"size": n, "k": len(b), "s1": rows.sum(0), "s2": rows.T @ rows,
+                        "bd": (means ** 2).sum(0), "by": (means * means[:, [0]]).sum(0)})
+    return out
+
+
+def test_the_bins_are_the_rule_written_out():
+    df = follow_up(1).query("site == 0").drop(columns="site")
+    msg = summarize(df, FORMULA, "binomial", None, "A", order=2, local=LOCAL, min_pooled=5)
+    got, want = msg["pooled"], expected_bins(df, 5)
+    assert got["variables"] == ["(outcome)", "trt", "time", "trt:time"]
+    assert len(got["k"]) == len(want) > 3
+    for b, w in enumerate(want):
+        assert got["size"][b] == w["size"] and got["k"][b] == w["k"]
+        for key in ("s1", "s2", "bd", "by"):
+            assert np.allclose(got[key][b], w[key], rtol=1e-12, atol=1e-9), key
+    assert np.min(got["k"]) >= 6                    # ⌈2(3d − 1)/d⌉ = 6 for d = 4 variables
+
+
+def test_min_pooled_sets_the_smallest_bin_and_zero_sends_none():
+    df = follow_up(2).query("site == 1").drop(columns="site")
+    wide = summarize(df, FORMULA, "binomial", None, "A", order=2, local=LOCAL, min_pooled=12)
+    assert np.min(wide["pooled"]["k"]) >= 12
+    assert summarize(df, FORMULA, "binomial", None, "A", order=2, local=LOCAL, min_pooled=0).get("pooled") is None
+    # not for the one-shot method (no own-fit request), nor for counts
+    assert summarize(df, FORMULA, "binomial", None, "A", order=2).get("pooled") is None
+    assert summarize(df, FORMULA, "poisson", None, "A", order=2, local=LOCAL).get("pooled") is None
+
+
+def test_a_size_whose_groups_share_one_count_is_not_sent():
+    df = follow_up(3, subjects=120, sites=1).drop(columns="site")
+    short = df.groupby("id")["time"].transform("size") == 4
+    df.loc[short, "y"] = 0                               # every group of 4 visits: no positive visit
+    msg = summarize(df, FORMULA, "binomial", None, "A", order=2, local=LOCAL)
+    assert short.any() and 4.0 not in set(msg["pooled"]["size"])
+
+
+def test_no_bins_when_they_would_hold_few_of_the_small_groups():
+    rng = np.random.default_rng(4)
+    sizes = np.repeat(np.arange(2, 10), 3)              # 3 groups of each size: no bin of 6
+    df = pd.DataFrame({"id": np.repeat([f"g{i}" for i in range(len(sizes))], sizes),
+                       "trt": np.repeat(np.arange(len(sizes)) % 2, sizes), "time": rng.normal(size=sizes.sum()),
+                       "y": rng.integers(0, 2, sizes.sum())})
+    assert summarize(df, FORMULA, "binomial", None, "A", order=2, local=LOCAL).get("pooled") is None
+
+
+@pytest.mark.parametrize("value", [1, 2, -1, 2.5])
+def test_min_pooled_must_be_zero_or_at_least_three(value):
+    with pytest.raises(InputError, match="min_pooled"):
+        fedglmm.SiteConfig(min_pooled=value)
+
+
+def test_pseudo_groups_keep_counts_sizes_and_group_level_columns():
+    df = follow_up(5).query("site == 2").drop(columns="site")
+    bins = summarize(df, FORMULA, "binomial", None, "A", order=2, local=LOCAL)["pooled"]
+    V, gidx = generate_pooled(bins, np.random.default_rng(0))
+    start = 0
+    for b in range(len(bins["k"])):
+        k, n = int(bins["k"][b]), int(bins["size"][b])
+        rows = V[np.isin(gidx, np.arange(start, start + k))]
+        assert len(rows) == k * n
+        groups = rows.reshape(k, n, -1)
+        # treatment (group-level, 0/1): constant within each pseudo-group, in the bin's share of groups
+        assert np.all(groups[:, :, 1] == groups[:, :1, 1]) and set(np.unique(groups[:, 0, 1])) <= {0.0, 1.0}
+        assert groups[:, 0, 1].sum() == round(bins["s1"][b][1] / n)
+        counts = groups[:, :, 0].sum(axis=1)
+        if bins["bd"][b][0] * k == pytest.approx(bins["s1"][b][0] ** 2 / n ** 2, rel=1e-12):
+            assert np.all(counts == bins["s1"][b][0] / k)   # a bin of one count: that count in every group
+        assert abs(counts.sum() - bins["s1"][b][0]) <= k / 2 + 1
+        start += k
+
+
+def test_hybrid_with_the_bins_matches_iterative_in_at_most_four_rounds():
+    df = follow_up(6)
+    sites = {f"s{j}": part.drop(columns="site") for j, part in df.groupby("site")}
+    hyb = fedglmm.fit(FORMULA, sites, family="binomial")
+    it = fedglmm.fit(FORMULA, sites, family="binomial", method="iterative")
+    off = fedglmm.fit(FORMULA, sites, family="binomial", site_config=fedglmm.SiteConfig(min_pooled=0))
+    assert hyb.converged and hyb.rounds <= 4, hyb.rounds
+    for other in (it, off):
+        assert np.allclose(hyb.fixef, other.fixef, atol=1e-8) and np.allclose(hyb.theta, other.theta, atol=1e-8)
+        assert abs(hyb.loglik - other.loglik) < 1e-8 * abs(other.loglik)
+    assert "went only pooled in bins" in hyb.messages[0] and "pooled" not in off.messages[0]
