@@ -124,7 +124,9 @@ def _note(replies, merged, own, pseudo) -> str:
     binned = sum(int(np.sum(b["k"])) for b in merged.pooled.values()) if pseudo is not None else 0
     if binned:
         what += f"; {binned} of them went only pooled in bins of several groups"
-    source = ("the sites' own fits combined with the one-shot fit of the other groups" if own and pseudo is not None
+    source = ("the sites' own fits combined in the shape of pseudo-data from the groups' summaries and bins"
+              if own and binned else
+              "the sites' own fits combined with the one-shot fit of the other groups" if own and pseudo is not None
               else "the sites' own fits" if own else
               "the one-shot fit of the other groups" if pseudo is not None else "site totals")
     return (f"summaries of small groups stayed at their sites ({what}); the Newton rounds, which use every "
@@ -157,6 +159,8 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
                                           **({"transforms": transforms} if transforms else {}),
                                           **req.spec.columns_payload))
     merged = merge_messages(replies, req.formula, fam, transforms, req.spec)
+    if sum(int(np.sum(b["k"])) for b in merged.pooled.values()) > MANY_GROUPS:
+        merged.pooled.clear()       # pseudo-groups for that many would cost the coordinator more than a round
     secure = bool(getattr(transport, "secure", False))
     st = None if secure else shared_setup(make_setup(merged.setup, fam.ndisp), merged.schema)
     if st is not None:
@@ -221,13 +225,19 @@ def _fits_suffice(own: dict, replies: dict, merged, req, st) -> bool:
 
 def _lean(own: dict, replies: dict, merged, req, st) -> bool:
     """Whether the pseudo-data only shape the combination of the sites' own fits, not fitted themselves:
-    every site sent its fit (in the agreed coding) and every group's summaries, no site's standard deviation
-    is near zero and there is no penalty -- the fits then combine to within a Newton step, and the
-    pseudo-data fit at the coordinator costs more than it adds."""
-    if req.family.name == "gaussian" or merged.refused or len(own) < len(replies) or req.options.penalty \
+    every site sent its fit (in the agreed coding) and every group's summaries (or its small groups pooled in
+    bins), no site's standard deviation is near zero and there is no penalty -- the fits then combine to
+    within a Newton step, and the pseudo-data fit at the coordinator costs more than it adds (on the binary
+    follow-up of stress_shapes.py, seeds 1-20, the rounds are the same without it)."""
+    if req.family.name == "gaussian" or _unbinned(replies, merged) or len(own) < len(replies) or req.options.penalty \
             or st.factor_groups:
         return False
     return _all_clear(own, replies, st)
+
+
+def _unbinned(replies: dict, merged) -> bool:
+    """Whether a site kept small groups' summaries without sending them pooled in bins."""
+    return any(r.get("refused") and sid not in merged.pooled for sid, r in replies.items())
 
 
 def _all_clear(own: dict, replies: dict, st) -> bool:

@@ -31,7 +31,8 @@ def generate_order2(n, targets, expo, *, binary_first: bool = False, nonneg_firs
     outcome clipped at 0 (its moments then off by what was clipped) rather than solved group by group.
 
     Returns ``V`` (Σn, d) with the groups stacked in the order given, the group index of each row and
-    the largest relative error of each group (as :func:`fedglmm.model.moments.relative_errors`)."""
+    the largest relative error of each group (as :func:`fedglmm.model.moments.relative_errors`; NaN, not
+    computed, when ``exact`` is False)."""
     return _order2(n, targets, expo, binary_first, nonneg_first, rng, tol, 0 if exact else REDRAWS)
 
 
@@ -99,7 +100,9 @@ def _order2(n, targets, expo, binary_first, nonneg_first, rng, tol, redraws: int
         Vg_, _ = generate_group(int(n[g]), expo, targets[g], binary=[0] if binary_first else [],
                                 nonneg=[0] if nonneg_first else [], rng=rng, tol=tol)
         V[gstart[g]:gstart[g] + n[g]] = Vg_
-    return V, rowg, _group_errors(V, rowg, n, expo, targets, binary_first)
+    # the moment errors are the one-shot fit's diagnostics; a start's draw (redraws) does not need them
+    errors = _group_errors(V, rowg, n, expo, targets, binary_first) if not redraws else np.full(len(n), np.nan)
+    return V, rowg, errors
 
 
 def _cells(n, targets, expo, binary_first):
