@@ -96,13 +96,49 @@ def test_a_size_whose_groups_share_one_count_is_not_sent():
     assert short.any() and 4.0 not in set(msg["pooled"]["size"])
 
 
-def test_no_bins_when_they_would_hold_few_of_the_small_groups():
-    rng = np.random.default_rng(4)
-    sizes = np.repeat(np.arange(2, 10), 3)              # 3 groups of each size: no bin of 6
-    df = pd.DataFrame({"id": np.repeat([f"g{i}" for i in range(len(sizes))], sizes),
-                       "trt": np.repeat(np.arange(len(sizes)) % 2, sizes), "time": rng.normal(size=sizes.sum()),
-                       "y": rng.integers(0, 2, sizes.sum())})
-    assert summarize(df, FORMULA, "binomial", None, "A", order=2, local=LOCAL).get("pooled") is None
+def _groups_of_many_sizes(seed: int, per_size: int = 3) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    sizes = np.repeat(np.arange(2, 10), per_size)          # 3 groups of each size: no bin of 6 of one size
+    return pd.DataFrame({"id": np.repeat([f"g{i:02d}" for i in range(len(sizes))], sizes),
+                         "trt": np.repeat(np.arange(len(sizes)) % 2, sizes), "time": rng.normal(size=sizes.sum()),
+                         "y": rng.integers(0, 2, sizes.sum())})
+
+
+def test_groups_of_many_sizes_go_in_bins_of_neighbouring_sizes():
+    """Where bins of one size would hold under 80 % of the small groups: classes of consecutive sizes of at
+    least 12 groups (2 x the least bin), each sorted by share of positive rows and cut into bins of 6."""
+    df = _groups_of_many_sizes(4)
+    got = summarize(df, FORMULA, "binomial", None, "A", order=2, local=LOCAL)["pooled"]
+    g = df.assign(**{"trt:time": df.trt * df.time}).groupby("id", sort=True)
+    size, share = g.size(), g["y"].sum() / g.size()
+    want = []
+    for lo, hi in ((2, 5), (6, 9)):                        # 12 groups each
+        ids = share[(size >= lo) & (size <= hi)]
+        ids = ids.sort_values(kind="stable")
+        cut, acc, bins, cur = ids.to_numpy(), 0, [], []
+        for v in np.unique(cut):
+            cur += list(ids.index[ids == v])
+            if len(cur) >= 6:
+                bins.append(cur)
+                cur = []
+        if cur:
+            bins[-1] += cur
+        want += bins
+    cols = ["y", "trt", "time", "trt:time"]
+    frame = df.assign(**{"trt:time": df.trt * df.time})
+    assert len(got["k"]) == len(want)
+    for b, ids in enumerate(want):
+        rows = frame[frame.id.isin(ids)][cols].to_numpy(float)
+        assert got["k"][b] == len(ids) and got["rows"][b] == len(rows)
+        assert got["size"][b] == pytest.approx(len(rows) / len(ids))
+        assert np.allclose(got["s1"][b], rows.sum(0)) and np.allclose(got["s2"][b], rows.T @ rows)
+
+
+def test_no_bins_for_too_few_small_groups_or_one_share():
+    few = _groups_of_many_sizes(5, per_size=1)             # 8 small groups: no class of 12
+    assert summarize(few, FORMULA, "binomial", None, "A", order=2, local=LOCAL).get("pooled") is None
+    same = _groups_of_many_sizes(6).assign(y=0)            # every group without a positive row
+    assert summarize(same, FORMULA, "binomial", None, "A", order=2, local=LOCAL).get("pooled") is None
 
 
 @pytest.mark.parametrize("value", [1, 2, -1, 2.5])
@@ -142,3 +178,25 @@ def test_hybrid_with_the_bins_matches_iterative_in_at_most_four_rounds():
         assert np.allclose(hyb.fixef, other.fixef, atol=1e-8) and np.allclose(hyb.theta, other.theta, atol=1e-8)
         assert abs(hyb.loglik - other.loglik) < 1e-8 * abs(other.loglik)
     assert "went only pooled in bins" in hyb.messages[0] and "pooled" not in off.messages[0]
+
+
+def test_row_level_binaries_and_factor_levels_stay_binary_and_exclusive():
+    """A row-level 0/1 column is drawn per row given its outcome, with the bin's shares; the levels of a
+    row-level factor never together."""
+    rng = np.random.default_rng(9)
+    df = follow_up(9, subjects=240, sites=1).drop(columns="site")
+    df["late"] = (df.time >= 3).astype(int)
+    df["arm"] = rng.choice(["a", "b", "c"], size=len(df))
+    formula = "y ~ trt + late + arm + (1 | id)"
+    bins = summarize(df, formula, "binomial", None, "A", order=2, local=LOCAL)["pooled"]
+    names = bins["variables"]
+    V, _ = generate_pooled(bins, np.random.default_rng(1))
+    late, a, b, c = (names.index(n) for n in ("late", "arm[T.a]", "arm[T.b]", "arm[T.c]"))
+    assert set(np.unique(V[:, [late, a, b, c]])) <= {0.0, 1.0}
+    # the site codes every level it has (against a level no row has): one level per row, as in the data
+    assert np.all(V[:, a] + V[:, b] + V[:, c] == 1.0)
+    y = V[:, 0] == 1
+    s1, s2 = bins["s1"].sum(0), bins["s2"].sum(0)
+    for j in (late, b):
+        want1, want0 = s2[j, 0] / s1[0], (s1[j] - s2[j, 0]) / (bins["rows"].sum() - s1[0])
+        assert abs(V[y, j].mean() - want1) < 0.06 and abs(V[~y, j].mean() - want0) < 0.06

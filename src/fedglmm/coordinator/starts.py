@@ -117,6 +117,11 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
     x = _minimise_in_ball(C, xq, K, radius, others)
     if x is not None:
         out.insert(0, x)
+    if all(o.T is not None for o in parts):
+        # every site sent third derivatives (no group's moments went: the pseudo-data are pooled bins'),
+        # and their cubic combination is tried beside
+        cubic = _cubic_combination(parts, np.asarray(sd_index, dtype=np.int64), radius)
+        out += [cubic] if cubic is not None else []
     return out
 
 

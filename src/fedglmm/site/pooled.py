@@ -7,7 +7,7 @@ site sorts its small groups by (size, count of positive rows) into *bins* of at 
 (counts next to each other merged within a size until a bin is that large; a remainder joins the last bin
 of its size) and sends, per bin, only sums over its groups:
 
-* ``size`` (the rows of each of its groups) and ``k`` (how many groups);
+* ``size`` (the mean rows of its groups), ``rows`` (their total) and ``k`` (how many groups);
 * ``s1`` = Σ v and ``s2`` = Σ v vᵀ over the bin's rows, v = (outcome, the design's variables): the bin's
   pooled first and second moments;
 * ``bd`` = Σ_g m_g² and ``by`` = Σ_g m_g,y m_g over its groups, m_g the group's mean of v: the groups'
@@ -26,9 +26,17 @@ minimum cell size.  A cell whose groups all share one count tells that count of 
 not which groups they are; so where *all* the groups of a size would fall in one bin and share one count
 (whoever knows a group's size would learn its count), that size is not sent.  The rule ``min_pooled`` of
 ``site.toml`` sets ``min_groups`` (0: no bins).  Only for binary (0/1) outcomes without weights, one
-grouping factor; only when the bins hold at least ``COVER`` of the small groups (groups of many different
-sizes, few of each, fall out of bins: pseudo-groups for the few left would misshape the start more than
-none); the coordinator uses the bins for the hybrid's start and step model, never as a fit.
+grouping factor; the coordinator uses the bins for the hybrid's start and step model, never as a fit.
+
+Where bins of one size would hold under ``COVER`` of the small groups (groups of many sizes, few of each:
+pseudo-groups for the few binned would misshape the start more than none), the bins are made over
+neighbouring sizes instead: consecutive sizes form classes of at least 2·``min_groups`` groups (a remainder
+joins the last class), and each class is sorted by the groups' share of positive rows and cut into bins
+of at least ``min_groups`` groups where the share changes.  Such a bin sends the same sums, its sizes only
+as their total; a class whose groups all share one share of positive rows is not sent (whoever knows a
+group is in it would learn its share), nor are any bins when there are fewer than 2·``min_groups`` small
+groups.  (Many sites of a dozen subjects each: a binary follow-up over 25 sites took 5-6 rounds without
+these bins and 4 with them, ``benchmarks/follow_up_rounds.py``.)
 """
 from __future__ import annotations
 
@@ -36,7 +44,8 @@ import numpy as np
 
 from ..model.spec import Design
 
-COVER = 0.8          # the least share of the small groups the bins must hold, or none are sent
+COVER = 0.8          # the least share of the small groups bins of one size must hold, or bins of neighbouring
+                     # sizes are made instead
 
 
 def pooled_bins(d: Design, starts: np.ndarray, small: np.ndarray, min_groups: int, variables) -> dict | None:
@@ -70,8 +79,46 @@ def pooled_bins(d: Design, starts: np.ndarray, small: np.ndarray, min_groups: in
             continue                                   # every group of this size has the same count
         bins += [idx[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
     if sum(len(i) for i in bins) < COVER * small.sum():
-        return None                      # pseudo-groups for a few of the small groups would skew the start
+        bins = _mixed_bins(np.flatnonzero(small), sizes, counts, min_groups, rows_needed)
+        if not bins:
+            return None                  # pseudo-groups for a few of the small groups would skew the start
     return _bin_sums(V, starts, sizes, bins, names)
+
+
+def _mixed_bins(idx: np.ndarray, sizes, counts, min_groups: int, rows_needed: float) -> list:
+    """Groups of neighbouring sizes together: classes of consecutive sizes holding at least 2·``min_groups``
+    groups each (a remainder joins the last), each sorted by the groups' share of positive rows and cut
+    into bins of at least ``min_groups`` groups where the share changes (a remainder joins the last bin);
+    a class whose groups all have one share is left out."""
+    idx = idx[np.lexsort((counts[idx] / sizes[idx], sizes[idx]))]
+    ends, acc = [], 0
+    for end, m in zip(*(lambda u, c: (np.cumsum(c), c))(*np.unique(sizes[idx], return_counts=True))):
+        acc += m
+        if acc >= 2 * min_groups:
+            ends.append(int(end))
+            acc = 0
+    if not ends:
+        return []
+    ends[-1] = len(idx)
+    bins = []
+    for a, b in zip([0] + ends[:-1], ends):
+        part = idx[a:b]
+        share = counts[part] / sizes[part]
+        part, share = part[np.argsort(share, kind="stable")], np.sort(share, kind="stable")
+        _, many = np.unique(share, return_counts=True)
+        if len(many) == 1:
+            continue
+        cuts, acc, rows = [], 0, 0.0
+        for end, m in zip(np.cumsum(many), many):
+            acc += m
+            rows += float(sizes[part[end - m:end]].sum())
+            if acc >= min_groups and rows >= rows_needed:
+                cuts.append(int(end))
+                acc, rows = 0, 0.0
+        if cuts:
+            cuts[-1] = len(part)
+            bins += [part[c0:c1] for c0, c1 in zip([0] + cuts[:-1], cuts)]
+    return bins
 
 
 def _bin_sums(V: np.ndarray, starts: np.ndarray, sizes: np.ndarray, bins: list, names) -> dict:
@@ -86,7 +133,8 @@ def _bin_sums(V: np.ndarray, starts: np.ndarray, sizes: np.ndarray, bins: list, 
     red = lambda a: np.stack([np.bincount(label[keep], weights=col, minlength=len(bins))         # noqa: E731
                               for col in a[keep].reshape(int(keep.sum()), -1).T], axis=1)
     dim = V.shape[1]
-    return {"variables": list(names), "size": np.array([float(sizes[i[0]]) for i in bins]),
+    return {"variables": list(names), "size": np.array([float(sizes[i].mean()) for i in bins]),
+            "rows": np.array([float(sizes[i].sum()) for i in bins]),
             "k": np.array([float(len(i)) for i in bins]), "s1": red(gsum),
             "s2": red(gsq).reshape(len(bins), dim, dim),
             "bd": red(mean * mean), "by": red(mean * mean[:, [0]])}

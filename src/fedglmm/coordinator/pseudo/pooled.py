@@ -33,10 +33,10 @@ def generate_pooled(bins: dict, rng: np.random.Generator) -> tuple[np.ndarray, n
     """(V, group index) of the pseudo-groups of every bin; V's columns are ``bins['variables']``."""
     out, gidx, start = [], [], 0
     for b in range(len(bins["k"])):
-        V = _one_bin(int(round(bins["size"][b])), int(round(bins["k"][b])), np.asarray(bins["s1"][b], float),
-                     np.asarray(bins["s2"][b], float), np.asarray(bins["bd"][b], float),
-                     np.asarray(bins["by"][b], float), rng)
-        n = int(round(bins["size"][b]))
+        k, n = int(round(bins["k"][b])), max(int(round(bins["size"][b])), 1)
+        rows = float(bins["rows"][b]) if "rows" in bins else k * n
+        V = _one_bin(n, k, rows, np.asarray(bins["s1"][b], float), np.asarray(bins["s2"][b], float),
+                     np.asarray(bins["bd"][b], float), np.asarray(bins["by"][b], float), rng)
         out.append(V)
         gidx.append(start + np.repeat(np.arange(len(V) // n), n))
         start += len(V) // n
@@ -48,9 +48,9 @@ def _psd_root(S: np.ndarray) -> np.ndarray:
     return vec * np.sqrt(np.maximum(lam, 0.0))
 
 
-def _one_bin(n: int, k: int, s1, s2, bd, by, rng) -> np.ndarray:
-    mu = s1 / (k * n)
-    T = s2 / (k * n) - np.outer(mu, mu)                     # the rows' covariance
+def _one_bin(n: int, k: int, rows: float, s1, s2, bd, by, rng) -> np.ndarray:
+    mu = s1 / rows
+    T = s2 / rows - np.outer(mu, mu)                        # the rows' covariance
     B = np.diag(bd / k - mu * mu)                           # the group means': variances and ...
     B[:, 0] = B[0, :] = by / k - mu * mu[0]                 # ... covariances with the outcome's
     W = T - B                                               # within groups (row-level pairs: approximately)
@@ -68,13 +68,14 @@ def _one_bin(n: int, k: int, s1, s2, bd, by, rng) -> np.ndarray:
         beta, R = np.zeros(dim - 1), B[np.ix_(o, o)]
     M = mu[o] + np.outer(ybar - mu[0], beta) + rng.standard_normal((k, dim - 1)) @ _psd_root(R).T
     glevel = np.diag(W)[o] <= 1e-9 * np.maximum(np.diag(T)[o], 1e-300)
-    binary = glevel & (np.abs(np.diag(s2)[o] / (k * n) - mu[o]) <= 1e-9 * np.maximum(np.abs(mu[o]), 1e-300)) \
+    binary = (np.abs(np.diag(s2)[o] / rows - mu[o]) <= 1e-9 * np.maximum(np.abs(mu[o]), 1e-300)) \
         & (mu[o] >= 0) & (mu[o] <= 1)
-    _binary_columns(M, np.flatnonzero(binary), mu[o], s2[np.ix_(o, o)], k, rng)
+    _binary_columns(M, np.flatnonzero(glevel & binary), mu[o], s2[np.ix_(o, o)], k, rng)
     # 3. rows
     y = (np.arange(n)[None, :] < counts[:, None]).astype(float)                # (k, n)
-    rowlevel = np.flatnonzero(~glevel)
     X = np.repeat(M[:, None, :], n, axis=1)                                     # (k, n, dim-1)
+    _row_binaries(X, y, np.flatnonzero(~glevel & binary), s1, s2, rows, rng)
+    rowlevel = np.flatnonzero(~glevel & ~binary)
     if len(rowlevel):
         r = o[rowlevel]
         wb = W[r, 0] / W[0, 0] if W[0, 0] > 1e-12 else np.zeros(len(r))
@@ -102,6 +103,31 @@ def _counts(n: int, k: int, p: float, spread: float) -> np.ndarray:
     z = ndtri(q)
     z = (z - z.mean()) / z.std()
     return np.clip(np.round(n * (p + spread * z)), 0, n)
+
+
+def _row_binaries(X: np.ndarray, y: np.ndarray, cols: np.ndarray, s1, s2, rows: float, rng) -> None:
+    """Row-level 0/1 columns in place (``cols`` index X's last axis; variable j + 1 of the sums): drawn
+    per row given its outcome, with the bin's shares P(x = 1 | y) = Σxy / Σy and (Σx − Σxy) / (N − Σy);
+    columns never 1 together in the data (levels of one factor) drawn as one categorical variable."""
+    sets = []
+    for j in cols:
+        for S in sets:
+            if all(s2[j + 1, i + 1] <= 1e-12 * max(s2[j + 1, j + 1], 1e-300) for i in S):
+                S.append(j)
+                break
+        else:
+            sets.append([j])
+    ones = max(float(s1[0]), 1e-12)
+    zeros = max(rows - float(s1[0]), 1e-12)
+    for S in sets:
+        idx = np.array(S) + 1
+        p1 = np.clip(s2[idx, 0] / ones, 0, 1)
+        p0 = np.clip((s1[idx] - s2[idx, 0]) / zeros, 0, 1)
+        c1, c0 = np.cumsum(p1), np.cumsum(p0)
+        u = rng.random(y.shape)
+        for t, j in enumerate(S):
+            lo1, lo0 = (c1[t - 1], c0[t - 1]) if t else (0.0, 0.0)
+            X[:, :, j] = np.where(y > 0, (u >= lo1) & (u < c1[t]), (u >= lo0) & (u < c0[t]))
 
 
 def _binary_columns(M: np.ndarray, cols: np.ndarray, mu: np.ndarray, s2: np.ndarray, k: int, rng) -> None:
