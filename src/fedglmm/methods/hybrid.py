@@ -31,7 +31,7 @@ from ..likelihood.setup import make_setup
 from ..likelihood.factor_starts import factor_theta_start
 from ..likelihood.starts import start_values
 from ..model.frame import na_payload
-from ..model.options import OWN_FIT_GROUPS, FitRequest
+from ..model.options import OWN_FIT_GROUPS, POOLED_MAX_GROUPS, FitRequest
 from ..protocol import request
 from ..results import FitResult, RunStats
 
@@ -72,11 +72,12 @@ def _starts(req, st, merged, own: dict, pseudo, big: bool = False):
     all tried in the first Newton round (the best kept), or None (the set-up start).  ``own``: the sites'
     own fits, as sent (several grouping factors) or as :class:`~fedglmm.coordinator.starts.OwnPart`.
     Where small groups' summaries stayed at their sites, a binary model with one random intercept also
-    tries its first start's SD times 1.3 and 1/1.3 (:func:`_attenuated`)."""
+    tries its first start's SD times 1.3 and 1/1.3 (:func:`_attenuated`) -- not beyond POOLED_MAX_GROUPS
+    groups, where the sites' fits of their many groups combine well and two more points cost every site."""
     starts, surrogate = _candidates(req, st, merged, own, pseudo, big)
     fam = req.family
     if starts is None or not merged.refused or st.mask.shape != (1, 1) or st.factor_groups \
-            or fam.name != "binomial" or fam.link not in ATTENUATION:
+            or fam.name != "binomial" or fam.link not in ATTENUATION or st.ngroups > POOLED_MAX_GROUPS:
         return starts, surrogate
     many = list(starts) if isinstance(starts[0], tuple) else [starts]
     return tuple(many + _attenuated(many[0], st, ATTENUATION[fam.link])), surrogate
@@ -190,7 +191,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
                                           **({"transforms": transforms} if transforms else {}),
                                           **req.spec.columns_payload))
     merged = merge_messages(replies, req.formula, fam, transforms, req.spec)
-    if sum(int(np.sum(b["k"])) for b in merged.pooled.values()) > MANY_GROUPS:
+    if sum(int(np.sum(b["k"])) for b in merged.pooled.values()) > POOLED_MAX_GROUPS:
         merged.pooled.clear()       # pseudo-groups for that many would cost the coordinator more than a round
     secure = bool(getattr(transport, "secure", False))
     st = None if secure else shared_setup(make_setup(merged.setup, fam.ndisp), merged.schema)

@@ -15,6 +15,8 @@ if TYPE_CHECKING:          # imported where used: the command line reads the def
 NA_ACTIONS = ("omit", "fail")   # rows with a missing value in a used column: dropped (as lme4) or refused
 MIN_GROUP = 10          # default smallest group (observations) whose own summaries or modes a site sends
 MIN_POOLED = 5          # default fewest small groups pooled in one bin of the hybrid's block (site/pooled.py)
+POOLED_MAX_GROUPS = 5000   # binned small groups beyond which their pseudo-groups cost the coordinator more
+                           # than the round they may save (a site with more sends no bins)
 # a site with this many groups has a log-likelihood close to quadratic around its own fit (third derivatives
 # shrink like one over the square root of the groups): the hybrid combines such fits without pseudo-data
 OWN_FIT_GROUPS = 500

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..model.options import POOLED_MAX_GROUPS
 from ..model.spec import Design
 
 COVER = 0.8          # the least share of the small groups bins of one size must hold, or bins of neighbouring
@@ -53,8 +54,9 @@ def pooled_bins(d: Design, starts: np.ndarray, small: np.ndarray, min_groups: in
 
     ``starts``: the first row of each group (rows sorted by group); ``variables``: (names, V) with the
     outcome in column 0 (:func:`fedglmm.site.summaries.moment_variables`)."""
-    if min_groups <= 0 or not small.any() or d.weighted or not np.all(d.trials == 1.0) or len(d.factors) > 1:
-        return None
+    if min_groups <= 0 or not small.any() or d.weighted or not np.all(d.trials == 1.0) or len(d.factors) > 1 \
+            or small.sum() > POOLED_MAX_GROUPS:
+        return None                      # (so many small groups: the coordinator would not draw them)
     names, V = variables
     dim = V.shape[1]
     min_groups = max(int(min_groups), int(np.ceil(2.0 * (3 * dim - 1) / dim)))
@@ -122,19 +124,17 @@ def _mixed_bins(idx: np.ndarray, sizes, counts, min_groups: int, rows_needed: fl
 
 
 def _bin_sums(V: np.ndarray, starts: np.ndarray, sizes: np.ndarray, bins: list, names) -> dict:
-    """Per bin: size, k, s1, s2, bd, by (vectorised over groups; one pass over the small groups' rows)."""
+    """Per bin: size, rows, k, s1, s2, bd, by -- one product VᵀV over each bin's rows (no per-row outer
+    products: memory O(rows · d))."""
     gsum = np.add.reduceat(V, starts, axis=0)                                  # (G, d) group sums
-    gsq = np.add.reduceat(V[:, :, None] * V[:, None, :], starts, axis=0)       # (G, d, d)
     mean = gsum / sizes[:, None]
-    label = np.full(len(starts), -1)
-    for b, idx in enumerate(bins):
-        label[idx] = b
-    keep = label >= 0
-    red = lambda a: np.stack([np.bincount(label[keep], weights=col, minlength=len(bins))         # noqa: E731
-                              for col in a[keep].reshape(int(keep.sum()), -1).T], axis=1)
-    dim = V.shape[1]
-    return {"variables": list(names), "size": np.array([float(sizes[i].mean()) for i in bins]),
-            "rows": np.array([float(sizes[i].sum()) for i in bins]),
-            "k": np.array([float(len(i)) for i in bins]), "s1": red(gsum),
-            "s2": red(gsq).reshape(len(bins), dim, dim),
-            "bd": red(mean * mean), "by": red(mean * mean[:, [0]])}
+    out = {"variables": list(names), "size": [], "rows": [], "k": [], "s1": [], "s2": [], "bd": [], "by": []}
+    for idx in bins:
+        rows = np.repeat(starts[idx], sizes[idx]) + (np.arange(int(sizes[idx].sum()))
+                                                     - np.repeat(np.cumsum(sizes[idx]) - sizes[idx], sizes[idx]))
+        Vb, m = V[rows], mean[idx]
+        for key, val in (("size", float(sizes[idx].mean())), ("rows", float(len(rows))), ("k", float(len(idx))),
+                         ("s1", gsum[idx].sum(axis=0)), ("s2", Vb.T @ Vb), ("bd", (m * m).sum(axis=0)),
+                         ("by", (m * m[:, [0]]).sum(axis=0))):
+            out[key].append(val)
+    return {k: (v if k == "variables" else np.asarray(v, float)) for k, v in out.items()}
