@@ -363,3 +363,25 @@ def test_min_group_withholds_each_factors_small_levels():
     assert "ward:patient" in held and "ward" not in held
     assert modes["ward:patient"].loc[held["ward:patient"]].isna().all().all()
     assert not modes["ward"].isna().any().any()
+
+
+@pytest.mark.parametrize("family", ["poisson", "binomial"])
+def test_one_site_with_several_factors_checks_its_own_fit_in_one_round(family):
+    """The only site fits its rows to convergence (two grouping factors, nested); the hybrid's first
+    round checks that fit and is the last: 2 rounds in all (one-shot, final), and the iterative fit."""
+    rng = np.random.default_rng(21)
+    n_loc, per_loc, reps = 25, 6, 4
+    loc = np.repeat(np.arange(n_loc), per_loc * reps)
+    brood = np.repeat(np.arange(n_loc * per_loc), reps)
+    x = rng.normal(size=len(loc))
+    eta = -0.3 + 0.5 * x + rng.normal(0, 0.8, n_loc)[loc] + rng.normal(0, 0.5, n_loc * per_loc)[brood]
+    y = rng.poisson(np.exp(eta)) if family == "poisson" else (rng.random(len(loc)) < 1 / (1 + np.exp(-eta)))
+    df = pd.DataFrame({"y": y.astype(int), "x": x, "loc": [f"L{i}" for i in loc], "brood": [f"B{i}" for i in brood]})
+    formula = "y ~ x + (1 | brood) + (1 | loc)"
+    import fedglmm
+
+    hyb = fedglmm.fit(formula, df, family=family)
+    it = fedglmm.fit(formula, df, family=family, method="iterative")
+    assert hyb.converged and hyb.rounds == 2, hyb.rounds
+    assert np.allclose(hyb.fixef, it.fixef, atol=1e-8) and np.allclose(hyb.theta, it.theta, atol=1e-8)
+    assert abs(hyb.loglik - it.loglik) < 1e-8 * abs(it.loglik)

@@ -182,7 +182,8 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     # fit is then the fit)
     local = {"nagq": options.nagq, "curvature": options.curvature}
     nsites = _nsites(transport)
-    if len(req.spec.groups) <= 1 and nsites == 1:
+    alone = len(req.spec.groups) <= 1 or fam.name != "gaussian"     # the one site's own fit is the fit
+    if alone and nsites == 1:
         local["exact"] = True
     if nsites:
         local["sites"] = nsites
@@ -199,16 +200,15 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         check_outcome(st, req.spec, fam)
     payload = setup_request(req.formula, fam, options, merged.schema, req.na_action, req.spec.columns_payload)
     own = {sid: r["local"] for sid, r in replies.items() if r.get("local") is not None}
-    if len(replies) == 1 and own and len(req.spec.groups) <= 1:
+    if len(replies) == 1 and own and alone:
         # one site: its own fit is the fit; the first round checks it and collects the modes
         st = _secure_setup(transport, payload, req, merged) if secure else st
-        own = _own_parts(own, replies, st)
-        if own:
-            x = next(iter(own.values())).center
-            p = len(st.names)
-            est = estimate(transport, st, fam, options, (x[:p], x[p:]), first=None if secure else {"setup": payload},
+        start = _alone_start(own, replies, st, fam)
+        if start is not None:
+            est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
                            final_first=True, mode_derivatives=True)
-            return _result(transport, req, merged, st, est, payload, t0, replies, own, None)
+            return _result(transport, req, merged, st, est, payload, t0, replies, _own_parts(own, replies, st),
+                           None)
     if st is None and fam.name != "gaussian":
         # secure: the site totals' total, in a masked set-up round -- before the start is chosen, so that it
         # is chosen as in a plain fit
@@ -238,6 +238,19 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
                    surrogate=surrogate, mode_derivatives=not big)
     return _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo)
+
+
+def _alone_start(own: dict, replies: dict, st, fam):
+    """The one site's own fit as the (γ, θ̃) start, or None where it is not coded as agreed (several grouping
+    factors: where a factor has too few levels there for the fit to stand for its covariance)."""
+    if st.factor_groups:
+        start, complete = factor_combined_start(st, list(own.values()), start_values(st, fam))
+        return start if complete else None
+    parts = _own_parts(own, replies, st)
+    if not parts:
+        return None
+    x, p = next(iter(parts.values())).center, len(st.names)
+    return x[:p], x[p:]
 
 
 def _fits_suffice(own: dict, replies: dict, merged, req, st) -> bool:
