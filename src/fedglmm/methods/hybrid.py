@@ -181,8 +181,10 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     # a site also fits its own rows (one grouping factor): to the last digit when it is the only site (its
     # fit is then the fit)
     local = {"nagq": options.nagq, "curvature": options.curvature}
+    if fam.name == "gaussian" and not options.reml:
+        local["reml"] = False            # the site's own fit (several grouping factors) by ML, as the fit
     nsites = _nsites(transport)
-    alone = len(req.spec.groups) <= 1 or fam.name != "gaussian"     # the one site's own fit is the fit
+    alone = True                          # the one site's own fit is the fit
     if alone and nsites == 1:
         local["exact"] = True
     if nsites:
@@ -244,8 +246,15 @@ def _alone_start(own: dict, replies: dict, st, fam):
     """The one site's own fit as the (γ, θ̃) start, or None where it is not coded as agreed (several grouping
     factors: where a factor has too few levels there for the fit to stand for its covariance)."""
     if st.factor_groups:
-        start, complete = factor_combined_start(st, list(own.values()), start_values(st, fam))
-        return start if complete else None
+        loc = next(iter(own.values()))
+        if list(loc.get("names", [])) != list(st.names) or list(loc.get("z_names", [])) != list(st.znames):
+            return None
+        k = int(st.mask.sum())
+        theta = np.asarray(loc["theta"], float)
+        start = np.r_[theta[:k] * st.theta_scale, theta[k:]]
+        if fam.name == "gaussian":
+            return start
+        return np.linalg.solve(st.A, np.asarray(loc["beta"], float)), start
     parts = _own_parts(own, replies, st)
     if not parts:
         return None

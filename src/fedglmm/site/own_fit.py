@@ -162,7 +162,7 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     if min(levels.values()) < 2 or d.n < 3.0 * npar:
         return None
     res = short_fit(frame, spec, fam, str(local.get("curvature", "observed")), site_id, transforms,
-                    exact=bool(local.get("exact")))
+                    exact=bool(local.get("exact")), reml=bool(local.get("reml", True)))
     if res is None:
         return None
     out = {"names": res["names"], "z_names": res["z_names"], "beta": res["beta"], "theta": res["theta"],
@@ -233,15 +233,16 @@ SHORT_ROUNDS = 4      # local Newton iterations of a site's own fit with several
 
 
 def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: str,
-              transforms: dict | None = None, exact: bool = False) -> dict | None:
+              transforms: dict | None = None, exact: bool = False, reml: bool = True) -> dict | None:
     """A site's own fit of its rows, cut short: at most ``SHORT_ROUNDS`` local Newton iterations from the
     site-totals start (the point reached is a start for the federated rounds, which finish the job), as
     β, θ (and ψ) and the information at that point on the user's scale (gaussian: no information, β
-    profiled).  ``exact`` (not gaussian; the only site of a fit): to convergence, at the fit's tolerance."""
+    profiled).  ``exact`` (the only site of a fit): to convergence, at the fit's tolerance (``reml``: a gaussian
+    model's criterion)."""
     try:
         design = _site_design(frame, spec, family, site_id, transforms)
-        if exact and family.name != "gaussian":
-            return local_fit(design, family, FitOptions(curvature=curvature), site_id)
+        if exact:
+            return local_fit(design, family, FitOptions(curvature=curvature, reml=reml), site_id)
         if family.name == "gaussian":
             return local_fit(design, family, FitOptions(newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id)
         return _cut_short(design, family, 1, curvature, site_id, SHORT_ROUNDS, 0.0)

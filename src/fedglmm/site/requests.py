@@ -44,6 +44,8 @@ def check_oneshot(site_id: str, req: dict) -> None:
         if not isinstance(local, dict):
             _bad(site_id, "'local' must be a dictionary")
         _quadrature(site_id, local.get("nagq", 1), local.get("curvature", "observed"))
+        if not isinstance(local.get("reml", True), bool) or not isinstance(local.get("exact", False), bool):
+            _bad(site_id, "'local.reml' and 'local.exact' must be true or false")
         sites = local.get("sites", 1)
         if isinstance(sites, bool) or not isinstance(sites, int) or not 1 <= sites <= 1_000_000:
             _bad(site_id, f"'local.sites' must be a number of sites, not {sites!r}")
