@@ -385,3 +385,20 @@ def test_one_site_with_several_factors_checks_its_own_fit_in_one_round(family):
     assert hyb.converged and hyb.rounds == 2, hyb.rounds
     assert np.allclose(hyb.fixef, it.fixef, atol=1e-8) and np.allclose(hyb.theta, it.theta, atol=1e-8)
     assert abs(hyb.loglik - it.loglik) < 1e-8 * abs(it.loglik)
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_one_site_gaussian_with_crossed_factors_starts_at_its_own_fit(reml):
+    """A gaussian model with crossed factors at one site: the site's own fit, by REML or ML as asked, is
+    the start, and the rounds are the one-shot one, one check and the final one."""
+    rng = np.random.default_rng(5)
+    a, b = np.meshgrid(np.arange(20), np.arange(6), indexing="ij")
+    a, b = a.ravel(), b.ravel()
+    y = 20 + rng.normal(0, 0.8, 20)[a] + rng.normal(0, 2.0, 6)[b] + rng.normal(0, 0.5, len(a))
+    df = pd.DataFrame({"y": y, "a": [f"a{i}" for i in a], "b": [f"b{i}" for i in b]})
+    import fedglmm
+
+    hyb = fedglmm.fit("y ~ 1 + (1 | a) + (1 | b)", df, reml=reml)
+    it = fedglmm.fit("y ~ 1 + (1 | a) + (1 | b)", df, reml=reml, method="iterative")
+    assert hyb.converged and hyb.rounds <= 3, hyb.rounds
+    assert np.allclose(hyb.theta, it.theta, atol=1e-7) and abs(hyb.loglik - it.loglik) < 1e-8 * abs(it.loglik)
