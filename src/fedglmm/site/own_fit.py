@@ -244,7 +244,7 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
         if exact:
             return local_fit(design, family, FitOptions(curvature=curvature, reml=reml), site_id)
         if family.name == "gaussian":
-            return local_fit(design, family, FitOptions(newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id)
+            return local_fit(design, family, FitOptions(reml=reml, newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id)
         return _cut_short(design, family, 1, curvature, site_id, SHORT_ROUNDS, 0.0)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
