@@ -200,3 +200,13 @@ def test_row_level_binaries_and_factor_levels_stay_binary_and_exclusive():
     for j in (late, b):
         want1, want0 = s2[j, 0] / s1[0], (s1[j] - s2[j, 0]) / (bins["rows"].sum() - s1[0])
         assert abs(V[y, j].mean() - want1) < 0.06 and abs(V[~y, j].mean() - want0) < 0.06
+
+
+@pytest.mark.parametrize("n,a,b", [(7, 0.3, 0.5), (5, 2.0, 1.0), (30, 0.1, 0.2), (2, 50.0, 3.0)])
+def test_beta_binomial_quantiles_are_scipys(n, a, b):
+    from scipy.stats import betabinom
+
+    from fedglmm.coordinator.pseudo.pooled import _betabinom_quantiles
+
+    q = (np.arange(17) + 0.5) / 17
+    assert np.array_equal(_betabinom_quantiles(q, n, a, b), betabinom.ppf(q, n, a, b))
