@@ -115,8 +115,8 @@ def test_groups_of_many_sizes_go_in_bins_of_neighbouring_sizes():
     for lo, hi in ((2, 5), (6, 9)):                        # 12 groups each
         ids = share[(size >= lo) & (size <= hi)]
         ids = ids.sort_values(kind="stable")
-        cut, acc, bins, cur = ids.to_numpy(), 0, [], []
-        for v in np.unique(cut):
+        bins, cur = [], []
+        for v in np.unique(ids.to_numpy()):
             cur += list(ids.index[ids == v])
             if len(cur) >= 6:
                 bins.append(cur)

@@ -153,7 +153,7 @@ def _note(replies, merged, own, pseudo) -> str:
     ngr = sum(int(r["ngroups"]) - (len(r["groups"]["levels"]) if r.get("groups") else 0)
               for r in replies.values() if r.get("refused"))
     what = f"{ngr} group(s) at {len(merged.refused)} site(s), below a site's minimum size or the moment rule"
-    binned = sum(int(np.sum(b["k"])) for b in merged.pooled.values()) if pseudo is not None else 0
+    binned = _binned(merged) if pseudo is not None else 0
     if binned:
         what += f"; {binned} of them went only pooled in bins of several groups"
     source = ("the sites' own fits combined in the shape of pseudo-data from the groups' summaries and bins"
@@ -163,6 +163,11 @@ def _note(replies, merged, own, pseudo) -> str:
               "the one-shot fit of the other groups" if pseudo is not None else "site totals")
     return (f"summaries of small groups stayed at their sites ({what}); the Newton rounds, which use every "
             f"group, started from {source}")
+
+
+def _binned(merged) -> int:
+    """How many small groups the sites sent pooled in bins."""
+    return sum(int(np.sum(b["k"])) for b in merged.pooled.values())
 
 
 def _nsites(transport) -> int | None:
@@ -184,9 +189,8 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     if fam.name == "gaussian" and not options.reml:
         local["reml"] = False            # the site's own fit (several grouping factors) by ML, as the fit
     nsites = _nsites(transport)
-    alone = True                          # the one site's own fit is the fit
-    if alone and nsites == 1:
-        local["exact"] = True
+    if nsites == 1:
+        local["exact"] = True            # the one site's own fit is the fit
     if nsites:
         local["sites"] = nsites
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link, order=order,
@@ -194,7 +198,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
                                           **({"transforms": transforms} if transforms else {}),
                                           **req.spec.columns_payload))
     merged = merge_messages(replies, req.formula, fam, transforms, req.spec)
-    if sum(int(np.sum(b["k"])) for b in merged.pooled.values()) > POOLED_MAX_GROUPS:
+    if _binned(merged) > POOLED_MAX_GROUPS:
         merged.pooled.clear()       # pseudo-groups for that many would cost the coordinator more than a round
     secure = bool(getattr(transport, "secure", False))
     st = None if secure else shared_setup(make_setup(merged.setup, fam.ndisp), merged.schema)
@@ -202,15 +206,15 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         check_outcome(st, req.spec, fam)
     payload = setup_request(req.formula, fam, options, merged.schema, req.na_action, req.spec.columns_payload)
     own = {sid: r["local"] for sid, r in replies.items() if r.get("local") is not None}
-    if len(replies) == 1 and own and alone:
+    if len(replies) == 1 and own:
         # one site: its own fit is the fit; the first round checks it and collects the modes
         st = _secure_setup(transport, payload, req, merged) if secure else st
-        start = _alone_start(own, replies, st, fam)
+        own = _own_parts(own, replies, st)
+        start = _alone_start(own, st, fam)
         if start is not None:
             est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
                            final_first=True, mode_derivatives=True)
-            return _result(transport, req, merged, st, est, payload, t0, replies, _own_parts(own, replies, st),
-                           None)
+            return _result(transport, req, merged, st, est, payload, t0, replies, own, None)
     if st is None and fam.name != "gaussian":
         # secure: the site totals' total, in a masked set-up round -- before the start is chosen, so that it
         # is chosen as in a plain fit
@@ -242,9 +246,11 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     return _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo)
 
 
-def _alone_start(own: dict, replies: dict, st, fam):
-    """The one site's own fit as the (γ, θ̃) start, or None where it is not coded as agreed (several grouping
-    factors: where a factor has too few levels there for the fit to stand for its covariance)."""
+def _alone_start(own: dict, st, fam):
+    """The one site's own fit (``own``: :func:`_own_parts`) as the (γ, θ̃) start -- θ̃ alone for a gaussian
+    model with several grouping factors -- or None where it is not coded as agreed."""
+    if not own:
+        return None
     if st.factor_groups:
         loc = next(iter(own.values()))
         if list(loc.get("names", [])) != list(st.names) or list(loc.get("z_names", [])) != list(st.znames):
@@ -255,10 +261,7 @@ def _alone_start(own: dict, replies: dict, st, fam):
         if fam.name == "gaussian":
             return start
         return np.linalg.solve(st.A, np.asarray(loc["beta"], float)), start
-    parts = _own_parts(own, replies, st)
-    if not parts:
-        return None
-    x, p = next(iter(parts.values())).center, len(st.names)
+    x, p = next(iter(own.values())).center, len(st.names)
     return x[:p], x[p:]
 
 

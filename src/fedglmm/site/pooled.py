@@ -68,17 +68,9 @@ def pooled_bins(d: Design, starts: np.ndarray, small: np.ndarray, min_groups: in
         idx = np.flatnonzero(small & (sizes == size))
         idx = idx[np.argsort(counts[idx], kind="stable")]
         _, many = np.unique(counts[idx], return_counts=True)     # at most size + 1 distinct counts
-        cuts, acc = [], 0
-        for end, m in zip(np.cumsum(many), many):
-            acc += m
-            if acc >= min_groups and acc * size >= rows_needed:
-                cuts.append(int(end))
-                acc = 0
-        if not cuts:
-            continue                                   # fewer than min_groups groups of this size
-        cuts[-1] = len(idx)                            # a remainder joins the last bin
-        if len(many) == 1:
-            continue                                   # every group of this size has the same count
+        cuts = _cuts(many, many * size, min_groups, rows_needed)
+        if not cuts or len(many) == 1:
+            continue                 # fewer than min_groups groups of this size, or all of one count
         bins += [idx[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
     if sum(len(i) for i in bins) < COVER * small.sum():
         bins = _mixed_bins(np.flatnonzero(small), sizes, counts, min_groups, rows_needed)
@@ -93,34 +85,33 @@ def _mixed_bins(idx: np.ndarray, sizes, counts, min_groups: int, rows_needed: fl
     into bins of at least ``min_groups`` groups where the share changes (a remainder joins the last bin);
     a class whose groups all have one share is left out."""
     idx = idx[np.lexsort((counts[idx] / sizes[idx], sizes[idx]))]
-    ends, acc = [], 0
-    for end, m in zip(*(lambda u, c: (np.cumsum(c), c))(*np.unique(sizes[idx], return_counts=True))):
-        acc += m
-        if acc >= 2 * min_groups:
-            ends.append(int(end))
-            acc = 0
-    if not ends:
-        return []
-    ends[-1] = len(idx)
+    _, per_size = np.unique(sizes[idx], return_counts=True)
+    ends = _cuts(per_size, np.zeros(len(per_size)), 2 * min_groups, 0.0)
     bins = []
     for a, b in zip([0] + ends[:-1], ends):
         part = idx[a:b]
         share = counts[part] / sizes[part]
         part, share = part[np.argsort(share, kind="stable")], np.sort(share, kind="stable")
-        _, many = np.unique(share, return_counts=True)
-        if len(many) == 1:
-            continue
-        cuts, acc, rows = [], 0, 0.0
-        for end, m in zip(np.cumsum(many), many):
-            acc += m
-            rows += float(sizes[part[end - m:end]].sum())
-            if acc >= min_groups and rows >= rows_needed:
-                cuts.append(int(end))
-                acc, rows = 0, 0.0
-        if cuts:
-            cuts[-1] = len(part)
+        _, first, many = np.unique(share, return_index=True, return_counts=True)
+        cuts = _cuts(many, np.add.reduceat(sizes[part], first), min_groups, rows_needed)
+        if len(many) > 1:
             bins += [part[c0:c1] for c0, c1 in zip([0] + cuts[:-1], cuts)]
     return bins
+
+
+def _cuts(many, rows, min_groups: int, rows_needed: float) -> list:
+    """Where to cut a sorted run of groups into bins: ``many`` groups (``rows`` rows) share each value in
+    turn, and a bin closes at the end of a value once it holds ``min_groups`` groups and ``rows_needed``
+    rows; the last bin takes the remainder.  The ends of the bins (none if no bin closes)."""
+    cuts, acc, got = [], 0, 0.0
+    for end, m, r in zip(np.cumsum(many), many, rows):
+        acc, got = acc + int(m), got + float(r)
+        if acc >= min_groups and got >= rows_needed:
+            cuts.append(int(end))
+            acc, got = 0, 0.0
+    if cuts:
+        cuts[-1] = int(np.sum(many))
+    return cuts
 
 
 def _bin_sums(V: np.ndarray, starts: np.ndarray, sizes: np.ndarray, bins: list, names) -> dict:

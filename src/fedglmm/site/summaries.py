@@ -102,30 +102,30 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     weight = d.trials if fam.name == "binomial" else np.ones(d.n)
     sizes = np.add.reduceat(weight, starts)
     need = float(min_group)
-    if fam.name != "gaussian" and guard:
+    variables = moment_variables(d) if fam.name != "gaussian" else None
+    nvar = len(variables[0]) if variables is not None else 0
+    if variables is not None and guard:
         # moments up to order K of d variables are C(d + K, K) equations; a group with fewer values than
         # that is pinned down by them (its rows can be recovered), so a group needs twice as many
-        nvar = len(moment_variables(d)[0])
         need = max(need, np.ceil(2.0 * comb(nvar + order, order) / nvar))
     small = sizes < need
     if small.any():
-        msg["refused"] = _small_refusal(site_id, small, sizes, levels, need, min_group, order, d)
+        msg["refused"] = _small_refusal(site_id, small, sizes, levels, need, min_group, order, nvar)
     keep = ~small
     if _own_wanted(local, keep) and fam.name != "gaussian":
         # its third derivatives only where no group's moments go (the pseudo-data have the shape then)
         msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any(),
                                sums=sums, **own)
     if local is not None and fam.name == "binomial" and small.any():
-        msg["pooled"] = pooled_bins(d, starts, small, min_pooled, moment_variables(d))
+        msg["pooled"] = pooled_bins(d, starts, small, min_pooled, variables)
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
-            _moment_blocks(d, starts, levels, keep, order)
+            _moment_blocks(d, starts, levels, keep, order, variables)
     return msg
 
 
-def _small_refusal(site_id: str, small, sizes, levels, need: float, min_group: int, order, d: Design) -> str:
+def _small_refusal(site_id: str, small, sizes, levels, need: float, min_group: int, order, nvar: int) -> str:
     i = np.flatnonzero(small)[np.argmin(sizes[small])]
-    nvar = len(moment_variables(d)[0])
     why = "" if need == min_group else (f" (moments up to order {order} of {nvar} variables need groups of at least "
                                          f"{need:g}" + ("; a lower --moments needs fewer)" if order > 2 else ")"))
     return (f"site '{site_id}': {int(small.sum())} group(s) have fewer than {need:g} observations (smallest: "
@@ -224,13 +224,14 @@ def moment_variables(d: Design) -> tuple[list[str], np.ndarray]:
     return names, np.column_stack(cols)
 
 
-def _moment_blocks(d: Design, starts, levels, keep, order: int) -> dict:
+def _moment_blocks(d: Design, starts, levels, keep, order: int, variables=None) -> dict:
     """Per group: the number of observations and the moment sums of (outcome, covariates, offset).
 
     A cbind(successes, failures) row stands for its trials as Bernoulli observations (``y`` ones and
     ``m − y`` zeros with the row's covariates): the moments are those of that expanded data, whose
-    likelihood is the binomial one up to a constant."""
-    names, V = moment_variables(d)
+    likelihood is the binomial one up to a constant.  ``variables``: :func:`moment_variables` of ``d``, if at
+    hand."""
+    names, V = moment_variables(d) if variables is None else variables
     expo = monomials(V.shape[1], order)
     bernoulli = bool(np.all(d.trials == 1.0))
     if d.n >= fused.MIN_ROWS and fused._kernel():                                 # large sites: compiled

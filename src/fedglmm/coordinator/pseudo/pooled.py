@@ -1,11 +1,10 @@
 """Pseudo-groups for a site's pooled small groups (:mod:`fedglmm.site.pooled`): per bin, ``k`` groups of
 ``size`` rows of a binary outcome whose pooled moments are close to the bin's.
 
-Per bin, with μ the rows' mean of v = (outcome, variables), B_j = bd_j/k − μ_j² the variance of the
-group means of variable j and B_jy = by_j/k − μ_j μ_y their covariance with the outcome's, and
-W_j = s2_jj/(k·size) − bd_j/k the within-group variance of the rows (the within-group covariances of the
-row-level variables with each other and with the outcome taken as their pooled covariances less the
-between part that ``by`` gives):
+Per bin of k groups and N rows, with μ the rows' mean of v = (outcome, variables), B_j = bd_j/k − μ_j² the
+variance of the group means of variable j and B_jy = by_j/k − μ_j μ_y their covariance with the outcome's,
+and W = s2/N − μμᵀ − B the within-group covariance of the rows (for two row-level variables their pooled
+covariance, the between part of it not sent):
 
 1. the groups' counts of positive rows: all ``round(size·μ_y)`` where B_yy is zero (a bin of one count),
    else the k quantiles of the beta-binomial with mean size·μ_y and variance size²·B_yy (U-shaped where
@@ -13,12 +12,16 @@ between part that ``by`` gives):
    binomial's; on the follow-ups of ``benchmarks/follow_up_rounds.py`` the beta-binomial's quantiles gave
    better starts than the normal's (6 sites of 25 subjects, 8 seeds: 38 rounds in all -> 33);
 2. every other variable's group mean: μ, plus its regression on the group's outcome mean, plus a normal
-   draw with the residual between-group variance (independent across variables).  A variable without within-group variance
-   (W_jj = 0) is *group-level* and stays constant within each group; a group-level 0/1 variable (a
-   treatment) is 1 in the round(k·μ_j) groups with the largest drawn means, and 0 elsewhere -- and never
-   1 beside an earlier 0/1 column it is never 1 with in the data (levels of one factor);
-3. the rows: the group's count of ones, then zeros; each row-level variable its group mean plus its
-   within-group regression on the outcome under W, plus a normal draw with the residual within covariance.
+   draw with the residual between-group variance (independent across variables).  A variable without
+   within-group variance (W_jj = 0) is *group-level* and stays constant within each group; a group-level
+   0/1 variable (a treatment) is 1 in the round(k·μ_j) groups with the largest drawn means, and 0
+   elsewhere -- and never 1 beside an earlier 0/1 column it is never 1 with in the data (levels of one
+   factor);
+3. the rows: the group's count of ones, then zeros; a row-level 0/1 variable drawn per row given its
+   outcome with the bin's shares (the levels of one factor as one categorical variable); each other
+   row-level variable its group mean plus its within-group regression on the outcome under W, plus a
+   normal draw with the residual within covariance.  A bin of neighbouring sizes gives every pseudo-group
+   its mean size.
 
 The draw matches the bins' moments approximately (the counts are rounded, the draws are not corrected),
 which is all a start needs: these rows only shape the start and the step model of the hybrid, whose
@@ -34,8 +37,7 @@ def generate_pooled(bins: dict, rng: np.random.Generator) -> tuple[np.ndarray, n
     out, gidx, start = [], [], 0
     for b in range(len(bins["k"])):
         k, n = int(round(bins["k"][b])), max(int(round(bins["size"][b])), 1)
-        rows = float(bins["rows"][b]) if "rows" in bins else k * n
-        V = _one_bin(n, k, rows, np.asarray(bins["s1"][b], float), np.asarray(bins["s2"][b], float),
+        V = _one_bin(n, k, float(bins["rows"][b]), np.asarray(bins["s1"][b], float), np.asarray(bins["s2"][b], float),
                      np.asarray(bins["bd"][b], float), np.asarray(bins["by"][b], float), rng)
         out.append(V)
         gidx.append(start + np.repeat(np.arange(len(V) // n), n))
