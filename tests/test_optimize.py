@@ -217,3 +217,72 @@ def test_a_misleading_surrogate_costs_no_correctness():
     opt, rounds = _drive_model(rosenbrock, [-1.2, 1.0], _surrogate(P))
     e = opt.solution - 1.0
     assert opt.converged and e @ rosenbrock(np.ones(2))[2] @ e < 1e-3 * NewtonConfig().tol
+
+
+# --- a zero of an even coordinate; steps that fall short ------------------------------------------------
+
+def _drive_with(fun, x0, config=None, **kw):
+    opt = TrustRegionNewton(np.asarray(x0, float), config or NewtonConfig(), **kw)
+    xs, asked = opt.starts, []
+    while xs:
+        asked += [np.array(x, float) for x in xs]
+        xs = opt.tell(xs, [fun(np.array(x, float)) for x in xs])
+        assert len(asked) <= 400, "no end"
+    return opt, asked
+
+
+def test_a_zero_of_an_even_coordinate_stays_zero():
+    """F(a, b) = (a − 1)² + b⁴ + a b² is even in b: at b = 0 its gradient in b and the cross term vanish.
+    Sums whose Hessian carries an error there (a forward difference's, 0.05 in the cross term) would move b
+    off 0 with every Newton step in a; the iteration restores the symmetry and b stays exactly 0."""
+    def F(x):
+        a, b = x
+        H = np.array([[2.0, 2 * b], [2 * b, 12 * b * b + 2 * a]])
+        if b == 0.0:
+            H = H + np.array([[0.0, 0.05], [0.05, 0.0]])
+        return (a - 1) ** 2 + b ** 4 + a * b * b, np.array([2 * (a - 1) + b * b, 4 * b ** 3 + 2 * a * b]), H
+
+    opt, asked = _drive_with(F, [0.3, 0.0], boundary=(1,))
+    assert opt.converged and opt.solution[1] == 0.0 and all(x[1] == 0.0 for x in asked)
+    assert abs(opt.solution[0] - 1.0) < 1e-8
+    # without the symmetry (no coordinate declared even) the error moves b off zero
+    _, loose = _drive_with(F, [0.3, 0.0])
+    assert any(x[1] != 0.0 for x in loose)
+
+
+def _variance_objective(n=50.0, S=50.0):
+    """−ℓ of a normal sample's variance v (n log v + S/v, minimum at S/n): below its minimum the curvature
+    falls as v grows, and Newton's steps fall short."""
+    return lambda x: (n * np.log(x[0]) + S / x[0], np.array([n / x[0] - S / x[0] ** 2]),
+                      np.array([[-n / x[0] ** 2 + 2 * S / x[0] ** 3]]))
+
+
+def test_newton_steps_that_fall_short_are_extrapolated():
+    F = _variance_objective()
+    rounds = {}
+    for k in (1.1, 0.0):
+        opt, _ = _drive_with(F, [0.05], NewtonConfig(extrapolate=k))
+        assert opt.converged and abs(opt.solution[0] - 1.0) < 1e-8
+        rounds[k] = opt.evals
+    assert rounds[1.1] <= rounds[0.0] - 2, rounds
+
+
+def test_a_standard_deviation_below_its_optimum_steps_in_log_scale():
+    """The same objective in a standard deviation θ (v = θ², a diagonal entry of Λ): the Newton step in
+    log θ goes further than the one in θ, where F flattens ahead."""
+    from fedglmm.likelihood.covariance_steps import CovarianceSteps
+
+    V = _variance_objective()
+
+    def F(x):
+        f, g, H = V(x ** 2)
+        t = x[0]
+        return f, 2 * t * g, 4 * t * t * H + 2 * g[0] * np.eye(1)
+
+    rounds = {}
+    for log in (True, False):
+        opt, _ = _drive_with(F, [0.15], NewtonConfig(extrapolate=0.0, log_steps=log),
+                             covariance=CovarianceSteps(np.ones((1, 1), bool), 0))
+        assert opt.converged and abs(abs(opt.solution[0]) - 1.0) < 1e-8
+        rounds[log] = opt.evals
+    assert rounds[True] <= rounds[False] - 2, rounds

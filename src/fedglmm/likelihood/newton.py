@@ -36,6 +36,7 @@ import numpy as np
 from ..model.options import NewtonConfig
 from .boundary import boundary_step
 from .last_step import last_step
+from .steps import even_at_zero, log_scale_step, trust_region_subproblem as _trust_region_subproblem
 from .start_choice import best_start, newton_step as _newton_step
 
 
@@ -95,6 +96,7 @@ class TrustRegionNewton:
         self.previous: _State | None = None  # the accepted point before the current one
         self._settling = False              # one more final round was taken to settle the last step
         self._step = np.inf                 # the scaled length of the last accepted step
+        self._rho: float | None = None      # actual / predicted decrease of the last round's Newton step
 
     @property
     def current(self) -> _State | None:
@@ -103,7 +105,8 @@ class TrustRegionNewton:
     def tell(self, xs, results) -> list[np.ndarray] | None:
         """Record one round (the points asked for and their (f, g, H)); return the next points or None."""
         self.evals += 1
-        pts = [(np.asarray(x, float), float(f), np.asarray(g, float), np.asarray(H, float))
+        pts = [(np.asarray(x, float), float(f), *even_at_zero(np.asarray(x, float), np.asarray(g, float),
+                                                              np.asarray(H, float), self.boundary))
                for x, (f, g, H) in zip(xs, results)]
         ok = [np.isfinite(f) and np.all(np.isfinite(g)) and np.all(np.isfinite(H)) for _, f, g, H in pts]
         was_final, self.final_candidate, self.accepted = self.final_candidate, False, None
@@ -124,26 +127,16 @@ class TrustRegionNewton:
             best = min(finite, key=lambda i: pts[i][1]) if finite else None
             cand = self._cands[best] if best is not None else None
             rho = self._ratio(cand, pts[best][1], was_final) if cand is not None else -np.inf
+            self._rho = rho if cand is not None and cand.newton else None
             if rho >= self.config.accept:
-                self.previous = self._cur
-                self._cur, self.accepted, self._step = _State(*pts[best]), best, cand.norm
-                if not np.isfinite(cand.radius):
-                    # a final-candidate Newton step carries no radius: keep the one in force
-                    self._radius = self._radius if self._radius is not None else self.config.radius0
-                elif rho > 0.75 and cand.norm > 0.99 * cand.radius:
-                    self._radius = 2.0 * cand.radius
-                elif rho < 0.25:
-                    self._radius = 0.5 * cand.norm
-                else:
-                    self._radius = cand.radius
-                self._trusted = rho >= 0.25
-                self._ceiling = np.inf
-                self._model_ok = self._model_rejections < 2    # a model twice wrong is not asked again
+                self._accept(pts[best], best, cand, rho)
             else:
                 self._trusted = False
                 self._model_ok = False
                 self._model_rejections += 1
-                self._ceiling = min(c.norm for c in self._cands)
+                # (never growing while steps fail: a rejected final candidate and the radii after it would
+                # otherwise take turns for ever)
+                self._ceiling = min(self._ceiling, min(c.norm for c in self._cands))
                 self._radius = 0.25 * self._ceiling
                 if max(c.pred for c in self._cands) < 1e-13 * max(1.0, abs(self._cur.f)):
                     # the model predicts no measurable gain: the current point is as good as it gets
@@ -177,8 +170,27 @@ class TrustRegionNewton:
                 # the model has the Newton step's information and more: it alone, while steps succeed
                 self._cands = []
             self._cands.insert(0, extra)
-        self._cands += [c for c in (edge, cov) if c is not None]
+        grow = self._log_scale(cur, newton) if dec >= self.config.near and edge is None else None
+        self._cands += [c for c in (edge, cov, grow) if c is not None]
         return [cur.x + c.step for c in self._cands]
+
+    def _accept(self, pt, index: int, cand: _Candidate, rho: float) -> None:
+        """Move to the round's best point ``pt`` (the candidate ``cand``, ratio ``rho``) and set the radius."""
+        if not self._settling:     # (a settling step is not the last move: the one before it tells more)
+            self.previous = self._cur
+        self._cur, self.accepted, self._step = _State(*pt), index, cand.norm
+        if not np.isfinite(cand.radius):
+            # a final-candidate Newton step carries no radius: keep the one in force
+            self._radius = self._radius if self._radius is not None else self.config.radius0
+        elif rho > 0.75 and cand.norm > 0.99 * cand.radius:
+            self._radius = 2.0 * cand.radius
+        elif rho < 0.25:
+            self._radius = 0.5 * cand.norm
+        else:
+            self._radius = cand.radius
+        self._trusted = rho >= 0.25
+        self._ceiling = np.inf
+        self._model_ok = self._model_rejections < 2    # a model twice wrong is not asked again
 
     def _final(self, cur, newton, dec, extra, edge) -> list:
         """The final candidate: the Newton step, the caller's model's step, or, converging onto a zero
@@ -213,6 +225,19 @@ class TrustRegionNewton:
         t, t1 = np.abs(cur.x[diag]), np.abs(cur.x[diag] + newton[diag])
         shrinks = (t > 1e-8) & ((t1 < 0.75 * t) | ((t1 < 0.95 * t) & (cov.conditional_share(cur.x) < 0.5)))
         return self._cov_candidate(cur) if linear or shrinks.any() else None
+
+    def _fell_short(self) -> bool:
+        """Whether the last round's full Newton step gained more than ``extrapolate`` times its prediction."""
+        cfg = self.config
+        return bool(cfg.extrapolate) and not cfg.single and self._rho is not None and self._rho > cfg.extrapolate
+
+    def _log_scale(self, cur, newton) -> _Candidate | None:
+        """Where the Newton step grows a standard deviation: its step in log scale
+        (:func:`~fedglmm.likelihood.steps.log_scale_step`), as one more candidate."""
+        if not self.config.log_steps or self.config.single or newton is None or self.covariance is None:
+            return None
+        out = log_scale_step(cur.x, cur.g, cur.H, newton, self.covariance.diagonal)
+        return _unbounded(*out, cur.H) if out is not None else None
 
     def _cov_candidate(self, cur) -> _Candidate | None:
         st = self.covariance.step(cur.x, cur.g, cur.H)
@@ -329,7 +354,12 @@ class TrustRegionNewton:
         elif newton is None:      # H turned indefinite: no further than twice the step that led here
             self._radius = min(self._radius, 2.0 * self._step)
         if self._trusted and newton is not None and nn <= self._radius:
-            return [_Candidate(newton, -(g @ newton + 0.5 * newton @ H @ newton), nn, self._radius, True)]
+            out = [_Candidate(newton, -(g @ newton + 0.5 * newton @ H @ newton), nn, self._radius, True)]
+            if self._fell_short():
+                # the step just taken gained more than it promised: F flattens ahead, and the Newton step
+                # falls short again; the longer ones carry its predicted decrease (that is the least to beat)
+                out += [_Candidate(f * newton, out[0].pred, nn, self._radius, True) for f in (2.0, 4.0)]
+            return out
         gs, Hs = g / d, H / np.outer(d, d)
         out = []
         k = self.config.spread
@@ -348,32 +378,3 @@ def _unbounded(step, pred: float, H, newton: bool = False) -> _Candidate:
     d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12))
     return _Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf, newton)
 
-
-def _trust_region_subproblem(g, H, radius):
-    """Minimise gᵀy + ½ yᵀHy over ‖y‖ ≤ radius (eigen-decomposition and a root search on μ)."""
-    lam, Q = np.linalg.eigh(H)
-    a = Q.T @ g
-    lo = max(0.0, -lam[0]) + 1e-14 * max(1.0, abs(lam[-1]))
-
-    def norm(mu):
-        return np.linalg.norm(a / (lam + mu))
-
-    if lam[0] > 0 and norm(0.0) <= radius:
-        return -Q @ (a / lam)
-    if norm(lo) <= radius:
-        # hard case: move to the boundary along the eigenvector of the smallest eigenvalue
-        y = -Q @ (a / (lam + lo))
-        rest = np.sqrt(max(radius**2 - y @ y, 0.0))
-        return y + rest * Q[:, 0]
-    hi = lo + max(1.0, np.linalg.norm(g) / radius)
-    while norm(hi) > radius:
-        hi = lo + 2.0 * (hi - lo)
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if norm(mid) > radius:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    return -Q @ (a / (lam + hi))

@@ -52,6 +52,10 @@ class NewtonConfig:
     near_model: float = 0.05    # with a caller's model (see ``model``): decrement below which its step is
                                 # proposed as the final candidate
     single: bool = False        # one trust-region point per round (a local fit, where rounds are cheap)
+    extrapolate: float = 1.1    # a full Newton step that gained this many times its predicted decrease (it
+                                # fell short: F flattens ahead) has the next round try it doubled and
+                                # quadrupled too; 0: never
+    log_steps: bool = True      # where a Newton step grows a standard deviation, also try it in log scale
 
 
 @dataclass(frozen=True)

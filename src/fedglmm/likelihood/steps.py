@@ -1,0 +1,93 @@
+"""Steps of the coordinator's Newton iteration (:mod:`fedglmm.likelihood.newton`): the trust-region
+subproblem (:func:`trust_region_subproblem`), and two repairs where Newton's steps fall short of the optimum
+or wander off a zero.
+
+* :func:`log_scale_step`: below its optimum a standard deviation's log-likelihood flattens as the SD grows
+  (the curvature in it falls), so Newton's step takes it only part of the way, round after round (a
+  hospital SD started at a quarter of its value took five rounds to get there).  The step of the quadratic
+  model with the growing SDs on the log scale carries that fall, and goes further.
+* :func:`even_at_zero`: the objective is even in each diagonal entry of Λ, so where one is exactly 0 its
+  gradient and its cross-curvatures vanish; sums whose Hessian comes from differences (several grouping
+  factors) carry an error there that would move the entry off 0 with every step in the others.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+GROW = 1.05        # a standard deviation the Newton step grows by more than this factor gets the log step
+MAX_FACTOR = 4.0   # the log step changes a standard deviation by at most this factor either way
+
+
+def log_scale_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray, diagonal) -> tuple | None:
+    """Where the Newton step ``newton`` grows entries of ``diagonal`` (the positions of Λ's diagonal, the
+    standard deviations of scalar terms) by more than 5 %: the Newton step with those entries on the log
+    scale, y = log|x| -- gradient x·g, Hessian x_a x_b H_ab plus x·g on the diagonal (the second derivative
+    of x in y), smaller than x² H where g < 0 -- as (step in x, predicted decrease); None if none grows so
+    or that model is not convex."""
+    diag = np.asarray(diagonal, dtype=np.int64)
+    grow = diag[(np.abs(x[diag]) > 1e-3) & (np.abs(x[diag] + newton[diag]) > GROW * np.abs(x[diag]))]
+    if not grow.size:
+        return None
+    J = np.ones(len(x))
+    J[grow] = x[grow]                                     # dx/dy = x
+    gy = J * g
+    Hy = H * np.outer(J, J)
+    Hy[grow, grow] += x[grow] * g[grow]                   # + (d²x/dy²) g = x g
+    try:
+        c = np.linalg.cholesky(Hy)
+    except np.linalg.LinAlgError:
+        return None
+    sy = -np.linalg.solve(c.T, np.linalg.solve(c, gy))
+    sy[grow] = np.clip(sy[grow], -np.log(MAX_FACTOR), np.log(MAX_FACTOR))
+    step = J * sy
+    step[grow] = x[grow] * np.expm1(sy[grow])
+    pred = float(-(gy @ sy + 0.5 * sy @ Hy @ sy))
+    return (step, pred) if pred > 0 else None
+
+
+def even_at_zero(x: np.ndarray, g: np.ndarray, H: np.ndarray, even) -> tuple:
+    """(g, H) with the symmetry of F restored at the coordinates of ``even`` that are exactly 0: there the
+    gradient and the Hessian's cross terms are 0 (forward differences had put ~1e-2 into a cross term, and
+    the Newton step then left the zero by 1e-4, to come back a round later)."""
+    zero = [i for i in even if x[i] == 0.0]
+    if not zero:
+        return g, H
+    g, H = g.copy(), H.copy()
+    for i in zero:
+        g[i] = 0.0
+        diag = H[i, i]
+        H[i, :] = 0.0
+        H[:, i] = 0.0
+        H[i, i] = diag
+    return g, H
+
+
+def trust_region_subproblem(g, H, radius):
+    """Minimise gᵀy + ½ yᵀHy over ‖y‖ ≤ radius (eigen-decomposition and a root search on μ)."""
+    lam, Q = np.linalg.eigh(H)
+    a = Q.T @ g
+    lo = max(0.0, -lam[0]) + 1e-14 * max(1.0, abs(lam[-1]))
+
+    def norm(mu):
+        return np.linalg.norm(a / (lam + mu))
+
+    if lam[0] > 0 and norm(0.0) <= radius:
+        return -Q @ (a / lam)
+    if norm(lo) <= radius:
+        # hard case: move to the boundary along the eigenvector of the smallest eigenvalue
+        y = -Q @ (a / (lam + lo))
+        rest = np.sqrt(max(radius**2 - y @ y, 0.0))
+        return y + rest * Q[:, 0]
+    hi = lo + max(1.0, np.linalg.norm(g) / radius)
+    while norm(hi) > radius:
+        hi = lo + 2.0 * (hi - lo)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if norm(mid) > radius:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return -Q @ (a / (lam + hi))
+
