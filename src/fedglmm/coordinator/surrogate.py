@@ -65,7 +65,7 @@ def surrogate_model(surrogate):
                     hess = hess + (M * us + np.outer(Ms, u) + np.outer(u, Ms)) / 3.0
                 return val, grad, hess
 
-            inner = TrustRegionNewton(x, NewtonConfig(tol=1e-10, near=1e-4, max_evals=8))
+            inner = TrustRegionNewton(x, NewtonConfig(tol=1e-10, near=1e-4, max_evals=8).local)
             pts = inner.starts
             while pts:
                 pts = inner.tell(pts, [S(z) for z in pts])

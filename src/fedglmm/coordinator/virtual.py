@@ -167,7 +167,7 @@ def fit_stand_ins(parts: dict, spec: ModelSpec, family: Family, options: FitOpti
     evaluator = LocalEvaluator(*part_engines(parts, st))
     if family.name == "gaussian":
         return schema, st, fit_lmm(evaluator, st, options)
-    return schema, st, fit_glmm(evaluator, st, *start_values(st, family), options)
+    return schema, st, fit_glmm(evaluator, st, *start_values(st, family), replace(options, newton=options.newton.local))
 
 
 def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, family: Family, seed: int,

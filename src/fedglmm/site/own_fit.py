@@ -179,6 +179,8 @@ def local_fit(design: Design, family: Family, options: FitOptions, site_id: str,
     points (default: the start's covariance halved and doubled); ``third``: also
     the third derivatives of −ℓ there (:func:`third_derivatives`, user's scale); ``reply``: the design's
     set-up reply, if at hand.  None when the fit fails or does not converge."""
+    if family.name != "gaussian":      # (a gaussian fit's few θ steps are as before: see NewtonConfig.local)
+        options = replace(options, newton=options.newton.local)
     try:
         st = make_setup({site_id: setup_reply(design, family) if reply is None else reply}, family.ndisp)
         engine = make_engine(design, family, options.nagq, options.curvature, st.A, st.zs)
