@@ -55,6 +55,7 @@ class _Candidate:
     norm: float        # scaled step length
     radius: float      # radius it was computed for
     newton: bool = False   # the full Newton step
+    settle: bool = False   # the step that settles the last one (see _stop_or_settle)
 
 
 @dataclass
@@ -176,7 +177,7 @@ class TrustRegionNewton:
 
     def _accept(self, pt, index: int, cand: _Candidate, rho: float) -> None:
         """Move to the round's best point ``pt`` (the candidate ``cand``, ratio ``rho``) and set the radius."""
-        if not self._settling:     # (a settling step is not the last move: the one before it tells more)
+        if not cand.settle:        # (a settling step is not the last move: the one before it tells more)
             self.previous = self._cur
         self._cur, self.accepted, self._step = _State(*pt), index, cand.norm
         if not np.isfinite(cand.radius):
@@ -325,7 +326,9 @@ class TrustRegionNewton:
                        key=lambda m: m @ cur.H @ m)
             if min(miss @ cur.H @ miss, last @ cur.H @ last) > self.config.tol ** 2:    # (not to stay put)
                 self._settling = True
-                return self._final(cur, last, -(cur.g @ last), None, None)
+                out = self._final(cur, last, -(cur.g @ last), None, None)
+                self._cands[0].settle = True
+                return out
             return self._finish(converged=True, last=third)
         return self._finish(converged=True)
 
