@@ -286,3 +286,49 @@ def test_a_standard_deviation_below_its_optimum_steps_in_log_scale():
         assert opt.converged and abs(abs(opt.solution[0]) - 1.0) < 1e-8
         rounds[log] = opt.evals
     assert rounds[True] <= rounds[False] - 2, rounds
+
+
+def _nb_like(c: float, target: float | None):
+    """F(b, ψ) with α = e^(−ψ): (b − 1 + α)² + c·α + α² (target None: its optimum is α = 0, ψ = ∞, where
+    F's slope in α is c > 0 -- a negative binomial fitted to data that are not overdispersed) or
+    (b − 1 + α)² + c·(α − target)² (a finite optimum α = target); (F, ∂F/∂(b, ψ), ∂²F)."""
+    def F(x):
+        b, psi = x
+        a = np.exp(-psi)
+        r = b - 1 + a
+        fa, faa = (c + 2 * a, 2.0) if target is None else (2 * c * (a - target), 2 * c)
+        f = r * r + (c * a + a * a if target is None else c * (a - target) ** 2)
+        ga, gaa = 2 * r + fa, 2 + faa                         # ∂F/∂α, ∂²F/∂α²
+        g = np.array([2 * r, -a * ga])                        # dα/dψ = −α
+        H = np.array([[2.0, -2 * a], [-2 * a, a * a * gaa + a * ga]])
+        return f, g, H
+    return F
+
+
+def test_a_dispersion_heading_to_the_poisson_limit_gets_there_in_one_step():
+    """Where F flattens like e^(−ψ) (its optimum is ψ = ∞), Newton's steps add about 1 to ψ a round; the
+    step of the quadratic model in α = e^(−ψ), held at α ≥ 0, goes to the limit (ψ = TAIL_CAP) at once."""
+    from fedglmm.likelihood.steps import TAIL_CAP
+
+    F = _nb_like(2.0, None)
+    rounds = {}
+    for tails in ((1,), ()):
+        opt, _ = _drive_with(F, [0.5, 1.0], NewtonConfig(extrapolate=0.0), tails=tails)
+        assert opt.converged and abs(opt.solution[0] - 1.0) < 1e-6 and opt.solution[1] > 12.0
+        rounds[tails] = opt.evals
+    assert rounds[(1,)] <= 3 and rounds[(1,)] <= rounds[()] - 10, rounds
+    opt, asked = _drive_with(F, [0.5, 1.0], NewtonConfig(extrapolate=0.0), tails=(1,))
+    assert any(abs(x[1] - TAIL_CAP) < 1e-9 for x in asked)
+
+
+def test_a_finite_dispersion_is_reached_through_its_step_in_alpha():
+    """A finite optimum (α = 0.2, ψ = log 5) approached from below in ψ (Newton's steps grow it): the model
+    in α is exact here, so its step lands on the optimum; the iteration ends where Newton's alone does,
+    sooner."""
+    F = _nb_like(5.0, 0.2)
+    rounds = {}
+    for tails in ((1,), ()):
+        opt, _ = _drive_with(F, [0.5, -1.0], NewtonConfig(extrapolate=0.0), tails=tails)
+        assert opt.converged and abs(opt.solution[1] - np.log(5.0)) < 1e-8 and abs(opt.solution[0] - 0.8) < 1e-8
+        rounds[tails] = opt.evals
+    assert rounds[(1,)] <= 3 and rounds[(1,)] <= rounds[()] - 5, rounds

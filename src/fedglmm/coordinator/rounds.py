@@ -138,4 +138,5 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
         gamma0, theta0 = start if start is not None else start_values(st, family)
     shifts = NB_PSI_SHIFTS if family.name == "negative_binomial" else ()
     return fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts,
-                    final_first=final_first and others is None, sound_start=others is not None)
+                    final_first=final_first and others is None, sound_start=others is not None,
+                    poisson_limit=family.name == "negative_binomial")

@@ -144,10 +144,13 @@ def _penalty_matrix(A: np.ndarray, names: list | None, p: int, lam: float) -> np
 
 
 def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOptions, starts=None,
-             model=None, disp_shifts=(), final_first: bool = False, sound_start: bool = False) -> Estimate:
+             model=None, disp_shifts=(), final_first: bool = False, sound_start: bool = False,
+             poisson_limit: bool = False) -> Estimate:
     """Newton on −ℓ(γ, θ̃) (plus the penalty, applied here: the parts never see λ) from (γ0, θ̃0) and
     ``starts`` (further points of the first round; default: the start's covariance halved and doubled);
-    ``disp_shifts``: the first round also tries each of those points with ψ (the last entry) moved by each.
+    ``disp_shifts``: the first round also tries each of those points with ψ (the last entry) moved by each;
+    ``poisson_limit``: ψ (a negative binomial's) may head to ∞, and steps in e^(−ψ) are tried (see
+    :func:`~fedglmm.likelihood.steps.tail_step`).
     ``model``: a local step model for the optimiser (:func:`fedglmm.coordinator.surrogate.surrogate_model`).
     A family with a dispersion parameter (``setup.ndisp``) has its ψ as the last entries of θ̃0 and of
     every point.  ``final_first``: (γ0, θ̃0) is believed to be the estimate (a single part's own fit), so
@@ -191,7 +194,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts, model=model,
                             boundary=edge, covariance=CovarianceSteps(mask, p) if k else None,
                             predict_final=bool(setup.factor_groups), final_first=final_first,
-                            sound_start=sound_start)
+                            sound_start=sound_start, tails=(p + k,) if poisson_limit else ())
     phi, (final, s) = _run(opt, evaluate, canon)
     info = -s["hess"]
     if P is not None:

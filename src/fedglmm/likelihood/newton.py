@@ -29,14 +29,14 @@ last evaluated point (``point``) plus one more step, Newton's to third order or 
 entries (:mod:`~fedglmm.likelihood.last_step`): its error is far below the decrement (≤ 1e-7)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..model.options import NewtonConfig
 from .boundary import boundary_step
 from .last_step import last_step
-from .steps import even_at_zero, log_scale_step, trust_region_subproblem as _trust_region_subproblem
+from .steps import even_at_zero, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
 from .start_choice import best_start, newton_step as _newton_step
 
 
@@ -56,6 +56,7 @@ class _Candidate:
     radius: float      # radius it was computed for
     newton: bool = False   # the full Newton step
     settle: bool = False   # the step that settles the last one (see _stop_or_settle)
+    limit: bool = False    # the step onto the poisson limit (see _tail)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class TrustRegionNewton:
     boundary: tuple = ()            # coordinates whose sign does not matter (F is even in each): 0 is a
                                     # boundary a Newton iteration approaches only linearly (see _boundary)
     covariance: object = None       # optional steps in the covariance's entries (see _in_covariance)
+    tails: tuple = ()               # coordinates ψ whose F flattens like e^(−ψ) towards ψ = ∞ (see _tail)
     predict_final: bool = False     # also propose the final candidate where the observed quadratic
                                     # contraction predicts a decrement below tol after the step (_promising)
     final_first: bool = False       # x0 is believed to be the solution: the first round (x0 alone) is final
@@ -98,6 +100,7 @@ class TrustRegionNewton:
         self._settling = False              # one more final round was taken to settle the last step
         self._step = np.inf                 # the scaled length of the last accepted step
         self._rho: float | None = None      # actual / predicted decrease of the last round's Newton step
+        self._tail_from: _State | None = None   # the point the last step in e^(−ψ) was proposed from
 
     @property
     def current(self) -> _State | None:
@@ -159,11 +162,14 @@ class TrustRegionNewton:
         extra = self._model_step(cur, newton=newton) \
             if newton is not None and self._model_ok and dec >= self.config.tol ** 0.5 else None
         edge = self._boundary(cur, newton)      # (a final candidate just rejected is not proposed again)
+        tail = self._tail(cur, newton)
         cov = self._in_covariance(cur, newton, self._linear(cur, newton, dec, dec_before)) \
             if dec >= self.config.tol else None
         if cov is None and not (was_final and self.accepted is None) and (dec < self.config.near or (
                 extra is not None and dec < self.config.near_model) or self._promising(dec, dec_before)):
-            return self._final(cur, newton, dec, extra, edge)
+            # the poisson limit is a final candidate as a zero variance's boundary point is
+            return self._final(cur, newton, dec, extra, edge if edge is not None or tail is None or not tail.limit
+                               else tail)
         self._cands = self._propose(cur.g, cur.H, newton)
         if extra is not None:
             extra.radius = self._radius
@@ -172,7 +178,8 @@ class TrustRegionNewton:
                 self._cands = []
             self._cands.insert(0, extra)
         grow = self._log_scale(cur, newton) if dec >= self.config.near and edge is None else None
-        self._cands += [c for c in (edge, cov, grow) if c is not None]
+        tail = tail if dec >= self.config.near else None
+        self._cands += [c for c in (edge, cov, grow, tail) if c is not None]
         return [cur.x + c.step for c in self._cands]
 
     def _accept(self, pt, index: int, cand: _Candidate, rho: float) -> None:
@@ -239,6 +246,15 @@ class TrustRegionNewton:
             return None
         out = log_scale_step(cur.x, cur.g, cur.H, newton, self.covariance.diagonal)
         return _unbounded(*out, cur.H) if out is not None else None
+
+    def _tail(self, cur, newton) -> _Candidate | None:
+        """Where the Newton step grows a negative binomial's ψ: its step in α = e^(−ψ)
+        (:func:`~fedglmm.likelihood.steps.tail_step`), as one more candidate."""
+        if not self.tails or self.config.single or newton is None or self._tail_from is cur:
+            return None           # (at a point it was tried from already: its step is known to fail)
+        self._tail_from = cur
+        out = tail_step(cur.x, cur.g, cur.H, newton, self.tails)
+        return None if out is None else replace(_unbounded(*out[:2], cur.H), limit=out[2])
 
     def _cov_candidate(self, cur) -> _Candidate | None:
         st = self.covariance.step(cur.x, cur.g, cur.H)

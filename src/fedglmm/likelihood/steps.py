@@ -6,6 +6,10 @@ or wander off a zero.
   (the curvature in it falls), so Newton's step takes it only part of the way, round after round (a
   hospital SD started at a quarter of its value took five rounds to get there).  The step of the quadratic
   model with the growing SDs on the log scale carries that fall, and goes further.
+* :func:`tail_step`: a negative binomial's log-likelihood approaches the poisson one as ψ = log ϑ grows, like
+  e^(−ψ): where the data are not overdispersed its optimum is ψ = ∞, and Newton's steps in ψ add about 1 a
+  round (sim_epil over 3 sites: 9 rounds).  In α = e^(−ψ) the objective is smooth up to α = 0, so the
+  step of the quadratic model in α reaches the poisson limit (or a large ψ) in one.
 * :func:`even_at_zero`: the objective is even in each diagonal entry of Λ, so where one is exactly 0 its
   gradient and its cross-curvatures vanish; sums whose Hessian comes from differences (several grouping
   factors) carry an error there that would move the entry off 0 with every step in the others.
@@ -16,6 +20,7 @@ import numpy as np
 
 GROW = 1.05        # a standard deviation the Newton step grows by more than this factor gets the log step
 MAX_FACTOR = 4.0   # the log step changes a standard deviation by at most this factor either way
+TAIL_CAP = 30.0    # ψ that stands for α = e^(−ψ) = 0 (the poisson limit: ϑ = 1e13, ℓ equal to 1e-12)
 
 
 def log_scale_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray, diagonal) -> tuple | None:
@@ -43,6 +48,46 @@ def log_scale_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarr
     step[grow] = x[grow] * np.expm1(sy[grow])
     pred = float(-(gy @ sy + 0.5 * sy @ Hy @ sy))
     return (step, pred) if pred > 0 else None
+
+
+def tail_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray, tails) -> tuple | None:
+    """Where the Newton step ``newton`` grows entries of ``tails`` (ψ = log ϑ of a negative binomial): the
+    Newton step with those entries as α = e^(−ψ) -- gradient −g/α, Hessian H_ab/(α_a α_b) for them plus
+    g/α² on the diagonal (the second derivative of ψ in α) -- with α kept ≥ 0: an α that the step takes
+    below 0 is set to 0 (ψ = ``TAIL_CAP``) and the other entries minimise the model with it held there.  As
+    (step in x, predicted decrease, whether it reaches the limit); None if no entry grows, the model is not
+    convex or its step is no longer than Newton's."""
+    tails = np.asarray(tails, dtype=np.int64)
+    grow = tails[(newton[tails] > 0) & (x[tails] < TAIL_CAP)]
+    if not grow.size:
+        return None
+    a = np.exp(-x[grow])
+    J = np.ones(len(x))
+    J[grow] = -1.0 / a                                    # dψ/dα
+    ga = J * g
+    Ha = H * np.outer(J, J)
+    Ha[grow, grow] += g[grow] / a ** 2                    # + (d²ψ/dα²) g
+    try:
+        sa = -np.linalg.solve(np.linalg.cholesky(Ha).T, np.linalg.solve(np.linalg.cholesky(Ha), ga))
+    except np.linalg.LinAlgError:
+        return None
+    low = grow[a + sa[grow] <= 0.0]
+    if low.size:
+        # α held at 0: the other entries minimise the model there
+        rest = np.setdiff1d(np.arange(len(x)), low)
+        sa = np.zeros(len(x))
+        sa[low] = -a[np.isin(grow, low)]
+        try:
+            sa[rest] = -np.linalg.solve(Ha[np.ix_(rest, rest)], ga[rest] + Ha[np.ix_(rest, low)] @ sa[low])
+        except np.linalg.LinAlgError:
+            return None
+    pred = float(-(ga @ sa + 0.5 * sa @ Ha @ sa))
+    step = sa.copy()
+    new = np.maximum(a + sa[grow], np.exp(-TAIL_CAP))
+    step[grow] = -np.log(new) - x[grow]
+    if pred <= 0 or np.all(step[grow] <= newton[grow]):
+        return None
+    return step, pred, bool(low.size)
 
 
 def even_at_zero(x: np.ndarray, g: np.ndarray, H: np.ndarray, even) -> tuple:
