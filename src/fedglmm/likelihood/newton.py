@@ -36,7 +36,7 @@ import numpy as np
 from ..model.options import NewtonConfig
 from .boundary import boundary_step
 from .last_step import last_step
-from .steps import even_at_zero, log_scale_step, region_step, tail_step
+from .steps import even_at_zero, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
 from .start_choice import best_start, newton_step as _newton_step
 
 
@@ -378,16 +378,16 @@ class TrustRegionNewton:
                 # the step just taken gained more than it promised: F flattens ahead, and the Newton step
                 # falls short again; the longer ones carry its predicted decrease (that is the least to beat)
                 out += [_Candidate(f * newton, out[0].pred, nn, self._radius, True) for f in (2.0, 4.0)]
-            elif self.config.hedge and not self.config.single and out[0].pred > self.config.hedge:
-                # far from the optimum a quadratic model often overshoots: a shorter step beside it
-                out.append(_Candidate(*region_step(g, H, d, nn / self.config.spread), nn / self.config.spread))
             return out
+        gs, Hs = g / d, H / np.outer(d, d)
         out = []
         k = self.config.spread
         for radius in ((self._radius,) if self.config.single else (self._radius / k, self._radius, self._radius * k)):
             if out and (out[-1].norm >= nn or radius >= 0.99 * self._ceiling):
                 break                             # the Newton step is in already, or this one just failed
-            out.append(_Candidate(*region_step(g, H, d, radius), radius))
+            y = _trust_region_subproblem(gs, Hs, radius)
+            s = y / d
+            out.append(_Candidate(s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(y)), radius))
         return out
 
 

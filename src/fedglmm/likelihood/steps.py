@@ -107,14 +107,6 @@ def even_at_zero(x: np.ndarray, g: np.ndarray, H: np.ndarray, even) -> tuple:
     return g, H
 
 
-def region_step(g, H, d, radius) -> tuple:
-    """The trust-region step of ``radius`` in the metric scaled by ``d`` (√|diag H|): (step, predicted
-    decrease, scaled length)."""
-    y = trust_region_subproblem(g / d, H / np.outer(d, d), radius)
-    s = y / d
-    return s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(y))
-
-
 def trust_region_subproblem(g, H, radius):
     """Minimise gᵀy + ½ yᵀHy over ‖y‖ ≤ radius (eigen-decomposition and a root search on μ)."""
     lam, Q = np.linalg.eigh(H)

@@ -56,8 +56,6 @@ class NewtonConfig:
                                 # fell short: F flattens ahead) has the next round try it doubled and
                                 # quadrupled too; 0: never
     log_steps: bool = True      # where a Newton step grows a standard deviation, also try it in log scale
-    hedge: float = 1.0          # a trusted Newton step predicting a larger decrease than this has the trust-
-                                # region step at 1/spread of its length beside it; 0: never
 
     @property
     def local(self) -> "NewtonConfig":
@@ -66,7 +64,7 @@ class NewtonConfig:
         one-site fits of the reference cases took up to 1.5 times as long, in as many rounds)."""
         from dataclasses import replace
 
-        return replace(self, extrapolate=0.0, log_steps=False, hedge=0.0)
+        return replace(self, extrapolate=0.0, log_steps=False)
 
 
 @dataclass(frozen=True)
