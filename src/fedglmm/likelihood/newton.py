@@ -170,7 +170,7 @@ class TrustRegionNewton:
             # the poisson limit is a final candidate as a zero variance's boundary point is
             return self._final(cur, newton, dec, extra, edge if edge is not None or tail is None or not tail.limit
                                else tail)
-        self._cands = self._propose(cur.g, cur.H, newton)
+        self._cands = self._propose(cur.g, cur.H, newton, extend=cov is None)
         if extra is not None:
             extra.radius = self._radius
             if self._trusted and len(self._cands) == 1 and extra.norm <= self._radius:
@@ -364,7 +364,7 @@ class TrustRegionNewton:
     def _final_step(self, step: np.ndarray) -> np.ndarray:
         return last_step(self._cur, self.previous, self.covariance, step)
 
-    def _propose(self, g, H, newton) -> list[_Candidate]:
+    def _propose(self, g, H, newton, extend: bool = True) -> list[_Candidate]:
         d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12 * max(1.0, np.max(np.abs(np.diag(H))))))
         nn = float(np.linalg.norm(d * newton)) if newton is not None else np.inf
         if self._radius is None:
@@ -374,9 +374,10 @@ class TrustRegionNewton:
             self._radius = min(self._radius, 2.0 * self._step)
         if self._trusted and newton is not None and nn <= self._radius:
             out = [_Candidate(newton, -(g @ newton + 0.5 * newton @ H @ newton), nn, self._radius, True)]
-            if self._fell_short():
-                # the step just taken gained more than it promised: F flattens ahead, and the Newton step
-                # falls short again; the longer ones carry its predicted decrease (that is the least to beat)
+            if extend and self._fell_short():
+                # the step just taken gained more than it promised: F flattens ahead, and the Newton step falls
+                # short again; the longer ones carry its predicted decrease (the least to beat).  Not beside
+                # the step in Σ's entries, which covers that ground (cbpp_olre: 4 points a round, not 2)
                 out += [_Candidate(f * newton, out[0].pred, nn, self._radius, True) for f in (2.0, 4.0)]
             return out
         gs, Hs = g / d, H / np.outer(d, d)
