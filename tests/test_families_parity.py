@@ -391,3 +391,18 @@ def test_precision_weights_with_crossed_grouping_factors():
     shared = fedglmm.fit(formula, {f"s{i}": df.iloc[i::3].reset_index(drop=True) for i in range(3)}, weights="k",
                          reml=False)
     _same(shared, res, tol=1e-8, se_rtol=1e-5)
+
+
+def test_negative_binomial_sites_of_few_groups_send_moments():
+    """owls_nb over 3 sites (9 nests each, fewer than FEW_GROUPS): each site also sends per-group moments,
+    as of a poisson, and the hybrid starts from pseudo-data fitted as negative binomial with the sites' own
+    fits -- 4 rounds (7 from the own fits alone), at the iterative fit (the SEs, taken at each method's last
+    point, to 1e-6: 3.7e-7 here) and glmmTMB's logLik.  The one-shot method still refuses the family."""
+    case = CASES["owls_nb"]
+    data = _split(_data(case), case["split"])
+    hybrid, iterative = _fit(case, data), _fit(case, data, method="iterative")
+    assert hybrid.converged and hybrid.rounds <= 4, hybrid.rounds
+    _same(hybrid, iterative, se_rtol=1e-6)
+    assert hybrid.loglik >= case["refs"][0]["logLik"] - 1e-6
+    with pytest.raises(FedGLMMError, match="one-shot summaries are not available for the negative binomial"):
+        _fit(case, data, method="oneshot")

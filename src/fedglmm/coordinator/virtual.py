@@ -182,7 +182,7 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
     variables_ = list(block["variables"])
     expo = monomials(len(variables_), _order_of(block, len(variables_)))
     binary = [0] if family.name == "binomial" else []
-    nonneg = [0] if family.name == "poisson" else []
+    nonneg = [0] if family.name in ("poisson", "negative_binomial") else []
     # generate on a standard scale: moments of (v − c)/s are a fixed linear map of the raw ones
     c, sc = _standardisation(block, expo, keep=[0] if family.name != "gaussian" else [])
     T = _shift_matrix(expo, c, sc)

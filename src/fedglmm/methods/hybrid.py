@@ -125,6 +125,8 @@ def _candidates(req, st, merged, own: dict, pseudo, big: bool = False):
         return None, None
     parts, first = pseudo[:2]
     start = internal_start(first.fixef, first.theta, st) if first is not None else None
+    if start is not None and st.ndisp:          # a negative binomial's pseudo-data fit: its ψ too
+        start = (start[0], np.r_[start[1], np.asarray(pseudo[3].disp, float)])
     if start is not None and family.name == "gaussian":
         return start[1], None
     surrogate = pseudo_objective(parts, st)

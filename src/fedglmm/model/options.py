@@ -20,6 +20,9 @@ POOLED_MAX_GROUPS = 5000   # binned small groups beyond which their pseudo-group
 # a site with this many groups has a log-likelihood close to quadratic around its own fit (third derivatives
 # shrink like one over the square root of the groups): the hybrid combines such fits without pseudo-data
 OWN_FIT_GROUPS = 500
+# a site with fewer groups fits a random-effect covariance too poorly for its own fit to start the hybrid
+# well; of a negative binomial it then also sends per-group moments, as of a poisson (site/summaries.py)
+FEW_GROUPS = 15
 # a site with this many groups cuts its own fit short (site.own_fit.MANY_TOL), without third derivatives: its
 # fit is a start, and the Newton rounds correct what the shortcut leaves (1e6 rows over 100 sites, 100 groups
 # each: the one-shot round's site CPU 4.9 -> 3.3 s, rounds the same)

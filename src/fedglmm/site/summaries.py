@@ -28,7 +28,7 @@ from ..model.design import build_design, describe_frame
 from ..model.families import get_family
 from ..model.formula import parse_formula, variables
 from ..model.moments import mono_values, monomials
-from ..model.options import MANY_SITES, MIN_GROUP, MIN_POOLED, SKIP_OWN_GROUPS
+from ..model.options import FEW_GROUPS, MANY_SITES, MIN_GROUP, MIN_POOLED, SKIP_OWN_GROUPS
 from ..model.spec import Design, Schema
 from ..model.transforms import is_stateful
 from .own_fit import own_factor_fit, own_fit
@@ -61,7 +61,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     A model whose likelihood the shared moments do not carry -- a dispersion parameter (negative
     binomial, Gamma: no moment of order 2 pins down the shape), poisson weights, binomial weights that
     are not whole trials -- gets no per-group summaries (``unsupported``); the hybrid then starts from the
-    site's own fit or the site totals."""
+    site's own fit or the site totals (but see :func:`_no_summaries`: a negative binomial's few groups)."""
     spec = parse_formula(formula).with_columns(weights, offset)
     fam = get_family(family, link)
     desc = describe_frame(frame, spec, site_id)
@@ -88,7 +88,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
            "ngroups": len(d.group_levels) if q else 0, "x_names": list(d.x_names), "z_names": list(d.z_names),
            "theta_mask": np.asarray(d.theta_mask), "sums": sums, "groups": None, "refused": None,
            **spec.columns_payload}
-    unsupported = _no_summaries(fam, d)
+    unsupported = _no_summaries(fam, d, few=local is not None and q > 0 and len(d.group_levels) < FEW_GROUPS)
     if unsupported:
         msg.update(refused=f"site '{site_id}': {unsupported}; a one-shot fit is not possible (use --method hybrid "
                            "or iterative)", unsupported=True)
@@ -113,8 +113,10 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
         msg["refused"] = _small_refusal(site_id, small, sizes, levels, need, min_group, order, nvar)
     keep = ~small
     if _own_wanted(local, keep) and fam.name != "gaussian":
-        # its third derivatives only where no group's moments go (the pseudo-data have the shape then)
-        msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms, third=not keep.any(),
+        # its third derivatives only where no group's moments go (the pseudo-data have the shape then) or
+        # the family has a dispersion parameter (which its pseudo-data carry only roughly)
+        msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms,
+                               third=not keep.any() or bool(fam.ndisp),
                                sums=sums, **own)
     if local is not None and fam.name == "binomial" and small.any():
         msg["pooled"] = pooled_bins(d, starts, small, min_pooled, variables)
@@ -159,9 +161,12 @@ def _factors_message(d: Design, fam, desc: dict, sums: dict, formula: str, site_
             "theta_mask": np.asarray(d.theta_mask), "sums": sums, "groups": None, "refused": None}
 
 
-def _no_summaries(fam, d: Design) -> str | None:
-    """Why a model has no one-shot summaries, or None."""
-    if fam.ndisp:
+def _no_summaries(fam, d: Design, few: bool = False) -> str | None:
+    """Why a model has no one-shot summaries, or None.  ``few``: the hybrid's site has fewer than ``FEW_GROUPS``
+    groups; its own fit of so few starts badly, so it sends a negative binomial's summaries as a poisson's,
+    and pseudo-data fitted as negative binomial shape the start and the surrogate (owls_nb over 3 sites:
+    7 -> 4 rounds)."""
+    if fam.ndisp and not (few and fam.name == "negative_binomial"):
         return (f"one-shot summaries are not available for the {fam.name.replace('_', ' ')} family (the shared "
                 "moments do not determine its dispersion)")
     if d.weighted and fam.name == "poisson":
