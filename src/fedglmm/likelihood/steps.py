@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .start_choice import newton_step
+
 GROW = 1.05        # a standard deviation the Newton step grows by more than this factor gets the log step
 MAX_FACTOR = 4.0   # the log step changes a standard deviation by at most this factor either way
 TAIL_CAP = 30.0    # ψ that stands for α = e^(−ψ) = 0 (the poisson limit: ϑ = 1e13, ℓ equal to 1e-12)
@@ -38,11 +40,9 @@ def log_scale_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarr
     gy = J * g
     Hy = H * np.outer(J, J)
     Hy[grow, grow] += x[grow] * g[grow]                   # + (d²x/dy²) g = x g
-    try:
-        c = np.linalg.cholesky(Hy)
-    except np.linalg.LinAlgError:
+    sy = newton_step(gy, Hy)
+    if sy is None:
         return None
-    sy = -np.linalg.solve(c.T, np.linalg.solve(c, gy))
     sy[grow] = np.clip(sy[grow], -np.log(MAX_FACTOR), np.log(MAX_FACTOR))
     step = J * sy
     step[grow] = x[grow] * np.expm1(sy[grow])
@@ -67,9 +67,8 @@ def tail_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray, t
     ga = J * g
     Ha = H * np.outer(J, J)
     Ha[grow, grow] += g[grow] / a ** 2                    # + (d²ψ/dα²) g
-    try:
-        sa = -np.linalg.solve(np.linalg.cholesky(Ha).T, np.linalg.solve(np.linalg.cholesky(Ha), ga))
-    except np.linalg.LinAlgError:
+    sa = newton_step(ga, Ha)
+    if sa is None:
         return None
     low = grow[a + sa[grow] <= 0.0]
     if low.size:

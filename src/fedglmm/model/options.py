@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Integral
 from typing import TYPE_CHECKING
 
@@ -65,8 +65,6 @@ class NewtonConfig:
         """These settings for a GLMM fit evaluated in place (a site's own fit, the coordinator's pseudo-data
         fit), where a point costs what a round does: no extra points beside the Newton step's (with them the
         one-site fits of the reference cases took up to 1.5 times as long, in as many rounds)."""
-        from dataclasses import replace
-
         return replace(self, extrapolate=0.0, log_steps=False)
 
 
@@ -132,7 +130,6 @@ def expand_request(req: FitRequest, columns, site_column: str | None = None) -> 
     ``req`` itself when its formula has no ``.``."""
     if not req.dot:
         return req
-    from dataclasses import replace
 
     from .formula import expression_columns, parse_formula
     from .rsyntax import expand_dot
