@@ -124,3 +124,32 @@ def test_negative_binomial_at_the_poisson_limit(name):
     _same(hybrid, iterative, tol=1e-6)
     assert abs(hybrid.loglik - iterative.loglik) < 1e-8
     assert hybrid.rounds <= 6 and iterative.rounds <= 9, (hybrid.rounds, iterative.rounds)
+
+
+def _slope_without_intercept(seed: int) -> dict:
+    """A binary outcome with a random slope on x1 (SD 0.5) and no random intercept, fitted with (1 + x1 | g):
+    45 groups of 2-59 rows over 2 sites (the shape of benchmarks/singular_slope_rounds.py)."""
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(45), rng.integers(2, 60, 45))
+    x1, x2 = rng.normal(size=g.size), rng.binomial(1, 0.4, g.size)
+    eta = -1.0 + 0.5 * x1 - 0.4 * x2 + rng.normal(0, 0.5, 45)[g] * x1
+    df = pd.DataFrame({"y": rng.binomial(1, 1 / (1 + np.exp(-eta))), "x1": x1, "x2": x2, "g": g})
+    return {f"s{j}": df[df.g % 2 == j] for j in range(2)}
+
+
+@pytest.mark.parametrize("seed", [3, 6])
+def test_intercept_sd_near_zero_beside_a_slope(seed):
+    """The intercept's SD goes to 0 (Λ₁₁ ~ 0.03 and 4e-4) beside a slope's: lme4's θ is then a circle-
+    shaped valley, where Newton in θ crawled (seed 3: hybrid 9, iterative 18 rounds; seed 6: the hybrid
+    stopped at 60 rounds without converging).  With the step in the reversed Cholesky factor both
+    methods reach the optimum of the iteration run to machine precision, the hybrid in ≤ 6 rounds."""
+    data = _slope_without_intercept(seed)
+    case = {"formula": "y ~ x1 + x2 + (1 + x1 | g)", "family": "binomial", "link": None, "nagq": 1}
+    opt = _fit(case, data, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
+    hybrid, iterative = _fit(case, data), _fit(case, data, method="iterative")
+    for res in (hybrid, iterative):
+        assert abs(res.loglik - opt.loglik) < 1e-8, (res.loglik, opt.loglik)
+        assert np.allclose(res.fixef, opt.fixef, rtol=0, atol=1e-6)
+        sigma, want = next(iter(res.covariances().values())), next(iter(opt.covariances().values()))
+        assert np.allclose(sigma, want, rtol=0, atol=1e-6), (sigma, want)    # Σ: θ is barely identified
+    assert hybrid.rounds <= 6 and iterative.rounds <= 10, (hybrid.rounds, iterative.rounds)

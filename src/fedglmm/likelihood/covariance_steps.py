@@ -12,6 +12,10 @@ term's Σ is θ²: the step in θ's square.
 one-to-one where Σ is positive definite: θ is the Cholesky factor of Σ), and takes the Newton step in y
 with the chain rule: g_y = Jᵀg, H_y = JᵀHJ + Σ_k g_k ∂²x_k/∂y∂y, J = ∂x/∂y -- J and the second
 derivatives by central differences of the map (q × q Cholesky factors, no round, no site).
+
+Where Σ's optimum is singular, Σ's entries leave the positive-definite cone on the way and that step
+fails; :class:`ReversedSteps` then takes it in the Cholesky factor of Σ with its effects in reverse order
+(:meth:`CovarianceSteps.step_or_turn`).
 """
 from __future__ import annotations
 
@@ -125,6 +129,16 @@ class CovarianceSteps:
             dy = 0.5 * dy
         return None
 
+    def step_or_turn(self, x: np.ndarray, g: np.ndarray, H: np.ndarray):
+        """:meth:`step`, or where it fails (off the cone: Σ's optimum singular) the Newton step in the
+        Cholesky factor of Σ with its effects reversed (:class:`ReversedSteps`); None if both fail."""
+        st = self.step(x, g, H)
+        if st is None and type(self) is CovarianceSteps:
+            if not hasattr(self, "_reversed"):
+                self._reversed = ReversedSteps(self.mask, self.p)
+            st = self._reversed.step(x, g, H)
+        return st
+
     def predicted_gradient(self, x, g, H, other: np.ndarray, g_other: np.ndarray, m=None) -> np.ndarray | None:
         """The gradient in x at ``other`` that the quadratic model in y at x predicts (None off the cone);
         ``g_other`` (the gradient there) gives the second-order part of the map's chain rule there."""
@@ -140,3 +154,75 @@ class CovarianceSteps:
             return np.linalg.solve(Jo.T, gy + Hy @ (yo - y0))
         except np.linalg.LinAlgError:
             return None
+
+
+def _semidefinite_cholesky(sigma: np.ndarray) -> np.ndarray | None:
+    """The lower Cholesky factor of a positive semi-definite ``sigma`` (a pivot within rounding of 0 is 0 and
+    its column below it too); None where a pivot is clearly negative."""
+    q = sigma.shape[0]
+    lam = np.zeros_like(sigma)
+    tol = 1e-12 * max(1.0, float(np.max(np.abs(np.diag(sigma)))))
+    for j in range(q):
+        d = sigma[j, j] - lam[j, :j] @ lam[j, :j]
+        if d < -tol:
+            return None
+        if d <= tol:
+            continue
+        lam[j, j] = np.sqrt(d)
+        lam[j + 1:, j] = (sigma[j + 1:, j] - lam[j + 1:, :j] @ lam[j, :j]) / lam[j, j]
+    return lam
+
+
+class ReversedSteps(CovarianceSteps):
+    """The θ block as the Cholesky factor of Σ with its effects in reverse order (the slope's SD first, then
+    the intercept's regression on the slope and its conditional SD).
+
+    Why: where the first effect's SD goes to 0 and the others' do not, lme4's θ stops being identified --
+    at Λ₁₁ = 0 only the length of the next row of Λ matters, not its direction -- and near there the
+    objective in θ is a circle-shaped valley (the row turning at a constant length) or flat in two
+    coordinates at once, where Newton in θ crawls for tens of rounds (stress_methods seeds 4 and 5: 36 and
+    42) and Σ's entries leave the positive-definite cone.  Reversed, the vanishing SD is the last
+    diagonal entry, where F is even and smooth, and its regression coefficient a coordinate like any other."""
+
+    def __init__(self, mask, p: int):
+        super().__init__(mask, p)
+        self.order = np.arange(self.q)[::-1]
+        sym = np.tril(self.mask) | np.tril(self.mask).T
+        self.rmask = np.tril(sym[np.ix_(self.order, self.order)])
+        self.rindex = theta_index(self.rmask)
+        self.ok = len(self.rindex[0]) == self.k and bool(np.any(np.tril(self.mask, -1)))   # (a block of ≥ 2)
+
+    def to_inner(self, x: np.ndarray) -> np.ndarray:
+        lam = lambda_matrix(x[self.p:self.p + self.k], self.q, self.index)
+        sigma = (lam @ lam.T)[np.ix_(self.order, self.order)]
+        rlam = _semidefinite_cholesky(sigma)
+        y = np.array(x, float)
+        y[self.p:self.p + self.k] = (rlam if rlam is not None else np.full_like(sigma, np.nan))[self.rindex]
+        return y
+
+    def from_inner(self, y: np.ndarray) -> np.ndarray | None:
+        rlam = lambda_matrix(y[self.p:self.p + self.k], self.q, self.rindex)
+        back = np.argsort(self.order)
+        lam = _semidefinite_cholesky((rlam @ rlam.T)[np.ix_(back, back)])
+        if lam is None or np.any(np.abs(lam[self.off]) > 1e-10 * max(1.0, float(np.max(np.abs(lam))))):
+            return None
+        x = np.array(y, float)
+        x[self.p:self.p + self.k] = lam[self.index]
+        return x
+
+    def model(self, x: np.ndarray, g: np.ndarray, H: np.ndarray):
+        if not self.ok or not np.all(np.isfinite(self.to_inner(x))):
+            return None
+        return super().model(x, g, H)
+
+    def step(self, x: np.ndarray, g: np.ndarray, H: np.ndarray, m=None):
+        """:meth:`CovarianceSteps.step`, with the new Λ's columns signed as x's (F is the same either way;
+        the factor found has a non-negative diagonal)."""
+        st = super().step(x, g, H, m)
+        if st is None:
+            return None
+        th = slice(self.p, self.p + self.k)
+        sign = np.where(np.diag(lambda_matrix(x[th], self.q, self.index)) < 0, -1.0, 1.0)
+        step = st[0].copy()
+        step[th] = (x[th] + step[th]) * sign[self.index[1]] - x[th]
+        return step, st[1]

@@ -257,7 +257,7 @@ class TrustRegionNewton:
         return None if out is None else replace(_unbounded(*out[:2], cur.H), limit=out[2])
 
     def _cov_candidate(self, cur) -> _Candidate | None:
-        st = self.covariance.step(cur.x, cur.g, cur.H)
+        st = self.covariance.step_or_turn(cur.x, cur.g, cur.H)
         if st is None:
             return None
         return _unbounded(*st, cur.H)
