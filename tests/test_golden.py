@@ -1,10 +1,16 @@
 """Every reference case by every method equals the golden file (see tests/golden.py): refactors change
-no result.  Values agree to 1e-10 relative to max(1, |value|); rounds, messages and errors exactly; bytes to 16
-per round (a float's shortest repr gains or loses a digit when its last bit moves, as it does between
-compilations of the fused kernel)."""
+no result.  Values agree to 1e-9 relative to max(1, |value|); rounds, messages and errors exactly, except
+numbers at rounding level in messages (below 1e-12); bytes to 16 per round or 10 %.
+
+Why these tolerances: the file was written on one machine and is checked on others, whose numpy, BLAS and
+compilation of the fused kernel round differently in the last bits.  On 2 December, with numpy 2.4.6 and
+numba 0.68.1 from a fresh install, ten of the 215 fits moved: an SE by 1.7e-10 relative, a one-shot fit's
+reported moment error from 3.0e-15 to 3.5e-15, and, where rounding decided between two candidates of a
+round, penicillin_crossed_ml over 3 sites sent 7 % fewer bytes in the same rounds."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,7 +24,14 @@ RUNS = list(runs())
 def _close(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return abs(a - b) <= 1e-10 * max(1.0, abs(b))
+    return abs(a - b) <= 1e-9 * max(1.0, abs(b))
+
+
+def _rounding(messages):
+    """Messages with numbers below 1e-12 (an error at rounding level) replaced by one token."""
+    if messages is None:
+        return None
+    return [re.sub(r"\d(\.\d+)?e-(1[2-9]|[2-9]\d|\d{3})(?!\d)", "<rounding>", m) for m in messages]
 
 
 @pytest.mark.parametrize("key,case,method,split,opts", RUNS, ids=[r[0] for r in RUNS])
@@ -28,10 +41,12 @@ def test_golden(key, case, method, split, opts):
     if "error" in want or "error" in got:
         assert got.get("error") == want.get("error")
         return
-    for field in ("rounds", "converged", "method", "messages", "names", "levels"):
+    for field in ("rounds", "converged", "method", "names", "levels"):
         assert got.get(field) == want.get(field), field
+    assert _rounding(got.get("messages")) == _rounding(want.get("messages")), (got.get("messages"), want.get("messages"))
     for field in ("bytes_to_sites", "bytes_from_sites"):
-        assert abs(got[field] - want[field]) <= 16 * max(1, want["rounds"]), (field, got[field], want[field])
+        allowed = max(16 * max(1, want["rounds"]), 0.1 * want[field])
+        assert abs(got[field] - want[field]) <= allowed, (field, got[field], want[field])
     for field in ("loglik", "residual_sd"):
         assert _close(got[field], want[field]), (field, got[field], want[field])
     for field in ("fixef", "se", "theta", "random", "modes", "condsd"):
