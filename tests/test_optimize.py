@@ -360,3 +360,39 @@ def test_reversed_cholesky_map_round_trip_and_singular_covariance():
 
     assert np.allclose(sigma(back), sigma(x), atol=1e-12)
     assert not ReversedSteps(np.eye(2, dtype=bool), 1).ok     # scalar terms: nothing to reverse
+
+
+def test_turns_off_a_singular_covariance_keep_the_covariances_of_the_row():
+    """CovarianceSteps.turns at Λ = [[a, 0], [b, 0]] with negative curvature in Λ₂₂: each step turns row 2
+    off the face at its length (Λ₂₂ = |b| sin φ) and keeps Σ₂₂ and Σ₁₂, with Σ₁₁ = a²/cos²φ; none where
+    the curvature in Λ₂₂ is positive (no saddle) or Λ₂₂ is not 0."""
+    from fedglmm.likelihood.covariance_steps import CovarianceSteps
+    from fedglmm.model.spec import lambda_matrix
+
+    cov = CovarianceSteps(np.tril(np.ones((2, 2), bool)), 1)
+    x = np.array([0.3, 0.05, 0.47, 0.0])
+    H = np.diag([10.0, 100.0, 100.0, -0.4])
+
+    def sigma(v):
+        lam = lambda_matrix(v[1:], 2, cov.index)
+        return lam @ lam.T
+
+    steps = cov.turns(x, H)
+    assert len(steps) == 3
+    for s, phi in zip(steps, (0.25, 0.6, 0.9)):
+        new = sigma(x + s)
+        assert np.isclose(new[1, 1], 0.47 ** 2) and np.isclose(new[0, 1], 0.05 * 0.47)
+        assert np.isclose(new[0, 0], 0.05 ** 2 / np.cos(phi) ** 2) and np.isclose((x + s)[3], 0.47 * np.sin(phi))
+        assert s[0] == 0.0
+    assert cov.turns(x, np.diag([10.0, 100.0, 100.0, 0.4])) == []
+    assert cov.turns(x + np.array([0, 0, 0, 0.1]), H) == []
+
+
+def test_turns_scale_only_the_rows_term():
+    """With a scalar term before a (1 + x | g) term, the turn leaves the scalar term's θ alone."""
+    from fedglmm.likelihood.covariance_steps import CovarianceSteps
+
+    cov = CovarianceSteps(np.array([[1, 0, 0], [0, 1, 0], [0, 1, 1]], bool), 1)
+    x = np.array([0.3, 0.8, 0.05, 0.47, 0.0])
+    steps = cov.turns(x, np.diag([10.0, 50.0, 100.0, 100.0, -0.4]))
+    assert steps and all(s[1] == 0.0 and s[2] != 0.0 for s in steps)

@@ -35,28 +35,10 @@ import numpy as np
 
 from ..model.options import NewtonConfig
 from .boundary import boundary_step
+from .candidates import Candidate as _Candidate, State as _State, unbounded as _unbounded
 from .last_step import last_step
 from .steps import even_at_zero, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
 from .start_choice import best_start, newton_step as _newton_step
-
-
-@dataclass
-class _State:
-    x: np.ndarray
-    f: float
-    g: np.ndarray
-    H: np.ndarray
-
-
-@dataclass
-class _Candidate:
-    step: np.ndarray
-    pred: float        # predicted decrease
-    norm: float        # scaled step length
-    radius: float      # radius it was computed for
-    newton: bool = False   # the full Newton step
-    settle: bool = False   # the step that settles the last one (see _stop_or_settle)
-    limit: bool = False    # the step onto the poisson limit (see _tail)
 
 
 @dataclass
@@ -179,7 +161,7 @@ class TrustRegionNewton:
             self._cands.insert(0, extra)
         grow = self._log_scale(cur, newton) if dec >= self.config.near and edge is None else None
         tail = tail if dec >= self.config.near else None
-        self._cands += [c for c in (edge, cov, grow, tail) if c is not None]
+        self._cands += [c for c in (edge, cov, grow, tail) if c is not None] + self._turns(cur, newton, cov)
         return [cur.x + c.step for c in self._cands]
 
     def _accept(self, pt, index: int, cand: _Candidate, rho: float) -> None:
@@ -256,8 +238,19 @@ class TrustRegionNewton:
         out = tail_step(cur.x, cur.g, cur.H, newton, self.tails)
         return None if out is None else replace(_unbounded(*out[:2], cur.H), limit=out[2])
 
+    def _turns(self, cur, newton, cov) -> list[_Candidate]:
+        """At a saddle on a singular Σ (H indefinite): Λ's row turned off it, from the covariance step's
+        point if that stays on the face (the reversed factor's step does), as further candidates
+        (:meth:`~fedglmm.likelihood.covariance_steps.CovarianceSteps.turns`), each accepted where F falls
+        (its predicted decrease the quadratic model's, at least 1e-300)."""
+        if newton is not None or self.covariance is None or self.config.single:
+            return []
+        base = cur.x + (cov.step if cov is not None else 0.0)
+        steps = [base - cur.x + s for s in self.covariance.turns(base, cur.H)] or self.covariance.turns(cur.x, cur.H)
+        return [_unbounded(s, max(-(cur.g @ s + 0.5 * s @ cur.H @ s), 1e-300), cur.H) for s in steps]
+
     def _cov_candidate(self, cur) -> _Candidate | None:
-        st = self.covariance.step_or_turn(cur.x, cur.g, cur.H)
+        st = self.covariance.step_or_reversed(cur.x, cur.g, cur.H)
         if st is None:
             return None
         return _unbounded(*st, cur.H)
@@ -390,11 +383,4 @@ class TrustRegionNewton:
             s = y / d
             out.append(_Candidate(s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(y)), radius))
         return out
-
-
-def _unbounded(step, pred: float, H, newton: bool = False) -> _Candidate:
-    """A candidate outside the trust region's radii (a final, boundary or covariance step), its length
-    scaled by √|diag H| as the radii are."""
-    d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12))
-    return _Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf, newton)
 

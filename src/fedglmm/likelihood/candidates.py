@@ -1,0 +1,34 @@
+"""The points a round of the coordinator's Newton iteration (:mod:`fedglmm.likelihood.newton`) holds: the
+current one (:class:`State`) and the steps proposed from it (:class:`Candidate`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class State:
+    x: np.ndarray
+    f: float
+    g: np.ndarray
+    H: np.ndarray
+
+
+@dataclass
+class Candidate:
+    step: np.ndarray
+    pred: float        # predicted decrease
+    norm: float        # scaled step length
+    radius: float      # radius it was computed for
+    newton: bool = False   # the full Newton step
+    settle: bool = False   # the step that settles the last one (see _stop_or_settle)
+    limit: bool = False    # the step onto the poisson limit (see _tail)
+
+
+def unbounded(step, pred: float, H, newton: bool = False) -> Candidate:
+    """A candidate outside the trust region's radii (a final, boundary or covariance step), its length
+    scaled by √|diag H| as the radii are."""
+    d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12))
+    return Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf, newton)
+
