@@ -406,3 +406,20 @@ def test_negative_binomial_sites_of_few_groups_send_moments():
     assert hybrid.loglik >= case["refs"][0]["logLik"] - 1e-6
     with pytest.raises(FedGLMMError, match="one-shot summaries are not available for the negative binomial"):
         _fit(case, data, method="oneshot")
+
+
+@pytest.mark.parametrize("name,column,limit", [("sleepstudy_gamma", "Subject", 4), ("sim_gamma_log", "hospital", 3)])
+def test_gamma_sites_of_few_groups_send_moments(name, column, limit):
+    """A Gamma model's sites of fewer than FEW_GROUPS groups send per-group moments as a negative binomial's
+    do; the pseudo-data, fitted as Gamma (an outcome the moments put at 0 lifted to 1 % of its group's mean),
+    start and shape the hybrid: sleepstudy_gamma over 3 sites (6 subjects each) 5 -> 4 rounds, sim_gamma_log
+    (hospitals) 4 -> 3, at the iterative fit (SEs, each method's from its last point, to 1e-5) and
+    glmmTMB's logLik."""
+    case = CASES[name]
+    data = _split(_data(case), column)
+    hybrid, iterative = _fit(case, data), _fit(case, data, method="iterative")
+    assert hybrid.converged and hybrid.rounds <= limit, hybrid.rounds
+    _same(hybrid, iterative, se_rtol=1e-5)
+    assert hybrid.loglik >= case["refs"][0]["logLik"] - 1e-6
+    with pytest.raises(FedGLMMError, match="one-shot summaries are not available for the gamma"):
+        _fit(case, data, method="oneshot")

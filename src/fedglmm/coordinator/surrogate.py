@@ -69,6 +69,8 @@ def surrogate_model(surrogate):
             pts = inner.starts
             while pts:
                 pts = inner.tell(pts, [S(z) for z in pts])
+            if inner.current is None:       # the stand-in is not finite here (e.g. pseudo-data off its support)
+                return None
             z = inner.solution if inner.converged else inner.current.x
             return z - x, fp - S(z)[0]
         except (np.linalg.LinAlgError, ValueError, FloatingPointError):

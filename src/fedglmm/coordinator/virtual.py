@@ -182,7 +182,7 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
     variables_ = list(block["variables"])
     expo = monomials(len(variables_), _order_of(block, len(variables_)))
     binary = [0] if family.name == "binomial" else []
-    nonneg = [0] if family.name in ("poisson", "negative_binomial") else []
+    nonneg = [0] if family.name in ("poisson", "negative_binomial", "gamma") else []
     # generate on a standard scale: moments of (v − c)/s are a fixed linear map of the raw ones
     c, sc = _standardisation(block, expo, keep=[0] if family.name != "gaussian" else [])
     T = _shift_matrix(expo, c, sc)
@@ -212,6 +212,11 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
             errors.append(err)
         V = np.vstack(parts) * sc + c
         gidx = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    if family.name == "gamma":
+        # a Gamma outcome must stay positive: a draw the moments put at 0 is lifted to 1 % of its group's mean
+        # (the pseudo-data only start and shape the iteration, whose rounds are exact)
+        mean = np.bincount(gidx, V[:, 0]) / np.maximum(np.bincount(gidx), 1)
+        V[:, 0] = np.maximum(V[:, 0], 0.01 * np.abs(mean[gidx]))
     diag = {"max_rel_error": float(max(errors)) if errors else 0.0, "per_group": errors}
     trials = weight[gidx] if np.any(weight != 1) else np.ones(V.shape[0])
     return _as_design(V, variables_, gidx, list(block["levels"]), trials, names, znames, mask), diag

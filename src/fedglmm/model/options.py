@@ -21,7 +21,8 @@ POOLED_MAX_GROUPS = 5000   # binned small groups beyond which their pseudo-group
 # shrink like one over the square root of the groups): the hybrid combines such fits without pseudo-data
 OWN_FIT_GROUPS = 500
 # a site with fewer groups fits a random-effect covariance too poorly for its own fit to start the hybrid
-# well; of a negative binomial it then also sends per-group moments, as of a poisson (site/summaries.py)
+# well; of a negative binomial or a Gamma model it then also sends per-group moments, as of a poisson
+# (site/summaries.py)
 FEW_GROUPS = 15
 # a site with this many groups cuts its own fit short (site.own_fit.MANY_TOL), without third derivatives: its
 # fit is a start, and the Newton rounds correct what the shortcut leaves (1e6 rows over 100 sites, 100 groups

@@ -163,10 +163,10 @@ def _factors_message(d: Design, fam, desc: dict, sums: dict, formula: str, site_
 
 def _no_summaries(fam, d: Design, few: bool = False) -> str | None:
     """Why a model has no one-shot summaries, or None.  ``few``: the hybrid's site has fewer than ``FEW_GROUPS``
-    groups; its own fit of so few starts badly, so it sends a negative binomial's summaries as a poisson's,
-    and pseudo-data fitted as negative binomial shape the start and the surrogate (owls_nb over 3 sites:
-    7 -> 4 rounds)."""
-    if fam.ndisp and not (few and fam.name == "negative_binomial"):
+    groups; its own fit of so few starts badly, so it sends a negative binomial's or a Gamma model's
+    summaries as a poisson's, and pseudo-data fitted in the family shape the start and the surrogate
+    (owls_nb over 3 sites: 7 -> 4 rounds; sleepstudy_gamma: 5 -> 4)."""
+    if fam.ndisp and not (few and fam.name in ("negative_binomial", "gamma")):
         return (f"one-shot summaries are not available for the {fam.name.replace('_', ' ')} family (the shared "
                 "moments do not determine its dispersion)")
     if d.weighted and fam.name == "poisson":
