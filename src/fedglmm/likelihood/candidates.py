@@ -24,6 +24,7 @@ class Candidate:
     newton: bool = False   # the full Newton step
     settle: bool = False   # the step that settles the last one (see _stop_or_settle)
     limit: bool = False    # the step onto the poisson limit (see _tail)
+    cov: bool = False      # a step in the covariance's entries or a turn off a saddle (see _in_covariance)
 
 
 def unbounded(step, pred: float, H, newton: bool = False) -> Candidate:

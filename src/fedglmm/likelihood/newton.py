@@ -83,6 +83,7 @@ class TrustRegionNewton:
         self._step = np.inf                 # the scaled length of the last accepted step
         self._rho: float | None = None      # actual / predicted decrease of the last round's Newton step
         self._tail_from: _State | None = None   # the point the last step in e^(−ψ) was proposed from
+        self._cov_won = False               # the step accepted last was one in Σ's entries or a turn
 
     @property
     def current(self) -> _State | None:
@@ -169,6 +170,7 @@ class TrustRegionNewton:
         if not cand.settle:        # (a settling step is not the last move: the one before it tells more)
             self.previous = self._cur
         self._cur, self.accepted, self._step = _State(*pt), index, cand.norm
+        self._cov_won = cand.cov
         if not np.isfinite(cand.radius):
             # a final-candidate Newton step carries no radius: keep the one in force
             self._radius = self._radius if self._radius is not None else self.config.radius0
@@ -205,7 +207,9 @@ class TrustRegionNewton:
         :mod:`~fedglmm.likelihood.covariance_steps`) as one more candidate, where the Newton step in θ may
         fall short: it converged only linearly (``linear``), or shrinks a diagonal entry of Λ by a quarter
         (a variance heading to 0), or by 5 % where that entry is under half its row's norm (Σ nearly
-        singular, where Newton in θ crawls along a curved valley)."""
+        singular, where Newton in θ crawls along a curved valley), or the step accepted last was one in Σ's
+        entries or a turn off a saddle and the decrement is still above ``near`` (the valley goes on: after
+        the turn, stress_methods seed 3 fit 0 took 6 more Newton rounds along it, now 2)."""
         cov = self.covariance
         if cov is None:
             return None
@@ -214,7 +218,8 @@ class TrustRegionNewton:
         diag = cov.diagonal
         t, t1 = np.abs(cur.x[diag]), np.abs(cur.x[diag] + newton[diag])
         shrinks = (t > 1e-8) & ((t1 < 0.75 * t) | ((t1 < 0.95 * t) & (cov.conditional_share(cur.x) < 0.5)))
-        return self._cov_candidate(cur) if linear or shrinks.any() else None
+        after = self._cov_won and self._dec_prev >= self.config.near
+        return self._cov_candidate(cur) if linear or shrinks.any() or after else None
 
     def _fell_short(self) -> bool:
         """Whether the last round's full Newton step gained more than ``extrapolate`` times its prediction."""
@@ -247,13 +252,14 @@ class TrustRegionNewton:
             return []
         base = cur.x + (cov.step if cov is not None else 0.0)
         steps = [base - cur.x + s for s in self.covariance.turns(base, cur.H)] or self.covariance.turns(cur.x, cur.H)
-        return [_unbounded(s, max(-(cur.g @ s + 0.5 * s @ cur.H @ s), 1e-300), cur.H) for s in steps]
+        return [replace(_unbounded(s, max(-(cur.g @ s + 0.5 * s @ cur.H @ s), 1e-300), cur.H), cov=True)
+                for s in steps]
 
     def _cov_candidate(self, cur) -> _Candidate | None:
         st = self.covariance.step_or_reversed(cur.x, cur.g, cur.H)
         if st is None:
             return None
-        return _unbounded(*st, cur.H)
+        return replace(_unbounded(*st, cur.H), cov=True)
 
     def _model_step(self, cur, final: bool = False, newton=None) -> _Candidate | None:
         """The step of the caller's model of F (e.g. a surrogate that the quadratic model corrects), as one
