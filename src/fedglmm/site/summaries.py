@@ -61,7 +61,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     A model whose likelihood the shared moments do not carry -- a dispersion parameter (negative
     binomial, Gamma: no moment of order 2 pins down the shape), poisson weights, binomial weights that
     are not whole trials -- gets no per-group summaries (``unsupported``); the hybrid then starts from the
-    site's own fit or the site totals (but see :func:`_no_summaries`: a negative binomial's few groups)."""
+    site's own fit or the site totals (see :func:`_no_summaries`: few groups of an NB or Gamma model)."""
     spec = parse_formula(formula).with_columns(weights, offset)
     fam = get_family(family, link)
     desc = describe_frame(frame, spec, site_id)
