@@ -396,3 +396,25 @@ def test_turns_scale_only_the_rows_term():
     x = np.array([0.3, 0.8, 0.05, 0.47, 0.0])
     steps = cov.turns(x, np.diag([10.0, 50.0, 100.0, 100.0, -0.4]))
     assert steps and all(s[1] == 0.0 and s[2] != 0.0 for s in steps)
+
+
+
+def test_surrogate_step_is_not_sought_beyond_twice_newtons():
+    """The hybrid's step model minimises a stand-in corrected to the sites' gradient and Hessian; far off it
+    may be unbounded below (stress_methods seed 3 fit 35 ran it to −2.9e8).  The caller drops steps longer
+    than twice Newton's, so none is sought beyond: with P(z) = −¼‖z‖⁴ and the sites' g = (1, 0, 0), H = I
+    at 0 (the corrected model falls without bound along −g), the step stays within twice Newton's length."""
+    from fedglmm.coordinator.surrogate import surrogate_model
+
+    calls = []
+
+    def P(z):
+        calls.append(1)
+        r2 = float(z @ z)
+        return -0.25 * r2 ** 2, -r2 * z, -(r2 * np.eye(len(z)) + 2.0 * np.outer(z, z))
+
+    x, g, H = np.zeros(3), np.array([1.0, 0.0, 0.0]), np.eye(3)
+    out = surrogate_model(P)(x, 0.0, g, H)
+    assert out is not None
+    assert np.all(np.isfinite(out[0])) and np.linalg.norm(out[0]) <= 2.0 * np.linalg.norm(g) + 1e-12, out[0]
+    assert len(calls) <= 12, len(calls)

@@ -65,10 +65,11 @@ def surrogate_model(surrogate):
                     hess = hess + (M * us + np.outer(Ms, u) + np.outer(u, Ms)) / 3.0
                 return val, grad, hess
 
+            within = _within_reach(x, g, H, S)
             inner = TrustRegionNewton(x, NewtonConfig(tol=1e-10, near=1e-4, max_evals=8).local)
             pts = inner.starts
             while pts:
-                pts = inner.tell(pts, [S(z) for z in pts])
+                pts = inner.tell(pts, [within(z) for z in pts])
             if inner.current is None:       # the stand-in is not finite here (e.g. pseudo-data off its support)
                 return None
             z = inner.solution if inner.converged else inner.current.x
@@ -86,6 +87,20 @@ def surrogate_model(surrogate):
     model.observe = observe
     model.hessian_change = hessian_change
     return model
+
+
+def _within_reach(x, g, H, S):
+    """S where a step from x is at most twice the Newton step's length (scaled by √|diag H|), the longest
+    step the caller keeps (:meth:`~fedglmm.likelihood.newton.TrustRegionNewton._model_step`); beyond, a
+    point that counts as not finite, so the search steps shorter.  The secant cubic can make S unbounded
+    below there: on stress_methods seed 3 fit 35 the unbounded search ran S to −2.9e8."""
+    d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12))
+    try:
+        reach = 2.0 * float(np.linalg.norm(d * np.linalg.solve(H, g)))
+    except np.linalg.LinAlgError:
+        reach = np.inf
+    far = (np.inf, np.full(len(x), np.nan), np.full((len(x), len(x)), np.nan))
+    return lambda z: S(z) if np.linalg.norm(d * (z - x)) <= reach else far
 
 
 def _cached(surrogate):
