@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..likelihood.candidates import MODEL_REACH, scaled_norm
 from ..likelihood.fused import parallel_map, threads_pay
 from ..likelihood.newton import TrustRegionNewton
+from ..likelihood.start_choice import newton_step
 from ..model.options import NewtonConfig
 from .virtual import part_engines
 
@@ -90,17 +92,14 @@ def surrogate_model(surrogate):
 
 
 def _within_reach(x, g, H, S):
-    """S where a step from x is at most twice the Newton step's length (scaled by √|diag H|), the longest
-    step the caller keeps (:meth:`~fedglmm.likelihood.newton.TrustRegionNewton._model_step`); beyond, a
-    point that counts as not finite, so the search steps shorter.  The secant cubic can make S unbounded
-    below there: on stress_methods seed 3 fit 35 the unbounded search ran S to −2.9e8."""
-    d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12))
-    try:
-        reach = 2.0 * float(np.linalg.norm(d * np.linalg.solve(H, g)))
-    except np.linalg.LinAlgError:
-        reach = np.inf
+    """S where a step from x is at most ``MODEL_REACH`` times the Newton step's length (scaled by √|diag H|),
+    the longest step the caller keeps (:meth:`~fedglmm.likelihood.newton.TrustRegionNewton._model_step`);
+    beyond, a point that counts as not finite, so the search steps shorter.  The secant cubic can make S
+    unbounded below there: on stress_methods seed 3 fit 35 the unbounded search ran S to −2.9e8."""
+    newton = newton_step(g, H)
+    reach = MODEL_REACH * scaled_norm(newton, H) if newton is not None else np.inf
     far = (np.inf, np.full(len(x), np.nan), np.full((len(x), len(x)), np.nan))
-    return lambda z: S(z) if np.linalg.norm(d * (z - x)) <= reach else far
+    return lambda z: S(z) if scaled_norm(z - x, H) <= reach else far
 
 
 def _cached(surrogate):

@@ -27,9 +27,15 @@ class Candidate:
     cov: bool = False      # a step in the covariance's entries or a turn off a saddle (see _in_covariance)
 
 
+MODEL_REACH = 2.0   # a caller's model step longer than this many Newton steps (scaled_norm) is not tried
+
+
+def scaled_norm(step, H) -> float:
+    """The length of ``step`` scaled by √|diag H|, the units of the trust region's radii."""
+    return float(np.linalg.norm(np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12)) * step))
+
+
 def unbounded(step, pred: float, H, newton: bool = False) -> Candidate:
     """A candidate outside the trust region's radii (a final, boundary or covariance step), its length
     scaled by √|diag H| as the radii are."""
-    d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12))
-    return Candidate(step, pred, float(np.linalg.norm(d * step)), np.inf, newton)
-
+    return Candidate(step, pred, scaled_norm(step, H), np.inf, newton)

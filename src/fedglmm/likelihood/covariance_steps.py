@@ -98,9 +98,9 @@ class CovarianceSteps:
         return J, D
 
     def model(self, x: np.ndarray, g: np.ndarray, H: np.ndarray):
-        """(y, g_y, H_y, J) of the quadratic model in y at x, or None."""
+        """(y, g_y, H_y, J) of the quadratic model in y at x, or None (also where x has no finite y)."""
         y0 = self.to_inner(x)
-        chain = self._chain(y0, g)
+        chain = self._chain(y0, g) if np.all(np.isfinite(y0)) else None
         if chain is None:
             return None
         Jt, D = chain
@@ -135,9 +135,8 @@ class CovarianceSteps:
         """:meth:`step`, or where it fails (off the cone: Σ's optimum singular) the Newton step in the
         Cholesky factor of Σ with its effects reversed (:class:`ReversedSteps`); None if both fail."""
         st = self.step(x, g, H)
-        if st is None and type(self) is CovarianceSteps:
-            if not hasattr(self, "_reversed"):
-                self._reversed = ReversedSteps(self.mask, self.p)
+        if st is None:
+            self._reversed = getattr(self, "_reversed", None) or ReversedSteps(self.mask, self.p)
             st = self._reversed.step(x, g, H)
         return st
 
@@ -241,9 +240,7 @@ class ReversedSteps(CovarianceSteps):
         return x
 
     def model(self, x: np.ndarray, g: np.ndarray, H: np.ndarray):
-        if not self.ok or not np.all(np.isfinite(self.to_inner(x))):
-            return None
-        return super().model(x, g, H)
+        return super().model(x, g, H) if self.ok else None
 
     def step(self, x: np.ndarray, g: np.ndarray, H: np.ndarray, m=None):
         """:meth:`CovarianceSteps.step`, with the new Λ's columns signed as x's (F is the same either way;

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..model.options import NewtonConfig
 from .boundary import boundary_step
-from .candidates import Candidate as _Candidate, State as _State, unbounded as _unbounded
+from .candidates import MODEL_REACH, Candidate as _Candidate, State as _State, scaled_norm, unbounded as _unbounded
 from .last_step import last_step
 from .steps import even_at_zero, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
 from .start_choice import best_start, newton_step as _newton_step
@@ -272,9 +272,8 @@ class TrustRegionNewton:
         step, pred = np.asarray(out[0], float), float(out[1])
         if not (np.all(np.isfinite(step)) and np.isfinite(pred) and (pred > 0 or final)):
             return None
-        d = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-12))
-        norm = float(np.linalg.norm(d * step))
-        if newton is not None and norm > 2.0 * float(np.linalg.norm(d * newton)) + 1e-12:
+        norm = scaled_norm(step, cur.H)
+        if newton is not None and norm > MODEL_REACH * scaled_norm(newton, cur.H) + 1e-12:
             return None           # the model and the sites' quadratic model disagree too much to try it
         return _Candidate(step, pred, norm, np.inf)
 
