@@ -160,6 +160,49 @@ def test_exact_log_det_derivatives_need_no_exact_gamma():
     assert np.allclose(exact.grad, grad, rtol=1e-6, atol=1e-6)
 
 
+class _LocalRounds:
+    """The sites' shared sums in this process, counting rounds (the coordinator's rounds without a wire)."""
+
+    def __init__(self, engines):
+        self.engines, self.count = engines, 0
+
+    def _replies(self, points, gammas):
+        self.count += 1
+        return {s: {"points": [e.sums(x, gamma=g) for x, g in zip(points, gammas)]} for s, e in self.engines.items()}
+
+    def evaluate(self, points, keys, extra):
+        reps = self._replies(points, extra["gammas"])
+        return [sum_replies({s: to_global(r["points"][i], self.Q) for s, r in reps.items()}, keys)
+                for i in range(len(points))]
+
+    def finalize(self, point, keys, extra):
+        return None, self._replies(extra["points"], extra["gammas"])
+
+
+@pytest.mark.parametrize("family", ["binomial", "poisson"])
+def test_a_final_round_at_a_settled_point_is_one_round(family):
+    """Where v is at its mode, the final round ends: the line points the round also carries (v moved by
+    fractions of a step of ~0) differ from it by rounding only, and used to win ties, repeating the round
+    up to MAX_WARM times."""
+    from fedglmm.coordinator.shared_glmm_rounds import MAX_WARM, SharedGLMMEvaluator
+
+    engines, pool, _ = _engines(_simulated(family, seed=5), family)
+    ev = SharedGLMMEvaluator.__new__(SharedGLMMEvaluator)
+    ev.rounds, ev.settle, ev.patient = _LocalRounds(engines), 0.5, False
+    ev.layout, ev.pool, ev.seen = pool.layout, pool, []
+    ev.rounds.Q = pool.Q
+    ev._shared_modes = lambda pt: {}
+    rng = np.random.default_rng(0)
+    for phi in np.r_[-0.2, 0.4, 0.7, 0.6, 0.2, 0.3] + 0.05 * rng.normal(size=(6, 6)):
+        ev.evaluate([phi], None)
+        ev.finalize(phi, None)              # v to its mode (a decrement below FINAL_DEC)
+        for _ in range(3):
+            before = ev.rounds.count
+            s, _ = ev.finalize(phi, None)
+            assert np.isfinite(s["value"])
+            assert ev.rounds.count - before == 1 < MAX_WARM
+
+
 @pytest.mark.parametrize("name", ["sim_doctors_la", "sim_items_pois"])
 def test_split_by_site_gives_the_pooled_fit_and_lme4s(name):
     case = CASES[name]

@@ -154,14 +154,12 @@ class SharedGLMMEvaluator:
                 m = len(pl["psis"])
                 base, best, res = self._digest(pl, totals[at: at + m])
                 at += m
-                if base is not None and (best is None or base.F >= best.F):
-                    if base.decrement < self.settle:
-                        self.seen.append(base)
-                        out[i] = res
-                        continue
-                    start = base
-                else:
-                    start = best
+                if base is not None and base.decrement < self.settle:
+                    # settled: a line point of the round cannot beat v's mode but by rounding
+                    self.seen.append(base)
+                    out[i] = res
+                    continue
+                start = base if base is not None and (best is None or base.F >= best.F) else best
                 if start is not None and self.seen and not self.patient and start.decrement > GIVE_UP:
                     continue             # far from any v known: a long step (NaN: the iteration steps shorter)
                 if start is not None:
@@ -187,7 +185,7 @@ class SharedGLMMEvaluator:
             totals = [self.total({sid: r["points"][i] for sid, r in rep.items()}, GLMM_SHARED_KEYS)
                       for i in range(m)]
             base, best, s = self._digest(plan, totals)
-            if base is not None and (best is None or base.F >= best.F) and base.decrement < FINAL_DEC:
+            if base is not None and base.decrement < FINAL_DEC:
                 break
             start = base if base is not None and (best is None or base.F >= best.F) else best
             if start is None:
