@@ -160,6 +160,48 @@ def test_exact_log_det_derivatives_need_no_exact_gamma():
     assert np.allclose(exact.grad, grad, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["binomial", "poisson"])
+def test_gradient_away_from_vs_mode_moved_to_it(family):
+    """At v off its mode by δv, the round's gradient (its log-determinant part moved to the mode from the
+    difference points along (τ_j, e_j), :func:`~fedglmm.coordinator.shared_glmm_rounds._log_det_to_mode`)
+    is the gradient at the mode up to O(δv²); uncorrected it is off by O(δv)."""
+    from fedglmm.coordinator.shared_glmm_rounds import _log_det_to_mode
+
+    engines, pool, pooled = _engines(_simulated(family, seed=5), family)
+    phi = np.r_[-0.2, 0.4, 0.7, 0.6, 0.2, 0.3]
+    mode, _ = _at_mode(engines, pool, phi)
+    grad = pooled.value_grad(phi)[1]
+    h = 1e-4 * (1 + np.abs(phi))
+    errors = {}
+    for size in (1e-3, 1e-4):
+        v = mode.v + size * np.random.default_rng(2).normal(size=pool.Q)
+
+        def at(ph, vv):          # the sites sent Γ at the point itself (a round sends its prediction)
+            def total(gamma):
+                return sum_replies({s: to_global(e.sums(pool.psi(ph, vv), gamma=gamma), pool.Q)
+                                    for s, e in engines.items()}, GLMM_SHARED_KEYS)
+
+            tot = total(pool.gamma(ph, -total(mode.Gamma)["Hh"][:pool.Q, :pool.Q]))
+            return tot, pool.assess(tot, ph, vv)
+
+        tot, plain = at(phi, v)
+        Sp, Sm, others = [], [], []
+        for j in range(len(phi)):
+            e = np.zeros(len(phi))
+            e[j] = h[j]
+            for sign, S in ((1.0, Sp), (-1.0, Sm)):
+                t, pt = at(phi + sign * e, v + sign * h[j] * plain.tau[:, j])
+                S.append(-t["Hh"][:pool.Q, :pool.Q])
+                others.append(pt)
+        base = pool.assess(tot, phi, v, (Sp, Sm, h, plain.tau))
+        moved = base.grad - 0.5 * _log_det_to_mode(base, others, h)
+        errors[size] = (np.max(np.abs(base.grad - grad)), np.max(np.abs(moved - grad)))
+    (plain3, moved3), (plain4, moved4) = errors[1e-3], errors[1e-4]
+    assert plain3 > 3 * moved3 and plain4 > 30 * moved4
+    assert 5 < plain3 / plain4 < 20             # O(δv)
+    assert moved3 / moved4 > 30                 # O(δv²)
+
+
 class _LocalRounds:
     """The sites' shared sums in this process, counting rounds (the coordinator's rounds without a wire)."""
 

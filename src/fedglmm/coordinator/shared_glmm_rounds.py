@@ -10,8 +10,9 @@ tangent τ times the change of φ, plus half the change of τ, known from that p
 Λ C⁻¹ Λᵀ there; from their totals :class:`~fedglmm.likelihood.glmm_shared_pool.SharedGLMMPool` gives the
 Laplace log-likelihood and its gradient at each point, the central differences of the totals S the
 derivatives of log det C with the exact Γ (at the difference points: what Γ̂ missed, to first order),
-and the central differences of the gradients the Hessian.  The value, gradient and Hessian are those
-of ℓ(φ) at the joint mode to first order in δv.  A trial φ whose δv is not small (the start; a long
+and the central differences of the gradients the Hessian.  The same differences move the gradient's
+log-determinant part from v to v's mode (:func:`_log_det_to_mode`).  The value, gradient and Hessian
+are those of ℓ(φ) at the joint mode to first order in δv.  A trial φ whose δv is not small (the start; a long
 step) takes further rounds (:meth:`SharedGLMMEvaluator._solve`); otherwise the rounds are those of the
 Newton iteration.  At the estimate the final round is repeated, with v moved by δv, until v's Newton
 decrement is below ``FINAL_DEC``: its value and gradient are then those at the joint mode.
@@ -35,6 +36,7 @@ CAP = 2.0                    # largest move of a shared effect by one Newton ste
 GIVE_UP = 100.0              # a trial φ (not the start) whose v has a larger decrement is not pursued
 FINAL_DEC = 1e-8             # v's Newton decrement at the estimate below which its value is exact
 STEP = 1e-4          # central differences along (τ̄_j, e_j): h_j = STEP (1 + |φ_j|)
+TANGENT = 0.5        # the gradient is moved to v's mode where the predicted tangent τ̄ is within this of τ
 
 
 class SharedGLMMEvaluator:
@@ -86,7 +88,8 @@ class SharedGLMMEvaluator:
         S = [np.zeros((Q, Q)) if near is None else near.S_at(x[1]) for x in xs + line]
         gammas = [self.pool.gamma(x[1], s) for x, s in zip(xs + line, S)]
         psis = [self.pool.psi(x[1], x[0]) for x in xs + line]
-        return {"phi": phi, "xs": xs, "line": line, "gammas": gammas, "psis": psis, "h": h, "taubar": taubar}
+        return {"phi": phi, "xs": xs, "line": line, "gammas": gammas, "psis": psis, "h": h, "taubar": taubar,
+                "near": near is not None}
 
     def _step(self, pt: SharedPoint) -> np.ndarray:
         """v moved by its Newton step, shortened so that no shared effect b = Λv moves by more than CAP
@@ -118,6 +121,8 @@ class SharedGLMMEvaluator:
                           for t, x, g in zip(totals[1:m], plan["xs"][1:], plan["gammas"][1:m])]
             except (np.linalg.LinAlgError, ValueError):
                 return None, best, nan
+        if plan["near"] and np.abs(base.tau - plan["taubar"]).max() <= TANGENT * np.abs(base.tau).max():
+            base.grad = base.grad - 0.5 * _log_det_to_mode(base, others, plan["h"])
         H = np.empty((P, P))
         for j in range(P):
             H[:, j] = (others[2 * j].grad - others[2 * j + 1].grad) / (2.0 * plan["h"][j])
@@ -202,3 +207,21 @@ class SharedGLMMEvaluator:
         """The shared levels' modes b̂_v = Λ v̂ and SDs sqrt(diag Λ C⁻¹ Λᵀ), by factor (internal scale)."""
         L = self.pool.L(pt.phi[self.pool.p:])
         return by_factor(self.layout, self.zcols, L @ (pt.v + pt.dv), np.sqrt(np.maximum(np.diag(pt.Gamma), 0.0)))
+
+
+def _log_det_to_mode(base: SharedPoint, others: list, h: np.ndarray) -> np.ndarray:
+    """The change of D's derivative along the tangent, G_j = D_φj + D_v·τ_j, from the point x = (v, φ) to
+    v's mode x̂ = x + (δv, 0), to first order in δv, from the round's difference points x ± h_j T̄_j
+    (T̄_j = (τ̄_j, e_j), standing in for T_j = (τ_j, e_j)).
+
+    Two terms.  D's own: ∂_δ(D_φj + D_v·τ_j) at fixed τ_j equals (∂_T D_v)·δv (mixed partials
+    commute).  The tangent's: at x̂ the tangent solves F_vv τ + F_vφj = 0; differentiated along δ, with
+    ∂_δ∂_T F_v = ∂_T(F_vv δv) = −(∂_T C)δv, its change is Δτ_j = −C⁻¹(∂_T C)δv, and G_j moves by
+    D_v·Δτ_j.  Without them the gradient is off by O(δv): on a crossed poisson model (sim_items_pois) by
+    5.8e-6 at a final decrement of 1e-11, which moved θ̂ by 1e-7 against the pooled fit."""
+    out = np.empty(len(h))
+    for j, hj in enumerate(h):
+        plus, minus = others[2 * j], others[2 * j + 1]
+        dtau = -base.Cinv @ ((plus.C - minus.C) @ base.dv) / (2.0 * hj)
+        out[j] = base.dv @ (plus.Dv - minus.Dv) / (2.0 * hj) + base.Dv @ dtau
+    return out

@@ -11,6 +11,10 @@ and ℓ(φ) = F − ½D at the joint mode v̂(φ) (F_v = 0).  The mode's Newton 
 
     ℓ(φ) ≈ F + ½ F_v·δv − ½ (D + D_v·δv),      ∂ℓ/∂φ ≈ F_φ + τᵀF_v − ½ (D_φ + τᵀ D_v).
 
+The gradient's D part is here taken at v, not at the mode: it is off by O(δv) -- D_φ and D_v move with
+v, and so does the tangent τ.  The rounds move it to the mode from their difference points
+(:func:`fedglmm.coordinator.shared_glmm_rounds._log_det_to_mode`, with ``Dv`` and ``C`` of each point).
+
 The derivatives of log det C need those of S: ∂ log det C/∂ψ = ⟨Γ, ∂S/∂ψ⟩ (Γ = Λ C⁻¹ Λᵀ) plus the
 explicit 2 tr(C⁻¹ Λᵀ S Λ_t) of θ.  Γ depends on the point's own total S, which the sites cannot know
 when they compute: they contract ∂S_s with the coordinator's prediction Γ̂ (``gc``).  Where the round
@@ -44,6 +48,8 @@ class SharedPoint:
     F: float = np.nan       # Σ h* − ½‖v‖² at v: the objective v maximises
     dtau: np.ndarray | None = None  # ∂τ along (τ̄_j, e_j) (P × Q × P), when the round had the points for it
     dS: np.ndarray | None = None    # ∂S along (τ̄_j, e_j), when the round had the points for it
+    Dv: np.ndarray | None = None    # ∂D/∂v at (v, φ)
+    C: np.ndarray | None = None     # C = I + Λᵀ S Λ
 
     @property
     def decrement(self) -> float:
@@ -142,4 +148,4 @@ class SharedGLMMPool(SharedLambda):
         elif near is not None:
             Dtot = Dtot + np.einsum("qr,jqr->j", Gamma - near[0], near[1])
         grad = Fphi + tau.T @ Fv - 0.5 * Dtot
-        return SharedPoint(phi, v, value, grad, dv, tau, S, Cinv, Gamma, F=F, dS=dS)
+        return SharedPoint(phi, v, value, grad, dv, tau, S, Cinv, Gamma, F=F, dS=dS, Dv=Dv, C=C)
