@@ -22,6 +22,7 @@ from .newton import TrustRegionNewton
 from .setup import Setup, sum_replies
 
 GLMM_KEYS = ["value", "grad", "hess"]
+RUNAWAY = 1e3          # a gaussian start's largest |θ̃| (SDs relative to σ's): beyond it, the default start
 LMM_KEYS = ["n", "A", "b", "c", "d"]
 LMM_DERIVATIVE_KEYS = ["dA", "db", "dc", "dd", "d2A", "d2b", "d2c", "d2d"]
 
@@ -265,8 +266,12 @@ def _check_residual(s: dict) -> None:
 
 
 def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None) -> Estimate:
-    """Newton on the profiled REML or ML criterion in θ̃ from ``start`` (default: Λ̃ = I)."""
+    """Newton on the profiled REML or ML criterion in θ̃ from ``start`` (default: Λ̃ = I; also instead of a
+    start that is not finite or beyond RUNAWAY: a pseudo-data fit of a few groups can run off, and the
+    criterion's sums there lose definiteness)."""
     mask = setup.mask
+    if start is not None and not (np.all(np.isfinite(start)) and np.max(np.abs(start), initial=0.0) <= RUNAWAY):
+        start = None
     ntheta = int(mask.sum())
     keys = LMM_KEYS + (LMM_DERIVATIVE_KEYS if ntheta else [])
     profiles = {}
@@ -287,7 +292,11 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None)
         if not profiles:
             _check_residual(sums[0])
         for x, s in zip(xs, sums):
-            pr = profiled_deviance(s, options.reml)
+            try:
+                pr = profiled_deviance(s, options.reml)
+            except np.linalg.LinAlgError:       # a trial θ where the sums lost definiteness: stepped back from
+                out.append((np.nan, np.full(len(x), np.nan), np.full((len(x), len(x)), np.nan)))
+                continue
             profiles[np.asarray(x, float).tobytes()] = pr
             out.append((0.5 * pr.dev, 0.5 * pr.grad, 0.5 * pr.hess))
         return out, (parts, sums[0])
@@ -300,8 +309,13 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None)
 
             start = factor_theta_start(setup) if start is None else start
             edge = tuple(boundary_positions(mask))
+        # with correlations, the steps in Σ's entries (and the turns off a saddle) near a singular Σ, as for
+        # GLMMs: a random slope whose intercept SD is near 0 otherwise crawls along θ's curved valley (REML
+        # did not converge in 60 rounds on such a fit)
+        r_idx, c_idx = theta_index(mask)
         opt = TrustRegionNewton(_theta_start(mask) if start is None else np.asarray(start, float), options.newton,
-                                starts=others, boundary=edge, predict_final=bool(setup.factor_groups))
+                                starts=others, boundary=edge, predict_final=bool(setup.factor_groups),
+                                covariance=CovarianceSteps(mask, 0) if np.any(r_idx != c_idx) else None)
         theta, (final, s) = _run(opt, evaluate, lambda x: canonical_theta(x, mask))
         converged, trace = opt.converged, list(opt.trace)
     else:
