@@ -228,3 +228,21 @@ def test_lmm_start_that_ran_off_is_replaced():
     est = fit_lmm(evaluator, st, FitOptions(), start=np.array([580753.2, -335410.0, 406941.0]))
     ref = fit_lmm(evaluator, st, FitOptions())
     assert est.converged and abs(est.loglik - ref.loglik) < 1e-9
+
+
+@pytest.mark.parametrize("reml", [True, False], ids=["reml", "ml"])
+def test_gaussian_sites_that_keep_their_groups_start_from_their_own_fits(reml):
+    """Every group under the sites' minimum size (min_group 20, groups of 12): no group's statistics leave.
+    The sites' own fits (θ̂ relative to σ̂, combined by numbers of groups) start the rounds instead of
+    Λ̃ = I: extra_sim_gauss_factor over 3 sites, 7 -> 4 rounds, at the pooled fit."""
+    from fedglmm.site import SiteConfig
+
+    data = pd.read_csv(Path(__file__).parent / "data" / "extra_sim_gauss_factor.csv")
+    codes = pd.factorize(data["g"])[0]
+    sites = {f"s{i}": data[codes % 3 == i].reset_index(drop=True) for i in range(3)}
+    res = fedglmm.fit("y ~ x * f + (1 | g)", sites, reml=reml,
+                      site_config=SiteConfig(min_rows=10, min_cell=0, min_group=20))
+    pooled = fedglmm.fit("y ~ x * f + (1 | g)", data, reml=reml, method="iterative")
+    assert res.rounds <= 4 and abs(res.loglik - pooled.loglik) < 1e-8
+    assert np.allclose(res.theta, pooled.theta, atol=1e-7)
+    assert any("started from the sites' own fits" in m for m in res.messages)

@@ -298,6 +298,31 @@ def factor_combined_start(st, own: list, fallback):
     return (gamma, np.r_[theta, psi]), complete and bool(with_beta) and covered
 
 
+def gaussian_own_start(st, own: list) -> np.ndarray | None:
+    """θ̃0 for a gaussian model with one grouping factor from the sites' own fits (:func:`own_fit`, sent where
+    a site kept small groups' statistics): the relative covariance ΛΛᵀ averaged over the sites with at
+    least ``MIN_LEVELS`` groups, weighted by their groups, as :func:`factor_combined_start` does per factor.
+    None without such a fit."""
+    from ..model.spec import lambda_matrix, theta_index
+
+    r_idx, c_idx = theta_index(st.mask)
+    k, q = len(r_idx), st.mask.shape[0]
+    acc, wsum = np.zeros((q, q)), 0.0
+    for loc in own:
+        n, th = float(loc.get("ngroups", 0)), np.asarray(loc.get("theta", []), float)
+        if list(loc.get("z_names", [])) != list(st.znames) or n < MIN_LEVELS or th.shape != (k,) \
+                or not np.all(np.isfinite(th)):
+            continue
+        lam = lambda_matrix(th * st.theta_scale, q, (r_idx, c_idx))
+        acc, wsum = acc + n * (lam @ lam.T), wsum + n
+    if not wsum:
+        return None
+    try:
+        return np.linalg.cholesky(acc / wsum + 1e-12 * np.eye(q))[r_idx, c_idx]
+    except np.linalg.LinAlgError:
+        return None
+
+
 def _fixed_combination(st, own: list):
     """The fixed effects γ and the dispersion ψ of fits coded as agreed, combined with weights their marginal
     information (the inverse of their covariance); None if that cannot be done."""

@@ -22,7 +22,8 @@ from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.shared_rounds import shared_setup
-from ..coordinator.starts import combined_start, factor_combined_start, internal_start, OwnPart, own_part
+from ..coordinator.starts import (OwnPart, combined_start, factor_combined_start, gaussian_own_start,
+                                  internal_start, own_part)
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
@@ -103,14 +104,19 @@ def _candidates(req, st, merged, own: dict, pseudo, big: bool = False):
     """:func:`_starts` but the attenuation variants."""
     family, p = req.family, len(st.names)
     if st.factor_groups:
-        # several grouping factors: the sites' own fits, and the site-totals start beside them
-        if not own:
+        # several grouping factors: the sites' own fits, and the site-totals start beside them (one factor
+        # with levels shared by sites counts as several; a gaussian site's fit of one factor is not used)
+        if not own or family.name == "gaussian" and not any("levels" in o for o in own.values()):
             return None, None
         totals = factor_theta_start(st) if family.name == "gaussian" else start_values(st, family)
         combined, complete = factor_combined_start(st, list(own.values()), totals)
         # the site-totals start is tried beside it where the sites' fits left parts of it to them
         return (combined if family.name == "gaussian" or complete else (combined, totals)), None
     pair = lambda x: (x[:p], x[p:])                                     # noqa: E731
+    if pseudo is None and own and family.name == "gaussian":
+        # every group's statistics kept at its site: the sites' own fits combined (a gaussian site's fit has
+        # no information matrix: by numbers of groups)
+        return gaussian_own_start(st, list(own.values())), None
     if pseudo is None:
         if own and family.name != "gaussian":
             combined = combined_start(own, sd_index=_sd_index(st))
@@ -325,7 +331,8 @@ def _secure_setup(transport, payload, req, merged):
 def _own_parts(own: dict, replies: dict, st) -> dict:
     """The sites' own fits in the agreed coding (:func:`~fedglmm.coordinator.starts.own_part`); with several
     grouping factors as sent (:func:`~fedglmm.coordinator.starts.factor_combined_start` reads them)."""
-    if st.factor_groups or not own or isinstance(next(iter(own.values())), OwnPart):
+    if st.factor_groups or not own or isinstance(next(iter(own.values())), OwnPart) \
+            or next(iter(own.values())).get("info") is None:        # (gaussian: θ̂ alone)
         return own
     parts = {sid: own_part(loc, replies[sid], st) for sid, loc in own.items()}
     return {sid: o for sid, o in parts.items() if o is not None}

@@ -91,7 +91,7 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
             res = None
     else:
         res = local_fit(sub, fam, options, site_id, starts=[], third=third and not local.get("exact"), reply=reply)
-    if res is None or res["info"] is None:
+    if res is None or (res["info"] is None and fam.name != "gaussian"):
         return None
     out = {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"], "theta": res["theta"],
            "info": res["info"], "n": total, "ngroups": len(sizes) if d.Z.shape[1] else 0}

@@ -112,7 +112,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     if small.any():
         msg["refused"] = _small_refusal(site_id, small, sizes, levels, need, min_group, order, nvar)
     keep = ~small
-    if _own_wanted(local, keep) and fam.name != "gaussian":
+    if _own_wanted(local, keep) and (fam.name != "gaussian" or small.any() and int(local.get("sites", 1)) > 1):
         # its third derivatives only where no group's moments go (the pseudo-data have the shape then) or
         # the family has a dispersion parameter (which its pseudo-data carry only roughly)
         msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms,
