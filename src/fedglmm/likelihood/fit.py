@@ -265,10 +265,11 @@ def _check_residual(s: dict) -> None:
                          "no residual variance to estimate")
 
 
-def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None) -> Estimate:
+def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None, covariance: bool = True) -> Estimate:
     """Newton on the profiled REML or ML criterion in θ̃ from ``start`` (default: Λ̃ = I; also instead of a
     start that is not finite or beyond RUNAWAY: a pseudo-data fit of a few groups can run off, and the
-    criterion's sums there lose definiteness)."""
+    criterion's sums there lose definiteness).  ``covariance``: the steps in Σ's entries near a singular Σ
+    (off for a site's own fit, a start only, where their chain rule costs more than it gains)."""
     mask = setup.mask
     if start is not None and not (np.all(np.isfinite(start)) and np.max(np.abs(start), initial=0.0) <= RUNAWAY):
         start = None
@@ -315,7 +316,7 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None)
         r_idx, c_idx = theta_index(mask)
         opt = TrustRegionNewton(_theta_start(mask) if start is None else np.asarray(start, float), options.newton,
                                 starts=others, boundary=edge, predict_final=bool(setup.factor_groups),
-                                covariance=CovarianceSteps(mask, 0) if np.any(r_idx != c_idx) else None)
+                                covariance=CovarianceSteps(mask, 0) if covariance and np.any(r_idx != c_idx) else None)
         theta, (final, s) = _run(opt, evaluate, lambda x: canonical_theta(x, mask))
         converged, trace = opt.converged, list(opt.trace)
     else:

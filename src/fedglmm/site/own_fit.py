@@ -90,7 +90,8 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
         except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
             res = None
     else:
-        res = local_fit(sub, fam, options, site_id, starts=[], third=third and not local.get("exact"), reply=reply)
+        res = local_fit(sub, fam, options, site_id, starts=[], third=third and not local.get("exact"), reply=reply,
+                        covariance=bool(local.get("exact")))
     if res is None or (res["info"] is None and fam.name != "gaussian"):
         return None
     out = {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"], "theta": res["theta"],
@@ -173,12 +174,12 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
 
 
 def local_fit(design: Design, family: Family, options: FitOptions, site_id: str, starts=None,
-              third: bool = False, reply: dict | None = None) -> dict | None:
+              third: bool = False, reply: dict | None = None, covariance: bool = True) -> dict | None:
     """A fit of ``design`` alone, as an estimate and its information on the user's scale: β, θ (followed by
     the log-dispersion ψ for a family with one) and the information matrix of (β, θ, ψ) (gaussian: None).  ``starts``: the GLMM iteration's further first-round
     points (default: the start's covariance halved and doubled); ``third``: also
     the third derivatives of −ℓ there (:func:`third_derivatives`, user's scale); ``reply``: the design's
-    set-up reply, if at hand.  None when the fit fails or does not converge."""
+    set-up reply, if at hand; ``covariance``: a gaussian fit's steps in Σ's entries (:func:`fit_lmm`).  None when the fit fails or does not converge."""
     if family.name != "gaussian":      # (a gaussian fit's few θ steps are as before: see NewtonConfig.local)
         options = replace(options, newton=options.newton.local)
     try:
@@ -186,7 +187,7 @@ def local_fit(design: Design, family: Family, options: FitOptions, site_id: str,
         engine = make_engine(design, family, options.nagq, options.curvature, st.A, st.zs)
         evaluator = LocalEvaluator({site_id: engine}, {site_id: None if design.factors or not design.Z.shape[1]
                                                        else design.group_levels})
-        est = fit_lmm(evaluator, st, options) if family.name == "gaussian" else \
+        est = fit_lmm(evaluator, st, options, covariance=covariance) if family.name == "gaussian" else \
             fit_glmm(evaluator, st, *start_values(st, family), options, starts=starts)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
@@ -246,7 +247,8 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
         if exact:
             return local_fit(design, family, FitOptions(curvature=curvature, reml=reml), site_id)
         if family.name == "gaussian":
-            return local_fit(design, family, FitOptions(reml=reml, newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id)
+            return local_fit(design, family, FitOptions(reml=reml, newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id,
+                             covariance=False)
         return _cut_short(design, family, 1, curvature, site_id, SHORT_ROUNDS, 0.0)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
