@@ -259,7 +259,7 @@ def factor_combined_start(st, own: list, fallback):
     gaussian = not isinstance(fallback, tuple)
     gamma0, theta0 = (None, np.asarray(fallback, float)) if gaussian else fallback
     own = [loc for loc in own if list(loc.get("z_names", [])) == list(st.znames)]       # coded as agreed
-    mask, ts = st.mask, st.theta_scale
+    mask = st.mask
     r_idx, c_idx = theta_index(mask)
     k = len(r_idx)
     full, theta0, psi = np.asarray(theta0, float), np.asarray(theta0, float)[:k], np.asarray(theta0, float)[k:]
@@ -268,16 +268,11 @@ def factor_combined_start(st, own: list, fallback):
     sig = lam0 @ lam0.T
     complete = True
     for g, cols in st.factor_columns().items():
-        acc, wsum = 0.0, 0.0
-        for loc in own:
-            n = float(loc.get("levels", {}).get(g, 0))
-            th = np.asarray(loc.get("theta", []), float)
-            if n >= MIN_LEVELS and th.shape == full.shape and np.all(np.isfinite(th)):
-                lam = lambda_matrix(th[:k] * ts, q, (r_idx, c_idx))[np.ix_(cols, cols)]
-                acc, wsum = acc + n * (lam @ lam.T), wsum + n
-        if wsum:
-            sig[np.ix_(cols, cols)] = acc / wsum
-        complete = complete and wsum > 0
+        mean = _mean_covariance(st, [(float(loc.get("levels", {}).get(g, 0)), np.asarray(loc.get("theta", []), float))
+                                     for loc in own], full.shape, cols)
+        if mean is not None:
+            sig[np.ix_(cols, cols)] = mean
+        complete = complete and mean is not None
     try:
         L = np.linalg.cholesky(sig + 1e-12 * np.eye(q))
     except np.linalg.LinAlgError:
@@ -300,27 +295,38 @@ def factor_combined_start(st, own: list, fallback):
 
 def gaussian_own_start(st, own: list) -> np.ndarray | None:
     """θ̃0 for a gaussian model with one grouping factor from the sites' own fits (:func:`own_fit`, sent where
-    a site kept small groups' statistics): the relative covariance ΛΛᵀ averaged over the sites with at
-    least ``MIN_LEVELS`` groups, weighted by their groups, as :func:`factor_combined_start` does per factor.
-    None without such a fit."""
+    a site kept small groups' statistics): their relative covariance ΛΛᵀ averaged as
+    :func:`factor_combined_start` does per factor (:func:`_mean_covariance`, by numbers of groups).  None
+    without such a fit."""
+    from ..model.spec import theta_index
+
+    r_idx, c_idx = theta_index(st.mask)
+    q = st.mask.shape[0]
+    fits = [(float(loc.get("ngroups", 0)), np.asarray(loc.get("theta", []), float))
+            for loc in own if list(loc.get("z_names", [])) == list(st.znames)]
+    mean = _mean_covariance(st, fits, (len(r_idx),), np.arange(q))
+    if mean is None:
+        return None
+    try:
+        return np.linalg.cholesky(mean + 1e-12 * np.eye(q))[r_idx, c_idx]
+    except np.linalg.LinAlgError:
+        return None
+
+
+def _mean_covariance(st, fits: list, shape: tuple, cols) -> np.ndarray | None:
+    """The covariance of the Z columns ``cols`` (internal scale) averaged over the sites' fits ``fits`` --
+    (n, θ̂ on the user's scale, of ``shape``) -- with at least ``MIN_LEVELS`` levels behind them, weighted
+    by n; None without one."""
     from ..model.spec import lambda_matrix, theta_index
 
     r_idx, c_idx = theta_index(st.mask)
     k, q = len(r_idx), st.mask.shape[0]
-    acc, wsum = np.zeros((q, q)), 0.0
-    for loc in own:
-        n, th = float(loc.get("ngroups", 0)), np.asarray(loc.get("theta", []), float)
-        if list(loc.get("z_names", [])) != list(st.znames) or n < MIN_LEVELS or th.shape != (k,) \
-                or not np.all(np.isfinite(th)):
-            continue
-        lam = lambda_matrix(th * st.theta_scale, q, (r_idx, c_idx))
-        acc, wsum = acc + n * (lam @ lam.T), wsum + n
-    if not wsum:
-        return None
-    try:
-        return np.linalg.cholesky(acc / wsum + 1e-12 * np.eye(q))[r_idx, c_idx]
-    except np.linalg.LinAlgError:
-        return None
+    acc, wsum = 0.0, 0.0
+    for n, th in fits:
+        if n >= MIN_LEVELS and th.shape == shape and np.all(np.isfinite(th)):
+            lam = lambda_matrix(th[:k] * st.theta_scale, q, (r_idx, c_idx))[np.ix_(cols, cols)]
+            acc, wsum = acc + n * (lam @ lam.T), wsum + n
+    return acc / wsum if wsum else None
 
 
 def _fixed_combination(st, own: list):

@@ -179,7 +179,8 @@ def local_fit(design: Design, family: Family, options: FitOptions, site_id: str,
     the log-dispersion ψ for a family with one) and the information matrix of (β, θ, ψ) (gaussian: None).  ``starts``: the GLMM iteration's further first-round
     points (default: the start's covariance halved and doubled); ``third``: also
     the third derivatives of −ℓ there (:func:`third_derivatives`, user's scale); ``reply``: the design's
-    set-up reply, if at hand; ``covariance``: a gaussian fit's steps in Σ's entries (:func:`fit_lmm`).  None when the fit fails or does not converge."""
+    set-up reply, if at hand; ``covariance``: a gaussian fit's steps in Σ's entries (:func:`fit_lmm`).
+    None when the fit fails or does not converge."""
     if family.name != "gaussian":      # (a gaussian fit's few θ steps are as before: see NewtonConfig.local)
         options = replace(options, newton=options.newton.local)
     try:
