@@ -172,3 +172,113 @@ def test_threads_only_where_a_site_holds_many_rows(monkeypatch):
     seen = []
     assert fused.parallel_map(lambda x: seen.append(x) or x * 2, [1, 2, 3], parallel=False) == [2, 4, 6]
     assert seen == [1, 2, 3]
+
+
+def test_rows_from_holds_in_its_thread_and_is_undone():
+    """In-process sites evaluate through the kernel from the rows the transport says, in their own thread
+    only, and the default comes back after (also when a test changes MIN_ROWS meanwhile)."""
+    import threading
+
+    ref, _, _ = _pair("contra-logit-int")
+    assert ref.n < fused.MIN_ROWS and not fused.usable(ref)
+    seen = []
+    with fused.rows_from(0):
+        assert fused.usable(ref)
+        t = threading.Thread(target=lambda: seen.append(fused.usable(ref)))
+        t.start()
+        t.join()
+        with fused.rows_from(10**12):
+            assert not fused.usable(ref)
+        assert fused.usable(ref)
+    assert seen == [False]                       # another thread keeps the default
+    assert not fused.usable(ref) and fused.min_rows() == fused.MIN_ROWS
+
+
+def test_in_process_sites_share_the_kernel_when_they_hold_many_rows(monkeypatch):
+    """Sites of fewer than MIN_ROWS rows each use the kernel when, in one process, they hold MIN_ROWS
+    together: the same fit (rounds, estimates) as with the numpy engine everywhere; a lone small site, or
+    few rows in all, keeps the default."""
+    from types import SimpleNamespace as NS
+
+    import pandas as pd
+
+    import fedglmm
+    from fedglmm.transport import InProcessTransport
+    from test_likelihood import DATA
+
+    few = {f"s{i}": NS(frame=np.zeros(1000), audit=None) for i in range(4)}
+    assert InProcessTransport(few)._kernel_rows() is None                    # 4000 rows in all
+    assert InProcessTransport({"s": NS(frame=np.zeros(6000), audit=None)})._kernel_rows() is None
+    few["s4"] = NS(frame=np.zeros(1000), audit=None)
+    assert InProcessTransport(few)._kernel_rows() == 0
+
+    df = pd.read_csv(DATA / "extra_sim_logit_uncorr.csv")
+    sites = {f"s{i}": df[pd.factorize(df["g"])[0] % 4 == i].reset_index(drop=True) for i in range(4)}
+    formula = "y ~ x1 + x2 + (x1 || g)"
+    calls = []
+    real = fused.evaluate
+    monkeypatch.setattr(fused, "evaluate", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(fused, "MIN_ROWS", len(df))          # the sites hold MIN_ROWS together
+    shared = fedglmm.fit(formula, sites, family="binomial")
+    assert calls                                               # the sites' engines went through the kernel
+    calls.clear()
+    monkeypatch.setattr(fused, "MIN_ROWS", len(df) + 1)        # one row short: numpy everywhere
+    alone = fedglmm.fit(formula, sites, family="binomial")
+    assert not calls
+    assert shared.rounds == alone.rounds
+    np.testing.assert_allclose(shared.fixef, alone.fixef, rtol=1e-8)
+    np.testing.assert_allclose(shared.theta, alone.theta, rtol=1e-8)
+    assert shared.loglik == pytest.approx(alone.loglik, rel=1e-11)
+
+
+def test_coordinator_pseudo_data_in_chunks_and_small_parts_by_the_kernel(monkeypatch):
+    """The sites' pseudo rows as one engine are cut into SPREAD chunks of SPREAD_ROWS at least (the same
+    sums as one chunk), and where they hold MERGE_ROWS in all a site's own pseudo rows, however few, are
+    evaluated by the kernel too (the same sums as numpy's)."""
+    import pandas as pd
+
+    from fedglmm.coordinator import virtual
+    from fedglmm.coordinator.messages import merge_messages
+    from fedglmm.likelihood.setup import make_setup
+    from fedglmm.model.families import get_family
+    from fedglmm.model.options import FitOptions
+    from fedglmm.site.summaries import summarize
+    from test_likelihood import DATA
+
+    df = pd.read_csv(DATA / "extra_sim_logit_uncorr.csv")
+    formula, fam = "y ~ x1 + x2 + (x1 || g)", get_family("binomial")
+    codes = pd.factorize(df["g"])[0]
+    replies = {f"s{i}": summarize(df[codes % 3 == i].reset_index(drop=True), formula, "binomial", None, f"s{i}",
+                                  order=2) for i in range(3)}
+    merged = merge_messages(replies, formula, fam)
+    def parts_at(merge_rows):
+        monkeypatch.setattr(virtual, "MERGE_ROWS", merge_rows)
+        parts, _ = virtual.stand_ins(merged, replies, FitOptions(), 0, 4.0)
+        st = make_setup({sid: p.setup for sid, p in parts.items()}, fam.ndisp)
+        return parts, st
+
+    parts, st = parts_at(0)
+    rows = sum(p.design.n for p in parts.values())
+    monkeypatch.setattr(fused, "SPREAD_ROWS", rows // 5)
+    whole = virtual.part_engines(parts, st)[0]
+    (eng,) = whole.values()
+    phi = np.r_[np.linalg.solve(st.A, [-0.3, 0.5, -0.2]), 0.8 * st.zs]
+    got = eng.evaluate(phi)
+    assert eng.spread and len(eng._fused.chunks) == 5
+    eng.spread, eng._fused, eng.u, eng._last = False, None, None, None
+    want = eng.evaluate(phi)
+    assert len(eng._fused.chunks) == 1
+    _close(got.value, want.value, "value", 1e-12)
+    _close(got.grad, want.grad, "gradient", 1e-12)
+    _close(got.hess, want.hess, "Hessian", 1e-12)
+    # one site's pseudo rows: by the kernel where the parts hold MERGE_ROWS, else by numpy
+    sid = next(iter(parts))
+    small = parts[sid].engines.get(st.A, st.zs)
+    assert small.n < fused.MIN_ROWS and fused.usable(small)
+    parts, st = parts_at(rows + 1)
+    numpy_engine = parts[sid].engines.get(st.A, st.zs)
+    assert not fused.usable(numpy_engine)
+    a, b = small.evaluate(phi), numpy_engine.evaluate(phi)
+    _close(a.value, b.value, "value", 1e-11)
+    _close(a.grad, b.grad, "gradient")
+    _close(a.hess, b.hess, "Hessian")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..likelihood.fused import parallel_map
 
 
 @dataclass
@@ -36,7 +37,6 @@ class OwnPart:
         d = x - self.center
         Kd = self.K @ d
         return 0.5 * d @ Kd, Kd, self.K
-
 
 def own_part(loc: dict, message: dict, st) -> OwnPart | None:
     """A site's own fit (:func:`fedglmm.site.own_fit.own_fit`; ``message`` is the one-shot message it came
@@ -78,7 +78,6 @@ def own_part(loc: dict, message: dict, st) -> OwnPart | None:
     ok = all(np.all(np.isfinite(a)) for a in (K, h, center))
     return OwnPart(K, h, center, float(loc["ngroups"]), T) if ok else None
 
-
 def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd_index=(),
                    radius: float = 3.0) -> list:
     """Starts (γ, θ̃ stacked) from the sites' own fits ``own`` {site: OwnPart} and the pseudo-data: ``pseudo``
@@ -93,10 +92,10 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
         return []
     K, h = sum(o.K for o in parts), sum(o.h for o in parts)
     xlog = _log_combination(parts, np.asarray(sd_index, dtype=np.int64))
-    taylor = []                        # the sites' own pseudo-data to second order at their estimates
-    for sid, P in (each or {}).items():
-        if sid in own and P is not None:
-            taylor.append((own[sid].center, *P(own[sid].center)))
+    # the sites' own pseudo-data to second order at their estimates (in parallel threads: the kernel
+    # evaluates them without the interpreter lock)
+    mine = [(own[sid].center, P) for sid, P in (each or {}).items() if sid in own and P is not None]
+    taylor = [(c, *v) for (c, _), v in zip(mine, parallel_map(lambda cp: cp[1](cp[0]), mine))]
     xq = np.linalg.lstsq(K, h, rcond=None)[0]
     out = [x for x in (xlog,) if x is not None]
     if pseudo is None and np.all(np.isfinite(xq)) and any(o.T is not None for o in parts):
@@ -124,7 +123,6 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
         out += [cubic] if cubic is not None else []
     return out
 
-
 def _on_log_scale(o: OwnPart, idx: np.ndarray):
     """A fit's centre, information and third derivatives with the entries ``idx`` (standard deviations) on
     the log scale, x_i = exp(y_i) (the chain rule to third order; the gradient is zero at the centre)."""
@@ -141,7 +139,6 @@ def _on_log_scale(o: OwnPart, idx: np.ndarray):
         T[b, :, b] += KJ2[:, b]
         T[b, b, :] += KJ2[:, b]
     return c, K, T
-
 
 def _log_cubic(parts: list, idx: np.ndarray):
     """The sum of the sites' fits to third order in y (the standard deviations ``idx`` on the log scale), as
@@ -160,7 +157,6 @@ def _log_cubic(parts: list, idx: np.ndarray):
 
     return cubic, K, yq
 
-
 def _cubic_combination(parts: list, idx: np.ndarray, radius: float):
     """The minimiser of the sum of the sites' fits to third order, with the standard deviations on the log
     scale (where their likelihoods are closer to quadratic), within ``radius`` of the quadratic combination
@@ -175,14 +171,12 @@ def _cubic_combination(parts: list, idx: np.ndarray, radius: float):
     y[idx] = np.exp(_within_sites(y[idx], parts, idx))
     return y if np.all(np.isfinite(y)) else None
 
-
 def _within_sites(logsd: np.ndarray, parts: list, idx: np.ndarray) -> np.ndarray:
     """Combined log standard deviations kept within a factor of 2 of the range of the sites' own: a
     combination of their fits beyond that is the coupling of a site's nearly singular information (an SD
     at zero there), not the data (exp(30) was seen)."""
     own = np.log(np.maximum(np.array([np.abs(o.center[idx]) for o in parts]), 1e-4))
     return np.clip(logsd, own.min(axis=0) - np.log(2.0), own.max(axis=0) + np.log(2.0))
-
 
 def _log_combination(parts: list, idx: np.ndarray):
     """The information-weighted combination of the fits with the entries ``idx`` (standard deviations) on the
@@ -202,7 +196,6 @@ def _log_combination(parts: list, idx: np.ndarray):
         return None
     y[idx] = np.exp(_within_sites(y[idx], parts, idx))
     return y if np.all(np.isfinite(y)) else None
-
 
 def _minimise_in_ball(C, xq, K, radius: float, others=(), iterations: int = 20):
     """Damped Newton on C from the best of x_q and ``others`` (the anchor), within ‖x − anchor‖_K ≤ radius
@@ -240,10 +233,8 @@ def _minimise_in_ball(C, xq, K, radius: float, others=(), iterations: int = 20):
         return None
     return x if np.all(np.isfinite(x)) else None
 
-
 MIN_LEVELS = 5        # a site's own estimate of a factor's covariance counts from this many of its levels
 MIN_SHARE = 0.9       # the sites' own fits alone start the Newton rounds when they cover this share of rows
-
 
 def factor_combined_start(st, own: list, fallback):
     """With several grouping factors, a start from the sites' own fits (internal scale): each factor's
@@ -292,7 +283,6 @@ def factor_combined_start(st, own: list, fallback):
     covered = sum(float(loc.get("n", 0.0)) for loc in with_beta) >= MIN_SHARE * st.n
     return (gamma, np.r_[theta, psi]), complete and bool(with_beta) and covered
 
-
 def gaussian_own_start(st, own: list) -> np.ndarray | None:
     """θ̃0 for a gaussian model with one grouping factor from the sites' own fits (:func:`own_fit`, sent where
     a site kept small groups' statistics): their relative covariance ΛΛᵀ averaged as
@@ -312,7 +302,6 @@ def gaussian_own_start(st, own: list) -> np.ndarray | None:
     except np.linalg.LinAlgError:
         return None
 
-
 def _mean_covariance(st, fits: list, shape: tuple, cols) -> np.ndarray | None:
     """The covariance of the Z columns ``cols`` (internal scale) averaged over the sites' fits ``fits`` --
     (n, θ̂ on the user's scale, of ``shape``) -- with at least ``MIN_LEVELS`` levels behind them, weighted
@@ -327,7 +316,6 @@ def _mean_covariance(st, fits: list, shape: tuple, cols) -> np.ndarray | None:
             lam = lambda_matrix(th[:k] * st.theta_scale, q, (r_idx, c_idx))[np.ix_(cols, cols)]
             acc, wsum = acc + n * (lam @ lam.T), wsum + n
     return acc / wsum if wsum else None
-
 
 def _fixed_combination(st, own: list):
     """The fixed effects γ and the dispersion ψ of fits coded as agreed, combined with weights their marginal
@@ -353,7 +341,6 @@ def _fixed_combination(st, own: list):
     except (np.linalg.LinAlgError, ValueError):
         return None
     return (y[:p], y[p:]) if np.all(np.isfinite(y)) else None
-
 
 def internal_start(fixef, theta, st) -> tuple[np.ndarray, np.ndarray]:
     """A fit's estimates on the iterative method's internal scale (γ = A⁻¹β, θ̃ = diag(zs) θ)."""

@@ -52,7 +52,7 @@ def part_engines(parts: dict, st: Setup, skip=()) -> tuple[dict, dict]:
 
     Many pseudo rows (at least :data:`MERGE_ROWS`): the parts' rows as one design and one engine, so that
     the coordinator's work per evaluation grows with the rows it generated, not with the number of sites
-    (and a large engine runs the fused kernel in parallel chunks).  The groups are disjoint, so the sums are
+    (and the engine runs the fused kernel in parallel chunks).  The groups are disjoint, so the sums are
     the same up to rounding."""
     use = {sid: p for sid, p in parts.items() if sid not in skip}
     designs = [p.design for p in use.values()]
@@ -62,9 +62,23 @@ def part_engines(parts: dict, st: Setup, skip=()) -> tuple[dict, dict]:
     key = tuple(use)
     if key not in pool:
         d = _concatenate(designs)
-        pool[key] = (pool["make"](d), list(d.group_levels) if d.Z.shape[1] else None)
+        pool[key] = (pool["make"](d, True), list(d.group_levels) if d.Z.shape[1] else None)
     cache, levels = pool[key]
     return {"+".join(key): cache.get(st.A, st.zs)}, {"+".join(key): levels}
+
+
+def _at_coordinator(engine, spread: bool, kernel: bool):
+    """``engine``, its kernel evaluations cut into chunks for the machine's cores where ``spread`` (all sites'
+    pseudo rows as one engine: at the coordinator nothing else runs beside them; see
+    :data:`~fedglmm.likelihood.fused.SPREAD`), and evaluated by the kernel however few its rows where
+    ``kernel`` (the parts hold :data:`MERGE_ROWS` in all, so the kernel is loaded for their merged engine
+    anyway: a site's pseudo rows alone, which the hybrid evaluates at its own fit, then take a quarter of
+    the numpy engine's time)."""
+    if spread:
+        engine.spread = True
+    if kernel:
+        engine.kernel = True
+    return engine
 
 
 def _concatenate(designs: list) -> Design:
@@ -94,8 +108,9 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
     ``bins``: the sites' pooled small groups (:func:`pooled_design`) join their stand-ins (the hybrid)."""
     family = merged.family
     parts, diagnostics = {}, {}
-    pooled = {"make": lambda d: EngineCache(lambda A, zs: make_engine(d, family, options.nagq, options.curvature,
-                                                                      A, zs))}
+    pooled = {"make": lambda d, spread=False: EngineCache(
+        lambda A, zs: _at_coordinator(make_engine(d, family, options.nagq, options.curvature, A, zs), spread,
+                                      pooled.get("kernel", False)))}
     for sid, m in messages.items():
         blocks = merged.blocks[sid]
         extra = merged.pooled.get(sid) if bins else None
@@ -125,6 +140,8 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
         engines = pooled["make"](design)
         levels = list(design.group_levels) if design.Z.shape[1] else None
         parts[sid] = Part(m["description"], setup_reply(design, family), levels, engines, design, pooled)
+    # (the engines are built when first asked for, after this)
+    pooled["kernel"] = sum(p.design.n for p in parts.values() if p.design is not None) >= MERGE_ROWS
     return parts, diagnostics
 
 

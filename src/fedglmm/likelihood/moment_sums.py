@@ -2,7 +2,7 @@
 
 The sums are Σ_{rows of g} Π_k v_k^{e_k} for every exponent vector e of :func:`fedglmm.model.moments.monomials`
 (v_0 the outcome).  numpy forms an n × M table of monomial values first (M = 36 for six covariates at
-order 2); for a large site (at least :data:`fedglmm.likelihood.fused.MIN_ROWS` rows, numba importable;
+order 2); for a large site (at least :func:`fedglmm.likelihood.fused.min_rows` rows, numba importable;
 :func:`fedglmm.site.summaries` decides) this compiled loop builds each row's monomials from those of lower degree (one product each) and adds them to
 its group's sums, so memory stays at the G × M result.  Both give the same sums up to rounding.
 

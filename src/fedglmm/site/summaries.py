@@ -239,7 +239,7 @@ def _moment_blocks(d: Design, starts, levels, keep, order: int, variables=None) 
     names, V = moment_variables(d) if variables is None else variables
     expo = monomials(V.shape[1], order)
     bernoulli = bool(np.all(d.trials == 1.0))
-    if d.n >= fused.MIN_ROWS and fused._kernel():                                 # large sites: compiled
+    if d.n >= fused.min_rows() and fused._kernel():                                 # large sites: compiled
         from ..likelihood.moment_sums import group_moments
 
         sums = group_moments(V[:, 1:], d.y, d.trials, starts, expo, bernoulli)

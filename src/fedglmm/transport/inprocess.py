@@ -20,6 +20,7 @@ from typing import Callable, Protocol
 from .. import protocol
 from ..errors import SiteRefusal
 from ..likelihood.blas import single_blas
+from ..likelihood import fused
 from ..likelihood.fused import threads_pay
 
 _POOL: ThreadPoolExecutor | None = None
@@ -51,10 +52,15 @@ class Transport(Protocol):
     def broadcast(self, message: dict) -> dict[str, dict]: ...
 
 
-def _answer(site, data: bytes) -> tuple[bytes, float]:
-    """A site's reply and the CPU seconds its thread spent on it."""
+def _answer(site, data: bytes, kernel_rows: int | None = None) -> tuple[bytes, float]:
+    """A site's reply and the CPU seconds its thread spent on it; its engines use the compiled kernel from
+    ``kernel_rows`` rows (:func:`~fedglmm.likelihood.fused.rows_from`; None: the default)."""
     t0 = time.thread_time()
-    out = site.handle(data)
+    if kernel_rows is None:
+        out = site.handle(data)
+    else:
+        with fused.rows_from(kernel_rows):
+            out = site.handle(data)
     return out, time.thread_time() - t0
 
 
@@ -74,6 +80,16 @@ class InProcessTransport:
     def site_ids(self) -> list[str]:
         return list(self.sites)
 
+    def _kernel_rows(self) -> int | None:
+        """The rows from which the sites' engines use the compiled kernel: any (0) where several sites hold
+        :data:`~fedglmm.likelihood.fused.MIN_ROWS` rows together -- they share this process and the kernel's
+        load -- else None (the default; a site that does not say how many rows it holds counts as many)."""
+        sizes = []
+        for site in self.sites.values():
+            frame = getattr(site, "frame", None)
+            sizes.append(len(frame) if frame is not None else fused.MIN_ROWS)
+        return 0 if len(sizes) > 1 and sum(sizes) >= fused.MIN_ROWS else None
+
     def _in_parallel(self) -> bool:
         return self.parallel and len(self.sites) > 1 and workers() > 1 and threads_pay(self.sites.values()) \
             and not any(getattr(site, "audit", None) is not None for site in self.sites.values())
@@ -83,12 +99,13 @@ class InProcessTransport:
         data = protocol.encode(message)
         self.rounds += 1
         t0 = time.perf_counter()
+        rows = self._kernel_rows()
         if self._in_parallel():
             with single_blas():          # one BLAS thread per site thread: no more threads than cores
-                futures = {sid: _pool().submit(_answer, site, data) for sid, site in self.sites.items()}
+                futures = {sid: _pool().submit(_answer, site, data, rows) for sid, site in self.sites.items()}
                 answers = {sid: f.result() for sid, f in futures.items()}
         else:
-            answers = {sid: _answer(site, data) for sid, site in self.sites.items()}
+            answers = {sid: _answer(site, data, rows) for sid, site in self.sites.items()}
         self.timings.append({"kind": message.get("kind", ""), "wall": time.perf_counter() - t0,
                              "site_cpu": {sid: a[1] for sid, a in answers.items()}})
         replies = {}
