@@ -322,3 +322,100 @@ def test_every_fit_and_summary_sent_start_without_a_pseudo_data_fit(monkeypatch)
     assert fit.rounds <= 4
     assert np.allclose(fit.fixef, exact.fixef, atol=1e-8) and np.allclose(fit.theta, exact.theta, atol=1e-8)
     assert abs(fit.loglik - exact.loglik) < 1e-8
+
+
+# --- a factor of which each site holds one level (each hospital a site) ---------------------------------
+
+BCG_Y = [-0.889311333920205, -1.58538865720143, -1.34807314829969, -1.44155119002131, -0.217547322211296,
+         -0.786115585818864, -1.62089822359839, 0.0119523335238405, -0.469417648738149, -1.37134480347278,
+         -0.339358828338391, 0.445913400571379, -0.0173139482168798]
+BCG_V = [0.325584765003961, 0.194581121398144, 0.415367965367965, 0.0200100319022476, 0.0512101721696309,
+         0.00690561845590876, 0.223017247572315, 0.00396157929781773, 0.056434210463249, 0.0730247936130289,
+         0.0124122139715597, 0.532505845200153, 0.0714046596839863]
+
+
+def test_between_sites_variance_is_dersimonian_laird():
+    """The sites' intercepts as the 13 BCG trials' log risk ratios (metafor's dat.bcg, escalc RR): τ̂² and
+    the combined intercept are metafor 3.8-1's rma(method = "DL"): 0.308760262862 and −0.714117222073; a
+    slope independent of the intercept combines as its own weighted mean; the factor's variance goes to the
+    internal scale (θ̃ = θ·theta_scale)."""
+    from types import SimpleNamespace as NS
+
+    from fedglmm.coordinator.starts import _between_sites
+
+    st = NS(names=["Intercept", "x"], ndisp=0, A=np.eye(2), mask=np.eye(2, dtype=bool),
+            theta_scale=np.array([1.0, 2.0]), factor_columns=lambda: {"patient": [0], "hospital": [1]})
+    slopes = np.linspace(0.1, 0.4, 13)
+    fits = [{"alone": ["hospital"], "names": ["Intercept", "x"], "beta": [y, b], "theta": [0.7, 0.0],
+             "info": np.linalg.inv(np.diag([v, 0.04 * (1 + k), 0.01])), "n": 100.0, "levels": {"patient": 30}}
+            for k, (y, v, b) in enumerate(zip(BCG_Y, BCG_V, slopes))]
+    out = _between_sites(st, fits)
+    assert out["hospital"] == pytest.approx(4.0 * 0.308760262862, rel=1e-10)
+    gamma, psi = out["fixed"]
+    assert gamma[0] == pytest.approx(-0.714117222073, rel=1e-10)
+    w = 1.0 / (0.04 * (1 + np.arange(13)))
+    assert gamma[1] == pytest.approx(float(w @ slopes / w.sum()), rel=1e-12) and len(psi) == 0
+    assert _between_sites(st, fits[:4]) == {}                       # too few sites to tell
+    assert _between_sites(st, fits + [dict(fits[0], alone=None)]) == {}   # a site of another kind among them
+
+
+def _hospitals(seed: int, H: int = 12):
+    """Binary visits of patients in H hospitals, each hospital a site: 25-40 patients of 3-6 visits."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for h in range(H):
+        bh = rng.normal(0.0, 0.6)
+        for i in range(int(rng.integers(25, 41))):
+            bi, t = rng.normal(0.0, 1.0), np.arange(int(rng.integers(3, 7))) / 2.0
+            trt = int(rng.integers(0, 2))
+            eta = -0.3 + 0.6 * trt - 0.4 * t + bi + bh
+            rows.append(pd.DataFrame({"y": rng.binomial(1, 1.0 / (1.0 + np.exp(-eta))), "trt": trt, "time": t,
+                                      "patient": f"h{h}p{i}", "hospital": f"h{h}"}))
+    df = pd.concat(rows, ignore_index=True)
+    return {h: part.reset_index(drop=True) for h, part in df.groupby("hospital")}
+
+
+def test_a_site_of_one_hospital_fits_the_model_without_it():
+    """A site holding one level of a factor sends its fit of the model without that factor's terms, θ in the
+    full model's layout (that factor's entry 0): the kept factor's SD is the reduced model's own fit."""
+    sites = _hospitals(3)
+    df = sites["h0"]
+    formula = "y ~ trt + time + (1 | patient) + (1 | hospital)"
+    msg = summarize(df, formula, "binomial", None, "h0", order=2, local={"nagq": 1})
+    loc = msg["local"]
+    assert loc["alone"] == ["hospital"] and loc["levels"] == {"patient": df["patient"].nunique(), "hospital": 1}
+    assert loc["z_names"] == ["Intercept", "Intercept"] and loc["theta"][1] == 0.0
+    alone = fedglmm.fit("y ~ trt + time + (1 | patient)", df, family="binomial")
+    assert loc["theta"][0] == pytest.approx(float(alone.theta[0]), abs=0.02)      # a short fit: a start
+    np.testing.assert_allclose(loc["beta"], alone.fixef.to_numpy(), atol=0.02)
+    assert np.asarray(loc["info"]).shape == (4, 4)                   # β (3) and the patients' θ
+
+
+def test_sites_of_one_hospital_each_start_from_their_fits(monkeypatch):
+    """Each hospital a site: the start combines the sites' fits without the hospital (its SD from how their
+    intercepts differ) -- fewer rounds than from the site totals, and the iterative method's estimates."""
+    import fedglmm.methods.hybrid as hybrid
+    from fedglmm.coordinator import starts as starts_module
+
+    sites = _hospitals(5)
+    formula = "y ~ trt + time + (1 | patient) + (1 | hospital)"
+    seen = []
+    real = starts_module.factor_combined_start
+
+    def spy(st, own, fallback):
+        out = real(st, own, fallback)
+        seen.append((out, sum(1 for o in own if o.get("alone"))))
+        return out
+
+    monkeypatch.setattr(hybrid, "factor_combined_start", spy)
+    hyb = fedglmm.fit(formula, sites, family="binomial")
+    it = fedglmm.fit(formula, sites, family="binomial", method="iterative")
+    ((start, complete), alone), = seen
+    assert alone == len(sites) and not complete          # (the site-totals start is tried beside it)
+    assert hyb.rounds <= it.rounds - 2
+    np.testing.assert_allclose(hyb.fixef, it.fixef, rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(hyb.theta, it.theta, rtol=1e-7, atol=1e-8)
+    assert hyb.loglik == pytest.approx(it.loglik, rel=1e-10)
+    # the start's SDs (internal scale: Z's columns are intercepts, unscaled) near the estimate's: the
+    # hospital's 0.607 against 0.603 here
+    np.testing.assert_allclose(start[1], it.theta, rtol=0.1)

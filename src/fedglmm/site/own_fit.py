@@ -157,20 +157,55 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     with the number of levels of each factor behind them and the column names of the site's own coding
     (the coordinator uses what is coded as in the agreed design), sums over many rows and levels -- for
     the hybrid's start.  Sent with at least two levels of every factor and three observations per
-    parameter, whatever the sizes of the groups."""
+    parameter, whatever the sizes of the groups.
+
+    A factor of which the site holds one level (its hospital, say, when each hospital is a site) has no
+    variance the site can estimate: the site fits the model without that factor's terms (its level's effect
+    is then in the intercept) and says so (``alone``: those factors).  θ comes in the full model's layout,
+    the left-out factors' entries 0; the information is that of the fit made, over (β, θ of the factors
+    kept, ψ).  The coordinator takes the kept factors' covariances from it, and the left-out factor's
+    variance from how the sites' intercepts differ (:func:`fedglmm.coordinator.starts.factor_combined_start`).
+    Not for a gaussian model (its fit has no information, which that needs: on the held-out splits of one
+    level per site, egsingle took 1-2 rounds fewer with the kept factors' covariances alone, chem97 and
+    scotssec 1-4 more)."""
     npar = d.X.shape[1] + int(np.asarray(d.theta_mask).sum()) + fam.ndisp
     levels = {f.name: len(f.levels) for f in d.factors}
-    if min(levels.values()) < 2 or d.n < 3.0 * npar:
+    alone = [f for f in d.factors if len(f.levels) < 2]
+    kept = [f for f in d.factors if len(f.levels) >= 2]
+    if not kept or d.n < 3.0 * npar or (alone and fam.name == "gaussian"):
         return None
-    res = short_fit(frame, spec, fam, str(local.get("curvature", "observed")), site_id, transforms,
-                    exact=bool(local.get("exact")), reml=bool(local.get("reml", True)))
+    fit_spec = spec if not alone else replace(spec, random=tuple(t for t in spec.random
+                                                                  if t.group not in {f.name for f in alone}))
+    res = short_fit(frame, fit_spec, fam, str(local.get("curvature", "observed")), site_id, transforms,
+                    exact=bool(local.get("exact")) and not alone, reml=bool(local.get("reml", True)))
     if res is None:
         return None
-    out = {"names": res["names"], "z_names": res["z_names"], "beta": res["beta"], "theta": res["theta"],
+    theta = res["theta"] if not alone else _in_full_layout(res, d, kept)
+    if theta is None:
+        return None
+    out = {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"], "theta": theta,
            "levels": levels, "n": float(d.n)}
+    if alone:
+        out["alone"] = [f.name for f in alone]
     if res["info"] is not None:
         out["info"] = res["info"]
     return out
+
+
+def _in_full_layout(res: dict, d: Design, kept: list):
+    """θ (and ψ) of a fit without some factors' terms in the layout of the full design ``d``: the kept
+    factors' Λ blocks in their places, the others' 0; None where the fit's Z columns are not those."""
+    from ..model.spec import lambda_matrix, theta_index
+
+    cols = np.sort(np.concatenate([np.asarray(f.columns, int) for f in kept]))
+    if list(res["z_names"]) != [d.z_names[c] for c in cols]:
+        return None
+    sub = np.asarray(d.theta_mask, bool)[np.ix_(cols, cols)]
+    k_sub = int(sub.sum())
+    theta = np.asarray(res["theta"], float)
+    lam = np.zeros((d.Z.shape[1],) * 2)
+    lam[np.ix_(cols, cols)] = lambda_matrix(theta[:k_sub], len(cols), theta_index(sub))
+    return np.r_[lam[theta_index(d.theta_mask)], theta[k_sub:]]
 
 
 def local_fit(design: Design, family: Family, options: FitOptions, site_id: str, starts=None,
