@@ -341,7 +341,7 @@ def test_between_sites_variance_is_dersimonian_laird():
     internal scale (θ̃ = θ·theta_scale)."""
     from types import SimpleNamespace as NS
 
-    from fedglmm.coordinator.starts import _between_sites
+    from fedglmm.coordinator.between import between_sites
 
     st = NS(names=["Intercept", "x"], ndisp=0, A=np.eye(2), mask=np.eye(2, dtype=bool),
             theta_scale=np.array([1.0, 2.0]), factor_columns=lambda: {"patient": [0], "hospital": [1]})
@@ -349,14 +349,14 @@ def test_between_sites_variance_is_dersimonian_laird():
     fits = [{"alone": ["hospital"], "names": ["Intercept", "x"], "beta": [y, b], "theta": [0.7, 0.0],
              "info": np.linalg.inv(np.diag([v, 0.04 * (1 + k), 0.01])), "n": 100.0, "levels": {"patient": 30}}
             for k, (y, v, b) in enumerate(zip(BCG_Y, BCG_V, slopes))]
-    out = _between_sites(st, fits)
+    out = between_sites(st, fits, 5)
     assert out["hospital"] == pytest.approx(4.0 * 0.308760262862, rel=1e-10)
     gamma, psi = out["fixed"]
     assert gamma[0] == pytest.approx(-0.714117222073, rel=1e-10)
     w = 1.0 / (0.04 * (1 + np.arange(13)))
     assert gamma[1] == pytest.approx(float(w @ slopes / w.sum()), rel=1e-12) and len(psi) == 0
-    assert _between_sites(st, fits[:4]) == {}                       # too few sites to tell
-    assert _between_sites(st, fits + [dict(fits[0], alone=None)]) == {}   # a site of another kind among them
+    assert between_sites(st, fits[:4], 5) == {}                       # too few sites to tell
+    assert between_sites(st, fits + [dict(fits[0], alone=None)], 5) == {}   # a site of another kind among them
 
 
 def _hospitals(seed: int, H: int = 12):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..likelihood.fused import parallel_map
+from .between import between_sites
 
 
 @dataclass
@@ -259,7 +260,7 @@ def factor_combined_start(st, own: list, fallback):
     lam0 = lambda_matrix(theta0, q, (r_idx, c_idx))
     sig = lam0 @ lam0.T
     complete = True
-    between = {} if gaussian else _between_sites(st, own)
+    between = {} if gaussian else between_sites(st, own, MIN_LEVELS)
     for g, cols in st.factor_columns().items():
         mean = _mean_covariance(st, [(float(loc.get("levels", {}).get(g, 0)), np.asarray(loc.get("theta", []), float))
                                      for loc in own], full.shape, cols)
@@ -294,63 +295,6 @@ def factor_combined_start(st, own: list, fallback):
     # (a variance from the spread of a few sites' intercepts can be far off: the site-totals start beside)
     return (gamma, np.r_[theta, psi]), complete and bool(with_beta) and covered and not between
 
-
-def _between_sites(st, own: list) -> dict:
-    """Where the sites' own fits left out one factor, the same at each (``alone``: the site holds one of its
-    levels), and its terms are a random intercept: its variance on the internal scale, from how the fits'
-    intercepts γ̂₀ differ beyond their standard errors (DerSimonian & Laird 1986: τ̂² = max(0, (Q − (K − 1)) /
-    (Σw − Σw²/Σw)), w = 1/v the inverse variances, Q = Σ w (γ̂₀ − γ̄)², over the K fits), and the fixed
-    effects (with ψ) combined with weights (V + τ̂² e₀e₀ᵀ)⁻¹, V each fit's covariance of them: {factor: τ̂²,
-    "fixed": (γ, ψ), "fits": the fits}.  Empty with fewer than ``MIN_LEVELS`` such fits coded as agreed, a
-    fit of another kind among them, or no intercept."""
-    from ..model.spec import theta_index
-
-    alone = [loc for loc in own if loc.get("alone")]
-    factors = {tuple(loc["alone"]) for loc in alone}
-    if len(alone) < MIN_LEVELS or len(factors) != 1 or len(alone) < len(own) or "Intercept" not in st.names:
-        return {}
-    (left,) = factors
-    cols = st.factor_columns().get(left[0]) if len(left) == 1 else None
-    if cols is None or len(cols) != 1:
-        return {}
-    g = left[0]
-    p, nd = len(st.names), st.ndisp
-    Ainv = np.linalg.inv(st.A)
-    xs, Vs = [], []
-    for loc in alone:
-        try:
-            info = np.asarray(loc["info"], float)
-            if list(loc.get("names", [])) != list(st.names) or info.ndim != 2 or info.shape[0] < p + nd:
-                return {}
-            fixed = np.r_[np.arange(p), np.arange(info.shape[0] - nd, info.shape[0])]
-            C = np.linalg.inv(info)[np.ix_(fixed, fixed)]
-            T = np.eye(p + nd)
-            T[:p, :p] = Ainv
-            x = T @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)[len(loc["theta"]) - nd:]]
-            V = T @ C @ T.T
-        except (KeyError, ValueError, TypeError, np.linalg.LinAlgError):
-            return {}
-        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(V))) or V[0, 0] <= 0:
-            return {}
-        xs.append(x)
-        Vs.append(V)
-    i0 = st.names.index("Intercept")
-    a, w = np.array([x[i0] for x in xs]), np.array([1.0 / V[i0, i0] for V in Vs])
-    abar = float(w @ a / w.sum())
-    q = float(w @ (a - abar) ** 2)
-    tau2 = max(0.0, (q - (len(a) - 1)) / (w.sum() - (w @ w) / w.sum()))
-    e0 = np.zeros(p + nd)
-    e0[i0] = 1.0
-    try:
-        W = [np.linalg.inv(V + tau2 * np.outer(e0, e0)) for V in Vs]
-        y = np.linalg.solve(sum(W), sum(Wk @ x for Wk, x in zip(W, xs)))
-    except np.linalg.LinAlgError:
-        return {}
-    if not np.all(np.isfinite(y)):
-        return {}
-    r_idx, c_idx = theta_index(st.mask)
-    j = int(np.flatnonzero((r_idx == cols[0]) & (c_idx == cols[0]))[0])
-    return {g: tau2 * float(st.theta_scale[j]) ** 2, "fixed": (y[:p], y[p:]), "fits": alone}
 
 def gaussian_own_start(st, own: list) -> np.ndarray | None:
     """θ̃0 for a gaussian model with one grouping factor from the sites' own fits (:func:`own_fit`, sent where
