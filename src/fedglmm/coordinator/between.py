@@ -48,7 +48,7 @@ def between_sites(st, own: list, min_sites: int) -> dict:
             V = T @ C @ T.T
         except (KeyError, ValueError, TypeError, np.linalg.LinAlgError):
             return {}
-        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(V))) or V[0, 0] <= 0:
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(V))) or np.any(np.diag(V) <= 0):
             return {}
         xs.append(x)
         Vs.append(V)

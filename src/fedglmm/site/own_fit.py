@@ -167,7 +167,8 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     variance from how the sites' intercepts differ (:func:`fedglmm.coordinator.starts.factor_combined_start`).
     Not for a gaussian model (its fit has no information, which that needs: on the held-out splits of one
     level per site, egsingle took 1-2 rounds fewer with the kept factors' covariances alone, chem97 and
-    scotssec 1-4 more)."""
+    scotssec 1-4 more; with β̂'s covariance and σ̂² sent for the variance, egsingle 1-2 fewer,
+    sim_gauss_singular 1 fewer, sim_gauss3 1 more, chem97_ml and scotssec_ml 1 more)."""
     npar = d.X.shape[1] + int(np.asarray(d.theta_mask).sum()) + fam.ndisp
     levels = {f.name: len(f.levels) for f in d.factors}
     alone = [f for f in d.factors if len(f.levels) < 2]
