@@ -419,3 +419,23 @@ def test_sites_of_one_hospital_each_start_from_their_fits(monkeypatch):
     # the start's SDs (internal scale: Z's columns are intercepts, unscaled) near the estimate's: the
     # hospital's 0.607 against 0.603 here
     np.testing.assert_allclose(start[1], it.theta, rtol=0.1)
+
+
+def test_fits_without_a_factor_are_used_only_where_they_give_its_variance():
+    """Fits that left out the factor their site holds one level of start a fit only where that factor's
+    variance comes from them: with their fixed effects coded otherwise (a site lacking a level of a factor
+    column), the start is the one without them."""
+    from types import SimpleNamespace as NS
+
+    from fedglmm.coordinator.starts import factor_fits
+
+    st = NS(names=["Intercept", "x"], ndisp=0, A=np.eye(2), mask=np.eye(2, dtype=bool),
+            theta_scale=np.array([1.0, 1.0]), factor_columns=lambda: {"patient": [0], "hospital": [1]})
+    fits = {f"s{k}": {"alone": ["hospital"], "names": ["Intercept", "x"], "beta": [y, 0.2], "theta": [0.7, 0.0],
+                      "info": np.linalg.inv(np.diag([v, 0.05, 0.01])), "n": 100.0, "levels": {"patient": 30}}
+            for k, (y, v) in enumerate(zip(BCG_Y, BCG_V))}
+    assert factor_fits(st, fits) == fits
+    other = {sid: dict(o, names=["Intercept"]) if sid == "s3" else o for sid, o in fits.items()}
+    assert factor_fits(st, other) == {}
+    full = {"t": {"names": ["Intercept", "x"], "levels": {"patient": 40, "hospital": 6}}}
+    assert factor_fits(st, {**other, **full}) == full

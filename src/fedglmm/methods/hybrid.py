@@ -22,7 +22,7 @@ from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.shared_rounds import shared_setup
-from ..coordinator.starts import (OwnPart, combined_start, factor_combined_start, gaussian_own_start,
+from ..coordinator.starts import (OwnPart, combined_start, factor_combined_start, factor_fits, gaussian_own_start,
                                   internal_start, own_part)
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
@@ -106,6 +106,7 @@ def _candidates(req, st, merged, own: dict, pseudo, big: bool = False):
     if st.factor_groups:
         # several grouping factors: the sites' own fits, and the site-totals start beside them (one factor
         # with levels shared by sites counts as several; a gaussian site's fit of one factor is not used)
+        own = factor_fits(st, own)
         if not own or family.name == "gaussian" and not any("levels" in o for o in own.values()):
             return None, None
         totals = factor_theta_start(st) if family.name == "gaussian" else start_values(st, family)
