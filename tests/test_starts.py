@@ -356,6 +356,10 @@ def test_between_sites_variance_is_dersimonian_laird():
     w = 1.0 / (0.04 * (1 + np.arange(13)))
     assert gamma[1] == pytest.approx(float(w @ slopes / w.sum()), rel=1e-12) and len(psi) == 0
     assert between_sites(st, fits[:4], 5) == {}                       # too few sites to tell
+    # a fit whose information is not positive definite in the fixed effects is passed over
+    bad = dict(fits[0], beta=[5.0, 0.0], info=np.linalg.inv(np.diag([-0.1, 0.04, 0.01])))
+    again = between_sites(st, [bad] + fits, 5)
+    assert again["hospital"] == out["hospital"] and len(again["fits"]) == 13
     assert between_sites(st, fits + [dict(fits[0], alone=None)], 5) == {}   # a site of another kind among them
 
 
@@ -435,7 +439,7 @@ def test_fits_without_a_factor_are_used_only_where_they_give_its_variance():
                       "info": np.linalg.inv(np.diag([v, 0.05, 0.01])), "n": 100.0, "levels": {"patient": 30}}
             for k, (y, v) in enumerate(zip(BCG_Y, BCG_V))}
     assert factor_fits(st, fits) == fits
-    other = {sid: dict(o, names=["Intercept"]) if sid == "s3" else o for sid, o in fits.items()}
-    assert factor_fits(st, other) == {}
+    other = {sid: dict(o, names=["Intercept"]) if int(sid[1:]) > 3 else o for sid, o in fits.items()}
+    assert factor_fits(st, other) == {}                     # 4 fits coded as agreed: too few
     full = {"t": {"names": ["Intercept", "x"], "levels": {"patient": 40, "hospital": 6}}}
     assert factor_fits(st, {**other, **full}) == full

@@ -21,8 +21,9 @@ def between_sites(st, own: list, min_sites: int) -> dict:
     intercepts γ̂₀ differ beyond their standard errors (DerSimonian & Laird 1986: τ̂² = max(0, (Q − (K − 1)) /
     (Σw − Σw²/Σw)), w = 1/v the inverse variances, Q = Σ w (γ̂₀ − γ̄)², over the K fits), and the fixed
     effects (with ψ) combined with weights (V + τ̂² e₀e₀ᵀ)⁻¹, V each fit's covariance of them: {factor: τ̂²,
-    "fixed": (γ, ψ), "fits": the fits}.  Empty with fewer than ``min_sites`` such fits coded as agreed, a
-    fit of another kind among them, or no intercept."""
+    "fixed": (γ, ψ), "fits": the fits used}.  Empty with fewer than ``min_sites`` such fits coded as agreed and
+    with a positive definite covariance of the fixed effects, a fit of another kind among them, or no
+    intercept."""
     alone = [loc for loc in own if loc.get("alone")]
     factors = {tuple(loc["alone"]) for loc in alone}
     if len(alone) < min_sites or len(factors) != 1 or len(alone) < len(own) or "Intercept" not in st.names:
@@ -34,24 +35,27 @@ def between_sites(st, own: list, min_sites: int) -> dict:
     g = left[0]
     p, nd = len(st.names), st.ndisp
     Ainv = np.linalg.inv(st.A)
-    xs, Vs = [], []
-    for loc in alone:
-        try:
+    xs, Vs, used = [], [], []
+    for loc in alone:               # (a fit coded otherwise, or whose information is not positive definite in
+        try:                        # the fixed effects, e.g. a short fit stopped where it is not, is passed over)
             info = np.asarray(loc["info"], float)
             if list(loc.get("names", [])) != list(st.names) or info.ndim != 2 or info.shape[0] < p + nd:
-                return {}
+                continue
             fixed = np.r_[np.arange(p), np.arange(info.shape[0] - nd, info.shape[0])]
             C = np.linalg.inv(info)[np.ix_(fixed, fixed)]
             T = np.eye(p + nd)
             T[:p, :p] = Ainv
             x = T @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)[len(loc["theta"]) - nd:]]
             V = T @ C @ T.T
+            np.linalg.cholesky(V)
         except (KeyError, ValueError, TypeError, np.linalg.LinAlgError):
-            return {}
-        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(V))) or np.any(np.diag(V) <= 0):
-            return {}
-        xs.append(x)
-        Vs.append(V)
+            continue
+        if np.all(np.isfinite(x)) and np.all(np.isfinite(V)):
+            xs.append(x)
+            Vs.append(V)
+            used.append(loc)
+    if len(used) < min_sites:
+        return {}
     i0 = st.names.index("Intercept")
     a, w = np.array([x[i0] for x in xs]), np.array([1.0 / V[i0, i0] for V in Vs])
     abar = float(w @ a / w.sum())
@@ -68,4 +72,4 @@ def between_sites(st, own: list, min_sites: int) -> dict:
         return {}
     r_idx, c_idx = theta_index(st.mask)
     j = int(np.flatnonzero((r_idx == cols[0]) & (c_idx == cols[0]))[0])
-    return {g: tau2 * float(st.theta_scale[j]) ** 2, "fixed": (y[:p], y[p:]), "fits": alone}
+    return {g: tau2 * float(st.theta_scale[j]) ** 2, "fixed": (y[:p], y[p:]), "fits": used}
