@@ -16,14 +16,14 @@ from ..model.spec import theta_index
 
 
 def between_sites(st, own: list, min_sites: int) -> dict:
-    """Where the sites' own fits left out one factor, the same at each (``alone``: the site holds one of its
-    levels), and its terms are a random intercept: its variance on the internal scale, from how the fits'
-    intercepts γ̂₀ differ beyond their standard errors (DerSimonian & Laird 1986: τ̂² = max(0, (Q − (K − 1)) /
-    (Σw − Σw²/Σw)), w = 1/v the inverse variances, Q = Σ w (γ̂₀ − γ̄)², over the K fits), and the fixed
-    effects (with ψ) combined with weights (V + τ̂² e₀e₀ᵀ)⁻¹, V each fit's covariance of them: {factor: τ̂²,
-    "fixed": (γ, ψ), "fits": the fits used}.  Empty with fewer than ``min_sites`` such fits coded as agreed and
-    with a positive definite covariance of the fixed effects, a fit of another kind among them, or no
-    intercept."""
+    """Where the sites' own fits left out one factor, the same at each (``alone``: the site holds one of
+    its levels), and its terms are a random intercept: its variance on the internal scale, from how the
+    fits' intercepts γ̂₀ differ beyond their standard errors (DerSimonian & Laird 1986:
+    τ̂² = max(0, (Q − (K − 1)) / (Σw − Σw²/Σw)), w = 1/v the inverse variances, Q = Σ w (γ̂₀ − γ̄)², over the
+    K fits), and the fixed effects (with ψ) combined with weights (V + τ̂² e₀e₀ᵀ)⁻¹, V each fit's covariance
+    of them: {factor: τ̂², "fixed": (γ, ψ), "fits": the fits used}.  Empty with fewer than ``min_sites``
+    such fits coded as agreed and with a positive definite covariance of the fixed effects, a fit of
+    another kind among them, or no intercept."""
     alone = [loc for loc in own if loc.get("alone")]
     factors = {tuple(loc["alone"]) for loc in alone}
     if len(alone) < min_sites or len(factors) != 1 or len(alone) < len(own) or "Intercept" not in st.names:

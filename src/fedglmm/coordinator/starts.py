@@ -39,6 +39,7 @@ class OwnPart:
         Kd = self.K @ d
         return 0.5 * d @ Kd, Kd, self.K
 
+
 def own_part(loc: dict, message: dict, st) -> OwnPart | None:
     """A site's own fit (:func:`fedglmm.site.own_fit.own_fit`; ``message`` is the one-shot message it came
     in) in the agreed coding, on the internal scale; None if it does not fit the model.  A fit coded as
@@ -78,6 +79,7 @@ def own_part(loc: dict, message: dict, st) -> OwnPart | None:
         return None
     ok = all(np.all(np.isfinite(a)) for a in (K, h, center))
     return OwnPart(K, h, center, float(loc["ngroups"]), T) if ok else None
+
 
 def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd_index=(),
                    radius: float = 3.0) -> list:
@@ -124,6 +126,7 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
         out += [cubic] if cubic is not None else []
     return out
 
+
 def _on_log_scale(o: OwnPart, idx: np.ndarray):
     """A fit's centre, information and third derivatives with the entries ``idx`` (standard deviations) on
     the log scale, x_i = exp(y_i) (the chain rule to third order; the gradient is zero at the centre)."""
@@ -140,6 +143,7 @@ def _on_log_scale(o: OwnPart, idx: np.ndarray):
         T[b, :, b] += KJ2[:, b]
         T[b, b, :] += KJ2[:, b]
     return c, K, T
+
 
 def _log_cubic(parts: list, idx: np.ndarray):
     """The sum of the sites' fits to third order in y (the standard deviations ``idx`` on the log scale), as
@@ -158,6 +162,7 @@ def _log_cubic(parts: list, idx: np.ndarray):
 
     return cubic, K, yq
 
+
 def _cubic_combination(parts: list, idx: np.ndarray, radius: float):
     """The minimiser of the sum of the sites' fits to third order, with the standard deviations on the log
     scale (where their likelihoods are closer to quadratic), within ``radius`` of the quadratic combination
@@ -172,12 +177,14 @@ def _cubic_combination(parts: list, idx: np.ndarray, radius: float):
     y[idx] = np.exp(_within_sites(y[idx], parts, idx))
     return y if np.all(np.isfinite(y)) else None
 
+
 def _within_sites(logsd: np.ndarray, parts: list, idx: np.ndarray) -> np.ndarray:
     """Combined log standard deviations kept within a factor of 2 of the range of the sites' own: a
     combination of their fits beyond that is the coupling of a site's nearly singular information (an SD
     at zero there), not the data (exp(30) was seen)."""
     own = np.log(np.maximum(np.array([np.abs(o.center[idx]) for o in parts]), 1e-4))
     return np.clip(logsd, own.min(axis=0) - np.log(2.0), own.max(axis=0) + np.log(2.0))
+
 
 def _log_combination(parts: list, idx: np.ndarray):
     """The information-weighted combination of the fits with the entries ``idx`` (standard deviations) on the
@@ -197,6 +204,7 @@ def _log_combination(parts: list, idx: np.ndarray):
         return None
     y[idx] = np.exp(_within_sites(y[idx], parts, idx))
     return y if np.all(np.isfinite(y)) else None
+
 
 def _minimise_in_ball(C, xq, K, radius: float, others=(), iterations: int = 20):
     """Damped Newton on C from the best of x_q and ``others`` (the anchor), within ‖x − anchor‖_K ≤ radius
@@ -233,6 +241,7 @@ def _minimise_in_ball(C, xq, K, radius: float, others=(), iterations: int = 20):
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         return None
     return x if np.all(np.isfinite(x)) else None
+
 
 MIN_LEVELS = 5        # a site's own estimate of a factor's covariance counts from this many of its levels
 MIN_SHARE = 0.9       # the sites' own fits alone start the Newton rounds when they cover this share of rows
@@ -325,6 +334,7 @@ def gaussian_own_start(st, own: list) -> np.ndarray | None:
     except np.linalg.LinAlgError:
         return None
 
+
 def _mean_covariance(st, fits: list, shape: tuple, cols) -> np.ndarray | None:
     """The covariance of the Z columns ``cols`` (internal scale) averaged over the sites' fits ``fits`` --
     (n, θ̂ on the user's scale, of ``shape``) -- with at least ``MIN_LEVELS`` levels behind them, weighted
@@ -339,6 +349,7 @@ def _mean_covariance(st, fits: list, shape: tuple, cols) -> np.ndarray | None:
             lam = lambda_matrix(th[:k] * st.theta_scale, q, (r_idx, c_idx))[np.ix_(cols, cols)]
             acc, wsum = acc + n * (lam @ lam.T), wsum + n
     return acc / wsum if wsum else None
+
 
 def _fixed_combination(st, own: list):
     """The fixed effects γ and the dispersion ψ of fits coded as agreed, combined with weights their marginal
@@ -364,6 +375,7 @@ def _fixed_combination(st, own: list):
     except (np.linalg.LinAlgError, ValueError):
         return None
     return (y[:p], y[p:]) if np.all(np.isfinite(y)) else None
+
 
 def internal_start(fixef, theta, st) -> tuple[np.ndarray, np.ndarray]:
     """A fit's estimates on the iterative method's internal scale (γ = A⁻¹β, θ̃ = diag(zs) θ)."""

@@ -164,7 +164,7 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     is then in the intercept) and says so (``alone``: those factors).  θ comes in the full model's layout,
     the left-out factors' entries 0; the information is that of the fit made, over (β, θ of the factors
     kept, ψ).  The coordinator takes the kept factors' covariances from it, and the left-out factor's
-    variance from how the sites' intercepts differ (:func:`fedglmm.coordinator.starts.factor_combined_start`).
+    variance from how the sites' intercepts differ (:mod:`fedglmm.coordinator.between`).
     Not for a gaussian model (its fit has no information, which that needs: on the held-out splits of one
     level per site, egsingle took 1-2 rounds fewer with the kept factors' covariances alone, chem97 and
     scotssec 1-4 more; with β̂'s covariance and σ̂² sent for the variance, egsingle 1-2 fewer,
@@ -212,11 +212,11 @@ def _in_full_layout(res: dict, d: Design, kept: list):
 def local_fit(design: Design, family: Family, options: FitOptions, site_id: str, starts=None,
               third: bool = False, reply: dict | None = None, covariance: bool = True) -> dict | None:
     """A fit of ``design`` alone, as an estimate and its information on the user's scale: β, θ (followed by
-    the log-dispersion ψ for a family with one) and the information matrix of (β, θ, ψ) (gaussian: None).  ``starts``: the GLMM iteration's further first-round
-    points (default: the start's covariance halved and doubled); ``third``: also
-    the third derivatives of −ℓ there (:func:`third_derivatives`, user's scale); ``reply``: the design's
-    set-up reply, if at hand; ``covariance``: a gaussian fit's steps in Σ's entries (:func:`fit_lmm`).
-    None when the fit fails or does not converge."""
+    the log-dispersion ψ for a family with one) and the information matrix of (β, θ, ψ) (gaussian: None).
+    ``starts``: the GLMM iteration's further first-round points (default: the start's covariance halved and
+    doubled); ``third``: also the third derivatives of −ℓ there (:func:`third_derivatives`, user's scale);
+    ``reply``: the design's set-up reply, if at hand; ``covariance``: a gaussian fit's steps in Σ's entries
+    (:func:`fit_lmm`).  None when the fit fails or does not converge."""
     if family.name != "gaussian":      # (a gaussian fit's few θ steps are as before: see NewtonConfig.local)
         options = replace(options, newton=options.newton.local)
     try:

@@ -19,8 +19,8 @@ from typing import Callable, Protocol
 
 from .. import protocol
 from ..errors import SiteRefusal
-from ..likelihood.blas import single_blas
 from ..likelihood import fused
+from ..likelihood.blas import single_blas
 from ..likelihood.fused import threads_pay
 
 _POOL: ThreadPoolExecutor | None = None
