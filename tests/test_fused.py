@@ -275,9 +275,12 @@ def test_coordinator_pseudo_data_in_chunks_and_small_parts_by_the_kernel(monkeyp
     sid = next(iter(parts))
     small = parts[sid].engines.get(st.A, st.zs)
     assert small.n < fused.MIN_ROWS and fused.usable(small)
+    from fedglmm.coordinator.surrogate import pseudo_objective
+    assert pseudo_objective({sid: parts[sid]}, st).nogil
     parts, st = parts_at(rows + 1)
     numpy_engine = parts[sid].engines.get(st.A, st.zs)
     assert not fused.usable(numpy_engine)
+    assert not pseudo_objective({sid: parts[sid]}, st).nogil
     a, b = small.evaluate(phi), numpy_engine.evaluate(phi)
     _close(a.value, b.value, "value", 1e-11)
     _close(a.grad, b.grad, "gradient")

@@ -13,7 +13,7 @@ from fedglmm.coordinator.messages import merge_messages
 from fedglmm.coordinator.starts import combined_start, own_part
 from fedglmm.likelihood.conditional import mode_derivatives
 from fedglmm.likelihood.laplace import GLMMLikelihood
-from fedglmm.likelihood.setup import make_setup
+from fedglmm.likelihood.setup import Setup, make_setup
 from fedglmm.model.design import build_design, describe_frame
 from fedglmm.model.families import get_family
 from fedglmm.model.formula import parse_formula, variables
@@ -345,6 +345,7 @@ def test_between_sites_variance_is_dersimonian_laird():
 
     st = NS(names=["Intercept", "x"], ndisp=0, A=np.eye(2), mask=np.eye(2, dtype=bool),
             theta_scale=np.array([1.0, 2.0]), factor_columns=lambda: {"patient": [0], "hospital": [1]})
+    st.internal_transform = lambda: Setup.internal_transform(st)           # the set-up's own map
     slopes = np.linspace(0.1, 0.4, 13)
     fits = [{"alone": ["hospital"], "names": ["Intercept", "x"], "beta": [y, b], "theta": [0.7, 0.0],
              "info": np.linalg.inv(np.diag([v, 0.04 * (1 + k), 0.01])), "n": 100.0, "levels": {"patient": 30}}
@@ -435,6 +436,7 @@ def test_fits_without_a_factor_are_used_only_where_they_give_its_variance():
 
     st = NS(names=["Intercept", "x"], ndisp=0, A=np.eye(2), mask=np.eye(2, dtype=bool),
             theta_scale=np.array([1.0, 1.0]), factor_columns=lambda: {"patient": [0], "hospital": [1]})
+    st.internal_transform = lambda: Setup.internal_transform(st)           # the set-up's own map
     fits = {f"s{k}": {"alone": ["hospital"], "names": ["Intercept", "x"], "beta": [y, 0.2], "theta": [0.7, 0.0],
                       "info": np.linalg.inv(np.diag([v, 0.05, 0.01])), "n": 100.0, "levels": {"patient": 30}}
             for k, (y, v) in enumerate(zip(BCG_Y, BCG_V))}

@@ -34,7 +34,9 @@ def between_sites(st, own: list, min_sites: int) -> dict:
         return {}
     g = left[0]
     p, nd = len(st.names), st.ndisp
-    Ainv = np.linalg.inv(st.A)
+    T = st.internal_transform()                     # (γ, ψ) = T (β, ψ) on its fixed-effect and ψ entries
+    sel = np.r_[np.arange(p), np.arange(T.shape[0] - nd, T.shape[0])]
+    T = T[np.ix_(sel, sel)]
     xs, Vs, used = [], [], []
     for loc in alone:               # (a fit coded otherwise, or whose information is not positive definite in
         try:                        # the fixed effects, e.g. a short fit stopped where it is not, is passed over)
@@ -43,8 +45,6 @@ def between_sites(st, own: list, min_sites: int) -> dict:
                 continue
             fixed = np.r_[np.arange(p), np.arange(info.shape[0] - nd, info.shape[0])]
             C = np.linalg.inv(info)[np.ix_(fixed, fixed)]
-            T = np.eye(p + nd)
-            T[:p, :p] = Ainv
             x = T @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)[len(loc["theta"]) - nd:]]
             V = T @ C @ T.T
             np.linalg.cholesky(V)

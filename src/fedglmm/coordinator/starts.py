@@ -95,10 +95,11 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
         return []
     K, h = sum(o.K for o in parts), sum(o.h for o in parts)
     xlog = _log_combination(parts, np.asarray(sd_index, dtype=np.int64))
-    # the sites' own pseudo-data to second order at their estimates (in parallel threads: the kernel
-    # evaluates them without the interpreter lock)
+    # the sites' own pseudo-data to second order at their estimates (in parallel threads where the kernel
+    # evaluates them, without the interpreter lock; the numpy engine's work would only take turns)
     mine = [(own[sid].center, P) for sid, P in (each or {}).items() if sid in own and P is not None]
-    taylor = [(c, *v) for (c, _), v in zip(mine, parallel_map(lambda cp: cp[1](cp[0]), mine))]
+    nogil = all(getattr(P, "nogil", False) for _, P in mine)
+    taylor = [(c, *v) for (c, _), v in zip(mine, parallel_map(lambda cp: cp[1](cp[0]), mine, nogil))]
     xq = np.linalg.lstsq(K, h, rcond=None)[0]
     out = [x for x in (xlog,) if x is not None]
     if pseudo is None and np.all(np.isfinite(xq)) and any(o.T is not None for o in parts):

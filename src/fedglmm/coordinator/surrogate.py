@@ -130,4 +130,6 @@ def pseudo_objective(parts: dict, st, skip=()):
         evs = parallel_map(lambda eng: eng.evaluate(np.asarray(x, float), hess=True), engines, threads_pay(engines))
         return (-sum(ev.value for ev in evs), -sum(ev.grad for ev in evs), -sum(ev.hess for ev in evs))
 
+    # evaluated by the compiled kernel, without the interpreter lock: several such objectives pay in threads
+    objective.nogil = bool(engines) and all(getattr(eng, "kernel", False) for eng in engines)
     return objective if engines else None

@@ -198,7 +198,7 @@ class FusedLaplace:
         self.p, self.q, self.G = lik.p, lik.q, lik.G
         spread = min(SPREAD, lik.n // SPREAD_ROWS) if getattr(lik, "spread", False) else 1
         size = min(CHUNK_ROWS, -(-lik.n // spread)) if spread > 1 else CHUNK_ROWS
-        cuts = np.unique(np.searchsorted(self.starts, np.arange(size, lik.n, size)))
+        cuts = np.searchsorted(self.starts, np.arange(size, lik.n, size))
         self.chunks = [(int(a), int(b)) for a, b in zip(np.r_[0, cuts], np.r_[cuts, self.G]) if b > a]
 
     def run(self, beta, lam, u, level: int, keep_du: bool = False):

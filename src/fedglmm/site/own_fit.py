@@ -29,7 +29,7 @@ from ..model.families import Family
 from ..model.formula import variables
 from ..model.options import CUT_SHORT_GROUPS, FitOptions, NewtonConfig
 from ..model.recode import own_design
-from ..model.spec import Design, ModelSpec, Schema
+from ..model.spec import Design, ModelSpec, Schema, lambda_matrix, theta_index
 
 
 def _site_design(frame, spec: ModelSpec, fam: Family, site_id: str, transforms: dict | None,
@@ -196,8 +196,6 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
 def _in_full_layout(res: dict, d: Design, kept: list):
     """θ (and ψ) of a fit without some factors' terms in the layout of the full design ``d``: the kept
     factors' Λ blocks in their places, the others' 0; None where the fit's Z columns are not those."""
-    from ..model.spec import lambda_matrix, theta_index
-
     cols = np.sort(np.concatenate([np.asarray(f.columns, int) for f in kept]))
     if list(res["z_names"]) != [d.z_names[c] for c in cols]:
         return None
