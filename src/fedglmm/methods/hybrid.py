@@ -18,6 +18,7 @@ import numpy as np
 
 from ..coordinator.assemble import assemble
 from ..coordinator.messages import merge_messages
+from ..coordinator.own_combination import factor_log_start
 from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
@@ -111,8 +112,11 @@ def _candidates(req, st, merged, own: dict, pseudo, big: bool = False):
             return None, None
         totals = factor_theta_start(st) if family.name == "gaussian" else start_values(st, family)
         combined, complete = factor_combined_start(st, list(own.values()), totals)
-        # the site-totals start is tried beside it where the sites' fits left parts of it to them
-        return (combined if family.name == "gaussian" or complete else (combined, totals)), None
+        # beside it, the fits of the full model combined by their information (not gaussian: its fits send
+        # none); the site-totals start where the sites' fits left parts of the start to them
+        logs = factor_log_start(st, list(own.values())) if family.name != "gaussian" else []
+        many = [combined] + logs + ([] if family.name == "gaussian" or complete else [totals])
+        return (many[0] if len(many) == 1 else tuple(many)), None
     pair = lambda x: (x[:p], x[p:])                                     # noqa: E731
     if pseudo is None and own and family.name == "gaussian":
         # every group's statistics kept at its site: the sites' own fits combined (a gaussian site's fit has
