@@ -270,12 +270,17 @@ def third_derivatives(engine, x: np.ndarray, info: np.ndarray) -> np.ndarray | N
 
 # Local Newton iterations of a site's own fit with several factors (it is only a start; the iteration also
 # ends at a decrement of 1e-4): a fit of the full model, which the coordinator combines by its information
-# (:mod:`fedglmm.coordinator.own_combination`), at most SHORT_ROUNDS -- cut at 4, such fits were still far
-# from their optimum (grouseticks over 3 sites: 5 rounds, 4 with 12) -- and a fit without a factor the
-# site holds one level of, at most ALONE_ROUNDS (with 12, the held-out splits of one level per site went
-# 8 -> 6 rounds on arabidopsis_la and _olre and 5 -> 4 on sim_nb_nested, but 6 -> 8 on mmmec_olre and
-# 7 -> 8, 5 -> 6 on sim_mc_binary_la, _uncorr; and small_slope of stress_multilevel 6 -> 5: no clear gain).
-SHORT_ROUNDS = 12
+# (:mod:`fedglmm.coordinator.own_combination`), at most SHORT_ROUNDS, ending where its decrement falls below
+# SHORT_STOP (at that point plus its Newton step); a fit without a factor the site holds one level of, at most
+# ALONE_ROUNDS.  Measured on the GLMM cases of parity_multilevel split over 3 sites (24 splits), rounds in all /
+# splits above 4: 4 iterations 134 / 20; 6 127 / 17; 8 129 / 17; 12 128 / 17 (the same with SHORT_STOP 1e-3
+# or 0).  12 took bench_multilevel.py from 5 rounds to 4, but made the reference cases grouseticks_nested and
+# _olre over 3 sites 13-35 % slower in process (a site whose SD heads to 0 spends all 12); 6 is as fast as 4.
+# With 12 for the fits without a factor, the splits of one level per site went 8 -> 6 rounds on arabidopsis_la
+# and _olre and 5 -> 4 on sim_nb_nested, but 6 -> 8 on mmmec_olre and 7 -> 8, 5 -> 6 on sim_mc_binary_la,
+# _uncorr: no clear gain.
+SHORT_ROUNDS = 6
+SHORT_STOP = 1e-2
 ALONE_ROUNDS = 4
 
 
@@ -294,7 +299,7 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
         if family.name == "gaussian":
             return local_fit(design, family, FitOptions(reml=reml, newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id,
                              covariance=False)
-        return _cut_short(design, family, 1, curvature, site_id, rounds, 0.0)
+        return _cut_short(design, family, 1, curvature, site_id, rounds, SHORT_STOP if rounds == SHORT_ROUNDS else 0.0)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
 
