@@ -445,3 +445,26 @@ def test_fits_without_a_factor_are_used_only_where_they_give_its_variance():
     assert factor_fits(st, other) == {}                     # 4 fits coded as agreed: too few
     full = {"t": {"names": ["Intercept", "x"], "levels": {"patient": 40, "hospital": 6}}}
     assert factor_fits(st, {**other, **full}) == full
+
+
+def test_gaussian_sites_of_few_levels_give_the_covariance_start():
+    """With several grouping factors, a site's estimate of a factor's covariance counts from 2 levels of it
+    (a gaussian fit sends no information: the sites' variances are averaged, weighted by their levels); a
+    site with one level of the factor is left out of that factor's mean, and where no site counts, the
+    site-totals start stays."""
+    from types import SimpleNamespace as NS
+
+    from fedglmm.coordinator.starts import factor_combined_start
+
+    st = NS(names=["Intercept"], ndisp=0, A=np.eye(1), mask=np.eye(2, dtype=bool), theta_scale=np.ones(2),
+            znames=["Intercept", "Intercept"], factor_columns=lambda: {"patient": [0], "hospital": [1]})
+    fits = [{"z_names": ["Intercept", "Intercept"], "levels": {"patient": 12, "hospital": 3}, "theta": [0.5, 0.8]},
+            {"z_names": ["Intercept", "Intercept"], "levels": {"patient": 20, "hospital": 2}, "theta": [0.7, 0.6]},
+            {"z_names": ["Intercept", "Intercept"], "levels": {"patient": 8, "hospital": 1}, "theta": [0.9, 0.0]}]
+    fallback = np.array([1.0, 1.0])
+    theta, complete = factor_combined_start(st, fits, fallback)
+    assert complete
+    np.testing.assert_allclose(theta, [np.sqrt((12 * 0.25 + 20 * 0.49 + 8 * 0.81) / 40),
+                                       np.sqrt((3 * 0.64 + 2 * 0.36) / 5)], rtol=1e-9)   # (Σ + 1e-12 I)
+    theta, complete = factor_combined_start(st, fits[2:], fallback)     # one hospital: the totals' SD
+    assert not complete and theta[1] == pytest.approx(1.0, rel=1e-9)

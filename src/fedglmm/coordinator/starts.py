@@ -244,7 +244,13 @@ def _minimise_in_ball(C, xq, K, radius: float, others=(), iterations: int = 20):
     return x if np.all(np.isfinite(x)) else None
 
 
-MIN_LEVELS = 5        # a site's own estimate of a factor's covariance counts from this many of its levels
+MIN_LEVELS = 5        # a site's own fixed effects (and intercept, between sites) count from this many levels
+# ... and a gaussian site's estimate of a factor's covariance from this many, weighted by them (5 before: on
+# 60 gaussian splits of parity_multilevel and the golden file, 2 took penicillin crossed over 3 sites from 6
+# and 7 rounds to 5 and 5, pastes by REML 6 -> 5 (3 forms), sim_gauss_singular 5 -> 4 (2), no split more).
+# GLMMs keep MIN_LEVELS (with 2: the GLMM splits over 3 sites the same, one site per population
+# arabidopsis_la 8 -> 9), as does one grouping factor (gaussian_own_start)
+COV_LEVELS = 2
 MIN_SHARE = 0.9       # the sites' own fits alone start the Newton rounds when they cover this share of rows
 
 
@@ -261,8 +267,9 @@ def factor_fits(st, own: dict) -> dict:
 def factor_combined_start(st, own: list, fallback):
     """With several grouping factors, a start from the sites' own fits (internal scale): each factor's
     covariance the mean of the sites' estimates weighted by their numbers of its levels (sites with at
-    least ``MIN_LEVELS`` of them; else ``fallback``'s, the site-totals start), the fixed effects combined
-    with weights their information from the fits with ``MIN_LEVELS`` levels of every factor (else
+    least ``COV_LEVELS`` of them, gaussian, or ``MIN_LEVELS``; else ``fallback``'s, the site-totals start),
+    the fixed effects combined with weights their information from the fits with ``MIN_LEVELS`` levels of
+    every factor (else
     ``fallback``'s), as is a dispersion ψ (θ̃'s last entries).  ``fallback``: (γ, θ̃), or θ̃ alone
     (gaussian).  Returns (the start, whether the sites' fits gave all of it and stand for at least
     ``MIN_SHARE`` of the rows: a start from a part of the data may be further from the pooled fit than the
@@ -283,7 +290,7 @@ def factor_combined_start(st, own: list, fallback):
     between = {} if gaussian else between_sites(st, own, MIN_LEVELS)
     for g, cols in st.factor_columns().items():
         mean = _mean_covariance(st, [(float(loc.get("levels", {}).get(g, 0)), np.asarray(loc.get("theta", []), float))
-                                     for loc in own], full.shape, cols)
+                                     for loc in own], full.shape, cols, COV_LEVELS if gaussian else MIN_LEVELS)
         if mean is None and g in between:
             mean = np.array([[between[g]]])
         if mean is not None:
@@ -336,17 +343,17 @@ def gaussian_own_start(st, own: list) -> np.ndarray | None:
         return None
 
 
-def _mean_covariance(st, fits: list, shape: tuple, cols) -> np.ndarray | None:
+def _mean_covariance(st, fits: list, shape: tuple, cols, least: int = MIN_LEVELS) -> np.ndarray | None:
     """The covariance of the Z columns ``cols`` (internal scale) averaged over the sites' fits ``fits`` --
-    (n, θ̂ on the user's scale, of ``shape``) -- with at least ``MIN_LEVELS`` levels behind them, weighted
-    by n; None without one."""
+    (n, θ̂ on the user's scale, of ``shape``) -- with at least ``least`` levels behind them, weighted by n;
+    None without one."""
     from ..model.spec import lambda_matrix, theta_index
 
     r_idx, c_idx = theta_index(st.mask)
     k, q = len(r_idx), st.mask.shape[0]
     acc, wsum = 0.0, 0.0
     for n, th in fits:
-        if n >= MIN_LEVELS and th.shape == shape and np.all(np.isfinite(th)):
+        if n >= least and th.shape == shape and np.all(np.isfinite(th)):
             lam = lambda_matrix(th[:k] * st.theta_scale, q, (r_idx, c_idx))[np.ix_(cols, cols)]
             acc, wsum = acc + n * (lam @ lam.T), wsum + n
     return acc / wsum if wsum else None
