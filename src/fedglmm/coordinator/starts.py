@@ -269,9 +269,8 @@ def factor_combined_start(st, own: list, fallback):
     covariance the mean of the sites' estimates weighted by their numbers of its levels (sites with at
     least ``COV_LEVELS`` of them, gaussian, or ``MIN_LEVELS``; else ``fallback``'s, the site-totals start),
     the fixed effects combined with weights their information from the fits with ``MIN_LEVELS`` levels of
-    every factor (else
-    ``fallback``'s), as is a dispersion ψ (θ̃'s last entries).  ``fallback``: (γ, θ̃), or θ̃ alone
-    (gaussian).  Returns (the start, whether the sites' fits gave all of it and stand for at least
+    every factor (else ``fallback``'s), as is a dispersion ψ (θ̃'s last entries).  ``fallback``: (γ, θ̃), or
+    θ̃ alone (gaussian).  Returns (the start, whether the sites' fits gave all of it and stand for at least
     ``MIN_SHARE`` of the rows: a start from a part of the data may be further from the pooled fit than the
     site totals)."""
     from ..model.spec import lambda_matrix, theta_index
