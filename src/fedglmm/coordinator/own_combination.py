@@ -13,10 +13,8 @@ fixed effects by their marginal information), in the same first Newton round.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..likelihood.fit import diagonal_positions
-from .starts import OwnPart, _log_combination
+from .starts import OwnPart, _log_combination, internal_fits
 
 
 def factor_log_start(st, own: list) -> list:
@@ -24,21 +22,9 @@ def factor_log_start(st, own: list) -> list:
     full model and coded as agreed (β of the agreed columns, the agreed Z columns, no factor left out), or []
     with fewer than two such fits."""
     p = len(st.names)
-    nx = p + int(st.mask.sum()) + st.ndisp
-    T = st.internal_transform()
-    Ti = np.linalg.inv(T)
-    parts = []
-    for loc in own:
-        if loc.get("alone") or loc.get("info") is None or list(loc.get("names", [])) != list(st.names) \
-                or list(loc.get("z_names", [])) != list(st.znames):
-            continue
-        try:
-            K = Ti.T @ np.asarray(loc["info"], float) @ Ti
-            x = T @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)]
-        except (KeyError, ValueError, TypeError):
-            continue
-        if K.shape == (nx, nx) and np.all(np.isfinite(K)) and np.all(np.isfinite(x)):
-            parts.append(OwnPart(K, K @ x, x, float(loc.get("n", 0.0))))
+    full = [loc for loc in own if not loc.get("alone") and loc.get("info") is not None
+            and list(loc.get("names", [])) == list(st.names) and list(loc.get("z_names", [])) == list(st.znames)]
+    parts = [OwnPart(K, K @ x, x, float(loc.get("n", 0.0))) for loc, K, x in internal_fits(st, full)]
     if len(parts) < 2:
         return []
     y = _log_combination(parts, p + diagonal_positions(st.mask))

@@ -245,11 +245,10 @@ def _minimise_in_ball(C, xq, K, radius: float, others=(), iterations: int = 20):
 
 
 MIN_LEVELS = 5        # a site's own fixed effects (and intercept, between sites) count from this many levels
-# ... and a gaussian site's estimate of a factor's covariance from this many, weighted by them (5 before: on
-# 60 gaussian splits of parity_multilevel and the golden file, 2 took penicillin crossed over 3 sites from 6
-# and 7 rounds to 5 and 5, pastes by REML 6 -> 5 (3 forms), sim_gauss_singular 5 -> 4 (2), no split more).
-# GLMMs keep MIN_LEVELS (with 2: the GLMM splits over 3 sites the same, one site per population
-# arabidopsis_la 8 -> 9), as does one grouping factor (gaussian_own_start)
+# ... and a gaussian site's estimate of a factor's covariance from this many, weighted by them (5 before: on 60
+# gaussian splits of parity_multilevel and the golden file, 2 took penicillin over 3 sites from 6 and 7 rounds to
+# 5 and 5, pastes by REML 6 -> 5 (3 forms), sim_gauss_singular 5 -> 4 (2), none more). GLMMs keep MIN_LEVELS
+# (with 2, arabidopsis_la split by population 8 -> 9), as does one grouping factor (gaussian_own_start)
 COV_LEVELS = 2
 MIN_SHARE = 0.9       # the sites' own fits alone start the Newton rounds when they cover this share of rows
 
@@ -358,23 +357,34 @@ def _mean_covariance(st, fits: list, shape: tuple, cols, least: int = MIN_LEVELS
     return acc / wsum if wsum else None
 
 
+def internal_fits(st, own: list) -> list:
+    """[(fit, K, x)]: the fits ``own`` (as sent) on the internal scale, x = T(β, θ, ψ), K = T⁻ᵀ I T⁻¹ (T: the
+    set-up's internal_transform); one not of the model's shape or not finite is left out."""
+    nx = len(st.names) + int(st.mask.sum()) + st.ndisp
+    T = st.internal_transform()
+    Ti = np.linalg.inv(T)
+    out = []
+    for loc in own:
+        try:
+            K = Ti.T @ np.asarray(loc["info"], float) @ Ti
+            x = T @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)]
+        except (KeyError, ValueError, TypeError):
+            continue
+        if K.shape == (nx, nx) and np.all(np.isfinite(K)) and np.all(np.isfinite(x)):
+            out.append((loc, K, x))
+    return out
+
+
 def _fixed_combination(st, own: list):
     """The fixed effects γ and the dispersion ψ of fits coded as agreed, combined with weights their marginal
     information (the inverse of their covariance); None if that cannot be done."""
     p, k = len(st.names), int(st.mask.sum())
-    nx = p + k + st.ndisp
-    fixed = np.r_[np.arange(p), np.arange(p + k, nx)]
-    T = st.internal_transform()
-    Ti = np.linalg.inv(T)
+    fixed = np.r_[np.arange(p), np.arange(p + k, p + k + st.ndisp)]
     Ib, bb = 0.0, 0.0
-    for loc in own:
+    for _, H, x in internal_fits(st, own):
         try:
-            H = Ti.T @ np.asarray(loc["info"], float) @ Ti
-            x = T @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)]
-            if H.shape != (nx, nx) or not (np.all(np.isfinite(H)) and np.all(np.isfinite(x))):
-                continue
             Ig = np.linalg.inv(np.linalg.inv(H)[np.ix_(fixed, fixed)])
-        except (KeyError, ValueError, TypeError, np.linalg.LinAlgError):
+        except np.linalg.LinAlgError:
             continue
         Ib, bb = Ib + Ig, bb + Ig @ x[fixed]
     try:

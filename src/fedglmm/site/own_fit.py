@@ -179,7 +179,7 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
                                                                   if t.group not in {f.name for f in alone}))
     res = short_fit(frame, fit_spec, fam, str(local.get("curvature", "observed")), site_id, transforms,
                     exact=bool(local.get("exact")) and not alone, reml=bool(local.get("reml", True)),
-                    rounds=ALONE_ROUNDS if alone else SHORT_ROUNDS)
+                    rounds=ALONE_ROUNDS if alone else SHORT_ROUNDS, stop=0.0 if alone else SHORT_STOP)
     if res is None:
         return None
     theta = res["theta"] if not alone else _in_full_layout(res, d, kept)
@@ -286,9 +286,10 @@ ALONE_ROUNDS = 4
 
 def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: str,
               transforms: dict | None = None, exact: bool = False, reml: bool = True,
-              rounds: int = SHORT_ROUNDS) -> dict | None:
+              rounds: int = SHORT_ROUNDS, stop: float = SHORT_STOP) -> dict | None:
     """A site's own fit of its rows, cut short: at most ``rounds`` local Newton iterations from the
-    site-totals start (the point reached is a start for the federated rounds, which finish the job), as
+    site-totals start, ending where the decrement falls below ``stop`` (the point reached is a start for
+    the federated rounds, which finish the job), as
     β, θ (and ψ) and the information at that point on the user's scale (gaussian: no information, β
     profiled).  ``exact`` (the only site of a fit): to convergence, at the fit's tolerance (``reml``: a gaussian
     model's criterion)."""
@@ -299,7 +300,7 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
         if family.name == "gaussian":
             return local_fit(design, family, FitOptions(reml=reml, newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id,
                              covariance=False)
-        return _cut_short(design, family, 1, curvature, site_id, rounds, SHORT_STOP if rounds == SHORT_ROUNDS else 0.0)
+        return _cut_short(design, family, 1, curvature, site_id, rounds, stop)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
 
