@@ -106,7 +106,7 @@ def _factor_effects(st: Setup, est: Estimate, messages: list):
         gap = np.full((len(withheld), len(c)), np.nan)
         order = natural_order(np.asarray(levels, dtype=str))
         for out, key in ((modes, "modes"), (condsd, "condsd")):
-            vals = np.vstack([np.reshape(r[key][g], (-1, len(c))) for r in final.values()] + [gap]) / zs[c]
+            vals = np.vstack([_at_estimate(r, key, len(c), est.step, g) for r in final.values()] + [gap]) / zs[c]
             out[g] = pd.DataFrame(vals, index=levels, columns=names).iloc[order]
     if nwithheld:
         messages.append(f"conditional modes withheld by site rules for {nwithheld} group"
@@ -165,11 +165,14 @@ def _variance_grows(est: Estimate, p: int, r_idx, row: int) -> bool:
     return after > 1.01 * before
 
 
-def _at_estimate(reply: dict, key: str, q: int, step) -> np.ndarray:
+def _at_estimate(reply: dict, key: str, q: int, step, factor: str | None = None) -> np.ndarray:
     """A site's conditional modes (or SDs) at the point of the final sums, moved to the estimate to first
-    order when the site sent their derivatives (``d`` + key, (G, q, P))."""
-    vals = np.reshape(np.asarray(reply[key], float), (-1, q))
-    deriv = reply.get("d" + key)
+    order when the site sent their derivatives (``d`` + key, (G, q, P)); ``factor``: those of one grouping
+    factor (the reply's values are dictionaries by factor)."""
+    vals, deriv = reply[key], reply.get("d" + key)
+    if factor is not None:
+        vals, deriv = vals[factor], None if deriv is None else deriv[factor]
+    vals = np.reshape(np.asarray(vals, float), (-1, q))
     if deriv is None or step is None or not len(vals):
         return vals
     deriv = np.asarray(deriv, float)

@@ -27,6 +27,10 @@ The Hessian is the difference of the analytic gradient (the modes moved along d�
 Newton step), computed inside the site: local work, never a round -- forward differences while the
 coordinator iterates, central ones at the estimate, where it gives the standard errors.  Everything is a sum over the site's rows and
 levels, so sites' numbers add up when every level lives at one site.
+
+The conditional modes and SDs at the points of the central Hessian give their derivatives in φ by central
+differences (:meth:`MultiLevelGLMM.mode_derivatives`), with which the coordinator moves the final round's
+modes to its estimate.
 """
 from __future__ import annotations
 
@@ -180,7 +184,8 @@ class MultiLevelGLMM(FactorLayout):
         # observed curvature (and any canonical link): H is H_obs
         Hobs = H if (fam.canonical or self.curvature == "observed") else self.pat.factor(self.pat.assemble(-d2, M))
         dU = Hobs.solve(C)
-        Y = H.selected_inverse().row_products(M)
+        sel = H.selected_inverse()
+        Y = sel.row_products(M)
         lev = sum(np.sum(Mf * Yf, axis=1) for Mf, Yf in zip(M, Y))
         # (w1·lev)ᵀ dη/dφ with dη/dφ = E + Σ_f M_f dU_f[codes]: the second part summed by level first
         wl = w1 * lev
@@ -191,7 +196,7 @@ class MultiLevelGLMM(FactorLayout):
             gr[self.p + t] -= np.sum(w * self.Z[:, self.theta_r[t]] * Y[f][:, self.theta_lc[t]])
         if dp is not None:                   # ∂h/∂ψ, and the weight's own ψ-derivative w_ψ = −ℓ_ηηψ
             gr[-1] += np.sum(dp.p1) + 0.5 * np.sum(dp.d2p * lev)
-        aux["dU"] = dU
+        aux["dU"], aux["sel"] = dU, sel
         return value, gr, aux
 
     def _deta_fixed_u(self, u) -> np.ndarray:
@@ -236,31 +241,48 @@ class MultiLevelGLMM(FactorLayout):
             return Evaluation(value, gr)
         P = len(phi)
         Hs = np.empty((P, P))
+        dmodes = [np.empty((len(x), len(c), P)) for x, c in zip(u, self.cols)]
+        dsds = [np.empty_like(d) for d in dmodes]
         for t in range(P):
             h = step * (1.0 + abs(phi[t]))
             e = np.zeros(P)
             e[t] = h
             # central: the moved modes finished by a Newton step; forward: moved only (their O(h²) error
             # costs the gradient O(h²), the difference O(h): the order of a forward difference anyway)
-            gp = self.value_grad(phi + e, u0=[a + h * d[:, :, t] for a, d in zip(u, dU)],
-                                 polish=True, move_only=not central)[1]
+            _, gp, ap = self.value_grad(phi + e, u0=[a + h * d[:, :, t] for a, d in zip(u, dU)],
+                                        polish=True, move_only=not central)
             if central:
-                gm = self.value_grad(phi - e, u0=[a - h * d[:, :, t] for a, d in zip(u, dU)], polish=True)[1]
+                _, gm, am = self.value_grad(phi - e, u0=[a - h * d[:, :, t] for a, d in zip(u, dU)], polish=True)
                 Hs[:, t] = (gp - gm) / (2.0 * h)
+                # the conditional modes and SDs there too: their central differences move them to the
+                # coordinator's estimate (:meth:`mode_derivatives`)
+                for f, (mp, sp, mm, sm) in enumerate(zip(*_modes_sds(ap), *_modes_sds(am))):
+                    dmodes[f][:, :, t], dsds[f][:, :, t] = (mp - mm) / (2.0 * h), (sp - sm) / (2.0 * h)
             else:
                 Hs[:, t] = (gp - gr) / h
+        self._mode_fd = (phi.copy(), dmodes, dsds) if central else None
         return Evaluation(value, gr, 0.5 * (Hs + Hs.T))
 
     def conditional_modes(self, phi: np.ndarray) -> tuple[dict, dict]:
         """Each factor's conditional modes b̂_f = Λ_f û_f and SDs sqrt(diag(Λ_f Σ_ff Λ_fᵀ)), by factor name."""
         _, _, aux = self.value_grad(phi, grad=False)
-        diag = aux["H"].selected_inverse().diagonal_blocks()
-        modes, sds = {}, {}
-        for name, lam, uf, S in zip(self.names, aux["lams"], aux["u"], diag):
-            modes[name] = uf @ lam.T
-            cov = lam @ S @ lam.T
-            sds[name] = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
-        return modes, sds
+        aux["sel"] = aux["H"].selected_inverse()
+        modes, sds = _modes_sds(aux)
+        return dict(zip(self.names, modes)), dict(zip(self.names, sds))
+
+    def mode_derivatives(self, phi: np.ndarray) -> tuple[dict, dict]:
+        """The derivatives in φ of each factor's conditional modes and SDs, (G_f, q_f, P) by factor name:
+        central differences (step 1e-5 (1 + |φ_t|), error O(step²)) from the modes and SDs at the points of
+        the central Hessian -- those of the last evaluation, when it was the final one at φ (the final
+        round's), else evaluated again."""
+        phi = np.asarray(phi, float)
+        fd = getattr(self, "_mode_fd", None)
+        if fd is None or not np.array_equal(fd[0], phi):
+            self.evaluate(phi, hess=True, central=True)
+            fd = getattr(self, "_mode_fd", None)
+            if fd is None or not np.array_equal(fd[0], phi):
+                raise np.linalg.LinAlgError("the conditional modes' derivatives could not be evaluated")
+        return dict(zip(self.names, fd[1])), dict(zip(self.names, fd[2]))
 
     # --- the engine interface (see :mod:`fedglmm.likelihood.engine`) ----------------------------
     def sums(self, point: np.ndarray, final: bool = False) -> dict:
@@ -271,6 +293,16 @@ class MultiLevelGLMM(FactorLayout):
 
     def modes(self, point: np.ndarray, beta=None, sigma=None) -> tuple[dict, dict]:
         return self.conditional_modes(point)
+
+
+def _modes_sds(aux: dict) -> tuple[list, list]:
+    """Every factor's conditional modes Λ_f û_f and SDs sqrt(diag(Λ_f Σ_ff Λ_fᵀ)) from a
+    :meth:`MultiLevelGLMM.value_grad`'s auxiliaries (with its selected inverse, ``sel``)."""
+    modes, sds = [], []
+    for lam, uf, S in zip(aux["lams"], aux["u"], aux["sel"].diagonal_blocks()):
+        modes.append(uf @ lam.T)
+        sds.append(np.sqrt(np.maximum(np.diagonal(lam @ S @ lam.T, axis1=1, axis2=2), 0.0)))
+    return modes, sds
 
 
 def _rows(agg, a: np.ndarray) -> np.ndarray:

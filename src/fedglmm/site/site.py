@@ -289,7 +289,9 @@ class Site:
             modes, sds = eng.modes(req["point"], req.get("beta_internal"), req.get("sigma"))
         split = getattr(eng, "split", None)
         if d.factors or split is not None:
-            reply.update(self._factor_modes(modes, sds, split))
+            derivs = eng.mode_derivatives(point) if req.get("derivatives") and split is None \
+                and hasattr(eng, "mode_derivatives") else None
+            reply.update(self._factor_modes(modes, sds, split, derivs))
             return reply
         out = {"modes": np.asarray(modes), "condsd": np.asarray(sds)}
         if req.get("derivatives") and isinstance(eng, GLMMLikelihood):
@@ -348,11 +350,14 @@ class Site:
         return {"levels": levels[keep].tolist(), "mean": mean[keep], "sd": sd[keep],
                 "withheld": levels[~keep].tolist()}
 
-    def _factor_modes(self, modes: dict, sds: dict, split=None) -> dict:
+    def _factor_modes(self, modes: dict, sds: dict, split=None, derivs: tuple | None = None) -> dict:
         """With several grouping factors: each factor's levels, modes and SDs (dictionaries by factor),
         the modes of levels below ``min_group`` withheld per factor.  With levels shared by sites
-        (``split``), only the site's own levels: the coordinator reports the shared ones."""
+        (``split``), only the site's own levels: the coordinator reports the shared ones.  ``derivs``: the
+        modes' and SDs' derivatives in the parameters (dictionaries by factor), sent beside them."""
         d, out = self.design, {"levels": {}, "modes": {}, "condsd": {}}
+        if derivs is not None:
+            out.update(dmodes={}, dcondsd={})
         withheld = {}
         sizes = rules.factor_sizes(d, self.family)
         for f in d.groupings:
@@ -364,6 +369,8 @@ class Site:
             out["levels"][f.name] = levels[keep].tolist()
             out["modes"][f.name] = np.asarray(modes[f.name])[keep]
             out["condsd"][f.name] = np.asarray(sds[f.name])[keep]
+            if derivs is not None:
+                out["dmodes"][f.name], out["dcondsd"][f.name] = (np.asarray(x[f.name])[own][keep] for x in derivs)
             if not keep.all():
                 withheld[f.name] = levels[~keep].tolist()
         if withheld:
