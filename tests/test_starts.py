@@ -274,12 +274,12 @@ def test_log_combination_keeps_sds_within_twice_the_sites_range():
     """A site whose SD is at 0 couples its information into the combination on the log scale: unclipped,
     this pair combines to an SD beyond every site's (exp(30) was seen in a stress fit); kept within a factor
     of 2 of the sites' range, it lands on the bound."""
-    from fedglmm.coordinator.starts import OwnPart, _log_combination
+    from fedglmm.coordinator.starts import OwnPart, log_combination
     K1 = np.array([[3.5655101993076643, 1.801342645699767], [1.801342645699767, 1.1506226997325402]])
     K2 = np.array([[0.40916354179464604, -1.0603563786907504], [-1.0603563786907504, 3.2408869523768495]])
     c1, c2 = np.array([0.9166547888245957, 3.709468350944102e-07]), np.array([-1.934959636609707, 0.23993667125803605])
     parts = [OwnPart(K1, K1 @ c1, c1, 10.0), OwnPart(K2, K2 @ c2, c2, 10.0)]
-    y = _log_combination(parts, np.array([1]))
+    y = log_combination(parts, np.array([1]))
     assert y is not None
     assert np.isclose(y[1], 2.0 * c2[1], rtol=1e-12)
 
@@ -400,12 +400,12 @@ def test_sites_of_one_hospital_each_start_from_their_fits(monkeypatch):
     """Each hospital a site: the start combines the sites' fits without the hospital (its SD from how their
     intercepts differ) -- fewer rounds than from the site totals, and the iterative method's estimates."""
     import fedglmm.methods.hybrid as hybrid
-    from fedglmm.coordinator import starts as starts_module
+    from fedglmm.coordinator import own_combination
 
     sites = _hospitals(5)
     formula = "y ~ trt + time + (1 | patient) + (1 | hospital)"
     seen = []
-    real = starts_module.factor_combined_start
+    real = own_combination.factor_combined_start
 
     def spy(st, own, fallback):
         out = real(st, own, fallback)
@@ -432,7 +432,7 @@ def test_fits_without_a_factor_are_used_only_where_they_give_its_variance():
     column), the start is the one without them."""
     from types import SimpleNamespace as NS
 
-    from fedglmm.coordinator.starts import factor_fits
+    from fedglmm.coordinator.own_combination import factor_fits
 
     st = NS(names=["Intercept", "x"], ndisp=0, A=np.eye(2), mask=np.eye(2, dtype=bool),
             theta_scale=np.array([1.0, 1.0]), factor_columns=lambda: {"patient": [0], "hospital": [1]})
@@ -454,7 +454,7 @@ def test_gaussian_sites_of_few_levels_give_the_covariance_start():
     site-totals start stays."""
     from types import SimpleNamespace as NS
 
-    from fedglmm.coordinator.starts import factor_combined_start
+    from fedglmm.coordinator.own_combination import factor_combined_start
 
     st = NS(names=["Intercept"], ndisp=0, A=np.eye(1), mask=np.eye(2, dtype=bool), theta_scale=np.ones(2),
             znames=["Intercept", "Intercept"], factor_columns=lambda: {"patient": [0], "hospital": [1]})

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..likelihood.fused import parallel_map
-from .between import between_sites
 
 
 @dataclass
@@ -94,7 +93,7 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
     if not parts:
         return []
     K, h = sum(o.K for o in parts), sum(o.h for o in parts)
-    xlog = _log_combination(parts, np.asarray(sd_index, dtype=np.int64))
+    xlog = log_combination(parts, np.asarray(sd_index, dtype=np.int64))
     # the sites' own pseudo-data to second order at their estimates (in parallel threads where the kernel
     # evaluates them, without the interpreter lock; the numpy engine's work would only take turns)
     mine = [(own[sid].center, P) for sid, P in (each or {}).items() if sid in own and P is not None]
@@ -187,7 +186,7 @@ def _within_sites(logsd: np.ndarray, parts: list, idx: np.ndarray) -> np.ndarray
     return np.clip(logsd, own.min(axis=0) - np.log(2.0), own.max(axis=0) + np.log(2.0))
 
 
-def _log_combination(parts: list, idx: np.ndarray):
+def log_combination(parts: list, idx: np.ndarray):
     """The information-weighted combination of the fits with the entries ``idx`` (standard deviations) on the
     log scale: each fit's quadratic is carried to (…, log θ_k, …) by its Jacobian at its own estimate."""
     K, h = 0.0, 0.0
@@ -242,156 +241,6 @@ def _minimise_in_ball(C, xq, K, radius: float, others=(), iterations: int = 20):
     except (np.linalg.LinAlgError, ValueError, FloatingPointError):
         return None
     return x if np.all(np.isfinite(x)) else None
-
-
-MIN_LEVELS = 5        # a site's own fixed effects (and intercept, between sites) count from this many levels
-# ... and a gaussian site's estimate of a factor's covariance from this many, weighted by them (5 before: on 60
-# gaussian splits of parity_multilevel and the golden file, 2 took penicillin over 3 sites from 6 and 7 rounds to
-# 5 and 5, pastes by REML 6 -> 5 (3 forms), sim_gauss_singular 5 -> 4 (2), none more). GLMMs keep MIN_LEVELS
-# (with 2, arabidopsis_la split by population 8 -> 9), as does one grouping factor (gaussian_own_start)
-COV_LEVELS = 2
-MIN_SHARE = 0.9       # the sites' own fits alone start the Newton rounds when they cover this share of rows
-
-
-def factor_fits(st, own: dict) -> dict:
-    """The sites' own fits (several grouping factors) that a start uses: a fit that left out a factor the site
-    holds one level of (``alone``) only where that factor's variance comes from such fits
-    (:func:`~fedglmm.coordinator.between.between_sites`) -- the other factors' covariances from them beside
-    that variance from the site totals took arabidopsis_olre split by population from 8 to 10 rounds."""
-    if not any(o.get("alone") for o in own.values()) or between_sites(st, list(own.values()), MIN_LEVELS):
-        return own
-    return {sid: o for sid, o in own.items() if not o.get("alone")}
-
-
-def factor_combined_start(st, own: list, fallback):
-    """With several grouping factors, a start from the sites' own fits (internal scale): each factor's
-    covariance the mean of the sites' estimates weighted by their numbers of its levels (sites with at
-    least ``COV_LEVELS`` of them, gaussian, or ``MIN_LEVELS``; else ``fallback``'s, the site-totals start),
-    the fixed effects combined with weights their information from the fits with ``MIN_LEVELS`` levels of
-    every factor (else ``fallback``'s), as is a dispersion ψ (θ̃'s last entries).  ``fallback``: (γ, θ̃), or
-    θ̃ alone (gaussian).  Returns (the start, whether the sites' fits gave all of it and stand for at least
-    ``MIN_SHARE`` of the rows: a start from a part of the data may be further from the pooled fit than the
-    site totals)."""
-    from ..model.spec import lambda_matrix, theta_index
-
-    gaussian = not isinstance(fallback, tuple)
-    gamma0, theta0 = (None, np.asarray(fallback, float)) if gaussian else fallback
-    own = [loc for loc in own if list(loc.get("z_names", [])) == list(st.znames)]       # coded as agreed
-    mask = st.mask
-    r_idx, c_idx = theta_index(mask)
-    k = len(r_idx)
-    full, theta0, psi = np.asarray(theta0, float), np.asarray(theta0, float)[:k], np.asarray(theta0, float)[k:]
-    q = mask.shape[0]
-    lam0 = lambda_matrix(theta0, q, (r_idx, c_idx))
-    sig = lam0 @ lam0.T
-    complete = True
-    between = {} if gaussian else between_sites(st, own, MIN_LEVELS)
-    for g, cols in st.factor_columns().items():
-        mean = _mean_covariance(st, [(float(loc.get("levels", {}).get(g, 0)), np.asarray(loc.get("theta", []), float))
-                                     for loc in own], full.shape, cols, COV_LEVELS if gaussian else MIN_LEVELS)
-        if mean is None and g in between:
-            mean = np.array([[between[g]]])
-        if mean is not None:
-            sig[np.ix_(cols, cols)] = mean
-        complete = complete and mean is not None
-    try:
-        L = np.linalg.cholesky(sig + 1e-12 * np.eye(q))
-    except np.linalg.LinAlgError:
-        return fallback, False
-    theta = L[r_idx, c_idx]
-    if gaussian:
-        return theta, complete
-    # the fixed effects from the fits that saw enough levels of every factor: a site with two or three
-    # hospitals estimates their variance poorly, and its information about the intercept with it
-    with_beta = [loc for loc in own if loc.get("info") is not None and list(loc.get("names", [])) == list(st.names)
-                 and all(float(loc.get("levels", {}).get(g, 0)) >= MIN_LEVELS for g in st.factor_columns())]
-    gamma = gamma0
-    if with_beta:
-        combined = _fixed_combination(st, with_beta)
-        if combined is not None:
-            gamma, psi = combined
-    elif between:
-        # every site left out the factor it holds one level of: the fixed effects of those fits combined as
-        # in a random-effects meta-analysis, the intercept's variance between sites added to each (a
-        # gaussian site sends no such fit: without its information, nothing tells that variance)
-        with_beta = between["fits"]
-        gamma, psi = between["fixed"]
-    covered = sum(float(loc.get("n", 0.0)) for loc in with_beta) >= MIN_SHARE * st.n
-    # (a variance from the spread of a few sites' intercepts can be far off: the site-totals start beside)
-    return (gamma, np.r_[theta, psi]), complete and bool(with_beta) and covered and not between
-
-
-def gaussian_own_start(st, own: list) -> np.ndarray | None:
-    """θ̃0 for a gaussian model with one grouping factor from the sites' own fits (:func:`own_fit`, sent where
-    a site kept small groups' statistics): their relative covariance ΛΛᵀ averaged as
-    :func:`factor_combined_start` does per factor (:func:`_mean_covariance`, by numbers of groups).  None
-    without such a fit."""
-    from ..model.spec import theta_index
-
-    r_idx, c_idx = theta_index(st.mask)
-    q = st.mask.shape[0]
-    fits = [(float(loc.get("ngroups", 0)), np.asarray(loc.get("theta", []), float))
-            for loc in own if list(loc.get("z_names", [])) == list(st.znames)]
-    mean = _mean_covariance(st, fits, (len(r_idx),), np.arange(q))
-    if mean is None:
-        return None
-    try:
-        return np.linalg.cholesky(mean + 1e-12 * np.eye(q))[r_idx, c_idx]
-    except np.linalg.LinAlgError:
-        return None
-
-
-def _mean_covariance(st, fits: list, shape: tuple, cols, least: int = MIN_LEVELS) -> np.ndarray | None:
-    """The covariance of the Z columns ``cols`` (internal scale) averaged over the sites' fits ``fits`` --
-    (n, θ̂ on the user's scale, of ``shape``) -- with at least ``least`` levels behind them, weighted by n;
-    None without one."""
-    from ..model.spec import lambda_matrix, theta_index
-
-    r_idx, c_idx = theta_index(st.mask)
-    k, q = len(r_idx), st.mask.shape[0]
-    acc, wsum = 0.0, 0.0
-    for n, th in fits:
-        if n >= least and th.shape == shape and np.all(np.isfinite(th)):
-            lam = lambda_matrix(th[:k] * st.theta_scale, q, (r_idx, c_idx))[np.ix_(cols, cols)]
-            acc, wsum = acc + n * (lam @ lam.T), wsum + n
-    return acc / wsum if wsum else None
-
-
-def internal_fits(st, own: list) -> list:
-    """[(fit, K, x)]: the fits ``own`` (as sent) on the internal scale, x = T(β, θ, ψ), K = T⁻ᵀ I T⁻¹ (T: the
-    set-up's internal_transform); one not of the model's shape or not finite is left out."""
-    nx = len(st.names) + int(st.mask.sum()) + st.ndisp
-    T = st.internal_transform()
-    Ti = np.linalg.inv(T)
-    out = []
-    for loc in own:
-        try:
-            K = Ti.T @ np.asarray(loc["info"], float) @ Ti
-            x = T @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)]
-        except (KeyError, ValueError, TypeError):
-            continue
-        if K.shape == (nx, nx) and np.all(np.isfinite(K)) and np.all(np.isfinite(x)):
-            out.append((loc, K, x))
-    return out
-
-
-def _fixed_combination(st, own: list):
-    """The fixed effects γ and the dispersion ψ of fits coded as agreed, combined with weights their marginal
-    information (the inverse of their covariance); None if that cannot be done."""
-    p, k = len(st.names), int(st.mask.sum())
-    fixed = np.r_[np.arange(p), np.arange(p + k, p + k + st.ndisp)]
-    Ib, bb = 0.0, 0.0
-    for _, H, x in internal_fits(st, own):
-        try:
-            Ig = np.linalg.inv(np.linalg.inv(H)[np.ix_(fixed, fixed)])
-        except np.linalg.LinAlgError:
-            continue
-        Ib, bb = Ib + Ig, bb + Ig @ x[fixed]
-    try:
-        y = np.linalg.solve(Ib, bb)
-    except (np.linalg.LinAlgError, ValueError):
-        return None
-    return (y[:p], y[p:]) if np.all(np.isfinite(y)) else None
 
 
 def internal_start(fixef, theta, st) -> tuple[np.ndarray, np.ndarray]:

@@ -18,13 +18,12 @@ import numpy as np
 
 from ..coordinator.assemble import assemble
 from ..coordinator.messages import merge_messages
-from ..coordinator.own_combination import factor_log_start
+from ..coordinator.own_combination import factor_combined_start, factor_fits, factor_log_start, gaussian_own_start
 from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.shared_rounds import shared_setup
-from ..coordinator.starts import (OwnPart, combined_start, factor_combined_start, factor_fits, gaussian_own_start,
-                                  internal_start, own_part)
+from ..coordinator.starts import OwnPart, combined_start, internal_start, own_part
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
@@ -335,7 +334,7 @@ def _secure_setup(transport, payload, req, merged):
 
 def _own_parts(own: dict, replies: dict, st) -> dict:
     """The sites' own fits in the agreed coding (:func:`~fedglmm.coordinator.starts.own_part`); with several
-    grouping factors as sent (:func:`~fedglmm.coordinator.starts.factor_combined_start` reads them)."""
+    grouping factors as sent (:func:`~fedglmm.coordinator.own_combination.factor_combined_start` reads them)."""
     if st.factor_groups or not own or isinstance(next(iter(own.values())), OwnPart) \
             or next(iter(own.values())).get("info") is None:        # (gaussian: θ̂ alone)
         return own
