@@ -125,7 +125,8 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
         shared.rounds = RoundEvaluator(transport, st, first, total=shared.total)
         return fit_lmm(shared, st, options, start)
     evaluator = RoundEvaluator(transport, st, first,
-                               {"derivatives": True} if mode_derivatives and family.name != "gaussian" else None)
+                               {"derivatives": True} if mode_derivatives and (family.name != "gaussian"
+                                                                              or st.factor_groups) else None)
     if family.name == "gaussian":
         return fit_lmm(evaluator, st, options, start)
     model = surrogate_model(surrogate) if surrogate is not None else None

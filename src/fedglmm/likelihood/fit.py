@@ -76,7 +76,8 @@ class Estimate:
     messages: list = field(default_factory=list)
     sigma2: float | None = None     # gaussian: the residual variance
     info: np.ndarray | None = None  # GLMM: the information of (γ, θ̃, ψ) at the estimate
-    step: np.ndarray | None = None  # GLMM: the estimate less the point of the final sums (internal scale)
+    step: np.ndarray | None = None  # the estimate less the point of the final sums (internal scale; gaussian:
+                                    # in (θ̃, γ, σ), from the θ̃ there and the γ, σ predicted there)
     trace: list = field(default_factory=list)   # (round, objective, Newton decrement) of the iteration
     path: tuple | None = None       # GLMM: x, H (and g) of −ℓ at the last two accepted points, for the
                                     # check of estimates that run off (:mod:`fedglmm.likelihood.runaway`)
@@ -275,7 +276,7 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None,
         start = None
     ntheta = int(mask.sum())
     keys = LMM_KEYS + (LMM_DERIVATIVE_KEYS if ntheta else [])
-    profiles = {}
+    profiles, sent = {}, {}
 
     def evaluate(xs, final):
         if final:
@@ -285,6 +286,7 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None,
             pr, step = profiles[base.tobytes()], xs[0] - base
             extra = {"beta_internal": pr.beta + pr.dbeta.T @ step,
                      "sigma": float(np.sqrt(pr.sigma2 + pr.dsigma2 @ step))}
+            sent.update(extra)
             s, parts = evaluator.finalize(xs[0], keys, extra)
             sums = [s]
         else:
@@ -333,11 +335,14 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None,
         hess = pr.hess if pr.hess is not None else 2.0 * opt.current.H
         dev = float(pr.dev + pr.grad @ step + 0.5 * step @ hess @ step)
         A = s["A"] + np.einsum("t,tpr->pr", step, s["dA"])
+        # the modes' move, for parts that sent their derivatives in (θ, β, σ) (several grouping factors):
+        # from the final round's θ and the β̂, σ̂ predicted there to the estimate
+        moved = np.r_[step, beta - sent["beta_internal"], np.sqrt(sigma2) - sent["sigma"]] if sent else None
     else:
         pr = profiled_deviance(s, options.reml, order=0)
-        beta, sigma2, dev, A = pr.beta, pr.sigma2, pr.dev, s["A"]
+        beta, sigma2, dev, A, moved = pr.beta, pr.sigma2, pr.dev, s["A"], None
     return Estimate(beta, canonical_theta(theta, mask), sigma2 * np.linalg.inv(A),
                     # REML's constant depends on how X is parametrised: report it for the user's columns
                     -0.5 * dev + (np.linalg.slogdet(setup.A)[1] if options.reml else 0.0)
                     + 0.5 * float(setup.sums.get("ldw", 0.0)),
-                    final, converged, [], sigma2=sigma2, trace=trace)
+                    final, converged, [], sigma2=sigma2, trace=trace, step=moved)

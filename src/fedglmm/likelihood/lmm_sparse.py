@@ -127,6 +127,30 @@ class MultiLMMSums(FactorLayout):
             sds[name] = sigma * np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))
         return modes, sds
 
+    def mode_derivatives(self, theta, beta, sigma, step: float = 1e-5) -> tuple[dict, dict]:
+        """The derivatives of each factor's modes and SDs in (θ, β, σ), (G_f, q_f, k + p + 1) by factor name:
+        in θ central differences (step 1e-5 (1 + |θ_t|)), in β and σ exact (b̂ is linear in β, the SDs in
+        σ).  The coordinator moves the modes, computed at the final round's θ with β̂ and σ̂ predicted
+        there, to its estimate (θ̂, β̂, σ̂)."""
+        theta, beta = np.asarray(theta, float), np.asarray(beta, float)
+        k, P = self.ntheta, self.ntheta + self.p + 1
+        lams, _, _, _, R = self._at(theta)
+        modes, sds = self.conditional_modes(theta, beta, sigma)
+        dm = {f: np.zeros(m.shape + (P,)) for f, m in modes.items()}
+        ds = {f: np.zeros(m.shape + (P,)) for f, m in sds.items()}
+        for t in range(k):
+            h = step * (1.0 + abs(theta[t]))
+            e = np.zeros(k)
+            e[t] = h
+            (mp, sp), (mm, sm) = (self.conditional_modes(theta + e, beta, sigma),
+                                  self.conditional_modes(theta - e, beta, sigma))
+            for f in dm:
+                dm[f][:, :, t], ds[f][:, :, t] = (mp[f] - mm[f]) / (2.0 * h), (sp[f] - sm[f]) / (2.0 * h)
+        for f, lam, Rf in zip(self.names, lams, R):
+            dm[f][:, :, k:k + self.p] = -np.einsum("ab,gbp->gap", lam, Rf[:, :, :self.p])
+            ds[f][:, :, -1] = sds[f] / sigma if sigma > 0 else 0.0
+        return dm, ds
+
     # --- the engine interface (see :mod:`fedglmm.likelihood.engine`) ----------------------------
     def sums(self, point: np.ndarray, final: bool = False) -> dict:
         """The sums with forward-difference second derivatives while iterating, central ones at the

@@ -270,7 +270,7 @@ class MultiLevelGLMM(FactorLayout):
         modes, sds = _modes_sds(aux)
         return dict(zip(self.names, modes)), dict(zip(self.names, sds))
 
-    def mode_derivatives(self, phi: np.ndarray) -> tuple[dict, dict]:
+    def mode_derivatives(self, phi: np.ndarray, beta=None, sigma=None) -> tuple[dict, dict]:
         """The derivatives in φ of each factor's conditional modes and SDs, (G_f, q_f, P) by factor name:
         central differences (step 1e-5 (1 + |φ_t|), error O(step²)) from the modes and SDs at the points of
         the central Hessian -- those of the last evaluation, when it was the final one at φ (the final

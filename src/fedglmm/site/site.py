@@ -289,8 +289,8 @@ class Site:
             modes, sds = eng.modes(req["point"], req.get("beta_internal"), req.get("sigma"))
         split = getattr(eng, "split", None)
         if d.factors or split is not None:
-            derivs = eng.mode_derivatives(point) if req.get("derivatives") and split is None \
-                and hasattr(eng, "mode_derivatives") else None
+            derivs = eng.mode_derivatives(point, req.get("beta_internal"), req.get("sigma")) \
+                if req.get("derivatives") and split is None and hasattr(eng, "mode_derivatives") else None
             reply.update(self._factor_modes(modes, sds, split, derivs))
             return reply
         out = {"modes": np.asarray(modes), "condsd": np.asarray(sds)}
