@@ -171,7 +171,7 @@ def _at_estimate(reply: dict, key: str, q: int, step, factor: str | None = None)
     factor (the reply's values are dictionaries by factor)."""
     vals, deriv = reply[key], reply.get("d" + key)
     if factor is not None:
-        vals, deriv = vals[factor], None if deriv is None else deriv[factor]
+        vals, deriv = vals[factor], None if deriv is None else deriv.get(factor)
     vals = np.reshape(np.asarray(vals, float), (-1, q))
     if deriv is None or step is None or not len(vals):
         return vals

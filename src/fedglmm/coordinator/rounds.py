@@ -114,7 +114,8 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     if st.shared and family.name != "gaussian":          # levels shared by sites: Laplace, v by the coordinator
         check_shared_glmm(family, options)
         shared = SharedGLMMEvaluator(st)
-        shared.rounds = RoundEvaluator(transport, st, first, total=shared.total)
+        shared.rounds = RoundEvaluator(transport, st, first, {"derivatives": True} if mode_derivatives else None,
+                                       total=shared.total)
         gamma0, theta0 = start_values(st, family) if start is None else start[0] if isinstance(start[0], tuple) \
             else start
         return fit_glmm(shared, st, gamma0, theta0, options)

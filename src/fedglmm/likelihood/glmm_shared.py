@@ -150,6 +150,21 @@ class SharedGLMMSums:
             sds[name] = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))[keep]
         return modes, sds
 
+    def mode_derivatives(self, point, beta=None, sigma=None) -> tuple[dict, None]:
+        """The derivatives of the local levels' modes b̂ = Λû in the site's ψ = (b_s, β, θ), (G_f, q_f,
+        Q_s + p + k) by factor: Λ dû/dψ, plus û's column for the θ of Λ's entry; the coordinator turns them into
+        derivatives in φ along v̂'s tangent (:class:`~fedglmm.coordinator.shared_glmm_rounds.SharedGLMMEvaluator`).
+        No SDs' derivatives (None)."""
+        m, base = self.inner, self.pieces(self._psi(point))
+        off = self.Qs + self.p
+        out = {}
+        for f, (name, lam, uf, dU) in enumerate(zip(m.names, base["lams"], base["u"], base["dU"])):
+            db = np.einsum("ab,gbp->gap", lam, dU)
+            for t in np.flatnonzero(m.theta_f == f):
+                db[:, m.theta_lr[t], off + t] += uf[:, m.theta_lc[t]]
+            out[name] = db[: len(self.split.local_levels[name])]
+        return out, None
+
 
 def to_global(reply: dict, Q: int) -> dict:
     """A site's reply in its own layout (``scols``) placed in the global one (v's Q columns, then β, θ),

@@ -276,7 +276,12 @@ class Site:
         if "gammas" in req:             # a GLMM with shared levels: the final points, and the local modes
             reply = {"points": self._points(req, eng)}
             modes, sds = eng.modes(point, shared=(None, req["shared_G"]))
-            reply.update(self._factor_modes(modes, sds, eng.split))
+            # their derivatives in the site's own ψ (its shared columns, β, θ): not under secure
+            # aggregation, where which shared levels a site holds stays hidden
+            derivs = eng.mode_derivatives(point) if req.get("derivatives") and "secagg" not in req else None
+            reply.update(self._factor_modes(modes, sds, eng.split, derivs))
+            if derivs is not None:
+                reply["dcols"] = np.asarray(eng.split.cols, dtype=np.int64)
             return reply
         reply = self._masked_layout(req, eng, eng.sums(point, final=True))
         d = self.design
@@ -357,7 +362,7 @@ class Site:
         modes' and SDs' derivatives in the parameters (dictionaries by factor), sent beside them."""
         d, out = self.design, {"levels": {}, "modes": {}, "condsd": {}}
         if derivs is not None:
-            out.update(dmodes={}, dcondsd={})
+            out.update({"dmodes": {}, **({"dcondsd": {}} if derivs[1] is not None else {})})
         withheld = {}
         sizes = rules.factor_sizes(d, self.family)
         for f in d.groupings:
@@ -369,8 +374,9 @@ class Site:
             out["levels"][f.name] = levels[keep].tolist()
             out["modes"][f.name] = np.asarray(modes[f.name])[keep]
             out["condsd"][f.name] = np.asarray(sds[f.name])[keep]
-            if derivs is not None:
-                out["dmodes"][f.name], out["dcondsd"][f.name] = (np.asarray(x[f.name])[own][keep] for x in derivs)
+            for key, x in zip(("dmodes", "dcondsd"), derivs or ()):
+                if x is not None:            # (given for the site's own levels, as the modes)
+                    out[key][f.name] = np.asarray(x[f.name])[keep]
             if not keep.all():
                 withheld[f.name] = levels[~keep].tolist()
         if withheld:
