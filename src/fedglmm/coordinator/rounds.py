@@ -123,7 +123,8 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
         if start is None and "xty" not in st.sums:        # one grouping factor: no joint moment start
             start = np.eye(st.mask.shape[0])[theta_index(st.mask)] if st.mask.shape[0] else None
         shared = SharedRoundEvaluator(st, options.reml)
-        shared.rounds = RoundEvaluator(transport, st, first, total=shared.total)
+        shared.rounds = RoundEvaluator(transport, st, first, {"derivatives": True} if mode_derivatives else None,
+                                       total=shared.total)
         return fit_lmm(shared, st, options, start)
     evaluator = RoundEvaluator(transport, st, first,
                                {"derivatives": True} if mode_derivatives and (family.name != "gaussian"

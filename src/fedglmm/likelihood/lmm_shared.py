@@ -92,6 +92,24 @@ class SharedLMMSums:
             sds[name] = (float(sigma) * np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0)))[keep]
         return modes, sds
 
+    def mode_derivatives(self, point, beta=None, sigma=None, shared=None, step: float = 1e-5) -> tuple[dict, dict]:
+        """The derivatives of the local levels' modes and SDs in (θ, the site's shared columns of b̂_v, β, σ),
+        (G_f, q_f, k + Q_s + p + 1) by factor: the modes' from :meth:`MultiLMMSums.mode_derivatives` in the
+        extended fixed effects (b_v, β); the SDs' in θ by central differences with the coordinator's N held
+        (it adds what N's own change does), in σ exact.  The coordinator chains them through b̂_v."""
+        cols, point = self.split.cols, np.asarray(point, float)
+        bv = np.zeros(self.Q) if shared is None else np.asarray(shared[0], float)
+        dm, ds = self.inner.mode_derivatives(point, np.r_[bv[cols], np.asarray(beta, float)], float(sigma))
+        for t in range(len(point)):
+            h = step * (1.0 + abs(point[t]))
+            e = np.zeros(len(point))
+            e[t] = h
+            (_, sp), (_, sm) = (self.modes(point + d, beta, sigma, shared) for d in (e, -e))
+            for f in ds:
+                ds[f][: len(sp[f]), :, t] = (sp[f] - sm[f]) / (2.0 * h)
+        n = {f: len(self.split.local_levels[f]) for f in dm}
+        return {f: d[: n[f]] for f, d in dm.items()}, {f: d[: n[f]] for f, d in ds.items()}
+
 
 def to_global(reply: dict, Q: int) -> dict:
     """A site's shared sums in its own layout (with ``scols``) placed in the global one (v's Q columns,

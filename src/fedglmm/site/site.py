@@ -287,16 +287,22 @@ class Site:
         d = self.design
         if d.Z.shape[1] == 0:
             return reply
-        if "shared_v" in req:           # levels shared by sites: the local modes given the shared ones
-            modes, sds = eng.modes(req["point"], req.get("beta_internal"), req.get("sigma"),
-                                   (req["shared_v"], req["shared_N"]))
+        given = (req["shared_v"], req["shared_N"]) if "shared_v" in req else None
+        if given is not None:           # levels shared by sites: the local modes given the shared ones
+            modes, sds = eng.modes(req["point"], req.get("beta_internal"), req.get("sigma"), given)
         else:
             modes, sds = eng.modes(req["point"], req.get("beta_internal"), req.get("sigma"))
         split = getattr(eng, "split", None)
         if d.factors or split is not None:
-            derivs = eng.mode_derivatives(point, req.get("beta_internal"), req.get("sigma")) \
-                if req.get("derivatives") and split is None and hasattr(eng, "mode_derivatives") else None
+            # the modes' derivatives (with shared levels: in the site's own shared columns, which stay hidden
+            # under secure aggregation)
+            wanted = req.get("derivatives") and hasattr(eng, "mode_derivatives") and \
+                (split is None or given is not None and "secagg" not in req)
+            derivs = None if not wanted else \
+                eng.mode_derivatives(point, req.get("beta_internal"), req.get("sigma"), *([given] if given else []))
             reply.update(self._factor_modes(modes, sds, split, derivs))
+            if derivs is not None and split is not None:
+                reply["dcols"] = np.asarray(split.cols, dtype=np.int64)
             return reply
         out = {"modes": np.asarray(modes), "condsd": np.asarray(sds)}
         if req.get("derivatives") and isinstance(eng, GLMMLikelihood):
