@@ -150,11 +150,26 @@ class SharedGLMMSums:
             sds[name] = np.sqrt(np.maximum(np.diagonal(cov, axis1=1, axis2=2), 0.0))[keep]
         return modes, sds
 
-    def mode_derivatives(self, point, beta=None, sigma=None) -> tuple[dict, None]:
+    def mode_derivatives(self, point, beta=None, sigma=None, points=None, gammas=None) -> tuple[dict, dict | None]:
         """The derivatives of the local levels' modes b̂ = Λû in the site's ψ = (b_s, β, θ), (G_f, q_f,
         Q_s + p + k) by factor: Λ dû/dψ, plus û's column for the θ of Λ's entry; the coordinator turns them into
         derivatives in φ along v̂'s tangent (:class:`~fedglmm.coordinator.shared_glmm_rounds.SharedGLMMEvaluator`).
-        No SDs' derivatives (None)."""
+        With the final round's ``points`` and ``gammas`` (the point, then its difference points
+        (b ± h_j Λτ̄_j, φ ± h_j e_j) with Γ̂ at each), also the SDs' derivatives in φ along the tangent
+        (G_f, q_f, P): central differences of the SDs at those points, where Γ̂ has moved as well."""
+        dm = self._local_mode_derivatives(point)
+        if points is None or gammas is None:
+            return dm, None
+        points, P = np.asarray(points, float), len(point) - self.Q
+        ds = {f: np.zeros(d.shape[:2] + (P,)) for f, d in dm.items()}
+        for j in range(P):
+            (_, up), (_, dn) = (self.modes(points[i], shared=(None, gammas[i])) for i in (1 + 2 * j, 2 + 2 * j))
+            width = points[1 + 2 * j][self.Q + j] - points[2 + 2 * j][self.Q + j]
+            for f in ds:
+                ds[f][:, :, j] = (up[f] - dn[f]) / width
+        return dm, ds
+
+    def _local_mode_derivatives(self, point) -> dict:
         m, base = self.inner, self.pieces(self._psi(point))
         off = self.Qs + self.p
         out = {}
@@ -163,7 +178,7 @@ class SharedGLMMSums:
             for t in np.flatnonzero(m.theta_f == f):
                 db[:, m.theta_lr[t], off + t] += uf[:, m.theta_lc[t]]
             out[name] = db[: len(self.split.local_levels[name])]
-        return out, None
+        return out
 
 
 def to_global(reply: dict, Q: int) -> dict:

@@ -278,7 +278,8 @@ class Site:
             modes, sds = eng.modes(point, shared=(None, req["shared_G"]))
             # their derivatives in the site's own ψ (its shared columns, β, θ): not under secure
             # aggregation, where which shared levels a site holds stays hidden
-            derivs = eng.mode_derivatives(point) if req.get("derivatives") and "secagg" not in req else None
+            derivs = eng.mode_derivatives(point, points=req["points"], gammas=req["gammas"]) \
+                if req.get("derivatives") and "secagg" not in req else None
             reply.update(self._factor_modes(modes, sds, eng.split, derivs))
             if derivs is not None:
                 reply["dcols"] = np.asarray(eng.split.cols, dtype=np.int64)
