@@ -110,7 +110,8 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     the best kept); ``first`` rides on the first request; ``surrogate(x) -> (f, g, H)`` is a local
     stand-in for −ℓ (GLMMs; see :func:`~fedglmm.coordinator.surrogate.surrogate_model`); ``final_first``: the
     (single) GLMM start is believed to be the estimate, and the first round is final;
-    ``mode_derivatives``: the conditional modes are moved from the last point to the estimate (GLMMs)."""
+    ``mode_derivatives``: the conditional modes are moved from the last point to the estimate (True: and
+    their SDs; ``"modes"``: the modes alone, whose derivatives cost the sites no pass over their rows)."""
     if st.shared and family.name != "gaussian":          # levels shared by sites: Laplace, v by the coordinator
         check_shared_glmm(family, options)
         shared = SharedGLMMEvaluator(st)
@@ -127,8 +128,8 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
                                        total=shared.total)
         return fit_lmm(shared, st, options, start)
     evaluator = RoundEvaluator(transport, st, first,
-                               {"derivatives": True} if mode_derivatives and (family.name != "gaussian"
-                                                                              or st.factor_groups) else None)
+                               {"derivatives": mode_derivatives} if mode_derivatives and (family.name != "gaussian"
+                                                                                          or st.factor_groups) else None)
     if family.name == "gaussian":
         return fit_lmm(evaluator, st, options, start)
     model = surrogate_model(surrogate) if surrogate is not None else None

@@ -47,19 +47,27 @@ def _at_last(engine, phi: np.ndarray):
     return {"lam": lam, "u": u, "Hinv": hinv, "dU": dU, "dH": dH}
 
 
-def mode_derivatives(engine, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def mode_derivatives(engine, phi: np.ndarray, sds: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """The derivatives in φ = (β, θ, ψ) of a :class:`~fedglmm.likelihood.laplace.GLMMLikelihood`'s conditional
     modes and SDs, (G, q, P) each: db̂/dφ = Λ dû/dφ + (dΛ/dφ) û, and d sd from
     dC = dΛ H⁻¹Λᵀ + Λ H⁻¹ dΛᵀ − Λ H⁻¹ dH H⁻¹ Λᵀ, with dû/dφ and dH/dφ from the engine's implicit-function
     derivatives at φ (those the fused kernel kept at its last evaluation when it was at φ -- the final
-    round's -- else computed again from the last modes)."""
+    round's -- else computed again from the last modes).  ``sds=False``: the modes' alone (None for the
+    SDs), which need no pass over the rows when the kernel kept dû/dφ (dH/dφ is what costs: 0.1 s of CPU
+    per 1e5 rows)."""
     phi = np.asarray(phi, float)
-    aux = _at_last(engine, phi) or engine.value_grad(phi)[2]
-    lam, u, Hinv = aux["lam"], aux["u"], aux["Hinv"]
+    last = getattr(engine, "_last", None)
+    if not sds and last is not None and getattr(engine, "_hinv", None) is not None and np.array_equal(last[0], phi):
+        aux = {"lam": engine.lam(phi[engine.p: engine.p + engine.ntheta]), "u": engine.u, "dU": last[1]}
+    else:
+        aux = _at_last(engine, phi) or engine.value_grad(phi)[2]
+    lam, u, Hinv = aux["lam"], aux["u"], aux.get("Hinv")
     q, p, (r, c) = lam.shape[0], engine.p, (engine.theta_r, engine.theta_c)
     dlam = np.zeros((engine.nparams, q, q))                    # Λ does not depend on β or ψ
     dlam[p + np.arange(len(r)), r, c] = 1.0
     db = np.einsum("ab,gbp->gap", lam, aux["dU"]) + np.einsum("pab,gb->gap", dlam, u)
+    if not sds:
+        return db, None
     A = lam @ Hinv                                                              # (G, q, q): Λ H⁻¹
     half = np.einsum("pab,gcb->gpac", dlam, A)                                  # dΛ H⁻¹ Λᵀ
     dcov = half + half.transpose(0, 1, 3, 2) - A[:, None] @ aux["dH"] @ A[:, None].transpose(0, 1, 3, 2)

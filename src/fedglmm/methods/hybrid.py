@@ -251,10 +251,11 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     start, surrogate = _starts(req, st, merged, own, pseudo, big)
     if big:
         options = replace(options, newton=replace(options.newton, near=OWN_NEAR, near_model=OWN_NEAR))
-    # the conditional modes move to the estimate with their derivatives, unless the last step is a plain
-    # Newton step below the iterative method's tolerance (the fits alone): then, as there, they stay
+    # the conditional modes move to the estimate with their derivatives; where the sites' fits alone start
+    # (many groups), the modes alone: their SDs' derivatives would cost each site a pass of ~15 over its rows
+    # (0.1 s of CPU per 1e5), for SDs 1e-6 off at 1e6 rows (bench_scale.py), where the modes were 5.5e-6 off
     est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
-                   surrogate=surrogate, mode_derivatives=not big)
+                   surrogate=surrogate, mode_derivatives="modes" if big else True)
     return _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo)
 
 

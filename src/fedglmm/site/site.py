@@ -308,7 +308,8 @@ class Site:
         out = {"modes": np.asarray(modes), "condsd": np.asarray(sds)}
         if req.get("derivatives") and isinstance(eng, GLMMLikelihood):
             # their derivatives in the parameters: the coordinator moves them to its final estimate
-            out["dmodes"], out["dcondsd"] = mode_derivatives(eng, point)
+            dm, ds = mode_derivatives(eng, point, sds=req["derivatives"] != "modes")
+            out.update({"dmodes": dm, **({"dcondsd": ds} if ds is not None else {})})
         if not self.config.withhold_modes:
             reply.update({"levels": list(d.group_levels), **out})
             return reply
