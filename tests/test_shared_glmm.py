@@ -233,7 +233,7 @@ def test_a_final_round_at_a_settled_point_is_one_round(family):
     ev.rounds, ev.settle, ev.patient = _LocalRounds(engines), 0.5, False
     ev.layout, ev.pool, ev.seen = pool.layout, pool, []
     ev.rounds.Q = pool.Q
-    ev._shared_modes = lambda pt: {}
+    ev._shared_modes = lambda pt, D: {}
     rng = np.random.default_rng(0)
     for phi in np.r_[-0.2, 0.4, 0.7, 0.6, 0.2, 0.3] + 0.05 * rng.normal(size=(6, 6)):
         ev.evaluate([phi], None)

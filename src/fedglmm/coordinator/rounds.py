@@ -112,11 +112,11 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     (single) GLMM start is believed to be the estimate, and the first round is final;
     ``mode_derivatives``: the conditional modes are moved from the last point to the estimate (True: and
     their SDs; ``"modes"``: the modes alone, whose derivatives cost the sites no pass over their rows)."""
+    final = {"derivatives": mode_derivatives} if mode_derivatives else None
     if st.shared and family.name != "gaussian":          # levels shared by sites: Laplace, v by the coordinator
         check_shared_glmm(family, options)
         shared = SharedGLMMEvaluator(st)
-        shared.rounds = RoundEvaluator(transport, st, first, {"derivatives": True} if mode_derivatives else None,
-                                       total=shared.total)
+        shared.rounds = RoundEvaluator(transport, st, first, final, total=shared.total)
         gamma0, theta0 = start_values(st, family) if start is None else start[0] if isinstance(start[0], tuple) \
             else start
         return fit_glmm(shared, st, gamma0, theta0, options)
@@ -124,12 +124,9 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
         if start is None and "xty" not in st.sums:        # one grouping factor: no joint moment start
             start = np.eye(st.mask.shape[0])[theta_index(st.mask)] if st.mask.shape[0] else None
         shared = SharedRoundEvaluator(st, options.reml)
-        shared.rounds = RoundEvaluator(transport, st, first, {"derivatives": True} if mode_derivatives else None,
-                                       total=shared.total)
+        shared.rounds = RoundEvaluator(transport, st, first, final, total=shared.total)
         return fit_lmm(shared, st, options, start)
-    evaluator = RoundEvaluator(transport, st, first,
-                               {"derivatives": mode_derivatives} if mode_derivatives and (family.name != "gaussian"
-                                                                                          or st.factor_groups) else None)
+    evaluator = RoundEvaluator(transport, st, first, final if family.name != "gaussian" or st.factor_groups else None)
     if family.name == "gaussian":
         return fit_lmm(evaluator, st, options, start)
     model = surrogate_model(surrogate) if surrogate is not None else None

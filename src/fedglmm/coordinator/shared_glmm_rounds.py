@@ -28,7 +28,7 @@ from ..likelihood.glmm_shared import GLMM_SHARED_KEYS, to_global
 from ..likelihood.glmm_shared_pool import SharedGLMMPool, SharedPoint
 from ..likelihood.setup import Setup, sum_replies
 from ..likelihood.shared import SharedLayout, by_factor
-from .shared_rounds import POOLED
+from .shared_rounds import POOLED, local_moves
 
 WARM, MAX_WARM = 0.5, 8      # rounds for one φ while v's Newton decrement is above WARM (see _solve)
 LINE = (0.5, 0.25, 0.125)    # the fractions of v's Newton step also tried in those rounds
@@ -200,8 +200,11 @@ class SharedGLMMEvaluator:
                  for sid, r in rep.items()}
         if base is not None:
             self.seen.append(base)
-            parts[POOLED] = self._shared_modes(base)
-            _local_moves(parts, *self._moves(base))
+            db, D = self._moves(base)
+            parts[POOLED] = self._shared_modes(base, D)
+            # a site's local modes, in its own (shared columns of b, β, θ): moved to v's joint mode at φ
+            # (Λ δv) and chained through b's derivatives (cbpp_olre over 3 sites: 4e-5 off the pooled fit)
+            local_moves(parts, 0, db, D)
         return s, parts
 
     def _moves(self, pt: SharedPoint) -> tuple[np.ndarray, np.ndarray]:
@@ -216,15 +219,14 @@ class SharedGLMMEvaluator:
             D[:, p + t] += (self.pool.L(np.eye(len(theta))[t]) - zero) @ v
         return L @ pt.dv, D
 
-    def _shared_modes(self, pt: SharedPoint) -> dict:
+    def _shared_modes(self, pt: SharedPoint, D: np.ndarray) -> dict:
         """The shared levels' modes b̂_v = Λ v̂ and SDs sqrt(diag Λ C⁻¹ Λᵀ), by factor (internal scale), and
-        the modes' derivatives in φ (``dmodes``, :meth:`_moves`), with which they move to the estimate as
-        the sites' do (without them the shared levels' modes of sim_items_pois over 3 sites differed
+        the modes' derivatives in φ (``dmodes``: ``D``, :meth:`_moves`), with which they move to the estimate
+        as the sites' do (without them the shared levels' modes of sim_items_pois over 3 sites differed
         between methods by 3.9e-6)."""
         L = self.pool.L(pt.phi[self.pool.p:])
         sd = np.sqrt(np.maximum(np.diag(pt.Gamma), 0.0))
         out = by_factor(self.layout, self.zcols, L @ (pt.v + pt.dv), sd)
-        D = self._moves(pt)[1]
         out["dmodes"] = by_factor(self.layout, self.zcols, D, D)["modes"]
         if pt.dS is not None:
             # the SDs' too: Γ = Λ C⁻¹ Λᵀ with S along its derivatives ∂S (verbagg_dif over 3 sites: 5.3e-6)
@@ -236,23 +238,6 @@ class SharedGLMMEvaluator:
                 dsd[:, j] = np.where(sd > 0, (np.diag(gp) - np.diag(gm)) / (4.0 * h * np.where(sd > 0, sd, 1.0)), 0.0)
             out["dcondsd"] = by_factor(self.layout, self.zcols, dsd, dsd)["modes"]
         return out
-
-
-def _local_moves(parts: dict, db: np.ndarray, D: np.ndarray) -> None:
-    """A site's local modes, sent with their derivatives in its ψ = (its shared columns ``dcols`` of b, β,
-    θ), moved to the shared effects' joint mode at φ (``db``: Λ δv) and given derivatives in φ (through
-    b's, ``D``), in place; the coordinator then moves them to the estimate with the shared ones.  Without
-    this cbpp_olre over 3 sites (herds shared) left its observation-level modes 4e-5 off the pooled fit's."""
-    for part in parts.values():
-        cols = part.pop("dcols", None)
-        if cols is None or "dmodes" not in part:
-            continue
-        cols = np.asarray(cols, dtype=np.int64)
-        k = len(cols)
-        for f, dm in part["dmodes"].items():
-            dm = np.asarray(dm, float)
-            part["modes"][f] = np.asarray(part["modes"][f], float) + dm[..., :k] @ db[cols]
-            part["dmodes"][f] = dm[..., :k] @ D[cols] + dm[..., k:]
 
 
 def _log_det_to_mode(base: SharedPoint, others: list, h: np.ndarray) -> np.ndarray:

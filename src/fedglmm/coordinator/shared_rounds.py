@@ -103,24 +103,16 @@ class SharedRoundEvaluator:
         dsd[:, -1] = sd / sigma if sigma > 0 else 0.0
         # the sites' local modes: from the shared modes sent to these, then in (θ, β, σ) through them; their
         # SDs σ √diag(Λ(S + R N Rᵀ)Λᵀ) with this N instead of the one sent, and N's change in θ added
-        shift, dNs = bv - np.asarray(extra["shared_v"], float), N - np.asarray(extra["shared_N"], float)
-        for part in parts.values():
-            cols = part.pop("dcols", None)
-            if cols is None or "dmodes" not in part:
-                continue
-            ix = np.ix_(cols := np.asarray(cols, dtype=np.int64), cols)
-            for f, dm in part["dmodes"].items():
-                dm = np.asarray(dm, float)
-                dv = dm[..., k:k + len(cols)]                   # −Λ R over the site's shared columns
-                part["modes"][f] = np.asarray(part["modes"][f], float) + dv @ shift[cols]
-                part["dmodes"][f] = np.delete(dm, np.s_[k:k + len(cols)], axis=-1) + dv @ dbv[cols]
-                quad = lambda A: sigma ** 2 * np.einsum("gaq,qr,gar->ga", dv, A[ix], dv)    # noqa: E731
-                sdl = np.sqrt(np.maximum(np.asarray(part["condsd"][f], float) ** 2 + quad(dNs), 0.0))
-                ds = np.delete(np.asarray(part["dcondsd"][f], float), np.s_[k:k + len(cols)], axis=-1)
-                for t in range(k):
-                    ds[..., t] += np.where(sdl > 0, quad(dN[t]) / (2.0 * np.where(sdl > 0, sdl, 1.0)), 0.0)
-                ds[..., -1] = sdl / sigma if sigma > 0 else 0.0
-                part["condsd"][f], part["dcondsd"][f] = sdl, ds
+        dNs = N - np.asarray(extra["shared_N"], float)
+        for part, f, dv, cols in local_moves(parts, k, bv - np.asarray(extra["shared_v"], float), dbv):
+            ix = np.ix_(cols, cols)                             # (dv: −Λ R over the site's shared columns)
+            quad = lambda A: sigma ** 2 * np.einsum("gaq,qr,gar->ga", dv, A[ix], dv)    # noqa: E731
+            sdl = np.sqrt(np.maximum(np.asarray(part["condsd"][f], float) ** 2 + quad(dNs), 0.0))
+            ds = np.delete(np.asarray(part["dcondsd"][f], float), np.s_[k:k + len(cols)], axis=-1)
+            for t in range(k):
+                ds[..., t] += np.where(sdl > 0, quad(dN[t]) / (2.0 * np.where(sdl > 0, sdl, 1.0)), 0.0)
+            ds[..., -1] = sdl / sigma if sigma > 0 else 0.0
+            part["condsd"][f], part["dcondsd"][f] = sdl, ds
         out = by_factor(self.layout, self.zcols, bv, sd)
         out["dmodes"] = by_factor(self.layout, self.zcols, dbv, dbv)["modes"]
         out["dcondsd"] = by_factor(self.layout, self.zcols, dsd, dsd)["modes"]
@@ -131,3 +123,25 @@ class SharedRoundEvaluator:
         pr = profiled_deviance(s, self.reml, order=0)
         bv, N = self.pool.shared_modes(tot, point, pr.beta)
         return by_factor(self.layout, self.zcols, bv, np.sqrt(pr.sigma2 * np.maximum(np.diag(N), 0.0)))
+
+
+def local_moves(parts: dict, at: int, shift: np.ndarray, D: np.ndarray) -> list:
+    """The sites' local modes, sent with their derivatives in the site's own parameters -- among them, from
+    position ``at``, its shared columns (``dcols``) of the shared effects b̂_v -- moved in place by
+    ``shift`` (b̂_v less the b̂_v they were computed at) and given derivatives in the coordinator's
+    parameters through b̂_v's (``D``, Q × P), with which the coordinator moves them to its estimate.
+    Returns (part, factor, the derivatives in b̂_v's columns, those columns) for each factor moved."""
+    moved = []
+    for part in parts.values():
+        cols = part.pop("dcols", None)
+        if cols is None or "dmodes" not in part:
+            continue
+        cols = np.asarray(cols, dtype=np.int64)
+        block = np.s_[at:at + len(cols)]
+        for f, dm in part["dmodes"].items():
+            dm = np.asarray(dm, float)
+            dv = dm[..., block]
+            part["modes"][f] = np.asarray(part["modes"][f], float) + dv @ shift[cols]
+            part["dmodes"][f] = np.delete(dm, block, axis=-1) + dv @ D[cols]
+            moved.append((part, f, dv, cols))
+    return moved

@@ -281,8 +281,6 @@ class Site:
             derivs = eng.mode_derivatives(point, points=req["points"], gammas=req["gammas"]) \
                 if req.get("derivatives") and "secagg" not in req else None
             reply.update(self._factor_modes(modes, sds, eng.split, derivs))
-            if derivs is not None:
-                reply["dcols"] = np.asarray(eng.split.cols, dtype=np.int64)
             return reply
         reply = self._masked_layout(req, eng, eng.sums(point, final=True))
         d = self.design
@@ -302,8 +300,6 @@ class Site:
             derivs = None if not wanted else \
                 eng.mode_derivatives(point, req.get("beta_internal"), req.get("sigma"), *([given] if given else []))
             reply.update(self._factor_modes(modes, sds, split, derivs))
-            if derivs is not None and split is not None:
-                reply["dcols"] = np.asarray(split.cols, dtype=np.int64)
             return reply
         out = {"modes": np.asarray(modes), "condsd": np.asarray(sds)}
         if req.get("derivatives") and isinstance(eng, GLMMLikelihood):
@@ -367,10 +363,13 @@ class Site:
         """With several grouping factors: each factor's levels, modes and SDs (dictionaries by factor),
         the modes of levels below ``min_group`` withheld per factor.  With levels shared by sites
         (``split``), only the site's own levels: the coordinator reports the shared ones.  ``derivs``: the
-        modes' and SDs' derivatives in the parameters (dictionaries by factor), sent beside them."""
+        modes' and SDs' derivatives in the parameters (dictionaries by factor), sent beside them (with shared
+        levels, with the site's shared columns they are in, ``dcols``)."""
         d, out = self.design, {"levels": {}, "modes": {}, "condsd": {}}
         if derivs is not None:
             out.update({"dmodes": {}, **({"dcondsd": {}} if derivs[1] is not None else {})})
+            if split is not None:
+                out["dcols"] = np.asarray(split.cols, dtype=np.int64)
         withheld = {}
         sizes = rules.factor_sizes(d, self.family)
         for f in d.groupings:
