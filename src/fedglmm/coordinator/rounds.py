@@ -77,6 +77,8 @@ class RoundEvaluator:
     ``final`` rides on the finalize request (e.g. ``{"derivatives": True}``: the sites send the derivatives
     of the conditional modes too)."""
 
+    third = True        # the sites' gaussian sums with several grouping factors bring third derivatives
+
     def __init__(self, transport, setup: Setup, first: dict | None = None, final: dict | None = None,
                  total=sum_replies):
         """``total(replies, keys)``: the replies' sums (default: added up as they come)."""

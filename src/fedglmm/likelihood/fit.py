@@ -20,11 +20,13 @@ from .fused import parallel_map, threads_pay
 from .lmm import profiled_deviance
 from .newton import TrustRegionNewton
 from .setup import Setup, sum_replies
+from .third_order import cubic_model
 
 GLMM_KEYS = ["value", "grad", "hess"]
 RUNAWAY = 1e3          # a gaussian start's largest |θ̃| (SDs relative to σ's): beyond it, the default start
 LMM_KEYS = ["n", "A", "b", "c", "d"]
 LMM_DERIVATIVE_KEYS = ["dA", "db", "dc", "dd", "d2A", "d2b", "d2c", "d2d"]
+LMM_THIRD_KEYS = ["d3A", "d3b", "d3c", "d3d"]     # several grouping factors (not shared): the cubic model's
 
 
 class Evaluator(Protocol):
@@ -39,8 +41,13 @@ class LocalEvaluator:
     """The parts' engines evaluated in this process (no round, nothing counted): ``engines`` maps a part's
     name to its engine (:mod:`fedglmm.likelihood.engine`); ``finalize`` answers like a site without rules."""
 
+    third = False       # no third derivatives: a local fit takes Newton's steps
+
     def __init__(self, engines: dict, levels: dict):
         self.engines, self.levels = engines, levels
+        for eng in engines.values():
+            if hasattr(eng, "third"):
+                eng.third = False
 
     def evaluate(self, points, keys):
         names = list(self.engines)
@@ -256,6 +263,27 @@ def _information_at_estimate(opt, info, estimate):
     return info
 
 
+def _lmm_at_estimate(s: dict, setup: Setup, options: FitOptions, opt, sent: dict):
+    """(β̂, σ̂², deviance, A, the modes' move) at the estimate, from the final round's sums ``s``.
+
+    With θ (``opt``, the iteration): β̂, σ̂² and the criterion moved from the last point to the estimate along
+    the final step (first and second order), as θ̃ is: the same estimate whatever path the iteration took (a
+    hybrid start or another split of the rows; one grouping factor: the iteration's Hessian of the
+    criterion); and the modes' move, for parts that sent their derivatives in (θ, β, σ) (several grouping
+    factors): from the final round's θ and the β̂, σ̂ predicted there (``sent``) to the estimate."""
+    if opt is None:
+        pr = profiled_deviance(s, options.reml, order=0)
+        return pr.beta, pr.sigma2, pr.dev, s["A"], None
+    pr = profiled_deviance(s, options.reml, order=2 if setup.factor_groups else 1)
+    step = opt.solution - opt.point
+    beta, sigma2 = pr.beta + pr.dbeta.T @ step, float(pr.sigma2 + pr.dsigma2 @ step)
+    hess = pr.hess if pr.hess is not None else 2.0 * opt.current.H
+    dev = float(pr.dev + pr.grad @ step + 0.5 * step @ hess @ step)
+    A = s["A"] + np.einsum("t,tpr->pr", step, s["dA"])
+    moved = np.r_[step, beta - sent["beta_internal"], np.sqrt(sigma2) - sent["sigma"]] if sent else None
+    return beta, sigma2, dev, A, moved
+
+
 def _check_residual(s: dict) -> None:
     """A gaussian outcome that is constant (or that the fixed effects fit exactly) leaves no residual
     variance: refused, as lme4 refuses a constant response.  Checked at the first point, where Λ̃ is of
@@ -275,8 +303,10 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None,
     if start is not None and not (np.all(np.isfinite(start)) and np.max(np.abs(start), initial=0.0) <= RUNAWAY):
         start = None
     ntheta = int(mask.sum())
-    keys = LMM_KEYS + (LMM_DERIVATIVE_KEYS if ntheta else [])
-    profiles, sent = {}, {}
+    # several grouping factors, levels not shared: the sums' third derivatives, for the cubic model's steps
+    third = bool(ntheta and setup.factor_groups and not setup.shared and getattr(evaluator, "third", False))
+    keys = LMM_KEYS + (LMM_DERIVATIVE_KEYS if ntheta else []) + (LMM_THIRD_KEYS if third else [])
+    profiles, sent, raw = {}, {}, {}
 
     def evaluate(xs, final):
         if final:
@@ -301,6 +331,8 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None,
                 out.append((np.nan, np.full(len(x), np.nan), np.full((len(x), len(x)), np.nan)))
                 continue
             profiles[np.asarray(x, float).tobytes()] = pr
+            if third:
+                raw[np.asarray(x, float).tobytes()] = s
             out.append((0.5 * pr.dev, 0.5 * pr.grad, 0.5 * pr.hess))
         return out, (parts, sums[0])
 
@@ -316,8 +348,9 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None,
         # GLMMs: a random slope whose intercept SD is near 0 otherwise crawls along θ's curved valley (REML
         # did not converge in 60 rounds on such a fit)
         r_idx, c_idx = theta_index(mask)
+        model = cubic_model(lambda x: raw.get(np.asarray(x, float).tobytes()), options.reml) if third else None
         opt = TrustRegionNewton(_theta_start(mask) if start is None else np.asarray(start, float), options.newton,
-                                starts=others, boundary=edge, predict_final=bool(setup.factor_groups),
+                                starts=others, boundary=edge, predict_final=bool(setup.factor_groups), model=model,
                                 covariance=CovarianceSteps(mask, 0) if covariance and np.any(r_idx != c_idx) else None)
         theta, (final, s) = _run(opt, evaluate, lambda x: canonical_theta(x, mask))
         converged, trace = opt.converged, list(opt.trace)
@@ -325,22 +358,7 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None,
         theta, converged, trace = np.zeros(0), True, []
         s, final = evaluator.finalize(theta, keys)
         _check_residual(s)
-    if ntheta:
-        # β̂, σ̂² and the criterion moved from the last point to the estimate along the final step (first and
-        # second order), as θ̃ is: the same estimate whatever path the iteration took (a hybrid start or
-        # another split of the rows; one grouping factor: the iteration's Hessian of the criterion)
-        pr = profiled_deviance(s, options.reml, order=2 if setup.factor_groups else 1)
-        step = opt.solution - opt.point
-        beta, sigma2 = pr.beta + pr.dbeta.T @ step, float(pr.sigma2 + pr.dsigma2 @ step)
-        hess = pr.hess if pr.hess is not None else 2.0 * opt.current.H
-        dev = float(pr.dev + pr.grad @ step + 0.5 * step @ hess @ step)
-        A = s["A"] + np.einsum("t,tpr->pr", step, s["dA"])
-        # the modes' move, for parts that sent their derivatives in (θ, β, σ) (several grouping factors):
-        # from the final round's θ and the β̂, σ̂ predicted there to the estimate
-        moved = np.r_[step, beta - sent["beta_internal"], np.sqrt(sigma2) - sent["sigma"]] if sent else None
-    else:
-        pr = profiled_deviance(s, options.reml, order=0)
-        beta, sigma2, dev, A, moved = pr.beta, pr.sigma2, pr.dev, s["A"], None
+    beta, sigma2, dev, A, moved = _lmm_at_estimate(s, setup, options, opt if ntheta else None, sent)
     return Estimate(beta, canonical_theta(theta, mask), sigma2 * np.linalg.inv(A),
                     # REML's constant depends on how X is parametrised: report it for the user's columns
                     -0.5 * dev + (np.linalg.slogdet(setup.A)[1] if options.reml else 0.0)

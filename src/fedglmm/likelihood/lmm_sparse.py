@@ -87,14 +87,17 @@ class MultiLMMSums(FactorLayout):
 
     def evaluate(self, theta: np.ndarray, order: int = 2, step: float = 1e-5, central: bool = True) -> dict:
         """A, b, c, d at θ and, for order ≥ 1 / 2, their first (analytic) and second (central or forward
-        differences of the first) θ-derivatives."""
+        differences of the first) θ-derivatives; for order 3 (central differences) also the third
+        derivatives that the same points give (:func:`_third`)."""
         theta = np.asarray(theta, float)
         out = self._first(theta) if order >= 1 else self._zeroth(theta)
         out["n"] = self.nobs
         if order < 2 or self.ntheta == 0:
             return out
         k = self.ntheta
+        central = central or order >= 3
         second = {key: [] for key in ("dA", "db", "dc", "dd")}
+        curve = {key: [] for key in second}
         for t in range(k):
             h = step * (1.0 + abs(theta[t]))
             e = np.zeros(k)
@@ -103,9 +106,13 @@ class MultiLMMSums(FactorLayout):
             dn, width = (self._first(theta - e), 2.0 * h) if central else (out, h)
             for key in second:
                 second[key].append((np.asarray(up[key]) - np.asarray(dn[key])) / width)
+                if order >= 3:
+                    curve[key].append((np.asarray(up[key]) - 2.0 * np.asarray(out[key]) + np.asarray(dn[key])) / h**2)
         for key, rows in second.items():
             arr = np.stack(rows, axis=1)                          # (k_s, k_t, ...): d/dθ_t of d?/dθ_s
             out["d2" + key[1:]] = 0.5 * (arr + np.swapaxes(arr, 0, 1))
+            if order >= 3:
+                out["d3" + key[1:]] = _third(np.stack(curve[key], axis=1))
         return out
 
     def _zeroth(self, theta) -> dict:
@@ -152,13 +159,30 @@ class MultiLMMSums(FactorLayout):
         return dm, ds
 
     # --- the engine interface (see :mod:`fedglmm.likelihood.engine`) ----------------------------
+    third = True        # a site's engine; a local fit's (LocalEvaluator) is set to False
+
     def sums(self, point: np.ndarray, final: bool = False) -> dict:
-        """The sums with forward-difference second derivatives while iterating, central ones at the
-        estimate (``final``)."""
-        return self.evaluate(point, order=2, central=final)
+        """A site's sums come with the third derivatives the central differences give, for the coordinator's
+        cubic model (:mod:`fedglmm.likelihood.third_order`): k more evaluations of the first derivatives,
+        and a round fewer on most splits.  A local fit (``third`` False), where a point costs what a round
+        does, takes forward differences while it iterates and central ones at the estimate (``final``)."""
+        return self.evaluate(point, order=3) if self.third else self.evaluate(point, order=2, central=final)
 
     def modes(self, point: np.ndarray, beta=None, sigma=None) -> tuple[dict, dict]:
         return self.conditional_modes(point, np.asarray(beta), float(sigma))
+
+
+def _third(curve: np.ndarray) -> np.ndarray:
+    """The third θ-derivatives (k, k, k, ...) from ``curve[v, t]`` = ∂²/∂θ_t² of the first derivative in θ_v
+    (second differences at the central points): every entry with at most two distinct indices,
+    D[t, t, v] and its permutations; those with three (k ≥ 3 only) are left at 0, which would take k(k − 1)
+    more evaluations of the first derivatives."""
+    k = curve.shape[0]
+    out = np.zeros((k, k, k) + curve.shape[2:])
+    for t in range(k):
+        for v in range(k):
+            out[t, t, v] = out[t, v, t] = out[v, t, t] = curve[v, t]
+    return out
 
 
 def _split(K: np.ndarray, p: int) -> dict:

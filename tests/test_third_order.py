@@ -1,0 +1,101 @@
+"""The third-order steps of gaussian models with several grouping factors (fedglmm.likelihood.third_order):
+the sums' third derivatives, the profiled criterion's, the cubic model's step, and the rounds they save."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from multilevel_reference import cases, fit, split_sites  # noqa: E402
+
+from fedglmm.coordinator.schema import merge_schema  # noqa: E402
+from fedglmm.likelihood.lmm import profiled_deviance  # noqa: E402
+from fedglmm.likelihood.lmm_sparse import MultiLMMSums  # noqa: E402
+from fedglmm.likelihood.third_order import cubic_step, profiled_third  # noqa: E402
+from fedglmm.model.design import build_design, describe_frame  # noqa: E402
+from fedglmm.model.families import get_family  # noqa: E402
+from fedglmm.model.formula import parse_formula  # noqa: E402
+
+HELDOUT = Path(__file__).parent / "data" / "heldout" / "multilevel"
+CASES = {c["name"]: c for c in cases()}
+
+
+def _engine(formula: str, rows: int = 600) -> MultiLMMSums:
+    df = pd.read_csv(HELDOUT / "sim_gauss3.csv").iloc[:rows]
+    spec, fam = parse_formula(formula), get_family("gaussian")
+    schema = merge_schema({"s": describe_frame(df, spec, "s")}, spec, fam)
+    return MultiLMMSums(build_design(spec, schema, df, fam, "s"))
+
+
+def test_sums_third_derivatives_against_differences():
+    """d3A, d3b, d3c, d3d against central differences of the second derivatives, evaluated afresh with a
+    step ten times longer: every entry with at most two distinct indices; those with three are 0.  (Second
+    differences at the Hessian's step, 1e-5, carry rounding of about 1e-5 of the largest entry: a correction
+    term needs no more.)"""
+    eng = _engine("y ~ time + (1 + time | patient) + (1 | hospital)")
+    k = eng.ntheta
+    assert k == 4
+    theta = np.array([0.8, 0.1, 0.4, 0.6])
+    s = eng.evaluate(theta, order=3)
+    for t in range(k):
+        h = 1e-4 * (1 + abs(theta[t]))
+        e = np.eye(k)[t] * h
+        up, dn = eng.evaluate(theta + e, order=2), eng.evaluate(theta - e, order=2)
+        for key in ("A", "b", "c", "d"):
+            want = (np.asarray(up["d2" + key]) - np.asarray(dn["d2" + key])) / (2 * h)     # ∂_t of d2[u, v]
+            got = np.asarray(s["d3" + key])
+            scale = max(1.0, float(np.max(np.abs(want))))
+            for u in range(k):
+                for v in range(k):
+                    if len({t, u, v}) == 3:
+                        assert np.all(got[u, v, t] == 0)
+                    else:
+                        assert np.allclose(got[u, v, t], want[u, v], rtol=1e-3, atol=1e-4 * scale), (key, u, v, t)
+
+
+def test_profiled_third_against_differences():
+    """The profiled REML criterion's third derivatives from the sums (two θ: no entry is missing), against
+    central differences of its Hessian from fresh sums."""
+    eng = _engine("y ~ time + (1 | patient) + (1 | hospital)")
+    theta = np.array([0.7, 0.5])
+    T = profiled_third(eng.evaluate(theta, order=3), theta, True)
+    for t in range(2):
+        h = 1e-4 * (1 + abs(theta[t]))
+        e = np.eye(2)[t] * h
+        want = 0.25 * (profiled_deviance(eng.evaluate(theta + e, order=2), True).hess
+                       - profiled_deviance(eng.evaluate(theta - e, order=2), True).hess) / h
+        assert np.allclose(T[:, :, t], want, rtol=1e-3, atol=1e-4 * np.max(np.abs(want)))
+
+
+def test_cubic_step_solves_the_cubic_model():
+    """The step is a minimum of gᵀs + ½sᵀHs + ⅙T[s,s,s]: its gradient vanishes and its Hessian is positive
+    definite; with T = 0 it is Newton's; far beyond the Newton step's reach there is none."""
+    rng = np.random.default_rng(2)
+    B = rng.normal(size=(3, 3))
+    H, g = B @ B.T + 3 * np.eye(3), rng.normal(size=3)
+    T = rng.normal(scale=0.3, size=(3, 3, 3))
+    T = sum(T.transpose(p) for p in [(0, 1, 2), (1, 2, 0), (2, 0, 1), (1, 0, 2), (0, 2, 1), (2, 1, 0)]) / 6
+    s, pred = cubic_step(g, H, T)
+    assert np.allclose(g + H @ s + 0.5 * np.einsum("abc,b,c->a", T, s, s), 0, atol=1e-12)
+    np.linalg.cholesky(H + np.einsum("abc,c->ab", T, s))
+    assert pred == pytest.approx(-(g @ s + 0.5 * s @ H @ s + np.einsum("abc,a,b,c->", T, s, s, s) / 6))
+    assert np.allclose(cubic_step(g, H, 0 * T)[0], -np.linalg.solve(H, g))
+    assert cubic_step(g, H, 50 * T) is None
+
+
+@pytest.mark.parametrize("name", ["pastes_nested_reml", "pastes_inter_ml", "oats_splitplot_reml",
+                                  "sim_gauss3_hslope_reml"])
+def test_gaussian_splits_in_four_rounds(name):
+    """Over 3 sites these took 5 rounds with Newton's steps; with the cubic model's, 4 -- and the estimate is
+    the pooled one (estimates, SDs, logLik to 1e-8 relative)."""
+    case = CASES[name]
+    split, pooled = fit(case, data=split_sites(case, 3)), fit(case)
+    assert split.rounds <= 4
+    assert np.allclose(split.fixef, pooled.fixef, rtol=1e-8, atol=1e-8)
+    assert np.allclose([r.get("sd", r.get("corr")) for r in split.random],
+                       [r.get("sd", r.get("corr")) for r in pooled.random], rtol=1e-8, atol=1e-8)
+    assert split.loglik == pytest.approx(pooled.loglik, rel=1e-10)
