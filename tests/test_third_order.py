@@ -99,3 +99,42 @@ def test_gaussian_splits_in_four_rounds(name):
     assert np.allclose([r.get("sd", r.get("corr")) for r in split.random],
                        [r.get("sd", r.get("corr")) for r in pooled.random], rtol=1e-8, atol=1e-8)
     assert split.loglik == pytest.approx(pooled.loglik, rel=1e-10)
+
+
+def test_gaussian_fit_without_the_factor_a_site_holds_one_level_of():
+    """A gaussian site that holds one hospital fits its rows without the hospital's term and sends β̂'s
+    information (β profiled) and σ̂ with it; the coordinator's start takes the hospital variance between
+    sites (DerSimonian-Laird on the intercepts, the BCG trials' as in test_starts: τ̂² = 0.308760262862)
+    relative to the fits' mean σ̂², and the patients' covariance from the fits; not where levels are shared."""
+    from types import SimpleNamespace as NS
+
+    from fedglmm.coordinator.own_combination import factor_combined_start, factor_fits
+    from fedglmm.likelihood.setup import Setup
+    from test_starts import BCG_V, BCG_Y
+
+    st = NS(names=["Intercept"], ndisp=0, A=np.eye(1), mask=np.eye(2, dtype=bool), theta_scale=np.ones(2),
+            znames=["Intercept", "Intercept"], shared={}, factor_columns=lambda: {"patient": [0], "hospital": [1]})
+    st.internal_transform = lambda: Setup.internal_transform(st)
+    fits = {f"s{k}": {"alone": ["hospital"], "names": ["Intercept"], "z_names": ["Intercept", "Intercept"],
+                      "beta": [y], "theta": [0.6, 0.0], "info": np.array([[1.0 / v]]), "sigma": 2.0, "n": 100.0,
+                      "levels": {"patient": 30, "hospital": 1}} for k, (y, v) in enumerate(zip(BCG_Y, BCG_V))}
+    assert factor_fits(st, fits) == fits
+    theta, _ = factor_combined_start(st, list(fits.values()), np.array([1.0, 1.0]))
+    assert theta[0] == pytest.approx(0.6, rel=1e-6) and theta[1] ** 2 == pytest.approx(0.308760262862 / 4.0, rel=1e-6)
+    plain, _ = factor_combined_start(st, list(fits.values()), np.array([1.0, 1.0]), False)
+    assert plain[1] == pytest.approx(1.0, rel=1e-6)                 # the site totals' hospital SD instead
+    st.shared = {"patient": {"p1": 2}}
+    assert factor_fits(st, fits) == {}
+
+
+@pytest.mark.parametrize("name", ["sim_gauss3_reml", "sim_gauss_singular_ml"])
+def test_one_hospital_per_site_in_four_rounds(name):
+    """Split one hospital per site (15 and 12 sites), these took 6 and 5 rounds (5 and 5 with the cubic
+    model alone; the start from the site totals); with the sites' fits without the hospital factor, 4 --
+    and the estimate is the pooled one."""
+    case = CASES[name]
+    split, pooled = fit(case, data=split_sites(case)), fit(case)
+    assert split.rounds <= 4
+    assert np.allclose([r.get("sd", r.get("corr")) for r in split.random],
+                       [r.get("sd", r.get("corr")) for r in pooled.random], rtol=1e-8, atol=1e-8)
+    assert split.loglik == pytest.approx(pooled.loglik, rel=1e-10)

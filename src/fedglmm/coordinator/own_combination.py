@@ -39,12 +39,17 @@ def factor_fits(st, own: dict) -> dict:
     holds one level of (``alone``) only where that factor's variance comes from such fits
     (:func:`~fedglmm.coordinator.between.between_sites`) -- the other factors' covariances from them beside
     that variance from the site totals took arabidopsis_olre split by population from 8 to 10 rounds."""
-    if not any(o.get("alone") for o in own.values()) or between_sites(st, list(own.values()), MIN_LEVELS):
+    alone = [o for o in own.values() if o.get("alone")]
+    if alone and all("sigma" in o for o in alone):
+        # a gaussian model's: its other factors' covariances, unless levels are shared by sites (with them
+        # scotssec by ML split by secondary school took 10 rounds instead of 6)
+        return {sid: o for sid, o in own.items() if not (st.shared and o.get("alone"))}
+    if not alone or between_sites(st, list(own.values()), MIN_LEVELS):
         return own
     return {sid: o for sid, o in own.items() if not o.get("alone")}
 
 
-def factor_combined_start(st, own: list, fallback):
+def factor_combined_start(st, own: list, fallback, between_sites_ok: bool = True):
     """With several grouping factors, a start from the sites' own fits (internal scale): each factor's
     covariance the mean of the sites' estimates weighted by their numbers of its levels (sites with at
     least ``COV_LEVELS`` of them, gaussian, or ``MIN_LEVELS``; else ``fallback``'s, the site-totals start),
@@ -52,7 +57,7 @@ def factor_combined_start(st, own: list, fallback):
     every factor (else ``fallback``'s), as is a dispersion ψ (θ̃'s last entries).  ``fallback``: (γ, θ̃), or
     θ̃ alone (gaussian).  Returns (the start, whether the sites' fits gave all of it and stand for at least
     ``MIN_SHARE`` of the rows: a start from a part of the data may be further from the pooled fit than the
-    site totals)."""
+    site totals).  ``between_sites_ok`` False: no variance between sites (the fallback's instead)."""
     from ..model.spec import lambda_matrix, theta_index
 
     gaussian = not isinstance(fallback, tuple)
@@ -66,7 +71,11 @@ def factor_combined_start(st, own: list, fallback):
     lam0 = lambda_matrix(theta0, q, (r_idx, c_idx))
     sig = lam0 @ lam0.T
     complete = True
-    between = {} if gaussian else between_sites(st, own, MIN_LEVELS)
+    between = between_sites(st, own, MIN_LEVELS) if between_sites_ok else {}
+    if gaussian and between:            # θ̃ is relative to σ: the variance between sites over the fits' mean σ̂²
+        n = np.array([float(loc.get("n", 1.0)) for loc in between["fits"]])
+        s2 = float(n @ np.array([float(loc.get("sigma", np.nan)) ** 2 for loc in between["fits"]]) / n.sum())
+        between = {g: v / s2 for g, v in between.items() if g not in ("fixed", "fits")} if s2 > 0 else {}
     for g, cols in st.factor_columns().items():
         mean = _mean_covariance(st, [(float(loc.get("levels", {}).get(g, 0)), np.asarray(loc.get("theta", []), float))
                                      for loc in own], full.shape, cols, COV_LEVELS if gaussian else MIN_LEVELS)

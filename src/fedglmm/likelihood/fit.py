@@ -263,6 +263,15 @@ def _information_at_estimate(opt, info, estimate):
     return info
 
 
+def _lmm_starts(start):
+    """(start, further starts) from ``start``: one θ̃, or a tuple of them all evaluated in the first round
+    (the best kept); a start that is not finite or beyond RUNAWAY is dropped."""
+    sound = lambda x: bool(np.all(np.isfinite(x)) and np.max(np.abs(x), initial=0.0) <= RUNAWAY)   # noqa: E731
+    cands = [np.asarray(x, float) for x in (start if isinstance(start, tuple) else (start,)) if x is not None]
+    cands = [x for x in cands if sound(x)]
+    return (cands[0], cands[1:]) if cands else (None, [])
+
+
 def _lmm_at_estimate(s: dict, setup: Setup, options: FitOptions, opt, sent: dict):
     """(β̂, σ̂², deviance, A, the modes' move) at the estimate, from the final round's sums ``s``.
 
@@ -297,11 +306,10 @@ def _check_residual(s: dict) -> None:
 def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None, covariance: bool = True) -> Estimate:
     """Newton on the profiled REML or ML criterion in θ̃ from ``start`` (default: Λ̃ = I; also instead of a
     start that is not finite or beyond RUNAWAY: a pseudo-data fit of a few groups can run off, and the
-    criterion's sums there lose definiteness).  ``covariance``: the steps in Σ's entries near a singular Σ
+    criterion's sums there lose definiteness; a tuple: candidate starts, see :func:`_lmm_starts`).  ``covariance``: the steps in Σ's entries near a singular Σ
     (off for a site's own fit, a start only, where their chain rule costs more than it gains)."""
     mask = setup.mask
-    if start is not None and not (np.all(np.isfinite(start)) and np.max(np.abs(start), initial=0.0) <= RUNAWAY):
-        start = None
+    start, more = _lmm_starts(start)
     ntheta = int(mask.sum())
     # several grouping factors, levels not shared: the sums' third derivatives, for the cubic model's steps
     third = bool(ntheta and setup.factor_groups and not setup.shared and getattr(evaluator, "third", False))
@@ -337,7 +345,7 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None,
         return out, (parts, sums[0])
 
     if ntheta:
-        edge, others = (), None
+        edge, others = (), more or None
         if setup.factor_groups:
             # several grouping factors: the joint moment start, and zero variances tried on the way
             from .factor_starts import factor_theta_start

@@ -114,7 +114,12 @@ def _candidates(req, st, merged, own: dict, pseudo, big: bool = False):
         # beside it, the fits of the full model combined by their information (not gaussian: its fits send
         # none); the site-totals start where the sites' fits left parts of the start to them
         logs = factor_log_start(st, list(own.values())) if family.name != "gaussian" else []
-        many = [combined] + logs + ([] if family.name == "gaussian" or complete else [totals])
+        if family.name == "gaussian":
+            # a variance between sites went in: the start with the site totals' for that factor beside (on the
+            # splits of one hospital per site, chem97 6 -> 4 rounds with it, sim_gauss3 4 with either alone)
+            plain = factor_combined_start(st, list(own.values()), totals, False)[0]
+            return (combined if np.array_equal(plain, combined) else (combined, plain)), None
+        many = [combined] + logs + ([] if complete else [totals])
         return (many[0] if len(many) == 1 else tuple(many)), None
     pair = lambda x: (x[:p], x[p:])                                     # noqa: E731
     if pseudo is None and own and family.name == "gaussian":

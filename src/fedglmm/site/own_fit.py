@@ -173,7 +173,7 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     levels = {f.name: len(f.levels) for f in d.factors}
     alone = [f for f in d.factors if len(f.levels) < 2]
     kept = [f for f in d.factors if len(f.levels) >= 2]
-    if not kept or d.n < 3.0 * npar or (alone and fam.name == "gaussian"):
+    if not kept or d.n < 3.0 * npar:
         return None
     fit_spec = spec if not alone else replace(spec, random=tuple(t for t in spec.random
                                                                   if t.group not in {f.name for f in alone}))
@@ -191,6 +191,13 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
         out["alone"] = [f.name for f in alone]
     if res["info"] is not None:
         out["info"] = res["info"]
+    elif alone and res.get("vcov_beta") is not None:
+        # gaussian: the information of β̂ alone (β profiled), and σ̂ -- the left-out factor's variance between
+        # sites, relative to σ² (:func:`~fedglmm.coordinator.own_combination.factor_combined_start`)
+        try:
+            out["info"], out["sigma"] = np.linalg.inv(res["vcov_beta"]), res["sigma"]
+        except np.linalg.LinAlgError:
+            pass
     return out
 
 
@@ -232,6 +239,8 @@ def local_fit(design: Design, family: Family, options: FitOptions, site_id: str,
     out = {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ est.gamma,
            "theta": np.r_[est.theta / st.theta_scale, est.disp], "info": None,
            "modes": _modes_of(engine)}
+    if family.name == "gaussian":            # (β̂'s covariance and σ̂: a fit without a factor, between sites)
+        out.update(vcov_beta=st.A @ est.vcov_gamma @ st.A.T, sigma=float(np.sqrt(est.sigma2)))
     if est.info is not None:
         T = st.internal_transform()
         out["info"] = T.T @ est.info @ T
