@@ -88,7 +88,8 @@ class MultiLMMSums(FactorLayout):
     def evaluate(self, theta: np.ndarray, order: int = 2, step: float = 1e-5, central: bool = True) -> dict:
         """A, b, c, d at θ and, for order ≥ 1 / 2, their first (analytic) and second (central or forward
         differences of the first) θ-derivatives; for order 3 (central differences) also the third
-        derivatives that the same points give (:func:`_third`)."""
+        (:func:`_third`: the same points give the entries with at most two distinct indices, k(k − 1) more
+        points those with three)."""
         theta = np.asarray(theta, float)
         out = self._first(theta) if order >= 1 else self._zeroth(theta)
         out["n"] = self.nobs
@@ -98,22 +99,41 @@ class MultiLMMSums(FactorLayout):
         central = central or order >= 3
         second = {key: [] for key in ("dA", "db", "dc", "dd")}
         curve = {key: [] for key in second}
+        hs = step * (1.0 + np.abs(theta))
+        ends = {}
         for t in range(k):
-            h = step * (1.0 + abs(theta[t]))
             e = np.zeros(k)
-            e[t] = h
+            e[t] = hs[t]
             up = self._first(theta + e)
-            dn, width = (self._first(theta - e), 2.0 * h) if central else (out, h)
+            dn, width = (self._first(theta - e), 2.0 * hs[t]) if central else (out, hs[t])
+            ends[t] = (up, dn)
             for key in second:
                 second[key].append((np.asarray(up[key]) - np.asarray(dn[key])) / width)
                 if order >= 3:
-                    curve[key].append((np.asarray(up[key]) - 2.0 * np.asarray(out[key]) + np.asarray(dn[key])) / h**2)
+                    curve[key].append((np.asarray(up[key]) - 2.0 * np.asarray(out[key]) + np.asarray(dn[key]))
+                                      / hs[t] ** 2)
+        mixed = self._mixed(theta, hs, out, ends) if order >= 3 and k >= 3 else {}
         for key, rows in second.items():
             arr = np.stack(rows, axis=1)                          # (k_s, k_t, ...): d/dθ_t of d?/dθ_s
             out["d2" + key[1:]] = 0.5 * (arr + np.swapaxes(arr, 0, 1))
             if order >= 3:
-                out["d3" + key[1:]] = _third(np.stack(curve[key], axis=1))
+                out["d3" + key[1:]] = _third(np.stack(curve[key], axis=1), {tu: m[key] for tu, m in mixed.items()})
         return out
+
+    def _mixed(self, theta, hs, out: dict, ends: dict) -> dict:
+        """{(t, u): ∂²/∂θ_t∂θ_u of the first derivatives} for t < u, from two more points per pair,
+        θ ± (h_t e_t + h_u e_u), and the central points: (f₊₊ + f₋₋ − f₊ₜ − f₋ₜ − f₊ᵤ − f₋ᵤ + 2f) / (2 h_t h_u)."""
+        k = len(theta)
+        res = {}
+        for t in range(k):
+            for u in range(t + 1, k):
+                a = np.zeros(k)
+                a[t], a[u] = hs[t], hs[u]
+                pp, mm = self._first(theta + a), self._first(theta - a)
+                res[t, u] = {key: (np.asarray(pp[key]) + np.asarray(mm[key]) - sum(np.asarray(x[key]) for x in
+                                   (*ends[t], *ends[u])) + 2.0 * np.asarray(out[key])) / (2.0 * hs[t] * hs[u])
+                             for key in ("dA", "db", "dc", "dd")}
+        return res
 
     def _zeroth(self, theta) -> dict:
         _, _, H, F, R = self._at(theta)
@@ -162,9 +182,9 @@ class MultiLMMSums(FactorLayout):
     third = True        # a site's engine; a local fit's (LocalEvaluator) is set to False
 
     def sums(self, point: np.ndarray, final: bool = False) -> dict:
-        """A site's sums come with the third derivatives the central differences give, for the coordinator's
-        cubic model (:mod:`fedglmm.likelihood.third_order`): k more evaluations of the first derivatives,
-        and a round fewer on most splits.  A local fit (``third`` False), where a point costs what a round
+        """A site's sums come with their third derivatives, for the coordinator's cubic model
+        (:mod:`fedglmm.likelihood.third_order`): k more evaluations of the first derivatives (k² with k ≥ 3
+        θ's), and a round fewer on most splits.  A local fit (``third`` False), where a point costs what a round
         does, takes forward differences while it iterates and central ones at the estimate (``final``)."""
         return self.evaluate(point, order=3) if self.third else self.evaluate(point, order=2, central=final)
 
@@ -172,16 +192,22 @@ class MultiLMMSums(FactorLayout):
         return self.conditional_modes(point, np.asarray(beta), float(sigma))
 
 
-def _third(curve: np.ndarray) -> np.ndarray:
+def _third(curve: np.ndarray, mixed: dict) -> np.ndarray:
     """The third θ-derivatives (k, k, k, ...) from ``curve[v, t]`` = ∂²/∂θ_t² of the first derivative in θ_v
-    (second differences at the central points): every entry with at most two distinct indices,
-    D[t, t, v] and its permutations; those with three (k ≥ 3 only) are left at 0, which would take k(k − 1)
-    more evaluations of the first derivatives."""
+    (second differences at the central points: every entry with at most two distinct indices, D[t, t, v]
+    and its permutations) and, with k ≥ 3, ``mixed[t, u][v]`` = ∂²/∂θ_t∂θ_u of it (the entries with three
+    distinct indices, each the mean of the three pairs that give it)."""
     k = curve.shape[0]
     out = np.zeros((k, k, k) + curve.shape[2:])
     for t in range(k):
         for v in range(k):
             out[t, t, v] = out[t, v, t] = out[v, t, t] = curve[v, t]
+    for a in range(k):
+        for b in range(a + 1, k):
+            for c in range(b + 1, k):
+                m = (mixed[a, b][c] + mixed[a, c][b] + mixed[b, c][a]) / 3.0
+                for i, j, l in ((a, b, c), (a, c, b), (b, a, c), (b, c, a), (c, a, b), (c, b, a)):
+                    out[i, j, l] = m
     return out
 
 

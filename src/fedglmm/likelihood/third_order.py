@@ -1,8 +1,9 @@
 """Third-order steps for a gaussian model with several grouping factors.
 
 The sites' sums A, b, c, d come with θ-derivatives of the first order (analytic), the second (central
-differences of the first) and, from the same points, the third (second differences of the first; the
-entries with three distinct indices are left at 0, see :meth:`~fedglmm.likelihood.lmm_sparse.MultiLMMSums.evaluate`).
+differences of the first) and the third (second differences of the first: the central points give the
+entries with at most two distinct indices, two more points per pair of θ's those with three; see
+:meth:`~fedglmm.likelihood.lmm_sparse.MultiLMMSums.evaluate`).
 From them the coordinator has the third derivatives T of the profiled criterion F(θ) at each point the
 sites evaluated (:func:`profiled_third`: its Hessian at θ ± h e_t from the sums carried there by their
 Taylor series, differenced), and proposes the step of the cubic model
