@@ -135,3 +135,41 @@ def test_one_hospital_per_site_in_four_rounds(name):
     assert np.allclose([r.get("sd", r.get("corr")) for r in split.random],
                        [r.get("sd", r.get("corr")) for r in pooled.random], rtol=1e-8, atol=1e-8)
     assert split.loglik == pytest.approx(pooled.loglik, rel=1e-10)
+
+
+def test_shared_levels_third_derivatives_and_rounds(monkeypatch):
+    """Levels shared by sites (scotssec: primary schools at several secondary schools' sites, 3 sites): the
+    pooled criterion's third derivatives from the sites' summed sums (their third derivatives carried
+    through the coordinator's integration over the shared effects) against central differences of its
+    Hessian from fresh rounds at θ ± h e_t; and sim_teachers (teachers shared by schools) over 3 sites in 3
+    rounds (4 with Newton's steps), equal to the pooled fit."""
+    from fedglmm.coordinator import shared_rounds as SR
+
+    seen = []
+    original = SR.SharedRoundEvaluator.evaluate
+
+    def spy(self, points, keys):
+        res = original(self, points, keys)
+        if not seen and "d3A" in keys:
+            x = np.asarray(points[0], float)
+            exact = np.zeros((len(x),) * 3)
+            for t in range(len(x)):
+                h = 1e-4 * (1 + abs(x[t]))
+                up, dn = original(self, [x + np.eye(len(x))[t] * h, x - np.eye(len(x))[t] * h], keys)
+                exact[:, :, t] = 0.25 * (profiled_deviance(up, False).hess - profiled_deviance(dn, False).hess) / h
+            seen.append((profiled_third(res[0], x, False), exact))
+        return res
+
+    monkeypatch.setattr(SR.SharedRoundEvaluator, "evaluate", spy)
+    case = CASES["scotssec_ml"]
+    fit(case, data=split_sites(case, 3))
+    got, exact = seen[0]
+    exact = (exact + exact.transpose(1, 2, 0) + exact.transpose(2, 0, 1)) / 3
+    assert np.allclose(got, exact, rtol=1e-3, atol=1e-4 * np.max(np.abs(exact)))
+    monkeypatch.undo()
+    case = CASES["sim_teachers_reml"]
+    split, pooled = fit(case, data=split_sites(case, 3)), fit(case)
+    assert split.rounds <= 3
+    assert np.allclose([r.get("sd", r.get("corr")) for r in split.random],
+                       [r.get("sd", r.get("corr")) for r in pooled.random], rtol=1e-8, atol=1e-8)
+    assert split.loglik == pytest.approx(pooled.loglik, rel=1e-10)

@@ -54,13 +54,15 @@ class SharedRoundEvaluator:
         Q = self.layout.Q
         return sum_replies({sid: to_global(r, Q) for sid, r in replies.items()}, keys)
 
+    third = True        # the pooled sums' third derivatives too, when the fit asks for them (d3A, ...)
+
     def evaluate(self, points, keys):
         totals = self.rounds.evaluate(points, SUM_KEYS)
         out = []
         for x, tot in zip(points, totals):
             x = np.asarray(x, float)
             self.seen.append((x, tot))
-            out.append(self.pool.pooled_sums(tot, x))
+            out.append(self.pool.pooled_sums(tot, x, order=3 if "d3A" in keys else 2))
         return out
 
     def finalize(self, point, keys, extra=None):
@@ -72,7 +74,7 @@ class SharedRoundEvaluator:
             bv, N = self.pool.shared_modes(moved, point, extra["beta_internal"])
             extra.update({"shared_v": bv, "shared_N": N})
         tot, rep = self.rounds.finalize(point, SUM_KEYS, extra)
-        s = self.pool.pooled_sums(tot, point)
+        s = self.pool.pooled_sums(tot, point, order=3 if "d3A" in keys else 2)
         parts = {sid: {k: v for k, v in r.items() if k not in SUM_KEYS + ("scols",)} for sid, r in rep.items()}
         if "shared_v" in extra:
             parts[POOLED] = {**s, **self._moved_modes(tot, point, extra, parts)}

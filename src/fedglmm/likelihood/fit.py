@@ -311,8 +311,8 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None,
     mask = setup.mask
     start, more = _lmm_starts(start)
     ntheta = int(mask.sum())
-    # several grouping factors, levels not shared: the sums' third derivatives, for the cubic model's steps
-    third = bool(ntheta and setup.factor_groups and not setup.shared and getattr(evaluator, "third", False))
+    # several grouping factors (or levels shared by sites): the sums' third derivatives, for the cubic model
+    third = bool(ntheta and setup.factor_groups and getattr(evaluator, "third", False))
     keys = LMM_KEYS + (LMM_DERIVATIVE_KEYS if ntheta else []) + (LMM_THIRD_KEYS if third else [])
     profiles, sent, raw = {}, {}, {}
 

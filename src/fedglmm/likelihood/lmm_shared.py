@@ -29,10 +29,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..model.spec import Design
-from .lmm_sparse import MultiLMMSums
+from .lmm_sparse import MultiLMMSums, third_from_differences
 from .shared import SharedLambda, SharedLayout, SiteSplit, embed, split_design
 
-SUM_KEYS = ("n", "sG", "sdG", "sd2G", "sd", "sdd", "sd2d")
+SUM_KEYS = ("n", "sG", "sdG", "sd2G", "sd3G", "sd", "sdd", "sd2d", "sd3d")
 
 
 class SharedLMMSums:
@@ -51,7 +51,7 @@ class SharedLMMSums:
     def sums(self, point: np.ndarray, final: bool = False) -> dict:
         """G_s, log det V_u,s and their θ-derivatives (first analytic, second by differences), over the
         site's own shared columns (``scols``: their positions in v; :func:`to_global` places them)."""
-        s = self.inner.evaluate(np.asarray(point, float), order=2)
+        s = self.inner.evaluate(np.asarray(point, float), order=3)
         k = self.inner.ntheta
         width = s["A"].shape[0] + 1
         out = {"n": self.n, "scols": self.split.cols.astype(np.int64), "sG": _pack(s["A"], s["b"], s["c"]),
@@ -60,9 +60,12 @@ class SharedLMMSums:
             out["sdG"] = np.stack([_pack(s["dA"][t], s["db"][t], s["dc"][t]) for t in range(k)])
             out["sd2G"] = np.stack([[_pack(s["d2A"][a, t], s["d2b"][a, t], s["d2c"][a, t]) for t in range(k)]
                                     for a in range(k)])
-            out["sdd"], out["sd2d"] = np.asarray(s["dd"], float), np.asarray(s["d2d"], float)
+            out["sd3G"] = np.stack([[[_pack(s["d3A"][a, b, t], s["d3b"][a, b, t], s["d3c"][a, b, t])
+                                      for t in range(k)] for b in range(k)] for a in range(k)])
+            out["sdd"], out["sd2d"], out["sd3d"] = (np.asarray(s[key], float) for key in ("dd", "d2d", "d3d"))
         else:
             out["sdG"], out["sd2G"] = np.zeros((0, width, width)), np.zeros((0, 0, width, width))
+            out["sd3G"], out["sd3d"] = np.zeros((0, 0, 0, width, width)), np.zeros((0, 0, 0))
             out["sdd"], out["sd2d"] = np.zeros(0), np.zeros((0, 0))
         return out
 
@@ -118,7 +121,7 @@ def to_global(reply: dict, Q: int) -> dict:
         return reply
     cols = np.asarray(reply["scols"], dtype=np.int64)
     out = {k: v for k, v in reply.items() if k != "scols"}
-    for key, axes in (("sG", (0, 1)), ("sdG", (1, 2)), ("sd2G", (2, 3))):
+    for key, axes in (("sG", (0, 1)), ("sdG", (1, 2)), ("sd2G", (2, 3)), ("sd3G", (3, 4))):
         out[key] = embed(np.asarray(reply[key], float), cols, Q, axes)
     return out
 
@@ -132,6 +135,21 @@ def _pack(A, b, c) -> np.ndarray:
 
 
 # --- at the coordinator ---------------------------------------------------------------------------------
+
+def _carried(tot: dict, a: np.ndarray, third: bool) -> tuple:
+    """(G, dG, log det V_u, its derivatives) of the summed shared sums at θ + a by their Taylor series: G to
+    the second order (third with ``third``), its first derivatives to the first (second)."""
+    G = tot["sG"] + np.tensordot(a, tot["sdG"], 1) + 0.5 * np.einsum("s,t,stij->ij", a, a, tot["sd2G"])
+    dG = tot["sdG"] + np.einsum("t,stij->sij", a, tot["sd2G"])
+    du = tot["sd"] + tot["sdd"] @ a + 0.5 * a @ tot["sd2d"] @ a
+    ddu = tot["sdd"] + tot["sd2d"] @ a
+    if third:
+        G = G + np.einsum("r,s,t,rstij->ij", a, a, a, tot["sd3G"]) / 6.0
+        dG = dG + 0.5 * np.einsum("s,t,rstij->rij", a, a, tot["sd3G"])
+        du = du + np.einsum("r,s,t,rst->", a, a, a, tot["sd3d"]) / 6.0
+        ddu = ddu + 0.5 * np.einsum("s,t,rst->r", a, a, tot["sd3d"])
+    return G, dG, du, ddu
+
 
 class SharedLMM(SharedLambda):
     """The coordinator's side: the pooled A, b, c, d (and θ-derivatives) from the summed shared sums, and
@@ -170,10 +188,11 @@ class SharedLMM(SharedLambda):
 
     def pooled_sums(self, tot: dict, theta, order: int = 2, step: float = 1e-5) -> dict:
         """The LMM sums of :mod:`fedglmm.likelihood.lmm` (n, A, b, c, d and, for order 2, their first and
-        second θ-derivatives) from the sites' summed shared sums ``tot`` at θ."""
+        second θ-derivatives; for order 3 also the third, as :meth:`MultiLMMSums.evaluate` has them) from the
+        sites' summed shared sums ``tot`` at θ: the analytic first derivatives at the sums carried along
+        their Taylor series (:func:`_carried`), differenced."""
         theta = np.asarray(theta, float)
-        G, dG, d2G = tot["sG"], tot["sdG"], tot["sd2G"]
-        K, d, dK, dd, _, _ = self._first(theta, G, dG, tot["sd"], tot["sdd"])
+        K, d, dK, dd, _, _ = self._first(theta, tot["sG"], tot["sdG"], tot["sd"], tot["sdd"])
         p = self.p
         out = {"n": tot["n"], "A": K[:p, :p], "b": K[:p, p], "c": float(K[p, p]), "d": d}
         if order < 1 or self.k == 0:
@@ -181,29 +200,37 @@ class SharedLMM(SharedLambda):
         out.update({"dA": dK[:, :p, :p], "db": dK[:, :p, p], "dc": dK[:, p, p], "dd": dd})
         if order < 2:
             return out
-        k = self.k
-        rows = {key: [] for key in ("dA", "db", "dc", "dd")}
+        k, hs = self.k, step * (1.0 + np.abs(theta))
+        third = order >= 3 and "sd3G" in tot
+
+        def first(a):
+            """The pooled first derivatives at θ + a: {dA, db, dc, dd}."""
+            _, _, dKa, dda, _, _ = self._first(theta + a, *_carried(tot, a, third))
+            return {"dA": dKa[:, :p, :p], "db": dKa[:, :p, p], "dc": dKa[:, p, p], "dd": dda}
+
+        rows, curve, ends = {key: [] for key in ("dA", "db", "dc", "dd")}, {key: [] for key in ("dA", "db", "dc", "dd")}, {}
         for s in range(k):
-            h = step * (1.0 + abs(theta[s]))
-            parts = []
-            for sign in (1.0, -1.0):
-                e = sign * h
-                Gs = G + e * dG[s] + 0.5 * e * e * d2G[s, s]
-                dGs = dG + e * d2G[:, s]
-                dus = tot["sdd"] + e * tot["sd2d"][:, s]
-                du = tot["sd"] + e * tot["sdd"][s] + 0.5 * e * e * tot["sd2d"][s, s]
-                th = theta.copy()
-                th[s] += e
-                parts.append(self._first(th, Gs, dGs, du, dus))
-            (_, _, dKp, ddp, _, _), (_, _, dKm, ddm, _, _) = parts
-            D = (dKp - dKm) / (2.0 * h)
-            rows["dA"].append(D[:, :p, :p])
-            rows["db"].append(D[:, :p, p])
-            rows["dc"].append(D[:, p, p])
-            rows["dd"].append((ddp - ddm) / (2.0 * h))
+            e = np.zeros(k)
+            e[s] = hs[s]
+            up, dn = ends[s] = first(e), first(-e)
+            for key in rows:
+                rows[key].append((up[key] - dn[key]) / (2.0 * hs[s]))
+                curve[key].append((up[key] - 2.0 * out[key] + dn[key]) / hs[s] ** 2)
+        mixed = {}
+        if third and k >= 3:
+            for s in range(k):
+                for u in range(s + 1, k):
+                    a = np.zeros(k)
+                    a[s], a[u] = hs[s], hs[u]
+                    pp, mm = first(a), first(-a)
+                    mixed[s, u] = {key: (pp[key] + mm[key] - sum(x[key] for x in (*ends[s], *ends[u]))
+                                         + 2.0 * out[key]) / (2.0 * hs[s] * hs[u]) for key in rows}
         for key, r in rows.items():
             arr = np.stack(r, axis=0)                       # d/dθ_s of d?/dθ_t: (s, t, ...)
             out["d2" + key[1:]] = 0.5 * (arr + np.swapaxes(arr, 0, 1))
+            if third:
+                out["d3" + key[1:]] = third_from_differences(np.stack(curve[key], axis=1),
+                                                             {su: m[key] for su, m in mixed.items()})
         return out
 
     def shared_modes(self, tot: dict, theta, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -88,7 +88,7 @@ class MultiLMMSums(FactorLayout):
     def evaluate(self, theta: np.ndarray, order: int = 2, step: float = 1e-5, central: bool = True) -> dict:
         """A, b, c, d at θ and, for order ≥ 1 / 2, their first (analytic) and second (central or forward
         differences of the first) θ-derivatives; for order 3 (central differences) also the third
-        (:func:`_third`: the same points give the entries with at most two distinct indices, k(k − 1) more
+        (:func:`third_from_differences`: the same points give the entries with at most two distinct indices, k(k − 1) more
         points those with three)."""
         theta = np.asarray(theta, float)
         out = self._first(theta) if order >= 1 else self._zeroth(theta)
@@ -117,7 +117,7 @@ class MultiLMMSums(FactorLayout):
             arr = np.stack(rows, axis=1)                          # (k_s, k_t, ...): d/dθ_t of d?/dθ_s
             out["d2" + key[1:]] = 0.5 * (arr + np.swapaxes(arr, 0, 1))
             if order >= 3:
-                out["d3" + key[1:]] = _third(np.stack(curve[key], axis=1), {tu: m[key] for tu, m in mixed.items()})
+                out["d3" + key[1:]] = third_from_differences(np.stack(curve[key], axis=1), {tu: m[key] for tu, m in mixed.items()})
         return out
 
     def _mixed(self, theta, hs, out: dict, ends: dict) -> dict:
@@ -192,7 +192,7 @@ class MultiLMMSums(FactorLayout):
         return self.conditional_modes(point, np.asarray(beta), float(sigma))
 
 
-def _third(curve: np.ndarray, mixed: dict) -> np.ndarray:
+def third_from_differences(curve: np.ndarray, mixed: dict) -> np.ndarray:
     """The third θ-derivatives (k, k, k, ...) from ``curve[v, t]`` = ∂²/∂θ_t² of the first derivative in θ_v
     (second differences at the central points: every entry with at most two distinct indices, D[t, t, v]
     and its permutations) and, with k ≥ 3, ``mixed[t, u][v]`` = ∂²/∂θ_t∂θ_u of it (the entries with three
