@@ -38,7 +38,9 @@ def factor_fits(st, own: dict) -> dict:
     """The sites' own fits (several grouping factors) that a start uses: a fit that left out a factor the site
     holds one level of (``alone``) only where that factor's variance comes from such fits
     (:func:`~fedglmm.coordinator.between.between_sites`) -- the other factors' covariances from them beside
-    that variance from the site totals took arabidopsis_olre split by population from 8 to 10 rounds."""
+    that variance from the site totals took arabidopsis_olre split by population from 8 to 10 rounds.  A
+    gaussian model's (they send σ̂) are kept, for the other factors' covariances, but where levels are shared
+    by sites."""
     alone = [o for o in own.values() if o.get("alone")]
     if alone and all("sigma" in o for o in alone):
         # a gaussian model's: its other factors' covariances, unless levels are shared by sites (with them

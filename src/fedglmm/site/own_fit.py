@@ -164,11 +164,11 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     is then in the intercept) and says so (``alone``: those factors).  θ comes in the full model's layout,
     the left-out factors' entries 0; the information is that of the fit made, over (β, θ of the factors
     kept, ψ).  The coordinator takes the kept factors' covariances from it, and the left-out factor's
-    variance from how the sites' intercepts differ (:mod:`fedglmm.coordinator.between`).
-    Not for a gaussian model (its fit has no information, which that needs: on the held-out splits of one
-    level per site, egsingle took 1-2 rounds fewer with the kept factors' covariances alone, chem97 and
-    scotssec 1-4 more; with β̂'s covariance and σ̂² sent for the variance, egsingle 1-2 fewer,
-    sim_gauss_singular 1 fewer, sim_gauss3 1 more, chem97_ml and scotssec_ml 1 more)."""
+    variance from how the sites' intercepts differ (:mod:`fedglmm.coordinator.between`).  A gaussian fit
+    (β profiled, no information of θ) sends instead the information of β̂ and σ̂, the variance between
+    sites being relative to σ²: with the coordinator's third-order steps, egsingle, chem97 and sim_gauss3
+    split one hospital per site take 4 rounds with such fits and 5-7 without (with Newton's steps they had
+    helped egsingle and cost chem97 and scotssec rounds)."""
     npar = d.X.shape[1] + int(np.asarray(d.theta_mask).sum()) + fam.ndisp
     levels = {f.name: len(f.levels) for f in d.factors}
     alone = [f for f in d.factors if len(f.levels) < 2]
