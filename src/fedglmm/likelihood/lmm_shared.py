@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..model.spec import Design
-from .lmm_sparse import MultiLMMSums, third_from_differences
+from .lmm_sparse import MultiLMMSums, differenced
 from .shared import SharedLambda, SharedLayout, SiteSplit, embed, split_design
 
 SUM_KEYS = ("n", "sG", "sdG", "sd2G", "sd3G", "sd", "sdd", "sd2d", "sd3d")
@@ -200,7 +200,6 @@ class SharedLMM(SharedLambda):
         out.update({"dA": dK[:, :p, :p], "db": dK[:, :p, p], "dc": dK[:, p, p], "dd": dd})
         if order < 2:
             return out
-        k, hs = self.k, step * (1.0 + np.abs(theta))
         third = order >= 3 and "sd3G" in tot
 
         def first(a):
@@ -208,29 +207,7 @@ class SharedLMM(SharedLambda):
             _, _, dKa, dda, _, _ = self._first(theta + a, *_carried(tot, a, third))
             return {"dA": dKa[:, :p, :p], "db": dKa[:, :p, p], "dc": dKa[:, p, p], "dd": dda}
 
-        rows, curve, ends = {key: [] for key in ("dA", "db", "dc", "dd")}, {key: [] for key in ("dA", "db", "dc", "dd")}, {}
-        for s in range(k):
-            e = np.zeros(k)
-            e[s] = hs[s]
-            up, dn = ends[s] = first(e), first(-e)
-            for key in rows:
-                rows[key].append((up[key] - dn[key]) / (2.0 * hs[s]))
-                curve[key].append((up[key] - 2.0 * out[key] + dn[key]) / hs[s] ** 2)
-        mixed = {}
-        if third and k >= 3:
-            for s in range(k):
-                for u in range(s + 1, k):
-                    a = np.zeros(k)
-                    a[s], a[u] = hs[s], hs[u]
-                    pp, mm = first(a), first(-a)
-                    mixed[s, u] = {key: (pp[key] + mm[key] - sum(x[key] for x in (*ends[s], *ends[u]))
-                                         + 2.0 * out[key]) / (2.0 * hs[s] * hs[u]) for key in rows}
-        for key, r in rows.items():
-            arr = np.stack(r, axis=0)                       # d/dθ_s of d?/dθ_t: (s, t, ...)
-            out["d2" + key[1:]] = 0.5 * (arr + np.swapaxes(arr, 0, 1))
-            if third:
-                out["d3" + key[1:]] = third_from_differences(np.stack(curve[key], axis=1),
-                                                             {su: m[key] for su, m in mixed.items()})
+        out.update(differenced(first, out, step * (1.0 + np.abs(theta)), True, third))
         return out
 
     def shared_modes(self, tot: dict, theta, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

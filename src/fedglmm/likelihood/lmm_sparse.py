@@ -88,52 +88,15 @@ class MultiLMMSums(FactorLayout):
     def evaluate(self, theta: np.ndarray, order: int = 2, step: float = 1e-5, central: bool = True) -> dict:
         """A, b, c, d at θ and, for order ≥ 1 / 2, their first (analytic) and second (central or forward
         differences of the first) θ-derivatives; for order 3 (central differences) also the third
-        (:func:`third_from_differences`: the same points give the entries with at most two distinct indices, k(k − 1) more
-        points those with three)."""
+        (:func:`differenced`)."""
         theta = np.asarray(theta, float)
         out = self._first(theta) if order >= 1 else self._zeroth(theta)
         out["n"] = self.nobs
         if order < 2 or self.ntheta == 0:
             return out
-        k = self.ntheta
-        central = central or order >= 3
-        second = {key: [] for key in ("dA", "db", "dc", "dd")}
-        curve = {key: [] for key in second}
-        hs = step * (1.0 + np.abs(theta))
-        ends = {}
-        for t in range(k):
-            e = np.zeros(k)
-            e[t] = hs[t]
-            up = self._first(theta + e)
-            dn, width = (self._first(theta - e), 2.0 * hs[t]) if central else (out, hs[t])
-            ends[t] = (up, dn)
-            for key in second:
-                second[key].append((np.asarray(up[key]) - np.asarray(dn[key])) / width)
-                if order >= 3:
-                    curve[key].append((np.asarray(up[key]) - 2.0 * np.asarray(out[key]) + np.asarray(dn[key]))
-                                      / hs[t] ** 2)
-        mixed = self._mixed(theta, hs, out, ends) if order >= 3 and k >= 3 else {}
-        for key, rows in second.items():
-            arr = np.stack(rows, axis=1)                          # (k_s, k_t, ...): d/dθ_t of d?/dθ_s
-            out["d2" + key[1:]] = 0.5 * (arr + np.swapaxes(arr, 0, 1))
-            if order >= 3:
-                out["d3" + key[1:]] = third_from_differences(np.stack(curve[key], axis=1), {tu: m[key] for tu, m in mixed.items()})
+        first = lambda a: self._first(theta + a)                          # noqa: E731
+        out.update(differenced(first, out, step * (1.0 + np.abs(theta)), central or order >= 3, order >= 3))
         return out
-
-    def _mixed(self, theta, hs, out: dict, ends: dict) -> dict:
-        """{(t, u): ∂²/∂θ_t∂θ_u of the first derivatives} for t < u, from two more points per pair,
-        θ ± (h_t e_t + h_u e_u), and the central points: (f₊₊ + f₋₋ − f₊ₜ − f₋ₜ − f₊ᵤ − f₋ᵤ + 2f) / (2 h_t h_u)."""
-        k = len(theta)
-        res = {}
-        for t in range(k):
-            for u in range(t + 1, k):
-                a = np.zeros(k)
-                a[t], a[u] = hs[t], hs[u]
-                pp, mm = self._first(theta + a), self._first(theta - a)
-                res[t, u] = {key: (np.asarray(pp[key]) + np.asarray(mm[key]) - sum(np.asarray(x[key]) for x in
-                                   (*ends[t], *ends[u])) + 2.0 * np.asarray(out[key])) / (2.0 * hs[t] * hs[u])
-                             for key in ("dA", "db", "dc", "dd")}
-        return res
 
     def _zeroth(self, theta) -> dict:
         _, _, H, F, R = self._at(theta)
@@ -190,6 +153,47 @@ class MultiLMMSums(FactorLayout):
 
     def modes(self, point: np.ndarray, beta=None, sigma=None) -> tuple[dict, dict]:
         return self.conditional_modes(point, np.asarray(beta), float(sigma))
+
+
+FIRST = ("dA", "db", "dc", "dd")
+
+
+def differenced(first, base: dict, hs: np.ndarray, central: bool = True, third: bool = False) -> dict:
+    """The second θ-derivatives (``d2A``, ``d2b``, ``d2c``, ``d2d``) of sums whose first ones ``first(a)``
+    gives at θ + a ({dA, db, dc, dd}; ``base`` at θ), by central or forward differences with steps ``hs``;
+    with ``third`` (central) also the third (``d3A``...): the second differences at the same points give the
+    entries with at most two distinct indices, two more points per pair of θ's, θ ± (h_t e_t + h_u e_u),
+    those with three -- (f₊₊ + f₋₋ − f₊ₜ − f₋ₜ − f₊ᵤ − f₋ᵤ + 2f) / (2 h_t h_u) (:func:`third_from_differences`)."""
+    k = len(hs)
+    second, curve, ends = {key: [] for key in FIRST}, {key: [] for key in FIRST}, {}
+    for t in range(k):
+        e = np.zeros(k)
+        e[t] = hs[t]
+        up = first(e)
+        dn, width = (first(-e), 2.0 * hs[t]) if central else (base, hs[t])
+        ends[t] = (up, dn)
+        for key in FIRST:
+            second[key].append((np.asarray(up[key]) - np.asarray(dn[key])) / width)
+            if third:
+                curve[key].append((np.asarray(up[key]) - 2.0 * np.asarray(base[key]) + np.asarray(dn[key]))
+                                  / hs[t] ** 2)
+    mixed = {}
+    for t in range(k if third and k >= 3 else 0):
+        for u in range(t + 1, k):
+            a = np.zeros(k)
+            a[t], a[u] = hs[t], hs[u]
+            pp, mm = first(a), first(-a)
+            mixed[t, u] = {key: (np.asarray(pp[key]) + np.asarray(mm[key]) - sum(np.asarray(x[key]) for x in
+                                 (*ends[t], *ends[u])) + 2.0 * np.asarray(base[key])) / (2.0 * hs[t] * hs[u])
+                           for key in FIRST}
+    out = {}
+    for key, rows in second.items():
+        arr = np.stack(rows, axis=1)                              # (k_s, k_t, ...): d/dθ_t of d?/dθ_s
+        out["d2" + key[1:]] = 0.5 * (arr + np.swapaxes(arr, 0, 1))
+        if third:
+            out["d3" + key[1:]] = third_from_differences(np.stack(curve[key], axis=1),
+                                                         {tu: m[key] for tu, m in mixed.items()})
+    return out
 
 
 def third_from_differences(curve: np.ndarray, mixed: dict) -> np.ndarray:

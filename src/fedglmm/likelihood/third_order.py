@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from .lmm import profiled_deviance
+from .start_choice import newton_step
 
 KEYS = ("A", "b", "c", "d")
 STEP = 1e-4          # the coordinator's difference of the profiled Hessian: h_t = STEP (1 + |θ_t|)
@@ -60,9 +61,8 @@ def cubic_step(g: np.ndarray, H: np.ndarray, T: np.ndarray, iterations: int = 30
     its gradient g + Hs + ½ T[s, s] (Jacobian H + T[s]) from that step; None where it leaves twice the Newton
     step's length, does not settle, or ends where the model's Hessian is not positive definite (the model
     then says little about where F's minimum lies)."""
-    try:
-        newton = -np.linalg.solve(np.linalg.cholesky(H) @ np.linalg.cholesky(H).T, g)
-    except np.linalg.LinAlgError:
+    newton = newton_step(g, H)
+    if newton is None:
         return None
     norm = lambda v: float(np.sqrt(max(v @ H @ v, 0.0)))    # noqa: E731
     reach = 2.0 * norm(newton)
