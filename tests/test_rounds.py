@@ -168,15 +168,21 @@ def _stress_draw(seed: int, fit: int) -> tuple:
     return formula, family, data
 
 
-@pytest.mark.parametrize("seed,fit,limit", [(4, 60, 6), (5, 0, 6), (7, 80, 6), (3, 0, 6)])
+@pytest.mark.parametrize("seed,fit,limit", [(4, 60, 6), (5, 0, 6), (7, 80, 6), (3, 0, 6), (11, 80, 6),
+                                            (15, 95, 5), (3, 35, 6)])
 def test_stress_fits_at_a_singular_covariance(seed, fit, limit):
-    """Random-slope fits of benchmarks/stress_methods.py whose optimum is at or near a singular Σ.  Seeds 4
-    and 5: the intercept's SD near 0 (hybrid 36 and 42 rounds before the reversed-factor step).  Seeds 7
-    and 3: Σ singular at a saddle of F (correlation −1, the optimum at −0.79 and −0.69), which the fit
-    reaches first; turning Λ's row off it (CovarianceSteps.turns) took seed 7 from 10 to 6 rounds and
-    seed 3 from 13 to 10, and the step in Σ's entries proposed again after a turn or one of its own
-    seed 3 on to 6.  Each against the iterative fit run to machine precision: logLik to 1e-8, fixed
-    effects and Σ to 1e-6 (θ is barely identified where Λ₁₁ ~ 0)."""
+    """Random-slope fits of benchmarks/stress_methods.py whose optimum, or a site's own fit, is at or near a
+    singular Σ.  Seeds 4 and 5: the intercept's SD near 0 (hybrid 36 and 42 rounds before the
+    reversed-factor step).  Seeds 7 and 3: Σ singular at a saddle of F (correlation −1, the optimum at
+    −0.79 and −0.69), which the fit reaches first; turning Λ's row off it (CovarianceSteps.turns) took
+    seed 7 from 10 to 6 rounds and seed 3 from 13 to 10, and the step in Σ's entries proposed again after
+    a turn or one of its own seed 3 on to 6.  Seed 11 fit 80: an intercept SD of 0.01 beside a slope's 0.5
+    on the way, where the correlation crawled along a ridge for 39 rounds until the step in Σ's entries was
+    proposed wherever Σ is nearly singular (NEARLY_SINGULAR).  Seed 15 fit 95 and seed 3 fit 35 (poisson,
+    an intercept SD of 2.5): a site's own fit at a correlation of 1 dragged the combined start (7 and 8
+    rounds) until the combination without its θ was tried beside (without_singular).  Each against the
+    iterative fit run to machine precision: logLik to 1e-8, fixed effects and Σ to 1e-6 (θ is barely
+    identified where Λ₁₁ ~ 0)."""
     formula, family, data = _stress_draw(seed, fit)
     case = {"formula": formula, "family": family, "link": None, "nagq": 1}
     opt = _fit(case, data, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))

@@ -284,6 +284,33 @@ def test_log_combination_keeps_sds_within_twice_the_sites_range():
     assert np.isclose(y[1], 2.0 * c2[1], rtol=1e-12)
 
 
+def test_a_singular_fit_enters_the_start_by_its_fixed_effects_alone():
+    """A site's own fit at a singular covariance (an SD at 0 beside a vector random effect) keeps only β's
+    marginal information: the Schur complement of its θ block, which equals the inverse of β's block of
+    K⁻¹ (closed form); a fit with every SD above 1e-3 of the largest is kept as it is; nothing changes
+    without a singular fit, with every fit singular, or with a scalar random effect."""
+    from fedglmm.coordinator.starts import OwnPart, without_singular
+
+    rng = np.random.default_rng(3)
+    p, idx = 2, np.array([2, 4])                    # x = (β0, β1, θ11, θ21, θ22): the SDs θ11, θ22
+
+    def part(center):
+        A = rng.normal(size=(5, 5))
+        K = A @ A.T + 5 * np.eye(5)
+        return OwnPart(K, K @ center, np.asarray(center, float), 10.0)
+
+    regular, singular = part([0.1, 0.5, 0.8, 0.2, 0.4]), part([0.3, 0.2, 0.9, 0.5, 1e-5])
+    out = without_singular({"a": regular, "b": singular}, idx, p)
+    assert out is not None and out["a"] is regular
+    Kb = out["b"].K
+    want = np.linalg.inv(np.linalg.inv(singular.K)[:p, :p])
+    assert np.allclose(Kb[:p, :p], want, rtol=1e-12) and not np.any(Kb[p:]) and not np.any(Kb[:, p:])
+    assert np.allclose(out["b"].h, Kb @ singular.center) and np.array_equal(out["b"].center, singular.center)
+    assert without_singular({"a": regular, "c": part([0.1, 0.5, 0.8, 0.2, 0.01])}, idx, p) is None
+    assert without_singular({"b": singular, "d": part([0.0, 0.1, 0.0, 0.3, 0.5])}, idx, p) is None
+    assert without_singular({"a": regular, "b": singular}, np.array([2]), p) is None
+
+
 def test_a_far_sound_start_does_not_displace_a_much_lower_one():
     """Of the first round's points, one with an indefinite Hessian but the lowest value is kept unless a sound
     one is within its decrement (taken as at most 2) of it: a start 2.4 higher with decrement 49.6 (the site

@@ -23,7 +23,7 @@ from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.shared_rounds import shared_setup
-from ..coordinator.starts import OwnPart, combined_start, internal_start, own_part
+from ..coordinator.starts import OwnPart, combined_start, internal_start, own_part, without_singular
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
@@ -122,6 +122,9 @@ def _candidates(req, st, merged, own: dict, pseudo, big: bool = False):
         many = [combined] + logs + ([] if complete else [totals])
         return (many[0] if len(many) == 1 else tuple(many)), None
     pair = lambda x: (x[:p], x[p:])                                     # noqa: E731
+    # beside the sites' fits combined, the same with a singular fit's θ left out (without_singular)
+    free = without_singular(own, _sd_index(st), p) if own and family.name != "gaussian" and not big else None
+    also = (lambda *a: combined_start(free, *a)[:2]) if free else (lambda *a: [])       # noqa: E731
     if pseudo is None and own and family.name == "gaussian":
         # every group's statistics kept at its site: the sites' own fits combined (a gaussian site's fit has
         # no information matrix: by numbers of groups)
@@ -136,7 +139,8 @@ def _candidates(req, st, merged, own: dict, pseudo, big: bool = False):
             if combined:
                 nx = len(st.names) + int(st.mask.sum()) + st.ndisp
                 zero = lambda x: (0.0, np.zeros(nx), np.zeros((nx, nx)))   # noqa: E731
-                return tuple(pair(x) for x in combined) + (start_values(st, family),), zero
+                more = also(None, None, None, _sd_index(st))
+                return tuple(pair(x) for x in combined) + (start_values(st, family),) + tuple(map(pair, more)), zero
         return None, None
     parts, first = pseudo[:2]
     start = internal_start(first.fixef, first.theta, st) if first is not None else None
@@ -149,14 +153,16 @@ def _candidates(req, st, merged, own: dict, pseudo, big: bool = False):
     if start is None:
         # every site's fit and every group's summaries, the stand-ins not fitted: the fits combined, their
         # shape from the pseudo-data
-        return tuple(pair(x) for x in combined_start(own, surrogate, each, None, _sd_index(st))) or None, surrogate
+        return tuple(pair(x) for x in combined_start(own, surrogate, each, None, _sd_index(st))
+                     + also(surrogate, each, None, _sd_index(st))) or None, surrogate
     # the one-shot estimate with its covariance halved and doubled, the combinations of the sites' own fits
     # with the pseudo-data, and where summaries are missing the site-totals start: all tried in the first
     # Newton round
     variants = [(start[0], f * start[1]) for f in (np.sqrt(0.5), np.sqrt(2.0))] if len(start[1]) and not own else []
     combined = combined_start(own, surrogate, each, np.concatenate(start), _sd_index(st)) if own else []
     totals = [start_values(st, family)] if merged.refused else []
-    starts = tuple([pair(x) for x in combined] + [start] + variants + totals)
+    more = also(surrogate, each, np.concatenate(start), _sd_index(st)) if own else []
+    starts = tuple([pair(x) for x in combined] + [start] + variants + totals + [pair(x) for x in more])
     return (starts[0] if len(starts) == 1 else starts), surrogate
 
 
