@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..model.options import NewtonConfig
-from .boundary import boundary_step
+from .boundary import boundary_last, boundary_step
 from .candidates import MODEL_REACH, Candidate as _Candidate, State as _State, scaled_norm, unbounded as _unbounded
 from .last_step import last_step
 from .steps import even_at_zero, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
@@ -158,7 +158,8 @@ class TrustRegionNewton:
         self._cands = self._propose(cur.g, cur.H, newton, extend=cov is None)
         if extra is not None:
             extra.radius = self._radius
-            if self._trusted and len(self._cands) == 1 and extra.norm <= self._radius:
+            if self._trusted and len(self._cands) == 1 and extra.norm <= self._radius \
+                    and dec < getattr(self.model, "newton_beside", np.inf):
                 # the model has the Newton step's information and more: it alone, while steps succeed
                 self._cands = []
             self._cands.insert(0, extra)
@@ -335,20 +336,20 @@ class TrustRegionNewton:
         return bool(last @ cur.H @ last > 0 and newton @ cur.H @ last >= 0)
 
     def _stop_or_settle(self, cur, newton):
-        """Finish, unless the last step is not yet known to the tolerance: the models of F at the current
-        point (plain Newton, to third order, or in the covariance's entries: :func:`last_step`) disagree
-        on it by more than tol² in the norm of H -- what a Newton step would leave where its error is of
-        that order (cf. :meth:`_contracted`).  Then that step is one more final candidate (once).  Where
-        the caller's model gives the last step (:meth:`_model_last`), it is held against both of these:
-        the round is taken if it disagrees with each."""
+        """Finish, unless the last step is not yet known to the tolerance: the models of F here (Newton, to
+        third order or in Σ's entries: :func:`last_step`; the caller's, :meth:`_model_last`, held against
+        both) disagree on it by more than tol² in the norm of H (cf. :meth:`_contracted`), or the model in
+        a zero SD's square promises more (:func:`boundary_last`).  That step is then one more final round."""
         if newton is not None and not self._settling:
             model, third = self._model_last(newton), self._final_step(newton)
             last = third if model is None else model
             miss = min((last - other for other in ((newton,) if model is None else (newton, third))),
                        key=lambda m: m @ cur.H @ m)
-            if min(miss @ cur.H @ miss, last @ cur.H @ last) > self.config.tol ** 2:    # (not to stay put)
+            edge = boundary_last(cur.x, cur.g, cur.H, newton, self.boundary, self.config.tol)
+            if edge is not None or min(miss @ cur.H @ miss, last @ cur.H @ last) > self.config.tol ** 2:
                 self._settling = True
-                out = self._final(cur, last, -(cur.g @ last), None, None)
+                last, pred = (last, -(cur.g @ last)) if edge is None else edge
+                out = self._final(cur, last, pred, None, None)
                 self._cands[0].settle = True
                 return out
             return self._finish(converged=True, last=third)
