@@ -402,3 +402,24 @@ def test_one_site_gaussian_with_crossed_factors_starts_at_its_own_fit(reml):
     it = fedglmm.fit("y ~ 1 + (1 | a) + (1 | b)", df, reml=reml, method="iterative")
     assert hyb.converged and hyb.rounds <= 3, hyb.rounds
     assert np.allclose(hyb.theta, it.theta, atol=1e-7) and abs(hyb.loglik - it.loglik) < 1e-8 * abs(it.loglik)
+
+
+def test_one_site_with_a_factor_in_a_random_term_starts_from_its_exact_fit():
+    """A factor inside a random term, (1 + f | b): the one-shot design has a Z column for every level of f,
+    the site's own fit codes f against its first level as agreed.  The own fit's message named the
+    one-shot design's Z columns, the coordinator found them not coded as agreed and went on from the site
+    totals (7 rounds on this poisson, 12 on verbagg_dif); with the fit's own names the one site's exact fit
+    is the start, and the first round confirms it (2 rounds), at the iterative method's fit."""
+    rng = np.random.default_rng(4)
+    n = 900
+    a, b = rng.integers(0, 30, n), rng.integers(0, 12, n)
+    f, x = rng.choice(["F", "M"], n), rng.normal(size=n)
+    ua, ub, vb = rng.normal(0, 0.5, 30), rng.normal(0, 0.6, 12), rng.normal(0, 0.4, 12)
+    eta = 0.3 + 0.4 * x + 0.3 * (f == "M") + ua[a] + ub[b] + vb[b] * (f == "M")
+    df = pd.DataFrame({"y": rng.poisson(np.exp(eta)), "x": x, "f": f, "a": a, "b": b})
+    formula = "y ~ x + f + (1 | a) + (1 + f | b)"
+    hybrid = fedglmm.fit(formula, df, family="poisson")
+    exact = fedglmm.fit(formula, df, family="poisson", method="iterative")
+    assert hybrid.rounds == 2, hybrid.rounds
+    assert abs(hybrid.loglik - exact.loglik) < 1e-8
+    assert np.allclose(hybrid.fixef, exact.fixef, atol=1e-8) and np.allclose(hybrid.theta, exact.theta, atol=1e-7)

@@ -185,8 +185,10 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     theta = res["theta"] if not alone else _in_full_layout(res, d, kept)
     if theta is None:
         return None
-    out = {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"], "theta": theta,
-           "levels": levels, "n": float(d.n)}
+    # (the fit's own Z columns: a factor in a random term, (1 + Gender | item), has every level a column in
+    # the one-shot design d; verbagg_dif's pooled fit went 12 rounds for want of its exact own fit)
+    out = {"names": res["names"], "z_names": list(res["z_names"] if not alone else d.z_names), "beta": res["beta"],
+           "theta": theta, "levels": levels, "n": float(d.n)}
     if alone:
         out["alone"] = [f.name for f in alone]
     if res["info"] is not None:
