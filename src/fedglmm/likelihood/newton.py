@@ -26,7 +26,8 @@ falls below ``near``, the full Newton step is proposed as the *final candidate* 
 is True, so the caller can ask for everything it wants at the end in that same round); if the decrement
 there is below ``tol`` the iteration stops, otherwise it goes on.  The solution (``solution``) is that
 last evaluated point (``point``) plus one more step, Newton's to third order or in the covariance's
-entries (:mod:`~fedglmm.likelihood.last_step`): its error is far below the decrement (≤ 1e-7)."""
+entries (:mod:`~fedglmm.likelihood.last_step`): its error is far below the decrement (≤ 1e-7).  Those final
+rounds' methods are in :mod:`~fedglmm.likelihood.newton_end`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -34,17 +35,17 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..model.options import NewtonConfig
-from .boundary import boundary_last, boundary_step
+from .boundary import boundary_step
 from .candidates import MODEL_REACH, Candidate as _Candidate, State as _State, scaled_norm, unbounded as _unbounded
-from .last_step import last_step
 from .steps import even_at_zero, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
+from .newton_end import Ending
 from .start_choice import best_start, newton_step as _newton_step
 
 NEARLY_SINGULAR = 0.3   # a row of Λ whose diagonal entry is less than this share of its norm: Σ nearly singular
 
 
 @dataclass
-class TrustRegionNewton:
+class TrustRegionNewton(Ending):
     x0: np.ndarray
     config: NewtonConfig = field(default_factory=NewtonConfig)
     evals: int = 0
@@ -187,16 +188,6 @@ class TrustRegionNewton:
         self._ceiling = np.inf
         self._model_ok = self._model_rejections < 2    # a model twice wrong is not asked again
 
-    def _final(self, cur, newton, dec, extra, edge) -> list:
-        """The final candidate: the Newton step, the caller's model's step, or, converging onto a zero
-        variance, the boundary point."""
-        self.final_candidate = True
-        step, pred = (newton, dec / 2.0) if extra is None else (extra.step, extra.pred)
-        if edge is not None:
-            step, pred = edge.step, edge.pred
-        self._cands = [_unbounded(step, pred, cur.H, extra is None and edge is None)]
-        return [cur.x + step]
-
     def _boundary(self, cur, newton) -> _Candidate | None:
         """Where the Newton step shrinks a coordinate of ``boundary`` by more than half: the step of the
         model in its square, onto 0 where that model's minimum lies beyond (:func:`boundary_step`)."""
@@ -286,44 +277,6 @@ class TrustRegionNewton:
             return None           # the model and the sites' quadratic model disagree too much to try it
         return _Candidate(step, pred, norm, np.inf)
 
-    def _promising(self, dec: float, d0: float) -> bool:
-        """With ``predict_final``: the step just accepted was a full Newton step from a decrement d₀ and
-        left d (< near_model); its contraction c = d/d₀² predicts c·d² after the next one -- below tol?"""
-        full = self.accepted is not None and self._cands and self._cands[self.accepted].newton
-        if not (self.predict_final and full and dec < self.config.near_model and 0 < d0 < np.inf and dec < d0):
-            return False
-        return dec ** 3 / d0 ** 2 < self.config.tol
-
-    def _ratio(self, cand: _Candidate, f: float, final: bool) -> float:
-        """Actual over predicted decrease of the step to a point of value ``f``.  A final candidate that is
-        the current point to within the rounding of the objective (1e-12 relative) counts as a full success:
-        it ends the iteration there, with the sums the final round brought."""
-        noise = 1e-12 * max(1.0, abs(self._cur.f))
-        if final and cand.pred <= noise and f <= self._cur.f + noise:
-            return 1.0
-        return (self._cur.f - f) / cand.pred if cand.pred > 0 else -np.inf
-
-    def _contracted(self, dec: float) -> bool:
-        """Whether the final candidate, reached by a full step from a point with decrement d₀ in the
-        quadratic regime, has a decrement d (< 10·tol) whose observed contraction c = d/d₀² predicts a
-        decrement c·d² < tol² after its own Newton step: what d < tol promises when c ≤ 1."""
-        d0 = self._dec_prev
-        if not (dec < 10.0 * self.config.tol and d0 < self.config.near_model and d0 > 0):
-            return False
-        return dec ** 3 / d0 ** 2 < self.config.tol ** 2
-
-    def _finish(self, converged: bool, last: np.ndarray | None = None):    # last: _final_step's, if made
-        self.point = self._cur.x if self._cur is not None else self.x0
-        step = _newton_step(self._cur.g, self._cur.H) if converged else None
-        if step is not None:
-            model = self._model_last(step)
-            step = model if model is not None else last if last is not None else self._final_step(step)
-        self.solution = self.point + (step if step is not None else 0.0)
-        self.converged = converged
-        if converged and not self.message:
-            self.message = "converged"
-        return None
-
     def _linear(self, cur, newton, dec: float, d0: float) -> bool:
         """Whether full Newton steps converge only linearly: the last one shrank the decrement by less than
         a tenth (a distance ratio √(d/d₀) above 0.3) and the new step does not turn back -- a nearly
@@ -334,42 +287,6 @@ class TrustRegionNewton:
             return False
         last = cur.x - self.previous.x
         return bool(last @ cur.H @ last > 0 and newton @ cur.H @ last >= 0)
-
-    def _stop_or_settle(self, cur, newton):
-        """Finish, unless the last step is not yet known to the tolerance: the models of F here (Newton, to
-        third order or in Σ's entries: :func:`last_step`; the caller's, :meth:`_model_last`, held against
-        both) disagree on it by more than tol² in the norm of H (cf. :meth:`_contracted`), or the model in
-        a zero SD's square promises more (:func:`boundary_last`).  That step is then one more final round."""
-        if newton is not None and not self._settling:
-            model, third = self._model_last(newton), self._final_step(newton)
-            last = third if model is None else model
-            miss = min((last - other for other in ((newton,) if model is None else (newton, third))),
-                       key=lambda m: m @ cur.H @ m)
-            edge = boundary_last(cur.x, cur.g, cur.H, newton, self.boundary, self.config.tol)
-            if edge is not None or min(miss @ cur.H @ miss, last @ cur.H @ last) > self.config.tol ** 2:
-                self._settling = True
-                last, pred = (last, -(cur.g @ last)) if edge is None else edge
-                out = self._final(cur, last, pred, None, None)
-                self._cands[0].settle = True
-                return out
-            return self._finish(converged=True, last=third)
-        return self._finish(converged=True)
-
-    def _model_last(self, step: np.ndarray) -> np.ndarray | None:
-        """The caller's model's last step: it carries the higher-order terms, so it is kept where it agrees
-        with Newton's to within the Newton step's own size (and the Newton step is not already exact)."""
-        if self.model is None or not self._model_ok \
-                or not 1e-3 * self.config.tol ** 2 < -(self._cur.g @ step) < 10.0 * self.config.tol:
-            return None
-        # (asked again at the finish: the model's local solve then goes on from where the first one ended)
-        extra = self._model_step(self._cur, final=True)
-        d = np.sqrt(np.abs(np.diag(self._cur.H)))
-        if extra is not None and np.linalg.norm(d * (extra.step - step)) <= np.linalg.norm(d * step):
-            return extra.step
-        return None
-
-    def _final_step(self, step: np.ndarray) -> np.ndarray:
-        return last_step(self._cur, self.previous, self.covariance, step)
 
     def _propose(self, g, H, newton, extend: bool = True) -> list[_Candidate]:
         d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12 * max(1.0, np.max(np.abs(np.diag(H))))))
