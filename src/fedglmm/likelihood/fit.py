@@ -306,8 +306,9 @@ def _check_residual(s: dict) -> None:
 def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None, covariance: bool = True) -> Estimate:
     """Newton on the profiled REML or ML criterion in θ̃ from ``start`` (default: Λ̃ = I; also instead of a
     start that is not finite or beyond RUNAWAY: a pseudo-data fit of a few groups can run off, and the
-    criterion's sums there lose definiteness; a tuple: candidate starts, see :func:`_lmm_starts`).  ``covariance``: the steps in Σ's entries near a singular Σ
-    (off for a site's own fit, a start only, where their chain rule costs more than it gains)."""
+    criterion's sums there lose definiteness; a tuple: candidate starts, see :func:`_lmm_starts`).
+    ``covariance``: the steps in Σ's entries near a singular Σ (off for a site's own fit, a start only,
+    where their chain rule costs more than it gains)."""
     mask = setup.mask
     start, more = _lmm_starts(start)
     ntheta = int(mask.sum())
