@@ -324,6 +324,28 @@ def test_a_far_sound_start_does_not_displace_a_much_lower_one():
     assert best_start([indefinite, near], [0, 1]) == 1
 
 
+def test_a_start_far_off_in_its_fixed_effects_alone_is_chosen_by_their_profile():
+    """Coordinates (β, θ): start A is 5 above start B but all of that in β (its β-step gains 8: profiled 3
+    below B's profile), B is not settled (decrement 4), so A is taken; not where B is settled (decrement
+    0.5), where the profiles differ by less than 1, or where A's β-step gains more than PROFILE_CAP (its
+    quadratic model in β says little there); and never without knowing which coordinates are β."""
+    from fedglmm.likelihood.start_choice import PROFILE_CAP, best_start, profiled
+
+    H = np.eye(2)
+    a = (np.zeros(2), 105.0, np.array([4.0, 0.0]), H)             # β gain 8: profiled 97
+    b = (np.ones(2), 100.0, np.array([0.0, 2.0]), H)              # decrement 4, nothing in β: profiled 100
+    assert profiled(a, 1) == 97.0 and profiled(b, 1) == 100.0 and profiled(a, 0) == 105.0
+    assert best_start([a, b], [0, 1], fixed=1) == 0
+    assert best_start([a, b], [0, 1]) == 1
+    settled = (np.ones(2), 100.0, np.array([0.0, np.sqrt(0.5)]), H)
+    assert best_start([a, settled], [0, 1], fixed=1) == 1
+    close = (np.zeros(2), 101.5, np.array([np.sqrt(2.0), 0.0]), H)     # β gain 1: profiled 100.5
+    assert best_start([close, b], [0, 1], fixed=1) == 1
+    g = np.sqrt(2.0 * (PROFILE_CAP + 1.0))
+    beyond = (np.zeros(2), 105.0, np.array([g, 0.0]), H)
+    assert profiled(beyond, 1) == 105.0 and best_start([beyond, b], [0, 1], fixed=1) == 1
+
+
 def test_every_fit_and_summary_sent_start_without_a_pseudo_data_fit(monkeypatch):
     """Three sites of 40 groups of 15 rows each, every summary and every own fit sent: the coordinator
     builds the stand-ins (they shape the combination and the surrogate) but does not fit them, and the fit

@@ -67,6 +67,8 @@ class TrustRegionNewton(Ending):
                                     # contraction predicts a decrement below tol after the step (_promising)
     final_first: bool = False       # x0 is believed to be the solution: the first round (x0 alone) is final
     sound_start: bool = False       # of several starts, prefer one with a positive-definite Hessian
+    fixed: int = 0                  # how many leading coordinates are fixed effects (the choice of start
+                                    # compares starts with those profiled: start_choice.best_start)
 
     def __post_init__(self):
         self.x0 = np.asarray(self.x0, float)
@@ -110,7 +112,7 @@ class TrustRegionNewton(Ending):
             if not finite:
                 self.message = "the objective is not finite at the starting values"
                 return self._finish(converged=False)
-            best = best_start(pts, finite) if self.sound_start else min(finite, key=lambda i: pts[i][1])
+            best = best_start(pts, finite, self.fixed) if self.sound_start else min(finite, key=lambda i: pts[i][1])
             self._cur, self.accepted = _State(*pts[best]), best
         else:
             finite = [i for i in range(len(pts)) if ok[i]]
