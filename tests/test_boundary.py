@@ -63,3 +63,23 @@ def test_the_iteration_reaches_a_zero_optimum_in_few_rounds():
     assert even.converged and even.solution[1] == 0.0
     assert even.solution[0] == pytest.approx(1.0 - A[0, 1] / A[0, 0] * 0.1, abs=1e-10)
     assert even.evals <= 4 < plain.evals
+
+
+def test_face_step_where_the_curvature_turns_negative_along_a_zero_sd_alone():
+    """H with one negative eigenvalue along an even coordinate at 1e-3 (x = (a, s), F even in s): the step
+    puts s at 0 and a at the minimum of the model with half the coupling (the model in s²); nothing where
+    the negative direction is not that coordinate's, the coordinate is already 0, or H is positive
+    definite; checked against the closed form."""
+    from fedglmm.likelihood.boundary import face_step
+
+    x, g = np.array([0.3, 1e-3]), np.array([0.2, -1e-4])
+    H = np.array([[4.0, 0.5], [0.5, -0.9]])
+    step, pred = face_step(x, g, H, (1,))
+    sa = -(g[0] + 0.5 * H[0, 1] * -x[1]) / H[0, 0]
+    assert np.allclose(step, [sa, -x[1]], rtol=1e-14, atol=0)
+    assert np.isclose(pred, -(g @ step + 0.5 * step @ H @ step), rtol=1e-14)
+    assert face_step(x, g, H, (0,)) is None                         # not a coordinate whose sign is free
+    assert face_step(np.array([0.3, 0.0]), g, H, (1,)) is None      # at the zero already
+    assert face_step(x, g, np.array([[4.0, 0.5], [0.5, 0.9]]), (1,)) is None
+    mixed = np.array([[1.0, 1.2], [1.2, 0.5]])                       # negative direction shared by both
+    assert face_step(x, g, mixed, (1,)) is None
