@@ -286,11 +286,15 @@ def test_split_over_sites_gives_the_pooled_fit(name, k, fits):
 
 @pytest.mark.parametrize("name, k", [("grouseticks_nested", 5), ("pastes_sample_reml", 3)])
 def test_iterative_split_equals_pooled_exactly(name, k):
-    """The iterative method's rounds do not depend on the split (the sums add up): everything to 1e-8."""
+    """The iterative method's sums add up over the split: everything to 1e-8, and for the GLMM the same rounds.
+    The REML fit's first round also proposes the step of a cubic model (:func:`fedglmm.likelihood.fit.fit_lmm`),
+    which differs over the split (pooled: 1.371 scaled units, 3 sites: 1.416), and its last round sits on the
+    stopping tolerance: on 3 December, on an AMD EPYC machine, the pooled fit's final candidate had a decrement of
+    1.5e-7 against the tolerance of 1e-7 (6 rounds), the split's 1.75e-8 (5 rounds); elsewhere both took the same."""
     case = CASES[name]
     pooled = fit(case, method="iterative")
     split = fit(case, data=split_sites(case, k), method="iterative")
-    assert split.rounds == pooled.rounds
+    assert abs(split.rounds - pooled.rounds) <= (1 if CASES[name]["reml"] else 0), (split.rounds, pooled.rounds)
     for a, b in ((pooled.fixef, split.fixef), (pooled.se, split.se), (pooled.theta, split.theta)):
         assert np.allclose(a, b, rtol=1e-8, atol=1e-10)
     assert abs(pooled.loglik - split.loglik) < 1e-8
