@@ -517,3 +517,33 @@ def test_gaussian_sites_of_few_levels_give_the_covariance_start():
                                        np.sqrt((3 * 0.64 + 2 * 0.36) / 5)], rtol=1e-9)   # (Σ + 1e-12 I)
     theta, complete = factor_combined_start(st, fits[2:], fallback)     # one hospital: the totals' SD
     assert not complete and theta[1] == pytest.approx(1.0, rel=1e-9)
+
+
+def test_a_site_of_many_groups_starts_its_own_fit_from_the_moment_estimate_of_a_small_sd(monkeypatch):
+    """A site of 100 groups of 100 rows, a random slope of SD 0.4 (below the coordinator's start floor of 0.5
+    on the internal scale): its own fit (cut short) starts from the moment estimate of that SD, floored at
+    ``MANY_FLOOR`` only, and takes three evaluations with no step rejected (held at 0.5, eight such sites
+    took 3-5, three of them after a rejected step)."""
+    from fedglmm.likelihood.newton import TrustRegionNewton
+
+    told = []
+    tell = TrustRegionNewton.tell
+
+    def counting(opt, xs, results):
+        out = tell(opt, xs, results)
+        told.append((len(xs), opt.accepted is not None))
+        return out
+
+    monkeypatch.setattr(TrustRegionNewton, "tell", counting)
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        g = np.repeat(np.arange(100), 100)
+        x1, x2 = rng.normal(size=g.size), rng.normal(size=g.size)
+        eta = -0.5 + 0.5 * x1 - 0.3 * x2 + rng.normal(0, 0.8, 100)[g] + rng.normal(0, 0.4, 100)[g] * x1
+        df = pd.DataFrame({"y": (rng.random(g.size) < 1 / (1 + np.exp(-eta))).astype(float), "x1": x1, "x2": x2,
+                           "g": g})
+        told.clear()
+        msg = summarize(df, "y ~ x1 + x2 + (1 + x1 | g)", "binomial", None, "s", kept={},
+                        local={"nagq": 1, "curvature": "observed", "sites": 10})
+        assert msg["local"] is not None
+        assert sum(n for n, _ in told) <= 3 and all(ok for _, ok in told), (seed, told)

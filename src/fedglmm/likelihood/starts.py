@@ -19,16 +19,18 @@ from .start_sums import from_null_model
 NB_PSI_SHIFTS = (2.0, 4.0)
 
 
-def start_values(st: Setup, family: Family) -> tuple[np.ndarray, np.ndarray]:
+def start_values(st: Setup, family: Family, floor: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """(γ0, θ̃0) on the internal scale from the set-up sums; for a family with a dispersion parameter θ̃0
-    ends with its ψ0 (the optimiser's parameters are (γ, θ̃, ψ))."""
+    ends with its ψ0 (the optimiser's parameters are (γ, θ̃, ψ)).  ``floor``: the least SD of the moment
+    estimate of Σ on the internal scale (binomial and poisson; see
+    :func:`~fedglmm.likelihood.moment_estimates.moment_start`)."""
     s, A, mask, zs, n = st.sums, st.A, st.mask, st.zs, st.n
     q = mask.shape[0]
     # one grouping factor whose levels are shared by sites is laid out as one of several, but its set-up
     # sums are those of one factor
     several = bool(st.factor_groups) and any(k.endswith(".0") for k in s)
     if family.name == "binomial" and not several:
-        return null_step_start(s, family, A, mask, zs, s["ztz"] / n)
+        return null_step_start(s, family, A, mask, zs, s["ztz"] / n, floor=floor)
     psi0 = dispersion_start(st, family) if family.ndisp else None
     if several:
         return factor_start(st, family, psi0)
@@ -42,7 +44,7 @@ def start_values(st: Setup, family: Family) -> tuple[np.ndarray, np.ndarray]:
         # the working residuals' own variance: 1/w (poisson), 1/w + 1/ϑ (negative binomial), 1/(νw) (Gamma)
         noise = None if psi0 is None else (s["mom_w"] + np.exp(-psi0) * s["mom_w2"]
                                            if family.name == "negative_binomial" else np.exp(-psi0) * s["mom_w"])
-        theta0, sig0 = moment_start(s, A @ gamma0, mask, zs, noise=noise)
+        theta0, sig0 = moment_start(s, A @ gamma0, mask, zs, floor if family.name == "poisson" else 0.5, noise=noise)
         if intercept is not None and family.name != "gamma":
             # the IRLS weights grow like e^b, so the weighted start overstates the intercept by ≈ E[zᵀΣz]
             gamma0[intercept] -= np.trace(sig0 @ s["ztz"]) / n
@@ -85,7 +87,7 @@ def _inverse_trigamma(v: float) -> float:
 
 
 def null_step_start(s: dict, family: Family, A: np.ndarray, mask: np.ndarray, zscale: np.ndarray,
-                    zz: np.ndarray, dispersion: float = 1.0):
+                    zz: np.ndarray, dispersion: float = 1.0, floor: float = 0.5):
     """Binomial (and Gamma, inverse and identity links) starting values: one IRLS step from the
     intercept-only model, a moment estimate of Σ, and the marginal-to-conditional correction of the
     coefficients.
@@ -103,7 +105,7 @@ def null_step_start(s: dict, family: Family, A: np.ndarray, mask: np.ndarray, zs
         return gamma, np.zeros(0)
     mom = binomial_moments(s, *coef)
     if family.name == "binomial":
-        theta, sig = moment_start(mom, A @ gamma, mask, zscale)
+        theta, sig = moment_start(mom, A @ gamma, mask, zscale, floor)
     else:       # η is on the outcome's scale (or its inverse): so is the least standard deviation of a start
         theta, sig = moment_start(mom, A @ gamma, mask, zscale, 0.1 * abs(eta[0]), dispersion * mom["mom_w"])
     return conditional(gamma, family, float(np.trace(sig @ zz))), theta
