@@ -30,7 +30,7 @@ RECORDED = json.loads(GOLDEN.read_text())
 RUNS = list(runs())
 
 
-# fits whose last round is decided at rounding level (see above): rounds to one, bytes to half (a round carries up to 16 KB here), values to 1e-8
+# fits whose last round is decided at rounding level (see above)
 EDGE = ("penicillin_crossed/", "penicillin_crossed_ml/")
 
 
@@ -57,7 +57,8 @@ def test_golden(key, case, method, split, opts):
     edge = key.startswith(EDGE)
     tol = 1e-8 if edge else 1e-9
     r_got, r_want = got.get("rounds"), want.get("rounds")
-    assert r_got == r_want or edge and None not in (r_got, r_want) and abs(r_got - r_want) <= 1, ("rounds", r_got, r_want)
+    assert r_got == r_want or edge and None not in (r_got, r_want) and abs(r_got - r_want) <= 1, \
+        ("rounds", r_got, r_want)
     for field in ("converged", "method", "names", "levels"):
         assert got.get(field) == want.get(field), field
     assert _rounding(got.get("messages")) == _rounding(want.get("messages")), (got.get("messages"), want.get("messages"))

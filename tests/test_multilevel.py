@@ -294,7 +294,7 @@ def test_iterative_split_equals_pooled_exactly(name, k):
     case = CASES[name]
     pooled = fit(case, method="iterative")
     split = fit(case, data=split_sites(case, k), method="iterative")
-    assert abs(split.rounds - pooled.rounds) <= (1 if CASES[name]["reml"] else 0), (split.rounds, pooled.rounds)
+    assert abs(split.rounds - pooled.rounds) <= (1 if case["reml"] else 0), (split.rounds, pooled.rounds)
     for a, b in ((pooled.fixef, split.fixef), (pooled.se, split.se), (pooled.theta, split.theta)):
         assert np.allclose(a, b, rtol=1e-8, atol=1e-10)
     assert abs(pooled.loglik - split.loglik) < 1e-8

@@ -43,7 +43,12 @@ def conditional(gamma, family: Family, s2: float):
     return gamma
 
 
-def moment_start(m: dict, beta: np.ndarray, mask: np.ndarray, zscale: np.ndarray, floor: float = 0.5, noise=None):
+# the least SD of a moment start on the internal scale (θ = 0 is a saddle of the symmetric objective)
+SD_FLOOR = 0.5
+
+
+def moment_start(m: dict, beta: np.ndarray, mask: np.ndarray, zscale: np.ndarray, floor: float = SD_FLOOR,
+                 noise=None):
     """θ̃ (on the internal Z scale) from the working residuals' group moments, and the raw Σ it implies.
 
     Σ_g r_g r_gᵀ ≈ Σ_g W_g Σ W_g + Σ_g W_g with r_g = s_g − T_g β, s_g = Σ_j w_j z_j ζ_j, T_g = Σ_j w_j ζ_j x_jᵀ
@@ -67,7 +72,7 @@ def moment_sigma(m: dict, beta: np.ndarray, mask: np.ndarray, noise=None) -> np.
     return np.where(allowed, 0.5 * (sig + sig.T), 0.0)
 
 
-def sigma_theta(sig: np.ndarray, mask: np.ndarray, zscale: np.ndarray, floor: float = 0.5):
+def sigma_theta(sig: np.ndarray, mask: np.ndarray, zscale: np.ndarray, floor: float = SD_FLOOR):
     """θ̃ from a data-scale Σ (SDs floored and correlations clipped on the internal scale, see
     :func:`moment_start`), and the data-scale Σ it stands for."""
     allowed = (mask.astype(float) @ mask.T.astype(float)) > 0

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..model.families import Family
 from .factor_starts import factor_start
-from .moment_estimates import binomial_moments, conditional, moment_start, null_step  # noqa: F401
+from .moment_estimates import SD_FLOOR, binomial_moments, conditional, moment_start, null_step  # noqa: F401
 from .setup import Setup
 from .start_sums import from_null_model
 
@@ -19,7 +19,7 @@ from .start_sums import from_null_model
 NB_PSI_SHIFTS = (2.0, 4.0)
 
 
-def start_values(st: Setup, family: Family, floor: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+def start_values(st: Setup, family: Family, floor: float = SD_FLOOR) -> tuple[np.ndarray, np.ndarray]:
     """(γ0, θ̃0) on the internal scale from the set-up sums; for a family with a dispersion parameter θ̃0
     ends with its ψ0 (the optimiser's parameters are (γ, θ̃, ψ)).  ``floor``: the least SD of the moment
     estimate of Σ on the internal scale (binomial and poisson; see
@@ -44,7 +44,8 @@ def start_values(st: Setup, family: Family, floor: float = 0.5) -> tuple[np.ndar
         # the working residuals' own variance: 1/w (poisson), 1/w + 1/ϑ (negative binomial), 1/(νw) (Gamma)
         noise = None if psi0 is None else (s["mom_w"] + np.exp(-psi0) * s["mom_w2"]
                                            if family.name == "negative_binomial" else np.exp(-psi0) * s["mom_w"])
-        theta0, sig0 = moment_start(s, A @ gamma0, mask, zs, floor if family.name == "poisson" else 0.5, noise=noise)
+        theta0, sig0 = moment_start(s, A @ gamma0, mask, zs, floor if family.name == "poisson" else SD_FLOOR,
+                                    noise=noise)
         if intercept is not None and family.name != "gamma":
             # the IRLS weights grow like e^b, so the weighted start overstates the intercept by ≈ E[zᵀΣz]
             gamma0[intercept] -= np.trace(sig0 @ s["ztz"]) / n
@@ -87,7 +88,7 @@ def _inverse_trigamma(v: float) -> float:
 
 
 def null_step_start(s: dict, family: Family, A: np.ndarray, mask: np.ndarray, zscale: np.ndarray,
-                    zz: np.ndarray, dispersion: float = 1.0, floor: float = 0.5):
+                    zz: np.ndarray, dispersion: float = 1.0, floor: float = SD_FLOOR):
     """Binomial (and Gamma, inverse and identity links) starting values: one IRLS step from the
     intercept-only model, a moment estimate of Σ, and the marginal-to-conditional correction of the
     coefficients.
