@@ -284,6 +284,20 @@ def test_split_over_sites_gives_the_pooled_fit(name, k, fits):
     assert np.allclose(split.se, pooled.se, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name, k, rounds", [("sim_rare_la", 3, 4), ("mmmec_la", None, 5)])
+def test_a_full_step_of_another_model_predicts_the_final_round(name, k, rounds, fits):
+    """Where the step accepted last was a full step in log scale (or in Σ's entries), its contraction predicts
+    the next one's as a Newton step's does, and the next point is the final candidate: one round fewer than
+    before (5 and 6), the pooled fit's estimates to 1e-8 all the same."""
+    pooled = _fit(fits, name)
+    split = fit(CASES[name], data=split_sites(CASES[name], k))
+    assert split.rounds <= rounds
+    assert abs(split.loglik - pooled.loglik) < 1e-8 * max(1, abs(pooled.loglik))
+    assert np.allclose(split.fixef, pooled.fixef, rtol=1e-8, atol=1e-8)
+    assert np.allclose([r.get("sd", r.get("corr")) for r in split.random],
+                       [r.get("sd", r.get("corr")) for r in pooled.random], rtol=1e-7, atol=1e-8)
+
+
 @pytest.mark.parametrize("name, k", [("grouseticks_nested", 5), ("pastes_sample_reml", 3)])
 def test_iterative_split_equals_pooled_exactly(name, k):
     """The iterative method's sums add up over the split: everything to 1e-8, and for the GLMM the same rounds.

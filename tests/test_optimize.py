@@ -177,6 +177,21 @@ def test_final_candidate_followed_by_an_indefinite_hessian():
     assert np.isfinite(opt._radius)
 
 
+def test_final_candidate_predicted_after_a_full_step_of_any_model():
+    """The contraction of the step just taken predicts the next Newton step's where that step was taken whole
+    (Newton's, or one in log scale: no trust radius), not where a trust radius cut it short."""
+    from fedglmm.likelihood.candidates import Candidate, unbounded
+
+    opt = TrustRegionNewton(np.zeros(2), predict_final=True)
+    newton = Candidate(np.ones(2), 0.1, 1.0, 2.0, newton=True)
+    for cand, promising in ((unbounded(np.ones(2), 0.1, np.eye(2)), True),
+                            (Candidate(np.ones(2), 0.1, 1.0, 1.0), False)):
+        opt._cands, opt.accepted = [newton, cand], 1
+        # from a decrement of 0.34 to 1.9e-3: c·d² = 6.2e-8 below the tolerance of 1e-7
+        assert opt._promising(1.9e-3, 0.34) is promising
+        assert not opt._promising(2.7e-2, 1.0)          # c·d² = 2e-5: one more Newton round first
+
+
 # --- a caller's model (the hybrid's pseudo-data surrogate) ---------------------------------------------
 
 def _drive_model(fun, x0, model):
