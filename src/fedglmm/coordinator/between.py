@@ -7,23 +7,37 @@ those intercepts then differ by the factor's effects plus their own estimation e
 random-effects meta-analysis, whose moment estimator of the between-study variance (DerSimonian & Laird
 1986, Controlled Clinical Trials 7:177) gives the factor's variance here, and whose weighted mean gives
 the fixed effects.
+
+A covariate of the factor's level (a hospital's own, constant at its site) is not in a site's fit: the site
+leaves out the columns its others determine there (:func:`fedglmm.site.own_fit.short_fit`), and their effects
+are in the ones kept -- a constant's in the intercept.  The coordinator maps the agreed fixed effects γ to
+each fit's coefficients, b = L γ, through the site's cross-products XᵀX (as
+:func:`fedglmm.coordinator.starts.own_part` does), so that the intercepts differ by the covariates' effects:
+the variance comes from the meta-regression of the intercepts on those rows of L (the moment estimator of
+the residual heterogeneity, which is DerSimonian and Laird's where every fit has every column), and γ from
+all the fits' coefficients by generalised least squares.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..model.spec import theta_index
+from .starts import agreed_map
 
 
 def between_sites(st, own: list, min_sites: int) -> dict:
     """Where the sites' own fits left out one factor, the same at each (``alone``: the site holds one of
-    its levels), and its terms are a random intercept: its variance on the internal scale, from how the
-    fits' intercepts γ̂₀ differ beyond their standard errors (DerSimonian & Laird 1986:
-    τ̂² = max(0, (Q − (K − 1)) / (Σw − Σw²/Σw)), w = 1/v the inverse variances, Q = Σ w (γ̂₀ − γ̄)², over the
-    K fits), and the fixed effects (with ψ) combined with weights (V + τ̂² e₀e₀ᵀ)⁻¹, V each fit's covariance
-    of them: {factor: τ̂², "fixed": (γ, ψ), "fits": the fits used}.  Empty with fewer than ``min_sites``
-    such fits coded as agreed and with a positive definite covariance of the fixed effects, a fit of
-    another kind among them, or no intercept."""
+    its levels), and its terms are a random intercept: its variance on the internal scale and the fixed
+    effects (with ψ), {factor: τ̂², "fixed": (γ, ψ), "fits": the fits used}.  Each fit k gives coefficients
+    b_k (with ψ) of mean M_k γ and covariance V_k + τ² e_k e_kᵀ (e_k: its intercept; M_k: the identity where
+    the fit has the agreed columns, else :func:`~fedglmm.coordinator.starts.agreed_map`);
+    its intercept a_k = e_kᵀ b_k has mean h_kᵀ γ, h_k = M_kᵀ e_k, and variance v_k + τ².  The moment
+    estimator τ̂² = max(0, (Q − (K − m)) / tr P), P = W − W H (HᵀWH)⁺ HᵀW, W = diag(1/v_k), Q = aᵀ P a, m the
+    rank of H (with one column layout it is DerSimonian & Laird's, m = 1: τ̂² = (Q − (K − 1)) / (Σw −
+    Σw²/Σw)), and γ = (Σ M_kᵀ W_k M_k)⁻¹ Σ M_kᵀ W_k b_k, W_k = (V_k + τ̂² e_k e_kᵀ)⁻¹.  Empty with fewer
+    than ``min_sites`` such fits that map to the agreed coding with a positive definite covariance of their
+    fixed effects, a fit of another kind among them, no intercept, or fixed effects the fits do not
+    determine."""
     alone = [loc for loc in own if loc.get("alone")]
     factors = {tuple(loc["alone"]) for loc in alone}
     if len(alone) < min_sites or len(factors) != 1 or len(alone) < len(own) or "Intercept" not in st.names:
@@ -32,44 +46,70 @@ def between_sites(st, own: list, min_sites: int) -> dict:
     cols = st.factor_columns().get(left[0]) if len(left) == 1 else None
     if cols is None or len(cols) != 1:
         return {}
-    g = left[0]
-    p, nd = len(st.names), st.ndisp
-    T = st.internal_transform()                     # (γ, ψ) = T (β, ψ) on its fixed-effect and ψ entries
-    sel = np.r_[np.arange(p), np.arange(T.shape[0] - nd, T.shape[0])]
-    T = T[np.ix_(sel, sel)]
-    xs, Vs, used = [], [], []
-    for loc in alone:               # (a fit coded otherwise, or whose information is not positive definite in
-        try:                        # the fixed effects, e.g. a short fit stopped where it is not, is passed over)
-            info = np.asarray(loc["info"], float)
-            if list(loc.get("names", [])) != list(st.names) or info.ndim != 2 or info.shape[0] < p + nd:
-                continue
-            fixed = np.r_[np.arange(p), np.arange(info.shape[0] - nd, info.shape[0])]
-            C = np.linalg.inv(info)[np.ix_(fixed, fixed)]
-            x = T @ np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)[len(loc["theta"]) - nd:]]
-            V = T @ C @ T.T
-            np.linalg.cholesky(V)
-        except (KeyError, ValueError, TypeError, np.linalg.LinAlgError):
-            continue
-        if np.all(np.isfinite(x)) and np.all(np.isfinite(V)):
-            xs.append(x)
-            Vs.append(V)
-            used.append(loc)
-    if len(used) < min_sites:
+    fits = [f for f in (_fit(st, loc) for loc in alone) if f is not None]
+    if len(fits) < min_sites:
         return {}
-    i0 = st.names.index("Intercept")
-    a, w = np.array([x[i0] for x in xs]), np.array([1.0 / V[i0, i0] for V in Vs])
-    abar = float(w @ a / w.sum())
-    q = float(w @ (a - abar) ** 2)
-    tau2 = max(0.0, (q - (len(a) - 1)) / (w.sum() - (w @ w) / w.sum()))
-    e0 = np.zeros(p + nd)
-    e0[i0] = 1.0
+    tau2 = _tau2(fits)
+    p = len(st.names)
     try:
-        W = [np.linalg.inv(V + tau2 * np.outer(e0, e0)) for V in Vs]
-        y = np.linalg.solve(sum(W), sum(Wk @ x for Wk, x in zip(W, xs)))
-    except np.linalg.LinAlgError:
+        A, c = 0.0, 0.0
+        for b, V, M, e, _ in fits:
+            W = np.linalg.inv(V + tau2 * np.outer(e, e))
+            A, c = A + M.T @ W @ M, c + M.T @ W @ b
+        y = np.linalg.solve(A, c)
+    except (np.linalg.LinAlgError, ValueError):
         return {}
-    if not np.all(np.isfinite(y)):
+    if not np.all(np.isfinite(y)) or np.linalg.cond(A) > 1e12:
         return {}
     r_idx, c_idx = theta_index(st.mask)
     j = int(np.flatnonzero((r_idx == cols[0]) & (c_idx == cols[0]))[0])
-    return {g: tau2 * float(st.theta_scale[j]) ** 2, "fixed": (y[:p], y[p:]), "fits": used}
+    return {left[0]: tau2 * float(st.theta_scale[j]) ** 2, "fixed": (y[:p], y[p:]), "fits": [f[4] for f in fits]}
+
+
+def _fit(st, loc: dict):
+    """(b, V, M, e, loc) of one site's fit: its coefficients (then ψ) and their covariance, the map M from the
+    agreed (γ, ψ), and its intercept's unit vector -- on the internal scale where the fit has the agreed
+    columns (b = T(β, ψ)), else on the fit's own; None where that cannot be had."""
+    p, nd = len(st.names), st.ndisp
+    try:
+        names = list(loc["names"])
+        info = np.asarray(loc["info"], float)
+        ps = len(names)
+        if info.ndim != 2 or info.shape[0] < ps + nd or "Intercept" not in names:
+            return None
+        fixed = np.r_[np.arange(ps), np.arange(info.shape[0] - nd, info.shape[0])]
+        C = np.linalg.inv(info)[np.ix_(fixed, fixed)]
+        b = np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)[len(loc["theta"]) - nd:]]
+        e = np.zeros(ps + nd)
+        if names == list(st.names):
+            T = st.internal_transform()
+            sel = np.r_[np.arange(p), np.arange(T.shape[0] - nd, T.shape[0])]
+            T = T[np.ix_(sel, sel)]
+            b, V, M = T @ b, T @ C @ T.T, np.eye(p + nd)
+            e[st.names.index("Intercept")] = 1.0
+        else:
+            M = np.zeros((ps + nd, p + nd))
+            # the site's one-shot design and XᵀX, added by the coordinator to the fit (methods.hybrid)
+            M[:ps, :p] = agreed_map(st, list(loc["site_x"][0]), loc["site_x"][1], names)
+            M[ps:, p:] = np.eye(nd)
+            V = C
+            e[names.index("Intercept")] = 1.0
+        np.linalg.cholesky(V)
+    except (KeyError, ValueError, TypeError, IndexError, np.linalg.LinAlgError):
+        return None
+    ok = all(np.all(np.isfinite(a)) for a in (b, V, M))
+    return (b, V, M, e, loc) if ok else None
+
+
+def _tau2(fits: list) -> float:
+    """The moment estimate of the variance between the fits' intercepts beyond their standard errors and
+    what the covariates in their rows of M explain (see :func:`between_sites`)."""
+    a = np.array([e @ b for b, _, _, e, _ in fits])
+    w = np.array([1.0 / float(e @ V @ e) for _, V, _, e, _ in fits])
+    Hm = np.array([M.T @ e for _, _, M, e, _ in fits])
+    HW = Hm.T * w
+    G = np.linalg.pinv(HW @ Hm)
+    m = int(np.linalg.matrix_rank(HW @ Hm))
+    P = np.diag(w) - HW.T @ G @ HW
+    q, tr = float(a @ P @ a), float(np.trace(P))
+    return max(0.0, (q - (len(a) - m)) / tr) if tr > 0 else 0.0

@@ -55,11 +55,7 @@ def own_part(loc: dict, message: dict, st) -> OwnPart | None:
         elif "sums" not in message:
             return None
         else:
-            xmap = np.array([site_names.index(nm) if nm in site_names else -1 for nm in st.names])
-            xtx = np.asarray(message["sums"]["xtx"], float)
-            cross = xtx[np.ix_(S, np.maximum(xmap, 0))]
-            cross[:, xmap < 0] = 0.0
-            L = np.linalg.solve(xtx[np.ix_(S, S)], cross) @ st.A      # ψ = L γ
+            L = agreed_map(st, site_names, message["sums"]["xtx"], names)      # ψ = L γ
         ps, p, nt = len(S), len(st.names), len(st.theta_scale) + st.ndisp
         M = np.zeros((ps + nt, p + nt))
         M[:ps, :p] = L
@@ -78,6 +74,19 @@ def own_part(loc: dict, message: dict, st) -> OwnPart | None:
         return None
     ok = all(np.all(np.isfinite(a)) for a in (K, h, center))
     return OwnPart(K, h, center, float(loc["ngroups"]), T) if ok else None
+
+
+def agreed_map(st, site_names: list, xtx, names: list) -> np.ndarray:
+    """L with a site's coefficients of its columns ``names`` (of its one-shot design, ``site_names``) = L γ:
+    the regression of the agreed columns on those in the site's cross-products ``xtx`` (exact where the
+    agreed ones are those columns or depend on them), an agreed column the site lacks counting as 0.
+    ValueError (a name not in the design) or LinAlgError where it cannot be had."""
+    S = [site_names.index(nm) for nm in names]
+    xmap = np.array([site_names.index(nm) if nm in site_names else -1 for nm in st.names])
+    xtx = np.asarray(xtx, float)
+    cross = xtx[np.ix_(S, np.maximum(xmap, 0))]
+    cross[:, xmap < 0] = 0.0
+    return np.linalg.solve(xtx[np.ix_(S, S)], cross) @ st.A
 
 
 def without_singular(own: dict, sd_index, p: int) -> dict | None:

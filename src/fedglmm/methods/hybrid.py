@@ -347,7 +347,13 @@ def _secure_setup(transport, payload, req, merged):
 def _own_parts(own: dict, replies: dict, st) -> dict:
     """The sites' own fits in the agreed coding (:func:`~fedglmm.coordinator.starts.own_part`); with several
     grouping factors as sent (:func:`~fedglmm.coordinator.own_combination.factor_combined_start` reads them)."""
-    if st.factor_groups or not own or isinstance(next(iter(own.values())), OwnPart) \
+    if st.factor_groups:
+        # a fit without a factor the site holds one level of, and without the columns its others determine
+        # there, is mapped to the agreed coding through the site's XᵀX (coordinator.between)
+        return {sid: dict(loc, site_x=(replies[sid]["x_names"], replies[sid]["sums"]["xtx"]))
+                if isinstance(loc, dict) and loc.get("alone") and "xtx" in replies[sid].get("sums", {}) else loc
+                for sid, loc in own.items()}
+    if not own or isinstance(next(iter(own.values())), OwnPart) \
             or next(iter(own.values())).get("info") is None:        # (gaussian: θ̂ alone)
         return own
     parts = {sid: own_part(loc, replies[sid], st) for sid, loc in own.items()}

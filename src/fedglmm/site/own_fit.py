@@ -314,6 +314,11 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
         design = _site_design(frame, spec, family, site_id, transforms)
         if exact:
             return local_fit(design, family, FitOptions(curvature=curvature, reml=reml), site_id)
+        keep = independent_columns(design.X)
+        if len(keep) < design.X.shape[1]:
+            # a column that the others determine here (a hospital's own covariate, constant at its site): left
+            # out, its effect in theirs; the coordinator maps the fit through the site's XᵀX (coordinator.between)
+            design = replace(design, X=design.X[:, keep], x_names=[design.x_names[j] for j in keep])
         if family.name == "gaussian":
             return local_fit(design, family, FitOptions(reml=reml, newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id,
                              covariance=False)
