@@ -58,9 +58,10 @@ def test_own_fit_leaves_out_a_column_constant_at_the_site():
 
 
 def _fits(a, v, rows=None):
-    """(b, V, M, e, loc) tuples of one-coefficient fits: intercepts a, variances v, rows of M (default 1)."""
+    """(b, V, M, e, c, loc) tuples of one-coefficient fits: intercepts a, variances v, rows of M (default 1)."""
     rows = np.ones((len(a), 1)) if rows is None else np.asarray(rows, float)
-    return [(np.array([ak]), np.array([[vk]]), r[None, :], np.array([1.0]), {}) for ak, vk, r in zip(a, v, rows)]
+    return [(np.array([ak]), np.array([[vk]]), r[None, :], np.array([1.0]), np.array([1.0]), {})
+            for ak, vk, r in zip(a, v, rows)]
 
 
 def test_between_variance_is_dersimonian_laird_with_one_layout():

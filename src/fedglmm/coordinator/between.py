@@ -31,7 +31,8 @@ def between_sites(st, own: list, min_sites: int) -> dict:
     effects (with ψ), {factor: τ̂², "fixed": (γ, ψ), "fits": the fits used}.  Each fit k gives coefficients
     b_k (with ψ) of mean M_k γ and covariance V_k + τ² e_k e_kᵀ (e_k: its intercept; M_k: the identity where
     the fit has the agreed columns, else :func:`~fedglmm.coordinator.starts.agreed_map`);
-    its intercept a_k = e_kᵀ b_k has mean h_kᵀ γ, h_k = M_kᵀ e_k, and variance v_k + τ².  The moment
+    its intercept at the centre of its rows a_k = c_kᵀ b_k (see :func:`_fit`; c_k's intercept entry 1) has mean
+    h_kᵀ γ, h_k = M_kᵀ c_k, and variance v_k + τ².  The moment
     estimator τ̂² = max(0, (Q − (K − m)) / tr P), P = W − W H (HᵀWH)⁺ HᵀW, W = diag(1/v_k), Q = aᵀ P a, m the
     rank of H (with one column layout it is DerSimonian & Laird's, m = 1: τ̂² = (Q − (K − 1)) / (Σw −
     Σw²/Σw)), and γ = (Σ M_kᵀ W_k M_k)⁻¹ Σ M_kᵀ W_k b_k, W_k = (V_k + τ̂² e_k e_kᵀ)⁻¹.  Empty with fewer
@@ -53,7 +54,7 @@ def between_sites(st, own: list, min_sites: int) -> dict:
     p = len(st.names)
     try:
         A, c = 0.0, 0.0
-        for b, V, M, e, _ in fits:
+        for b, V, M, e, _, _ in fits:
             W = np.linalg.inv(V + tau2 * np.outer(e, e))
             A, c = A + M.T @ W @ M, c + M.T @ W @ b
         y = np.linalg.solve(A, c)
@@ -63,13 +64,16 @@ def between_sites(st, own: list, min_sites: int) -> dict:
         return {}
     r_idx, c_idx = theta_index(st.mask)
     j = int(np.flatnonzero((r_idx == cols[0]) & (c_idx == cols[0]))[0])
-    return {left[0]: tau2 * float(st.theta_scale[j]) ** 2, "fixed": (y[:p], y[p:]), "fits": [f[4] for f in fits]}
+    return {left[0]: tau2 * float(st.theta_scale[j]) ** 2, "fixed": (y[:p], y[p:]), "fits": [f[5] for f in fits]}
 
 
 def _fit(st, loc: dict):
-    """(b, V, M, e, loc) of one site's fit: its coefficients (then ψ) and their covariance, the map M from the
-    agreed (γ, ψ), and its intercept's unit vector -- on the internal scale where the fit has the agreed
-    columns (b = T(β, ψ)), else on the fit's own; None where that cannot be had."""
+    """(b, V, M, e, c, loc) of one site's fit: its coefficients (then ψ) and their covariance, the map M from
+    the agreed (γ, ψ), its intercept's unit vector e, and c with cᵀb its intercept at the centre of its rows --
+    on the internal scale where the fit has the agreed columns (b = T(β, ψ), whose intercept is centred
+    already: c = e), else on the fit's own, c its columns' means there (an intercept at x = 0 far from the
+    rows, a year coded 95-97 say, is known to ±100 and moves with the slopes); None where that cannot be
+    had."""
     p, nd = len(st.names), st.ndisp
     try:
         names = list(loc["names"])
@@ -87,26 +91,30 @@ def _fit(st, loc: dict):
             T = T[np.ix_(sel, sel)]
             b, V, M = T @ b, T @ C @ T.T, np.eye(p + nd)
             e[st.names.index("Intercept")] = 1.0
+            c = e
         else:
             M = np.zeros((ps + nd, p + nd))
             # the site's one-shot design and XᵀX, added by the coordinator to the fit (methods.hybrid)
-            M[:ps, :p] = agreed_map(st, list(loc["site_x"][0]), loc["site_x"][1], names)
+            site_names, xtx = list(loc["site_x"][0]), np.asarray(loc["site_x"][1], float)
+            M[:ps, :p] = agreed_map(st, site_names, xtx, names)
             M[ps:, p:] = np.eye(nd)
             V = C
             e[names.index("Intercept")] = 1.0
+            i = site_names.index("Intercept")
+            c = np.r_[xtx[i, [site_names.index(nm) for nm in names]] / xtx[i, i], np.zeros(nd)]
         np.linalg.cholesky(V)
     except (KeyError, ValueError, TypeError, IndexError, np.linalg.LinAlgError):
         return None
     ok = all(np.all(np.isfinite(a)) for a in (b, V, M))
-    return (b, V, M, e, loc) if ok else None
+    return (b, V, M, e, c, loc) if ok else None
 
 
 def _tau2(fits: list) -> float:
     """The moment estimate of the variance between the fits' intercepts beyond their standard errors and
     what the covariates in their rows of M explain (see :func:`between_sites`)."""
-    a = np.array([e @ b for b, _, _, e, _ in fits])
-    w = np.array([1.0 / float(e @ V @ e) for _, V, _, e, _ in fits])
-    Hm = np.array([M.T @ e for _, _, M, e, _ in fits])
+    a = np.array([c @ b for b, _, _, _, c, _ in fits])
+    w = np.array([1.0 / float(c @ V @ c) for _, V, _, _, c, _ in fits])
+    Hm = np.array([M.T @ c for _, _, M, _, c, _ in fits])
     HW = Hm.T * w
     G = np.linalg.pinv(HW @ Hm)
     m = int(np.linalg.matrix_rank(HW @ Hm))
