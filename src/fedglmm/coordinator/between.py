@@ -47,17 +47,19 @@ def between_sites(st, own: list, min_sites: int) -> dict:
     cols = st.factor_columns().get(left[0]) if len(left) == 1 else None
     if cols is None or len(cols) != 1:
         return {}
-    fits = [f for f in (_fit(st, loc) for loc in alone) if f is not None]
+    p, nd = len(st.names), st.ndisp
+    T = st.internal_transform()                     # (γ, ψ) = T (β, ψ) on its fixed-effect and ψ entries
+    sel = np.r_[np.arange(p), np.arange(T.shape[0] - nd, T.shape[0])]
+    fits = [f for f in (_fit(st, loc, T[np.ix_(sel, sel)]) for loc in alone) if f is not None]
     if len(fits) < min_sites:
         return {}
     tau2 = _tau2(fits)
-    p = len(st.names)
     try:
-        A, c = 0.0, 0.0
+        A, rhs = 0.0, 0.0
         for b, V, M, e, _, _ in fits:
             W = np.linalg.inv(V + tau2 * np.outer(e, e))
-            A, c = A + M.T @ W @ M, c + M.T @ W @ b
-        y = np.linalg.solve(A, c)
+            A, rhs = A + M.T @ W @ M, rhs + M.T @ W @ b
+        y = np.linalg.solve(A, rhs)
     except (np.linalg.LinAlgError, ValueError):
         return {}
     if not np.all(np.isfinite(y)) or np.linalg.cond(A) > 1e12:
@@ -67,13 +69,13 @@ def between_sites(st, own: list, min_sites: int) -> dict:
     return {left[0]: tau2 * float(st.theta_scale[j]) ** 2, "fixed": (y[:p], y[p:]), "fits": [f[5] for f in fits]}
 
 
-def _fit(st, loc: dict):
+def _fit(st, loc: dict, T: np.ndarray):
     """(b, V, M, e, c, loc) of one site's fit: its coefficients (then ψ) and their covariance, the map M from
     the agreed (γ, ψ), its intercept's unit vector e, and c with cᵀb its intercept at the centre of its rows --
     on the internal scale where the fit has the agreed columns (b = T(β, ψ), whose intercept is centred
     already: c = e), else on the fit's own, c its columns' means there (an intercept at x = 0 far from the
     rows, a year coded 95-97 say, is known to ±100 and moves with the slopes); None where that cannot be
-    had."""
+    had.  ``T``: the internal transform of (β, ψ)."""
     p, nd = len(st.names), st.ndisp
     try:
         names = list(loc["names"])
@@ -86,9 +88,6 @@ def _fit(st, loc: dict):
         b = np.r_[np.asarray(loc["beta"], float), np.asarray(loc["theta"], float)[len(loc["theta"]) - nd:]]
         e = np.zeros(ps + nd)
         if names == list(st.names):
-            T = st.internal_transform()
-            sel = np.r_[np.arange(p), np.arange(T.shape[0] - nd, T.shape[0])]
-            T = T[np.ix_(sel, sel)]
             b, V, M = T @ b, T @ C @ T.T, np.eye(p + nd)
             e[st.names.index("Intercept")] = 1.0
             c = e
@@ -116,8 +115,8 @@ def _tau2(fits: list) -> float:
     w = np.array([1.0 / float(c @ V @ c) for _, V, _, _, c, _ in fits])
     Hm = np.array([M.T @ c for _, _, M, _, c, _ in fits])
     HW = Hm.T * w
-    G = np.linalg.pinv(HW @ Hm)
-    m = int(np.linalg.matrix_rank(HW @ Hm))
-    P = np.diag(w) - HW.T @ G @ HW
+    HWH = HW @ Hm
+    m = int(np.linalg.matrix_rank(HWH))
+    P = np.diag(w) - HW.T @ np.linalg.pinv(HWH) @ HW
     q, tr = float(a @ P @ a), float(np.trace(P))
     return max(0.0, (q - (len(a) - m)) / tr) if tr > 0 else 0.0
