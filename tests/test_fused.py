@@ -79,6 +79,23 @@ def test_failing_point_gives_nan_and_keeps_modes(monkeypatch):
     assert lik.evaluate(phi).value == pytest.approx(good.value, rel=1e-12)
 
 
+@pytest.mark.parametrize("key", ["contra-logit-slope", "sim-probit-slope", "sim-cloglog-int", "pois-offset-slope"])
+@pytest.mark.parametrize("far", [-6.0, 6.0])
+def test_modes_from_a_far_start_equal_numpy(key, far, monkeypatch):
+    """Modes started far off (every group's û at ±6): full Newton steps overshoot, h's slope at their end is
+    negative and the step test (h at both ends, halving) decides; the kernel ends where the numpy engine does."""
+    ref, fast, phi = _pair(key)
+    monkeypatch.setattr(fused, "MIN_ROWS", 10**12)
+    ref.u = np.full_like(ref.u, far)
+    want = ref.evaluate(phi)
+    monkeypatch.setattr(fused, "MIN_ROWS", 0)
+    fast.u = np.full_like(fast.u, far)
+    got = fast.evaluate(phi)
+    _close(got.value, want.value, f"{key} value", 1e-11)
+    _close(got.grad, want.grad, f"{key} gradient")
+    _close(fast.u, ref.u, f"{key} modes")
+
+
 def test_warm_start_moves_along_the_mode_derivative(monkeypatch):
     """After an evaluation at φ, the modes at φ + δ start from û + dû/dφ·δ, within O(δ²) of the answer."""
     monkeypatch.setattr(fused, "MIN_ROWS", 0)

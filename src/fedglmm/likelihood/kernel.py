@@ -67,28 +67,35 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
     decrement below 1e-8: the caller's pass for the sums at the mode then gives the next step too.
     The same iteration as the numpy engine's, for one group: a step whose Newton decrement is at least
     1e-8 must not lower h, else it is halved.  The full step is tried first, and the pass that computes
-    the derivatives at the new point computes h there too: a step that passes (nearly all) costs no pass
-    of its own.  The points visited are those of a separate test pass."""
+    the derivatives at the new point tests it: h is concave in u (every family and link of the kernel
+    has a concave log-density in η), so where h's slope along the step is still not negative at its end,
+    h rose all along it and the step passes without h being computed (nearly all do); else h at both
+    ends decides, as the numpy engine's test does.  The points visited are those of a separate test pass."""
     q = M.shape[1]
     grad, hobs, step = np.empty((q, 1)), np.empty((q, q)), np.empty((q, 1))
     u_new = np.empty(q)
     _eta(eta0, M, u, n, eta)
-    h, known, trial = 0.0, False, False
+    h, known, known_start, trial = 0.0, False, False, False
     it = 0
     while it < 100 or trial:
-        if trial:                                  # the derivatives and h at the full step's end
+        if trial:                                  # the derivatives at the full step's end
             trial = False
             for c in range(q):
                 u_new[c] = u[c] + step[c, 0]
-            h_new = _sweep(code, y, m, s, n, eta_new, M, u_new, grad, hobs, True)
-            if h_new < h - 1e-12 * (1.0 + abs(h)):     # h fell: halve, as the step test does
-                if _halve(code, y, m, s, n, eta0, M, u, eta, eta_new, step, u_new, h):
-                    return 1
-                known = False
-                continue
+            _sweep(code, y, m, s, n, eta_new, M, u_new, grad, hobs, False)
+            slope = np.sum(grad[:, 0] * step[:, 0])
+            known = False
+            if not slope >= 0.0:                   # h may have fallen: compare it at both ends
+                if not known_start:
+                    h = _h(code, y, m, s, n, eta, u)
+                h_new = _h(code, y, m, s, n, eta_new, u_new)
+                if h_new < h - 1e-12 * (1.0 + abs(h)):     # h fell: halve, as the step test does
+                    if _halve(code, y, m, s, n, eta0, M, u, eta, eta_new, step, u_new, h):
+                        return 1
+                    continue
+                h, known = h_new, True
             u[:] = u_new
             eta[:n] = eta_new[:n]
-            h, known = h_new, True
             if np.max(np.abs(step[:, 0])) < 1e-10 or it >= 100:
                 return 1
         else:
@@ -106,9 +113,7 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
                 return 2
             known = False
             continue
-        if not known:
-            h = _h(code, y, m, s, n, eta, u)
-            known = True
+        known_start = known
         for c in range(q):
             u_new[c] = u[c] + step[c, 0]
         _eta(eta0, M, u_new, n, eta_new)
