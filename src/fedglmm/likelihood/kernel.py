@@ -20,6 +20,11 @@ from numba import njit
 from .rows import all_row, chol_logdet, d12_row, loglik_row, solve
 
 
+# a mode's Newton step shorter than this is taken without a look, and the sums come at its end (the next
+# step is then ~1e-11; after steps of decrement 1e-8 it was often above 1e-12, and the sums were made twice)
+FUSE_STEP = 3e-6
+
+
 @njit(cache=True)
 def _eta(eta0, M, u, n, eta):
     q = M.shape[1]
@@ -63,14 +68,13 @@ def _sweep(code, y, m, s, n, eta, M, u, grad, hobs, with_h):
 @njit(cache=True)
 def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
     """Newton with step halving for the group's mode û = argmax h (``u`` in, û out; η at û in ``eta``);
-    returns 0 (a singular Newton matrix), 1 (converged) or, with ``fuse``, 2 after a full step of
-    decrement below 1e-8: the caller's pass for the sums at the mode then gives the next step too.
-    The same iteration as the numpy engine's, for one group: a step whose Newton decrement is at least
-    1e-8 must not lower h, else it is halved.  The full step is tried first, and the pass that computes
-    the derivatives at the new point tests it: h is concave in u (every family and link of the kernel
-    has a concave log-density in η), so where h's slope along the step is still not negative at its end,
-    h rose all along it and the step passes without h being computed (nearly all do); else h at both
-    ends decides, as the numpy engine's test does.  The points visited are those of a separate test pass."""
+    returns 0 (a singular Newton matrix), 1 (converged) or, with ``fuse``, 2 after a full step shorter
+    than :data:`FUSE_STEP`: the caller's pass for the sums at the mode then gives the next step too.
+    The numpy engine's iteration, for one group: a step of Newton decrement 1e-8 or more must not lower h,
+    else it is halved.  The full step is tried first and the pass for the derivatives at its end tests
+    it: h is concave in u (so is every kernel family's log-density in η), so where h's slope along the
+    step is not negative at its end, h rose all along it and h is not computed (nearly always); else h at
+    both ends decides.  The points visited are those of a separate test pass."""
     q = M.shape[1]
     grad, hobs, step = np.empty((q, 1)), np.empty((q, q)), np.empty((q, 1))
     u_new = np.empty(q)
@@ -109,7 +113,7 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
             _eta(eta0, M, u, n, eta)
             if np.max(np.abs(step[:, 0])) < 1e-10:
                 return 1
-            if fuse:
+            if fuse and np.max(np.abs(step[:, 0])) < FUSE_STEP:
                 return 2
             known = False
             continue
@@ -369,13 +373,17 @@ def laplace_chunk(code, expected, X, Z, y, m, off, starts, ends, beta, lam, tr, 
             return value, False
         total = _at_mode(code, expected, X, Z, y, m, s, n, ug, eta, M, D, tr, tc, gx, gu, Sg)
         if state == 2:
-            # the last Newton step (decrement below 1e-8) was taken without a look at its end: the sums
-            # there give the next step, and where that is below 1e-12 they are the sums at the mode (the
-            # iteration itself stops below 1e-10); else Newton goes on and the sums come after
+            # the last Newton step was taken without a look: the sums there give the next step; below 1e-12
+            # they are the sums at the mode, below 1e-10 (where Newton stops) the step is taken and the sums
+            # made at its end, else Newton goes on
             if not solve(Sg[1], gu, stp):
                 return value, False
-            if np.max(np.abs(stp[:, 0])) >= 1e-12:
-                if _mode(code, y, m, s, n, eta0, M, ug, eta, eta_new, False) == 0:
+            big = np.max(np.abs(stp[:, 0]))
+            if big >= 1e-12:
+                if big < 1e-10:
+                    ug += stp[:, 0]
+                    _eta(eta0, M, ug, n, eta)
+                elif _mode(code, y, m, s, n, eta0, M, ug, eta, eta_new, False) == 0:
                     return value, False
                 total = _at_mode(code, expected, X, Z, y, m, s, n, ug, eta, M, D, tr, tc, gx, gu, Sg)
         if level >= 1:
