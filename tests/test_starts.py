@@ -2,6 +2,8 @@
 derivatives of the conditional modes that carry them from the last point to the estimate."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import warnings
 
 import numpy as np
@@ -242,7 +244,7 @@ def test_own_fit_modes_stay_at_the_site():
     reply = decode(raw)
     assert reply["local"] is not None and KEPT not in reply["local"] and KEPT_DESIGN not in reply["local"]
     assert KEPT.encode() not in raw and KEPT_DESIGN.encode() not in raw
-    levels, modes = site._warm
+    levels, modes, _ = site._warm
     assert modes.shape == (df["district"].nunique(), 1) and len(levels) == modes.shape[0]
 
 
@@ -547,3 +549,36 @@ def test_a_site_of_many_groups_starts_its_own_fit_from_the_moment_estimate_of_a_
                         local={"nagq": 1, "curvature": "observed", "sites": 10})
         assert msg["local"] is not None
         assert sum(n for n, _ in told) <= 3 and all(ok for _, ok in told), (seed, told)
+
+
+def test_own_fit_mode_slope_carried_to_the_rounds_scale():
+    """The own fit's last point and dû/dφ, carried to another internal scale (another transform of X and
+    scale of Z), start the round engine's modes at û + dû/dφ·Δφ: at a point near the own fit's last one the
+    start is within O(Δφ²) of the modes there, where the own modes alone are O(Δφ) off; and the carried
+    point is the same model (the same log-likelihood as the own engine's at its point)."""
+    from fedglmm.likelihood.engine import make_engine
+    from fedglmm.site.warm import slope_of, warm_start
+    from test_likelihood import CONTRA_SLOPE, load, start_phi
+
+    d, fam = load(*CONTRA_SLOPE, "binomial", "logit")
+    p, q = d.X.shape[1], d.Z.shape[1]
+    own = make_engine(d, fam, 1, "observed", np.eye(p), np.ones(q))
+    phi_own = start_phi(d, [0.7, -0.3, 0.5])
+    value_own = own.evaluate(phi_own).value
+    rng = np.random.default_rng(3)
+    T, zs = np.eye(p) + 0.3 * rng.standard_normal((p, p)), np.array([1.7, 0.6])
+    slope = slope_of(own, np.eye(p), np.ones(q), list(d.x_names))
+    fresh = make_engine(d, fam, 1, "observed", T, zs)
+    warm_start(fresh, d, list(d.group_levels), own.u, slope, transform=T, zscale=zs)
+    phi_last, dU = fresh._last
+    assert fresh.evaluate(phi_last).value == pytest.approx(value_own, rel=1e-12)
+    target = phi_last + 0.02 * rng.standard_normal(len(phi_last))
+    predicted = own.u + dU @ (target - phi_last)
+    exact = make_engine(d, fam, 1, "observed", T, zs)
+    exact.evaluate(target)
+    off_own, off_pred = np.max(np.abs(own.u - exact.u)), np.max(np.abs(predicted - exact.u))
+    assert off_pred < 0.05 * off_own
+    other = make_engine(d, fam, 1, "observed", T, zs)      # a design of other columns: no slope carried
+    warm_start(other, replace(d, x_names=list(d.x_names[::-1])), list(d.group_levels), own.u, slope,
+               transform=T, zscale=zs)
+    assert other._last is None and np.array_equal(other.u, own.u)

@@ -30,6 +30,7 @@ from ..model.formula import variables
 from ..model.options import CUT_SHORT_GROUPS, FitOptions, NewtonConfig
 from ..model.recode import own_design
 from ..model.spec import Design, ModelSpec, Schema, lambda_matrix, theta_index
+from .warm import slope_of
 
 
 def _site_design(frame, spec: ModelSpec, fam: Family, site_id: str, transforms: dict | None,
@@ -105,7 +106,8 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
     if res.get("third") is not None:
         out["third"] = res["third"]
     if res.get("modes") is not None:
-        out[KEPT] = (list(d.group_levels), res["modes"])
+        out[KEPT] = (list(d.group_levels), res["modes"], res.get("slope") if keep == list(range(d.X.shape[1]))
+                     else None)
     out[KEPT_DESIGN] = (frame, coding_key(spec, schema, fam), d)
     return out
 
@@ -352,24 +354,10 @@ def _cut_short(design: Design, family: Family, nagq: int, curvature: str, site_i
     k = p + int(st.mask.sum())
     return {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ x[:p],
             "theta": np.r_[canonical_theta(x[p:k], st.mask) / st.theta_scale, x[k:]], "info": T.T @ cur.H @ T,
-            "modes": _modes_of(engine)}
+            "modes": _modes_of(engine), "slope": slope_of(engine, st.A, st.zs, list(st.names))}
 
 
 def _modes_of(engine) -> np.ndarray | None:
     """An engine's spherical modes (G × q) where it has one grouping factor, else None."""
     u = getattr(engine, "u", None)
     return np.array(u, copy=True) if isinstance(u, np.ndarray) else None
-
-
-def warm_start(engine, design: Design, levels: list, modes: np.ndarray) -> None:
-    """Start a fresh engine's modes (spherical û, which do not depend on the internal scale) from the site's
-    own fit's, group by group: the first Newton round then begins where the own fit ended rather than at
-    zero.  Nothing happens unless every group of ``design`` has a mode of the same size."""
-    u = getattr(engine, "u", None)
-    if u is None or getattr(engine, "_last", 0) is not None or modes.ndim != 2 or modes.shape[1] != u.shape[1]:
-        return
-    index = {str(lv): i for i, lv in enumerate(levels)}
-    pos = [index.get(str(lv), -1) for lv in design.group_levels]
-    if len(pos) != u.shape[0] or min(pos, default=-1) < 0:
-        return
-    engine.u = np.array(modes[pos], dtype=float)

@@ -43,7 +43,8 @@ from .limits import Limits
 from .requests import check_oneshot, check_setup
 from .rules import SiteConfig
 from .secagg import SecureAggregation
-from .own_fit import KEPT, KEPT_DESIGN, kept_design, warm_start
+from .own_fit import KEPT, KEPT_DESIGN, kept_design
+from .warm import warm_start
 from .summaries import summarize
 
 
@@ -215,7 +216,7 @@ class Site:
         eng = self._engines.get(req["transform"], req.get("zscale", np.ones(0)))
         warm, self._warm = getattr(self, "_warm", None), None
         if warm is not None:
-            warm_start(eng, self.design, *warm)
+            warm_start(eng, self.design, *warm, transform=req["transform"], zscale=req.get("zscale"))
         return eng
 
     def _ride_setup(self, req):
