@@ -50,6 +50,8 @@ def complete_rows(df: pd.DataFrame, cols: list[str], where: str, na_action: str 
     (their lines in the user's file: :func:`fedglmm.model.labels.row_name`)."""
     check_na_action(na_action)
     check_columns(df, cols, where)
+    if _clean(df, cols):
+        return df, 0
     na = df[list(cols)].isna().to_numpy()
     if not na.any():
         return df, 0
@@ -67,6 +69,8 @@ def complete_rows(df: pd.DataFrame, cols: list[str], where: str, na_action: str 
 def check_frame(df: pd.DataFrame, cols: list[str], where: str) -> None:
     """Rows present; used columns present, unique, complete, and finite if numeric."""
     check_columns(df, cols, where)
+    if _clean(df, cols):
+        return
     used = df[list(cols)]
     na = used.isna().to_numpy()
     if na.any():
@@ -78,6 +82,22 @@ def check_frame(df: pd.DataFrame, cols: list[str], where: str) -> None:
         if bad.any():
             i, j = np.argwhere(bad)[0]
             raise InputError(f"{where}: column '{num[j]}' has non-finite value {values[i, j]:g} in {row_name(df, i)}")
+
+
+def _clean(df: pd.DataFrame, cols: list[str]) -> bool:
+    """Whether none of ``cols`` has a missing value and every float column is finite, looked at column by
+    column (a frame of the used columns is a copy: 0.45 ms for 1e4 rows and 7 columns, against 0.1 ms)."""
+    for col in cols:
+        s = df[col]
+        kind = s.dtype.kind if isinstance(s.dtype, np.dtype) else None
+        if kind in ("i", "u", "b"):
+            continue
+        if kind == "f":
+            if not np.isfinite(s.to_numpy()).all():
+                return False
+        elif s.isna().to_numpy().any():
+            return False
+    return True
 
 
 def _refuse_missing(df, cols, na, where, hint: bool = False):
