@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .rows import all_row, chol_logdet, d12_row, loglik_row, solve
+from .rows import at_mode, chol_logdet, d12_row, loglik_row, solve
 
 
 # a mode's Newton step shorter than this is taken without a look, and the sums come at its end (the next
@@ -162,51 +162,12 @@ def _rows_of(X, Z, off, beta, lam, s, n, eta0, M):
 
 
 @njit(cache=True)
-def _at_mode(code, expected, X, Z, y, m, s, n, u, eta, M, D, tr, tc, gx, gu, S):
-    """The group's sums at its mode.  D[j] = (d1, d2, d3, w, w1, w2); S = (H, hobs, cb, ztd1, md2z, N, Wzz),
-    ``gx`` (Σ x d1, the gradient's part in β) and ``gu`` (∇h, for one more Newton step) are filled; the
-    log-density total is returned."""
-    H, hobs, cb, ztd1, md2z, N, Wzz = S
-    p, q = X.shape[1], M.shape[1]
-    for arr in (H, hobs, cb, md2z, N, Wzz):
-        arr[:, :] = 0.0
-    ztd1[:] = 0.0
-    gx[:] = 0.0
-    gu[:, 0] = 0.0
-    total = 0.0
-    for j in range(n):
-        r = s + j
-        ll, d1, d2, d3, w, w1, w2 = all_row(code, expected, y[r], m[r], eta[j])
-        total += ll
-        D[j, 0], D[j, 1], D[j, 2], D[j, 3], D[j, 4], D[j, 5] = d1, d2, d3, w, w1, w2
-        for a in range(q):
-            for b in range(q):
-                mm = M[j, a] * M[j, b]
-                H[a, b] += w * mm
-                hobs[a, b] += -d2 * mm
-                md2z[a, b] += d2 * M[j, a] * Z[r, b]
-                N[a, b] += w * Z[r, a] * M[j, b]
-                Wzz[a, b] += w * Z[r, a] * Z[r, b]
-            ztd1[a] += Z[r, a] * d1
-            gu[a, 0] += M[j, a] * d1
-            for kk in range(p):
-                cb[a, kk] += d2 * M[j, a] * X[r, kk]
-        for kk in range(p):
-            gx[kk] += X[r, kk] * d1
-    for a in range(q):
-        H[a, a] += 1.0
-        hobs[a, a] += 1.0
-        gu[a, 0] -= u[a]
-    return total
-
-
-@njit(cache=True)
 def _derivatives(X, Z, s, n, u, M, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W, lam):
     """The group's mode derivatives dU (q × P), the gradient and (level 2) Hessian contributions.
     W = (deta (n × P), lev (n), HinvM (n × q), dH (P × q × q), sw·deta (n × P)) is scratch.  The sums
     over the group's rows of a coefficient times η̇ (Σ w' m mᵀ η̇ᵀ, Σ d2 z η̇ᵀ, Σ 2w' (H⁻¹m)_c z_r η̇ᵀ) are
     one small matrix product of the rows' coefficients with η̇, as is η̇ = E + M dU itself."""
-    H, hobs, cb, ztd1, md2z, N, Wzz = Sg
+    H, hobs, cb, ztd1, md2z, N, Wzz, _, _ = Sg
     deta, lev, HinvM, dH, _ = W
     p, q, k = X.shape[1], M.shape[1], len(tr)
     P = p + k
@@ -359,7 +320,7 @@ def laplace_chunk(code, expected, X, Z, y, m, off, starts, ends, beta, lam, tr, 
     eta0, eta, eta_new = np.empty(nmax), np.empty(nmax), np.empty(nmax)
     M, D = np.empty((nmax, q)), np.empty((nmax, 6))
     Sg = (np.empty((q, q)), np.empty((q, q)), np.empty((q, p)), np.empty(q), np.empty((q, q)),
-          np.empty((q, q)), np.empty((q, q)))
+          np.empty((q, q)), np.empty((q, q)), np.empty((q, q)), np.empty((q, p)))
     W = (np.empty((nmax, P)), np.empty(nmax), np.empty((nmax, q)), np.empty((P, q, q)), np.empty((nmax, P)))
     dU, Hinv = np.empty((q, P)), np.empty((q, q))
     gx, gu, stp = np.empty(p), np.empty((q, 1)), np.empty((q, 1))
@@ -371,7 +332,7 @@ def laplace_chunk(code, expected, X, Z, y, m, off, starts, ends, beta, lam, tr, 
         state = _mode(code, y, m, s, n, eta0, M, ug, eta, eta_new, True)
         if state == 0:
             return value, False
-        total = _at_mode(code, expected, X, Z, y, m, s, n, ug, eta, M, D, tr, tc, gx, gu, Sg)
+        total = at_mode(code, expected, X, Z, y, m, s, n, ug, eta, lam, D, gx, gu, Sg)
         if state == 2:
             # the last Newton step was taken without a look: the sums there give the next step; below 1e-12
             # they are the sums at the mode, below 1e-10 (where Newton stops) the step is taken and the sums
@@ -385,7 +346,7 @@ def laplace_chunk(code, expected, X, Z, y, m, off, starts, ends, beta, lam, tr, 
                     _eta(eta0, M, ug, n, eta)
                 elif _mode(code, y, m, s, n, eta0, M, ug, eta, eta_new, False) == 0:
                     return value, False
-                total = _at_mode(code, expected, X, Z, y, m, s, n, ug, eta, M, D, tr, tc, gx, gu, Sg)
+                total = at_mode(code, expected, X, Z, y, m, s, n, ug, eta, lam, D, gx, gu, Sg)
         if level >= 1:
             grad[:p] += gx
         logdet = chol_logdet(Sg[0])

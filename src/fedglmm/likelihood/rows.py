@@ -1,5 +1,5 @@
-"""Per-row family arithmetic and stacked small linear algebra for the fused Laplace kernel
-(:mod:`fedglmm.likelihood.kernel`), compiled by numba.
+"""Per-row family arithmetic, a group's sums at its mode, and small linear algebra for the fused Laplace
+kernel (:mod:`fedglmm.likelihood.kernel`), compiled by numba.
 
 Each function here is the scalar form of the vectorised one in :mod:`fedglmm.model.families` (same
 formulas, same branches, written in η to stay finite in the tails), so the kernel computes what the numpy
@@ -160,6 +160,69 @@ def all_row(code, expected, y, m, eta):
         return ll, d1, d2, d3, m * t * a, m * t * (2.0 * a - b), m * t * (4.0 * a - 3.0 * b - db)
     ddb = db * (2.0 - 2.0 * c + t) + b * (t - 2.0 * c * (1.0 - a))
     return ll, d1, d2, d3, -d2, -d3, -(y * (a - b - db - ddb) - (m - y) * t)
+
+
+# --- a group's sums at its mode -------------------------------------------------------------------
+
+@njit(cache=True)
+def at_mode(code, expected, X, Z, y, m, s, n, u, eta, lam, D, gx, gu, S):
+    """The group's sums at its mode.  D[j] = (d1, d2, d3, w, w1, w2); S = (H, hobs, cb, ztd1, md2z, N, Wzz,
+    Sd, czx) and ``gx`` (Σ x d1, the gradient's part in β) and ``gu`` (∇h, for one more Newton step) are
+    filled; the log-density total is returned.  Every sum in m = Λᵀz is Λ times one in z: the rows add
+    only Wzz = Σ w z zᵀ, Sd = Σ d2 z zᵀ (upper triangles), czx = Σ d2 z xᵀ and ztd1 = Σ z d1, and
+    H = I + ΛᵀWzzΛ, hobs = I − ΛᵀSdΛ, md2z = ΛᵀSd, N = WzzΛ, cb = Λᵀczx, ∇h = Λᵀztd1 − u follow."""
+    H, hobs, cb, ztd1, md2z, N, Wzz, Sd, czx = S
+    p, q = X.shape[1], Z.shape[1]
+    for arr in (Wzz, Sd, czx):
+        arr[:, :] = 0.0
+    ztd1[:] = 0.0
+    gx[:] = 0.0
+    total = 0.0
+    for j in range(n):
+        r = s + j
+        ll, d1, d2, d3, w, w1, w2 = all_row(code, expected, y[r], m[r], eta[j])
+        total += ll
+        D[j, 0], D[j, 1], D[j, 2], D[j, 3], D[j, 4], D[j, 5] = d1, d2, d3, w, w1, w2
+        for a in range(q):
+            za = Z[r, a]
+            for b in range(a, q):
+                zz = za * Z[r, b]
+                Wzz[a, b] += w * zz
+                Sd[a, b] += d2 * zz
+            ztd1[a] += za * d1
+            dz = d2 * za
+            for kk in range(p):
+                czx[a, kk] += dz * X[r, kk]
+        for kk in range(p):
+            gx[kk] += X[r, kk] * d1
+    for a in range(q):
+        for b in range(a):
+            Wzz[a, b], Sd[a, b] = Wzz[b, a], Sd[b, a]
+    for a in range(q):
+        for b in range(q):
+            nab, mab = 0.0, 0.0
+            for c in range(q):
+                nab += Wzz[a, c] * lam[c, b]
+                mab += lam[c, a] * Sd[c, b]
+            N[a, b], md2z[a, b] = nab, mab
+        for kk in range(p):
+            acc = 0.0
+            for c in range(q):
+                acc += lam[c, a] * czx[c, kk]
+            cb[a, kk] = acc
+        acc = 0.0
+        for c in range(q):
+            acc += lam[c, a] * ztd1[c]
+        gu[a, 0] = acc - u[a]
+    for a in range(q):
+        for b in range(q):
+            h, o = 0.0, 0.0
+            for c in range(q):
+                h += lam[c, a] * N[c, b]
+                o += md2z[a, c] * lam[c, b]
+            H[a, b] = h + (1.0 if a == b else 0.0)
+            hobs[a, b] = (1.0 if a == b else 0.0) - o
+    return total
 
 
 # --- q × q linear algebra ---------------------------------------------------------------------------
