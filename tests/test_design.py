@@ -399,3 +399,21 @@ def test_describe_lists_every_factor_and_schema_finds_shared_levels():
     msg = error(SchemaError, merge_schema, {"A": describe_frame(a, spec, "A"),
                                             "B": describe_frame(b, spec, "B")}, spec, "gamma")
     assert msg.startswith("group 'batch' level 'A' is present at sites 'A' and 'B'; levels shared by sites")
+
+
+def test_integer_factor_codes_equal_the_labels_codes():
+    """A factor of one integer column is coded from its numbers: the same codes and levels as from its text
+    labels (natural order: -3 < 2 < 10), for unsorted rows and negative numbers."""
+    from fedglmm.model.design import factor_codes, factor_labels
+    from fedglmm.model.formula import parse_formula
+    from fedglmm.model.labels import group_codes
+
+    rng = np.random.default_rng(5)
+    df = pd.DataFrame({"y": rng.normal(size=200), "g": rng.choice([10, -3, 2, 7, 100, 0], 200),
+                       "h": rng.choice(["b", "a", "10", "9"], 200)})
+    for formula, g in (("y ~ 1 + (1 | g)", "g"), ("y ~ 1 + (1 | h)", "h"), ("y ~ 1 + (1 | g:h)", "g:h")):
+        spec = parse_formula(formula)
+        codes, levels = factor_codes(df, spec, spec.groups[0])
+        want_codes, want_levels = group_codes(factor_labels(df, spec, spec.groups[0]))
+        assert levels == want_levels and np.array_equal(codes, want_codes), formula
+    assert factor_codes(df, parse_formula("y ~ 1 + (1 | g)"), "g")[1] == ["-3", "0", "2", "7", "10", "100"]

@@ -66,10 +66,22 @@ def describe_frame(df: pd.DataFrame, spec: ModelSpec, site: str) -> dict:
             first = int(np.argmax(bad))
             raise InputError(f"{where}: column '{col}' has non-numeric value '{labels[first]}' in {row_name(df, first)} "
                              f"(the other values are numbers; write C({col}) in the formula if it is a factor)")
-    groups = {g: sort_levels(factor_labels(df, spec, g), natural=True) for g in spec.groups}
+    groups = {g: factor_codes(df, spec, g)[1] for g in spec.groups}
     if len(groups) < 2:
         groups = next(iter(groups.values()), [])
     return {"n": int(len(df)), "columns": kinds, "levels": levels, "groups": groups}
+
+
+def factor_codes(df: pd.DataFrame, spec: ModelSpec, group: str) -> tuple[np.ndarray, list[str]]:
+    """:func:`~fedglmm.model.labels.group_codes` of :func:`factor_labels`: each row's code into the site's
+    levels of ``group`` in natural order, and those levels.  A factor of one integer column is coded from
+    its numbers (the same codes and levels, without a text label per row: 0.1 against 0.8 ms for 1e4 rows)."""
+    cols = spec.factor_columns(group)
+    values = df[cols[0]].to_numpy() if len(cols) == 1 else None
+    if values is not None and values.dtype.kind in "iu":
+        codes, uniq = pd.factorize(values, sort=True)
+        return codes.astype(np.int64), [str(x) for x in uniq.tolist()]
+    return group_codes(factor_labels(df, spec, group))
 
 
 def factor_labels(df: pd.DataFrame, spec: ModelSpec, group: str) -> np.ndarray:
@@ -104,7 +116,7 @@ def build_design(spec: ModelSpec, schema: Schema, df: pd.DataFrame, family, site
                  proportion=spec.weights is not None and not spec.failures and spec.response not in schema.levels)
     if spec.weights is not None:
         y, trials = _weighted(y, trials, _numeric(spec.weights, parts.frame, where, "weights"), fam, where, row)
-    coded = [group_codes(factor_labels(df, spec, g)) for g in spec.groups]
+    coded = [factor_codes(df, spec, g) for g in spec.groups]
     group, levels = coded[0] if coded else (np.zeros(len(df), dtype=np.int64), [NO_GROUP])
     order = np.argsort(group, kind="stable")
     factors = ()
@@ -237,8 +249,10 @@ def _model_parts(spec: ModelSpec, schema: Schema, df: pd.DataFrame, cols: list[s
 
 
 def _prepare(df: pd.DataFrame, spec: ModelSpec, schema: Schema, cols: list[str], where: str) -> pd.DataFrame:
-    """The used columns, categoricals as ``pd.Categorical`` with the schema's levels."""
-    frame = df[cols]                      # a new frame: assigning to it leaves df alone
+    """The used columns, categoricals as ``pd.Categorical`` with the schema's levels (``df`` itself where it
+    holds no other column and none is converted: a copy of 1e4 rows and 7 columns takes 0.4 ms)."""
+    convert = any(col in schema.levels for col in cols)
+    frame = df if not convert and set(map(str, df.columns)) <= set(cols) else df[cols]   # a copy: df left alone
     for col in cols:
         what = "outcome" if col == spec.response else "column"
         if col in schema.levels:
