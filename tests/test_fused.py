@@ -48,6 +48,37 @@ def test_fused_equals_numpy(key, monkeypatch):
         _close(g, w, f"{key} modes")
 
 
+@pytest.mark.parametrize("family,link", [("binomial", "logit"), ("poisson", None), ("binomial", "probit")])
+def test_three_random_effects_and_a_z_column_outside_x_equal_numpy(family, link, monkeypatch):
+    """q = 3 (every pair of Λ's entries in the kernel's group sums) with a random slope on a column that is
+    not a fixed effect, and Λ with a zero entry: value, gradient and Hessian equal the numpy engine's."""
+    from fedglmm.model.families import get_family
+    from test_likelihood import make_design
+
+    rng = np.random.default_rng(11)
+    G, r = 60, 12
+    n = G * r
+    x, w = rng.normal(size=n), rng.normal(size=n)
+    g = np.repeat(np.arange(G), r)
+    X, Z = np.c_[np.ones(n), x], np.c_[np.ones(n), x, w]
+    lam = np.array([[0.8, 0.0, 0.0], [0.2, 0.4, 0.0], [0.0, -0.1, 0.3]])
+    b = rng.normal(size=(G, 3)) @ lam.T
+    eta = X @ np.array([-0.2, 0.4]) + np.sum(Z * b[g], axis=1)
+    fam = get_family(family, link)
+    y = rng.binomial(1, fam.mean(eta)) if family == "binomial" else rng.poisson(np.exp(eta))
+    d = make_design(X, Z, y, g)
+    phi = np.r_[-0.1, 0.3, 0.7, 0.1, 0.0, 0.5, -0.2, 0.25]
+    ref, fast = GLMMLikelihood(d, fam, 1), GLMMLikelihood(d, fam, 1)
+    monkeypatch.setattr(fused, "MIN_ROWS", 10**12)
+    want = ref.evaluate(phi)
+    monkeypatch.setattr(fused, "MIN_ROWS", 0)
+    assert fused.usable(fast)
+    got = fast.evaluate(phi)
+    _close(got.value, want.value, "value", 1e-11)
+    _close(got.grad, want.grad, "gradient")
+    _close(got.hess, want.hess, "Hessian")
+
+
 def test_log_ndtr_matches_scipy():
     from fedglmm.likelihood.rows import log_ndtr
 
@@ -148,24 +179,27 @@ def test_pooled_stand_ins_give_the_same_hybrid_fit(monkeypatch):
 
 
 def test_compiled_kernel_is_dropped_when_rows_py_changes(tmp_path):
-    """numba stamps the cached kernel with kernel.py alone; a change of rows.py must drop it too."""
-    (tmp_path / "kernel.py").write_text("k = 1\n")
-    (tmp_path / "rows.py").write_text("r = 1\n")
+    """numba stamps a cached function with its own file alone; a change of rows.py (or kernel_terms.py, which
+    kernel.py compiles in) must drop kernel.py's and kernel_terms.py's compiled code too."""
+    for f in fused._SOURCES:
+        (tmp_path / f).write_text("k = 1\n")
     cache = tmp_path / "__pycache__"
     cache.mkdir()
-    compiled = [cache / "kernel._eta-23.py311.nbi", cache / "kernel._eta-23.py311.1.nbc"]
+    compiled = [cache / "kernel._eta-23.py311.nbi", cache / "kernel._eta-23.py311.1.nbc",
+                cache / "kernel_terms.derivatives-20.py311.nbi"]
     other = cache / "laplace.cpython-311.pyc"
     for f in compiled + [other]:
         f.write_text("x")
     fused._drop_stale_cache(tmp_path)                   # no record yet: dropped
     assert not any(f.exists() for f in compiled) and other.exists()
-    for f in compiled:
-        f.write_text("x")
-    fused._drop_stale_cache(tmp_path)                   # same sources: kept
-    assert all(f.exists() for f in compiled)
-    (tmp_path / "rows.py").write_text("r = 2\n")
-    fused._drop_stale_cache(tmp_path)                   # rows.py changed: dropped
-    assert not any(f.exists() for f in compiled) and other.exists()
+    for changed in ("rows.py", "kernel_terms.py"):
+        for f in compiled:
+            f.write_text("x")
+        fused._drop_stale_cache(tmp_path)               # same sources: kept
+        assert all(f.exists() for f in compiled)
+        (tmp_path / changed).write_text("r = 2\n")
+        fused._drop_stale_cache(tmp_path)               # a source changed: dropped
+        assert not any(f.exists() for f in compiled) and other.exists()
 
 
 def test_threads_only_where_a_site_holds_many_rows(monkeypatch):

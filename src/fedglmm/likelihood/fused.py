@@ -107,22 +107,26 @@ def _warm(name: str, link: str, p: int, q: int, k: int) -> None:
         pass
 
 
+_SOURCES = ("kernel.py", "kernel_terms.py", "rows.py")     # the kernel's sources (rows.py compiled into both)
+
+
 def _drop_stale_cache(here=None) -> None:
-    """numba keys a cached kernel to kernel.py's own time stamp only, not to rows.py whose functions it
-    compiles in: after rows.py changes (a checkout, an edit) the old machine code would still be loaded.
-    So the compiled files beside the source (``__pycache__/kernel.*``) are dropped when the two sources'
-    hash differs from the one recorded with them."""
+    """numba keys a cached function to its own file's time stamp only, not to the files whose functions it
+    compiles in: after rows.py (or kernel_terms.py) changes, a checkout or an edit, the old machine code of
+    kernel.py (or kernel_terms.py) would still be loaded.  So their compiled files beside the source
+    (``__pycache__/kernel.*``, ``kernel_terms.*``) are dropped when the sources' hash differs from the one
+    recorded with them."""
     import hashlib
     from pathlib import Path
 
     here = Path(here or Path(__file__).parent)
     cache = here / "__pycache__"
-    digest = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("kernel.py", "rows.py"))).hexdigest()
+    digest = hashlib.sha256(b"".join((here / f).read_bytes() for f in _SOURCES)).hexdigest()
     stamp = cache / "kernel.sources"
     try:
         if stamp.exists() and stamp.read_text() == digest:
             return
-        for f in cache.glob("kernel.*.nb[ic]"):
+        for f in [*cache.glob("kernel.*.nb[ic]"), *cache.glob("kernel_terms.*.nb[ic]")]:
             f.unlink()
         cache.mkdir(exist_ok=True)
         stamp.write_text(digest)

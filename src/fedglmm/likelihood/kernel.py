@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .kernel_terms import derivatives
 from .rows import at_mode, chol_logdet, d12_row, loglik_row, solve
 
 
@@ -161,151 +162,6 @@ def _rows_of(X, Z, off, beta, lam, s, n, eta0, M):
             M[j, c] = v
 
 
-@njit(cache=True)
-def _derivatives(X, Z, s, n, u, M, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W, lam):
-    """The group's mode derivatives dU (q × P), the gradient and (level 2) Hessian contributions.
-    W = (deta (n × P), lev (n), HinvM (n × q), dH (P × q × q), sw·deta (n × P)) is scratch.  The sums
-    over the group's rows of a coefficient times η̇ (Σ w' m mᵀ η̇ᵀ, Σ d2 z η̇ᵀ, Σ 2w' (H⁻¹m)_c z_r η̇ᵀ) are
-    one small matrix product of the rows' coefficients with η̇, as is η̇ = E + M dU itself."""
-    H, hobs, cb, ztd1, md2z, N, Wzz, _, _ = Sg
-    deta, lev, HinvM, dH, _ = W
-    p, q, k = X.shape[1], M.shape[1], len(tr)
-    P = p + k
-    C = np.empty((q, P))
-    C[:, :p] = cb
-    for t in range(k):
-        for a in range(q):
-            C[a, p + t] = md2z[a, tr[t]] * u[tc[t]]
-        C[tc[t], p + t] += ztd1[tr[t]]
-    if not solve(hobs, C, dU) or not solve(H, np.eye(q), Hinv):
-        return False
-    for t in range(k):
-        grad[p + t] += ztd1[tr[t]] * u[tc[t]]
-    a_g, bg = np.zeros((q, 1)), np.zeros(q)
-    F = np.zeros((q, P))
-    nq = q * (q + 1) // 2
-    coef = np.empty((nq + q + k if level >= 2 else nq, n))
-    for j in range(n):
-        r = s + j
-        for kk in range(p):
-            deta[j, kk] = X[r, kk]
-        for t in range(k):
-            deta[j, p + t] = Z[r, tr[t]] * u[tc[t]]
-    deta_n = deta[:n]
-    deta_n += np.dot(M[:n], dU)
-    for j in range(n):
-        r = s + j
-        w1, d2 = D[j, 4], D[j, 1]
-        lv = 0.0
-        for a in range(q):
-            hm = 0.0
-            for b in range(q):
-                hm += Hinv[a, b] * M[j, b]
-            HinvM[j, a] = hm
-            lv += M[j, a] * hm
-        lev[j] = lv
-        i = 0
-        for a in range(q):                  # Σ w' η̇ m mᵀ: the upper triangle (mirrored below)
-            for b in range(a, q):
-                coef[i, j] = w1 * M[j, a] * M[j, b]
-                i += 1
-        if level >= 2:
-            for a in range(q):
-                a_g[a, 0] += M[j, a] * (w1 * lv)
-                bg[a] += Z[r, a] * (w1 * lv)
-                coef[nq + a, j] = Z[r, a] * d2
-            for t in range(k):
-                coef[nq + q + t, j] = 2.0 * w1 * HinvM[j, tc[t]] * Z[r, tr[t]]
-    out = np.dot(coef, deta_n)
-    i = 0
-    for a in range(q):
-        for b in range(a, q):
-            for t in range(P):
-                dH[t, a, b] = out[i, t]
-                dH[t, b, a] = out[i, t]
-            i += 1
-    if level >= 2:
-        F[:, :] = out[nq:nq + q]
-        G[p:, :] -= out[nq + q:]
-    for t in range(k):
-        for b in range(q):
-            dH[p + t, tc[t], b] += N[tr[t], b]
-            dH[p + t, b, tc[t]] += N[tr[t], b]
-    for t in range(P):
-        acc = 0.0
-        for a in range(q):
-            for b in range(q):
-                acc += Hinv[a, b] * dH[t, a, b]
-        grad[t] += -0.5 * acc
-    if level >= 2:
-        return _hessian_group(Z, s, n, M, D, tr, tc, p, C, dU, Hinv, hobs, Wzz, a_g, bg, F, W, R, G, lam)
-    return True
-
-
-@njit(cache=True)
-def _hessian_group(Z, s, n, M, D, tr, tc, p, C, dU, Hinv, hobs, Wzz, a_g, bg, F, W, R, G, lam):
-    """The rest of the group's Hessian terms, once v = H_obs⁻¹ a_g is known (a second sweep over the
-    group's rows, which are still in cache).  Σ d2 E Eᵀ (E = ∂η/∂φ at fixed u) rides on the sweep's
-    rank-one update through E = η̇ − dUᵀm: Σ d2 η̇ η̇ᵀ − Bᵀ dU − dUᵀ B + dUᵀ A dU, with B = Σ d2 m η̇ᵀ = ΛᵀF
-    and A = Σ d2 m mᵀ = I − H_obs."""
-    deta, lev, HinvM, dH, swd = W
-    q, k = M.shape[1], len(tr)
-    P = p + k
-    v = np.empty((q, 1))
-    if not solve(hobs, a_g, v):
-        return False
-    for j in range(n):
-        d2, d3, w2 = D[j, 1], D[j, 2], D[j, 5]
-        vm = 0.0
-        for c in range(q):
-            vm += M[j, c] * v[c, 0]
-        sw = d2 - 0.5 * (w2 * lev[j] + d3 * vm)
-        for a in range(q):
-            bg[a] += Z[s + j, a] * (d2 * vm)
-        for a in range(P):
-            swd[j, a] = sw * deta[j, a]
-    R += np.dot(swd[:n].T, deta[:n])                # Σ sw η̇ η̇ᵀ (whole: its upper triangle is used)
-    B, AdU = np.zeros((q, P)), np.zeros((q, P))
-    for c in range(q):
-        for t in range(P):
-            acc = 0.0
-            for a in range(q):
-                acc += lam[a, c] * F[a, t]
-            B[c, t] = acc
-            acc = 0.0
-            for a in range(q):
-                acc += ((1.0 if a == c else 0.0) - hobs[c, a]) * dU[a, t]
-            AdU[c, t] = acc
-    for s1 in range(P):                               # Cᵀ dU, and E's corrections
-        for s2 in range(P):
-            acc = 0.0
-            for a in range(q):
-                acc += C[a, s1] * dU[a, s2] - 2.0 * B[a, s1] * dU[a, s2] + dU[a, s1] * AdU[a, s2]
-            G[s1, s2] += acc
-    for t in range(k):                                # −K: the q-terms, the F term, 2 Wzz ∘ H⁻¹
-        for s1 in range(P):
-            G[s1, p + t] -= bg[tr[t]] * dU[tc[t], s1]
-            G[p + t, s1] -= v[tc[t], 0] * F[tr[t], s1]
-        for t2 in range(k):
-            G[p + t, p + t2] -= Wzz[tr[t], tr[t2]] * Hinv[tc[t], tc[t2]]
-    HdH = np.empty((P, q, q))
-    for t in range(P):
-        for a in range(q):
-            for b in range(q):
-                acc = 0.0
-                for c in range(q):
-                    acc += Hinv[a, c] * dH[t, c, b]
-                HdH[t, a, b] = acc
-    for s1 in range(P):
-        for s2 in range(P):
-            acc = 0.0
-            for a in range(q):
-                for b in range(q):
-                    acc += HdH[s1, a, b] * HdH[s2, b, a]
-            G[s1, s2] += 0.5 * acc
-    return True
-
-
 @njit(cache=True, nogil=True)
 def laplace_chunk(code, expected, X, Z, y, m, off, starts, ends, beta, lam, tr, tc, level, u, g0, g1,
                   keep_du, du_out, hinv_out, grad, R, G):
@@ -321,7 +177,8 @@ def laplace_chunk(code, expected, X, Z, y, m, off, starts, ends, beta, lam, tr, 
     M, D = np.empty((nmax, q)), np.empty((nmax, 6))
     Sg = (np.empty((q, q)), np.empty((q, q)), np.empty((q, p)), np.empty(q), np.empty((q, q)),
           np.empty((q, q)), np.empty((q, q)), np.empty((q, q)), np.empty((q, p)))
-    W = (np.empty((nmax, P)), np.empty(nmax), np.empty((nmax, q)), np.empty((P, q, q)), np.empty((nmax, P)))
+    W = (np.empty(nmax), np.empty((P, q, q)), np.empty((p + q, P)), np.empty((q * (q + 1) // 2, p + q)),
+         np.empty((p + q, p + q)), np.empty((nmax, p + q)), np.empty((nmax, p + q)))
     dU, Hinv = np.empty((q, P)), np.empty((q, q))
     gx, gu, stp = np.empty(p), np.empty((q, 1)), np.empty((q, 1))
     value = 0.0
@@ -352,7 +209,7 @@ def laplace_chunk(code, expected, X, Z, y, m, off, starts, ends, beta, lam, tr, 
         logdet = chol_logdet(Sg[0])
         value += total - 0.5 * np.sum(ug * ug) - 0.5 * logdet
         if level >= 1 or keep_du:
-            if not _derivatives(X, Z, s, n, ug, M, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W, lam):
+            if not derivatives(X, Z, s, n, ug, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W, lam):
                 return value, False
             if keep_du:
                 du_out[g] = dU
