@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .rows import solve
+from .rows import mm, solve
 
 
 @njit(cache=True)
@@ -38,27 +38,12 @@ def derivatives(X, Z, s, n, u, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W, la
     T[:, :] = 0.0
     for a in range(p):
         T[a, a] = 1.0
-    for c in range(q):
-        for t in range(P):
-            acc = 0.0
-            for a in range(q):
-                acc += lam[c, a] * dU[a, t]
-            T[p + c, t] = acc
+    mm(lam, dU, T[p:])
     for t in range(k):
         T[p + tr[t], p + t] += u[tc[t]]
-    K, Pm = np.zeros((q, q)), np.zeros((q, q))          # K = Λ H⁻¹ Λᵀ (lev = zᵀKz), Pm = H⁻¹Λᵀ
-    for a in range(q):
-        for b in range(q):
-            acc = 0.0
-            for c in range(q):
-                acc += Hinv[a, c] * lam[b, c]
-            Pm[a, b] = acc
-    for a in range(q):
-        for b in range(q):
-            acc = 0.0
-            for c in range(q):
-                acc += lam[a, c] * Pm[c, b]
-            K[a, b] = acc
+    K, Pm = np.empty((q, q)), np.empty((q, q))          # K = Λ H⁻¹ Λᵀ (lev = zᵀKz), Pm = H⁻¹Λᵀ
+    mm(Hinv, lam.T, Pm)
+    mm(lam, Pm, K)
     zl = np.zeros(q)                                     # Σ z w' lev
     nq = q * (q + 1) // 2
     coef = np.empty((nq, n))
@@ -100,23 +85,21 @@ def _pair(a, b, q):
 def _from_sums(p, q, k, P, L, tr, tc, level, grad, G, dU, Hinv, N, Sd, czx, T, Q, dH, lam, Pm, zl, X, Z, s, n, u,
                D, hobs, Wzz, C, W, R):
     """dH, the gradient's trace terms and (level 2) the Hessian, from the group's sums Q and T."""
-    vec = np.empty(L)
+    vec, out = np.empty((1, L)), np.empty((1, P))       # a combination of Q's rows, and it times T
     for a in range(q):                                   # dH = Σ w' m_a m_b η̇ᵀ, m = Λᵀz
         for b in range(a, q):
-            vec[:] = 0.0
+            vec[:, :] = 0.0
             for c in range(q):
                 for d in range(q):
                     f = lam[c, a] * lam[d, b]
                     if f != 0.0:
                         i = _pair(c, d, q)
                         for l in range(L):
-                            vec[l] += f * Q[i, l]
+                            vec[0, l] += f * Q[i, l]
+            mm(vec, T, out)
             for t in range(P):
-                acc = 0.0
-                for l in range(L):
-                    acc += vec[l] * T[l, t]
-                dH[t, a, b] = acc
-                dH[t, b, a] = acc
+                dH[t, a, b] = out[0, t]
+                dH[t, b, a] = out[0, t]
     for t in range(k):
         for b in range(q):
             dH[p + t, tc[t], b] += N[tr[t], b]
@@ -129,26 +112,19 @@ def _from_sums(p, q, k, P, L, tr, tc, level, grad, G, dU, Hinv, N, Sd, czx, T, Q
         grad[t] += -0.5 * acc
     if level < 2:
         return True
-    F = np.empty((q, P))                                 # Σ d2 z η̇ᵀ = (Σ d2 z xᵀ, Σ d2 z zᵀ) T
-    for a in range(q):
-        for t in range(P):
-            acc = 0.0
-            for l in range(p):
-                acc += czx[a, l] * T[l, t]
-            for l in range(q):
-                acc += Sd[a, l] * T[p + l, t]
-            F[a, t] = acc
+    F, CS = np.empty((q, P)), np.empty((q, L))         # Σ d2 z η̇ᵀ = (Σ d2 z xᵀ, Σ d2 z zᵀ) T
+    CS[:, :p] = czx
+    CS[:, p:] = Sd
+    mm(CS, T, F)
     for t in range(k):                                   # −Σ 2w'(H⁻¹m)_c z_r η̇ᵀ
-        vec[:] = 0.0
+        vec[:, :] = 0.0
         for c in range(q):
             f, i = 2.0 * Pm[tc[t], c], _pair(tr[t], c, q)
             for l in range(L):
-                vec[l] += f * Q[i, l]
+                vec[0, l] += f * Q[i, l]
+        mm(vec, T, out)
         for t2 in range(P):
-            acc = 0.0
-            for l in range(L):
-                acc += vec[l] * T[l, t2]
-            G[p + t, t2] -= acc
+            G[p + t, t2] -= out[0, t2]
     a_g = np.zeros((q, 1))
     for a in range(q):
         for c in range(q):
@@ -197,17 +173,12 @@ def _hessian_group(Z, X, s, n, D, tr, tc, p, C, dU, Hinv, hobs, Wzz, a_g, bg, F,
             for a in range(L):
                 acc += T[a, t] * ST[a, t2]
             R[t, t2] += acc
-    B, AdU = np.zeros((q, P)), np.zeros((q, P))
+    B, A, AdU = np.empty((q, P)), np.empty((q, q)), np.empty((q, P))
+    mm(lam.T, F, B)                                      # B = ΛᵀF, A dU with A = I − H_obs
     for c in range(q):
-        for t in range(P):
-            acc = 0.0
-            for a in range(q):
-                acc += lam[a, c] * F[a, t]
-            B[c, t] = acc
-            acc = 0.0
-            for a in range(q):
-                acc += ((1.0 if a == c else 0.0) - hobs[c, a]) * dU[a, t]
-            AdU[c, t] = acc
+        for a in range(q):
+            A[c, a] = (1.0 if a == c else 0.0) - hobs[c, a]
+    mm(A, dU, AdU)
     for s1 in range(P):                               # Cᵀ dU, and E's corrections
         for s2 in range(P):
             acc = 0.0

@@ -198,34 +198,36 @@ def at_mode(code, expected, X, Z, y, m, s, n, u, eta, lam, D, gx, gu, S):
     for a in range(q):
         for b in range(a):
             Wzz[a, b], Sd[a, b] = Wzz[b, a], Sd[b, a]
+    mm(Wzz, lam, N)
+    mm(lam.T, Sd, md2z)
+    mm(lam.T, czx, cb)
     for a in range(q):
-        for b in range(q):
-            nab, mab = 0.0, 0.0
-            for c in range(q):
-                nab += Wzz[a, c] * lam[c, b]
-                mab += lam[c, a] * Sd[c, b]
-            N[a, b], md2z[a, b] = nab, mab
-        for kk in range(p):
-            acc = 0.0
-            for c in range(q):
-                acc += lam[c, a] * czx[c, kk]
-            cb[a, kk] = acc
         acc = 0.0
         for c in range(q):
             acc += lam[c, a] * ztd1[c]
         gu[a, 0] = acc - u[a]
+    mm(lam.T, N, H)
+    mm(md2z, lam, hobs)
     for a in range(q):
         for b in range(q):
-            h, o = 0.0, 0.0
-            for c in range(q):
-                h += lam[c, a] * N[c, b]
-                o += md2z[a, c] * lam[c, b]
-            H[a, b] = h + (1.0 if a == b else 0.0)
-            hobs[a, b] = (1.0 if a == b else 0.0) - o
+            hobs[a, b] = -hobs[a, b]
+        H[a, a] += 1.0
+        hobs[a, a] += 1.0
     return total
 
 
 # --- q × q linear algebra ---------------------------------------------------------------------------
+
+@njit(cache=True)
+def mm(A, B, out):
+    """out = A B for small matrices (A or B may be a transposed view), without a BLAS call per group."""
+    for i in range(A.shape[0]):
+        for j in range(B.shape[1]):
+            acc = 0.0
+            for c in range(A.shape[1]):
+                acc += A[i, c] * B[c, j]
+            out[i, j] = acc
+
 
 @njit(cache=True)
 def solve(A, B, out):
