@@ -15,7 +15,8 @@ from .rows import mm, solve
 @njit(cache=True)
 def derivatives(X, Z, s, n, u, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W, lam):
     """The group's mode derivatives dU (q × P), the gradient and (level 2) Hessian contributions.
-    W = (lev (n), dH (P × q × q), T (L × P), Q (q(q+1)/2 × L), S (L × L)) is scratch, L = p + q.
+    W = (lev (n), dH (P × q × q), T (L × P), Q (q(q+1)/2 × L), S (L × L), the rows' w (n × L), sw·w
+    (n × L)) is scratch, L = p + q.
     Each row's η̇ = E + dUᵀm is Tᵀw for its covariates w = (x, z), with T the same for the group's rows
     (T = [I 0] over x; ΛdU, and u in θ's columns, over z): so every sum over the rows of a coefficient
     times η̇ is that sum times w, times T.  The coefficients w'·m_a m_b and 2w'(H⁻¹m)_c z_r are Λ- and

@@ -43,11 +43,12 @@ def warm_start(engine, design: Design, levels: list, modes: np.ndarray, slope: t
 
 def _carried(slope: tuple, pos: list, transform: np.ndarray, zscale, engine, x_names: list) -> tuple | None:
     """The own fit's (φ, dû/dφ) on the engine's internal scale (see :func:`warm_start`); None where the
-    columns are not the same or the own transform is singular."""
+    columns are not the same, the engine has no single Λ (``theta_r``) or the own transform is singular."""
     phi, dU, T_own, zs_own, names = slope
-    p, k, q = transform.shape[0], engine.ntheta, engine.u.shape[1]
-    if names != x_names:
+    rows = getattr(engine, "theta_r", None)
+    if names != x_names or rows is None:
         return None
+    p, k, q = transform.shape[0], len(rows), engine.u.shape[1]
     zs = np.asarray(zscale, float) if zscale is not None and len(zscale) else np.ones(q)
     zs_own = zs_own if len(zs_own) else np.ones(q)
     if T_own.shape != transform.shape or len(phi) != p + k or dU.shape[2] != p + k or len(zs) != len(zs_own):
@@ -55,7 +56,7 @@ def _carried(slope: tuple, pos: list, transform: np.ndarray, zscale, engine, x_n
     try:
         J = np.zeros((p + k, p + k))          # φ_own = J φ
         J[:p, :p] = np.linalg.solve(T_own, transform)
-        J[p:, p:] = np.diag(zs_own[engine.theta_r] / zs[engine.theta_r])
+        J[p:, p:] = np.diag(zs_own[rows] / zs[rows])
         return np.linalg.solve(J, phi), dU[pos] @ J
     except np.linalg.LinAlgError:
         return None
