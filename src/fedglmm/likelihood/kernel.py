@@ -45,17 +45,13 @@ def _h(code, y, m, s, n, eta, u):
 
 
 @njit(cache=True)
-def _sweep(code, y, m, s, n, eta, M, u, grad, hobs, with_h):
-    """∇h (q × 1) and the Newton matrix −∇²h at η; with ``with_h`` also h itself (else 0), summed in the
-    order :func:`_h` sums it."""
+def _sweep(code, y, m, s, n, eta, M, u, grad, hobs):
+    """∇h (q × 1) and the Newton matrix −∇²h at η."""
     q = M.shape[1]
     grad[:, 0] = 0.0
     hobs[:, :] = 0.0
-    total = 0.0
     for j in range(n):
         d1, d2 = d12_row(code, y[s + j], m[s + j], eta[j])
-        if with_h:
-            total += loglik_row(code, y[s + j], m[s + j], eta[j])
         for a in range(q):
             grad[a, 0] += M[j, a] * d1
             for b in range(q):
@@ -63,7 +59,6 @@ def _sweep(code, y, m, s, n, eta, M, u, grad, hobs, with_h):
     for a in range(q):
         grad[a, 0] -= u[a]
         hobs[a, a] += 1.0
-    return total - 0.5 * np.sum(u * u) if with_h else 0.0
 
 
 @njit(cache=True)
@@ -80,21 +75,22 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
     grad, hobs, step = np.empty((q, 1)), np.empty((q, q)), np.empty((q, 1))
     u_new = np.empty(q)
     _eta(eta0, M, u, n, eta)
-    h, known, known_start, trial = 0.0, False, False, False
+    h, known, trial = 0.0, False, False
     it = 0
     while it < 100 or trial:
         if trial:                                  # the derivatives at the full step's end
             trial = False
             for c in range(q):
                 u_new[c] = u[c] + step[c, 0]
-            _sweep(code, y, m, s, n, eta_new, M, u_new, grad, hobs, False)
-            slope = np.sum(grad[:, 0] * step[:, 0])
-            known = False
-            if not slope >= 0.0:                   # h may have fallen: compare it at both ends
-                if not known_start:
+            _sweep(code, y, m, s, n, eta_new, M, u_new, grad, hobs)
+            if np.sum(grad[:, 0] * step[:, 0]) >= 0.0:     # h's slope at the end: h rose all along
+                known = False
+            else:                                  # h may have fallen: compare it at both ends
+                if not known:
                     h = _h(code, y, m, s, n, eta, u)
                 h_new = _h(code, y, m, s, n, eta_new, u_new)
                 if h_new < h - 1e-12 * (1.0 + abs(h)):     # h fell: halve, as the step test does
+                    known = False
                     if _halve(code, y, m, s, n, eta0, M, u, eta, eta_new, step, u_new, h):
                         return 1
                     continue
@@ -104,7 +100,7 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
             if np.max(np.abs(step[:, 0])) < 1e-10 or it >= 100:
                 return 1
         else:
-            _sweep(code, y, m, s, n, eta, M, u, grad, hobs, False)
+            _sweep(code, y, m, s, n, eta, M, u, grad, hobs)
         it += 1
         if not solve(hobs, grad, step):
             return 0
@@ -118,7 +114,6 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
                 return 2
             known = False
             continue
-        known_start = known
         for c in range(q):
             u_new[c] = u[c] + step[c, 0]
         _eta(eta0, M, u_new, n, eta_new)

@@ -71,7 +71,7 @@ def derivatives(X, Z, s, n, u, D, tr, tc, Sg, level, grad, R, G, dU, Hinv, W, la
                 i += 1
     Q[:, :] = np.dot(coef, Wm[:n])
     return _from_sums(p, q, k, P, L, tr, tc, level, grad, G, dU, Hinv, N, Sd, czx, T, Q, dH, lam, Pm, zl, X, Z,
-                      s, n, u, D, hobs, Wzz, C, W, R)
+                      s, n, D, hobs, Wzz, C, W, R)
 
 
 @njit(cache=True)
@@ -83,8 +83,8 @@ def _pair(a, b, q):
 
 
 @njit(cache=True)
-def _from_sums(p, q, k, P, L, tr, tc, level, grad, G, dU, Hinv, N, Sd, czx, T, Q, dH, lam, Pm, zl, X, Z, s, n, u,
-               D, hobs, Wzz, C, W, R):
+def _from_sums(p, q, k, P, L, tr, tc, level, grad, G, dU, Hinv, N, Sd, czx, T, Q, dH, lam, Pm, zl, X, Z, s, n, D,
+               hobs, Wzz, C, W, R):
     """dH, the gradient's trace terms and (level 2) the Hessian, from the group's sums Q and T."""
     vec, out = np.empty((1, L)), np.empty((1, P))       # a combination of Q's rows, and it times T
     for a in range(q):                                   # dH = Σ w' m_a m_b η̇ᵀ, m = Λᵀz
@@ -162,18 +162,10 @@ def _hessian_group(Z, X, s, n, D, tr, tc, p, C, dU, Hinv, hobs, Wzz, a_g, bg, F,
         for l in range(L):
             Ws[j, l] = sw * Wm[j, l]
     S[:, :] = np.dot(Ws[:n].T, Wm[:n])                 # Σ sw w wᵀ
-    ST = np.zeros((L, P))                               # Σ sw η̇ η̇ᵀ = Tᵀ S T (whole: its upper triangle is used)
-    for a in range(L):
-        for b in range(L):
-            f = S[a, b]
-            for t in range(P):
-                ST[a, t] += f * T[b, t]
-    for t in range(P):
-        for t2 in range(t, P):
-            acc = 0.0
-            for a in range(L):
-                acc += T[a, t] * ST[a, t2]
-            R[t, t2] += acc
+    ST, TST = np.empty((L, P)), np.empty((P, P))        # Σ sw η̇ η̇ᵀ = Tᵀ S T (whole: its upper triangle is used)
+    mm(S, T, ST)
+    mm(T.T, ST, TST)
+    R += TST
     B, A, AdU = np.empty((q, P)), np.empty((q, q)), np.empty((q, P))
     mm(lam.T, F, B)                                      # B = ΛᵀF, A dU with A = I − H_obs
     for c in range(q):

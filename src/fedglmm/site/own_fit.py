@@ -106,8 +106,7 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
     if res.get("third") is not None:
         out["third"] = res["third"]
     if res.get("modes") is not None:
-        out[KEPT] = (list(d.group_levels), res["modes"], res.get("slope") if keep == list(range(d.X.shape[1]))
-                     else None)
+        out[KEPT] = (list(d.group_levels), res["modes"], res.get("slope"))     # (slope: see site.warm)
     out[KEPT_DESIGN] = (frame, coding_key(spec, schema, fam), d)
     return out
 
