@@ -413,3 +413,56 @@ def test_order2_start_draws_again_instead_of_solving_each_group(monkeypatch):
     calls.clear()
     _, _, err_exact = generate_order2(n, T, expo, nonneg_first=True, rng=np.random.default_rng(0))
     assert np.max(err_exact) < 1e-9 and len(calls) > 3       # exactness needs the group-by-group solver
+
+
+@pytest.mark.parametrize("binary,exact", [(True, True), (False, True), (False, False)])
+def test_order2_sites_in_one_batch_draw_each_site_rows_as_alone(binary, exact):
+    """Several sites' groups in one call (one generator per site): each site's rows are bit for bit those
+    of a call for that site alone -- its normal and gamma draws, redraws and group-by-group fallbacks all
+    come from its own stream in the same order."""
+    sites = [_groups(s, binary=binary) for s in (11, 12, 13)]
+    expo = sites[0][2]
+    alone = [generate_order2(n, T, expo, binary_first=binary, nonneg_first=not binary,
+                             rng=np.random.default_rng(s), exact=exact) for s, (n, T, _) in enumerate(sites)]
+    n = np.concatenate([s[0] for s in sites])
+    T = np.concatenate([s[1] for s in sites])
+    which = np.repeat(np.arange(3), [len(s[0]) for s in sites])
+    V, gi, err = generate_order2(n, T, expo, binary_first=binary, nonneg_first=not binary,
+                                 rng=[np.random.default_rng(s) for s in range(3)], exact=exact, sites=which)
+    assert np.array_equal(V, np.vstack([a[0] for a in alone]))
+    off = np.r_[0, np.cumsum([len(s[0]) for s in sites])[:-1]]
+    assert np.array_equal(gi, np.concatenate([a[1] + o for a, o in zip(alone, off)]))
+    assert np.array_equal(err, np.concatenate([a[2] for a in alone]), equal_nan=True)
+
+
+def test_pseudo_designs_of_many_sites_are_each_site_alone():
+    """The stand-ins' pseudo rows drawn for all sites at once (the hybrid at 100 sites) equal those drawn
+    site by site, for each family's outcome and with the hybrid's compression."""
+    from fedglmm.coordinator.virtual import pseudo_design, pseudo_designs
+    from fedglmm.model.families import get_family
+
+    rng = np.random.default_rng(5)
+    names, znames = ["Intercept", "x1", "x2"], ["Intercept"]
+    mask = np.ones((1, 1), bool)
+    expo = monomials(3, 2)
+    for fam, compress in (("binomial", 4.0), ("binomial", 1.0), ("poisson", 4.0), ("poisson", 1.0), ("gamma", 1.0)):
+        blocks = {}
+        for s in range(4):
+            G = int(rng.integers(2, 9))
+            sizes = rng.integers(3, 40, G)
+            mom, levels = [], [f"g{s}_{j}" for j in range(G)]
+            for m in sizes:
+                x1, x2 = rng.normal(1.0, 2.0, m), rng.uniform(0, 3, m)
+                y = rng.binomial(1, 0.4, m) if fam == "binomial" else rng.poisson(1.2, m) + (fam == "gamma") * 0.5
+                mom.append(moment_sums(np.column_stack([y, x1, x2]), expo))
+            blocks[f"s{s}"] = {"variables": ["(outcome)", "x1", "x2"], "moments": np.array(mom), "n": sizes,
+                               "levels": levels}
+        family = get_family(fam)
+        many = pseudo_designs(blocks, names, znames, mask, family, 3, compress)
+        for sid, b in blocks.items():
+            d1, g1 = pseudo_design(b, names, znames, mask, family, 3, compress)
+            d2, g2 = many[sid]
+            for f in ("y", "trials", "X", "Z", "group", "offset"):
+                assert np.array_equal(getattr(d1, f), getattr(d2, f)), (fam, compress, sid, f)
+            assert d1.group_levels == d2.group_levels
+            np.testing.assert_array_equal(g1["per_group"], g2["per_group"])

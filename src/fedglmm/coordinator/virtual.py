@@ -111,6 +111,9 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
     pooled = {"make": lambda d, spread=False: EngineCache(
         lambda A, zs: _at_coordinator(make_engine(d, family, options.nagq, options.curvature, A, zs), spread,
                                       pooled.get("kernel", False)))}
+    drawn = {} if family.name == "gaussian" else pseudo_designs(
+        {sid: b for sid in messages if (b := merged.blocks[sid]) is not None and "S" not in b},
+        merged.names, merged.znames, merged.mask, family, seed, compress)
     for sid, m in messages.items():
         blocks = merged.blocks[sid]
         extra = merged.pooled.get(sid) if bins else None
@@ -132,8 +135,7 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
             parts[sid] = Part(m["description"], setup, levels, engines)
             continue
         else:
-            design, diagnostics[sid] = pseudo_design(blocks, merged.names, merged.znames, merged.mask, family,
-                                                     seed, compress)
+            design, diagnostics[sid] = drawn[sid]
             if extra is not None:
                 design = _concatenate([design, pooled_design(extra, merged.names, merged.znames, merged.mask,
                                                              seed, sid)])
@@ -196,46 +198,90 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
     trials): the likelihood costs r times less, the moments match up to the rounding of the count of ones;
     and (poisson) a group whose closed-form draw has a negative count is drawn again or clipped rather than
     solved on its own (:func:`~fedglmm.coordinator.pseudo.order2.generate_order2`, ``exact`` False)."""
-    variables_ = list(block["variables"])
-    expo = monomials(len(variables_), _order_of(block, len(variables_)))
-    binary = [0] if family.name == "binomial" else []
-    nonneg = [0] if family.name in ("poisson", "negative_binomial", "gamma") else []
+    return pseudo_designs({None: block}, names, znames, mask, family, seed, compress)[None]
+
+
+def pseudo_designs(blocks: dict, names: list, znames: list, mask: np.ndarray, family: Family, seed: int,
+                   compress: float = 1.0) -> dict:
+    """:func:`pseudo_design` of every site's groups ({site: block} -> {site: (design, diagnostics)}); at
+    order 2 the sites sharing their variables are drawn in one batch (the same rows as one by one)."""
+    out, batches = {}, {}
+    for sid, block in blocks.items():
+        variables_ = tuple(block["variables"])
+        if _order_of(block, len(variables_)) == 2:
+            batches.setdefault(variables_, {})[sid] = block
+        else:
+            out[sid] = _higher_order_design(block, names, znames, mask, family, seed)
+    for variables_, batch in batches.items():
+        out.update(_order2_designs(batch, list(variables_), names, znames, mask, family, seed, compress))
+    return {sid: out[sid] for sid in blocks}
+
+
+def _order2_designs(batch: dict, variables_: list, names, znames, mask, family, seed, compress) -> dict:
+    """:func:`pseudo_designs` of sites whose moments stop at order 2, all groups in one closed-form draw,
+    each site's from one stream seeded by its group labels."""
+    expo = monomials(len(variables_), 2)
+    binary = family.name == "binomial"
+    nonneg = family.name in ("poisson", "negative_binomial", "gamma")
     # generate on a standard scale: moments of (v − c)/s are a fixed linear map of the raw ones
-    c, sc = _standardisation(block, expo, keep=[0] if family.name != "gaussian" else [])
+    moments = [np.asarray(b["moments"], float) for b in batch.values()]
+    c, sc = _standardisation(np.array([m.sum(axis=0) for m in moments]), expo,
+                             keep=[0] if family.name != "gaussian" else [])
     T = _shift_matrix(expo, c, sc)
-    targets = np.asarray(block["moments"], float) @ T.T
-    nrows = np.round(np.asarray(block["n"], float))
+    targets = np.concatenate([m @ Ts.T for m, Ts in zip(moments, T)])
+    nrows = np.round(np.concatenate([np.asarray(b["n"], float) for b in batch.values()]))
     weight = np.ones(len(nrows))
-    if compress > 1 and binary and expo.sum(axis=1).max() == 2:
+    if compress > 1 and binary:
         m = np.maximum(np.ceil(nrows / compress), np.minimum(nrows, 25))
         weight = nrows / np.maximum(m, 1)
         targets, nrows = targets / weight[:, None], m
-    if expo.sum(axis=1).max() == 2:
-        # order 2 is a closed form: all groups at once, from one stream seeded by the site's group labels
-        rng = np.random.default_rng([seed, crc32("\x1f".join(map(str, block["levels"])).encode())])
-        V, gidx, errors = generate_order2(nrows, targets, expo, binary_first=bool(binary),
-                                          nonneg_first=bool(nonneg), rng=rng, exact=compress <= 1)
-        V = V * sc + c
-        errors = list(errors)
-    else:
-        parts, errors = [], []
-        for level, n, target in zip(block["levels"], block["n"], targets):
-            # each group's stream is seeded by its label: the pseudo rows do not depend on how groups are
-            # spread over sites
-            rng = np.random.default_rng([seed, crc32(str(level).encode())])
-            Vg, err = generate_group(int(round(n)), expo, np.asarray(target, float), binary=binary,
-                                     nonneg=nonneg, rng=rng)
-            parts.append(Vg)
-            errors.append(err)
-        V = np.vstack(parts) * sc + c
-        gidx = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    rngs = [np.random.default_rng([seed, crc32("\x1f".join(map(str, b["levels"])).encode())]) for b in batch.values()]
+    counts = [len(b["n"]) for b in batch.values()]
+    V, gidx, errors = generate_order2(nrows, targets, expo, binary_first=binary, nonneg_first=nonneg, rng=rngs,
+                                      exact=compress <= 1, sites=np.repeat(np.arange(len(batch)), counts))
+    goff = np.r_[0, np.cumsum(counts)]
+    rows = np.searchsorted(gidx, goff)
+    out = {}
+    for s, (sid, block) in enumerate(batch.items()):
+        Vs = V[rows[s]:rows[s + 1]] * sc[s] + c[s]
+        gs = gidx[rows[s]:rows[s + 1]] - goff[s]
+        err = list(errors[goff[s]:goff[s + 1]])
+        ws = weight[goff[s]:goff[s + 1]]
+        trials = ws[gs] if np.any(ws != 1) else np.ones(Vs.shape[0])
+        out[sid] = _finish(Vs, gs, err, trials, variables_, block, family, names, znames, mask)
+    return out
+
+
+def _higher_order_design(block: dict, names, znames, mask, family, seed) -> tuple:
+    """:func:`pseudo_design` for moments beyond order 2: group by group, each group's stream seeded by its
+    label (the pseudo rows do not depend on how groups are spread over sites)."""
+    variables_ = list(block["variables"])
+    expo = monomials(len(variables_), _order_of(block, len(variables_)))
+    c, sc = _standardisation(np.asarray(block["moments"], float).sum(axis=0)[None], expo,
+                             keep=[0] if family.name != "gaussian" else [])
+    targets = np.asarray(block["moments"], float) @ _shift_matrix(expo, c, sc)[0].T
+    binary = [0] if family.name == "binomial" else []
+    nonneg = [0] if family.name in ("poisson", "negative_binomial", "gamma") else []
+    parts, errors = [], []
+    for level, n, target in zip(block["levels"], block["n"], targets):
+        rng = np.random.default_rng([seed, crc32(str(level).encode())])
+        Vg, err = generate_group(int(round(n)), expo, np.asarray(target, float), binary=binary, nonneg=nonneg,
+                                 rng=rng)
+        parts.append(Vg)
+        errors.append(err)
+    V = np.vstack(parts) * sc[0] + c[0]
+    gidx = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+    return _finish(V, gidx, errors, np.ones(V.shape[0]), variables_, block, family, names, znames, mask)
+
+
+def _finish(V, gidx, errors, trials, variables_, block, family, names, znames, mask) -> tuple:
+    """A site's pseudo rows V (raw scale) as (design, diagnostics)."""
     if family.name == "gamma":
         # a Gamma outcome must stay positive: a draw the moments put at 0 is lifted to 1 % of its group's mean
         # (the pseudo-data only start and shape the iteration, whose rounds are exact)
         mean = np.bincount(gidx, V[:, 0]) / np.maximum(np.bincount(gidx), 1)
         V[:, 0] = np.maximum(V[:, 0], 0.01 * np.abs(mean[gidx]))
     diag = {"max_rel_error": float(max(errors)) if errors else 0.0, "per_group": errors}
-    trials = weight[gidx] if np.any(weight != 1) else np.ones(V.shape[0])
     return _as_design(V, variables_, gidx, list(block["levels"]), trials, names, znames, mask), diag
 
 
@@ -266,13 +312,12 @@ def _as_design(V, variables_: list, gidx, levels: list, trials, names, znames, m
                   z_names=list(znames), theta_mask=mask)
 
 
-def _standardisation(block: dict, expo: np.ndarray, keep=()) -> tuple[np.ndarray, np.ndarray]:
-    """Centre and scale of each variable from the site's pooled first and second moments (variables in
-    ``keep``, the outcome, stay as they are: 0/1 or counts)."""
-    tot = np.asarray(block["moments"], float).sum(axis=0)
+def _standardisation(tot: np.ndarray, expo: np.ndarray, keep=()) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and scale (S, d) of each variable from each site's pooled first and second moments ``tot``
+    (S, M) (variables in ``keep``, the outcome, stay as they are: 0/1 or counts)."""
     d = expo.shape[1]
-    n = tot[0]
-    c, sc = np.zeros(d), np.ones(d)
+    n = tot[:, 0]
+    c, sc = np.zeros((len(tot), d)), np.ones((len(tot), d))
     for k in range(d):
         if k in keep:
             continue
@@ -280,22 +325,23 @@ def _standardisation(block: dict, expo: np.ndarray, keep=()) -> tuple[np.ndarray
         e1[k] = 1
         i1 = int(np.flatnonzero((expo == e1).all(axis=1))[0])
         i2 = int(np.flatnonzero((expo == 2 * e1).all(axis=1))[0])
-        c[k] = tot[i1] / n
-        var = tot[i2] / n - c[k] ** 2
-        sc[k] = np.sqrt(var) if var > 1e-12 * max(1.0, c[k] ** 2) else 1.0
+        c[:, k] = tot[:, i1] / n
+        var = tot[:, i2] / n - c[:, k] ** 2
+        sc[:, k] = np.where(var > 1e-12 * np.maximum(1.0, c[:, k] ** 2), np.sqrt(np.maximum(var, 0.0)), 1.0)
     return c, sc
 
 
 def _shift_matrix(expo: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """T with T @ raw = moments of (v − c)/s: Σ Π((v_k − c_k)/s_k)^{e_k} expands over sub-monomials j ≤ e
-    with weights Π_k C(e_k, j_k) (−c_k)^{e_k − j_k} / s_k^{e_k}."""
+    """T (S, M, M) with T[i] @ raw = moments of (v − c[i])/s[i]: Σ Π((v_k − c_k)/s_k)^{e_k} expands over
+    sub-monomials j ≤ e with weights Π_k C(e_k, j_k) (−c_k)^{e_k − j_k} / s_k^{e_k}."""
     E = expo[:, None, :]
     J = expo[None, :, :]
     below = np.all(J <= E, axis=2)
     top = int(expo.max(initial=0)) + 1            # C(a, b) for exponents 0 <= a, b < top (0 where b > a)
     binom = np.array([[float(math.comb(a, b)) for b in range(top)] for a in range(top)])
-    w = np.prod(binom[E, J] * np.where(E - J > 0, (-c) ** np.maximum(E - J, 0), 1.0), axis=2)
-    return np.where(below, w, 0.0) / np.prod(s ** expo, axis=1)[:, None]
+    cc = c[:, None, None, :]
+    w = np.prod(binom[E, J] * np.where(E - J > 0, (-cc) ** np.maximum(E - J, 0), 1.0), axis=3)
+    return np.where(below, w, 0.0) / np.prod(s[:, None, :] ** expo, axis=2)[:, :, None]
 
 
 def _order_of(block: dict, d: int) -> int:
