@@ -213,6 +213,9 @@ def reference_quantities(link, y, m, eta) -> dict:
         for k, name in enumerate(("ll", "d1", "d2", "d3", "d4")):
             a, b = r["A"][k], r["B"][k]
             out[name] = (float(yy * a + c * b), float(abs(yy * a) + abs(c * b)))
+        if link == "log" and yy > 0:
+            # the poisson log-density is kept less its saturated value y log y − y (the family's constant)
+            out["ll"] = (float(yy * r["A"][0] + r["B"][0] - (yy * yy.ln() - yy)), out["ll"][1])
         for k, name in enumerate(("w", "w1", "w2")):
             out[name] = (float(wm * r["W"][k]),) * 2
     return out

@@ -74,7 +74,9 @@ def _fit(case, data, **kw):
 def _same(a, b, tol=1e-8):
     assert np.allclose(a.fixef, b.fixef, rtol=0, atol=tol)
     assert np.allclose(a.theta, b.theta, rtol=0, atol=tol)
-    assert abs(a.loglik - b.loglik) < tol * max(1.0, abs(b.loglik))    # counts of 2·10⁴: rounding
+    # absolute: the poisson log-density is summed less its saturated value, so counts of 3·10⁴ (sim_pois_huge)
+    # keep the logLik's digits (summed as y η − e^η, the two methods' logLiks were 3e-8 apart there)
+    assert abs(a.loglik - b.loglik) < tol
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -104,7 +106,7 @@ def test_stopping_rule_is_at_the_optimum(name):
     df = pd.read_csv(case["data"])
     opt = _fit(case, df, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
     for res in (_fit(case, df), _fit(case, df, method="iterative"), _fit(case, _sites(df, case))):
-        assert abs(res.loglik - opt.loglik) < 1e-6 * max(1.0, abs(opt.loglik) / 1e3)
+        assert abs(res.loglik - opt.loglik) < 1e-6
         _same(res, opt)
 
 

@@ -80,7 +80,8 @@ def loglik_row(code, y, m, eta):
         t = math.log1p(math.exp(-abs(eta)))
         return -(m * t + y * _pos(-eta) + (m - y) * _pos(eta))
     if code == LOG:                          # m: the prior weight multiplying the row's log-likelihood
-        return m * (y * eta - math.exp(eta))
+        # less its value at η = log y, as the family's loglik (its constant holds it)
+        return m * ((y * (eta - math.log(y)) if y > 0 else 0.0) - (math.exp(eta) - y))
     if code == PROBIT:
         return _xlogy(y, log_ndtr(eta)) + _xlogy(m - y, log_ndtr(-eta))
     t = math.exp(eta)
