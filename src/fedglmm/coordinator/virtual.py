@@ -67,13 +67,16 @@ def part_engines(parts: dict, st: Setup, skip=()) -> tuple[dict, dict]:
     return {"+".join(key): cache.get(st.A, st.zs)}, {"+".join(key): levels}
 
 
-def _at_coordinator(engine, spread: bool, kernel: bool):
+def _at_coordinator(engine, spread: bool, kernel: bool, start_only: bool = False):
     """``engine``, its kernel evaluations cut into chunks for the machine's cores where ``spread`` (all sites'
     pseudo rows as one engine: at the coordinator nothing else runs beside them; see
     :data:`~fedglmm.likelihood.fused.SPREAD`), and evaluated by the kernel however few its rows where
     ``kernel`` (the parts hold :data:`MERGE_ROWS` in all, so the kernel is loaded for their merged engine
     anyway: a site's pseudo rows alone, which the hybrid evaluates at its own fit, then take a quarter of
-    the numpy engine's time)."""
+    the numpy engine's time).  ``start_only`` (the hybrid's compressed rows, whose log-likelihood is never
+    reported): the family's constant is left out -- it moves no step."""
+    if start_only and "_const" in vars(engine):       # (the engines whose constant waits for its first use)
+        engine.const = 0.0
     if spread:
         engine.spread = True
     if kernel:
@@ -110,7 +113,7 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
     parts, diagnostics = {}, {}
     pooled = {"make": lambda d, spread=False: EngineCache(
         lambda A, zs: _at_coordinator(make_engine(d, family, options.nagq, options.curvature, A, zs), spread,
-                                      pooled.get("kernel", False)))}
+                                      pooled.get("kernel", False), compress > 1))}
     drawn = {} if family.name == "gaussian" else pseudo_designs(
         {sid: b for sid in messages if (b := merged.blocks[sid]) is not None and "S" not in b},
         merged.names, merged.znames, merged.mask, family, seed, compress)

@@ -80,7 +80,7 @@ class GLMMLikelihood:
         self.nagq = int(nagq)
         self.zk, lw = product_grid(self.nagq, self.q)
         self.ck = lw + 0.5 * np.sum(self.zk**2, axis=1)
-        self.const = family.constant(self.y, self.m)
+        self._const = None          # Σ of the family's constant over the rows, on first use (:attr:`const`)
         self.ndisp = int(family.ndisp)
         self.psi = None                      # the dispersion parameter of the current evaluation
         self.u = np.zeros((self.G, self.q))
@@ -89,6 +89,18 @@ class GLMMLikelihood:
         self._fused = self._hinv = None    # the fused kernel's view of the arrays, its H⁻¹ at the last point
 
     # --- helpers ----------------------------------------------------------------------------------
+    @property
+    def const(self) -> float:
+        """Σ of the family's constant over the rows, on first use; or set (the hybrid's pseudo rows set 0: their
+        binomial coefficients would load ``scipy.special`` into a small fit, and move no step)."""
+        if self._const is None:
+            self._const = self.family.constant(self.y, self.m)
+        return self._const
+
+    @const.setter
+    def const(self, value: float) -> None:
+        self._const = float(value)
+
     @property
     def nparams(self) -> int:
         return self.p + self.ntheta + self.ndisp

@@ -86,7 +86,8 @@ class Family:
         if self.link == "log":
             return np.exp(eta)
         if self.link == "logit":
-            return special.expit(eta)
+            with np.errstate(over="ignore"):
+                return 1.0 / (1.0 + np.exp(-eta))       # scipy's expit, without importing scipy.special
         if self.link == "probit":
             return special.ndtr(eta)
         if self.link == "cloglog":
@@ -102,7 +103,11 @@ class Family:
         if self.link == "log":
             return np.log(mu)
         if self.link == "logit":
-            return special.logit(mu)
+            # scipy's logit: log(μ/(1 − μ)), and near ½, where that loses digits, log1p(s) − log1p(−s) with
+            # s = 2μ − 1 (bit for bit, without importing scipy.special for a start value)
+            s = 2.0 * (mu - 0.5)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where((mu < 0.3) | (mu > 0.65), np.log(mu / (1.0 - mu)), np.log1p(s) - np.log1p(-s))
         if self.link == "probit":
             return special.ndtri(mu)
         if self.link == "cloglog":

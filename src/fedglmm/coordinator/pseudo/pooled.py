@@ -29,7 +29,6 @@ Newton rounds then use every row of the real data."""
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import betaln, gammaln, ndtri
 
 
 def generate_pooled(bins: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +99,8 @@ def _counts(n: int, k: int, p: float, spread: float) -> np.ndarray:
         rho = min((var / binom - 1) / (n - 1), 1 - 1e-6)
         a = p * (1 / rho - 1)
         return _betabinom_quantiles(q, n, a, (1 - p) / p * a)
+    from scipy.special import ndtri      # on first use: a small fit need not load scipy.special
+
     z = ndtri(q)
     z = (z - z.mean()) / z.std()
     return np.clip(np.round(n * (p + spread * z)), 0, n)
@@ -133,6 +134,8 @@ def _row_binaries(X: np.ndarray, y: np.ndarray, cols: np.ndarray, s1, s2, rows: 
 def _betabinom_quantiles(q: np.ndarray, n: int, a: float, b: float) -> np.ndarray:
     """The beta-binomial(n, a, b)'s quantiles at ``q``, from its probabilities over 0..n (scipy.special:
     scipy.stats would take 0.3 s to import for this)."""
+    from scipy.special import betaln, gammaln
+
     k = np.arange(n + 1)
     logp = gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1) + betaln(k + a, n - k + b) - betaln(a, b)
     cdf = np.cumsum(np.exp(logp - logp.max()))
