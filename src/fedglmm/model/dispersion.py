@@ -83,6 +83,13 @@ def _lgamma_diff(y, th):
 STIRLING_X = 20.0
 
 
+def _shape_term(nu, psi):
+    """ν ψ − ν − log Γ(ν) (ψ = log ν): from ν = STIRLING_X, ½ (ψ − log 2π) − S(ν) by Stirling's series."""
+    x = np.maximum(nu, STIRLING_X)
+    return np.where(nu >= STIRLING_X, 0.5 * (psi - np.log(2 * np.pi)) - _stirling_rest(x),
+                    nu * psi - nu - special.gammaln(nu))
+
+
 def _stirling_rest(x):
     """log Γ(x) − ((x − ½) log x − x + ½ log 2π): Stirling's series, to 1e-17 for x ≥ 20."""
     r = 1.0 / (x * x)
@@ -266,9 +273,16 @@ class GammaFamily(DispersionFamily):
         return -m * np.exp(psi) * (a + y * b)
 
     def loglik(self, y, m, eta, psi=None):
-        a, b = self._ab(eta, 0)
+        # ν (ψ − log μ − y/μ + log y) − log Γ(ν) as ν (log r − r + 1) + (ν ψ − ν − log Γ(ν)), r = y/μ: with a
+        # small dispersion (CV 1 %: ν = 1e4) the first form's terms are 1e5 and cancel to 1, and a logLik
+        # summed over 1500 rows moved by 1.4e-8 between two splits of the same data (5e-7 at ν = 1e6)
+        b = self._ab(eta, 0)[1]
         nu = np.exp(psi)
-        return m * (nu * (psi - a - y * b + np.log(y)) - special.gammaln(nu))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = y * b
+            near = np.abs(r - 1.0) < 0.5
+            return m * (nu * np.where(near, _log1pmx(np.where(near, r - 1.0, 0.0)), np.log(r) - (r - 1.0))
+                        + _shape_term(nu, psi))
 
     def derivs(self, y, m, eta, psi=None):
         """(d1, d2, w, w1); without ψ (starting values) the shape is 1."""
