@@ -466,3 +466,54 @@ def test_pseudo_designs_of_many_sites_are_each_site_alone():
                 assert np.array_equal(getattr(d1, f), getattr(d2, f)), (fam, compress, sid, f)
             assert d1.group_levels == d2.group_levels
             np.testing.assert_array_equal(g1["per_group"], g2["per_group"])
+
+
+def test_hybrid_pseudo_rows_of_groups_with_many_trials_are_capped():
+    """A binomial group of n Bernoulli observations gets min(max(⌈n/4⌉, min(n, 25)), 100) compressed pseudo
+    rows, each standing for n/m of them (its trials): cbind rows with 1e5 trials each once made 3e7 rows for
+    1200 data rows and ran the machine out of memory.  The trials add up to the group's size, the ones to
+    its count up to one row's trials."""
+    from fedglmm.coordinator.virtual import pseudo_designs
+    from fedglmm.model.families import get_family
+
+    rng = np.random.default_rng(2)
+    expo = monomials(2, 2)
+    n = np.array([400.0, 401.0, 8e5, 30.0])
+    mom = []
+    for k in n:
+        ones = round(0.3 * k)
+        x1 = rng.normal(size=4)
+        # moments of k Bernoulli rows: `ones` at x = x1[0..1] (half each), the rest at x1[2..3]
+        xs = np.r_[np.full(ones // 2, x1[0]), np.full(ones - ones // 2, x1[1]),
+                   np.full((int(k) - ones) // 2, x1[2]), np.full(int(k) - ones - (int(k) - ones) // 2, x1[3])]
+        ys = np.r_[np.ones(ones), np.zeros(int(k) - ones)]
+        mom.append(moment_sums(np.column_stack([ys, xs]), expo))
+    block = {"variables": ["(outcome)", "x1"], "moments": np.array(mom), "n": n, "levels": ["a", "b", "c", "d"]}
+    d, _ = pseudo_designs({"s": block}, ["Intercept", "x1"], ["Intercept"], np.ones((1, 1), bool),
+                          get_family("binomial"), 0, 4.0)["s"]
+    rows = np.bincount(d.group)
+    assert rows.tolist() == [100, 100, 100, 25]
+    assert np.allclose(np.bincount(d.group, d.trials), n)
+    # the ones, up to one pseudo row's trials (the documented rounding of the compression)
+    assert np.all(np.abs(np.bincount(d.group, d.y) - [m[1] for m in mom]) <= n / rows + 1e-9)
+    assert np.allclose(np.bincount(d.group, d.trials * d.X[:, 1]), [m[2] for m in mom], rtol=0.05)
+
+
+def test_hybrid_fits_binomial_rows_of_many_trials():
+    """cbind rows of 5e4-1e5 trials (aggregated counts) over 3 sites: the default method fits them (its
+    pseudo rows capped) in at most 4 rounds, at the iterative method's estimates."""
+    import pandas as pd
+
+    import fedglmm
+
+    rng = np.random.default_rng(1)
+    g = np.repeat(np.arange(60), 20)
+    x = rng.normal(size=len(g))
+    m = rng.integers(50_000, 100_000, len(g))
+    y = rng.binomial(m, 1 / (1 + np.exp(0.3 - 0.4 * x - rng.normal(0, 0.6, 60)[g])))
+    df = pd.DataFrame({"y": y, "f": m - y, "x": x, "g": g})
+    sites = {f"s{i}": df[g % 3 == i].reset_index(drop=True) for i in range(3)}
+    hyb, it = (fedglmm.fit("cbind(y, f) ~ x + (1 | g)", sites, family="binomial", method=k)
+               for k in ("hybrid", "iterative"))
+    assert hyb.converged and hyb.rounds <= 4
+    assert np.allclose(hyb.fixef, it.fixef, rtol=0, atol=1e-8) and abs(hyb.theta[0] - it.theta[0]) < 1e-8

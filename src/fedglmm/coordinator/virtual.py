@@ -45,6 +45,9 @@ class Part:
 
 
 MERGE_ROWS = 20_000     # pseudo rows from which all sites' stand-ins are evaluated as one engine
+# a binomial group's compressed pseudo rows at most (the hybrid's): a group of cbind rows with 1e5 trials
+# each would otherwise get one row per 4 trials -- 3e7 rows for 1200 data rows, more memory than the machine
+MAX_GROUP_ROWS = 100
 
 
 def part_engines(parts: dict, st: Setup, skip=()) -> tuple[dict, dict]:
@@ -197,7 +200,7 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
     """Pseudo rows for one site's groups, as a Design in the agreed coding, and the moment diagnostics.
 
     ``compress`` = r > 1 (binomial, order 2; the hybrid's start and surrogate): a group of n rows gets
-    m = max(⌈n/r⌉, min(n, 25)) rows, each standing for n/m Bernoulli observations (a binomial row of n/m
+    m = min(max(⌈n/r⌉, min(n, 25)), 100) rows, each standing for n/m Bernoulli observations (a binomial row of n/m
     trials): the likelihood costs r times less, the moments match up to the rounding of the count of ones;
     and (poisson) a group whose closed-form draw has a negative count is drawn again or clipped rather than
     solved on its own (:func:`~fedglmm.coordinator.pseudo.order2.generate_order2`, ``exact`` False)."""
@@ -235,7 +238,7 @@ def _order2_designs(batch: dict, variables_: list, names, znames, mask, family, 
     nrows = np.round(np.concatenate([np.asarray(b["n"], float) for b in batch.values()]))
     weight = np.ones(len(nrows))
     if compress > 1 and binary:
-        m = np.maximum(np.ceil(nrows / compress), np.minimum(nrows, 25))
+        m = np.minimum(np.maximum(np.ceil(nrows / compress), np.minimum(nrows, 25)), MAX_GROUP_ROWS)
         weight = nrows / np.maximum(m, 1)
         targets, nrows = targets / weight[:, None], m
     rngs = [np.random.default_rng([seed, crc32("\x1f".join(map(str, b["levels"])).encode())]) for b in batch.values()]
