@@ -517,3 +517,20 @@ def test_hybrid_fits_binomial_rows_of_many_trials():
                for k in ("hybrid", "iterative"))
     assert hyb.converged and hyb.rounds <= 4
     assert np.allclose(hyb.fixef, it.fixef, rtol=0, atol=1e-8) and abs(hyb.theta[0] - it.theta[0]) < 1e-8
+
+
+def test_oneshot_refuses_pseudo_data_beyond_memory_in_one_line():
+    """The one-shot method draws one pseudo row per binomial trial: cbind rows of 5e4-1e5 trials ask for 9e7
+    rows, which ran out of memory; the fit now stops with one line naming the count and the way out."""
+    import pandas as pd
+
+    import fedglmm
+
+    rng = np.random.default_rng(1)
+    g = np.repeat(np.arange(60), 20)
+    m = rng.integers(50_000, 100_000, len(g))
+    y = rng.binomial(m, 0.4)
+    df = pd.DataFrame({"y": y, "f": m - y, "x": rng.normal(size=len(g)), "g": g})
+    sites = {f"s{i}": df[g % 3 == i].reset_index(drop=True) for i in range(3)}
+    with pytest.raises(fedglmm.FedGLMMError, match=r"would hold [\d,]+ rows \(one per binomial trial\).*hybrid"):
+        fedglmm.fit("cbind(y, f) ~ x + (1 | g)", sites, family="binomial", method="oneshot")

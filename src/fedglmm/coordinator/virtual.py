@@ -14,7 +14,7 @@ from zlib import crc32
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import FedGLMMError, InputError
 from ..likelihood.engine import EngineCache, make_engine
 from ..likelihood.fit import Estimate, LocalEvaluator, fit_glmm, fit_lmm
 from ..likelihood.lmm import LMMSums
@@ -48,6 +48,7 @@ MERGE_ROWS = 20_000     # pseudo rows from which all sites' stand-ins are evalua
 # a binomial group's compressed pseudo rows at most (the hybrid's): a group of cbind rows with 1e5 trials
 # each would otherwise get one row per 4 trials -- 3e7 rows for 1200 data rows, more memory than the machine
 MAX_GROUP_ROWS = 100
+MAX_PSEUDO_ROWS = 20_000_000      # pseudo rows in all beyond which the stand-ins would not fit in memory
 
 
 def part_engines(parts: dict, st: Setup, skip=()) -> tuple[dict, dict]:
@@ -211,6 +212,7 @@ def pseudo_designs(blocks: dict, names: list, znames: list, mask: np.ndarray, fa
                    compress: float = 1.0) -> dict:
     """:func:`pseudo_design` of every site's groups ({site: block} -> {site: (design, diagnostics)}); at
     order 2 the sites sharing their variables are drawn in one batch (the same rows as one by one)."""
+    _check_size(blocks, family, compress)
     out, batches = {}, {}
     for sid, block in blocks.items():
         variables_ = tuple(block["variables"])
@@ -221,6 +223,19 @@ def pseudo_designs(blocks: dict, names: list, znames: list, mask: np.ndarray, fa
     for variables_, batch in batches.items():
         out.update(_order2_designs(batch, list(variables_), names, znames, mask, family, seed, compress))
     return {sid: out[sid] for sid in blocks}
+
+
+def _check_size(blocks: dict, family: Family, compress: float) -> None:
+    """A one-line error where the pseudo rows would not fit in memory: a binomial group of n Bernoulli
+    observations gets n rows (the one-shot method; the hybrid's compression caps them), so cbind rows of
+    1e5 trials each asked for 3e7 and more."""
+    rows = sum(float(np.sum(np.round(np.asarray(b["n"], float)))) for b in blocks.values())
+    if compress > 1:
+        rows = min(rows, MAX_GROUP_ROWS * sum(len(b["n"]) for b in blocks.values()))
+    if rows > MAX_PSEUDO_ROWS:
+        what = " (one per binomial trial)" if family.name == "binomial" else ""
+        raise FedGLMMError(f"the one-shot pseudo-data would hold {rows:,.0f} rows{what}, more than "
+                           f"{MAX_PSEUDO_ROWS:,}: fit with the default method (hybrid) or --method iterative")
 
 
 def _order2_designs(batch: dict, variables_: list, names, znames, mask, family, seed, compress) -> dict:
