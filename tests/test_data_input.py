@@ -141,6 +141,8 @@ DEGENERATE = [
     ("all one", "o ~ x + (1 | g)", "binomial", "binomial outcome 'o' is 1 (success) in every row at every site"),
     ("zero counts", "b ~ x + (1 | g)", "poisson", "poisson outcome 'b' is 0 in every row at every site"),
     ("constant gaussian", "c ~ x + (1 | g)", "gaussian", "the outcome is constant"),
+    ("gaussian far from 0", "far ~ x + (1 | g)", "gaussian", "its mean is so far from 0 against its spread that the "
+                                                              "fit would lose"),
     ("one group gaussian", "y ~ x + (1 | one)", "gaussian", "grouping factor 'one' has a single level ('a')"),
     ("one group binomial", "o2 ~ x + (1 | one)", "binomial", "grouping factor 'one' has a single level"),
     ("no rows left", "y ~ z + (1 | g)", "gaussian", "no rows left after omitting the"),
@@ -155,8 +157,31 @@ def test_degenerate_data_is_refused(tmp_path, case, formula, family, fragment, m
     df = pd.DataFrame({"x": rng.normal(size=n), "g": rng.integers(0, 12, n)})
     df = df.assign(y=df.x + rng.normal(size=n), b=0, o=1, c=5.0, one="a", o2=(rng.random(n) < 0.5) * 1,
                    z=np.where(df.g < 6, np.nan, 1.0))
+    df["far"] = df.y + 1e5
     paths = [tmp_path / "A.csv", tmp_path / "B.csv"]
     df[df.g < 6].to_csv(paths[0], index=False)
     df[df.g >= 6].to_csv(paths[1], index=False)
     r = invoke("fit", "-f", formula, "--family", family, "--method", method, *paths)
     assert_clean_error(r, 1, fragment)
+
+
+def test_gaussian_outcome_far_from_zero_centred_in_the_formula():
+    """A gaussian outcome 1e5 SDs from 0 is refused (its sums of squares would leave the fit 6 digits or
+    fewer: the logLik was 3e-3 off, in 17-30 rounds), and centred in the formula as the message says it is
+    the fit of the centred outcome, to 1e-8 (the intercept moved by the constant); 1e3 SDs from 0 still fit,
+    within 1e-6 of it."""
+    import fedglmm
+
+    rng = np.random.default_rng(3)
+    g = np.repeat(np.arange(50), 12)
+    x = rng.normal(size=len(g))
+    y = 0.5 * x + rng.normal(0, 0.7, 50)[g] + rng.normal(size=len(g))
+    df = pd.DataFrame({"y": y, "far": y + 1e5, "near": y + 1e3, "x": x, "g": g})
+    sites = {f"s{i}": df[g % 3 == i].reset_index(drop=True) for i in range(3)}
+    ref = fedglmm.fit("y ~ x + (1 | g)", sites, reml=False)
+    with pytest.raises(fedglmm.FedGLMMError, match="centre it in the formula"):
+        fedglmm.fit("far ~ x + (1 | g)", sites, reml=False)
+    res = fedglmm.fit("I(far - 100000) ~ x + (1 | g)", sites, reml=False)
+    assert abs(res.loglik - ref.loglik) < 1e-8 and np.allclose(res.fixef, ref.fixef, rtol=0, atol=1e-8)
+    near = fedglmm.fit("near ~ x + (1 | g)", sites, reml=False)
+    assert abs(near.loglik - ref.loglik) < 1e-6 and abs(near.fixef["x"] - ref.fixef["x"]) < 1e-6
