@@ -74,18 +74,26 @@ def log_ndtr(x):
 
 
 @njit(cache=True)
+def _binomial_level(y, m):
+    """A binomial row's log-density at μ = y/m (0 for a 0/1 row), which the family's loglik leaves out."""
+    if m == 1.0:
+        return 0.0
+    return (y * math.log(y / m) if y > 0 else 0.0) + ((m - y) * math.log((m - y) / m) if m > y else 0.0)
+
+
+@njit(cache=True)
 def loglik_row(code, y, m, eta):
-    """log f(y | η) up to the family's constant."""
+    """log f(y | η) up to the family's constant (less its saturated value, as the family's loglik)."""
     if code == LOGIT:
         t = math.log1p(math.exp(-abs(eta)))
-        return -(m * t + y * _pos(-eta) + (m - y) * _pos(eta))
+        return -(m * t + y * _pos(-eta) + (m - y) * _pos(eta)) - _binomial_level(y, m)
     if code == LOG:                          # m: the prior weight multiplying the row's log-likelihood
         # less its value at η = log y, as the family's loglik (its constant holds it)
         return m * ((y * (eta - math.log(y)) if y > 0 else 0.0) - (math.exp(eta) - y))
     if code == PROBIT:
-        return _xlogy(y, log_ndtr(eta)) + _xlogy(m - y, log_ndtr(-eta))
+        return _xlogy(y, log_ndtr(eta)) + _xlogy(m - y, log_ndtr(-eta)) - _binomial_level(y, m)
     t = math.exp(eta)
-    return _xlogy(y, _log1mexp(t)) - (m - y) * t
+    return _xlogy(y, _log1mexp(t)) - (m - y) * t - _binomial_level(y, m)
 
 
 @njit(cache=True)
@@ -126,7 +134,7 @@ def all_row(code, expected, y, m, eta):
     first two η-derivatives (the Fisher weight if ``expected`` or the link is canonical, else −d2)."""
     if code == LOGIT:                       # one exponential for the log-density and the derivatives
         e = math.exp(-abs(eta))
-        ll = -(m * math.log1p(e) + y * _pos(-eta) + (m - y) * _pos(eta))
+        ll = -(m * math.log1p(e) + y * _pos(-eta) + (m - y) * _pos(eta)) - _binomial_level(y, m)
         small, big = e / (1.0 + e), 1.0 / (1.0 + e)
         mu, cmu = (big, small) if eta >= 0 else (small, big)
         d1 = (y - m) + m * cmu if eta > 0 else y - m * mu

@@ -156,7 +156,8 @@ class Family:
             m = trials
             if np.all(m == 1.0) and np.all((y == 0.0) | (y == 1.0)):
                 return 0.0                      # binary rows: every term is log 1
-            return float(np.sum(special.gammaln(m + 1) - special.gammaln(y + 1) - special.gammaln(m - y + 1)))
+            return float(np.sum(special.gammaln(m + 1) - special.gammaln(y + 1) - special.gammaln(m - y + 1)
+                                + binomial_level(y, m)))
         if self.name == "poisson":      # the saturated term y log y − y, which :meth:`loglik` leaves out
             return float(np.sum(trials * (count_level(y) - special.gammaln(y + 1))))
         return 0.0
@@ -167,9 +168,10 @@ class Family:
 
     def loglik(self, y, m, eta, psi=None):
         """Row log-densities up to :meth:`constant`; works on any broadcastable shapes."""
-        if self.link == "logit":        # −(y log(1 + e^−η) + (m − y) log(1 + e^η)), exact in both tails
-            t = np.log1p(np.exp(-np.abs(eta)))
-            return -(m * t + y * np.maximum(-eta, 0.0) + (m - y) * np.maximum(eta, 0.0))
+        if self.name == "binomial":
+            # less the row's value at μ = y/m (in :meth:`constant`; 0 for a 0/1 row): with 1e6 trials a row's
+            # terms are 7e5 and their sum over 1200 rows cancelled to 1e4, losing 1e-7 of the logLik
+            return self._binomial_loglik(y, m, eta) - binomial_level(y, m)
         if self.link == "log":
             # y η − e^η less its value at η = log y (in :meth:`constant`): a row's term is then of the size of
             # its deviance, not of y η, and their sum keeps its digits (counts of 3e4 lost 3e-8 of the
@@ -179,13 +181,17 @@ class Family:
                 pos = y > 0
                 dev = np.where(pos, y * (eta - np.log(np.where(pos, y, 1.0))), 0.0)
                 return m * (dev - (np.exp(eta) - y))
+        raise AssertionError(self.link)
+
+    def _binomial_loglik(self, y, m, eta):
+        if self.link == "logit":        # −(y log(1 + e^−η) + (m − y) log(1 + e^η)), exact in both tails
+            t = np.log1p(np.exp(-np.abs(eta)))
+            return -(m * t + y * np.maximum(-eta, 0.0) + (m - y) * np.maximum(eta, 0.0))
         if self.link == "probit":
             return _xlogy(y, special.log_ndtr(eta)) + _xlogy(m - y, special.log_ndtr(-eta))
-        if self.link == "cloglog":
-            with np.errstate(over="ignore"):
-                t = np.exp(eta)
-                return _xlogy(y, _log1mexp(t)) - (m - y) * t
-        raise AssertionError(self.link)
+        with np.errstate(over="ignore"):        # cloglog
+            t = np.exp(eta)
+            return _xlogy(y, _log1mexp(t)) - (m - y) * t
 
     def derivs(self, y, m, eta, psi=None):
         """(d1, d2, w, w1): first and second η-derivatives of ℓ, Fisher weight and its η-derivative."""
@@ -305,6 +311,18 @@ def _log1mexp(t):
     log(1 − exp(−|a|))', CRAN Rmpfr vignette)."""
     return np.where(t < np.log(2.0), np.log(-np.expm1(-np.minimum(t, np.log(2.0)))),
                     np.log1p(-np.exp(-np.maximum(t, np.log(2.0)))))
+
+
+def binomial_level(y, m):
+    """y log(y/m) + (m − y) log(1 − y/m): a binomial row's log-density at μ = y/m without its coefficient (0
+    for a 0/1 row), which :meth:`Family.loglik` leaves out and :meth:`Family.constant` holds."""
+    y, m = np.asarray(y, float), np.asarray(m, float)
+    if np.all(m == 1.0):
+        return np.zeros(np.broadcast(y, m).shape) if np.ndim(y) or np.ndim(m) else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(y > 0, y * np.log(np.where(y > 0, y, 1.0) / np.where(m > 0, m, 1.0)), 0.0)
+        b = np.where(m > y, (m - y) * np.log(np.where(m > y, m - y, 1.0) / np.where(m > 0, m, 1.0)), 0.0)
+    return a + b
 
 
 def count_level(y):
