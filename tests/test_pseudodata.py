@@ -502,17 +502,10 @@ def test_hybrid_pseudo_rows_of_groups_with_many_trials_are_capped():
 def test_hybrid_fits_binomial_rows_of_many_trials():
     """cbind rows of 5e4-1e5 trials (aggregated counts) over 3 sites: the default method fits them (its
     pseudo rows capped) in at most 4 rounds, at the iterative method's estimates."""
-    import pandas as pd
-
     import fedglmm
+    from simulated import binomial_many_trials
 
-    rng = np.random.default_rng(1)
-    g = np.repeat(np.arange(60), 20)
-    x = rng.normal(size=len(g))
-    m = rng.integers(50_000, 100_000, len(g))
-    y = rng.binomial(m, 1 / (1 + np.exp(0.3 - 0.4 * x - rng.normal(0, 0.6, 60)[g])))
-    df = pd.DataFrame({"y": y, "f": m - y, "x": x, "g": g})
-    sites = {f"s{i}": df[g % 3 == i].reset_index(drop=True) for i in range(3)}
+    sites = binomial_many_trials(50_000, 100_000)[1]
     hyb, it = (fedglmm.fit("cbind(y, f) ~ x + (1 | g)", sites, family="binomial", method=k)
                for k in ("hybrid", "iterative"))
     assert hyb.converged and hyb.rounds <= 4
