@@ -582,3 +582,17 @@ def test_own_fit_mode_slope_carried_to_the_rounds_scale():
     warm_start(other, replace(d, x_names=list(d.x_names[::-1])), list(d.group_levels), own.u, slope,
                transform=T, zscale=zs)
     assert other._last is None and np.array_equal(other.u, own.u)
+
+
+def test_third_derivatives_carried_one_index_at_a_time():
+    """The sites' third derivatives are carried to the agreed coding index by index; equal to the
+    four-operand einsum (whose naive k⁶ loops took 22 s per tensor with a 40-level factor)."""
+    from fedglmm.likelihood.linalg import transform_third
+
+    rng = np.random.default_rng(0)
+    for k, m in ((1, 1), (4, 6), (9, 5)):
+        D = rng.normal(size=(k, k, k))
+        D = sum(D.transpose(p) for p in ((0, 1, 2), (1, 0, 2), (2, 1, 0), (0, 2, 1), (1, 2, 0), (2, 0, 1))) / 6
+        M = rng.normal(size=(k, m))
+        np.testing.assert_allclose(transform_third(D, M), np.einsum("ijk,ia,jb,kc->abc", D, M, M, M),
+                                   rtol=1e-12, atol=1e-12)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..likelihood.fused import parallel_map
+from ..likelihood.linalg import transform_third
 
 
 @dataclass
@@ -68,7 +69,7 @@ def own_part(loc: dict, message: dict, st) -> OwnPart | None:
         center = np.linalg.lstsq(K, h, rcond=None)[0]
         T = None
         if loc.get("third") is not None:
-            T = np.einsum("abc,ai,bj,ck->ijk", np.asarray(loc["third"], float), M, M, M)
+            T = transform_third(np.asarray(loc["third"], float), M)
             T = T if np.all(np.isfinite(T)) else None
     except (KeyError, ValueError, TypeError, IndexError, np.linalg.LinAlgError):
         return None

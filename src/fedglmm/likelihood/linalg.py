@@ -1,7 +1,8 @@
 """Stacked small linear algebra over groups: one q×q problem per group, solved for all groups at once.
 
 For a scalar random effect (q = 1, the common case) plain arithmetic, which avoids numpy.linalg's
-per-call overhead on many tiny problems.
+per-call overhead on many tiny problems.  And a third-derivative tensor carried through a linear map
+(:func:`transform_third`).
 """
 from __future__ import annotations
 
@@ -26,3 +27,12 @@ def upper_half(a: np.ndarray) -> np.ndarray:
     idx = np.arange(a.shape[-1])
     out[..., idx, idx] *= 0.5
     return out
+
+
+def transform_third(D: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """Σ_ijk D_ijk M_ia M_jb M_kc: a symmetric third-derivative tensor carried through the linear map M, one
+    index at a time (k³·(k + m) work; the four-operand einsum without a contraction path is k⁶: with a
+    40-level factor, k = 42, it took 22 s per tensor)."""
+    out = np.tensordot(D, M, axes=([0], [0]))             # (j, k, a)
+    out = np.tensordot(out, M, axes=([0], [0]))           # (k, a, b)
+    return np.tensordot(out, M, axes=([0], [0]))          # (a, b, c)

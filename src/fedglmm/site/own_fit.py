@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import FedGLMMError
 from ..likelihood.engine import make_engine
 from ..likelihood.fit import LocalEvaluator, canonical_theta, fit_glmm, fit_lmm
+from ..likelihood.linalg import transform_third
 from ..likelihood.newton import TrustRegionNewton
 from ..likelihood.setup import make_setup, setup_reply
 from ..likelihood.starts import start_values
@@ -256,7 +257,7 @@ def local_fit(design: Design, family: Family, options: FitOptions, site_id: str,
         x = np.r_[est.gamma, est.theta, est.disp]
         D3 = third_derivatives(engine, x, est.info) if third and family.name != "gaussian" else None
         if D3 is not None:
-            out["third"] = np.einsum("ijk,ia,jb,kc->abc", D3, T, T, T)
+            out["third"] = transform_third(D3, T)
     return out
 
 
