@@ -44,7 +44,8 @@ class Part:
     pooled: dict = field(default_factory=dict)          # shared by the parts of one fit: their pooled engines
 
 
-MERGE_ROWS = 20_000     # pseudo rows from which all sites' stand-ins are evaluated as one engine
+MERGE_ROWS = 20_000     # pseudo rows from which all sites' stand-ins are evaluated as one engine ...
+MERGE_PARTS = 8         # ... or sites (50 sites' small engines: 50 calls' overhead per surrogate point)
 # a binomial group's compressed pseudo rows at most (the hybrid's): a group of cbind rows with 1e5 trials
 # each would otherwise get one row per 4 trials -- 3e7 rows for 1200 data rows, more memory than the machine
 MAX_GROUP_ROWS = 100
@@ -54,13 +55,13 @@ MAX_PSEUDO_ROWS = 20_000_000      # pseudo rows in all beyond which the stand-in
 def part_engines(parts: dict, st: Setup, skip=()) -> tuple[dict, dict]:
     """({name: engine}, {name: levels}) of the parts but those in ``skip``, on the internal scale of ``st``.
 
-    Many pseudo rows (at least :data:`MERGE_ROWS`): the parts' rows as one design and one engine, so that
-    the coordinator's work per evaluation grows with the rows it generated, not with the number of sites
-    (and the engine runs the fused kernel in parallel chunks).  The groups are disjoint, so the sums are
+    Many pseudo rows (at least :data:`MERGE_ROWS`) or parts (:data:`MERGE_PARTS`): the parts' rows as one
+    design and one engine, so that the coordinator's work per evaluation grows with the rows it generated,
+    not with the number of sites (and the engine runs the fused kernel in parallel chunks).  The groups are disjoint, so the sums are
     the same up to rounding."""
     use = {sid: p for sid, p in parts.items() if sid not in skip}
     designs = [p.design for p in use.values()]
-    if len(use) < 2 or any(d is None for d in designs) or sum(d.n for d in designs) < MERGE_ROWS:
+    if len(use) < 2 or any(d is None for d in designs) or sum(d.n for d in designs) < MERGE_ROWS and len(use) < MERGE_PARTS:
         return ({sid: p.engines.get(st.A, st.zs) for sid, p in use.items()}, {sid: p.levels for sid, p in use.items()})
     pool = next(iter(use.values())).pooled
     key = tuple(use)
