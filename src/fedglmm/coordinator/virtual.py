@@ -57,11 +57,12 @@ def part_engines(parts: dict, st: Setup, skip=()) -> tuple[dict, dict]:
 
     Many pseudo rows (at least :data:`MERGE_ROWS`) or parts (:data:`MERGE_PARTS`): the parts' rows as one
     design and one engine, so that the coordinator's work per evaluation grows with the rows it generated,
-    not with the number of sites (and the engine runs the fused kernel in parallel chunks).  The groups are disjoint, so the sums are
-    the same up to rounding."""
+    not with the number of sites (and the engine runs the fused kernel in parallel chunks).  The groups are
+    disjoint, so the sums are the same up to rounding."""
     use = {sid: p for sid, p in parts.items() if sid not in skip}
     designs = [p.design for p in use.values()]
-    if len(use) < 2 or any(d is None for d in designs) or sum(d.n for d in designs) < MERGE_ROWS and len(use) < MERGE_PARTS:
+    few = sum(d.n for d in designs) < MERGE_ROWS and len(use) < MERGE_PARTS
+    if len(use) < 2 or any(d is None for d in designs) or few:
         return ({sid: p.engines.get(st.A, st.zs) for sid, p in use.items()}, {sid: p.levels for sid, p in use.items()})
     pool = next(iter(use.values())).pooled
     key = tuple(use)
@@ -202,10 +203,10 @@ def pseudo_design(block: dict, names: list, znames: list, mask: np.ndarray, fami
     """Pseudo rows for one site's groups, as a Design in the agreed coding, and the moment diagnostics.
 
     ``compress`` = r > 1 (binomial, order 2; the hybrid's start and surrogate): a group of n rows gets
-    m = min(max(⌈n/r⌉, min(n, 25)), 100) rows, each standing for n/m Bernoulli observations (a binomial row of n/m
-    trials): the likelihood costs r times less, the moments match up to the rounding of the count of ones;
-    and (poisson) a group whose closed-form draw has a negative count is drawn again or clipped rather than
-    solved on its own (:func:`~fedglmm.coordinator.pseudo.order2.generate_order2`, ``exact`` False)."""
+    m = min(max(⌈n/r⌉, min(n, 25)), 100) rows, each standing for n/m Bernoulli observations (a binomial row
+    of n/m trials): the likelihood costs r times less, the moments match up to the rounding of the count of
+    ones; and (poisson) a group whose closed-form draw has a negative count is drawn again or clipped rather
+    than solved on its own (:func:`~fedglmm.coordinator.pseudo.order2.generate_order2`, ``exact`` False)."""
     return pseudo_designs({None: block}, names, znames, mask, family, seed, compress)[None]
 
 
