@@ -61,8 +61,8 @@ def part_engines(parts: dict, st: Setup, skip=()) -> tuple[dict, dict]:
     disjoint, so the sums are the same up to rounding."""
     use = {sid: p for sid, p in parts.items() if sid not in skip}
     designs = [p.design for p in use.values()]
-    few = sum(d.n for d in designs) < MERGE_ROWS and len(use) < MERGE_PARTS
-    if len(use) < 2 or any(d is None for d in designs) or few:
+    if len(use) < 2 or any(d is None for d in designs) or \
+            sum(d.n for d in designs) < MERGE_ROWS and len(use) < MERGE_PARTS:
         return ({sid: p.engines.get(st.A, st.zs) for sid, p in use.items()}, {sid: p.levels for sid, p in use.items()})
     pool = next(iter(use.values())).pooled
     key = tuple(use)
