@@ -244,12 +244,10 @@ def _order2_designs(batch: dict, variables_: list, names, znames, mask, family, 
     """:func:`pseudo_designs` of sites whose moments stop at order 2, all groups in one closed-form draw,
     each site's from one stream seeded by its group labels."""
     expo = monomials(len(variables_), 2)
-    binary = family.name == "binomial"
-    nonneg = family.name in ("poisson", "negative_binomial", "gamma")
+    binary, nonneg, keep = _outcome_roles(family)
     # generate on a standard scale: moments of (v − c)/s are a fixed linear map of the raw ones
     moments = [np.asarray(b["moments"], float) for b in batch.values()]
-    c, sc = _standardisation(np.array([m.sum(axis=0) for m in moments]), expo,
-                             keep=[0] if family.name != "gaussian" else [])
+    c, sc = _standardisation(np.array([m.sum(axis=0) for m in moments]), expo, keep)
     T = _shift_matrix(expo, c, sc)
     targets = np.concatenate([m @ Ts.T for m, Ts in zip(moments, T)])
     nrows = np.round(np.concatenate([np.asarray(b["n"], float) for b in batch.values()]))
@@ -280,21 +278,26 @@ def _higher_order_design(block: dict, names, znames, mask, family, seed) -> tupl
     label (the pseudo rows do not depend on how groups are spread over sites)."""
     variables_ = list(block["variables"])
     expo = monomials(len(variables_), _order_of(block, len(variables_)))
-    c, sc = _standardisation(np.asarray(block["moments"], float).sum(axis=0)[None], expo,
-                             keep=[0] if family.name != "gaussian" else [])
+    binary, nonneg, keep = _outcome_roles(family)
+    c, sc = _standardisation(np.asarray(block["moments"], float).sum(axis=0)[None], expo, keep)
     targets = np.asarray(block["moments"], float) @ _shift_matrix(expo, c, sc)[0].T
-    binary = [0] if family.name == "binomial" else []
-    nonneg = [0] if family.name in ("poisson", "negative_binomial", "gamma") else []
     parts, errors = [], []
     for level, n, target in zip(block["levels"], block["n"], targets):
         rng = np.random.default_rng([seed, crc32(str(level).encode())])
-        Vg, err = generate_group(int(round(n)), expo, np.asarray(target, float), binary=binary, nonneg=nonneg,
-                                 rng=rng)
+        Vg, err = generate_group(int(round(n)), expo, np.asarray(target, float), binary=[0] if binary else [],
+                                 nonneg=[0] if nonneg else [], rng=rng)
         parts.append(Vg)
         errors.append(err)
     V = np.vstack(parts) * sc[0] + c[0]
     gidx = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     return _finish(V, gidx, errors, np.ones(V.shape[0]), variables_, block, family, names, znames, mask)
+
+
+def _outcome_roles(family: Family) -> tuple[bool, bool, list]:
+    """Whether the outcome (variable 0) is drawn 0/1, whether ≥ 0, and the variables kept off the standard
+    scale (the outcome, but a gaussian one)."""
+    return (family.name == "binomial", family.name in ("poisson", "negative_binomial", "gamma"),
+            [0] if family.name != "gaussian" else [])
 
 
 def _finish(V, gidx, errors, trials, variables_, block, family, names, znames, mask) -> tuple:

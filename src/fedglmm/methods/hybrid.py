@@ -27,7 +27,7 @@ from ..coordinator.starts import OwnPart, combined_start, internal_start, own_pa
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
-from ..likelihood.fit import diagonal_positions
+from ..likelihood.fit import LOST_DIGITS, diagonal_positions
 from ..likelihood.setup import make_setup
 from ..likelihood.factor_starts import factor_theta_start
 from ..likelihood.starts import start_values
@@ -43,7 +43,6 @@ SOME_GROUPS = 50           # ... when every site has this many groups (their fit
 OWN_NEAR = 0.5            # with such fits alone: decrement below which the Newton step is the final candidate
 ATTENUATE = 1.3           # the factor of the SD variants of a binary start (see _attenuated)
 ATTENUATION = {"logit": 0.346, "probit": 1.0}   # c of the attenuation factor √(1 + c σ²) per link
-CENTRED_DIGITS = 1e6       # a covariate's Σx² over Σ(x − x̄)² beyond which per-group gaussian sums lose digits
 
 
 def _pseudo_fit(merged, replies, req: FitRequest, seed: int, fit: bool = True):
@@ -274,15 +273,15 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
 
 def _blocks_keep_digits(st) -> bool:
     """Whether a gaussian fit from the per-group sums (raw cross-products) keeps its digits: a covariate whose
-    Σx² is over ``CENTRED_DIGITS`` times its Σ(x − x̄)² (a mean beyond 1e3 of its SDs from 0) leaves its
-    centred cross-products to the cancellation of far larger terms (x ≈ 1e5 ± 1: the one-shot fit's logLik
-    was 5e-4 off; 1e7 ± 1: its slope 6 % off).  The Newton rounds then finish the fit: the sites form their
-    sums on the internal, centred scale."""
+    Σ(x − x̄)² is below ``LOST_DIGITS`` of its Σx² (the bound the gaussian fit holds its outcome to; a mean
+    beyond 1e3 of its SDs from 0) leaves its centred cross-products to the cancellation of far larger terms
+    (x ≈ 1e5 ± 1: the one-shot fit's logLik was 5e-4 off; 1e7 ± 1: its slope 6 % off).  The Newton rounds
+    then finish the fit: the sites form their sums on the internal, centred scale."""
     n = float(st.n)
     colsum, colsq = (np.asarray(st.sums[k], float) for k in ("colsum", "colsq"))
     varying = np.array([nm != "Intercept" for nm in st.names]) & (colsq > 0)
     spread = colsq[varying] - colsum[varying] ** 2 / max(n, 1.0)
-    return bool(np.all(spread > colsq[varying] / CENTRED_DIGITS))
+    return bool(np.all(spread > LOST_DIGITS * colsq[varying]))
 
 
 def _alone_start(own: dict, st, fam):
