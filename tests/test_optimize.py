@@ -433,3 +433,50 @@ def test_surrogate_step_is_not_sought_beyond_twice_newtons():
     assert out is not None
     assert np.all(np.isfinite(out[0])) and np.linalg.norm(out[0]) <= 2.0 * np.linalg.norm(g) + 1e-12, out[0]
     assert len(calls) <= 12, len(calls)
+
+
+def _quartic(x):
+    """Σ (x_i² + 0.1 x_i⁴) − cᵀx and its derivatives."""
+    c = np.array([1.0, -2.0])
+    return (float(np.sum(x ** 2 + 0.1 * x ** 4) - c @ x), 2.0 * x + 0.4 * x ** 3 - c,
+            np.diag(2.0 + 1.2 * x ** 2))
+
+
+def test_a_point_whose_value_was_approximate_is_evaluated_again_when_its_steps_fail():
+    """The point of the fifth round comes back with F 1e-3 too low and the gradient off (an evaluation
+    known only to first order: levels shared by sites, v not yet at its mode); ``uncertain`` says so.  Every
+    step from it then looks worse.  With ``uncertain`` the round after a failed one also carries the current
+    point again, whose exact value lets the steps succeed: the minimiser in 8 rounds.  Without it, 19 rounds
+    and a solution 6e-4 away."""
+    x_star = np.zeros(2)
+    for _ in range(50):
+        _, g, H = _quartic(x_star)
+        x_star = x_star - np.linalg.solve(H, g)
+    counted, rough = {}, set()
+
+    def fun(x):
+        key = tuple(np.round(x, 14))
+        counted[key] = counted.get(key, 0) + 1
+        f, g, H = _quartic(x)
+        if len(rounds) == 5 and counted[key] == 1:        # the fifth round's point, the first time
+            rough.add(key)
+            return f - 1e-3, g + 1e-3, H
+        rough.discard(key)
+        return f, g, H
+
+    for uncertain in (lambda x: tuple(np.round(x, 14)) in rough, None):
+        counted.clear()
+        rough.clear()
+        rounds = []
+        opt = TrustRegionNewton(np.array([3.0, -3.0]), uncertain=uncertain)
+        xs = opt.starts
+        while xs:
+            rounds.append(xs)
+            xs = opt.tell(xs, [fun(np.array(x, float)) for x in xs])
+            assert len(rounds) <= 60, "no end"
+        miss = float(np.max(np.abs(opt.solution - x_star)))
+        if uncertain is not None:
+            assert opt.converged and miss < 1e-8
+            assert len(rounds) <= 8
+        else:
+            assert miss > 1e-6

@@ -295,3 +295,52 @@ def test_min_group_per_level_and_site_cell_and_refusals():
     with pytest.raises(FedGLMMError, match="curvature='expected' is not available"):
         fedglmm.fit(formula, df, family="binomial", link="probit", curvature="expected", site="site", min_group=1)
 
+
+
+def test_a_value_known_to_first_order_is_taken_again_when_every_step_fails():
+    """A poisson model without intercept over 3 sites, all 30 levels at every site: the random effects carry
+    the mean, and a round's accepted point had a v 7e-3 in decrement from its mode, where ℓ came out 2.6e-4
+    too high.  No step could beat that value: eleven rounds rejected, then "converged" 1.8e-6 below the
+    optimum.  Now a round whose steps all fail also evaluates the current point again (v moved to its
+    mode), and the fit is the pooled one."""
+    rng = np.random.default_rng(1)
+    n, G = 600, 30
+    g = rng.integers(0, G, n)
+    x = rng.normal(size=n)
+    b = rng.normal(0, 0.8, G)
+    rng.random(n)                                     # (the draws of the data this was found on)
+    site = rng.integers(0, 3, n)
+    rng.choice(3, n)
+    df = pd.DataFrame({"cnt": rng.poisson(np.exp(0.5 + 0.3 * x + b[g])), "x": x, "g": [f"h{k}" for k in g]})
+    sites = {f"s{k}": df[site == k].reset_index(drop=True) for k in range(3)}
+    pooled = fedglmm.fit("cnt ~ 0 + x + (1 | g)", df, family="poisson")
+    for method in ("hybrid", "iterative"):
+        res = fedglmm.fit("cnt ~ 0 + x + (1 | g)", sites, family="poisson", method=method)
+        assert any("levels shared by sites" in m for m in res.messages)
+        assert abs(res.loglik - pooled.loglik) < 1e-8
+        assert np.allclose(np.asarray(res.fixef), np.asarray(pooled.fixef), rtol=0, atol=1e-8)
+        assert np.allclose(np.asarray(res.theta), np.asarray(pooled.theta), rtol=0, atol=1e-7)
+
+
+def test_a_start_far_from_the_shared_modes_is_warmed_up_to_the_end():
+    """Levels whose means reach e^5.7 in a poisson model without intercept, every level at both sites: from
+    the site totals' start (the iterative method's: slope 2.7 for 0.5, SD 4.8) v took 10 rounds to settle,
+    and after 8 the fit stopped ("the objective is not finite at the starting values").  The start now
+    warms up to MAX_START rounds, and the fit is the pooled one."""
+    rng = np.random.default_rng(3)
+    for _ in range(3):                      # (the draws of the simulation that found it: rows, levels, sites)
+        rng.choice(3)
+    g = rng.integers(0, 8, 1500)
+    x = rng.normal(size=1500)
+    rng.choice(3)
+    b = rng.normal(0, 1.5, 8)
+    rng.choice(3)
+    rng.choice(2)
+    df = pd.DataFrame({"y": rng.poisson(np.exp(1.0 + 0.5 * x + b[g])), "x": x, "g": [f"h{k}" for k in g]})
+    site = rng.integers(0, 2, 1500)
+    sites = {f"s{k}": df[site == k].reset_index(drop=True) for k in range(2)}
+    pooled = fedglmm.fit("y ~ 0 + x + (1 | g)", df, family="poisson")
+    res = fedglmm.fit("y ~ 0 + x + (1 | g)", sites, family="poisson", method="iterative")
+    assert any("levels shared by sites" in m for m in res.messages)
+    assert abs(res.loglik - pooled.loglik) < 1e-8
+    assert np.allclose(np.asarray(res.fixef), np.asarray(pooled.fixef), rtol=0, atol=1e-8)

@@ -31,6 +31,7 @@ from ..likelihood.shared import SharedLayout, by_factor
 from .shared_rounds import POOLED, local_moves
 
 WARM, MAX_WARM = 0.5, 8      # rounds for one φ while v's Newton decrement is above WARM (see _solve)
+MAX_START = 24               # ... for the start, which has no other point to fall back on
 LINE = (0.5, 0.25, 0.125)    # the fractions of v's Newton step also tried in those rounds
 CAP = 2.0                    # largest move of a shared effect by one Newton step of v (linear predictor scale)
 GIVE_UP = 100.0              # a trial φ (not the start) whose v has a larger decrement is not pursued
@@ -141,14 +142,16 @@ class SharedGLMMEvaluator:
         φ's v by its Newton step δv, and also tries v moved by the fractions LINE of it (a line search
         within the round: a full Newton step from far away overshoots for the log and logit links),
         going on from the best F (steps capped by :meth:`_step`).  Once some φ of the call is settled, or
-        after MAX_WARM rounds, the others get NaN, and so does at once a trial φ (not the start) whose
+        after MAX_WARM rounds (MAX_START for the start: a poisson model without intercept whose levels' means
+        reach e^5.7, from the site totals' start, took 10; it had no finite value after 8, and the fit
+        stopped), the others get NaN, and so does at once a trial φ (not the start) whose
         decrement is above GIVE_UP: a trial point whose v is far from its mode is a long step, and the
         iteration then steps shorter."""
         plans = {i: self._plan(x) for i, x in enumerate(points)}
         P = len(np.asarray(points[0]))
         out = {i: {"value": np.nan, "grad": np.full(P, np.nan), "hess": np.full((P, P), np.nan)}
                for i in plans}
-        for _ in range(MAX_WARM):
+        for _ in range(MAX_WARM if self.seen else MAX_START):
             order = list(plans)
             psis = [p for i in order for p in plans[i]["psis"]]
             gammas = [g for i in order for g in plans[i]["gammas"]]
@@ -175,6 +178,16 @@ class SharedGLMMEvaluator:
 
     def evaluate(self, points, keys):
         return self._solve(points)
+
+    def uncertain(self, phi) -> bool:
+        """Whether the value at ``phi`` came from a v not yet at its mode (a decrement above FINAL_DEC): it is
+        then right to first order in δv only, and evaluating ``phi`` again (v moved by δv) gives it to the
+        last digits.  The Newton iteration asks this when a round's steps all fail: a value at a point whose
+        v was off could be too high (a poisson model without intercept over 3 sites, every level shared: ℓ
+        2.6e-4 too high at a v decrement of 7e-3), and no step could then beat it."""
+        phi = np.asarray(phi, float)
+        last = next((s for s in reversed(self.seen) if np.array_equal(s.phi, phi)), None)
+        return last is not None and last.decrement > FINAL_DEC
 
     def finalize(self, point, keys, extra=None):
         """The final round at ``point`` (its difference points too: the Hessian gives the standard errors),

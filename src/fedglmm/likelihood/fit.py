@@ -204,7 +204,8 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
                             boundary=edge, covariance=CovarianceSteps(mask, p) if k else None,
                             predict_final=bool(setup.factor_groups), final_first=final_first,
                             sound_start=sound_start, tails=(p + k,) if poisson_limit else (),
-                            faces=not setup.factor_groups, fixed=0 if setup.factor_groups else p)
+                            faces=not setup.factor_groups, fixed=0 if setup.factor_groups else p,
+                            uncertain=getattr(evaluator, "uncertain", None))
     phi, (final, s) = _run(opt, evaluate, canon)
     info = -s["hess"]
     if P is not None:

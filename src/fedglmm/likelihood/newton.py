@@ -71,6 +71,8 @@ class TrustRegionNewton(Ending):
                                     # that coordinate at 0 (see _face)
     fixed: int = 0                  # how many leading coordinates are fixed effects (the choice of start
                                     # compares starts with those profiled: start_choice.best_start)
+    uncertain: object = None        # optional uncertain(x) -> bool: F at x was known only approximately, and
+                                    # evaluating x again gives it more precisely (see _refresh)
 
     def __post_init__(self):
         self.x0 = np.asarray(self.x0, float)
@@ -91,6 +93,7 @@ class TrustRegionNewton(Ending):
         self._rho: float | None = None      # actual / predicted decrease of the last round's Newton step
         self._tail_from: _State | None = None   # the point the last step in e^(−ψ) was proposed from
         self._cov_won = False               # the step accepted last was one in Σ's entries or a turn
+        self._refreshing = False            # the round asked for carries the current point again, last
 
     @property
     def current(self) -> _State | None:
@@ -103,6 +106,7 @@ class TrustRegionNewton(Ending):
                                                               np.asarray(H, float), self.boundary))
                for x, (f, g, H) in zip(xs, results)]
         ok = [np.isfinite(f) and np.all(np.isfinite(g)) and np.all(np.isfinite(H)) for _, f, g, H in pts]
+        self._refresh(pts, ok)
         was_final, self.final_candidate, self.accepted = self.final_candidate, False, None
         observe = getattr(self.model, "observe", None)
         if observe is not None:
@@ -132,7 +136,8 @@ class TrustRegionNewton(Ending):
                 # otherwise take turns for ever)
                 self._ceiling = min(self._ceiling, min(c.norm for c in self._cands))
                 self._radius = 0.25 * self._ceiling
-                if max(c.pred for c in self._cands) < 1e-13 * max(1.0, abs(self._cur.f)):
+                self._refreshing = self.uncertain is not None and bool(self.uncertain(self._cur.x))
+                if not self._refreshing and max(c.pred for c in self._cands) < 1e-13 * max(1.0, abs(self._cur.f)):
                     # the model predicts no measurable gain: the current point is as good as it gets
                     return self._finish(converged=True)
         self.history.append((self.evals, self._cur.f))
@@ -172,7 +177,18 @@ class TrustRegionNewton(Ending):
         tail = tail if dec >= self.config.near else None
         self._cands += [c for c in (edge, cov, grow, tail) if c is not None] + self._turns(cur, newton, cov) \
             + self._face(cur, newton)
-        return [cur.x + c.step for c in self._cands]
+        return [cur.x + c.step for c in self._cands] + ([cur.x] if self._refreshing else [])
+
+    def _refresh(self, pts: list, ok: list) -> None:
+        """Where the round carried the current point again (last; see ``uncertain``): take it off the
+        round's points, as the current point's value, gradient and Hessian if finite.  Asked for after a
+        round whose steps all failed, at a point whose F was known only approximately: too low there, F
+        would have no step beat it."""
+        if self._refreshing:
+            self._refreshing = False
+            again, good = pts.pop(), ok.pop()
+            if good:
+                self._cur = _State(*again)
 
     def _accept(self, pt, index: int, cand: _Candidate, rho: float) -> None:
         """Move to the round's best point ``pt`` (the candidate ``cand``, ratio ``rho``) and set the radius."""

@@ -19,7 +19,7 @@ class Ending:
     def _final(self, cur, newton, dec, extra, edge) -> list:
         """The final candidate: the Newton step, the caller's model's step, or, converging onto a zero
         variance, the boundary point."""
-        self.final_candidate = True
+        self.final_candidate, self._refreshing = True, False     # (a final round evaluates its point alone)
         step, pred = (newton, dec / 2.0) if extra is None else (extra.step, extra.pred)
         if edge is not None:
             step, pred = edge.step, edge.pred
