@@ -258,7 +258,7 @@ def _settled(pt: SharedPoint, gamma_sent: np.ndarray) -> bool:
     """Whether the value at a final point is that at the joint mode to the last digits: v's Newton decrement
     below FINAL_DEC, and the error of its term D_v·δv below FINAL_VALUE.  The sites' ∂ log det C/∂v is
     contracted with the prediction Γ̂ sent, not the round's Γ; its error, about the relative error of Γ̂
-    times |D_v·δv| (within a factor 3 on 60 simulated fits with every level at every site), put the
+    times |D_v·δv| (within a factor 3 on the final rounds of benchmarks/stress_shared.py's 60 fits), put the
     estimate's logLik up to 2e-8 below the pooled one at a decrement of 1.4e-10 (D_v·δv = 1.2e-5, Γ̂ off
     by 3.4e-3).  Such a point takes one more final round, at the same φ with the exact Γ as Γ̂."""
     if pt.decrement >= FINAL_DEC:
