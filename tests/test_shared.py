@@ -165,6 +165,48 @@ def test_one_shared_factor():
     assert res.ngroups == {"teacher": 400}
 
 
+def _every_level_at_every_site(seed=7, n=2000, levels=8, nsites=3):
+    """A gaussian random intercept and slope, every level's rows dealt to the sites at random."""
+    rng = np.random.default_rng(seed)
+    g, x = rng.integers(0, levels, n), rng.normal(size=n)
+    y = 2 + 0.5 * x + rng.normal(0, 0.7, levels)[g] + 0.3 * rng.normal(size=levels)[g] * x + rng.normal(size=n)
+    df = pd.DataFrame({"y": y, "x": x, "g": g})
+    site = rng.integers(0, nsites, n)
+    return df, {f"s{k}": df[site == k].reset_index(drop=True) for k in range(nsites)}
+
+
+@pytest.mark.parametrize("reml, method", [(True, "hybrid"), (False, "hybrid"), (True, "oneshot")])
+def test_one_shared_factor_fitted_from_the_one_shot_round(reml, method):
+    """Each (site, level) cell's sums from the one-shot round, added up by level, are the pooled rows'
+    per-level sufficient statistics: the default method's fit is the pooled one after that round alone
+    (5-6 rounds in all before), every level counted once; the one-shot method, which refused shared
+    levels, fits them so too."""
+    df, sites = _every_level_at_every_site()
+    pooled = fedglmm.fit("y ~ x + (x | g)", df, reml=reml)
+    res = fedglmm.fit("y ~ x + (x | g)", sites, reml=reml, method=method)
+    assert res.rounds == 1
+    assert abs(res.loglik - pooled.loglik) < 1e-9
+    assert np.allclose(res.fixef, pooled.fixef, rtol=1e-10, atol=1e-12)
+    assert np.allclose(res.se, pooled.se, rtol=1e-9)
+    assert np.allclose(res.theta, pooled.theta, rtol=1e-9)
+    (m, sd), (pm, psd) = res.ranef(condvar=True, by_factor=True), pooled.ranef(condvar=True, by_factor=True)
+    assert np.allclose(m["g"].loc[pm["g"].index], pm["g"], atol=1e-10)
+    assert np.allclose(sd["g"].loc[pm["g"].index], psd["g"], rtol=1e-9)
+    assert res.ngroups == {"g": 8}
+    assert any("fitted exactly from the one-shot round" in msg for msg in res.messages)
+
+
+def test_one_shared_factor_with_a_withheld_cell_goes_to_the_rounds():
+    """A cell below a site's minimum group size keeps its sums at the site: the per-level totals would miss
+    it, so the Newton rounds fit the shared levels (the same pooled fit, in more rounds)."""
+    df, sites = _every_level_at_every_site(n=300, levels=30)
+    pooled = fedglmm.fit("y ~ x + (1 | g)", df)
+    res = fedglmm.fit("y ~ x + (1 | g)", sites)
+    assert res.rounds > 1
+    assert abs(res.loglik - pooled.loglik) < 1e-8
+    assert not any("one-shot round" in msg for msg in res.messages)
+
+
 class _Recording(InProcessTransport):
     def broadcast(self, message):
         replies = super().broadcast(message)

@@ -22,6 +22,7 @@ from ..coordinator.own_combination import factor_combined_start, factor_fits, fa
 from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
+from ..coordinator.shared_blocks import levels_note, merge_shared_levels
 from ..coordinator.shared_rounds import shared_setup
 from ..coordinator.starts import OwnPart, combined_start, internal_start, own_part, without_singular
 from ..coordinator.surrogate import pseudo_objective
@@ -259,14 +260,16 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         own = _own_parts(own, replies, st)         # the sites' fits in the agreed coding, once
     big = st is not None and _fits_suffice(own, replies, merged, req, st)
     lean = st is not None and not big and _lean(own, replies, merged, req, st)
-    pseudo = _pseudo_fit(merged, replies, req, seed, fit=not lean) \
+    by_level = merge_shared_levels(merged)          # gaussian, levels at several sites: their sums added up
+    pseudo = _pseudo_fit(by_level or merged, replies, req, seed, fit=not lean) \
         if (any(b is not None for b in merged.blocks.values()) or merged.pooled) and not big else None
-    if pseudo is not None and fam.name == "gaussian" and not merged.refused and not merged.schema.shared \
-            and (st is None or _blocks_keep_digits(st)):
+    if pseudo is not None and fam.name == "gaussian" and not merged.refused \
+            and (not merged.schema.shared or by_level is not None) and (st is None or _blocks_keep_digits(st)):
         # per-group sufficient statistics give the exact fit: nothing is left to iterate
         run = RunStats(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
                        time.perf_counter() - t0, tuple(replies), secure)
         res = FitResult.build(pseudo[1], run)
+        res.messages += [levels_note(merged)] if by_level is not None else []
         link = Link(transport, setup=payload)
         res.session = Session(link, req.formula, fam, options, req.spec, merged.schema, pseudo[2], pseudo[3])
         return res

@@ -9,6 +9,7 @@ from ..coordinator.assemble import assemble
 from ..coordinator.messages import merge_messages
 from ..coordinator.rounds import pooled_transforms
 from ..coordinator.schema import check_outcome
+from ..coordinator.shared_blocks import levels_note, merge_shared_levels
 from ..likelihood.setup import make_setup
 from ..coordinator.rounds import setup_request
 from ..coordinator.session import Link, Session
@@ -28,16 +29,18 @@ def fit_from_messages(messages: dict, req: FitRequest, rounds: int = 0, bytes_to
     check_outcome(make_setup(merged.setup, req.family.ndisp), req.spec, req.family)
     if merged.refused:
         raise FedGLMMError(merged.refused[0])
-    if merged.schema.shared:
+    shared = merged.schema.shared and merge_shared_levels(merged)     # gaussian, one factor: exact by level
+    if merged.schema.shared and shared is None:
         f, levels = next(iter(merged.schema.shared.items()))
         raise FedGLMMError(f"group '{f}' level '{next(iter(levels))}' is present at several sites: the one-shot "
                            "method needs each group at one site (method='hybrid' or 'iterative' fits shared levels)")
-    parts, diagnostics = stand_ins(merged, messages, req.options, seed)
+    parts, diagnostics = stand_ins(shared or merged, messages, req.options, seed)
     schema, setup, est = fit_stand_ins(parts, req.spec, req.family, req.options, merged.schema.transforms)
     internals = (schema, setup, est)
     fit = assemble(req.formula, req.family, req.options, req.spec, schema, setup, est)
     if req.family.name == "gaussian":
         fit.method = f"one-shot {fit.method} (exact, from per-group sufficient statistics)"
+        fit.messages += [levels_note(merged)] if shared else []
     else:
         err = max(d["max_rel_error"] for d in diagnostics.values())
         order = messages[next(iter(messages))]["order"]

@@ -1,0 +1,56 @@
+"""Gaussian models of one grouping factor whose levels are at several sites: the one-shot round's per-group
+sums of each (site, level) cell added up by level, so that the exact fit from per-group sufficient
+statistics (:func:`fedglmm.coordinator.virtual.stand_ins`) is the pooled one.
+
+A gaussian site sends, for each of its groups that its rules let go, the cross-products n, XᵀX, Xᵀy, yᵀy,
+ZᵀX, ZᵀZ and Zᵀy over the group's rows (:mod:`fedglmm.site.summaries`).  Where a level is at several sites,
+each site's are the sums over its own rows of that level, and the level's sums over all its rows are their
+total: the likelihood of a gaussian LMM is a function of these per-level totals alone.  Each level's total
+goes to one site's stand-in (the first site holding it, in the order of the replies); the other sites keep
+their set-up sums and their own levels.  Nothing is asked of the sites beyond the one-shot round: the
+sums were sent for the one-shot fit anyway, and a cell the rules withheld leaves the fit to the rounds."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from .messages import BLOCK_AXES, Merged
+
+
+def merge_shared_levels(merged: Merged) -> Merged | None:
+    """``merged`` with each shared level's per-group sums added up over its sites (see the module
+    docstring), or None where that does not give the pooled fit: not gaussian, no shared level, a site
+    withheld groups or sent none, several grouping factors (per-cell sums)."""
+    if merged.family.name != "gaussian" or not merged.schema.shared or merged.refused \
+            or not merged.mask.shape[0]:
+        return None
+    blocks = merged.blocks
+    if any(b is None or "levels" not in b for b in blocks.values()):
+        return None
+    sids = list(blocks)
+    named = [lv for sid in sids for lv in blocks[sid]["levels"]]
+    owner = np.repeat(np.arange(len(sids)), [len(blocks[sid]["levels"]) for sid in sids])
+    _, first, inverse = np.unique(np.array([str(lv) for lv in named], dtype=object), return_index=True,
+                                  return_inverse=True)
+    totals = {}
+    for key in BLOCK_AXES:
+        stacked = np.concatenate([np.asarray(blocks[sid][key], float) for sid in sids])
+        total = np.zeros((len(first),) + stacked.shape[1:])
+        np.add.at(total, inverse, stacked)
+        totals[key] = total
+    order = np.argsort(first, kind="stable")             # levels in the order the replies first name them
+    out = {}
+    for i, sid in enumerate(sids):
+        mine = order[owner[first[order]] == i]
+        out[sid] = {"levels": [named[first[j]] for j in mine], **{key: totals[key][mine] for key in BLOCK_AXES}}
+    # (each level counted once: at the site its total went to)
+    setup = {sid: dict(merged.setup[sid], ngroups=len(out[sid]["levels"])) for sid in sids}
+    return replace(merged, blocks=out, setup=setup)
+
+
+def levels_note(merged: Merged) -> str:
+    """The summary's note on the shared levels of a fit made from the one-shot round alone."""
+    parts = [f"{f}: {len(levels)} level(s) at several sites" for f, levels in merged.schema.shared.items()]
+    return ("levels shared by sites (" + "; ".join(parts) + "), fitted exactly from the one-shot round: the sites' "
+            "sums over each level's rows added up by the coordinator")
