@@ -27,6 +27,7 @@ except ImportError:      # not installed: run from the source tree
 from multilevel_reference import cases, compare, fit, split_sites
 
 import fedglmm
+from fedglmm.analysis import profile_intervals
 from fedglmm.api import fit_on
 from fedglmm.coordinator.schema import merge_schema
 from fedglmm.errors import FedGLMMError, SiteRefusal
@@ -194,6 +195,19 @@ def test_one_shared_factor_fitted_from_the_one_shot_round(reml, method):
     assert np.allclose(sd["g"].loc[pm["g"].index], psd["g"], rtol=1e-9)
     assert res.ngroups == {"g": 8}
     assert any("fitted exactly from the one-shot round" in msg for msg in res.messages)
+
+
+@pytest.mark.parametrize("method", ["hybrid", "oneshot"])
+def test_follow_ups_of_a_shared_factor_fitted_from_the_one_shot_round(method):
+    """The profile intervals and the ML refit of such a fit run rounds with the sites, which evaluate the
+    shared levels as such: the session holds the set-up with them (it held the stand-ins', and the first
+    follow-up round stopped with a KeyError).  Both equal the pooled fit's."""
+    df, sites = _every_level_at_every_site()
+    pooled = fedglmm.fit("y ~ x + (1 | g)", df)
+    res = fedglmm.fit("y ~ x + (1 | g)", sites, method=method)
+    assert res.rounds == 1
+    assert np.allclose(profile_intervals(res).to_numpy(), profile_intervals(pooled).to_numpy(), rtol=1e-6)
+    assert abs(res.refit_ml().loglik - pooled.refit_ml().loglik) < 1e-8
 
 
 def test_one_shared_factor_with_a_withheld_cell_goes_to_the_rounds():

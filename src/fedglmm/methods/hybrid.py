@@ -260,7 +260,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         own = _own_parts(own, replies, st)         # the sites' fits in the agreed coding, once
     big = st is not None and _fits_suffice(own, replies, merged, req, st)
     lean = st is not None and not big and _lean(own, replies, merged, req, st)
-    by_level = merge_shared_levels(merged)          # gaussian, levels at several sites: their sums added up
+    by_level = merge_shared_levels(merged) if st is not None else None     # gaussian: shared levels' sums added
     pseudo = _pseudo_fit(by_level or merged, replies, req, seed, fit=not lean) \
         if (any(b is not None for b in merged.blocks.values()) or merged.pooled) and not big else None
     if pseudo is not None and fam.name == "gaussian" and not merged.refused \
@@ -270,8 +270,8 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
                        time.perf_counter() - t0, tuple(replies), secure)
         res = FitResult.build(pseudo[1], run)
         res.messages += [levels_note(merged)] if by_level is not None else []
-        link = Link(transport, setup=payload)
-        res.session = Session(link, req.formula, fam, options, req.spec, merged.schema, pseudo[2], pseudo[3])
+        res.session = Session(Link(transport, setup=payload), req.formula, fam, options, req.spec, merged.schema,
+                              pseudo[2] if by_level is None else st, pseudo[3])     # (st: the levels shared)
         return res
     if st is None:             # secure gaussian: the set-up after all
         st = _secure_setup(transport, payload, req, merged)

@@ -10,6 +10,7 @@ from ..coordinator.messages import merge_messages
 from ..coordinator.rounds import pooled_transforms
 from ..coordinator.schema import check_outcome
 from ..coordinator.shared_blocks import levels_note, merge_shared_levels
+from ..coordinator.shared_rounds import shared_setup
 from ..likelihood.setup import make_setup
 from ..coordinator.rounds import setup_request
 from ..coordinator.session import Link, Session
@@ -36,7 +37,9 @@ def fit_from_messages(messages: dict, req: FitRequest, rounds: int = 0, bytes_to
                            "method needs each group at one site (method='hybrid' or 'iterative' fits shared levels)")
     parts, diagnostics = stand_ins(shared or merged, messages, req.options, seed)
     schema, setup, est = fit_stand_ins(parts, req.spec, req.family, req.options, merged.schema.transforms)
-    internals = (schema, setup, est)
+    # (follow-up rounds evaluate the shared levels as such: the set-up of the sites' own totals with them)
+    internals = (schema, shared_setup(make_setup(merged.setup, req.family.ndisp), merged.schema) if shared else setup,
+                 est)
     fit = assemble(req.formula, req.family, req.options, req.spec, schema, setup, est)
     if req.family.name == "gaussian":
         fit.method = f"one-shot {fit.method} (exact, from per-group sufficient statistics)"
