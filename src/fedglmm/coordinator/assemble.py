@@ -241,15 +241,18 @@ def _dispersion(family: Family, est: Estimate) -> dict | None:
             "se": abs(family.dispersion_slope(psi)) * float(np.sqrt(var)) if var >= 0 else float("nan")}
 
 
-def shared_note(st: Setup) -> str:
-    """Which grouping factors have levels at several sites, and how many."""
+ROUNDS_NOTE = "fitted exactly: each site sent sums over its rows for the shared levels' block, the coordinator " \
+    "solved for their effects"
+
+
+def shared_note(st: Setup, how: str = ROUNDS_NOTE) -> str:
+    """Which grouping factors have levels at several sites, and how many, and (``how``) how they were fitted."""
     parts = []
     for f, levels in st.shared.items():
         nsites = list(levels.values())
         span = f"{min(nsites)}" if min(nsites) == max(nsites) else f"{min(nsites)}-{max(nsites)}"
         parts.append(f"{f}: {len(levels)} of {st.factor_groups.get(f, len(levels))} levels at {span} sites each")
-    return ("levels shared by sites (" + "; ".join(parts) + "), fitted exactly: each site sent sums over its "
-            "rows for the shared levels' block, the coordinator solved for their effects")
+    return "levels shared by sites (" + "; ".join(parts) + "), " + how
 
 
 def _satterthwaite(st: Setup, est: Estimate, options: FitOptions) -> pd.Series | None:

@@ -49,8 +49,6 @@ def merge_shared_levels(merged: Merged) -> Merged | None:
     return replace(merged, blocks=out, setup=setup)
 
 
-def levels_note(merged: Merged) -> str:
-    """The summary's note on the shared levels of a fit made from the one-shot round alone."""
-    parts = [f"{f}: {len(levels)} level(s) at several sites" for f, levels in merged.schema.shared.items()]
-    return ("levels shared by sites (" + "; ".join(parts) + "), fitted exactly from the one-shot round: the sites' "
-            "sums over each level's rows added up by the coordinator")
+
+ONE_SHOT_NOTE = "fitted exactly from the one-shot round: the sites' sums over each level's rows added up by the " \
+    "coordinator"

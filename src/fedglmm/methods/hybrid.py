@@ -16,13 +16,13 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..coordinator.assemble import assemble
+from ..coordinator.assemble import assemble, shared_note
 from ..coordinator.messages import merge_messages
 from ..coordinator.own_combination import factor_combined_start, factor_fits, factor_log_start, gaussian_own_start
 from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
-from ..coordinator.shared_blocks import levels_note, merge_shared_levels
+from ..coordinator.shared_blocks import ONE_SHOT_NOTE, merge_shared_levels
 from ..coordinator.shared_rounds import shared_setup
 from ..coordinator.starts import OwnPart, combined_start, internal_start, own_part, without_singular
 from ..coordinator.surrogate import pseudo_objective
@@ -269,7 +269,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         run = RunStats(transport.rounds, transport.bytes_to_sites, transport.bytes_from_sites,
                        time.perf_counter() - t0, tuple(replies), secure)
         res = FitResult.build(pseudo[1], run)
-        res.messages += [levels_note(merged)] if by_level is not None else []
+        res.messages += [shared_note(st, ONE_SHOT_NOTE)] if by_level is not None else []
         res.session = Session(Link(transport, setup=payload), req.formula, fam, options, req.spec, merged.schema,
                               pseudo[2] if by_level is None else st, pseudo[3])     # (st: the levels shared)
         return res

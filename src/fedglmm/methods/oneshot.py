@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
-from ..coordinator.assemble import assemble
+from ..coordinator.assemble import assemble, shared_note
 from ..coordinator.messages import merge_messages
 from ..coordinator.rounds import pooled_transforms
 from ..coordinator.schema import check_outcome
-from ..coordinator.shared_blocks import levels_note, merge_shared_levels
+from ..coordinator.shared_blocks import ONE_SHOT_NOTE, merge_shared_levels
 from ..coordinator.shared_rounds import shared_setup
 from ..likelihood.setup import make_setup
 from ..coordinator.rounds import setup_request
@@ -27,10 +27,11 @@ def fit_from_messages(messages: dict, req: FitRequest, rounds: int = 0, bytes_to
     """The one-shot fit from the sites' messages (the method ``oneshot`` and ``fit --summaries``)."""
     t0 = time.perf_counter()
     merged = merge_messages(messages, req.formula, req.family, transforms, req.spec)
-    check_outcome(make_setup(merged.setup, req.family.ndisp), req.spec, req.family)
+    totals = make_setup(merged.setup, req.family.ndisp)
+    check_outcome(totals, req.spec, req.family)
     if merged.refused:
         raise FedGLMMError(merged.refused[0])
-    shared = merged.schema.shared and merge_shared_levels(merged)     # gaussian, one factor: exact by level
+    shared = merge_shared_levels(merged)          # gaussian, one factor: exact by level
     if merged.schema.shared and shared is None:
         f, levels = next(iter(merged.schema.shared.items()))
         raise FedGLMMError(f"group '{f}' level '{next(iter(levels))}' is present at several sites: the one-shot "
@@ -38,12 +39,11 @@ def fit_from_messages(messages: dict, req: FitRequest, rounds: int = 0, bytes_to
     parts, diagnostics = stand_ins(shared or merged, messages, req.options, seed)
     schema, setup, est = fit_stand_ins(parts, req.spec, req.family, req.options, merged.schema.transforms)
     # (follow-up rounds evaluate the shared levels as such: the set-up of the sites' own totals with them)
-    internals = (schema, shared_setup(make_setup(merged.setup, req.family.ndisp), merged.schema) if shared else setup,
-                 est)
+    internals = (schema, setup if shared is None else shared_setup(totals, merged.schema), est)
     fit = assemble(req.formula, req.family, req.options, req.spec, schema, setup, est)
     if req.family.name == "gaussian":
         fit.method = f"one-shot {fit.method} (exact, from per-group sufficient statistics)"
-        fit.messages += [levels_note(merged)] if shared else []
+        fit.messages += [shared_note(internals[1], ONE_SHOT_NOTE)] if shared is not None else []
     else:
         err = max(d["max_rel_error"] for d in diagnostics.values())
         order = messages[next(iter(messages))]["order"]
