@@ -284,6 +284,21 @@ def test_split_over_sites_gives_the_pooled_fit(name, k, fits):
     assert np.allclose(split.se, pooled.se, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["sim_pois_ward", "epil_olre", "grouseticks_olre"])
+def test_sites_fits_to_third_order_start_three_sites_within_four_rounds(name, fits):
+    """Over 3 sites each site's fit of the full model comes with its third derivatives along the covariance
+    parameters, and the first round tries the fits combined to third order; the last Newton point is the final
+    one where the contraction promises a decrement the final round accepts.  Four rounds (five before), the
+    pooled fit's estimates to 1e-8."""
+    pooled = _fit(fits, name)
+    split = fit(CASES[name], data=split_sites(CASES[name], 3))
+    assert split.rounds <= 4
+    assert abs(split.loglik - pooled.loglik) < 1e-8 * max(1, abs(pooled.loglik))
+    assert np.allclose(split.fixef, pooled.fixef, rtol=1e-8, atol=1e-8)
+    assert np.allclose([r.get("sd", r.get("corr")) for r in split.random],
+                       [r.get("sd", r.get("corr")) for r in pooled.random], rtol=1e-7, atol=1e-8)
+
+
 @pytest.mark.parametrize("name, k, rounds", [("sim_rare_la", 3, 4), ("mmmec_la", None, 5)])
 def test_a_full_step_of_another_model_predicts_the_final_round(name, k, rounds, fits):
     """Where the step accepted last was a full step in log scale (or in Σ's entries), its contraction predicts

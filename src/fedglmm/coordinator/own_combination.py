@@ -23,7 +23,8 @@ import numpy as np
 
 from ..likelihood.fit import diagonal_positions
 from .between import between_sites
-from .starts import OwnPart, log_combination
+from ..likelihood.linalg import transform_third
+from .starts import OwnPart, _cubic_combination, log_combination
 
 MIN_LEVELS = 5        # a site's own fixed effects (and intercept, between sites) count from this many levels
 # ... and a gaussian site's estimate of a factor's covariance from this many, weighted by them (5 before: on 60
@@ -189,13 +190,26 @@ def _fixed_combination(st, own: list):
 
 def factor_log_start(st, own: list) -> list:
     """[(γ, θ̃ and ψ)]: the log-scale information combination of the fits in ``own`` (as sent) that are of the
-    full model and coded as agreed (β of the agreed columns, the agreed Z columns, no factor left out), or []
-    with fewer than two such fits."""
+    full model and coded as agreed (β of the agreed columns, the agreed Z columns, no factor left out), and
+    where they all sent third derivatives their combination to third order (:func:`_cubic_combination`); or
+    [] with fewer than two such fits."""
     p = len(st.names)
     full = [loc for loc in own if not loc.get("alone") and loc.get("info") is not None
             and list(loc.get("names", [])) == list(st.names) and list(loc.get("z_names", [])) == list(st.znames)]
-    parts = [OwnPart(K, K @ x, x, float(loc.get("n", 0.0))) for loc, K, x in internal_fits(st, full)]
+    Ti = np.linalg.inv(st.internal_transform())
+    parts = [OwnPart(K, K @ x, x, float(loc.get("n", 0.0)), _third(loc, Ti)) for loc, K, x in internal_fits(st, full)]
     if len(parts) < 2:
         return []
-    y = log_combination(parts, p + diagonal_positions(st.mask))
+    idx = p + diagonal_positions(st.mask)
+    y = _cubic_combination(parts, idx, 3.0) if all(o.T is not None for o in parts) else None
+    y = log_combination(parts, idx) if y is None else y
     return [] if y is None else [(y[:p], y[p:])]
+
+
+def _third(loc: dict, Ti: np.ndarray) -> np.ndarray | None:
+    """A fit's third derivatives (user's scale, as sent) on the internal scale x = T(β, θ, ψ), or None."""
+    D = loc.get("third")
+    if D is None or np.shape(D) != (len(Ti),) * 3:
+        return None
+    D = transform_third(np.asarray(D, float), Ti)
+    return D if np.all(np.isfinite(D)) else None

@@ -28,7 +28,9 @@ class Ending:
 
     def _promising(self, dec: float, d0: float) -> bool:
         """With ``predict_final``: the step just accepted was a full step from a decrement d₀ and left d
-        (< near_model); its contraction c = d/d₀² predicts c·d² after the next one -- below tol?  A full step
+        (< near_model); its contraction c = d/d₀² predicts d' = c·d² after the next one -- one that ends the
+        iteration there (below tol, or as :meth:`_contracted` accepts it: d' < 10·tol with d'³/d² < tol²;
+        the 3-site splits of parity_multilevel.py: grouseticks_olre 5 -> 4 rounds, none longer)?  A full step
         is Newton's or another model's taken whole (no trust radius: in log scale, in Σ's entries, onto a
         boundary), which near the optimum contracts as Newton's does.  Counting those too, the GLMM splits of
         parity_multilevel.py (25 cases, one site per top-level unit and 3 sites) went 153 -> 150 and
@@ -39,7 +41,8 @@ class Ending:
         full = cand is not None and (cand.newton or not np.isfinite(cand.radius))
         if not (self.predict_final and full and dec < self.config.near_model and 0 < d0 < np.inf and dec < d0):
             return False
-        return dec ** 3 / d0 ** 2 < self.config.tol
+        nxt, tol = dec ** 3 / d0 ** 2, self.config.tol
+        return nxt < tol or nxt < 10.0 * tol and nxt ** 3 / dec ** 2 < tol ** 2
 
     def _ratio(self, cand: _Candidate, f: float, final: bool) -> float:
         """Actual over predicted decrease of the step to a point of value ``f``.  A final candidate that is

@@ -187,7 +187,7 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
                                                                   if t.group not in {f.name for f in alone}))
     res = short_fit(frame, fit_spec, fam, str(local.get("curvature", "observed")), site_id, transforms,
                     exact=bool(local.get("exact")) and not alone, reml=bool(local.get("reml", True)),
-                    rounds=ALONE_ROUNDS if alone else SHORT_ROUNDS, stop=0.0 if alone else SHORT_STOP)
+                    rounds=ALONE_ROUNDS if alone else SHORT_ROUNDS, stop=0.0 if alone else SHORT_STOP, third=not alone)
     if res is None:
         return None
     theta = res["theta"] if not alone else _in_full_layout(res, d, kept)
@@ -201,6 +201,8 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
         out["alone"] = [f.name for f in alone]
     if res["info"] is not None:
         out["info"] = res["info"]
+        if res.get("third") is not None:          # (the full model's: combined by coordinator.own_combination)
+            out["third"] = res["third"]
     elif alone and res.get("vcov_beta") is not None:
         # gaussian: the information of β̂ alone (β profiled), and σ̂ -- the left-out factor's variance between
         # sites, relative to σ² (:func:`~fedglmm.coordinator.own_combination.factor_combined_start`)
@@ -262,6 +264,7 @@ def local_fit(design: Design, family: Family, options: FitOptions, site_id: str,
 
 
 THIRD_STEP = 0.5      # the differences for the third derivatives: half a standard error each way
+THIRD_ROWS = 5_000    # a multi-level site with fewer rows than this: third derivatives along every factor's θ
 
 
 def third_derivatives(engine, x: np.ndarray, info: np.ndarray) -> np.ndarray | None:
@@ -305,13 +308,13 @@ ALONE_ROUNDS = 4
 
 def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: str,
               transforms: dict | None = None, exact: bool = False, reml: bool = True,
-              rounds: int = SHORT_ROUNDS, stop: float = SHORT_STOP) -> dict | None:
+              rounds: int = SHORT_ROUNDS, stop: float = SHORT_STOP, third: bool = False) -> dict | None:
     """A site's own fit of its rows, cut short: at most ``rounds`` local Newton iterations from the
     site-totals start, ending where the decrement falls below ``stop`` (the point reached is a start for
     the federated rounds, which finish the job), as
     β, θ (and ψ) and the information at that point on the user's scale (gaussian: no information, β
     profiled).  ``exact`` (the only site of a fit): to convergence, at the fit's tolerance (``reml``: a gaussian
-    model's criterion)."""
+    model's criterion); ``third``: a GLMM's third derivatives along its covariance parameters too."""
     try:
         design = _site_design(frame, spec, family, site_id, transforms)
         if exact:
@@ -324,16 +327,17 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
         if family.name == "gaussian":
             return local_fit(design, family, FitOptions(reml=reml, newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id,
                              covariance=False)
-        return _cut_short(design, family, 1, curvature, site_id, rounds, stop)
+        return _cut_short(design, family, 1, curvature, site_id, rounds, stop, third=third)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
 
 
 def _cut_short(design: Design, family: Family, nagq: int, curvature: str, site_id: str, rounds: int,
-               stop: float, reply: dict | None = None) -> dict | None:
+               stop: float, reply: dict | None = None, third: bool = False) -> dict | None:
     """Local Newton iterations from the site-totals start, at most ``rounds``, ending early where the
     decrement falls below ``stop`` (the point plus its Newton step is then the estimate), as :func:`short_fit`
-    returns them, with the engine's modes; ``reply``: the design's set-up reply, if at hand."""
+    returns them, with the engine's modes; ``reply``: the design's set-up reply, if at hand; ``third``: also
+    the third derivatives along the covariance parameters (:func:`covariance_third`, user's scale)."""
     st = make_setup({site_id: setup_reply(design, family) if reply is None else reply}, family.ndisp)
     engine = make_engine(design, family, nagq, curvature, st.A, st.zs)
     opt = TrustRegionNewton(np.concatenate(start_values(st, family, MANY_FLOOR)),
@@ -352,9 +356,42 @@ def _cut_short(design: Design, family: Family, nagq: int, curvature: str, site_i
         x = cur.x + np.linalg.solve(cur.H, -cur.g)
     p, T = len(st.names), st.internal_transform()
     k = p + int(st.mask.sum())
-    return {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ x[:p],
-            "theta": np.r_[canonical_theta(x[p:k], st.mask) / st.theta_scale, x[k:]], "info": T.T @ cur.H @ T,
-            "modes": _modes_of(engine), "slope": slope_of(engine, st.A, st.zs, list(st.names))}
+    out = {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ x[:p],
+           "theta": np.r_[canonical_theta(x[p:k], st.mask) / st.theta_scale, x[k:]], "info": T.T @ cur.H @ T,
+           "modes": _modes_of(engine), "slope": slope_of(engine, st.A, st.zs, list(st.names))}
+    D3 = covariance_third(engine, cur.x, cur.H, _few_levels(design, st.mask, p, family.ndisp)) if third else None
+    out.update({"third": transform_third(D3, T)} if D3 is not None else {})
+    return out
+
+
+def _few_levels(design: Design, mask, p: int, ndisp: int) -> np.ndarray:
+    """Positions in x = (γ, θ̃, ψ) of the θ entries of the factors with fewer than CUT_SHORT_GROUPS levels
+    here (with more, a likelihood is close to quadratic in them: at 1e5 rows over 10 sites, bench_multilevel.py,
+    the patients' three cost 1.3 s of 7.3) -- of every factor on fewer than THIRD_ROWS rows -- and ψ, if any."""
+    r_idx, c_idx = theta_index(mask)
+    cols = [np.asarray(f.columns) for f in design.factors
+            if len(f.levels) < CUT_SHORT_GROUPS or design.n < THIRD_ROWS]
+    on = np.isin(r_idx, np.concatenate(cols)) if cols else np.zeros(len(r_idx), bool)
+    return p + np.r_[np.flatnonzero(on), np.arange(len(r_idx), len(r_idx) + int(bool(cols)) * ndisp)]
+
+
+def covariance_third(engine, x: np.ndarray, H: np.ndarray, idx) -> np.ndarray | None:
+    """The third derivatives of −ℓ at ``x`` (internal scale; ``H`` its Hessian there) with an index among the
+    positions ``idx`` (covariance parameters; T[a, b, c] from the slice of its last index there), by forward
+    differences of the analytic Hessian half a standard error along each (len(idx) evaluations); the others 0.
+    A likelihood's skew with few levels is in their variances: the full derivatives (2·len(x) evaluations)
+    started the 3-site splits of parity_multilevel.py no closer (coordinator.own_combination.factor_log_start)."""
+    se = np.sqrt(np.maximum(np.diag(np.linalg.pinv(H)), 0.0))
+    P = len(x)
+    D = np.zeros((P, P, P))
+    for t in idx:
+        h = THIRD_STEP * se[t] if se[t] > 0 else 1e-3
+        D[:, :, t] = (-np.asarray(engine.sums(x + h * np.eye(P)[t])["hess"]) - H) / h
+    on = np.isin(np.arange(P), idx)
+    a, b, c = on[:, None, None], on[None, :, None], on[None, None, :]
+    T = np.where(c, D, np.where(b, np.einsum("acb->abc", D), np.where(a, np.einsum("bca->abc", D), 0.0)))
+    perms = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+    return sum(T.transpose(pm) for pm in perms) / 6.0 if len(idx) and np.all(np.isfinite(T)) else None
 
 
 def _modes_of(engine) -> np.ndarray | None:
