@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..likelihood.fit import diagonal_positions
-from .between import between_sites
 from ..likelihood.linalg import transform_third
-from .starts import OwnPart, _cubic_combination, log_combination
+from .between import between_sites
+from .starts import OwnPart, cubic_combination, log_combination
 
 MIN_LEVELS = 5        # a site's own fixed effects (and intercept, between sites) count from this many levels
 # ... and a gaussian site's estimate of a factor's covariance from this many, weighted by them (5 before: on 60
@@ -191,7 +191,7 @@ def _fixed_combination(st, own: list):
 def factor_log_start(st, own: list) -> list:
     """[(γ, θ̃ and ψ)]: the log-scale information combination of the fits in ``own`` (as sent) that are of the
     full model and coded as agreed (β of the agreed columns, the agreed Z columns, no factor left out), and
-    where they all sent third derivatives their combination to third order (:func:`_cubic_combination`); or
+    where they all sent third derivatives their combination to third order (:func:`cubic_combination`); or
     [] with fewer than two such fits."""
     p = len(st.names)
     full = [loc for loc in own if not loc.get("alone") and loc.get("info") is not None
@@ -201,7 +201,7 @@ def factor_log_start(st, own: list) -> list:
     if len(parts) < 2:
         return []
     idx = p + diagonal_positions(st.mask)
-    y = _cubic_combination(parts, idx, 3.0) if all(o.T is not None for o in parts) else None
+    y = cubic_combination(parts, idx, 3.0) if all(o.T is not None for o in parts) else None
     y = log_combination(parts, idx) if y is None else y
     return [] if y is None else [(y[:p], y[p:])]
 

@@ -137,7 +137,7 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
     xq = np.linalg.lstsq(K, h, rcond=None)[0]
     out = [x for x in (xlog,) if x is not None]
     if pseudo is None and np.all(np.isfinite(xq)) and any(o.T is not None for o in parts):
-        x = _cubic_combination(parts, np.asarray(sd_index, dtype=np.int64), radius)
+        x = cubic_combination(parts, np.asarray(sd_index, dtype=np.int64), radius)
         return ([x] if x is not None else []) + out
     if pseudo is None or not np.all(np.isfinite(xq)):
         return out or ([xq] if np.all(np.isfinite(xq)) else [])
@@ -157,7 +157,7 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
     if all(o.T is not None for o in parts):
         # every site sent third derivatives (no group's moments went: the pseudo-data are pooled bins'),
         # and their cubic combination is tried beside
-        cubic = _cubic_combination(parts, np.asarray(sd_index, dtype=np.int64), radius)
+        cubic = cubic_combination(parts, np.asarray(sd_index, dtype=np.int64), radius)
         out += [cubic] if cubic is not None else []
     return out
 
@@ -198,7 +198,7 @@ def _log_cubic(parts: list, idx: np.ndarray):
     return cubic, K, yq
 
 
-def _cubic_combination(parts: list, idx: np.ndarray, radius: float):
+def cubic_combination(parts: list, idx: np.ndarray, radius: float):
     """The minimiser of the sum of the sites' fits to third order, with the standard deviations on the log
     scale (where their likelihoods are closer to quadratic), within ``radius`` of the quadratic combination
     in the metric of the summed information; None if it fails."""

@@ -36,3 +36,10 @@ def transform_third(D: np.ndarray, M: np.ndarray) -> np.ndarray:
     out = np.tensordot(D, M, axes=([0], [0]))             # (j, k, a)
     out = np.tensordot(out, M, axes=([0], [0]))           # (k, a, b)
     return np.tensordot(out, M, axes=([0], [0]))          # (a, b, c)
+
+
+def symmetric_third(D: np.ndarray) -> np.ndarray:
+    """The mean of D over the six orders of its indices: finite differences of a Hessian made a symmetric
+    third-derivative tensor."""
+    perms = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+    return sum(D.transpose(pm) for pm in perms) / 6.0

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import FedGLMMError
 from ..likelihood.engine import make_engine
 from ..likelihood.fit import LocalEvaluator, canonical_theta, fit_glmm, fit_lmm
-from ..likelihood.linalg import transform_third
+from ..likelihood.linalg import symmetric_third, transform_third
 from ..likelihood.newton import TrustRegionNewton
 from ..likelihood.setup import make_setup, setup_reply
 from ..likelihood.starts import start_values
@@ -286,8 +286,7 @@ def third_derivatives(engine, x: np.ndarray, info: np.ndarray) -> np.ndarray | N
         D[:, :, k] = -(np.asarray(hp) - np.asarray(hm)) / (2.0 * h)
     if not np.all(np.isfinite(D)):
         return None
-    perms = [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)]
-    return sum(D.transpose(pm) for pm in perms) / 6.0
+    return symmetric_third(D)
 
 
 # Local Newton iterations of a site's own fit with several factors (it is only a start; the iteration also
@@ -368,7 +367,7 @@ def _few_levels(design: Design, mask, p: int, ndisp: int) -> np.ndarray:
     """Positions in x = (γ, θ̃, ψ) of the θ entries of the factors with fewer than CUT_SHORT_GROUPS levels
     here (with more, a likelihood is close to quadratic in them: at 1e5 rows over 10 sites, bench_multilevel.py,
     the patients' three cost 1.3 s of 7.3) -- of every factor on fewer than THIRD_ROWS rows -- and ψ, if any."""
-    r_idx, c_idx = theta_index(mask)
+    r_idx, _ = theta_index(mask)
     cols = [np.asarray(f.columns) for f in design.factors
             if len(f.levels) < CUT_SHORT_GROUPS or design.n < THIRD_ROWS]
     on = np.isin(r_idx, np.concatenate(cols)) if cols else np.zeros(len(r_idx), bool)
@@ -390,8 +389,7 @@ def covariance_third(engine, x: np.ndarray, H: np.ndarray, idx) -> np.ndarray | 
     on = np.isin(np.arange(P), idx)
     a, b, c = on[:, None, None], on[None, :, None], on[None, None, :]
     T = np.where(c, D, np.where(b, np.einsum("acb->abc", D), np.where(a, np.einsum("bca->abc", D), 0.0)))
-    perms = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
-    return sum(T.transpose(pm) for pm in perms) / 6.0 if len(idx) and np.all(np.isfinite(T)) else None
+    return symmetric_third(T) if len(idx) and np.all(np.isfinite(T)) else None
 
 
 def _modes_of(engine) -> np.ndarray | None:
