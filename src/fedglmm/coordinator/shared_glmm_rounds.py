@@ -33,6 +33,8 @@ from .shared_rounds import POOLED, local_moves
 WARM, MAX_WARM = 0.5, 8      # rounds for one φ while v's Newton decrement is above WARM (see _solve)
 MAX_START = 24               # ... for the start, which has no other point to fall back on
 LINE = (0.5, 0.25, 0.125)    # the fractions of v's Newton step also tried in those rounds
+GRID = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)   # the shared levels' intercepts tried in a first round (see _grid)
+MIN_GRID_SD = 1e-3           # ... where their SD exceeds this
 CAP = 2.0                    # largest move of a shared effect by one Newton step of v (linear predictor scale)
 GIVE_UP = 100.0              # a trial φ (not the start) whose v has a larger decrement is not pursued
 FINAL_DEC = 1e-8             # v's Newton decrement at the estimate below which its value is exact ...
@@ -85,7 +87,7 @@ class SharedGLMMEvaluator:
                 e = np.zeros(P)
                 e[j] = sign * h[j]
                 xs.append((v + sign * h[j] * taubar[:, j], phi + e))
-        line = [] if near is None or not np.array_equal(near.phi, phi) else \
+        line = self._grid(phi) if near is None else [] if not np.array_equal(near.phi, phi) else \
             [(near.v + t * (v - near.v), phi) for t in LINE]
         S = [np.zeros((Q, Q)) if near is None else near.S_at(x[1]) for x in xs + line]
         gammas = [self.pool.gamma(x[1], s) for x, s in zip(xs + line, S)]
@@ -93,16 +95,67 @@ class SharedGLMMEvaluator:
         return {"phi": phi, "xs": xs, "line": line, "gammas": gammas, "psis": psis, "h": h, "taubar": taubar,
                 "near": near is not None}
 
-    def _step(self, pt: SharedPoint) -> np.ndarray:
+    def _grid(self, phi) -> list:
+        """The points of a first round beside v = 0 (nothing evaluated yet) with one factor: every level's
+        first effect (its intercept, mostly) at GRID on the scale of the linear predictor (v's first entry
+        c / Λ₁₁, the others 0: the rest of b follows Λ's first column).
+        Each level then goes on from the one nearest its mode (:meth:`_step`): Newton's steps from 0,
+        capped, took 2-6 rounds to reach the modes where they lie a few units out (a poisson model without
+        intercept, or an SD of 1.5)."""
+        if len(self.layout.factors) != 1:
+            return []
+        f = self.layout.factors[0]
+        idx = self.layout.columns(f, np.arange(len(self.layout.levels[f])))
+        block = self.pool.L(phi[self.pool.p:])[np.ix_(idx[0], idx[0])]
+        if not abs(block[0, 0]) > MIN_GRID_SD:
+            return []
+        out = []
+        for c in GRID:
+            v = np.zeros(self.layout.Q)
+            v[idx[:, 0]] = c / block[0, 0]
+            out.append((v, phi))
+        return out
+
+    def _step(self, pt: SharedPoint, tried=()) -> np.ndarray:
         """v moved by its Newton step, shortened so that no shared effect b = Λv moves by more than CAP
-        on the scale of the linear predictor (Newton's step for a logit or log link overshoots from far)."""
-        db = np.abs(self.pool.L(pt.phi[self.pool.p:]) @ pt.dv)
-        big = float(np.max(db, initial=0.0))
-        return pt.v + pt.dv * (min(1.0, CAP / big) if big > 0 else 1.0)
+        on the scale of the linear predictor (Newton's step for a logit or log link overshoots from far).
+        Where v's levels do not interact (one factor, C block-diagonal by level: F is then a sum over the
+        levels), level by level: each level goes on from the point of ``pt`` and ``tried`` (the round's
+        other points at the same φ) where its own Newton decrement is least, by its own step capped alone
+        -- not all levels held back by the one that moves most, nor all sent back by one that overshot."""
+        L = self.pool.L(pt.phi[self.pool.p:])
+        blocks = self._blocks(pt)
+        if blocks is None:
+            db = np.abs(L @ pt.dv)
+            big = float(np.max(db, initial=0.0))
+            return pt.v + pt.dv * (min(1.0, CAP / big) if big > 0 else 1.0)
+        pts = [pt] + [t for t in tried if t.C is not None and np.all(np.isfinite(t.dv))]
+        dv = np.stack([t.dv[blocks] for t in pts])                                  # (K, levels, q)
+        dec = np.einsum("klq,klqr,klr->kl", dv, np.stack([t.C[blocks[:, :, None], blocks[:, None, :]]
+                                                          for t in pts]), dv)
+        pick = np.argmin(np.where(np.isfinite(dec), dec, np.inf), axis=0)
+        at = np.arange(blocks.shape[0])
+        step, v = np.zeros(self.layout.Q), np.empty(self.layout.Q)
+        step[blocks] = dv[pick, at]
+        v[blocks] = np.stack([t.v[blocks] for t in pts])[pick, at]
+        big = np.abs(L @ step)[blocks].max(axis=1)
+        scale = np.where(big > CAP, CAP / np.where(big > 0, big, 1.0), 1.0)
+        return v + step * np.repeat(scale, blocks.shape[1])
+
+    def _blocks(self, pt: SharedPoint):
+        """The positions in v of each shared level's effects (levels × q) where F is a sum over the levels
+        (one factor, and C has no entry between two levels), else None."""
+        if len(self.layout.factors) != 1 or pt.C is None:
+            return None
+        f = self.layout.factors[0]
+        idx = self.layout.columns(f, np.arange(len(self.layout.levels[f])))
+        off = np.abs(pt.C).copy()
+        off[idx[:, :, None], idx[:, None, :]] = 0.0
+        return idx if not np.any(off) else None
 
     def _digest(self, plan: dict, totals: list):
-        """The profile at the plan's point from its totals (and those of its difference points), the best
-        of its line points (or None), and the result for the iteration (NaN where it failed)."""
+        """The profile at the plan's point from its totals (and those of its difference points), its line
+        points (those with a finite F), and the result for the iteration (NaN where it failed)."""
         pool, P = self.pool, len(plan["phi"])
         Q = self.layout.Q
         nan = {"value": np.nan, "grad": np.full(P, np.nan), "hess": np.full((P, P), np.nan)}
@@ -114,7 +167,7 @@ class SharedGLMMEvaluator:
                     line.append(pool.assess(t, x[1], x[0]))
                 except (np.linalg.LinAlgError, ValueError):
                     pass
-            best = max([pt for pt in line if np.isfinite(pt.F)], key=lambda pt: pt.F, default=None)
+            line = [pt for pt in line if np.isfinite(pt.F)]
             try:
                 Smat = [-np.asarray(t["Hh"], float)[:Q, :Q] for t in totals[:m]]
                 fd = (Smat[1::2][:P], Smat[2::2][:P], plan["h"], plan["taubar"])
@@ -122,7 +175,7 @@ class SharedGLMMEvaluator:
                 others = [pool.assess(t, x[1], x[0], near=(g, base.dS))
                           for t, x, g in zip(totals[1:m], plan["xs"][1:], plan["gammas"][1:m])]
             except (np.linalg.LinAlgError, ValueError):
-                return None, best, nan
+                return None, line, nan
         if plan["near"] and np.abs(base.tau - plan["taubar"]).max() <= TANGENT * np.abs(base.tau).max():
             base.grad = base.grad - 0.5 * _log_det_to_mode(base, others, plan["h"])
         H = np.empty((P, P))
@@ -133,8 +186,8 @@ class SharedGLMMEvaluator:
         ok = np.isfinite(base.value) and np.isfinite(base.F) and np.all(np.isfinite(base.grad)) \
             and np.all(np.isfinite(H))
         if not ok:
-            return None, best, nan
-        return base, best, {"value": base.value, "grad": base.grad, "hess": H}
+            return None, line, nan
+        return base, line, {"value": base.value, "grad": base.grad, "hess": H}
 
     def _solve(self, points) -> list:
         """One round for the given φs, and more while the v of some φ is not yet close to its mode (a
@@ -161,18 +214,18 @@ class SharedGLMMEvaluator:
             for i in order:
                 pl = plans.pop(i)
                 m = len(pl["psis"])
-                base, best, res = self._digest(pl, totals[at: at + m])
+                base, line, res = self._digest(pl, totals[at: at + m])
                 at += m
                 if base is not None and base.decrement < self.settle:
                     # settled: a line point of the round cannot beat v's mode but by rounding
                     self.seen.append(base)
                     out[i] = res
                     continue
-                start = base if base is not None and (best is None or base.F >= best.F) else best
+                start = _start(base, line)
                 if start is not None and self.seen and not self.patient and start.decrement > GIVE_UP:
                     continue             # far from any v known: a long step (NaN: the iteration steps shorter)
                 if start is not None:
-                    plans[i] = self._plan(pl["phi"], self._step(start), start)
+                    plans[i] = self._plan(pl["phi"], self._step(start, _others(start, base, line)), start)
             if not plans or not self.patient and any(np.isfinite(r["value"]) for r in out.values()):
                 break
         return [out[i] for i in range(len(points))]
@@ -203,13 +256,13 @@ class SharedGLMMEvaluator:
             m = len(plan["psis"])
             totals = [self.total({sid: r["points"][i] for sid, r in rep.items()}, GLMM_SHARED_KEYS)
                       for i in range(m)]
-            base, best, s = self._digest(plan, totals)
+            base, line, s = self._digest(plan, totals)
             if base is not None and _settled(base, plan["gammas"][0]):
                 break
-            start = base if base is not None and (best is None or base.F >= best.F) else best
+            start = _start(base, line)
             if start is None:
                 break
-            plan = self._plan(point, self._step(start), start)
+            plan = self._plan(point, self._step(start, _others(start, base, line)), start)
         parts = {sid: {k: v for k, v in r.items() if k not in GLMM_SHARED_KEYS + ("points", "scols")}
                  for sid, r in rep.items()}
         if base is not None:
@@ -252,6 +305,17 @@ class SharedGLMMEvaluator:
                 dsd[:, j] = np.where(sd > 0, (np.diag(gp) - np.diag(gm)) / (4.0 * h * np.where(sd > 0, sd, 1.0)), 0.0)
             out["dcondsd"] = by_factor(self.layout, self.zcols, dsd, dsd)["modes"]
         return out
+
+
+def _start(base: SharedPoint | None, line: list) -> SharedPoint | None:
+    """The point of a round that the next goes on from: the highest F of the plan's point and its line points."""
+    best = max(line, key=lambda pt: pt.F, default=None)
+    return base if base is not None and (best is None or base.F >= best.F) else best
+
+
+def _others(start: SharedPoint, base: SharedPoint | None, line: list) -> list:
+    """The round's points at the same φ other than ``start``."""
+    return [pt for pt in ([base] if base is not None else []) + line if pt is not start]
 
 
 def _settled(pt: SharedPoint, gamma_sent: np.ndarray) -> bool:
