@@ -62,17 +62,24 @@ def test_a_small_logit_fit_loads_no_scipy_special():
     assert r.stdout.strip().splitlines()[-1] == "False", r.stdout[-300:] + r.stderr[-300:]
 
 
-def test_logit_link_functions_are_scipys_bit_for_bit():
-    """Written in numpy to spare the import, the logit link and its inverse give scipy's values exactly
-    (scipy's logit switches to log1p(s) − log1p(−s), s = 2μ − 1, on [0.3, 0.65])."""
+def test_logit_link_functions_are_scipys_to_the_last_bits():
+    """Written in numpy to spare the import, the logit link and its inverse give scipy's values to 2 units in
+    the last place (scipy's logit switches to log1p(s) − log1p(−s), s = 2μ − 1, on [0.3, 0.65]).  Bit for
+    bit up to scipy 1.16; scipy 1.17 takes log and exp from the C library, and numpy's vectorised ones
+    differ from those in the last bit or two (355 of these 20,006 μ, 656 of the 40,002 η)."""
     import numpy as np
     from scipy import special
 
     from fedglmm.model.families import get_family
 
+    def ulps(a, b):
+        return float(np.max(np.abs(a - b) / np.spacing(np.maximum(np.abs(b), np.finfo(float).tiny))))
+
     fam = get_family("binomial")
     mu = np.r_[np.linspace(1e-9, 1 - 1e-9, 20001), 0.3, 0.65, 0.5, np.nextafter(0.3, 0), np.nextafter(0.65, 1)]
-    assert np.array_equal(fam.linkfun(mu), special.logit(mu))
-    assert all(float(fam.linkfun(m)) == float(special.logit(m)) for m in mu[::97])
+    assert ulps(fam.linkfun(mu), special.logit(mu)) <= 2.0
+    assert fam.linkfun(np.r_[0.5])[0] == 0.0
+    assert all(abs(float(fam.linkfun(m)) - float(special.logit(m))) <= 2.0 * np.spacing(abs(float(special.logit(m))))
+               for m in mu[::97] if m != 0.5)
     eta = np.r_[np.linspace(-800, 800, 40001), 0.0]
-    assert np.array_equal(fam.mean(eta), special.expit(eta))
+    assert ulps(fam.mean(eta), special.expit(eta)) <= 2.0
