@@ -390,3 +390,30 @@ def test_the_shared_modes_are_reached_level_by_level_from_a_grid():
     df = pd.DataFrame({"y": rng.poisson(np.exp(eta)), "x": x, "g": [f"h{k}" for k in g],
                        "site": rng.integers(0, 3, 900)})
     assert _warm_up_rounds(df, "poisson", "y ~ x + (1 + x | g)", [0.2, 0.5, 1.5, 0.0, 0.5]) <= 4
+
+
+def test_shared_levels_moments_add_up_to_the_pooled_data_s(monkeypatch):
+    """A GLMM's one-shot moment sums of each shared level, added up over its sites
+    (:func:`~fedglmm.coordinator.shared_blocks.merge_shared_levels` with ``moments``), are those of the
+    level's rows pooled; the pseudo-data fit of them starts the hybrid beside the sites' own fits
+    (``_far_modes``: 10 rounds at b56ec72, 8 with the first round's grid of v, 7 with this start)."""
+    from fedglmm.coordinator.shared_blocks import merge_shared_levels
+    from fedglmm.methods import hybrid
+
+    seen = []
+    real = hybrid.merge_messages
+    monkeypatch.setattr(hybrid, "merge_messages", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    df, sites = _far_modes()
+    res = fedglmm.fit("y ~ 0 + x + (1 | g)", sites, family="poisson")
+    assert res.rounds <= 7
+    by_level = merge_shared_levels(seen[-1], moments=True)
+    fedglmm.fit("y ~ 0 + x + (1 | g)", {"all": df}, family="poisson")
+    pooled = seen[-1].blocks["all"]
+    kept = [b for b in by_level.blocks.values() if b is not None]
+    assert len(kept) == 1 < len(by_level.blocks)          # every level's total at the first site naming it
+    got = {lv: (n, m) for b in kept for lv, n, m in zip(b["levels"], b["n"], b["moments"])}
+    assert sorted(got) == sorted(map(str, pooled["levels"])) and len(got) == 8
+    for lv, n, m in zip(pooled["levels"], pooled["n"], pooled["moments"]):
+        assert got[str(lv)][0] == n
+        assert np.allclose(got[str(lv)][1], m, rtol=1e-12, atol=1e-9)
+    assert merge_shared_levels(seen[-2]) is None                 # a GLMM's, only where asked for

@@ -18,15 +18,20 @@ import numpy as np
 from .messages import BLOCK_AXES, Merged
 
 
-def merge_shared_levels(merged: Merged) -> Merged | None:
+def merge_shared_levels(merged: Merged, moments: bool = False) -> Merged | None:
     """``merged`` with each shared level's per-group sums added up over its sites (see the module
     docstring), or None where that does not give the pooled fit: not gaussian, no shared level, a site
-    withheld groups or sent none, several grouping factors (per-cell sums)."""
-    if merged.family.name != "gaussian" or not merged.schema.shared or merged.refused \
+    withheld groups or sent none, several grouping factors (per-cell sums).  ``moments``: a GLMM's too,
+    whose per-group moment sums add up alike (the pseudo-data of each level are then drawn from all its
+    rows' moments: a start, not the fit)."""
+    if merged.family.name != "gaussian" and not moments or not merged.schema.shared or merged.refused \
             or not merged.mask.shape[0]:
         return None
     blocks = merged.blocks
     if any(b is None or "levels" not in b for b in blocks.values()):
+        return None
+    keys = BLOCK_AXES if merged.family.name == "gaussian" else ("n", "moments")
+    if any(k not in b for b in blocks.values() for k in keys) or len({str(b.get("variables")) for b in blocks.values()}) > 1:
         return None
     sids = list(blocks)
     named = [lv for sid in sids for lv in blocks[sid]["levels"]]
@@ -34,7 +39,7 @@ def merge_shared_levels(merged: Merged) -> Merged | None:
     _, first, inverse = np.unique(np.array([str(lv) for lv in named], dtype=object), return_index=True,
                                   return_inverse=True)
     totals = {}
-    for key in BLOCK_AXES:
+    for key in keys:
         stacked = np.concatenate([np.asarray(blocks[sid][key], float) for sid in sids])
         total = np.zeros((len(first),) + stacked.shape[1:])
         np.add.at(total, inverse, stacked)
@@ -43,9 +48,13 @@ def merge_shared_levels(merged: Merged) -> Merged | None:
     out = {}
     for i, sid in enumerate(sids):
         mine = order[owner[first[order]] == i]
-        out[sid] = {"levels": [named[first[j]] for j in mine], **{key: totals[key][mine] for key in BLOCK_AXES}}
+        out[sid] = {**blocks[sid], "levels": [named[first[j]] for j in mine],
+                    **{key: totals[key][mine] for key in keys}}
+    if merged.family.name != "gaussian":
+        # (a GLMM's stand-ins are drawn per site: a site left without levels has none)
+        out = {sid: b if b["levels"] else None for sid, b in out.items()}
     # (each level counted once: at the site its total went to)
-    setup = {sid: dict(merged.setup[sid], ngroups=len(out[sid]["levels"])) for sid in sids}
+    setup = {sid: dict(merged.setup[sid], ngroups=len(out[sid]["levels"]) if out[sid] else 0) for sid in sids}
     return replace(merged, blocks=out, setup=setup)
 
 

@@ -24,7 +24,8 @@ from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.shared_blocks import ONE_SHOT_NOTE, merge_shared_levels
 from ..coordinator.shared_rounds import shared_setup
-from ..coordinator.starts import OwnPart, combined_start, internal_start, own_part, without_singular
+from ..coordinator.starts import (ATTENUATION, OwnPart, attenuated, combined_start, internal_start, own_part,
+                                  without_singular)
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
@@ -42,9 +43,8 @@ HYBRID_COMPRESS = 4.0      # the hybrid's binomial pseudo rows stand for up to 4
 MANY_GROUPS = 5000         # groups in all beyond which the pseudo-data fit costs more than a round ...
 SOME_GROUPS = 50           # ... when every site has this many groups (their fits alone then start)
 OWN_NEAR = 0.5            # with such fits alone: decrement below which the Newton step is the final candidate
+LEVEL_SD_FLOOR = 1e-3     # a pseudo-data fit of shared levels' moments starts the fit where its SDs exceed this
 LEVEL_ROWS = 4            # a site's own fit of one factor starts a fit with shared levels from this many rows a level
-ATTENUATE = 1.3           # the factor of the SD variants of a binary start (see _attenuated)
-ATTENUATION = {"logit": 0.346, "probit": 1.0}   # c of the attenuation factor √(1 + c σ²) per link
 
 
 def _pseudo_fit(merged, replies, req: FitRequest, seed: int, fit: bool = True):
@@ -82,40 +82,25 @@ def _levels_named(st, own: dict) -> dict:
             else {**o, "levels": {names[0]: o["ngroups"]}} for sid, o in own.items()}
 
 
-def _starts(req, st, merged, own: dict, pseudo, big: bool = False):
+def _starts(req, st, merged, own: dict, pseudo, big: bool = False, by_level: bool = False):
     """The Newton rounds' start(s) and the surrogate (see the module docstring): a tuple of (γ, θ̃) starts,
     all tried in the first Newton round (the best kept), or None (the set-up start).  ``own``: the sites'
     own fits, as sent (several grouping factors) or as :class:`~fedglmm.coordinator.starts.OwnPart`.
     Where small groups' summaries stayed at their sites, a binary model with one random intercept also
-    tries its first start's SD times 1.3 and 1/1.3 (:func:`_attenuated`) -- not beyond POOLED_MAX_GROUPS
+    tries its first start's SD times 1.3 and 1/1.3 (:func:`~fedglmm.coordinator.starts.attenuated`) -- not beyond POOLED_MAX_GROUPS
     groups, where the sites' fits of their many groups combine well and two more points cost every site."""
-    starts, surrogate = _candidates(req, st, merged, own, pseudo, big)
+    starts, surrogate = _candidates(req, st, merged, own, pseudo, big, by_level)
     fam = req.family
     if starts is None or not merged.refused or st.mask.shape != (1, 1) or st.factor_groups \
             or fam.name != "binomial" or fam.link not in ATTENUATION or st.ngroups > POOLED_MAX_GROUPS:
         return starts, surrogate
     many = list(starts) if isinstance(starts[0], tuple) else [starts]
-    return tuple(many + _attenuated(many[0], st, ATTENUATION[fam.link])), surrogate
+    return tuple(many + attenuated(many[0], st, ATTENUATION[fam.link])), surrogate
 
 
-def _attenuated(start, st, c: float) -> list:
-    """The start (γ, θ̃) with its random intercept's SD σ times 1.3 and 1/1.3 and its fixed effects times
-    √(1 + c·σ'²) / √(1 + c·σ²): a binary model's coefficients grow with σ as the marginal ones are
-    attenuated by that factor (Zeger, Liang & Albert 1988; c = 0.346 for the logit, 1 for the probit).  A
-    start combined from small sites' fits is furthest off in σ, and along this curve its error moves σ and
-    the coefficients together (6 sites of 25 subjects, `benchmarks/follow_up_rounds.py`: the rounds over
-    six seeds 5, 3, 4, 4, 4, 5 -> 4, 3, 4, 4, 4, 4)."""
-    gamma, theta = np.asarray(start[0], float), np.asarray(start[1], float)
-    sd = abs(float(theta[0])) / (float(st.zs[0]) if len(st.zs) else 1.0)
-    out = []
-    for f in (ATTENUATE, 1.0 / ATTENUATE):
-        r = np.sqrt(1.0 + c * (f * sd) ** 2) / np.sqrt(1.0 + c * sd ** 2)
-        out.append((gamma * r, theta * f))
-    return out
-
-
-def _candidates(req, st, merged, own: dict, pseudo, big: bool = False):
-    """:func:`_starts` but the attenuation variants."""
+def _candidates(req, st, merged, own: dict, pseudo, big: bool = False, by_level: bool = False):
+    """:func:`_starts` but the attenuation variants.  ``by_level``: the pseudo-data fit is of each shared
+    level's moments added up over its sites."""
     family, p = req.family, len(st.names)
     if st.factor_groups:
         # several grouping factors: the sites' own fits, and the site-totals start beside them (one factor
@@ -134,6 +119,12 @@ def _candidates(req, st, merged, own: dict, pseudo, big: bool = False):
             plain = factor_combined_start(st, list(own.values()), totals, False)[0]
             return (combined if np.array_equal(plain, combined) else (combined, plain)), None
         many = [combined] + logs + ([] if complete else [totals])
+        level = internal_start(pseudo[1].fixef, pseudo[1].theta, st) if by_level and pseudo is not None \
+            and pseudo[1] is not None else None
+        if level is not None and np.all(np.abs(level[1][diagonal_positions(st.mask)]) > LEVEL_SD_FLOOR):
+            # each shared level's moments over all its sites: the pseudo-data fit (not where an SD came out
+            # at zero: Newton from that boundary crawled, 7 -> 14 rounds on one of stress_shared.py's fits)
+            many.insert(0, level)
         return (many[0] if len(many) == 1 else tuple(many)), None
     pair = lambda x: (x[:p], x[p:])                                     # noqa: E731
     # beside the sites' fits combined, the same with a singular fit's θ left out (without_singular)
@@ -260,7 +251,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         own = _own_parts(own, replies, st)         # the sites' fits in the agreed coding, once
     big = st is not None and _fits_suffice(own, replies, merged, req, st)
     lean = st is not None and not big and _lean(own, replies, merged, req, st)
-    by_level = merge_shared_levels(merged) if st is not None else None     # gaussian: shared levels' sums added
+    by_level = merge_shared_levels(merged, moments=True) if st is not None else None     # shared levels' sums added
     pseudo = _pseudo_fit(by_level or merged, replies, req, seed, fit=not lean) \
         if (any(b is not None for b in merged.blocks.values()) or merged.pooled) and not big else None
     if pseudo is not None and fam.name == "gaussian" and not merged.refused \
@@ -276,7 +267,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     if st is None:             # secure gaussian: the set-up after all
         st = _secure_setup(transport, payload, req, merged)
         own = _own_parts(own, replies, st)
-    start, surrogate = _starts(req, st, merged, own, pseudo, big)
+    start, surrogate = _starts(req, st, merged, own, pseudo, big, by_level is not None)
     if big:
         options = replace(options, newton=replace(options.newton, near=OWN_NEAR, near_model=OWN_NEAR))
     # the conditional modes move to the estimate with their derivatives; where the sites' fits alone start
