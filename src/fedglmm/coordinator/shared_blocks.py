@@ -31,7 +31,8 @@ def merge_shared_levels(merged: Merged, moments: bool = False) -> Merged | None:
     if any(b is None or "levels" not in b for b in blocks.values()):
         return None
     keys = BLOCK_AXES if merged.family.name == "gaussian" else ("n", "moments")
-    if any(k not in b for b in blocks.values() for k in keys) or len({str(b.get("variables")) for b in blocks.values()}) > 1:
+    if any(k not in b for b in blocks.values() for k in keys) \
+            or len({str(b.get("variables")) for b in blocks.values()}) > 1:
         return None
     sids = list(blocks)
     named = [lv for sid in sids for lv in blocks[sid]["levels"]]

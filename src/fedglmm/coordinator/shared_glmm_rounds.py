@@ -96,13 +96,14 @@ class SharedGLMMEvaluator:
                 "near": near is not None}
 
     def _grid(self, phi) -> list:
-        """The points of a first round beside v = 0 (nothing evaluated yet) with one factor: every level's
-        first effect (its intercept, mostly) at GRID on the scale of the linear predictor (v's first entry
-        c / Λ₁₁, the others 0: the rest of b follows Λ's first column).
-        Each level then goes on from the one nearest its mode (:meth:`_step`): Newton's steps from 0,
-        capped, took 2-6 rounds to reach the modes where they lie a few units out (a poisson model without
-        intercept, or an SD of 1.5)."""
-        if len(self.layout.factors) != 1:
+        """The points of a first round beside v = 0 (nothing evaluated yet) with one grouping factor: every
+        level's first effect (its intercept, mostly) at GRID on the scale of the linear predictor (v's first
+        entry c / Λ₁₁, the others 0: the rest of b follows Λ's first column).  Each level then goes on from
+        the one nearest its mode (:meth:`_step`): Newton's steps from 0, capped, took 2-6 rounds to reach the
+        modes where they lie a few units out (a poisson model without intercept, or an SD of 1.5).  Not beside
+        other factors: a factor crossing it couples the levels, which then go on together, and the grid's
+        points only cost the sites (7 crossed held-out cases: the same rounds, 5-9 % more bytes)."""
+        if len(self.layout.factors) != 1 or len(self.pool.zcols) != 1:
             return []
         f = self.layout.factors[0]
         idx = self.layout.columns(f, np.arange(len(self.layout.levels[f])))

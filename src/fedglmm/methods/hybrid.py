@@ -87,8 +87,9 @@ def _starts(req, st, merged, own: dict, pseudo, big: bool = False, by_level: boo
     all tried in the first Newton round (the best kept), or None (the set-up start).  ``own``: the sites'
     own fits, as sent (several grouping factors) or as :class:`~fedglmm.coordinator.starts.OwnPart`.
     Where small groups' summaries stayed at their sites, a binary model with one random intercept also
-    tries its first start's SD times 1.3 and 1/1.3 (:func:`~fedglmm.coordinator.starts.attenuated`) -- not beyond POOLED_MAX_GROUPS
-    groups, where the sites' fits of their many groups combine well and two more points cost every site."""
+    tries its first start's SD times 1.3 and 1/1.3 (:func:`~fedglmm.coordinator.starts.attenuated`) -- not
+    beyond POOLED_MAX_GROUPS groups, where the sites' fits of their many groups combine well and two more
+    points cost every site."""
     starts, surrogate = _candidates(req, st, merged, own, pseudo, big, by_level)
     fam = req.family
     if starts is None or not merged.refused or st.mask.shape != (1, 1) or st.factor_groups \
