@@ -20,10 +20,10 @@ from .messages import BLOCK_AXES, Merged
 
 def merge_shared_levels(merged: Merged, moments: bool = False) -> Merged | None:
     """``merged`` with each shared level's per-group sums added up over its sites (see the module
-    docstring), or None where that does not give the pooled fit: not gaussian, no shared level, a site
-    withheld groups or sent none, several grouping factors (per-cell sums).  ``moments``: a GLMM's too,
-    whose per-group moment sums add up alike (the pseudo-data of each level are then drawn from all its
-    rows' moments: a start, not the fit)."""
+    docstring), or None where that does not give the pooled fit: not gaussian (unless ``moments``), no
+    shared level, a site withheld groups or sent none, several grouping factors (per-cell sums).
+    ``moments``: a GLMM's too, whose per-group moment sums add up alike (the pseudo-data of each level are
+    then drawn from all its rows' moments: a start, not the fit)."""
     if merged.family.name != "gaussian" and not moments or not merged.schema.shared or merged.refused \
             or not merged.mask.shape[0]:
         return None
