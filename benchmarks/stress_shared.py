@@ -3,7 +3,7 @@
 fitted split by the hybrid (default) and iterative methods and pooled: rounds, and each split fit against
 the pooled one.
 
-usage: python3 benchmarks/stress_shared.py [--fits 60] [--seed 0]
+usage: python3 benchmarks/stress_shared.py [--fits 60] [--seed 0] [--wide]
 
 Fit ``i`` draws, from ``numpy.random.default_rng(seed + i)``: 200, 600 or 1500 rows; 8, 30 or 80 levels;
 2, 3 or 5 sites; a random-intercept SD of 0.3, 0.8 or 1.5; an intercept of -2, 0 or 1 (binary outcomes
@@ -48,10 +48,29 @@ def draw(seed: int):
     return fam, str(rng.choice(FORMULAS)), n, G, K, sd, mu, df, sites
 
 
+def draw_wide(seed: int):
+    """``--wide``: more levels, rarer events, larger SDs and a binary covariate.  From
+    ``default_rng(1000 + seed)``: 20, 60 or 200 levels; 800 or 3000 rows; 3 or 6 sites; binomial (intercept -4,
+    -1 or 1.5) or poisson (-2, 0.5 or 2; the linear predictor capped at 8); an SD of 0.5, 1.5 or 2.5;
+    ``y ~ x + z + (1 | g)``, z ~ Bernoulli(0.4) with effect -0.3, x's 0.4."""
+    rng = np.random.default_rng(1000 + seed)
+    G, n, K = int(rng.choice([20, 60, 200])), int(rng.choice([800, 3000])), int(rng.choice([3, 6]))
+    fam, sd = str(rng.choice(["binomial", "poisson"])), float(rng.choice([0.5, 1.5, 2.5]))
+    mu = float(rng.choice([-4.0, -1.0, 1.5])) if fam == "binomial" else float(rng.choice([-2.0, 0.5, 2.0]))
+    g, x, z = rng.integers(0, G, n), rng.normal(size=n), rng.binomial(1, 0.4, n)
+    eta = mu + 0.4 * x - 0.3 * z + rng.normal(0, sd, G)[g]
+    y = rng.binomial(1, 1 / (1 + np.exp(-eta))) if fam == "binomial" else rng.poisson(np.exp(np.minimum(eta, 8)))
+    df = pd.DataFrame({"y": y, "x": x, "z": z, "g": [f"l{k}" for k in g]})
+    site = rng.integers(0, K, n)
+    sites = {f"s{k}": df[site == k].reset_index(drop=True) for k in range(K)}
+    return fam, "y ~ x + z + (1 | g)", n, G, K, sd, mu, df, sites
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fits", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wide", action="store_true", help="the draws of draw_wide (more levels, rarer events)")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     rounds = {"hybrid": [], "iterative": []}
@@ -60,7 +79,7 @@ def main() -> None:
     print("fit family    rows levels sites  sd   mu  formula                       pooled"
           "  hybrid: rounds dlogLik dfixef   iterative: rounds dlogLik dfixef")
     for i in range(a.fits):
-        fam, form, n, G, K, sd, mu, df, sites = draw(a.seed + i)
+        fam, form, n, G, K, sd, mu, df, sites = (draw_wide if a.wide else draw)(a.seed + i)
         head = f"{a.seed + i:3d} {fam:9s} {n:5d} {G:5d} {K:4d} {sd:5.1f} {mu:4.1f}  {form:28s}"
         try:
             pooled = fedglmm.fit(form, df, family=fam)
