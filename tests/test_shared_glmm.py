@@ -417,3 +417,25 @@ def test_shared_levels_moments_add_up_to_the_pooled_data_s(monkeypatch):
         assert got[str(lv)][0] == n
         assert np.allclose(got[str(lv)][1], m, rtol=1e-12, atol=1e-9)
     assert merge_shared_levels(seen[-2]) is None                 # a GLMM's, only where asked for
+
+
+def test_levels_step_alone_only_where_no_factor_crosses_them():
+    """The levels' own steps and the first round's grid need F to be a sum over the shared levels: with
+    items crossed by subjects (local to sites) C couples the items, and v moves as a whole; with the items
+    the only factor C is block-diagonal by item."""
+    from fedglmm.coordinator.shared_glmm_rounds import SharedGLMMEvaluator
+
+    for formula, separate in ((FORMULA, False), ("y ~ x + (1 + x | item)", True)):
+        engines, pool, _ = _engines(_simulated("poisson", seed=5), "poisson", formula)
+        ev = SharedGLMMEvaluator.__new__(SharedGLMMEvaluator)
+        ev.rounds, ev.settle, ev.patient = _LocalRounds(engines), 0.5, False
+        ev.layout, ev.pool, ev.seen = pool.layout, pool, []
+        ev.rounds.Q = pool.Q
+        phi = np.r_[-0.3, 0.5, 0.7, 0.1, 0.3] if separate else np.r_[-0.3, 0.5, 0.8, 0.7, 0.1, 0.3]
+        grid = ev._grid(phi)
+        ev.evaluate([phi], None)
+        pt = ev.seen[-1]
+        assert (ev._blocks(pt) is not None) == separate and (len(grid) == 6) == separate
+        if separate:        # each level by its own step, none capped at a settled point: the whole Newton step
+            assert np.abs(pool.L(phi[pool.p:]) @ pt.dv).max() < 2.0
+            assert np.allclose(ev._step(pt), pt.v + pt.dv, rtol=0, atol=1e-12)
