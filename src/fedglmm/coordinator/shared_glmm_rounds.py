@@ -103,10 +103,9 @@ class SharedGLMMEvaluator:
         modes where they lie a few units out (a poisson model without intercept, or an SD of 1.5).  Not beside
         other factors: a factor crossing it couples the levels, which then go on together, and the grid's
         points only cost the sites (7 crossed held-out cases: the same rounds, 5-9 % more bytes)."""
-        if len(self.layout.factors) != 1 or len(self.pool.zcols) != 1:
+        idx = self._level_columns()
+        if idx is None or len(self.pool.zcols) != 1:
             return []
-        f = self.layout.factors[0]
-        idx = self.layout.columns(f, np.arange(len(self.layout.levels[f])))
         block = self.pool.L(phi[self.pool.p:])[np.ix_(idx[0], idx[0])]
         if not abs(block[0, 0]) > MIN_GRID_SD:
             return []
@@ -143,13 +142,19 @@ class SharedGLMMEvaluator:
         scale = np.where(big > CAP, CAP / np.where(big > 0, big, 1.0), 1.0)
         return v + step * np.repeat(scale, blocks.shape[1])
 
+    def _level_columns(self):
+        """With one shared factor, the positions in v of each of its levels' effects (levels × q), else None."""
+        if len(self.layout.factors) != 1:
+            return None
+        f = self.layout.factors[0]
+        return self.layout.columns(f, np.arange(len(self.layout.levels[f])))
+
     def _blocks(self, pt: SharedPoint):
         """The positions in v of each shared level's effects (levels × q) where F is a sum over the levels
         (one factor, and C has no entry between two levels), else None."""
-        if len(self.layout.factors) != 1 or pt.C is None:
+        idx = self._level_columns()
+        if idx is None or pt.C is None:
             return None
-        f = self.layout.factors[0]
-        idx = self.layout.columns(f, np.arange(len(self.layout.levels[f])))
         off = np.abs(pt.C).copy()
         off[idx[:, :, None], idx[:, None, :]] = 0.0
         return idx if not np.any(off) else None
