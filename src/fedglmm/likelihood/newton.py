@@ -85,6 +85,7 @@ class TrustRegionNewton(Ending):
         self._ceiling = np.inf             # candidates stay shorter than the shortest step just rejected
         self.accepted: int | None = None   # index of the point of the last round that was accepted
         self._model_ok = True               # False after a rejected round, until a point is accepted
+        self._final_model = False           # the last final candidate was the caller's model's step
         self._model_rejections = 0
         self._dec_prev = np.inf             # the Newton decrement of the current point one round before
         self.previous: _State | None = None  # the accepted point before the current one
@@ -150,6 +151,7 @@ class TrustRegionNewton(Ending):
         if was_final and self.accepted is not None and (dec < self.config.tol or contracted):
             return self._stop_or_settle(cur, newton)
         dec_before, self._dec_prev = self._dec_prev, dec
+        self._model_fell_short(was_final, dec, dec_before)
         if self.evals >= self.config.max_evals:
             self.message = f"no convergence within {self.config.max_evals} rounds"
             return self._finish(converged=False)

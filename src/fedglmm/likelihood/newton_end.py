@@ -12,6 +12,10 @@ from .last_step import last_step
 from .start_choice import newton_step as _newton_step
 
 
+MODEL_FINAL_SHRINK = 0.1   # a final step of the caller's model that leaves more than this share of the decrement:
+                           # the model is not asked again
+
+
 class Ending:
     """The final-round methods of :class:`~fedglmm.likelihood.newton.TrustRegionNewton` (a mixin: the state
     they read and set is the iteration's)."""
@@ -24,7 +28,16 @@ class Ending:
         if edge is not None:
             step, pred = edge.step, edge.pred
         self._cands = [_unbounded(step, pred, cur.H, extra is None and edge is None)]
+        self._final_model = extra is not None and edge is None
         return [cur.x + step]
+
+    def _model_fell_short(self, was_final: bool, dec: float, d0: float) -> None:
+        """After a final round whose point was the caller's model's step: where it left a decrement d above
+        ``MODEL_FINAL_SHRINK`` of the one before, d₀ -- near the optimum a Newton step leaves one of order
+        d₀² --, the model counts as wrong and is not asked again; the next final candidate is Newton's
+        (grouseticks over 3 sites with count bins of neighbouring sizes: 9 rounds, 6 with this)."""
+        if was_final and self.accepted is not None and self._final_model and dec > MODEL_FINAL_SHRINK * d0:
+            self._model_rejections, self._model_ok = self._model_rejections + 1, False
 
     def _promising(self, dec: float, d0: float) -> bool:
         """With ``predict_final``: the step just accepted was a full step from a decrement d₀ and left d
