@@ -22,8 +22,10 @@ FORMULA = "y ~ trt * time + (1 | id)"
 LOCAL = {"nagq": 1, "curvature": "observed"}
 
 
-def follow_up(seed: int, subjects: int = 240, visits: int = 6, sd: float = 3.0, sites: int = 3) -> pd.DataFrame:
-    """A binary follow-up: subjects x visits (some missed), treatment per subject, SD ``sd``."""
+def follow_up(seed: int, subjects: int = 240, visits: int = 6, sd: float = 3.0, sites: int = 3,
+              counts: bool = False) -> pd.DataFrame:
+    """A binary follow-up (``counts``: poisson counts): subjects x visits (some missed), treatment per
+    subject, SD ``sd``."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(subjects):
@@ -31,7 +33,7 @@ def follow_up(seed: int, subjects: int = 240, visits: int = 6, sd: float = 3.0, 
         t = np.arange(visits, dtype=float)
         t = t[rng.random(visits) > 0.12] if visits > 2 else t
         eta = -1.0 + b - 0.3 * t - 0.4 * trt * t
-        y = (rng.random(len(t)) < 1 / (1 + np.exp(-eta))).astype(int)
+        y = rng.poisson(np.exp(eta + 1.5)) if counts else (rng.random(len(t)) < 1 / (1 + np.exp(-eta))).astype(int)
         rows.append(pd.DataFrame({"id": f"p{i:03d}", "trt": trt, "time": t, "y": y, "site": i % sites}))
     return pd.concat(rows, ignore_index=True)
 
@@ -83,9 +85,9 @@ def test_min_pooled_sets_the_smallest_bin_and_zero_sends_none():
     wide = summarize(df, FORMULA, "binomial", None, "A", order=2, local=LOCAL, min_pooled=12)
     assert np.min(wide["pooled"]["k"]) >= 12
     assert summarize(df, FORMULA, "binomial", None, "A", order=2, local=LOCAL, min_pooled=0).get("pooled") is None
-    # not for the one-shot method (no own-fit request), nor for counts
+    # not for the one-shot method (no own-fit request), nor for a family with a dispersion parameter
     assert summarize(df, FORMULA, "binomial", None, "A", order=2).get("pooled") is None
-    assert summarize(df, FORMULA, "poisson", None, "A", order=2, local=LOCAL).get("pooled") is None
+    assert summarize(df, FORMULA, "negative_binomial", None, "A", order=2, local=LOCAL).get("pooled") is None
 
 
 def test_a_size_whose_groups_share_one_count_is_not_sent():
@@ -210,3 +212,68 @@ def test_beta_binomial_quantiles_are_scipys(n, a, b):
 
     q = (np.arange(17) + 0.5) / 17
     assert np.array_equal(_betabinom_quantiles(q, n, a, b), betabinom.ppf(q, n, a, b))
+
+
+def test_count_bins_are_the_rule_written_out():
+    """A poisson outcome's small groups: bins by (size, the group's total count), as for 0/1 outcomes."""
+    df = follow_up(11, sd=0.7, counts=True).query("site == 0").drop(columns="site")
+    got, want = summarize(df, FORMULA, "poisson", None, "A", order=2, local=LOCAL)["pooled"], expected_bins(df, 5)
+    assert len(got["k"]) == len(want) > 2 and df.y.max() > 3
+    for b, w in enumerate(want):
+        assert got["size"][b] == w["size"] and got["k"][b] == w["k"]
+        for key in ("s1", "s2", "bd", "by"):
+            assert np.allclose(got[key][b], w[key], rtol=1e-12, atol=1e-9), key
+
+
+def test_counts_of_many_sizes_send_no_bins_of_neighbouring_sizes():
+    """Counts: bins of one size only (a bin of neighbouring sizes misshaped the start of grouseticks)."""
+    df = _groups_of_many_sizes(4).assign(y=lambda f: np.random.default_rng(3).poisson(3.0, len(f)))
+    assert summarize(df, FORMULA, "poisson", None, "A", order=2, local=LOCAL).get("pooled") is None
+
+
+@pytest.mark.parametrize("n,mean,spread", [(4, 1.5, 0.8), (6, 0.3, 0.4), (3, 7.0, 3.0), (10, 2.0, 0.2)])
+def test_count_totals_are_the_negative_binomials_quantiles(n, mean, spread):
+    """Group totals with mean n·mean and SD n·spread: the negative binomial's quantiles (scipy's) where that
+    variance exceeds the poisson's, else a rounded normal with that mean and SD."""
+    from scipy.stats import nbinom
+
+    from fedglmm.coordinator.pseudo.pooled import _totals
+
+    k = 15
+    got = _totals(n, k, mean, spread)
+    m, var = n * mean, (n * spread) ** 2
+    if var > m:
+        r = m * m / (var - m)
+        assert np.array_equal(got, nbinom.ppf((np.arange(k) + 0.5) / k, r, r / (r + m)))
+    else:
+        assert np.all(got >= 0) and abs(got.mean() - m) <= 0.5 and abs(got.std() - n * spread) < 0.5 + 0.1 * m
+
+
+def test_count_pseudo_groups_keep_totals_and_group_level_columns():
+    df = follow_up(12, sd=0.7, counts=True).query("site == 1").drop(columns="site")
+    bins = summarize(df, FORMULA, "poisson", None, "A", order=2, local=LOCAL)["pooled"]
+    V, gidx = generate_pooled(bins, np.random.default_rng(0), counts=True)
+    start = 0
+    for b in range(len(bins["k"])):
+        k, n = int(bins["k"][b]), int(bins["size"][b])
+        groups = V[np.isin(gidx, np.arange(start, start + k))].reshape(k, n, -1)
+        y = groups[:, :, 0]
+        assert np.all(y >= 0) and np.array_equal(y, np.round(y))           # counts
+        assert np.all(groups[:, :, 1] == groups[:, :1, 1])                  # treatment: per group
+        totals = y.sum(axis=1)
+        mu = bins["s1"][b][0] / bins["rows"][b]
+        assert abs(totals.mean() - n * mu) <= 0.5 + 0.05 * n * mu           # the bin's mean total
+        sd = n * np.sqrt(max(bins["bd"][b][0] / k - mu * mu, 0.0))
+        assert abs(totals.std() - sd) <= 0.35 * sd + 0.5                    # and about its spread
+        start += k
+
+
+def test_hybrid_with_count_bins_matches_iterative():
+    df = follow_up(13, subjects=150, sd=0.7, counts=True)
+    sites = {f"s{j}": part.drop(columns="site") for j, part in df.groupby("site")}
+    hyb = fedglmm.fit(FORMULA, sites, family="poisson")
+    it = fedglmm.fit(FORMULA, sites, family="poisson", method="iterative")
+    assert hyb.converged and hyb.rounds <= 4, hyb.rounds
+    assert np.allclose(hyb.fixef, it.fixef, atol=1e-8) and np.allclose(hyb.theta, it.theta, atol=1e-8)
+    assert abs(hyb.loglik - it.loglik) < 1e-8 * abs(it.loglik)
+    assert "went only pooled in bins" in hyb.messages[0]

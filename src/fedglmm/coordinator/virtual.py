@@ -129,7 +129,7 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
         if blocks is None and extra is None:
             continue
         if blocks is None:                     # only pooled small groups (binomial)
-            design = pooled_design(extra, merged.names, merged.znames, merged.mask, seed, sid)
+            design = pooled_design(extra, merged.names, merged.znames, merged.mask, seed, sid, family.name)
         elif "S" in blocks:                      # gaussian, several grouping factors: per-cell statistics
             design = cell_design(blocks, merged.names, merged.znames, merged.mask, merged.setup[sid]["z_groups"])
             nobs = int(round(float(np.sum(blocks["n"]))))
@@ -147,7 +147,7 @@ def stand_ins(merged: Merged, messages: dict, options: FitOptions, seed: int = 0
             design, diagnostics[sid] = drawn[sid]
             if extra is not None:
                 design = _concatenate([design, pooled_design(extra, merged.names, merged.znames, merged.mask,
-                                                             seed, sid)])
+                                                             seed, sid, family.name)])
         engines = pooled["make"](design)
         levels = list(design.group_levels) if design.Z.shape[1] else None
         parts[sid] = Part(m["description"], setup_reply(design, family), levels, engines, design, pooled)
@@ -311,11 +311,12 @@ def _finish(V, gidx, errors, trials, variables_, block, family, names, znames, m
     return _as_design(V, variables_, gidx, list(block["levels"]), trials, names, znames, mask), diag
 
 
-def pooled_design(bins: dict, names: list, znames: list, mask: np.ndarray, seed: int, site: str) -> Design:
+def pooled_design(bins: dict, names: list, znames: list, mask: np.ndarray, seed: int, site: str,
+                  family: str = "binomial") -> Design:
     """Pseudo-groups for a site's pooled small groups (:mod:`~fedglmm.coordinator.pseudo.pooled`), as a
     Design in the agreed coding; their labels start with a NUL, so no real group's label is among them."""
     rng = np.random.default_rng([seed, crc32(f"pooled\x1f{site}".encode())])
-    V, gidx = generate_pooled(bins, rng)
+    V, gidx = generate_pooled(bins, rng, counts=family == "poisson")
     levels = [f"\x00pooled {site} {j}" for j in range(int(gidx[-1]) + 1)]
     return _as_design(V, list(bins["variables"]), gidx, levels, np.ones(V.shape[0]), names, znames, mask, True)
 

@@ -1,9 +1,10 @@
 """The hybrid's block for a site's small groups: groups too small for their own summaries, pooled in bins.
 
-A binary outcome's groups below the site's minimum size send nothing of their own.  Where most groups are
-small (a follow-up of a few visits per patient) the hybrid's start then misses what the groups carry about
-the random-effect variance: how the groups' counts of positive rows spread.  So, for the hybrid only, the
-site sorts its small groups by (size, count of positive rows) into *bins* of at least ``min_groups`` groups
+A binary or count outcome's groups below the site's minimum size send nothing of their own.  Where most
+groups are small (a follow-up of a few visits per patient) the hybrid's start then misses what the groups
+carry about the random-effect variance: how the groups' counts (of positive rows, or the count outcome's
+totals) spread.  So, for the hybrid only, the site sorts its small groups by (size, count) into *bins* of at
+least ``min_groups`` groups
 (counts next to each other merged within a size until a bin is that large; a remainder joins the last bin
 of its size) and sends, per bin, only sums over its groups:
 
@@ -25,8 +26,8 @@ What this reveals is a frequency table of the small groups by (size, count) with
 minimum cell size.  A cell whose groups all share one count tells that count of each of its groups, but
 not which groups they are; so where *all* the groups of a size would fall in one bin and share one count
 (whoever knows a group's size would learn its count), that size is not sent.  The rule ``min_pooled`` of
-``site.toml`` sets ``min_groups`` (0: no bins).  Only for binary (0/1) outcomes without weights, one
-grouping factor; the coordinator uses the bins for the hybrid's start and step model, never as a fit.
+``site.toml`` sets ``min_groups`` (0: no bins).  Only for binary (0/1) and poisson outcomes without weights,
+one grouping factor; the coordinator uses the bins for the hybrid's start and step model, never as a fit.
 
 Where bins of one size would hold under ``COVER`` of the small groups (groups of many sizes, few of each:
 pseudo-groups for the few binned would misshape the start more than none), the bins are made over
@@ -36,7 +37,10 @@ of at least ``min_groups`` groups where the share changes.  Such a bin sends the
 as their total; a class whose groups all share one share of positive rows is not sent (whoever knows a
 group is in it would learn its share), nor are any bins when there are fewer than 2·``min_groups`` small
 groups.  (Many sites of a dozen subjects each: a binary follow-up over 25 sites took 5-6 rounds without
-these bins and 4 with them, ``benchmarks/follow_up_rounds.py``.)
+these bins and 4 with them, ``benchmarks/follow_up_rounds.py``.)  Counts go in bins of one size only: a bin
+of neighbouring sizes gives the coordinator its rows' moments weighted by size beside its groups' unweighted
+means, which misshaped the start and step model of grouseticks over 3 sites (4 rounds without them, 9 with, 6
+with them once a model whose final step falls short gives way to Newton's; its 54 small locations).
 """
 from __future__ import annotations
 
@@ -62,17 +66,19 @@ def pooled_bins(d: Design, starts: np.ndarray, small: np.ndarray, min_groups: in
     min_groups = max(int(min_groups), int(np.ceil(2.0 * (3 * dim - 1) / dim)))
     rows_needed = 2.0 * (dim + dim * (dim + 1) / 2) / dim
     sizes = np.diff(np.r_[starts, d.n])
-    counts = np.add.reduceat(d.y, starts)
+    counts = np.add.reduceat(d.y, starts)      # positive rows (binary) or the group's total count
     bins = []
     for size in np.unique(sizes[small]):
         idx = np.flatnonzero(small & (sizes == size))
         idx = idx[np.argsort(counts[idx], kind="stable")]
-        _, many = np.unique(counts[idx], return_counts=True)     # at most size + 1 distinct counts
+        _, many = np.unique(counts[idx], return_counts=True)
         cuts = _cuts(many, many * size, min_groups, rows_needed)
         if not cuts or len(many) == 1:
             continue                 # fewer than min_groups groups of this size, or all of one count
         bins += [idx[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
     if sum(len(i) for i in bins) < COVER * small.sum():
+        if np.any(d.y > 1):
+            return None                  # counts: bins of one size only (see the module docstring)
         bins = _mixed_bins(np.flatnonzero(small), sizes, counts, min_groups, rows_needed)
         if not bins:
             return None                  # pseudo-groups for a few of the small groups would skew the start

@@ -41,9 +41,9 @@ is sent):
   with several grouping factors, each level of each factor is a group.  Smaller groups' conditional
   modes are withheld at ``finalize`` (the fit itself is unaffected: the
   likelihood sums are totals over all groups) and their one-shot blocks are not sent;
-* ``min_pooled``: for the hybrid's start, the groups of a binary outcome below ``min_group`` leave only
-  pooled: binned by (size, count of positive rows) -- or by neighbouring sizes and share of positive rows
-  where sizes are many --, each bin of at least this many groups sending its group count and pooled moments (:mod:`fedglmm.site.pooled`, which says what that reveals); 0: not at all;
+* ``min_pooled``: for the hybrid's start, the groups of a binary or count (poisson) outcome below
+  ``min_group`` leave only pooled: binned by (size, count of positive rows or total count) -- or, for a
+  binary outcome, by neighbouring sizes and share of positive rows where sizes are many --, each bin of at least this many groups sending its group count and pooled moments (:mod:`fedglmm.site.pooled`, which says what that reveals); 0: not at all;
 * ``allowed_columns``: every column the formula names (outcome, covariates, grouping factor, offset)
   must be in the list; the site's description then lists only these columns.
 

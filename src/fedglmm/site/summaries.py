@@ -55,7 +55,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     ``{"nagq", "curvature", "exact"}``) asks for the site's own fit of all its rows, estimates and their
     information (:func:`fedglmm.site.own_fit.own_fit`; not for gaussian models).  ``weights``, ``offset``:
     columns (prior weights; an offset).  ``kept``: a dict the one-shot design is left in (for the set-up).
-    ``min_pooled``: for the hybrid (``local`` given), the small groups of a binary outcome go pooled in bins
+    ``min_pooled``: for the hybrid (``local`` given), the small groups of a binary or poisson outcome go pooled in bins
     of at least this many groups (:mod:`fedglmm.site.pooled`; 0: not at all).
 
     A model whose likelihood the shared moments do not carry -- a dispersion parameter (negative
@@ -118,7 +118,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
         msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms,
                                third=not keep.any() or bool(fam.ndisp),
                                sums=sums, **own)
-    if local is not None and fam.name == "binomial" and small.any():
+    if local is not None and fam.name in ("binomial", "poisson") and small.any():
         msg["pooled"] = pooled_bins(d, starts, small, min_pooled, variables)
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
@@ -289,10 +289,10 @@ def _describe_blocks(msg: dict) -> dict:
                           "the random-effect covariance parameters 'theta', and their information matrix: "
                           f"sums over its {msg['local']['ngroups']} groups and {msg['local']['n']:g} observations")
     if msg.get("pooled"):
-        b = msg["pooled"]
+        b, count = msg["pooled"], "count of positive rows" if msg["family"] == "binomial" else "total count"
         about["pooled"] = (f"the groups too small for their own summaries, pooled (for the hybrid's start): "
-                           f"{int(np.sum(b['k']))} groups in {len(b['k'])} bins by (group size, count of positive "
-                           f"rows), each of at least {int(np.min(b['k']))} groups; per bin its group size, its "
+                           f"{int(np.sum(b['k']))} groups in {len(b['k'])} bins by (group size, {count}), each "
+                           f"of at least {int(np.min(b['k']))} groups; per bin its group size, its "
                            f"number of groups, the sums over its rows of the variables {b['variables']} (s1) and "
                            "of their pairwise products (s2), and over its groups of each variable's squared group "
                            "mean (bd) and of its group mean times the outcome's (by)")
