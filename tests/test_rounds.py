@@ -194,7 +194,10 @@ def test_stress_fits_at_a_singular_covariance(seed, fit, limit):
 def _against_precise(seed: int, fit: int, limit: int) -> None:
     """The default fit of a stress_methods draw against the iterative fit run to machine precision: logLik
     to 1e-8, fixed effects and the covariance to 1e-6, in at most ``limit`` rounds."""
-    formula, family, data = _stress_draw(seed, fit)
+    _against_machine_precision(*_stress_draw(seed, fit), limit)
+
+
+def _against_machine_precision(formula: str, family: str, data: dict, limit: int) -> None:
     case = {"formula": formula, "family": family, "link": None, "nagq": 1}
     opt = _fit(case, data, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
     res = _fit(case, data)
@@ -203,6 +206,23 @@ def _against_precise(seed: int, fit: int, limit: int) -> None:
     sigma, want = next(iter(res.covariances().values())), next(iter(opt.covariances().values()))
     assert np.allclose(sigma, want, rtol=0, atol=1e-6), (sigma, want)
     assert res.rounds <= limit, res.rounds
+
+
+@pytest.mark.parametrize("seed,limit", [(36, 5), (3, 4), (28, 4)])
+def test_a_slope_of_small_sd_ends_without_a_round_of_several_points(seed, limit):
+    """Fits of benchmarks/small_slope_rounds.py, a random slope whose SD is 0 or small.  Near the optimum
+    (decrement under ``near``) a Newton step that shrinks the slope's Λ₂₂ by more than half no longer asks
+    for a round of several points beside the step in Σ's entries (seeds 3 and 28: 5 rounds before, 4);
+    where it grows Λ₂₂ by half or more the final candidate is the step in Σ's entries (seed 36, Λ₂₂ 0.02
+    at the optimum: the Newton step in θ overshot it, 8 rounds before, 5).  Against the iterative fit run
+    to machine precision, as above."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from small_slope_rounds import FORMULA, simulate
+
+    family, sites, _ = simulate(seed)
+    _against_machine_precision(FORMULA, family, sites, limit)
 
 
 @pytest.mark.parametrize("seed,fit,limit", [(17, 63, 5), (5, 25, 6)])

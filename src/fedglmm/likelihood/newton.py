@@ -86,6 +86,7 @@ class TrustRegionNewton(Ending):
         self.accepted: int | None = None   # index of the point of the last round that was accepted
         self._model_ok = True               # False after a rejected round, until a point is accepted
         self._final_model = False           # the last final candidate was the caller's model's step
+        self._near_cov = None               # (point, its step in Σ's entries) for a final candidate there
         self._model_rejections = 0
         self._dec_prev = np.inf             # the Newton decrement of the current point one round before
         self.previous: _State | None = None  # the accepted point before the current one
@@ -160,13 +161,12 @@ class TrustRegionNewton(Ending):
             if newton is not None and self._model_ok and dec >= self.config.tol ** 0.5 else None
         edge = self._boundary(cur, newton)      # (a final candidate just rejected is not proposed again)
         tail = self._tail(cur, newton)
-        cov = self._in_covariance(cur, newton, self._linear(cur, newton, dec, dec_before)) \
+        cov = self._in_covariance(cur, newton, self._linear(cur, newton, dec, dec_before), edge is not None) \
             if dec >= self.config.tol else None
         if cov is None and not (was_final and self.accepted is None) and (dec < self.config.near or (
                 extra is not None and dec < self.config.near_model) or self._promising(dec, dec_before)):
             # the poisson limit is a final candidate as a zero variance's boundary point is
-            return self._final(cur, newton, dec, extra, edge if edge is not None or tail is None or not tail.limit
-                               else tail)
+            return self._final(cur, newton, dec, extra, self._final_edge(cur, edge, tail))
         self._cands = self._propose(cur.g, cur.H, newton, extend=cov is None)
         if extra is not None:
             extra.radius = self._radius
@@ -231,7 +231,7 @@ class TrustRegionNewton(Ending):
             if newton is None and self.faces and self.boundary and not self.config.single else None
         return [] if out is None else [replace(_unbounded(*out, cur.H), cov=True)]
 
-    def _in_covariance(self, cur, newton, linear: bool) -> _Candidate | None:
+    def _in_covariance(self, cur, newton, linear: bool, onto_zero: bool = False) -> _Candidate | None:
         """The Newton step in the covariance's entries (``covariance``: see
         :mod:`~fedglmm.likelihood.covariance_steps`) as one more candidate, where the Newton step in θ may
         fall short: it converged only linearly (``linear``), or shrinks a diagonal entry of Λ by a quarter
@@ -241,7 +241,16 @@ class TrustRegionNewton(Ending):
         the turn, stress_methods seed 3 fit 0 took 6 more Newton rounds along it, now 2), or, with the
         decrement above ``near``, a share is under ``NEARLY_SINGULAR`` but not 0 (an intercept SD of 0.01 by
         a slope's 0.5 left the correlation to crawl along a ridge: stress_methods seed 11 fit 80, 39 rounds,
-        now 6; at an exact zero the boundary's steps serve)."""
+        now 6; at an exact zero the boundary's steps serve).
+
+        Below ``near`` a variance the Newton step shrinks by more than half (``onto_zero``: the boundary's
+        step is the final candidate) asks for no such round of several points -- by a quarter to a half, it
+        still does (a variance going to 0 linearly: the singular slope of an LMM over 7 sites took 16
+        rounds instead of 9 without it) --; and where the Newton step there grows a small standard deviation
+        by half or more (θ's quadratic model is poor near 0, the model in Σ's entries is not), the final
+        candidate is the step in Σ's entries (:meth:`_final_edge`).  benchmarks/small_slope_rounds.py
+        (slope SDs 0-0.15), seeds 0-99: 457 -> 444 rounds, above 4 in 46 -> 37 of 100."""
+        self._near_cov = None
         cov = self.covariance
         if cov is None:
             return None
@@ -254,7 +263,19 @@ class TrustRegionNewton(Ending):
         far = self._dec_prev >= self.config.near
         nearly = far and bool(np.any((share > 1e-8) & (share < NEARLY_SINGULAR)))
         after = self._cov_won and far
-        return self._cov_candidate(cur) if linear or shrinks.any() or after or nearly else None
+        if not far and np.any((t > 1e-8) & (t1 > 1.5 * t)):
+            self._near_cov = (cur, self._cov_candidate(cur))
+        shrinks = shrinks.any() and (far or not onto_zero)
+        return self._cov_candidate(cur) if linear or shrinks or after or nearly else None
+
+    def _final_edge(self, cur, edge, tail) -> _Candidate | None:
+        """The final candidate's step where it is not Newton's (or the caller's model's): the step in Σ's
+        entries that :meth:`_in_covariance` kept for this point, else the boundary's step, else a negative
+        binomial's step to its poisson limit (a final candidate as a zero variance's boundary point is)."""
+        kept, self._near_cov = self._near_cov, None
+        if kept is not None and kept[0] is cur and kept[1] is not None:
+            return kept[1]
+        return edge if edge is not None or tail is None or not tail.limit else tail
 
     def _fell_short(self) -> bool:
         """Whether the last round's full Newton step gained more than ``extrapolate`` times its prediction."""
