@@ -439,3 +439,23 @@ def test_levels_step_alone_only_where_no_factor_crosses_them():
         if separate:        # each level by its own step, none capped at a settled point: the whole Newton step
             assert np.abs(pool.L(phi[pool.p:]) @ pt.dv).max() < 2.0
             assert np.allclose(ev._step(pt), pt.v + pt.dv, rtol=0, atol=1e-12)
+
+
+def test_no_pseudo_data_fit_where_a_site_withheld_shared_cells(monkeypatch):
+    """Levels shared by sites, a site's small cells withheld (their moments not merged by level): the start
+    is the sites' own fits, so no pseudo-data fit is made (it was, and the note said the rounds started
+    from it), and the fit is the iterative one."""
+    from fedglmm.methods import hybrid
+
+    rng = np.random.default_rng(3)
+    g, x = rng.integers(0, 30, 3000), rng.normal(size=3000)
+    df = pd.DataFrame({"y": rng.poisson(np.exp(0.3 + 0.4 * x + rng.normal(0, 0.6, 30)[g])), "x": x, "g": g,
+                       "site": rng.choice(3, 3000, p=[0.6, 0.3, 0.1])})
+    made = []
+    real = hybrid._pseudo_fit
+    monkeypatch.setattr(hybrid, "_pseudo_fit", lambda *a, **k: made.append(1) or real(*a, **k))
+    res = fedglmm.fit("y ~ x + (1 | g)", df, family="poisson", site="site")
+    it = fedglmm.fit("y ~ x + (1 | g)", df, family="poisson", site="site", method="iterative")
+    note = next(m for m in res.messages if m.startswith("summaries of small groups stayed"))
+    assert not made and note.endswith("started from the sites' own fits"), note
+    assert abs(res.loglik - it.loglik) < 1e-8 and np.allclose(res.fixef, it.fixef, rtol=0, atol=1e-7)

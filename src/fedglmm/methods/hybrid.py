@@ -253,8 +253,11 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     big = st is not None and _fits_suffice(own, replies, merged, req, st)
     lean = st is not None and not big and _lean(own, replies, merged, req, st)
     by_level = merge_shared_levels(merged, moments=True) if st is not None else None     # shared levels' sums added
+    # (a GLMM with several grouping factors, or levels shared by sites, starts from a pseudo-data fit only of
+    # the levels' merged moments: without them none is made)
+    unused = fam.name != "gaussian" and st is not None and bool(st.factor_groups) and by_level is None
     pseudo = _pseudo_fit(by_level or merged, replies, req, seed, fit=not lean) \
-        if (any(b is not None for b in merged.blocks.values()) or merged.pooled) and not big else None
+        if (any(b is not None for b in merged.blocks.values()) or merged.pooled) and not big and not unused else None
     if pseudo is not None and fam.name == "gaussian" and not merged.refused \
             and (not merged.schema.shared or by_level is not None) and (st is None or _blocks_keep_digits(st)):
         # per-group sufficient statistics give the exact fit: nothing is left to iterate
