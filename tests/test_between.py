@@ -95,3 +95,46 @@ def test_hospital_covariates_one_hospital_per_site():
     assert abs(split.loglik - pooled.loglik) < 1e-8 * abs(pooled.loglik)
     assert np.allclose(split.fixef, pooled.fixef, rtol=1e-7, atol=1e-8)
     assert np.allclose([r["sd"] for r in split.random], [r["sd"] for r in pooled.random], rtol=1e-7, atol=1e-8)
+
+
+def _one_level_per_site(name: str) -> tuple:
+    """A held-out case of benchmarks/rounds_heldout.py (one grouping factor) pooled and split one group a site."""
+    row = next(line.split("\t") for line in (Path(__file__).parent / "data" / "heldout" / "rounds" / "cases.tsv")
+               .read_text().splitlines() if line.startswith(name + "\t"))
+    df = pd.read_csv(Path(__file__).parent / "data" / "heldout" / "rounds" / f"{row[1]}.csv")
+    group = parse_formula(row[2]).group
+    return row[2], row[3], df, {str(k): d.reset_index(drop=True) for k, d in df.groupby(group, sort=False)}
+
+
+def test_a_site_of_one_level_sends_its_fit_without_the_random_intercept():
+    """Among other sites, a site holding one level of the model's one grouping factor fits its rows without
+    the random intercept (its level's effect in the intercept) and says so; that is the GLM of its rows."""
+    from fedglmm.site.summaries import summarize
+
+    formula, family, _, sites = _one_level_per_site("sim_pois_huge")
+    one = next(iter(sites.values()))
+    msg = summarize(one, formula, family, None, "A", order=2, local={"nagq": 1, "curvature": "observed", "sites": 50})
+    loc = msg["local"]
+    glm = fedglmm.fit(formula.split("+ (")[0], one, family=family)
+    assert loc["alone"] == ["g"] and loc["levels"] == {"g": 1} and loc["theta"][0] == 0.0
+    assert np.allclose(loc["beta"], glm.fixef.to_numpy(), rtol=0, atol=1e-6)
+    alone = summarize(one, formula, family, None, "A", order=2, local={"nagq": 1, "curvature": "observed"})
+    assert "alone" not in (alone.get("local") or {})            # the only site: its own fit is the fit
+    # a fit of one group is that group's summary: not from a group under the site's minimum size (epil: one
+    # patient of 4 visits a site), whose own summaries stay too
+    formula, family, _, sites = _one_level_per_site("epil_pois_la")
+    msg = summarize(next(iter(sites.values())), formula, family, None, "A", order=2,
+                    local={"nagq": 1, "curvature": "observed", "sites": 59})
+    assert msg["groups"] is None and "alone" not in (msg.get("local") or {})
+
+
+def test_one_group_a_site_starts_from_the_sites_fits_between_them():
+    """sim_pois_huge (50 groups) split one group a site: the start of the intercepts' variance between the
+    sites and the fixed effects of the meta-analysis (coordinator.between.one_level_start) beside the
+    pseudo-data fit's: 4 rounds (5 before), the pooled fit to 1e-8."""
+    formula, family, df, sites = _one_level_per_site("sim_pois_huge")
+    split = fedglmm.fit(formula, sites, family=family)
+    pooled = fedglmm.fit(formula, df, family=family)
+    assert split.rounds <= 4, split.rounds
+    assert abs(split.loglik - pooled.loglik) < 1e-8 * abs(pooled.loglik)
+    assert np.allclose(split.fixef, pooled.fixef, rtol=1e-7, atol=1e-8)

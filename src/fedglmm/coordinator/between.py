@@ -44,7 +44,8 @@ def between_sites(st, own: list, min_sites: int) -> dict:
     if len(alone) < min_sites or len(factors) != 1 or len(alone) < len(own) or "Intercept" not in st.names:
         return {}
     (left,) = factors
-    cols = st.factor_columns().get(left[0]) if len(left) == 1 else None
+    columns = st.factor_columns() or {left[0]: np.arange(st.mask.shape[0])}      # (one factor: its Z column)
+    cols = columns.get(left[0]) if len(left) == 1 else None
     if cols is None or len(cols) != 1:
         return {}
     p, nd = len(st.names), st.ndisp
@@ -120,3 +121,30 @@ def _tau2(fits: list) -> float:
     P = np.diag(w) - HW.T @ np.linalg.pinv(HWH) @ HW
     q, tr = float(a @ P @ a), float(np.trace(P))
     return max(0.0, (q - (len(a) - m)) / tr) if tr > 0 else 0.0
+
+
+def one_level_fits(own: dict, replies: dict, st) -> tuple[list, dict]:
+    """(the fits of sites that hold one level of a model's one grouping factor and left it out, as
+    :func:`one_level_start` reads them -- with the site's one-shot column names and XᵀX, through which a fit
+    without a column constant at its site maps to the agreed coding --, the other fits).  None of them under
+    secure aggregation (no XᵀX) or with several grouping factors (their own path)."""
+    if st is None or st.factor_groups:
+        return [], own
+    alone = [dict(o, site_x=(replies[sid]["x_names"], replies[sid]["sums"]["xtx"])) for sid, o in own.items()
+             if o.get("alone") and "xtx" in replies[sid].get("sums", {})]
+    return alone, {sid: o for sid, o in own.items() if not o.get("alone")}
+
+
+def one_level_start(st, alone: list, min_sites: int) -> tuple | None:
+    """(γ, θ̃ with ψ) for a model of one grouping factor, a random intercept, from the fits of sites that hold
+    one level each (``alone``: each hospital a site), as :func:`between_sites` gives them: the fixed effects
+    of the random-effects meta-analysis and the intercepts' variance between the sites; None with fewer than
+    ``min_sites`` such fits or where that cannot be had."""
+    if st.factor_groups or st.mask.shape != (1, 1) or len(alone) < min_sites:
+        return None
+    out = between_sites(st, alone, min_sites)
+    if not out:
+        return None
+    (g,) = [k for k in out if k not in ("fixed", "fits")]
+    gamma, psi = out["fixed"]
+    return np.asarray(gamma, float), np.r_[np.sqrt(out[g]), np.asarray(psi, float)]

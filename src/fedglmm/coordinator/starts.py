@@ -301,3 +301,12 @@ def attenuated(start, st, c: float) -> list:
         r = np.sqrt(1.0 + c * (f * sd) ** 2) / np.sqrt(1.0 + c * sd ** 2)
         out.append((gamma * r, theta * f))
     return out
+
+
+def with_start(starts, extra, default):
+    """The first Newton round's starts (None: ``default()``'s alone, one (γ, θ̃) pair, or a tuple of pairs)
+    with ``extra`` (a pair, or None) tried beside them, last."""
+    if extra is None:
+        return starts
+    starts = default() if starts is None else starts
+    return (tuple(starts) if isinstance(starts[0], tuple) else (starts,)) + (extra,)

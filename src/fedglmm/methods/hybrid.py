@@ -17,15 +17,17 @@ from dataclasses import replace
 import numpy as np
 
 from ..coordinator.assemble import assemble, shared_note
+from ..coordinator.between import one_level_fits, one_level_start
 from ..coordinator.messages import merge_messages
-from ..coordinator.own_combination import factor_combined_start, factor_fits, factor_log_start, gaussian_own_start
+from ..coordinator.own_combination import (MIN_LEVELS, factor_combined_start, factor_fits, factor_log_start,
+                                           gaussian_own_start)
 from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.shared_blocks import ONE_SHOT_NOTE, merge_shared_levels
 from ..coordinator.shared_rounds import shared_setup
 from ..coordinator.starts import (ATTENUATION, OwnPart, attenuated, combined_start, internal_start, own_part,
-                                  without_singular)
+                                  with_start, without_singular)
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
@@ -248,6 +250,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         # secure: the site totals' total, in a masked set-up round -- before the start is chosen, so that it
         # is chosen as in a plain fit
         st = _secure_setup(transport, payload, req, merged)
+    alone, own = one_level_fits(own, replies, st)      # (one factor, sites of one level each: fits without it)
     if st is not None:
         own = _own_parts(own, replies, st)         # the sites' fits in the agreed coding, once
     big = st is not None and _fits_suffice(own, replies, merged, req, st)
@@ -272,6 +275,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         st = _secure_setup(transport, payload, req, merged)
         own = _own_parts(own, replies, st)
     start, surrogate = _starts(req, st, merged, own, pseudo, big, by_level is not None)
+    start = with_start(start, one_level_start(st, alone, MIN_LEVELS), lambda: start_values(st, fam))  # a level a site
     if big:
         options = replace(options, newton=replace(options.newton, near=OWN_NEAR, near_model=OWN_NEAR))
     # the conditional modes move to the estimate with their derivatives; where the sites' fits alone start

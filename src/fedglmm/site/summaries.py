@@ -15,6 +15,7 @@ the coordinator maps them by name, with zero columns for levels a site does not 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from math import comb
 
 import numpy as np
@@ -31,7 +32,7 @@ from ..model.moments import mono_values, monomials
 from ..model.options import FEW_GROUPS, MANY_SITES, MIN_GROUP, MIN_POOLED, SKIP_OWN_GROUPS
 from ..model.spec import Design, Schema
 from ..model.transforms import is_stateful
-from .own_fit import own_factor_fit, own_fit
+from .own_fit import ALONE_ROUNDS, own_factor_fit, own_fit, short_fit
 from .pooled import pooled_bins
 
 SENTINEL = "\x00"          # a reference level no row has: every real level gets its own column
@@ -53,15 +54,13 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     ``guard=False`` drops the rule that keeps the moments of groups they would pin down (for accuracy
     studies on public data only; the command line has no such switch).  ``local`` (the hybrid's request:
     ``{"nagq", "curvature", "exact"}``) asks for the site's own fit of all its rows, estimates and their
-    information (:func:`fedglmm.site.own_fit.own_fit`; not for gaussian models).  ``weights``, ``offset``:
-    columns (prior weights; an offset).  ``kept``: a dict the one-shot design is left in (for the set-up).
-    ``min_pooled``: for the hybrid (``local`` given), the small groups of a binary or poisson outcome go pooled in bins
-    of at least this many groups (:mod:`fedglmm.site.pooled`; 0: not at all).
+    information (:func:`fedglmm.site.own_fit.own_fit`, or :func:`_one_level_fit`; not for gaussian models).
+    ``weights``, ``offset``: columns.  ``kept``: a dict the one-shot design is left in (for the set-up).
+    ``min_pooled``: the hybrid's bins of a binary or count outcome's small groups (:mod:`fedglmm.site.pooled`).
 
-    A model whose likelihood the shared moments do not carry -- a dispersion parameter (negative
-    binomial, Gamma: no moment of order 2 pins down the shape), poisson weights, binomial weights that
-    are not whole trials -- gets no per-group summaries (``unsupported``); the hybrid then starts from the
-    site's own fit or the site totals (see :func:`_no_summaries`: few groups of an NB or Gamma model)."""
+    A model whose likelihood the shared moments do not carry (negative binomial, Gamma, poisson weights,
+    binomial weights that are not whole trials: :func:`_no_summaries`) gets no per-group summaries
+    (``unsupported``); the hybrid then starts from the site's own fit or the site totals."""
     spec = parse_formula(formula).with_columns(weights, offset)
     fam = get_family(family, link)
     desc = describe_frame(frame, spec, site_id)
@@ -94,7 +93,8 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
                            "or iterative)", unsupported=True)
         if local is not None:
             sizes = np.add.reduceat(np.ones(d.n), d.starts) if q else np.array([float(d.n)])
-            msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, float(min_group), transforms, sums=sums, **own)
+            msg["local"] = _one_level_fit(frame, d, spec, fam, local, site_id, transforms, min_group) or own_fit(
+                frame, spec, fam, sizes, local, site_id, float(min_group), transforms, sums=sums, **own)
         return msg
     starts = d.starts if q else np.zeros(1, dtype=np.int64)
     levels = list(d.group_levels) if q else ["(all rows)"]
@@ -112,12 +112,13 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     if small.any():
         msg["refused"] = _small_refusal(site_id, small, sizes, levels, need, min_group, order, nvar)
     keep = ~small
-    if _own_wanted(local, keep) and (fam.name != "gaussian" or small.any() and int(local.get("sites", 1)) > 1):
+    if _one_level(d, fam, local):                   # (the site holds one level of the one grouping factor)
+        msg["local"] = _one_level_fit(frame, d, spec, fam, local, site_id, transforms, need, float(sizes[0]))
+    elif _own_wanted(local, keep) and (fam.name != "gaussian" or small.any() and int(local.get("sites", 1)) > 1):
         # its third derivatives only where no group's moments go (the pseudo-data have the shape then) or
         # the family has a dispersion parameter (which its pseudo-data carry only roughly)
         msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms,
-                               third=not keep.any() or bool(fam.ndisp),
-                               sums=sums, **own)
+                               third=not keep.any() or bool(fam.ndisp), sums=sums, **own)
     if local is not None and fam.name in ("binomial", "poisson") and small.any():
         msg["pooled"] = pooled_bins(d, starts, small, min_pooled, variables)
     if keep.any():
@@ -140,6 +141,35 @@ def _pooled_state(spec, transforms: dict | None, formula: str, site_id: str) -> 
         raise InputError(f"site '{site_id}': {formula!r} uses center(), scale(), poly() or mean(), whose "
                          "statistics must be pooled over all sites first: a summary made at one site alone cannot "
                          "have them (fit over the sites, or write the numbers, e.g. I(age - 30))")
+
+
+def _one_level(d: Design, fam, local: dict | None) -> bool:
+    """Whether the site holds one level of the model's one grouping factor, a random intercept, among other
+    sites (a GLMM): its own fit then leaves the intercept out (:func:`_one_level_fit`)."""
+    return local is not None and fam.name != "gaussian" and int(local.get("sites", 1)) > 1 \
+        and d.Z.shape[1] == 1 and len(d.group_levels) == 1
+
+
+def _one_level_fit(frame, d: Design, spec, fam, local: dict, site_id: str, transforms, need: float,
+                   size: float | None = None) -> dict | None:
+    """The fit of a site that holds one level of the one grouping factor: the model without its random
+    intercept (its level's effect in the intercept), sent as a fit that left the factor out (``alone``) --
+    the coordinator takes the factor's variance from how the sites' intercepts differ
+    (:func:`fedglmm.coordinator.between.one_level_start`).  It is a summary of the one group: sent only where
+    that group's own summaries may leave (its ``size`` -- observations -- at least ``need``) and with three
+    observations per parameter.  None where it cannot be made, or the site does not hold one level of the
+    one factor (:func:`_one_level`)."""
+    size = float(d.n) if size is None else size
+    npar = d.X.shape[1] + fam.ndisp
+    ok = len(spec.random) == 1 and _one_level(d, fam, local) and size >= need and d.n >= 3 * npar
+    group = spec.random[0].group if ok else None
+    res = short_fit(frame, replace(spec, random=()), fam, str(local.get("curvature", "observed")), site_id,
+                    transforms, rounds=ALONE_ROUNDS, stop=0.0) if group is not None else None
+    if res is None or res.get("info") is None:
+        return None
+    return {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"],
+            "theta": np.r_[0.0, np.asarray(res["theta"], float)], "info": res["info"], "levels": {group: 1},
+            "n": float(d.n), "ngroups": 1, "alone": [group]}
 
 
 def _own_wanted(local: dict | None, keep: np.ndarray) -> bool:
