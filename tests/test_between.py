@@ -109,7 +109,7 @@ def _one_level_per_site(name: str) -> tuple:
 def test_a_site_of_one_level_sends_its_fit_without_the_random_intercept():
     """Among other sites, a site holding one level of the model's one grouping factor fits its rows without
     the random intercept (its level's effect in the intercept) and says so; that is the GLM of its rows."""
-    from fedglmm.site.summaries import summarize
+    from fedglmm.site.summaries import summarize, to_jsonable
 
     formula, family, _, sites = _one_level_per_site("sim_pois_huge")
     one = next(iter(sites.values()))
@@ -118,6 +118,7 @@ def test_a_site_of_one_level_sends_its_fit_without_the_random_intercept():
     glm = fedglmm.fit(formula.split("+ (")[0], one, family=family)
     assert loc["alone"] == ["g"] and loc["levels"] == {"g": 1} and loc["theta"][0] == 0.0
     assert np.allclose(loc["beta"], glm.fixef.to_numpy(), rtol=0, atol=1e-6)
+    assert "without the random intercept" in to_jsonable(msg)["about"]["local"]     # what the steward reads
     alone = summarize(one, formula, family, None, "A", order=2, local={"nagq": 1, "curvature": "observed"})
     assert "alone" not in (alone.get("local") or {})            # the only site: its own fit is the fit
     # a fit of one group is that group's summary: not from a group under the site's minimum size (epil: one

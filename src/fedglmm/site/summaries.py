@@ -318,6 +318,9 @@ def _describe_blocks(msg: dict) -> dict:
                           "design columns 'names' (its own coding: each factor against its first level), of "
                           "the random-effect covariance parameters 'theta', and their information matrix: "
                           f"sums over its {msg['local']['ngroups']} groups and {msg['local']['n']:g} observations")
+        if msg["local"].get("alone"):
+            about["local"] += (" -- fitted without the random intercept of its one group (its 'theta' 0): the "
+                               "group's effect is in the intercept")
     if msg.get("pooled"):
         b, count = msg["pooled"], "count of positive rows" if msg["family"] == "binomial" else "total count"
         about["pooled"] = (f"the groups too small for their own summaries, pooled (for the hybrid's start): "
