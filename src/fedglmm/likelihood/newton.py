@@ -263,10 +263,12 @@ class TrustRegionNewton(Ending):
         far = self._dec_prev >= self.config.near
         nearly = far and bool(np.any((share > 1e-8) & (share < NEARLY_SINGULAR)))
         after = self._cov_won and far
-        if not far and np.any((t > 1e-8) & (t1 > 1.5 * t)):
-            self._near_cov = (cur, self._cov_candidate(cur))
-        shrinks = shrinks.any() and (far or not onto_zero)
-        return self._cov_candidate(cur) if linear or shrinks or after or nearly else None
+        grows = not far and bool(np.any((t > 1e-8) & (t1 > 1.5 * t)))
+        wanted = linear or shrinks.any() and (far or not onto_zero) or after or nearly
+        step = self._cov_candidate(cur) if grows or wanted else None      # (one solve for both uses)
+        if grows:
+            self._near_cov = (cur, step)
+        return step if wanted else None
 
     def _final_edge(self, cur, edge, tail) -> _Candidate | None:
         """The final candidate's step where it is not Newton's (or the caller's model's): the step in Σ's

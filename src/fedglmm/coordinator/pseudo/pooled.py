@@ -104,11 +104,15 @@ def _counts(n: int, k: int, p: float, spread: float) -> np.ndarray:
         rho = min((var / binom - 1) / (n - 1), 1 - 1e-6)
         a = p * (1 / rho - 1)
         return _betabinom_quantiles(q, n, a, (1 - p) / p * a)
+    return np.clip(np.round(n * (p + spread * _normal_scores(q))), 0, n)
+
+
+def _normal_scores(q: np.ndarray) -> np.ndarray:
+    """The standard normal's quantiles at ``q``, scaled to mean 0 and SD 1 exactly."""
     from scipy.special import ndtri      # on first use: a small fit need not load scipy.special
 
     z = ndtri(q)
-    z = (z - z.mean()) / z.std()
-    return np.clip(np.round(n * (p + spread * z)), 0, n)
+    return (z - z.mean()) / z.std()
 
 
 def _totals(n: int, k: int, mean: float, spread: float) -> np.ndarray:
@@ -117,9 +121,9 @@ def _totals(n: int, k: int, mean: float, spread: float) -> np.ndarray:
     poisson's (a random effect's), else of a normal, rounded and at least 0."""
     m, var = n * mean, (n * spread) ** 2
     q = (np.arange(k) + 0.5) / k
-    from scipy.special import gammaln, ndtri      # on first use: a small fit need not load scipy.special
-
     if k >= 2 and 0 < m < 1e5 and var > m * (1 + 1e-6):
+        from scipy.special import gammaln      # on first use: a small fit need not load scipy.special
+
         r = m * m / (var - m)
         top = int(np.ceil(m + 12 * np.sqrt(var) + 20))
         t = np.arange(top + 1)
@@ -128,9 +132,7 @@ def _totals(n: int, k: int, mean: float, spread: float) -> np.ndarray:
         return np.minimum(np.searchsorted(cdf / cdf[-1], q), top).astype(float)
     if spread <= 0 or k < 2:
         return np.full(k, float(max(np.round(m), 0.0)))
-    z = ndtri(q)
-    z = (z - z.mean()) / z.std()
-    return np.maximum(np.round(m + n * spread * z), 0.0)
+    return np.maximum(np.round(m + n * spread * _normal_scores(q)), 0.0)
 
 
 def _row_binaries(X: np.ndarray, y: np.ndarray, cols: np.ndarray, s1, s2, rows: float, rng) -> None:
