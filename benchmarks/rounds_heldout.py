@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Rounds of the hybrid (the default) and the iterative method on the held-out `rounds` cases.
 
-usage: python3 benchmarks/rounds_heldout.py [--only REGEX] [--cases TSV ...] [--splits pooled,split]
+usage: python3 benchmarks/rounds_heldout.py [--only REGEX] [--cases TSV ...] [--splits pooled,split,each]
 
 For every case of tests/data/heldout/rounds/cases.tsv (and any other case table given), pooled (one site)
 and split over sites: by the case's `split` column when it is not the grouping factor itself (e.g.
 `sim_many_sites`: 50 sites), otherwise by group into 3 sites (labels in order of appearance, dealt
-round-robin).  The table gives both methods' rounds, the largest difference between the two fits (fixed
+round-robin); with `--splits each` also every group a site of its own (cases of at most 120 groups).
+The table gives both methods' rounds, the largest difference between the two fits (fixed
 effects, θ, logLik), the hybrid's logLik against the better of lme4/glmmTMB (full log-likelihood: lme4's
 nAGQ > 1 value plus the saturated term), and both methods' fit times.  The last lines give the median and
 largest number of hybrid rounds.
@@ -24,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 import fedglmm
+from fedglmm.model.formula import parse_formula
 
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = ROOT / "tests" / "data" / "heldout" / "rounds" / "cases.tsv"
@@ -59,12 +61,12 @@ def best_reference(case: dict) -> float | None:
 
 def site_data(case: dict, how: str):
     """The case's data pooled (one DataFrame) or split over sites (a dict)."""
-    from fedglmm.model.formula import parse_formula
-
     df = pd.read_csv(case["data"])
     if how == "pooled":
         return df
     group = parse_formula(case["formula"]).group
+    if how == "each":          # every group a site of its own (a registry of many small sites)
+        return {str(k): part.reset_index(drop=True) for k, part in df.groupby(group, sort=False)}
     col = case["split"] if case["split"] and case["split"] != group else None
     if col is not None:
         return {str(k): part.reset_index(drop=True) for k, part in df.groupby(col, sort=False)}
@@ -100,7 +102,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=None, help="regex on case names")
     ap.add_argument("--cases", nargs="*", type=Path, default=[ROUNDS])
-    ap.add_argument("--splits", default="pooled,split")
+    ap.add_argument("--splits", default="pooled,split",
+                    help="pooled (one site), split (the case's sites, or 3 by group), each (every group a site "
+                         "of its own; cases of at most 120 groups)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     rows = []
@@ -109,6 +113,8 @@ def main() -> None:
             if args.only and not re.search(args.only, case["name"]):
                 continue
             for how in args.splits.split(","):
+                if how == "each" and pd.read_csv(case["data"])[parse_formula(case["formula"]).group].nunique() > 120:
+                    continue                # (sites of one group each: at most 120)
                 rows.append(run(case, how))
                 print(rows[-1], file=sys.stderr, flush=True)
     tab = pd.DataFrame(rows)

@@ -527,3 +527,71 @@ def test_oneshot_refuses_pseudo_data_beyond_memory_in_one_line():
     sites = {f"s{i}": df[g % 3 == i].reset_index(drop=True) for i in range(3)}
     with pytest.raises(fedglmm.FedGLMMError, match=r"would hold [\d,]+ rows \(one per binomial trial\).*hybrid"):
         fedglmm.fit("cbind(y, f) ~ x + (1 | g)", sites, family="binomial", method="oneshot")
+
+
+def _factor_groups(seed: int, G: int = 40, levels: int = 5, zero_level: bool = True):
+    """Groups of a count outcome, a factor's treatment-coded 0/1 columns (each level in every group, a few
+    rows each), a continuous covariate and a group-level 0/1 column; in every group one level whose counts
+    are all 0 (zero_level)."""
+    rng = np.random.default_rng(seed)
+    expo = monomials(1 + (levels - 1) + 2, 2)
+    n, T, rows = [], [], []
+    for g in range(G):
+        lev = np.repeat(np.arange(levels), rng.integers(2, 6, levels))
+        D = (lev[:, None] == np.arange(1, levels)[None, :]).astype(float)
+        x = rng.normal(size=len(lev))
+        mu = np.exp(0.3 + 0.8 * (lev == 2) - 1.5 * (lev == 3) + 0.4 * x + rng.normal(0, 0.7))
+        y = rng.negative_binomial(2, 2 / (2 + mu)).astype(float)
+        if zero_level:
+            y[lev == 4] = 0.0
+        V = np.column_stack([y, D, x, np.full(len(lev), float(g % 2))])
+        n.append(len(lev))
+        T.append(moment_sums(V, expo))
+        rows.append(V)
+    return np.array(n), np.array(T), expo, rows
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_order2_keeps_a_factor_exact_beside_a_count(exact):
+    """A count outcome beside a factor's 0/1 columns: the pseudo rows hold the factor exactly (each row one
+    level, each level's size and outcome total those of the data), the outcome is ≥ 0 and 0 throughout a
+    level whose counts are all 0, and every order-2 moment matches (exact) -- so a poisson likelihood of
+    the level effects is that of the data."""
+    from fedglmm.coordinator.pseudo.order2 import _group_errors
+    n, T, expo, rows = _factor_groups(3)
+    V, gi, err = generate_order2(n, T, expo, nonneg_first=True, rng=np.random.default_rng(1), exact=exact)
+    err = _group_errors(V, gi, n, expo, T, False)
+    assert np.array_equal(np.bincount(gi), n) and V[:, 0].min() >= 0.0
+    D = V[:, 1:5]
+    assert set(np.unique(D)) <= {0.0, 1.0} and D.sum(axis=1).max() == 1.0
+
+    def level(R):
+        return np.where(R[:, 1:5].any(axis=1), R[:, 1:5].argmax(axis=1) + 1, 0)
+
+    for g, real in enumerate(rows):
+        got = V[gi == g]
+        mine, theirs = level(got), level(real)
+        assert np.array_equal(np.bincount(mine, minlength=5), np.bincount(theirs, minlength=5))
+        assert np.all(np.abs(got[mine == 4, 0]) <= 1e-9)
+        if err[g] < 1e-9:
+            tot = np.bincount(mine, weights=got[:, 0], minlength=5)
+            assert np.allclose(tot, np.bincount(theirs, weights=real[:, 0], minlength=5), rtol=0, atol=1e-8)
+    assert np.mean(err < 1e-9) >= 0.9, np.mean(err < 1e-9)
+
+
+def test_order2_without_a_factor_draws_as_before():
+    """0/1 columns that are not one factor's coding (two of them 1 in the same row) leave the generator's
+    draw as it was: the columns are matched as real ones."""
+    from fedglmm.coordinator.pseudo.order2 import _factor_block
+    n, T, expo, _ = _factor_groups(4, G=6, zero_level=False)
+    d = expo.shape[1]
+    idx = {tuple(r): m for m, r in enumerate(expo)}
+    S1 = T[:, [idx[tuple(np.eye(d, dtype=int)[k])] for k in range(d)]]
+    S2 = T[:, [[idx[tuple(np.eye(d, dtype=int)[j] + np.eye(d, dtype=int)[k])] for k in range(d)] for j in range(d)]]
+    assert _factor_block(n, S1, S2) == [1, 2, 3, 4]     # the group-level 0/1 column (6) is not a level
+    two = np.array([0, 1])                               # one 0/1 column alone (two levels): drawn as real
+    assert _factor_block(n, S1[:, two], S2[:, two][:, :, two]) == []
+    S2[:, 1, 2] = S2[:, 2, 1] = 1.0                      # levels 1 and 2 together in a row: not one factor
+    assert 1 not in _factor_block(n, S1, S2) or 2 not in _factor_block(n, S1, S2)
+    S2[:, 1, 1] += 0.5                                   # not 0/1
+    assert 1 not in _factor_block(n, S1, S2)

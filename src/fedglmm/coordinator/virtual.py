@@ -247,7 +247,10 @@ def _order2_designs(batch: dict, variables_: list, names, znames, mask, family, 
     binary, nonneg, keep = _outcome_roles(family)
     # generate on a standard scale: moments of (v − c)/s are a fixed linear map of the raw ones
     moments = [np.asarray(b["moments"], float) for b in batch.values()]
-    c, sc = _standardisation(np.array([m.sum(axis=0) for m in moments]), expo, keep)
+    # 0/1 columns of a count's or a positive outcome's model stay 0/1 (the generator reads a factor's levels
+    # off them; beside a 0/1 outcome it does not)
+    c, sc = _standardisation(np.array([m.sum(axis=0) for m in moments]), expo,
+                             keep + ([] if binary else _zero_one(moments, expo)))
     T = _shift_matrix(expo, c, sc)
     targets = np.concatenate([m @ Ts.T for m, Ts in zip(moments, T)])
     nrows = np.round(np.concatenate([np.asarray(b["n"], float) for b in batch.values()]))
@@ -291,6 +294,19 @@ def _higher_order_design(block: dict, names, znames, mask, family, seed) -> tupl
     V = np.vstack(parts) * sc[0] + c[0]
     gidx = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
     return _finish(V, gidx, errors, np.ones(V.shape[0]), variables_, block, family, names, znames, mask)
+
+
+def _zero_one(moments: list, expo: np.ndarray) -> list:
+    """The variables but the outcome whose values are 0 or 1 in every group (Σx² = Σx, read off the sums)."""
+    m = np.concatenate(moments)
+    d = expo.shape[1]
+    col = {tuple(r): i for i, r in enumerate(expo)}
+    out = []
+    for k in range(1, d):
+        s1, s2 = m[:, col[tuple(np.eye(d, dtype=int)[k])]], m[:, col[tuple(2 * np.eye(d, dtype=int)[k])]]
+        if len(m) and np.all(np.abs(s2 - s1) <= 1e-9 * np.maximum(1.0, np.abs(s1))):
+            out.append(k)
+    return out
 
 
 def _outcome_roles(family: Family) -> tuple[bool, bool, list]:

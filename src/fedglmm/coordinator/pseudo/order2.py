@@ -58,7 +58,7 @@ def _order2(n, targets, expo, binary_first, nonneg_first, rngs: list, tol, redra
     targets = np.atleast_2d(np.asarray(targets, dtype=float))
     n = np.asarray(np.round(n), dtype=np.int64)
     G, d = len(n), expo.shape[1]
-    base, nc, means, W = _cells(n, targets, expo, binary_first)
+    base, nc, means, W, block = _cells(n, targets, expo, binary_first)
     q, C = len(base), nc.shape[1]
     ok = n - (nc > 0).sum(axis=1) >= q + 1
     cell = np.repeat(np.arange(G * C), nc.ravel())                                # row → (group, cell)
@@ -68,19 +68,18 @@ def _order2(n, targets, expo, binary_first, nonneg_first, rngs: list, tol, redra
     V = np.zeros((N, d))
     if binary_first:
         V[:, 0] = (cell % C == 0)
+    for j, col in enumerate(block):               # one factor's 0/1 columns: the cells are its levels
+        V[:, col] = (cell % C == j + 1)
     if q and N:
-        k = None
-        if nonneg_first and not binary_first:
-            # the outcome's column of E is its own noise column, standardised (the factors below are
-            # triangular): a gamma draw whose standardised minimum, about −√k, stays above −mean/SD keeps
-            # the outcome ≥ 0
-            ratio = means[:, 0, 0] / np.sqrt(np.maximum(W[:, 0, 0], 1e-300) / np.maximum(n, 1))
-            k = np.clip(0.5 * ratio ** 2, 1e-2, 1e6)
+        k = _gamma_shape(n, nc, means, W) if nonneg_first and not binary_first else None
         R = _noise(rngs, sites[rowg], rowg, q, k)
         cstart = np.r_[0, np.cumsum(nc.ravel())[:-1]]
         filled = nc.ravel() > 0
         csum = np.zeros((G * C, q))
         csum[filled] = np.add.reduceat(R, cstart[filled], axis=0)
+        if nonneg_first and C > 1:
+            R[:, 0] = _level_scaled(R[:, 0], csum[:, 0], nc, means, cell, rowg)
+            csum[filled] = np.add.reduceat(R, cstart[filled], axis=0)
         R -= (csum / np.maximum(nc.ravel(), 1)[:, None])[cell]
         has = n > 0
         gram = np.zeros((G, q, q))
@@ -108,12 +107,37 @@ def _order2(n, targets, expo, binary_first, nonneg_first, rngs: list, tol, redra
             neg[again] = False
         ok &= ~neg
     for g in np.flatnonzero(~ok & (n > 0)):                 # the few groups the batch cannot serve exactly
-        Vg_, _ = generate_group(int(n[g]), expo, targets[g], binary=[0] if binary_first else [],
+        Vg_, _ = generate_group(int(n[g]), expo, targets[g], binary=([0] if binary_first else []) + block,
                                 nonneg=[0] if nonneg_first else [], rng=rngs[sites[g]], tol=tol)
         V[gstart[g]:gstart[g] + n[g]] = Vg_
     # the moment errors are the one-shot fit's diagnostics; a start's draw (redraws) does not need them
     errors = _group_errors(V, rowg, n, expo, targets, binary_first) if not redraws else np.full(len(n), np.nan)
     return V, rowg, errors
+
+
+def _gamma_shape(n, nc, means, W) -> np.ndarray:
+    """The shape k (per group) of the outcome's gamma noise.  The outcome's column of E is its own noise
+    column, standardised (the factors below are triangular): a gamma draw whose standardised minimum, about
+    −√k, stays above −mean/SD keeps the outcome ≥ 0.  With a factor's levels as cells (see
+    :func:`_level_scaled`) k is set so that the scale W asks of m·(g/ḡ − 1) is about a half."""
+    if nc.shape[1] == 1:
+        ratio = means[:, 0, 0] / np.sqrt(np.maximum(W[:, 0, 0], 1e-300) / np.maximum(n, 1))
+        return np.clip(0.5 * ratio ** 2, 1e-2, 1e6)
+    return np.clip(0.25 * np.einsum("gc,gc->g", np.maximum(nc - 1, 0), means[:, :, 0] ** 2)
+                   / np.maximum(W[:, 0, 0], 1e-300), 1e-2, 1e6)
+
+
+def _level_scaled(g: np.ndarray, gsum: np.ndarray, nc, means, cell, rowg) -> np.ndarray:
+    """The outcome's noise with a factor's levels as cells: m·(g/ḡ − 1), with g the rows' gamma draws, ḡ
+    their level's mean (``gsum`` the levels' sums) and m the level's mean outcome (0 where the outcome sums
+    to 0 there: it is then 0 in every row).  The outcome m + a·m·(g/ḡ − 1) is ≥ 0 while the scale a that W
+    sets is ≤ 1, whatever the level's size.  A group whose outcome is all 0 keeps its draw as it is."""
+    G, C = nc.shape
+    mc = np.maximum(means[:, :, 0].ravel(), 0.0)[cell]
+    gbar = (gsum / np.maximum(nc.ravel(), 1))[cell]
+    some = np.zeros(G, dtype=bool)
+    np.logical_or.at(some, rowg, mc > 0)
+    return np.where(some[rowg], mc * (g / np.maximum(gbar, 1e-300) - 1.0), g)
 
 
 def _noise(rngs: list, rowsite: np.ndarray, rowg: np.ndarray, q: int, k) -> np.ndarray:
@@ -144,12 +168,48 @@ def _cells(n, targets, expo, binary_first):
         nc = np.column_stack([n1, n - n1])                                           # (G, 2) cells
         Sc = np.stack([S2[:, 0, base], S1[:, base] - S2[:, 0, base]], axis=1)        # (G, 2, q)
     else:
-        nc = n[:, None]
-        Sc = S1[:, None, base]
+        block = _factor_block(n, S1, S2)
+        base = np.array([k for k in range(d) if k not in block], dtype=np.int64)
+        B = np.asarray(block, dtype=np.int64)
+        counts = np.round(S1[:, B]).astype(np.int64)
+        nc = np.column_stack([n - counts.sum(axis=1), counts])                       # (G, 1 + levels)
+        Sc = np.concatenate([(S1[:, base] - S2[:, B][:, :, base].sum(axis=1))[:, None], S2[:, B][:, :, base]],
+                            axis=1)
+        means = Sc / np.maximum(nc, 1)[:, :, None]
+        W = S2[:, base[:, None], base[None, :]] - np.einsum("gc,gci,gcj->gij", nc, means, means)
+        return base, nc, means, (W + np.swapaxes(W, 1, 2)) / 2, [int(k) for k in block]
     means = Sc / np.maximum(nc, 1)[:, :, None]
     W = S2[:, base[:, None], base[None, :]] - np.einsum("gc,gci,gcj->gij", nc, means, means)
     W = (W + np.swapaxes(W, 1, 2)) / 2
-    return base, nc, means, W
+    return base, nc, means, W, []
+
+
+def _factor_block(n, S1, S2) -> list:
+    """The columns (but the outcome, 0) of one factor's 0/1 coding, read off the order-2 sums of every
+    group: 0/1 (Σx² = Σx: with x in {0, 1} only), not constant within every group (a group-level factor is
+    matched exactly as it is), and no two 1 in the same row (Σxⱼxₖ = 0) -- the levels of a factor in
+    treatment coding.  Their rows are then fixed as the cells (level by level), and the other columns are
+    drawn around each level's means: the pseudo rows hold that factor exactly, as a count's likelihood needs
+    (exp(η) of a level is not that of a continuous column with the level's mean and variance).  The block
+    with the most columns, greedily, and at least two (a factor of three levels or more); empty where there
+    is none.  A single 0/1 column is drawn as a real one, as before: on the 200 poisson fits of
+    `benchmarks/stress_methods.py --seed 1..4` (a 0/1 covariate beside two real ones) its levels as cells
+    moved the rounds both ways, 658 -> 660 in all, one fit 6 -> 7."""
+    d = S1.shape[1]
+    tol = 1e-9 * np.maximum(1.0, np.abs(S1))
+    zero_one = np.all(np.abs(np.einsum("gkk->gk", S2) - S1) <= tol, axis=0) & np.all(S1 >= -tol, axis=0)
+    varies = np.any((np.abs(S1) > tol) & (np.abs(S1 - n[:, None]) > tol), axis=0)
+    cand = [k for k in range(1, d) if zero_one[k] and varies[k]]
+    apart = {(j, k): bool(np.all(np.abs(S2[:, j, k]) <= 1e-9 * np.maximum(1.0, n))) for j in cand for k in cand}
+    best = []
+    for first in cand:
+        block = [first]
+        for k in cand:
+            if k not in block and all(apart[(j, k)] for j in block):
+                block.append(k)
+        best = block if len(block) > len(best) else best
+    inside = np.all(np.round(S1[:, best]).sum(axis=1) <= n) if best else False
+    return best if inside and len(best) >= 2 else []
 
 
 def _psd_cholesky(W: np.ndarray) -> np.ndarray:
