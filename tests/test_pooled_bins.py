@@ -229,6 +229,11 @@ def test_counts_of_many_sizes_send_no_bins_of_neighbouring_sizes():
     """Counts: bins of one size only (a bin of neighbouring sizes misshaped the start of grouseticks)."""
     df = _groups_of_many_sizes(4).assign(y=lambda f: np.random.default_rng(3).poisson(3.0, len(f)))
     assert summarize(df, FORMULA, "poisson", None, "A", order=2, local=LOCAL).get("pooled") is None
+    # the family decides, not the values a site happens to hold: rare counts, all 0 or 1 here, are counts
+    rare = _groups_of_many_sizes(4)
+    assert set(rare.y) == {0, 1}
+    assert summarize(rare, FORMULA, "poisson", None, "A", order=2, local=LOCAL).get("pooled") is None
+    assert summarize(rare, FORMULA, "binomial", None, "A", order=2, local=LOCAL).get("pooled") is not None
 
 
 @pytest.mark.parametrize("n,mean,spread", [(4, 1.5, 0.8), (6, 0.3, 0.4), (3, 7.0, 3.0), (10, 2.0, 0.2)])

@@ -53,11 +53,13 @@ COVER = 0.8          # the least share of the small groups bins of one size must
                      # sizes are made instead
 
 
-def pooled_bins(d: Design, starts: np.ndarray, small: np.ndarray, min_groups: int, variables) -> dict | None:
+def pooled_bins(d: Design, starts: np.ndarray, small: np.ndarray, min_groups: int, variables,
+                count_outcome: bool = False) -> dict | None:
     """The bins of the groups marked ``small`` (see the module docstring), or None when none can be sent.
 
     ``starts``: the first row of each group (rows sorted by group); ``variables``: (names, V) with the
-    outcome in column 0 (:func:`fedglmm.site.summaries.moment_variables`)."""
+    outcome in column 0 (:func:`fedglmm.site.summaries.moment_variables`); ``count_outcome``: the outcome is a
+    count (poisson), whatever its values at this site."""
     if min_groups <= 0 or not small.any() or d.weighted or not np.all(d.trials == 1.0) or len(d.factors) > 1 \
             or small.sum() > POOLED_MAX_GROUPS:
         return None                      # (so many small groups: the coordinator would not draw them)
@@ -77,7 +79,7 @@ def pooled_bins(d: Design, starts: np.ndarray, small: np.ndarray, min_groups: in
             continue                 # fewer than min_groups groups of this size, or all of one count
         bins += [idx[a:b] for a, b in zip([0] + cuts[:-1], cuts)]
     if sum(len(i) for i in bins) < COVER * small.sum():
-        if np.any(d.y > 1):
+        if count_outcome:
             return None                  # counts: bins of one size only (see the module docstring)
         bins = _mixed_bins(np.flatnonzero(small), sizes, counts, min_groups, rows_needed)
         if not bins:

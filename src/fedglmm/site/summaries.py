@@ -120,7 +120,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
         msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms,
                                third=not keep.any() or bool(fam.ndisp), sums=sums, **own)
     if local is not None and fam.name in ("binomial", "poisson") and small.any():
-        msg["pooled"] = pooled_bins(d, starts, small, min_pooled, variables)
+        msg["pooled"] = pooled_bins(d, starts, small, min_pooled, variables, count_outcome=fam.name == "poisson")
     if keep.any():
         msg["groups"] = _gaussian_blocks(d, starts, levels, keep) if fam.name == "gaussian" else \
             _moment_blocks(d, starts, levels, keep, order, variables)
