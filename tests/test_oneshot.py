@@ -161,6 +161,30 @@ def test_pseudo_data_oneshot_is_close_to_the_exact_fit(order):
     assert hybrid.rounds <= 4 and np.allclose(hybrid.fixef, exact.fixef, atol=1e-8)
 
 
+@pytest.mark.parametrize("family,link", [("binomial", "logit"), ("binomial", "cloglog"), ("poisson", "log")])
+def test_oneshot_of_factors_alone_is_the_pooled_fit(family, link):
+    """A model of a factor and group-level columns alone: the likelihood is a function of each group's
+    counts (and outcome totals) by level, which the order-2 moments carry; the pseudo rows hold the levels
+    exactly, so the one-shot fit is the pooled one (cbpp's incidence by period; a simulated count)."""
+    if family == "binomial":
+        df = pd.read_csv(DATA / "cbpp.csv")
+        formula = "cbind(incidence, size - incidence) ~ factor(period) + (1 | herd)"
+        group = "herd"
+    else:
+        rng = np.random.default_rng(8)
+        g = np.repeat(np.arange(30), 24)
+        f = np.tile(np.arange(6), 120)
+        mined = (np.arange(30) % 2)[g]
+        mu = np.exp(0.2 + np.array([0, -0.6, 0.4, -1.5, 0.1, -2.5])[f] - 1.2 * mined + rng.normal(0, 0.7, 30)[g])
+        df = pd.DataFrame({"y": rng.poisson(mu), "f": f, "mined": mined, "g": g})
+        formula, group = "y ~ factor(f) + mined + (1 | g)", "g"
+    sites = _sites(df, group, 3)
+    exact = fedglmm.fit(formula, sites, family=family, link=link, method="iterative")
+    one = fedglmm.fit(formula, sites, family=family, link=link, method="oneshot", moments=2, min_group=1)
+    assert np.max(np.abs(one.fixef - exact.fixef) / exact.se) < 1e-6
+    assert np.allclose(one.theta, exact.theta, rtol=1e-6)
+
+
 @pytest.mark.parametrize("order", [2, 3, 4])
 def test_shared_moments_are_the_moments_of_the_rows(order):
     """Counts are not 0/1: y² and y³ moments must be the counts' own (a direct computation)."""

@@ -595,3 +595,32 @@ def test_order2_without_a_factor_draws_as_before():
     assert 1 not in _factor_block(n, S1, S2) or 2 not in _factor_block(n, S1, S2)
     S2[:, 1, 1] += 0.5                                   # not 0/1
     assert 1 not in _factor_block(n, S1, S2)
+
+
+def test_order2_keeps_a_factor_exact_beside_a_binary_outcome():
+    """A 0/1 outcome beside a factor's 0/1 columns and a real covariate: each group's table of outcome by
+    level is the data's, the levels are exclusive, and every order-2 moment matches -- the real column's
+    means by (outcome, level) cell taken additive, which the moments allow."""
+    from fedglmm.coordinator.pseudo.order2 import _group_errors
+    rng = np.random.default_rng(6)
+    expo = monomials(5, 2)
+    n, T, rows = [], [], []
+    for g in range(25):
+        lev = rng.integers(0, 4, int(rng.integers(30, 80)))
+        x = rng.normal(size=len(lev)) + 0.5 * lev
+        y = rng.binomial(1, 1 / (1 + np.exp(-(-0.5 + 0.7 * (lev == 2) - 1.0 * (lev == 3) + 0.5 * x))))
+        V = np.column_stack([y, lev == 1, lev == 2, lev == 3, x]).astype(float)
+        n.append(len(lev))
+        T.append(moment_sums(V, expo))
+        rows.append(V)
+    n, T = np.array(n), np.array(T)
+    V, gi, err = generate_order2(n, T, expo, binary_first=True, rng=np.random.default_rng(2))
+    assert np.max(_group_errors(V, gi, n, expo, T, True)) < 1e-9 and np.max(err) < 1e-9
+    assert set(np.unique(V[:, :4])) <= {0.0, 1.0} and V[:, 1:4].sum(axis=1).max() == 1.0
+
+    def table(R):
+        lev = np.where(R[:, 1:4].any(axis=1), R[:, 1:4].argmax(axis=1) + 1, 0)
+        return np.bincount(lev * 2 + R[:, 0].astype(int), minlength=8)
+
+    for g, real in enumerate(rows):
+        assert np.array_equal(table(V[gi == g]), table(real))

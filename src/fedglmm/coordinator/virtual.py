@@ -28,6 +28,7 @@ from ..model.labels import group_codes
 from ..model.spec import Design, Grouping, ModelSpec, Schema
 from .messages import Merged
 from .pseudo import generate_group, generate_order2
+from .pseudo.order2 import factor_columns
 from .pseudo.pooled import generate_pooled
 from .schema import merge_schema
 
@@ -247,10 +248,8 @@ def _order2_designs(batch: dict, variables_: list, names, znames, mask, family, 
     binary, nonneg, keep = _outcome_roles(family)
     # generate on a standard scale: moments of (v − c)/s are a fixed linear map of the raw ones
     moments = [np.asarray(b["moments"], float) for b in batch.values()]
-    # 0/1 columns of a count's or a positive outcome's model stay 0/1 (the generator reads a factor's levels
-    # off them; beside a 0/1 outcome it does not)
-    c, sc = _standardisation(np.array([m.sum(axis=0) for m in moments]), expo,
-                             keep + ([] if binary else _zero_one(moments, expo)))
+    # a factor's 0/1 columns stay 0/1 (the generator reads its levels off them)
+    c, sc = _standardisation(np.array([m.sum(axis=0) for m in moments]), expo, keep + _factor_columns(moments, expo))
     T = _shift_matrix(expo, c, sc)
     targets = np.concatenate([m @ Ts.T for m, Ts in zip(moments, T)])
     nrows = np.round(np.concatenate([np.asarray(b["n"], float) for b in batch.values()]))
@@ -296,17 +295,12 @@ def _higher_order_design(block: dict, names, znames, mask, family, seed) -> tupl
     return _finish(V, gidx, errors, np.ones(V.shape[0]), variables_, block, family, names, znames, mask)
 
 
-def _zero_one(moments: list, expo: np.ndarray) -> list:
-    """The variables but the outcome whose values are 0 or 1 in every group (Σx² = Σx, read off the sums)."""
+def _factor_columns(moments: list, expo: np.ndarray) -> list:
+    """The columns of one factor's 0/1 coding in every group (:func:`~fedglmm.coordinator.pseudo.order2.
+    factor_columns`), read off the sites' raw sums."""
     m = np.concatenate(moments)
-    d = expo.shape[1]
-    col = {tuple(r): i for i, r in enumerate(expo)}
-    out = []
-    for k in range(1, d):
-        s1, s2 = m[:, col[tuple(np.eye(d, dtype=int)[k])]], m[:, col[tuple(2 * np.eye(d, dtype=int)[k])]]
-        if len(m) and np.all(np.abs(s2 - s1) <= 1e-9 * np.maximum(1.0, np.abs(s1))):
-            out.append(k)
-    return out
+    zero = int(np.flatnonzero((expo == 0).all(axis=1))[0])
+    return factor_columns(m[:, zero], m, expo) if len(m) else []
 
 
 def _outcome_roles(family: Family) -> tuple[bool, bool, list]:

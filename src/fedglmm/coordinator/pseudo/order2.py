@@ -66,10 +66,11 @@ def _order2(n, targets, expo, binary_first, nonneg_first, rngs: list, tol, redra
     rowg = cell // C
     N = len(cell)
     V = np.zeros((N, d))
+    levels = len(block) + 1                       # (cells: see _cells)
     if binary_first:
-        V[:, 0] = (cell % C == 0)
+        V[:, 0] = (cell % C) < levels
     for j, col in enumerate(block):               # one factor's 0/1 columns: the cells are its levels
-        V[:, col] = (cell % C == j + 1)
+        V[:, col] = (cell % C) % levels == j + 1
     if q and N:
         k = _gamma_shape(n, nc, means, W) if nonneg_first and not binary_first else None
         R = _noise(rngs, sites[rowg], rowg, q, k)
@@ -154,34 +155,57 @@ def _noise(rngs: list, rowsite: np.ndarray, rowg: np.ndarray, q: int, k) -> np.n
 
 
 def _cells(n, targets, expo, binary_first):
-    """Per group, its cells (``y = 1``, ``y = 0`` when ``binary_first``, else the whole group): the base
-    columns, the cell sizes ``nc`` (G, C), the cells' means of the base columns (G, C, q) and the pooled
-    within-cell scatter ``W`` (G, q, q), read off the order-2 targets."""
+    """Per group, its cells: the levels of one factor's 0/1 columns where there is such a factor
+    (:func:`_factor_block`; else the whole group), each split by ``y = 1``, ``y = 0`` when
+    ``binary_first`` (cell c: y = 1 for c < L + 1, level c mod (L + 1), level 0 the reference).  Returns the
+    base columns, the cell sizes ``nc`` (G, C), the cells' means of the base columns (G, C, q), the pooled
+    within-cell scatter ``W`` (G, q, q), read off the order-2 targets, and the factor's columns.
+
+    A 0/1 outcome beside a factor: the cells' sizes are known (Σy·dⱼ), their means of a base column x are
+    not (Σx·y·dⱼ is of order 3); they are taken additive, a_j + b·y, the least-squares fit to the level
+    sums Σx·dⱼ and Σx·y (its normal equations): every order-2 moment is then matched, and W (the scatter
+    about those means) is positive semi-definite as the data's is."""
     d = expo.shape[1]
     idx = {tuple(r): m for m, r in enumerate(expo)}
     i1 = np.array([idx[unit(d, k)] for k in range(d)])
     i2 = np.array([[idx[unit(d, j, k)] for k in range(d)] for j in range(d)])
     S1, S2 = targets[:, i1], targets[:, i2]
-    base = np.arange(1, d) if binary_first else np.arange(d)
-    if binary_first:
+    block = _factor_block(n, S1, S2)
+    B = np.asarray(block, dtype=np.int64)
+    base = np.array([k for k in range(d) if k not in block and not (binary_first and k == 0)], dtype=np.int64)
+    Nj = np.round(S1[:, B]).astype(np.int64)
+    N = np.column_stack([n - Nj.sum(axis=1), Nj])                                    # (G, L + 1) level sizes
+    Sx = S2[:, B][:, :, base]
+    Sx = np.concatenate([(S1[:, base] - Sx.sum(axis=1))[:, None], Sx], axis=1)      # level sums (G, L + 1, q)
+    if binary_first and not block:
         n1 = np.clip(np.round(S1[:, 0]), 0, n).astype(np.int64)
         nc = np.column_stack([n1, n - n1])                                           # (G, 2) cells
-        Sc = np.stack([S2[:, 0, base], S1[:, base] - S2[:, 0, base]], axis=1)        # (G, 2, q)
+        means = np.stack([S2[:, 0, base], S1[:, base] - S2[:, 0, base]], axis=1) / np.maximum(nc, 1)[:, :, None]
+    elif binary_first:
+        N1 = np.clip(np.round(S2[:, 0, B]), 0, Nj).astype(np.int64)
+        n1 = np.clip(np.round(S1[:, 0]), 0, n).astype(np.int64)
+        N1 = np.column_stack([np.clip(n1 - N1.sum(axis=1), 0, N[:, 0]), N1])         # y = 1 by level
+        nc = np.concatenate([N1, N - N1], axis=1)                                   # (G, 2(L + 1)) cells
+        Nm = np.maximum(N, 1)[:, :, None]
+        D = np.sum(N1 * (N - N1) / np.maximum(N, 1), axis=1)                          # Σ n₁ⱼ n₀ⱼ / nⱼ
+        num = S2[:, 0, base] - np.sum(N1[:, :, None] * Sx / Nm, axis=1)
+        b = np.where((D > 1e-9 * np.maximum(n, 1))[:, None], num / np.where(D > 0, D, 1.0)[:, None], 0.0)
+        a = (Sx - N1[:, :, None] * b[:, None, :]) / Nm
+        means = np.concatenate([a + b[:, None, :], a], axis=1)                       # (G, C, q)
     else:
-        block = _factor_block(n, S1, S2)
-        base = np.array([k for k in range(d) if k not in block], dtype=np.int64)
-        B = np.asarray(block, dtype=np.int64)
-        counts = np.round(S1[:, B]).astype(np.int64)
-        nc = np.column_stack([n - counts.sum(axis=1), counts])                       # (G, 1 + levels)
-        Sc = np.concatenate([(S1[:, base] - S2[:, B][:, :, base].sum(axis=1))[:, None], S2[:, B][:, :, base]],
-                            axis=1)
-        means = Sc / np.maximum(nc, 1)[:, :, None]
-        W = S2[:, base[:, None], base[None, :]] - np.einsum("gc,gci,gcj->gij", nc, means, means)
-        return base, nc, means, (W + np.swapaxes(W, 1, 2)) / 2, [int(k) for k in block]
-    means = Sc / np.maximum(nc, 1)[:, :, None]
+        nc = N
+        means = Sx / np.maximum(nc, 1)[:, :, None]
     W = S2[:, base[:, None], base[None, :]] - np.einsum("gc,gci,gcj->gij", nc, means, means)
-    W = (W + np.swapaxes(W, 1, 2)) / 2
-    return base, nc, means, W, []
+    return base, nc, means, (W + np.swapaxes(W, 1, 2)) / 2, [int(k) for k in block]
+
+
+def factor_columns(n, targets, expo) -> list:
+    """:func:`_factor_block` of groups' order-2 sums ``targets`` (G, M) over ``expo`` (``n`` their sizes)."""
+    d = expo.shape[1]
+    idx = {tuple(r): m for m, r in enumerate(expo)}
+    S1 = targets[:, [idx[unit(d, k)] for k in range(d)]]
+    S2 = targets[:, [[idx[unit(d, j, k)] for k in range(d)] for j in range(d)]]
+    return _factor_block(np.asarray(n, float), S1, S2)
 
 
 def _factor_block(n, S1, S2) -> list:
