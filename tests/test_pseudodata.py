@@ -559,7 +559,8 @@ def test_order2_keeps_a_factor_exact_beside_a_count(exact):
     the level effects is that of the data."""
     from fedglmm.coordinator.pseudo.order2 import _group_errors
     n, T, expo, rows = _factor_groups(3)
-    V, gi, err = generate_order2(n, T, expo, nonneg_first=True, rng=np.random.default_rng(1), exact=exact)
+    V, gi, err = generate_order2(n, T, expo, nonneg_first=True, rng=np.random.default_rng(1), exact=exact,
+                                 levels=[1, 2, 3, 4])
     err = _group_errors(V, gi, n, expo, T, False)
     assert np.array_equal(np.bincount(gi), n) and V[:, 0].min() >= 0.0
     D = V[:, 1:5]
@@ -579,22 +580,28 @@ def test_order2_keeps_a_factor_exact_beside_a_count(exact):
     assert np.mean(err < 1e-9) >= 0.9, np.mean(err < 1e-9)
 
 
-def test_order2_without_a_factor_draws_as_before():
-    """0/1 columns that are not one factor's coding (two of them 1 in the same row) leave the generator's
-    draw as it was: the columns are matched as real ones."""
+def test_order2_levels_only_where_the_sums_bear_them_out():
+    """The columns named as one factor's levels are cells only where every group's sums show them 0/1 and
+    exclusive, and there are two or more; else the draw is as it was (the columns matched as real ones)."""
     from fedglmm.coordinator.pseudo.order2 import _factor_block
+    from fedglmm.coordinator.virtual import factor_levels
     n, T, expo, _ = _factor_groups(4, G=6, zero_level=False)
     d = expo.shape[1]
     idx = {tuple(r): m for m, r in enumerate(expo)}
     S1 = T[:, [idx[tuple(np.eye(d, dtype=int)[k])] for k in range(d)]]
     S2 = T[:, [[idx[tuple(np.eye(d, dtype=int)[j] + np.eye(d, dtype=int)[k])] for k in range(d)] for j in range(d)]]
-    assert _factor_block(n, S1, S2) == [1, 2, 3, 4]     # the group-level 0/1 column (6) is not a level
-    two = np.array([0, 1])                               # one 0/1 column alone (two levels): drawn as real
-    assert _factor_block(n, S1[:, two], S2[:, two][:, :, two]) == []
-    S2[:, 1, 2] = S2[:, 2, 1] = 1.0                      # levels 1 and 2 together in a row: not one factor
-    assert 1 not in _factor_block(n, S1, S2) or 2 not in _factor_block(n, S1, S2)
-    S2[:, 1, 1] += 0.5                                   # not 0/1
-    assert 1 not in _factor_block(n, S1, S2)
+    assert _factor_block(n, S1, S2, [1, 2, 3, 4]) == [1, 2, 3, 4]
+    assert _factor_block(n, S1, S2, [1]) == []                  # one 0/1 column (two levels): drawn as real
+    assert _factor_block(n, S1, S2, [1, 2, 3, 4, 6]) == []      # the group-level 0/1 column is 1 beside them
+    assert _factor_block(n, S1, S2, [1, 5]) == []               # a real column
+    S2[:, 1, 2] = S2[:, 2, 1] = 1.0                              # levels 1 and 2 together in a row
+    assert _factor_block(n, S1, S2, [1, 2, 3, 4]) == []
+    names = ["(outcome)", "spp[T.DF]", "spp[T.DM]", "mined[T.yes]", "x", "spp[T.DF]:x", "C(p, Sum)[S.2]"]
+    assert factor_levels(names) == [1, 2] and factor_levels(names[:2] + names[3:]) == []
+    expected = generate_order2(n, T, expo, nonneg_first=True, rng=np.random.default_rng(3))
+    for wrong in ([1], [1, 5]):
+        got = generate_order2(n, T, expo, nonneg_first=True, rng=np.random.default_rng(3), levels=wrong)
+        assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, expected))
 
 
 def test_order2_keeps_a_factor_exact_beside_a_binary_outcome():
@@ -614,7 +621,7 @@ def test_order2_keeps_a_factor_exact_beside_a_binary_outcome():
         T.append(moment_sums(V, expo))
         rows.append(V)
     n, T = np.array(n), np.array(T)
-    V, gi, err = generate_order2(n, T, expo, binary_first=True, rng=np.random.default_rng(2))
+    V, gi, err = generate_order2(n, T, expo, binary_first=True, rng=np.random.default_rng(2), levels=[1, 2, 3])
     assert np.max(_group_errors(V, gi, n, expo, T, True)) < 1e-9 and np.max(err) < 1e-9
     assert set(np.unique(V[:, :4])) <= {0.0, 1.0} and V[:, 1:4].sum(axis=1).max() == 1.0
 

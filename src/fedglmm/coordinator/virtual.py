@@ -8,6 +8,7 @@ internal scale, starting values, Newton -- with the engines evaluated locally: n
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from math import comb
 from zlib import crc32
@@ -28,7 +29,6 @@ from ..model.labels import group_codes
 from ..model.spec import Design, Grouping, ModelSpec, Schema
 from .messages import Merged
 from .pseudo import generate_group, generate_order2
-from .pseudo.order2 import factor_columns
 from .pseudo.pooled import generate_pooled
 from .schema import merge_schema
 
@@ -248,8 +248,9 @@ def _order2_designs(batch: dict, variables_: list, names, znames, mask, family, 
     binary, nonneg, keep = _outcome_roles(family)
     # generate on a standard scale: moments of (v − c)/s are a fixed linear map of the raw ones
     moments = [np.asarray(b["moments"], float) for b in batch.values()]
-    # a factor's 0/1 columns stay 0/1 (the generator reads its levels off them)
-    c, sc = _standardisation(np.array([m.sum(axis=0) for m in moments]), expo, keep + _factor_columns(moments, expo))
+    # a factor's 0/1 columns stay 0/1 (the generator holds its levels exactly)
+    levels = factor_levels(variables_)
+    c, sc = _standardisation(np.array([m.sum(axis=0) for m in moments]), expo, keep + levels)
     T = _shift_matrix(expo, c, sc)
     targets = np.concatenate([m @ Ts.T for m, Ts in zip(moments, T)])
     nrows = np.round(np.concatenate([np.asarray(b["n"], float) for b in batch.values()]))
@@ -261,7 +262,8 @@ def _order2_designs(batch: dict, variables_: list, names, znames, mask, family, 
     rngs = [np.random.default_rng([seed, crc32("\x1f".join(map(str, b["levels"])).encode())]) for b in batch.values()]
     counts = [len(b["n"]) for b in batch.values()]
     V, gidx, errors = generate_order2(nrows, targets, expo, binary_first=binary, nonneg_first=nonneg, rng=rngs,
-                                      exact=compress <= 1, sites=np.repeat(np.arange(len(batch)), counts))
+                                      exact=compress <= 1, sites=np.repeat(np.arange(len(batch)), counts),
+                                      levels=levels)
     goff = np.r_[0, np.cumsum(counts)]
     rows = np.searchsorted(gidx, goff)
     out = {}
@@ -295,12 +297,19 @@ def _higher_order_design(block: dict, names, znames, mask, family, seed) -> tupl
     return _finish(V, gidx, errors, np.ones(V.shape[0]), variables_, block, family, names, znames, mask)
 
 
-def _factor_columns(moments: list, expo: np.ndarray) -> list:
-    """The columns of one factor's 0/1 coding in every group (:func:`~fedglmm.coordinator.pseudo.order2.
-    factor_columns`), read off the sites' raw sums."""
-    m = np.concatenate(moments)
-    zero = int(np.flatnonzero((expo == 0).all(axis=1))[0])
-    return factor_columns(m[:, zero], m, expo) if len(m) else []
+def factor_levels(variables_: list) -> list:
+    """The positions among the shared variables of one factor's treatment-coded columns (``f[T.b]``, not
+    an interaction's): the factor with the most of them, if two or more."""
+    by = {}
+    for k, name in enumerate(variables_):
+        m = _LEVEL.match(str(name))
+        if m is not None and ":" not in str(name):
+            by.setdefault(m.group(1), []).append(k)
+    best = max(by.values(), key=len, default=[])
+    return best if len(best) >= 2 else []
+
+
+_LEVEL = re.compile(r"^(.*)\[T\.(.*)\]$")
 
 
 def _outcome_roles(family: Family) -> tuple[bool, bool, list]:

@@ -12,8 +12,8 @@ __all__ = ["generate_order2"]
 
 
 def generate_order2(n, targets, expo, *, binary_first: bool = False, nonneg_first: bool = False,
-                    rng, tol: float = 1e-9, exact: bool = True,
-                    sites=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    rng, tol: float = 1e-9, exact: bool = True, sites=None,
+                    levels=()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pseudo rows for many groups at once when the moments stop at order 2 (the closed form, step 3).
 
     ``n`` (G,) are the group sizes and ``targets`` (G, M) their moment sums over ``monomials(d, 2)``;
@@ -37,18 +37,23 @@ def generate_order2(n, targets, expo, *, binary_first: bool = False, nonneg_firs
     Several sites' groups at once: ``rng`` a list of generators, one per site, and ``sites`` (G,) the
     site of each group, non-decreasing.  Each site's draws come from its own generator in the order a call
     for that site alone would make them, so its rows are those of that call (bit for bit): the batch only
-    saves the coordinator the per-call overhead, which with 100 sites of 10 groups was most of the work."""
+    saves the coordinator the per-call overhead, which with 100 sites of 10 groups was most of the work.
+
+    ``levels``: the variables that code one factor in treatment contrasts (0/1, at most one 1 per row; the
+    caller knows them by name): its levels are then cells too (:func:`_cells`), so the rows hold the factor
+    exactly.  Ignored unless there are two or more and the sums bear them out."""
     n = np.asarray(np.round(n), dtype=np.int64)
     if sites is None:
         rng, sites = [rng], np.zeros(len(n), dtype=np.int64)
     return _order2(n, targets, expo, binary_first, nonneg_first, list(rng), tol, 0 if exact else REDRAWS,
-                   np.asarray(sites, dtype=np.int64))
+                   np.asarray(sites, dtype=np.int64), list(levels))
 
 
 REDRAWS = 4
 
 
-def _order2(n, targets, expo, binary_first, nonneg_first, rngs: list, tol, redraws: int, sites: np.ndarray):
+def _order2(n, targets, expo, binary_first, nonneg_first, rngs: list, tol, redraws: int, sites: np.ndarray,
+            levels: list):
     """:func:`generate_order2` (``rngs`` one generator per site, ``sites`` the site of each group);
     ``redraws`` > 0: a start, whose negative outcomes are drawn again (and at the last, clipped) rather than
     solved group by group."""
@@ -58,7 +63,7 @@ def _order2(n, targets, expo, binary_first, nonneg_first, rngs: list, tol, redra
     targets = np.atleast_2d(np.asarray(targets, dtype=float))
     n = np.asarray(np.round(n), dtype=np.int64)
     G, d = len(n), expo.shape[1]
-    base, nc, means, W, block = _cells(n, targets, expo, binary_first)
+    base, nc, means, W, block = _cells(n, targets, expo, binary_first, levels)
     q, C = len(base), nc.shape[1]
     ok = n - (nc > 0).sum(axis=1) >= q + 1
     cell = np.repeat(np.arange(G * C), nc.ravel())                                # row → (group, cell)
@@ -66,11 +71,11 @@ def _order2(n, targets, expo, binary_first, nonneg_first, rngs: list, tol, redra
     rowg = cell // C
     N = len(cell)
     V = np.zeros((N, d))
-    levels = len(block) + 1                       # (cells: see _cells)
+    nlev = len(block) + 1                         # (cells: see _cells)
     if binary_first:
-        V[:, 0] = (cell % C) < levels
+        V[:, 0] = (cell % C) < nlev
     for j, col in enumerate(block):               # one factor's 0/1 columns: the cells are its levels
-        V[:, col] = (cell % C) % levels == j + 1
+        V[:, col] = (cell % C) % nlev == j + 1
     if q and N:
         k = _gamma_shape(n, nc, means, W) if nonneg_first and not binary_first else None
         R = _noise(rngs, sites[rowg], rowg, q, k)
@@ -102,7 +107,7 @@ def _order2(n, targets, expo, binary_first, nonneg_first, rngs: list, tol, redra
             rows = np.repeat(gstart[again] - np.r_[0, np.cumsum(n[again])[:-1]], n[again]) + np.arange(n[again].sum())
             if redraws > 1:
                 V[rows] = _order2(n[again], targets[again], expo, binary_first, nonneg_first, rngs, tol, redraws - 1,
-                                  sites[again])[0]
+                                  sites[again], levels)[0]
             else:
                 V[rows, 0] = np.maximum(V[rows, 0], 0.0)
             neg[again] = False
@@ -154,8 +159,8 @@ def _noise(rngs: list, rowsite: np.ndarray, rowg: np.ndarray, q: int, k) -> np.n
     return R
 
 
-def _cells(n, targets, expo, binary_first):
-    """Per group, its cells: the levels of one factor's 0/1 columns where there is such a factor
+def _cells(n, targets, expo, binary_first, levels=()):
+    """Per group, its cells: the levels of one factor's 0/1 columns ``levels`` where the sums bear them out
     (:func:`_factor_block`; else the whole group), each split by ``y = 1``, ``y = 0`` when
     ``binary_first`` (cell c: y = 1 for c < L + 1, level c mod (L + 1), level 0 the reference).  Returns the
     base columns, the cell sizes ``nc`` (G, C), the cells' means of the base columns (G, C, q), the pooled
@@ -170,7 +175,7 @@ def _cells(n, targets, expo, binary_first):
     i1 = np.array([idx[unit(d, k)] for k in range(d)])
     i2 = np.array([[idx[unit(d, j, k)] for k in range(d)] for j in range(d)])
     S1, S2 = targets[:, i1], targets[:, i2]
-    block = _factor_block(n, S1, S2)
+    block = _factor_block(n, S1, S2, levels)
     B = np.asarray(block, dtype=np.int64)
     base = np.array([k for k in range(d) if k not in block and not (binary_first and k == 0)], dtype=np.int64)
     Nj = np.round(S1[:, B]).astype(np.int64)
@@ -199,41 +204,24 @@ def _cells(n, targets, expo, binary_first):
     return base, nc, means, (W + np.swapaxes(W, 1, 2)) / 2, [int(k) for k in block]
 
 
-def factor_columns(n, targets, expo) -> list:
-    """:func:`_factor_block` of groups' order-2 sums ``targets`` (G, M) over ``expo`` (``n`` their sizes)."""
-    d = expo.shape[1]
-    idx = {tuple(r): m for m, r in enumerate(expo)}
-    S1 = targets[:, [idx[unit(d, k)] for k in range(d)]]
-    S2 = targets[:, [[idx[unit(d, j, k)] for k in range(d)] for j in range(d)]]
-    return _factor_block(np.asarray(n, float), S1, S2)
-
-
-def _factor_block(n, S1, S2) -> list:
-    """The columns (but the outcome, 0) of one factor's 0/1 coding, read off the order-2 sums of every
-    group: 0/1 (Σx² = Σx: with x in {0, 1} only), not constant within every group (a group-level factor is
-    matched exactly as it is), and no two 1 in the same row (Σxⱼxₖ = 0) -- the levels of a factor in
-    treatment coding.  Their rows are then fixed as the cells (level by level), and the other columns are
-    drawn around each level's means: the pseudo rows hold that factor exactly, as a count's likelihood needs
-    (exp(η) of a level is not that of a continuous column with the level's mean and variance).  The block
-    with the most columns, greedily, and at least two (a factor of three levels or more); empty where there
-    is none.  A single 0/1 column is drawn as a real one, as before: on the 200 poisson fits of
+def _factor_block(n, S1, S2, levels) -> list:
+    """``levels`` (columns, but the outcome 0) if the order-2 sums of every group bear them out as one
+    factor's treatment coding -- each 0/1 (Σx² = Σx: with x in {0, 1} only), no two 1 in the same row
+    (Σxⱼxₖ = 0), at most n ones in all -- and there are two or more (a factor of three levels or more);
+    else none.  Their rows are then fixed as the cells, level by level, and the other columns drawn around
+    each level's means: the pseudo rows hold that factor exactly, as a count's or a 0/1 outcome's
+    likelihood needs (exp(η) of a level is not that of a real column with the level's mean and variance).
+    A single 0/1 column (a two-level factor) is drawn as a real one, as before: on the 200 poisson fits of
     `benchmarks/stress_methods.py --seed 1..4` (a 0/1 covariate beside two real ones) its levels as cells
     moved the rounds both ways, 658 -> 660 in all, one fit 6 -> 7."""
-    d = S1.shape[1]
-    tol = 1e-9 * np.maximum(1.0, np.abs(S1))
-    zero_one = np.all(np.abs(np.einsum("gkk->gk", S2) - S1) <= tol, axis=0) & np.all(S1 >= -tol, axis=0)
-    varies = np.any((np.abs(S1) > tol) & (np.abs(S1 - n[:, None]) > tol), axis=0)
-    cand = [k for k in range(1, d) if zero_one[k] and varies[k]]
-    apart = {(j, k): bool(np.all(np.abs(S2[:, j, k]) <= 1e-9 * np.maximum(1.0, n))) for j in cand for k in cand}
-    best = []
-    for first in cand:
-        block = [first]
-        for k in cand:
-            if k not in block and all(apart[(j, k)] for j in block):
-                block.append(k)
-        best = block if len(block) > len(best) else best
-    inside = np.all(np.round(S1[:, best]).sum(axis=1) <= n) if best else False
-    return best if inside and len(best) >= 2 else []
+    cols = [int(k) for k in levels if 0 < int(k) < S1.shape[1]]
+    if len(cols) < 2:
+        return []
+    tol = 1e-9 * np.maximum(1.0, np.abs(S1[:, cols]))
+    zero_one = np.all(np.abs(np.einsum("gkk->gk", S2)[:, cols] - S1[:, cols]) <= tol) and np.all(S1[:, cols] >= -tol)
+    apart = all(np.all(np.abs(S2[:, j, k]) <= 1e-9 * np.maximum(1.0, n)) for j in cols for k in cols if j < k)
+    inside = np.all(np.round(S1[:, cols]).sum(axis=1) <= n)
+    return cols if zero_one and apart and inside else []
 
 
 def _psd_cholesky(W: np.ndarray) -> np.ndarray:
