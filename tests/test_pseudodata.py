@@ -631,3 +631,35 @@ def test_order2_keeps_a_factor_exact_beside_a_binary_outcome():
 
     for g, real in enumerate(rows):
         assert np.array_equal(table(V[gi == g]), table(real))
+
+
+def test_order2_factor_levels_of_compressed_groups_stay_whole():
+    """The hybrid's compressed binomial groups (m rows standing for n/m observations each: their sums are
+    not whole): the level sizes are apportioned to the m rows, so the factor stays 0/1 and exclusive in
+    every group (rounding each level's size alone could exceed m and drop the factor for all groups)."""
+    from fedglmm.coordinator.pseudo.order2 import _apportion
+    rng = np.random.default_rng(11)
+    expo = monomials(5, 2)
+    n, T = [], []
+    for g in range(40):
+        lev = rng.integers(0, 4, int(rng.integers(26, 90)))
+        if g == 7:                              # 30 rows as 25: levels of 7.5, 7.5 and 10 rows, none of 0
+            lev = np.repeat([1, 2, 3], [9, 9, 12])
+        y = rng.binomial(1, 0.4, len(lev))
+        V = np.column_stack([y, lev == 1, lev == 2, lev == 3, rng.normal(size=len(lev))]).astype(float)
+        n.append(len(lev))
+        T.append(moment_sums(V, expo))
+    n, T = np.array(n, float), np.array(T)
+    m = np.minimum(np.maximum(np.ceil(n / 4.0), 25), 100)
+    w = n / m
+    V, gi, _ = generate_order2(m, T / w[:, None], expo, binary_first=True, rng=np.random.default_rng(0),
+                               exact=False, levels=[1, 2, 3])
+    assert set(np.unique(V[:, :4])) <= {0.0, 1.0} and V[:, 1:4].sum(axis=1).max() == 1.0
+    assert np.array_equal(np.bincount(gi), m.astype(int))
+    idx = {tuple(r): k for k, r in enumerate(expo)}
+    for g in range(len(n)):                     # each level's rows within one of its share of the m rows
+        share = np.array([T[g][idx[tuple(np.eye(5, dtype=int)[k])]] for k in (1, 2, 3)]) / w[g]
+        assert np.all(np.abs(V[gi == g][:, 1:4].sum(axis=0) - share) < 1.0 + 1e-9)
+    parts = np.array([[2.4, 3.3, 4.3], [0.5, 0.5, 2.0], [1.0, 1.0, 1.0]])
+    got = _apportion(parts, np.array([10, 3, 3]))
+    assert np.array_equal(got.sum(axis=1), [10, 3, 3]) and np.all(np.abs(got - parts) < 1.0 + 1e-12)

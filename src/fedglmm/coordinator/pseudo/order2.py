@@ -178,8 +178,9 @@ def _cells(n, targets, expo, binary_first, levels=()):
     block = _factor_block(n, S1, S2, levels)
     B = np.asarray(block, dtype=np.int64)
     base = np.array([k for k in range(d) if k not in block and not (binary_first and k == 0)], dtype=np.int64)
-    Nj = np.round(S1[:, B]).astype(np.int64)
-    N = np.column_stack([n - Nj.sum(axis=1), Nj])                                    # (G, L + 1) level sizes
+    # level sizes (G, L + 1), apportioned to the group's rows (a compressed group's sums are not whole)
+    N = _apportion(np.column_stack([targets[:, idx[(0,) * d]] - S1[:, B].sum(axis=1), S1[:, B]]), n)
+    Nj = N[:, 1:]
     Sx = S2[:, B][:, :, base]
     Sx = np.concatenate([(S1[:, base] - Sx.sum(axis=1))[:, None], Sx], axis=1)      # level sums (G, L + 1, q)
     if binary_first and not block:
@@ -187,9 +188,8 @@ def _cells(n, targets, expo, binary_first, levels=()):
         nc = np.column_stack([n1, n - n1])                                           # (G, 2) cells
         means = np.stack([S2[:, 0, base], S1[:, base] - S2[:, 0, base]], axis=1) / np.maximum(nc, 1)[:, :, None]
     elif binary_first:
-        N1 = np.clip(np.round(S2[:, 0, B]), 0, Nj).astype(np.int64)
         n1 = np.clip(np.round(S1[:, 0]), 0, n).astype(np.int64)
-        N1 = np.column_stack([np.clip(n1 - N1.sum(axis=1), 0, N[:, 0]), N1])         # y = 1 by level
+        N1 = np.minimum(_apportion(np.column_stack([S1[:, 0] - S2[:, 0, B].sum(axis=1), S2[:, 0, B]]), n1), N)
         nc = np.concatenate([N1, N - N1], axis=1)                                   # (G, 2(L + 1)) cells
         Nm = np.maximum(N, 1)[:, :, None]
         D = np.sum(N1 * (N - N1) / np.maximum(N, 1), axis=1)                          # Σ n₁ⱼ n₀ⱼ / nⱼ
@@ -220,8 +220,23 @@ def _factor_block(n, S1, S2, levels) -> list:
     tol = 1e-9 * np.maximum(1.0, np.abs(S1[:, cols]))
     zero_one = np.all(np.abs(np.einsum("gkk->gk", S2)[:, cols] - S1[:, cols]) <= tol) and np.all(S1[:, cols] >= -tol)
     apart = all(np.all(np.abs(S2[:, j, k]) <= 1e-9 * np.maximum(1.0, n)) for j in cols for k in cols if j < k)
-    inside = np.all(np.round(S1[:, cols]).sum(axis=1) <= n)
+    inside = np.all(S1[:, cols].sum(axis=1) <= n + 1e-9 * np.maximum(1.0, n))
     return cols if zero_one and apart and inside else []
+
+
+def _apportion(parts: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Whole numbers (G, K) ≥ 0 summing to ``total`` (G,) by row, each within one of ``parts`` (G, K) where
+    those sum to the total (largest remainders; the sums of a group of compressed rows are not whole)."""
+    parts = np.maximum(parts, 0.0)
+    out = np.floor(parts + 1e-9).astype(np.int64)
+    short = np.asarray(total, dtype=np.int64) - out.sum(axis=1)
+    rank = np.argsort(np.argsort(-(parts - out), axis=1, kind="stable"), axis=1, kind="stable")
+    out += rank < short[:, None]
+    over = np.maximum(-short, 0)                  # (parts above the total: the largest lose one each)
+    if np.any(over):
+        big = np.argsort(np.argsort(-out, axis=1, kind="stable"), axis=1, kind="stable")
+        out -= (big < over[:, None]) & (out > 0)
+    return out
 
 
 def _psd_cholesky(W: np.ndarray) -> np.ndarray:
