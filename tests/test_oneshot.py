@@ -185,6 +185,45 @@ def test_oneshot_of_factors_alone_is_the_pooled_fit(family, link):
     assert np.allclose(one.theta, exact.theta, rtol=1e-6)
 
 
+@pytest.mark.parametrize("link,k", [("logit", 3), ("cloglog", 15)])
+def test_hybrid_of_factors_alone_ends_in_its_second_round(link, k):
+    """Where the sums carry the likelihood (a factor and group-level columns, every group summarised) the
+    one-shot fit is the estimate: the hybrid's first Newton round checks it and is final -- 2 rounds, the
+    iterative fit to 1e-8 (cbpp by period over 3 and 15 sites: 4 rounds before).  A real covariate beside
+    the factor, or a group withheld, and the hybrid iterates as before."""
+    df = pd.read_csv(DATA / "cbpp.csv")
+    formula = "cbind(incidence, size - incidence) ~ factor(period) + (1 | herd)"
+    sites = _sites(df, "herd", k)
+    exact = fedglmm.fit(formula, sites, family="binomial", link=link, method="iterative")
+    hyb = fedglmm.fit(formula, sites, family="binomial", link=link)
+    assert hyb.rounds == 2 and abs(hyb.loglik - exact.loglik) < 1e-8
+    assert np.allclose(hyb.fixef, exact.fixef, rtol=0, atol=1e-8) and np.allclose(hyb.se, exact.se, rtol=1e-6)
+    assert np.allclose(hyb.theta, exact.theta, rtol=0, atol=1e-8)
+    # a covariate of cbpp's rows is constant within a herd's period (one row each): still the likelihood
+    more = _sites(df.assign(x=np.random.default_rng(0).normal(size=len(df))), "herd", k)
+    withx = formula.replace("factor(period)", "factor(period) + x")
+    hx = fedglmm.fit(withx, more, family="binomial", link=link)
+    ix = fedglmm.fit(withx, more, family="binomial", link=link, method="iterative")
+    assert hx.rounds == 2 and abs(hx.loglik - ix.loglik) < 1e-8 and np.allclose(hx.fixef, ix.fixef, atol=1e-8)
+    held = fedglmm.fit(formula, sites, family="binomial", link=link, min_group=60)    # (some herds under 60)
+    assert held.rounds > 2 and abs(held.loglik - exact.loglik) < 1e-8
+
+
+def test_hybrid_iterates_where_a_covariate_varies_within_a_level():
+    """Counts with a factor and a real covariate that varies within each level: the sums do not carry the
+    likelihood, so the one-shot fit only starts the Newton rounds, which end at the iterative fit."""
+    rng = np.random.default_rng(4)
+    g = np.repeat(np.arange(40), 30)
+    f, x = rng.integers(0, 4, g.size), rng.normal(size=g.size)
+    y = rng.poisson(np.exp(0.3 + np.array([0, 0.5, -0.4, 0.9])[f] + 0.4 * x + rng.normal(0, 0.6, 40)[g]))
+    sites = _sites(pd.DataFrame({"y": y, "f": f, "x": x, "g": g}), "g", 3)
+    for formula, two in (("y ~ factor(f) + (1 | g)", True), ("y ~ factor(f) + x + (1 | g)", False)):
+        exact = fedglmm.fit(formula, sites, family="poisson", method="iterative")
+        hyb = fedglmm.fit(formula, sites, family="poisson")
+        assert (hyb.rounds == 2) == two and abs(hyb.loglik - exact.loglik) < 1e-8
+        assert np.allclose(hyb.fixef, exact.fixef, rtol=0, atol=1e-8)
+
+
 @pytest.mark.parametrize("order", [2, 3, 4])
 def test_shared_moments_are_the_moments_of_the_rows(order):
     """Counts are not 0/1: y² and y³ moments must be the counts' own (a direct computation)."""

@@ -31,45 +31,41 @@ from ..coordinator.starts import (ATTENUATION, OwnPart, attenuated, combined_sta
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
-from ..likelihood.fit import LOST_DIGITS, diagonal_positions
+from ..likelihood.fit import diagonal_positions
 from ..likelihood.setup import make_setup
 from ..likelihood.factor_starts import factor_theta_start
 from ..likelihood.starts import start_values
 from ..model.frame import na_payload
-from ..model.options import OWN_FIT_GROUPS, POOLED_MAX_GROUPS, FitRequest
+from ..model.options import POOLED_MAX_GROUPS, FitRequest
 from ..protocol import request
 from ..results import FitResult, RunStats
+from .hybrid_gates import _blocks_keep_digits, _fits_suffice, _lean, _sd_index, exact_moments
 
 HYBRID_ORDER = 2           # the hybrid needs only a start: means and covariances reveal the least
 HYBRID_COMPRESS = 4.0      # the hybrid's binomial pseudo rows stand for up to 4 observations each
-MANY_GROUPS = 5000         # groups in all beyond which the pseudo-data fit costs more than a round ...
-SOME_GROUPS = 50           # ... when every site has this many groups (their fits alone then start)
 OWN_NEAR = 0.5            # with such fits alone: decrement below which the Newton step is the final candidate
 LEVEL_SD_FLOOR = 1e-3     # a pseudo-data fit of shared levels' moments starts the fit where its SDs exceed this
 LEVEL_ROWS = 4            # a site's own fit of one factor starts a fit with shared levels from this many rows a level
 
 
-def _pseudo_fit(merged, replies, req: FitRequest, seed: int, fit: bool = True):
+def _pseudo_fit(merged, replies, req: FitRequest, seed: int, fit: bool = True, exact: bool = False):
     """The one-shot estimate from the groups the sites did send (all of them, unless some were small),
     as (stand-ins, assembled fit); None if it cannot be had (the Newton rounds then start from the site
     totals).  Only a start, so not polished, and by Laplace: the pseudo-data differ from the data by
-    more than AGHQ does from Laplace.  ``fit=False``: the stand-ins alone, (stand-ins, None, None, None)."""
+    more than AGHQ does from Laplace.  ``fit=False``: the stand-ins alone, (stand-ins, None, None, None).
+    ``exact``: the sums carry the likelihood (:func:`~fedglmm.methods.hybrid_gates.exact_moments`): rows not
+    compressed, and the fit by the fit's own options -- it is the estimate."""
     options = req.options
-    loose = options if req.family.name == "gaussian" else \
+    loose = options if req.family.name == "gaussian" or exact else \
         replace(options, nagq=1, newton=replace(options.newton, tol=1e-4, near=1e-2))
     try:
-        parts, _ = stand_ins(merged, replies, loose, seed, HYBRID_COMPRESS, bins=True)
+        parts, _ = stand_ins(merged, replies, loose, seed, 1.0 if exact else HYBRID_COMPRESS, bins=True)
         if not fit:
             return parts, None, None, None
         schema, st, est = fit_stand_ins(parts, req.spec, req.family, loose, merged.schema.transforms)
         return parts, assemble(req.formula, req.family, loose, req.spec, schema, st, est), st, est
     except (FedGLMMError, np.linalg.LinAlgError, ValueError):
         return None
-
-
-def _sd_index(st) -> np.ndarray:
-    """Positions in (γ, θ̃) of the diagonal of Λ̃ (the standard deviations, up to the correlations)."""
-    return len(st.names) + diagonal_positions(st.mask)
 
 
 def _levels_named(st, own: dict) -> dict:
@@ -208,22 +204,26 @@ def _nsites(transport) -> int | None:
         return None
 
 
+def _local(fam, options, nsites: int | None) -> dict:
+    """What a site's own fit is asked for: a site also fits its own rows (one grouping factor), to the last
+    digit when it is the only site (its fit is then the fit)."""
+    local = {"nagq": options.nagq, "curvature": options.curvature}
+    if fam.name == "gaussian" and not options.reml:
+        local["reml"] = False            # the site's own fit (several grouping factors) by ML, as the fit
+    if nsites == 1:
+        local["exact"] = True            # the one site's own fit is the fit
+    if nsites:
+        local["sites"] = nsites
+    return local
+
+
 def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     """The one-shot round, then exact Newton rounds on the real sites from its estimate."""
     t0 = time.perf_counter()
     fam, options = req.family, req.options
     order = HYBRID_ORDER if req.moments is None else req.moments
     transforms = pooled_transforms(transport, req.formula, req.spec, fam, req.na_action)    # center(x), ...: a round
-    # a site also fits its own rows (one grouping factor): to the last digit when it is the only site (its
-    # fit is then the fit)
-    local = {"nagq": options.nagq, "curvature": options.curvature}
-    if fam.name == "gaussian" and not options.reml:
-        local["reml"] = False            # the site's own fit (several grouping factors) by ML, as the fit
-    nsites = _nsites(transport)
-    if nsites == 1:
-        local["exact"] = True            # the one site's own fit is the fit
-    if nsites:
-        local["sites"] = nsites
+    local = _local(fam, options, _nsites(transport))
     replies = transport.broadcast(request("oneshot", formula=req.formula, family=fam.name, link=fam.link, order=order,
                                           local=local, **na_payload(req.na_action),
                                           **({"transforms": transforms} if transforms else {}),
@@ -253,13 +253,14 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     alone, own = one_level_fits(own, replies, st)      # (one factor, sites of one level each: fits without it)
     if st is not None:
         own = _own_parts(own, replies, st)         # the sites' fits in the agreed coding, once
-    big = st is not None and _fits_suffice(own, replies, merged, req, st)
-    lean = st is not None and not big and _lean(own, replies, merged, req, st)
+    exact = st is not None and exact_moments(merged, req, replies)          # (the one-shot fit is the estimate)
+    big = st is not None and not exact and _fits_suffice(own, replies, merged, req, st)
+    lean = st is not None and not big and not exact and _lean(own, replies, merged, req, st)
     by_level = merge_shared_levels(merged, moments=True) if st is not None else None     # shared levels' sums added
     # (a GLMM with several grouping factors, or levels shared by sites, starts from a pseudo-data fit only of
     # the levels' merged moments: without them none is made)
     unused = fam.name != "gaussian" and st is not None and bool(st.factor_groups) and by_level is None
-    pseudo = _pseudo_fit(by_level or merged, replies, req, seed, fit=not lean) \
+    pseudo = _pseudo_fit(by_level or merged, replies, req, seed, fit=not lean, exact=exact) \
         if (any(b is not None for b in merged.blocks.values()) or merged.pooled) and not big and not unused else None
     if pseudo is not None and fam.name == "gaussian" and not merged.refused \
             and (not merged.schema.shared or by_level is not None) and (st is None or _blocks_keep_digits(st)):
@@ -274,29 +275,20 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     if st is None:             # secure gaussian: the set-up after all
         st = _secure_setup(transport, payload, req, merged)
         own = _own_parts(own, replies, st)
-    start, surrogate = _starts(req, st, merged, own, pseudo, big, by_level is not None)
-    start = with_start(start, one_level_start(st, alone, MIN_LEVELS), lambda: start_values(st, fam))  # a level a site
+    exact = exact and pseudo is not None and pseudo[1] is not None
+    if exact:
+        start, surrogate = internal_start(pseudo[1].fixef, pseudo[1].theta, st), None
+    else:
+        start, surrogate = _starts(req, st, merged, own, pseudo, big, by_level is not None)
+        start = with_start(start, one_level_start(st, alone, MIN_LEVELS), lambda: start_values(st, fam))  # a level a site
     if big:
         options = replace(options, newton=replace(options.newton, near=OWN_NEAR, near_model=OWN_NEAR))
     # the conditional modes move to the estimate with their derivatives; where the sites' fits alone start
     # (many groups), the modes alone: their SDs' derivatives would cost each site a pass of ~15 over its rows
     # (0.1 s of CPU per 1e5), for SDs 1e-6 off at 1e6 rows (bench_scale.py), where the modes were 5.5e-6 off
     est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
-                   surrogate=surrogate, mode_derivatives="modes" if big else True)
+                   surrogate=surrogate, final_first=exact, mode_derivatives="modes" if big else True)
     return _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo)
-
-
-def _blocks_keep_digits(st) -> bool:
-    """Whether a gaussian fit from the per-group sums (raw cross-products) keeps its digits: a covariate whose
-    Σ(x − x̄)² is below ``LOST_DIGITS`` of its Σx² (the bound the gaussian fit holds its outcome to; a mean
-    beyond 1e3 of its SDs from 0) leaves its centred cross-products to the cancellation of far larger terms
-    (x ≈ 1e5 ± 1: the one-shot fit's logLik was 5e-4 off; 1e7 ± 1: its slope 6 % off).  The Newton rounds
-    then finish the fit: the sites form their sums on the internal, centred scale."""
-    n = float(st.n)
-    colsum, colsq = (np.asarray(st.sums[k], float) for k in ("colsum", "colsq"))
-    varying = np.array([nm != "Intercept" for nm in st.names]) & (colsq > 0)
-    spread = colsq[varying] - colsum[varying] ** 2 / max(n, 1.0)
-    return bool(np.all(spread > LOST_DIGITS * colsq[varying]))
 
 
 def _alone_start(own: dict, st, fam):
@@ -316,54 +308,6 @@ def _alone_start(own: dict, st, fam):
         return np.linalg.solve(st.A, np.asarray(loc["beta"], float)), start
     x, p = next(iter(own.values())).center, len(st.names)
     return x[:p], x[p:]
-
-
-def _fits_suffice(own: dict, replies: dict, merged, req, st) -> bool:
-    """Whether the sites' own fits alone make the start (no pseudo-data fit at the coordinator, whose cost
-    grows with the groups): a GLMM with one grouping factor, every site's fit in the agreed coding, every
-    summary sent, at least ``OWN_FIT_GROUPS`` groups at every site and no standard deviation near zero --
-    likelihoods that close to quadratic combine by their information to within a Newton step of the pooled
-    optimum -- or, with ``MANY_GROUPS`` groups in all, ``SOME_GROUPS`` at every site: a pseudo-data fit
-    over that many groups costs the coordinator more than the round it may save."""
-    if req.family.name == "gaussian" or len(req.spec.groups) > 1 or merged.refused or len(own) < len(replies):
-        return False
-    sizes = [int(r["ngroups"]) for r in replies.values()]
-    if min(sizes) < OWN_FIT_GROUPS and not (sum(sizes) >= MANY_GROUPS and min(sizes) >= SOME_GROUPS):
-        return False
-    return _all_clear(own, replies, st)
-
-
-def _lean(own: dict, replies: dict, merged, req, st) -> bool:
-    """Whether the pseudo-data only shape the combination of the sites' own fits, not fitted themselves:
-    every site sent its fit (in the agreed coding) and every group's summaries (or its small groups pooled in
-    bins), no site's standard deviation is near zero and there is no penalty -- the fits then combine to
-    within a Newton step, and the pseudo-data fit at the coordinator costs more than it adds (on the binary
-    follow-up of stress_shapes.py, seeds 1-20, the rounds are the same without it)."""
-    if req.family.name == "gaussian" or _unbinned(replies, merged) or len(own) < len(replies) or req.options.penalty \
-            or st.factor_groups:
-        return False
-    return _all_clear(own, replies, st)
-
-
-def _unbinned(replies: dict, merged) -> bool:
-    """Whether a site kept small groups' summaries without sending them pooled in bins."""
-    return any(r.get("refused") and sid not in merged.pooled for sid, r in replies.items())
-
-
-def _all_clear(own: dict, replies: dict, st) -> bool:
-    """Whether every site's own fit mapped to the agreed coding (``own``: :func:`_own_parts`) with its standard
-    deviations clear of zero."""
-    return len(own) == len(replies) and all(_clear_of_zero(o, _sd_index(st)) for o in own.values())
-
-
-def _clear_of_zero(part: OwnPart, idx) -> bool:
-    """Whether a site's estimated standard deviations are all more than three of their standard errors from
-    zero: near that boundary a likelihood is far from quadratic, and the fits alone combine badly."""
-    try:
-        se = np.sqrt(np.maximum(np.diag(np.linalg.pinv(part.K)), 0.0))[idx]
-    except np.linalg.LinAlgError:
-        return False
-    return bool(np.all(np.abs(part.center[idx]) > 3.0 * se))
 
 
 def _secure_setup(transport, payload, req, merged):

@@ -204,6 +204,22 @@ def _cells(n, targets, expo, binary_first, levels=()):
     return base, nc, means, (W + np.swapaxes(W, 1, 2)) / 2, [int(k) for k in block]
 
 
+def level_scatter(n, targets, expo, levels) -> tuple[np.ndarray, np.ndarray]:
+    """Each variable's scatter within the levels of the factor whose 0/1 columns are ``levels`` (where the
+    sums bear them out; else within the group), by group, from the order-2 sums ``targets`` (G, M) over
+    ``expo``; and beside it Σx², the scale it is 0 against (both (G, d))."""
+    n = np.asarray(n, float)
+    d = expo.shape[1]
+    idx = {tuple(r): m for m, r in enumerate(expo)}
+    S1 = targets[:, [idx[unit(d, k)] for k in range(d)]]
+    S2 = targets[:, [[idx[unit(d, j, k)] for k in range(d)] for j in range(d)]]
+    B = np.asarray(_factor_block(n, S1, S2, levels), dtype=np.int64)
+    sums = np.concatenate([(S1 - S2[:, B].sum(axis=1))[:, None], S2[:, B]], axis=1)    # (G, L + 1, d) by level
+    size = np.column_stack([n - S1[:, B].sum(axis=1), S1[:, B]])
+    sq = np.einsum("gkk->gk", S2)
+    return sq - np.sum(sums ** 2 / np.maximum(size, 1e-300)[:, :, None] * (size > 0)[:, :, None], axis=1), sq
+
+
 def _factor_block(n, S1, S2, levels) -> list:
     """``levels`` (columns, but the outcome 0) if the order-2 sums of every group bear them out as one
     factor's treatment coding -- each 0/1 (Σx² = Σx: with x in {0, 1} only), no two 1 in the same row
