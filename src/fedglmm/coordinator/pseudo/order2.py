@@ -183,12 +183,11 @@ def _cells(n, targets, expo, binary_first, levels=()):
     Nj = N[:, 1:]
     Sx = S2[:, B][:, :, base]
     Sx = np.concatenate([(S1[:, base] - Sx.sum(axis=1))[:, None], Sx], axis=1)      # level sums (G, L + 1, q)
+    n1 = np.clip(np.round(S1[:, 0]), 0, n).astype(np.int64)                          # (a 0/1 outcome's ones)
     if binary_first and not block:
-        n1 = np.clip(np.round(S1[:, 0]), 0, n).astype(np.int64)
         nc = np.column_stack([n1, n - n1])                                           # (G, 2) cells
         means = np.stack([S2[:, 0, base], S1[:, base] - S2[:, 0, base]], axis=1) / np.maximum(nc, 1)[:, :, None]
     elif binary_first:
-        n1 = np.clip(np.round(S1[:, 0]), 0, n).astype(np.int64)
         N1 = np.minimum(_apportion(np.column_stack([S1[:, 0] - S2[:, 0, B].sum(axis=1), S2[:, 0, B]]), n1), N)
         nc = np.concatenate([N1, N - N1], axis=1)                                   # (G, 2(L + 1)) cells
         Nm = np.maximum(N, 1)[:, :, None]
@@ -207,17 +206,15 @@ def _cells(n, targets, expo, binary_first, levels=()):
 def level_scatter(n, targets, expo, levels) -> tuple[np.ndarray, np.ndarray]:
     """Each variable's scatter within the levels of the factor whose 0/1 columns are ``levels`` (where the
     sums bear them out; else within the group), by group, from the order-2 sums ``targets`` (G, M) over
-    ``expo``; and beside it Σx², the scale it is 0 against (both (G, d))."""
-    n = np.asarray(n, float)
+    ``expo`` -- the diagonal of :func:`_cells`' ``W`` (0 for the factor's own columns); and beside it Σx²,
+    the scale it is 0 against (both (G, d))."""
+    targets = np.atleast_2d(np.asarray(targets, float))
+    base, _, _, W, _ = _cells(np.asarray(np.round(n), dtype=np.int64), targets, expo, False, levels)
     d = expo.shape[1]
     idx = {tuple(r): m for m, r in enumerate(expo)}
-    S1 = targets[:, [idx[unit(d, k)] for k in range(d)]]
-    S2 = targets[:, [[idx[unit(d, j, k)] for k in range(d)] for j in range(d)]]
-    B = np.asarray(_factor_block(n, S1, S2, levels), dtype=np.int64)
-    sums = np.concatenate([(S1 - S2[:, B].sum(axis=1))[:, None], S2[:, B]], axis=1)    # (G, L + 1, d) by level
-    size = np.column_stack([n - S1[:, B].sum(axis=1), S1[:, B]])
-    sq = np.einsum("gkk->gk", S2)
-    return sq - np.sum(sums ** 2 / np.maximum(size, 1e-300)[:, :, None] * (size > 0)[:, :, None], axis=1), sq
+    ss = np.zeros((len(targets), d))
+    ss[:, base] = np.einsum("gkk->gk", W)
+    return ss, targets[:, [idx[unit(d, k, k)] for k in range(d)]]
 
 
 def _factor_block(n, S1, S2, levels) -> list:
