@@ -114,7 +114,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
     keep = ~small
     if _one_level(d, fam, local):                   # (the site holds one level of the one grouping factor)
         msg["local"] = _one_level_fit(frame, d, spec, fam, local, site_id, transforms, need, float(sizes[0]))
-    elif _own_wanted(local, keep) and (fam.name != "gaussian" or small.any() and int(local.get("sites", 1)) > 1):
+    elif _own_wanted(local, keep, fam) and (fam.name != "gaussian" or small.any() and int(local.get("sites", 1)) > 1):
         # its third derivatives only where no group's moments go (the pseudo-data have the shape then) or
         # the family has a dispersion parameter (which its pseudo-data carry only roughly)
         msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms,
@@ -172,11 +172,14 @@ def _one_level_fit(frame, d: Design, spec, fam, local: dict, site_id: str, trans
             "n": float(d.n), "ngroups": 1, "alone": [group]}
 
 
-def _own_wanted(local: dict | None, keep: np.ndarray) -> bool:
-    """Whether the site fits its own rows: asked to, unless there are more than ``MANY_SITES`` sites and its
-    few groups (fewer than ``SKIP_OWN_GROUPS``) all go as summaries."""
-    return local is not None and not (int(local.get("sites", 1)) > MANY_SITES and keep.all()
-                                      and len(keep) < SKIP_OWN_GROUPS)
+def _own_wanted(local: dict | None, keep: np.ndarray, fam) -> bool:
+    """Whether the site fits its own rows: asked to, unless the outcome is binomial, there are more than
+    ``MANY_SITES`` sites and its few groups (fewer than ``SKIP_OWN_GROUPS``) all go as summaries.  Counts
+    keep their fits: the order-2 pseudo-data of a count beside real covariates give slopes some standard
+    errors off (a log-linear mean is not a function of the groups' means and covariances), and the sites'
+    fits are what corrects them (40 simulated fits over 3-30 sites, benchmarks/many_sites_counts.py)."""
+    return local is not None and not (fam.name == "binomial" and int(local.get("sites", 1)) > MANY_SITES
+                                      and keep.all() and len(keep) < SKIP_OWN_GROUPS)
 
 
 def _factors_message(d: Design, fam, desc: dict, sums: dict, formula: str, site_id: str) -> dict:
