@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import InputError
 from ..likelihood.fit import Estimate, fit_glmm, fit_lmm
 from ..likelihood.setup import Setup, sum_replies
-from ..likelihood.starts import NB_PSI_SHIFTS, start_values
+from ..likelihood.starts import NB_PSI_SHIFTS, domain_start, start_values
 from ..model.families import Family
 from ..model.frame import na_payload
 from ..model.transforms import is_stateful
@@ -141,4 +141,4 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     shifts = NB_PSI_SHIFTS if family.name == "negative_binomial" else ()
     return fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts,
                     final_first=final_first and others is None, sound_start=others is not None,
-                    poisson_limit=family.name == "negative_binomial")
+                    poisson_limit=family.name == "negative_binomial", fallback=domain_start(st, family, theta0))

@@ -110,3 +110,18 @@ def null_step_start(s: dict, family: Family, A: np.ndarray, mask: np.ndarray, zs
     else:       # η is on the outcome's scale (or its inverse): so is the least standard deviation of a start
         theta, sig = moment_start(mom, A @ gamma, mask, zscale, 0.1 * abs(eta[0]), dispersion * mom["mom_w"])
     return conditional(gamma, family, float(np.trace(sig @ zz))), theta
+
+
+def domain_start(st: Setup, family: Family, theta0: np.ndarray):
+    """A start inside a Gamma model's domain where its link bounds η (inverse: η > 0; identity: μ > 0), or
+    None: the intercept-only model η = link(Σy / Σn) -- valid at every row -- with the random-effect SDs of
+    ``theta0`` (θ̃ and ψ) a quarter as large.  The one IRLS step of :func:`null_step_start` can leave the
+    domain at some rows (strong covariates, a large random-effect variance: the objective is then not finite
+    there); the fit goes on from this start instead (:func:`~fedglmm.likelihood.fit.fit_glmm`'s ``fallback``)."""
+    if family.name != "gamma" or family.link == "log" or "Intercept" not in st.names or "st_sy" not in st.sums:
+        return None
+    beta = np.zeros(len(st.names))
+    beta[st.names.index("Intercept")] = float(family.linkfun(st.sums["st_sy"] / st.sums["st_sv"]))
+    k = int(st.mask.sum())
+    theta = np.asarray(theta0, float)
+    return np.r_[np.linalg.solve(st.A, beta), 0.25 * theta[:k], theta[k:]]

@@ -1,0 +1,67 @@
+"""A Gamma model with the inverse link (glmer's default) whose one-step start leaves the link's domain.
+
+The start of a Gamma model with the inverse (or identity) link is one IRLS step from the intercept-only
+model (:func:`fedglmm.likelihood.starts.null_step_start`).  With strong covariates and a large random-effect
+variance that step puts η ≤ 0 at some rows, where the likelihood is not finite; the fit then starts again
+from the intercept-only model itself (:func:`fedglmm.likelihood.starts.domain_start`), which is inside the
+domain at every row.  Before, such fits stopped with "the objective is not finite at the starting values"
+(glmmTMB's own start fails the same way here).  Reference: glmmTMB started from glmer's estimates
+(``benchmarks/r/gamma_domain.R``; glmer's logLik, −990.58, is not maximum likelihood for Gamma)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fedglmm
+
+DATA = Path(__file__).parent / "data" / "gamma_inverse_domain.csv"
+FORMULA = "y ~ x + z + (1 | g)"
+TMB = {"fixef": [0.4274800405579, -0.06982837604848, -0.03945568877196],
+       "se": [0.05096520296021, 0.005387063204941, 0.05166916666899],
+       "sd": 0.3052162506909, "shape": 2.558822758795, "loglik": -1003.07643335708}
+
+
+@pytest.fixture(scope="module")
+def frame():
+    warnings.simplefilter("ignore")
+    return pd.read_csv(DATA)
+
+
+def _check(res):
+    assert res.converged
+    assert abs(res.loglik - TMB["loglik"]) < 1e-6
+    assert np.allclose(res.fixef.to_numpy(), TMB["fixef"], atol=2e-6)
+    assert np.allclose(res.se.to_numpy(), TMB["se"], rtol=1e-4)
+    assert abs(res.random[0]["sd"] - TMB["sd"]) < 2e-6
+    assert abs(res.dispersion["sigma"] - TMB["shape"] ** -0.5) < 1e-6      # glmmTMB's sigma: 1/√shape
+
+
+def test_the_start_leaves_the_domain_and_the_fit_reaches_glmmtmbs_optimum(frame):
+    from fedglmm.errors import ConvergenceError
+
+    res = fedglmm.fit(FORMULA, frame, family="gamma", method="iterative")
+    _check(res)
+    # without the fallback start the same fit stops at its first round
+    import fedglmm.coordinator.rounds as rounds
+
+    orig = rounds.domain_start
+    rounds.domain_start = lambda *a: None
+    try:
+        with pytest.raises(ConvergenceError, match="not finite at the starting values"):
+            fedglmm.fit(FORMULA, frame, family="gamma", method="iterative")
+    finally:
+        rounds.domain_start = orig
+
+
+def test_over_sites_the_default_method_reaches_the_same_fit(frame):
+    sites = {f"s{k}": frame[frame.g % 3 == k].reset_index(drop=True) for k in range(3)}
+    hybrid = fedglmm.fit(FORMULA, sites, family="gamma")
+    pooled = fedglmm.fit(FORMULA, frame, family="gamma")
+    for res in (hybrid, pooled):
+        _check(res)
+    it = fedglmm.fit(FORMULA, sites, family="gamma", method="iterative")
+    assert np.allclose(hybrid.fixef, it.fixef, atol=1e-8) and abs(hybrid.loglik - it.loglik) < 1e-8
