@@ -58,6 +58,23 @@ def test_quasi_complete_separation(method):
     assert "'z'" not in msg and "'Intercept'" not in msg
 
 
+def test_running_off_over_sites_ends_early_and_says_what():
+    """46 rows, 8 events, 9 groups, a 6-level factor and a random slope (a draw of a sweep of simulated
+    shapes): the intercept's SD runs off.  Over sites the iteration went on to its 60th round and ended
+    with "no convergence within 60 rounds"; it now ends once the estimates are seen running off at three
+    accepted points in a row (likelihood.drive), not converged, naming the variance -- as the fit of the
+    pooled rows does."""
+    from pathlib import Path
+
+    df = pd.read_csv(Path(__file__).parent / "data" / "runaway_slope_factor.csv")
+    sites = {f"s{k}": df[df.g % 3 == k].reset_index(drop=True) for k in range(3)}
+    for method in ("hybrid", "iterative"):
+        res = fedglmm.fit("y ~ x + x2 + z + f + (1 + x | g)", sites, family="binomial", method=method)
+        msg = _not_converged(res)
+        assert "standard deviation of 'Intercept' | g grows without bound" in msg
+        assert res.rounds < 20
+
+
 def test_quasi_separation_of_counts():
     """A poisson factor level with no event at all: its log-rate runs off to −∞."""
     df = _data(seed=3)

@@ -141,4 +141,5 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     shifts = NB_PSI_SHIFTS if family.name == "negative_binomial" else ()
     return fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts,
                     final_first=final_first and others is None, sound_start=others is not None,
-                    poisson_limit=family.name == "negative_binomial", fallback=domain_start(st, family, theta0))
+                    poisson_limit=family.name == "negative_binomial", fallback=domain_start(st, family, theta0),
+                    runaway_stop=True)

@@ -7,15 +7,16 @@ Who evaluates the sums is the caller's :class:`Evaluator`: the coordinator's rou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from ..errors import ConvergenceError, InputError
+from ..errors import InputError
 from ..model.options import FitOptions
 from ..model.spec import theta_index
 from .covariance_steps import CovarianceSteps
+from .drive import run, running_off
 from .fused import parallel_map, threads_pay
 from .lmm import profiled_deviance
 from .newton import TrustRegionNewton
@@ -121,34 +122,6 @@ def _theta_start(mask):
     return (r_idx == c_idx).astype(float)
 
 
-def _run(opt: TrustRegionNewton, evaluate, canon, fallback=None):
-    """Drive the optimiser; ``evaluate(points, final)`` does one round and returns ([(f, g, H)], reply).
-
-    Each point is first put in canonical form (non-negative diagonal of Λ): the same model, so the
-    iterates stay on one side of the sign symmetry of θ.  ``final`` marks the round that may be the last
-    (the parts then also return their conditional modes).  ``fallback``: a point the iteration starts from
-    again where the objective was not finite at any of its starts (returned as the optimiser it ran).
-    """
-    xs, final, last_final = list(opt.starts), opt.final_candidate, False
-    while xs:
-        xs = [canon(x) for x in xs]
-        results, reply = evaluate(xs, final)
-        last_final = final
-        xs = opt.tell(xs, results)
-        final = opt.final_candidate
-        if not xs and opt.current is None and fallback is not None:
-            opt = replace(opt, x0=np.asarray(fallback, float), starts=[], evals=opt.evals, message="",
-                          history=[], trace=[])
-            xs, final, fallback = list(opt.starts), opt.final_candidate, None
-    if not opt.converged:
-        raise ConvergenceError(f"the fit did not converge: {opt.message}")
-    if not last_final or opt.accepted is None:
-        # converged at a point the last round did not end on (no step could gain more): one final
-        # round there, for the sums at the point and the conditional modes
-        _, reply = evaluate([opt.point], True)
-    return opt.solution, reply, opt
-
-
 def _penalty_matrix(A: np.ndarray, names: list | None, p: int, lam: float) -> np.ndarray:
     """λ AᵀDA: the penalty λ‖β‖² (intercept excluded, user's scale) as a quadratic form in γ (β = Aγ)."""
     D = np.eye(p)
@@ -159,7 +132,7 @@ def _penalty_matrix(A: np.ndarray, names: list | None, p: int, lam: float) -> np
 
 def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOptions, starts=None,
              model=None, disp_shifts=(), final_first: bool = False, sound_start: bool = False,
-             poisson_limit: bool = False, fallback=None) -> Estimate:
+             poisson_limit: bool = False, fallback=None, runaway_stop: bool = False) -> Estimate:
     """Newton on −ℓ(γ, θ̃) (plus the penalty, applied here: the parts never see λ) from (γ0, θ̃0) and
     ``starts`` (further points of the first round; default: the start's covariance halved and doubled);
     ``disp_shifts``: the first round also tries each of those points with ψ (the last entry) moved by each;
@@ -171,7 +144,8 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     the first round evaluates it alone and is final: it ends the iteration if the decrement there is below
     ``tol``; ``sound_start``: of several starts, go on from one with a positive-definite Hessian (see
     :class:`~fedglmm.likelihood.newton.TrustRegionNewton`); ``fallback``: the start of one more first round
-    where the objective is not finite at any of these (:func:`~fedglmm.likelihood.starts.domain_start`)."""
+    where the objective is not finite at any of these (:func:`~fedglmm.likelihood.starts.domain_start`);
+    ``runaway_stop``: estimates that run off end the rounds (:func:`~fedglmm.likelihood.drive.run`)."""
     p, mask = len(gamma0), setup.mask
     k = int(np.sum(mask))
     P = _penalty_matrix(setup.A, setup.names, p, options.penalty) if options.penalty else None
@@ -212,7 +186,8 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
                             sound_start=sound_start, tails=(p + k,) if poisson_limit else (),
                             faces=not setup.factor_groups, fixed=0 if setup.factor_groups else p,
                             uncertain=getattr(evaluator, "uncertain", None))
-    phi, (final, s), opt = _run(opt, evaluate, canon, fallback)
+    phi, (final, s), opt = run(opt, evaluate, canon, fallback,
+                               running_off(p, diagonal_positions(mask), setup.names) if runaway_stop else None)
     info = -s["hess"]
     if P is not None:
         info[:p, :p] += 2.0 * P      # standard errors from the penalised information
@@ -382,7 +357,7 @@ def fit_lmm(evaluator: Evaluator, setup: Setup, options: FitOptions, start=None,
         opt = TrustRegionNewton(_theta_start(mask) if start is None else np.asarray(start, float), options.newton,
                                 starts=others, boundary=edge, predict_final=bool(setup.factor_groups), model=model,
                                 covariance=CovarianceSteps(mask, 0) if covariance and np.any(r_idx != c_idx) else None)
-        theta, (final, s), _ = _run(opt, evaluate, lambda x: canonical_theta(x, mask))
+        theta, (final, s), _ = run(opt, evaluate, lambda x: canonical_theta(x, mask))
         converged, trace = opt.converged, list(opt.trace)
     else:
         theta, converged, trace = np.zeros(0), True, []

@@ -1,0 +1,73 @@
+"""The loop that drives the trust-region Newton iteration (:class:`~fedglmm.likelihood.newton.TrustRegionNewton`)
+one round at a time, for :func:`~fedglmm.likelihood.fit.fit_glmm` and :func:`~fedglmm.likelihood.fit.fit_lmm`:
+a fallback start where no start is finite, and the end of an iteration whose estimates run off."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from ..errors import ConvergenceError
+from .newton import TrustRegionNewton
+from .runaway import runaway
+
+# estimates that run off (likelihood.runaway) at this many accepted points in a row, from this round on, end
+# the iteration, not converged: under separation Newton walks out along the flattening direction until its
+# gain per step falls below the tolerance or the rounds run out (60), each round a steward's look for nothing
+RUNAWAY_FROM, RUNAWAY_ROUNDS = 8, 3
+
+
+def run(opt: TrustRegionNewton, evaluate, canon, fallback=None, runs_off=None):
+    """Drive the optimiser; ``evaluate(points, final)`` does one round and returns ([(f, g, H)], reply).
+
+    Each point is first put in canonical form (non-negative diagonal of Λ): the same model, so the
+    iterates stay on one side of the sign symmetry of θ.  ``final`` marks the round that may be the last
+    (the parts then also return their conditional modes).  ``fallback``: a point the iteration starts from
+    again where the objective was not finite at any of its starts.  ``runs_off(opt)``: whether the current
+    point's estimates run off (:func:`running_off`); seen RUNAWAY_ROUNDS times in a row, the iteration ends
+    there, not converged (the caller names what runs off).  Returns (solution, last reply, the optimiser).
+    """
+    xs, final, last_final, seen = list(opt.starts), opt.final_candidate, False, 0
+    while xs:
+        xs = [canon(x) for x in xs]
+        results, reply = evaluate(xs, final)
+        last_final = final
+        xs = opt.tell(xs, results)
+        final = opt.final_candidate
+        if not xs and opt.current is None and fallback is not None:
+            opt = replace(opt, x0=np.asarray(fallback, float), starts=[], evals=opt.evals, message="",
+                          history=[], trace=[])
+            xs, final, fallback = list(opt.starts), opt.final_candidate, None
+        elif xs and runs_off is not None and opt.evals >= RUNAWAY_FROM and opt.accepted is not None:
+            seen = seen + 1 if runs_off(opt) else 0
+            if seen >= RUNAWAY_ROUNDS:
+                opt.point = opt.solution = opt.current.x
+                opt.message, xs = "the estimates run off", []
+                return _at(opt, evaluate, last_final)
+    if not opt.converged:
+        raise ConvergenceError(f"the fit did not converge: {opt.message}")
+    return _at(opt, evaluate, last_final, reply)
+
+
+def _at(opt, evaluate, last_final: bool, reply=None):
+    if not last_final or opt.accepted is None or reply is None:
+        # ended at a point the last round did not end on (converged where no step could gain more, or
+        # stopped): one final round there, for the sums at the point and the conditional modes
+        _, reply = evaluate([opt.point], True)
+    return opt.solution, reply, opt
+
+
+def running_off(p: int, diagonal, names):
+    """``runs_off`` for :func:`run`: the check of :func:`~fedglmm.likelihood.runaway.runaway` at the current
+    point, from the last move and the Hessians at both ends (``p`` fixed effects; ``diagonal``: the SDs'
+    positions in θ̃; ``names``: the fixed effects', for the intercept's position)."""
+    intercept = list(names).index("Intercept") if "Intercept" in list(names or []) else None
+
+    def runs_off(opt) -> bool:
+        prev, cur = opt.previous, opt.current
+        if prev is None or cur is None or prev.x.shape != cur.x.shape:
+            return False
+        path = (prev.x, prev.H, cur.x, cur.H, cur.g)
+        return len(runaway(path, cur.x, cur.H, p, diagonal, intercept)) > 0
+
+    return runs_off
