@@ -65,3 +65,16 @@ def test_over_sites_the_default_method_reaches_the_same_fit(frame):
         _check(res)
     it = fedglmm.fit(FORMULA, sites, family="gamma", method="iterative")
     assert np.allclose(hybrid.fixef, it.fixef, atol=1e-8) and abs(hybrid.loglik - it.loglik) < 1e-8
+
+
+def test_a_fit_that_fails_in_the_inverse_links_domain_says_so(frame):
+    """A Gamma fit with a bounded link that does not converge says why the log link may do better (glmer
+    and glmmTMB fail on such data too: "PIRLS loop resulted in NaN value", "NaN at starting parameter
+    values").  Here the rounds are cut to 3 to make it fail."""
+    from fedglmm.errors import ConvergenceError
+    from fedglmm.model.options import NewtonConfig
+
+    with pytest.raises(ConvergenceError, match=r"within 3 rounds .*the inverse link needs a positive mean.*--link log"):
+        fedglmm.fit(FORMULA, frame, family="gamma", method="iterative", newton=NewtonConfig(max_evals=3))
+    res = fedglmm.fit(FORMULA, frame, family="gamma", link="log", method="iterative")
+    assert res.converged and res.loglik > TMB["loglik"]           # the data's own link fits them better

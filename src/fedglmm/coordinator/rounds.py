@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import ConvergenceError, InputError
 from ..likelihood.fit import Estimate, fit_glmm, fit_lmm
 from ..likelihood.setup import Setup, sum_replies
 from ..likelihood.starts import NB_PSI_SHIFTS, domain_start, start_values
@@ -139,7 +139,15 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     else:
         gamma0, theta0 = start if start is not None else start_values(st, family)
     shifts = NB_PSI_SHIFTS if family.name == "negative_binomial" else ()
-    return fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts,
-                    final_first=final_first and others is None, sound_start=others is not None,
-                    poisson_limit=family.name == "negative_binomial", fallback=domain_start(st, family, theta0),
-                    runaway_stop=True)
+    try:
+        return fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts,
+                        final_first=final_first and others is None, sound_start=others is not None,
+                        poisson_limit=family.name == "negative_binomial", fallback=domain_start(st, family, gamma0, theta0),
+                        runaway_stop=True)
+    except ConvergenceError as exc:
+        if family.name != "gamma" or family.link == "log":
+            raise
+        # (glmer: "PIRLS loop resulted in NaN value"; glmmTMB: "NaN at starting parameter values")
+        raise ConvergenceError(f"{exc} (the {family.link} link needs a positive mean at every row, which strong "
+                               "covariates or a large random-effect variance leave little room for: the log "
+                               "link, --link log, has no such bound)") from None

@@ -22,8 +22,8 @@ def run(opt: TrustRegionNewton, evaluate, canon, fallback=None, runs_off=None):
 
     Each point is first put in canonical form (non-negative diagonal of Λ): the same model, so the
     iterates stay on one side of the sign symmetry of θ.  ``final`` marks the round that may be the last
-    (the parts then also return their conditional modes).  ``fallback``: a point the iteration starts from
-    again where the objective was not finite at any of its starts.  ``runs_off(opt)``: whether the current
+    (the parts then also return their conditional modes).  ``fallback``: points the iteration starts from
+    again, in one round, where the objective was not finite at any of its starts.  ``runs_off(opt)``: whether the current
     point's estimates run off (:func:`running_off`); seen RUNAWAY_ROUNDS times in a row, the iteration ends
     there, not converged (the caller names what runs off).  Returns (solution, last reply, the optimiser).
     """
@@ -35,8 +35,8 @@ def run(opt: TrustRegionNewton, evaluate, canon, fallback=None, runs_off=None):
         xs = opt.tell(xs, results)
         final = opt.final_candidate
         if not xs and opt.current is None and fallback is not None:
-            opt = replace(opt, x0=np.asarray(fallback, float), starts=[], evals=opt.evals, message="",
-                          history=[], trace=[])
+            opt = replace(opt, x0=np.asarray(fallback[0], float), starts=list(fallback[1:]), evals=opt.evals,
+                          message="", history=[], trace=[], sound_start=False)
             xs, final, fallback = list(opt.starts), opt.final_candidate, None
         elif xs and runs_off is not None and opt.evals >= RUNAWAY_FROM and opt.accepted is not None:
             seen = seen + 1 if runs_off(opt) else 0

@@ -143,7 +143,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     every point.  ``final_first``: (γ0, θ̃0) is believed to be the estimate (a single part's own fit), so
     the first round evaluates it alone and is final: it ends the iteration if the decrement there is below
     ``tol``; ``sound_start``: of several starts, go on from one with a positive-definite Hessian (see
-    :class:`~fedglmm.likelihood.newton.TrustRegionNewton`); ``fallback``: the start of one more first round
+    :class:`~fedglmm.likelihood.newton.TrustRegionNewton`); ``fallback``: the starts of one more first round
     where the objective is not finite at any of these (:func:`~fedglmm.likelihood.starts.domain_start`);
     ``runaway_stop``: estimates that run off end the rounds (:func:`~fedglmm.likelihood.drive.run`)."""
     p, mask = len(gamma0), setup.mask

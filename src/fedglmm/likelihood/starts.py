@@ -112,16 +112,19 @@ def null_step_start(s: dict, family: Family, A: np.ndarray, mask: np.ndarray, zs
     return conditional(gamma, family, float(np.trace(sig @ zz))), theta
 
 
-def domain_start(st: Setup, family: Family, theta0: np.ndarray):
-    """A start inside a Gamma model's domain where its link bounds η (inverse: η > 0; identity: μ > 0), or
-    None: the intercept-only model η = link(Σy / Σn) -- valid at every row -- with the random-effect SDs of
-    ``theta0`` (θ̃ and ψ) a quarter as large.  The one IRLS step of :func:`null_step_start` can leave the
-    domain at some rows (strong covariates, a large random-effect variance: the objective is then not finite
-    there); the fit goes on from this start instead (:func:`~fedglmm.likelihood.fit.fit_glmm`'s ``fallback``)."""
+def domain_start(st: Setup, family: Family, gamma0: np.ndarray, theta0: np.ndarray) -> list | None:
+    """Starts inside a Gamma model's domain where its link bounds η (inverse: η > 0; identity: μ > 0), or
+    None.  The one IRLS step of :func:`null_step_start`, (γ0, θ̃0), can leave the domain at some rows (strong
+    covariates, a large random-effect variance: the objective is then not finite there); the fit then tries
+    these in one more first round (:func:`~fedglmm.likelihood.drive.run`'s ``fallback``): the intercept-only
+    model η = link(Σy / Σn) -- valid at every row -- with the random-effect SDs a quarter of θ̃0's, and the
+    points ¾, ½ and ¼ of the way from it to (γ0, θ̃0), the nearest of which inside the domain is kept."""
     if family.name != "gamma" or family.link == "log" or "Intercept" not in st.names or "st_sy" not in st.sums:
         return None
     beta = np.zeros(len(st.names))
     beta[st.names.index("Intercept")] = float(family.linkfun(st.sums["st_sy"] / st.sums["st_sv"]))
     k = int(st.mask.sum())
     theta = np.asarray(theta0, float)
-    return np.r_[np.linalg.solve(st.A, beta), 0.25 * theta[:k], theta[k:]]
+    inside = np.r_[np.linalg.solve(st.A, beta), 0.25 * theta[:k], theta[k:]]
+    start = np.r_[np.asarray(gamma0, float), theta]
+    return [inside + t * (start - inside) for t in (0.75, 0.5, 0.25)] + [inside]
