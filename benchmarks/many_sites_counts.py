@@ -9,8 +9,8 @@ Each draw (seeded by its number): 21, 30 or 50 sites; 250-1500 groups of 10-59 r
 of SD 0.3-1.5 and, in 4 draws of 10, a random slope of x1 (SD 0.4); poisson (intercept 0.3) or binomial
 (intercept −1).  Default site rules.  Columns: the hybrid's rounds (``own``: as the sites do; ``0/1 rule``:
 with the rule of a 0/1 outcome for every family -- beyond MANY_SITES (20) sites, a site of fewer than
-SKIP_OWN_GROUPS (50) groups, all summarised, sends no fit of its own), the iterative method's rounds, and the largest difference of the default fit's
-fixed effects, SDs and logLik from the iterative fit's.
+SKIP_OWN_GROUPS (50) groups, all summarised, sends no fit of its own), the iterative method's rounds,
+and the largest difference of the default fit's fixed effects, SDs and logLik from the iterative fit's.
 """
 from __future__ import annotations
 

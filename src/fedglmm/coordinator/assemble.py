@@ -208,6 +208,9 @@ def assemble(formula: str, family: Family, options: FitOptions, spec: ModelSpec,
     if gone:
         converged = False
         messages.insert(0, gone)
+    elif not converged:        # (the rounds ended where the estimates ran off: the check at the end may differ)
+        messages.insert(0, "not converged: the estimates kept moving along a direction the data do not bound "
+                           "(separation, or a variance without bound)")
     method = method or method_name(family, options, q)
     if options.penalty:
         method += f", L2 penalty {options.penalty:g}"

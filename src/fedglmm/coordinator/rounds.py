@@ -142,8 +142,8 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     try:
         return fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts,
                         final_first=final_first and others is None, sound_start=others is not None,
-                        poisson_limit=family.name == "negative_binomial", fallback=domain_start(st, family, gamma0, theta0),
-                        runaway_stop=True)
+                        poisson_limit=family.name == "negative_binomial",
+                        fallback=domain_start(st, family, gamma0, theta0), runaway_stop=True)
     except ConvergenceError as exc:
         if family.name != "gamma" or family.link == "log":
             raise

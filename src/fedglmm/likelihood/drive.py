@@ -23,9 +23,10 @@ def run(opt: TrustRegionNewton, evaluate, canon, fallback=None, runs_off=None):
     Each point is first put in canonical form (non-negative diagonal of Λ): the same model, so the
     iterates stay on one side of the sign symmetry of θ.  ``final`` marks the round that may be the last
     (the parts then also return their conditional modes).  ``fallback``: points the iteration starts from
-    again, in one round, where the objective was not finite at any of its starts.  ``runs_off(opt)``: whether the current
-    point's estimates run off (:func:`running_off`); seen RUNAWAY_ROUNDS times in a row, the iteration ends
-    there, not converged (the caller names what runs off).  Returns (solution, last reply, the optimiser).
+    again, in one round, where the objective was not finite at any of its starts.  ``runs_off(opt)``:
+    whether the current point's estimates run off (:func:`running_off`); seen RUNAWAY_ROUNDS times in a
+    row, the iteration ends there, not converged (the caller names what runs off).  Returns (solution,
+    last reply, the optimiser).
     """
     xs, final, last_final, seen = list(opt.starts), opt.final_candidate, False, 0
     while xs:

@@ -177,7 +177,7 @@ def _own_wanted(local: dict | None, keep: np.ndarray, fam) -> bool:
     ``MANY_SITES`` sites and its few groups (fewer than ``SKIP_OWN_GROUPS``) all go as summaries.  Counts
     keep their fits: the order-2 pseudo-data of a count beside real covariates give slopes some standard
     errors off (a log-linear mean is not a function of the groups' means and covariances), and the sites'
-    fits are what corrects them (40 simulated fits over 3-30 sites, benchmarks/many_sites_counts.py)."""
+    fits are what corrects them (benchmarks/many_sites_counts.py: 40 count fits over 21-50 sites)."""
     return local is not None and not (fam.name == "binomial" and int(local.get("sites", 1)) > MANY_SITES
                                       and keep.all() and len(keep) < SKIP_OWN_GROUPS)
 
