@@ -40,21 +40,24 @@ def _check(res):
     assert abs(res.dispersion["sigma"] - TMB["shape"] ** -0.5) < 1e-6      # glmmTMB's sigma: 1/√shape
 
 
-def test_the_start_leaves_the_domain_and_the_fit_reaches_glmmtmbs_optimum(frame):
-    from fedglmm.errors import ConvergenceError
-
-    res = fedglmm.fit(FORMULA, frame, family="gamma", method="iterative")
-    _check(res)
-    # without the fallback start the same fit stops at its first round
+def test_the_start_leaves_the_domain_and_the_fit_reaches_glmmtmbs_optimum(frame, monkeypatch):
+    """Two mends, each enough here: the fallback starts inside the domain (coordinator), and a group whose
+    modes start outside it starts where its lowest row is inside (each site's Laplace engine, random
+    intercepts).  Without both the fit stopped at its first round."""
     import fedglmm.coordinator.rounds as rounds
+    from fedglmm.errors import ConvergenceError
+    from fedglmm.likelihood.laplace import GLMMLikelihood
 
-    orig = rounds.domain_start
-    rounds.domain_start = lambda *a: None
-    try:
+    _check(fedglmm.fit(FORMULA, frame, family="gamma", method="iterative"))
+    with monkeypatch.context() as m:
+        m.setattr(GLMMLikelihood, "_intercept_only", lambda self: False)
+        _check(fedglmm.fit(FORMULA, frame, family="gamma", method="iterative"))        # the fallback alone
+        m.setattr(rounds, "domain_start", lambda *a: None)
         with pytest.raises(ConvergenceError, match="not finite at the starting values"):
             fedglmm.fit(FORMULA, frame, family="gamma", method="iterative")
-    finally:
-        rounds.domain_start = orig
+    with monkeypatch.context() as m:
+        m.setattr(rounds, "domain_start", lambda *a: None)
+        _check(fedglmm.fit(FORMULA, frame, family="gamma", method="iterative"))        # the modes' start alone
 
 
 def test_over_sites_the_default_method_reaches_the_same_fit(frame):

@@ -118,6 +118,8 @@ class GLMMLikelihood:
         """Newton with per-group step halving for û = argmax h; returns (û, η at û)."""
         fam, g = self.family, self.g
         eta = eta0 + np.einsum("jc,jc->j", M, u[g])
+        if fam.name == "gamma" and fam.link != "log" and self.q == 1 and self._intercept_only():
+            u, eta = self._inside(eta0, M, u, eta)
         h = None                                   # h at u, computed only when a step must be checked
         for _ in range(100):
             d1, d2, _, _ = fam.derivs(self.y, self.m, eta, self.psi)
@@ -149,6 +151,26 @@ class GLMMLikelihood:
             if np.max(np.abs(t[:, None] * step)) < 1e-10:
                 break
         return u, eta
+
+    def _intercept_only(self) -> bool:
+        if not hasattr(self, "_z_ones"):
+            self._z_ones = bool(np.all(self.Z[:, 0] == self.Z[0, 0])) if len(self.Z) else False
+        return self._z_ones
+
+    def _inside(self, eta0, M, u, eta):
+        """A Gamma model's bounded link (inverse, identity: η > 0) with one random effect per group: a group
+        whose start has η ≤ 0 at a row -- the last point's modes, or zero where the fixed part alone is
+        outside -- starts where its lowest row sits at half the median η of the rows inside.  Newton's steps
+        from a point where h is not finite have no direction, and the step halving never gets back in."""
+        low = np.minimum.reduceat(eta, self.starts)
+        m = np.minimum.reduceat(M[:, 0], self.starts)
+        out = (low <= 0) & (np.abs(m) > 0)
+        if not out.any() or not np.any(eta > 0):
+            return u, eta
+        target = 0.5 * float(np.median(eta[eta > 0]))
+        u = u.copy()
+        u[out, 0] += (target - low[out]) / m[out]
+        return u, eta0 + np.einsum("jc,jc->j", M, u[self.g])
 
     def _definite(self, hobs, d2, MM):
         """The Newton matrix of the modes for a family whose ℓ is not concave in η (Gamma, identity link):
