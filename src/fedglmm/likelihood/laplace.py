@@ -1,7 +1,6 @@
 """One site's contribution to the GLMM log-likelihood (Laplace or adaptive Gauss–Hermite), batched over groups.
 
-Model and notation (see :mod:`fedglmm.model.spec`): for group i, η = Xβ + o + M u with M = ZΛ(θ), u ~ N(0, I_q),
-and
+Model and notation (see :mod:`fedglmm.model.spec`): for group i, η = Xβ + o + M u with M = ZΛ(θ), u ~ N(0, I_q), and
 
     h(u) = Σ_j ℓ_j(η_j, ψ) − ½ uᵀu,                 ℓ_j = log f(y_j | η_j, ψ) without its constant,
     H    = Mᵀ W M + I,                              W = curvature weights at the mode,
@@ -25,8 +24,8 @@ round.  Everything is a sum over groups, so a site's numbers add up across sites
 Families with a dispersion parameter (negative binomial, Gamma; :mod:`fedglmm.model.dispersion`) add its
 logarithm ψ as the last coordinate, φ = (β, θ, ψ).  ψ enters only through ℓ(η, ψ): ∂η/∂ψ = 0 at fixed u,
 so dû/dψ solves H_obs dû = Σ_j ∂²ℓ_j/∂η∂ψ m_j, the curvature weight moves by w_η dη̂ + w_ψ, and the
-Hessian gains the ψ rows below (each the generalisation of a term of the (β, θ) Hessian to a second
-row variable).
+Hessian gains the ψ rows below (each the generalisation of a term of the (β, θ) Hessian to a second row
+variable).  Where a Gamma link bounds η, the modes start inside it (:mod:`fedglmm.likelihood.mode_start`).
 """
 from __future__ import annotations
 
@@ -40,6 +39,7 @@ from ..model.spec import Design, lambda_matrix, theta_index
 from . import fused, restarts
 from .conditional import curvature_derivative
 from .linalg import chol as _chol, inv as _inv, solve as _solve, upper_half as _upper_half
+from .mode_start import inside_domain
 from .quadrature import product_grid
 
 
@@ -63,8 +63,7 @@ class GLMMLikelihood:
                  curvature: str = "observed"):
         if curvature not in ("observed", "expected"):
             raise ValueError("curvature must be 'observed' or 'expected'")
-        self.family = family
-        self.curvature = curvature
+        self.family, self.curvature = family, curvature
         self.y = np.asarray(design.y, float)
         self.m = np.asarray(design.trials, float)
         self.off = np.asarray(design.offset, float)
@@ -118,8 +117,7 @@ class GLMMLikelihood:
         """Newton with per-group step halving for û = argmax h; returns (û, η at û)."""
         fam, g = self.family, self.g
         eta = eta0 + np.einsum("jc,jc->j", M, u[g])
-        if fam.name == "gamma" and fam.link != "log" and self.q == 1 and self._intercept_only():
-            u, eta = self._inside(eta0, M, u, eta)
+        u, eta = inside_domain(self, eta0, M, u, eta)             # (Gamma's bounded links)
         h = None                                   # h at u, computed only when a step must be checked
         for _ in range(100):
             d1, d2, _, _ = fam.derivs(self.y, self.m, eta, self.psi)
@@ -151,26 +149,6 @@ class GLMMLikelihood:
             if np.max(np.abs(t[:, None] * step)) < 1e-10:
                 break
         return u, eta
-
-    def _intercept_only(self) -> bool:
-        if not hasattr(self, "_z_ones"):
-            self._z_ones = bool(np.all(self.Z[:, 0] == self.Z[0, 0])) if len(self.Z) else False
-        return self._z_ones
-
-    def _inside(self, eta0, M, u, eta):
-        """A Gamma model's bounded link (inverse, identity: η > 0) with one random effect per group: a group
-        whose start has η ≤ 0 at a row -- the last point's modes, or zero where the fixed part alone is
-        outside -- starts where its lowest row sits at half the median η of the rows inside.  Newton's steps
-        from a point where h is not finite have no direction, and the step halving never gets back in."""
-        low = np.minimum.reduceat(eta, self.starts)
-        m = np.minimum.reduceat(M[:, 0], self.starts)
-        out = (low <= 0) & (np.abs(m) > 0)
-        if not out.any() or not np.any(eta > 0):
-            return u, eta
-        target = 0.5 * float(np.median(eta[eta > 0]))
-        u = u.copy()
-        u[out, 0] += (target - low[out]) / m[out]
-        return u, eta0 + np.einsum("jc,jc->j", M, u[self.g])
 
     def _definite(self, hobs, d2, MM):
         """The Newton matrix of the modes for a family whose ℓ is not concave in η (Gamma, identity link):
