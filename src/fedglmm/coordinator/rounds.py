@@ -145,7 +145,7 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
                         poisson_limit=family.name == "negative_binomial",
                         fallback=domain_start(st, family, gamma0, theta0), runaway_stop=True)
     except ConvergenceError as exc:
-        if family.name != "gamma" or family.link == "log":
+        if not family.positive_eta:
             raise
         # (glmer: "PIRLS loop resulted in NaN value"; glmmTMB: "NaN at starting parameter values")
         raise ConvergenceError(f"{exc} (the {family.link} link needs a positive mean at every row, which strong "

@@ -15,11 +15,10 @@ import numpy as np
 def inside_domain(lik, eta0: np.ndarray, M: np.ndarray, u: np.ndarray, eta: np.ndarray):
     """(u, η) of ``lik`` (a :class:`~fedglmm.likelihood.laplace.GLMMLikelihood`) with every group's lowest
     row inside the domain, where it has one random intercept per group; else as given."""
-    fam = lik.family
-    if fam.name != "gamma" or fam.link == "log" or lik.q != 1 or not _intercept_only(lik):
+    if not lik.family.positive_eta or lik.q != 1 or not _intercept_only(lik):
         return u, eta
     low = np.minimum.reduceat(eta, lik.starts)
-    m = np.minimum.reduceat(M[:, 0], lik.starts)
+    m = M[lik.starts, 0]                        # (constant within a group: Z's one column is)
     out = (low <= 0) & (np.abs(m) > 0)
     if not out.any() or not np.any(eta > 0):
         return u, eta

@@ -119,7 +119,7 @@ def domain_start(st: Setup, family: Family, gamma0: np.ndarray, theta0: np.ndarr
     these in one more first round (:func:`~fedglmm.likelihood.drive.run`'s ``fallback``): the intercept-only
     model η = link(Σy / Σn) -- valid at every row -- with the random-effect SDs a quarter of θ̃0's, and the
     points ¾, ½ and ¼ of the way from it to (γ0, θ̃0); the best of them inside the domain is kept."""
-    if family.name != "gamma" or family.link == "log" or "Intercept" not in st.names or "st_sy" not in st.sums:
+    if not family.positive_eta or "Intercept" not in st.names or "st_sy" not in st.sums:
         return None
     beta = np.zeros(len(st.names))
     beta[st.names.index("Intercept")] = float(family.linkfun(st.sums["st_sy"] / st.sums["st_sv"]))

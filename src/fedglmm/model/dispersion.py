@@ -236,6 +236,10 @@ class GammaFamily(DispersionFamily):
     def canonical(self) -> bool:
         return self.link == "inverse"
 
+    @property
+    def positive_eta(self) -> bool:            # inverse: μ = 1/η; identity: μ = η; both need η > 0
+        return self.link != "log"
+
     def dispersion(self, psi):
         return float(np.exp(-0.5 * psi))
 

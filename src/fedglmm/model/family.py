@@ -77,6 +77,7 @@ class Family:
 
     ndisp: ClassVar[int] = 0              # number of dispersion parameters the engine estimates
     log_concave: ClassVar[bool] = True    # ℓ concave in η for every y (the modes' Newton needs no guard)
+    positive_eta: ClassVar[bool] = False  # the link bounds η: the likelihood is finite only where η > 0
 
     # --- response scale -------------------------------------------------------------------------
     def mean(self, eta: np.ndarray) -> np.ndarray:
