@@ -163,7 +163,11 @@ def _candidates(req, st, merged, own: dict, pseudo, big: bool = False, by_level:
     # with the pseudo-data, and where summaries are missing the site-totals start: all tried in the first
     # Newton round
     variants = [(start[0], f * start[1]) for f in (np.sqrt(0.5), np.sqrt(2.0))] if len(start[1]) and not own else []
-    combined = combined_start(own, surrogate, each, np.concatenate(start), _sd_index(st)) if own else []
+    # (one random intercept and every group's moments sent: the one-shot fit's SD is good, and the combination's
+    # γ given it is tried beside; a random slope's is not, 3 of benchmarks/shape_sweep.py's draws 1-2 rounds more)
+    given = not merged.refused and st.mask.shape == (1, 1)
+    combined = combined_start(own, surrogate, each, np.concatenate(start), _sd_index(st), theta_of_x0=given) \
+        if own else []
     totals = [start_values(st, family)] if merged.refused else []
     more = also(surrogate, each, np.concatenate(start), _sd_index(st)) if own else []
     starts = tuple([pair(x) for x in combined] + [start] + variants + totals + [pair(x) for x in more])
