@@ -18,12 +18,20 @@ def test_given_theta_minimises_the_combination_over_gamma():
     A = rng.normal(size=(p + k, p + k))
     K = A @ A.T + 0.5 * np.eye(p + k)
     xq, x0 = rng.normal(size=p + k), rng.normal(size=p + k)
-    got = starts.given_theta(K, xq, x0, p)
+    held = np.arange(p, p + k)
+    got = starts.given_theta(K, xq, x0, held)
     q = lambda gamma: 0.5 * (np.r_[gamma, x0[p:]] - xq) @ K @ (np.r_[gamma, x0[p:]] - xq)    # noqa: E731
     best = minimize(q, np.zeros(p), method="BFGS", options={"gtol": 1e-12}).x
     assert np.allclose(got[:p], best, atol=1e-7)
     assert np.array_equal(got[p:], x0[p:])
-    assert starts.given_theta(np.zeros((p + k, p + k)), xq, x0, p) is None
+    # an entry held in the middle (a standard deviation before a dispersion): the others free
+    mid = starts.given_theta(K, xq, x0, [p])
+    free = [i for i in range(p + k) if i != p]
+    r = lambda y: 0.5 * (np.insert(y, p, x0[p]) - xq) @ K @ (np.insert(y, p, x0[p]) - xq)       # noqa: E731
+    assert np.allclose(np.delete(mid, p), minimize(r, np.zeros(p + k - 1), method="BFGS",
+                                                  options={"gtol": 1e-12}).x, atol=1e-7)
+    assert mid[p] == x0[p] and len(free) == p + k - 1
+    assert starts.given_theta(np.zeros((p + k, p + k)), xq, x0, held) is None
 
 
 def _thirty_sites_of_three_groups(seed: int = 11, sd: float = 0.8) -> dict:

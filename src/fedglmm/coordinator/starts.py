@@ -127,7 +127,7 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
     best of those in the metric of the fits' information: pseudo-data far from the data can make it run off),
     and the quadratic combination of the fits with the standard deviations (positions ``sd_index``) on the
     log scale, where a small site's likelihood is closer to quadratic.  ``theta_of_x0``: last, the quadratic
-    combination over γ alone with θ̃ (and a dispersion) at x₀'s (:func:`given_theta`).  Empty if there is
+    combination with the standard deviations at x₀'s (:func:`given_theta`).  Empty if there is
     nothing to combine."""
     parts = [o for o in own.values() if o is not None]
     if not parts:
@@ -159,8 +159,8 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
     x = _minimise_in_ball(C, xq, K, radius, others)
     if x is not None:
         out.insert(0, x)
-    given = given_theta(K, xq, np.asarray(x0, float), int(np.min(sd_index))) \
-        if theta_of_x0 and x0 is not None and len(sd_index) else None
+    given = given_theta(K, xq, np.asarray(x0, float), sd_index) if theta_of_x0 and x0 is not None and len(sd_index) \
+        else None
     out += [given] if given is not None else []
     if all(o.T is not None for o in parts):
         # every site sent third derivatives (no group's moments went: the pseudo-data are pooled bins'),
@@ -170,19 +170,22 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
     return out
 
 
-def given_theta(K: np.ndarray, xq: np.ndarray, x0: np.ndarray, p: int):
-    """The minimiser of the sites' fits' quadratic combination ½(x − x_q)ᵀK(x − x_q) over γ (the first ``p``
-    entries) with θ̃ (and a dispersion) held at x₀'s -- the one-shot fit's, where every group's moments
-    went: γ = γ_q − K_γγ⁻¹ K_γθ (θ̃₀ − θ̃_q).  Each source where it is good: a site's fit of a few groups
-    knows the slopes within them but not the SD between groups (30 sites of 3 poisson groups: the fits
-    combined give the SD 0.17-0.36 for 0.31-0.77), and every group's first two moments know the SD but, for
-    a count or positive outcome beside real covariates, not the slopes (0.30 for 0.51); the fits' coupling
-    of γ to θ̃ (a log link's intercept falls as σ²/2 grows) carries γ to that SD.  None if singular."""
+def given_theta(K: np.ndarray, xq: np.ndarray, x0: np.ndarray, held) -> np.ndarray | None:
+    """The minimiser of the sites' fits' quadratic combination ½(x − x_q)ᵀK(x − x_q) with the entries ``held``
+    (the standard deviations) at x₀'s -- the one-shot fit's, where every group's moments went -- and the
+    others (γ, a dispersion) free: x_F = x_q,F − K_FF⁻¹ K_FH (x₀,H − x_q,H).  Each source where it is good: a
+    site's fit of a few groups knows the slopes within them but not the SD between groups (30 sites of 3
+    poisson groups: the fits combined give the SD 0.17-0.36 for 0.31-0.77), and every group's first two
+    moments know the SD but, for a count or positive outcome beside real covariates, neither the slopes (0.30
+    for 0.51) nor a negative binomial's dispersion; the fits' coupling of γ to the SD (a log link's intercept
+    falls as σ²/2 grows) carries γ to it.  None if singular."""
+    held = np.asarray(held, dtype=np.int64)
+    free = np.setdiff1d(np.arange(len(xq)), held)
+    out = np.asarray(x0, float).copy()
     try:
-        gamma = xq[:p] - np.linalg.solve(K[:p, :p], K[:p, p:] @ (x0[p:] - xq[p:]))
+        out[free] = xq[free] - np.linalg.solve(K[np.ix_(free, free)], K[np.ix_(free, held)] @ (out[held] - xq[held]))
     except (np.linalg.LinAlgError, ValueError):
         return None
-    out = np.r_[gamma, x0[p:]]
     return out if np.all(np.isfinite(out)) else None
 
 
