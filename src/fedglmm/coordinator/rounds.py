@@ -140,10 +140,15 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
         gamma0, theta0 = start if start is not None else start_values(st, family)
     shifts = NB_PSI_SHIFTS if family.name == "negative_binomial" else ()
     try:
-        return fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts,
-                        final_first=final_first and others is None, sound_start=others is not None,
-                        poisson_limit=family.name == "negative_binomial",
-                        fallback=domain_start(st, family, gamma0, theta0), runaway_stop=True)
+        est = fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts,
+                       final_first=final_first and others is None, sound_start=others is not None,
+                       poisson_limit=family.name == "negative_binomial",
+                       fallback=domain_start(st, family, gamma0, theta0), runaway_stop=True)
+        if not np.isfinite(est.loglik):
+            # (never a fit without a likelihood: a Gamma inverse-link fit whose random slopes' modes started
+            # outside the domain ended "converged" with logLik and standard errors NaN)
+            raise ConvergenceError("the log-likelihood is not finite at the estimate the rounds ended at")
+        return est
     except ConvergenceError as exc:
         if not family.positive_eta:
             raise

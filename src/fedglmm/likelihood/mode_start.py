@@ -3,8 +3,9 @@
 Newton's steps for the modes (:meth:`~fedglmm.likelihood.laplace.GLMMLikelihood._modes`) from a point where
 h is not finite have no direction, and their step halving never gets back inside.  A group whose start
 has η ≤ 0 at a row -- the last point's modes, or zero where the fixed part alone is outside -- therefore
-starts where its lowest row sits at half the median η of the rows inside (one random intercept per group;
-other designs start as before).  Without it the evaluation at a point depended on the path to it: a draw of
+starts where its lowest row sits at half the median η of the rows inside: its random intercept moved, which
+moves every row of the group alike (random slopes beside it kept; without a random intercept the modes
+start as before).  Without it the evaluation at a point depended on the path to it: a draw of
 ``benchmarks/shape_sweep.py`` fitted over 30 sites met points whose every neighbour down to 1e-5 came back
 not finite, and ran to its 60th round (now 9)."""
 from __future__ import annotations
@@ -13,23 +14,42 @@ import numpy as np
 
 
 def inside_domain(lik, eta0: np.ndarray, M: np.ndarray, u: np.ndarray, eta: np.ndarray):
-    """(u, η) of ``lik`` (a :class:`~fedglmm.likelihood.laplace.GLMMLikelihood`) with every group's lowest
-    row inside the domain, where it has one random intercept per group; else as given."""
-    if not lik.family.positive_eta or lik.q != 1 or not _intercept_only(lik):
+    """(u, η) of ``lik`` (a :class:`~fedglmm.likelihood.laplace.GLMMLikelihood`, M = ZΛ) with every group's
+    lowest row inside the domain, where its random effects have an intercept; else as given."""
+    if not lik.family.positive_eta:
         return u, eta
-    low = np.minimum.reduceat(eta, lik.starts)
-    m = M[lik.starts, 0]                        # (constant within a group: Z's one column is)
-    out = (low <= 0) & (np.abs(m) > 0)
-    if not out.any() or not np.any(eta > 0):
+    col = _intercept_column(lik)
+    low = np.minimum.reduceat(eta, lik.starts) if col is not None else None
+    if low is None or not np.any(low <= 0) or not np.any(eta > 0):
         return u, eta
+    shift = _uniform_shift(lik.Z, M, col)
+    if shift is None:
+        return u, eta
+    out = low <= 0
     target = 0.5 * float(np.median(eta[eta > 0]))
     u = u.copy()
-    u[out, 0] += (target - low[out]) / m[out]
+    u[out] += (target - low[out])[:, None] * shift[None, :]
     return u, eta0 + np.einsum("jc,jc->j", M, u[lik.g])
 
 
-def _intercept_only(lik) -> bool:
-    """Whether the one Z column is constant (a random intercept), remembered on the engine."""
-    if not hasattr(lik, "_z_constant"):
-        lik._z_constant = bool(len(lik.Z)) and bool(np.all(lik.Z[:, 0] == lik.Z[0, 0]))
-    return lik._z_constant
+def _uniform_shift(Z: np.ndarray, M: np.ndarray, col: int) -> np.ndarray | None:
+    """The change of u that moves η by 1 at every row: b = Λu's intercept entry by 1/z (Z's constant column
+    ``col`` is z), u by Λ⁻¹ e_col / z, with Λ read off M = ZΛ.  None where Λ cannot move it (the intercept's
+    SD at 0)."""
+    lam = np.linalg.lstsq(Z, M, rcond=None)[0]
+    e = np.zeros(Z.shape[1])
+    e[col] = 1.0 / Z[0, col]
+    try:
+        shift = np.linalg.solve(lam, e)
+    except np.linalg.LinAlgError:
+        return None
+    moved = M @ shift
+    return shift if np.all(np.isfinite(shift)) and np.allclose(moved, 1.0, rtol=0.0, atol=1e-8) else None
+
+
+def _intercept_column(lik) -> int | None:
+    """The column of Z that is constant (a random intercept), or None; remembered on the engine."""
+    if not hasattr(lik, "_z_intercept"):
+        const = np.flatnonzero(np.all(lik.Z == lik.Z[:1], axis=0) & (lik.Z[0] != 0)) if len(lik.Z) else []
+        lik._z_intercept = int(const[0]) if len(const) else None
+    return lik._z_intercept
