@@ -121,7 +121,7 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
         shared.rounds = RoundEvaluator(transport, st, first, final, total=shared.total)
         gamma0, theta0 = start_values(st, family) if start is None else start[0] if isinstance(start[0], tuple) \
             else start
-        return fit_glmm(shared, st, gamma0, theta0, options)
+        return _with_likelihood(fit_glmm(shared, st, gamma0, theta0, options))
     if st.shared:                      # levels shared by sites, gaussian: exact sums
         if start is None and "xty" not in st.sums:        # one grouping factor: no joint moment start
             start = np.eye(st.mask.shape[0])[theta_index(st.mask)] if st.mask.shape[0] else None
@@ -144,11 +144,7 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
                        final_first=final_first and others is None, sound_start=others is not None,
                        poisson_limit=family.name == "negative_binomial",
                        fallback=domain_start(st, family, gamma0, theta0), runaway_stop=True)
-        if not np.isfinite(est.loglik):
-            # (never a fit without a likelihood: a Gamma inverse-link fit whose random slopes' modes started
-            # outside the domain ended "converged" with logLik and standard errors NaN)
-            raise ConvergenceError("the log-likelihood is not finite at the estimate the rounds ended at")
-        return est
+        return _with_likelihood(est)
     except ConvergenceError as exc:
         if not family.positive_eta:
             raise
@@ -156,3 +152,12 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
         raise ConvergenceError(f"{exc} (the {family.link} link needs a positive mean at every row, which strong "
                                "covariates or a large random-effect variance leave little room for: the log "
                                "link, --link log, has no such bound)") from None
+
+
+def _with_likelihood(est: Estimate) -> Estimate:
+    """The estimate, or ConvergenceError where its log-likelihood is not finite: never a fit without one (a
+    Gamma inverse-link fit whose random slopes' modes started outside the domain ended "converged" with
+    logLik and standard errors NaN)."""
+    if not np.isfinite(est.loglik):
+        raise ConvergenceError("the log-likelihood is not finite at the estimate the rounds ended at")
+    return est
