@@ -126,9 +126,9 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
     full combination (damped Newton from the quadratic combination and ``x0``, kept within ``radius`` of the
     best of those in the metric of the fits' information: pseudo-data far from the data can make it run off),
     and the quadratic combination of the fits with the standard deviations (positions ``sd_index``) on the
-    log scale, where a small site's likelihood is closer to quadratic.  ``theta_of_x0``: last, the quadratic
-    combination with the standard deviations at x₀'s (:func:`given_theta`).  Empty if there is
-    nothing to combine."""
+    log scale, where a small site's likelihood is closer to quadratic.  ``theta_of_x0``: also, after those
+    two, the quadratic combination with the standard deviations at x₀'s (:func:`given_theta`).  Empty if
+    there is nothing to combine."""
     parts = [o for o in own.values() if o is not None]
     if not parts:
         return []
