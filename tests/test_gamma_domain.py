@@ -161,7 +161,8 @@ def test_random_slopes_modes_start_inside_the_domain(monkeypatch):
     assert np.allclose(hybrid.fixef, res.fixef, atol=1e-8)
     # the slopes' groups left where they start: no fit -- not one with a NaN logLik
     shift = mode_start._uniform_shift
-    monkeypatch.setattr(mode_start, "_uniform_shift", lambda Z, M, col: None if M.shape[1] > 1 else shift(Z, M, col))
+    monkeypatch.setattr(mode_start, "_uniform_shift",
+                        lambda lam, M, col, z: None if M.shape[1] > 1 else shift(lam, M, col, z))
     with pytest.raises(ConvergenceError, match="not finite at the estimate"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)           # (the log of η ≤ 0 at the end, expected here)
         fedglmm.fit(SLOPE_FORMULA, df, family="gamma", method="iterative")

@@ -113,11 +113,11 @@ class GLMMLikelihood:
     def _h(self, eta: np.ndarray, u: np.ndarray) -> np.ndarray:
         return self._gsum(self.family.loglik(self.y, self.m, eta, self.psi)) - 0.5 * np.sum(u * u, axis=1)
 
-    def _modes(self, eta0: np.ndarray, M: np.ndarray, MM: np.ndarray, u: np.ndarray):
+    def _modes(self, eta0: np.ndarray, M: np.ndarray, MM: np.ndarray, u: np.ndarray, lam: np.ndarray):
         """Newton with per-group step halving for û = argmax h; returns (û, η at û)."""
         fam, g = self.family, self.g
         eta = eta0 + np.einsum("jc,jc->j", M, u[g])
-        u, eta = inside_domain(self, eta0, M, u, eta)             # (Gamma's bounded links)
+        u, eta = inside_domain(self, eta0, M, lam, u, eta)        # (Gamma's bounded links)
         h = None                                   # h at u, computed only when a step must be checked
         for _ in range(100):
             d1, d2, _, _ = fam.derivs(self.y, self.m, eta, self.psi)
@@ -189,7 +189,7 @@ class GLMMLikelihood:
         lam = self.lam(theta)
         M = self.Z @ lam
         MM = M[:, :, None] * M[:, None, :]
-        u, eta = self._modes(eta0, M, MM, u0)
+        u, eta = self._modes(eta0, M, MM, u0, lam)
         psi = self.psi
         d1, d2, _, _ = fam.derivs(self.y, self.m, eta, psi)
         w, w1, w2 = fam.curvature(self.y, self.m, eta, self.curvature, psi)

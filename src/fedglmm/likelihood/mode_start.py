@@ -13,16 +13,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def inside_domain(lik, eta0: np.ndarray, M: np.ndarray, u: np.ndarray, eta: np.ndarray):
-    """(u, η) of ``lik`` (a :class:`~fedglmm.likelihood.laplace.GLMMLikelihood`, M = ZΛ) with every group's
-    lowest row inside the domain, where its random effects have an intercept; else as given."""
+def inside_domain(lik, eta0: np.ndarray, M: np.ndarray, lam: np.ndarray, u: np.ndarray, eta: np.ndarray):
+    """(u, η) of ``lik`` (a :class:`~fedglmm.likelihood.laplace.GLMMLikelihood`, M = ZΛ, ``lam`` = Λ) with every
+    group's lowest row inside the domain, where its random effects have an intercept; else as given."""
     if not lik.family.positive_eta:
         return u, eta
     col = _intercept_column(lik)
     low = np.minimum.reduceat(eta, lik.starts) if col is not None else None
     if low is None or not np.any(low <= 0) or not np.any(eta > 0):
         return u, eta
-    shift = _uniform_shift(lik.Z, M, col)
+    shift = _uniform_shift(lam, M, col, float(lik.Z[0, col]))
     if shift is None:
         return u, eta
     out = low <= 0
@@ -32,13 +32,11 @@ def inside_domain(lik, eta0: np.ndarray, M: np.ndarray, u: np.ndarray, eta: np.n
     return u, eta0 + np.einsum("jc,jc->j", M, u[lik.g])
 
 
-def _uniform_shift(Z: np.ndarray, M: np.ndarray, col: int) -> np.ndarray | None:
+def _uniform_shift(lam: np.ndarray, M: np.ndarray, col: int, z: float) -> np.ndarray | None:
     """The change of u that moves η by 1 at every row: b = Λu's intercept entry by 1/z (Z's constant column
-    ``col`` is z), u by Λ⁻¹ e_col / z, with Λ read off M = ZΛ.  None where Λ cannot move it (the intercept's
-    SD at 0)."""
-    lam = np.linalg.lstsq(Z, M, rcond=None)[0]
-    e = np.zeros(Z.shape[1])
-    e[col] = 1.0 / Z[0, col]
+    ``col`` is z), u by Λ⁻¹ e_col / z.  None where Λ cannot move it (the intercept's SD at 0)."""
+    e = np.zeros(lam.shape[0])
+    e[col] = 1.0 / z
     try:
         shift = np.linalg.solve(lam, e)
     except np.linalg.LinAlgError:
