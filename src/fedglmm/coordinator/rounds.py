@@ -104,7 +104,8 @@ class RoundEvaluator:
 
 
 def estimate(transport, st: Setup, family: Family, options: FitOptions, start=None, first: dict | None = None,
-             surrogate=None, final_first: bool = False, mode_derivatives: bool = False) -> Estimate:
+             surrogate=None, final_first: bool = False, mode_derivatives: bool = False,
+             shared_modes: dict | None = None) -> Estimate:
     """The Newton rounds and the final round.
 
     ``start`` overrides the set-up start values (internal scale: (γ, θ̃) for GLMMs, θ̃ for gaussian
@@ -117,7 +118,7 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     final = {"derivatives": mode_derivatives} if mode_derivatives else None
     if st.shared and family.name != "gaussian":          # levels shared by sites: Laplace, v by the coordinator
         check_shared_glmm(family, options)
-        shared = SharedGLMMEvaluator(st)
+        shared = SharedGLMMEvaluator(st, modes=shared_modes)
         shared.rounds = RoundEvaluator(transport, st, first, final, total=shared.total)
         gamma0, theta0 = start_values(st, family) if start is None else start[0] if isinstance(start[0], tuple) \
             else start

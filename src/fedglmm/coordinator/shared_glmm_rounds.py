@@ -29,6 +29,7 @@ from ..likelihood.glmm_shared_pool import SharedGLMMPool, SharedPoint
 from ..likelihood.setup import Setup, sum_replies
 from ..likelihood.shared import SharedLayout, by_factor
 from .shared_rounds import POOLED, local_moves
+from .shared_ends import bracketed, gradient_settled, modes_to_v, settled
 
 WARM, MAX_WARM = 0.5, 8      # rounds for one φ while v's Newton decrement is above WARM (see _solve)
 MAX_START = 24               # ... for the start, which has no other point to fall back on
@@ -38,7 +39,8 @@ MIN_GRID_SD = 1e-3           # ... where their SD exceeds this
 CAP = 2.0                    # largest move of a shared effect by one Newton step of v (linear predictor scale)
 GIVE_UP = 100.0              # a trial φ (not the start) whose v has a larger decrement is not pursued
 FINAL_DEC = 1e-8             # v's Newton decrement at the estimate below which its value is exact ...
-FINAL_VALUE = 3e-10          # ... and the bound on the value's error from Γ̂ there (see _settled)
+FINAL_VALUE = 3e-10          # ... and the bound on the value's error from Γ̂ there (see shared_ends.settled)
+FINAL_GRAD = 1e-14           # ... and on the last step's error from Γ̂ in the gradient (shared_ends.gradient_settled)
 STEP = 1e-4          # central differences along (τ̄_j, e_j): h_j = STEP (1 + |φ_j|)
 TANGENT = 0.5        # the gradient is moved to v's mode where the predicted tangent τ̄ is within this of τ
 
@@ -47,11 +49,17 @@ class SharedGLMMEvaluator:
     """The evaluator of a GLMM with shared levels over ``rounds`` (a
     :class:`~fedglmm.coordinator.rounds.RoundEvaluator` built with :meth:`total`)."""
 
-    def __init__(self, setup: Setup, rounds=None, settle: float = WARM, patient: bool = False):
+    modes = None        # (the pseudo-data fit's modes and conditional SDs by factor: see __init__)
+
+    def __init__(self, setup: Setup, rounds=None, settle: float = WARM, patient: bool = False,
+                 modes: tuple | None = None):
         """``settle``: the decrement of v below which a point's value counts (WARM in a fit; a point of a
         profile, whose every value counts, is settled much further); ``patient``: every point is
-        settled, none given up for another (a profile)."""
+        settled, none given up for another (a profile); ``modes``: (modes, conditional SDs) of the shared
+        levels to start v from (:func:`~fedglmm.coordinator.shared_ends.modes_to_v`), or None (v = 0 and
+        :meth:`_grid`)."""
         self.rounds, self.settle, self.patient = rounds, settle, patient
+        self.modes, self.zs = modes, setup.zs
         zcols = setup.factor_columns()
         self.layout = SharedLayout.from_payload({f: list(lv) for f, lv in setup.shared.items()},
                                                 {f: len(c) for f, c in zcols.items()})
@@ -70,16 +78,21 @@ class SharedGLMMEvaluator:
             return None
         return min(reversed(self.seen), key=lambda s: float(np.sum((s.phi - phi) ** 2)))
 
-    def _plan(self, phi, v=None, near: SharedPoint | None = None) -> dict:
+    def _plan(self, phi, v=None, hint=None, near: SharedPoint | None = None) -> dict:
         """The points (v, φ) for one φ -- v predicted from the nearest point evaluated unless given --
         the prediction Γ̂ at each, and the difference steps; with ``near`` at the same φ, also the points
         with v moved by the fractions LINE of the step from ``near`` (the line search of :meth:`_solve`)."""
         phi = np.asarray(phi, float)
         P, Q = len(phi), self.layout.Q
         near = self._nearest(phi) if near is None else near
+        if v is None and near is None and self.modes:
+            # the pseudo-data fit's modes, and their conditional SDs for Γ̂ = Var(b | y): C = ΛᵀΓ̂⁻¹Λ
+            v, var = modes_to_v(self.layout, self.zcols, self.zs, self.pool.L(phi[self.pool.p:]), *self.modes)
+            L = self.pool.L(phi[self.pool.p:])
+            hint = (L.T @ (L / var[:, None]), np.zeros((Q, P))) if var is not None else hint
         if v is None:
-            v = np.zeros(Q) if near is None else near.v_at(phi)
-        taubar = np.zeros((Q, P)) if near is None else near.tau_at(phi)
+            v = near.v_at(phi) if near is not None else np.zeros(Q)
+        taubar = hint[1] if hint is not None else np.zeros((Q, P)) if near is None else near.tau_at(phi)
         h = STEP * (1.0 + np.abs(phi))
         xs = [(v, phi)]
         for j in range(P):
@@ -87,9 +100,15 @@ class SharedGLMMEvaluator:
                 e = np.zeros(P)
                 e[j] = sign * h[j]
                 xs.append((v + sign * h[j] * taubar[:, j], phi + e))
-        line = self._grid(phi) if near is None else [] if not np.array_equal(near.phi, phi) else \
+        line = (self._grid(phi) if not self.modes else []) if near is None else [] if not np.array_equal(near.phi, phi) else \
             [(near.v + t * (v - near.v), phi) for t in LINE]
-        S = [np.zeros((Q, Q)) if near is None else near.S_at(x[1]) for x in xs + line]
+        if hint is not None:
+            # C and τ predicted at v (shared_ends.bracketed): S with I + ΛᵀSΛ = C at every point of the plan
+            L = self.pool.L(phi[self.pool.p:])
+            S0 = np.linalg.lstsq(L.T, np.linalg.lstsq(L.T, (hint[0] - np.eye(Q)).T, rcond=None)[0].T, rcond=None)[0]
+            S = [S0] * len(xs + line)
+        else:
+            S = [np.zeros((Q, Q)) if near is None else near.S_at(x[1]) for x in xs + line]
         gammas = [self.pool.gamma(x[1], s) for x, s in zip(xs + line, S)]
         psis = [self.pool.psi(x[1], x[0]) for x in xs + line]
         return {"phi": phi, "xs": xs, "line": line, "gammas": gammas, "psis": psis, "h": h, "taubar": taubar,
@@ -116,19 +135,21 @@ class SharedGLMMEvaluator:
             out.append((v, phi))
         return out
 
-    def _step(self, pt: SharedPoint, tried=()) -> np.ndarray:
+    def _step(self, pt: SharedPoint, tried=()) -> tuple:
         """v moved by its Newton step, shortened so that no shared effect b = Λv moves by more than CAP
         on the scale of the linear predictor (Newton's step for a logit or log link overshoots from far).
         Where v's levels do not interact (one factor, C block-diagonal by level: F is then a sum over the
         levels), level by level: each level goes on from the point of ``pt`` and ``tried`` (the round's
         other points at the same φ) where its own Newton decrement is least, by its own step capped alone
-        -- not all levels held back by the one that moves most, nor all sent back by one that overshot."""
+        -- not all levels held back by the one that moves most, nor all sent back by one that overshot.
+        Returns (v, None or (C, τ) predicted there): a level with a bracket of the first round's grid goes to
+        its root instead (:func:`~fedglmm.coordinator.shared_ends.bracketed`)."""
         L = self.pool.L(pt.phi[self.pool.p:])
         blocks = self._blocks(pt)
         if blocks is None:
             db = np.abs(L @ pt.dv)
             big = float(np.max(db, initial=0.0))
-            return pt.v + pt.dv * (min(1.0, CAP / big) if big > 0 else 1.0)
+            return pt.v + pt.dv * (min(1.0, CAP / big) if big > 0 else 1.0), None
         pts = [pt] + [t for t in tried if t.C is not None and np.all(np.isfinite(t.dv))]
         dv = np.stack([t.dv[blocks] for t in pts])                                  # (K, levels, q)
         dec = np.einsum("klq,klqr,klr->kl", dv, np.stack([t.C[blocks[:, :, None], blocks[:, None, :]]
@@ -140,7 +161,16 @@ class SharedGLMMEvaluator:
         v[blocks] = np.stack([t.v[blocks] for t in pts])[pick, at]
         big = np.abs(L @ step)[blocks].max(axis=1)
         scale = np.where(big > CAP, CAP / np.where(big > 0, big, 1.0), 1.0)
-        return v + step * np.repeat(scale, blocks.shape[1])
+        out = v + step * np.repeat(scale, blocks.shape[1])
+        root = bracketed(pts, blocks) if not self.seen else None      # (the start's first round: its grid)
+        if root is None:
+            return out, None
+        at, vs, Cs, taus = root
+        out[blocks[at]] = vs
+        C, tau = pt.C.copy(), pt.tau_at(pt.phi).copy()
+        C[blocks[at][:, :, None], blocks[at][:, None, :]] = Cs
+        tau[blocks[at]] = taus
+        return out, (C, tau)
 
     def _level_columns(self):
         """With one shared factor, the positions in v of each of its levels' effects (levels × q), else None."""
@@ -231,7 +261,7 @@ class SharedGLMMEvaluator:
                 if start is not None and self.seen and not self.patient and start.decrement > GIVE_UP:
                     continue             # far from any v known: a long step (NaN: the iteration steps shorter)
                 if start is not None:
-                    plans[i] = self._plan(pl["phi"], self._step(start, _others(start, base, line)), start)
+                    plans[i] = self._plan(pl["phi"], *self._step(start, _others(start, base, line)), start)
             if not plans or not self.patient and any(np.isfinite(r["value"]) for r in out.values()):
                 break
         return [out[i] for i in range(len(points))]
@@ -252,7 +282,7 @@ class SharedGLMMEvaluator:
     def finalize(self, point, keys, extra=None):
         """The final round at ``point`` (its difference points too: the Hessian gives the standard errors),
         with each site's local modes; again with v moved by its Newton step until the value is that at the
-        joint mode (:func:`_settled`; the gradient is then exact too)."""
+        joint mode (:func:`~fedglmm.coordinator.shared_ends.settled`; the gradient is then exact too)."""
         plan = self._plan(point)
         for _ in range(MAX_WARM):
             extra = dict(extra or {})
@@ -263,12 +293,13 @@ class SharedGLMMEvaluator:
             totals = [self.total({sid: r["points"][i] for sid, r in rep.items()}, GLMM_SHARED_KEYS)
                       for i in range(m)]
             base, line, s = self._digest(plan, totals)
-            if base is not None and _settled(base, plan["gammas"][0]):
+            if base is not None and settled(base, plan["gammas"][0], FINAL_DEC, FINAL_VALUE) \
+                    and gradient_settled(base, plan["taubar"], plan["gammas"][0], s["hess"], FINAL_GRAD):
                 break
             start = _start(base, line)
             if start is None:
                 break
-            plan = self._plan(point, self._step(start, _others(start, base, line)), start)
+            plan = self._plan(point, *self._step(start, _others(start, base, line)), start)
         parts = {sid: {k: v for k, v in r.items() if k not in GLMM_SHARED_KEYS + ("points", "scols")}
                  for sid, r in rep.items()}
         if base is not None:
@@ -322,20 +353,6 @@ def _start(base: SharedPoint | None, line: list) -> SharedPoint | None:
 def _others(start: SharedPoint, base: SharedPoint | None, line: list) -> list:
     """The round's points at the same φ other than ``start``."""
     return [pt for pt in ([base] if base is not None else []) + line if pt is not start]
-
-
-def _settled(pt: SharedPoint, gamma_sent: np.ndarray) -> bool:
-    """Whether the value at a final point is that at the joint mode to the last digits: v's Newton decrement
-    below FINAL_DEC, and the error of its term D_v·δv below FINAL_VALUE.  The sites' ∂ log det C/∂v is
-    contracted with the prediction Γ̂ sent, not the round's Γ; its error, about the relative error of Γ̂
-    times |D_v·δv| (within a factor 3 on the final rounds of benchmarks/stress_shared.py's 60 fits), put the
-    estimate's logLik up to 2e-8 below the pooled one at a decrement of 1.4e-10 (D_v·δv = 1.2e-5, Γ̂ off
-    by 3.4e-3).  Such a point takes one more final round, at the same φ with the exact Γ as Γ̂."""
-    if pt.decrement >= FINAL_DEC:
-        return False
-    scale = float(np.abs(pt.Gamma).max(initial=0.0))
-    off = float(np.abs(pt.Gamma - gamma_sent).max(initial=0.0)) / scale if scale > 0 else 0.0
-    return off * abs(float(pt.Dv @ pt.dv)) <= FINAL_VALUE
 
 
 def _log_det_to_mode(base: SharedPoint, others: list, h: np.ndarray) -> np.ndarray:

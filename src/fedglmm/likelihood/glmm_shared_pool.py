@@ -50,6 +50,7 @@ class SharedPoint:
     dS: np.ndarray | None = None    # ∂S along (τ̄_j, e_j), when the round had the points for it
     Dv: np.ndarray | None = None    # ∂D/∂v at (v, φ)
     C: np.ndarray | None = None     # C = I + Λᵀ S Λ
+    ldc_v: np.ndarray | None = None     # ∂ log det C/∂v through S, contracted with the Γ̂ sent
 
     @property
     def decrement(self) -> float:
@@ -148,4 +149,4 @@ class SharedGLMMPool(SharedLambda):
         elif near is not None:
             Dtot = Dtot + np.einsum("qr,jqr->j", Gamma - near[0], near[1])
         grad = Fphi + tau.T @ Fv - 0.5 * Dtot
-        return SharedPoint(phi, v, value, grad, dv, tau, S, Cinv, Gamma, F=F, dS=dS, Dv=Dv, C=C)
+        return SharedPoint(phi, v, value, grad, dv, tau, S, Cinv, Gamma, F=F, dS=dS, Dv=Dv, C=C, ldc_v=ldc_v)

@@ -291,8 +291,19 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     # (many groups), the modes alone: their SDs' derivatives would cost each site a pass of ~15 over its rows
     # (0.1 s of CPU per 1e5), for SDs 1e-6 off at 1e6 rows (bench_scale.py), where the modes were 5.5e-6 off
     est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
-                   surrogate=surrogate, final_first=exact, mode_derivatives="modes" if big else True)
+                   surrogate=surrogate, final_first=exact, mode_derivatives="modes" if big else True,
+                   shared_modes=_level_modes(pseudo) if by_level is not None else None)
     return _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo)
+
+
+def _level_modes(pseudo) -> tuple | None:
+    """The pseudo-data fit's conditional modes and SDs by factor (user's scale), where it was made of each
+    shared level's moments over all its sites: the shared effects' start."""
+    res = pseudo[1] if pseudo is not None else None
+    if res is None or res.modes is None:
+        return None
+    by = (lambda m: m if isinstance(m, dict) or m is None else {res.group_name: m})     # noqa: E731
+    return by(res.modes), by(res.condsd)
 
 
 def _alone_start(own: dict, st, fam):

@@ -1,0 +1,109 @@
+"""Where the shared effects v of a GLMM with levels at several sites start, and when a final point is
+settled (:mod:`fedglmm.coordinator.shared_ends`): the grid's bracket of each level's mode against the exact
+root, the pseudo-data fit's modes as v's start, the final gradient's check of Γ̂, and fits over sites that
+take fewer rounds and equal the pooled ones."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fedglmm
+from fedglmm.coordinator.shared_ends import bracketed, gradient_settled
+
+GRID = (0.0, -4.0, -2.0, -1.0, 1.0, 2.0, 4.0)       # v = 0 and the first round's grid
+
+
+def _poisson_levels(L: int = 40, seed: int = 0):
+    """Levels whose F_v(t) = S − M e^t − t (a poisson level's intercept, its prior N(0, 1)) and C = M e^t + 1,
+    with roots t* spread over the grid, as the points of a first round (v = t at every level)."""
+    rng = np.random.default_rng(seed)
+    M, tstar = np.exp(rng.uniform(1.0, 5.0, L)), rng.uniform(-3.0, 3.0, L)
+    S = M * np.exp(tstar) + tstar
+
+    def point(t):
+        v = np.full(L, t)
+        C = M * np.exp(v) + 1.0
+        return SimpleNamespace(v=v, dv=(S - M * np.exp(v) - v) / C, C=np.diag(C), tau=np.zeros((L, 2)))
+
+    return [point(t) for t in GRID], M, tstar
+
+
+def test_the_grid_brackets_each_levels_mode():
+    """The bracket's root lands 10 times closer to each level's mode than Newton's step from the nearest
+    grid point (the decrement it leaves, summed over the levels, 30 times smaller), and C there within
+    6 % of C at the mode (its diagonal interpolated geometrically)."""
+    pts, M, tstar = _poisson_levels()
+    levels, v, C, tau = bracketed(pts, np.arange(len(tstar))[:, None])
+    assert len(levels) == len(tstar) and tau.shape == (len(tstar), 1, 2)
+    c_star = M * np.exp(tstar) + 1.0
+    miss = v[:, 0] - tstar
+    near = np.array([min(GRID, key=lambda t: abs(t - ts)) for ts in tstar])
+    newton = near + (c_star - 1.0 + tstar - M * np.exp(near) - near) / (M * np.exp(near) + 1.0) - tstar
+    assert np.abs(miss).max() < 0.1 * np.abs(newton).max()
+    assert np.sum(c_star * miss**2) < np.sum(c_star * newton**2) / 30.0
+    assert np.abs(C[:, 0, 0] / c_star - 1.0).max() < 0.06
+
+
+def test_no_bracket_without_a_sign_change():
+    """A level whose gradient keeps its sign over the grid (its mode beyond 4) gets no bracket."""
+    pts, _, _ = _poisson_levels(L=3)
+    for p in pts:
+        p.dv = np.abs(p.dv) + 1.0                     # F_v > 0 everywhere: the mode lies beyond the grid
+    assert bracketed(pts, np.arange(3)[:, None]) is None
+
+
+def test_final_gradient_needs_a_good_prediction_of_gamma():
+    """The part of the final gradient contracted with Γ̂ (∂ log det C along τ − τ̄): with Γ̂ off by 1e-3 and
+    the tangent 0.5 from its prediction it moves the last step by more than the tolerance; exact, not."""
+    rng = np.random.default_rng(1)
+    Q, P = 5, 3
+    G = rng.normal(size=(Q, Q))
+    pt = SimpleNamespace(Gamma=G @ G.T + np.eye(Q), tau=rng.normal(size=(Q, P)), ldc_v=rng.normal(size=Q))
+    taubar = pt.tau + 0.5
+    hess = -np.diag([7.0, 21.0, 7.0])
+    assert gradient_settled(pt, taubar, pt.Gamma, hess, 1e-14)
+    assert not gradient_settled(pt, taubar, pt.Gamma * (1 + 1e-3), hess, 1e-14)
+    assert gradient_settled(pt, pt.tau, pt.Gamma * (1 + 1e-3), hess, 1e-14)       # τ̄ = τ: nothing left to Γ̂
+
+
+def _shared(seed, n=600, G=30, K=5, mu=1.0, formula_intercept=True):
+    """Counts in G levels, every level at each of K sites (rows dealt at random)."""
+    rng = np.random.default_rng(seed)
+    g, x = rng.integers(0, G, n), rng.normal(size=n)
+    y = rng.poisson(np.exp(mu + 0.5 * x + rng.normal(0, 0.8 if formula_intercept else 1.5, G)[g]))
+    df = pd.DataFrame({"y": y, "x": x, "g": [f"h{k}" for k in g]})
+    site = rng.integers(0, K, n)
+    return df, {f"s{k}": df[site == k].reset_index(drop=True) for k in range(K)}
+
+
+def test_split_fits_take_fewer_rounds_and_equal_the_pooled_ones():
+    """Poisson levels split over 5 sites (each level's rows at every site, too few for their moments to
+    leave): the start's v at its mode in 2 rounds instead of 3-4.  Rounds over seeds 0, 2, 4, 5: 6, 6, 8, 6
+    before, 5, 5, 6, 5 now; each fit equal to the pooled one."""
+    rounds = []
+    for seed in (0, 2, 4, 5):
+        df, sites = _shared(seed)
+        pooled = fedglmm.fit("y ~ x + (1|g)", df, family="poisson")
+        split = fedglmm.fit("y ~ x + (1|g)", sites, family="poisson")
+        assert split.converged and abs(split.loglik - pooled.loglik) < 1e-8
+        assert np.allclose(split.fixef, pooled.fixef, rtol=0, atol=1e-8)
+        rounds.append(split.rounds)
+    assert sum(rounds) <= 21, rounds
+
+
+def test_pseudo_data_modes_start_v(monkeypatch):
+    """Where every level's moments went (few large cells), the pseudo-data fit's modes and conditional SDs
+    start v: fewer rounds than from v = 0 and the grid, the same fit."""
+    from fedglmm.methods import hybrid
+
+    df, sites = _shared(3, n=1500, G=8, K=2, formula_intercept=False)
+    formula = "y ~ 0 + x + (1|g)"
+    with_modes = fedglmm.fit(formula, sites, family="poisson")
+    monkeypatch.setattr(hybrid, "_level_modes", lambda pseudo: None)
+    without = fedglmm.fit(formula, sites, family="poisson")
+    assert with_modes.rounds < without.rounds
+    assert abs(with_modes.loglik - without.loglik) < 1e-8
+    assert np.allclose(with_modes.fixef, without.fixef, rtol=0, atol=1e-8)
