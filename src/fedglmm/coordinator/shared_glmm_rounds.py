@@ -32,6 +32,7 @@ from .shared_rounds import POOLED, local_moves
 from .shared_ends import bracketed, gradient_settled, modes_to_v, settled
 
 WARM, MAX_WARM = 0.5, 8      # rounds for one φ while v's Newton decrement is above WARM (see _solve)
+START = 0.05                 # ... the start's v, whose φ-gradient and Hessian every later round builds on
 MAX_START = 24               # ... for the start, which has no other point to fall back on
 LINE = (0.5, 0.25, 0.125)    # the fractions of v's Newton step also tried in those rounds
 GRID = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)   # the shared levels' intercepts tried in a first round (see _grid)
@@ -252,7 +253,7 @@ class SharedGLMMEvaluator:
                 m = len(pl["psis"])
                 base, line, res = self._digest(pl, totals[at: at + m])
                 at += m
-                if base is not None and base.decrement < self.settle:
+                if base is not None and base.decrement < (self.settle if self.seen else min(self.settle, START)):
                     # settled: a line point of the round cannot beat v's mode but by rounding
                     self.seen.append(base)
                     out[i] = res
