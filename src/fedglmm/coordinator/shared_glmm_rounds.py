@@ -136,7 +136,7 @@ class SharedGLMMEvaluator:
             out.append((v, phi))
         return out
 
-    def _step(self, pt: SharedPoint, tried=()) -> tuple:
+    def _step(self, pt: SharedPoint, tried=(), grid: bool = False) -> tuple:
         """v moved by its Newton step, shortened so that no shared effect b = Λv moves by more than CAP
         on the scale of the linear predictor (Newton's step for a logit or log link overshoots from far).
         Where v's levels do not interact (one factor, C block-diagonal by level: F is then a sum over the
@@ -163,7 +163,7 @@ class SharedGLMMEvaluator:
         big = np.abs(L @ step)[blocks].max(axis=1)
         scale = np.where(big > CAP, CAP / np.where(big > 0, big, 1.0), 1.0)
         out = v + step * np.repeat(scale, blocks.shape[1])
-        root = bracketed(pts, blocks) if not self.seen else None      # (the start's first round: its grid)
+        root = bracketed(pts, blocks) if grid else None      # (the start's rounds: the first one's grid)
         if root is None:
             return out, None
         at, vs, Cs, taus = root
@@ -232,17 +232,21 @@ class SharedGLMMEvaluator:
         compare values: from far away at the start, or after a long step).  Each further round moves that
         φ's v by its Newton step δv, and also tries v moved by the fractions LINE of it (a line search
         within the round: a full Newton step from far away overshoots for the log and logit links),
-        going on from the best F (steps capped by :meth:`_step`).  Once some φ of the call is settled, or
+        going on from the best F (steps capped by :meth:`_step`).  Once some φ of the call is settled (one
+        round later for the starts, so that each gets its v settled: 409 rounds against 443 on
+        benchmarks/stress_shared.py's 60 fits, 422 against 475 on its --seed 100 ones), or
         after MAX_WARM rounds (MAX_START for the start: a poisson model without intercept whose levels' means
         reach e^5.7, from the site totals' start, took 10; it had no finite value after 8, and the fit
         stopped), the others get NaN, and so does at once a trial φ (not the start) whose
         decrement is above GIVE_UP: a trial point whose v is far from its mode is a long step, and the
         iteration then steps shorter."""
+        first = not self.seen
         plans = {i: self._plan(x) for i, x in enumerate(points)}
         P = len(np.asarray(points[0]))
         out = {i: {"value": np.nan, "grad": np.full(P, np.nan), "hess": np.full((P, P), np.nan)}
                for i in plans}
-        for _ in range(MAX_WARM if self.seen else MAX_START):
+        grace = False
+        for _ in range(MAX_START if first else MAX_WARM):
             order = list(plans)
             psis = [p for i in order for p in plans[i]["psis"]]
             gammas = [g for i in order for g in plans[i]["gammas"]]
@@ -253,7 +257,7 @@ class SharedGLMMEvaluator:
                 m = len(pl["psis"])
                 base, line, res = self._digest(pl, totals[at: at + m])
                 at += m
-                if base is not None and base.decrement < (self.settle if self.seen else min(self.settle, START)):
+                if base is not None and base.decrement < (min(self.settle, START) if first else self.settle):
                     # settled: a line point of the round cannot beat v's mode but by rounding
                     self.seen.append(base)
                     out[i] = res
@@ -262,9 +266,13 @@ class SharedGLMMEvaluator:
                 if start is not None and self.seen and not self.patient and start.decrement > GIVE_UP:
                     continue             # far from any v known: a long step (NaN: the iteration steps shorter)
                 if start is not None:
-                    plans[i] = self._plan(pl["phi"], *self._step(start, _others(start, base, line)), start)
-            if not plans or not self.patient and any(np.isfinite(r["value"]) for r in out.values()):
+                    plans[i] = self._plan(pl["phi"], *self._step(start, _others(start, base, line), first), start)
+            done = any(np.isfinite(r["value"]) for r in out.values())
+            # (the starts: once one is settled, the others have one more round -- they settle in about as
+            # many -- for the iteration goes on from the best of them)
+            if not plans or not self.patient and done and (grace or not first):
                 break
+            grace = done
         return [out[i] for i in range(len(points))]
 
     def evaluate(self, points, keys):
