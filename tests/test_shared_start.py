@@ -111,3 +111,23 @@ def test_pseudo_data_modes_start_v(monkeypatch):
     assert with_modes.rounds < without.rounds
     assert abs(with_modes.loglik - without.loglik) < 1e-8
     assert np.allclose(with_modes.fixef, without.fixef, rtol=0, atol=1e-8)
+
+
+def test_the_lowest_start_is_kept_where_another_leads_to_a_local_optimum():
+    """Rare binary outcomes in 200 levels over 3 sites (benchmarks/stress_shared.py --wide, draw 4): the lowest
+    start has an indefinite Hessian, and a start with a positive definite one, 1.4 higher, led the Newton
+    rounds to a local optimum at SD 0, 5.6 below the pooled logLik.  The shared-level path goes on from the
+    lowest start, and reaches the pooled optimum (an SD of 6.6)."""
+    rng = np.random.default_rng(1004)
+    G, n, K = int(rng.choice([20, 60, 200])), int(rng.choice([800, 3000])), int(rng.choice([3, 6]))
+    rng.choice(2), rng.choice(3), rng.choice(3)             # (the draw's family, SD and intercept: as below)
+    assert (G, n, K) == (200, 800, 3)
+    g, x, z = rng.integers(0, G, n), rng.normal(size=n), rng.binomial(1, 0.4, n)
+    eta = -4.0 + 0.4 * x - 0.3 * z + rng.normal(0, 0.5, G)[g]
+    df = pd.DataFrame({"y": rng.binomial(1, 1 / (1 + np.exp(-eta))), "x": x, "z": z, "g": [f"l{k}" for k in g]})
+    site = rng.integers(0, K, n)
+    sites = {f"s{k}": df[site == k].reset_index(drop=True) for k in range(K)}
+    pooled = fedglmm.fit("y ~ x + z + (1 | g)", df, family="binomial")
+    split = fedglmm.fit("y ~ x + z + (1 | g)", sites, family="binomial")
+    assert split.converged and abs(split.loglik - pooled.loglik) < 1e-8
+    assert np.all(np.abs(split.fixef - pooled.fixef) / pooled.se < 1e-6)
