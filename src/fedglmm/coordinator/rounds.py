@@ -105,7 +105,7 @@ class RoundEvaluator:
 
 def estimate(transport, st: Setup, family: Family, options: FitOptions, start=None, first: dict | None = None,
              surrogate=None, final_first: bool = False, mode_derivatives: bool = False,
-             shared_modes: dict | None = None) -> Estimate:
+             shared_modes: tuple | None = None) -> Estimate:
     """The Newton rounds and the final round.
 
     ``start`` overrides the set-up start values (internal scale: (γ, θ̃) for GLMMs, θ̃ for gaussian
@@ -114,7 +114,9 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     stand-in for −ℓ (GLMMs; see :func:`~fedglmm.coordinator.surrogate.surrogate_model`); ``final_first``: the
     (single) GLMM start is believed to be the estimate, and the first round is final;
     ``mode_derivatives``: the conditional modes are moved from the last point to the estimate (True: and
-    their SDs; ``"modes"``: the modes alone, whose derivatives cost the sites no pass over their rows)."""
+    their SDs; ``"modes"``: the modes alone, whose derivatives cost the sites no pass over their rows);
+    ``shared_modes``: with levels shared by sites, (modes, conditional SDs) by factor to start their effects
+    from (:class:`~fedglmm.coordinator.shared_glmm_rounds.SharedGLMMEvaluator`)."""
     final = {"derivatives": mode_derivatives} if mode_derivatives else None
     if st.shared and family.name != "gaussian":          # levels shared by sites: Laplace, v by the coordinator
         check_shared_glmm(family, options)

@@ -45,15 +45,17 @@ def modes_to_v(layout: SharedLayout, zcols: dict, zs: np.ndarray, L: np.ndarray,
 
 
 def bracketed(pts: list, blocks: np.ndarray):
-    """Levels whose v's mode the first round's grid brackets (:meth:`~fedglmm.coordinator.shared_glmm_rounds.SharedGLMMEvaluator._grid`: points that
-    differ only in each level's first effect), that mode, and C and the tangent τ = C⁻¹F_vφ there: (levels,
-    v (n, q), C (n, q, q), τ (n, q, P)), or None without any.  Between the two neighbouring points where F_v's first entry changes sign, the
-    root s of its cubic Hermite interpolant (slopes −C's first column at both ends), then a Newton step in
-    the others with C at s: C − I interpolated geometrically in its diagonal (a poisson level's curvature
-    grows as e^b), its correlations linearly, F_vφ linearly.  A Newton step from the grid point nearest the mode missed it
-    by a share of the grid's spacing where F_v is far from linear (a poisson level's intercept 1.68 for 1.61
-    from 2: a decrement of 1.1 at C = 226), and the start's v took one more round; C from the point nearest
-    was too far off for the prediction Γ̂ = ΛC⁻¹Λᵀ the sites contract ∂S with, τ for the difference points."""
+    """Levels whose v's mode the first round's grid brackets (its points differ only in each level's first
+    effect: :meth:`~fedglmm.coordinator.shared_glmm_rounds.SharedGLMMEvaluator._grid`), that mode, and C and
+    the tangent τ = C⁻¹F_vφ there: (levels, v (n, q), C (n, q, q), τ (n, q, P)), or None without any.
+    Between the two neighbouring points where F_v's first entry changes sign, the root s of its cubic Hermite
+    interpolant (slopes −C's first column at both ends), then a Newton step in the others with C at s: C − I
+    interpolated geometrically in its diagonal (a poisson level's curvature grows as e^b), its correlations
+    linearly, F_vφ linearly.  A Newton step from the grid point nearest the mode missed it by a share of the
+    grid's spacing where F_v is far from linear (a poisson level's intercept 1.68 for 1.61 from 2: a
+    decrement of 1.1 at C = 226), and the start's v took one more round; C and τ from the point nearest were
+    too far off for the next round's prediction Γ̂ = ΛC⁻¹Λᵀ (which the sites contract ∂S with) and its
+    difference points."""
     if len(pts) < 3:
         return None
     V = np.stack([t.v[blocks] for t in pts])                                           # (K, L, q)
@@ -102,7 +104,8 @@ def bracketed(pts: list, blocks: np.ndarray):
         tau = np.linalg.solve(Cu, Fu)
     except np.linalg.LinAlgError:
         return None
-    good = np.all(np.isfinite(v), axis=1) & np.all(np.isfinite(Cu), axis=(1, 2)) & np.all(np.isfinite(tau), axis=(1, 2))
+    good = np.all(np.isfinite(v), axis=1) & np.all(np.isfinite(Cu), axis=(1, 2)) \
+        & np.all(np.isfinite(tau), axis=(1, 2))
     if not good.any():
         return None
     return levels[good], v[good], Cu[good], tau[good]
@@ -117,25 +120,28 @@ def settled(pt: SharedPoint, gamma_sent: np.ndarray, final_dec: float, final_val
     by 3.4e-3).  Such a point takes one more final round, at the same φ with the exact Γ as Γ̂."""
     if pt.decrement >= final_dec:
         return False
-    scale = float(np.abs(pt.Gamma).max(initial=0.0))
-    off = float(np.abs(pt.Gamma - gamma_sent).max(initial=0.0)) / scale if scale > 0 else 0.0
-    return off * abs(float(pt.Dv @ pt.dv)) <= final_value
+    return _gamma_off(pt, gamma_sent) * abs(float(pt.Dv @ pt.dv)) <= final_value
 
 
 def gradient_settled(pt: SharedPoint, taubar: np.ndarray, gamma_sent: np.ndarray, hess: np.ndarray,
                      final_grad: float) -> bool:
     """Whether the gradient at a final point is exact enough for the last step: the part of it that used Γ̂ --
     ∂ log det C along τ − τ̄ (the differences' exact Γ replaced Γ̂ along τ̄), about e = ε |(τ − τ̄)ᵀ ∂_v log
-    det C| with ε Γ̂'s relative error -- moves the last step by ½ H⁻¹e, to be below final_grad in H's norm.
+    det C| with ε Γ̂'s relative error -- moves the last step by ½ H⁻¹e, whose square in H's norm is to be
+    below final_grad (tol², as the Newton iteration's last step: ``likelihood.newton_end``).
     On stress_shared.py's fit 34 (iterative) a final point with Γ̂ off by 1.2e-3 had e = (1.5e-6, 1.3e-7,
     1.1e-5) by this, its gradient (1.0e-6, 4e-8, 9.2e-6) by a settled evaluation there, and the fit ended
     4e-7 from the pooled one; it now takes one more final round (Γ̂ then the round's Γ)."""
     if pt.ldc_v is None or not np.all(np.isfinite(hess)):
         return True
-    scale = float(np.abs(pt.Gamma).max(initial=0.0))
-    off = float(np.abs(pt.Gamma - gamma_sent).max(initial=0.0)) / scale if scale > 0 else 0.0
-    e = off * np.abs((pt.tau - taubar).T @ pt.ldc_v)
+    e = _gamma_off(pt, gamma_sent) * np.abs((pt.tau - taubar).T @ pt.ldc_v)
     try:
         return 0.25 * float(e @ np.linalg.lstsq(-hess, e, rcond=None)[0]) <= final_grad
     except (np.linalg.LinAlgError, ValueError):
         return True
+
+
+def _gamma_off(pt: SharedPoint, gamma_sent: np.ndarray) -> float:
+    """The relative error of the prediction Γ̂ sent for a point, against its Γ (largest entries)."""
+    scale = float(np.abs(pt.Gamma).max(initial=0.0))
+    return float(np.abs(pt.Gamma - gamma_sent).max(initial=0.0)) / scale if scale > 0 else 0.0

@@ -86,10 +86,10 @@ class SharedGLMMEvaluator:
         phi = np.asarray(phi, float)
         P, Q = len(phi), self.layout.Q
         near = self._nearest(phi) if near is None else near
+        L = self.pool.L(phi[self.pool.p:])
         if v is None and near is None and self.modes:
             # the pseudo-data fit's modes, and their conditional SDs for Γ̂ = Var(b | y): C = ΛᵀΓ̂⁻¹Λ
-            v, var = modes_to_v(self.layout, self.zcols, self.zs, self.pool.L(phi[self.pool.p:]), *self.modes)
-            L = self.pool.L(phi[self.pool.p:])
+            v, var = modes_to_v(self.layout, self.zcols, self.zs, L, *self.modes)
             hint = (L.T @ (L / var[:, None]), np.zeros((Q, P))) if var is not None else hint
         if v is None:
             v = near.v_at(phi) if near is not None else np.zeros(Q)
@@ -101,11 +101,12 @@ class SharedGLMMEvaluator:
                 e = np.zeros(P)
                 e[j] = sign * h[j]
                 xs.append((v + sign * h[j] * taubar[:, j], phi + e))
-        line = (self._grid(phi) if not self.modes else []) if near is None else [] if not np.array_equal(near.phi, phi) else \
-            [(near.v + t * (v - near.v), phi) for t in LINE]
+        if near is None:
+            line = self._grid(phi) if not self.modes else []
+        else:
+            line = [(near.v + t * (v - near.v), phi) for t in LINE] if np.array_equal(near.phi, phi) else []
         if hint is not None:
-            # C and τ predicted at v (shared_ends.bracketed): S with I + ΛᵀSΛ = C at every point of the plan
-            L = self.pool.L(phi[self.pool.p:])
+            # C and τ predicted at v (shared_ends): S with I + ΛᵀSΛ = C at every point of the plan
             S0 = np.linalg.lstsq(L.T, np.linalg.lstsq(L.T, (hint[0] - np.eye(Q)).T, rcond=None)[0].T, rcond=None)[0]
             S = [S0] * len(xs + line)
         else:
@@ -233,8 +234,8 @@ class SharedGLMMEvaluator:
         φ's v by its Newton step δv, and also tries v moved by the fractions LINE of it (a line search
         within the round: a full Newton step from far away overshoots for the log and logit links),
         going on from the best F (steps capped by :meth:`_step`).  Once some φ of the call is settled (one
-        round later for the starts, so that each gets its v settled: 409 rounds against 443 on
-        benchmarks/stress_shared.py's 60 fits, 422 against 475 on its --seed 100 ones), or
+        round later for the starts, so that each gets its v settled: 414 rounds against 443 on
+        benchmarks/stress_shared.py's 60 fits, 423 against 475 on its --seed 100 ones), or
         after MAX_WARM rounds (MAX_START for the start: a poisson model without intercept whose levels' means
         reach e^5.7, from the site totals' start, took 10; it had no finite value after 8, and the fit
         stopped), the others get NaN, and so does at once a trial φ (not the start) whose
@@ -269,7 +270,7 @@ class SharedGLMMEvaluator:
                     plans[i] = self._plan(pl["phi"], *self._step(start, _others(start, base, line), first), start)
             done = any(np.isfinite(r["value"]) for r in out.values())
             # (the starts: once one is settled, the others have one more round -- they settle in about as
-            # many -- for the iteration goes on from the best of them)
+            # many -- for the iteration goes on from the lowest of them)
             if not plans or not self.patient and done and (grace or not first):
                 break
             grace = done
