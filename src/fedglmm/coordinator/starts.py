@@ -170,6 +170,21 @@ def combined_start(own: dict, pseudo=None, each: dict | None = None, x0=None, sd
     return out
 
 
+def cubic_surrogate(parts: list):
+    """x -> (f, g, H): the sum of the sites' fits to third order around their estimates (``parts``, each with
+    its T), a stand-in for −ℓ whose third derivatives are the sites' summed -- for the Newton rounds' step
+    model (:func:`~fedglmm.coordinator.surrogate.surrogate_model`) where no pseudo-data are made."""
+    def cubic(x):
+        f, g, H = 0.0, 0.0, 0.0
+        for o in parts:
+            d = np.asarray(x, float) - o.center
+            Td = o.T @ d
+            f, g, H = f + 0.5 * d @ o.K @ d + Td @ d @ d / 6.0, g + o.K @ d + 0.5 * Td @ d, H + o.K + Td
+        return f, g, H
+
+    return cubic
+
+
 def given_theta(K: np.ndarray, xq: np.ndarray, x0: np.ndarray, held) -> np.ndarray | None:
     """The minimiser of the sites' fits' quadratic combination ½(x − x_q)ᵀK(x − x_q) with the entries ``held``
     (the standard deviations) at x₀'s -- the one-shot fit's, where every group's moments went -- and the

@@ -26,8 +26,8 @@ from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.shared_blocks import ONE_SHOT_NOTE, merge_shared_levels
 from ..coordinator.shared_rounds import shared_setup
-from ..coordinator.starts import (ATTENUATION, OwnPart, attenuated, combined_start, internal_start, own_part,
-                                  with_start, without_singular)
+from ..coordinator.starts import (ATTENUATION, OwnPart, attenuated, combined_start, cubic_surrogate, internal_start,
+                                  own_part, with_start, without_singular)
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
@@ -138,8 +138,12 @@ def _candidates(req, st, merged, own: dict, pseudo, big: bool = False, by_level:
             combined = combined_start(own, sd_index=_sd_index(st))
             if combined and big:
                 # every site fitted its many groups: their combination alone (no covariance halved and
-                # doubled beside it: two points' work at every site for nothing), and plain Newton steps
-                return tuple(pair(x) for x in combined), None
+                # doubled beside it: two points' work at every site for nothing), and plain Newton steps; where
+                # every site sent its third derivatives, their combination to third order alone, and steps from
+                # their sum as the model (the log-scale combination beside changed no fit's rounds on
+                # benchmarks/many_groups_rounds.py's 120 draws, and cost every site a point)
+                cubic = cubic_surrogate(list(own.values())) if all(o.T is not None for o in own.values()) else None
+                return tuple(pair(x) for x in (combined[:1] if cubic else combined)), cubic
             if combined:
                 nx = len(st.names) + int(st.mask.sum()) + st.ndisp
                 zero = lambda x: (0.0, np.zeros(nx), np.zeros((nx, nx)))   # noqa: E731
@@ -288,10 +292,11 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     if big:
         options = replace(options, newton=replace(options.newton, near=OWN_NEAR, near_model=OWN_NEAR))
     # the conditional modes move to the estimate with their derivatives; where the sites' fits alone start
-    # (many groups), the modes alone: their SDs' derivatives would cost each site a pass of ~15 over its rows
-    # (0.1 s of CPU per 1e5), for SDs 1e-6 off at 1e6 rows (bench_scale.py), where the modes were 5.5e-6 off
+    # from their many groups ("many"), the modes alone: their SDs' derivatives would cost each site a pass of
+    # ~15 over its rows (0.1 s of CPU per 1e5), for SDs 1e-6 off at 1e6 rows (bench_scale.py), where the modes
+    # were 5.5e-6 off (with fewer groups, "third", the SDs were up to 4e-6 off: benchmarks/stress_shapes.py)
     est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
-                   surrogate=surrogate, final_first=exact, mode_derivatives="modes" if big else True,
+                   surrogate=surrogate, final_first=exact, mode_derivatives="modes" if big == "many" else True,
                    shared_modes=_level_modes(pseudo) if by_level is not None else None)
     return _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo)
 

@@ -10,7 +10,7 @@ from ..coordinator.starts import OwnPart
 from ..coordinator.virtual import factor_levels
 from ..likelihood.fit import LOST_DIGITS, diagonal_positions
 from ..model.moments import monomials
-from ..model.options import OWN_FIT_GROUPS
+from ..model.options import CUT_SHORT_GROUPS, OWN_FIT_GROUPS
 
 MANY_GROUPS = 5000         # groups in all beyond which the pseudo-data fit costs more than a round ...
 SOME_GROUPS = 50           # ... when every site has this many groups (their fits alone then start)
@@ -35,19 +35,27 @@ def _blocks_keep_digits(st) -> bool:
     return bool(np.all(spread > LOST_DIGITS * colsq[varying]))
 
 
-def _fits_suffice(own: dict, replies: dict, merged, req, st) -> bool:
+def _fits_suffice(own: dict, replies: dict, merged, req, st) -> str | bool:
     """Whether the sites' own fits alone make the start (no pseudo-data fit at the coordinator, whose cost
     grows with the groups): a GLMM with one grouping factor, every site's fit in the agreed coding, every
-    summary sent, at least ``OWN_FIT_GROUPS`` groups at every site and no standard deviation near zero --
-    likelihoods that close to quadratic combine by their information to within a Newton step of the pooled
-    optimum -- or, with ``MANY_GROUPS`` groups in all, ``SOME_GROUPS`` at every site: a pseudo-data fit
-    over that many groups costs the coordinator more than the round it may save."""
+    summary sent, no standard deviation near zero, and ("many") at least ``OWN_FIT_GROUPS`` groups at every
+    site -- likelihoods that close to quadratic combine by their information to within a Newton step of the
+    pooled optimum -- or ``MANY_GROUPS`` groups in all, ``SOME_GROUPS`` at every site: a pseudo-data fit over
+    that many groups costs the coordinator more than the round it may save; or ("third") ``CUT_SHORT_GROUPS``
+    at every site, each fit with its third derivatives along θ: combined to third order
+    (:func:`~fedglmm.coordinator.starts.cubic_combination`) they start about as close (1e5 rows over 10 sites
+    of 100 groups, ``benchmarks/bench_scale.py``: a decrement of 0.006, where the quadratic combination's is
+    0.87 and the one shaped by pseudo-data 0.001), and their sum is the step model (a site with a bounded link
+    sends none: with them, of the Gamma inverse-link draws of ``benchmarks/many_groups_rounds.py`` 2 of 24
+    took 1-2 rounds more, and one ended 2e-5 SE from the pooled fit, 2e-7 before).  False otherwise."""
     if req.family.name == "gaussian" or len(req.spec.groups) > 1 or merged.refused or len(own) < len(replies):
         return False
     sizes = [int(r["ngroups"]) for r in replies.values()]
-    if min(sizes) < OWN_FIT_GROUPS and not (sum(sizes) >= MANY_GROUPS and min(sizes) >= SOME_GROUPS):
+    many = min(sizes) >= OWN_FIT_GROUPS or sum(sizes) >= MANY_GROUPS and min(sizes) >= SOME_GROUPS
+    third = min(sizes) >= CUT_SHORT_GROUPS and all(o.T is not None for o in own.values())
+    if not (many or third) or not _all_clear(own, replies, st):
         return False
-    return _all_clear(own, replies, st)
+    return "many" if many else "third"
 
 
 def _lean(own: dict, replies: dict, merged, req, st) -> bool:

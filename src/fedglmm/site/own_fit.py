@@ -28,7 +28,7 @@ from ..likelihood.starts import start_values
 from ..model.design import build_design, coding_key, describe_frame
 from ..model.families import Family
 from ..model.formula import variables
-from ..model.options import CUT_SHORT_GROUPS, FitOptions, NewtonConfig
+from ..model.options import CUT_SHORT_GROUPS, OWN_FIT_GROUPS, FitOptions, NewtonConfig
 from ..model.recode import own_design
 from ..model.spec import Design, ModelSpec, Schema, lambda_matrix, theta_index
 from .warm import slope_of
@@ -50,8 +50,8 @@ def _site_schema(frame, spec: ModelSpec, site_id: str, transforms: dict | None, 
 # A site with CUT_SHORT_GROUPS groups or more (model.options) stops its own fit at a Newton decrement below
 # MANY_TOL, plus its Newton step (whose error is of the order of the square of that, times a contraction of
 # about 1e-3 with a thousand groups): two evaluations earlier than at 1e-4, with an error well below the
-# spread of the sites' estimates that the combination carries anyway.
-MANY_TOL = 0.5
+# spread of the sites' estimates that the combination carries anyway; below OWN_FIT_GROUPS groups (and no bounded
+MANY_TOL = 0.5    # link) with its third derivatives along θ (methods.hybrid_gates._fits_suffice)
 # ... and starts from the moment estimate of Σ with each SD at least MANY_FLOOR on the internal scale (the
 # coordinator's starts keep 0.5: a start near θ = 0, a saddle, wastes its rounds).  With 100 groups or more the
 # estimate is sound, and the floor of 0.5 held a slope's SD of 0.33 at 0.49: 1e6 rows over 100 sites of 100
@@ -94,7 +94,8 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
     reply = _same_setup(sub, oneshot[0], sums) if read_off and sums is not None else None
     if many:
         try:
-            res = _cut_short(sub, fam, nagq, curvature, site_id, 60, MANY_TOL, reply)
+            res = _cut_short(sub, fam, nagq, curvature, site_id, 60, MANY_TOL, reply,
+                             third=len(sizes) < OWN_FIT_GROUPS and not fam.positive_eta)
         except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
             res = None
     else:
@@ -358,7 +359,8 @@ def _cut_short(design: Design, family: Family, nagq: int, curvature: str, site_i
     out = {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ x[:p],
            "theta": np.r_[canonical_theta(x[p:k], st.mask) / st.theta_scale, x[k:]], "info": T.T @ cur.H @ T,
            "modes": _modes_of(engine), "slope": slope_of(engine, st.A, st.zs, list(st.names))}
-    D3 = covariance_third(engine, cur.x, cur.H, _few_levels(design, st.mask, p, family.ndisp)) if third else None
+    idx = _few_levels(design, st.mask, p, family.ndisp) if design.factors else np.arange(p, len(cur.x))  # (all θ, ψ)
+    D3 = covariance_third(engine, cur.x, cur.H, idx) if third else None
     out.update({"third": transform_third(D3, T)} if D3 is not None else {})
     return out
 
