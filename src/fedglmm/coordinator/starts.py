@@ -175,9 +175,9 @@ def cubic_surrogate(parts: list):
     its T), a stand-in for −ℓ whose third derivatives are the sites' summed -- for the Newton rounds' step
     model (:func:`~fedglmm.coordinator.surrogate.surrogate_model`) where no pseudo-data are made."""
     def cubic(x):
-        f, g, H = 0.0, 0.0, 0.0
+        x, f, g, H = np.asarray(x, float), 0.0, 0.0, 0.0
         for o in parts:
-            d = np.asarray(x, float) - o.center
+            d = x - o.center
             Td = o.T @ d
             f, g, H = f + 0.5 * d @ o.K @ d + Td @ d @ d / 6.0, g + o.K @ d + 0.5 * Td @ d, H + o.K + Td
         return f, g, H

@@ -80,7 +80,7 @@ def _levels_named(st, own: dict) -> dict:
             else {**o, "levels": {names[0]: o["ngroups"]}} for sid, o in own.items()}
 
 
-def _starts(req, st, merged, own: dict, pseudo, big: bool = False, by_level: bool = False):
+def _starts(req, st, merged, own: dict, pseudo, big: str | bool = False, by_level: bool = False):
     """The Newton rounds' start(s) and the surrogate (see the module docstring): a tuple of (γ, θ̃) starts,
     all tried in the first Newton round (the best kept), or None (the set-up start).  ``own``: the sites'
     own fits, as sent (several grouping factors) or as :class:`~fedglmm.coordinator.starts.OwnPart`.
@@ -97,9 +97,10 @@ def _starts(req, st, merged, own: dict, pseudo, big: bool = False, by_level: boo
     return tuple(many + attenuated(many[0], st, ATTENUATION[fam.link])), surrogate
 
 
-def _candidates(req, st, merged, own: dict, pseudo, big: bool = False, by_level: bool = False):
-    """:func:`_starts` but the attenuation variants.  ``by_level``: the pseudo-data fit is of each shared
-    level's moments added up over its sites."""
+def _candidates(req, st, merged, own: dict, pseudo, big: str | bool = False, by_level: bool = False):
+    """:func:`_starts` but the attenuation variants.  ``big``: what :func:`~.hybrid_gates._fits_suffice` said
+    ("many", "third" or False); ``by_level``: the pseudo-data fit is of each shared level's moments added up
+    over its sites."""
     family, p = req.family, len(st.names)
     if st.factor_groups:
         # several grouping factors: the sites' own fits, and the site-totals start beside them (one factor

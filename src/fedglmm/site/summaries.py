@@ -116,7 +116,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
         msg["local"] = _one_level_fit(frame, d, spec, fam, local, site_id, transforms, need, float(sizes[0]))
     elif _own_wanted(local, keep, fam) and (fam.name != "gaussian" or small.any() and int(local.get("sites", 1)) > 1):
         # its third derivatives only where no group's moments go (the pseudo-data have the shape then) or the
-        # family has a dispersion parameter (which its pseudo-data carry only roughly); with many groups along θ
+        # family has a dispersion parameter (which its pseudo-data carry only roughly); own_fit adds those along θ
         msg["local"] = own_fit(frame, spec, fam, sizes, local, site_id, need, transforms,
                                third=not keep.any() or bool(fam.ndisp), sums=sums, **own)
     if local is not None and fam.name in ("binomial", "poisson") and small.any():
