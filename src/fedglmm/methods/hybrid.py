@@ -292,6 +292,12 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         start = with_start(start, one_level_start(st, alone, MIN_LEVELS), lambda: start_values(st, fam))  # a level a site
     if big:
         options = replace(options, newton=replace(options.newton, near=OWN_NEAR, near_model=OWN_NEAR))
+    elif surrogate is not None and not merged.refused and not merged.pooled and fam.name in ("binomial", "poisson"):
+        # every group's moments in the pseudo-data (and no dispersion they carry only roughly): the surrogate's
+        # step is the final candidate from a decrement of OWN_NEAR (benchmarks/stress_shapes.py seeds 21-40 641 ->
+        # 629 rounds, 1e5 rows over 100 sites 4 -> 3, none longer on the other rounds benchmarks; where it misses,
+        # the final round's sums go twice in as many rounds: cbpp_cloglog over 3 sites 13 % more bytes)
+        options = replace(options, newton=replace(options.newton, near_model=OWN_NEAR))
     # the conditional modes move to the estimate with their derivatives; where the sites' fits alone start
     # from their many groups ("many"), the modes alone: their SDs' derivatives would cost each site a pass of
     # ~15 over its rows (0.1 s of CPU per 1e5), for SDs 1e-6 off at 1e6 rows (bench_scale.py), where the modes
