@@ -663,3 +663,20 @@ def test_order2_factor_levels_of_compressed_groups_stay_whole():
     parts = np.array([[2.4, 3.3, 4.3], [0.5, 0.5, 2.0], [1.0, 1.0, 1.0]])
     got = _apportion(parts, np.array([10, 3, 3]))
     assert np.array_equal(got.sum(axis=1), [10, 3, 3]) and np.all(np.abs(got - parts) < 1.0 + 1e-12)
+
+
+@pytest.mark.parametrize("d,K", [(7, 2), (3, 3), (4, 4), (1, 2)])
+def test_shift_matrix_maps_raw_moments_to_shifted_scaled_ones(d, K):
+    """T[i] @ (Σ_rows v^e) = Σ_rows Π((v − c_i)/s_i)^e for every monomial e of order ≤ K, computed directly."""
+    from fedglmm.coordinator.virtual import _shift_matrix
+
+    rng = np.random.default_rng(d * 10 + K)
+    expo = np.asarray(monomials(d, K))
+    V = rng.normal(1.0, 2.0, size=(30, d))
+    c, s = rng.normal(size=(4, d)), rng.uniform(0.5, 2.0, size=(4, d))
+    c[0] = 0.0                                                      # (0⁰ = 1 where a centre is 0)
+    raw = np.array([np.sum(np.prod(V ** e, axis=1)) for e in expo])
+    T = _shift_matrix(expo, c, s)
+    for i in range(len(c)):
+        want = np.array([np.sum(np.prod(((V - c[i]) / s[i]) ** e, axis=1)) for e in expo])
+        assert np.allclose(T[i] @ raw, want, rtol=1e-9, atol=1e-9 * np.max(np.abs(want)))

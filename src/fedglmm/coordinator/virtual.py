@@ -379,15 +379,15 @@ def _standardisation(tot: np.ndarray, expo: np.ndarray, keep=()) -> tuple[np.nda
 
 def _shift_matrix(expo: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
     """T (S, M, M) with T[i] @ raw = moments of (v − c[i])/s[i]: Σ Π((v_k − c_k)/s_k)^{e_k} expands over
-    sub-monomials j ≤ e with weights Π_k C(e_k, j_k) (−c_k)^{e_k − j_k} / s_k^{e_k}."""
-    E = expo[:, None, :]
-    J = expo[None, :, :]
-    below = np.all(J <= E, axis=2)
+    sub-monomials j ≤ e with weights Π_k C(e_k, j_k) (−c_k)^{e_k − j_k} / s_k^{e_k} (only those pairs formed)."""
+    I, J = np.nonzero(np.all(expo[None, :, :] <= expo[:, None, :], axis=2))      # j ≤ i
     top = int(expo.max(initial=0)) + 1            # C(a, b) for exponents 0 <= a, b < top (0 where b > a)
     binom = np.array([[float(math.comb(a, b)) for b in range(top)] for a in range(top)])
-    cc = c[:, None, None, :]
-    w = np.prod(binom[E, J] * np.where(E - J > 0, (-cc) ** np.maximum(E - J, 0), 1.0), axis=3)
-    return np.where(below, w, 0.0) / np.prod(s[:, None, :] ** expo, axis=2)[:, :, None]
+    pw = (-np.asarray(c, float))[:, :, None] ** np.arange(top)                 # (S, d, top): (−c_k)^p
+    w = np.prod(binom[expo[I], expo[J]], axis=1) * np.prod(pw[:, np.arange(expo.shape[1]), expo[I] - expo[J]], axis=2)
+    T = np.zeros((len(c), len(expo), len(expo)))
+    T[:, I, J] = w
+    return T / np.prod(s[:, None, :] ** expo, axis=2)[:, :, None]
 
 
 def _order_of(block: dict, d: int) -> int:
