@@ -44,6 +44,7 @@ from .hybrid_gates import _blocks_keep_digits, _fits_suffice, _lean, _sd_index, 
 HYBRID_ORDER = 2           # the hybrid needs only a start: means and covariances reveal the least
 HYBRID_COMPRESS = 4.0      # the hybrid's binomial pseudo rows stand for up to 4 observations each
 OWN_NEAR = 0.5            # with such fits alone: decrement below which the Newton step is the final candidate
+                          # (and the surrogate's, where every group's moments made the pseudo-data)
 LEVEL_SD_FLOOR = 1e-3     # a pseudo-data fit of shared levels' moments starts the fit where its SDs exceed this
 LEVEL_ROWS = 4            # a site's own fit of one factor starts a fit with shared levels from this many rows a level
 
