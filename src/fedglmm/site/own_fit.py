@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import FedGLMMError
 from ..likelihood.engine import make_engine
 from ..likelihood.fit import LocalEvaluator, canonical_theta, fit_glmm, fit_lmm
-from ..likelihood.linalg import symmetric_third, transform_third
+from ..likelihood.linalg import transform_third
 from ..likelihood.newton import TrustRegionNewton
 from ..likelihood.setup import make_setup, setup_reply
 from ..likelihood.starts import start_values
@@ -31,6 +31,7 @@ from ..model.formula import variables
 from ..model.options import CUT_SHORT_GROUPS, OWN_FIT_GROUPS, FitOptions, NewtonConfig
 from ..model.recode import own_design
 from ..model.spec import Design, ModelSpec, Schema, lambda_matrix, theta_index
+from .own_third import covariance_third, third_derivatives
 from .warm import slope_of
 
 
@@ -264,32 +265,7 @@ def local_fit(design: Design, family: Family, options: FitOptions, site_id: str,
     return out
 
 
-THIRD_STEP = 0.5      # the differences for the third derivatives: half a standard error each way
 THIRD_ROWS = 5_000    # a multi-level site with fewer rows than this: third derivatives along every factor's θ
-
-
-def third_derivatives(engine, x: np.ndarray, info: np.ndarray) -> np.ndarray | None:
-    """The third derivatives of −ℓ at ``x`` (the engine's internal scale), from central differences of its
-    analytic Hessian half a standard error either side in each coordinate (2P evaluations from
-    warm modes), made symmetric; None if an evaluation fails.  Over that range they stand for the change of
-    curvature that a quadratic summary of the fit misses (the skew of a variance's likelihood above all)."""
-    try:
-        se = np.sqrt(np.maximum(np.diag(np.linalg.inv(info)), 0.0))
-    except np.linalg.LinAlgError:
-        return None
-    P = len(x)
-    D = np.empty((P, P, P))
-    for k in range(P):
-        h = THIRD_STEP * se[k] if se[k] > 0 else 1e-3
-        e = np.zeros(P)
-        e[k] = h
-        hp, hm = engine.sums(x + e)["hess"], engine.sums(x - e)["hess"]
-        D[:, :, k] = -(np.asarray(hp) - np.asarray(hm)) / (2.0 * h)
-    if not np.all(np.isfinite(D)):
-        return None
-    return symmetric_third(D)
-
-
 # Local Newton iterations of a site's own fit with several factors (it is only a start; the iteration also
 # ends at a decrement of 1e-4): a fit of the full model, which the coordinator combines by its information
 # (:mod:`fedglmm.coordinator.own_combination`), at most SHORT_ROUNDS, ending where its decrement falls below
@@ -374,24 +350,6 @@ def _few_levels(design: Design, mask, p: int, ndisp: int) -> np.ndarray:
             if len(f.levels) < CUT_SHORT_GROUPS or design.n < THIRD_ROWS]
     on = np.isin(r_idx, np.concatenate(cols)) if cols else np.zeros(len(r_idx), bool)
     return p + np.r_[np.flatnonzero(on), np.arange(len(r_idx), len(r_idx) + int(bool(cols)) * ndisp)]
-
-
-def covariance_third(engine, x: np.ndarray, H: np.ndarray, idx) -> np.ndarray | None:
-    """The third derivatives of −ℓ at ``x`` (internal scale; ``H`` its Hessian there) with an index among the
-    positions ``idx`` (covariance parameters; T[a, b, c] from the slice of its last index there), by forward
-    differences of the analytic Hessian half a standard error along each (len(idx) evaluations); the others 0.
-    A likelihood's skew with few levels is in their variances: the full derivatives (2·len(x) evaluations)
-    started the 3-site splits of parity_multilevel.py no closer (coordinator.own_combination.factor_log_start)."""
-    se = np.sqrt(np.maximum(np.diag(np.linalg.pinv(H)), 0.0))
-    P = len(x)
-    D = np.zeros((P, P, P))
-    for t in idx:
-        h = THIRD_STEP * se[t] if se[t] > 0 else 1e-3
-        D[:, :, t] = (-np.asarray(engine.sums(x + h * np.eye(P)[t])["hess"]) - H) / h
-    on = np.isin(np.arange(P), idx)
-    a, b, c = on[:, None, None], on[None, :, None], on[None, None, :]
-    T = np.where(c, D, np.where(b, np.einsum("acb->abc", D), np.where(a, np.einsum("bca->abc", D), 0.0)))
-    return symmetric_third(T) if len(idx) and np.all(np.isfinite(T)) else None
 
 
 def _modes_of(engine) -> np.ndarray | None:
