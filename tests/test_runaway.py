@@ -58,6 +58,40 @@ def test_quasi_complete_separation(method):
     assert "'z'" not in msg and "'Intercept'" not in msg
 
 
+@pytest.mark.parametrize("case", ["complete", "quasi", "two factors"])
+def test_one_site_separation_is_not_reported_as_a_fit(case):
+    """All the rows at one site: the default method's fit is that site's own, checked in one round -- which
+    reported separation as converged (x = 16550 for the first case, "boundary (singular) fit" its only
+    message).  A site's own fit whose estimates run off is no fit: the rounds go on and name what runs off."""
+    df = _data(seed=2 if case == "quasi" else 1)
+    if case == "quasi":
+        df["y"] = np.where(df["lev"] == "rare", 1, np.random.default_rng(5).binomial(1, 0.35, len(df)))
+        formula, name = "y ~ lev + z + (1 | g)", "lev[T.rare]"
+    else:
+        df["y"] = (df["x"] > 0).astype(int)
+        df["h"] = [f"h{int(g[1:]) // 5}" for g in df["g"]]
+        formula, name = "y ~ x + z + (1 | g)" + (" + (1 | h)" if case == "two factors" else ""), "x"
+    res = fedglmm.fit(formula, {"one": df}, family="binomial")
+    msg = _not_converged(res, name)
+    assert "'z'" not in msg and "'Intercept'" not in msg
+
+
+@pytest.mark.parametrize("nsites", [1, 3])
+def test_a_one_shot_estimate_that_runs_off_is_not_the_fit(nsites):
+    """cbpp with no case in period 4: where the sites' order-2 sums carry the likelihood, the hybrid takes the
+    one-shot fit of them as the estimate and checks it in one round -- which reported that quasi-complete
+    separation as converged (period 4 at -23).  Such an estimate is no fit: the rounds go on and name it."""
+    from pathlib import Path
+
+    df = pd.read_csv(Path(__file__).parent / "data" / "cbpp.csv")
+    df.loc[df["period"].astype(str) == "4", "incidence"] = 0
+    codes = pd.factorize(df["herd"])[0] % nsites
+    sites = {f"s{k}": d.reset_index(drop=True) for k, d in df.groupby(codes)}
+    res = fedglmm.fit("cbind(incidence, size - incidence) ~ factor(period) + (1 | herd)", sites, family="binomial")
+    msg = _not_converged(res, "C(period)[T.4]")
+    assert "T.2" not in msg and "T.3" not in msg
+
+
 def test_running_off_over_sites_ends_early_and_says_what():
     """46 rows, 8 events, 9 groups, a 6-level factor and a random slope (a draw of a sweep of simulated
     shapes): the intercept's SD runs off.  Over sites the iteration went on to its 60th round and ended

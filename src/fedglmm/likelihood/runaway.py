@@ -87,3 +87,21 @@ def _standard_errors(info, k: int) -> np.ndarray:
     except np.linalg.LinAlgError:
         return np.full(k, np.inf)
     return np.where(np.isfinite(d) & (d > 0), np.sqrt(np.abs(d)), np.inf)
+
+
+def ran_off(est, names, mask) -> bool:
+    """Whether a local fit's estimate (:class:`~fedglmm.likelihood.fit.Estimate`; ``names``: the fixed effects',
+    ``mask``: the covariance's pattern) runs off (:func:`runaway`) in a fixed effect or a standard deviation:
+    its iteration "converged" only as the gain per step fell below the tolerance, and it is no estimate (a
+    dispersion growing without bound is the family's boundary, a covariance drifting at a zero SD a singular
+    fit: as :func:`~fedglmm.coordinator.assemble.runaway_message` reads them)."""
+    from ..model.spec import theta_index
+
+    if est.info is None:
+        return False
+    r_idx, c_idx = theta_index(mask)
+    names, p = list(names), len(est.gamma)
+    diagonal = np.flatnonzero(np.asarray(r_idx) == np.asarray(c_idx))
+    idx = runaway(est.path, np.r_[est.gamma, est.theta, est.disp], est.info, p, diagonal,
+                  names.index("Intercept") if "Intercept" in names else None)
+    return bool(np.any(idx < p) or np.any(np.isin(idx, p + diagonal)))

@@ -34,6 +34,7 @@ from ..errors import FedGLMMError
 from ..likelihood.fit import diagonal_positions
 from ..likelihood.setup import make_setup
 from ..likelihood.factor_starts import factor_theta_start
+from ..likelihood.runaway import ran_off
 from ..likelihood.starts import start_values
 from ..model.frame import na_payload
 from ..model.options import POOLED_MAX_GROUPS, FitRequest
@@ -285,7 +286,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     if st is None:             # secure gaussian: the set-up after all
         st = _secure_setup(transport, payload, req, merged)
         own = _own_parts(own, replies, st)
-    exact = exact and pseudo is not None and pseudo[1] is not None
+    exact = exact and _one_shot_estimate(pseudo)
     if exact:
         start, surrogate = internal_start(pseudo[1].fixef, pseudo[1].theta, st), None
     else:
@@ -307,6 +308,13 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
                    surrogate=surrogate, final_first=exact, mode_derivatives="modes" if big == "many" else True,
                    shared_modes=_level_modes(pseudo) if by_level is not None else None)
     return _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo)
+
+
+def _one_shot_estimate(pseudo) -> bool:
+    """Whether the one-shot fit, where the sums carry the likelihood, is the estimate: made, and its estimates do
+    not run off (separation, which it reached only as its gain per step fell below the tolerance: the Newton
+    rounds then name what runs off, as the iterative method does)."""
+    return pseudo is not None and pseudo[1] is not None and not ran_off(pseudo[3], pseudo[2].names, pseudo[2].mask)
 
 
 def _level_modes(pseudo) -> tuple | None:

@@ -23,6 +23,7 @@ from ..likelihood.engine import make_engine
 from ..likelihood.fit import LocalEvaluator, canonical_theta, fit_glmm, fit_lmm
 from ..likelihood.linalg import transform_third
 from ..likelihood.newton import TrustRegionNewton
+from ..likelihood.runaway import ran_off
 from ..likelihood.setup import make_setup, setup_reply
 from ..likelihood.starts import start_values
 from ..model.design import build_design, coding_key, describe_frame
@@ -101,7 +102,7 @@ def own_fit(frame, spec: ModelSpec, fam: Family, sizes, local: dict, site_id: st
             res = None
     else:
         res = local_fit(sub, fam, options, site_id, starts=[], third=third and not local.get("exact"), reply=reply,
-                        covariance=bool(local.get("exact")))
+                        covariance=bool(local.get("exact")), exact=bool(local.get("exact")))
     if res is None or (res["info"] is None and fam.name != "gaussian"):
         return None
     out = {"names": res["names"], "z_names": list(d.z_names), "beta": res["beta"], "theta": res["theta"],
@@ -229,14 +230,16 @@ def _in_full_layout(res: dict, d: Design, kept: list):
     return np.r_[lam[theta_index(d.theta_mask)], theta[k_sub:]]
 
 
-def local_fit(design: Design, family: Family, options: FitOptions, site_id: str, starts=None,
-              third: bool = False, reply: dict | None = None, covariance: bool = True) -> dict | None:
+def local_fit(design: Design, family: Family, options: FitOptions, site_id: str, starts=None, third: bool = False,
+              reply: dict | None = None, covariance: bool = True, exact: bool = False) -> dict | None:
     """A fit of ``design`` alone, as an estimate and its information on the user's scale: β, θ (followed by
     the log-dispersion ψ for a family with one) and the information matrix of (β, θ, ψ) (gaussian: None).
     ``starts``: the GLMM iteration's further first-round points (default: the start's covariance halved and
     doubled); ``third``: also the third derivatives of −ℓ there (:func:`third_derivatives`, user's scale);
     ``reply``: the design's set-up reply, if at hand; ``covariance``: a gaussian fit's steps in Σ's entries
-    (:func:`fit_lmm`).  None when the fit fails or does not converge."""
+    (:func:`fit_lmm`).  None when the fit fails or does not converge, or (``exact``: the fit itself, of the only
+    site) where its estimates run off (:func:`~fedglmm.likelihood.runaway.ran_off`): its local iteration ended
+    "converged" as the gain per step fell below the tolerance, and the rounds that follow name what runs off."""
     if family.name != "gaussian":      # (a gaussian fit's few θ steps are as before: see NewtonConfig.local)
         options = replace(options, newton=options.newton.local)
     try:
@@ -248,7 +251,8 @@ def local_fit(design: Design, family: Family, options: FitOptions, site_id: str,
             fit_glmm(evaluator, st, *start_values(st, family), options, starts=starts)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
-    if not est.converged or (est.info is None and family.name != "gaussian"):
+    if not est.converged or (est.info is None and family.name != "gaussian") \
+            or exact and ran_off(est, st.names, st.mask):
         return None
     out = {"names": list(st.names), "z_names": list(st.znames), "beta": st.A @ est.gamma,
            "theta": np.r_[est.theta / st.theta_scale, est.disp], "info": None,
@@ -294,7 +298,7 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
     try:
         design = _site_design(frame, spec, family, site_id, transforms)
         if exact:
-            return local_fit(design, family, FitOptions(curvature=curvature, reml=reml), site_id)
+            return local_fit(design, family, FitOptions(curvature=curvature, reml=reml), site_id, exact=True)
         keep = independent_columns(design.X)
         if len(keep) < design.X.shape[1]:
             # a column that the others determine here (a hospital's own covariate, constant at its site): left
