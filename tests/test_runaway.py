@@ -5,6 +5,7 @@ flagged (every reference case is checked by the golden test)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -81,8 +82,6 @@ def test_a_one_shot_estimate_that_runs_off_is_not_the_fit(nsites):
     """cbpp with no case in period 4: where the sites' order-2 sums carry the likelihood, the hybrid takes the
     one-shot fit of them as the estimate and checks it in one round -- which reported that quasi-complete
     separation as converged (period 4 at -23).  Such an estimate is no fit: the rounds go on and name it."""
-    from pathlib import Path
-
     df = pd.read_csv(Path(__file__).parent / "data" / "cbpp.csv")
     df.loc[df["period"].astype(str) == "4", "incidence"] = 0
     codes = pd.factorize(df["herd"])[0] % nsites

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..model.spec import theta_index
+
 STEADY = 0.2          # final step along the last move, relative to that move
 FLATTENING = 0.8      # curvature ratio along the last move below which the surface is flattening
 SHARE = 0.3           # share of the largest component for a coordinate to be named
@@ -95,8 +97,6 @@ def ran_off(est, names, mask) -> bool:
     its iteration "converged" only as the gain per step fell below the tolerance, and it is no estimate (a
     dispersion growing without bound is the family's boundary, a covariance drifting at a zero SD a singular
     fit: as :func:`~fedglmm.coordinator.assemble.runaway_message` reads them)."""
-    from ..model.spec import theta_index
-
     if est.info is None:
         return False
     r_idx, c_idx = theta_index(mask)
