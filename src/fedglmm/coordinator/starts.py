@@ -174,12 +174,18 @@ def cubic_surrogate(parts: list):
     """x -> (f, g, H): the sum of the sites' fits to third order around their estimates (``parts``, each with
     its T), a stand-in for −ℓ whose third derivatives are the sites' summed -- for the Newton rounds' step
     model (:func:`~fedglmm.coordinator.surrogate.surrogate_model`) where no pseudo-data are made."""
+    return _cubic_sum([(o.center, o.K, o.T) for o in parts])
+
+
+def _cubic_sum(models: list):
+    """x -> (f, g, H) of Σ ½ dᵀK d + ⅙ T[d, d, d], d = x − c, over the third-order models ``models``:
+    [(c, K, T)]."""
     def cubic(x):
         x, f, g, H = np.asarray(x, float), 0.0, 0.0, 0.0
-        for o in parts:
-            d = x - o.center
-            Td = o.T @ d
-            f, g, H = f + 0.5 * d @ o.K @ d + Td @ d @ d / 6.0, g + o.K @ d + 0.5 * Td @ d, H + o.K + Td
+        for c, K, T in models:
+            d = x - c
+            Td = T @ d
+            f, g, H = f + 0.5 * d @ K @ d + Td @ d @ d / 6.0, g + K @ d + 0.5 * Td @ d, H + K + Td
         return f, g, H
 
     return cubic
@@ -228,16 +234,7 @@ def _log_cubic(parts: list, idx: np.ndarray):
     logs = [_on_log_scale(o, idx) for o in parts]
     K = sum(L[1] for L in logs)
     yq = np.linalg.lstsq(K, sum(L[1] @ L[0] for L in logs), rcond=None)[0]
-
-    def cubic(y):
-        f, g, H = 0.0, 0.0, 0.0
-        for c, Kc, T in logs:
-            d = y - c
-            Td = T @ d
-            f, g, H = f + 0.5 * d @ Kc @ d + Td @ d @ d / 6.0, g + Kc @ d + 0.5 * Td @ d, H + Kc + Td
-        return f, g, H
-
-    return cubic, K, yq
+    return _cubic_sum(logs), K, yq
 
 
 def cubic_combination(parts: list, idx: np.ndarray, radius: float):

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..model.options import FitOptions
-from ..model.spec import theta_index
+from ..model.spec import diagonal_positions, theta_index
 from .covariance_steps import CovarianceSteps
 from .drive import run, running_off
 from .fused import parallel_map, threads_pay
@@ -102,12 +102,6 @@ def canonical_theta(theta, mask):
         if len(diag) and theta[diag[0]] < 0:
             theta[c_idx == col] *= -1.0
     return theta
-
-
-def diagonal_positions(mask) -> np.ndarray:
-    """Positions in θ of the diagonal of Λ."""
-    r_idx, c_idx = theta_index(mask)
-    return np.flatnonzero(c_idx == r_idx)
 
 
 def boundary_positions(mask) -> np.ndarray:

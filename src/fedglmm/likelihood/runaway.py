@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..model.spec import theta_index
+from ..model.spec import diagonal_positions
 
 STEADY = 0.2          # final step along the last move, relative to that move
 FLATTENING = 0.8      # curvature ratio along the last move below which the surface is flattening
@@ -99,9 +99,8 @@ def ran_off(est, names, mask) -> bool:
     fit: as :func:`~fedglmm.coordinator.assemble.runaway_message` reads them)."""
     if est.info is None:
         return False
-    r_idx, c_idx = theta_index(mask)
     names, p = list(names), len(est.gamma)
-    diagonal = np.flatnonzero(np.asarray(r_idx) == np.asarray(c_idx))
+    diagonal = diagonal_positions(mask)
     idx = runaway(est.path, np.r_[est.gamma, est.theta, est.disp], est.info, p, diagonal,
                   names.index("Intercept") if "Intercept" in names else None)
     return bool(np.any(idx < p) or np.any(np.isin(idx, p + diagonal)))

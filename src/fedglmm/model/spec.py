@@ -29,6 +29,12 @@ def theta_index(mask) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
+def diagonal_positions(mask) -> np.ndarray:
+    """Positions in θ of the diagonal of Λ."""
+    r_idx, c_idx = theta_index(mask)
+    return np.flatnonzero(c_idx == r_idx)
+
+
 def lambda_matrix(theta, q: int, index: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """The q × q lower-triangular Λ with θ in the places ``index`` (from :func:`theta_index`)."""
     lam = np.zeros((q, q))
