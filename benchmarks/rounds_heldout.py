@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Rounds of the hybrid (the default) and the iterative method on the held-out `rounds` cases.
 
-usage: python3 benchmarks/rounds_heldout.py [--only REGEX] [--cases TSV ...] [--splits pooled,split,each]
+usage: python3 benchmarks/rounds_heldout.py [--only REGEX] [--cases TSV ...] [--splits pooled,split,each,K,Kb]
+                                           [--each-max N]
 
 For every case of tests/data/heldout/rounds/cases.tsv (and any other case table given), pooled (one site)
 and split over sites: by the case's `split` column when it is not the grouping factor itself (e.g.
 `sim_many_sites`: 50 sites), otherwise by group into 3 sites (labels in order of appearance, dealt
-round-robin); with `--splits each` also every group a site of its own (cases of at most 120 groups).
+round-robin); with `--splits each` also every group a site of its own (cases of at most 120 groups, or --each-max), with
+`--splits 5,10b` (say) over 5 sites dealt round-robin by group and over 10 sites each a run of groups cut at
+random (sites of unequal size; seeded by the number of sites).
 The table gives both methods' rounds, the largest difference between the two fits (fixed
 effects, θ, logLik), the hybrid's logLik against the better of lme4/glmmTMB (full log-likelihood: lme4's
 nAGQ > 1 value plus the saturated term), and both methods' fit times.  The last lines give the median and
@@ -67,6 +70,14 @@ def site_data(case: dict, how: str):
     group = parse_formula(case["formula"]).group
     if how == "each":          # every group a site of its own (a registry of many small sites)
         return {str(k): part.reset_index(drop=True) for k, part in df.groupby(group, sort=False)}
+    if how[0].isdigit():       # K sites by group: dealt round-robin ("5"), or in runs of unequal length ("5b")
+        k, codes = int(how.rstrip("b")), pd.factorize(df[group])[0]
+        if how.endswith("b"):
+            cuts = np.sort(np.random.default_rng(k).choice(np.arange(1, codes.max()), k - 1, replace=False))
+            site = np.searchsorted(cuts, codes, side="right")
+        else:
+            site = codes % k
+        return {f"s{i}": df[site == i].reset_index(drop=True) for i in range(k)}
     col = case["split"] if case["split"] and case["split"] != group else None
     if col is not None:
         return {str(k): part.reset_index(drop=True) for k, part in df.groupby(col, sort=False)}
@@ -85,7 +96,7 @@ def run(case: dict, how: str) -> dict:
         except fedglmm.FedGLMMError as e:
             res[method] = str(e).splitlines()[0][:50]
     a, b = res["iterative"], res["hybrid"]
-    row = {"case": case["name"], "sites": 1 if how == "pooled" else len(data)}
+    row = {"case": case["name"], "sites": 1 if how == "pooled" else len(data), "split": how}
     if isinstance(a, str) or isinstance(b, str):
         row.update(it_rounds=a if isinstance(a, str) else a.rounds, hyb_rounds=b if isinstance(b, str) else b.rounds)
         return row
@@ -104,7 +115,9 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", type=Path, default=[ROUNDS])
     ap.add_argument("--splits", default="pooled,split",
                     help="pooled (one site), split (the case's sites, or 3 by group), each (every group a site "
-                         "of its own; cases of at most 120 groups)")
+                         "of its own; cases of at most --each-max groups), K (K sites by group, dealt round-robin), Kb "
+                         "(K sites of runs of groups cut at random: sites of unequal size)")
+    ap.add_argument("--each-max", type=int, default=120, help="the most groups a case split by `each` may have")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     rows = []
@@ -113,8 +126,9 @@ def main() -> None:
             if args.only and not re.search(args.only, case["name"]):
                 continue
             for how in args.splits.split(","):
-                if how == "each" and pd.read_csv(case["data"])[parse_formula(case["formula"]).group].nunique() > 120:
-                    continue                # (sites of one group each: at most 120)
+                if how == "each" and pd.read_csv(case["data"])[parse_formula(case["formula"]).group].nunique() \
+                        > args.each_max:
+                    continue                # (sites of one group each: at most --each-max)
                 rows.append(run(case, how))
                 print(rows[-1], file=sys.stderr, flush=True)
     tab = pd.DataFrame(rows)
