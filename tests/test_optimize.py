@@ -324,6 +324,29 @@ def test_a_standard_deviation_below_its_optimum_steps_in_log_scale():
     assert rounds[True] <= rounds[False] - 2, rounds
 
 
+def test_log_scale_steps_that_fall_short_are_extrapolated_too():
+    """Where the accepted step was another full step -- here the log-scale one, which wins while θ is below
+    its optimum -- and it too gained more than 1.1 times its prediction, the next round also tries the
+    Newton step doubled (before, only after an accepted Newton step: on this objective the log-scale step
+    always won, and nothing was extrapolated)."""
+    from fedglmm.likelihood.covariance_steps import CovarianceSteps
+
+    V = _variance_objective()
+
+    def F(x):
+        f, g, H = V(x ** 2)
+        return f, 2 * x[0] * g, 4 * x[0] ** 2 * H + 2 * g[0] * np.eye(1)
+
+    for x0 in (0.01, 0.05, 0.15):
+        rounds = {}
+        for k in (1.1, 0.0):
+            opt, _ = _drive_with(F, [x0], NewtonConfig(extrapolate=k),
+                                 covariance=CovarianceSteps(np.ones((1, 1), bool), 0))
+            assert opt.converged and abs(abs(opt.solution[0]) - 1.0) < 1e-8
+            rounds[k] = opt.evals
+        assert rounds[1.1] <= rounds[0.0] - 1, (x0, rounds)
+
+
 def _nb_like(c: float, target: float | None):
     """F(b, ψ) with α = e^(−ψ): (b − 1 + α)² + c·α + α² (target None: its optimum is α = 0, ψ = ∞, where
     F's slope in α is c > 0 -- a negative binomial fitted to data that are not overdispersed) or
