@@ -175,3 +175,27 @@ def test_shared_levels_third_derivatives_and_rounds(monkeypatch):
     assert np.allclose([r.get("sd", r.get("corr")) for r in split.random],
                        [r.get("sd", r.get("corr")) for r in pooled.random], rtol=1e-8, atol=1e-8)
     assert split.loglik == pytest.approx(pooled.loglik, rel=1e-10)
+
+
+def test_a_sites_third_derivatives_at_a_final_point():
+    """final_third (a finalize request with ``third``) differences the engine's Hessian: exact for a cubic
+    log-likelihood ℓ = T[x, x, x]/6 (Hessian T·x), whatever the point; nothing without the request, and
+    nothing under secure aggregation (whose masks cover the usual sums alone)."""
+    from fedglmm.likelihood.linalg import pack_third, symmetric_third, unpack_third
+    from fedglmm.site.own_third import final_third
+
+    T = symmetric_third(np.random.default_rng(3).standard_normal((4, 4, 4)))
+    assert np.allclose(unpack_third(pack_third(T), 4), T, rtol=0, atol=1e-14) and unpack_third(np.zeros(21), 4) is None
+
+    class Engine:
+        def sums(self, x):
+            return {"hess": T @ np.asarray(x, float)}
+
+    for x in (np.zeros(4), np.array([0.3, -2.0, 150.0, 1e-3])):
+        reply = {"hess": T @ x}
+        final_third(Engine(), x, {"third": True}, reply)
+        assert reply["third"].shape == (20,) and np.allclose(unpack_third(reply["third"], 4), T, rtol=0, atol=1e-8)
+        for req in ({}, {"third": True, "secagg": {"round": 1}}):
+            quiet = {"hess": T @ x}
+            final_third(Engine(), x, req, quiet)
+            assert "third" not in quiet

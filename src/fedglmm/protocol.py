@@ -43,7 +43,10 @@ value in a used column and reports how many as ``omitted`` in its description, o
   the site answers with the modes of its own levels only; a binomial or poisson fit's final request
   carries ``points`` and ``gammas`` as an ``evaluate`` request (answered as ``points``), the first point
   being the estimate with the shared modes, and ``shared_G`` (their conditional covariance on the scale
-  of b): the site adds the modes and SDs of its own levels given them;
+  of b): the site adds the modes and SDs of its own levels given them; ``third`` (not under secure
+  aggregation) asks for ``third`` too, the third derivatives of its log-likelihood at the point (the
+  P(P + 1)(P + 2)/6 distinct entries of a sum over its rows, as the Hessian is one:
+  :func:`fedglmm.site.own_third.final_third`);
 * ``oneshot`` {formula, family, link, order[, transforms]}: the site's whole one-shot message (its description, set-up
   sums and per-group summaries, see :func:`fedglmm.site.summaries.summarize`), or its refusal to send
   per-group summaries for groups below its minimum size;

@@ -87,6 +87,12 @@ class RoundEvaluator:
         self.final = dict(final or {})
         self.total = total
 
+    @property
+    def third_final(self) -> bool:
+        """Whether a final request may ask for the sites' third derivatives (``third``): not under secure
+        aggregation, whose masks cover the sums' usual keys alone."""
+        return not getattr(self.transport, "secure", False)
+
     def _ride(self) -> dict:
         ride, self.first = self.first, {}
         return ride

@@ -7,7 +7,7 @@ Who evaluates the sums is the caller's :class:`Evaluator`: the coordinator's rou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -18,6 +18,7 @@ from ..model.spec import diagonal_positions, theta_index
 from .covariance_steps import CovarianceSteps
 from .drive import run, running_off
 from .fused import parallel_map, threads_pay
+from .linalg import unpack_third
 from .lmm import profiled_deviance
 from .newton import TrustRegionNewton
 from .setup import Setup, sum_replies
@@ -104,6 +105,32 @@ def canonical_theta(theta, mask):
     return theta
 
 
+def _newton_config(options: FitOptions):
+    """The Newton settings of a GLMM fit: a final point's third derivatives (NewtonConfig.final_third) cost each
+    site P evaluations, not asked for by quadrature, where each is dear (contraception_gh10 over 3 sites took
+    1.46 times as long in its same 3 rounds)."""
+    return options.newton if options.nagq == 1 else replace(options.newton, final_third=False)
+
+
+def _finalize(evaluator, x, opt):
+    """The final round's sums at ``x`` and the parts' replies -- with the sites' third derivatives there, for
+    the optimiser's last step (``opt.final_third``), where it asks for them and the evaluator may send them."""
+    ask = bool(getattr(opt, "want_third", False)) and bool(getattr(evaluator, "third_final", False))
+    s, parts = evaluator.finalize(x, GLMM_KEYS, {"third": True} if ask else None)
+    opt.final_third = _summed_third(parts, len(x)) if ask else None
+    return s, parts
+
+
+def _summed_third(parts, n: int) -> np.ndarray | None:
+    """The third derivatives of −ℓ at a final point from the parts' replies (each its ``third``: of its ℓ, packed),
+    or None where a part sent none (a site with shared levels, or one that could not make them)."""
+    try:
+        T = unpack_third(-sum(np.asarray(r["third"], float) for r in parts.values()), n)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
+    return T if T is not None and np.all(np.isfinite(T)) else None
+
+
 def boundary_positions(mask) -> np.ndarray:
     """Positions in θ of the diagonal entries of Λ alone in their column: the objective is even in each
     (flipping the column leaves ΛΛᵀ as it is), so 0 is a boundary (see :class:`TrustRegionNewton`)."""
@@ -156,7 +183,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
 
     def evaluate(xs, final):
         if final:
-            s, parts = evaluator.finalize(xs[0], GLMM_KEYS)
+            s, parts = _finalize(evaluator, xs[0], opt)
             sums = [s]
         else:
             sums, parts = evaluator.evaluate(xs, GLMM_KEYS), None
@@ -174,7 +201,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     canon = lambda x: np.r_[x[:p], canonical_theta(x[p:p + k], mask), x[p + k:]]   # noqa: E731
     # the optimiser also tries zero variances, and steps in the covariance's entries near a singular one
     edge = tuple(p + boundary_positions(mask))
-    opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), options.newton, starts=starts, model=model,
+    opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), _newton_config(options), starts=starts, model=model,
                             boundary=edge, covariance=CovarianceSteps(mask, p) if k else None,
                             predict_final=bool(setup.factor_groups), final_first=final_first,
                             sound_start=sound_start, tails=(p + k,) if poisson_limit else (),
@@ -214,6 +241,10 @@ def _information_at_estimate(opt, info, estimate):
     derivative; without a model the whole change).  Kept only if it stays positive definite."""
     if opt.point is None:
         return info
+    if opt.third_used is not None:      # the fit ended on a last step to third order: F's own change over it
+        corrected = info + opt.third_used @ (estimate - opt.point)
+        if np.all(np.isfinite(corrected)) and np.all(np.linalg.eigvalsh(corrected) > 0):
+            return corrected
     change = getattr(opt.model, "hessian_change", None)
     parts = []
     model = change(opt.point, estimate) if change is not None else None

@@ -43,3 +43,27 @@ def symmetric_third(D: np.ndarray) -> np.ndarray:
     third-derivative tensor."""
     perms = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
     return sum(D.transpose(pm) for pm in perms) / 6.0
+
+
+def _third_index(n: int) -> tuple:
+    i, j, k = np.meshgrid(np.arange(n), np.arange(n), np.arange(n), indexing="ij")
+    keep = (i <= j) & (j <= k)
+    return i[keep], j[keep], k[keep]
+
+
+def pack_third(T: np.ndarray) -> np.ndarray:
+    """The n(n + 1)(n + 2)/6 distinct entries T[i, j, k], i ≤ j ≤ k, of a symmetric n × n × n tensor (what a
+    site sends: a sixth of the tensor's size as n grows)."""
+    return np.asarray(T, float)[_third_index(len(T))]
+
+
+def unpack_third(v: np.ndarray, n: int) -> np.ndarray | None:
+    """The symmetric n × n × n tensor of :func:`pack_third`'s entries, or None if ``v`` has not their number."""
+    idx = _third_index(n)
+    v = np.asarray(v, float).ravel()
+    if v.shape != (len(idx[0]),):
+        return None
+    T = np.zeros((n, n, n))
+    for a, b, c in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
+        T[idx[a], idx[b], idx[c]] = v
+    return T

@@ -97,6 +97,10 @@ class TrustRegionNewton(Ending):
         self._tail_from: _State | None = None   # the point the last step in e^(−ψ) was proposed from
         self._cov_won = False               # the step accepted last was one in Σ's entries or a turn
         self._refreshing = False            # the round asked for carries the current point again, last
+        self.want_third = False             # the final round asked for also brings F's third derivatives ...
+        self.final_third: np.ndarray | None = None      # ... which its caller puts here (see _third_last)
+        self._third_step: np.ndarray | None = None      # the last step to third order, where it ends the fit
+        self.third_used: np.ndarray | None = None       # ... and the third derivatives it was made with
 
     @property
     def current(self) -> _State | None:
@@ -149,9 +153,7 @@ class TrustRegionNewton(Ending):
         newton = _newton_step(cur.g, cur.H)
         dec = -(cur.g @ newton) if newton is not None else np.inf
         self.trace.append((self.evals, float(cur.f), float(dec)))
-        # (the contraction a final candidate shows predicts the next Newton step's only if it was one)
-        contracted = bool(self._cands) and self._cands[0].newton and self._contracted(dec)
-        if was_final and self.accepted is not None and (dec < self.config.tol or contracted):
+        if was_final and self.accepted is not None and (dec < self.config.tol or self._ends(cur, newton, dec)):
             return self._stop_or_settle(cur, newton)
         dec_before, self._dec_prev = self._dec_prev, dec
         self._model_fell_short(was_final, dec, dec_before)

@@ -60,13 +60,15 @@ class NewtonConfig:
                                 # fell short: F flattens ahead) has the next round try it doubled and
                                 # quadrupled too; 0: never
     log_steps: bool = True      # where a Newton step grows a standard deviation, also try it in log scale
+    final_third: bool = True    # a final round predicted to land just above tol asks for the third derivatives
+                                # there, for a last step to third order (see newton_end.Ending._third_last)
 
     @property
     def local(self) -> "NewtonConfig":
         """These settings for a GLMM fit evaluated in place (a site's own fit, the coordinator's pseudo-data
         fit), where a point costs what a round does: no extra points beside the Newton step's (with them the
         one-site fits of the reference cases took up to 1.5 times as long, in as many rounds)."""
-        return replace(self, extrapolate=0.0, log_steps=False)
+        return replace(self, extrapolate=0.0, log_steps=False, final_third=False)
 
 
 @dataclass(frozen=True)

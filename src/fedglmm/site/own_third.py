@@ -1,12 +1,14 @@
 """The third derivatives of a site's own fit, sent beside it for the hybrid's start and step model
-(:mod:`fedglmm.site.own_fit`): differences of the engine's analytic Hessian, half a standard error apart."""
+(:mod:`fedglmm.site.own_fit`): differences of the engine's analytic Hessian, half a standard error apart;
+and those at a final point, where the coordinator asks for them (:func:`final_third`)."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..likelihood.linalg import symmetric_third
+from ..likelihood.linalg import pack_third, symmetric_third
 
 THIRD_STEP = 0.5      # the differences for the third derivatives: half a standard error each way
+FINAL_STEP = 1e-4     # ... at a final point: this far (internal scale, relative beyond 1)
 
 
 def third_derivatives(engine, x: np.ndarray, info: np.ndarray) -> np.ndarray | None:
@@ -47,3 +49,24 @@ def covariance_third(engine, x: np.ndarray, H: np.ndarray, idx) -> np.ndarray | 
     a, b, c = on[:, None, None], on[None, :, None], on[None, None, :]
     T = np.where(c, D, np.where(b, np.einsum("acb->abc", D), np.where(a, np.einsum("bca->abc", D), 0.0)))
     return symmetric_third(T) if len(idx) and np.all(np.isfinite(T)) else None
+
+
+def final_third(engine, x: np.ndarray, req: dict, reply: dict) -> None:
+    """A ``finalize`` request that asks for them (``third``) gets the third derivatives of ℓ at its point in
+    ``reply`` (``third``): forward differences of the engine's analytic Hessian, 1e-4 in each coordinate
+    (internal scale; relative beyond 1), P evaluations from warm modes, made symmetric, its P(P + 1)(P + 2)/6
+    distinct entries (:func:`~fedglmm.likelihood.linalg.pack_third`) -- sums over the site's rows, as the
+    Hessian is.  The coordinator, whose final round left a decrement just
+    above its tolerance, takes its last step to third order with them instead of one more round
+    (:meth:`~fedglmm.likelihood.newton_end.Ending._third_last`).  Not under secure aggregation, whose
+    masks cover the sums' usual keys alone."""
+    if not req.get("third") or "secagg" in req or "hess" not in reply:
+        return
+    P, H = len(x), np.asarray(reply["hess"], float)
+    D = np.empty((P, P, P))
+    for k in range(P):
+        h = FINAL_STEP * max(1.0, abs(float(x[k])))
+        D[:, :, k] = (np.asarray(engine.sums(x + h * np.eye(P)[k])["hess"]) - H) / h
+    if np.all(np.isfinite(D)):
+        reply["third"] = pack_third(symmetric_third(D))
+

@@ -44,6 +44,7 @@ from .requests import check_oneshot, check_setup
 from .rules import SiteConfig
 from .secagg import SecureAggregation
 from .own_fit import KEPT, KEPT_DESIGN, kept_design
+from .own_third import final_third
 from .warm import warm_start
 from .summaries import summarize
 
@@ -188,10 +189,9 @@ class Site:
         spec = request_spec(req)
         self.design, self.family, self._engines, self._setup_bytes = None, None, None, None
         frame, _ = self._used_rows(req, spec)
-        family = get_family(req["family"], req.get("link"))
-        schema = Schema(kinds=dict(req["schema"]["kinds"]),
-                        levels={k: list(v) for k, v in req["schema"]["levels"].items()},
-                        transforms=dict(req["schema"].get("transforms", {})))
+        family, sch = get_family(req["family"], req.get("link")), req["schema"]
+        schema = Schema(kinds=dict(sch["kinds"]), levels={k: list(v) for k, v in sch["levels"].items()},
+                        transforms=dict(sch.get("transforms", {})))
         self.family = family
         kept, self._own_design = self._own_design, None
         if kept is not None and kept[0] is frame and kept[1] is not None and kept[1] == coding_key(spec, schema, family):
@@ -284,6 +284,7 @@ class Site:
             reply.update(self._factor_modes(modes, sds, eng.split, derivs))
             return reply
         reply = self._masked_layout(req, eng, eng.sums(point, final=True))
+        final_third(eng, point, req, reply)        # (where asked for: the last step to third order)
         d = self.design
         if d.Z.shape[1] == 0:
             return reply
@@ -316,7 +317,6 @@ class Site:
         reply.update({"levels": levels[keep].tolist(), **{k: v[keep] for k, v in out.items()},
                       "withheld": levels[~keep].tolist()})
         return reply
-
 
     def _on_inspect(self, req):
         from . import diagnostics as inspect
