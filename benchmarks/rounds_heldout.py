@@ -71,7 +71,8 @@ def site_data(case: dict, how: str):
     if how == "each":          # every group a site of its own (a registry of many small sites)
         return {str(k): part.reset_index(drop=True) for k, part in df.groupby(group, sort=False)}
     if how[0].isdigit():       # K sites by group: dealt round-robin ("5"), or in runs of unequal length ("5b")
-        k, codes = int(how.rstrip("b")), pd.factorize(df[group])[0]
+        codes = pd.factorize(df[group])[0]
+        k = min(int(how.rstrip("b")), int(codes.max()))        # (no more sites than groups)
         if how.endswith("b"):
             cuts = np.sort(np.random.default_rng(k).choice(np.arange(1, codes.max()), k - 1, replace=False))
             site = np.searchsorted(cuts, codes, side="right")

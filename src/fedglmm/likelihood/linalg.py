@@ -38,14 +38,17 @@ def transform_third(D: np.ndarray, M: np.ndarray) -> np.ndarray:
     return np.tensordot(out, M, axes=([0], [0]))          # (a, b, c)
 
 
+_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))     # the orders of three indices
+
+
 def symmetric_third(D: np.ndarray) -> np.ndarray:
     """The mean of D over the six orders of its indices: finite differences of a Hessian made a symmetric
     third-derivative tensor."""
-    perms = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
-    return sum(D.transpose(pm) for pm in perms) / 6.0
+    return sum(D.transpose(pm) for pm in _ORDERS) / 6.0
 
 
 def _third_index(n: int) -> tuple:
+    """The positions (i, j, k), i ≤ j ≤ k, of an n × n × n tensor's distinct entries, in a fixed order."""
     i, j, k = np.meshgrid(np.arange(n), np.arange(n), np.arange(n), indexing="ij")
     keep = (i <= j) & (j <= k)
     return i[keep], j[keep], k[keep]
@@ -64,6 +67,6 @@ def unpack_third(v: np.ndarray, n: int) -> np.ndarray | None:
     if v.shape != (len(idx[0]),):
         return None
     T = np.zeros((n, n, n))
-    for a, b, c in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
+    for a, b, c in _ORDERS:
         T[idx[a], idx[b], idx[c]] = v
     return T

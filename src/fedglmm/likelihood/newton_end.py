@@ -13,7 +13,7 @@ from .start_choice import newton_step as _newton_step
 
 
 THIRD_LAST = 5e-7         # a final point's decrement below which the last step to third order may end the fit
-THIRD_MAX = 8             # ... with at most this many parameters (the sites' work: 2 evaluations each)
+THIRD_MAX = 8             # ... with at most this many parameters (the sites' work: one evaluation each)
 MODEL_FINAL_SHRINK = 0.1   # a final step of the caller's model that leaves more than this share of the decrement:
                            # the model is not asked again
 

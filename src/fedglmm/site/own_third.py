@@ -56,10 +56,10 @@ def final_third(engine, x: np.ndarray, req: dict, reply: dict) -> None:
     ``reply`` (``third``): forward differences of the engine's analytic Hessian, 1e-4 in each coordinate
     (internal scale; relative beyond 1), P evaluations from warm modes, made symmetric, its P(P + 1)(P + 2)/6
     distinct entries (:func:`~fedglmm.likelihood.linalg.pack_third`) -- sums over the site's rows, as the
-    Hessian is.  The coordinator, whose final round left a decrement just
-    above its tolerance, takes its last step to third order with them instead of one more round
-    (:meth:`~fedglmm.likelihood.newton_end.Ending._third_last`).  Not under secure aggregation, whose
-    masks cover the sums' usual keys alone."""
+    Hessian is.  The coordinator, whose final round left a decrement just above its tolerance, takes its
+    last step to third order with them instead of one more round
+    (:meth:`~fedglmm.likelihood.newton_end.Ending._third_last`).  Not under secure aggregation, whose masks
+    cover the sums' usual keys alone."""
     if not req.get("third") or "secagg" in req or "hess" not in reply:
         return
     P, H = len(x), np.asarray(reply["hess"], float)
@@ -69,4 +69,3 @@ def final_third(engine, x: np.ndarray, req: dict, reply: dict) -> None:
         D[:, :, k] = (np.asarray(engine.sums(x + h * np.eye(P)[k])["hess"]) - H) / h
     if np.all(np.isfinite(D)):
         reply["third"] = pack_third(symmetric_third(D))
-
