@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..likelihood.fit import diagonal_positions
 from ..likelihood.linalg import transform_third
+from ..model.spec import diagonal_positions
 from .between import between_sites
 from .starts import OwnPart, cubic_combination, log_combination
 

@@ -93,7 +93,6 @@ class TrustRegionNewton(Ending):
         self._settling = False              # one more final round was taken to settle the last step
         self._step = np.inf                 # the scaled length of the last accepted step
         self._rho: float | None = None      # actual / predicted decrease of the last round's full step
-        self._rho_newton = False            # ... and that step was Newton's
         self._tail_from: _State | None = None   # the point the last step in e^(−ψ) was proposed from
         self._cov_won = False               # the step accepted last was one in Σ's entries or a turn
         self._refreshing = False            # the round asked for carries the current point again, last
@@ -133,7 +132,6 @@ class TrustRegionNewton(Ending):
             cand = self._cands[best] if best is not None else None
             rho = self._ratio(cand, pts[best][1], was_final) if cand is not None else -np.inf
             self._rho = rho if cand is not None and (cand.newton or not np.isfinite(cand.radius)) else None
-            self._rho_newton = cand is not None and cand.newton
             if rho >= self.config.accept:
                 self._accept(pts[best], best, cand, rho)
             else:
@@ -368,8 +366,11 @@ class TrustRegionNewton(Ending):
                 # the step just taken gained more than it promised: F flattens ahead, and the Newton step falls
                 # short again; the longer ones carry its predicted decrease (the least to beat).  Not beside
                 # the step in Σ's entries, which covers that ground (cbpp_olre: 4 points a round, not 2)
+                # (after a Newton step doubled and quadrupled, after another model's doubled: the round's
+                # candidates are still the last round's here, the accepted one among them)
+                was_newton = self._cands[self.accepted].newton
                 out += [_Candidate(f * newton, out[0].pred, nn, self._radius, True)
-                        for f in ((2.0, 4.0) if self._rho_newton else (2.0,))]
+                        for f in ((2.0, 4.0) if was_newton else (2.0,))]
             return out
         gs, Hs = g / d, H / np.outer(d, d)
         out = []

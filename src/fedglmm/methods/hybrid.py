@@ -31,13 +31,13 @@ from ..coordinator.starts import (ATTENUATION, OwnPart, attenuated, combined_sta
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
-from ..likelihood.fit import diagonal_positions
 from ..likelihood.setup import make_setup
 from ..likelihood.factor_starts import factor_theta_start
 from ..likelihood.runaway import ran_off
 from ..likelihood.starts import start_values
 from ..model.frame import na_payload
 from ..model.options import POOLED_MAX_GROUPS, FitRequest
+from ..model.spec import diagonal_positions
 from ..protocol import request
 from ..results import FitResult, RunStats
 from .hybrid_gates import _blocks_keep_digits, _fits_suffice, _lean, _sd_index, exact_moments

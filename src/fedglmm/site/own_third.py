@@ -41,10 +41,7 @@ def covariance_third(engine, x: np.ndarray, H: np.ndarray, idx) -> np.ndarray | 
     started the 3-site splits of parity_multilevel.py no closer (coordinator.own_combination.factor_log_start)."""
     se = np.sqrt(np.maximum(np.diag(np.linalg.pinv(H)), 0.0))
     P = len(x)
-    D = np.zeros((P, P, P))
-    for t in idx:
-        h = THIRD_STEP * se[t] if se[t] > 0 else 1e-3
-        D[:, :, t] = (-np.asarray(engine.sums(x + h * np.eye(P)[t])["hess"]) - H) / h
+    D = _forward(engine, x, H, idx, np.where(se > 0, THIRD_STEP * se, 1e-3))
     on = np.isin(np.arange(P), idx)
     a, b, c = on[:, None, None], on[None, :, None], on[None, None, :]
     T = np.where(c, D, np.where(b, np.einsum("acb->abc", D), np.where(a, np.einsum("bca->abc", D), 0.0)))
@@ -62,10 +59,18 @@ def final_third(engine, x: np.ndarray, req: dict, reply: dict) -> None:
     cover the sums' usual keys alone."""
     if not req.get("third") or "secagg" in req or "hess" not in reply:
         return
-    P, H = len(x), np.asarray(reply["hess"], float)
-    D = np.empty((P, P, P))
-    for k in range(P):
-        h = FINAL_STEP * max(1.0, abs(float(x[k])))
-        D[:, :, k] = (np.asarray(engine.sums(x + h * np.eye(P)[k])["hess"]) - H) / h
+    P = len(x)
+    D = -_forward(engine, x, -np.asarray(reply["hess"], float), range(P), FINAL_STEP * np.maximum(1.0, np.abs(x)))
     if np.all(np.isfinite(D)):
         reply["third"] = pack_third(symmetric_third(D))
+
+
+def _forward(engine, x: np.ndarray, H: np.ndarray, idx, steps: np.ndarray) -> np.ndarray:
+    """D[:, :, t] for t in ``idx``: forward differences of −ℓ's Hessian (``H`` at ``x``) ``steps[t]`` along
+    coordinate t (one engine evaluation each); the other slices 0."""
+    P = len(x)
+    D = np.zeros((P, P, P))
+    for t in idx:
+        h = steps[t]
+        D[:, :, t] = (-np.asarray(engine.sums(x + h * np.eye(P)[t])["hess"]) - H) / h
+    return D
