@@ -524,3 +524,55 @@ def test_a_point_whose_value_was_approximate_is_evaluated_again_when_its_steps_f
             assert len(rounds) <= 8
         else:
             assert miss > 1e-6
+
+
+# --- third derivatives at a round's points -----------------------------------------------------------------
+
+def _exp_objective(x):
+    """Σ (e^{x_i} − c_i x_i) + ½(x_0 − x_1)² and its first three derivatives (T diagonal: e^{x_i})."""
+    c = np.array([2.0, 0.5, 1.0])
+    e = np.exp(x)
+    H = np.diag(e)
+    H[:2, :2] += np.array([[1.0, -1.0], [-1.0, 1.0]])
+    g = e - c
+    g[:2] += np.array([x[0] - x[1], x[1] - x[0]])
+    T = np.zeros((3, 3, 3))
+    T[np.arange(3), np.arange(3), np.arange(3)] = e
+    return float(np.sum(e - c * x) + 0.5 * (x[0] - x[1]) ** 2), g, H, T
+
+
+def _drive_third(x0, config):
+    """Drive the optimiser as a GLMM fit's rounds do: F's third derivatives where the optimiser asks (want_third),
+    at a final point in ``final_third``, at the round's points it names (third_points) in ``point_third``."""
+    opt = TrustRegionNewton(np.asarray(x0, float), config)
+    xs, asked = opt.starts, 0
+    while xs:
+        out = [_exp_objective(np.array(x, float)) for x in xs]
+        ask = opt.want_third
+        if opt.final_candidate:
+            opt.final_third = out[0][3] if ask else None
+        else:
+            opt.point_third = [o[3] if i in opt.third_points else None for i, o in enumerate(out)] if ask else None
+        asked += ask
+        xs = opt.tell(xs, [o[:3] for o in out])
+        assert opt.evals <= 40, "no end"
+    return opt, asked
+
+
+def test_third_derivatives_at_the_points_of_a_round_end_the_fit_sooner():
+    """With F's third derivatives at a round's most promising point (asked for while the decrement predicted
+    there is where Newton's next step would not end the fit), the final candidate from a decrement below 0.1
+    is the mean of the step to third order and Chebyshev's, whose error is of fourth order: from these starts
+    (decrements 0.4-11) the iteration ends a round sooner than with Newton's steps alone (3-5 rounds for 4-6),
+    at the same minimiser to 1e-9.  (From [-0.5, 1.5, 1]: through 0.105, just above 0.1, 5 rounds either way.)"""
+    x_star = np.zeros(3)
+    for _ in range(60):
+        _, g, H, _ = _exp_objective(x_star)
+        x_star = x_star - np.linalg.solve(H, g)
+    for x0 in ([1.0, -1.0, 0.5], [0.3, 0.3, 0.3], [2.0, 2.0, -1.0], [1.5, 0.0, 0.0], [-1.0, -1.0, 2.0]):
+        with_third, asked = _drive_third(x0, NewtonConfig())
+        without, none = _drive_third(x0, NewtonConfig(final_third=False))
+        assert asked > 0 and none == 0
+        for opt in (with_third, without):
+            assert opt.converged and np.max(np.abs(opt.solution - x_star)) < 1e-9, (x0, opt.solution - x_star)
+        assert with_third.evals <= without.evals - 1, (x0, with_third.evals, without.evals)

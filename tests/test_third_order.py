@@ -199,3 +199,38 @@ def test_a_sites_third_derivatives_at_a_final_point():
             quiet = {"hess": T @ x}
             final_third(Engine(), x, req, quiet)
             assert "third" not in quiet
+
+
+def test_a_multilevel_sites_third_derivatives_at_a_rounds_points():
+    """An ``evaluate`` request with ``third_at`` gets those points' third derivatives (final_third, from their
+    warm modes; nothing at the other points).  The multi-level GLMM engine's Hessian is a difference of its
+    analytic gradients; differenced again, with every moved mode polished (third_hessian), along the
+    covariance parameters alone (the entries with an index among them; the others 0), at grouseticks'
+    estimate (two nested factors, LOCATION's SD at zero, where the coordinator restores F's symmetry:
+    even_third) and off it, they agree with central differences of central Hessians to 2e-3 of their largest
+    entry (forward differences 1e-4 apart)."""
+    from fedglmm.likelihood.linalg import unpack_third
+    from fedglmm.likelihood.multilevel import MultiLevelGLMM
+    from fedglmm.likelihood.steps import even_third
+    from fedglmm.site.own_third import final_third
+
+    df = pd.read_csv(Path(__file__).parent / "data" / "grouseticks.csv")
+    spec, fam = parse_formula("TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | LOCATION)"), get_family("poisson")
+    schema = merge_schema({"s": describe_frame(df, spec, "s")}, spec, fam)
+    eng = MultiLevelGLMM(build_design(spec, schema, df, fam, "s"), fam)
+    P = eng.p + eng.ntheta
+    theta = np.zeros((P, P, P), bool)
+    for t in range(eng.p, P):
+        theta[t], theta[:, t], theta[:, :, t] = True, True, True
+    for x in (np.array([46.86486, -0.4821753, -0.0256123, 1.2490802, 0.0]),
+              np.array([46.0, -0.47, -0.03, 1.1, 0.3])):
+        assert "third" not in final_third(eng, x, {"third_at": [1]}, dict(eng.sums(x)), 0)
+        reply = final_third(eng, x, {"third_at": [0]}, dict(eng.sums(x)), 0)
+        got = even_third(x, unpack_third(reply["third"], P), [4])      # (of ℓ)
+        want = np.empty((P, P, P))
+        for t in range(P):
+            h = 1e-4 * (1 + abs(x[t]))
+            e = np.eye(P)[t] * h
+            want[:, :, t] = (eng.evaluate(x + e, central=True).hess - eng.evaluate(x - e, central=True).hess) / (2 * h)
+        assert np.max(np.abs(got - want)[theta]) < 2e-3 * np.max(np.abs(want)), np.max(np.abs(got - want)[theta])
+        assert np.all(got[~theta] == 0.0) and np.any(want[~theta] != 0.0)

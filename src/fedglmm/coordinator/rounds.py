@@ -89,8 +89,8 @@ class RoundEvaluator:
 
     @property
     def third_final(self) -> bool:
-        """Whether a final request may ask for the sites' third derivatives (``third``): not under secure
-        aggregation, whose masks cover the sums' usual keys alone."""
+        """Whether a request may ask for the sites' third derivatives (``third``; a final one, or an evaluation
+        round's): not under secure aggregation, whose masks cover the sums' usual keys alone."""
         return not getattr(self.transport, "secure", False)
 
     def _ride(self) -> dict:
@@ -101,7 +101,9 @@ class RoundEvaluator:
         rep = self.transport.broadcast(request("evaluate", points=np.asarray(points), **self.scale, **(extra or {}),
                                                **self._ride()))
         per_point = [{sid: r["points"][i] for sid, r in rep.items()} for i in range(len(points))]
-        return [self.total(pp, keys) for pp in per_point]
+        # (a point's third derivatives where asked for and every site sent them)
+        return [self.total(pp, [*keys, *(["third"] if all("third" in r for r in pp.values()) else [])])
+                for pp in per_point]
 
     def finalize(self, point, keys, extra=None):
         rep = self.transport.broadcast(request("finalize", point=point, **self.scale, **(extra or {}),

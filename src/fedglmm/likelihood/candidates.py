@@ -25,6 +25,7 @@ class Candidate:
     settle: bool = False   # the step that settles the last one (see _stop_or_settle)
     limit: bool = False    # the step onto the poisson limit (see _tail)
     cov: bool = False      # a step in the covariance's entries or a turn off a saddle (see _in_covariance)
+    land: float | None = None   # a step to third order: the decrement it is predicted to leave (_third_final)
 
 
 MODEL_REACH = 2.0   # a caller's model step longer than this many Newton steps (scaled_norm) is not tried

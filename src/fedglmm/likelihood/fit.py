@@ -18,11 +18,11 @@ from ..model.spec import diagonal_positions, theta_index
 from .covariance_steps import CovarianceSteps
 from .drive import run, running_off
 from .fused import parallel_map, threads_pay
-from .linalg import unpack_third
 from .lmm import profiled_deviance
 from .newton import TrustRegionNewton
 from .setup import Setup, sum_replies
 from .third_order import cubic_model
+from .third_requests import evaluate_round, finalize_round
 
 GLMM_KEYS = ["value", "grad", "hess"]
 RUNAWAY = 1e3          # a gaussian start's largest |θ̃| (SDs relative to σ's): beyond it, the default start
@@ -112,25 +112,6 @@ def _newton_config(options: FitOptions):
     return options.newton if options.nagq == 1 else replace(options.newton, final_third=False)
 
 
-def _finalize(evaluator, x, opt):
-    """The final round's sums at ``x`` and the parts' replies -- with the sites' third derivatives there, for
-    the optimiser's last step (``opt.final_third``), where it asks for them and the evaluator may send them."""
-    ask = bool(getattr(opt, "want_third", False)) and bool(getattr(evaluator, "third_final", False))
-    s, parts = evaluator.finalize(x, GLMM_KEYS, {"third": True} if ask else None)
-    opt.final_third = _summed_third(parts, len(x)) if ask else None
-    return s, parts
-
-
-def _summed_third(parts, n: int) -> np.ndarray | None:
-    """The third derivatives of −ℓ at a final point from the parts' replies (each its ``third``: of its ℓ, packed),
-    or None where a part sent none (a site with shared levels, or one that could not make them)."""
-    try:
-        T = unpack_third(-sum(np.asarray(r["third"], float) for r in parts.values()), n)
-    except (KeyError, TypeError, AttributeError, ValueError):
-        return None
-    return T if T is not None and np.all(np.isfinite(T)) else None
-
-
 def boundary_positions(mask) -> np.ndarray:
     """Positions in θ of the diagonal entries of Λ alone in their column: the objective is even in each
     (flipping the column leaves ΛΛᵀ as it is), so 0 is a boundary (see :class:`TrustRegionNewton`)."""
@@ -183,10 +164,10 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
 
     def evaluate(xs, final):
         if final:
-            s, parts = _finalize(evaluator, xs[0], opt)
+            s, parts = finalize_round(evaluator, xs[0], opt, GLMM_KEYS)
             sums = [s]
         else:
-            sums, parts = evaluator.evaluate(xs, GLMM_KEYS), None
+            sums, parts = evaluate_round(evaluator, xs, opt, GLMM_KEYS), None
         return [penalised(x, -float(s["value"]), -s["grad"], -s["hess"]) for x, s in zip(xs, sums)], (parts, sums[0])
 
     if final_first:
@@ -206,7 +187,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
                             predict_final=bool(setup.factor_groups), final_first=final_first,
                             sound_start=sound_start, tails=(p + k,) if poisson_limit else (),
                             faces=not setup.factor_groups, fixed=0 if setup.factor_groups else p,
-                            uncertain=getattr(evaluator, "uncertain", None))
+                            uncertain=getattr(evaluator, "uncertain", None), third_dear=bool(setup.factor_groups))
     phi, (final, s), opt = run(opt, evaluate, canon, fallback,
                                running_off(p, diagonal_positions(mask), setup.names) if runaway_stop else None)
     info = -s["hess"]

@@ -73,6 +73,7 @@ class TrustRegionNewton(Ending):
                                     # compares starts with those profiled: start_choice.best_start)
     uncertain: object = None        # optional uncertain(x) -> bool: F at x was known only approximately, and
                                     # evaluating x again gives it more precisely (see _refresh)
+    third_dear: bool = False        # F's third derivatives cost the sites many evaluations (see _final)
 
     def __post_init__(self):
         self.x0 = np.asarray(self.x0, float)
@@ -96,10 +97,14 @@ class TrustRegionNewton(Ending):
         self._tail_from: _State | None = None   # the point the last step in e^(−ψ) was proposed from
         self._cov_won = False               # the step accepted last was one in Σ's entries or a turn
         self._refreshing = False            # the round asked for carries the current point again, last
-        self.want_third = False             # the final round asked for also brings F's third derivatives ...
-        self.final_third: np.ndarray | None = None      # ... which its caller puts here (see _third_last)
+        self.want_third = False             # the next round brings F's third derivatives (_third_wanted, _final) ...
+        self.third_points = [0]             # ... at these of its points: the one predicted to gain most (a final
+                                            # round: at its point, and the caller puts them in final_third)
+        self.final_third: np.ndarray | None = None      # (see _third_last)
         self._third_step: np.ndarray | None = None      # the last step to third order, where it ends the fit
         self.third_used: np.ndarray | None = None       # ... and the third derivatives it was made with
+        self.point_third: list | None = None    # those at each point of a round that asked (see _third_final)
+        self._third_more: list = []         # the steps to third order from the current point, as candidates
 
     @property
     def current(self) -> _State | None:
@@ -114,11 +119,7 @@ class TrustRegionNewton(Ending):
         ok = [np.isfinite(f) and np.all(np.isfinite(g)) and np.all(np.isfinite(H)) for _, f, g, H in pts]
         self._refresh(pts, ok)
         was_final, self.final_candidate, self.accepted = self.final_candidate, False, None
-        observe = getattr(self.model, "observe", None)
-        if observe is not None:
-            for (x, f, g, H), good in zip(pts, ok):
-                if good:
-                    observe(x, f, g, H)
+        self._observe(pts, ok)
         if self._cur is None:
             finite = [i for i in range(len(pts)) if ok[i]]
             if not finite:
@@ -151,10 +152,11 @@ class TrustRegionNewton(Ending):
         newton = _newton_step(cur.g, cur.H)
         dec = -(cur.g @ newton) if newton is not None else np.inf
         self.trace.append((self.evals, float(cur.f), float(dec)))
-        if was_final and self.accepted is not None and (dec < self.config.tol or self._ends(cur, newton, dec)):
+        if was_final and self.accepted is not None and (self._ends(cur, newton, dec) or dec < self.config.tol):
             return self._stop_or_settle(cur, newton)
         dec_before, self._dec_prev = self._dec_prev, dec
         self._model_fell_short(was_final, dec, dec_before)
+        self.want_third = self._third_wanted(dec, dec_before)       # (a final round's: see _final)
         if self.evals >= self.config.max_evals:
             self.message = f"no convergence within {self.config.max_evals} rounds"
             return self._finish(converged=False)
@@ -165,10 +167,12 @@ class TrustRegionNewton(Ending):
         tail = self._tail(cur, newton)
         cov = self._in_covariance(cur, newton, self._linear(cur, newton, dec, dec_before), edge is not None) \
             if dec >= self.config.tol else None
-        if cov is None and not (was_final and self.accepted is None) and (dec < self.config.near or (
-                extra is not None and dec < self.config.near_model) or self._promising(dec, dec_before)):
+        third = self._third_final(cur, newton, dec, edge, cov is None)
+        if third is not None or cov is None and not (was_final and self.accepted is None) and (
+                dec < self.config.near or extra is not None and dec < self.config.near_model
+                or self._promising(dec, dec_before)):
             # the poisson limit is a final candidate as a zero variance's boundary point is
-            return self._final(cur, newton, dec, extra, self._final_edge(cur, edge, tail))
+            return self._final(cur, newton, dec, third or extra, None if third else self._final_edge(cur, edge, tail))
         self._cands = self._propose(cur.g, cur.H, newton, extend=cov is None)
         if extra is not None:
             extra.radius = self._radius
@@ -179,9 +183,19 @@ class TrustRegionNewton(Ending):
             self._cands.insert(0, extra)
         grow = self._log_scale(cur, newton) if dec >= self.config.near and edge is None else None
         tail = tail if dec >= self.config.near else None
-        self._cands += [c for c in (edge, cov, grow, tail) if c is not None] + self._turns(cur, newton, cov) \
+        self._cands += [c for c in (edge, cov, grow, tail, *self._third_more) if c is not None] \
+            + self._turns(cur, newton, cov) \
             + self._face(cur, newton)
+        self.third_points = [int(np.argmax([c.pred for c in self._cands])) if self._cands else 0]
         return [cur.x + c.step for c in self._cands] + ([cur.x] if self._refreshing else [])
+
+    def _observe(self, pts: list, ok: list) -> None:
+        """Show the caller's model every finite point of the round (its optional ``observe``)."""
+        observe = getattr(self.model, "observe", None)
+        if observe is not None:
+            for (x, f, g, H), good in zip(pts, ok):
+                if good:
+                    observe(x, f, g, H)
 
     def _refresh(self, pts: list, ok: list) -> None:
         """Where the round carried the current point again (last; see ``uncertain``): take it off the

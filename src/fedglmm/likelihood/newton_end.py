@@ -10,10 +10,16 @@ from .boundary import boundary_last
 from .candidates import Candidate as _Candidate, unbounded as _unbounded
 from .last_step import last_step
 from .start_choice import newton_step as _newton_step
+from .steps import even_third
 
 
 THIRD_LAST = 5e-7         # a final point's decrement below which the last step to third order may end the fit
 THIRD_MAX = 8             # ... with at most this many parameters (the sites' work: one evaluation each)
+THIRD_NEAR = 0.1          # a decrement below which a point's third derivatives make the final candidate ...
+THIRD_LAND = 2e-5         # ... where their two steps' difference (the decrement they are predicted to leave) is below
+THIRD_ASK = (3e-4, 0.1)   # ... asked for at a round's points where the decrement predicted there is in this range
+THIRD_FROM = (0.04, 5.0)  # ... or, from a decrement in this range reached by no step in the quadratic regime
+QUADRATIC = 0.5           # (a step from a decrement below this one is: its contraction d/d₀² predicts the next)
 MODEL_FINAL_SHRINK = 0.1   # a final step of the caller's model that leaves more than this share of the decrement:
                            # the model is not asked again
 
@@ -29,16 +35,80 @@ class Ending:
         step, pred = (newton, dec / 2.0) if extra is None else (extra.step, extra.pred)
         if edge is not None:
             step, pred = edge.step, edge.pred
+        third = extra is not None and extra.land is not None          # (a step to third order: _third_final)
         self._cands = [_unbounded(step, pred, cur.H, extra is None and edge is None)]
-        self._final_model = extra is not None and edge is None
+        self._final_model = extra is not None and edge is None and not third
         # the third derivatives at the final point, where its decrement is predicted above a tenth of tol: the
-        # last contraction d/d₀² times d², from d₀ below near_model, else 1e-3 (typical of the held-out fits
-        # over 10-20 sites, where a final candidate from 2e-3 to 2e-2 left 5e-8 to 1e-6)
+        # last contraction d/d₀² times d², from d₀ below near_model, else 1e-3 (typical of the held-out fits over
+        # 10-20 sites, where a final candidate from 2e-3 to 2e-2 left 5e-8 to 1e-6); after a step to third order a
+        # tenth of its ``land`` (those steps left land/30 to land/7).  And always after a step onto a zero
+        # variance, or to third order where they are cheap (not ``third_dear``: several grouping factors, whose
+        # Hessians are differences of gradients): the last step from there is then third order too, and the
+        # information moves to the estimate by them -- from 1e-9 after a step to third order the third
+        # derivatives of the point before left standard errors 2.6e-7 off (toenail over 20 sites; with several
+        # factors 3e-7, where asking cost grouseticks' nested factors over 3 sites a third more fit time), from
+        # 7e-9 onto grouseticks_nested's zero SD the secant left them 4e-6 off
         t, cfg = self.trace, self.config
         c = t[-1][2] / t[-2][2] ** 2 if len(t) > 1 and 0 < t[-2][2] < cfg.near_model else 1e-3
-        self.want_third = cfg.final_third and not cfg.single and len(cur.x) <= THIRD_MAX \
-            and c * dec * dec > cfg.tol / 10
+        self.want_third = self._may_ask_third() \
+            and (edge is not None or third and not self.third_dear or (extra.land / 10 if third else c * dec * dec)
+                 > cfg.tol / 10)
         return [cur.x + step]
+
+    def _may_ask_third(self) -> bool:
+        """Whether this iteration asks for F's third derivatives at all: a fit that allows it (``final_third``), of
+        more than one point a round, of at most THIRD_MAX parameters (the sites' work: P + 1 Hessians each)."""
+        cfg = self.config
+        return cfg.final_third and not cfg.single and len(self.x0) <= THIRD_MAX
+
+    def _third_wanted(self, dec: float, d0: float) -> bool:
+        """Whether the next round's points come with the sites' third derivatives (P evaluations a point at each
+        site; Laplace fits of at most THIRD_MAX parameters), for a step to third order from there that may end
+        the fit a round sooner than Newton's (:meth:`_third_final`): where the decrement predicted there (the
+        last contraction d/d₀² times d², after a full step from d₀ below QUADRATIC) lies in THIRD_ASK, or
+        otherwise where d lies in THIRD_FROM (from d of 1 to 4, the next decrement was 2e-3 to 0.1 on the GLMM
+        splits of parity_multilevel.py: contractions of 0.002 to 0.7).  A final round asks in :meth:`_final`."""
+        if not self._may_ask_third() or self._cur is None:
+            return False
+        cand = self._cands[self.accepted] if self.accepted is not None and self._cands else None
+        if cand is not None and (cand.newton or not np.isfinite(cand.radius)) and 0 < dec < d0 < QUADRATIC:
+            return THIRD_ASK[0] <= dec ** 3 / d0 ** 2 <= THIRD_ASK[1]
+        return THIRD_FROM[0] <= dec <= THIRD_FROM[1]
+
+    def _third_final(self, cur, newton, dec: float, edge, final_ok: bool = True) -> _Candidate | None:
+        """From an accepted point whose third derivatives T came with it (``point_third``, asked for by
+        :meth:`_third_wanted`), no boundary step in question: the step to third order s (g + Hs + ½T[s, s] = 0)
+        and Chebyshev's s_N − ½H⁻¹T[s_N, s_N] (:func:`_third_steps`), each of which leaves an error of fourth
+        order in the step, their difference its measure (``land``, in the norm of H: the decrement predicted).
+        With d in [tol, THIRD_NEAR) and land below THIRD_LAND (``final_ok``: no step in Σ's entries wanted), their
+        mean is the final candidate (returned); otherwise both are further candidates of the round
+        (``_third_more``), where they gain.  The exact T's steps on the GLMM splits of parity_multilevel.py over
+        3 sites: from d = 3.8 to 0.01 where Newton's reached 0.13; from 0.06 to 3e-8 where Newton's reached
+        9e-5; with land from 1e-7 to 1.8e-5 the one step or the other left from land/2 to land, their mean
+        from land/30 to land/7 (Newton's 20 to 200 times land)."""
+        T = self.point_third[self.accepted] if self.point_third and self.accepted is not None \
+            and self.accepted < len(self.point_third) else None
+        self.point_third, self._third_more, self.third_used = None, [], None
+        T = even_third(cur.x, T, self.boundary) if T is not None else None
+        steps = _third_steps(cur, newton, T) if T is not None and newton is not None and edge is None \
+            and dec >= self.config.tol else None
+        if steps is None:
+            return None
+        cheb, s = steps
+        miss = s - cheb
+        land = float(miss @ cur.H @ miss)
+        pred = [-(cur.g @ x + 0.5 * x @ cur.H @ x + np.einsum("ijk,i,j,k->", T, x, x, x) / 6.0)
+                for x in (s, cheb, 0.5 * (s + cheb))]
+        if final_ok and dec < THIRD_NEAR and land < THIRD_LAND and pred[2] > 0:
+            out = _unbounded(0.5 * (s + cheb), pred[2], cur.H)
+            out.land, self.third_used = land, T      # (T here, for the information at the estimate: see _finish)
+            return out
+        # (where the step to third order is not much longer than Newton's: far from the optimum its cubic model
+        # can put the root anywhere)
+        reach = 2.0 * (newton @ cur.H @ newton)
+        self._third_more = [_unbounded(x, p, cur.H) for x, p in zip((s, cheb), pred)
+                            if p > 0 and (x - newton) @ cur.H @ (x - newton) <= reach]
+        return None
 
     def _model_fell_short(self, was_final: bool, dec: float, d0: float) -> None:
         """After a final round whose point was the caller's model's step: where it left a decrement d above
@@ -92,6 +162,10 @@ class Ending:
         if step is not None:
             model = self._model_last(step)
             step = model if model is not None else last if last is not None else self._final_step(step)
+            # (a variance exactly at zero stays there: F is even in it, its gradient there 0, and Newton's step
+            # leaves it; the models along the last move do not know that -- grouseticks_nested's SD went to 3e-10
+            # and its standard errors moved by 6e-6)
+            step = np.where(np.isin(np.arange(len(step)), self.boundary) & (self.point == 0.0), 0.0, step)
         self.solution = self.point + (step if step is not None else 0.0)
         self.converged = converged
         if converged and not self.message:
@@ -99,32 +173,32 @@ class Ending:
         return None
 
     def _ends(self, cur, newton, dec: float) -> bool:
-        """After an accepted final round that left a decrement of at least tol: whether the iteration ends there
-        all the same -- by the contraction a Newton final candidate shows (:meth:`_contracted`; only if it was
-        one: it predicts the next Newton step's), or by the last step to third order (:meth:`_third_last`)."""
-        return bool(self._cands) and self._cands[0].newton and self._contracted(dec) \
-            or self._third_last(cur, newton, dec)
+        """After an accepted final round: whether the iteration ends there by the last step to third order
+        (:meth:`_third_last`; below tol too, where the round brought the third derivatives), or, from a decrement
+        of at least tol, by the contraction a Newton final candidate shows (:meth:`_contracted`; only if it was
+        one: it predicts the next Newton step's).  The caller ends it below tol in any case."""
+        return self._third_last(cur, newton, dec) \
+            or bool(self._cands) and self._cands[0].newton and self._contracted(dec)
 
     def _third_last(self, cur, newton, dec: float) -> bool:
         """With F's third derivatives T at the final point (``final_third``, the sites' sums), a decrement d below
-        THIRD_LAST and no zero variance in question: the last step to third order, s solving g + Hs + ½T[s, s] = 0
-        (fixed-point iteration from Newton's), and Chebyshev's s_N − ½H⁻¹T[s_N, s_N] beside it.  Where the two agree
-        to within tol/10 in the norm of H, each leaves an error of third order in the step (below 1e-9 on the
-        held-out fits over 10-20 sites, from decrements of 1e-7 to 1e-6, where Newton's left 1e-8 to 4e-7) and the
-        first ends the fit (kept for :meth:`_stop_or_settle`): no round to settle the last step."""
+        THIRD_LAST (below tol too) and no zero variance in question: the last step to third order, s solving
+        g + Hs + ½T[s, s] = 0 (fixed-point iteration from Newton's), and Chebyshev's s_N − ½H⁻¹T[s_N, s_N] beside
+        it (:func:`_third_steps`).  Where the two agree to within tol/10 in the norm of H, each leaves an error of
+        third order in the step (below 1e-9 on the held-out fits over 10-20 sites, from decrements of 1e-7 to
+        1e-6, where Newton's left 1e-8 to 4e-7) and the first ends the fit (kept for :meth:`_stop_or_settle`): no
+        round to settle the last step."""
         T, self.final_third, self._third_step = self.final_third, None, None
-        if T is None or newton is None or not self.config.tol <= dec < THIRD_LAST \
+        T = even_third(cur.x, T, self.boundary) if T is not None else None
+        if T is None or newton is None or not dec < THIRD_LAST \
                 or boundary_last(cur.x, cur.g, cur.H, newton, self.boundary, self.config.tol) is not None:
             return False
-        try:
-            cheb = newton - 0.5 * np.linalg.solve(cur.H, np.einsum("ijk,j,k->i", T, newton, newton))
-            s = newton
-            for _ in range(30):
-                s = -np.linalg.solve(cur.H + 0.5 * (T @ s), cur.g)
-        except np.linalg.LinAlgError:
+        steps = _third_steps(cur, newton, T)
+        if steps is None:
             return False
+        cheb, s = steps
         miss = s - cheb
-        if not (np.all(np.isfinite(s)) and miss @ cur.H @ miss <= 0.01 * self.config.tol ** 2):
+        if not miss @ cur.H @ miss <= 0.01 * self.config.tol ** 2:
             return False
         self._third_step, self.third_used = s, T
         return True
@@ -168,3 +242,17 @@ class Ending:
 
     def _final_step(self, step: np.ndarray) -> np.ndarray:
         return last_step(self._cur, self.previous, self.covariance, step)
+
+
+def _third_steps(cur, newton: np.ndarray, T: np.ndarray) -> tuple | None:
+    """From the point ``cur`` (x, g, H) with F's third derivatives T there: Chebyshev's step s_N − ½H⁻¹T[s_N, s_N]
+    (s_N: ``newton``) and the step to third order, s solving g + Hs + ½T[s, s] = 0 (fixed-point iteration from
+    s_N); None where either is not finite."""
+    try:
+        cheb = newton - 0.5 * np.linalg.solve(cur.H, np.einsum("ijk,j,k->i", T, newton, newton))
+        s = newton
+        for _ in range(30):
+            s = -np.linalg.solve(cur.H + 0.5 * (T @ s), cur.g)
+    except np.linalg.LinAlgError:
+        return None
+    return (cheb, s) if np.all(np.isfinite(cheb)) and np.all(np.isfinite(s)) else None
