@@ -106,9 +106,9 @@ def canonical_theta(theta, mask):
 
 
 def _newton_config(options: FitOptions):
-    """The Newton settings of a GLMM fit: a final point's third derivatives (NewtonConfig.final_third) cost each
-    site P evaluations, not asked for by quadrature, where each is dear (contraception_gh10 over 3 sites took
-    1.46 times as long in its same 3 rounds)."""
+    """The Newton settings of a GLMM fit: the sites' third derivatives (NewtonConfig.final_third: at a final point,
+    at a round's point near the optimum) cost each site P evaluations, not asked for by quadrature, where each
+    is dear (contraception_gh10 over 3 sites took 1.46 times as long in its same 3 rounds)."""
     return options.newton if options.nagq == 1 else replace(options.newton, final_third=False)
 
 

@@ -60,8 +60,8 @@ class NewtonConfig:
                                 # fell short: F flattens ahead) has the next round try it doubled and
                                 # quadrupled too; 0: never
     log_steps: bool = True      # where a Newton step grows a standard deviation, also try it in log scale
-    final_third: bool = True    # a final round predicted to land just above tol asks for the third derivatives
-                                # there, for a last step to third order (see newton_end.Ending._third_last)
+    final_third: bool = True    # the sites' third derivatives are asked for (a final round predicted to land just
+                                # above tol, a round's point near the optimum: likelihood.newton_end)
 
     @property
     def local(self) -> "NewtonConfig":

@@ -48,8 +48,8 @@ def final_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None
     """A ``finalize`` request that asks for them (``third``), or an ``evaluate`` request that asks for them at its
     point ``index`` (``third_at``), gets the third derivatives of ℓ at the point in ``reply`` (``third``;
     ``reply``, the sums at ``x``, is returned): forward differences of the engine's analytic Hessian, 1e-4 in
-    each coordinate (internal scale; relative beyond 1), P evaluations from warm modes, made symmetric, its
-    P(P + 1)(P + 2)/6 distinct entries
+    each coordinate (internal scale; relative beyond 1), P evaluations from warm modes (several grouping
+    factors: along the covariance parameters, below), made symmetric, its P(P + 1)(P + 2)/6 distinct entries
     (:func:`~fedglmm.likelihood.linalg.pack_third`) -- sums over the site's rows, as the Hessian is.  The
     coordinator takes its last step to third order with them instead of one more round
     (:meth:`~fedglmm.likelihood.newton_end.Ending._third_last`), or a step near the optimum whose error is of

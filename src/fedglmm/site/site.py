@@ -257,7 +257,8 @@ class Site:
         """The sums at each requested point (a GLMM with shared levels: with the coordinator's Γ̂ at each)."""
         points = np.asarray(req["points"], float)
         if "gammas" not in req:         # (the third derivatives at the points asked for, from their warm modes)
-            return [final_third(eng, x, req, self._masked_layout(req, eng, eng.sums(x)), i) for i, x in enumerate(points)]
+            return [final_third(eng, x, req, self._masked_layout(req, eng, eng.sums(x)), i)
+                    for i, x in enumerate(points)]
         gammas = np.asarray(req["gammas"], float)
         if not isinstance(eng, SharedGLMMSums) or gammas.shape != (len(points), eng.Q, eng.Q):
             raise FedGLMMError(f"site '{self.site_id}': refused a malformed request (gammas)")
@@ -283,7 +284,6 @@ class Site:
                 if req.get("derivatives") and "secagg" not in req else None
             reply.update(self._factor_modes(modes, sds, eng.split, derivs))
             return reply
-        # (the third derivatives where asked for: the last step to third order)
         reply = final_third(eng, point, req, self._masked_layout(req, eng, eng.sums(point, final=True)))
         d = self.design
         if d.Z.shape[1] == 0:
