@@ -27,6 +27,12 @@ class Candidate:
     cov: bool = False      # a step in the covariance's entries or a turn off a saddle (see _in_covariance)
     land: float | None = None   # a step to third order: the decrement it is predicted to leave (_third_final)
 
+    @property
+    def full(self) -> bool:
+        """A step taken whole: Newton's, or another model's outside the trust region's radii (log scale, Σ's
+        entries, onto a boundary, to third order), which near the optimum contracts as Newton's does."""
+        return self.newton or not np.isfinite(self.radius)
+
 
 MODEL_REACH = 2.0   # a caller's model step longer than this many Newton steps (scaled_norm) is not tried
 

@@ -132,7 +132,7 @@ class TrustRegionNewton(Ending):
             best = min(finite, key=lambda i: pts[i][1]) if finite else None
             cand = self._cands[best] if best is not None else None
             rho = self._ratio(cand, pts[best][1], was_final) if cand is not None else -np.inf
-            self._rho = rho if cand is not None and (cand.newton or not np.isfinite(cand.radius)) else None
+            self._rho = rho if cand is not None and cand.full else None
             if rho >= self.config.accept:
                 self._accept(pts[best], best, cand, rho)
             else:

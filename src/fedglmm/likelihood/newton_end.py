@@ -70,8 +70,7 @@ class Ending:
         splits of parity_multilevel.py: contractions of 0.002 to 0.7).  A final round asks in :meth:`_final`."""
         if not self._may_ask_third() or self._cur is None:
             return False
-        cand = self._cands[self.accepted] if self.accepted is not None and self._cands else None
-        if cand is not None and (cand.newton or not np.isfinite(cand.radius)) and 0 < dec < d0 < QUADRATIC:
+        if self._accepted_full() and 0 < dec < d0 < QUADRATIC:
             return THIRD_ASK[0] <= dec ** 3 / d0 ** 2 <= THIRD_ASK[1]
         return THIRD_FROM[0] <= dec <= THIRD_FROM[1]
 
@@ -118,6 +117,11 @@ class Ending:
         if was_final and self.accepted is not None and self._final_model and dec > MODEL_FINAL_SHRINK * d0:
             self._model_rejections, self._model_ok = self._model_rejections + 1, False
 
+    def _accepted_full(self) -> bool:
+        """Whether the point just accepted was reached by a full step (:attr:`Candidate.full`; the round's
+        candidates are still the last round's here)."""
+        return self.accepted is not None and bool(self._cands) and self._cands[self.accepted].full
+
     def _promising(self, dec: float, d0: float) -> bool:
         """With ``predict_final``: the step just accepted was a full step from a decrement d₀ and left d
         (< near_model); its contraction c = d/d₀² predicts d' = c·d² after the next one -- one that ends the
@@ -129,9 +133,8 @@ class Ending:
         138 -> 137 rounds: mmmec_la and _olre 6 -> 5, sim_doctors_la 6 -> 5, sim_rare_la over 3 sites 5 -> 4
         (a step in log scale left 1.9e-3 from 0.34, the final candidate then 9.2e-8), none longer; the
         golden file's and stress_methods.py's rounds the same."""
-        cand = self._cands[self.accepted] if self.accepted is not None and self._cands else None
-        full = cand is not None and (cand.newton or not np.isfinite(cand.radius))
-        if not (self.predict_final and full and dec < self.config.near_model and 0 < d0 < np.inf and dec < d0):
+        if not (self.predict_final and self._accepted_full() and dec < self.config.near_model
+                and 0 < d0 < np.inf and dec < d0):
             return False
         nxt, tol = dec ** 3 / d0 ** 2, self.config.tol
         # (not where a final round may take more rounds to settle an approximate value, ``uncertain``: levels
