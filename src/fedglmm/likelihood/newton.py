@@ -98,8 +98,8 @@ class TrustRegionNewton(Ending):
         self._cov_won = False               # the step accepted last was one in Σ's entries or a turn
         self._refreshing = False            # the round asked for carries the current point again, last
         self.want_third = False             # the next round brings F's third derivatives (_third_wanted, _final) ...
-        self.third_points = [0]             # ... at these of its points: the one predicted to gain most (a final
-                                            # round: at its point, and the caller puts them in final_third)
+        self.third_points = [0]             # ... at these of its points (_third_points; a final round: at its
+                                            # point, and the caller puts them in final_third)
         self.final_third: np.ndarray | None = None      # (see _third_last)
         self._third_step: np.ndarray | None = None      # the last step to third order, where it ends the fit
         self.third_used: np.ndarray | None = None       # ... and the third derivatives it was made with
@@ -136,13 +136,7 @@ class TrustRegionNewton(Ending):
             if rho >= self.config.accept:
                 self._accept(pts[best], best, cand, rho)
             else:
-                self._trusted = False
-                self._model_ok = False
-                self._model_rejections += 1
-                # (never growing while steps fail: a rejected final candidate and the radii after it would
-                # otherwise take turns for ever)
-                self._ceiling = min(self._ceiling, min(c.norm for c in self._cands))
-                self._radius = 0.25 * self._ceiling
+                self._rejected(was_final)
                 self._refreshing = self.uncertain is not None and bool(self.uncertain(self._cur.x))
                 if not self._refreshing and max(c.pred for c in self._cands) < 1e-13 * max(1.0, abs(self._cur.f)):
                     # the model predicts no measurable gain: the current point is as good as it gets
@@ -186,7 +180,7 @@ class TrustRegionNewton(Ending):
         self._cands += [c for c in (edge, cov, grow, tail, *self._third_more) if c is not None] \
             + self._turns(cur, newton, cov) \
             + self._face(cur, newton)
-        self.third_points = [int(np.argmax([c.pred for c in self._cands])) if self._cands else 0]
+        self.third_points = self._third_points(extra)
         return [cur.x + c.step for c in self._cands] + ([cur.x] if self._refreshing else [])
 
     def _observe(self, pts: list, ok: list) -> None:

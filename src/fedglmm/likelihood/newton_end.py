@@ -15,10 +15,11 @@ from .steps import even_third
 
 THIRD_LAST = 5e-7         # a final point's decrement below which the last step to third order may end the fit
 THIRD_MAX = 8             # ... with at most this many parameters (the sites' work: one evaluation each)
-THIRD_NEAR = 0.1          # a decrement below which a point's third derivatives make the final candidate ...
+THIRD_NEAR = 0.3          # a decrement below which a point's third derivatives make the final candidate ...
+                          # (0.1 until a 0.1003 with land 1.5e-6 was not: grouseticks_nb one location a site)
 THIRD_LAND = 2e-5         # ... where their two steps' difference (the decrement they are predicted to leave) is below
 THIRD_ASK = (3e-4, 0.1)   # ... asked for at a round's points where the decrement predicted there is in this range
-THIRD_FROM = (0.04, 5.0)  # ... or, from a decrement in this range reached by no step in the quadratic regime
+THIRD_FROM = (0.04, 20.0)  # ... or, from a decrement in this range reached by no step in the quadratic regime
 QUADRATIC = 0.5           # (a step from a decrement below this one is: its contraction d/d₀² predicts the next)
 MODEL_FINAL_SHRINK = 0.1   # a final step of the caller's model that leaves more than this share of the decrement:
                            # the model is not asked again
@@ -67,12 +68,41 @@ class Ending:
         the fit a round sooner than Newton's (:meth:`_third_final`): where the decrement predicted there (the
         last contraction d/d₀² times d², after a full step from d₀ below QUADRATIC) lies in THIRD_ASK, or
         otherwise where d lies in THIRD_FROM (from d of 1 to 4, the next decrement was 2e-3 to 0.1 on the GLMM
-        splits of parity_multilevel.py: contractions of 0.002 to 0.7).  A final round asks in :meth:`_final`."""
+        splits of parity_multilevel.py: contractions of 0.002 to 0.7; from 8.9 and 12.8, 0.04 and 0.1 on
+        grouseticks_la and _nb split one location per site, where the step to third order from there ended
+        the fit a round sooner).  A final round asks in :meth:`_final`."""
         if not self._may_ask_third() or self._cur is None:
             return False
         if self._accepted_full() and 0 < dec < d0 < QUADRATIC:
             return THIRD_ASK[0] <= dec ** 3 / d0 ** 2 <= THIRD_ASK[1]
         return THIRD_FROM[0] <= dec <= THIRD_FROM[1]
+
+    def _rejected(self, was_final: bool) -> None:
+        """No point of the round gained enough: Newton's steps are not taken whole again, nor is the caller's
+        model asked, until a step succeeds; the trust region's radius shrinks to a quarter of the shortest step
+        tried, which is also its ceiling (never growing while steps fail: a rejected final candidate and the
+        radii after it would otherwise take turns for ever) -- but not after the caller's model's final step,
+        whose failure says nothing of Newton's, which it replaced (guimmun over 10 sites went on with radii of
+        0.03 and 0.1 where Newton's step was 1 long: 7 rounds, 6 without shrinking)."""
+        self._trusted = False
+        self._model_ok = False
+        self._model_rejections += 1
+        if not (was_final and self._final_model):
+            self._ceiling = min(self._ceiling, min(c.norm for c in self._cands))
+            self._radius = 0.25 * self._ceiling
+
+    def _third_points(self, extra) -> list[int]:
+        """The candidates whose points come with the sites' third derivatives when the next round asks for them
+        (:meth:`_third_wanted`): the caller's model's step where it is proposed (the candidate predicted to gain
+        most otherwise), and Newton's beside it.  Far from the optimum the largest predicted gain is often
+        the least founded (a trust region's step at four times Newton's reach, a step to third order), and the
+        point accepted was the model's or Newton's: with the point predicted to gain most alone, the reference
+        cases split one herd per site, cbpp_olre took 6 rounds (5), toenail over 10 sites 6 (5)."""
+        if not self._cands:
+            return [0]
+        best = 0 if extra is not None and self._cands[0] is extra else int(np.argmax([c.pred for c in self._cands]))
+        plain = [i for i, c in enumerate(self._cands) if c.newton and i != best]
+        return [best] + plain[:1]
 
     def _third_final(self, cur, newton, dec: float, edge, final_ok: bool = True) -> _Candidate | None:
         """From an accepted point whose third derivatives T came with it (``point_third``, asked for by
