@@ -67,9 +67,9 @@ def test_the_iteration_reaches_a_zero_optimum_in_few_rounds():
 
 def test_face_step_where_the_curvature_turns_negative_along_a_zero_sd_alone():
     """H with one negative eigenvalue along an even coordinate at 1e-3 (x = (a, s), F even in s): the step
-    puts s at 0 and a at the minimum of the model with half the coupling (the model in s²); nothing where
-    the negative direction is not that coordinate's, the coordinate is already 0, or H is positive
-    definite; checked against the closed form."""
+    puts s at 0 and a at the minimum of the model with half the coupling (the model in s²); with s at 0
+    already, a alone to its minimum there (nothing where it is there too); nothing where the negative
+    direction is not that coordinate's or H is positive definite; checked against the closed form."""
     from fedglmm.likelihood.boundary import face_step
 
     x, g = np.array([0.3, 1e-3]), np.array([0.2, -1e-4])
@@ -79,7 +79,10 @@ def test_face_step_where_the_curvature_turns_negative_along_a_zero_sd_alone():
     assert np.allclose(step, [sa, -x[1]], rtol=1e-14, atol=0)
     assert np.isclose(pred, -(g @ step + 0.5 * step @ H @ step), rtol=1e-14)
     assert face_step(x, g, H, (0,)) is None                         # not a coordinate whose sign is free
-    assert face_step(np.array([0.3, 0.0]), g, H, (1,)) is None      # at the zero already
+    on, g0 = np.array([0.3, 0.0]), np.array([0.2, 0.0])             # at the zero already (F even there: g 0)
+    step, pred = face_step(on, g0, H, (1,))
+    assert np.allclose(step, [-0.2 / 4.0, 0.0], rtol=1e-14, atol=0) and np.isclose(pred, 0.2 ** 2 / 8.0, rtol=1e-14)
+    assert face_step(on, np.zeros(2), H, (1,)) is None              # ... and a at its minimum there too
     assert face_step(x, g, np.array([[4.0, 0.5], [0.5, 0.9]]), (1,)) is None
     mixed = np.array([[1.0, 1.2], [1.2, 0.5]])                       # negative direction shared by both
     assert face_step(x, g, mixed, (1,)) is None

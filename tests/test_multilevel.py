@@ -502,3 +502,23 @@ def test_third_derivatives_at_newtons_point_beside_the_most_promising():
     assert np.allclose(res.fixef, exact.fixef, rtol=0, atol=1e-8)
     assert np.allclose(res.theta, exact.theta, rtol=0, atol=1e-8)
     assert abs(res.loglik - exact.loglik) < 1e-8
+
+
+def test_a_zero_sds_face_from_an_indefinite_start():
+    """grouseticks' nested factors split one LOCATION per site (63 sites, as the reference's README splits
+    them): the start's Hessian is indefinite along LOCATION's SD, whose optimum is 0.  The step onto that SD's
+    zero with the others at their model's minimum there (boundary.face_step, now with several factors too)
+    takes the fit from 4.5 above the optimum to 0.16, and the next along the face to 1e-3: 6 rounds (7 by the
+    trust region's steps), at the fit continued to machine precision, LOCATION's SD exactly 0."""
+    from fedglmm.model.options import NewtonConfig
+
+    case = next(c for c in cases() if c["name"] == "grouseticks_nested")
+    df = pd.read_csv(case["data"])
+    data = {str(k): part.reset_index(drop=True) for k, part in df.groupby("LOCATION", sort=False)}
+    exact = fit(case, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
+    res = fit(case, data=data)
+    assert res.converged and res.rounds <= 6, res.rounds
+    assert np.allclose(res.fixef, exact.fixef, rtol=0, atol=1e-8)
+    assert np.allclose(res.theta, exact.theta, rtol=0, atol=1e-8)
+    assert abs(res.loglik - exact.loglik) < 1e-8
+    assert np.array_equal(res.theta == 0, exact.theta == 0) and np.any(res.theta == 0)

@@ -72,10 +72,10 @@ def boundary_last(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarra
 
 def face_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, even, concentrated: float = 0.9):
     """Where H has one negative eigenvalue and its eigenvector lies (a share of at least ``concentrated``
-    of its square) along one coordinate of ``even`` that is not 0: the step to that coordinate's zero, the
-    others to the minimum of the quadratic model in its square there (their gradient moved by half the
-    coupling, as in :func:`boundary_step`), as (step, predicted decrease); None otherwise or where the
-    others' Hessian is not positive definite.  Near a singular Σ the curvature in such a coordinate can
+    of its square) along one coordinate of ``even``: the step to that coordinate's zero (none where it is 0
+    already: F is even in it there), the others to the minimum of the quadratic model in its square there
+    (their gradient moved by half the coupling, as in :func:`boundary_step`), as (step, predicted decrease);
+    None otherwise or where the others' Hessian is not positive definite.  Near a singular Σ the curvature in such a coordinate can
     turn negative within a hair of 0 (a slope's SD at 2.5e-6 beside an intercept's SD at 0.02 and a
     correlation of 1) while F is least at 0; the trust-region steps of the indefinite model then leave
     the zero, and come back rounds later."""
@@ -83,7 +83,7 @@ def face_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, even, concentrated: f
     if not (lam[0] < 0 <= lam[1] if len(lam) > 1 else lam[0] < 0):
         return None
     i = int(np.argmax(np.abs(Q[:, 0])))
-    if i not in even or Q[i, 0] ** 2 < concentrated or x[i] == 0.0:
+    if i not in even or Q[i, 0] ** 2 < concentrated:
         return None
     free = np.r_[0:i, i + 1:len(x)]
     try:
@@ -93,4 +93,6 @@ def face_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, even, concentrated: f
     s = np.zeros_like(x)
     s[i] = -x[i]
     s[free] = -np.linalg.solve(c.T, np.linalg.solve(c, g[free] + 0.5 * H[free, i] * s[i]))
+    if not np.any(s):
+        return None                      # (at the face's minimum already)
     return s, max(float(-(g @ s + 0.5 * s @ H @ s)), 1e-300)

@@ -186,7 +186,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
                             boundary=edge, covariance=CovarianceSteps(mask, p) if k else None,
                             predict_final=bool(setup.factor_groups), final_first=final_first,
                             sound_start=sound_start, tails=(p + k,) if poisson_limit else (),
-                            faces=not setup.factor_groups, fixed=0 if setup.factor_groups else p,
+                            faces=True, fixed=0 if setup.factor_groups else p,
                             uncertain=getattr(evaluator, "uncertain", None), third_dear=bool(setup.factor_groups))
     phi, (final, s), opt = run(opt, evaluate, canon, fallback,
                                running_off(p, diagonal_positions(mask), setup.names) if runaway_stop else None)

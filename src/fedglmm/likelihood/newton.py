@@ -234,9 +234,13 @@ class TrustRegionNewton(Ending):
         rest at their model's minimum there (:func:`face_step`), as one more candidate.  A step onto a face
         of Σ, as a turn is: the next round also tries the step in Σ's entries (:meth:`_in_covariance`).
         benchmarks/stress_methods.py, 2000 fits (seeds 1-20): 8 fits 1-3 rounds shorter (seed 16 fit 80
-        8 -> 5, seed 13 fit 0 8 -> 6), none longer.  One grouping factor only (``faces``, likelihood.fit):
-        with several it took no round off the golden file's fits or parity_multilevel's, and moved the
-        iterative grouseticks_nested fit's standard errors by 6e-8 (the point it ends at on a zero SD)."""
+        8 -> 5, seed 13 fit 0 8 -> 6), none longer.  On the face already (the coordinate at 0): the others'
+        step to their minimum there.  With several grouping factors too (``faces``, likelihood.fit): grouseticks'
+        nested factors one location per site 7 -> 6 rounds (the start's Hessian indefinite along LOCATION's SD,
+        whose optimum is 0: onto the face from 4.5 above the optimum to 0.16, then along it to 1e-3),
+        parity_multilevel.py over 3 sites 237 -> 235 and one site per unit 256 -> 254, the golden file's
+        iterative grouseticks_nested 8 -> 7 (standard errors 4e-8 -> 7e-9 from the fit continued to machine
+        precision), stress_methods.py's iterative fits 698 -> 694, none longer."""
         out = face_step(cur.x, cur.g, cur.H, self.boundary) \
             if newton is None and self.faces and self.boundary and not self.config.single else None
         return [] if out is None else [replace(_unbounded(*out, cur.H), cov=True)]
