@@ -486,22 +486,31 @@ def test_third_derivatives_at_a_rounds_points_end_a_split_fit_sooner(name, by_fi
     assert np.array_equal(with_third.theta == 0, exact.theta == 0)
 
 
+def _one_site_per(name: str, column: str):
+    """The case split one site per level of ``column`` (as the reference's README splits it), fitted by the
+    default method, and its iterative fit continued to machine precision."""
+    from fedglmm.model.options import NewtonConfig
+
+    case = next(c for c in cases() if c["name"] == name)
+    df = pd.read_csv(case["data"])
+    data = {str(k): part.reset_index(drop=True) for k, part in df.groupby(column, sort=False)}
+    return fit(case, data=data), fit(case, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
+
+
+def _at_optimum(res, exact) -> None:
+    assert np.allclose(res.fixef, exact.fixef, rtol=0, atol=1e-8)
+    assert np.allclose(res.theta, exact.theta, rtol=0, atol=1e-8)
+    assert abs(res.loglik - exact.loglik) < 1e-8
+
+
 def test_third_derivatives_at_newtons_point_beside_the_most_promising():
     """cbpp_olre split as the reference's README splits it, one herd per site (15): from the start (decrement
     0.8) the round's most promising point is another model's and Newton's point is the one accepted (0.02);
     its third derivatives came beside (now asked at both), and the step to third order from there leaves
     2e-7: 5 rounds, one fewer, at the fit continued to machine precision."""
-    from fedglmm.model.options import NewtonConfig
-
-    case = next(c for c in cases() if c["name"] == "cbpp_olre")
-    df = pd.read_csv(case["data"])
-    data = {str(k): part.reset_index(drop=True) for k, part in df.groupby("herd", sort=False)}
-    exact = fit(case, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
-    res = fit(case, data=data)
+    res, exact = _one_site_per("cbpp_olre", "herd")
     assert res.converged and res.rounds <= 5, res.rounds
-    assert np.allclose(res.fixef, exact.fixef, rtol=0, atol=1e-8)
-    assert np.allclose(res.theta, exact.theta, rtol=0, atol=1e-8)
-    assert abs(res.loglik - exact.loglik) < 1e-8
+    _at_optimum(res, exact)
 
 
 def test_a_zero_sds_face_from_an_indefinite_start():
@@ -510,15 +519,7 @@ def test_a_zero_sds_face_from_an_indefinite_start():
     zero with the others at their model's minimum there (boundary.face_step, now with several factors too)
     takes the fit from 4.5 above the optimum to 0.16, and the next along the face to 1e-3: 6 rounds (7 by the
     trust region's steps), at the fit continued to machine precision, LOCATION's SD exactly 0."""
-    from fedglmm.model.options import NewtonConfig
-
-    case = next(c for c in cases() if c["name"] == "grouseticks_nested")
-    df = pd.read_csv(case["data"])
-    data = {str(k): part.reset_index(drop=True) for k, part in df.groupby("LOCATION", sort=False)}
-    exact = fit(case, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
-    res = fit(case, data=data)
+    res, exact = _one_site_per("grouseticks_nested", "LOCATION")
     assert res.converged and res.rounds <= 6, res.rounds
-    assert np.allclose(res.fixef, exact.fixef, rtol=0, atol=1e-8)
-    assert np.allclose(res.theta, exact.theta, rtol=0, atol=1e-8)
-    assert abs(res.loglik - exact.loglik) < 1e-8
+    _at_optimum(res, exact)
     assert np.array_equal(res.theta == 0, exact.theta == 0) and np.any(res.theta == 0)

@@ -601,8 +601,8 @@ def test_third_derivatives_carried_one_index_at_a_time():
 @pytest.mark.parametrize("family,link", [("poisson", "log"), ("negative_binomial", "log"), ("binomial", "logit")])
 def test_the_one_shot_starts_sd_variants_keep_a_log_links_marginal_mean(family, link):
     """The one-shot start's variants with the random intercept's SD σ times √½ and √2: under a log link the
-    intercept moves by −(σ'² − σ²)/2, so that exp(η + σ²/2) -- the marginal mean -- is the start's at every row
-    and the slopes are unchanged; under another link only σ moves.  ψ (a dispersion) is kept in both."""
+    intercept moves by −(σ'² − σ²)/2, so that exp(η + σ²/2) -- the marginal mean -- is the start's at every
+    row and the slopes are unchanged; under another link only σ moves.  ψ (a dispersion) is kept in both."""
     from types import SimpleNamespace
 
     from fedglmm.methods.hybrid import _varied

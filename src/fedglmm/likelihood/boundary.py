@@ -75,10 +75,10 @@ def face_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, even, concentrated: f
     of its square) along one coordinate of ``even``: the step to that coordinate's zero (none where it is 0
     already: F is even in it there), the others to the minimum of the quadratic model in its square there
     (their gradient moved by half the coupling, as in :func:`boundary_step`), as (step, predicted decrease);
-    None otherwise or where the others' Hessian is not positive definite.  Near a singular Σ the curvature in such a coordinate can
-    turn negative within a hair of 0 (a slope's SD at 2.5e-6 beside an intercept's SD at 0.02 and a
-    correlation of 1) while F is least at 0; the trust-region steps of the indefinite model then leave
-    the zero, and come back rounds later."""
+    None otherwise, where the others' Hessian is not positive definite, or where the step is 0.  Near a
+    singular Σ the curvature in such a coordinate can turn negative within a hair of 0 (a slope's SD at
+    2.5e-6 beside an intercept's SD at 0.02 and a correlation of 1) while F is least at 0; the trust-region
+    steps of the indefinite model then leave the zero, and come back rounds later."""
     lam, Q = np.linalg.eigh(H)
     if not (lam[0] < 0 <= lam[1] if len(lam) > 1 else lam[0] < 0):
         return None
