@@ -462,7 +462,7 @@ def test_one_site_with_a_factor_in_a_random_term_starts_from_its_exact_fit():
                                            ("mmmec_olre", False)])
 def test_third_derivatives_at_a_rounds_points_end_a_split_fit_sooner(name, by_first):
     """Two or three nested factors over 3 sites: from a decrement of 1-4, the next round's most promising point
-    comes with the sites' third derivatives (along the covariance parameters: site.own_third.final_third);
+    comes with the sites' third derivatives (along the covariance parameters: site.own_third.reply_third);
     from there, a decrement of 0.015-0.025, the mean of the step to third order and Chebyshev's is the final
     candidate, which lands below the tolerance where Newton's left 5e-6 to 6e-5.  4 rounds, one fewer than
     without them (NewtonConfig.final_third off), at the estimates and logLik of the fit continued to machine

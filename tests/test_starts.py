@@ -605,7 +605,7 @@ def test_the_one_shot_starts_sd_variants_keep_a_log_links_marginal_mean(family, 
     row and the slopes are unchanged; under another link only σ moves.  ψ (a dispersion) is kept in both."""
     from types import SimpleNamespace
 
-    from fedglmm.methods.hybrid import _varied
+    from fedglmm.coordinator.starts import sd_variants
 
     A = np.array([[1.0, -2.5, 0.4], [0.0, 0.5, 0.0], [0.0, 0.0, 2.0]])        # β = A γ (centred, scaled)
     st = SimpleNamespace(mask=np.ones((1, 1), bool), zs=np.array([1.7]), names=["Intercept", "x", "z"], A=A)
@@ -613,7 +613,7 @@ def test_the_one_shot_starts_sd_variants_keep_a_log_links_marginal_mean(family, 
     theta = np.r_[sd * 1.7, [-0.4] if family == "negative_binomial" else []]     # θ̃ = zs·σ, then ψ
     X = np.random.default_rng(1).normal(size=(6, 3))
     X[:, 0] = 1.0
-    for (g, t), f in zip(_varied((gamma, theta), st, get_family(family, link)), (np.sqrt(0.5), np.sqrt(2.0))):
+    for (g, t), f in zip(sd_variants((gamma, theta), st, get_family(family, link)), (np.sqrt(0.5), np.sqrt(2.0))):
         assert np.isclose(t[0], f * theta[0]) and np.array_equal(t[1:], theta[1:])
         if link == "log":
             assert np.allclose(X @ A @ g + 0.5 * (f * sd) ** 2, X @ A @ gamma + 0.5 * sd ** 2, atol=1e-14)

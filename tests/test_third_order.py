@@ -178,11 +178,11 @@ def test_shared_levels_third_derivatives_and_rounds(monkeypatch):
 
 
 def test_a_sites_third_derivatives_at_a_final_point():
-    """final_third (a finalize request with ``third``) differences the engine's Hessian: exact for a cubic
+    """reply_third (a finalize request with ``third``) differences the engine's Hessian: exact for a cubic
     log-likelihood ℓ = T[x, x, x]/6 (Hessian T·x), whatever the point; nothing without the request, and
     nothing under secure aggregation (whose masks cover the usual sums alone)."""
     from fedglmm.likelihood.linalg import pack_third, symmetric_third, unpack_third
-    from fedglmm.site.own_third import final_third
+    from fedglmm.site.own_third import reply_third
 
     T = symmetric_third(np.random.default_rng(3).standard_normal((4, 4, 4)))
     assert np.allclose(unpack_third(pack_third(T), 4), T, rtol=0, atol=1e-14) and unpack_third(np.zeros(21), 4) is None
@@ -193,16 +193,16 @@ def test_a_sites_third_derivatives_at_a_final_point():
 
     for x in (np.zeros(4), np.array([0.3, -2.0, 150.0, 1e-3])):
         reply = {"hess": T @ x}
-        final_third(Engine(), x, {"third": True}, reply)
+        reply_third(Engine(), x, {"third": True}, reply)
         assert reply["third"].shape == (20,) and np.allclose(unpack_third(reply["third"], 4), T, rtol=0, atol=1e-8)
         for req in ({}, {"third": True, "secagg": {"round": 1}}):
             quiet = {"hess": T @ x}
-            final_third(Engine(), x, req, quiet)
+            reply_third(Engine(), x, req, quiet)
             assert "third" not in quiet
 
 
 def test_a_multilevel_sites_third_derivatives_at_a_rounds_points():
-    """An ``evaluate`` request with ``third_at`` gets those points' third derivatives (final_third, from their
+    """An ``evaluate`` request with ``third_at`` gets those points' third derivatives (reply_third, from their
     warm modes; nothing at the other points).  The multi-level GLMM engine's Hessian is a difference of its
     analytic gradients; differenced again, with every moved mode polished (third_hessian), along the
     covariance parameters alone (the entries with an index among them; the others 0), at grouseticks'
@@ -212,7 +212,7 @@ def test_a_multilevel_sites_third_derivatives_at_a_rounds_points():
     from fedglmm.likelihood.linalg import unpack_third
     from fedglmm.likelihood.multilevel import MultiLevelGLMM
     from fedglmm.likelihood.steps import even_third
-    from fedglmm.site.own_third import final_third
+    from fedglmm.site.own_third import reply_third
 
     df = pd.read_csv(Path(__file__).parent / "data" / "grouseticks.csv")
     spec, fam = parse_formula("TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | LOCATION)"), get_family("poisson")
@@ -224,8 +224,8 @@ def test_a_multilevel_sites_third_derivatives_at_a_rounds_points():
         theta[t], theta[:, t], theta[:, :, t] = True, True, True
     for x in (np.array([46.86486, -0.4821753, -0.0256123, 1.2490802, 0.0]),
               np.array([46.0, -0.47, -0.03, 1.1, 0.3])):
-        assert "third" not in final_third(eng, x, {"third_at": [1]}, dict(eng.sums(x)), 0)
-        reply = final_third(eng, x, {"third_at": [0]}, dict(eng.sums(x)), 0)
+        assert "third" not in reply_third(eng, x, {"third_at": [1]}, dict(eng.sums(x)), 0)
+        reply = reply_third(eng, x, {"third_at": [0]}, dict(eng.sums(x)), 0)
         got = even_third(x, unpack_third(reply["third"], P), [4])      # (of ℓ)
         want = np.empty((P, P, P))
         for t in range(P):

@@ -26,10 +26,11 @@ value in a used column and reports how many as ``omitted`` in its description, o
   log-likelihood sums: value, gradient, Hessian (gaussian: the cross-product sums A, b, c, d and their
   θ-derivatives), as ``{"points": [...]}``; ``third_at`` (a GLMM, not under secure aggregation: a list of
   indices of points) asks for those points' third derivatives too (``third``, as ``finalize`` sends them);
-  with levels shared by sites (the set-up's ``schema`` lists them under ``shared``: {factor: [levels]}) a gaussian site sends instead ``sG``, ``sdG``, ``sd2G`` (the sums
-  [Z_v X y]ᵀV_s⁻¹[Z_v X y] over its rows and their θ-derivatives, over the shared levels present at the
-  site, whose positions in v are ``scols``; masked: over all shared levels, without ``scols``), ``sd``,
-  ``sdd``, ``sd2d`` (log det V_s and its derivatives) and ``n`` (:mod:`fedglmm.likelihood.lmm_shared`);
+  with levels shared by sites (the set-up's ``schema`` lists them under ``shared``: {factor: [levels]}) a
+  gaussian site sends instead ``sG``, ``sdG``, ``sd2G`` (the sums [Z_v X y]ᵀV_s⁻¹[Z_v X y] over its rows
+  and their θ-derivatives, over the shared levels present at the site, whose positions in v are ``scols``;
+  masked: over all shared levels, without ``scols``), ``sd``, ``sdd``, ``sd2d`` (log det V_s and its
+  derivatives) and ``n`` (:mod:`fedglmm.likelihood.lmm_shared`);
   a binomial or poisson site with shared levels gets points (b, β, θ) -- b the shared effects -- and
   ``gammas`` (one matrix dim(v) × dim(v) per point, the coordinator's prediction of Λ_v C⁻¹ Λ_vᵀ there)
   and sends per point ``h``, ``gh``, ``Hh`` (the maximum over its own random effects of its log-density
@@ -47,7 +48,7 @@ value in a used column and reports how many as ``omitted`` in its description, o
   of b): the site adds the modes and SDs of its own levels given them; ``third`` (not under secure
   aggregation) asks for ``third`` too, the third derivatives of its log-likelihood at the point (the
   P(P + 1)(P + 2)/6 distinct entries of a sum over its rows, as the Hessian is one:
-  :func:`fedglmm.site.own_third.final_third`);
+  :func:`fedglmm.site.own_third.reply_third`);
 * ``oneshot`` {formula, family, link, order[, transforms]}: the site's whole one-shot message (its description, set-up
   sums and per-group summaries, see :func:`fedglmm.site.summaries.summarize`), or its refusal to send
   per-group summaries for groups below its minimum size;

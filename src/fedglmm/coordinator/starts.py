@@ -339,6 +339,22 @@ def attenuated(start, st, c: float) -> list:
     return out
 
 
+def sd_variants(start, st, family) -> list:
+    """A start (γ, θ̃) with its covariance parameters times √½ and √2 (ψ kept).  With a log link and
+    one random intercept of SD σ, the intercept also moves by −(f² − 1)σ²/2 (f the factor), so that the
+    marginal mean exp(η + σ²/2) the pseudo-data carry stays where it was: a start whose SD is off is off in
+    the intercept by half the difference of the variances, the other way (grouseticks split one location per
+    site, the start from the 9 of 63 locations large enough to send summaries: its best point's decrement
+    17.5 -> 8.9).  A binary model's coefficients follow its SD along another curve (:func:`attenuated`)."""
+    gamma, theta = np.asarray(start[0], float), np.asarray(start[1], float)
+    k = int(st.mask.sum())
+    sd = float(theta[0]) / float(st.zs[0]) if k else 0.0
+    log = family.link == "log" and st.mask.shape == (1, 1) and "Intercept" in st.names
+    shift = np.linalg.solve(st.A, np.eye(len(st.names))[st.names.index("Intercept")]) if log else 0.0  # η by 1
+    return [(gamma - shift * 0.5 * (f * f - 1.0) * sd * sd, np.r_[theta[:k] * f, theta[k:]])
+            for f in (np.sqrt(0.5), np.sqrt(2.0))]
+
+
 def with_start(starts, extra, default):
     """The first Newton round's starts (None: ``default()``'s alone, one (γ, θ̃) pair, or a tuple of pairs)
     with ``extra`` (a pair, or None) tried beside them, last."""

@@ -296,7 +296,7 @@ class MultiLevelGLMM(FactorLayout):
         return self.conditional_modes(point)
 
     def third_hessian(self, point: np.ndarray) -> np.ndarray:
-        """ℓ's Hessian for third derivatives by its differences (:func:`fedglmm.site.own_third.final_third`):
+        """ℓ's Hessian for third derivatives by its differences (:func:`fedglmm.site.own_third.reply_third`):
         forward differences of the analytic gradient with every moved mode polished -- an iteration's Hessian
         moves them only, an O(step) error that differences 1e-4 apart made a tenth of the third derivatives
         and more (a singular fit's standard errors then 4e-6 off)."""

@@ -27,7 +27,7 @@ from ..coordinator.session import Link, Session
 from ..coordinator.shared_blocks import ONE_SHOT_NOTE, merge_shared_levels
 from ..coordinator.shared_rounds import shared_setup
 from ..coordinator.starts import (ATTENUATION, OwnPart, attenuated, combined_start, cubic_surrogate, internal_start,
-                                  own_part, with_start, without_singular)
+                                  own_part, sd_variants, with_start, without_singular)
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
@@ -169,7 +169,7 @@ def _candidates(req, st, merged, own: dict, pseudo, big: str | bool = False, by_
     # the one-shot estimate with its covariance halved and doubled, the combinations of the sites' own fits
     # with the pseudo-data, and where summaries are missing the site-totals start: all tried in the first
     # Newton round
-    variants = _varied(start, st, family) if len(start[1]) and not own else []
+    variants = sd_variants(start, st, family) if len(start[1]) and not own else []
     # (one random intercept and every group's moments sent: the one-shot fit's SD is good, and the combination's
     # γ given it is tried beside; a random slope's is not, 3 of benchmarks/shape_sweep.py's draws 1-2 rounds more)
     given = not merged.refused and st.mask.shape == (1, 1)
@@ -179,22 +179,6 @@ def _candidates(req, st, merged, own: dict, pseudo, big: str | bool = False, by_
     more = also(surrogate, each, np.concatenate(start), _sd_index(st)) if own else []
     starts = tuple([pair(x) for x in combined] + [start] + variants + totals + [pair(x) for x in more])
     return (starts[0] if len(starts) == 1 else starts), surrogate
-
-
-def _varied(start, st, family) -> list:
-    """The one-shot start (γ, θ̃) with its covariance parameters times √½ and √2 (ψ kept).  With a log link and
-    one random intercept of SD σ, the intercept also moves by −(f² − 1)σ²/2 (f the factor), so that the
-    marginal mean exp(η + σ²/2) the pseudo-data carry stays where it was: a start whose SD is off is off in
-    the intercept by half the difference of the variances, the other way (grouseticks split one location per
-    site, the start from the 9 of 63 locations large enough to send summaries: its best point's decrement
-    17.5 -> 8.9)."""
-    gamma, theta = np.asarray(start[0], float), np.asarray(start[1], float)
-    k = int(st.mask.sum())
-    sd = float(theta[0]) / float(st.zs[0]) if k else 0.0
-    log = family.link == "log" and st.mask.shape == (1, 1) and "Intercept" in st.names
-    shift = np.linalg.solve(st.A, np.eye(len(st.names))[st.names.index("Intercept")]) if log else 0.0  # η by 1
-    return [(gamma - shift * 0.5 * (f * f - 1.0) * sd * sd, np.r_[theta[:k] * f, theta[k:]])
-            for f in (np.sqrt(0.5), np.sqrt(2.0))]
 
 
 def _note(replies, merged, own, pseudo) -> str:

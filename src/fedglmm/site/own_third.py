@@ -1,6 +1,7 @@
 """The third derivatives of a site's own fit, sent beside it for the hybrid's start and step model
 (:mod:`fedglmm.site.own_fit`): differences of the engine's analytic Hessian, half a standard error apart;
-and those at a final point, where the coordinator asks for them (:func:`final_third`)."""
+and those at a point the coordinator names -- a final one, or one of a round's -- where it asks for them
+(:func:`reply_third`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -44,7 +45,7 @@ def covariance_third(engine, x: np.ndarray, H: np.ndarray, idx) -> np.ndarray | 
     return symmetric_third(T) if len(idx) and np.all(np.isfinite(T)) else None
 
 
-def final_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None = None) -> dict:
+def reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None = None) -> dict:
     """A ``finalize`` request that asks for them (``third``), or an ``evaluate`` request that asks for them at its
     point ``index`` (``third_at``), gets the third derivatives of ℓ at the point in ``reply`` (``third``;
     ``reply``, the sums at ``x``, is returned): forward differences of the engine's analytic Hessian, 1e-4 in

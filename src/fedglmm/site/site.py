@@ -44,7 +44,7 @@ from .requests import check_oneshot, check_setup
 from .rules import SiteConfig
 from .secagg import SecureAggregation
 from .own_fit import KEPT, KEPT_DESIGN, kept_design
-from .own_third import final_third
+from .own_third import reply_third
 from .warm import warm_start
 from .summaries import summarize
 
@@ -257,7 +257,7 @@ class Site:
         """The sums at each requested point (a GLMM with shared levels: with the coordinator's Γ̂ at each)."""
         points = np.asarray(req["points"], float)
         if "gammas" not in req:         # (the third derivatives at the points asked for, from their warm modes)
-            return [final_third(eng, x, req, self._masked_layout(req, eng, eng.sums(x)), i)
+            return [reply_third(eng, x, req, self._masked_layout(req, eng, eng.sums(x)), i)
                     for i, x in enumerate(points)]
         gammas = np.asarray(req["gammas"], float)
         if not isinstance(eng, SharedGLMMSums) or gammas.shape != (len(points), eng.Q, eng.Q):
@@ -284,7 +284,7 @@ class Site:
                 if req.get("derivatives") and "secagg" not in req else None
             reply.update(self._factor_modes(modes, sds, eng.split, derivs))
             return reply
-        reply = final_third(eng, point, req, self._masked_layout(req, eng, eng.sums(point, final=True)))
+        reply = reply_third(eng, point, req, self._masked_layout(req, eng, eng.sums(point, final=True)))
         d = self.design
         if d.Z.shape[1] == 0:
             return reply
