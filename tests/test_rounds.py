@@ -313,6 +313,22 @@ def test_third_derivatives_at_the_final_point_end_the_fit(name, sites):
         assert np.allclose(res.se, exact.se, rtol=1e-7, atol=0)
 
 
+@pytest.mark.parametrize("name,sites", [("epil_pois_gh20", 10), ("sim_epil_gh20", 20), ("toenail_gh20", 20)])
+def test_quadrature_fits_take_third_derivatives_at_a_rounds_points(name, sites):
+    """By adaptive Gauss-Hermite too the points of a round near the optimum bring the sites' third derivatives
+    (from their gradients: P(P + 1) of them), and a step to third order from the point accepted is the final
+    candidate: 4 rounds where these took 5 -- at the fit continued to machine precision."""
+    case = next(c for c in CASES if c["name"] == name)
+    df = pd.read_csv(case["data"])
+    codes = pd.factorize(df[parse_formula(case["formula"]).group])[0]
+    data = {f"s{i}": df[codes % sites == i].reset_index(drop=True) for i in range(sites)}
+    exact = _fit(case, df, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
+    res = _fit(case, data)
+    assert res.converged and res.rounds <= 4, res.rounds
+    _same(res, exact)
+    assert np.allclose(res.se, exact.se, rtol=1e-7, atol=0)
+
+
 @pytest.mark.parametrize("name", ["grouseticks_la", "grouseticks_nb"])
 def test_reference_cases_split_one_location_per_site(name):
     """The reference cases on grouseticks split as the reference's README splits them: one site per LOCATION

@@ -107,9 +107,12 @@ def canonical_theta(theta, mask):
 
 def _newton_config(options: FitOptions):
     """The Newton settings of a GLMM fit: the sites' third derivatives (NewtonConfig.final_third: at a final point,
-    at a round's point near the optimum) cost each site P evaluations, not asked for by quadrature, where each
-    is dear (contraception_gh10 over 3 sites took 1.46 times as long in its same 3 rounds)."""
-    return options.newton if options.nagq == 1 else replace(options.newton, final_third=False)
+    at a round's point near the optimum) cost each site P Hessians, by quadrature P(P + 1) gradients (a Hessian
+    is 2P of them: :func:`fedglmm.site.own_third._gradient_third`) -- asked for there at a round's most promising
+    point alone, where a step to third order may save a round, and at a final point only after such a step
+    (NewtonConfig.third_points, third_at_final; see Ending._final): at every final point they saved no round on
+    the AGHQ held-out kinds and took contraception_gh10 over 3 sites 1.27 times as long in its same 3 rounds."""
+    return options.newton if options.nagq == 1 else replace(options.newton, third_at_final=False, third_points=1)
 
 
 def boundary_positions(mask) -> np.ndarray:

@@ -20,6 +20,8 @@ THIRD_NEAR = 0.3          # a decrement below which a point's third derivatives 
 THIRD_LAND = 2e-5         # ... where their two steps' difference (the decrement they are predicted to leave) is below
 THIRD_ASK = (3e-4, 0.1)   # ... asked for at a round's points where the decrement predicted there is in this range
 THIRD_FROM = (0.04, 20.0)  # ... or, from a decrement in this range reached by no step in the quadratic regime
+THIRD_MOVE = 1e-12        # (by quadrature: a step to third order predicted to leave more than this asks for them at its
+                          # point, to move the information to the estimate -- see _final)
 QUADRATIC = 0.5           # (a step from a decrement below this one is: its contraction d/d₀² predicts the next)
 MODEL_FINAL_SHRINK = 0.1   # a final step of the caller's model that leaves more than this share of the decrement:
                            # the model is not asked again
@@ -49,11 +51,14 @@ class Ending:
         # derivatives of the point before left standard errors 2.6e-7 off (toenail over 20 sites; with several
         # factors 3e-7, where asking cost grouseticks' nested factors over 3 sites a third more fit time), from
         # 7e-9 onto grouseticks_nested's zero SD the secant left them 4e-6 off
+        # (by quadrature, ``third_at_final`` off, only after a step to third order predicted to leave more than
+        # THIRD_MOVE: from 9.5e-14 (grouseticks_gh5 over 3 sites) the T it came from left the standard errors
+        # 3e-13 off; from 7.6e-9 to 1.1e-6 (epil, sim_epil, toenail over 10-20 sites) 3e-8 to 4e-7 off)
         t, cfg = self.trace, self.config
         c = t[-1][2] / t[-2][2] ** 2 if len(t) > 1 and 0 < t[-2][2] < cfg.near_model else 1e-3
-        self.want_third = self._may_ask_third() \
-            and (edge is not None or third and not self.third_dear or (extra.land / 10 if third else c * dec * dec)
-                 > cfg.tol / 10)
+        self.want_third = self._may_ask_third() and (
+            edge is not None or third and not self.third_dear and (cfg.third_at_final or extra.land > THIRD_MOVE)
+            or cfg.third_at_final and (extra.land / 10 if third else c * dec * dec) > cfg.tol / 10)
         return [cur.x + step]
 
     def _may_ask_third(self) -> bool:
@@ -97,12 +102,14 @@ class Ending:
         most otherwise), and Newton's beside it.  Far from the optimum the largest predicted gain is often
         the least founded (a trust region's step at four times Newton's reach, a step to third order), and the
         point accepted was the model's or Newton's: with the point predicted to gain most alone, the reference
-        cases split one herd per site, cbpp_olre took 6 rounds (5), toenail over 10 sites 6 (5)."""
+        cases split one herd per site, cbpp_olre took 6 rounds (5), toenail over 10 sites 6 (5).  By quadrature
+        (``third_points`` 1) the first alone: there they cost (P + 1)/2 Hessians a point, and with both the
+        reference case grouseticks_gh5 over 3 sites took 1.15 times as long in its same 4 rounds (1.08 with one)."""
         if not self._cands:
             return [0]
         best = 0 if extra is not None and self._cands[0] is extra else int(np.argmax([c.pred for c in self._cands]))
         plain = [i for i, c in enumerate(self._cands) if c.newton and i != best]
-        return [best] + plain[:1]
+        return ([best] + plain[:1])[:self.config.third_points]
 
     def _third_final(self, cur, newton, dec: float, edge, final_ok: bool = True) -> _Candidate | None:
         """From an accepted point whose third derivatives T came with it (``point_third``, asked for by
