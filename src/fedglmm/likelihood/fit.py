@@ -25,6 +25,8 @@ from .third_order import cubic_model
 from .third_requests import evaluate_round, finalize_round
 
 GLMM_KEYS = ["value", "grad", "hess"]
+THIRD_MAX_FEW = 24      # the most parameters of a fit that asks for the sites' third derivatives where the rows are
+THIRD_ROWS = 50_000     # ... at most this many (see _newton_config)
 RUNAWAY = 1e3          # a gaussian start's largest |θ̃| (SDs relative to σ's): beyond it, the default start
 LMM_KEYS = ["n", "A", "b", "c", "d"]
 LMM_DERIVATIVE_KEYS = ["dA", "db", "dc", "dd", "d2A", "d2b", "d2c", "d2d"]
@@ -105,14 +107,24 @@ def canonical_theta(theta, mask):
     return theta
 
 
-def _newton_config(options: FitOptions):
+def _newton_config(options: FitOptions, setup):
     """The Newton settings of a GLMM fit: the sites' third derivatives (NewtonConfig.final_third: at a final point,
     at a round's point near the optimum) cost each site P Hessians, by quadrature P(P + 1) gradients (a Hessian
     is 2P of them: :func:`fedglmm.site.own_third._gradient_third`) -- asked for there at a round's most promising
     point alone, where a step to third order may save a round, and at a final point only after such a step
     (NewtonConfig.third_points, third_at_final; see Ending._final): at every final point they saved no round on
-    the AGHQ held-out kinds and took contraception_gh10 over 3 sites 1.27 times as long in its same 3 rounds."""
-    return options.newton if options.nagq == 1 else replace(options.newton, third_at_final=False, third_points=1)
+    the AGHQ held-out kinds and took contraception_gh10 over 3 sites 1.27 times as long in its same 3 rounds.
+    A fit of more than ``third_max`` (8) parameters asks for them so too, up to THIRD_MAX_FEW parameters, where
+    the sites hold at most THIRD_ROWS rows in all (a few Hessians there cost less than a round's latency):
+    guimmun (17 parameters, 2,159 rows) over 10 and 20 sites 6 and 5 -> 4 rounds, contraception_slope over
+    3 sites the same 3 rounds in the same time (at every final point too: 1.16 times as long)."""
+    cfg = options.newton
+    if options.nagq > 1:
+        cfg = replace(cfg, third_at_final=False, third_points=1)
+    P = len(setup.names) + int(np.sum(setup.mask)) + setup.ndisp
+    if cfg.third_max < P <= THIRD_MAX_FEW and setup.n <= THIRD_ROWS:
+        cfg = replace(cfg, third_max=THIRD_MAX_FEW, third_at_final=False)
+    return cfg
 
 
 def boundary_positions(mask) -> np.ndarray:
@@ -185,7 +197,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     canon = lambda x: np.r_[x[:p], canonical_theta(x[p:p + k], mask), x[p + k:]]   # noqa: E731
     # the optimiser also tries zero variances, and steps in the covariance's entries near a singular one
     edge = tuple(p + boundary_positions(mask))
-    opt = TrustRegionNewton(np.concatenate([gamma0, theta0]), _newton_config(options), starts=starts, model=model,
+    opt = TrustRegionNewton(np.r_[gamma0, theta0], _newton_config(options, setup), starts=starts, model=model,
                             boundary=edge, covariance=CovarianceSteps(mask, p) if k else None,
                             predict_final=bool(setup.factor_groups), final_first=final_first,
                             sound_start=sound_start, tails=(p + k,) if poisson_limit else (),

@@ -14,7 +14,6 @@ from .steps import even_third
 
 
 THIRD_LAST = 5e-7         # a final point's decrement below which the last step to third order may end the fit
-THIRD_MAX = 8             # ... with at most this many parameters (the sites' work: one evaluation each)
 THIRD_NEAR = 0.3          # a decrement below which a point's third derivatives make the final candidate ...
                           # (0.1 until a 0.1003 with land 1.5e-6 was not: grouseticks_nb one location a site)
 THIRD_LAND = 2e-5         # ... where their two steps' difference (the decrement they are predicted to leave) is below
@@ -63,13 +62,13 @@ class Ending:
 
     def _may_ask_third(self) -> bool:
         """Whether this iteration asks for F's third derivatives at all: a fit that allows it (``final_third``), of
-        more than one point a round, of at most THIRD_MAX parameters (the sites' work: P + 1 Hessians each)."""
+        more than one point a round, of at most ``third_max`` parameters (the sites' work: P Hessians each)."""
         cfg = self.config
-        return cfg.final_third and not cfg.single and len(self.x0) <= THIRD_MAX
+        return cfg.final_third and not cfg.single and len(self.x0) <= cfg.third_max
 
     def _third_wanted(self, dec: float, d0: float) -> bool:
         """Whether the next round's points come with the sites' third derivatives (P evaluations a point at each
-        site; Laplace fits of at most THIRD_MAX parameters), for a step to third order from there that may end
+        site; fits of at most ``third_max`` parameters), for a step to third order from there that may end
         the fit a round sooner than Newton's (:meth:`_third_final`): where the decrement predicted there (the
         last contraction d/d₀² times d², after a full step from d₀ below QUADRATIC) lies in THIRD_ASK, or
         otherwise where d lies in THIRD_FROM (from d of 1 to 4, the next decrement was 2e-3 to 0.1 on the GLMM
