@@ -19,8 +19,8 @@ THIRD_NEAR = 0.3          # a decrement below which a point's third derivatives 
 THIRD_LAND = 2e-5         # ... where their two steps' difference (the decrement they are predicted to leave) is below
 THIRD_ASK = (3e-4, 0.1)   # ... asked for at a round's points where the decrement predicted there is in this range
 THIRD_FROM = (0.04, 20.0)  # ... or, from a decrement in this range reached by no step in the quadratic regime
-THIRD_MOVE = 1e-12        # (by quadrature: a step to third order predicted to leave more than this asks for them at its
-                          # point, to move the information to the estimate -- see _final)
+THIRD_MOVE = 1e-12        # (``third_at_final`` off: a step to third order predicted to leave more than this asks for
+                          # them at its point, to move the information to the estimate -- see _final)
 QUADRATIC = 0.5           # (a step from a decrement below this one is: its contraction d/d₀² predicts the next)
 MODEL_FINAL_SHRINK = 0.1   # a final step of the caller's model that leaves more than this share of the decrement:
                            # the model is not asked again
@@ -50,9 +50,10 @@ class Ending:
         # derivatives of the point before left standard errors 2.6e-7 off (toenail over 20 sites; with several
         # factors 3e-7, where asking cost grouseticks' nested factors over 3 sites a third more fit time), from
         # 7e-9 onto grouseticks_nested's zero SD the secant left them 4e-6 off
-        # (by quadrature, ``third_at_final`` off, only after a step to third order predicted to leave more than
-        # THIRD_MOVE: from 9.5e-14 (grouseticks_gh5 over 3 sites) the T it came from left the standard errors
-        # 3e-13 off; from 7.6e-9 to 1.1e-6 (epil, sim_epil, toenail over 10-20 sites) 3e-8 to 4e-7 off)
+        # (``third_at_final`` off -- by quadrature, 9-24 parameters on few rows --, only after a step to third
+        # order predicted to leave more than THIRD_MOVE: from 9.5e-14 (grouseticks_gh5 over 3 sites) the T it
+        # came from left the standard errors 3e-13 off; from 7.6e-9 to 1.1e-6 (epil, sim_epil, toenail over 10-20
+        # sites) 3e-8 to 4e-7 off)
         t, cfg = self.trace, self.config
         c = t[-1][2] / t[-2][2] ** 2 if len(t) > 1 and 0 < t[-2][2] < cfg.near_model else 1e-3
         self.want_third = self._may_ask_third() and (

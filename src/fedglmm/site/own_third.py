@@ -55,10 +55,16 @@ def reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None
     (:func:`~fedglmm.likelihood.linalg.pack_third`) -- sums over the site's rows, as the Hessian is.  The
     coordinator takes its last step to third order with them instead of one more round
     (:meth:`~fedglmm.likelihood.newton_end.Ending._third_last`), or a step near the optimum whose error is of
-    fourth order (:meth:`~fedglmm.likelihood.newton_end.Ending._third_final`).  Not under secure aggregation,
+    fourth order (:meth:`~fedglmm.likelihood.newton_end.Ending._third_final`).  By quadrature from the
+    gradients alone (:func:`_gradient_third`).  Not under secure aggregation,
     whose masks cover the sums' usual keys alone."""
     wanted = req.get("third") if index is None else index in req.get("third_at", ())
     if not wanted or "secagg" in req or "hess" not in reply:
+        return reply
+    if getattr(engine, "nagq", 1) > 1 and getattr(engine, "q", 0):        # quadrature: see _gradient_third
+        T = _gradient_third(engine, x, STENCIL_STEP * np.maximum(1.0, np.abs(x)))
+        if T is not None:
+            reply["third"] = pack_third(T)
         return reply
     P = len(x)
     # an engine whose Hessian is a difference of gradients (several grouping factors) has one fit for differencing
@@ -66,11 +72,6 @@ def reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None
     # where the likelihood is furthest from quadratic (grouseticks' nested factors over 3 sites: the same rounds
     # as with all of them, standard errors 3e-7 from the exact ones instead of 9e-8, fit time 1.32 -> 1.16 that
     # of the fit before third derivatives were asked for at a round's points)
-    if getattr(engine, "nagq", 1) > 1 and getattr(engine, "q", 0):        # quadrature: see _gradient_third
-        T = _gradient_third(engine, x, STENCIL_STEP * np.maximum(1.0, np.abs(x)))
-        if T is not None:
-            reply["third"] = pack_third(T)
-        return reply
     own = getattr(engine, "third_hessian", None)
     at = (lambda y: -np.asarray(own(y), float)) if own is not None else None     # noqa: E731
     H = at(x) if at is not None else -np.asarray(reply["hess"], float)
@@ -109,21 +110,24 @@ def _gradient_third(engine, x: np.ndarray, h: np.ndarray) -> np.ndarray | None:
     x ± h_b e_b, at x ± (h_a e_a + h_b e_b) and at x), each of second order in h; P(P + 1) gradients, the modes
     started from their derivatives at x.  On epil over 20 sites (nAGQ 20, P = 6) at h = 1e-3: within 5e-6 of the
     same stencil at half the step, where P forward differences of the Hessian 1e-4 apart were 2e-4 to 4e-4 off, in
-    1.7 times the time.  None if a gradient is not finite."""
+    1.7 times the time.  None if a gradient is not finite or cannot be computed."""
     P = len(x)
-    _, g0, aux = engine.value_grad(x)
-    u, dU = aux["u"], aux["dU"]
+    try:
+        _, g0, aux = engine.value_grad(x)
+        u, dU = aux["u"], aux["dU"]
 
-    def grad(d):
-        return np.asarray(engine.value_grad(x + d, u0=u + dU @ d)[1], float)
+        def grad(d):
+            return np.asarray(engine.value_grad(x + d, u0=u + dU @ d)[1], float)
 
-    E = np.diag(h)
-    up, down = [grad(E[a]) for a in range(P)], [grad(-E[a]) for a in range(P)]
-    D = np.empty((P, P, P))
-    for a in range(P):
-        D[:, a, a] = (up[a] - 2.0 * g0 + down[a]) / h[a] ** 2
-        for b in range(a + 1, P):
-            d = E[a] + E[b]
-            D[:, a, b] = (grad(d) + grad(-d) - up[a] - down[a] - up[b] - down[b] + 2.0 * g0) / (2.0 * h[a] * h[b])
-            D[:, b, a] = D[:, a, b]
+        E = np.diag(h)
+        up, down = [grad(E[a]) for a in range(P)], [grad(-E[a]) for a in range(P)]
+        D = np.empty((P, P, P))
+        for a in range(P):
+            D[:, a, a] = (up[a] - 2.0 * g0 + down[a]) / h[a] ** 2
+            for b in range(a + 1, P):
+                d = E[a] + E[b]
+                D[:, a, b] = (grad(d) + grad(-d) - up[a] - down[a] - up[b] - down[b] + 2.0 * g0) / (2 * h[a] * h[b])
+                D[:, b, a] = D[:, a, b]
+    except (np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError):   # (as restarts.evaluate; none sent)
+        return None
     return symmetric_third(D) if np.all(np.isfinite(D)) else None
