@@ -61,8 +61,13 @@ def _sites(df: pd.DataFrame, case: dict) -> dict:
     group = parse_formula(case["formula"]).group
     if case["split"] and case["split"] != group:
         return {str(k): part.reset_index(drop=True) for k, part in df.groupby(case["split"], sort=False)}
-    codes = pd.factorize(df[group])[0]
-    return {f"s{i}": df[codes % 3 == i].reset_index(drop=True) for i in range(3)}
+    return _dealt(df, case, 3)
+
+
+def _dealt(df: pd.DataFrame, case: dict, k: int) -> dict:
+    """The case's groups dealt round-robin to ``k`` sites."""
+    codes = pd.factorize(df[parse_formula(case["formula"]).group])[0]
+    return {f"s{i}": df[codes % k == i].reset_index(drop=True) for i in range(k)}
 
 
 def _fit(case, data, **kw):
@@ -302,8 +307,7 @@ def test_third_derivatives_at_the_final_point_end_the_fit(name, sites):
     estimates, standard errors and logLik as the iterative fit continued to machine precision."""
     case = next(c for c in CASES if c["name"] == name)
     df = pd.read_csv(case["data"])
-    codes = pd.factorize(df[parse_formula(case["formula"]).group])[0]
-    data = {f"s{i}": df[codes % sites == i].reset_index(drop=True) for i in range(sites)}
+    data = _dealt(df, case, sites)
     exact = _fit(case, df, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
     with_third, without = _fit(case, data), _fit(case, data, newton=NewtonConfig(final_third=False))
     assert with_third.converged and with_third.rounds <= 4 and with_third.rounds == without.rounds - 1, \
@@ -318,8 +322,7 @@ def _four_rounds_at_the_optimum(name: str, sites: int) -> None:
     continued to machine precision (estimates and logLik to 1e-8, standard errors to 1e-7 relative)."""
     case = next(c for c in CASES if c["name"] == name)
     df = pd.read_csv(case["data"])
-    codes = pd.factorize(df[parse_formula(case["formula"]).group])[0]
-    data = {f"s{i}": df[codes % sites == i].reset_index(drop=True) for i in range(sites)}
+    data = _dealt(df, case, sites)
     exact = _fit(case, df, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
     res = _fit(case, data)
     assert res.converged and res.rounds <= 4, res.rounds
@@ -368,8 +371,7 @@ def test_a_rejected_final_step_of_the_model_leaves_newtons_reach():
     quarter of the model's step (7 rounds then, 6 now), and ends at the iterative fit."""
     case = next(c for c in CASES if c["name"] == "guimmun_la")
     df = pd.read_csv(case["data"])
-    codes = pd.factorize(df[parse_formula(case["formula"]).group])[0]
-    data = {f"s{i}": df[codes % 10 == i].reset_index(drop=True) for i in range(10)}
+    data = _dealt(df, case, 10)
     res = _fit(case, data)
     assert res.converged and res.rounds <= 6, res.rounds
     _same(res, _fit(case, df, method="iterative"))
