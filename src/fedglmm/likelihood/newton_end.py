@@ -68,10 +68,11 @@ class Ending:
         return cfg.final_third and not cfg.single and len(self.x0) <= cfg.third_max
 
     def _third_wanted(self, dec: float, d0: float) -> bool:
-        """Whether the next round's points come with the sites' third derivatives (P evaluations a point at each
-        site; fits of at most ``third_max`` parameters), for a step to third order from there that may end
-        the fit a round sooner than Newton's (:meth:`_third_final`): where the decrement predicted there (the
-        last contraction d/d₀² times d², after a full step from d₀ below QUADRATIC) lies in THIRD_ASK, or
+        """Whether the next round's points come with the sites' third derivatives (P Hessians a point at each
+        site, by quadrature P(P + 1) gradients; fits of at most ``third_max`` parameters), for a step to third
+        order from there that may end the fit a round sooner than Newton's (:meth:`_third_final`): where the
+        decrement predicted there (the last contraction d/d₀² times d², after a full step from d₀ below
+        QUADRATIC) lies in THIRD_ASK, or
         otherwise where d lies in THIRD_FROM (from d of 1 to 4, the next decrement was 2e-3 to 0.1 on the GLMM
         splits of parity_multilevel.py: contractions of 0.002 to 0.7; from 8.9 and 12.8, 0.04 and 0.1 on
         grouseticks_la and _nb split one location per site, where the step to third order from there ended
