@@ -203,10 +203,11 @@ def test_a_sites_third_derivatives_at_a_final_point():
 
 def test_a_quadrature_sites_third_derivatives_from_its_gradients():
     """By adaptive Gauss-Hermite the engine's Hessian is a central difference of its analytic gradients: the third
-    derivatives (reply_third) come from a seven-point stencil of those gradients (P(P + 1) of them, where P forward
-    differences of the Hessian took 2P²).  On cbpp (nAGQ 10, a binomial with four fixed effects) at lme4's estimate
-    and off it they agree with central differences of the engine's Hessian 1e-3 apart to 2e-5 of their largest
-    entry (P forward differences of the Hessian 1e-4 apart: 1.4e-4 of it here, 2e-4 to 4e-4 on held-out fits)."""
+    derivatives (reply_third) at a round's point come from a seven-point stencil of those gradients (P(P + 1) of
+    them, where P forward differences of the Hessian took 2P²), at a final point from the Hessian's own gradients
+    and P(P - 1)/2 more.  On cbpp (nAGQ 10, a binomial with four fixed effects) at lme4's estimate and off it they
+    agree with central differences of the engine's Hessian 1e-3 apart to 2e-6 and 2e-5 of their largest entry
+    (P forward differences of the Hessian 1e-4 apart: 1.4e-4 of it here, 2e-4 to 4e-4 on held-out fits)."""
     from fedglmm.likelihood.laplace import GLMMLikelihood
     from fedglmm.likelihood.linalg import unpack_third
     from fedglmm.site.own_third import reply_third
@@ -215,14 +216,24 @@ def test_a_quadrature_sites_third_derivatives_from_its_gradients():
     spec, fam = parse_formula("cbind(incidence, size - incidence) ~ period + (1 | herd)"), get_family("binomial")
     schema = merge_schema({"s": describe_frame(df, spec, "s")}, spec, fam)
     eng = GLMMLikelihood(build_design(spec, schema, df, fam, "s"), fam, 10)
+    calls, grad = [], eng.value_grad
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return grad(*args, **kw)
+
+    eng.value_grad = counted
     for x in (np.array([-1.3989, -0.9919, -1.1282, -1.5797, 0.6416]), np.array([-1.2, -1.1, -1.0, -1.7, 0.9])):
-        reply = reply_third(eng, x, {"third": True}, dict(eng.sums(x)))
-        got = unpack_third(reply["third"], 5)
         want = np.empty((5, 5, 5))
         for t in range(5):
             e = np.eye(5)[t] * 1e-3 * max(1.0, abs(x[t]))
             want[:, :, t] = (eng.sums(x + e)["hess"] - eng.sums(x - e)["hess"]) / (2 * e[t])
-        assert np.max(np.abs(got - want)) < 2e-5 * np.max(np.abs(want)), np.max(np.abs(got - want))
+        for index, tol, cost in ((0, 2e-6, 30), (None, 2e-5, 10)):
+            req, reply = {"third_at": [0]} if index == 0 else {"third": True}, dict(eng.sums(x))
+            calls.clear()
+            got = unpack_third(reply_third(eng, x, req, reply, index)["third"], 5)
+            assert np.max(np.abs(got - want)) < tol * np.max(np.abs(want)), (index, np.max(np.abs(got - want)))
+            assert len(calls) == cost + (index == 0)
 
 
 def test_a_multilevel_sites_third_derivatives_at_a_rounds_points():

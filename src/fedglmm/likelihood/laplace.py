@@ -40,7 +40,7 @@ from . import fused, restarts
 from .conditional import curvature_derivative
 from .linalg import chol as _chol, inv as _inv, solve as _solve, upper_half as _upper_half
 from .mode_start import inside_domain
-from .quadrature import product_grid
+from .quadrature import gradient_hessian, product_grid
 
 
 @dataclass
@@ -86,6 +86,7 @@ class GLMMLikelihood:
         self._eye = np.eye(self.q)
         self._last = None           # (φ, dû/dφ) of the last evaluation: the next one starts from û + dû·Δφ
         self._fused = self._hinv = None    # the fused kernel's view of the arrays, its H⁻¹ at the last point
+        self.stencil = None         # by quadrature: the gradients of the last Hessian (quadrature.Stencil)
 
     # --- helpers ----------------------------------------------------------------------------------
     @property
@@ -366,16 +367,7 @@ class GLMMLikelihood:
         self.u = u
         if not hess:
             return Evaluation(value, gr)
-        P = len(phi)
-        H = np.empty((P, P))
-        for t in range(P):
-            h = step * (1.0 + abs(phi[t]))
-            e = np.zeros(P)
-            e[t] = h
-            gp = self.value_grad(phi + e, u0=u + h * dU[:, :, t])[1]
-            gm = self.value_grad(phi - e, u0=u - h * dU[:, :, t])[1]
-            H[:, t] = (gp - gm) / (2.0 * h)
-        return Evaluation(value, gr, 0.5 * (H + H.T))
+        return Evaluation(value, gr, gradient_hessian(self, phi, gr, u, dU, step))
 
     def conditional_modes(self, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Conditional modes b̂ = Λû and conditional SDs sqrt(diag(Λ H⁻¹ Λᵀ)) of each group's effects."""

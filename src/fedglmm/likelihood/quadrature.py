@@ -6,6 +6,7 @@ has K^q nodes; one node at 0 with weight 1 (K = 1) makes adaptive quadrature the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -32,3 +33,35 @@ def product_grid(k: int, q: int) -> tuple[np.ndarray, np.ndarray]:
     grids = np.meshgrid(*([np.arange(k)] * q), indexing="ij")
     idx = np.stack([g.ravel() for g in grids], axis=1)
     return z[idx], lw[idx].sum(axis=1)
+
+
+@dataclass
+class Stencil:
+    """The analytic gradients an adaptive Gauss-Hermite Hessian was differenced from (:func:`gradient_hessian`):
+    at φ (``g0``, with the modes ``u`` and their derivatives ``dU`` there) and at φ ± h_t e_t (rows ``up``,
+    ``down``); kept on the engine for F's third derivatives at the same point (:mod:`fedglmm.site.own_third`)."""
+
+    phi: np.ndarray
+    h: np.ndarray
+    g0: np.ndarray
+    u: np.ndarray
+    dU: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+
+
+def gradient_hessian(lik, phi: np.ndarray, g0: np.ndarray, u: np.ndarray, dU: np.ndarray, step: float) -> np.ndarray:
+    """The Hessian at φ by adaptive Gauss-Hermite quadrature: the central difference of the analytic gradient
+    h_t = step·(1 + |φ_t|) either side in each coordinate (2P gradients, the modes started from û ± h_t·dû/dφ_t);
+    its gradients are kept on ``lik`` (``stencil``)."""
+    P = len(phi)
+    h = step * (1.0 + np.abs(phi))
+    up, down = np.empty((P, P)), np.empty((P, P))
+    for t in range(P):
+        e = np.zeros(P)
+        e[t] = h[t]
+        up[t] = lik.value_grad(phi + e, u0=u + h[t] * dU[:, :, t])[1]
+        down[t] = lik.value_grad(phi - e, u0=u - h[t] * dU[:, :, t])[1]
+    lik.stencil = Stencil(phi.copy(), h, np.asarray(g0, float).copy(), u, dU, up, down)
+    H = ((up - down) / (2.0 * h[:, None])).T
+    return 0.5 * (H + H.T)
