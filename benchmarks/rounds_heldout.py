@@ -103,8 +103,10 @@ def run(case: dict, how: str) -> dict:
         return row
     diff = max(np.max(np.abs(a.fixef - b.fixef)), np.max(np.abs(np.asarray(a.theta) - np.asarray(b.theta)),
                                                          initial=0.0), abs(a.loglik - b.loglik))
+    sa, sb = np.asarray(a.se, float), np.asarray(b.se, float)
+    se = np.max(np.abs(sa - sb) / np.maximum(np.abs(sa), 1e-300), initial=0.0)
     ref = best_reference(case)
-    row.update(it_rounds=a.rounds, hyb_rounds=b.rounds, max_diff=f"{diff:.1e}",
+    row.update(it_rounds=a.rounds, hyb_rounds=b.rounds, max_diff=f"{diff:.1e}", se_rel=f"{se:.1e}",
                vs_ref="" if ref is None else f"{b.loglik - ref:+.1e}", it_s=f"{a.seconds:.2f}",
                hyb_s=f"{b.seconds:.2f}", hyb_bytes=b.bytes_to_sites + b.bytes_from_sites)
     return row
@@ -138,7 +140,8 @@ def main() -> None:
     hr = ok.hyb_rounds.astype(int)
     print(f"hybrid rounds: median {np.median(hr):g}, max {hr.max()}, > 4 in {(hr > 4).sum()} of {len(tab)}; "
           f"failures {len(tab) - len(ok)}; largest difference to iterative "
-          f"{pd.to_numeric(ok.max_diff).max():.1e}; worst logLik against the better reference "
+          f"{pd.to_numeric(ok.max_diff).max():.1e} (standard errors, relative: "
+          f"{pd.to_numeric(ok.se_rel).max():.1e}, above 1e-8 in {(pd.to_numeric(ok.se_rel) > 1e-8).sum()}); worst logLik against the better reference "
           f"{pd.to_numeric(ok.vs_ref, errors='coerce').min():+.1e}")
 
 

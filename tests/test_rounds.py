@@ -317,9 +317,9 @@ def test_third_derivatives_at_the_final_point_end_the_fit(name, sites):
         assert np.allclose(res.se, exact.se, rtol=1e-7, atol=0)
 
 
-def _four_rounds_at_the_optimum(name: str, sites: int) -> None:
+def _four_rounds_at_the_optimum(name: str, sites: int, se_rtol: float = 1e-7) -> None:
     """The held-out case ``name`` dealt to ``sites`` sites by group ends in at most 4 rounds at the iterative fit
-    continued to machine precision (estimates and logLik to 1e-8, standard errors to 1e-7 relative)."""
+    continued to machine precision (estimates and logLik to 1e-8, standard errors to ``se_rtol`` relative)."""
     case = next(c for c in CASES if c["name"] == name)
     df = pd.read_csv(case["data"])
     data = _dealt(df, case, sites)
@@ -327,7 +327,7 @@ def _four_rounds_at_the_optimum(name: str, sites: int) -> None:
     res = _fit(case, data)
     assert res.converged and res.rounds <= 4, res.rounds
     _same(res, exact)
-    assert np.allclose(res.se, exact.se, rtol=1e-7, atol=0)
+    assert np.allclose(res.se, exact.se, rtol=se_rtol, atol=0), np.max(np.abs(res.se / exact.se - 1))
 
 
 @pytest.mark.parametrize("name,sites", [("epil_pois_gh20", 10), ("sim_epil_gh20", 20), ("toenail_gh20", 20)])
@@ -345,6 +345,18 @@ def test_more_than_eight_parameters_on_few_rows_take_third_derivatives(name, sit
     do (a few Hessians of so few rows cost less than a round): 4 rounds where these took 6 and 5, at the fit
     continued to machine precision."""
     _four_rounds_at_the_optimum(name, sites)
+
+
+@pytest.mark.parametrize("name,sites", [("sim_rare_gh20", 2), ("toenail_gh20", 2), ("sim_rare_la", 2),
+                                        ("sim_guimmun_la", 10)])
+def test_standard_errors_at_the_optimum_where_the_last_step_is_newtons(name, sites):
+    """A fit ending at a final point 1e-10 to 3e-8 above the optimum, reached by Newton's or the pseudo-data model's
+    step (no third derivatives asked for at its round), moved the information to the estimate by the secant of the
+    step before:
+    standard errors 2.3e-7 to 2.8e-6 off.  The final point brings the sites' third derivatives where its
+    decrement is predicted above 1e-15 (by quadrature P(P - 1)/2 gradients beside its Hessian's; with 17
+    parameters too): within 1e-8 of the fit continued to machine precision."""
+    _four_rounds_at_the_optimum(name, sites, se_rtol=1e-8)
 
 
 @pytest.mark.parametrize("name", ["grouseticks_la", "grouseticks_nb"])

@@ -110,10 +110,11 @@ def canonical_theta(theta, mask):
 def _newton_config(options: FitOptions, setup):
     """The Newton settings of a GLMM fit: the sites' third derivatives (NewtonConfig.final_third: at a final point,
     at a round's point near the optimum) cost each site P Hessians, by quadrature P(P + 1) gradients (a Hessian
-    is 2P of them: :func:`fedglmm.site.own_third._gradient_third`) -- asked for there at a round's most promising
-    point alone, where a step to third order may save a round, and at a final point only after such a step
-    (NewtonConfig.third_points, third_at_final; see Ending._final): at every final point they saved no round on
-    the AGHQ held-out kinds and took contraception_gh10 over 3 sites 1.27 times as long in its same 3 rounds.
+    is 2P of them: :func:`fedglmm.site.own_third._gradient_third`; at a final point P(P - 1)/2 beside its
+    Hessian's) -- asked for there at a round's most promising point alone, where a step to third order may save
+    a round, and after such a step at a final point only where it is predicted to leave more than THIRD_MOVE
+    (NewtonConfig.third_points, third_at_final; see Ending._final): after every step to third order they saved
+    no round on the AGHQ held-out kinds and took contraception_gh10 over 3 sites 1.27 times as long.
     A fit of more than ``third_max`` (8) parameters asks for them so too, up to THIRD_MAX_FEW parameters, where
     the sites hold at most THIRD_ROWS rows in all (a few Hessians there cost less than a round's latency):
     guimmun (17 parameters, 2,159 rows) over 10 and 20 sites 6 and 5 -> 4 rounds, contraception_slope over

@@ -21,6 +21,7 @@ THIRD_ASK = (3e-4, 0.1)   # ... asked for at a round's points where the decremen
 THIRD_FROM = (0.04, 20.0)  # ... or, from a decrement in this range reached by no step in the quadratic regime
 THIRD_MOVE = 1e-12        # (``third_at_final`` off: a step to third order predicted to leave more than this asks for
                           # them at its point, to move the information to the estimate -- see _final)
+THIRD_SE = 1e-15          # ... as does a final point whose decrement is predicted above this (see _final)
 QUADRATIC = 0.5           # (a step from a decrement below this one is: its contraction d/d₀² predicts the next)
 MODEL_FINAL_SHRINK = 0.1   # a final step of the caller's model that leaves more than this share of the decrement:
                            # the model is not asked again
@@ -40,25 +41,28 @@ class Ending:
         third = extra is not None and extra.land is not None          # (a step to third order: _third_final)
         self._cands = [_unbounded(step, pred, cur.H, extra is None and edge is None)]
         self._final_model = extra is not None and edge is None and not third
-        # the third derivatives at the final point, where its decrement is predicted above a tenth of tol: the
-        # last contraction d/d₀² times d², from d₀ below near_model, else 1e-3 (typical of the held-out fits over
-        # 10-20 sites, where a final candidate from 2e-3 to 2e-2 left 5e-8 to 1e-6); after a step to third order a
-        # tenth of its ``land`` (those steps left land/30 to land/7).  And always after a step onto a zero
-        # variance, or to third order where they are cheap (not ``third_dear``: several grouping factors, whose
-        # Hessians are differences of gradients): the last step from there is then third order too, and the
-        # information moves to the estimate by them -- from 1e-9 after a step to third order the third
-        # derivatives of the point before left standard errors 2.6e-7 off (toenail over 20 sites; with several
-        # factors 3e-7, where asking cost grouseticks' nested factors over 3 sites a third more fit time), from
-        # 7e-9 onto grouseticks_nested's zero SD the secant left them 4e-6 off
-        # (``third_at_final`` off -- by quadrature, 9-24 parameters on few rows --, only after a step to third
-        # order predicted to leave more than THIRD_MOVE: from 9.5e-14 (grouseticks_gh5 over 3 sites) the T it
-        # came from left the standard errors 3e-13 off; from 7.6e-9 to 1.1e-6 (epil, sim_epil, toenail over 10-20
-        # sites) 3e-8 to 4e-7 off)
+        # the third derivatives at the final point, where its decrement is predicted above THIRD_SE: the last
+        # contraction d/d₀² times d², from d₀ below near_model, else 1e-3; after a step to third order a tenth of
+        # its ``land`` (those steps left land/30 to land/7).  A fit that ends there without them moves the
+        # information to the estimate by the secant of the step before, and its standard errors were off by
+        # 4e-4 to 4e-2 times the square root of the decrement left (5.8e-6 after 5.6e-8, sim_rare_gh20 over 5
+        # sites; 1.3e-8 after 9e-14); with them within 3e-9 of the fit continued to machine precision
+        # (benchmarks/rounds_heldout.py's se_rel).  Several grouping factors (``third_dear``: Hessians that are
+        # differences of gradients, third derivatives along the covariance parameters alone) above a tenth of tol
+        # only -- at every final point they cost grouseticks' nested and olre fits over 3 sites 1.2-1.36 times
+        # the time for standard errors 2.1e-7 and 4.7e-8 off instead of 2.8e-7 and 2e-7.  And always after a step
+        # onto a zero variance, or to third order where they are cheap (not ``third_dear``): the last step from
+        # there is then third order too (from 1e-9 after a step to third order the third derivatives of the
+        # point before left standard errors 2.6e-7 off, toenail over 20 sites; from 7e-9 onto grouseticks_nested's
+        # zero SD the secant left them 4e-6 off) -- ``third_at_final`` off (by quadrature, 9-24 parameters on few
+        # rows) only where that step is predicted to leave more than THIRD_MOVE (from 9.5e-14, grouseticks_gh5 over
+        # 3 sites, the T it came from left the standard errors 3e-13 off)
         t, cfg = self.trace, self.config
         c = t[-1][2] / t[-2][2] ** 2 if len(t) > 1 and 0 < t[-2][2] < cfg.near_model else 1e-3
+        pred = extra.land / 10 if third else c * dec * dec
         self.want_third = self._may_ask_third() and (
             edge is not None or third and not self.third_dear and (cfg.third_at_final or extra.land > THIRD_MOVE)
-            or cfg.third_at_final and (extra.land / 10 if third else c * dec * dec) > cfg.tol / 10)
+            or (cfg.third_at_final and pred > cfg.tol / 10 if self.third_dear else pred > THIRD_SE))
         return [cur.x + step]
 
     def _may_ask_third(self) -> bool:
@@ -228,9 +232,13 @@ class Ending:
         it (:func:`_third_steps`).  Where the two agree to within tol/10 in the norm of H, each leaves an error of
         third order in the step (below 1e-9 on the held-out fits over 10-20 sites, from decrements of 1e-7 to
         1e-6, where Newton's left 1e-8 to 4e-7) and the first ends the fit (kept for :meth:`_stop_or_settle`): no
-        round to settle the last step."""
+        round to settle the last step.  T moves the information to the estimate whatever the last step
+        (``third_used``; :func:`~fedglmm.likelihood.fit._information_at_estimate`): where the two disagree and the
+        fit ends by Newton's or the caller's model's step, the secant of the step before left standard errors 2e-8
+        off the fit continued to machine precision (sim_toenail_la over 5 sites of unequal size, from 7.7e-9)."""
         T, self.final_third, self._third_step = self.final_third, None, None
         T = even_third(cur.x, T, self.boundary) if T is not None else None
+        self.third_used = T if T is not None else self.third_used
         if T is None or newton is None or not dec < THIRD_LAST \
                 or boundary_last(cur.x, cur.g, cur.H, newton, self.boundary, self.config.tol) is not None:
             return False

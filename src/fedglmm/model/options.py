@@ -62,8 +62,8 @@ class NewtonConfig:
     log_steps: bool = True      # where a Newton step grows a standard deviation, also try it in log scale
     final_third: bool = True    # the sites' third derivatives are asked for (a final round predicted to land just
                                 # above tol, a round's point near the optimum: likelihood.newton_end)
-    third_at_final: bool = True  # ... at a final point too (not by quadrature nor with more than 8 parameters:
-                                 # likelihood.fit._newton_config)
+    third_at_final: bool = True  # ... at a final point after any step to third order (not by quadrature nor
+                                 # with more than 8 parameters: likelihood.fit._newton_config)
     third_points: int = 2       # ... at this many of a round's points (by quadrature 1)
     third_max: int = 8          # ... in a fit of at most this many parameters (the sites' work: P Hessians each)
 
