@@ -112,9 +112,10 @@ def _newton_config(options: FitOptions, setup):
     at a round's point near the optimum) cost each site P Hessians, by quadrature P(P + 1) gradients (a Hessian
     is 2P of them: :func:`fedglmm.site.own_third._gradient_third`; at a final point P(P - 1)/2 beside its
     Hessian's) -- asked for there at a round's most promising point alone, where a step to third order may save
-    a round, and after such a step at a final point only where it is predicted to leave more than THIRD_MOVE
-    (NewtonConfig.third_points, third_at_final; see Ending._final): after every step to third order they saved
-    no round on the AGHQ held-out kinds and took contraception_gh10 over 3 sites 1.27 times as long.
+    a round (NewtonConfig.third_points), and after such a step at a final point only where it is predicted to
+    leave more than THIRD_MOVE (third_at_final; at a final point otherwise as any fit: see Ending._final).  The
+    seven-point stencil at every final point took contraception_gh10 over 3 sites 1.27 times as long; the
+    gradients beside the Hessian's, 1.05-1.11 times.
     A fit of more than ``third_max`` (8) parameters asks for them so too, up to THIRD_MAX_FEW parameters, where
     the sites hold at most THIRD_ROWS rows in all (a few Hessians there cost less than a round's latency):
     guimmun (17 parameters, 2,159 rows) over 10 and 20 sites 6 and 5 -> 4 rounds, contraception_slope over

@@ -21,7 +21,7 @@ THIRD_ASK = (3e-4, 0.1)   # ... asked for at a round's points where the decremen
 THIRD_FROM = (0.04, 20.0)  # ... or, from a decrement in this range reached by no step in the quadratic regime
 THIRD_MOVE = 1e-12        # (``third_at_final`` off: a step to third order predicted to leave more than this asks for
                           # them at its point, to move the information to the estimate -- see _final)
-THIRD_SE = 1e-15          # ... as does a final point whose decrement is predicted above this (see _final)
+THIRD_SE = 1e-15          # a final point predicted above this decrement asks for them too (one factor: _final)
 QUADRATIC = 0.5           # (a step from a decrement below this one is: its contraction d/d₀² predicts the next)
 MODEL_FINAL_SHRINK = 0.1   # a final step of the caller's model that leaves more than this share of the decrement:
                            # the model is not asked again

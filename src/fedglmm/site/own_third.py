@@ -55,8 +55,8 @@ def reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None
     to the estimate: standard errors 8.6e-9 from the fit continued to machine precision where 1e-4 left 2.1e-8
     (sim_toenail_la over 5 sites of unequal size), 8e-11 where it left 1e-9 (sim_rare_la over 2) --, P evaluations
     from warm modes (several grouping factors: along the covariance parameters, below), made symmetric, its
-    P(P + 1)(P + 2)/6 distinct entries
-    (:func:`~fedglmm.likelihood.linalg.pack_third`) -- sums over the site's rows, as the Hessian is.  The
+    P(P + 1)(P + 2)/6 distinct entries (:func:`~fedglmm.likelihood.linalg.pack_third`) -- sums over the site's
+    rows, as the Hessian is.  The
     coordinator takes its last step to third order with them instead of one more round
     (:meth:`~fedglmm.likelihood.newton_end.Ending._third_last`), or a step near the optimum whose error is of
     fourth order (:meth:`~fedglmm.likelihood.newton_end.Ending._third_final`).  By quadrature from the
