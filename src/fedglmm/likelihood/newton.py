@@ -282,6 +282,8 @@ class TrustRegionNewton(Ending):
         step = self._cov_candidate(cur) if grows or wanted else None      # (one solve for both uses)
         if grows:
             self._near_cov = (cur, step)
+        if wanted and step is not None and self._cov_agrees(cur, step, newton):
+            return None
         return step if wanted else None
 
     def _final_edge(self, cur, edge, tail) -> _Candidate | None:
