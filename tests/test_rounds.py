@@ -330,11 +330,13 @@ def _four_rounds_at_the_optimum(name: str, sites: int, se_rtol: float = 1e-7) ->
     assert np.allclose(res.se, exact.se, rtol=se_rtol, atol=0), np.max(np.abs(res.se / exact.se - 1))
 
 
-@pytest.mark.parametrize("name,sites", [("epil_pois_gh20", 10), ("sim_epil_gh20", 20), ("toenail_gh20", 20)])
+@pytest.mark.parametrize("name,sites", [("epil_pois_gh20", 10), ("sim_epil_gh20", 20), ("toenail_gh20", 20),
+                                        ("sim_toenail_gh20", 20)])
 def test_quadrature_fits_take_third_derivatives_at_a_rounds_points(name, sites):
     """By adaptive Gauss-Hermite too the points of a round near the optimum bring the sites' third derivatives
-    (from their gradients: P(P + 1) of them), and a step to third order from the point accepted is the final
-    candidate: 4 rounds where these took 5 -- at the fit continued to machine precision."""
+    (from the gradients of their Hessians and P(P - 1)/2 more), the model's and Newton's, and a step to third order
+    from the point accepted is the final candidate: 4 rounds where these took 5 -- at the fit continued to machine
+    precision."""
     _four_rounds_at_the_optimum(name, sites)
 
 

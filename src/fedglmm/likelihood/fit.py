@@ -109,20 +109,18 @@ def canonical_theta(theta, mask):
 
 def _newton_config(options: FitOptions, setup):
     """The Newton settings of a GLMM fit: the sites' third derivatives (NewtonConfig.final_third: at a final point,
-    at a round's point near the optimum) cost each site P Hessians, by quadrature P(P + 1) gradients (a Hessian
-    is 2P of them: :func:`fedglmm.site.own_third._gradient_third`; at a final point P(P - 1)/2 beside its
-    Hessian's) -- asked for there at a round's most promising point alone, where a step to third order may save
-    a round (NewtonConfig.third_points), and after such a step at a final point only where it is predicted to
-    leave more than THIRD_MOVE (third_at_final; at a final point otherwise as any fit: see Ending._final).  The
-    seven-point stencil at every final point took contraception_gh10 over 3 sites 1.27 times as long; the
-    gradients beside the Hessian's, 1.05-1.11 times.
+    at a round's points near the optimum) cost each site P Hessians, by quadrature P(P - 1)/2 gradients beside
+    those of its Hessian (:func:`fedglmm.site.own_third._stencil_third`) -- asked for after a step to third order
+    at a final point only where it is predicted to leave more than THIRD_MOVE (third_at_final; at a final point
+    otherwise as any fit: see Ending._final).  A seven-point stencil of P(P + 1) gradients at every final point
+    took contraception_gh10 over 3 sites 1.27 times as long; the gradients beside the Hessian's, 1.05-1.11 times.
     A fit of more than ``third_max`` (8) parameters asks for them so too, up to THIRD_MAX_FEW parameters, where
     the sites hold at most THIRD_ROWS rows in all (a few Hessians there cost less than a round's latency):
     guimmun (17 parameters, 2,159 rows) over 10 and 20 sites 6 and 5 -> 4 rounds, contraception_slope over
     3 sites the same 3 rounds in the same time (at every final point too: 1.16 times as long)."""
     cfg = options.newton
     if options.nagq > 1:
-        cfg = replace(cfg, third_at_final=False, third_points=1)
+        cfg = replace(cfg, third_at_final=False)
     P = len(setup.names) + int(np.sum(setup.mask)) + setup.ndisp
     if cfg.third_max < P <= THIRD_MAX_FEW and setup.n <= THIRD_ROWS:
         cfg = replace(cfg, third_max=THIRD_MAX_FEW, third_at_final=False)

@@ -64,7 +64,7 @@ class NewtonConfig:
                                 # above tol, a round's point near the optimum: likelihood.newton_end)
     third_at_final: bool = True  # ... at a final point after any step to third order (not by quadrature nor
                                  # with more than 8 parameters: likelihood.fit._newton_config)
-    third_points: int = 2       # ... at this many of a round's points (by quadrature 1)
+    third_points: int = 2       # ... at this many of a round's points
     third_max: int = 8          # ... in a fit of at most this many parameters (the sites' work: P Hessians each)
 
     @property

@@ -60,14 +60,13 @@ def reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None
     coordinator takes its last step to third order with them instead of one more round
     (:meth:`~fedglmm.likelihood.newton_end.Ending._third_last`), or a step near the optimum whose error is of
     fourth order (:meth:`~fedglmm.likelihood.newton_end.Ending._third_final`).  By quadrature from the
-    gradients alone (:func:`_gradient_third`; at a final point, beside its Hessian's, :func:`_stencil_third`).
+    gradients alone: those of its Hessian and P(P - 1)/2 more (:func:`_stencil_third`).
     Not under secure aggregation, whose masks cover the sums' usual keys alone."""
     wanted = req.get("third") if index is None else index in req.get("third_at", ())
     if not wanted or "secagg" in req or "hess" not in reply:
         return reply
     if getattr(engine, "nagq", 1) > 1 and getattr(engine, "q", 0):        # quadrature
-        T = _gradient_third(engine, x, STENCIL_STEP * np.maximum(1.0, np.abs(x))) if index is not None \
-            else _stencil_third(engine, x)
+        T = _stencil_third(engine, x)
         if T is not None:
             reply["third"] = pack_third(T)
         return reply
@@ -140,15 +139,16 @@ def _gradient_third(engine, x: np.ndarray, h: np.ndarray) -> np.ndarray | None:
 
 
 def _stencil_third(engine, x: np.ndarray) -> np.ndarray | None:
-    """ℓ's third derivatives at a final point by quadrature, from the gradients its Hessian was differenced from
+    """ℓ's third derivatives at a point by quadrature, from the gradients its Hessian was differenced from
     (the engine's ``stencil`` at ``x``, 1e-5 apart relative to 1 + |x|: :func:`~fedglmm.likelihood.quadrature.
     gradient_hessian`): T[:, a, a] by their central second difference, T[:, a, b] by the forward mixed one, one
     gradient more each at x + h_a e_a + h_b e_b -- P(P − 1)/2 gradients where :func:`_gradient_third` takes P(P + 1),
     of first order in h but at a hundredth of its step.  They move the information to the estimate over a last step
     of 1e-4 or less: on the held-out fits of nAGQ 20 over 2-5 sites (epil, toenail, simulated rare events) the
     standard errors came within 2.9e-9 of the fit continued to machine precision (the seven-point stencil at 1e-3:
-    5.6e-9; a forward one at 1e-3: 2.5e-7; the secant of the step before, without them: 5.8e-6).  Elsewhere (no
-    stencil at x) :func:`_gradient_third`."""
+    5.6e-9; a forward one at 1e-3: 2.5e-7; the secant of the step before, without them: 5.8e-6).  At a round's
+    points, for a step to third order from decrements of 1e-3 to 0.3, their error (1.3e-5 of the largest entry on
+    cbpp) is far below the step's own, of fourth order.  Elsewhere (no stencil at x) :func:`_gradient_third`."""
     st = getattr(engine, "stencil", None)
     if st is None or st.phi.shape != x.shape or not np.array_equal(st.phi, x):
         return _gradient_third(engine, x, STENCIL_STEP * np.maximum(1.0, np.abs(x)))
