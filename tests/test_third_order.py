@@ -269,3 +269,19 @@ def test_a_multilevel_sites_third_derivatives_at_a_rounds_points():
             want[:, :, t] = (eng.evaluate(x + e, central=True).hess - eng.evaluate(x - e, central=True).hess) / (2 * h)
         assert np.max(np.abs(got - want)[theta]) < 2e-3 * np.max(np.abs(want)), np.max(np.abs(got - want)[theta])
         assert np.all(got[~theta] == 0.0) and np.any(want[~theta] != 0.0)
+
+
+def test_a_final_points_third_derivatives_where_the_rows_are_few():
+    """A final point asks for the sites' third derivatives wherever its decrement is predicted above 1e-15 (for
+    standard errors to 1e-8), but on more than THIRD_ROWS rows -- where P Hessians are P passes over the rows --
+    only above tol/10, as before; by quadrature alike."""
+    from types import SimpleNamespace
+
+    from fedglmm.likelihood.fit import THIRD_ROWS, _newton_config
+    from fedglmm.model.options import FitOptions
+
+    for nagq in (1, 10):
+        opts = FitOptions(nagq=nagq)
+        for n, want in ((THIRD_ROWS, 1e-15), (THIRD_ROWS + 1, opts.newton.tol / 10)):
+            setup = SimpleNamespace(names=["Intercept", "x"], mask=np.ones((1, 1), bool), ndisp=0, n=n)
+            assert _newton_config(opts, setup).third_final == want

@@ -114,6 +114,8 @@ def _newton_config(options: FitOptions, setup):
     at a final point only where it is predicted to leave more than THIRD_MOVE (third_at_final; at a final point
     otherwise as any fit: see Ending._final).  A seven-point stencil of P(P + 1) gradients at every final point
     took contraception_gh10 over 3 sites 1.27 times as long; the gradients beside the Hessian's, 1.05-1.11 times.
+    On more than THIRD_ROWS rows a final point asks for them only where its decrement is predicted above tol/10
+    (``third_final``), as before standard errors to 1e-8 were sought: there P Hessians are P passes over the rows.
     A fit of more than ``third_max`` (8) parameters asks for them so too, up to THIRD_MAX_FEW parameters, where
     the sites hold at most THIRD_ROWS rows in all (a few Hessians there cost less than a round's latency):
     guimmun (17 parameters, 2,159 rows) over 10 and 20 sites 6 and 5 -> 4 rounds, contraception_slope over
@@ -124,6 +126,8 @@ def _newton_config(options: FitOptions, setup):
     P = len(setup.names) + int(np.sum(setup.mask)) + setup.ndisp
     if cfg.third_max < P <= THIRD_MAX_FEW and setup.n <= THIRD_ROWS:
         cfg = replace(cfg, third_max=THIRD_MAX_FEW, third_at_final=False)
+    if setup.n > THIRD_ROWS:        # (P Hessians over the rows at a final point only where it may save a round)
+        cfg = replace(cfg, third_final=max(cfg.third_final, cfg.tol / 10))
     return cfg
 
 

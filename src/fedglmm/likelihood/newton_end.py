@@ -21,7 +21,6 @@ THIRD_ASK = (3e-4, 0.1)   # ... asked for at a round's points where the decremen
 THIRD_FROM = (0.04, 20.0)  # ... or, from a decrement in this range reached by no step in the quadratic regime
 THIRD_MOVE = 1e-12        # (``third_at_final`` off: a step to third order predicted to leave more than this asks for
                           # them at its point, to move the information to the estimate -- see _final)
-THIRD_SE = 1e-15          # a final point predicted above this decrement asks for them too (one factor: _final)
 QUADRATIC = 0.5           # (a step from a decrement below this one is: its contraction d/d₀² predicts the next)
 COV_AGREE = (1e-2, 0.01)  # below this decrement a step in Σ's entries within this share of it of Newton's: not tried
 MODEL_FINAL_SHRINK = 0.1   # a final step of the caller's model that leaves more than this share of the decrement:
@@ -42,7 +41,7 @@ class Ending:
         third = extra is not None and extra.land is not None          # (a step to third order: _third_final)
         self._cands = [_unbounded(step, pred, cur.H, extra is None and edge is None)]
         self._final_model = extra is not None and edge is None and not third
-        # the third derivatives at the final point, where its decrement is predicted above THIRD_SE: the last
+        # the third derivatives at the final point, where its decrement is predicted above ``third_final``: the last
         # contraction d/d₀² times d², from d₀ below near_model, else 1e-3; after a step to third order a tenth of
         # its ``land`` (those steps left land/30 to land/7).  A fit that ends there without them moves the
         # information to the estimate by the secant of the step before, and its standard errors were off by
@@ -63,7 +62,7 @@ class Ending:
         pred = extra.land / 10 if third else c * dec * dec
         self.want_third = self._may_ask_third() and (
             edge is not None or third and not self.third_dear and (cfg.third_at_final or extra.land > THIRD_MOVE)
-            or (cfg.third_at_final and pred > cfg.tol / 10 if self.third_dear else pred > THIRD_SE))
+            or (cfg.third_at_final and pred > cfg.tol / 10 if self.third_dear else pred > cfg.third_final))
         return [cur.x + step]
 
     def _may_ask_third(self) -> bool:

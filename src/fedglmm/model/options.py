@@ -66,6 +66,7 @@ class NewtonConfig:
                                  # with more than 8 parameters: likelihood.fit._newton_config)
     third_points: int = 2       # ... at this many of a round's points
     third_max: int = 8          # ... in a fit of at most this many parameters (the sites' work: P Hessians each)
+    third_final: float = 1e-15  # ... at a final point whose decrement is predicted above this (one grouping factor)
 
     @property
     def local(self) -> "NewtonConfig":
