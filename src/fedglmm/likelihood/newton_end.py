@@ -73,9 +73,9 @@ class Ending:
 
     def _third_wanted(self, dec: float, d0: float) -> bool:
         """Whether the next round's points come with the sites' third derivatives (P Hessians a point at each
-        site, by quadrature P(P - 1)/2 gradients beside its Hessian's; fits of at most ``third_max`` parameters), for
-        a step to third
-        order from there that may end the fit a round sooner than Newton's (:meth:`_third_final`): where the
+        site, by quadrature P(P - 1)/2 gradients beside its Hessian's; fits of at most ``third_max`` parameters),
+        for a step to third order from there that may end the fit a round sooner than Newton's
+        (:meth:`_third_final`): where the
         decrement predicted there (the last contraction d/d₀² times d², after a full step from d₀ below
         QUADRATIC) lies in THIRD_ASK, or
         otherwise where d lies in THIRD_FROM (from d of 1 to 4, the next decrement was 2e-3 to 0.1 on the GLMM
@@ -109,9 +109,9 @@ class Ending:
         the least founded (a trust region's step at four times Newton's reach, a step to third order), and the
         point accepted was the model's or Newton's: with the point predicted to gain most alone, the reference
         cases split one herd per site, cbpp_olre took 6 rounds (5), toenail over 10 sites 6 (5).  By quadrature
-        too, since they come from the gradients of the point's Hessian and P(P - 1)/2 more (by the seven-point
-        stencil, P(P + 1) a point, both points took grouseticks_gh5 over 3 sites 1.15 times as long; now 0.97 the
-        time of the first alone so, and sim_toenail_gh20 over 20 sites 5 -> 4 rounds)."""
+        too, where they come from the gradients of the point's Hessian and P(P - 1)/2 more: both points take
+        grouseticks_gh5 over 3 sites 0.97 times as long as the first alone did by a seven-point stencil of P(P + 1)
+        gradients (both so: 1.15 times), and sim_toenail_gh20 over 20 sites 4 rounds, not 5."""
         if not self._cands:
             return [0]
         best = 0 if extra is not None and self._cands[0] is extra else int(np.argmax([c.pred for c in self._cands]))
