@@ -11,7 +11,7 @@ round-robin); with `--splits each` also every group a site of its own (cases of 
 `--splits 5,10b` (say) over 5 sites dealt round-robin by group and over 10 sites each a run of groups cut at
 random (sites of unequal size; seeded by the number of sites).
 The table gives both methods' rounds, the largest difference between the two fits (fixed
-effects, θ, logLik), the hybrid's logLik against the better of lme4/glmmTMB (full log-likelihood: lme4's
+effects, θ, logLik; and ``se_rel``, the fixed effects' standard errors, relative), the hybrid's logLik against the better of lme4/glmmTMB (full log-likelihood: lme4's
 nAGQ > 1 value plus the saturated term), and both methods' fit times.  The last lines give the median and
 largest number of hybrid rounds.
 """
