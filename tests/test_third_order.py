@@ -274,7 +274,7 @@ def test_a_multilevel_sites_third_derivatives_at_a_rounds_points():
 def test_a_final_points_third_derivatives_where_the_rows_are_few():
     """A final point asks for the sites' third derivatives wherever its decrement is predicted above 1e-15 (for
     standard errors to 1e-8), but on more than THIRD_ROWS rows -- where P Hessians are P passes over the rows --
-    only above tol/10, as before; by quadrature alike."""
+    only above tol/10, as before; by quadrature alike; with several grouping factors above tol/10 too."""
     from types import SimpleNamespace
 
     from fedglmm.likelihood.fit import THIRD_ROWS, _newton_config
@@ -283,5 +283,9 @@ def test_a_final_points_third_derivatives_where_the_rows_are_few():
     for nagq in (1, 10):
         opts = FitOptions(nagq=nagq)
         for n, want in ((THIRD_ROWS, 1e-15), (THIRD_ROWS + 1, opts.newton.tol / 10)):
-            setup = SimpleNamespace(names=["Intercept", "x"], mask=np.ones((1, 1), bool), ndisp=0, n=n)
+            setup = SimpleNamespace(names=["Intercept", "x"], mask=np.ones((1, 1), bool), ndisp=0, n=n,
+                                    factor_groups={})
             assert _newton_config(opts, setup).third_final == want
+    several = SimpleNamespace(names=["Intercept"], mask=np.eye(2, dtype=bool), ndisp=0, n=100,
+                              factor_groups={"a": 3, "b": 4})
+    assert _newton_config(FitOptions(), several).third_final == FitOptions().newton.tol / 10

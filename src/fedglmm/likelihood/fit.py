@@ -115,7 +115,8 @@ def _newton_config(options: FitOptions, setup):
     otherwise as any fit: see Ending._final).  A seven-point stencil of P(P + 1) gradients at every final point
     took contraception_gh10 over 3 sites 1.27 times as long; the gradients beside the Hessian's, 1.05-1.11 times.
     On more than THIRD_ROWS rows a final point asks for them only where its decrement is predicted above tol/10
-    (``third_final``), as before standard errors to 1e-8 were sought: there P Hessians are P passes over the rows.
+    (``third_final``), as before standard errors to 1e-8 were sought: there P Hessians are P passes over the rows;
+    so too with several grouping factors (there never with ``third_at_final`` off).
     A fit of more than ``third_max`` (8) parameters asks for them so too, up to THIRD_MAX_FEW parameters, where
     the sites hold at most THIRD_ROWS rows in all (a few Hessians there cost less than a round's latency):
     guimmun (17 parameters, 2,159 rows) over 10 and 20 sites 6 and 5 -> 4 rounds, contraception_slope over
@@ -126,8 +127,11 @@ def _newton_config(options: FitOptions, setup):
     P = len(setup.names) + int(np.sum(setup.mask)) + setup.ndisp
     if cfg.third_max < P <= THIRD_MAX_FEW and setup.n <= THIRD_ROWS:
         cfg = replace(cfg, third_max=THIRD_MAX_FEW, third_at_final=False)
-    if setup.n > THIRD_ROWS:        # (P Hessians over the rows at a final point only where it may save a round)
-        cfg = replace(cfg, third_final=max(cfg.third_final, cfg.tol / 10))
+    if setup.n > THIRD_ROWS or setup.factor_groups:
+        # (P Hessians over the rows, or along the covariance parameters of several factors alone, at a final point
+        # only where it may save a round: see Ending._final)
+        cfg = replace(cfg, third_final=max(cfg.third_final, cfg.tol / 10 if cfg.third_at_final or not
+                                           setup.factor_groups else np.inf))
     return cfg
 
 

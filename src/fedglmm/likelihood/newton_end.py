@@ -41,12 +41,13 @@ class Ending:
         third = extra is not None and extra.land is not None          # (a step to third order: _third_final)
         self._cands = [_unbounded(step, pred, cur.H, extra is None and edge is None)]
         self._final_model = extra is not None and edge is None and not third
-        # the third derivatives at the final point, where its decrement is predicted above ``third_final``: the last
-        # contraction d/d₀² times d², from d₀ below near_model, else 1e-3; after a step to third order a tenth of
-        # its ``land`` (those steps left land/30 to land/7).  A fit that ends there without them moves the
-        # information to the estimate by the secant of the step before, and its standard errors were off by
-        # 4e-4 to 4e-2 times the square root of the decrement left (5.8e-6 after 5.6e-8, sim_rare_gh20 over 5
-        # sites; 1.3e-8 after 9e-14); with them within 3e-9 of the fit continued to machine precision
+        # the third derivatives at the final point, where its decrement is predicted above ``third_final`` (1e-15,
+        # as likelihood.fit._newton_config sets it): the last contraction d/d₀² times d², from d₀ below
+        # near_model, else 1e-3; after a step to third order a tenth of its ``land`` (those steps left land/30 to
+        # land/7).  A fit that ends there without them moves the information to the estimate by the secant of the
+        # step before, and its standard errors were off by 4e-4 to 4e-2 times the square root of the decrement left
+        # (5.8e-6 after 5.6e-8, sim_rare_gh20 over 5 sites; 1.3e-8 after 9e-14); with them within 3e-9 of the fit
+        # continued to machine precision
         # (benchmarks/rounds_heldout.py's se_rel).  Several grouping factors (``third_dear``: Hessians that are
         # differences of gradients, third derivatives along the covariance parameters alone) above a tenth of tol
         # only -- at every final point they cost grouseticks' nested and olre fits over 3 sites 1.2-1.36 times
@@ -62,7 +63,7 @@ class Ending:
         pred = extra.land / 10 if third else c * dec * dec
         self.want_third = self._may_ask_third() and (
             edge is not None or third and not self.third_dear and (cfg.third_at_final or extra.land > THIRD_MOVE)
-            or (cfg.third_at_final and pred > cfg.tol / 10 if self.third_dear else pred > cfg.third_final))
+            or pred > cfg.third_final)
         return [cur.x + step]
 
     def _may_ask_third(self) -> bool:
