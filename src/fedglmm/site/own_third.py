@@ -11,7 +11,6 @@ from ..likelihood.linalg import pack_third, symmetric_third
 THIRD_STEP = 0.5      # the differences for the third derivatives: half a standard error each way
 POINT_STEP = 1e-4     # ... at a point the coordinator names: this far (internal scale, relative beyond 1) ...
 FINAL_STEP = 1e-5     # ... at a final point, from an analytic Hessian (see reply_third)
-STENCIL_STEP = 1e-3   # ... by quadrature, where the Hessian is itself a difference of gradients (_gradient_third)
 
 
 def third_derivatives(engine, x: np.ndarray, info: np.ndarray) -> np.ndarray | None:
@@ -108,50 +107,21 @@ def _forward(engine, x: np.ndarray, H: np.ndarray, idx, steps: np.ndarray, at=No
     return D
 
 
-def _gradient_third(engine, x: np.ndarray, h: np.ndarray) -> np.ndarray | None:
-    """ℓ's third derivatives at ``x`` from its gradients alone, for an engine whose Hessian is a central difference
-    of them (adaptive Gauss-Hermite: 2P gradients, so P Hessians would be 2P² of them): T[:, a, a] by the central
-    second difference along a, T[:, a, b] by the seven-point mixed stencil (the gradients at x ± h_a e_a, at
-    x ± h_b e_b, at x ± (h_a e_a + h_b e_b) and at x), each of second order in h; P(P + 1) gradients, the modes
-    started from their derivatives at x.  On epil over 20 sites (nAGQ 20, P = 6) at h = 1e-3: within 5e-6 of the
-    same stencil at half the step, where P forward differences of the Hessian 1e-4 apart were 2e-4 to 4e-4 off, in
-    1.7 times the time.  None if a gradient is not finite or cannot be computed."""
-    P = len(x)
-    try:
-        _, g0, aux = engine.value_grad(x)
-        u, dU = aux["u"], aux["dU"]
-
-        def grad(d):
-            return np.asarray(engine.value_grad(x + d, u0=u + dU @ d)[1], float)
-
-        E = np.diag(h)
-        up, down = [grad(E[a]) for a in range(P)], [grad(-E[a]) for a in range(P)]
-        D = np.empty((P, P, P))
-        for a in range(P):
-            D[:, a, a] = (up[a] - 2.0 * g0 + down[a]) / h[a] ** 2
-            for b in range(a + 1, P):
-                d = E[a] + E[b]
-                D[:, a, b] = (grad(d) + grad(-d) - up[a] - down[a] - up[b] - down[b] + 2.0 * g0) / (2 * h[a] * h[b])
-                D[:, b, a] = D[:, a, b]
-    except (np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError):   # (as restarts.evaluate; none sent)
-        return None
-    return symmetric_third(D) if np.all(np.isfinite(D)) else None
-
-
 def _stencil_third(engine, x: np.ndarray) -> np.ndarray | None:
     """ℓ's third derivatives at a point by quadrature, from the gradients its Hessian was differenced from
     (the engine's ``stencil`` at ``x``, 1e-5 apart relative to 1 + |x|: :func:`~fedglmm.likelihood.quadrature.
     gradient_hessian`): T[:, a, a] by their central second difference, T[:, a, b] by the forward mixed one, one
-    gradient more each at x + h_a e_a + h_b e_b -- P(P − 1)/2 gradients where :func:`_gradient_third` takes P(P + 1),
-    of first order in h but at a hundredth of its step.  They move the information to the estimate over a last step
+    gradient more each at x + h_a e_a + h_b e_b -- P(P − 1)/2 gradients where a seven-point stencil 1e-3 apart took
+    P(P + 1), of first order in h but at a hundredth of its step.  They move the information to the estimate over a last step
     of 1e-4 or less: on the held-out fits of nAGQ 20 over 2-5 sites (epil, toenail, simulated rare events) the
     standard errors came within 2.9e-9 of the fit continued to machine precision (the seven-point stencil at 1e-3:
     5.6e-9; a forward one at 1e-3: 2.5e-7; the secant of the step before, without them: 5.8e-6).  At a round's
     points, for a step to third order from decrements of 1e-3 to 0.3, their error (1.3e-5 of the largest entry on
-    cbpp) is far below the step's own, of fourth order.  Elsewhere (no stencil at x) :func:`_gradient_third`."""
+    cbpp) is far below the step's own, of fourth order.  None where no Hessian was evaluated at x (the sums there
+    failed) or a gradient cannot be computed."""
     st = getattr(engine, "stencil", None)
     if st is None or st.phi.shape != x.shape or not np.array_equal(st.phi, x):
-        return _gradient_third(engine, x, STENCIL_STEP * np.maximum(1.0, np.abs(x)))
+        return None
     P, h, g0 = len(x), st.h, st.g0
     D = np.empty((P, P, P))
     try:
