@@ -354,8 +354,7 @@ def test_more_than_eight_parameters_on_few_rows_take_third_derivatives(name, sit
 def test_standard_errors_at_the_optimum_where_the_last_step_is_newtons(name, sites):
     """A fit ending at a final point 1e-10 to 3e-8 above the optimum, reached by Newton's or the pseudo-data model's
     step (no third derivatives asked for at its round), moved the information to the estimate by the secant of the
-    step before:
-    standard errors 2.3e-7 to 2.8e-6 off.  The final point brings the sites' third derivatives where its
+    step before: standard errors 2.3e-7 to 2.8e-6 off.  The final point brings the sites' third derivatives where its
     decrement is predicted above 1e-15 (by quadrature P(P - 1)/2 gradients beside its Hessian's; with 17
     parameters too): within 1e-8 of the fit continued to machine precision."""
     _four_rounds_at_the_optimum(name, sites, se_rtol=1e-8)
