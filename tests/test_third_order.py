@@ -289,3 +289,30 @@ def test_a_final_points_third_derivatives_where_the_rows_are_few():
     several = SimpleNamespace(names=["Intercept"], mask=np.eye(2, dtype=bool), ndisp=0, n=100,
                               factor_groups={"a": 3, "b": 4})
     assert _newton_config(FitOptions(), several).third_final == FitOptions().newton.tol / 10
+
+
+def test_starts_from_site_totals_bring_third_derivatives():
+    """NewtonConfig.third_start (the hybrid's, where its start comes from site totals): the first round asks for the
+    sites' third derivatives at every start, and a round's points asked for later include the steps to third order
+    from the current point -- not without it, nor over more than THIRD_ROWS rows or with several grouping factors."""
+    from types import SimpleNamespace
+
+    from fedglmm.likelihood.candidates import unbounded
+    from fedglmm.likelihood.fit import THIRD_ROWS, _newton_config
+    from fedglmm.likelihood.newton import TrustRegionNewton
+    from fedglmm.model.options import FitOptions, NewtonConfig
+
+    x0, others = np.zeros(3), [np.ones(3), -np.ones(3)]
+    on, off = (TrustRegionNewton(x0, NewtonConfig(third_start=t), starts=others) for t in (True, False))
+    assert on.want_third and on.third_points == [0, 1, 2] and not off.want_third
+    H = np.eye(3)
+    for opt in (on, off):
+        newton, third = unbounded(np.ones(3), 1.0, H), unbounded(np.full(3, 1.1), 0.95, H)
+        newton.newton = True
+        opt._cands, opt._third_more = [newton, unbounded(np.full(3, 0.5), 0.7, H), third], [third]
+        assert opt._third_points(None) == ([0, 2] if opt is on else [0])
+    opts = FitOptions(newton=NewtonConfig(third_start=True))
+    for n, rows, groups, want in ((THIRD_ROWS, 1, {}, True), (THIRD_ROWS + 1, 1, {}, False),
+                                  (100, 2, {"a": 3, "b": 4}, False)):
+        setup = SimpleNamespace(names=["Intercept"], mask=np.eye(rows, dtype=bool), ndisp=0, n=n, factor_groups=groups)
+        assert _newton_config(opts, setup).third_start is want

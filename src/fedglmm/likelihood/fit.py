@@ -129,9 +129,9 @@ def _newton_config(options: FitOptions, setup):
         cfg = replace(cfg, third_max=THIRD_MAX_FEW, third_at_final=False)
     if setup.n > THIRD_ROWS or setup.factor_groups:
         # (P Hessians over the rows, or along the covariance parameters of several factors alone, at a final point
-        # only where it may save a round: see Ending._final)
-        cfg = replace(cfg, third_final=max(cfg.third_final, cfg.tol / 10 if cfg.third_at_final or not
-                                           setup.factor_groups else np.inf))
+        # only where it may save a round -- see Ending._final --, and not at the starts)
+        cfg = replace(cfg, third_start=False, third_final=max(cfg.third_final, cfg.tol / 10 if cfg.third_at_final
+                                                              or not setup.factor_groups else np.inf))
     return cfg
 
 

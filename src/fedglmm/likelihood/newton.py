@@ -97,9 +97,10 @@ class TrustRegionNewton(Ending):
         self._tail_from: _State | None = None   # the point the last step in e^(−ψ) was proposed from
         self._cov_won = False               # the step accepted last was one in Σ's entries or a turn
         self._refreshing = False            # the round asked for carries the current point again, last
-        self.want_third = False             # the next round brings F's third derivatives (_third_wanted, _final) ...
-        self.third_points = [0]             # ... at these of its points (_third_points; a final round: at its
-                                            # point, and the caller puts them in final_third)
+        # the next round brings F's third derivatives (_third_wanted, _final; the first: NewtonConfig.third_start) ...
+        self.want_third = self.config.third_start and self._may_ask_third()
+        self.third_points = list(range(len(self.starts)))   # ... at these of its points (_third_points; a final
+                                                            # round: at its point, the caller's final_third)
         self.final_third: np.ndarray | None = None      # (see _third_last)
         self._third_step: np.ndarray | None = None      # the last step to third order, where it ends the fit
         self.third_used: np.ndarray | None = None       # ... and the third derivatives it was made with

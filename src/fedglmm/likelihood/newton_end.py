@@ -114,12 +114,21 @@ class Ending:
         cases split one herd per site, cbpp_olre took 6 rounds (5), toenail over 10 sites 6 (5).  By quadrature
         too, where they come from the gradients of the point's Hessian and P(P - 1)/2 more: both points take
         grouseticks_gh5 over 3 sites 0.97 times as long as the first alone did by a seven-point stencil of P(P + 1)
-        gradients (both so: 1.15 times), and sim_toenail_gh20 over 20 sites 4 rounds, not 5."""
+        gradients (both so: 1.15 times), and sim_toenail_gh20 over 20 sites 4 rounds, not 5.  With ``third_start`` (a
+        start from site totals: methods.hybrid) the steps to third order beside them as well (``_third_more``): from
+        a start 9.4 above the optimum, epil over 20 sites, the one to third order reached 0.007 where Newton's reached
+        0.47, and with its third derivatives the next step to third order ended the fit (4 rounds, not 5).  For every
+        fit they cost no round and saved some (benchmarks/rounds_heldout.py: iterative 1183 -> 1165 rounds), but a fit
+        then ended from final points of 1e-8 to 3e-8 by a step to third order whose second-order change of the
+        Hessian its T does not carry, standard errors as far off (sim_toenail_la pooled and over 20 sites)."""
         if not self._cands:
             return [0]
         best = 0 if extra is not None and self._cands[0] is extra else int(np.argmax([c.pred for c in self._cands]))
         plain = [i for i, c in enumerate(self._cands) if c.newton and i != best]
-        return ([best] + plain[:1])[:self.config.third_points]
+        out = ([best] + plain[:1])[:self.config.third_points]
+        if not self.config.third_start:
+            return out
+        return out + [i for i, c in enumerate(self._cands) if i not in out and any(c is m for m in self._third_more)]
 
     def _third_final(self, cur, newton, dec: float, edge, final_ok: bool = True) -> _Candidate | None:
         """From an accepted point whose third derivatives T came with it (``point_third``, asked for by

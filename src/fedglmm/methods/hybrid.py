@@ -40,10 +40,12 @@ from ..model.options import POOLED_MAX_GROUPS, FitRequest
 from ..model.spec import diagonal_positions
 from ..protocol import request
 from ..results import FitResult, RunStats
-from .hybrid_gates import _blocks_keep_digits, _fits_suffice, _lean, _sd_index, exact_moments
+from .hybrid_gates import _blocks_keep_digits, _fits_suffice, _kept_share, _lean, _sd_index, exact_moments
 
 HYBRID_ORDER = 2           # the hybrid needs only a start: means and covariances reveal the least
 HYBRID_COMPRESS = 4.0      # the hybrid's binomial pseudo rows stand for up to 4 observations each
+KEPT_MOST = 0.9           # the share of groups whose summaries stayed at their sites from which the starts bring the
+                          # sites' third derivatives (fit_hybrid)
 OWN_NEAR = 0.5            # with such fits alone: decrement below which the Newton step is the final candidate
                           # (and the surrogate's, where every group's moments made the pseudo-data)
 LEVEL_SD_FLOOR = 1e-3     # a pseudo-data fit of shared levels' moments starts the fit where its SDs exceed this
@@ -203,6 +205,26 @@ def _note(replies, merged, own, pseudo) -> str:
             f"group, started from {source}")
 
 
+def _newton_options(options, fam, merged, replies, own: dict, surrogate, big):
+    """The Newton rounds' settings, by where the start came from."""
+    if big:
+        options = replace(options, newton=replace(options.newton, near=OWN_NEAR, near_model=OWN_NEAR))
+    elif surrogate is not None and not merged.refused and not merged.pooled and fam.name in ("binomial", "poisson"):
+        # every group's moments in the pseudo-data (and no dispersion they carry only roughly): the surrogate's
+        # step is the final candidate from a decrement of OWN_NEAR (benchmarks/stress_shapes.py seeds 21-40 641 ->
+        # 629 rounds, 1e5 rows over 100 sites 4 -> 3, none longer on the other rounds benchmarks; where it misses,
+        # the final round's sums go twice in as many rounds: cbpp_cloglog over 3 sites 13 % more bytes)
+        options = replace(options, newton=replace(options.newton, near_model=OWN_NEAR))
+    if merged.refused and not own and _kept_share(replies) >= KEPT_MOST:
+        # (almost) every group's summaries stayed at its site and no site sent a fit of its own: the start comes from
+        # site totals, and the first round's points bring the sites' third derivatives too (NewtonConfig.third_start;
+        # see likelihood.fit._newton_config): benchmarks/rounds_heldout.py 650 -> 643 rounds, above 4 in 17 -> 13.
+        # Not where sites sent summaries or fits: there the start is close, and the reference cases over 3 sites took
+        # up to twice the time in as many rounds
+        options = replace(options, newton=replace(options.newton, third_start=True))
+    return options
+
+
 def _binned(merged) -> int:
     """How many small groups the sites sent pooled in bins."""
     return sum(int(np.sum(b["k"])) for b in merged.pooled.values())
@@ -292,14 +314,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     else:
         start, surrogate = _starts(req, st, merged, own, pseudo, big, by_level is not None)
         start = with_start(start, one_level_start(st, alone, MIN_LEVELS), lambda: start_values(st, fam))  # a level a site
-    if big:
-        options = replace(options, newton=replace(options.newton, near=OWN_NEAR, near_model=OWN_NEAR))
-    elif surrogate is not None and not merged.refused and not merged.pooled and fam.name in ("binomial", "poisson"):
-        # every group's moments in the pseudo-data (and no dispersion they carry only roughly): the surrogate's
-        # step is the final candidate from a decrement of OWN_NEAR (benchmarks/stress_shapes.py seeds 21-40 641 ->
-        # 629 rounds, 1e5 rows over 100 sites 4 -> 3, none longer on the other rounds benchmarks; where it misses,
-        # the final round's sums go twice in as many rounds: cbpp_cloglog over 3 sites 13 % more bytes)
-        options = replace(options, newton=replace(options.newton, near_model=OWN_NEAR))
+    options = _newton_options(options, fam, merged, replies, own, surrogate, big)
     # the conditional modes move to the estimate with their derivatives; where the sites' fits alone start
     # from their many groups ("many"), the modes alone: their SDs' derivatives would cost each site a pass of
     # ~15 over its rows (0.1 s of CPU per 1e5), for SDs 1e-6 off at 1e6 rows (bench_scale.py), where the modes

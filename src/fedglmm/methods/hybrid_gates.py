@@ -115,3 +115,11 @@ def exact_moments(merged, req, replies: dict) -> bool:
         if np.any(ss[:, 1:] > 1e-10 * np.maximum(size[:, 1:], 1e-300)):
             return False
     return True
+
+
+def _kept_share(replies) -> float:
+    """The share of the groups (one grouping factor) whose summaries stayed at their sites."""
+    counts = [(int(r["ngroups"]), len(r["groups"]["levels"]) if r.get("groups") else 0) for r in replies.values()
+              if not isinstance(r["ngroups"], dict)]
+    total = sum(n for n, _ in counts)
+    return sum(n - sent for n, sent in counts) / total if total else 0.0
