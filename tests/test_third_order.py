@@ -293,8 +293,10 @@ def test_a_final_points_third_derivatives_where_the_rows_are_few():
 
 def test_starts_from_site_totals_bring_third_derivatives():
     """NewtonConfig.third_start (the hybrid's, where its start comes from site totals): the first round asks for the
-    sites' third derivatives at every start, and a round's points asked for later include the steps to third order
-    from the current point -- not without it, nor over more than THIRD_ROWS rows or with several grouping factors."""
+    sites' third derivatives at every start -- not without it, nor over more than THIRD_ROWS rows or with several
+    grouping factors; with third_steps (the hybrid's) a round's points that bring them include the steps to third
+    order from the current point."""
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from fedglmm.likelihood.candidates import unbounded
@@ -303,7 +305,7 @@ def test_starts_from_site_totals_bring_third_derivatives():
     from fedglmm.model.options import FitOptions, NewtonConfig
 
     x0, others = np.zeros(3), [np.ones(3), -np.ones(3)]
-    on, off = (TrustRegionNewton(x0, NewtonConfig(third_start=t), starts=others) for t in (True, False))
+    on, off = (TrustRegionNewton(x0, NewtonConfig(third_start=t, third_steps=t), starts=others) for t in (True, False))
     assert on.want_third and on.third_points == [0, 1, 2] and not off.want_third
     H = np.eye(3)
     for opt in (on, off):
@@ -315,4 +317,29 @@ def test_starts_from_site_totals_bring_third_derivatives():
     for n, rows, groups, want in ((THIRD_ROWS, 1, {}, True), (THIRD_ROWS + 1, 1, {}, False),
                                   (100, 2, {"a": 3, "b": 4}, False)):
         setup = SimpleNamespace(names=["Intercept"], mask=np.eye(rows, dtype=bool), ndisp=0, n=n, factor_groups=groups)
-        assert _newton_config(opts, setup).third_start is want
+        cfg = _newton_config(replace(opts, newton=replace(opts.newton, third_steps=True)), setup)
+        assert cfg.third_start is want and cfg.third_steps is want
+
+
+def test_information_at_the_estimate_with_the_hessians_second_order_change():
+    """After a last step s to third order from the final point x (third derivatives T there), the information at the
+    estimate is H(x) + T[s] and, along the last move d from the point before, ½Q[s, s] from H(x − d) − H(x) + T[d]:
+    on F(x) = Σ exp(aᵢᵀx) its error is a tenth of what H + T[s] leaves, or less."""
+    from types import SimpleNamespace
+
+    from fedglmm.likelihood.last_step import information_at_estimate
+
+    A = np.array([[1.0, 0.5], [0.0, 1.0], [0.7, -0.4]])
+    hess = lambda x: sum(np.outer(a, a) * np.exp(a @ x) for a in A)                          # noqa: E731
+    third = lambda x: sum(np.einsum("i,j,k->ijk", a, a, a) * np.exp(a @ x) for a in A)     # noqa: E731
+    x, d = np.array([0.2, -0.1]), np.array([0.03, 0.02])
+    for s in (0.05 * d, 0.02 * d + np.array([0.0, 1e-4]), -0.1 * d):
+        opt = SimpleNamespace(point=x, previous=SimpleNamespace(x=x - d, H=hess(x - d)),
+                              current=SimpleNamespace(H=hess(x)), third_used=third(x), third_here=True,
+                              third_dear=False, model=None)
+        want = hess(x + s)
+        old = np.max(np.abs(hess(x) + third(x) @ s - want))
+        new = np.max(np.abs(information_at_estimate(opt, hess(x), x + s) - want))
+        assert old > 1e-7 and new < 0.1 * old, (old, new)
+        opt.third_here = False       # T of the point before: no second-order term
+        assert np.allclose(information_at_estimate(opt, hess(x), x + s), hess(x) + third(x) @ s, rtol=0, atol=1e-15)

@@ -18,6 +18,7 @@ from ..model.spec import diagonal_positions, theta_index
 from .covariance_steps import CovarianceSteps
 from .drive import run, running_off
 from .fused import parallel_map, threads_pay
+from .last_step import information_at_estimate
 from .lmm import profiled_deviance
 from .newton import TrustRegionNewton
 from .setup import Setup, sum_replies
@@ -129,9 +130,10 @@ def _newton_config(options: FitOptions, setup):
         cfg = replace(cfg, third_max=THIRD_MAX_FEW, third_at_final=False)
     if setup.n > THIRD_ROWS or setup.factor_groups:
         # (P Hessians over the rows, or along the covariance parameters of several factors alone, at a final point
-        # only where it may save a round -- see Ending._final --, and not at the starts)
-        cfg = replace(cfg, third_start=False, third_final=max(cfg.third_final, cfg.tol / 10 if cfg.third_at_final
-                                                              or not setup.factor_groups else np.inf))
+        # only where it may save a round -- see Ending._final --, and not at the starts nor the steps to third order)
+        cfg = replace(cfg, third_start=False, third_steps=False,
+                      third_final=max(cfg.third_final, cfg.tol / 10 if cfg.third_at_final or not setup.factor_groups
+                                      else np.inf))
     return cfg
 
 
@@ -216,7 +218,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     info = -s["hess"]
     if P is not None:
         info[:p, :p] += 2.0 * P      # standard errors from the penalised information
-    info = _information_at_estimate(opt, info, phi)
+    info = information_at_estimate(opt, info, phi)
     messages = []
     try:
         cov = np.linalg.inv(np.linalg.cholesky(info))
@@ -235,44 +237,6 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     return Estimate(phi[:p], canonical_theta(phi[p:p + k], mask), vcov_gamma, loglik, final, opt.converged,
                     messages, info=info, trace=list(opt.trace), path=path, disp=phi[p + k:], vcov_disp=vcov_disp,
                     step=step)
-
-
-def _information_at_estimate(opt, info, estimate):
-    """The information at the estimate rather than at the last point visited: its change over the final
-    step s.  A step model with third derivatives of its own (the pseudo-data surrogate) gives its Hessian's
-    change over s; what the model misses, the change of (Hessian − model's Hessian) between the last two
-    points d, scaled to the component of s along d, adds (a secant estimate of the remaining third
-    derivative; without a model the whole change).  Kept only if it stays positive definite."""
-    if opt.point is None:
-        return info
-    if opt.third_used is not None:      # the fit ended on a last step to third order: F's own change over it
-        corrected = info + opt.third_used @ (estimate - opt.point)
-        if np.all(np.isfinite(corrected)) and np.all(np.linalg.eigvalsh(corrected) > 0):
-            return corrected
-    change = getattr(opt.model, "hessian_change", None)
-    parts = []
-    model = change(opt.point, estimate) if change is not None else None
-    if model is not None and np.all(np.isfinite(model)):
-        parts.append(model)
-    prev = opt.previous
-    if prev is not None:
-        d = opt.point - prev.x
-        dd = d @ d
-        t = float((estimate - opt.point) @ d / dd) if dd > 0 else np.inf
-        if abs(t) <= 1.0:
-            rest = opt.current.H - prev.H
-            along = change(prev.x, opt.point) if change is not None and parts else None
-            if along is not None and np.all(np.isfinite(along)):
-                rest = rest - along
-            parts.append(t * rest)
-    for k in range(len(parts), 0, -1):
-        corrected = info + sum(parts[:k])
-        try:
-            np.linalg.cholesky(corrected)
-            return corrected
-        except np.linalg.LinAlgError:
-            continue
-    return info
 
 
 def _lmm_starts(start):

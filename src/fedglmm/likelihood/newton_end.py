@@ -114,19 +114,20 @@ class Ending:
         cases split one herd per site, cbpp_olre took 6 rounds (5), toenail over 10 sites 6 (5).  By quadrature
         too, where they come from the gradients of the point's Hessian and P(P - 1)/2 more: both points take
         grouseticks_gh5 over 3 sites 0.97 times as long as the first alone did by a seven-point stencil of P(P + 1)
-        gradients (both so: 1.15 times), and sim_toenail_gh20 over 20 sites 4 rounds, not 5.  With ``third_start`` (a
-        start from site totals: methods.hybrid) the steps to third order beside them as well (``_third_more``): from
-        a start 9.4 above the optimum, epil over 20 sites, the one to third order reached 0.007 where Newton's reached
-        0.47, and with its third derivatives the next step to third order ended the fit (4 rounds, not 5).  For every
-        fit they cost no round and saved some (benchmarks/rounds_heldout.py: iterative 1183 -> 1165 rounds), but a fit
-        then ended from final points of 1e-8 to 3e-8 by a step to third order whose second-order change of the
-        Hessian its T does not carry, standard errors as far off (sim_toenail_la pooled and over 20 sites)."""
+        gradients (both so: 1.15 times), and sim_toenail_gh20 over 20 sites 4 rounds, not 5.  And the steps to third
+        order from the current point, where they are candidates (``_third_more``; ``third_steps``, the hybrid's): from
+        a start 9.4 above the optimum (epil over 20 sites, from site totals: NewtonConfig.third_start) the one to third
+        order reached 0.007 where Newton's reached 0.47, and with its third derivatives the next step to third order
+        ended the fit (4 rounds, not 5); sim_toenail_la over 20 sites 6 -> 5 (ending 3e-8 above the optimum, standard
+        errors to 3e-10 with the Hessian's second-order change: last_step._second_order).  The iterative method's
+        fits took 1183 -> 1165 rounds on benchmarks/rounds_heldout.py and 690 -> 682 on stress_methods.py with them,
+        but contraception_probit over 3 sites 1.2 times the time in as many rounds: not there."""
         if not self._cands:
             return [0]
         best = 0 if extra is not None and self._cands[0] is extra else int(np.argmax([c.pred for c in self._cands]))
         plain = [i for i, c in enumerate(self._cands) if c.newton and i != best]
         out = ([best] + plain[:1])[:self.config.third_points]
-        if not self.config.third_start:
+        if not self.config.third_steps:
             return out
         return out + [i for i, c in enumerate(self._cands) if i not in out and any(c is m for m in self._third_more)]
 
@@ -258,12 +259,13 @@ class Ending:
         third order in the step (below 1e-9 on the held-out fits over 10-20 sites, from decrements of 1e-7 to
         1e-6, where Newton's left 1e-8 to 4e-7) and the first ends the fit (kept for :meth:`_stop_or_settle`): no
         round to settle the last step.  T moves the information to the estimate whatever the last step
-        (``third_used``; :func:`~fedglmm.likelihood.fit._information_at_estimate`): where the two disagree and the
+        (``third_used``; :func:`~fedglmm.likelihood.last_step.information_at_estimate`): where the two disagree and the
         fit ends by Newton's or the caller's model's step, the secant of the step before left standard errors 2e-8
         off the fit continued to machine precision (sim_toenail_la over 5 sites of unequal size, from 7.7e-9)."""
         T, self.final_third, self._third_step = self.final_third, None, None
         T = even_third(cur.x, T, self.boundary) if T is not None else None
         self.third_used = T if T is not None else self.third_used
+        self.third_here = T is not None         # (third_used is the final point's: last_step._second_order)
         if T is None or newton is None or not dec < THIRD_LAST \
                 or boundary_last(cur.x, cur.g, cur.H, newton, self.boundary, self.config.tol) is not None:
             return False

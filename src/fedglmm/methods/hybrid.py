@@ -206,7 +206,9 @@ def _note(replies, merged, own, pseudo) -> str:
 
 
 def _newton_options(options, fam, merged, replies, own: dict, surrogate, big):
-    """The Newton rounds' settings, by where the start came from."""
+    """The Newton rounds' settings, by where the start came from; the steps to third order bring the sites' third
+    derivatives too (NewtonConfig.third_steps; not over more than 50,000 rows: likelihood.fit._newton_config)."""
+    options = replace(options, newton=replace(options.newton, third_steps=True))
     if big:
         options = replace(options, newton=replace(options.newton, near=OWN_NEAR, near_model=OWN_NEAR))
     elif surrogate is not None and not merged.refused and not merged.pooled and fam.name in ("binomial", "poisson"):

@@ -67,8 +67,9 @@ class NewtonConfig:
     third_points: int = 2       # ... at this many of a round's points
     third_max: int = 8          # ... in a fit of at most this many parameters (the sites' work: P Hessians each)
     third_final: float = 1e-15  # ... at a final point whose decrement is predicted above this (one grouping factor)
-    third_start: bool = False   # ... at every start of the first round, and at the steps to third order beside
-                                # Newton's later (the hybrid's start from site totals: methods.hybrid)
+    third_start: bool = False   # ... at every start of the first round (the hybrid's start from site totals:
+                                # methods.hybrid)
+    third_steps: bool = False   # ... at the steps to third order beside Newton's and the model's (the hybrid)
 
     @property
     def local(self) -> "NewtonConfig":
