@@ -60,7 +60,8 @@ def information_at_estimate(opt, info, estimate):
     step s.  A step model with third derivatives of its own (the pseudo-data surrogate) gives its Hessian's
     change over s; what the model misses, the change of (Hessian − model's Hessian) between the last two
     points d, scaled to the component of s along d, adds (a secant estimate of the remaining third
-    derivative; without a model the whole change).  Kept only if it stays positive definite."""
+    derivative; without a model the whole change).  After a last step to third order: that T's change over s, and
+    the second-order change along d too (:func:`_second_order`).  Kept only if it stays positive definite."""
     if opt.point is None:
         return info
     if opt.third_used is not None:      # the fit ended on a last step to third order: F's own change over it

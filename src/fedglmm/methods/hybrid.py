@@ -45,7 +45,7 @@ from .hybrid_gates import _blocks_keep_digits, _fits_suffice, _kept_share, _lean
 HYBRID_ORDER = 2           # the hybrid needs only a start: means and covariances reveal the least
 HYBRID_COMPRESS = 4.0      # the hybrid's binomial pseudo rows stand for up to 4 observations each
 KEPT_MOST = 0.9           # the share of groups whose summaries stayed at their sites from which the starts bring the
-                          # sites' third derivatives (fit_hybrid)
+                          # sites' third derivatives (_newton_options)
 OWN_NEAR = 0.5            # with such fits alone: decrement below which the Newton step is the final candidate
                           # (and the surrogate's, where every group's moments made the pseudo-data)
 LEVEL_SD_FLOOR = 1e-3     # a pseudo-data fit of shared levels' moments starts the fit where its SDs exceed this
