@@ -40,7 +40,8 @@ from ..model.options import POOLED_MAX_GROUPS, FitRequest
 from ..model.spec import diagonal_positions
 from ..protocol import request
 from ..results import FitResult, RunStats
-from .hybrid_gates import _blocks_keep_digits, _fits_suffice, _kept_share, _lean, _sd_index, exact_moments
+from .hybrid_gates import _blocks_keep_digits, _fits_suffice, _kept_groups, _kept_share, _lean, _sd_index, \
+    exact_moments
 
 HYBRID_ORDER = 2           # the hybrid needs only a start: means and covariances reveal the least
 HYBRID_COMPRESS = 4.0      # the hybrid's binomial pseudo rows stand for up to 4 observations each
@@ -189,9 +190,7 @@ def _note(replies, merged, own, pseudo) -> str:
         return (f"per-cell summaries stayed at {len(merged.refused)} site(s) (cells below a site's minimum size); "
                 "the Newton rounds, which use every row, started from "
                 + ("the sites' own fits" if own else "site totals"))
-    # a site's groups less those it sent summaries for
-    ngr = sum(int(r["ngroups"]) - (len(r["groups"]["levels"]) if r.get("groups") else 0)
-              for r in replies.values() if r.get("refused"))
+    ngr = sum(_kept_groups(r) for r in replies.values() if r.get("refused"))
     what = f"{ngr} group(s) at {len(merged.refused)} site(s), below a site's minimum size or the moment rule"
     binned = _binned(merged) if pseudo is not None else 0
     if binned:

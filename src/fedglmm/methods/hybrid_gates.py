@@ -117,9 +117,13 @@ def exact_moments(merged, req, replies: dict) -> bool:
     return True
 
 
+def _kept_groups(reply: dict) -> int:
+    """How many of a site's groups (one grouping factor) kept their summaries: its groups less those it sent."""
+    return int(reply["ngroups"]) - (len(reply["groups"]["levels"]) if reply.get("groups") else 0)
+
+
 def _kept_share(replies) -> float:
     """The share of the groups (one grouping factor) whose summaries stayed at their sites."""
-    counts = [(int(r["ngroups"]), len(r["groups"]["levels"]) if r.get("groups") else 0) for r in replies.values()
-              if not isinstance(r["ngroups"], dict)]
-    total = sum(n for n, _ in counts)
-    return sum(n - sent for n, sent in counts) / total if total else 0.0
+    one = [r for r in replies.values() if not isinstance(r["ngroups"], dict)]
+    total = sum(int(r["ngroups"]) for r in one)
+    return sum(_kept_groups(r) for r in one) / total if total else 0.0
