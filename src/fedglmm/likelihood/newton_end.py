@@ -41,23 +41,22 @@ class Ending:
         third = extra is not None and extra.land is not None          # (a step to third order: _third_final)
         self._cands = [_unbounded(step, pred, cur.H, extra is None and edge is None)]
         self._final_model = extra is not None and edge is None and not third
-        # the third derivatives at the final point, where its decrement is predicted above ``third_final`` (1e-15,
-        # as likelihood.fit._newton_config sets it): the last contraction d/d₀² times d², from d₀ below
-        # near_model, else 1e-3; after a step to third order a tenth of its ``land`` (those steps left land/30 to
-        # land/7).  A fit that ends there without them moves the information to the estimate by the secant of the
-        # step before, and its standard errors were off by 4e-4 to 4e-2 times the square root of the decrement left
-        # (5.8e-6 after 5.6e-8, sim_rare_gh20 over 5 sites; 1.3e-8 after 9e-14); with them within 3e-9 of the fit
-        # continued to machine precision
-        # (benchmarks/rounds_heldout.py's se_rel).  Several grouping factors (``third_dear``: Hessians that are
-        # differences of gradients, third derivatives along the covariance parameters alone) above a tenth of tol
-        # only -- at every final point they cost grouseticks' nested and olre fits over 3 sites 1.2-1.36 times
-        # the time for standard errors 2.1e-7 and 4.7e-8 off instead of 2.8e-7 and 2e-7.  And always after a step
-        # onto a zero variance, or to third order where they are cheap (not ``third_dear``): the last step from
-        # there is then third order too (from 1e-9 after a step to third order the third derivatives of the
-        # point before left standard errors 2.6e-7 off, toenail over 20 sites; from 7e-9 onto grouseticks_nested's
-        # zero SD the secant left them 4e-6 off) -- ``third_at_final`` off (by quadrature, 9-24 parameters on few
-        # rows) only where that step is predicted to leave more than THIRD_MOVE (from 9.5e-14, grouseticks_gh5 over
-        # 3 sites, the T it came from left the standard errors 3e-13 off)
+        # the third derivatives at the final point, where its decrement is predicted above ``third_final`` (1e-15, as
+        # likelihood.fit._newton_config sets it): the last contraction d/d₀² times d², from d₀ below near_model, else
+        # 1e-3; after a step to third order a tenth of its ``land`` (those steps left land/30 to land/7).  A fit that
+        # ends there without them moves the information to the estimate by the secant of the step before, and its
+        # standard errors were off by 4e-4 to 4e-2 times the square root of the decrement left (5.8e-6 after 5.6e-8,
+        # sim_rare_gh20 over 5 sites; 1.3e-8 after 9e-14); with them within 3e-9 of the fit continued to machine
+        # precision (benchmarks/rounds_heldout.py's se_rel).  Several grouping factors (``third_dear``: Hessians that
+        # are differences of gradients, third derivatives along the covariance parameters alone) above a tenth of tol
+        # only -- at every final point they cost grouseticks' nested and olre fits over 3 sites 1.2-1.36 times the time
+        # for standard errors 2.1e-7 and 4.7e-8 off instead of 2.8e-7 and 2e-7.  And always after a step onto a zero
+        # variance, or to third order where they are cheap (not ``third_dear``): the last step from there is then third
+        # order too (from 1e-9 after a step to third order the third derivatives of the point before left standard
+        # errors 2.6e-7 off, toenail over 20 sites; from 7e-9 onto grouseticks_nested's zero SD the secant left them
+        # 4e-6 off) -- ``third_at_final`` off (by quadrature, 9-24 parameters on few rows) only where that step is
+        # predicted to leave more than THIRD_MOVE (from 9.5e-14, grouseticks_gh5 over 3 sites, the T it came from left
+        # the standard errors 3e-13 off)
         t, cfg = self.trace, self.config
         c = t[-1][2] / t[-2][2] ** 2 if len(t) > 1 and 0 < t[-2][2] < cfg.near_model else 1e-3
         pred = extra.land / 10 if third else c * dec * dec
@@ -73,18 +72,16 @@ class Ending:
         return cfg.final_third and not cfg.single and len(self.x0) <= cfg.third_max
 
     def _third_wanted(self, dec: float, d0: float) -> bool:
-        """Whether the next round's points come with the sites' third derivatives (P Hessians a point at each
-        site, by quadrature P(P - 1)/2 gradients beside its Hessian's; fits of at most ``third_max`` parameters),
-        for a step to third order from there that may end the fit a round sooner than Newton's
-        (:meth:`_third_final`): where the
-        decrement predicted there (the last contraction d/d₀² times d², after a full step from d₀ below
-        QUADRATIC) lies in THIRD_ASK, or
-        otherwise where d lies in THIRD_FROM (from d of 1 to 4, the next decrement was 2e-3 to 0.1 on the GLMM
-        splits of parity_multilevel.py: contractions of 0.002 to 0.7; from 8.9 and 12.8, 0.04 and 0.1 on
-        grouseticks_la and _nb split one location per site, where the step to third order from there ended
-        the fit a round sooner; up to 100, not 20: from 45 and 70, guimmun over 5 sites and toenail by quadrature
-        every patient a site 5 -> 4 and 7 -> 6 rounds; the iterative method's fits of sim_salamanders took a round
-        more, 8, and of toenail nAGQ 20 one fewer, 7, on every split).  A final round asks in :meth:`_final`."""
+        """Whether the next round's points come with the sites' third derivatives (P Hessians a point at each site, by
+        quadrature P(P - 1)/2 gradients beside its Hessian's; fits of at most ``third_max`` parameters), for a step to
+        third order from there that may end the fit a round sooner than Newton's (:meth:`_third_final`): where the
+        decrement predicted there (the last contraction d/d₀² times d², after a full step from d₀ below QUADRATIC) lies
+        in THIRD_ASK, or otherwise where d lies in THIRD_FROM (from d of 1 to 4, the next decrement was 2e-3 to 0.1 on
+        the GLMM splits of parity_multilevel.py: contractions of 0.002 to 0.7; from 8.9 and 12.8, 0.04 and 0.1 on
+        grouseticks_la and _nb split one location per site, where the step to third order from there ended the fit a
+        round sooner; up to 100, not 20: from 45 and 70, guimmun over 5 sites and toenail by quadrature every patient a
+        site 5 -> 4 and 7 -> 6 rounds; the iterative method's fits of sim_salamanders took a round more, 8, and of
+        toenail nAGQ 20 one fewer, 7, on every split).  A final round asks in :meth:`_final`."""
         if not self._may_ask_third() or self._cur is None:
             return False
         if self._accepted_full() and 0 < dec < d0 < QUADRATIC:

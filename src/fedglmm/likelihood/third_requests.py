@@ -23,7 +23,8 @@ def evaluate_round(evaluator, xs, opt, keys: list) -> list:
     """A round's sums at ``xs`` -- with the sites' third derivatives at some of them (``opt.third_points``; in
     ``opt.point_third``, None at the others), where the optimiser asks for them and the evaluator may send them
     (P Hessians a point at each site, by quadrature P(P - 1)/2 gradients beside its Hessian's: at the caller's
-    model's step and Newton's, ``_third_points``)."""
+    model's step and Newton's, the hybrid's steps to third order, the first round's starts from site totals:
+    ``Ending._third_points``, NewtonConfig.third_start)."""
     ask = bool(getattr(opt, "want_third", False)) and bool(getattr(evaluator, "third_final", False))
     at = [int(i) for i in getattr(opt, "third_points", [0])]
     sums = evaluator.evaluate(xs, keys, {"third_at": at}) if ask else evaluator.evaluate(xs, keys)
