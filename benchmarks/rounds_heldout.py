@@ -19,6 +19,7 @@ The last lines give the median and largest number of hybrid rounds.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -58,8 +59,7 @@ def best_reference(case: dict) -> float | None:
     toenail's by nAGQ 20 is 1.9e-4 too high)."""
     from reference import full_loglik
 
-    tight = case["dir"] / "aghq_at_lme4.tsv"
-    tight = pd.read_csv(tight, sep="\t").set_index("name")["logLik_tol1e-10"] if tight.exists() else {}
+    tight = _converged_lme4(case["dir"])
     vals = []
     for suffix in (".tmb.json",) if case["family"] in ("negative_binomial", "gamma") else (".json", ".tmb.json"):
         f = case["dir"] / f"{case['name']}{suffix}"
@@ -69,6 +69,13 @@ def best_reference(case: dict) -> float | None:
                 ref = dict(ref, logLik=float(tight[case["name"]]))
             vals.append(full_loglik(ref, case))
     return max(vals) if vals else None
+
+
+@functools.lru_cache(maxsize=None)
+def _converged_lme4(directory: Path) -> dict:
+    """lme4's nAGQ > 1 logLiks at its estimates with the modes converged, by case (aghq_at_lme4.tsv), read once."""
+    f = directory / "aghq_at_lme4.tsv"
+    return pd.read_csv(f, sep="\t").set_index("name")["logLik_tol1e-10"].to_dict() if f.exists() else {}
 
 
 def site_data(case: dict, how: str):
