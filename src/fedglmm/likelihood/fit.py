@@ -157,6 +157,19 @@ def _penalty_matrix(A: np.ndarray, names: list | None, p: int, lam: float) -> np
     return lam * A.T @ D @ A
 
 
+def _penalised(P, p: int):
+    """(x, f, g, H) -> the objective: −ℓ plus the penalty γᵀPγ on the first ``p`` entries (None: −ℓ)."""
+    def penalised(x, f, g, H):
+        if P is None:
+            return f, g, H
+        gam = x[:p]
+        g, H = g.copy(), H.copy()
+        g[:p] += 2.0 * P @ gam
+        H[:p, :p] += 2.0 * P
+        return f + gam @ P @ gam, g, H
+    return penalised
+
+
 def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOptions, starts=None,
              model=None, disp_shifts=(), final_first: bool = False, sound_start: bool = False,
              poisson_limit: bool = False, fallback=None, runaway_stop: bool = False) -> Estimate:
@@ -176,16 +189,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     p, mask = len(gamma0), setup.mask
     k = int(np.sum(mask))
     P = _penalty_matrix(setup.A, setup.names, p, options.penalty) if options.penalty else None
-
-    def penalised(x, f, g, H):
-        """The objective: −ℓ plus the penalty."""
-        if P is None:
-            return f, g, H
-        gam = x[:p]
-        g, H = g.copy(), H.copy()
-        g[:p] += 2.0 * P @ gam
-        H[:p, :p] += 2.0 * P
-        return f + gam @ P @ gam, g, H
+    penalised = _penalised(P, p)
 
     def evaluate(xs, final):
         if final:
