@@ -343,3 +343,47 @@ def test_information_at_the_estimate_with_the_hessians_second_order_change():
         assert old > 1e-7 and new < 0.1 * old, (old, new)
         opt.third_here = False       # T of the point before: no second-order term
         assert np.allclose(information_at_estimate(opt, hess(x), x + s), hess(x) + third(x) @ s, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("nagq", [1, 10])
+def test_a_sites_third_derivatives_along_the_covariance_parameters_alone(nagq):
+    """``third_cov`` beside ``third_at`` (the hybrid's starts where groups' summaries stayed at their sites): the
+    entries with an index among the covariance parameters are those of the full third derivatives (to 1e-4 of their
+    largest entry: the full ones average each entry over the slices of its three indices, each of first order in its
+    step, and differ from one slice by 5e-5 of it here, by quadrature 4e-6), the pure fixed-effect block is 0, and
+    they cost len(θ) Hessians (Laplace) or, by quadrature, the gradients of the pairs with a covariance index,
+    instead of P or P(P - 1)/2."""
+    from fedglmm.likelihood.laplace import GLMMLikelihood
+    from fedglmm.likelihood.linalg import unpack_third
+    from fedglmm.site.own_third import reply_third
+
+    df = pd.read_csv(Path(__file__).parent / "data" / "cbpp.csv", dtype={"period": str})
+    spec, fam = parse_formula("cbind(incidence, size - incidence) ~ period + (1 | herd)"), get_family("binomial")
+    schema = merge_schema({"s": describe_frame(df, spec, "s")}, spec, fam)
+    eng = GLMMLikelihood(build_design(spec, schema, df, fam, "s"), fam, nagq)
+    x = np.array([-1.2, -1.1, -1.0, -1.7, 0.9])
+    calls, hess, grad = [], eng.sums, eng.value_grad
+
+    def counted(method):
+        def inner(*args, **kw):
+            calls.append(1)
+            return method(*args, **kw)
+        return inner
+
+    got = {}
+    for cov in (False, True):
+        req, reply = {"third_at": [0], **({"third_cov": True} if cov else {})}, dict(eng.sums(x))
+        if nagq == 1:           # (Hessians: the engine's sums; by quadrature, its gradients)
+            eng.sums = counted(hess)
+        else:
+            eng.value_grad = counted(grad)
+        calls.clear()
+        got[cov] = unpack_third(reply_third(eng, x, req, reply, 0)["third"], 5)
+        got[cov, "calls"] = len(calls)
+        eng.sums, eng.value_grad = hess, grad
+    full, part = got[False], got[True]
+    on = np.zeros((5, 5, 5), bool)
+    on[4], on[:, 4], on[:, :, 4] = True, True, True
+    assert np.max(np.abs(part[on] - full[on])) < 1e-4 * np.max(np.abs(full)), np.max(np.abs(part[on] - full[on]))
+    assert np.all(part[~on] == 0.0) and np.max(np.abs(full[~on])) > 1e-3 * np.max(np.abs(full))
+    assert (got[False, "calls"], got[True, "calls"]) == ((5, 1) if nagq == 1 else (10, 4)), got

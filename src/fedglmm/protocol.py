@@ -25,7 +25,8 @@ value in a used column and reports how many as ``omitted`` in its description, o
 * ``evaluate`` {points, transform, zscale}: for each point (φ = (β, θ), or θ for gaussian models) the
   log-likelihood sums: value, gradient, Hessian (gaussian: the cross-product sums A, b, c, d and their
   θ-derivatives), as ``{"points": [...]}``; ``third_at`` (a GLMM, not under secure aggregation: a list of
-  indices of points) asks for those points' third derivatives too (``third``, as ``finalize`` sends them);
+  indices of points) asks for those points' third derivatives too (``third``, as ``finalize`` sends them;
+  with ``third_cov`` those with an index among the covariance parameters and a dispersion alone, the others 0);
   with levels shared by sites (the set-up's ``schema`` lists them under ``shared``: {factor: [levels]}) a
   gaussian site sends instead ``sG``, ``sdG``, ``sd2G`` (the sums [Z_v X y]ᵀV_s⁻¹[Z_v X y] over its rows
   and their θ-derivatives, over the shared levels present at the site, whose positions in v are ``scols``;

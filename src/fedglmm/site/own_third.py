@@ -63,8 +63,9 @@ def reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None
     wanted = req.get("third") if index is None else index in req.get("third_at", ())
     if not wanted or "secagg" in req or "hess" not in reply:
         return reply
+    cov = index is not None and bool(req.get("third_cov"))
     if getattr(engine, "nagq", 1) > 1 and getattr(engine, "q", 0):        # quadrature
-        T = _stencil_third(engine, x)
+        T = _stencil_third(engine, x, range(engine.p, len(x)) if cov else None)
         if T is not None:
             reply["third"] = pack_third(T)
         return reply
@@ -77,7 +78,9 @@ def reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None
     own = getattr(engine, "third_hessian", None)
     at = (lambda y: -np.asarray(own(y), float)) if own is not None else None     # noqa: E731
     H = at(x) if at is not None else -np.asarray(reply["hess"], float)
-    idx = range(engine.p, P) if own is not None else range(P)
+    # ``third_cov`` (at a round's points): the entries with an index among the covariance parameters alone, as
+    # there -- len(θ, ψ) Hessians instead of P (the hybrid's starts: NewtonConfig.third_start_cov)
+    idx = range(engine.p, P) if own is not None or cov else range(P)
     step = FINAL_STEP if index is None and own is None else POINT_STEP
     D = -_spread(_forward(engine, x, H, idx, step * np.maximum(1.0, np.abs(x)), at), idx)
     if np.all(np.isfinite(D)):
@@ -106,7 +109,7 @@ def _forward(engine, x: np.ndarray, H: np.ndarray, idx, steps: np.ndarray, at=No
     return D
 
 
-def _stencil_third(engine, x: np.ndarray) -> np.ndarray | None:
+def _stencil_third(engine, x: np.ndarray, idx=None) -> np.ndarray | None:
     """ℓ's third derivatives at a point by quadrature, from the gradients its Hessian was differenced from
     (the engine's ``stencil`` at ``x``, 1e-5 apart relative to 1 + |x|: :func:`~fedglmm.likelihood.quadrature.
     gradient_hessian`): T[:, a, a] by their central second difference, T[:, a, b] by the forward mixed one, one
@@ -117,20 +120,23 @@ def _stencil_third(engine, x: np.ndarray) -> np.ndarray | None:
     5.6e-9; a forward one at 1e-3: 2.5e-7; the secant of the step before, without them: 5.8e-6).  At a round's
     points, for a step to third order from decrements of 1e-3 to 0.3, their error (1.3e-5 of the largest entry on
     cbpp) is far below the step's own, of fourth order.  None where no Hessian was evaluated at x (the sums there
-    failed) or a gradient cannot be computed."""
+    failed) or a gradient cannot be computed.  ``idx``: the entries with an index among these alone (the others 0),
+    from the gradients at x + h_a e_a + h_b e_b with a or b among them."""
     st = getattr(engine, "stencil", None)
     if st is None or st.phi.shape != x.shape or not np.array_equal(st.phi, x):
         return None
     P, h, g0 = len(x), st.h, st.g0
-    D = np.empty((P, P, P))
+    on = np.ones(P, bool) if idx is None else np.isin(np.arange(P), list(idx))
+    D = np.zeros((P, P, P))
     try:
         for a in range(P):
             D[:, a, a] = (st.up[a] - 2.0 * g0 + st.down[a]) / h[a] ** 2
-            for b in range(a + 1, P):
+            for b in (b for b in range(a + 1, P) if on[a] or on[b]):
                 d = np.zeros(P)
                 d[a], d[b] = h[a], h[b]
                 g = np.asarray(engine.value_grad(x + d, u0=st.u + st.dU @ d)[1], float)
                 D[:, a, b] = D[:, b, a] = (g - st.up[a] - st.up[b] + g0) / (h[a] * h[b])
     except (np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError):   # (as restarts.evaluate; none sent)
         return None
+    D = D if on.all() else _spread(D, np.flatnonzero(on))
     return symmetric_third(D) if np.all(np.isfinite(D)) else None
