@@ -424,3 +424,20 @@ def test_a_fit_ended_by_a_step_to_third_order_from_1e_8_keeps_its_standard_error
     assert res.converged and res.rounds <= rounds, res.rounds
     _same(res, exact)
     assert np.allclose(res.se, exact.se, rtol=1e-8, atol=0), np.max(np.abs(res.se / exact.se - 1))
+
+
+def test_sites_of_few_groups_take_third_derivatives_along_the_covariance_at_the_starts():
+    """epil as a negative binomial (overdispersed counts of 59 subjects) dealt to 10 sites: every subject's 4 rows
+    stay at its site, the sites' fits of ~6 subjects each start the fit 9 above the optimum, and Newton's step from
+    there reached 0.9 (5 rounds).  The first round's points bring the sites' third derivatives along the covariance
+    parameters and ψ (NewtonConfig.third_start_cov: 2 Hessians a point, not 7); the step to third order with them
+    reaches 0.003: 4 rounds, at the fit continued to machine precision."""
+    case = {"formula": "y ~ trt + lbase + lage + V4 + (1 | subject)", "family": "negative_binomial", "link": None,
+            "nagq": 1}
+    df = pd.read_csv(ROUNDS.parent / "families" / "epil.csv")
+    exact = _fit(case, df, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
+    res = _fit(case, _dealt(df, case, 10))
+    assert res.converged and res.rounds <= 4, res.rounds
+    _same(res, exact)
+    assert np.allclose(res.se, exact.se, rtol=1e-8, atol=0), np.max(np.abs(res.se / exact.se - 1))
+    assert abs(res.dispersion["theta"] / exact.dispersion["theta"] - 1) < 1e-8

@@ -291,11 +291,12 @@ def test_a_final_points_third_derivatives_where_the_rows_are_few():
     assert _newton_config(FitOptions(), several).third_final == FitOptions().newton.tol / 10
 
 
-def test_starts_from_site_totals_bring_third_derivatives():
-    """NewtonConfig.third_start (the hybrid's, where its start comes from site totals): the first round asks for the
-    sites' third derivatives at every start -- not without it, nor over more than THIRD_ROWS rows or with several
-    grouping factors; with third_steps (the hybrid's) a round's points that bring them include the steps to third
-    order from the current point."""
+def test_starts_where_groups_stayed_bring_third_derivatives():
+    """NewtonConfig.third_start and third_start_cov (the hybrid's, where groups' summaries stayed at their sites):
+    the first round asks for the sites' third derivatives at every start, with the second along the covariance
+    parameters alone -- not without them, nor over more than THIRD_ROWS rows or with several grouping factors; with
+    third_steps (the hybrid's) a round's points that bring them include the steps to third order from the current
+    point."""
     from dataclasses import replace
     from types import SimpleNamespace
 
@@ -306,19 +307,21 @@ def test_starts_from_site_totals_bring_third_derivatives():
 
     x0, others = np.zeros(3), [np.ones(3), -np.ones(3)]
     on, off = (TrustRegionNewton(x0, NewtonConfig(third_start=t, third_steps=t), starts=others) for t in (True, False))
-    assert on.want_third and on.third_points == [0, 1, 2] and not off.want_third
+    assert on.want_third and not on.third_cov and on.third_points == [0, 1, 2] and not off.want_third
+    cov = TrustRegionNewton(x0, NewtonConfig(third_start_cov=True), starts=others)
+    assert cov.want_third and cov.third_cov and cov.third_points == [0, 1, 2]
     H = np.eye(3)
     for opt in (on, off):
         newton, third = unbounded(np.ones(3), 1.0, H), unbounded(np.full(3, 1.1), 0.95, H)
         newton.newton = True
         opt._cands, opt._third_more = [newton, unbounded(np.full(3, 0.5), 0.7, H), third], [third]
         assert opt._third_points(None) == ([0, 2] if opt is on else [0])
-    opts = FitOptions(newton=NewtonConfig(third_start=True))
+    opts = FitOptions(newton=NewtonConfig(third_start=True, third_start_cov=True))
     for n, rows, groups, want in ((THIRD_ROWS, 1, {}, True), (THIRD_ROWS + 1, 1, {}, False),
                                   (100, 2, {"a": 3, "b": 4}, False)):
         setup = SimpleNamespace(names=["Intercept"], mask=np.eye(rows, dtype=bool), ndisp=0, n=n, factor_groups=groups)
         cfg = _newton_config(replace(opts, newton=replace(opts.newton, third_steps=True)), setup)
-        assert cfg.third_start is want and cfg.third_steps is want
+        assert cfg.third_start is want and cfg.third_start_cov is want and cfg.third_steps is want
 
 
 def test_information_at_the_estimate_with_the_hessians_second_order_change():

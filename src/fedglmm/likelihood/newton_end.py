@@ -19,6 +19,8 @@ THIRD_NEAR = 0.3          # a decrement below which a point's third derivatives 
 THIRD_LAND = 2e-5         # ... where their two steps' difference (the decrement they are predicted to leave) is below
 THIRD_ASK = (3e-4, 0.1)   # ... asked for at a round's points where the decrement predicted there is in this range
 THIRD_FROM = (0.04, 100.0)  # ... or, from a decrement in this range reached by no step in the quadratic regime
+THIRD_PARTIAL = 1.0       # (the starts' third derivatives along the covariance parameters alone: their steps from
+                          # a decrement of at least this -- see _third_at_starts)
 THIRD_MOVE = 1e-12        # (``third_at_final`` off: a step to third order predicted to leave more than this asks for
                           # them at its point, to move the information to the estimate -- see _final)
 QUADRATIC = 0.5           # (a step from a decrement below this one is: its contraction d/d₀² predicts the next)
@@ -70,6 +72,21 @@ class Ending:
         more than one point a round, of at most ``third_max`` parameters (the sites' work: P Hessians each)."""
         cfg = self.config
         return cfg.final_third and not cfg.single and len(self.x0) <= cfg.third_max
+
+    def _third_at_starts(self) -> tuple[bool, bool]:
+        """Whether the first round's points bring the sites' third derivatives (NewtonConfig.third_start), and whether
+        along the covariance parameters alone (``third_start_cov``; the request's ``third_cov``: the entries with an
+        index among them and a dispersion, len(θ, ψ) Hessians a point at each site instead of P, the fixed effects'
+        own block left 0).  From the best start of epil as a negative binomial over 10 sites (9.0 above the optimum
+        in decrement) the step to third order with those alone reached 0.0029, with all of them 0.0025, Newton's
+        0.9.  Their steps are no final candidates, and candidates at all only from a decrement of THIRD_PARTIAL or
+        more (:meth:`_third_final`): they leave an error of third order in the fixed effects' part of the step
+        (binary fits near a singular start, benchmarks/stress_methods.py fits 44 and 84: 3 -> 4 rounds as final
+        candidates), and nearer, Newton's step lands close enough while they would add points to the next round
+        (sleepstudy_gamma over 3 sites with rules, from 0.96: 1.3 times the time in as many rounds)."""
+        cfg = self.config
+        ask = (cfg.third_start or cfg.third_start_cov) and self._may_ask_third()
+        return ask, ask and not cfg.third_start
 
     def _third_wanted(self, dec: float, d0: float) -> bool:
         """Whether the next round's points come with the sites' third derivatives (P Hessians a point at each site, by
@@ -141,6 +158,7 @@ class Ending:
         from land/30 to land/7 (Newton's 20 to 200 times land)."""
         T = self.point_third[self.accepted] if self.point_third and self.accepted is not None \
             and self.accepted < len(self.point_third) else None
+        partial, self.third_cov = self.third_cov, False     # (the starts': along the covariance parameters alone)
         self.point_third, self._third_more, self.third_used = None, [], None
         T = even_third(cur.x, T, self.boundary) if T is not None else None
         steps = _third_steps(cur, newton, T) if T is not None and newton is not None and edge is None \
@@ -152,12 +170,14 @@ class Ending:
         land = float(miss @ cur.H @ miss)
         pred = [-(cur.g @ x + 0.5 * x @ cur.H @ x + np.einsum("ijk,i,j,k->", T, x, x, x) / 6.0)
                 for x in (s, cheb, 0.5 * (s + cheb))]
-        if final_ok and dec < THIRD_NEAR and land < THIRD_LAND and pred[2] > 0:
+        if final_ok and not partial and dec < THIRD_NEAR and land < THIRD_LAND and pred[2] > 0:
             out = _unbounded(0.5 * (s + cheb), pred[2], cur.H)
             out.land, self.third_used = land, T      # (T here, for the information at the estimate: see _finish)
             return out
         # (where the step to third order is not much longer than Newton's: far from the optimum its cubic model
         # can put the root anywhere)
+        if partial and dec < THIRD_PARTIAL:
+            return None
         reach = 2.0 * (newton @ cur.H @ newton)
         self._third_more = [_unbounded(x, p, cur.H) for x, p in zip((s, cheb), pred)
                             if p > 0 and (x - newton) @ cur.H @ (x - newton) <= reach]

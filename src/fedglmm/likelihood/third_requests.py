@@ -27,7 +27,8 @@ def evaluate_round(evaluator, xs, opt, keys: list) -> list:
     ``Ending._third_points``, NewtonConfig.third_start)."""
     ask = bool(getattr(opt, "want_third", False)) and bool(getattr(evaluator, "third_final", False))
     at = [int(i) for i in getattr(opt, "third_points", [0])]
-    sums = evaluator.evaluate(xs, keys, {"third_at": at}) if ask else evaluator.evaluate(xs, keys)
+    extra = {"third_at": at, **({"third_cov": True} if getattr(opt, "third_cov", False) else {})}
+    sums = evaluator.evaluate(xs, keys, extra) if ask else evaluator.evaluate(xs, keys)
     opt.point_third = [_summed_third({"": s}, len(x)) if i in at else None
                        for i, (s, x) in enumerate(zip(sums, xs))] if ask else None
     return sums

@@ -216,13 +216,17 @@ def _newton_options(options, fam, merged, replies, own: dict, surrogate, big):
         # 629 rounds, 1e5 rows over 100 sites 4 -> 3, none longer on the other rounds benchmarks; where it misses,
         # the final round's sums go twice in as many rounds: cbpp_cloglog over 3 sites 13 % more bytes)
         options = replace(options, newton=replace(options.newton, near_model=OWN_NEAR))
-    if merged.refused and not own and _kept_share(replies) >= KEPT_MOST:
-        # (almost) every group's summaries stayed at its site and no site sent a fit of its own: the start comes from
-        # site totals, and the first round's points bring the sites' third derivatives too (NewtonConfig.third_start;
-        # see likelihood.fit._newton_config): benchmarks/rounds_heldout.py 650 -> 643 rounds, above 4 in 17 -> 13.
-        # Not where sites sent summaries or fits: there the start is close, and the reference cases over 3 sites took
-        # up to twice the time in as many rounds
-        options = replace(options, newton=replace(options.newton, third_start=True))
+    if merged.refused and not big and _kept_share(replies) >= KEPT_MOST:
+        # (almost) every group's summaries stayed at its site: the start comes from site totals or from the sites' fits
+        # of their groups -- far, where each site holds a few --, and the first round's points bring the sites' third
+        # derivatives too (NewtonConfig.third_start; see likelihood.fit._newton_config): from site totals, along all
+        # parameters (benchmarks/rounds_heldout.py 650 -> 643 rounds, above 4 in 17 -> 13); beside the sites' fits,
+        # along the covariance parameters alone (third_start_cov: epil as a negative binomial over 5-10 sites, 5 -> 4).
+        # Not where sites sent most groups' summaries: the start is close there, and along all parameters at every
+        # start they took the reference cases over 3 sites up to twice the time in as many rounds (along the
+        # covariance parameters where 90 % of groups stayed: 1.03-1.17 times, grouseticks, sleepstudy_gamma with rules)
+        which = "third_start_cov" if own else "third_start"
+        options = replace(options, newton=replace(options.newton, **{which: True}))
     return options
 
 

@@ -69,6 +69,8 @@ class NewtonConfig:
     third_final: float = 1e-15  # ... at a final point whose decrement is predicted above this (one grouping factor)
     third_start: bool = False   # ... at every start of the first round (the hybrid's start from site totals:
                                 # methods.hybrid)
+    third_start_cov: bool = False  # ... or there along the covariance parameters alone (len(θ, ψ) Hessians a point,
+                                   # not P: the hybrid's start from its sites' fits of few groups)
     third_steps: bool = False   # ... at the steps to third order beside Newton's and the model's (the hybrid)
 
     @property
