@@ -97,7 +97,7 @@ class TrustRegionNewton(Ending):
         self._tail_from: _State | None = None   # the point the last step in e^(−ψ) was proposed from
         self._cov_won = False               # the step accepted last was one in Σ's entries or a turn
         self._refreshing = False            # the round asked for carries the current point again, last
-        # the next round brings F's third derivatives (_third_wanted, _final; the first: NewtonConfig.third_start) ...
+        # the next round brings F's third derivatives (_third_wanted, _final; the first: _third_at_starts) ...
         self.want_third, self.third_cov = self._third_at_starts()
         self.third_points = list(range(len(self.starts)))   # ... at these of its points (_third_points; a final
                                                             # round: at its point, the caller's final_third)

@@ -174,10 +174,10 @@ class Ending:
             out = _unbounded(0.5 * (s + cheb), pred[2], cur.H)
             out.land, self.third_used = land, T      # (T here, for the information at the estimate: see _finish)
             return out
-        # (where the step to third order is not much longer than Newton's: far from the optimum its cubic model
-        # can put the root anywhere)
         if partial and dec < THIRD_PARTIAL:
             return None
+        # (where the step to third order is not much longer than Newton's: far from the optimum its cubic model
+        # can put the root anywhere)
         reach = 2.0 * (newton @ cur.H @ newton)
         self._third_more = [_unbounded(x, p, cur.H) for x, p in zip((s, cheb), pred)
                             if p > 0 and (x - newton) @ cur.H @ (x - newton) <= reach]

@@ -23,8 +23,9 @@ def evaluate_round(evaluator, xs, opt, keys: list) -> list:
     """A round's sums at ``xs`` -- with the sites' third derivatives at some of them (``opt.third_points``; in
     ``opt.point_third``, None at the others), where the optimiser asks for them and the evaluator may send them
     (P Hessians a point at each site, by quadrature P(P - 1)/2 gradients beside its Hessian's: at the caller's
-    model's step and Newton's, the hybrid's steps to third order, the first round's starts from site totals:
-    ``Ending._third_points``, NewtonConfig.third_start)."""
+    model's step and Newton's, the hybrid's steps to third order, the first round's starts where groups' summaries
+    stayed at their sites: ``Ending._third_points``, NewtonConfig.third_start; with ``opt.third_cov``, those along
+    the covariance parameters alone, NewtonConfig.third_start_cov)."""
     ask = bool(getattr(opt, "want_third", False)) and bool(getattr(evaluator, "third_final", False))
     at = [int(i) for i in getattr(opt, "third_points", [0])]
     extra = {"third_at": at, **({"third_cov": True} if getattr(opt, "third_cov", False) else {})}
