@@ -40,8 +40,8 @@ def main() -> None:
     seen = {}
     original = hybrid._starts
 
-    def capture(req, st, merged, own, pseudo, big=False):
-        out = original(req, st, merged, own, pseudo, big)
+    def capture(req, st, merged, own, pseudo, *rest):
+        out = original(req, st, merged, own, pseudo, *rest)
         seen.update(req=req, st=st, starts=out[0])
         return out
 
