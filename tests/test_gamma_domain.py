@@ -159,10 +159,12 @@ def test_random_slopes_modes_start_inside_the_domain(monkeypatch):
     hybrid = fedglmm.fit(SLOPE_FORMULA, sites, family="gamma")
     assert hybrid.converged and abs(hybrid.loglik - res.loglik) < 1e-8
     assert np.allclose(hybrid.fixef, res.fixef, atol=1e-8)
-    # the slopes' groups left where they start: no fit -- not one with a NaN logLik
+    # the slopes' groups left where they start: no fit -- not one with a NaN logLik (an end at a point where it is
+    # not finite, or, from the dispersion start of the slopes-projected regression, no end within the rounds)
     shift = mode_start._uniform_shift
     monkeypatch.setattr(mode_start, "_uniform_shift",
                         lambda lam, M, col, z: None if M.shape[1] > 1 else shift(lam, M, col, z))
-    with pytest.raises(ConvergenceError, match="not finite at the estimate"), warnings.catch_warnings():
+    with pytest.raises(ConvergenceError, match="not finite at the estimate|no convergence within"), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)           # (the log of η ≤ 0 at the end, expected here)
         fedglmm.fit(SLOPE_FORMULA, df, family="gamma", method="iterative")
