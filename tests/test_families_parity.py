@@ -430,7 +430,7 @@ def test_gamma_starts_from_its_moment_estimate_of_small_sds(name, fits):
     """A Gamma model with the log link: the moment start's SDs are floored at 0.05, not 0.5 -- its random effects
     move log μ by a group's CV, 0.1 or less, and the moment estimate is close (sleepstudy: 0.096 and 0.088 where the
     fit's are 0.101 and 0.093).  Floored at 0.5, the iterative fit of either took 8 and 6 rounds; now at most 6 and
-    5, at the default fit."""
+    5 (sleepstudy 5 with the slopes-projected dispersion start), at the default fit."""
     case = CASES[name]
     res = _fit(case, method="iterative")
     assert res.converged and res.rounds <= {"sleepstudy_gamma": 6, "sim_gamma_log": 5}[name], res.rounds
