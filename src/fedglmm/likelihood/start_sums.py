@@ -102,7 +102,7 @@ def within_sums(d: Design, z: np.ndarray, Z: np.ndarray | None = None) -> dict:
         Bz = np.einsum("gab,gb->ga", inv, np.add.reduceat(Z * z[:, None], st, axis=0))   # (G, q)
         Xc = d.X - np.einsum("na,nak->nk", Z, BX[gidx])
         zc = z - np.einsum("na,na->n", Z, Bz[gidx])
-        df = float(d.n - np.linalg.matrix_rank(ZZ, hermitian=True).sum())
+        df = float(d.n - np.rint(np.einsum("gab,gba->", inv, ZZ)))     # tr(ZZ⁺ZZ): the ranks pinv kept
     else:
         Xc = d.X - (np.add.reduceat(d.X, st, axis=0) / count[:, None])[gidx]
         zc = z - (np.add.reduceat(z, st) / count)[gidx]
