@@ -113,7 +113,7 @@ class RoundEvaluator:
 
 def estimate(transport, st: Setup, family: Family, options: FitOptions, start=None, first: dict | None = None,
              surrogate=None, final_first: bool = False, mode_derivatives: bool = False,
-             shared_modes: tuple | None = None) -> Estimate:
+             shared_modes: tuple | None = None, variants: list | None = None) -> Estimate:
     """The Newton rounds and the final round.
 
     ``start`` overrides the set-up start values (internal scale: (γ, θ̃) for GLMMs, θ̃ for gaussian
@@ -124,7 +124,8 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     ``mode_derivatives``: the conditional modes are moved from the last point to the estimate (True: and
     their SDs; ``"modes"``: the modes alone, whose derivatives cost the sites no pass over their rows);
     ``shared_modes``: with levels shared by sites, (modes, conditional SDs) by factor to start their effects
-    from (:class:`~fedglmm.coordinator.shared_glmm_rounds.SharedGLMMEvaluator`)."""
+    from (:class:`~fedglmm.coordinator.shared_glmm_rounds.SharedGLMMEvaluator`); ``variants``: points tried
+    beside the one start in the first round, the lowest kept (default: its covariance halved and doubled)."""
     final = {"derivatives": mode_derivatives} if mode_derivatives else None
     if st.shared and family.name != "gaussian":          # levels shared by sites: Laplace, v by the coordinator
         check_shared_glmm(family, options)
@@ -156,10 +157,11 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
         (gamma0, theta0), others = start[0], [np.concatenate(s) for s in start[1:]]
     else:
         gamma0, theta0 = start if start is not None else start_values(st, family)
+    others, sound = (variants, False) if variants is not None else (others, others is not None)
     shifts = NB_PSI_SHIFTS if family.name == "negative_binomial" else ()
     try:
         est = fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts,
-                       final_first=final_first and others is None, sound_start=others is not None,
+                       final_first=final_first and others is None, sound_start=sound,
                        poisson_limit=family.name == "negative_binomial",
                        fallback=domain_start(st, family, gamma0, theta0), runaway_stop=True)
         return _with_likelihood(est)

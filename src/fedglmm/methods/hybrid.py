@@ -27,7 +27,7 @@ from ..coordinator.session import Link, Session
 from ..coordinator.shared_blocks import ONE_SHOT_NOTE, merge_shared_levels
 from ..coordinator.shared_rounds import shared_setup
 from ..coordinator.starts import (ATTENUATION, OwnPart, attenuated, combined_start, cubic_surrogate, internal_start,
-                                  own_part, sd_variants, with_start, without_singular)
+                                  own_part, sd_variants, totals_variants, with_start, without_singular)
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
@@ -315,10 +315,11 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         own = _own_parts(own, replies, st)
     exact = exact and _one_shot_estimate(pseudo)
     if exact:
-        start, surrogate = internal_start(pseudo[1].fixef, pseudo[1].theta, st), None
+        (start, surrogate), variants = (internal_start(pseudo[1].fixef, pseudo[1].theta, st), None), None
     else:
         start, surrogate = _starts(req, st, merged, own, pseudo, big, by_level is not None)
-        start = with_start(start, one_level_start(st, alone, MIN_LEVELS), lambda: start_values(st, fam))  # a level a site
+        start = with_start(start, one_level_start(st, alone, MIN_LEVELS), lambda: start_values(st, fam))  # level a site
+        start, variants = (start, None) if start is not None else totals_variants(st, fam)  # nothing but the totals
     options = _newton_options(options, fam, merged, replies, own, surrogate, big)
     # the conditional modes move to the estimate with their derivatives; where the sites' fits alone start
     # from their many groups ("many"), the modes alone: their SDs' derivatives would cost each site a pass of
@@ -326,7 +327,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     # were 5.5e-6 off (with fewer groups, "third", the SDs were up to 4e-6 off: benchmarks/stress_shapes.py)
     est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
                    surrogate=surrogate, final_first=exact, mode_derivatives="modes" if big == "many" else True,
-                   shared_modes=_level_modes(pseudo) if by_level is not None else None)
+                   shared_modes=_level_modes(pseudo) if by_level is not None else None, variants=variants)
     return _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo)
 
 
