@@ -356,8 +356,20 @@ def totals_variants(st, family) -> tuple:
         return None, None
     gamma, theta = start_values(st, family)
     plain = [np.r_[gamma, theta * f] for f in (np.sqrt(0.5), np.sqrt(2.0))]
-    curve = attenuated((gamma, theta), st, TOTALS_CURVE, TOTALS_SD)
-    return (gamma, theta), plain + [np.concatenate(x) for x in curve]
+    return (gamma, theta), plain + [np.concatenate(x) for x in totals_curve(st, family)]
+
+
+def binary_variants(start, st, family) -> list:
+    """Beside a binary start with one random intercept combined from the sites' fits and pseudo-data: its SD
+    times 1.3 and 1/1.3 (:func:`attenuated`), and the site totals' start's times 2 and 3 (:func:`totals_curve`:
+    held-out toenail over 5 sites 5 -> 4 rounds, AGHQ over 10 sites 6 -> 4)."""
+    return attenuated(start, st, ATTENUATION[family.link]) + totals_curve(st, family)
+
+
+def totals_curve(st, family) -> list:
+    """The site totals' start (γ, θ̃) of a binary model with one random intercept, its SD times 2 and 3 and its
+    coefficients along the attenuation curve with c = 1 (see :func:`totals_variants`)."""
+    return attenuated(start_values(st, family), st, TOTALS_CURVE, TOTALS_SD)
 
 
 def sd_variants(start, st, family) -> list:

@@ -26,8 +26,8 @@ from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.shared_blocks import ONE_SHOT_NOTE, merge_shared_levels
 from ..coordinator.shared_rounds import shared_setup
-from ..coordinator.starts import (ATTENUATION, OwnPart, attenuated, combined_start, cubic_surrogate, internal_start,
-                                  own_part, sd_variants, totals_variants, with_start, without_singular)
+from ..coordinator.starts import (ATTENUATION, OwnPart, binary_variants, combined_start, cubic_surrogate,
+                                  internal_start, own_part, sd_variants, totals_variants, with_start, without_singular)
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
 from ..errors import FedGLMMError
@@ -89,17 +89,17 @@ def _starts(req, st, merged, own: dict, pseudo, big: str | bool = False, by_leve
     """The Newton rounds' start(s) and the surrogate (see the module docstring): a tuple of (γ, θ̃) starts,
     all tried in the first Newton round (the best kept), or None (the set-up start).  ``own``: the sites'
     own fits, as sent (several grouping factors) or as :class:`~fedglmm.coordinator.starts.OwnPart`.
-    Where small groups' summaries stayed at their sites, a binary model with one random intercept also
-    tries its first start's SD times 1.3 and 1/1.3 (:func:`~fedglmm.coordinator.starts.attenuated`) -- not
-    beyond POOLED_MAX_GROUPS groups, where the sites' fits of their many groups combine well and two more
-    points cost every site."""
+    Where small groups' summaries stayed at their sites, a binary model with one random intercept also tries
+    its first start's SD and the site totals' moved along the attenuation curve
+    (:func:`~fedglmm.coordinator.starts.binary_variants`) -- not beyond POOLED_MAX_GROUPS groups, where the
+    sites' fits of their many groups combine well and four more points cost every site."""
     starts, surrogate = _candidates(req, st, merged, own, pseudo, big, by_level)
     fam = req.family
     if starts is None or not merged.refused or st.mask.shape != (1, 1) or st.factor_groups \
             or fam.name != "binomial" or fam.link not in ATTENUATION or st.ngroups > POOLED_MAX_GROUPS:
         return starts, surrogate
     many = list(starts) if isinstance(starts[0], tuple) else [starts]
-    return tuple(many + attenuated(many[0], st, ATTENUATION[fam.link])), surrogate
+    return tuple(many + binary_variants(many[0], st, fam)), surrogate
 
 
 def _candidates(req, st, merged, own: dict, pseudo, big: str | bool = False, by_level: bool = False):
