@@ -326,11 +326,11 @@ def internal_start(fixef, theta, st) -> tuple[np.ndarray, np.ndarray]:
 
 
 def attenuated(start, st, c: float, factors=(ATTENUATE, 1.0 / ATTENUATE)) -> list:
-    """The start (γ, θ̃) with its random intercept's SD σ times 1.3 and 1/1.3 and its fixed effects times
-    √(1 + c·σ'²) / √(1 + c·σ²): a binary model's coefficients grow with σ as the marginal ones are
-    attenuated by that factor (Zeger, Liang & Albert 1988; c = 0.346 for the logit, 1 for the probit).  A
-    start combined from small sites' fits is furthest off in σ, and along this curve its error moves σ and
-    the coefficients together (6 sites of 25 subjects, `benchmarks/follow_up_rounds.py`: the rounds over
+    """The start (γ, θ̃) with its random intercept's SD σ times each of ``factors`` (default 1.3 and 1/1.3)
+    and its fixed effects times √(1 + c·σ'²) / √(1 + c·σ²): a binary model's coefficients grow with σ as the
+    marginal ones are attenuated by that factor (Zeger, Liang & Albert 1988; c = 0.346 for the logit, 1 for
+    the probit).  A start combined from small sites' fits is furthest off in σ, and along this curve its error
+    moves σ and the coefficients together (6 sites of 25 subjects, `benchmarks/follow_up_rounds.py`: the rounds over
     six seeds 5, 3, 4, 4, 4, 5 -> 4, 3, 4, 4, 4, 4)."""
     gamma, theta = np.asarray(start[0], float), np.asarray(start[1], float)
     sd = abs(float(theta[0])) / (float(st.zs[0]) if len(st.zs) else 1.0)
@@ -351,7 +351,7 @@ def totals_variants(st, family) -> tuple:
     are one IRLS step from the null model, short of the marginal fit where covariates matter; with the
     logit's c = 0.346 they grew too little (toenail every patient a site: the start 1.42 for σ 4.57, the
     intercept −1.70 for −4.88).  `benchmarks/binary_each_rounds.py` (100 patients, 3 seeds): 230 -> 200 rounds
-    (c = 0.346: 206, and a fit 4 -> 7 without the SD's variants at fixed coefficients)."""
+    (c = 0.346 and no variant at √2: 206; the SD times √½ along the curve too: a fit 4 -> 7)."""
     if st.mask.shape != (1, 1) or st.factor_groups or family.name != "binomial" or family.link not in ATTENUATION:
         return None, None
     gamma, theta = start_values(st, family)

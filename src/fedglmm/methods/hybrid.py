@@ -315,7 +315,7 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
         own = _own_parts(own, replies, st)
     exact = exact and _one_shot_estimate(pseudo)
     if exact:
-        (start, surrogate), variants = (internal_start(pseudo[1].fixef, pseudo[1].theta, st), None), None
+        start, surrogate, variants = internal_start(pseudo[1].fixef, pseudo[1].theta, st), None, None
     else:
         start, surrogate = _starts(req, st, merged, own, pseudo, big, by_level is not None)
         start = with_start(start, one_level_start(st, alone, MIN_LEVELS), lambda: start_values(st, fam))  # level a site
