@@ -330,8 +330,8 @@ def attenuated(start, st, c: float, factors=(ATTENUATE, 1.0 / ATTENUATE)) -> lis
     and its fixed effects times √(1 + c·σ'²) / √(1 + c·σ²): a binary model's coefficients grow with σ as the
     marginal ones are attenuated by that factor (Zeger, Liang & Albert 1988; c = 0.346 for the logit, 1 for
     the probit).  A start combined from small sites' fits is furthest off in σ, and along this curve its error
-    moves σ and the coefficients together (6 sites of 25 subjects, `benchmarks/follow_up_rounds.py`: the rounds over
-    six seeds 5, 3, 4, 4, 4, 5 -> 4, 3, 4, 4, 4, 4)."""
+    moves σ and the coefficients together (6 sites of 25 subjects, `benchmarks/follow_up_rounds.py`: the
+    rounds over six seeds 5, 3, 4, 4, 4, 5 -> 4, 3, 4, 4, 4, 4)."""
     gamma, theta = np.asarray(start[0], float), np.asarray(start[1], float)
     sd = abs(float(theta[0])) / (float(st.zs[0]) if len(st.zs) else 1.0)
     out = []
@@ -344,32 +344,32 @@ def attenuated(start, st, c: float, factors=(ATTENUATE, 1.0 / ATTENUATE)) -> lis
 def totals_variants(st, family) -> tuple:
     """The site totals' start (γ, θ̃) and the points tried beside it in the first round where it is a binary
     model's with one random intercept (no site sent a summary of a group or a fit of its own: every patient
-    a site, say), or (None, None) (elsewhere: the fit's own, the SD times √½ and √2).  Those two, and the SD
-    times 2 and 3 with the coefficients along the attenuation curve (:func:`attenuated`) with c = 1.  The moment SD
-    of a binary outcome saturates as σ grows (the variance of a group's mean cannot exceed p(1 − p): at
-    p = 0.21 the linearised moment SD is 1.97 for σ = 4.57, 1.45 for σ = 2), and the start's coefficients
-    are one IRLS step from the null model, short of the marginal fit where covariates matter; with the
-    logit's c = 0.346 they grew too little (toenail every patient a site: the start 1.42 for σ 4.57, the
-    intercept −1.70 for −4.88).  `benchmarks/binary_each_rounds.py` (100 patients, 3 seeds): 230 -> 200 rounds
-    (c = 0.346 and no variant at √2: 206; the SD times √½ along the curve too: a fit 4 -> 7)."""
+    a site, say), or (None, None) (elsewhere: the fit's own, the SD times √½ and √2).  Those two
+    (:func:`sd_variants`), and the SD times 2 and 3 with the coefficients along the attenuation curve
+    (:func:`attenuated`) with c = 1.  The moment SD of a binary outcome saturates as σ grows (the variance
+    of a group's mean cannot exceed p(1 − p): at p = 0.21 the linearised moment SD is 1.97 for σ = 4.57,
+    1.45 for σ = 2), and the start's coefficients are one IRLS step from the null model, short of the
+    marginal fit where covariates matter; with the logit's c = 0.346 they grew too little (toenail every
+    patient a site: the start 1.42 for σ 4.57, the intercept −1.70 for −4.88).
+    `benchmarks/binary_each_rounds.py` (100 patients, 3 seeds): 230 -> 200 rounds (c = 0.346 and no variant
+    at √2: 206; the SD times √½ along the curve too: a fit 4 -> 7)."""
     if st.mask.shape != (1, 1) or st.factor_groups or family.name != "binomial" or family.link not in ATTENUATION:
         return None, None
-    gamma, theta = start_values(st, family)
-    plain = [np.r_[gamma, theta * f] for f in (np.sqrt(0.5), np.sqrt(2.0))]
-    return (gamma, theta), plain + [np.concatenate(x) for x in totals_curve(st, family)]
+    start = start_values(st, family)
+    return start, [np.concatenate(x) for x in sd_variants(start, st, family) + totals_curve(start, st)]
 
 
 def binary_variants(start, st, family) -> list:
     """Beside a binary start with one random intercept combined from the sites' fits and pseudo-data: its SD
     times 1.3 and 1/1.3 (:func:`attenuated`), and the site totals' start's times 2 and 3 (:func:`totals_curve`:
     held-out toenail over 5 sites 5 -> 4 rounds, AGHQ over 10 sites 6 -> 4)."""
-    return attenuated(start, st, ATTENUATION[family.link]) + totals_curve(st, family)
+    return attenuated(start, st, ATTENUATION[family.link]) + totals_curve(start_values(st, family), st)
 
 
-def totals_curve(st, family) -> list:
+def totals_curve(totals, st) -> list:
     """The site totals' start (γ, θ̃) of a binary model with one random intercept, its SD times 2 and 3 and its
     coefficients along the attenuation curve with c = 1 (see :func:`totals_variants`)."""
-    return attenuated(start_values(st, family), st, TOTALS_CURVE, TOTALS_SD)
+    return attenuated(totals, st, TOTALS_CURVE, TOTALS_SD)
 
 
 def sd_variants(start, st, family) -> list:

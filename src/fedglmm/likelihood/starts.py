@@ -50,8 +50,7 @@ def start_values(st: Setup, family: Family, floor: float = SD_FLOOR) -> tuple[np
         noise = None if psi0 is None else (s["mom_w"] + np.exp(-psi0) * s["mom_w2"]
                                            if family.name == "negative_binomial" else np.exp(-psi0) * s["mom_w"])
         least = floor if family.name == "poisson" else GAMMA_SD_FLOOR if family.name == "gamma" else SD_FLOOR
-        theta0, sig0 = moment_start(s, A @ gamma0, mask, zs, least,
-                                    noise=noise)
+        theta0, sig0 = moment_start(s, A @ gamma0, mask, zs, least, noise=noise)
         if intercept is not None and family.name != "gamma":
             # the IRLS weights grow like e^b, so the weighted start overstates the intercept by ≈ E[zᵀΣz]
             gamma0[intercept] -= np.trace(sig0 @ s["ztz"]) / n
