@@ -86,3 +86,23 @@ def test_face_step_where_the_curvature_turns_negative_along_a_zero_sd_alone():
     assert face_step(x, g, np.array([[4.0, 0.5], [0.5, 0.9]]), (1,)) is None
     mixed = np.array([[1.0, 1.2], [1.2, 0.5]])                       # negative direction shared by both
     assert face_step(x, g, mixed, (1,)) is None
+
+
+def test_face_decrement_where_the_negative_curvature_lies_along_a_zero_sd():
+    """On the face of a zero SD (x = (a, b, s), s = 0 exactly, F even in s: g_s and H's cross terms in s are 0) with
+    H's curvature negative along s alone, the decrement within the face is g_fᵀ H_f⁻¹ g_f over the other
+    coordinates (closed form); ∞ where no coordinate of ``even`` is at 0, where the other coordinates' H is not
+    positive definite, or where the zero is not one of ``even``'s."""
+    from fedglmm.likelihood.boundary import face_decrement
+    from fedglmm.likelihood.candidates import State
+
+    x, g = np.array([0.3, -0.2, 0.0]), np.array([0.2, -0.1, 0.0])
+    H = np.array([[4.0, 0.5, 0.0], [0.5, 2.0, 0.0], [0.0, 0.0, -0.9]])
+    Hf = H[:2, :2]
+    expected = float(g[:2] @ np.linalg.solve(Hf, g[:2]))
+    assert face_decrement(State(x, 0.0, g, H), (2,)) == pytest.approx(expected, rel=1e-14)
+    assert face_decrement(State(x, 0.0, g, H), (0,)) == np.inf          # the zero is not an even coordinate's
+    assert face_decrement(State(np.array([0.3, -0.2, 0.1]), 0.0, g, H), (2,)) == np.inf     # not at 0
+    bad = H.copy()
+    bad[1, 1] = -2.0                                                    # negative curvature off the face too
+    assert face_decrement(State(x, 0.0, g, bad), (2,)) == np.inf

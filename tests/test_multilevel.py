@@ -523,3 +523,16 @@ def test_a_zero_sds_face_from_an_indefinite_start():
     assert res.converged and res.rounds <= 6, res.rounds
     _at_optimum(res, exact)
     assert np.array_equal(res.theta == 0, exact.theta == 0) and np.any(res.theta == 0)
+
+
+def test_steps_along_a_zero_sds_face_converge_as_newtons_do():
+    """The same split as above: the point reached on LOCATION's zero SD has H indefinite along that SD alone, so
+    no Newton decrement; the steps along the face start from its decrement within the face (0.29), and the next
+    point's (2.5e-3) then shows the contraction that makes its Newton step the final candidate, ending the fit
+    there (1.6e-7, as boundary.face_decrement's docstring says): 5 rounds (were 6), at the fit continued to
+    machine precision, LOCATION's SD exactly 0."""
+    res, exact = _one_site_per("grouseticks_nested", "LOCATION")
+    assert res.converged and res.rounds <= 5, res.rounds
+    _at_optimum(res, exact)
+    assert np.allclose(res.se, exact.se, rtol=1e-6, atol=0)
+    assert np.array_equal(res.theta == 0, exact.theta == 0) and np.any(res.theta == 0)

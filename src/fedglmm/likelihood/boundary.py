@@ -70,6 +70,23 @@ def boundary_last(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarra
     return out if more and d @ H @ d > tol ** 2 else None
 
 
+def face_decrement(cur, even) -> float:
+    """The Newton decrement within the face of the coordinates of ``even`` that are exactly 0 at ``cur`` (x, g,
+    H, with :func:`~fedglmm.likelihood.steps.even_at_zero`'s symmetry: their gradient and cross terms 0), where H
+    is positive definite in the other coordinates -- its negative curvature lies along those zeros alone; ∞
+    otherwise.  A point reached on such a face (a variance set to 0, :func:`face_step`) has no Newton step, but
+    the steps along the face converge as Newton's do, and this is the decrement they start from."""
+    zero = np.isin(np.arange(len(cur.x)), [i for i in even if cur.x[i] == 0.0])
+    if not zero.any():
+        return np.inf
+    try:
+        c = np.linalg.cholesky(cur.H[np.ix_(~zero, ~zero)])
+    except np.linalg.LinAlgError:
+        return np.inf
+    y = np.linalg.solve(c, cur.g[~zero])
+    return float(y @ y)
+
+
 def face_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, even, concentrated: float = 0.9):
     """Where H has one negative eigenvalue and its eigenvector lies (a share of at least ``concentrated``
     of its square) along one coordinate of ``even``: the step to that coordinate's zero (none where it is 0

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..model.options import NewtonConfig
-from .boundary import boundary_step, face_step
+from .boundary import boundary_step, face_decrement, face_step
 from .candidates import MODEL_REACH, Candidate as _Candidate, State as _State, scaled_norm, unbounded as _unbounded
 from .steps import even_at_zero, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
 from .newton_end import Ending
@@ -89,7 +89,7 @@ class TrustRegionNewton(Ending):
         self._final_model = False           # the last final candidate was the caller's model's step
         self._near_cov = None               # (point, its step in Σ's entries) for a final candidate there
         self._model_rejections = 0
-        self._dec_prev = np.inf             # the Newton decrement of the current point one round before
+        self._dec_prev = np.inf     # the current point's Newton decrement a round before (on a face: face_decrement)
         self.previous: _State | None = None  # the accepted point before the current one
         self._settling = False              # one more final round was taken to settle the last step
         self._step = np.inf                 # the scaled length of the last accepted step
@@ -149,7 +149,7 @@ class TrustRegionNewton(Ending):
         self.trace.append((self.evals, float(cur.f), float(dec)))
         if was_final and self.accepted is not None and (self._ends(cur, newton, dec) or dec < self.config.tol):
             return self._stop_or_settle(cur, newton)
-        dec_before, self._dec_prev = self._dec_prev, dec
+        dec_before, self._dec_prev = self._dec_prev, dec if newton is not None else face_decrement(cur, self.boundary)
         self._model_fell_short(was_final, dec, dec_before)
         self.want_third = self._third_wanted(dec, dec_before)       # (a final round's: see _final)
         if self.evals >= self.config.max_evals:
