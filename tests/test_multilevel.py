@@ -518,7 +518,8 @@ def test_a_zero_sds_face_from_an_indefinite_start():
     them): the start's Hessian is indefinite along LOCATION's SD, whose optimum is 0.  The step onto that SD's
     zero with the others at their model's minimum there (boundary.face_step, now with several factors too)
     takes the fit from 4.5 above the optimum to 0.16, and the next along the face to 1e-3: 6 rounds (7 by the
-    trust region's steps), at the fit continued to machine precision, LOCATION's SD exactly 0."""
+    trust region's steps; 5 since the steps along the face count from its decrement, the next test), at the fit
+    continued to machine precision, LOCATION's SD exactly 0."""
     res, exact = _one_site_per("grouseticks_nested", "LOCATION")
     assert res.converged and res.rounds <= 6, res.rounds
     _at_optimum(res, exact)
@@ -529,8 +530,8 @@ def test_steps_along_a_zero_sds_face_converge_as_newtons_do():
     """The same split as above: the point reached on LOCATION's zero SD has H indefinite along that SD alone, so
     no Newton decrement; the steps along the face start from its decrement within the face (0.29), and the next
     point's (2.5e-3) then shows the contraction that makes its Newton step the final candidate, ending the fit
-    there (1.6e-7, as boundary.face_decrement's docstring says): 5 rounds (were 6), at the fit continued to
-    machine precision, LOCATION's SD exactly 0."""
+    there (1.6e-7, accepted by that contraction): 5 rounds (were 6), at the fit continued to machine precision,
+    standard errors to 6.5e-8 (the round it saves had brought them to 3e-8), LOCATION's SD exactly 0."""
     res, exact = _one_site_per("grouseticks_nested", "LOCATION")
     assert res.converged and res.rounds <= 5, res.rounds
     _at_optimum(res, exact)
