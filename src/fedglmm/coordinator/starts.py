@@ -341,6 +341,12 @@ def attenuated(start, st, c: float, factors=(ATTENUATE, 1.0 / ATTENUATE)) -> lis
     return out
 
 
+def binary_intercept(st, family) -> bool:
+    """Whether the model is binary, of one grouping factor with its random intercept alone, by a link whose
+    attenuation curve :data:`ATTENUATION` knows: the models whose starts move along that curve."""
+    return st.mask.shape == (1, 1) and not st.factor_groups and family.name == "binomial" and family.link in ATTENUATION
+
+
 def totals_variants(st, family) -> tuple:
     """The site totals' start (γ, θ̃) and the points tried beside it in the first round where it is a binary
     model's with one random intercept (no site sent a summary of a group or a fit of its own: every patient
@@ -353,23 +359,19 @@ def totals_variants(st, family) -> tuple:
     patient a site: the start 1.42 for σ 4.57, the intercept −1.70 for −4.88).
     `benchmarks/binary_each_rounds.py` (100 patients, 3 seeds): 230 -> 200 rounds (c = 0.346 and no variant
     at √2: 206; the SD times √½ along the curve too: a fit 4 -> 7)."""
-    if st.mask.shape != (1, 1) or st.factor_groups or family.name != "binomial" or family.link not in ATTENUATION:
+    if not binary_intercept(st, family):
         return None, None
     start = start_values(st, family)
-    return start, [np.concatenate(x) for x in sd_variants(start, st, family) + totals_curve(start, st)]
+    return start, [np.concatenate(x) for x in sd_variants(start, st, family)
+                   + attenuated(start, st, TOTALS_CURVE, TOTALS_SD)]
 
 
 def binary_variants(start, st, family) -> list:
     """Beside a binary start with one random intercept combined from the sites' fits and pseudo-data: its SD
-    times 1.3 and 1/1.3 (:func:`attenuated`), and the site totals' start's times 2 and 3 (:func:`totals_curve`:
-    held-out toenail over 5 sites 5 -> 4 rounds, AGHQ over 10 sites 6 -> 4)."""
-    return attenuated(start, st, ATTENUATION[family.link]) + totals_curve(start_values(st, family), st)
-
-
-def totals_curve(totals, st) -> list:
-    """The site totals' start (γ, θ̃) of a binary model with one random intercept, its SD times 2 and 3 and its
-    coefficients along the attenuation curve with c = 1 (see :func:`totals_variants`)."""
-    return attenuated(totals, st, TOTALS_CURVE, TOTALS_SD)
+    times 1.3 and 1/1.3 (:func:`attenuated`), and the site totals' start's times 2 and 3 with c = 1, as
+    :func:`totals_variants` tries them (held-out toenail over 5 sites 5 -> 4 rounds, AGHQ over 10 sites 6 -> 4)."""
+    return attenuated(start, st, ATTENUATION[family.link]) \
+        + attenuated(start_values(st, family), st, TOTALS_CURVE, TOTALS_SD)
 
 
 def sd_variants(start, st, family) -> list:

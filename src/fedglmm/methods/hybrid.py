@@ -26,7 +26,7 @@ from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.shared_blocks import ONE_SHOT_NOTE, merge_shared_levels
 from ..coordinator.shared_rounds import shared_setup
-from ..coordinator.starts import (ATTENUATION, OwnPart, binary_variants, combined_start, cubic_surrogate,
+from ..coordinator.starts import (OwnPart, binary_intercept, binary_variants, combined_start, cubic_surrogate,
                                   internal_start, own_part, sd_variants, totals_variants, with_start, without_singular)
 from ..coordinator.surrogate import pseudo_objective
 from ..coordinator.virtual import fit_stand_ins, stand_ins
@@ -95,8 +95,7 @@ def _starts(req, st, merged, own: dict, pseudo, big: str | bool = False, by_leve
     sites' fits of their many groups combine well and four more points cost every site."""
     starts, surrogate = _candidates(req, st, merged, own, pseudo, big, by_level)
     fam = req.family
-    if starts is None or not merged.refused or st.mask.shape != (1, 1) or st.factor_groups \
-            or fam.name != "binomial" or fam.link not in ATTENUATION or st.ngroups > POOLED_MAX_GROUPS:
+    if starts is None or not merged.refused or not binary_intercept(st, fam) or st.ngroups > POOLED_MAX_GROUPS:
         return starts, surrogate
     many = list(starts) if isinstance(starts[0], tuple) else [starts]
     return tuple(many + binary_variants(many[0], st, fam)), surrogate
