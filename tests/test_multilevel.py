@@ -537,3 +537,26 @@ def test_steps_along_a_zero_sds_face_converge_as_newtons_do():
     _at_optimum(res, exact)
     assert np.allclose(res.se, exact.se, rtol=1e-6, atol=0)
     assert np.array_equal(res.theta == 0, exact.theta == 0) and np.any(res.theta == 0)
+
+
+def test_fixed_effects_step_with_theta_held_while_h_is_indefinite():
+    """Draw 1 of benchmarks/nested_sites_rounds.py (poisson, a random slope in time by patient, six hospitals
+    over two sites): the start's intercept is 0.73 below its optimum and H is indefinite along the hospitals'
+    SD for rounds, so the trust region's steps bounded every coordinate's move; the fixed effects' own Newton
+    step with θ held (steps.held_step) is one more candidate there: 6 rounds (were 12), at the fit continued
+    to machine precision."""
+    import fedglmm
+    from fedglmm.model.options import NewtonConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from nested_sites_rounds import draw
+
+    shape, formula, sites = draw(1)
+    assert shape["family"] == "poisson" and shape["slope"] and shape["sites"] * shape["hosp/site"] == 6
+    res = fedglmm.fit(formula, sites, family="poisson")
+    exact = fedglmm.fit(formula, sites, family="poisson", method="iterative",
+                        newton=NewtonConfig(tol=1e-16, near=1e-6))
+    assert res.converged and res.rounds <= 6, res.rounds
+    assert np.allclose(res.fixef, exact.fixef, rtol=0, atol=1e-8)
+    assert np.allclose(res.theta, exact.theta, rtol=0, atol=1e-8)
+    assert abs(res.loglik - exact.loglik) < 1e-8

@@ -576,3 +576,44 @@ def test_third_derivatives_at_the_points_of_a_round_end_the_fit_sooner():
         for opt in (with_third, without):
             assert opt.converged and np.max(np.abs(opt.solution - x_star)) < 1e-9, (x0, opt.solution - x_star)
         assert with_third.evals <= without.evals - 1, (x0, with_third.evals, without.evals)
+
+
+def test_the_fixed_effects_step_with_theta_held_where_h_is_indefinite():
+    """steps.held_step on a quadratic F with H indefinite (the last coordinate's curvature negative) but its
+    leading 2×2 block positive definite: the step moves those two coordinates to F's minimum over them with the
+    last held (closed form −A⁻¹g_A), the last not at all, and its predicted decrease is F's actual one; a
+    TrustRegionNewton given ``held`` proposes it while H is indefinite and accepts it where it gains most."""
+    from fedglmm.likelihood.steps import held_step
+
+    H = np.array([[4.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, -1.0]])
+    g = np.array([8.0, -3.0, 0.1])
+    F = lambda s: g @ s + 0.5 * s @ H @ s       # noqa: E731
+    s, pred = held_step(g, H, 2)
+    assert np.allclose(s[:2], -np.linalg.solve(H[:2, :2], g[:2]), rtol=1e-13) and s[2] == 0.0
+    assert np.isclose(pred, -F(s), rtol=1e-13) and pred > 0
+    assert held_step(g, H, 0) is None
+    assert held_step(g, np.diag([-1.0, 3.0, 1.0]), 2) is None       # its block not positive definite
+    assert held_step(np.zeros(3), H, 2) is None                     # nothing to gain
+
+    # in the iteration: F quadratic in the first two coordinates, far from their minimum (‖D s‖ ≈ 6.5 where the
+    # trust region's first radius is 3), with a double well ¼(x₃² − 1)² in the third (its curvature −1 at 0)
+    Hq = H.copy()
+    Hq[2, 2] = 0.0
+
+    def evaluate(x):
+        gg, HH = g + Hq @ x, Hq.copy()
+        gg[2] += x[2] ** 3 - x[2]
+        HH[2, 2] = 3.0 * x[2] ** 2 - 1.0
+        return g @ x + 0.5 * x @ Hq @ x + 0.25 * (x[2] ** 2 - 1.0) ** 2, gg, HH
+
+    x0 = np.zeros(3)
+    assert np.allclose(evaluate(x0)[2], H)
+    for held, proposed in ((0, False), (2, True)):
+        opt = TrustRegionNewton(x0, NewtonConfig(), held=held)
+        nxt = opt.tell(opt.starts, [evaluate(x) for x in opt.starts])
+        assert any(np.allclose(p - x0, s) for p in nxt) == proposed
+        if proposed:          # it gains most of the round's points, and is the point the iteration moves to
+            best = min(nxt, key=lambda p: evaluate(p)[0])
+            assert np.allclose(best - x0, s)
+            opt.tell(nxt, [evaluate(p) for p in nxt])
+            assert np.allclose(opt.current.x, best)

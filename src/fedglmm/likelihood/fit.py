@@ -216,7 +216,8 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
                             predict_final=bool(setup.factor_groups), final_first=final_first,
                             sound_start=sound_start, tails=(p + k,) if poisson_limit else (),
                             faces=True, fixed=0 if setup.factor_groups else p,
-                            uncertain=getattr(evaluator, "uncertain", None), third_dear=bool(setup.factor_groups))
+                            uncertain=getattr(evaluator, "uncertain", None), third_dear=bool(setup.factor_groups),
+                            held=p if setup.factor_groups else 0)
     if opt.third_cov:       # (not at a dispersion's shifted starts: grouseticks_nb over 3 sites 1.35 -> 1.1 times
         opt.third_points = list(range(len(first)))      # the time of the fit without them, in as many rounds)
     phi, (final, s), opt = run(opt, evaluate, canon, fallback,

@@ -37,7 +37,8 @@ import numpy as np
 from ..model.options import NewtonConfig
 from .boundary import boundary_step, face_decrement, face_step
 from .candidates import MODEL_REACH, Candidate as _Candidate, State as _State, scaled_norm, unbounded as _unbounded
-from .steps import even_at_zero, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
+from .steps import (even_at_zero, held_step, log_scale_step, tail_step,
+                    trust_region_subproblem as _trust_region_subproblem)
 from .newton_end import Ending
 from .start_choice import best_start, newton_step as _newton_step
 
@@ -74,6 +75,7 @@ class TrustRegionNewton(Ending):
     uncertain: object = None        # optional uncertain(x) -> bool: F at x was known only approximately, and
                                     # evaluating x again gives it more precisely (see _refresh)
     third_dear: bool = False        # F's third derivatives cost the sites many evaluations (see _final)
+    held: int = 0                   # while H is indefinite, a step in this many leading coordinates alone (_face)
 
     def __post_init__(self):
         self.x0 = np.asarray(self.x0, float)
@@ -231,20 +233,18 @@ class TrustRegionNewton(Ending):
         return _unbounded(*out, cur.H)
 
     def _face(self, cur, newton) -> list[_Candidate]:
-        """While H is indefinite along one coordinate of ``boundary`` alone: that coordinate at 0 and the
-        rest at their model's minimum there (:func:`face_step`), as one more candidate.  A step onto a face
-        of Σ, as a turn is: the next round also tries the step in Σ's entries (:meth:`_in_covariance`).
-        benchmarks/stress_methods.py, 2000 fits (seeds 1-20): 8 fits 1-3 rounds shorter (seed 16 fit 80
-        8 -> 5, seed 13 fit 0 8 -> 6), none longer.  On the face already (the coordinate at 0): the others'
-        step to their minimum there.  With several grouping factors too (``faces``, likelihood.fit): grouseticks'
-        nested factors one location per site 7 -> 6 rounds (the start's Hessian indefinite along LOCATION's SD,
-        whose optimum is 0: onto the face from 4.5 above the optimum to 0.16, then along it to 1e-3),
-        parity_multilevel.py over 3 sites 237 -> 235 and one site per unit 256 -> 254, the golden file's
-        iterative grouseticks_nested 8 -> 7 (standard errors 4e-8 -> 7e-9 from the fit continued to machine
-        precision), stress_methods.py's iterative fits 698 -> 694, none longer."""
-        out = face_step(cur.x, cur.g, cur.H, self.boundary) \
-            if newton is None and self.faces and self.boundary and not self.config.single else None
-        return [] if out is None else [replace(_unbounded(*out, cur.H), cov=True)]
+        """While H is indefinite, further candidates: along one coordinate of ``boundary`` alone, that coordinate
+        at 0 and the rest at their model's minimum there (:func:`face_step`; a step onto a face of Σ, as a turn
+        is: the next round also tries the step in Σ's entries, :meth:`_in_covariance`); with several grouping
+        factors (``held``), the fixed effects' Newton step with θ held (:func:`held_step`):
+        benchmarks/nested_sites_rounds.py draws 0-99 522 -> 512 rounds (draw 1, six hospitals, 12 -> 6), none
+        longer; parity_multilevel.py (one site per unit, over 3 sites) and reference_splits.py as before."""
+        if newton is not None or self.config.single:
+            return []
+        face = face_step(cur.x, cur.g, cur.H, self.boundary) if self.faces and self.boundary else None
+        held = held_step(cur.g, cur.H, self.held) if self.held else None
+        return ([] if face is None else [replace(_unbounded(*face, cur.H), cov=True)]) \
+            + ([] if held is None else [_unbounded(*held, cur.H)])
 
     def _in_covariance(self, cur, newton, linear: bool, onto_zero: bool = False) -> _Candidate | None:
         """The Newton step in the covariance's entries (``covariance``: see
