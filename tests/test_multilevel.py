@@ -542,9 +542,9 @@ def test_steps_along_a_zero_sds_face_converge_as_newtons_do():
 def test_fixed_effects_step_with_theta_held_while_h_is_indefinite():
     """Draw 1 of benchmarks/nested_sites_rounds.py (poisson, a random slope in time by patient, six hospitals
     over two sites): the start's intercept is 0.73 below its optimum and H is indefinite along the hospitals'
-    SD for rounds, so the trust region's steps bounded every coordinate's move; the fixed effects' own Newton
-    step with θ held (steps.held_step) is one more candidate there: 6 rounds (were 12), at the fit continued
-    to machine precision."""
+    SD (with the intercept), so the trust region's steps bounded every coordinate's move for 8 rounds; the
+    fixed effects' own Newton step with θ held (steps.held_step) is one more candidate there, and after it H
+    is positive definite: 6 rounds (were 12), at the fit continued to machine precision."""
     import fedglmm
     from fedglmm.model.options import NewtonConfig
 

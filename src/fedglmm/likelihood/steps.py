@@ -12,8 +12,8 @@ or wander off a zero.
   step of the quadratic model in α reaches the poisson limit (or a large ψ) in one.
 * :func:`held_step`: where H is indefinite (a variance of a few hospitals' effects), the trust region bounds
   every coordinate's step by its radius, though the fixed effects' own block is positive definite and their
-  Newton step with θ held is sound: an intercept 0.73 below its optimum took eight rounds of trust-region
-  steps to get there.
+  Newton step with θ held is sound: an intercept 0.73 below its optimum, H indefinite along the hospitals' SD
+  (with the intercept), took 8 of the fit's 12 rounds of trust-region steps to get there.
 * :func:`even_at_zero`: the objective is even in each diagonal entry of Λ, so where one is exactly 0 its
   gradient and its cross-curvatures vanish; sums whose Hessian comes from differences (several grouping
   factors) carry an error there that would move the entry off 0 with every step in the others.
