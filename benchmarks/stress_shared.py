@@ -13,7 +13,8 @@ down to a few per cent, counts up to several hundred); binomial or poisson; and 
 shared effects v solved by the coordinator (README, "Levels shared by sites").
 
 Printed per fit: the draw, the pooled fit's rounds, and for each method its rounds, its logLik minus the
-pooled one and the largest absolute difference of its fixed effects from the pooled ones; ``BAD`` where
+pooled one, the largest absolute difference of its fixed effects from the pooled ones and the largest relative
+difference of its standard errors (not a criterion: see README, "Levels shared by sites"); ``BAD`` where
 either method is more than 1e-8 off in logLik or 1e-6 in a fixed effect, ``ERR`` and the message where a
 fit stopped.  Last, the totals: rounds in all and the median and largest, per method, and the largest
 differences.  On 60 fits this takes about 3 minutes on a 2-core machine.
@@ -75,9 +76,10 @@ def main() -> None:
     warnings.simplefilter("ignore")
     rounds = {"hybrid": [], "iterative": []}
     worst = {"logLik": 0.0, "fixef": 0.0}
+    se_off = {"hybrid": [], "iterative": []}      # the standard errors' largest relative difference from the pooled
     bad = errors = 0
     print("fit family    rows levels sites  sd   mu  formula                       pooled"
-          "  hybrid: rounds dlogLik dfixef   iterative: rounds dlogLik dfixef")
+          "  hybrid: rounds dlogLik dfixef dSE   iterative: rounds dlogLik dfixef dSE")
     for i in range(a.fits):
         fam, form, n, G, K, sd, mu, df, sites = (draw_wide if a.wide else draw)(a.seed + i)
         head = f"{a.seed + i:3d} {fam:9s} {n:5d} {G:5d} {K:4d} {sd:5.1f} {mu:4.1f}  {form:28s}"
@@ -88,10 +90,12 @@ def main() -> None:
                 r = fedglmm.fit(form, sites, family=fam, method=method)
                 dl = r.loglik - pooled.loglik
                 df_ = float(np.max(np.abs(np.asarray(r.fixef) - np.asarray(pooled.fixef))))
+                dse = float(np.max(np.abs(np.asarray(r.se) / np.asarray(pooled.se) - 1.0)))
                 rounds[method].append(r.rounds)
+                se_off[method].append(dse)
                 worst["logLik"], worst["fixef"] = max(worst["logLik"], abs(dl)), max(worst["fixef"], df_)
                 flag = "BAD" if abs(dl) > 1e-8 or df_ > 1e-6 else flag
-                cells.append(f"{r.rounds:14d} {dl:8.1e} {df_:7.1e}")
+                cells.append(f"{r.rounds:14d} {dl:8.1e} {df_:7.1e} {dse:7.1e}")
             bad += flag == "BAD"
             print(f"{head} {pooled.rounds:5d} {cells[0]}  {cells[1]} {flag}", flush=True)
         except Exception as e:          # a fit that stops is a finding: printed, counted, not raised
@@ -99,7 +103,10 @@ def main() -> None:
             print(f"{head} ERR {type(e).__name__}: {str(e)[:100]}", flush=True)
     for method, rs in rounds.items():
         if rs:
-            print(f"{method}: {len(rs)} fits, rounds in all {sum(rs)}, median {int(np.median(rs))}, max {max(rs)}")
+            se = np.array(se_off[method])
+            print(f"{method}: {len(rs)} fits, rounds in all {sum(rs)}, median {int(np.median(rs))}, max {max(rs)}; "
+                  f"standard errors off the pooled ones by at most {se.max():.1e} (relative), above 1e-8 in "
+                  f"{int(np.sum(se > 1e-8))}, above 1e-6 in {int(np.sum(se > 1e-6))}")
     print(f"largest |logLik - pooled| {worst['logLik']:.1e}, fixed effects {worst['fixef']:.1e}; "
           f"{bad} fit(s) BAD, {errors} stopped with an error")
 
