@@ -131,3 +131,25 @@ def test_the_lowest_start_is_kept_where_another_leads_to_a_local_optimum():
     split = fedglmm.fit("y ~ x + z + (1 | g)", sites, family="binomial")
     assert split.converged and abs(split.loglik - pooled.loglik) < 1e-8
     assert np.all(np.abs(split.fixef - pooled.fixef) / pooled.se < 1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="levels shared by sites: the final point's Hessian is not moved over the "
+                   "last step by third derivatives (README, Limitations); 3.3e-5 off today")
+def test_standard_errors_with_shared_levels_equal_the_pooled_ones():
+    """Fit 1 of benchmarks/stress_shared.py (poisson ``y ~ x + (1|g)``, 30 levels each at 4-5 of 5 sites): the
+    split fit's estimates and logLik equal the pooled fit's (checked here), its standard errors should too, to
+    1e-7 relative; the intercept's is 3.3e-5 off (its last step 3e-4 in the Hessian's norm).  A strict xfail:
+    it fails the suite once they agree, to be made a plain test then."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from stress_shared import draw
+
+    fam, formula, _, G, K, *_, df, sites = draw(1)
+    assert (fam, formula, G, K) == ("poisson", "y ~ x + (1|g)", 30, 5)
+    pooled = fedglmm.fit(formula, df, family=fam)
+    split = fedglmm.fit(formula, sites, family=fam)
+    assert abs(split.loglik - pooled.loglik) < 1e-8
+    assert np.allclose(split.fixef, pooled.fixef, rtol=0, atol=1e-7)
+    assert np.allclose(split.se, pooled.se, rtol=1e-7, atol=0), np.asarray(split.se) / np.asarray(pooled.se) - 1
