@@ -579,11 +579,11 @@ def test_third_derivatives_at_the_points_of_a_round_end_the_fit_sooner():
 
 
 def test_the_fixed_effects_step_with_theta_held_where_h_is_indefinite():
-    """steps.held_step on a quadratic F with H indefinite (the last coordinate's curvature negative) but its
+    """start_choice.held_step on a quadratic F with H indefinite (the last coordinate's curvature negative) but its
     leading 2×2 block positive definite: the step moves those two coordinates to F's minimum over them with the
     last held (closed form −A⁻¹g_A), the last not at all, and its predicted decrease is F's actual one; a
     TrustRegionNewton given ``held`` proposes it while H is indefinite and accepts it where it gains most."""
-    from fedglmm.likelihood.steps import held_step
+    from fedglmm.likelihood.start_choice import held_step
 
     H = np.array([[4.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, -1.0]])
     g = np.array([8.0, -3.0, 0.1])

@@ -37,10 +37,9 @@ import numpy as np
 from ..model.options import NewtonConfig
 from .boundary import boundary_step, face_decrement, face_step
 from .candidates import MODEL_REACH, Candidate as _Candidate, State as _State, scaled_norm, unbounded as _unbounded
-from .steps import (even_at_zero, held_step, log_scale_step, tail_step,
-                    trust_region_subproblem as _trust_region_subproblem)
+from .steps import even_at_zero, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
 from .newton_end import Ending
-from .start_choice import best_start, newton_step as _newton_step
+from .start_choice import best_start, held_step, newton_step as _newton_step
 
 NEARLY_SINGULAR = 0.3   # a row of Λ whose diagonal entry is less than this share of its norm: Σ nearly singular
 

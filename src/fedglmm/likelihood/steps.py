@@ -10,10 +10,6 @@ or wander off a zero.
   e^(−ψ): where the data are not overdispersed its optimum is ψ = ∞, and Newton's steps in ψ add about 1 a
   round (sim_epil over 3 sites: 9 rounds).  In α = e^(−ψ) the objective is smooth up to α = 0, so the
   step of the quadratic model in α reaches the poisson limit (or a large ψ) in one.
-* :func:`held_step`: where H is indefinite (a variance of a few hospitals' effects), the trust region bounds
-  every coordinate's step by its radius, though the fixed effects' own block is positive definite and their
-  Newton step with θ held is sound: an intercept 0.73 below its optimum, H indefinite along the hospitals' SD
-  (with the intercept), took 8 of the fit's 12 rounds of trust-region steps to get there.
 * :func:`even_at_zero`: the objective is even in each diagonal entry of Λ, so where one is exactly 0 its
   gradient and its cross-curvatures vanish; sums whose Hessian comes from differences (several grouping
   factors) carry an error there that would move the entry off 0 with every step in the others.
@@ -91,18 +87,6 @@ def tail_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray, t
     if pred <= 0 or np.all(step[grow] <= newton[grow]):
         return None
     return step, pred, bool(low.size)
-
-
-def held_step(g: np.ndarray, H: np.ndarray, free: int) -> tuple | None:
-    """The Newton step in the first ``free`` coordinates, the others held, as (step, predicted decrease);
-    None where their block of H is not positive definite or the step gains nothing."""
-    inner = newton_step(g[:free], H[:free, :free]) if free else None
-    if inner is None:
-        return None
-    s = np.zeros_like(g)
-    s[:free] = inner
-    pred = float(-(g @ s + 0.5 * s @ H @ s))
-    return (s, pred) if pred > 0 else None
 
 
 def even_at_zero(x: np.ndarray, g: np.ndarray, H: np.ndarray, even) -> tuple:
