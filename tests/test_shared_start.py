@@ -83,7 +83,9 @@ def _shared(seed, n=600, G=30, K=5, mu=1.0, family="poisson", sd=0.8):
 def test_split_fits_take_fewer_rounds_and_equal_the_pooled_ones():
     """Poisson and binary levels split over 5 sites (each level's rows at every site, too few for their
     moments to leave), seeds 0-5: 78 rounds in all before the start's v was bracketed and every start
-    tried (6-8 a fit), 72 with them; each fit equal to the pooled one (logLik to 1e-8)."""
+    tried (6-8 a fit), 72 with them; 83 since a last step longer than 1e-7 in the Hessian's norm is settled
+    by one more final round (for the standard errors: test_standard_errors_with_shared_levels_equal_the_pooled_ones);
+    each fit equal to the pooled one (logLik to 1e-8)."""
     rounds = []
     for seed in range(6):
         for family in ("poisson", "binomial"):
@@ -95,14 +97,18 @@ def test_split_fits_take_fewer_rounds_and_equal_the_pooled_ones():
             # binary draw of seed 1, which stops at a decrement of 3.7e-7 whose contraction predicts 8e-15)
             assert np.all(np.abs(split.fixef - pooled.fixef) / pooled.se < 1e-7)
             rounds.append(split.rounds)
-    assert sum(rounds) <= 74, rounds
+    assert sum(rounds) <= 83, rounds
 
 
 def test_pseudo_data_modes_start_v(monkeypatch):
     """Where every level's moments went (few large cells), the pseudo-data fit's modes and conditional SDs
     start v: fewer rounds than from v = 0 and the grid, the same fit."""
+    from fedglmm.likelihood import fit
     from fedglmm.methods import hybrid
 
+    # (the rounds to the estimate: a last step settled by one more final round comes with that step's length,
+    # whatever the start -- here with the modes alone, 6 + 1 against 7 -- so the comparison goes without it)
+    monkeypatch.setattr(fit, "BARE_SETTLE", np.inf)
     df, sites = _shared(3, n=1500, G=8, K=2, sd=1.5)
     formula = "y ~ 0 + x + (1|g)"
     with_modes = fedglmm.fit(formula, sites, family="poisson")
@@ -133,13 +139,12 @@ def test_the_lowest_start_is_kept_where_another_leads_to_a_local_optimum():
     assert np.all(np.abs(split.fixef - pooled.fixef) / pooled.se < 1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="levels shared by sites: the final point's Hessian is not moved over the "
-                   "last step by third derivatives (README, Limitations); 3.3e-5 off today")
 def test_standard_errors_with_shared_levels_equal_the_pooled_ones():
     """Fit 1 of benchmarks/stress_shared.py (poisson ``y ~ x + (1|g)``, 30 levels each at 4-5 of 5 sites): the
-    split fit's estimates and logLik equal the pooled fit's (checked here), its standard errors should too, to
-    1e-7 relative; the intercept's is 3.3e-5 off (its last step 3e-4 in the Hessian's norm).  A strict xfail:
-    it fails the suite once they agree, to be made a plain test then."""
+    split fit's estimates, logLik and standard errors equal the pooled fit's, the last to 1e-7 relative.  The
+    intercept's was 3.3e-5 off while the fit ended on a last step of 3e-4 in the Hessian's norm (the final
+    point's Hessian, from differences of gradients, has no third derivatives to move it to the estimate): such
+    a step is now settled by one more final round (likelihood.fit.BARE_SETTLE)."""
     import sys
     from pathlib import Path
 

@@ -15,7 +15,9 @@ log-determinant part from v to v's mode (:func:`_log_det_to_mode`).  The value, 
 are those of ℓ(φ) at the joint mode to first order in δv.  A trial φ whose δv is not small (the start; a long
 step) takes further rounds (:meth:`SharedGLMMEvaluator._solve`); otherwise the rounds are those of the
 Newton iteration.  At the estimate the final round is repeated, with v moved by δv, until v's Newton
-decrement is below ``FINAL_DEC``: its value and gradient are then those at the joint mode.
+decrement is below ``FINAL_DEC``: its value and gradient are then those at the joint mode.  The fit's last
+step from there moves the estimate, not the Hessian (there are no third derivatives here): where it is longer
+than 1e-7 in the Hessian's norm the estimate has a final round of its own (``bare_final``: likelihood.fit).
 
 The final round also returns each site's local modes given the shared ones (and their SDs, adding the
 shared part RΓRᵀ); the coordinator reports the shared levels' modes, b̂_v = Λ v̂ with SDs from Λ C⁻¹ Λᵀ.
@@ -42,7 +44,9 @@ GIVE_UP = 100.0              # a trial φ (not the start) whose v has a larger d
 FINAL_DEC = 1e-8             # v's Newton decrement at the estimate below which its value is exact ...
 FINAL_VALUE = 3e-10          # ... and the bound on the value's error from Γ̂ there (see shared_ends.settled)
 FINAL_GRAD = 1e-14           # ... and on the last step's error from Γ̂ in the gradient (shared_ends.gradient_settled)
-STEP = 1e-4          # central differences along (τ̄_j, e_j): h_j = STEP (1 + |φ_j|)
+STEP = 1e-5          # central differences along (τ̄_j, e_j): h_j = STEP (1 + |φ_j|) -- their O(h²) error was
+                     # the standard errors' once the last step was settled: 1.7e-7 at 1e-4 (stress_shared.py's
+                     # fit 39; 1.5e-8 at 3e-5), 1.2e-8 at 1e-5, every fit in the same rounds
 TANGENT = 0.5        # the gradient is moved to v's mode where the predicted tangent τ̄ is within this of τ
 
 
@@ -51,6 +55,7 @@ class SharedGLMMEvaluator:
     :class:`~fedglmm.coordinator.rounds.RoundEvaluator` built with :meth:`total`)."""
 
     modes = None        # (the pseudo-data fit's modes and conditional SDs by factor: see __init__)
+    bare_final = True   # its final round brings no third derivatives (likelihood.fit.BARE_SETTLE)
 
     def __init__(self, setup: Setup, rounds=None, settle: float = WARM, patient: bool = False,
                  modes: tuple | None = None):

@@ -28,6 +28,11 @@ from .third_requests import evaluate_round, finalize_round
 GLMM_KEYS = ["value", "grad", "hess"]
 THIRD_MAX_FEW = 24      # the most parameters of a fit that asks for the sites' third derivatives where the rows are
 THIRD_ROWS = 50_000     # ... at most this many (see _newton_config)
+BARE_SETTLE = 1e-7      # an evaluator whose final round brings no third derivatives (``bare_final``: levels shared
+# by sites, whose Hessian is differences of gradients) settles a last step longer than this in H's norm by one more
+# final round (NewtonConfig.bare_settle).  Without it the information stayed at the final point, off by T[s] (the
+# secant covers the last move's direction only): benchmarks/stress_shared.py's standard errors up to 3.3e-5 from
+# the pooled fit's (40 of 60 fits above 1e-8); with it 1.7e-7 (1e-8: the same, 8 rounds more), 408 -> 457 rounds
 RUNAWAY = 1e3          # a gaussian start's largest |θ̃| (SDs relative to σ's): beyond it, the default start
 LMM_KEYS = ["n", "A", "b", "c", "d"]
 LMM_DERIVATIVE_KEYS = ["dA", "db", "dc", "dd", "d2A", "d2b", "d2c", "d2d"]
@@ -211,7 +216,10 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     canon = lambda x: np.r_[x[:p], canonical_theta(x[p:p + k], mask), x[p + k:]]   # noqa: E731
     # the optimiser also tries zero variances, and steps in the covariance's entries near a singular one
     edge = tuple(p + boundary_positions(mask))
-    opt = TrustRegionNewton(np.r_[gamma0, theta0], _newton_config(options, setup), starts=starts, model=model,
+    config = _newton_config(options, setup)
+    if getattr(evaluator, "bare_final", False):
+        config = replace(config, bare_settle=BARE_SETTLE)
+    opt = TrustRegionNewton(np.r_[gamma0, theta0], config, starts=starts, model=model,
                             boundary=edge, covariance=CovarianceSteps(mask, p) if k else None,
                             predict_final=bool(setup.factor_groups), final_first=final_first,
                             sound_start=sound_start, tails=(p + k,) if poisson_limit else (),

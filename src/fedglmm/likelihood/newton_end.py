@@ -311,7 +311,8 @@ class Ending:
             miss = min((last - other for other in ((newton,) if model is None else (newton, third))),
                        key=lambda m: m @ cur.H @ m)
             edge = boundary_last(cur.x, cur.g, cur.H, newton, self.boundary, self.config.tol)
-            if edge is not None or min(miss @ cur.H @ miss, last @ cur.H @ last) > self.config.tol ** 2:
+            bare = not self.third_here and last @ cur.H @ last > self.config.bare_settle ** 2
+            if edge is not None or bare or min(miss @ cur.H @ miss, last @ cur.H @ last) > self.config.tol ** 2:
                 self._settling = True
                 last, pred = (last, -(cur.g @ last)) if edge is None else edge
                 out = self._final(cur, last, pred, None, None)

@@ -72,6 +72,9 @@ class NewtonConfig:
     third_start_cov: bool = False  # ... or there along the covariance parameters alone (len(θ, ψ) Hessians a point,
                                    # not P: the hybrid's start from its sites' fits of few groups)
     third_steps: bool = False   # ... at the steps to third order beside Newton's and the model's (the hybrid)
+    bare_settle: float = float("inf")   # a last step longer than this in H's norm from a final point without
+                                        # third derivatives is settled by one more final round (levels shared
+                                        # by sites: likelihood.newton_end.Ending._stop_or_settle)
 
     @property
     def local(self) -> "NewtonConfig":
