@@ -179,8 +179,9 @@ def test_shared_levels_third_derivatives_and_rounds(monkeypatch):
 
 def test_a_sites_third_derivatives_at_a_final_point():
     """reply_third (a finalize request with ``third``) differences the engine's Hessian: exact for a cubic
-    log-likelihood ℓ = T[x, x, x]/6 (Hessian T·x), whatever the point; nothing without the request, and
-    nothing under secure aggregation (whose masks cover the usual sums alone)."""
+    log-likelihood ℓ = T[x, x, x]/6 (Hessian T·x), whatever the point; nothing without the request.  Under secure
+    aggregation the same (masked with the other sums), and NaNs where the site could not make them: every site's
+    reply then has the same fields, as masked replies must to add up."""
     from fedglmm.likelihood.linalg import pack_third, symmetric_third, unpack_third
     from fedglmm.site.own_third import reply_third
 
@@ -195,10 +196,22 @@ def test_a_sites_third_derivatives_at_a_final_point():
         reply = {"hess": T @ x}
         reply_third(Engine(), x, {"third": True}, reply)
         assert reply["third"].shape == (20,) and np.allclose(unpack_third(reply["third"], 4), T, rtol=0, atol=1e-8)
-        for req in ({}, {"third": True, "secagg": {"round": 1}}):
-            quiet = {"hess": T @ x}
-            reply_third(Engine(), x, req, quiet)
-            assert "third" not in quiet
+        quiet = {"hess": T @ x}
+        reply_third(Engine(), x, {}, quiet)
+        assert "third" not in quiet
+        masked = {"hess": T @ x}
+        reply_third(Engine(), x, {"third": True, "secagg": {"round": 1}}, masked)
+        assert np.array_equal(masked["third"], reply["third"])
+
+    class Broken(Engine):
+        def sums(self, x):
+            return {"hess": np.full((4, 4), np.nan)}
+
+    for req, sent in (({"third": True}, None), ({"third": True, "secagg": {"round": 1}}, 20)):
+        reply = {"hess": np.full((4, 4), np.nan)}
+        reply_third(Broken(), np.ones(4), req, reply)
+        assert (reply.get("third") is None) if sent is None else \
+            reply["third"].shape == (sent,) and np.all(np.isnan(reply["third"]))
 
 
 def test_a_quadrature_sites_third_derivatives_from_its_gradients():

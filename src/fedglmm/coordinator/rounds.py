@@ -87,11 +87,9 @@ class RoundEvaluator:
         self.final = dict(final or {})
         self.total = total
 
-    @property
-    def third_final(self) -> bool:
-        """Whether a request may ask for the sites' third derivatives (``third``; a final one, or an evaluation
-        round's): not under secure aggregation, whose masks cover the sums' usual keys alone."""
-        return not getattr(self.transport, "secure", False)
+    # a request may ask for the sites' third derivatives (``third``; a final one, or an evaluation round's): under
+    # secure aggregation too, masked with every other sum (site.own_third.reply_third)
+    third_final = True
 
     def _ride(self) -> dict:
         ride, self.first = self.first, {}

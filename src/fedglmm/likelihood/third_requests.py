@@ -1,6 +1,6 @@
 """The sites' third derivatives in a GLMM fit's rounds: asked for where the optimiser
 (:class:`~fedglmm.likelihood.newton.TrustRegionNewton`) wants them (``want_third``) and the evaluator may send
-them (``third_final``: the coordinator's rounds, not under secure aggregation), and handed to it summed --
+them (``third_final``: the coordinator's rounds, masked under secure aggregation), and handed to it summed --
 at a final point (``final_third``: the last step to third order) or at a point of a round (``point_third``:
 a step near the optimum to third order)."""
 from __future__ import annotations

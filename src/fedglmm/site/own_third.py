@@ -59,10 +59,22 @@ def reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None
     (:meth:`~fedglmm.likelihood.newton_end.Ending._third_last`), or a step near the optimum whose error is of
     fourth order (:meth:`~fedglmm.likelihood.newton_end.Ending._third_final`).  By quadrature from the
     gradients alone: those of its Hessian and P(P - 1)/2 more (:func:`_stencil_third`).
-    Not under secure aggregation, whose masks cover the sums' usual keys alone."""
+    Under secure aggregation they leave masked with the other sums (every float of a reply is masked): a site
+    that could not make them sends NaNs in their place, so that every site's reply has the same fields and the
+    total is NaN there (the coordinator then goes on without them, as where a plain site sent none)."""
     wanted = req.get("third") if index is None else index in req.get("third_at", ())
-    if not wanted or "secagg" in req or "hess" not in reply:
+    if not wanted or "hess" not in reply:
         return reply
+    if "secagg" in req:
+        P = len(x)
+        reply = _reply_third(engine, x, req, reply, index)
+        reply.setdefault("third", np.full(P * (P + 1) * (P + 2) // 6, np.nan))
+        return reply
+    return _reply_third(engine, x, req, reply, index)
+
+
+def _reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None) -> dict:
+    """:func:`reply_third`'s work: ``reply`` with ``third`` where they could be made."""
     cov = index is not None and bool(req.get("third_cov"))
     if getattr(engine, "nagq", 1) > 1 and getattr(engine, "q", 0):        # quadrature
         T = _stencil_third(engine, x, range(engine.p, len(x)) if cov else None)
