@@ -287,7 +287,8 @@ def test_a_multilevel_sites_third_derivatives_at_a_rounds_points():
 def test_a_final_points_third_derivatives_where_the_rows_are_few():
     """A final point asks for the sites' third derivatives wherever its decrement is predicted above 1e-15 (for
     standard errors to 1e-8), but on more than THIRD_ROWS rows -- where P Hessians are P passes over the rows --
-    only above tol/10, as before; by quadrature alike; with several grouping factors above tol/10 too."""
+    only above tol/10, as before; by quadrature alike; with several grouping factors so too (on at most 8
+    parameters; with 9-24, whose third derivatives come only by a step to third order, never)."""
     from types import SimpleNamespace
 
     from fedglmm.likelihood.fit import THIRD_ROWS, _newton_config
@@ -299,9 +300,38 @@ def test_a_final_points_third_derivatives_where_the_rows_are_few():
             setup = SimpleNamespace(names=["Intercept", "x"], mask=np.ones((1, 1), bool), ndisp=0, n=n,
                                     factor_groups={})
             assert _newton_config(opts, setup).third_final == want
-    several = SimpleNamespace(names=["Intercept"], mask=np.eye(2, dtype=bool), ndisp=0, n=100,
-                              factor_groups={"a": 3, "b": 4})
-    assert _newton_config(FitOptions(), several).third_final == FitOptions().newton.tol / 10
+    for n, names, want in ((100, ["Intercept"], 1e-15), (THIRD_ROWS + 1, ["Intercept"], FitOptions().newton.tol / 10),
+                           (100, [f"x{i}" for i in range(8)], np.inf)):
+        several = SimpleNamespace(names=names, mask=np.eye(2, dtype=bool), ndisp=0, n=n, factor_groups={"a": 3, "b": 4})
+        assert _newton_config(FitOptions(), several).third_final == want
+
+
+def test_a_final_points_third_derivatives_with_several_grouping_factors_have_every_entry():
+    """An engine whose Hessian is a difference of gradients (several grouping factors: ``third_hessian``) sends at
+    a final point every entry of its third derivatives -- they move the information over the last step, whose
+    fixed effects count too -- and at a round's point those with an index among the covariance parameters alone
+    (they shape the steps; P Hessians a point would cost the rounds' points too much)."""
+    from fedglmm.likelihood.linalg import symmetric_third, unpack_third
+    from fedglmm.site.own_third import reply_third
+
+    T = symmetric_third(np.random.default_rng(5).standard_normal((4, 4, 4)))
+
+    class Engine:               # ℓ = T[x, x, x]/6: its Hessian T·x, here by "differences" (third_hessian)
+        p = 2
+
+        def third_hessian(self, y):
+            return T @ np.asarray(y, float)
+
+    x = np.array([0.2, -1.0, 0.5, 0.1])
+    final = {"hess": T @ x}
+    reply_third(Engine(), x, {"third": True}, final)
+    assert np.allclose(unpack_third(final["third"], 4), T, rtol=0, atol=1e-8)
+    point = {"hess": T @ x}
+    reply_third(Engine(), x, {"third_at": [0]}, point, 0)
+    got, cov = unpack_third(point["third"], 4), np.zeros((4, 4, 4), bool)
+    for t in (2, 3):
+        cov[t, :, :] = cov[:, t, :] = cov[:, :, t] = True
+    assert np.allclose(got[cov], T[cov], rtol=0, atol=1e-6) and np.all(got[~cov] == 0.0)
 
 
 def test_starts_where_groups_stayed_bring_third_derivatives():
