@@ -32,7 +32,8 @@ BARE_SETTLE = 1e-7      # an evaluator whose final round brings no third derivat
 # by sites, whose Hessian is differences of gradients) settles a last step longer than this in H's norm by one more
 # final round (NewtonConfig.bare_settle).  Without it the information stayed at the final point, off by T[s] (the
 # secant covers the last move's direction only): benchmarks/stress_shared.py's standard errors up to 3.3e-5 from
-# the pooled fit's (40 of 60 fits above 1e-8); with it 1.7e-7 (1e-8: the same, 8 rounds more), 408 -> 457 rounds
+# the pooled fit's (40 of 60 fits above 1e-8); with it 1.7e-7 (from 1e-8: the same, 8 rounds more), 1.2e-8 once the
+# Hessian's differences were taken at 1e-5 (coordinator.shared_glmm_rounds.STEP), 408 -> 457 rounds
 RUNAWAY = 1e3          # a gaussian start's largest |θ̃| (SDs relative to σ's): beyond it, the default start
 LMM_KEYS = ["n", "A", "b", "c", "d"]
 LMM_DERIVATIVE_KEYS = ["dA", "db", "dc", "dd", "d2A", "d2b", "d2c", "d2d"]
@@ -137,8 +138,10 @@ def _newton_config(options: FitOptions, setup):
         # (P Hessians over the rows, or along the covariance parameters of several factors alone, at a final point
         # only where it may save a round -- see Ending._final --, and not at the starts nor the steps to third order;
         # several factors on at most THIRD_ROWS rows and 8 parameters: every entry, at every final point -- without
-        # them the standard errors were up to 1.9e-6 from the iterative fit's on held-out multi-level cases, the
-        # information not moved to the estimate by its last step; with them 1.4e-8, at 1.0-1.6 times the fit time)
+        # them the standard errors were more than 1e-8 from the iterative fit's on 9 of 13 held-out multi-level
+        # splits (up to 1.9e-6), the information not moved to the estimate by its last step; with them on 1, of more
+        # than 8 parameters; fit time 1.07-1.18 times on the reference cases -- with 9-24 parameters too, guimmun_la
+        # over 161 sites took 1.7 times as long: those still ask above tol/10 only)
         every = setup.factor_groups and setup.n <= THIRD_ROWS and cfg.third_at_final
         cfg = replace(cfg, third_start=False, third_start_cov=False, third_steps=False,
                       third_final=cfg.third_final if every else

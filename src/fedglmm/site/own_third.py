@@ -94,7 +94,8 @@ def _reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | Non
     # there -- len(θ, ψ) Hessians instead of P (the hybrid's starts: NewtonConfig.third_start_cov)
     # (at a final point every entry: they move the information to the estimate, whose fixed effects' own third
     # derivatives count too -- benchmarks/parity_multilevel.py --sites 3: standard errors above 1e-8 from the pooled
-    # fit's in 8 of 53 splits with those along the covariance parameters alone, 1 with all of them)
+    # fit's in 8 of 53 splits with those along the covariance parameters alone, 2 with all of them, one of which
+    # has more than 8 parameters and so asks for them only where its final point is predicted above 1e-8)
     idx = range(engine.p, P) if (own is not None and index is not None) or cov else range(P)
     step = FINAL_STEP if index is None and own is None else POINT_STEP
     D = -_spread(_forward(engine, x, H, idx, step * np.maximum(1.0, np.abs(x)), at), idx)
