@@ -102,10 +102,15 @@ def site_data(case: dict, how: str):
     return {f"s{i}": df[codes % 3 == i].reset_index(drop=True) for i in range(3)}
 
 
+def fit_options(case: dict) -> dict:
+    """A case's keyword arguments of fedglmm.fit beside its formula and data."""
+    return dict(family=case["family"], link=case["link"], nagq=case["nagq"], reml=case["reml"],
+                **({"weights": case["weights"]} if case["weights"] else {}))
+
+
 def run(case: dict, how: str) -> dict:
     data = site_data(case, how)
-    kw = dict(family=case["family"], link=case["link"], nagq=case["nagq"], reml=case["reml"],
-              **({"weights": case["weights"]} if case["weights"] else {}))
+    kw = fit_options(case)
     res = {}
     for method in ("iterative", "hybrid"):
         try:

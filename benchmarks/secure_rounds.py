@@ -22,7 +22,7 @@ import numpy as np
 import fedglmm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rounds_heldout import ROUNDS, read_cases, site_data  # noqa: E402
+from rounds_heldout import ROUNDS, fit_options, read_cases, site_data  # noqa: E402
 
 
 def _rel(a, b) -> float:
@@ -45,8 +45,7 @@ def main() -> None:
     for case in read_cases(ROUNDS):
         if case["family"] not in ("binomial", "poisson") or not only.search(case["name"]):
             continue
-        kw = dict(family=case["family"], link=case["link"], nagq=case["nagq"], reml=case["reml"],
-                  **({"weights": case["weights"]} if case["weights"] else {}))
+        kw = fit_options(case)
         data = site_data(case, a.split)
         try:
             pooled = fedglmm.fit(case["formula"], site_data(case, "pooled"), **kw)
