@@ -287,8 +287,8 @@ def test_a_multilevel_sites_third_derivatives_at_a_rounds_points():
 def test_a_final_points_third_derivatives_where_the_rows_are_few():
     """A final point asks for the sites' third derivatives wherever its decrement is predicted above 1e-15 (for
     standard errors to 1e-8), but on more than THIRD_ROWS rows -- where P Hessians are P passes over the rows --
-    only above tol/10, as before; by quadrature alike; with several grouping factors so too (on at most 8
-    parameters; with 9-24, whose third derivatives come only by a step to third order, never)."""
+    only above tol/10, as before; by quadrature alike; with several grouping factors so too (on up to 24 parameters,
+    as with one: by the gradients of the final point's Hessian, P(P - 1)/2 more)."""
     from types import SimpleNamespace
 
     from fedglmm.likelihood.fit import THIRD_ROWS, _newton_config
@@ -301,9 +301,10 @@ def test_a_final_points_third_derivatives_where_the_rows_are_few():
                                     factor_groups={})
             assert _newton_config(opts, setup).third_final == want
     for n, names, want in ((100, ["Intercept"], 1e-15), (THIRD_ROWS + 1, ["Intercept"], FitOptions().newton.tol / 10),
-                           (100, [f"x{i}" for i in range(8)], np.inf)):
+                           (100, [f"x{i}" for i in range(8)], 1e-15), (100, [f"x{i}" for i in range(23)], np.inf)):
         several = SimpleNamespace(names=names, mask=np.eye(2, dtype=bool), ndisp=0, n=n, factor_groups={"a": 3, "b": 4})
-        assert _newton_config(FitOptions(), several).third_final == want
+        cfg = _newton_config(FitOptions(), several)
+        assert (cfg.third_final if len(names) + 2 <= cfg.third_max else np.inf) == want      # (never beyond third_max)
 
 
 def test_a_final_points_third_derivatives_with_several_grouping_factors_have_every_entry():
@@ -332,6 +333,41 @@ def test_a_final_points_third_derivatives_with_several_grouping_factors_have_eve
     for t in (2, 3):
         cov[t, :, :] = cov[:, t, :] = cov[:, :, t] = True
     assert np.allclose(got[cov], T[cov], rtol=0, atol=1e-6) and np.all(got[~cov] == 0.0)
+
+
+def test_a_multilevel_sites_third_derivatives_at_a_final_point_from_its_hessians_gradients():
+    """At a final point (its Hessian central differences of the analytic gradient, ``final``) the multi-level GLMM
+    engine's third derivatives come from those gradients and P(P - 1)/2 more, every entry (reply_third): at
+    grouseticks' estimate (LOCATION's SD at zero: even_third) and off it they agree with central differences of
+    central Hessians 1e-4 apart to 1e-4 of their largest entry (P polished Hessians took P² gradients)."""
+    from fedglmm.likelihood.linalg import unpack_third
+    from fedglmm.likelihood.multilevel import MultiLevelGLMM
+    from fedglmm.likelihood.steps import even_third
+    from fedglmm.site.own_third import reply_third
+
+    df = pd.read_csv(Path(__file__).parent / "data" / "grouseticks.csv")
+    spec, fam = parse_formula("TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | LOCATION)"), get_family("poisson")
+    schema = merge_schema({"s": describe_frame(df, spec, "s")}, spec, fam)
+    eng = MultiLevelGLMM(build_design(spec, schema, df, fam, "s"), fam)
+    P, calls, grad = eng.p + eng.ntheta, [], eng.value_grad
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return grad(*args, **kw)
+
+    for x, zero in ((np.array([46.86486, -0.4821753, -0.0256123, 1.2490802, 0.0]), [4]),
+                    (np.array([46.0, -0.47, -0.03, 1.1, 0.3]), [])):
+        want = np.empty((P, P, P))
+        for t in range(P):
+            h = 1e-4 * (1 + abs(x[t]))
+            e = np.eye(P)[t] * h
+            want[:, :, t] = (eng.evaluate(x + e, central=True).hess - eng.evaluate(x - e, central=True).hess) / (2 * h)
+        reply = dict(eng.sums(x, final=True))
+        eng.value_grad, calls[:] = counted, []
+        got = even_third(x, unpack_third(reply_third(eng, x, {"third": True}, reply)["third"], P), zero)
+        eng.value_grad = grad
+        assert len(calls) == P * (P - 1) // 2
+        assert np.max(np.abs(got - want)) < 1e-4 * np.max(np.abs(want)), np.max(np.abs(got - want))
 
 
 def test_starts_where_groups_stayed_bring_third_derivatives():

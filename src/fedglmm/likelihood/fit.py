@@ -116,10 +116,11 @@ def canonical_theta(theta, mask):
 
 def _newton_config(options: FitOptions, setup):
     """The Newton settings of a GLMM fit: the sites' third derivatives (NewtonConfig.final_third: at a final point,
-    at a round's points near the optimum) cost each site P Hessians, by quadrature P(P - 1)/2 gradients beside
-    those of its Hessian (:func:`fedglmm.site.own_third._stencil_third`) -- asked for after a step to third order
-    at a final point only where it is predicted to leave more than THIRD_MOVE (third_at_final; at a final point
-    otherwise as any fit: see Ending._final).  A seven-point stencil of P(P + 1) gradients at every final point
+    at a round's points near the optimum) cost each site P Hessians, by quadrature (and with several grouping
+    factors at a final point) P(P - 1)/2 gradients beside those of its Hessian
+    (:func:`fedglmm.site.own_third._stencil_third`) -- asked for after a step to third order at a final point only
+    where it is predicted to leave more than THIRD_MOVE (third_at_final; at a final point otherwise as any fit: see
+    Ending._final).  A seven-point stencil of P(P + 1) gradients at every final point
     took contraception_gh10 over 3 sites 1.27 times as long; the gradients beside the Hessian's, 1.05-1.11 times.
     On more than THIRD_ROWS rows a final point asks for them only where its decrement is predicted above tol/10
     (``third_final``), as before standard errors to 1e-8 were sought: there P Hessians are P passes over the rows;
@@ -133,15 +134,18 @@ def _newton_config(options: FitOptions, setup):
         cfg = replace(cfg, third_at_final=False)
     P = len(setup.names) + int(np.sum(setup.mask)) + setup.ndisp
     if cfg.third_max < P <= THIRD_MAX_FEW and setup.n <= THIRD_ROWS:
-        cfg = replace(cfg, third_max=THIRD_MAX_FEW, third_at_final=False)
+        cfg = replace(cfg, third_max=THIRD_MAX_FEW, third_at_final=cfg.third_at_final and bool(setup.factor_groups))
     if setup.n > THIRD_ROWS or setup.factor_groups:
         # (P Hessians over the rows, or along the covariance parameters of several factors alone, at a final point
         # only where it may save a round -- see Ending._final --, and not at the starts nor the steps to third order;
-        # several factors on at most THIRD_ROWS rows and 8 parameters: every entry, at every final point -- without
-        # them the standard errors were more than 1e-8 from the iterative fit's on 9 of 13 held-out multi-level
-        # splits (up to 1.9e-6), the information not moved to the estimate by its last step; with them on 1, of more
-        # than 8 parameters; fit time 1.07-1.18 times on the reference cases -- with 9-24 parameters too, guimmun_la
-        # over 161 sites took 1.7 times as long: those still ask above tol/10 only)
+        # several factors on at most THIRD_ROWS rows and THIRD_MAX_FEW parameters: every entry, at every final point
+        # -- without them the standard errors were more than 1e-8 from the iterative fit's on 9 of 13 held-out
+        # multi-level splits (up to 1.9e-6), the information not moved to the estimate by its last step.  From the
+        # gradients of the final point's Hessian (site.own_third: P(P - 1)/2 more) fits of 9-24 parameters ask too:
+        # parity_multilevel.py's splits above 1e-8 from the pooled fit 2 -> 1 of 53 over 3 sites, 4 -> 1 one site a
+        # level (guimmun_la 3.4e-6 -> 1e-10, arabidopsis_la 9.5e-7 -> 6e-9), in 239 -> 238 and 255 rounds; guimmun_la
+        # over 161 sites in process 100 -> 144 s, over 3 sites 2.0 -> 2.9 s (the reference cases' multi-level fits
+        # 0.78-1.0 times the time they took with P Hessians))
         every = setup.factor_groups and setup.n <= THIRD_ROWS and cfg.third_at_final
         cfg = replace(cfg, third_start=False, third_start_cov=False, third_steps=False,
                       third_final=cfg.third_final if every else

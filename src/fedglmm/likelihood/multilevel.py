@@ -39,6 +39,7 @@ import numpy as np
 from ..model.families import Family
 from ..model.spec import Design
 from .laplace import Evaluation
+from .quadrature import Stencil
 from .sparse import FactorLayout
 
 
@@ -59,6 +60,7 @@ class MultiLevelGLMM(FactorLayout):
         self.ndisp = int(family.ndisp)
         self.psi = None                      # the dispersion parameter of the current evaluation
         self.u = [np.zeros((g, len(c))) for g, c in zip(self.G, self.cols)]
+        self.stencil = None                  # the gradients of the last central Hessian (quadrature.Stencil)
 
     def _components(self):
         """Connected blocks of random effects for step halving: a nested design's top-level groups."""
@@ -244,6 +246,7 @@ class MultiLevelGLMM(FactorLayout):
         Hs = np.empty((P, P))
         dmodes = [np.empty((len(x), len(c), P)) for x, c in zip(u, self.cols)]
         dsds = [np.empty_like(d) for d in dmodes]
+        up, down = np.empty((P, P)), np.empty((P, P))
         for t in range(P):
             h = step * (1.0 + abs(phi[t]))
             e = np.zeros(P)
@@ -255,6 +258,7 @@ class MultiLevelGLMM(FactorLayout):
             if central:
                 _, gm, am = self.value_grad(phi - e, u0=[a - h * d[:, :, t] for a, d in zip(u, dU)], polish=True)
                 Hs[:, t] = (gp - gm) / (2.0 * h)
+                up[t], down[t] = gp, gm
                 # the conditional modes and SDs there too: their central differences move them to the
                 # coordinator's estimate (:meth:`mode_derivatives`)
                 for f, (mp, sp, mm, sm) in enumerate(zip(*_modes_sds(ap), *_modes_sds(am))):
@@ -262,6 +266,9 @@ class MultiLevelGLMM(FactorLayout):
             else:
                 Hs[:, t] = (gp - gr) / h
         self._mode_fd = (phi.copy(), dmodes, dsds) if central else None
+        if central:         # a final point's gradients, for its third derivatives (own_third._stencil_third)
+            self.stencil = Stencil(phi.copy(), step * (1.0 + np.abs(phi)), np.asarray(gr, float).copy(), u, dU, up,
+                                   down, {"polish": True})
         return Evaluation(value, gr, 0.5 * (Hs + Hs.T))
 
     def conditional_modes(self, phi: np.ndarray) -> tuple[dict, dict]:

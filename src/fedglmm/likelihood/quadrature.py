@@ -6,7 +6,7 @@ has K^q nodes; one node at 0 with weight 1 (K = 1) makes adaptive quadrature the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -48,6 +48,12 @@ class Stencil:
     dU: np.ndarray
     up: np.ndarray
     down: np.ndarray
+    kw: dict = field(default_factory=dict)      # the engine's ``value_grad``'s further arguments (polish)
+
+    def grad(self, lik, d: np.ndarray) -> np.ndarray:
+        """The analytic gradient at φ + d, the modes started from û + dû/dφ·d (an array, or one per factor)."""
+        u0 = [a + D @ d for a, D in zip(self.u, self.dU)] if isinstance(self.u, list) else self.u + self.dU @ d
+        return np.asarray(lik.value_grad(self.phi + d, u0=u0, **self.kw)[1], float)
 
 
 def gradient_hessian(lik, phi: np.ndarray, g0: np.ndarray, u: np.ndarray, dU: np.ndarray, step: float) -> np.ndarray:
