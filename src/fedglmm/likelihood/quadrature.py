@@ -37,7 +37,8 @@ def product_grid(k: int, q: int) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class Stencil:
-    """The analytic gradients an adaptive Gauss-Hermite Hessian was differenced from (:func:`gradient_hessian`):
+    """The analytic gradients an adaptive Gauss-Hermite Hessian was differenced from (:func:`gradient_hessian`; or a
+    multi-level engine's central one, whose ``u`` and ``dU`` are one per factor):
     at φ (``g0``, with the modes ``u`` and their derivatives ``dU`` there) and at φ ± h_t e_t (rows ``up``,
     ``down``); kept on the engine for F's third derivatives at the same point (:mod:`fedglmm.site.own_third`)."""
 

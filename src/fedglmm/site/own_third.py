@@ -54,10 +54,9 @@ def reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None
     to the estimate: standard errors 8.6e-9 from the fit continued to machine precision where 1e-4 left 2.1e-8
     (sim_toenail_la over 5 sites of unequal size), 8e-11 where it left 1e-9 (sim_rare_la over 2) --, P evaluations
     from warm modes (several grouping factors at a round's point: along the covariance parameters, below), made
-    symmetric, its
-    P(P + 1)(P + 2)/6 distinct entries (:func:`~fedglmm.likelihood.linalg.pack_third`) -- sums over the site's
-    rows, as the Hessian is.  The coordinator takes its last step to third order with them instead of one more round
-    (:meth:`~fedglmm.likelihood.newton_end.Ending._third_last`), or a step near the optimum whose error is of
+    symmetric, its P(P + 1)(P + 2)/6 distinct entries (:func:`~fedglmm.likelihood.linalg.pack_third`) -- sums over
+    the site's rows, as the Hessian is.  The coordinator takes its last step to third order with them instead of one
+    more round (:meth:`~fedglmm.likelihood.newton_end.Ending._third_last`), or a step near the optimum whose error is of
     fourth order (:meth:`~fedglmm.likelihood.newton_end.Ending._third_final`).  By quadrature, and with several
     grouping factors at a final point, from the gradients alone: those of its Hessian and P(P - 1)/2 more
     (:func:`_stencil_third`).
@@ -135,18 +134,18 @@ def _forward(engine, x: np.ndarray, H: np.ndarray, idx, steps: np.ndarray, at=No
 
 
 def _stencil_third(engine, x: np.ndarray, idx=None) -> np.ndarray | None:
-    """ℓ's third derivatives at a point by quadrature, from the gradients its Hessian was differenced from
-    (the engine's ``stencil`` at ``x``, 1e-5 apart relative to 1 + |x|: :func:`~fedglmm.likelihood.quadrature.
-    gradient_hessian`): T[:, a, a] by their central second difference, T[:, a, b] by the forward mixed one, one
-    gradient more each at x + h_a e_a + h_b e_b -- P(P − 1)/2 gradients where a seven-point stencil 1e-3 apart took
-    P(P + 1), of first order in h but at a hundredth of its step.  They move the information to the estimate over a
-    last step of 1e-4 or less: on the held-out fits of nAGQ 20 over 2-5 sites (epil, toenail, simulated rare events) the
-    standard errors came within 2.9e-9 of the fit continued to machine precision (the seven-point stencil at 1e-3:
-    5.6e-9; a forward one at 1e-3: 2.5e-7; the secant of the step before, without them: 5.8e-6).  At a round's
-    points, for a step to third order from decrements of 1e-3 to 0.3, their error (1.3e-5 of the largest entry on
-    cbpp) is far below the step's own, of fourth order.  None where no Hessian was evaluated at x (the sums there
-    failed) or a gradient cannot be computed.  ``idx``: the entries with an index among these alone (the others 0),
-    from the gradients at x + h_a e_a + h_b e_b with a or b among them."""
+    """ℓ's third derivatives at a point by quadrature (or at a multi-level engine's final point), from the gradients its
+    Hessian was differenced from (the engine's ``stencil`` at ``x``, 1e-5 apart relative to 1 + |x|:
+    :func:`~fedglmm.likelihood.quadrature.gradient_hessian`): T[:, a, a] by their central second difference, T[:, a, b]
+    by the forward mixed one, one gradient more each at x + h_a e_a + h_b e_b -- P(P − 1)/2 gradients where a
+    seven-point stencil 1e-3 apart took P(P + 1), of first order in h but at a hundredth of its step.  They move the
+    information to the estimate over a last step of 1e-4 or less: on the held-out fits of nAGQ 20 over 2-5 sites (epil,
+    toenail, simulated rare events) the standard errors came within 2.9e-9 of the fit continued to machine precision
+    (the seven-point stencil at 1e-3: 5.6e-9; a forward one at 1e-3: 2.5e-7; the secant of the step before, without
+    them: 5.8e-6).  At a round's points, for a step to third order from decrements of 1e-3 to 0.3, their error (1.3e-5
+    of the largest entry on cbpp) is far below the step's own, of fourth order.  None where no Hessian was evaluated at
+    x (the sums there failed) or a gradient cannot be computed.  ``idx``: the entries with an index among these alone
+    (the others 0), from the gradients at x + h_a e_a + h_b e_b with a or b among them."""
     st = getattr(engine, "stencil", None)
     if st is None or st.phi.shape != x.shape or not np.array_equal(st.phi, x):
         return None
