@@ -24,6 +24,31 @@ HELDOUT = Path(__file__).parent / "data" / "heldout" / "multilevel"
 CASES = {c["name"]: c for c in cases()}
 
 
+# grouseticks with two nested factors: its estimate (LOCATION's SD at zero) and a point off it
+GROUSE_POINTS = (np.array([46.86486, -0.4821753, -0.0256123, 1.2490802, 0.0]), np.array([46.0, -0.47, -0.03, 1.1, 0.3]))
+
+
+def _grouse_multilevel():
+    """The multi-level GLMM engine of grouseticks (every row) with BROOD and LOCATION as grouping factors."""
+    from fedglmm.likelihood.multilevel import MultiLevelGLMM
+
+    df = pd.read_csv(Path(__file__).parent / "data" / "grouseticks.csv")
+    spec, fam = parse_formula("TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | LOCATION)"), get_family("poisson")
+    schema = merge_schema({"s": describe_frame(df, spec, "s")}, spec, fam)
+    return MultiLevelGLMM(build_design(spec, schema, df, fam, "s"), fam)
+
+
+def _central_third(eng, x: np.ndarray) -> np.ndarray:
+    """ℓ's third derivatives at x by central differences of the engine's central Hessians 1e-4 (1 + |x_t|) apart."""
+    P = len(x)
+    want = np.empty((P, P, P))
+    for t in range(P):
+        h = 1e-4 * (1 + abs(x[t]))
+        e = np.eye(P)[t] * h
+        want[:, :, t] = (eng.evaluate(x + e, central=True).hess - eng.evaluate(x - e, central=True).hess) / (2 * h)
+    return want
+
+
 def _engine(formula: str, rows: int = 600) -> MultiLMMSums:
     df = pd.read_csv(HELDOUT / "sim_gauss3.csv").iloc[:rows]
     spec, fam = parse_formula(formula), get_family("gaussian")
@@ -258,28 +283,19 @@ def test_a_multilevel_sites_third_derivatives_at_a_rounds_points():
     even_third) and off it, they agree with central differences of central Hessians to 2e-3 of their largest
     entry (forward differences 1e-4 apart)."""
     from fedglmm.likelihood.linalg import unpack_third
-    from fedglmm.likelihood.multilevel import MultiLevelGLMM
     from fedglmm.likelihood.steps import even_third
     from fedglmm.site.own_third import reply_third
 
-    df = pd.read_csv(Path(__file__).parent / "data" / "grouseticks.csv")
-    spec, fam = parse_formula("TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | LOCATION)"), get_family("poisson")
-    schema = merge_schema({"s": describe_frame(df, spec, "s")}, spec, fam)
-    eng = MultiLevelGLMM(build_design(spec, schema, df, fam, "s"), fam)
+    eng = _grouse_multilevel()
     P = eng.p + eng.ntheta
     theta = np.zeros((P, P, P), bool)
     for t in range(eng.p, P):
         theta[t], theta[:, t], theta[:, :, t] = True, True, True
-    for x in (np.array([46.86486, -0.4821753, -0.0256123, 1.2490802, 0.0]),
-              np.array([46.0, -0.47, -0.03, 1.1, 0.3])):
+    for x in GROUSE_POINTS:
         assert "third" not in reply_third(eng, x, {"third_at": [1]}, dict(eng.sums(x)), 0)
         reply = reply_third(eng, x, {"third_at": [0]}, dict(eng.sums(x)), 0)
         got = even_third(x, unpack_third(reply["third"], P), [4])      # (of ℓ)
-        want = np.empty((P, P, P))
-        for t in range(P):
-            h = 1e-4 * (1 + abs(x[t]))
-            e = np.eye(P)[t] * h
-            want[:, :, t] = (eng.evaluate(x + e, central=True).hess - eng.evaluate(x - e, central=True).hess) / (2 * h)
+        want = _central_third(eng, x)
         assert np.max(np.abs(got - want)[theta]) < 2e-3 * np.max(np.abs(want)), np.max(np.abs(got - want)[theta])
         assert np.all(got[~theta] == 0.0) and np.any(want[~theta] != 0.0)
 
@@ -341,27 +357,18 @@ def test_a_multilevel_sites_third_derivatives_at_a_final_point_from_its_hessians
     grouseticks' estimate (LOCATION's SD at zero: even_third) and off it they agree with central differences of
     central Hessians 1e-4 apart to 1e-4 of their largest entry (P polished Hessians took P² gradients)."""
     from fedglmm.likelihood.linalg import unpack_third
-    from fedglmm.likelihood.multilevel import MultiLevelGLMM
     from fedglmm.likelihood.steps import even_third
     from fedglmm.site.own_third import reply_third
 
-    df = pd.read_csv(Path(__file__).parent / "data" / "grouseticks.csv")
-    spec, fam = parse_formula("TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | LOCATION)"), get_family("poisson")
-    schema = merge_schema({"s": describe_frame(df, spec, "s")}, spec, fam)
-    eng = MultiLevelGLMM(build_design(spec, schema, df, fam, "s"), fam)
+    eng = _grouse_multilevel()
     P, calls, grad = eng.p + eng.ntheta, [], eng.value_grad
 
     def counted(*args, **kw):
         calls.append(1)
         return grad(*args, **kw)
 
-    for x, zero in ((np.array([46.86486, -0.4821753, -0.0256123, 1.2490802, 0.0]), [4]),
-                    (np.array([46.0, -0.47, -0.03, 1.1, 0.3]), [])):
-        want = np.empty((P, P, P))
-        for t in range(P):
-            h = 1e-4 * (1 + abs(x[t]))
-            e = np.eye(P)[t] * h
-            want[:, :, t] = (eng.evaluate(x + e, central=True).hess - eng.evaluate(x - e, central=True).hess) / (2 * h)
+    for x, zero in zip(GROUSE_POINTS, ([4], [])):
+        want = _central_third(eng, x)
         reply = dict(eng.sums(x, final=True))
         eng.value_grad, calls[:] = counted, []
         got = even_third(x, unpack_third(reply_third(eng, x, {"third": True}, reply)["third"], P), zero)

@@ -246,9 +246,9 @@ class MultiLevelGLMM(FactorLayout):
         Hs = np.empty((P, P))
         dmodes = [np.empty((len(x), len(c), P)) for x, c in zip(u, self.cols)]
         dsds = [np.empty_like(d) for d in dmodes]
-        up, down = np.empty((P, P)), np.empty((P, P))
+        up, down, hs = np.empty((P, P)), np.empty((P, P)), step * (1.0 + np.abs(phi))
         for t in range(P):
-            h = step * (1.0 + abs(phi[t]))
+            h = hs[t]
             e = np.zeros(P)
             e[t] = h
             # central: the moved modes finished by a Newton step; forward: moved only (their O(h²) error
@@ -267,8 +267,7 @@ class MultiLevelGLMM(FactorLayout):
                 Hs[:, t] = (gp - gr) / h
         self._mode_fd = (phi.copy(), dmodes, dsds) if central else None
         if central:         # a final point's gradients, for its third derivatives (own_third._stencil_third)
-            self.stencil = Stencil(phi.copy(), step * (1.0 + np.abs(phi)), np.asarray(gr, float).copy(), u, dU, up,
-                                   down, {"polish": True})
+            self.stencil = Stencil(phi.copy(), hs, np.asarray(gr, float).copy(), u, dU, up, down, {"polish": True})
         return Evaluation(value, gr, 0.5 * (Hs + Hs.T))
 
     def conditional_modes(self, phi: np.ndarray) -> tuple[dict, dict]:
