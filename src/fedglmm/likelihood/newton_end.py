@@ -52,9 +52,11 @@ class Ending:
         # standard errors were off by 4e-4 to 4e-2 times the square root of the decrement left (5.8e-6 after 5.6e-8,
         # sim_rare_gh20 over 5 sites; 1.3e-8 after 9e-14); with them within 3e-9 of the fit continued to machine
         # precision (benchmarks/rounds_heldout.py's se_rel).  Several grouping factors (``third_dear``: Hessians that
-        # are differences of gradients, third derivatives along the covariance parameters alone) above a tenth of tol
-        # only -- at every final point they cost grouseticks' nested and olre fits over 3 sites 1.2-1.36 times the time
-        # for standard errors 2.1e-7 and 4.7e-8 off instead of 2.8e-7 and 2e-7.  And always after a step onto a zero
+        # are differences of gradients, a round's third derivatives along the covariance parameters alone): at every
+        # final point on up to 50,000 rows and 24 parameters (``third_final`` 0: from its final point's stencil, see
+        # likelihood.fit._newton_config; cbpp_olre's iterative fit ended at 1.2e-11 where 1e-17 was predicted), above a
+        # tenth of tol beyond -- when P Hessians made them, at every final point they cost grouseticks' nested and olre
+        # fits over 3 sites 1.2-1.36 times the time (by the stencil 0.78-1.0 times).  And always after a step onto a zero
         # variance, or to third order where they are cheap (not ``third_dear``): the last step from there is then third
         # order too (from 1e-9 after a step to third order the third derivatives of the point before left standard
         # errors 2.6e-7 off, toenail over 20 sites; from 7e-9 onto grouseticks_nested's zero SD the secant left them
