@@ -15,6 +15,11 @@ from .runaway import runaway
 # the iteration, not converged: under separation Newton walks out along the flattening direction until its
 # gain per step falls below the tolerance or the rounds run out (60), each round a steward's look for nothing
 RUNAWAY_FROM, RUNAWAY_ROUNDS = 8, 3
+# a round that finds F finite at none of its points, the nearest within this (relative) of the current point, where
+# it was finite, twice in a row, ends the iteration, not converged: F cannot be evaluated there any more (the modes'
+# start of a Gamma inverse-link fit outside the domain: every point after the 14th round not finite, then 46 rounds
+# of steps shrinking to nothing until the 60th; tests/test_gamma_domain.py)
+BLIND_STEP, BLIND_ROUNDS = 1e-8, 2
 
 
 def run(opt: TrustRegionNewton, evaluate, canon, fallback=None, runs_off=None):
@@ -28,11 +33,16 @@ def run(opt: TrustRegionNewton, evaluate, canon, fallback=None, runs_off=None):
     row, the iteration ends there, not converged (the caller names what runs off).  Returns (solution,
     last reply, the optimiser).
     """
-    xs, final, last_final, seen = list(opt.starts), opt.final_candidate, False, 0
+    xs, final, last_final, seen, blind = list(opt.starts), opt.final_candidate, False, 0, 0
     while xs:
         xs = [canon(x) for x in xs]
         results, reply = evaluate(xs, final)
         last_final = final
+        blind = blind + 1 if _blind(opt, xs, results) else 0
+        if blind >= BLIND_ROUNDS:
+            opt.message = (f"the objective is not finite at any point of {BLIND_ROUNDS} rounds in a row, the nearest "
+                           f"within {BLIND_STEP:g} of the last point, where it was finite")
+            break
         xs = opt.tell(xs, results)
         final = opt.final_candidate
         if not xs and opt.current is None and fallback is not None:
@@ -48,6 +58,17 @@ def run(opt: TrustRegionNewton, evaluate, canon, fallback=None, runs_off=None):
     if not opt.converged:
         raise ConvergenceError(f"the fit did not converge: {opt.message}")
     return _at(opt, evaluate, last_final, reply)
+
+
+def _blind(opt, xs: list, results: list) -> bool:
+    """Whether a round found F finite at none of its points ``xs`` (``results``: their (f, g, H)), the nearest of
+    them within BLIND_STEP of the current point, relative to its largest entry (and so F not finite arbitrarily
+    close to a point where it was)."""
+    cur = opt.current
+    if cur is None or not xs or any(np.isfinite(r[0]) for r in results):
+        return False
+    near = min(float(np.max(np.abs(np.asarray(x, float) - cur.x))) for x in xs)
+    return near <= BLIND_STEP * (1.0 + float(np.max(np.abs(cur.x))))
 
 
 def _at(opt, evaluate, last_final: bool, reply=None):
