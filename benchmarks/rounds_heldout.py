@@ -19,8 +19,6 @@ The last lines give the median and largest number of hybrid rounds.
 from __future__ import annotations
 
 import argparse
-import functools
-import json
 import re
 import sys
 import warnings
@@ -35,47 +33,7 @@ from fedglmm.model.formula import parse_formula
 ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = ROOT / "tests" / "data" / "heldout" / "rounds" / "cases.tsv"
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-def read_cases(path: Path) -> list[dict]:
-    tab = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    tab.columns = [c.lstrip("# ") for c in tab.columns]
-    out = []
-    for _, row in tab.iterrows():
-        fam, _, link = row["family"].partition("/")
-        out.append({"name": row["name"], "dir": path.parent, "data": path.parent / f"{row['data']}.csv",
-                    "formula": row["formula"], "family": fam, "link": link or None,
-                    "nagq": max(int(row["nagq"]), 1), "reml": row.get("reml") == "1",
-                    "split": row.get("split", ""), "weights": row.get("weights") or None})
-    return out
-
-
-def best_reference(case: dict) -> float | None:
-    """The better full logLik of lme4 and glmmTMB (None if neither file is there); for the negative binomial
-    and Gamma glmmTMB's alone, as in tests/test_families_parity.py: lme4's glmer.nb and Gamma logLiks are
-    not the maximum-likelihood objective's (Gamma: its dispersion is a moment estimate).  lme4's nAGQ > 1 logLik
-    is the one at its estimates with the modes converged where the case's directory has it (aghq_at_lme4.tsv, as
-    tests/test_rounds.py takes it: the value lme4 reports is its last evaluation, modes to tolPwrss 1e-7, and
-    toenail's by nAGQ 20 is 1.9e-4 too high)."""
-    from reference import full_loglik
-
-    tight = _converged_lme4(case["dir"])
-    vals = []
-    for suffix in (".tmb.json",) if case["family"] in ("negative_binomial", "gamma") else (".json", ".tmb.json"):
-        f = case["dir"] / f"{case['name']}{suffix}"
-        if f.exists():
-            ref = json.loads(f.read_text())
-            if suffix == ".json" and case["name"] in tight:
-                ref = dict(ref, logLik=float(tight[case["name"]]))
-            vals.append(full_loglik(ref, case))
-    return max(vals) if vals else None
-
-
-@functools.lru_cache(maxsize=None)
-def _converged_lme4(directory: Path) -> dict:
-    """lme4's nAGQ > 1 logLiks at its estimates with the modes converged, by case (aghq_at_lme4.tsv), read once."""
-    f = directory / "aghq_at_lme4.tsv"
-    return pd.read_csv(f, sep="\t").set_index("name")["logLik_tol1e-10"].to_dict() if f.exists() else {}
+from reference import best_reference, read_cases  # noqa: E402
 
 
 def site_data(case: dict, how: str):

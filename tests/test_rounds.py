@@ -21,7 +21,7 @@ import pytest
 import fedglmm
 from fedglmm.model.formula import parse_formula
 from fedglmm.model.options import NewtonConfig
-from reference import full_loglik
+from reference import best_reference, read_cases
 
 ROUNDS = Path(__file__).parent / "data" / "heldout" / "rounds"
 
@@ -32,26 +32,8 @@ SPLIT_LIMIT: dict = {}
 
 
 def _cases() -> list[dict]:
-    tab = pd.read_csv(ROUNDS / "cases.tsv", sep="\t", dtype=str, keep_default_na=False)
-    tab.columns = [c.lstrip("# ") for c in tab.columns]
-    tight = pd.read_csv(ROUNDS / "aghq_at_lme4.tsv", sep="\t").set_index("name")["logLik_tol1e-10"]
-    out = []
-    for _, row in tab.iterrows():
-        fam, _, link = row["family"].partition("/")
-        case = {"name": row["name"], "data": ROUNDS / f"{row['data']}.csv", "formula": row["formula"],
-                "family": fam, "link": link or None, "nagq": max(int(row["nagq"]), 1), "split": row["split"]}
-        refs = []
-        for suffix in (".json", ".tmb.json"):
-            if (ROUNDS / f"{row['name']}{suffix}").exists():
-                ref = json.loads((ROUNDS / f"{row['name']}{suffix}").read_text())
-                if suffix == ".json" and row["name"] in tight.index:
-                    # lme4's nAGQ > 1 logLik is its last evaluation, with modes to tolPwrss 1e-7; at its own
-                    # estimates with the modes converged (aghq_at_lme4.tsv) it is the value it maximised
-                    ref = dict(ref, logLik=float(tight[row["name"]]))
-                refs.append(full_loglik(ref, case))
-        case["best"] = max(refs)
-        out.append(case)
-    return out
+    """The held-out rounds cases, each with ``best``: the better full logLik of lme4 and glmmTMB."""
+    return [dict(case, best=best_reference(case)) for case in read_cases(ROUNDS / "cases.tsv")]
 
 
 CASES = _cases()
