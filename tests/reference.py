@@ -1,4 +1,5 @@
-"""Load the lme4 / glmmTMB reference fits of tests/data and map their names to fedglmm's."""
+"""Load the lme4 / glmmTMB reference fits of tests/data and map their names to fedglmm's; read the held-out case
+tables (tests/data/heldout) and the better reference logLik of each case."""
 from __future__ import annotations
 
 import functools
