@@ -15,9 +15,10 @@ log-determinant part from v to v's mode (:func:`_log_det_to_mode`).  The value, 
 are those of ℓ(φ) at the joint mode to first order in δv.  A trial φ whose δv is not small (the start; a long
 step) takes further rounds (:meth:`SharedGLMMEvaluator._solve`); otherwise the rounds are those of the
 Newton iteration.  At the estimate the final round is repeated, with v moved by δv, until v's Newton
-decrement is below ``FINAL_DEC``: its value and gradient are then those at the joint mode.  The fit's last
-step from there moves the estimate, not the Hessian (there are no third derivatives here): where it is longer
-than 1e-7 in the Hessian's norm the estimate has a final round of its own (``bare_final``: likelihood.fit).
+decrement is below ``FINAL_DEC``: its value and gradient are then those at the joint mode.  A final round
+also gives ℓ's third derivatives from its points (:mod:`.shared_third`), used where it predicted τ and Γ̂ well:
+the last step is then to third order and moves the Hessian too; elsewhere a last step longer than 1e-7 in
+the Hessian's norm has a final round of its own (``bare_final``: likelihood.fit).
 
 The final round also returns each site's local modes given the shared ones (and their SDs, adding the
 shared part RΓRᵀ); the coordinator reports the shared levels' modes, b̂_v = Λ v̂ with SDs from Λ C⁻¹ Λᵀ.
@@ -32,6 +33,7 @@ from ..likelihood.setup import Setup, sum_replies
 from ..likelihood.shared import SharedLayout, by_factor
 from .shared_rounds import POOLED, local_moves
 from .shared_ends import bracketed, gradient_settled, modes_to_v, settled
+from .shared_third import close, tangent_fix, third, triple_points, trusted
 
 WARM, MAX_WARM = 0.5, 8      # rounds for one φ while v's Newton decrement is above WARM (see _solve)
 START = 0.05                 # ... the start's v, whose φ-gradient and Hessian every later round builds on
@@ -55,7 +57,7 @@ class SharedGLMMEvaluator:
     :class:`~fedglmm.coordinator.rounds.RoundEvaluator` built with :meth:`total`)."""
 
     modes = None        # (the pseudo-data fit's modes and conditional SDs by factor: see __init__)
-    bare_final = True   # its final round brings no third derivatives (likelihood.fit.BARE_SETTLE)
+    bare_final = True   # a final round without third derivatives (likelihood.fit.BARE_SETTLE; see shared_third)
 
     def __init__(self, setup: Setup, rounds=None, settle: float = WARM, patient: bool = False,
                  modes: tuple | None = None):
@@ -84,10 +86,12 @@ class SharedGLMMEvaluator:
             return None
         return min(reversed(self.seen), key=lambda s: float(np.sum((s.phi - phi) ** 2)))
 
-    def _plan(self, phi, v=None, hint=None, near: SharedPoint | None = None) -> dict:
+    def _plan(self, phi, v=None, hint=None, near: SharedPoint | None = None, final: bool = False) -> dict:
         """The points (v, φ) for one φ -- v predicted from the nearest point evaluated unless given --
         the prediction Γ̂ at each, and the difference steps; with ``near`` at the same φ, also the points
-        with v moved by the fractions LINE of the step from ``near`` (the line search of :meth:`_solve`)."""
+        with v moved by the fractions LINE of the step from ``near`` (the line search of :meth:`_solve`);
+        ``final``: a final round's, with the mixed points of the third derivatives where ``near`` is close to φ
+        (:func:`.shared_third.triple_points`, :func:`.shared_third.close`)."""
         phi = np.asarray(phi, float)
         P, Q = len(phi), self.layout.Q
         near = self._nearest(phi) if near is None else near
@@ -106,6 +110,8 @@ class SharedGLMMEvaluator:
                 e = np.zeros(P)
                 e[j] = sign * h[j]
                 xs.append((v + sign * h[j] * taubar[:, j], phi + e))
+        third = final and (P < 3 or near is not None and close(near.phi, phi))
+        xs += triple_points(phi, v, h, taubar) if third else []
         if near is None:
             line = self._grid(phi) if not self.modes else []
         else:
@@ -119,7 +125,7 @@ class SharedGLMMEvaluator:
         gammas = [self.pool.gamma(x[1], s) for x, s in zip(xs + line, S)]
         psis = [self.pool.psi(x[1], x[0]) for x in xs + line]
         return {"phi": phi, "xs": xs, "line": line, "gammas": gammas, "psis": psis, "h": h, "taubar": taubar,
-                "near": near is not None}
+                "near": near is not None, "final": final, "third": third}
 
     def _grid(self, phi) -> list:
         """The points of a first round beside v = 0 (nothing evaluated yet) with one grouping factor: every
@@ -217,6 +223,8 @@ class SharedGLMMEvaluator:
                 base = pool.assess(totals[0], plan["phi"], plan["xs"][0][0], fd)
                 others = [pool.assess(t, x[1], x[0], near=(g, base.dS))
                           for t, x, g in zip(totals[1:m], plan["xs"][1:], plan["gammas"][1:m])]
+                T = third(pool.assess(totals[0], plan["phi"], plan["xs"][0][0], near=(plan["gammas"][0], base.dS)),
+                          others, plan["h"]) if plan["third"] else None
             except (np.linalg.LinAlgError, ValueError):
                 return None, line, nan
         if plan["near"] and np.abs(base.tau - plan["taubar"]).max() <= TANGENT * np.abs(base.tau).max():
@@ -225,12 +233,13 @@ class SharedGLMMEvaluator:
         for j in range(P):
             H[:, j] = (others[2 * j].grad - others[2 * j + 1].grad) / (2.0 * plan["h"][j])
         base.dtau = np.stack([(others[2 * j].tau - others[2 * j + 1].tau) / (2.0 * plan["h"][j]) for j in range(P)])
-        H = 0.5 * (H + H.T)
+        H = 0.5 * (H + H.T) + (tangent_fix(base, others, plan["h"], plan["taubar"]) if plan["final"] else 0.0)
         ok = np.isfinite(base.value) and np.isfinite(base.F) and np.all(np.isfinite(base.grad)) \
             and np.all(np.isfinite(H))
         if not ok:
             return None, line, nan
-        return base, line, {"value": base.value, "grad": base.grad, "hess": H}
+        use = T is not None and trusted(base, plan["taubar"], plan["gammas"][0])
+        return base, line, {"value": base.value, "grad": base.grad, "hess": H, **({"third": -T} if use else {})}
 
     def _solve(self, points) -> list:
         """One round for the given φs, and more while the v of some φ is not yet close to its mode (a
@@ -298,7 +307,7 @@ class SharedGLMMEvaluator:
         """The final round at ``point`` (its difference points too: the Hessian gives the standard errors),
         with each site's local modes; again with v moved by its Newton step until the value is that at the
         joint mode (:func:`~fedglmm.coordinator.shared_ends.settled`; the gradient is then exact too)."""
-        plan = self._plan(point)
+        plan = self._plan(point, final=True)
         for _ in range(MAX_WARM):
             extra = dict(extra or {})
             extra.update({"points": np.asarray(plan["psis"]), "gammas": np.asarray(plan["gammas"]),
@@ -314,7 +323,7 @@ class SharedGLMMEvaluator:
             start = _start(base, line)
             if start is None:
                 break
-            plan = self._plan(point, *self._step(start, _others(start, base, line)), start)
+            plan = self._plan(point, *self._step(start, _others(start, base, line)), start, final=True)
         parts = {sid: {k: v for k, v in r.items() if k not in GLMM_SHARED_KEYS + ("points", "scols")}
                  for sid, r in rep.items()}
         if base is not None:

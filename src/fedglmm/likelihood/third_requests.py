@@ -15,7 +15,7 @@ def finalize_round(evaluator, x, opt, keys: list):
     the optimiser's last step (``opt.final_third``), where it asks for them and the evaluator may send them."""
     ask = bool(getattr(opt, "want_third", False)) and bool(getattr(evaluator, "third_final", False))
     s, parts = evaluator.finalize(x, keys, {"third": True} if ask else None)
-    opt.final_third = _summed_third(parts, len(x)) if ask else None
+    opt.final_third = _summed_third(parts, len(x)) if ask else s.get("third")     # (or the evaluator's own)
     return s, parts
 
 
