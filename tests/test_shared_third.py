@@ -40,14 +40,15 @@ def _pooled_hessian(pooled, phi, d=1e-4):
 
 @pytest.mark.parametrize("family", ["binomial", "poisson"])
 def test_third_derivatives_of_a_settled_final_round_are_the_pooled_ones(family):
-    """A final round planned from a settled point at its φ (the tangent and Γ̂ predicted to ~1e-10) brings
+    """A final round planned from a point at its φ with v at its mode (τ and Γ̂ predicted to ~1e-10) brings
     T (of −ℓ) equal to central differences of the pooled engine's Hessian, entries with three distinct
     indices (from the mixed points) as the rest; a round planned from far does not bring it."""
     engines, pool, pooled = _engines(_simulated(family, seed=5), family)
     ev = _evaluator(engines, pool)
-    ev.finalize(PHI, None)
-    s, _ = ev.finalize(PHI, None)                # planned from the settled point at PHI
-    plan = ev._plan(PHI + 0.05, final=True)      # ... and from there at another φ: not trusted
+    ev.settle, ev.patient = 1e-14, True
+    ev.evaluate([PHI], None)                     # a round's point at PHI, v at its mode
+    s, _ = ev.finalize(PHI, None)                # planned from it
+    plan = ev._plan(PHI + 0.05, final=True)      # ... and from there at another φ: no T
     totals = ev.rounds.evaluate(plan["psis"], GLMM_SHARED_KEYS, {"gammas": np.asarray(plan["gammas"])})
     assert "third" not in ev._digest(plan, totals)[2]
     T = -np.asarray(s["third"])
