@@ -2,32 +2,33 @@
 there moved to the tangent the round found -- from the final round's own points (no extra round).
 
 The round evaluates the point x = (v̄, φ) and x ± h_j (τ̄_j, e_j) for each j (:mod:`.shared_glmm_rounds`); a
-final round planned from a point :func:`close` to φ also evaluates x + (τ̄(h_b e_b + h_c e_c), h_b e_b + h_c e_c)
-for 1 ≤ b < c < P
-(:func:`triple_points`: (P − 1)(P − 2)/2 points).  With g the gradient the round computes at a point:
+final round planned from a point :func:`close` to φ also evaluates x + (τ̄e, e), e = h_b e_b + h_c e_c, for
+1 ≤ b < c < P (:func:`triple_points`: (P − 1)(P − 2)/2 points).  With g the gradient the round computes at
+a point:
 
 - T[i, j, j] = (g₊ⱼ − 2 g + g₋ⱼ)_i / h_j² for every i, j: every entry with at most two distinct indices;
 - T[a, b, c] = (g₊_b₊_c − g₊_b − g₊_c + g)_a / (h_b h_c) for a < b < c: the rest.
 
 Second differences over steps of 1e-5 want the gradients at every point computed alike: each in the form
-of the difference points (Γ̂'s error corrected with the centre's ∂S, not with the centre's own
-differences -- the two forms differ by less than the gradient's digits, but not by less than h² T) and
-moved to its own v's mode (:func:`_moved`: at x ± h τ̄ the mode lies O(h²) off; its O(h²) change of the
-gradient is T's size after dividing by h²).  Without the move T was off by 5 % of its largest entry on
-``benchmarks/stress_shared.py``'s fit 8, and 1e-4 with it (against central differences of Hessians at
-settled points 1e-3 and 1e-4 apart).
+of the difference points (Γ̂'s error corrected with the centre's ∂S; the centre's own form, with its exact
+∂S, differs by a term small against the gradient but not against h² T) and moved to its own v's mode
+(:func:`_moved`: at x ± h τ̄ the mode lies O(h²) off, which changes the gradient by O(h²) too).  On
+``benchmarks/stress_shared.py``'s fit 8, against central differences of the Hessian at points 1e-3 and
+1e-4 apart with v settled: without the move T was off by 1 % of its largest entry (entries near 0 by more
+than themselves), without the alike centre by 1.3e-3, with both by 2e-5.
 
 The Hessian's columns are differences along (τ̄_j, e_j), τ̄ the tangent predicted before the round; the
 profile moves along the tangent τ the round found.  The difference is (∂_v g)(τ̄_j − τ_j), whose
 log-determinant part (the rest vanishes at v's mode) is known from the same differences
-(:func:`tangent_fix`, as ``_log_det_to_mode`` moves the gradient along δv): on fit 5 it took the Hessian's
-error from 7.8e-6 to 1.6e-6 of its largest entry, and on a tangent mispredicted by 1e-3 from 1e-3 to 2e-5.
+(:func:`tangent_fix`, as ``_log_det_to_mode`` moves the gradient along δv); every final round's Hessian is
+so moved.  With τ̄ off by 1e-3 (relative) the Hessian was off by 2.9e-5 of its size, and 1.7e-7 so moved
+(at 1e-4: 2.9e-6 and 1.6e-8; ``tests/test_shared_third.py``).
 
-T and that Hessian serve the last step (to third order, the information moved along it:
-:mod:`fedglmm.likelihood.newton_end`) only where the round's predictions -- the tangent τ̄ and Γ̂ at the
-point -- were within FINAL_TANGENT and FINAL_GAMMA (relative) of what it found (:func:`trusted`): the Hessian's error is of the first order in
-Γ̂'s (it contracts the sites' ∂S), which no difference here removes.  Elsewhere the last step is settled
-by one more final round (``likelihood.fit.BARE_SETTLE``), as before.
+T serves the last step (to third order, the information moved along it: :mod:`fedglmm.likelihood.newton_end`)
+only where the round's predictions -- τ̄ and Γ̂ at the point -- were within FINAL_TANGENT and FINAL_GAMMA
+(relative) of what it found (:func:`trusted`): the Hessian's error is of the first order in Γ̂'s (it
+contracts the sites' ∂S), which no difference here removes.  Elsewhere a last step longer than 1e-7 in the
+Hessian's norm is settled by one more final round (``likelihood.fit.BARE_SETTLE``), as before.
 """
 from __future__ import annotations
 
