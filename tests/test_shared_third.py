@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from test_likelihood import fd_hessian
 from test_shared_glmm import _engines, _LocalRounds, _simulated
 
 import fedglmm
@@ -28,13 +29,8 @@ def _evaluator(engines, pool):
 
 
 def _pooled_hessian(pooled, phi, d=1e-4):
-    """The pooled engine's Hessian of ℓ by central differences of its gradient."""
-    P = len(phi)
-    H = np.empty((P, P))
-    for j in range(P):
-        e = np.zeros(P)
-        e[j] = d
-        H[:, j] = (pooled.value_grad(phi + e)[1] - pooled.value_grad(phi - e)[1]) / (2 * d)
+    """The pooled engine's Hessian of ℓ by central differences of its gradient (symmetrised)."""
+    H = fd_hessian(pooled, phi, d)
     return 0.5 * (H + H.T)
 
 
