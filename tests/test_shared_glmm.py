@@ -163,9 +163,9 @@ def test_exact_log_det_derivatives_need_no_exact_gamma():
 @pytest.mark.parametrize("family", ["binomial", "poisson"])
 def test_gradient_away_from_vs_mode_moved_to_it(family):
     """At v off its mode by δv, the round's gradient (its log-determinant part moved to the mode from the
-    difference points along (τ_j, e_j), :func:`~fedglmm.coordinator.shared_glmm_rounds._log_det_to_mode`)
+    difference points along (τ_j, e_j), :func:`~fedglmm.coordinator.shared_ends.log_det_to_mode`)
     is the gradient at the mode up to O(δv²); uncorrected it is off by O(δv)."""
-    from fedglmm.coordinator.shared_glmm_rounds import _log_det_to_mode
+    from fedglmm.coordinator.shared_ends import differences, log_det_to_mode
 
     engines, pool, pooled = _engines(_simulated(family, seed=5), family)
     phi = np.r_[-0.2, 0.4, 0.7, 0.6, 0.2, 0.3]
@@ -194,7 +194,7 @@ def test_gradient_away_from_vs_mode_moved_to_it(family):
                 S.append(-t["Hh"][:pool.Q, :pool.Q])
                 others.append(pt)
         base = pool.assess(tot, phi, v, (Sp, Sm, h, plain.tau))
-        moved = base.grad - 0.5 * _log_det_to_mode(base, others, h)
+        moved = base.grad - 0.5 * log_det_to_mode(base, differences(others, h))
         errors[size] = (np.max(np.abs(base.grad - grad)), np.max(np.abs(moved - grad)))
     (plain3, moved3), (plain4, moved4) = errors[1e-3], errors[1e-4]
     assert plain3 > 3 * moved3 and plain4 > 30 * moved4

@@ -12,7 +12,7 @@ a point:
 Second differences over steps of 1e-5 want the gradients at every point computed alike: each in the form
 of the difference points (Γ̂'s error corrected with the centre's ∂S; the centre's own form, with its exact
 ∂S, differs by a term small against the gradient but not against h² T) and moved to its own v's mode
-(:func:`_moved`: at x ± h τ̄ the mode lies O(h²) off, which changes the gradient by O(h²) too).  On
+(:func:`~.shared_ends.log_det_to_mode`: at x ± h τ̄ the mode lies O(h²) off, which changes the gradient by O(h²) too).  On
 ``benchmarks/stress_shared.py``'s fit 8, against central differences of the Hessian at points 1e-3 and
 1e-4 apart with v settled: without the move T was off by 1 % of its largest entry (entries near 0 by more
 than themselves), without the alike centre by 1.3e-3, with both by 2e-5.
@@ -20,7 +20,7 @@ than themselves), without the alike centre by 1.3e-3, with both by 2e-5.
 The Hessian's columns are differences along (τ̄_j, e_j), τ̄ the tangent predicted before the round; the
 profile moves along the tangent τ the round found.  The difference is (∂_v g)(τ̄_j − τ_j), whose
 log-determinant part (the rest vanishes at v's mode) is known from the same differences
-(:func:`tangent_fix`, as ``_log_det_to_mode`` moves the gradient along δv); every final round's Hessian is
+(:func:`tangent_fix`, as ``log_det_to_mode`` moves the gradient along δv); every final round's Hessian is
 so moved.  With τ̄ off by 1e-3 (relative) the Hessian was off by 2.9e-5 of its size, and 1.7e-7 so moved
 (at 1e-4: 2.9e-6 and 1.6e-8; ``tests/test_shared_third.py``).
 
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .shared_ends import _gamma_off
+from .shared_ends import _gamma_off, log_det_to_mode
 
 FINAL_TANGENT = 1e-5    # the largest relative errors of τ̄ ...
 FINAL_GAMMA = 3e-7      # ... and of Γ̂ at which a final round's T and Hessian are used (see trusted)
@@ -69,27 +69,14 @@ def triple_points(phi: np.ndarray, v: np.ndarray, h: np.ndarray, taubar: np.ndar
     return out
 
 
-def _moved(pt, dC: list, dDv: list) -> np.ndarray:
-    """A point's gradient moved to its v's mode (to first order in its δv; cf. ``_log_det_to_mode``)."""
-    corr = [pt.dv @ dDv[j] - pt.Dv @ (pt.Cinv @ (dC[j] @ pt.dv)) for j in range(len(dC))]
-    return pt.grad - 0.5 * np.asarray(corr)
-
-
-def _differences(others: list, h: np.ndarray) -> tuple[list, list]:
-    """∂C and ∂D_v along each (τ̄_j, e_j), from the round's central difference points."""
-    P = len(h)
-    dC = [(others[2 * j].C - others[2 * j + 1].C) / (2.0 * h[j]) for j in range(P)]
-    dDv = [(others[2 * j].Dv - others[2 * j + 1].Dv) / (2.0 * h[j]) for j in range(P)]
-    return dC, dDv
-
-
-def third(centre, others: list, h: np.ndarray) -> np.ndarray | None:
+def third(centre, others: list, diffs: tuple, h: np.ndarray) -> np.ndarray | None:
     """T of ℓ at the round's point from its gradients: ``centre`` the point assessed in the difference points'
-    form, ``others`` the 2P difference points and then the :func:`triple_points`; None where not finite."""
+    form, ``others`` the 2P difference points and then the :func:`triple_points`, ``diffs`` their
+    :func:`~.shared_ends.differences`; each gradient moved to its own v's mode (to first order in its δv,
+    :func:`~.shared_ends.log_det_to_mode`); None where not finite."""
     P = len(h)
-    dC, dDv = _differences(others, h)
-    g0 = _moved(centre, dC, dDv)
-    g = [_moved(pt, dC, dDv) for pt in others]
+    g0 = centre.grad - 0.5 * log_det_to_mode(centre, diffs)
+    g = [pt.grad - 0.5 * log_det_to_mode(pt, diffs) for pt in others]
     D = np.stack([(g[2 * j] - 2.0 * g0 + g[2 * j + 1]) / h[j] ** 2 for j in range(P)], axis=1)  # D[i, j] = T[i, j, j]
     T = np.empty((P, P, P))
     idx = np.arange(P)
@@ -105,13 +92,13 @@ def third(centre, others: list, h: np.ndarray) -> np.ndarray | None:
     return T if np.all(np.isfinite(T)) else None
 
 
-def tangent_fix(centre, others: list, h: np.ndarray, taubar: np.ndarray) -> np.ndarray:
+def tangent_fix(centre, diffs: tuple, taubar: np.ndarray) -> np.ndarray:
     """What the Hessian's columns, differences along (τ̄_j, e_j), take to be along (τ_j, e_j) (symmetrised):
     entry (k, j) is −(∂_v g_k)(τ̄_j − τ_j) = ½ ∂_w(D_φk + D_v·τ_k), w = τ̄_j − τ_j, by the identities of
-    ``_log_det_to_mode`` (∂_w D_v from the mixed partial along (τ_k, e_k), ∂_w τ_k = −C⁻¹(∂_{T_k} C) w)."""
-    dC, dDv = _differences(others, h)
+    ``log_det_to_mode`` (∂_w D_v from the mixed partial along (τ_k, e_k), ∂_w τ_k = −C⁻¹(∂_{T_k} C) w)."""
+    dC, dDv = diffs
     w = taubar - centre.tau
-    out = np.stack([0.5 * (dDv[k] @ w - centre.Dv @ (centre.Cinv @ (dC[k] @ w))) for k in range(len(h))])
+    out = np.stack([0.5 * (dDv[k] @ w - centre.Dv @ (centre.Cinv @ (dC[k] @ w))) for k in range(len(dC))])
     return 0.5 * (out + out.T)          # (the Hessian's symmetric part is kept)
 
 

@@ -13,7 +13,7 @@ and ℓ(φ) = F − ½D at the joint mode v̂(φ) (F_v = 0).  The mode's Newton 
 
 The gradient's D part is here taken at v, not at the mode: it is off by O(δv) -- D_φ and D_v move with
 v, and so does the tangent τ.  The rounds move it to the mode from their difference points
-(:func:`fedglmm.coordinator.shared_glmm_rounds._log_det_to_mode`, with ``Dv`` and ``C`` of each point).
+(:func:`fedglmm.coordinator.shared_ends.log_det_to_mode`, with ``Dv`` and ``C`` of each point).
 
 The derivatives of log det C need those of S: ∂ log det C/∂ψ = ⟨Γ, ∂S/∂ψ⟩ (Γ = Λ C⁻¹ Λᵀ) plus the
 explicit 2 tr(C⁻¹ Λᵀ S Λ_t) of θ.  Γ depends on the point's own total S, which the sites cannot know
