@@ -3,14 +3,15 @@
 fitted split by the hybrid (default) and iterative methods and pooled: rounds, and each split fit against
 the pooled one.
 
-usage: python3 benchmarks/stress_shared.py [--fits 60] [--seed 0] [--wide]
+usage: python3 benchmarks/stress_shared.py [--fits 60] [--seed 0] [--wide | --crossed]
 
 Fit ``i`` draws, from ``numpy.random.default_rng(seed + i)``: 200, 600 or 1500 rows; 8, 30 or 80 levels;
 2, 3 or 5 sites; a random-intercept SD of 0.3, 0.8 or 1.5; an intercept of -2, 0 or 1 (binary outcomes
 down to a few per cent, counts up to several hundred); binomial or poisson; and one of the formulas
 ``y ~ x + (1|g)``, ``y ~ 0 + x + (1|g)`` (the random effects carry the mean), ``y ~ x + (x|g)``,
-``y ~ x + (1|g) + (0 + x|g)``.  Levels shared by sites are fitted with the Laplace approximation, the
-shared effects v solved by the coordinator (README, "Levels shared by sites").
+``y ~ x + (1|g) + (0 + x|g)``; ``--wide`` and ``--crossed`` draw others (:func:`draw_wide`,
+:func:`draw_crossed`: two grouping factors, one of them shared).  Levels shared by sites are fitted with the
+Laplace approximation, the shared effects v solved by the coordinator (README, "Levels shared by sites").
 
 Printed per fit: the draw, the pooled fit's rounds, and for each method its rounds, its logLik minus the
 pooled one, the largest absolute difference of its fixed effects from the pooled ones and the largest relative
@@ -67,11 +68,41 @@ def draw_wide(seed: int):
     return fam, "y ~ x + z + (1 | g)", n, G, K, sd, mu, df, sites
 
 
+def draw_crossed(seed: int):
+    """``--crossed``: two grouping factors, subjects local to one site each and items shared by the sites
+    (every row's item drawn at random).  From ``default_rng(2000 + seed)``: 2, 4 or 8 sites of 10, 30 or 80
+    subjects each; 2-5, 4-12 or 8-25 rows a subject; 8, 25 or 60 items; SDs of subject and item 0.3, 0.8 or 1.5
+    each; binomial (intercept -3, -1 or 0.5) or poisson (-1, 0.5 or 1.5, the linear predictor capped at 8);
+    ``y ~ x + (1 | id) + (1 | item)``, ``y ~ x + z + (1 | id) + (1 | item)`` (z a subject's Bernoulli(0.5)
+    covariate, effect -0.4) or ``y ~ x + (1 | id) + (1 + x | item)`` (slope SD 0.4), x's effect 0.5."""
+    rng = np.random.default_rng(2000 + seed)
+    K, per, I = int(rng.choice([2, 4, 8])), int(rng.choice([10, 30, 80])), int(rng.choice([8, 25, 60]))
+    lo, hi = [(2, 5), (4, 12), (8, 25)][int(rng.integers(3))]
+    fam = str(rng.choice(["binomial", "poisson"]))
+    mu = float(rng.choice([-3.0, -1.0, 0.5])) if fam == "binomial" else float(rng.choice([-1.0, 0.5, 1.5]))
+    sd_id, sd_item = (float(rng.choice([0.3, 0.8, 1.5])) for _ in range(2))
+    form = str(rng.choice(["y ~ x + (1 | id) + (1 | item)", "y ~ x + z + (1 | id) + (1 | item)",
+                           "y ~ x + (1 | id) + (1 + x | item)"]))
+    S = K * per
+    m = rng.integers(lo, hi + 1, S)
+    sid, site = np.repeat(np.arange(S), m), np.repeat(np.arange(S) // per, m)
+    n = len(sid)
+    item, x, z = rng.integers(0, I, n), rng.normal(size=n), rng.binomial(1, 0.5, S)[sid]
+    slope = 0.4 * rng.normal(size=I) if "1 + x" in form else np.zeros(I)
+    eta = mu + (0.5 + slope[item]) * x - 0.4 * z * ("z" in form) + rng.normal(0, sd_id, S)[sid] \
+        + rng.normal(0, sd_item, I)[item]
+    y = rng.binomial(1, 1 / (1 + np.exp(-eta))) if fam == "binomial" else rng.poisson(np.exp(np.minimum(eta, 8)))
+    df = pd.DataFrame({"y": y, "x": x, "z": z, "id": [f"p{k}" for k in sid], "item": [f"i{k}" for k in item]})
+    sites = {f"s{k}": df[site == k].reset_index(drop=True) for k in range(K)}
+    return fam, form, n, I, K, sd_item, mu, df, sites
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fits", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wide", action="store_true", help="the draws of draw_wide (more levels, rarer events)")
+    ap.add_argument("--crossed", action="store_true", help="the draws of draw_crossed (subjects local, items shared)")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     rounds = {"hybrid": [], "iterative": []}
@@ -81,7 +112,8 @@ def main() -> None:
     print("fit family    rows levels sites  sd   mu  formula                       pooled"
           "  hybrid: rounds dlogLik dfixef dSE   iterative: rounds dlogLik dfixef dSE")
     for i in range(a.fits):
-        fam, form, n, G, K, sd, mu, df, sites = (draw_wide if a.wide else draw)(a.seed + i)
+        drawn = draw_crossed if a.crossed else draw_wide if a.wide else draw
+        fam, form, n, G, K, sd, mu, df, sites = drawn(a.seed + i)
         head = f"{a.seed + i:3d} {fam:9s} {n:5d} {G:5d} {K:4d} {sd:5.1f} {mu:4.1f}  {form:28s}"
         try:
             pooled = fedglmm.fit(form, df, family=fam)
