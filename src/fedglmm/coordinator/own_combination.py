@@ -20,9 +20,10 @@ pulls the mean towards zero.  This start is tried beside the one of
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from ..likelihood.linalg import transform_third
-from ..model.spec import diagonal_positions
+from ..model.spec import diagonal_positions, lambda_matrix, theta_index
 from .between import between_sites
 from .starts import OwnPart, cubic_combination, log_combination
 
@@ -61,8 +62,6 @@ def factor_combined_start(st, own: list, fallback, between_sites_ok: bool = True
     θ̃ alone (gaussian).  Returns (the start, whether the sites' fits gave all of it and stand for at least
     ``MIN_SHARE`` of the rows: a start from a part of the data may be further from the pooled fit than the
     site totals).  ``between_sites_ok`` False: no variance between sites (the fallback's instead)."""
-    from ..model.spec import lambda_matrix, theta_index
-
     gaussian = not isinstance(fallback, tuple)
     gamma0, theta0 = (None, np.asarray(fallback, float)) if gaussian else fallback
     own = [loc for loc in own if list(loc.get("z_names", [])) == list(st.znames)]       # coded as agreed
@@ -119,8 +118,6 @@ def gaussian_own_start(st, own: list) -> np.ndarray | None:
     a site kept small groups' statistics): their relative covariance ΛΛᵀ averaged as
     :func:`factor_combined_start` does per factor (:func:`_mean_covariance`, by numbers of groups).  None
     without such a fit."""
-    from ..model.spec import theta_index
-
     r_idx, c_idx = theta_index(st.mask)
     q = st.mask.shape[0]
     fits = [(float(loc.get("ngroups", 0)), np.asarray(loc.get("theta", []), float))
@@ -138,8 +135,6 @@ def _mean_covariance(st, fits: list, shape: tuple, cols, least: int = MIN_LEVELS
     """The covariance of the Z columns ``cols`` (internal scale) averaged over the sites' fits ``fits`` --
     (n, θ̂ on the user's scale, of ``shape``) -- with at least ``least`` levels behind them, weighted by n;
     None without one."""
-    from ..model.spec import lambda_matrix, theta_index
-
     r_idx, c_idx = theta_index(st.mask)
     k, q = len(r_idx), st.mask.shape[0]
     acc, wsum = 0.0, 0.0
@@ -213,3 +208,52 @@ def _third(loc: dict, Ti: np.ndarray) -> np.ndarray | None:
         return None
     D = transform_third(np.asarray(D, float), Ti)
     return D if np.all(np.isfinite(D)) else None
+
+
+def shared_level_modes(st, own: dict, start) -> tuple | None:
+    """The shared levels' modes and conditional SDs (user's scale, a DataFrame of levels × Z columns per
+    factor, as :func:`~fedglmm.coordinator.shared_ends.modes_to_v` reads them) combined from the sites' own
+    fits' (``modes``: :func:`fedglmm.site.own_fit.own_factor_fit`), for the start ``start`` ((γ, θ̃), or a
+    tuple of such, the first used), or None where no site sent any.
+
+    Entry by entry (the SDs alone are sent): a site's mode b with SD c under its own prior variance σ_s²
+    (its fit's θ̂) stands for a likelihood of precision p = 1/c² − 1/σ_s² centred at b/(c²p); these add up
+    over the sites, and under the start's prior variance σ² the level's mode is Σ(b/c²) / (1/σ² + Σp) and its
+    SD (1/σ² + Σp)^(-1/2).  A level no site sent (fewer than ``min_group`` observations at each) keeps its
+    prior: mode 0, SD σ.  Only fits coded as agreed (the same Z columns) count."""
+    fits = [o for o in own.values() if isinstance(o, dict) and o.get("modes")
+            and list(o.get("z_names", [])) == list(st.znames)]
+    if not st.shared or not fits or start is None:
+        return None
+    theta0 = np.asarray((start[0] if isinstance(start[0], tuple) else start)[1], float)
+    k, q, idx = int(st.mask.sum()), st.mask.shape[0], theta_index(st.mask)
+    lam0 = lambda_matrix(theta0[:k], q, idx) / st.zs[:, None]              # Λ on the user's scale
+    prior = np.einsum("ij,ij->i", lam0, lam0)
+    modes, sds = {}, {}
+    for f, cols in st.factor_columns().items():
+        if f not in st.shared:
+            continue
+        levels = [str(lv) for lv in st.shared[f]]
+        at = {lv: i for i, lv in enumerate(levels)}
+        num, prec = np.zeros((len(levels), len(cols))), np.zeros((len(levels), len(cols)))
+        for o in fits:
+            m = o["modes"].get(f)
+            if m is None or not len(m["levels"]):
+                continue
+            lam = lambda_matrix(np.asarray(o["theta"], float)[:k], q, idx)
+            own_prior = np.einsum("ij,ij->i", lam, lam)[cols]
+            rows = np.array([at.get(str(lv), -1) for lv in m["levels"]])
+            b, c = np.asarray(m["modes"], float)[rows >= 0], np.asarray(m["condsd"], float)[rows >= 0]
+            ok = (c > 0) & (own_prior > 0)
+            c2, s2 = np.where(ok, c, 1.0) ** 2, np.where(ok, own_prior, 1.0)
+            np.add.at(num, rows[rows >= 0], np.where(ok, b / c2, 0.0))
+            np.add.at(prec, rows[rows >= 0], np.where(ok, np.maximum(1.0 / c2 - 1.0 / s2, 0.0), 0.0))
+        with np.errstate(divide="ignore"):
+            total = 1.0 / prior[cols] + prec
+        if not np.all(np.isfinite(total)):
+            return None
+        names = [st.znames[c] for c in cols]
+        modes[f] = pd.DataFrame(num / total, index=levels, columns=names)
+        sds[f] = pd.DataFrame(1.0 / np.sqrt(total), index=levels, columns=names)
+    return (modes, sds) if modes else None
+

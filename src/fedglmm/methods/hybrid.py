@@ -20,7 +20,7 @@ from ..coordinator.assemble import assemble, shared_note
 from ..coordinator.between import one_level_fits, one_level_start
 from ..coordinator.messages import merge_messages
 from ..coordinator.own_combination import (MIN_LEVELS, factor_combined_start, factor_fits, factor_log_start,
-                                           gaussian_own_start)
+                                           gaussian_own_start, shared_level_modes)
 from ..coordinator.rounds import estimate, pooled_transforms, setup_request
 from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
@@ -326,7 +326,8 @@ def fit_hybrid(transport, req: FitRequest, seed: int = 0) -> FitResult:
     # were 5.5e-6 off (with fewer groups, "third", the SDs were up to 4e-6 off: benchmarks/stress_shapes.py)
     est = estimate(transport, st, fam, options, start, first=None if secure else {"setup": payload},
                    surrogate=surrogate, final_first=exact, mode_derivatives="modes" if big == "many" else True,
-                   shared_modes=_level_modes(pseudo) if by_level is not None else None, variants=variants)
+                   shared_modes=_level_modes(pseudo) if by_level is not None else
+                   shared_level_modes(st, own, start), variants=variants)
     return _result(transport, req, merged, st, est, payload, t0, replies, own, pseudo)
 
 

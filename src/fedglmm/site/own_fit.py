@@ -33,6 +33,7 @@ from ..model.options import CUT_SHORT_GROUPS, OWN_FIT_GROUPS, FitOptions, Newton
 from ..model.recode import own_design
 from ..model.spec import Design, ModelSpec, Schema, lambda_matrix, theta_index
 from .own_third import covariance_third, third_derivatives
+from .rules import factor_sizes
 from .warm import slope_of
 
 
@@ -163,7 +164,7 @@ def independent_columns(X: np.ndarray, tol: float = 1e-9) -> list[int]:
 
 
 def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, site_id: str,
-                   transforms: dict | None = None) -> dict | None:
+                   transforms: dict | None = None, min_group: float = float("inf")) -> dict | None:
     """With several grouping factors: the site's own fit of its rows -- β, θ (and ψ) and their information,
     with the number of levels of each factor behind them and the column names of the site's own coding
     (the coordinator uses what is coded as in the agreed design), sums over many rows and levels -- for
@@ -179,7 +180,12 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     (β profiled, no information of θ) sends instead the information of β̂ and σ̂, the variance between
     sites being relative to σ²: with the coordinator's third-order steps, egsingle, chem97 and sim_gauss3
     split one hospital per site take 4 rounds with such fits and 5-7 without (with Newton's steps they had
-    helped egsingle and cost chem97 and scotssec rounds)."""
+    helped egsingle and cost chem97 and scotssec rounds).
+
+    A binomial or poisson fit also sends (``modes``) the conditional modes and SDs, on the user's scale, of
+    each factor's levels with at least ``min_group`` observations (the rule for the modes of the final
+    round): where levels are shared by sites they start the shared effects
+    (:func:`~fedglmm.coordinator.own_combination.shared_level_modes`)."""
     npar = d.X.shape[1] + int(np.asarray(d.theta_mask).sum()) + fam.ndisp
     levels = {f.name: len(f.levels) for f in d.factors}
     alone = [f for f in d.factors if len(f.levels) < 2]
@@ -190,7 +196,8 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
                                                                   if t.group not in {f.name for f in alone}))
     res = short_fit(frame, fit_spec, fam, str(local.get("curvature", "observed")), site_id, transforms,
                     exact=bool(local.get("exact")) and not alone, reml=bool(local.get("reml", True)),
-                    rounds=ALONE_ROUNDS if alone else SHORT_ROUNDS, stop=0.0 if alone else SHORT_STOP, third=not alone)
+                    rounds=ALONE_ROUNDS if alone else SHORT_ROUNDS, stop=0.0 if alone else SHORT_STOP, third=not alone,
+                    modes=fam.name != "gaussian")
     if res is None:
         return None
     theta = res["theta"] if not alone else _in_full_layout(res, d, kept)
@@ -202,6 +209,8 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
            "theta": theta, "levels": levels, "n": float(d.n)}
     if alone:
         out["alone"] = [f.name for f in alone]
+    if res.get("factor_modes"):
+        out["modes"] = _big_levels(res["factor_modes"], min_group)
     if res["info"] is not None:
         out["info"] = res["info"]
         if res.get("third") is not None:          # (the full model's: combined by coordinator.own_combination)
@@ -288,13 +297,15 @@ ALONE_ROUNDS = 4
 
 def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: str,
               transforms: dict | None = None, exact: bool = False, reml: bool = True,
-              rounds: int = SHORT_ROUNDS, stop: float = SHORT_STOP, third: bool = False) -> dict | None:
+              rounds: int = SHORT_ROUNDS, stop: float = SHORT_STOP, third: bool = False,
+              modes: bool = False) -> dict | None:
     """A site's own fit of its rows, cut short: at most ``rounds`` local Newton iterations from the
     site-totals start, ending where the decrement falls below ``stop`` (the point reached is a start for
     the federated rounds, which finish the job), as
     β, θ (and ψ) and the information at that point on the user's scale (gaussian: no information, β
     profiled).  ``exact`` (the only site of a fit): to convergence, at the fit's tolerance (``reml``: a gaussian
-    model's criterion); ``third``: a GLMM's third derivatives along its covariance parameters too."""
+    model's criterion); ``third``: a GLMM's third derivatives along its covariance parameters too; ``modes``:
+    a GLMM's conditional modes by factor too (``factor_modes``: :func:`_cut_short`)."""
     try:
         design = _site_design(frame, spec, family, site_id, transforms)
         if exact:
@@ -307,17 +318,19 @@ def short_fit(frame, spec: ModelSpec, family: Family, curvature: str, site_id: s
         if family.name == "gaussian":
             return local_fit(design, family, FitOptions(reml=reml, newton=NewtonConfig(tol=1e-4, near=1e-2)), site_id,
                              covariance=False)
-        return _cut_short(design, family, 1, curvature, site_id, rounds, stop, third=third)
+        return _cut_short(design, family, 1, curvature, site_id, rounds, stop, third=third, modes=modes)
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
 
 
 def _cut_short(design: Design, family: Family, nagq: int, curvature: str, site_id: str, rounds: int,
-               stop: float, reply: dict | None = None, third: bool = False) -> dict | None:
+               stop: float, reply: dict | None = None, third: bool = False, modes: bool = False) -> dict | None:
     """Local Newton iterations from the site-totals start, at most ``rounds``, ending early where the
     decrement falls below ``stop`` (the point plus its Newton step is then the estimate), as :func:`short_fit`
     returns them, with the engine's modes; ``reply``: the design's set-up reply, if at hand; ``third``: also
-    the third derivatives along the covariance parameters (:func:`covariance_third`, user's scale)."""
+    the third derivatives along the covariance parameters (:func:`covariance_third`, user's scale); ``modes``
+    (several grouping factors): each factor's levels, their sizes and their modes and SDs at the estimate
+    (user's scale), as ``factor_modes``."""
     st = make_setup({site_id: setup_reply(design, family) if reply is None else reply}, family.ndisp)
     engine = make_engine(design, family, nagq, curvature, st.A, st.zs)
     opt = TrustRegionNewton(np.concatenate(start_values(st, family, MANY_FLOOR)),
@@ -342,6 +355,24 @@ def _cut_short(design: Design, family: Family, nagq: int, curvature: str, site_i
     idx = _few_levels(design, st.mask, p, family.ndisp) if design.factors else np.arange(p, len(cur.x))  # (all θ, ψ)
     D3 = covariance_third(engine, cur.x, cur.H, idx) if third else None
     out.update({"third": transform_third(D3, T)} if D3 is not None else {})
+    if modes and hasattr(engine, "conditional_modes"):
+        b, sd = engine.conditional_modes(x)
+        if not isinstance(b, dict):                 # (one factor left: the fit left out a factor it holds one level of)
+            b, sd = ({f.name: a for f in design.groupings} for a in (b, sd))
+        sizes = factor_sizes(design, family)
+        out["factor_modes"] = {f.name: (list(f.levels), sizes[f.name], b[f.name] / st.zs[f.columns],
+                                        sd[f.name] / st.zs[f.columns]) for f in design.groupings}
+    return out
+
+
+def _big_levels(factor_modes: dict, min_group: float) -> dict:
+    """The modes and SDs of the levels with at least ``min_group`` observations, by factor: {factor: {"levels",
+    "modes", "condsd"}}."""
+    out = {}
+    for name, (levels, size, b, sd) in factor_modes.items():
+        keep = np.asarray(size) >= min_group
+        out[name] = {"levels": [lv for lv, k in zip(levels, keep) if k], "modes": np.asarray(b)[keep],
+                     "condsd": np.asarray(sd)[keep]}
     return out
 
 

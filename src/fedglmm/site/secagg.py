@@ -81,8 +81,8 @@ class SecureAggregation:
 
     def apply(self, kind, req: dict, reply: dict, request: bytes) -> dict:
         """The reply as it leaves under the request's ``secagg`` field: with this site's public key (a key
-        exchange; a one-shot reply then drops its site totals, which come masked in the set-up round), or
-        with its sums masked."""
+        exchange; a one-shot reply then drops its site totals, which come masked in the set-up round, and its own
+        fit's conditional modes), or with its sums masked."""
         sa = req.get("secagg")
         if sa is None:
             return reply
@@ -90,6 +90,9 @@ class SecureAggregation:
             out = dict(reply, secagg_key=self.public_key(sa))
             if kind == "oneshot":
                 out.pop("sums", None)
+                if isinstance(out.get("local"), dict) and "modes" in out["local"]:
+                    # (a shared level's modes would show its sums, which leave here masked alone)
+                    out["local"] = {k: v for k, v in out["local"].items() if k != "modes"}
             return out
         if kind not in MASKED_KINDS:
             self._bad(f"a {kind} reply holds no sums to mask")

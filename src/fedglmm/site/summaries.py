@@ -75,7 +75,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
         if fam.name == "gaussian":
             msg["groups"], msg["refused"] = _cell_blocks(d, min_group, site_id)
         if local is not None and msg["groups"] is None:
-            msg["local"] = own_factor_fit(frame, d, spec, fam, local, site_id, transforms)
+            msg["local"] = own_factor_fit(frame, d, spec, fam, local, site_id, transforms, min_group)
         return msg
     if fam.name != "gaussian":
         sums.update(start_sums(d, fam))
