@@ -33,7 +33,7 @@ from ..model.options import CUT_SHORT_GROUPS, OWN_FIT_GROUPS, FitOptions, Newton
 from ..model.recode import own_design
 from ..model.spec import Design, ModelSpec, Schema, lambda_matrix, theta_index
 from .own_third import covariance_third, third_derivatives
-from .rules import factor_sizes
+from .own_modes import big_levels, factor_modes
 from .warm import slope_of
 
 
@@ -210,7 +210,7 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     if alone:
         out["alone"] = [f.name for f in alone]
     if res.get("factor_modes"):
-        out["modes"] = _big_levels(res["factor_modes"], min_group)
+        out["modes"] = big_levels(res["factor_modes"], min_group)
     if res["info"] is not None:
         out["info"] = res["info"]
         if res.get("third") is not None:          # (the full model's: combined by coordinator.own_combination)
@@ -330,7 +330,7 @@ def _cut_short(design: Design, family: Family, nagq: int, curvature: str, site_i
     returns them, with the engine's modes; ``reply``: the design's set-up reply, if at hand; ``third``: also
     the third derivatives along the covariance parameters (:func:`covariance_third`, user's scale); ``modes``
     (several grouping factors): each factor's levels, their sizes and their modes and SDs at the estimate
-    (user's scale), as ``factor_modes``."""
+    (user's scale), as ``factor_modes`` (:func:`~fedglmm.site.own_modes.factor_modes`)."""
     st = make_setup({site_id: setup_reply(design, family) if reply is None else reply}, family.ndisp)
     engine = make_engine(design, family, nagq, curvature, st.A, st.zs)
     opt = TrustRegionNewton(np.concatenate(start_values(st, family, MANY_FLOOR)),
@@ -356,23 +356,7 @@ def _cut_short(design: Design, family: Family, nagq: int, curvature: str, site_i
     D3 = covariance_third(engine, cur.x, cur.H, idx) if third else None
     out.update({"third": transform_third(D3, T)} if D3 is not None else {})
     if modes and hasattr(engine, "conditional_modes"):
-        b, sd = engine.conditional_modes(x)
-        if not isinstance(b, dict):                 # (one factor left: the fit left out a factor it holds one level of)
-            b, sd = ({f.name: a for f in design.groupings} for a in (b, sd))
-        sizes = factor_sizes(design, family)
-        out["factor_modes"] = {f.name: (list(f.levels), sizes[f.name], b[f.name] / st.zs[f.columns],
-                                        sd[f.name] / st.zs[f.columns]) for f in design.groupings}
-    return out
-
-
-def _big_levels(factor_modes: dict, min_group: float) -> dict:
-    """The modes and SDs of the levels with at least ``min_group`` observations, by factor: {factor: {"levels",
-    "modes", "condsd"}}."""
-    out = {}
-    for name, (levels, size, b, sd) in factor_modes.items():
-        keep = np.asarray(size) >= min_group
-        out[name] = {"levels": [lv for lv, k in zip(levels, keep) if k], "modes": np.asarray(b)[keep],
-                     "condsd": np.asarray(sd)[keep]}
+        out.update(factor_modes(engine, design, family, x, st.zs))
     return out
 
 
