@@ -13,8 +13,9 @@ import pytest
 import fedglmm
 from fedglmm.coordinator import own_combination
 from fedglmm.methods import hybrid
+from fedglmm.site.own_modes import big_levels
 from fedglmm.site.secagg import SecureAggregation
-from fedglmm.site.summaries import summarize
+from fedglmm.site.summaries import summarize, to_jsonable
 
 FORMULA = "y ~ x + (1 | id) + (1 + x | item)"
 LOCAL = {"nagq": 1, "curvature": "observed"}
@@ -56,6 +57,17 @@ def test_a_site_sends_its_larger_levels_modes_on_the_users_scale(data):
     assert np.abs(sent["modes"] - alone.modes["item"].loc[sent["levels"]].to_numpy()).max() < 1e-4
     assert np.abs(sent["condsd"] - alone.condsd["item"].loc[sent["levels"]].to_numpy()).max() < 1e-4
     assert np.abs(sent["modes"][:, 1]).max() > 0.1                      # (the slopes' modes are not all 0)
+
+
+def test_only_finite_modes_of_big_levels_go_and_the_steward_reads_what():
+    """A level whose mode or SD is not finite is not sent (nor one below min_group); the readable message
+    names how many levels of each factor have their modes in it."""
+    sent = big_levels({"item": (["a", "b", "c"], np.array([12.0, 3.0, 15.0]), np.array([[0.1], [0.2], [np.nan]]),
+                                 np.array([[0.3], [0.3], [0.3]]))}, 10)
+    assert sent["item"]["levels"] == ["a"] and sent["item"]["modes"].shape == (1, 1)
+    msg = summarize(crossed()[1]["s0"], FORMULA, "poisson", None, "s0", local=LOCAL, min_group=10)
+    about = to_jsonable(msg)["about"]["local"]
+    assert f"{len(msg['local']['modes']['item']['levels'])} of 'item'" in about
 
 
 def test_secure_aggregation_keeps_the_modes_at_the_site():

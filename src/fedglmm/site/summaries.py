@@ -317,10 +317,16 @@ def _describe_blocks(msg: dict) -> dict:
                    "its own column)",
     }
     if msg.get("local"):
+        loc = msg["local"]
+        groups = loc.get("ngroups", sum(loc.get("levels", {}).values()))     # (several factors: levels by factor)
         about["local"] = ("this site's own fit of all its rows (for the hybrid's start): the estimates of the "
                           "design columns 'names' (its own coding: each factor against its first level), of "
                           "the random-effect covariance parameters 'theta', and their information matrix: "
-                          f"sums over its {msg['local']['ngroups']} groups and {msg['local']['n']:g} observations")
+                          f"sums over its {groups} groups and {loc['n']:g} observations")
+        if loc.get("modes"):
+            about["local"] += ("; and for each grouping factor ('modes') the conditional modes and SDs of its levels "
+                               "with at least min_group observations: " + ", ".join(
+                                   f"{len(m['levels'])} of '{f}'" for f, m in loc["modes"].items()))
         if msg["local"].get("alone"):
             about["local"] += (" -- fitted without the random intercept of its one group (its 'theta' 0): the "
                                "group's effect is in the intercept")
@@ -333,7 +339,8 @@ def _describe_blocks(msg: dict) -> dict:
                            "of their pairwise products (s2), and over its groups of each variable's squared group "
                            "mean (bd) and of its group mean times the outcome's (by)")
     if msg.get("groups") is None:
-        about["groups"] = "none: " + msg["refused"]
+        about["groups"] = "none: " + (msg["refused"] or "with several grouping factors the site's totals go (and its "
+                                      "own fit, where asked for)")
         return about
     if msg["family"] == "gaussian":
         about["groups"] = ("per group (labels in 'levels'): n, XᵀX, Xᵀy, yᵀy, ZᵀX, ZᵀZ, Zᵀy over the group's "
