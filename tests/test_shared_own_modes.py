@@ -70,6 +70,26 @@ def test_only_finite_modes_of_big_levels_go_and_the_steward_reads_what(data):
     assert f"{len(msg['local']['modes']['item']['levels'])} of 'item'" in about
 
 
+def test_a_steward_keeps_the_modes_at_the_site(data, tmp_path):
+    """``own_fit_modes = false`` in site.toml: the one-shot reply's own fit goes without modes (the rest of it
+    as before); a value that is not true or false is a one-line error naming the key."""
+    from fedglmm import protocol
+    from fedglmm.errors import InputError
+    from fedglmm.site import Site, SiteConfig
+
+    request = protocol.request("oneshot", formula=FORMULA, family="poisson", order=2, local=LOCAL)
+    replies = {}
+    for keep in (True, False):
+        (tmp_path / "site.toml").write_text(f"[disclosure]\nown_fit_modes = {str(keep).lower()}\n")
+        site = Site("s0", data[1]["s0"], config=SiteConfig.load(tmp_path / "site.toml"))
+        replies[keep] = protocol.decode(site.handle(protocol.encode(request)))["local"]
+    assert "modes" in replies[True] and "modes" not in replies[False]
+    assert np.array_equal(replies[True]["theta"], replies[False]["theta"])
+    (tmp_path / "site.toml").write_text("[disclosure]\nown_fit_modes = 1\n")
+    with pytest.raises(InputError, match="disclosure.own_fit_modes' must be true or false"):
+        SiteConfig.load(tmp_path / "site.toml")
+
+
 def test_secure_aggregation_keeps_the_modes_at_the_site():
     """Under secure aggregation a shared level's sums leave only masked, so the one-shot reply (the key
     exchange) goes without the own fit's modes; the rest of the own fit goes as before."""

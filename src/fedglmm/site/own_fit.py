@@ -185,7 +185,7 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     A binomial or poisson fit also sends (``modes``) the conditional modes and SDs, on the user's scale, of
     each factor's levels with at least ``min_group`` observations (the rule for the modes of the final
     round): where levels are shared by sites they start the shared effects
-    (:func:`~fedglmm.coordinator.own_combination.shared_level_modes`)."""
+    (:func:`~fedglmm.coordinator.own_combination.shared_level_modes`); none with ``min_group`` infinite."""
     npar = d.X.shape[1] + int(np.asarray(d.theta_mask).sum()) + fam.ndisp
     levels = {f.name: len(f.levels) for f in d.factors}
     alone = [f for f in d.factors if len(f.levels) < 2]
@@ -197,7 +197,7 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     res = short_fit(frame, fit_spec, fam, str(local.get("curvature", "observed")), site_id, transforms,
                     exact=bool(local.get("exact")) and not alone, reml=bool(local.get("reml", True)),
                     rounds=ALONE_ROUNDS if alone else SHORT_ROUNDS, stop=0.0 if alone else SHORT_STOP, third=not alone,
-                    modes=fam.name != "gaussian")
+                    modes=fam.name != "gaussian" and min_group < float("inf"))
     if res is None:
         return None
     theta = res["theta"] if not alone else _in_full_layout(res, d, kept)

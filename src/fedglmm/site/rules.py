@@ -8,6 +8,7 @@ A deployed site reads its rules from a TOML file its data steward controls::
     max_params_per_row = 0.33     # (fixed-effect columns + covariance parameters) / rows
     min_group = 10                # smallest group whose own outputs may leave
     min_pooled = 5                # fewest small groups pooled in one bin (the hybrid's start); 0: none
+    own_fit_modes = true          # the hybrid's own fit (several grouping factors) sends its levels' modes
     allowed_columns = ["use", "age", "urban", "livch", "district"]   # optional
 
     [limits]
@@ -44,6 +45,10 @@ is sent):
 * ``min_pooled``: for the hybrid's start, the groups of a binary or count (poisson) outcome below
   ``min_group`` leave only pooled: binned by (size, count of positive rows or total count) -- or, for a
   binary outcome, by neighbouring sizes and share of positive rows where sizes are many --, each bin of at least this many groups sending its group count and pooled moments (:mod:`fedglmm.site.pooled`, which says what that reveals); 0: not at all;
+* ``own_fit_modes``: with several grouping factors the site's own fit of its rows (the hybrid's start, binomial
+  or poisson) also sends the conditional modes and SDs of each factor's levels with at least ``min_group``
+  observations (they start the effects of levels shared by sites); false: they stay here (the fit is the same,
+  it may take more rounds);
 * ``allowed_columns``: every column the formula names (outcome, covariates, grouping factor, offset)
   must be in the list; the site's description then lists only these columns.
 
@@ -65,7 +70,8 @@ from ..model.formula import variables
 from ..model.labels import as_labels, column_kind, level_columns
 from ..model.options import MIN_GROUP, MIN_POOLED
 
-DISCLOSURE_KEYS = ("min_rows", "min_cell", "max_params_per_row", "min_group", "min_pooled", "allowed_columns")
+DISCLOSURE_KEYS = ("min_rows", "min_cell", "max_params_per_row", "min_group", "min_pooled", "own_fit_modes",
+                   "allowed_columns")
 LIMIT_KEYS = ("max_points", "max_requests", "max_fits_per_day", "max_param", "max_scaled",
               "require_secure_aggregation")
 AUDIT_KEYS = ("log", "state")
@@ -81,6 +87,7 @@ class SiteConfig:
     max_params_per_row: float = 0.33
     min_group: int = MIN_GROUP
     min_pooled: int = MIN_POOLED
+    own_fit_modes: bool = True
     allowed_columns: list[str] | None = None
     max_points: float = 1000
     max_requests: float = 200
@@ -96,8 +103,8 @@ class SiteConfig:
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
-        for key in ("min_rows", "min_cell", "min_group", "min_pooled", "max_params_per_row", "allowed_columns", "audit_log",
-                    "state_file") + LIMIT_KEYS:
+        for key in ("min_rows", "min_cell", "min_group", "min_pooled", "max_params_per_row", "own_fit_modes",
+                    "allowed_columns", "audit_log", "state_file") + LIMIT_KEYS:
             err = _check_value(key, getattr(self, key))
             if err:
                 raise InputError(f"site rules: {err}")
@@ -203,7 +210,7 @@ def _check_value(key: str, v, shown: str | None = None) -> str | None:
     elif key in ("max_param", "max_scaled"):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or v <= 0:
             return f"'{shown}' must be a number > 0, not {v!r}"
-    elif key == "require_secure_aggregation":
+    elif key in ("require_secure_aggregation", "own_fit_modes"):
         if not isinstance(v, bool):
             return f"'{shown}' must be true or false, not {v!r}"
     return None

@@ -154,10 +154,10 @@ class Site:
         frame, omitted = self._used_rows(req, spec)
         check_oneshot(self.site_id, req)
         self.limits.open_fit(self._session, frame, "oneshot")
-        msg = summarize(frame, req["formula"], req["family"], req.get("link"), self.site_id,
-                        order=req.get("order"), min_group=self.min_group, local=req.get("local"),
-                        transforms=req.get("transforms"), weights=spec.weights, offset=spec.offset_column,
-                        kept=(kept := {}), min_pooled=int(self.config.min_pooled))
+        msg = summarize(frame, req["formula"], req["family"], req.get("link"), self.site_id, order=req.get("order"),
+                        min_group=self.min_group, local=req.get("local"), transforms=req.get("transforms"),
+                        weights=spec.weights, offset=spec.offset_column, kept=(kept := {}),
+                        min_pooled=int(self.config.min_pooled), own_modes=self.config.own_fit_modes)
         # the own fit's modes stay here: they start this site's engine in the first Newton round; and its
         # design (without an own fit, read off the one-shot design), which is the set-up's where the site has
         # every level of the agreed coding

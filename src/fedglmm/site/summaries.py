@@ -48,15 +48,15 @@ def _local_schema(desc: dict, spec, transforms: dict | None = None) -> Schema:
 def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, site_id: str,
               order: int | None = None, min_group: int = MIN_GROUP, guard: bool = True, local: dict | None = None,
               transforms: dict | None = None, weights: str | None = None, offset: str | None = None,
-              kept: dict | None = None, min_pooled: int = MIN_POOLED) -> dict:
+              kept: dict | None = None, min_pooled: int = MIN_POOLED, own_modes: bool = True) -> dict:
     """The site's one message (arrays as numpy; :func:`to_jsonable` makes the readable file).
 
     ``guard=False`` drops the rule that keeps the moments of groups they would pin down (for accuracy
     studies on public data only; the command line has no such switch).  ``local`` (the hybrid's request:
     ``{"nagq", "curvature", "exact"}``) asks for the site's own fit of all its rows, estimates and their
     information (:func:`fedglmm.site.own_fit.own_fit`, or :func:`_one_level_fit`; not for gaussian models).
-    ``weights``, ``offset``: columns.  ``kept``: a dict the one-shot design is left in (for the set-up).
-    ``min_pooled``: the hybrid's bins of a binary or count outcome's small groups (:mod:`fedglmm.site.pooled`).
+    ``weights``, ``offset``: columns; ``kept``: a dict the one-shot design is left in; ``min_pooled``: the bins of
+    small groups (:mod:`fedglmm.site.pooled`); ``own_modes`` False: no modes in an own fit (``own_fit_modes``).
 
     A model whose likelihood the shared moments do not carry (negative binomial, Gamma, poisson weights,
     binomial weights that are not whole trials: :func:`_no_summaries`) gets no per-group summaries
@@ -75,7 +75,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
         if fam.name == "gaussian":
             msg["groups"], msg["refused"] = _cell_blocks(d, min_group, site_id)
         if local is not None and msg["groups"] is None:
-            msg["local"] = own_factor_fit(frame, d, spec, fam, local, site_id, transforms, min_group)
+            msg["local"] = own_factor_fit(frame, d, spec, fam, local, site_id, transforms, min_group if own_modes else np.inf)
         return msg
     if fam.name != "gaussian":
         sums.update(start_sums(d, fam))
