@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .shared_ends import _gamma_off, log_det_to_mode
+from .shared_ends import _gamma_off, along_tangents, log_det_to_mode
 
 FINAL_TANGENT = 1e-5    # the largest relative errors of τ̄ ...
 FINAL_GAMMA = 3e-7      # ... and of Γ̂ at which a final round's T and Hessian are used (see trusted)
@@ -95,10 +95,9 @@ def third(centre, others: list, diffs: tuple, h: np.ndarray) -> np.ndarray | Non
 def tangent_fix(centre, diffs: tuple, taubar: np.ndarray) -> np.ndarray:
     """What the Hessian's columns, differences along (τ̄_j, e_j), take to be along (τ_j, e_j) (symmetrised):
     entry (k, j) is −(∂_v g_k)(τ̄_j − τ_j) = ½ ∂_w(D_φk + D_v·τ_k), w = τ̄_j − τ_j, by the identities of
-    ``log_det_to_mode`` (∂_w D_v from the mixed partial along (τ_k, e_k), ∂_w τ_k = −C⁻¹(∂_{T_k} C) w)."""
-    dC, dDv = diffs
-    w = taubar - centre.tau
-    out = np.stack([0.5 * (dDv[k] @ w - centre.Dv @ (centre.Cinv @ (dC[k] @ w))) for k in range(len(dC))])
+    ``log_det_to_mode`` (∂_w D_v from the mixed partial along (τ_k, e_k), ∂_w τ_k = −C⁻¹(∂_{T_k} C) w:
+    :func:`~.shared_ends.along_tangents`)."""
+    out = 0.5 * along_tangents(centre, diffs, taubar - centre.tau)
     return 0.5 * (out + out.T)          # (the Hessian's symmetric part is kept)
 
 

@@ -30,10 +30,11 @@ THIRD_MAX_FEW = 24      # the most parameters of a fit that asks for the sites' 
 THIRD_ROWS = 50_000     # ... at most this many (see _newton_config)
 BARE_SETTLE = 1e-7      # an evaluator whose final round may bring no third derivatives (``bare_final``: levels shared
 # by sites, whose Hessian is differences of gradients: coordinator.shared_third) settles a last step longer than
-# this in H's norm by one more final round where none came (NewtonConfig.bare_settle).  Without it the information stayed at the final point, off by T[s] (the
-# secant covers the last move's direction only): benchmarks/stress_shared.py's standard errors up to 3.3e-5 from
-# the pooled fit's (40 of 60 fits above 1e-8); with it 1.7e-7 (from 1e-8: the same, 8 rounds more), 1.2e-8 once the
-# Hessian's differences were taken at 1e-5 (coordinator.shared_glmm_rounds.STEP), 408 -> 457 rounds
+# this in H's norm by one more final round where none came (NewtonConfig.bare_settle).  Without it the information
+# stayed at the final point, off by T[s] (the secant covers the last move's direction only):
+# benchmarks/stress_shared.py's standard errors up to 3.3e-5 from the pooled fit's (40 of 60 fits above 1e-8); with
+# it 1.7e-7 (from 1e-8: the same, 8 rounds more), 1.2e-8 once the Hessian's differences were taken at 1e-5
+# (coordinator.shared_glmm_rounds.STEP), 408 -> 457 rounds
 RUNAWAY = 1e3          # a gaussian start's largest |θ̃| (SDs relative to σ's): beyond it, the default start
 LMM_KEYS = ["n", "A", "b", "c", "d"]
 LMM_DERIVATIVE_KEYS = ["dA", "db", "dc", "dd", "d2A", "d2b", "d2c", "d2d"]
