@@ -15,7 +15,12 @@ written on another), the final candidate of penicillin_crossed over 3 sites had 
 against the tolerance of 1e-7, and the fit ended a round earlier than recorded (8 rounds, not 9), its SE 9.1e-9
 relative from the recorded one (its logLik 1.3e-13); penicillin_crossed_ml over 3 sites moved an SE by 2.9e-9 in
 the same rounds, and the one-site fits of both sent 14-16 % more or fewer bytes in the same rounds (a round's
-candidates decided by rounding)."""
+candidates decided by rounding).
+
+The standard errors of grouseticks' nested fits (:data:`SE_LOOSE`) are held to 1e-8: with several grouping factors
+the sites' Hessians are differences of gradients, and on 7 December, on a new machine of the same kind (numpy 2.4.6,
+an AMD EPYC), the iterative fit's first SE (15.8) came 1.5e-9 relative from the recorded one (over 3 sites 6e-10),
+everything else within 3e-11."""
 from __future__ import annotations
 
 import json
@@ -32,6 +37,8 @@ RUNS = list(runs())
 
 # fits whose last round is decided at rounding level (see above)
 EDGE = ("penicillin_crossed/", "penicillin_crossed_ml/")
+# fits whose standard errors are held to 1e-8 (see above)
+SE_LOOSE = ("grouseticks_nested/",)
 
 
 def _close(a, b, tol: float = 1e-9) -> bool:
@@ -70,7 +77,8 @@ def test_golden(key, case, method, split, opts):
     for field in ("fixef", "se", "theta", "random", "modes", "condsd"):
         a, b = got.get(field, []), want.get(field, [])
         assert len(a) == len(b), field
-        bad = [(i, x, y) for i, (x, y) in enumerate(zip(a, b)) if not _close(x, y, tol)]
+        loose = 1e-8 if field == "se" and key.startswith(SE_LOOSE) else tol
+        bad = [(i, x, y) for i, (x, y) in enumerate(zip(a, b)) if not _close(x, y, loose)]
         assert not bad, (field, bad[:3])
 
 

@@ -380,6 +380,27 @@ def test_a_dispersion_heading_to_the_poisson_limit_gets_there_in_one_step():
     assert any(abs(x[1] - TAIL_CAP) < 1e-9 for x in asked)
 
 
+def test_the_poisson_limit_is_held_where_f_is_flat_to_rounding():
+    """With a steep slope in α (c = 1e6, counts of 2e4) ψ = 30 leaves 1e-7 of F: the step in α lands where
+    c e^(−ψ) is TAIL_GAIN (ψ = 41.4).  There F's ψ-derivatives are rounding (here 1e-13 of noise, with which the
+    Hessian in ψ is indefinite); the iteration holds ψ and ends, no point beyond, F within 1e-11 of its limit."""
+    from fedglmm.likelihood.steps import TAIL_GAIN
+
+    smooth = _nb_like(1e6, None)
+
+    def F(x):
+        f, g, H = smooth(x)
+        if x[1] > 35.0:
+            g, H = g + np.array([0.0, 1e-13]), H - np.array([[0.0, 0.0], [0.0, 1e-13]])
+        return f, g, H
+
+    opt, asked = _drive_with(F, [0.5, 1.0], NewtonConfig(extrapolate=0.0), tails=(1,))
+    land = np.log(1e6 / TAIL_GAIN)
+    assert opt.converged and opt.evals <= 4, opt.evals
+    assert max(x[1] for x in asked) <= land + 0.5 and opt.solution[1] >= land - 0.5, [x[1] for x in asked]
+    assert smooth(opt.solution)[0] < 1e-11
+
+
 def test_a_finite_dispersion_is_reached_through_its_step_in_alpha():
     """A finite optimum (α = 0.2, ψ = log 5) approached from below in ψ (Newton's steps grow it): the model
     in α is exact here, so its step lands on the optimum; the iteration ends where Newton's alone does,

@@ -97,22 +97,26 @@ def test_stopping_rule_is_at_the_optimum(name):
         _same(res, opt)
 
 
-@pytest.mark.parametrize("name", ["sim_epil_la", "sim_salamanders"])
+@pytest.mark.parametrize("name", ["sim_epil_la", "sim_salamanders", "sim_pois_huge"])
 def test_negative_binomial_at_the_poisson_limit(name):
     """Counts simulated as poisson, fitted as negative binomial: the optimum is the poisson limit ϑ = ∞,
-    whose logLik is glmmTMB's poisson fit's (the case's reference).  Over 3 sites both methods get there
-    (ϑ beyond 1e8, the logLik within 1e-7 of glmmTMB's and 1e-8 of each other); the hybrid in at most 6
-    rounds, the iterative method in 9 (9 and 10, 9 and 11 when ψ = log ϑ crept up by Newton's steps)."""
+    whose logLik is glmmTMB's poisson fit's (the case's reference).  Pooled and over 3 sites both methods get
+    there (ϑ beyond 1e8, the logLik within 1e-8 of glmmTMB's and 1e-9 of each other; counts of 2e4 in
+    sim_pois_huge, whose ℓ at ϑ = 1e13 is still 1e-7 from the limit); the hybrid pooled in 2 rounds (the site's
+    own fit), over 3 sites in at most 4 (sim_epil_la took 7 on one machine and 6 on another, its ψ stepped
+    past 30 by Newton's steps in its rounding, to where its derivatives overflowed), the iterative method in
+    at most 9."""
     case = dict(next(c for c in CASES if c["name"] == name), family="negative_binomial")
     ref = json.loads((ROUNDS / f"{name}.tmb.json").read_text())["logLik"]
-    data = _sites(pd.read_csv(case["data"]), case)
-    hybrid, iterative = _fit(case, data), _fit(case, data, method="iterative")
-    for res in (hybrid, iterative):
-        assert res.converged and res.dispersion["theta"] > 1e8, res.dispersion
-        assert abs(res.loglik - ref) < 1e-7, (res.loglik, ref)
-    _same(hybrid, iterative, tol=1e-6)
-    assert abs(hybrid.loglik - iterative.loglik) < 1e-8
-    assert hybrid.rounds <= 6 and iterative.rounds <= 9, (hybrid.rounds, iterative.rounds)
+    df = pd.read_csv(case["data"])
+    for data, most in ((df, 2), (_sites(df, case), 4)):
+        hybrid, iterative = _fit(case, data), _fit(case, data, method="iterative")
+        for res in (hybrid, iterative):
+            assert res.converged and res.dispersion["theta"] > 1e8, res.dispersion
+            assert abs(res.loglik - ref) < 1e-8, (res.loglik, ref)
+        _same(hybrid, iterative, tol=1e-6)
+        assert abs(hybrid.loglik - iterative.loglik) < 1e-9
+        assert hybrid.rounds <= most and iterative.rounds <= 9, (hybrid.rounds, iterative.rounds)
 
 
 def _slope_without_intercept(seed: int) -> dict:

@@ -71,7 +71,8 @@ def own_part(loc: dict, message: dict, st) -> OwnPart | None:
         if info.shape != (ps + nt, ps + nt) or xhat.shape != (ps + nt,):
             return None
         K, h = M.T @ info @ M, M.T @ info @ xhat
-        center = np.linalg.lstsq(K, h, rcond=None)[0]
+        # coded as agreed, the fit itself (lstsq put a negative binomial's ψ at its poisson limit, of tiny information, at 0)
+        center = np.linalg.solve(M, xhat) if L is st.A else np.linalg.lstsq(K, h, rcond=None)[0]
         T = None
         if loc.get("third") is not None:
             T = transform_third(np.asarray(loc["third"], float), M)

@@ -37,7 +37,7 @@ import numpy as np
 from ..model.options import NewtonConfig
 from .boundary import boundary_step, face_decrement, face_step
 from .candidates import MODEL_REACH, Candidate as _Candidate, State as _State, scaled_norm, unbounded as _unbounded
-from .steps import even_at_zero, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
+from .steps import capped, held, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
 from .newton_end import Ending
 from .start_choice import best_start, held_step, newton_step as _newton_step
 
@@ -115,8 +115,8 @@ class TrustRegionNewton(Ending):
     def tell(self, xs, results) -> list[np.ndarray] | None:
         """Record one round (the points asked for and their (f, g, H)); return the next points or None."""
         self.evals += 1
-        pts = [(np.asarray(x, float), float(f), *even_at_zero(np.asarray(x, float), np.asarray(g, float),
-                                                              np.asarray(H, float), self.boundary))
+        pts = [(np.asarray(x, float), float(f), *held(np.asarray(x, float), np.asarray(g, float),
+                                                      np.asarray(H, float), self.boundary, self.tails))
                for x, (f, g, H) in zip(xs, results)]
         ok = [np.isfinite(f) and np.all(np.isfinite(g)) and np.all(np.isfinite(H)) for _, f, g, H in pts]
         self._refresh(pts, ok)
@@ -183,7 +183,7 @@ class TrustRegionNewton(Ending):
             + self._turns(cur, newton, cov) \
             + self._face(cur, newton)
         self.third_points = self._third_points(extra)
-        return [cur.x + c.step for c in self._cands] + ([cur.x] if self._refreshing else [])
+        return [capped(cur.x + c.step, self.tails) for c in self._cands] + ([cur.x] if self._refreshing else [])
 
     def _observe(self, pts: list, ok: list) -> None:
         """Show the caller's model every finite point of the round (its optional ``observe``)."""

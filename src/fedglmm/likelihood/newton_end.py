@@ -10,7 +10,7 @@ from .boundary import boundary_last
 from .candidates import Candidate as _Candidate, unbounded as _unbounded
 from .last_step import last_step
 from .start_choice import newton_step as _newton_step
-from .steps import even_third
+from .steps import capped, even_third
 
 
 THIRD_LAST = 5e-7         # a final point's decrement below which the last step to third order may end the fit
@@ -69,7 +69,7 @@ class Ending:
         self.want_third = self._may_ask_third() and (
             edge is not None or third and not self.third_dear and (cfg.third_at_final or extra.land > THIRD_MOVE)
             or pred > cfg.third_final)
-        return [cur.x + step]
+        return [capped(cur.x + step, self.tails)]
 
     def _may_ask_third(self) -> bool:
         """Whether this iteration asks for F's third derivatives at all: a fit that allows it (``final_third``), of

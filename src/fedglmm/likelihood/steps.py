@@ -9,7 +9,8 @@ or wander off a zero.
 * :func:`tail_step`: a negative binomial's log-likelihood approaches the poisson one as ψ = log ϑ grows, like
   e^(−ψ): where the data are not overdispersed its optimum is ψ = ∞, and Newton's steps in ψ add about 1 a
   round (sim_epil over 3 sites: 9 rounds).  In α = e^(−ψ) the objective is smooth up to α = 0, so the
-  step of the quadratic model in α reaches the poisson limit (or a large ψ) in one.
+  step of the quadratic model in α reaches the poisson limit (or a large ψ) in one; there :func:`held` holds
+  it, and no point goes beyond ``PSI_MAX`` (:func:`capped`).
 * :func:`even_at_zero`: the objective is even in each diagonal entry of Λ, so where one is exactly 0 its
   gradient and its cross-curvatures vanish; sums whose Hessian comes from differences (several grouping
   factors) carry an error there that would move the entry off 0 with every step in the others.
@@ -22,7 +23,10 @@ from .start_choice import newton_step
 
 GROW = 1.05        # a standard deviation the Newton step grows by more than this factor gets the log step
 MAX_FACTOR = 4.0   # the log step changes a standard deviation by at most this factor either way
-TAIL_CAP = 30.0    # ψ that stands for α = e^(−ψ) = 0 (the poisson limit: ϑ = 1e13, ℓ equal to 1e-12)
+TAIL_CAP = 30.0    # ψ that stands for α = e^(−ψ) = 0 at least (the poisson limit: ϑ = 1e13) ...
+TAIL_GAIN = 1e-12  # ... and further where F would fall by more than this beyond it (tail_step's landing, _land)
+TAIL_HELD = 1e-10  # a ψ beyond TAIL_CAP whose |∂F/∂ψ| (F's fall from there to ψ = ∞) is below this is held (held)
+PSI_MAX = 300.0    # no point goes beyond: F's ψ-derivatives overflow from ψ ≈ 355 (ϑ² in double precision)
 
 
 def log_scale_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray, diagonal) -> tuple | None:
@@ -54,11 +58,13 @@ def tail_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray, t
     """Where the Newton step ``newton`` grows entries of ``tails`` (ψ = log ϑ of a negative binomial): the
     Newton step with those entries as α = e^(−ψ) -- gradient −g/α, Hessian H_ab/(α_a α_b) for them plus
     g/α² on the diagonal (the second derivative of ψ in α) -- with α kept ≥ 0: an α that the step takes
-    below 0 is set to 0 (ψ = ``TAIL_CAP``) and the other entries minimise the model with it held there.  As
+    below 0 is set to 0 (ψ = ``_land``'s) and the other entries minimise the model with it held there.  As
     (step in x, predicted decrease, whether it reaches the limit); None if no entry grows, the model is not
     convex or its step is no longer than Newton's."""
     tails = np.asarray(tails, dtype=np.int64)
-    grow = tails[(newton[tails] > 0) & (x[tails] < TAIL_CAP)]
+    land = _land(x, g, tails)
+    keep = (newton[tails] > 0) & (x[tails] < land)
+    grow, land = tails[keep], land[keep]
     if not grow.size:
         return None
     a = np.exp(-x[grow])
@@ -82,11 +88,20 @@ def tail_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray, t
             return None
     pred = float(-(ga @ sa + 0.5 * sa @ Ha @ sa))
     step = sa.copy()
-    new = np.maximum(a + sa[grow], np.exp(-TAIL_CAP))
+    new = np.maximum(a + sa[grow], np.exp(-land))
     step[grow] = -np.log(new) - x[grow]
     if pred <= 0 or np.all(step[grow] <= newton[grow]):
         return None
     return step, pred, bool(low.size)
+
+
+def _land(x: np.ndarray, g: np.ndarray, tails: np.ndarray) -> np.ndarray:
+    """Where each ψ of ``tails`` stands for its poisson limit: F ≈ F(∞) + c e^(−ψ) there, with c = −∂F/∂ψ e^ψ
+    from the point ``x`` (``g``: ∂F), so F falls by c e^(−ψ) from ψ to ∞; the ψ where that is TAIL_GAIN, at
+    least TAIL_CAP (counts of 1e4 left 1e-7 of F beyond ψ = 30, and their fit 5e-8 from the limit)."""
+    c = np.maximum(-g[tails], 0.0) * np.exp(np.minimum(x[tails], PSI_MAX))
+    with np.errstate(divide="ignore"):
+        return np.clip(np.log(c / TAIL_GAIN), TAIL_CAP, PSI_MAX)
 
 
 def even_at_zero(x: np.ndarray, g: np.ndarray, H: np.ndarray, even) -> tuple:
@@ -104,6 +119,32 @@ def even_at_zero(x: np.ndarray, g: np.ndarray, H: np.ndarray, even) -> tuple:
         H[:, i] = 0.0
         H[i, i] = diag
     return g, H
+
+
+def held(x: np.ndarray, g: np.ndarray, H: np.ndarray, even, tails) -> tuple:
+    """(g, H) as :func:`even_at_zero` leaves them, with each entry of ``tails`` (a negative binomial's ψ) at
+    ``TAIL_CAP`` or beyond, where F falls by less than TAIL_HELD on to ψ = ∞, held there: its gradient and
+    cross terms 0, its curvature 1.  Its ψ-derivatives there are F's flat tail and rounding, and Newton's step
+    in them took ψ from 30 to 220 and on, where they overflow (NaN from ψ ≈ 355), for two rounds more
+    (sim_epil as a negative binomial over 3 sites, tests/test_rounds.py: 7 rounds on one machine, 6 on another)."""
+    g, H = even_at_zero(x, g, H, even)
+    cap = [i for i in tails if x[i] >= TAIL_CAP and abs(g[i]) <= TAIL_HELD]
+    if not cap:
+        return g, H
+    g, H = g.copy(), H.copy()
+    g[cap] = 0.0
+    H[cap, :] = 0.0
+    H[:, cap] = 0.0
+    H[cap, cap] = 1.0
+    return g, H
+
+
+def capped(x: np.ndarray, tails) -> np.ndarray:
+    """The point ``x`` with each entry of ``tails`` at most ``PSI_MAX``."""
+    if len(tails) and np.any(x[list(tails)] > PSI_MAX):
+        x = x.copy()
+        x[list(tails)] = np.minimum(x[list(tails)], PSI_MAX)
+    return x
 
 
 def even_third(x: np.ndarray, T: np.ndarray, even) -> np.ndarray:

@@ -257,7 +257,8 @@ def local_fit(design: Design, family: Family, options: FitOptions, site_id: str,
         evaluator = LocalEvaluator({site_id: engine}, {site_id: None if design.factors or not design.Z.shape[1]
                                                        else design.group_levels})
         est = fit_lmm(evaluator, st, options, covariance=covariance) if family.name == "gaussian" else \
-            fit_glmm(evaluator, st, *start_values(st, family), options, starts=starts)
+            fit_glmm(evaluator, st, *start_values(st, family), options, starts=starts,
+                     poisson_limit=family.name == "negative_binomial")
     except (FedGLMMError, np.linalg.LinAlgError, ArithmeticError, ValueError):
         return None
     if not est.converged or (est.info is None and family.name != "gaussian") \

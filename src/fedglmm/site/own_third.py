@@ -8,7 +8,9 @@ import numpy as np
 
 from ..likelihood.linalg import pack_third, symmetric_third
 
-THIRD_STEP = 0.5      # the differences for the third derivatives: half a standard error each way
+THIRD_STEP = 0.5      # the differences for the third derivatives: half a standard error each way, but 1e-3
+FLAT_SE = 1e3         # along a coordinate whose standard error is above this (a negative binomial's ψ at its
+                      # poisson limit: 1e6, whose steps overflowed ϑ and took the modes 10 s to fail)
 POINT_STEP = 1e-4     # ... at a point the coordinator names: this far (internal scale, relative beyond 1) ...
 FINAL_STEP = 1e-5     # ... at a final point, from an analytic Hessian (see reply_third)
 
@@ -25,7 +27,7 @@ def third_derivatives(engine, x: np.ndarray, info: np.ndarray) -> np.ndarray | N
     P = len(x)
     D = np.empty((P, P, P))
     for k in range(P):
-        h = THIRD_STEP * se[k] if se[k] > 0 else 1e-3
+        h = THIRD_STEP * se[k] if 0 < se[k] <= FLAT_SE else 1e-3
         e = np.zeros(P)
         e[k] = h
         hp, hm = engine.sums(x + e)["hess"], engine.sums(x - e)["hess"]
@@ -42,7 +44,7 @@ def covariance_third(engine, x: np.ndarray, H: np.ndarray, idx) -> np.ndarray | 
     A likelihood's skew with few levels is in their variances: the full derivatives (2·len(x) evaluations)
     started the 3-site splits of parity_multilevel.py no closer (coordinator.own_combination.factor_log_start)."""
     se = np.sqrt(np.maximum(np.diag(np.linalg.pinv(H)), 0.0))
-    T = _spread(_forward(engine, x, H, idx, np.where(se > 0, THIRD_STEP * se, 1e-3)), idx)
+    T = _spread(_forward(engine, x, H, idx, np.where((se > 0) & (se <= FLAT_SE), THIRD_STEP * se, 1e-3)), idx)
     return symmetric_third(T) if len(idx) and np.all(np.isfinite(T)) else None
 
 
