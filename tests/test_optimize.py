@@ -401,6 +401,17 @@ def test_the_poisson_limit_is_held_where_f_is_flat_to_rounding():
     assert smooth(opt.solution)[0] < 1e-11
 
 
+def test_a_dispersion_comes_back_from_the_poisson_limit_where_f_rises_towards_it():
+    """From ψ = 41 (where a step to the limit landed), with F rising towards the limit (a finite optimum,
+    α = 1e-5, ψ = 11.5: counts a little overdispersed): ψ is not held there, and the step in α brings it back,
+    no point beyond 41; before, F's slope there (e^(−41)) ended the iteration at the limit, F 1e-6 above its
+    optimum (benchmarks/nb_poisson_limit.py: logLiks 0.01-1 below the optimum's)."""
+    F = _nb_like(1e4, 1e-5)
+    opt, asked = _drive_with(F, [1.0, 41.0], NewtonConfig(extrapolate=0.0), tails=(1,))
+    assert opt.converged and abs(opt.solution[1] - np.log(1e5)) < 1e-6, opt.solution
+    assert max(x[1] for x in asked) <= 41.0 and opt.evals <= 8, ([x[1] for x in asked], opt.evals)
+
+
 def test_a_finite_dispersion_is_reached_through_its_step_in_alpha():
     """A finite optimum (α = 0.2, ψ = log 5) approached from below in ψ (Newton's steps grow it): the model
     in α is exact here, so its step lands on the optimum; the iteration ends where Newton's alone does,

@@ -183,7 +183,7 @@ class TrustRegionNewton(Ending):
             + self._turns(cur, newton, cov) \
             + self._face(cur, newton)
         self.third_points = self._third_points(extra)
-        return [capped(cur.x + c.step, self.tails) for c in self._cands] + ([cur.x] if self._refreshing else [])
+        return [capped(cur.x + c.step, self.tails, cur) for c in self._cands] + ([cur.x] if self._refreshing else [])
 
     def _observe(self, pts: list, ok: list) -> None:
         """Show the caller's model every finite point of the round (its optional ``observe``)."""
@@ -313,9 +313,9 @@ class TrustRegionNewton(Ending):
         return _unbounded(*out, cur.H) if out is not None else None
 
     def _tail(self, cur, newton) -> _Candidate | None:
-        """Where the Newton step grows a negative binomial's ψ: its step in α = e^(−ψ)
-        (:func:`~fedglmm.likelihood.steps.tail_step`), as one more candidate."""
-        if not self.tails or self.config.single or newton is None or self._tail_from is cur:
+        """Where the Newton step grows a negative binomial's ψ, or ψ comes back from its limit: its step in
+        α = e^(−ψ) (:func:`~fedglmm.likelihood.steps.tail_step`), as one more candidate."""
+        if not self.tails or self.config.single or self._tail_from is cur:
             return None           # (at a point it was tried from already: its step is known to fail)
         self._tail_from = cur
         out = tail_step(cur.x, cur.g, cur.H, newton, self.tails)

@@ -69,7 +69,7 @@ class Ending:
         self.want_third = self._may_ask_third() and (
             edge is not None or third and not self.third_dear and (cfg.third_at_final or extra.land > THIRD_MOVE)
             or pred > cfg.third_final)
-        return [capped(cur.x + step, self.tails)]
+        return [capped(cur.x + step, self.tails, cur)]
 
     def _may_ask_third(self) -> bool:
         """Whether this iteration asks for F's third derivatives at all: a fit that allows it (``final_third``), of
