@@ -412,6 +412,30 @@ def test_a_dispersion_comes_back_from_the_poisson_limit_where_f_rises_towards_it
     assert max(x[1] for x in asked) <= 41.0 and opt.evals <= 8, ([x[1] for x in asked], opt.evals)
 
 
+def test_the_model_in_alpha_is_chosen_where_it_predicts_the_gradient_better():
+    """steps.alpha_predicts: of two points near a large finite ϑ (ψ 11 and 11.4), F quadratic in α = e^(−ψ) (a
+    negative binomial's fall towards its poisson limit) has its gradient at one predicted exactly by the model in α
+    at the other and not by the model in ψ: α is chosen; F quadratic in ψ, the other way round; below ALPHA_FROM
+    never."""
+    from fedglmm.likelihood.candidates import State
+    from fedglmm.likelihood.steps import alpha_predicts
+
+    def at(F, x):
+        f, g, H = F(np.asarray(x, float))
+        return State(np.asarray(x, float), f, g, H)
+
+    def quadratic_in_psi(x):
+        b, psi = x
+        return (b - 1) ** 2 + (psi - 11.2) ** 2 + 0.1 * b * psi, np.array([2 * (b - 1) + 0.1 * psi, 2 * (psi - 11.2)
+                                                                            + 0.1 * b]), np.array([[2.0, 0.1], [0.1, 2.0]])
+
+    in_alpha = _nb_like(1e4, 1.3e-5)
+    assert alpha_predicts(at(in_alpha, [0.9, 11.0]), at(in_alpha, [0.95, 11.4]), (1,))
+    assert not alpha_predicts(at(quadratic_in_psi, [0.9, 11.0]), at(quadratic_in_psi, [0.95, 11.4]), (1,))
+    assert not alpha_predicts(at(in_alpha, [0.9, 4.0]), at(in_alpha, [0.95, 4.4]), (1,))
+    assert not alpha_predicts(None, at(in_alpha, [0.95, 11.4]), (1,))
+
+
 def test_a_finite_dispersion_is_reached_through_its_step_in_alpha():
     """A finite optimum (α = 0.2, ψ = log 5) approached from below in ψ (Newton's steps grow it): the model
     in α is exact here, so its step lands on the optimum; the iteration ends where Newton's alone does,

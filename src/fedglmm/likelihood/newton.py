@@ -37,7 +37,8 @@ import numpy as np
 from ..model.options import NewtonConfig
 from .boundary import boundary_step, face_decrement, face_step
 from .candidates import MODEL_REACH, Candidate as _Candidate, State as _State, scaled_norm, unbounded as _unbounded
-from .steps import capped, held, log_scale_step, tail_step, trust_region_subproblem as _trust_region_subproblem
+from .steps import alpha_predicts, capped, held, log_scale_step, tail_step, \
+    trust_region_subproblem as _trust_region_subproblem
 from .newton_end import Ending
 from .start_choice import best_start, held_step, newton_step as _newton_step
 
@@ -318,7 +319,7 @@ class TrustRegionNewton(Ending):
         if not self.tails or self.config.single or self._tail_from is cur:
             return None           # (at a point it was tried from already: its step is known to fail)
         self._tail_from = cur
-        out = tail_step(cur.x, cur.g, cur.H, newton, self.tails)
+        out = tail_step(cur.x, cur.g, cur.H, newton, self.tails, alpha_predicts(self.previous, cur, self.tails))
         return None if out is None else replace(_unbounded(*out[:2], cur.H), limit=out[2])
 
     def _turns(self, cur, newton, cov) -> list[_Candidate]:

@@ -54,7 +54,8 @@ def log_scale_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarr
     return (step, pred) if pred > 0 else None
 
 
-def tail_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray | None, tails) -> tuple | None:
+def tail_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray | None, tails,
+              prefer: bool = False) -> tuple | None:
     """Where the Newton step ``newton`` grows entries of ``tails`` (ψ = log ϑ of a negative binomial), or where
     one is at its poisson limit (``TAIL_CAP`` or beyond) but F rises towards it (∂F/∂ψ > 0: the limit is not the
     optimum, whose F falls towards ψ = ∞ there), or F rises and is not convex (``newton`` None; F's curvature in ψ
@@ -63,11 +64,14 @@ def tail_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray | 
     g/α² on the diagonal (the second derivative of ψ in α) -- with α kept ≥ 0: an α that the step takes
     below 0 is set to 0 (ψ = ``_land``'s) and the other entries minimise the model with it held there.  As
     (step in x, predicted decrease, whether it reaches the limit); None if no entry grows or comes back, the
-    model is not convex or its step is no longer than Newton's (coming back: does not come back)."""
+    model is not convex or its step is no longer than Newton's (coming back: does not come back).  ``prefer``
+    (:func:`alpha_predicts`): every entry of ``tails`` in α, whatever the Newton step, and the step is the
+    one the iteration takes where it ends (returned as reaching the limit)."""
     tails = np.asarray(tails, dtype=np.int64)
     land = _land(x, g, tails)
     back = (g[tails] > 0) & ((x[tails] >= TAIL_CAP) | (newton is None))
-    keep = back | (np.zeros(len(tails), bool) if newton is None else (newton[tails] > 0) & (x[tails] < land))
+    keep = back | (np.zeros(len(tails), bool) if newton is None else (newton[tails] > 0) & (x[tails] < land)) \
+        | prefer
     grow, land, back = tails[keep], land[keep], back[keep]
     if not grow.size:
         return None
@@ -95,9 +99,37 @@ def tail_step(x: np.ndarray, g: np.ndarray, H: np.ndarray, newton: np.ndarray | 
     new = np.maximum(a + sa[grow], np.exp(-land))
     step[grow] = -np.log(new) - x[grow]
     further = step[grow] < 0 if newton is None else np.where(back, step[grow] < 0, step[grow] > newton[grow])
-    if pred <= 0 or not np.any(further):
+    if pred <= 0 or not (prefer or np.any(further)):
         return None
-    return step, pred, bool(low.size)
+    return step, pred, bool(low.size) or prefer
+
+
+ALPHA_FROM = 5.0    # a ψ from which its quadratic model in α = e^(−ψ) may be preferred (ϑ ≥ 150: alpha_predicts)
+ALPHA_BETTER = 0.5  # ... where its error in the gradient at the point before is below this share of ψ's
+
+
+def alpha_predicts(prev, cur, tails) -> bool:
+    """Whether the quadratic model at ``cur`` with the entries of ``tails`` (ψ, all ≥ ALPHA_FROM) in α = e^(−ψ)
+    predicts F's gradient at the point before, ``prev``, better than the model in ψ (its error below ALPHA_BETTER
+    of the other's, both as ψ-gradients, scaled by √|diag H|).  Where ϑ is large but finite, F's fall towards the
+    poisson limit (like e^(−ψ)) makes F far from quadratic in ψ, and Newton's steps in ψ contracted slowly, a round
+    at a time (benchmarks/nb_poisson_limit.py: fits of 9 rounds, 5 of them final ones in ψ alone)."""
+    tails = np.asarray(tails, dtype=np.int64)
+    if prev is None or not tails.size or prev.x.shape != cur.x.shape \
+            or np.any(cur.x[tails] < ALPHA_FROM) or np.any(prev.x[tails] < ALPHA_FROM):
+        return False
+    dx = prev.x - cur.x
+    e_psi = prev.g - (cur.g + cur.H @ dx)
+    Jc, Jp = np.ones(len(cur.x)), np.ones(len(cur.x))
+    Jc[tails], Jp[tails] = -np.exp(cur.x[tails]), -np.exp(prev.x[tails])        # dψ/dα
+    Hy = cur.H * np.outer(Jc, Jc)
+    Hy[tails, tails] += cur.g[tails] * np.exp(2.0 * cur.x[tails])
+    dy = dx.copy()
+    dy[tails] = np.exp(-prev.x[tails]) - np.exp(-cur.x[tails])
+    e_alpha = (Jp * prev.g - (Jc * cur.g + Hy @ dy)) / Jp
+    D = np.sqrt(np.maximum(np.abs(np.diag(cur.H)), 1e-300))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.linalg.norm(e_alpha / D) < ALPHA_BETTER * np.linalg.norm(e_psi / D))
 
 
 def _land(x: np.ndarray, g: np.ndarray, tails: np.ndarray) -> np.ndarray:
