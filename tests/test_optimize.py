@@ -426,8 +426,8 @@ def test_the_model_in_alpha_is_chosen_where_it_predicts_the_gradient_better():
 
     def quadratic_in_psi(x):
         b, psi = x
-        return (b - 1) ** 2 + (psi - 11.2) ** 2 + 0.1 * b * psi, np.array([2 * (b - 1) + 0.1 * psi, 2 * (psi - 11.2)
-                                                                            + 0.1 * b]), np.array([[2.0, 0.1], [0.1, 2.0]])
+        g = np.array([2 * (b - 1) + 0.1 * psi, 2 * (psi - 11.2) + 0.1 * b])
+        return (b - 1) ** 2 + (psi - 11.2) ** 2 + 0.1 * b * psi, g, np.array([[2.0, 0.1], [0.1, 2.0]])
 
     in_alpha = _nb_like(1e4, 1.3e-5)
     assert alpha_predicts(at(in_alpha, [0.9, 11.0]), at(in_alpha, [0.95, 11.4]), (1,))

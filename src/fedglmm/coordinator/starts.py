@@ -71,7 +71,7 @@ def own_part(loc: dict, message: dict, st) -> OwnPart | None:
         if info.shape != (ps + nt, ps + nt) or xhat.shape != (ps + nt,):
             return None
         K, h = M.T @ info @ M, M.T @ info @ xhat
-        # coded as agreed, the fit itself (lstsq put a negative binomial's ψ at its poisson limit, of tiny information, at 0)
+        # coded as agreed: the fit itself (lstsq set a negative binomial's ψ, of information e^(−ψ), to 0)
         center = np.linalg.solve(M, xhat) if L is st.A else np.linalg.lstsq(K, h, rcond=None)[0]
         T = None
         if loc.get("third") is not None:

@@ -161,10 +161,10 @@ def even_at_zero(x: np.ndarray, g: np.ndarray, H: np.ndarray, even) -> tuple:
 def held(x: np.ndarray, g: np.ndarray, H: np.ndarray, even, tails) -> tuple:
     """(g, H) as :func:`even_at_zero` leaves them, with each entry of ``tails`` (a negative binomial's ψ) at
     ``TAIL_CAP`` or beyond, where F falls (not rises: :func:`tail_step` comes back) by less than TAIL_HELD on to
-    ψ = ∞, held there: its gradient and
-    cross terms 0, its curvature 1.  Its ψ-derivatives there are F's flat tail and rounding, and Newton's step
-    in them took ψ from 30 to 220 and on, where they overflow (NaN from ψ ≈ 355), for two rounds more
-    (sim_epil as a negative binomial over 3 sites, tests/test_rounds.py: 7 rounds on one machine, 6 on another)."""
+    ψ = ∞, held there: its gradient and cross terms 0, its curvature 1.  Its ψ-derivatives there are F's flat
+    tail and rounding, and Newton's step in them took ψ from 30 to 220 and on, where they overflow (NaN from
+    ψ ≈ 355), for two rounds more (sim_epil as a negative binomial over 3 sites, tests/test_rounds.py: 7 rounds
+    on one machine, 6 on another)."""
     g, H = even_at_zero(x, g, H, even)
     cap = [i for i in tails if x[i] >= TAIL_CAP and -TAIL_HELD <= g[i] <= 0.0]
     if not cap:
