@@ -148,7 +148,7 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
     evaluator = RoundEvaluator(transport, st, first, final if family.name != "gaussian" or st.factor_groups else None)
     if family.name == "gaussian":
         return fit_lmm(evaluator, st, options, start)
-    model = surrogate_model(surrogate) if surrogate is not None else None
+    model = surrogate_model(surrogate, family.name == "negative_binomial") if surrogate is not None else None
     others = None
     if start is not None and isinstance(start[0], tuple):
         # candidate starts from different sources: go on from a sound one
