@@ -433,3 +433,18 @@ def test_binary_starts_along_the_attenuation_curve_from_the_totals(name, sites):
     SDs 2.8 and 4.3 (coordinator.starts.binary_variants) is among the first round's points: 4 rounds where these
     took 5 and 6, at the fit continued to machine precision."""
     _four_rounds_at_the_optimum(name, sites)
+
+
+def test_iterative_fit_of_large_counts_does_not_run_off_along_a_ridge():
+    """Counts of 3000 over 28 groups with an SD of 1.3 (tests/data/poisson_large_counts.csv, drawn by
+    benchmarks/nb_poisson_limit.py --seed 1, fit 17): from the site totals' start (intercept 9.5 for 7.8) the
+    iterative method's first Newton step overshot to 1.4, where H is indefinite, and the trust region's steps
+    followed the ridge of intercept and SD to 191 and 22 until the run-off check ended the fit, not converged.
+    With the fixed effects' Newton step at θ held among the candidates there, it converges, to the hybrid's fit."""
+    df = pd.read_csv(Path(__file__).parent / "data" / "poisson_large_counts.csv")
+    formula = "y ~ x + factor(f) + (1 | g)"
+    iterative = fedglmm.fit(formula, df, family="poisson", method="iterative")
+    hybrid = fedglmm.fit(formula, df, family="poisson")
+    assert iterative.converged and hybrid.converged
+    assert abs(iterative.loglik - hybrid.loglik) < 1e-8
+    assert np.max(np.abs(iterative.fixef - hybrid.fixef)) < 1e-6

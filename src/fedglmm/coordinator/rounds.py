@@ -161,7 +161,7 @@ def estimate(transport, st: Setup, family: Family, options: FitOptions, start=No
         est = fit_glmm(evaluator, st, gamma0, theta0, options, others, model, shifts,
                        final_first=final_first and others is None, sound_start=sound,
                        poisson_limit=family.name == "negative_binomial",
-                       fallback=domain_start(st, family, gamma0, theta0), runaway_stop=True)
+                       fallback=domain_start(st, family, gamma0, theta0), runaway_stop=True, far=start is None)
         return _with_likelihood(est)
     except ConvergenceError as exc:
         if not family.positive_eta:

@@ -191,7 +191,7 @@ def _penalised(P, p: int):
 
 def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOptions, starts=None,
              model=None, disp_shifts=(), final_first: bool = False, sound_start: bool = False,
-             poisson_limit: bool = False, fallback=None, runaway_stop: bool = False) -> Estimate:
+             poisson_limit: bool = False, fallback=None, runaway_stop: bool = False, far: bool = False) -> Estimate:
     """Newton on −ℓ(γ, θ̃) (plus the penalty, applied here: the parts never see λ) from (γ0, θ̃0) and
     ``starts`` (further points of the first round; default: the start's covariance halved and doubled);
     ``disp_shifts``: the first round also tries each of those points with ψ (the last entry) moved by each;
@@ -204,7 +204,9 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
     ``tol``; ``sound_start``: of several starts, go on from one with a positive-definite Hessian (see
     :class:`~fedglmm.likelihood.newton.TrustRegionNewton`); ``fallback``: the starts of one more first round
     where the objective is not finite at any of these (:func:`~fedglmm.likelihood.starts.domain_start`);
-    ``runaway_stop``: estimates that run off end the rounds (:func:`~fedglmm.likelihood.drive.run`)."""
+    ``runaway_stop``: estimates that run off end the rounds (:func:`~fedglmm.likelihood.drive.run`); ``far``: a start
+    from site totals, where H is indefinite the fixed effects' Newton step with θ held is tried too, with one
+    grouping factor as well (counts of 3000 ran off along a ridge of intercept and SD: nb_poisson_limit.py)."""
     p, mask = len(gamma0), setup.mask
     k = int(np.sum(mask))
     P = _penalty_matrix(setup.A, setup.names, p, options.penalty) if options.penalty else None
@@ -239,7 +241,7 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
                             sound_start=sound_start, tails=(p + k,) if poisson_limit else (),
                             faces=True, fixed=0 if setup.factor_groups else p,
                             uncertain=getattr(evaluator, "uncertain", None), third_dear=bool(setup.factor_groups),
-                            held=p if setup.factor_groups else 0)
+                            held=p if setup.factor_groups or far else 0)
     if opt.third_cov:       # (not at a dispersion's shifted starts: grouseticks_nb over 3 sites 1.35 -> 1.1 times
         opt.third_points = list(range(len(first)))      # the time of the fit without them, in as many rounds)
     phi, (final, s), opt = run(opt, evaluate, canon, fallback,
