@@ -29,7 +29,7 @@ from ..likelihood.starts import start_values
 from ..model.design import build_design, coding_key, describe_frame
 from ..model.families import Family
 from ..model.formula import variables
-from ..model.options import CUT_SHORT_GROUPS, OWN_FIT_GROUPS, FitOptions, NewtonConfig
+from ..model.options import CUT_SHORT_GROUPS, MIN_GROUP, OWN_FIT_GROUPS, FitOptions, NewtonConfig
 from ..model.recode import own_design
 from ..model.spec import Design, ModelSpec, Schema, lambda_matrix, theta_index
 from .own_third import covariance_third, third_derivatives
@@ -164,7 +164,7 @@ def independent_columns(X: np.ndarray, tol: float = 1e-9) -> list[int]:
 
 
 def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, site_id: str,
-                   transforms: dict | None = None, min_group: float = float("inf")) -> dict | None:
+                   transforms: dict | None = None, min_group: float = MIN_GROUP, modes: bool = False) -> dict | None:
     """With several grouping factors: the site's own fit of its rows -- β, θ (and ψ) and their information,
     with the number of levels of each factor behind them and the column names of the site's own coding
     (the coordinator uses what is coded as in the agreed design), sums over many rows and levels -- for
@@ -182,10 +182,10 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     split one hospital per site take 4 rounds with such fits and 5-7 without (with Newton's steps they had
     helped egsingle and cost chem97 and scotssec rounds).
 
-    A binomial or poisson fit also sends (``modes``) the conditional modes and SDs, on the user's scale, of
-    each factor's levels with at least ``min_group`` observations (the rule for the modes of the final
-    round): where levels are shared by sites they start the shared effects
-    (:func:`~fedglmm.coordinator.own_combination.shared_level_modes`); none with ``min_group`` infinite."""
+    Asked to (``modes``), a binomial or poisson fit also sends (``modes``) the conditional modes and SDs, on the
+    user's scale, of each factor's levels with at least ``min_group`` observations (the rule for the modes of
+    the final round): where levels are shared by sites they start the shared effects
+    (:func:`~fedglmm.coordinator.own_combination.shared_level_modes`)."""
     npar = d.X.shape[1] + int(np.asarray(d.theta_mask).sum()) + fam.ndisp
     levels = {f.name: len(f.levels) for f in d.factors}
     alone = [f for f in d.factors if len(f.levels) < 2]
@@ -197,7 +197,7 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     res = short_fit(frame, fit_spec, fam, str(local.get("curvature", "observed")), site_id, transforms,
                     exact=bool(local.get("exact")) and not alone, reml=bool(local.get("reml", True)),
                     rounds=ALONE_ROUNDS if alone else SHORT_ROUNDS, stop=0.0 if alone else SHORT_STOP, third=not alone,
-                    modes=fam.name != "gaussian" and min_group < float("inf"))
+                    modes=fam.name != "gaussian" and modes)
     if res is None:
         return None
     theta = res["theta"] if not alone else _in_full_layout(res, d, kept)

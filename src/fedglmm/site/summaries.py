@@ -75,7 +75,7 @@ def summarize(frame: pd.DataFrame, formula: str, family: str, link: str | None, 
         if fam.name == "gaussian":
             msg["groups"], msg["refused"] = _cell_blocks(d, min_group, site_id)
         if local is not None and msg["groups"] is None:
-            msg["local"] = own_factor_fit(frame, d, spec, fam, local, site_id, transforms, min_group if own_modes else np.inf)
+            msg["local"] = own_factor_fit(frame, d, spec, fam, local, site_id, transforms, min_group, modes=own_modes)
         return msg
     if fam.name != "gaussian":
         sums.update(start_sums(d, fam))
@@ -327,7 +327,7 @@ def _describe_blocks(msg: dict) -> dict:
             about["local"] += ("; and for each grouping factor ('modes') the conditional modes and SDs of its levels "
                                "with at least min_group observations: " + ", ".join(
                                    f"{len(m['levels'])} of '{f}'" for f, m in loc["modes"].items()))
-        if msg["local"].get("alone"):
+        if loc.get("alone"):
             about["local"] += (" -- fitted without the random intercept of its one group (its 'theta' 0): the "
                                "group's effect is in the intercept")
     if msg.get("pooled"):
