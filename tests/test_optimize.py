@@ -74,8 +74,10 @@ def test_convex_quadratic_in_one_step_and_a_final_check():
     x0 = np.zeros(5)
     opt, rounds = drive(quad, x0)
     assert opt.converged, opt.message
-    # start, the Newton step (lands on the optimum), the final candidate: three rounds of one point
-    assert [len(r) for r in rounds] == [1, 1, 1], rounds
+    # start, the Newton step (lands on the optimum), the final candidate: three rounds, of one point but the
+    # second: from x0 Newton's step is 20 standard errors long, and the round also tries the trust region's
+    # steps a quarter and a sixteenth as long (candidates.hedges)
+    assert [len(r) for r in rounds] == [1, 3, 1], rounds
     assert np.max(np.abs(rounds[1][0][0] - xstar)) < 1e-8
     assert np.max(np.abs(opt.solution - xstar)) < 1e-8
 
@@ -131,16 +133,13 @@ def test_non_finite_trial_value_shrinks_the_step():
 
 
 def test_infinite_gradient_or_hessian_counts_as_non_finite():
-    calls = {"n": 0}
-
-    def f(x):
-        calls["n"] += 1
-        val, g, H = rosenbrock(x)
-        if calls["n"] == 2:
-            g = g * np.inf                                   # the first trial point "fails"
-        return val, g, H
-
-    opt, rounds = drive(f, [-1.2, 1.0], TIGHT)
+    opt = TrustRegionNewton(np.array([-1.2, 1.0]), TIGHT)
+    xs, r = opt.starts, 0
+    while xs and r < 200:
+        results = [rosenbrock(np.array(x, float)) for x in xs]
+        if r == 1:                                              # the first trial points "fail"
+            results = [(val, g * np.inf, H) for val, g, H in results]
+        xs, r = opt.tell(xs, results), r + 1
     assert opt.converged
     assert opt.history[1][1] == opt.history[0][1]               # the failed point was not accepted
     assert np.max(np.abs(opt.solution - 1.0)) < 1e-8
@@ -701,3 +700,25 @@ def test_a_long_last_step_without_third_derivatives_is_settled(x0):
     assert len(rounds) == len(plain_rounds) + 1 and settled.converged
     assert np.allclose(settled.solution, plain.solution, rtol=0, atol=1e-6)
     assert np.linalg.norm(_smooth(settled.solution)[1]) < 1e-12
+
+
+def test_a_round_of_long_steps_also_tries_shorter_ones(monkeypatch):
+    """F(x) = eˣ − 20x from x = 0: Newton's step (to 19, 19 standard errors there) overshoots the optimum at
+    log 20 = 3.0 into eˣ's growth.  The same round also tries the trust region's steps a quarter and a
+    sixteenth as long (x = 4.75, F = 21; x = 1.19, F = -20.5 against F(0) = 1), so the next round goes on from
+    the shorter one; without them it went back to the start's radii, a round later."""
+    import fedglmm.likelihood.candidates as candidates
+
+    def F(x):
+        e = np.exp(x[0])
+        return e - 20.0 * x[0], np.array([e - 20.0]), np.array([[e]])
+
+    rounds, default = {}, candidates.HEDGE
+    for hedge in (default, np.inf):
+        monkeypatch.setattr(candidates, "HEDGE", hedge)
+        opt, asked = _drive_with(F, [0.0])
+        assert opt.converged and abs(opt.solution[0] - np.log(20.0)) < 1e-8
+        rounds[hedge] = opt.evals
+        if hedge == default:
+            assert np.allclose(sorted(x[0] for x in asked[1:4]), [19 / 16, 19 / 4, 19.0])
+    assert rounds[default] < rounds[np.inf]

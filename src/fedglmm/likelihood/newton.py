@@ -19,7 +19,8 @@ Wright 2006, Alg. 4.1).  Rounds between institutions cost far more than local ar
 quadratic model is not trusted (an indefinite Hessian, a rejected or poorly predicted step) a round
 carries the trust-region steps for the radii Δ/4, Δ and 4Δ, and the best point is kept: one round
 does what would otherwise take several radius updates.  Once the Hessian is positive definite and
-steps are accepted, each round carries the single Newton step.
+steps are accepted, each round carries the single Newton step (with shorter ones where every step of the
+round is long: :func:`~fedglmm.likelihood.candidates.hedges`).
 
 Convergence: once the Newton decrement gᵀH⁻¹g at an accepted point with a positive-definite Hessian
 falls below ``near``, the full Newton step is proposed as the *final candidate* (``opt.final_candidate``
@@ -36,9 +37,9 @@ import numpy as np
 
 from ..model.options import NewtonConfig
 from .boundary import boundary_step, face_decrement, face_step
-from .candidates import MODEL_REACH, Candidate as _Candidate, State as _State, scaled_norm, unbounded as _unbounded
-from .steps import alpha_predicts, capped, held, log_scale_step, tail_step, \
-    trust_region_subproblem as _trust_region_subproblem
+from .candidates import MODEL_REACH, Candidate as _Candidate, State as _State, hedges, radius_scale, \
+    radius_step, scaled_norm, unbounded as _unbounded
+from .steps import alpha_predicts, capped, held, log_scale_step, tail_step
 from .newton_end import Ending
 from .start_choice import best_start, held_step, newton_step as _newton_step
 
@@ -184,6 +185,8 @@ class TrustRegionNewton(Ending):
             + self._turns(cur, newton, cov) \
             + self._face(cur, newton)
         self.third_points = self._third_points(extra)
+        if self.config.hedge and not self.config.single:
+            self._cands += hedges(self._cands, cur.g, cur.H, self.config.spread)
         return [capped(cur.x + c.step, self.tails, cur) for c in self._cands] + ([cur.x] if self._refreshing else [])
 
     def _observe(self, pts: list, ok: list) -> None:
@@ -368,7 +371,7 @@ class TrustRegionNewton(Ending):
         return bool(last @ cur.H @ last > 0 and newton @ cur.H @ last >= 0)
 
     def _propose(self, g, H, newton, extend: bool = True) -> list[_Candidate]:
-        d = np.sqrt(np.maximum(np.abs(np.diag(H)), 1e-12 * max(1.0, np.max(np.abs(np.diag(H))))))
+        d = radius_scale(H)
         nn = float(np.linalg.norm(d * newton)) if newton is not None else np.inf
         if self._radius is None:
             self._radius = nn if newton is not None else self.config.radius0
@@ -387,14 +390,11 @@ class TrustRegionNewton(Ending):
                 out += [_Candidate(f * newton, out[0].pred, nn, self._radius, True)
                         for f in ((2.0, 4.0) if was_newton else (2.0,))]
             return out
-        gs, Hs = g / d, H / np.outer(d, d)
         out = []
         k = self.config.spread
         for radius in ((self._radius,) if self.config.single else (self._radius / k, self._radius, self._radius * k)):
             if out and (out[-1].norm >= nn or radius >= 0.99 * self._ceiling):
                 break                             # the Newton step is in already, or this one just failed
-            y = _trust_region_subproblem(gs, Hs, radius)
-            s = y / d
-            out.append(_Candidate(s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(y)), radius))
+            out.append(radius_step(g, H, d, radius))
         return out
 

@@ -56,6 +56,7 @@ class NewtonConfig:
     near_model: float = 0.05    # with a caller's model (see ``model``): decrement below which its step is
                                 # proposed as the final candidate
     single: bool = False        # one trust-region point per round (a local fit, where rounds are cheap)
+    hedge: bool = True          # a round of long steps only also tries shorter ones (likelihood.candidates.hedges)
     extrapolate: float = 1.1    # a full Newton step that gained this many times its predicted decrease (it
                                 # fell short: F flattens ahead) has the next round try it doubled and
                                 # quadrupled too; 0: never
@@ -81,7 +82,7 @@ class NewtonConfig:
         """These settings for a GLMM fit evaluated in place (a site's own fit, the coordinator's pseudo-data
         fit), where a point costs what a round does: no extra points beside the Newton step's (with them the
         one-site fits of the reference cases took up to 1.5 times as long, in as many rounds)."""
-        return replace(self, extrapolate=0.0, log_steps=False, final_third=False)
+        return replace(self, extrapolate=0.0, log_steps=False, final_third=False, hedge=False)
 
 
 @dataclass(frozen=True)
