@@ -329,8 +329,10 @@ def test_a_far_sound_start_does_not_displace_a_much_lower_one():
 def test_a_start_far_off_in_its_fixed_effects_alone_is_chosen_by_their_profile():
     """Coordinates (β, θ): start A is 5 above start B but all of that in β (its β-step gains 8: profiled 3
     below B's profile), B is not settled (decrement 4), so A is taken; not where B is settled (decrement
-    0.5), where the profiles differ by less than 1, or where A's β-step gains more than PROFILE_CAP (its
-    quadratic model in β says little there); and never without knowing which coordinates are β."""
+    0.5), where the profiles differ by less than 1, where A's β-step gains more than PROFILE_CAP (its
+    quadratic model in β says little there) or brings it more than 1 below B's value less B's decrement
+    (a profile cannot go below the optimum, which B's full Newton step puts 2 below B); and never without
+    knowing which coordinates are β."""
     from fedglmm.likelihood.start_choice import PROFILE_CAP, best_start, profiled
 
     H = np.eye(2)
@@ -346,6 +348,10 @@ def test_a_start_far_off_in_its_fixed_effects_alone_is_chosen_by_their_profile()
     g = np.sqrt(2.0 * (PROFILE_CAP + 1.0))
     beyond = (np.zeros(2), 105.0, np.array([g, 0.0]), H)
     assert profiled(beyond, 1) == 105.0 and best_start([beyond, b], [0, 1], fixed=1) == 1
+    over = (np.zeros(2), 105.0, np.array([np.sqrt(24.0), 0.0]), H)     # β gain 12: profiled 93, below 100 - 4 - 1
+    assert profiled(over, 1) == 93.0 and best_start([over, b], [0, 1], fixed=1) == 1
+    edge = (np.zeros(2), 105.0, np.array([np.sqrt(20.0), 0.0]), H)     # β gain 10: profiled 95, at 100 - 4 - 1
+    assert best_start([edge, b], [0, 1], fixed=1) == 0
 
 
 def test_every_fit_and_summary_sent_start_without_a_pseudo_data_fit(monkeypatch):
