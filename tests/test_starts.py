@@ -350,8 +350,8 @@ def test_a_start_far_off_in_its_fixed_effects_alone_is_chosen_by_their_profile()
     assert profiled(beyond, 1) == 105.0 and best_start([beyond, b], [0, 1], fixed=1) == 1
     over = (np.zeros(2), 105.0, np.array([np.sqrt(24.0), 0.0]), H)     # β gain 12: profiled 93, below 100 - 4 - 1
     assert profiled(over, 1) == 93.0 and best_start([over, b], [0, 1], fixed=1) == 1
-    edge = (np.zeros(2), 105.0, np.array([np.sqrt(20.0), 0.0]), H)     # β gain 10: profiled 95, at 100 - 4 - 1
-    assert best_start([edge, b], [0, 1], fixed=1) == 0
+    near = (np.zeros(2), 105.0, np.array([np.sqrt(19.0), 0.0]), H)     # β gain 9.5: profiled 95.5, above 100 - 4 - 1
+    assert best_start([near, b], [0, 1], fixed=1) == 0
 
 
 def test_every_fit_and_summary_sent_start_without_a_pseudo_data_fit(monkeypatch):
