@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .start_choice import newton_step
 from .steps import trust_region_subproblem
 
 
@@ -65,10 +64,10 @@ def radius_step(g, H, d, radius: float) -> Candidate:
     return Candidate(s, -(g @ s + 0.5 * s @ H @ s), float(np.linalg.norm(y)), radius)
 
 
-def hedges(cands: list, g, H, spread: float) -> list[Candidate]:
+def hedges(cands: list, g, H, newton, spread: float) -> list[Candidate]:
     """Where every step of a round is longer than HEDGE (in the radii's units; from a poor start, or where
     the radius just grew), the trust region's steps at 1/spread and 1/spread² of the Newton step's length
-    (H indefinite: of the shortest step), those of them at least 1 long and shorter than every other: a
+    (``newton``, None where H is indefinite: of the shortest step), those of them at least 1 long and shorter than every other: a
     round whose steps all fail costs a round, a point more only the sites' work.  sim_slope5 with every
     group a site (benchmarks/rounds_heldout.py): from a start 184 above the optimum Newton's step was 25
     long, the model's 18, the step in Σ's entries 25; all failed, and the next round's radii 1.1 and 4.4
@@ -81,6 +80,5 @@ def hedges(cands: list, g, H, spread: float) -> list[Candidate]:
     if short <= HEDGE:
         return []
     d = radius_scale(H)
-    newton = newton_step(g, H)
     reach = float(np.linalg.norm(d * newton)) if newton is not None else short
     return [radius_step(g, H, d, r) for r in (reach / spread, reach / spread ** 2) if 1.0 <= r < short]

@@ -186,7 +186,7 @@ class TrustRegionNewton(Ending):
             + self._face(cur, newton)
         self.third_points = self._third_points(extra)
         if self.config.hedge and not self.config.single:
-            self._cands += hedges(self._cands, cur.g, cur.H, self.config.spread)
+            self._cands += hedges(self._cands, cur.g, cur.H, newton, self.config.spread)
         return [capped(cur.x + c.step, self.tails, cur) for c in self._cands] + ([cur.x] if self._refreshing else [])
 
     def _observe(self, pts: list, ok: list) -> None:
