@@ -182,7 +182,7 @@ def own_factor_fit(frame, d: Design, spec: ModelSpec, fam: Family, local: dict, 
     split one hospital per site take 4 rounds with such fits and 5-7 without (with Newton's steps they had
     helped egsingle and cost chem97 and scotssec rounds).
 
-    Asked to (``modes``), a binomial or poisson fit also sends (``modes``) the conditional modes and SDs, on the
+    Asked to (``modes``), a binomial or poisson fit also sends the conditional modes and SDs, on the
     user's scale, of each factor's levels with at least ``min_group`` observations (the rule for the modes of
     the final round): where levels are shared by sites they start the shared effects
     (:func:`~fedglmm.coordinator.own_combination.shared_level_modes`)."""
