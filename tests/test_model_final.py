@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import fedglmm
+import fedglmm.likelihood.newton_end as newton_end
 import fedglmm.methods.hybrid as hybrid
 
 
@@ -28,6 +29,8 @@ def test_the_surrogate_step_ends_the_fit_from_farther(monkeypatch, seed):
     assert abs(res.loglik - pooled.loglik) < 1e-8 * abs(pooled.loglik)
     assert np.allclose(res.fixef, pooled.fixef, rtol=0, atol=1e-7 * float(np.min(pooled.se)))
     assert np.allclose(res.theta, pooled.theta, rtol=1e-7)
-    # the same fit with the final candidate from 0.05, as the Newton rounds' default: a round more
+    # the same fit with the final candidate from 0.05, as the Newton rounds' default: a round more (with the last
+    # step to third order ending a fit from a decrement of 5e-7, not 1e-5: from up to 1e-5 it gets there anyway)
     monkeypatch.setattr(hybrid, "OWN_NEAR", 0.05)
+    monkeypatch.setattr(newton_end, "THIRD_LAST", 5e-7)
     assert fedglmm.fit("y ~ x + (1 | g)", sites, family="poisson").rounds == 4

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import fedglmm
+import fedglmm.likelihood.newton_end as newton_end
 import fedglmm.methods.hybrid as hybrid
 from fedglmm.coordinator.starts import OwnPart, cubic_surrogate
 from fedglmm.likelihood.linalg import symmetric_third
@@ -79,7 +80,7 @@ def test_sites_of_a_hundred_groups_send_third_derivatives_along_theta(monkeypatc
 def test_the_fits_third_derivatives_start_and_step_to_the_pooled_fit(monkeypatch, seed):
     """The start from the fits combined to third order and steps with their sum as the model: 3 rounds,
     the pooled fit's numbers (conditional SDs moved to the estimate too); with plain Newton steps from the same
-    start these data take 4 rounds."""
+    start (and the last step to third order ending a fit from 5e-7 alone) these data take 4 rounds."""
     sites = _sites(seed)
     res, seen, _ = _fit_seen(sites, monkeypatch)
     assert seen == ["third"] and res.rounds == 3
@@ -89,4 +90,5 @@ def test_the_fits_third_derivatives_start_and_step_to_the_pooled_fit(monkeypatch
     assert np.allclose(res.theta, pooled.theta, rtol=1e-7)
     assert np.allclose(res.condsd, pooled.condsd.loc[res.condsd.index], rtol=1e-8)
     monkeypatch.setattr(hybrid, "cubic_surrogate", lambda parts: None)
+    monkeypatch.setattr(newton_end, "THIRD_LAST", 5e-7)     # (from up to 1e-5 the last step to third order ends it)
     assert fedglmm.fit("y ~ x + (1 | g)", sites, family="poisson").rounds == 4

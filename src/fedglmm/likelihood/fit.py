@@ -18,7 +18,7 @@ from ..model.spec import diagonal_positions, theta_index
 from .covariance_steps import CovarianceSteps
 from .drive import run, running_off
 from .fused import parallel_map, threads_pay
-from .last_step import information_at_estimate
+from .last_step import information_at_estimate, loglik_at_estimate
 from .lmm import profiled_deviance
 from .newton import TrustRegionNewton
 from .setup import Setup, sum_replies
@@ -260,9 +260,8 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
                         "boundary); standard errors are conditional on the variance parameters")
         vcov_gamma = np.linalg.inv(info[:p, :p])
         vcov_disp = np.linalg.inv(info[p + k:, p + k:]) if len(phi) > p + k else np.zeros((0, 0))
-    # the estimate is the last point plus its Newton step: its log-likelihood to second order
     step = phi - opt.point
-    loglik = float(s["value"] + s["grad"] @ step + 0.5 * step @ s["hess"] @ step)
+    loglik = loglik_at_estimate(s, step, opt)
     path = None if opt.previous is None or opt.current is None else \
         (opt.previous.x, opt.previous.H, opt.current.x, opt.current.H, opt.current.g)
     return Estimate(phi[:p], canonical_theta(phi[p:p + k], mask), vcov_gamma, loglik, final, opt.converged,

@@ -13,6 +13,9 @@ the iteration already has -- the previous point's gradient and Hessian:
 * in the covariance's entries (:class:`~fedglmm.likelihood.covariance_steps.CovarianceSteps`): the step
   of the quadratic model in Σ = ΛΛᵀ, taken where that model predicts the gradient at the previous point
   better than the model in θ does.
+
+The information and the log-likelihood at the estimate are moved there over that step
+(:func:`information_at_estimate`, :func:`loglik_at_estimate`).
 """
 from __future__ import annotations
 
@@ -108,3 +111,12 @@ def _second_order(opt, estimate) -> np.ndarray | float:
     dd = float(d @ H @ d)
     a = float(s @ H @ d) / dd if dd > 0 else np.inf
     return a * a * (prev.H - H + opt.third_used @ d) if abs(a) <= 1.0 else 0.0
+
+
+def loglik_at_estimate(s: dict, step: np.ndarray, opt) -> float:
+    """The log-likelihood at the estimate, the last point (its sums ``s``) plus its last step: to second order, and
+    to third where F's third derivatives there came with the final round (``third_here``; from a decrement up to
+    THIRD_LAST, 1e-5, the cubic term was up to 1.7e-9: sim_pois_huge as a negative binomial over 3 sites)."""
+    cubic = opt.third_used if getattr(opt, "third_here", False) and opt.third_used is not None else None
+    third = np.einsum("ijk,i,j,k->", cubic, step, step, step) / 6.0 if cubic is not None else 0.0
+    return float(s["value"] + s["grad"] @ step + 0.5 * step @ s["hess"] @ step - third)

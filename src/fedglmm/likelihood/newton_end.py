@@ -11,9 +11,14 @@ from .candidates import Candidate as _Candidate, unbounded as _unbounded
 from .last_step import last_step
 from .start_choice import newton_step as _newton_step
 from .steps import capped, even_third
+from .third_steps import third_steps
 
 
-THIRD_LAST = 5e-7         # a final point's decrement below which the last step to third order may end the fit
+THIRD_LAST = 1e-5         # a final point's decrement below which the last step to third order may end the fit
+THIRD_LAST_DEAR = 5e-7    # ... with several grouping factors (no QUARTIC: their iterations' Hessians are forward
+                          # differences, which put 0.01 |T| / dᵀHd into _quartic; sim_mc_binary_la over 3 sites 5 -> 6)
+QUARTIC = 3e-8            # ... where the fourth derivatives along the last move times it stay below this (_quartic;
+                          # THIRD_LAST was 5e-7 without it: rounds_heldout.py 630 -> 628 rounds with both)
 THIRD_NEAR = 0.3          # a decrement below which a point's third derivatives make the final candidate ...
                           # (0.1 until a 0.1003 with land 1.5e-6 was not: grouseticks_nb one location a site)
 THIRD_LAND = 2e-5         # ... where their two steps' difference (the decrement they are predicted to leave) is below
@@ -153,8 +158,9 @@ class Ending:
         """From an accepted point whose third derivatives T came with it (``point_third``, asked for by
         :meth:`_third_wanted`; or a final round's, where the iteration goes on from its point: kept by
         :meth:`_third_last`), no boundary step in question: the step to third order s (g + Hs + ½T[s, s] = 0)
-        and Chebyshev's s_N − ½H⁻¹T[s_N, s_N] (:func:`_third_steps`), each of which leaves an error of fourth
-        order in the step, their difference its measure (``land``, in the norm of H: the decrement predicted).
+        and Chebyshev's s_N − ½H⁻¹T[s_N, s_N], each of which leaves an error of fourth order in the step, their
+        difference its measure (``land``, in the norm of H: the decrement predicted) -- in θ or in the SDs' squares,
+        whichever pair agrees better (:func:`~fedglmm.likelihood.third_steps.third_steps`).
         With d in [tol, THIRD_NEAR) and land below THIRD_LAND (``final_ok``: no step in Σ's entries wanted), their
         mean is the final candidate (returned); otherwise both are further candidates of the round
         (``_third_more``), where they gain.  The exact T's steps on the GLMM splits of parity_multilevel.py over
@@ -171,17 +177,13 @@ class Ending:
         partial, self.third_cov = self.third_cov, False     # (the starts': along the covariance parameters alone)
         self.point_third, self._third_more, self.third_used = None, [], None
         T = even_third(cur.x, T, self.boundary) if T is not None else None
-        steps = _third_steps(cur, newton, T) if T is not None and newton is not None and edge is None \
-            and dec >= self.config.tol else None
+        steps = third_steps(cur.x, cur.g, cur.H, T, newton, self._squared) if T is not None and newton is not None \
+            and edge is None and dec >= self.config.tol else None
         if steps is None:
             return None
-        cheb, s = steps
-        miss = s - cheb
-        land = float(miss @ cur.H @ miss)
-        pred = [-(cur.g @ x + 0.5 * x @ cur.H @ x + np.einsum("ijk,i,j,k->", T, x, x, x) / 6.0)
-                for x in (s, cheb, 0.5 * (s + cheb))]
+        cheb, s, land, pred = steps.cheb, steps.s, steps.land, steps.pred
         if final_ok and not partial and dec < THIRD_NEAR and land < THIRD_LAND and pred[2] > 0:
-            out = _unbounded(0.5 * (s + cheb), pred[2], cur.H)
+            out = _unbounded(steps.mean, pred[2], cur.H)
             out.land, self.third_used = land, T      # (T here, for the information at the estimate: see _finish)
             return out
         if partial and dec < THIRD_PARTIAL:
@@ -280,32 +282,62 @@ class Ending:
 
     def _third_last(self, cur, newton, dec: float) -> bool:
         """With F's third derivatives T at the final point (``final_third``, the sites' sums), a decrement d below
-        THIRD_LAST (below tol too) and no zero variance in question: the last step to third order, s solving
+        THIRD_LAST (below tol too; THIRD_LAST_DEAR with several grouping factors), F's fourth derivatives along the
+        last move times d below QUARTIC (one grouping factor)
+        (:meth:`_quartic`: the information moved to the estimate misses about a quarter of that, relative -- it
+        was 5e-7 alone, where standard errors came out up to 8.2e-9 from the iterative fit's on
+        benchmarks/rounds_heldout.py's fits; with the steps in the SDs' squares, and no QUARTIC, stress_methods.py's
+        fit 60 ended from 7.8e-8 with that product 0.014 and its standard errors 5.3e-5 off; observed errors 0.04 to
+        0.6 times the product) and no zero variance in question: the last step to third order, s solving
         g + Hs + ½T[s, s] = 0 (fixed-point iteration from Newton's), and Chebyshev's s_N − ½H⁻¹T[s_N, s_N] beside
-        it (:func:`_third_steps`).  Where the two agree to within tol/10 in the norm of H, each leaves an error of
-        third order in the step (below 1e-9 on the held-out fits over 10-20 sites, from decrements of 1e-7 to
-        1e-6, where Newton's left 1e-8 to 4e-7) and the first ends the fit (kept for :meth:`_stop_or_settle`): no
-        round to settle the last step.  T moves the information to the estimate whatever the last step
-        (``third_used``; :func:`~fedglmm.likelihood.last_step.information_at_estimate`): where the two disagree and the
-        fit ends by Newton's or the caller's model's step, the secant of the step before left standard errors 2e-8
-        off the fit continued to machine precision (sim_toenail_la over 5 sites of unequal size, from 7.7e-9)."""
+        it (in θ or the SDs' squares: :func:`~fedglmm.likelihood.third_steps.third_steps`).  Where the two agree to
+        within tol/10 in the norm of H, each leaves an error of third order in the step (below 1e-9 on the held-out
+        fits over 10-20 sites, from decrements of 1e-7 to 1e-6, where Newton's left 1e-8 to 4e-7) and the first ends
+        the fit (kept for :meth:`_stop_or_settle`): no round to settle the last step.  T moves the information to the
+        estimate whatever the last step (``third_used``; :func:`~fedglmm.likelihood.last_step.information_at_estimate`):
+        where the two disagree and the fit ends by Newton's or the caller's model's step, the secant of the step before
+        left standard errors 2e-8 off the fit continued to machine precision (sim_toenail_la over 5 sites of unequal
+        size, from 7.7e-9)."""
         T, self.final_third, self._third_step = self.final_third, None, None
         T = even_third(cur.x, T, self.boundary) if T is not None else None
         self.third_used = T if T is not None else self.third_used
         self.third_here = T is not None         # (third_used is the final point's: last_step._second_order)
         self._kept_third = (cur, T) if T is not None else None      # (for _third_final, where it goes on)
-        if T is None or newton is None or not dec < THIRD_LAST \
-                or boundary_last(cur.x, cur.g, cur.H, newton, self.boundary, self.config.tol) is not None:
+        if T is None or newton is None:
             return False
-        steps = _third_steps(cur, newton, T)
-        if steps is None:
+        near = dec < THIRD_LAST_DEAR if self.third_dear else dec < THIRD_LAST and self._quartic(cur, T) * dec <= QUARTIC
+        if not near or boundary_last(cur.x, cur.g, cur.H, newton, self.boundary, self.config.tol) is not None:
             return False
-        cheb, s = steps
-        miss = s - cheb
-        if not miss @ cur.H @ miss <= 0.01 * self.config.tol ** 2:
+        steps = third_steps(cur.x, cur.g, cur.H, T, newton, self._squared)
+        if steps is None or not steps.land <= 0.01 * self.config.tol ** 2:
             return False
-        self._third_step, self.third_used = s, T
+        self._third_step, self.third_used = steps.s, T
         return True
+
+    @property
+    def _squared(self) -> tuple:
+        """The coordinates whose squares the steps to third order may be taken in (:mod:`.third_steps`): the SDs of
+        scalar terms, with one grouping factor (with several, cbpp_olre's iterative fit over 3 sites so ended a round
+        sooner with its conditional SDs 2.2e-8 from those of the fit continued to machine precision)."""
+        return () if self.third_dear else self.boundary
+
+    def _quartic(self, cur, T: np.ndarray) -> float:
+        """F's fourth derivatives Q along the last move d (from the point before, ``previous``), relative to H:
+        the largest |eigenvalue| of H^(-1/2) Q[d, d] H^(-1/2) over dᵀHd, Q[d, d] = H(x − d) − H + T[d] (Taylor
+        from here); 0 without a point before.  The information moved to the estimate over the last step s misses
+        ½Q[s, s], known along d alone (:func:`~fedglmm.likelihood.last_step._second_order`): this times the
+        decrement d_f bounds its share, and above QUARTIC the last step is a round (see :meth:`_third_last`)."""
+        prev = self.previous
+        d = cur.x - prev.x if prev is not None else None
+        dd = float(d @ cur.H @ d) if d is not None else 0.0
+        if not dd > 0:
+            return 0.0
+        try:
+            w, V = np.linalg.eigh(cur.H)
+            half = V / np.sqrt(w)
+            return float(np.max(np.abs(np.linalg.eigvalsh(half.T @ (prev.H - cur.H + T @ d) @ half)))) / dd
+        except (np.linalg.LinAlgError, FloatingPointError, ValueError):
+            return np.inf
 
     def _stop_or_settle(self, cur, newton):
         """Finish, unless the last step is not yet known to the tolerance: the models of F here (Newton, to
@@ -348,16 +380,3 @@ class Ending:
     def _final_step(self, step: np.ndarray) -> np.ndarray:
         return last_step(self._cur, self.previous, self.covariance, step)
 
-
-def _third_steps(cur, newton: np.ndarray, T: np.ndarray) -> tuple | None:
-    """From the point ``cur`` (x, g, H) with F's third derivatives T there: Chebyshev's step s_N − ½H⁻¹T[s_N, s_N]
-    (s_N: ``newton``) and the step to third order, s solving g + Hs + ½T[s, s] = 0 (fixed-point iteration from
-    s_N); None where either is not finite."""
-    try:
-        cheb = newton - 0.5 * np.linalg.solve(cur.H, np.einsum("ijk,j,k->i", T, newton, newton))
-        s = newton
-        for _ in range(30):
-            s = -np.linalg.solve(cur.H + 0.5 * (T @ s), cur.g)
-    except np.linalg.LinAlgError:
-        return None
-    return (cheb, s) if np.all(np.isfinite(cheb)) and np.all(np.isfinite(s)) else None

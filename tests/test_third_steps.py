@@ -1,0 +1,119 @@
+"""The steps to third order in θ or in the squares of the SDs (fedglmm.likelihood.third_steps): the model in
+the squares against finite differences of F composed with the map, and the choice between the two."""
+import numpy as np
+
+from fedglmm.likelihood.third_steps import plain_steps, squared_model, third_steps
+
+
+def _derivatives(f, x, h=2e-3):
+    """g, H and T of f at x by nested central differences (error O(h²))."""
+    E = np.eye(len(x))
+
+    def grad(z):
+        return np.array([(f(z + h * e) - f(z - h * e)) / (2 * h) for e in E])
+
+    def hess(z):
+        return np.array([(grad(z + h * e) - grad(z - h * e)) / (2 * h) for e in E])
+    return grad(x), hess(x), np.array([(hess(x + h * e) - hess(x - h * e)) / (2 * h) for e in E])
+
+
+def _smooth(rng, P):
+    A = rng.normal(size=(P, P))
+    A = A @ A.T + P * np.eye(P)
+    b, c = rng.normal(size=P), 0.1 * rng.normal(size=(P, P, P))
+    return lambda x: b @ x + 0.5 * x @ A @ x + np.einsum("ijk,i,j,k", c, x, x, x) / 6 + 0.05 * np.sum(x ** 4) \
+        + np.sum(np.sin(x))
+
+
+def test_squared_model_matches_finite_differences_of_the_composed_function():
+    f = _smooth(np.random.default_rng(1), 4)
+    x, idx = np.array([0.3, -0.2, 0.7, -1.1]), np.array([2, 3])
+    g, H, T = _derivatives(f, x)
+    gy, Hy, Ty = squared_model(x, g, H, T, idx)
+    y = x.copy()
+    y[idx] = x[idx] ** 2
+
+    def fy(v):
+        z = v.copy()
+        z[idx] = np.sign(x[idx]) * np.sqrt(v[idx])
+        return f(z)
+    g2, H2, T2 = _derivatives(fy, y)
+    assert np.abs(gy - g2).max() < 1e-5
+    assert np.abs(Hy - H2).max() < 1e-4
+    assert np.abs(Ty - T2).max() < 1e-3 * max(1.0, np.abs(T2).max())
+
+
+def _even_quadratic_in_square():
+    """F quadratic in (β, v = θ²) -- an SD's objective near a small optimum (0.1) -- with its g, H, T at a point."""
+    A = np.array([[4.0, 1.0], [1.0, 50.0]])
+    opt = np.array([0.5, 0.01])
+
+    def f(x):
+        d = np.array([x[0], x[1] ** 2]) - opt
+        return 0.5 * d @ A @ d
+    x = np.array([0.45, 0.13])
+    d = np.array([x[0], x[1] ** 2]) - opt
+    g = np.array([A[0] @ d, 2 * x[1] * (A[1] @ d)])
+    H = np.array([[A[0, 0], 2 * x[1] * A[0, 1]],
+                  [2 * x[1] * A[0, 1], 4 * x[1] ** 2 * A[1, 1] + 2 * (A[1] @ d)]])
+    T = np.zeros((2, 2, 2))
+    T[0, 1, 1] = T[1, 0, 1] = T[1, 1, 0] = 2 * A[0, 1]
+    T[1, 1, 1] = 12 * x[1] * A[1, 1]
+    return f, x, g, H, T, np.array([0.5, 0.1])
+
+
+def test_the_squares_are_chosen_where_f_is_quadratic_in_them_and_land_on_the_optimum():
+    f, x, g, H, T, best = _even_quadratic_in_square()
+    newton = -np.linalg.solve(H, g)
+    cheb, s = plain_steps(g, H, T, newton)
+    miss = s - cheb
+    st = third_steps(x, g, H, T, newton, (1,))
+    assert st.squared and st.land < 1e-20 < float(miss @ H @ miss)
+    np.testing.assert_allclose(x + st.s, best, atol=1e-12)
+    np.testing.assert_allclose(x + st.mean, best, atol=1e-12)
+    assert abs(st.pred[2] - (f(x) - f(best))) < 1e-12
+    # in θ the pair leaves the optimum by far more
+    assert np.linalg.norm(x + 0.5 * (s + cheb) - best) > 1e-5
+
+
+def test_theta_is_kept_where_it_agrees_better_or_no_sd_is_away_from_zero():
+    f, x, g, H, T, _ = _even_quadratic_in_square()
+    newton = -np.linalg.solve(H, g)
+    # an SD at 0 is not squared: the steps in θ, as without any
+    at_zero = third_steps(np.array([x[0], 0.0]), g, H, T, newton, (1,))
+    plain = third_steps(x, g, H, T, newton, ())
+    assert not at_zero.squared and not plain.squared
+    np.testing.assert_array_equal(at_zero.s, plain.s)
+    # F cubic in θ itself: the step to third order there is exact, and θ keeps it where its pair agrees better
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(3, 3))
+    A = A @ A.T + 3 * np.eye(3)
+    c = np.zeros((3, 3, 3))
+    c[2, 2, 2] = 0.8
+    xs = np.array([0.2, -0.1, 1.0])
+    gs = lambda z: A @ (z - xs) + 0.5 * np.array([0, 0, c[2, 2, 2] * (z[2] - xs[2]) ** 2])   # noqa: E731
+    z = np.array([0.25, -0.05, 1.1])
+    Hz = A + np.diag([0, 0, c[2, 2, 2] * (z[2] - xs[2])])
+    st = third_steps(z, gs(z), Hz, c, -np.linalg.solve(Hz, gs(z)), (2,))
+    alt = third_steps(z, gs(z), Hz, c, -np.linalg.solve(Hz, gs(z)), ())
+    assert not st.squared and st.land == alt.land > 0
+    np.testing.assert_allclose(z + st.s, xs, atol=1e-12)
+
+
+def test_the_last_step_to_third_order_waits_where_fourth_derivatives_are_large(monkeypatch):
+    """benchmarks/stress_methods.py's fit 60 (seed 7; a random slope beside an intercept SD of 0): a final point
+    7.8e-8 above the optimum in decrement, F's fourth derivatives along the last move 1.8e5 times H's scale (their
+    product 0.014).  Ended there by the step to third order, its standard errors came out 4.7e-5 from the fit
+    continued to machine precision; with the bound on that product (QUARTIC) a round more settles them, to 1e-8."""
+    import fedglmm.likelihood.newton_end as newton_end
+    from fedglmm.likelihood.newton import NewtonConfig
+    from test_rounds import _fit, _stress_draw
+
+    formula, family, data = _stress_draw(7, 60)
+    case = {"formula": formula, "family": family, "link": None, "nagq": 1}
+    opt = _fit(case, data, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
+    res = _fit(case, data)
+    off = lambda r: float(np.max(np.abs(np.asarray(r.se) - np.asarray(opt.se)) / np.asarray(opt.se)))  # noqa: E731
+    assert off(res) < 1e-8 and abs(res.loglik - opt.loglik) < 1e-8 and res.rounds <= 6
+    monkeypatch.setattr(newton_end, "QUARTIC", np.inf)
+    assert off(_fit(case, data)) > 1e-6
