@@ -49,7 +49,8 @@ value in a used column and reports how many as ``omitted`` in its description, o
   of b): the site adds the modes and SDs of its own levels given them; ``third`` (not under secure
   aggregation) asks for ``third`` too, the third derivatives of its log-likelihood at the point (the
   P(P + 1)(P + 2)/6 distinct entries of a sum over its rows, as the Hessian is one:
-  :func:`fedglmm.site.own_third.reply_third`);
+  :func:`fedglmm.site.own_third.reply_third`), and with ``quartic`` (a direction v in the parameters) ``quartic``,
+  its fourth derivatives along v, Q[v, v] (P × P, a sum over its rows; one grouping factor);
 * ``oneshot`` {formula, family, link, order[, transforms]}: the site's whole one-shot message (its description, set-up
   sums and per-group summaries, see :func:`fedglmm.site.summaries.summarize`), or its refusal to send
   per-group summaries for groups below its minimum size;

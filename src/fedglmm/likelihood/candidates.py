@@ -27,7 +27,8 @@ class Candidate:
     settle: bool = False   # the step that settles the last one (see _stop_or_settle)
     limit: bool = False    # the step onto the poisson limit (see _tail)
     cov: bool = False      # a step in the covariance's entries or a turn off a saddle (see _in_covariance)
-    land: float | None = None   # a step to third order: the decrement it is predicted to leave (_third_final)
+    land: float | None = None   # a step to third order: the decrement it is predicted to leave (_third_final) ...
+    miss: np.ndarray | None = None  # ... and the difference of its two steps, the way the last step is predicted to go
 
     @property
     def full(self) -> bool:

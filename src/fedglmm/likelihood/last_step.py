@@ -104,10 +104,17 @@ def _second_order(opt, estimate) -> np.ndarray | float:
     than d along it.  Without it a fit that ended from a final point 1e-8 to 3e-8 above the optimum by a step to
     third order left standard errors as far off (sim_toenail_la pooled by the iterative method, over 20 sites by
     the hybrid: 1.3e-8 and 3.2e-8; with it 5.9e-10 and 2.7e-10)."""
-    prev = opt.previous
-    if prev is None or opt.third_dear or not getattr(opt, "third_here", False):
+    prev, quartic = opt.previous, getattr(opt, "final_quartic", None)
+    if opt.third_dear or not getattr(opt, "third_here", False):
         return 0.0
-    d, s, H = opt.point - prev.x, estimate - opt.point, opt.current.H
+    s, H = estimate - opt.point, opt.current.H
+    if quartic is not None:             # the sites' Q[v, v] along the way the last step was predicted to go
+        v, Q = quartic
+        a = float(s @ H @ v) / float(v @ H @ v)
+        return 0.5 * a * a * Q
+    if prev is None:
+        return 0.0
+    d = opt.point - prev.x
     dd = float(d @ H @ d)
     a = float(s @ H @ d) / dd if dd > 0 else np.inf
     return a * a * (prev.H - H + opt.third_used @ d) if abs(a) <= 1.0 else 0.0

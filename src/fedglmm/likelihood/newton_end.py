@@ -39,6 +39,8 @@ class Ending:
     they read and set is the iteration's)."""
 
     _kept_third = None      # (point, T): a final round's third derivatives where the iteration goes on from it
+    final_direction = None  # the way the last step is predicted to go from the final candidate (its ``miss``) ...
+    final_quartic = None    # ... and (v, Q[v, v]): F's fourth derivatives along it at the final point, from the sites
 
     def _final(self, cur, newton, dec, extra, edge) -> list:
         """The final candidate: the Newton step, the caller's model's step, or, converging onto a zero
@@ -50,6 +52,7 @@ class Ending:
         third = extra is not None and extra.land is not None          # (a step to third order: _third_final)
         self._cands = [_unbounded(step, pred, cur.H, extra is None and edge is None)]
         self._final_model = extra is not None and edge is None and not third
+        self.final_direction = extra.miss if third and edge is None else None      # (see third_requests, _quartic)
         # the third derivatives at the final point, where its decrement is predicted above ``third_final`` (1e-15, as
         # likelihood.fit._newton_config sets it): the last contraction d/d₀² times d², from d₀ below near_model, else
         # 1e-3; after a step to third order a tenth of its ``land`` (those steps left land/30 to land/7).  A fit that
@@ -184,7 +187,7 @@ class Ending:
         cheb, s, land, pred = steps.cheb, steps.s, steps.land, steps.pred
         if final_ok and not partial and dec < THIRD_NEAR and land < THIRD_LAND and pred[2] > 0:
             out = _unbounded(steps.mean, pred[2], cur.H)
-            out.land, self.third_used = land, T      # (T here, for the information at the estimate: see _finish)
+            out.land, out.miss, self.third_used = land, steps.s - steps.cheb, T      # (T: see _finish)
             return out
         if partial and dec < THIRD_PARTIAL:
             return None
@@ -303,13 +306,12 @@ class Ending:
         self.third_used = T if T is not None else self.third_used
         self.third_here = T is not None         # (third_used is the final point's: last_step._second_order)
         self._kept_third = (cur, T) if T is not None else None      # (for _third_final, where it goes on)
-        if T is None or newton is None:
-            return False
-        near = dec < THIRD_LAST_DEAR if self.third_dear else dec < THIRD_LAST and self._quartic(cur, T) * dec <= QUARTIC
-        if not near or boundary_last(cur.x, cur.g, cur.H, newton, self.boundary, self.config.tol) is not None:
+        if T is None or newton is None or not dec < (THIRD_LAST_DEAR if self.third_dear else THIRD_LAST) \
+                or boundary_last(cur.x, cur.g, cur.H, newton, self.boundary, self.config.tol) is not None:
             return False
         steps = third_steps(cur.x, cur.g, cur.H, T, newton, self._squared)
-        if steps is None or not steps.land <= 0.01 * self.config.tol ** 2:
+        if steps is None or not steps.land <= 0.01 * self.config.tol ** 2 \
+                or not self.third_dear and not self._quartic(cur, T, steps.s) * dec <= QUARTIC:
             return False
         self._third_step, self.third_used = steps.s, T
         return True
@@ -321,23 +323,30 @@ class Ending:
         sooner with its conditional SDs 2.2e-8 from those of the fit continued to machine precision)."""
         return () if self.third_dear else self.boundary
 
-    def _quartic(self, cur, T: np.ndarray) -> float:
-        """F's fourth derivatives Q along the last move d (from the point before, ``previous``), relative to H:
-        the largest |eigenvalue| of H^(-1/2) Q[d, d] H^(-1/2) over dᵀHd, Q[d, d] = H(x − d) − H + T[d] (Taylor
-        from here); 0 without a point before.  The information moved to the estimate over the last step s misses
-        ½Q[s, s], known along d alone (:func:`~fedglmm.likelihood.last_step._second_order`): this times the
-        decrement d_f bounds its share, and above QUARTIC the last step is a round (see :meth:`_third_last`)."""
-        prev = self.previous
-        d = cur.x - prev.x if prev is not None else None
-        dd = float(d @ cur.H @ d) if d is not None else 0.0
-        if not dd > 0:
-            return 0.0
+    def _quartic(self, cur, T: np.ndarray, s: np.ndarray) -> float:
+        """F's fourth derivatives Q relative to H, c: the largest |eigenvalue| of H^(-1/2) ½Q[u, u] H^(-1/2) over
+        uᵀHu along the last move u = d from the point before (``previous``; ½Q[d, d] = H(x − d) − H + T[d], Taylor
+        from here) and along the sites' direction u = v (``final_quartic``), times the share of the last step s
+        (in the norm of H) off v, whose part along v moves the information to the estimate with Q[v, v] itself
+        (:func:`~fedglmm.likelihood.last_step._second_order`); 0 without either.  The information so moved misses
+        about c times the decrement d_f, relative: above QUARTIC the last step is a round (:meth:`_third_last`)."""
+        prev, H, out, share = self.previous, cur.H, [], 1.0
         try:
-            w, V = np.linalg.eigh(cur.H)
+            w, V = np.linalg.eigh(H)
             half = V / np.sqrt(w)
-            return float(np.max(np.abs(np.linalg.eigvalsh(half.T @ (prev.H - cur.H + T @ d) @ half)))) / dd
-        except (np.linalg.LinAlgError, FloatingPointError, ValueError):
+            scale = lambda M, uu: float(np.max(np.abs(np.linalg.eigvalsh(half.T @ M @ half)))) / uu   # noqa: E731
+            d = cur.x - prev.x if prev is not None else None
+            if d is not None and float(d @ H @ d) > 0:
+                out.append(scale(prev.H - H + T @ d, float(d @ H @ d)))
+            if self.final_quartic is not None:
+                v, Q = self.final_quartic
+                vv, ss = float(v @ H @ v), float(s @ H @ s)
+                r = s - float(s @ H @ v) / vv * v
+                out.append(scale(0.5 * Q, vv))
+                share = float(r @ H @ r) / ss if ss > 0 else 0.0
+        except (np.linalg.LinAlgError, FloatingPointError, ValueError, ZeroDivisionError):
             return np.inf
+        return max(out, default=0.0) * share
 
     def _stop_or_settle(self, cur, newton):
         """Finish, unless the last step is not yet known to the tolerance: the models of F here (Newton, to

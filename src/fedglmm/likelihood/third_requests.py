@@ -14,8 +14,12 @@ def finalize_round(evaluator, x, opt, keys: list):
     """The final round's sums at ``x`` and the parts' replies -- with the sites' third derivatives there, for
     the optimiser's last step (``opt.final_third``), where it asks for them and the evaluator may send them."""
     ask = bool(getattr(opt, "want_third", False)) and bool(getattr(evaluator, "third_final", False))
-    s, parts = evaluator.finalize(x, keys, {"third": True} if ask else None)
+    v = getattr(opt, "final_direction", None) if ask else None
+    v = v / np.max(np.abs(v)) if v is not None and np.max(np.abs(v)) > 0 and np.all(np.isfinite(v)) else None
+    extra = {"third": True, **({"quartic": v} if v is not None else {})}
+    s, parts = evaluator.finalize(x, keys, extra if ask else None)
     opt.final_third = _summed_third(parts, len(x)) if ask else s.get("third")     # (or the evaluator's own)
+    opt.final_quartic = _summed_quartic(parts, v)
     return s, parts
 
 
@@ -33,6 +37,18 @@ def evaluate_round(evaluator, xs, opt, keys: list) -> list:
     opt.point_third = [_summed_third({"": s}, len(x)) if i in at else None
                        for i, (s, x) in enumerate(zip(sums, xs))] if ask else None
     return sums
+
+
+def _summed_quartic(parts, v) -> tuple | None:
+    """(v, Q[v, v]): the fourth derivatives of −ℓ along the direction v from the parts' replies (each its
+    ``quartic``, of its ℓ), or None where v was not sent or a part sent none."""
+    if v is None:
+        return None
+    try:
+        Q = -sum(np.asarray(r["quartic"], float) for r in parts.values())
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
+    return (v, Q) if np.shape(Q) == (len(v), len(v)) and np.all(np.isfinite(Q)) else None
 
 
 def _summed_third(parts, n: int) -> np.ndarray | None:

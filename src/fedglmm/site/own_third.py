@@ -13,6 +13,7 @@ FLAT_SE = 1e3         # along a coordinate whose standard error is above this (a
                       # poisson limit: 1e6, whose steps overflowed ϑ and took the modes 10 s to fail)
 POINT_STEP = 1e-4     # ... at a point the coordinator names: this far (internal scale, relative beyond 1) ...
 FINAL_STEP = 1e-5     # ... at a final point, from an analytic Hessian (see reply_third)
+QUARTIC_STEP = 1e-3    # the second difference of the Hessian along a final request's ``quartic`` (_reply_quartic)
 
 
 def third_derivatives(engine, x: np.ndarray, info: np.ndarray) -> np.ndarray | None:
@@ -68,12 +69,36 @@ def reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None
     wanted = req.get("third") if index is None else index in req.get("third_at", ())
     if not wanted or "hess" not in reply:
         return reply
+    quartic = index is None and req.get("quartic") is not None
     if "secagg" in req:
         P = len(x)
-        reply = _reply_third(engine, x, req, reply, index)
+        reply = _reply_quartic(engine, x, req, _reply_third(engine, x, req, reply, index)) if quartic else \
+            _reply_third(engine, x, req, reply, index)
         reply.setdefault("third", np.full(P * (P + 1) * (P + 2) // 6, np.nan))
+        if quartic:
+            reply.setdefault("quartic", np.full((P, P), np.nan))
         return reply
-    return _reply_third(engine, x, req, reply, index)
+    reply = _reply_third(engine, x, req, reply, index)
+    return _reply_quartic(engine, x, req, reply) if quartic else reply
+
+
+def _reply_quartic(engine, x: np.ndarray, req: dict, reply: dict) -> dict:
+    """A final request's ``quartic`` v (the way the coordinator predicts its last step to go, |v|∞ = 1) gets
+    ``quartic``: ℓ's fourth derivatives along it, Q[v, v] = (H(x + hv) − 2H(x) + H(x − hv)) / h², h =
+    QUARTIC_STEP -- two Hessians more, a P × P sum over the site's rows as the Hessian is (one grouping factor;
+    by quadrature each a difference of gradients, whose error 1e-3 apart stays far below Q's).  The coordinator moves the information to the estimate with
+    them over the last step's part along v (:func:`~fedglmm.likelihood.last_step._second_order`)."""
+    v = np.asarray(req["quartic"], float)
+    if getattr(engine, "third_hessian", None) is not None or v.shape != x.shape or not np.all(np.isfinite(v)):
+        return reply
+    try:
+        up, down = (np.asarray(engine.sums(x + a * QUARTIC_STEP * v)["hess"], float) for a in (1.0, -1.0))
+    except (np.linalg.LinAlgError, FloatingPointError, ZeroDivisionError, ValueError):
+        return reply
+    Q = (up - 2.0 * np.asarray(reply["hess"], float) + down) / QUARTIC_STEP ** 2
+    if np.all(np.isfinite(Q)):
+        reply["quartic"] = 0.5 * (Q + Q.T)
+    return reply
 
 
 def _reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None) -> dict:
