@@ -17,8 +17,12 @@ from .third_steps import third_steps
 THIRD_LAST = 1e-5         # a final point's decrement below which the last step to third order may end the fit
 THIRD_LAST_DEAR = 5e-7    # ... with several grouping factors (no QUARTIC: their iterations' Hessians are forward
                           # differences, which put 0.01 |T| / dᵀHd into _quartic; sim_mc_binary_la over 3 sites 5 -> 6)
-QUARTIC = 3e-8            # ... where the fourth derivatives along the last move times it stay below this (_quartic;
-                          # THIRD_LAST was 5e-7 without it: rounds_heldout.py 630 -> 628 rounds with both)
+QUARTIC = 3e-8            # ... where the fourth derivatives times it stay below this (_quartic; THIRD_LAST was 5e-7
+                          # without it: rounds_heldout.py 630 -> 628 rounds with both, 625 with the sites' Q[v, v])
+THIRD_LAST_OFF = 5e-7     # ... and from this decrement, only where the last step runs within OFF_SHARE (its share in
+OFF_SHARE = 0.25          # the norm of H) of the direction whose fourth derivatives are known: off it they may be far
+                          # larger (sim_epil_la as a negative binomial over 3 sites, its last move 23 long in ψ to the
+                          # poisson limit, the last step across it from 5.3e-6: standard errors 4.8e-8 off)
 THIRD_NEAR = 0.3          # a decrement below which a point's third derivatives make the final candidate ...
                           # (0.1 until a 0.1003 with land 1.5e-6 was not: grouseticks_nb one location a site)
 THIRD_LAND = 2e-5         # ... where their two steps' difference (the decrement they are predicted to leave) is below
@@ -285,9 +289,9 @@ class Ending:
 
     def _third_last(self, cur, newton, dec: float) -> bool:
         """With F's third derivatives T at the final point (``final_third``, the sites' sums), a decrement d below
-        THIRD_LAST (below tol too; THIRD_LAST_DEAR with several grouping factors), F's fourth derivatives along the
-        last move times d below QUARTIC (one grouping factor)
-        (:meth:`_quartic`: the information moved to the estimate misses about a quarter of that, relative -- it
+        THIRD_LAST (below tol too; THIRD_LAST_DEAR with several grouping factors), F's fourth derivatives times d
+        and the last step's share off the sites' direction below QUARTIC (one grouping factor; :meth:`_quartic`:
+        the information moved to the estimate misses about a quarter of that, relative -- THIRD_LAST
         was 5e-7 alone, where standard errors came out up to 8.2e-9 from the iterative fit's on
         benchmarks/rounds_heldout.py's fits; with the steps in the SDs' squares, and no QUARTIC, stress_methods.py's
         fit 60 ended from 7.8e-8 with that product 0.014 and its standard errors 5.3e-5 off; observed errors 0.04 to
@@ -310,9 +314,12 @@ class Ending:
                 or boundary_last(cur.x, cur.g, cur.H, newton, self.boundary, self.config.tol) is not None:
             return False
         steps = third_steps(cur.x, cur.g, cur.H, T, newton, self._squared)
-        if steps is None or not steps.land <= 0.01 * self.config.tol ** 2 \
-                or not self.third_dear and not self._quartic(cur, T, steps.s) * dec <= QUARTIC:
+        if steps is None or not steps.land <= 0.01 * self.config.tol ** 2:
             return False
+        if not self.third_dear:
+            c, share = self._quartic(cur, T, steps.s)
+            if not c * dec <= QUARTIC or dec >= THIRD_LAST_OFF and not share <= OFF_SHARE:
+                return False
         self._third_step, self.third_used = steps.s, T
         return True
 
@@ -323,14 +330,17 @@ class Ending:
         sooner with its conditional SDs 2.2e-8 from those of the fit continued to machine precision)."""
         return () if self.third_dear else self.boundary
 
-    def _quartic(self, cur, T: np.ndarray, s: np.ndarray) -> float:
-        """F's fourth derivatives Q relative to H, c: the largest |eigenvalue| of H^(-1/2) ½Q[u, u] H^(-1/2) over
-        uᵀHu along the last move u = d from the point before (``previous``; ½Q[d, d] = H(x − d) − H + T[d], Taylor
-        from here) and along the sites' direction u = v (``final_quartic``), times the share of the last step s
-        (in the norm of H) off v, whose part along v moves the information to the estimate with Q[v, v] itself
-        (:func:`~fedglmm.likelihood.last_step._second_order`); 0 without either.  The information so moved misses
-        about c times the decrement d_f, relative: above QUARTIC the last step is a round (:meth:`_third_last`)."""
+    def _quartic(self, cur, T: np.ndarray, s: np.ndarray) -> tuple:
+        """(c, share): F's fourth derivatives Q relative to H -- the largest |eigenvalue| of H^(-1/2) ½Q[u, u]
+        H^(-1/2) over uᵀHu, along the last move u = d from the point before (``previous``; ½Q[d, d] = H(x − d) − H
+        + T[d], Taylor from here) and along the sites' direction u = v (``final_quartic``) -- times the share of the
+        last step s (in the norm of H) off v where the sites sent Q[v, v], along which the information moves to the
+        estimate with it (:func:`~fedglmm.likelihood.last_step._second_order`); and s's share off u (v, else d).
+        The information so moved misses about c times the decrement d_f, relative: above QUARTIC the last step is a
+        round (:meth:`_third_last`).  (Not the share off d: ½Q[d, d] from Hessians a long move apart is rougher --
+        sim_rare_gh20 over 5 sites, the last step at cosine 0.92 with d, standard errors 1.1e-8 off so.)"""
         prev, H, out, share = self.previous, cur.H, [], 1.0
+        off = lambda u: 1.0 - float(s @ H @ u) ** 2 / (float(u @ H @ u) * float(s @ H @ s))    # noqa: E731
         try:
             w, V = np.linalg.eigh(H)
             half = V / np.sqrt(w)
@@ -338,15 +348,14 @@ class Ending:
             d = cur.x - prev.x if prev is not None else None
             if d is not None and float(d @ H @ d) > 0:
                 out.append(scale(prev.H - H + T @ d, float(d @ H @ d)))
+                share = off(d)
             if self.final_quartic is not None:
                 v, Q = self.final_quartic
-                vv, ss = float(v @ H @ v), float(s @ H @ s)
-                r = s - float(s @ H @ v) / vv * v
-                out.append(scale(0.5 * Q, vv))
-                share = float(r @ H @ r) / ss if ss > 0 else 0.0
+                out.append(scale(0.5 * Q, float(v @ H @ v)))
+                share = off(v)
         except (np.linalg.LinAlgError, FloatingPointError, ValueError, ZeroDivisionError):
-            return np.inf
-        return max(out, default=0.0) * share
+            return np.inf, 1.0
+        return max(out, default=0.0) * (share if self.final_quartic is not None else 1.0), share
 
     def _stop_or_settle(self, cur, newton):
         """Finish, unless the last step is not yet known to the tolerance: the models of F here (Newton, to
