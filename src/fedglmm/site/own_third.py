@@ -72,8 +72,8 @@ def reply_third(engine, x: np.ndarray, req: dict, reply: dict, index: int | None
     quartic = index is None and req.get("quartic") is not None
     if "secagg" in req:
         P = len(x)
-        reply = _reply_quartic(engine, x, req, _reply_third(engine, x, req, reply, index)) if quartic else \
-            _reply_third(engine, x, req, reply, index)
+        reply = _reply_third(engine, x, req, reply, index)
+        reply = _reply_quartic(engine, x, req, reply) if quartic else reply
         reply.setdefault("third", np.full(P * (P + 1) * (P + 2) // 6, np.nan))
         if quartic:
             reply.setdefault("quartic", np.full((P, P), np.nan))
@@ -86,8 +86,9 @@ def _reply_quartic(engine, x: np.ndarray, req: dict, reply: dict) -> dict:
     """A final request's ``quartic`` v (the way the coordinator predicts its last step to go, |v|∞ = 1) gets
     ``quartic``: ℓ's fourth derivatives along it, Q[v, v] = (H(x + hv) − 2H(x) + H(x − hv)) / h², h =
     QUARTIC_STEP -- two Hessians more, a P × P sum over the site's rows as the Hessian is (one grouping factor;
-    by quadrature each a difference of gradients, whose error 1e-3 apart stays far below Q's).  The coordinator moves the information to the estimate with
-    them over the last step's part along v (:func:`~fedglmm.likelihood.last_step._second_order`)."""
+    by quadrature each a difference of gradients, whose error 1e-3 apart stays far below Q's).  The coordinator
+    moves the information to the estimate with them over the last step's part along v
+    (:func:`~fedglmm.likelihood.last_step._second_order`)."""
     v = np.asarray(req["quartic"], float)
     if getattr(engine, "third_hessian", None) is not None or v.shape != x.shape or not np.all(np.isfinite(v)):
         return reply
