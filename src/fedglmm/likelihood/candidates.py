@@ -68,8 +68,8 @@ def radius_step(g, H, d, radius: float) -> Candidate:
 def hedges(cands: list, g, H, newton, spread: float) -> list[Candidate]:
     """Where every step of a round is longer than HEDGE (in the radii's units; from a poor start, or where
     the radius just grew), the trust region's steps at 1/spread and 1/spread² of the Newton step's length
-    (``newton``, None where H is indefinite: of the shortest step), those of them at least 1 long and shorter than every other: a
-    round whose steps all fail costs a round, a point more only the sites' work.  sim_slope5 with every
+    (``newton``, None where H is indefinite: of the shortest step), those of them at least 1 long and shorter
+    than every other: a round whose steps all fail costs a round, a point more only the sites' work.  sim_slope5 with every
     group a site (benchmarks/rounds_heldout.py): from a start 184 above the optimum Newton's step was 25
     long, the model's 18, the step in Σ's entries 25; all failed, and the next round's radii 1.1 and 4.4
     gained: 7 rounds, with these 5 (no other of the 188 held-out fits changed).  The iterative method, from

@@ -104,7 +104,7 @@ def _second_order(opt, estimate) -> np.ndarray | float:
     than d along it.  Without it a fit that ended from a final point 1e-8 to 3e-8 above the optimum by a step to
     third order left standard errors as far off (sim_toenail_la pooled by the iterative method, over 20 sites by
     the hybrid: 1.3e-8 and 3.2e-8; with it 5.9e-10 and 2.7e-10)."""
-    prev, quartic = opt.previous, getattr(opt, "final_quartic", None)
+    quartic = getattr(opt, "final_quartic", None)
     if opt.third_dear or not getattr(opt, "third_here", False):
         return 0.0
     s, H = estimate - opt.point, opt.current.H
@@ -112,12 +112,22 @@ def _second_order(opt, estimate) -> np.ndarray | float:
         v, Q = quartic
         a = float(s @ H @ v) / float(v @ H @ v)
         return 0.5 * a * a * Q
-    if prev is None:
+    d, half = quartic_along_move(opt.previous, opt.point, H, opt.third_used)
+    if d is None:
         return 0.0
-    d = opt.point - prev.x
     dd = float(d @ H @ d)
     a = float(s @ H @ d) / dd if dd > 0 else np.inf
-    return a * a * (prev.H - H + opt.third_used @ d) if abs(a) <= 1.0 else 0.0
+    return a * a * half if abs(a) <= 1.0 else 0.0
+
+
+def quartic_along_move(prev, x: np.ndarray, H: np.ndarray, T: np.ndarray) -> tuple:
+    """(d, ½Q[d, d]): the last move d from the point before ``prev`` to x and F's fourth derivatives along it,
+    from the Hessians at both ends (H at x) and T at x (Taylor from there: H(x − d) = H − T[d] + ½Q[d, d]);
+    (None, None) without a point before."""
+    if prev is None:
+        return None, None
+    d = x - prev.x
+    return d, prev.H - H + T @ d
 
 
 def loglik_at_estimate(s: dict, step: np.ndarray, opt) -> float:

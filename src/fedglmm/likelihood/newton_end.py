@@ -8,7 +8,7 @@ import numpy as np
 
 from .boundary import boundary_last
 from .candidates import Candidate as _Candidate, unbounded as _unbounded
-from .last_step import last_step
+from .last_step import last_step, quartic_along_move
 from .start_choice import newton_step as _newton_step
 from .steps import capped, even_third
 from .third_steps import third_steps
@@ -339,15 +339,15 @@ class Ending:
         The information so moved misses about c times the decrement d_f, relative: above QUARTIC the last step is a
         round (:meth:`_third_last`).  (Not the share off d: ½Q[d, d] from Hessians a long move apart is rougher --
         sim_rare_gh20 over 5 sites, the last step at cosine 0.92 with d, standard errors 1.1e-8 off so.)"""
-        prev, H, out, share = self.previous, cur.H, [], 1.0
+        H, out, share = cur.H, [], 1.0
         off = lambda u: 1.0 - float(s @ H @ u) ** 2 / (float(u @ H @ u) * float(s @ H @ s))    # noqa: E731
         try:
             w, V = np.linalg.eigh(H)
             half = V / np.sqrt(w)
             scale = lambda M, uu: float(np.max(np.abs(np.linalg.eigvalsh(half.T @ M @ half)))) / uu   # noqa: E731
-            d = cur.x - prev.x if prev is not None else None
+            d, half_q = quartic_along_move(self.previous, cur.x, H, T)
             if d is not None and float(d @ H @ d) > 0:
-                out.append(scale(prev.H - H + T @ d, float(d @ H @ d)))
+                out.append(scale(half_q, float(d @ H @ d)))
                 share = off(d)
             if self.final_quartic is not None:
                 v, Q = self.final_quartic
