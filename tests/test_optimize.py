@@ -722,3 +722,36 @@ def test_a_round_of_long_steps_also_tries_shorter_ones(monkeypatch):
         if hedge == default:
             assert np.allclose(sorted(x[0] for x in asked[1:4]), [19 / 16, 19 / 4, 19.0])
     assert rounds[default] < rounds[np.inf]
+
+
+def test_a_dispersion_comes_back_from_its_limit_beside_a_zero_sd_that_grows():
+    """Beside ψ near its limit with F rising towards it (α = e^(−ψ) = 1e-5 at the optimum) an even coordinate s (an
+    SD) at 0 where F falls away from it (curvature −2; optimum s² = ½): H is indefinite, and so was the model in α,
+    which then had no step -- the trust region's steps, scaled by ψ's curvature of about e^(−ψ), went far, and ψ came
+    back a little a round (benchmarks/nb_poisson_limit.py --seed 7 --theta 0.5,2,10,100, fit 15: 13 rounds).  The
+    step in α with that s held at its zero brings ψ back (steps.tail_step, ``even``) while s leaves its zero."""
+    from fedglmm.likelihood.steps import tail_step
+
+    nb = _nb_like(1e4, 1e-5)
+
+    def F(x):
+        f, g, H = nb(x[[0, 2]])
+        s = x[1]
+        G = np.array([g[0], -2 * s + 4 * s ** 3, g[1]])
+        HH = np.zeros((3, 3))
+        HH[np.ix_([0, 2], [0, 2])] = H
+        HH[1, 1] = -2 + 12 * s * s
+        return f - s * s + s ** 4, G, HH
+
+    x = np.array([0.5, 0.0, 12.0])
+    f, g, H = F(x)
+    assert tail_step(x, g, H, None, (2,)) is None
+    step, pred, _ = tail_step(x, g, H, None, (2,), even=(1,))
+    assert step[1] == 0.0 and step[2] < 0 and pred > 0
+    sub = tail_step(x[[0, 2]], g[[0, 2]], H[np.ix_([0, 2], [0, 2])], None, (1,))   # the same without s
+    assert np.allclose(step[[0, 2]], sub[0], rtol=1e-12, atol=0) and abs(pred - sub[1]) < 1e-12 * abs(pred)
+    with np.errstate(all="ignore"):
+        for x0, most in (([0.5, 0.0, 12.0], 7), ([1.0, 0.0, 20.0], 9)):     # (10 and 12 rounds without the hold)
+            opt, _ = _drive_with(F, x0, NewtonConfig(extrapolate=0.0), boundary=(1,), tails=(2,))
+            assert opt.converged and opt.evals <= most, (x0, opt.evals)
+            assert abs(opt.solution[2] - np.log(1e5)) < 1e-6 and abs(abs(opt.solution[1]) - 0.5 ** 0.5) < 1e-6

@@ -317,12 +317,12 @@ class TrustRegionNewton(Ending):
         return _unbounded(*out, cur.H) if out is not None else None
 
     def _tail(self, cur, newton) -> _Candidate | None:
-        """Where the Newton step grows a negative binomial's ψ, or ψ comes back from its limit: its step in
-        α = e^(−ψ) (:func:`~fedglmm.likelihood.steps.tail_step`), as one more candidate."""
+        """A negative binomial's step in α = e^(−ψ) (:func:`~.steps.tail_step`), as one more candidate."""
         if not self.tails or self.config.single or self._tail_from is cur:
             return None           # (at a point it was tried from already: its step is known to fail)
         self._tail_from = cur
-        out = tail_step(cur.x, cur.g, cur.H, newton, self.tails, alpha_predicts(self.previous, cur, self.tails))
+        out = tail_step(cur.x, cur.g, cur.H, newton, self.tails, alpha_predicts(self.previous, cur, self.tails),
+                        self.boundary)
         return None if out is None else replace(_unbounded(*out[:2], cur.H), limit=out[2])
 
     def _turns(self, cur, newton, cov) -> list[_Candidate]:
