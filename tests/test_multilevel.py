@@ -524,6 +524,21 @@ def test_third_derivatives_at_newtons_point_beside_the_most_promising():
     _at_optimum(res, exact)
 
 
+def test_cbpp_olre_over_three_sites_by_herd_in_four_rounds():
+    """cbpp_olre over 3 sites, herds dealt by their codes: no Newton step is beside the round's most promising
+    point, and the next best brings the sites' third derivatives beside it; the steps to third order from there,
+    in the SDs' squares (herd SD 0.10), make the final candidate, and the last step to third order ends the fit
+    -- 4 rounds (5 before), at the fit continued to machine precision, standard errors to 1e-8."""
+    from fedglmm.model.options import NewtonConfig
+
+    case = CASES["cbpp_olre"]
+    res = fit(case, data=split_sites(case, 3))
+    exact = fit(case, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))
+    assert res.converged and res.rounds <= 4, res.rounds
+    _at_optimum(res, exact)
+    assert np.allclose(res.se, exact.se, rtol=1e-8, atol=0)
+
+
 def test_a_zero_sds_face_from_an_indefinite_start():
     """grouseticks' nested factors split one LOCATION per site (63 sites, as the reference's README splits
     them): the start's Hessian is indefinite along LOCATION's SD, whose optimum is 0.  The step onto that SD's

@@ -402,8 +402,9 @@ def test_starts_where_groups_stayed_bring_third_derivatives():
     for opt in (on, off):
         newton, third = unbounded(np.ones(3), 1.0, H), unbounded(np.full(3, 1.1), 0.95, H)
         newton.newton = True
-        opt._cands, opt._third_more = [newton, unbounded(np.full(3, 0.5), 0.7, H), third], [third]
-        assert opt._third_points(None) == ([0, 2] if opt is on else [0])
+        opt._cands, opt._third_more = [newton, unbounded(np.full(3, 0.5), 0.97, H), third], [third]
+        # (Newton's step, and no other beside it: the candidate predicted to gain second most too)
+        assert opt._third_points(None) == ([0, 1, 2] if opt is on else [0, 1])
     opts = FitOptions(newton=NewtonConfig(third_start=True, third_start_cov=True))
     for n, rows, groups, want in ((THIRD_ROWS, 1, {}, True), (THIRD_ROWS + 1, 1, {}, False),
                                   (100, 2, {"a": 3, "b": 4}, False)):

@@ -11,6 +11,7 @@ from .candidates import Candidate as _Candidate, unbounded as _unbounded
 from .last_step import last_step, quartic_along_move
 from .start_choice import newton_step as _newton_step
 from .steps import capped, even_third
+from .third_requests import points_asked
 from .third_steps import third_steps
 
 
@@ -137,29 +138,8 @@ class Ending:
 
     def _third_points(self, extra) -> list[int]:
         """The candidates whose points come with the sites' third derivatives when the next round asks for them
-        (:meth:`_third_wanted`): the caller's model's step where it is proposed (the candidate predicted to gain
-        most otherwise), and Newton's beside it.  Far from the optimum the largest predicted gain is often
-        the least founded (a trust region's step at four times Newton's reach, a step to third order), and the
-        point accepted was the model's or Newton's: with the point predicted to gain most alone, the reference
-        cases split one herd per site, cbpp_olre took 6 rounds (5), toenail over 10 sites 6 (5).  By quadrature
-        too, where they come from the gradients of the point's Hessian and P(P - 1)/2 more: both points take
-        grouseticks_gh5 over 3 sites 0.97 times as long as the first alone did by a seven-point stencil of P(P + 1)
-        gradients (both so: 1.15 times), and sim_toenail_gh20 over 20 sites 4 rounds, not 5.  And the steps to third
-        order from the current point, where they are candidates (``_third_more``; ``third_steps``, the hybrid's): from
-        a start 9.4 above the optimum (epil over 20 sites, from site totals: NewtonConfig.third_start) the one to third
-        order reached 0.007 where Newton's reached 0.47, and with its third derivatives the next step to third order
-        ended the fit (4 rounds, not 5); sim_toenail_la over 20 sites 6 -> 5 (ending 3e-8 above the optimum, standard
-        errors to 3e-10 with the Hessian's second-order change: last_step._second_order).  The iterative method's
-        fits took 1183 -> 1165 rounds on benchmarks/rounds_heldout.py and 690 -> 682 on stress_methods.py with them,
-        but contraception_probit over 3 sites 1.2 times the time in as many rounds: not there."""
-        if not self._cands:
-            return [0]
-        best = 0 if extra is not None and self._cands[0] is extra else int(np.argmax([c.pred for c in self._cands]))
-        plain = [i for i, c in enumerate(self._cands) if c.newton and i != best]
-        out = ([best] + plain[:1])[:self.config.third_points]
-        if not self.config.third_steps:
-            return out
-        return out + [i for i, c in enumerate(self._cands) if i not in out and any(c is m for m in self._third_more)]
+        (:meth:`_third_wanted`; :func:`~fedglmm.likelihood.third_requests.points_asked`)."""
+        return points_asked(self._cands, extra, self.config, self._third_more)
 
     def _third_final(self, cur, newton, dec: float, edge, final_ok: bool = True) -> _Candidate | None:
         """From an accepted point whose third derivatives T came with it (``point_third``, asked for by
@@ -325,10 +305,10 @@ class Ending:
 
     @property
     def _squared(self) -> tuple:
-        """The coordinates whose squares the steps to third order may be taken in (:mod:`.third_steps`): the SDs of
-        scalar terms, with one grouping factor (with several, cbpp_olre's iterative fit over 3 sites so ended a round
-        sooner with its conditional SDs 2.2e-8 from those of the fit continued to machine precision)."""
-        return () if self.third_dear else self.boundary
+        """The SDs whose squares the steps to third order may be taken in (:mod:`.third_steps`); none with levels
+        shared by sites (``bare_settle``), whose own levels' conditional SDs come at the final round's v: a fit that
+        ended sooner left v's last step in them (cbpp_olre's iterative fit, every herd at 3 sites: 3.1e-8 off)."""
+        return () if self.third_dear and np.isfinite(self.config.bare_settle) else self.boundary
 
     def _quartic(self, cur, T: np.ndarray, s: np.ndarray) -> tuple:
         """(c, share): F's fourth derivatives Q relative to H -- the largest |eigenvalue| of H^(-1/2) ½Q[u, u]
