@@ -65,22 +65,22 @@ def points_asked(cands: list, extra, config, third_more: list) -> list[int]:
     """The candidates ``cands`` whose points come with the sites' third derivatives when the next round asks for
     them (:meth:`~fedglmm.likelihood.newton_end.Ending._third_wanted`): the caller's model's step ``extra`` where it
     is proposed (the candidate predicted to gain most otherwise), and Newton's beside it (``config.third_points``
-    of them).  Far from the optimum the largest predicted gain is often
-    the least founded (a trust region's step at four times Newton's reach, a step to third order), and the
-    point accepted was the model's or Newton's: with the point predicted to gain most alone, the reference
-    cases split one herd per site, cbpp_olre took 6 rounds (5), toenail over 10 sites 6 (5).  By quadrature
-    too, where they come from the gradients of the point's Hessian and P(P - 1)/2 more: both points take
-    grouseticks_gh5 over 3 sites 0.97 times as long as the first alone did by a seven-point stencil of P(P + 1)
-    gradients (both so: 1.15 times), and sim_toenail_gh20 over 20 sites 4 rounds, not 5.  And the steps to third
-    order from the current point, where they are candidates (``_third_more``; ``third_steps``, the hybrid's): from
-    a start 9.4 above the optimum (epil over 20 sites, from site totals: NewtonConfig.third_start) the one to third
-    order reached 0.007 where Newton's reached 0.47, and with its third derivatives the next step to third order
-    ended the fit (4 rounds, not 5); sim_toenail_la over 20 sites 6 -> 5 (ending 3e-8 above the optimum, standard
-    errors to 3e-10 with the Hessian's second-order change: last_step._second_order).  The iterative method's
-    fits took 1183 -> 1165 rounds on benchmarks/rounds_heldout.py and 690 -> 682 on stress_methods.py with them,
-    but contraception_probit over 3 sites 1.2 times the time in as many rounds: not there.  Where no other Newton
-    step is beside the best, the candidate predicted to gain second most (with the steps in the SDs' squares, now
-    with several factors too: cbpp_olre over 3 sites 5 -> 4 rounds, parity_multilevel.py's other 52 as before)."""
+    of them).  Far from the optimum the largest predicted gain is often the least founded (a trust region's step
+    at four times Newton's reach, a step to third order), and the point accepted was the model's or Newton's: with
+    the point predicted to gain most alone, the reference cases split one herd per site, cbpp_olre took 6 rounds
+    (5), toenail over 10 sites 6 (5).  By quadrature too, where they come from the gradients of the point's Hessian
+    and P(P - 1)/2 more: both points take grouseticks_gh5 over 3 sites 0.97 times as long as the first alone did by
+    a seven-point stencil of P(P + 1) gradients (both so: 1.15 times), and sim_toenail_gh20 over 20 sites 4 rounds,
+    not 5.  Where no other Newton step is beside the best, the candidate predicted to gain second most (with the
+    steps in the SDs' squares, now with several factors too: cbpp_olre over 3 sites 5 -> 4 rounds,
+    parity_multilevel.py's other 52 splits as before).  And the steps to third order from the current point, where
+    they are candidates (``third_more``; ``config.third_steps``, the hybrid's): from a start 9.4 above the optimum
+    (epil over 20 sites, from site totals: NewtonConfig.third_start) the one to third order reached 0.007 where
+    Newton's reached 0.47, and with its third derivatives the next step to third order ended the fit (4 rounds, not
+    5); sim_toenail_la over 20 sites 6 -> 5 (ending 3e-8 above the optimum, standard errors to 3e-10 with the
+    Hessian's second-order change: last_step._second_order).  The iterative method's fits took 1183 -> 1165 rounds
+    on benchmarks/rounds_heldout.py and 690 -> 682 on stress_methods.py with them, but contraception_probit over 3
+    sites 1.2 times the time in as many rounds: not there."""
     if not cands:
         return [0]
     best = 0 if extra is not None and cands[0] is extra else int(np.argmax([c.pred for c in cands]))

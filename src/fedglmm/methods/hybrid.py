@@ -172,8 +172,8 @@ def _candidates(req, st, merged, own: dict, pseudo, big: str | bool = False, by_
     # with the pseudo-data, and where summaries are missing the site-totals start: all tried in the first
     # Newton round
     variants = sd_variants(start, st, family) if len(start[1]) and not own else []
-    # (a random intercept: the one-shot SD is good, also where small groups stayed -- not a dispersion's, which pseudo-
-    # data carry roughly -- and the combination's γ given it is tried beside: benchmarks/README.md, 7 December, night)
+    # (a random intercept: the one-shot SD is good, also where small groups stayed -- not a dispersion's -- and the
+    # combination's γ given it is tried beside; a slope's is not: benchmarks/README.md, 7 December, night)
     given = st.mask.shape == (1, 1) and not (merged.refused and st.ndisp)
     combined = combined_start(own, surrogate, each, np.concatenate(start), _sd_index(st), theta_of_x0=given) \
         if own else []
