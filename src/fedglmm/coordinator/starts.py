@@ -196,8 +196,8 @@ def _cubic_sum(models: list):
 
 def given_theta(K: np.ndarray, xq: np.ndarray, x0: np.ndarray, held) -> np.ndarray | None:
     """The minimiser of the sites' fits' quadratic combination ½(x − x_q)ᵀK(x − x_q) with the entries ``held``
-    (the standard deviations) at x₀'s -- the one-shot fit's, where every group's moments went -- and the
-    others (γ, a dispersion) free: x_F = x_q,F − K_FF⁻¹ K_FH (x₀,H − x_q,H).  Each source where it is good: a
+    (the standard deviations) at x₀'s -- the one-shot fit's random intercept, from the groups whose moments went --
+    and the others (γ, a dispersion) free: x_F = x_q,F − K_FF⁻¹ K_FH (x₀,H − x_q,H).  Each source where it is good: a
     site's fit of a few groups knows the slopes within them but not the SD between groups (30 sites of 3
     poisson groups: the fits combined give the SD 0.17-0.36 for 0.31-0.77), and every group's first two
     moments know the SD but, for a count or positive outcome beside real covariates, neither the slopes (0.30
