@@ -525,7 +525,7 @@ def test_third_derivatives_at_newtons_point_beside_the_most_promising():
 
 
 def test_cbpp_olre_over_three_sites_by_herd_in_four_rounds():
-    """cbpp_olre over 3 sites, herds dealt by their codes: no Newton step is beside the round's most promising
+    """cbpp_olre over 3 sites, herds dealt by their codes: no other Newton step is beside the round's most promising
     point, and the next best brings the sites' third derivatives beside it; the steps to third order from there,
     in the SDs' squares (herd SD 0.10), make the final candidate, and the last step to third order ends the fit
     -- 4 rounds (5 before), at the fit continued to machine precision, standard errors to 1e-8."""
