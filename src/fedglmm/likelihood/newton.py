@@ -184,7 +184,7 @@ class TrustRegionNewton(Ending):
         self._cands += [c for c in (edge, cov, grow, tail, *self._third_more) if c is not None] \
             + self._turns(cur, newton, cov) \
             + self._face(cur, newton)
-        self.third_points = self._third_points(extra)
+        self.third_points = self._third_asked(extra, newton)
         if self.config.hedge and not self.config.single:
             self._cands += hedges(self._cands, cur.g, cur.H, newton, self.config.spread)
         return [capped(cur.x + c.step, self.tails, cur) for c in self._cands] + ([cur.x] if self._refreshing else [])

@@ -136,6 +136,19 @@ class Ending:
             self._ceiling = min(self._ceiling, min(c.norm for c in self._cands))
             self._radius = 0.25 * self._ceiling
 
+    def _third_asked(self, extra, newton) -> list[int]:
+        """The round's points with the sites' third derivatives where the round asks for them (:meth:`_third_points`),
+        and, where H is indefinite (no Newton step), at its steps onto a face of Σ or in Σ's entries (``cov``), asked
+        for there: from such a point, the one accepted near a zero SD, the next step is to third order.
+        sim_rare_gh20 over 20 sites and over 4, 5 -> 4 rounds (its step to third order from 4e-3 the final
+        candidate: ``land`` 3e-10); rounds_heldout.py's 188 fits 627 -> 626, on 4, 7b, 15 and 40 sites 301 -> 300;
+        stress_methods.py, nb_poisson_limit.py and parity_multilevel.py's splits as before but one fit a round fewer."""
+        faces = [i for i, c in enumerate(self._cands) if c.cov] if newton is None else []
+        if faces and not self.want_third and self._may_ask_third():
+            self.want_third = True
+            return faces
+        return self._third_points(extra)
+
     def _third_points(self, extra) -> list[int]:
         """The candidates whose points come with the sites' third derivatives when the next round asks for them
         (:meth:`_third_wanted`; :func:`~fedglmm.likelihood.third_requests.points_asked`)."""
