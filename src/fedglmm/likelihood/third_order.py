@@ -21,6 +21,7 @@ import numpy as np
 
 from .lmm import profiled_deviance
 from .start_choice import newton_step
+from .third_steps import cubic_decrease
 
 KEYS = ("A", "b", "c", "d")
 STEP = 1e-4          # the coordinator's difference of the profiled Hessian: h_t = STEP (1 + |θ_t|)
@@ -81,8 +82,8 @@ def cubic_step(g: np.ndarray, H: np.ndarray, T: np.ndarray, iterations: int = 30
         np.linalg.cholesky(H + np.einsum("abc,c->ab", T, s))
     except np.linalg.LinAlgError:
         return None
-    pred = -(g @ s + 0.5 * s @ H @ s + np.einsum("abc,a,b,c->", T, s, s, s) / 6.0)
-    return (s, float(pred)) if pred > 0 else None
+    pred = cubic_decrease(g, H, T, s)
+    return (s, pred) if pred > 0 else None
 
 
 def cubic_model(sums_at, reml: bool):

@@ -58,9 +58,12 @@ def _in(g, H, T, newton) -> tuple | None:
         return None
     cheb, s = steps
     mean, miss = 0.5 * (s + cheb), s - cheb
-    pred = tuple(float(-(g @ x + 0.5 * x @ H @ x + np.einsum("ijk,i,j,k->", T, x, x, x) / 6.0))
-                 for x in (s, cheb, mean))
-    return cheb, s, mean, float(miss @ H @ miss), pred
+    return cheb, s, mean, float(miss @ H @ miss), tuple(cubic_decrease(g, H, T, x) for x in (s, cheb, mean))
+
+
+def cubic_decrease(g: np.ndarray, H: np.ndarray, T: np.ndarray, s: np.ndarray) -> float:
+    """The decrease of F's cubic model -(gᵀs + ½sᵀHs + T[s, s, s]/6) over the step s."""
+    return float(-(g @ s + 0.5 * s @ H @ s + np.einsum("ijk,i,j,k->", T, s, s, s) / 6.0))
 
 
 def squared_model(x: np.ndarray, g: np.ndarray, H: np.ndarray, T: np.ndarray, idx: np.ndarray) -> tuple:
