@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit
 
 from .kernel_terms import derivatives
+from .mode_start import MODE_ITERATIONS
 from .rows import at_mode, chol_logdet, d12_row, loglik_row, solve
 
 
@@ -64,8 +65,9 @@ def _sweep(code, y, m, s, n, eta, M, u, grad, hobs):
 @njit(cache=True)
 def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
     """Newton with step halving for the group's mode û = argmax h (``u`` in, û out; η at û in ``eta``);
-    returns 0 (a singular Newton matrix), 1 (converged) or, with ``fuse``, 2 after a full step shorter
-    than :data:`FUSE_STEP`: the caller's pass for the sums at the mode then gives the next step too.
+    returns 0 (a singular Newton matrix, or no mode within MODE_ITERATIONS steps), 1 (converged) or, with
+    ``fuse``, 2 after a full step shorter than :data:`FUSE_STEP`: the caller's pass for the sums at the mode
+    then gives the next step too.
     The numpy engine's iteration, for one group: a step of Newton decrement 1e-8 or more must not lower h,
     else it is halved.  The full step is tried first and the pass for the derivatives at its end tests
     it: h is concave in u (so is every kernel family's log-density in η), so where h's slope along the
@@ -77,7 +79,7 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
     _eta(eta0, M, u, n, eta)
     h, known, trial = 0.0, False, False
     it = 0
-    while it < 100 or trial:
+    while it < MODE_ITERATIONS or trial:
         if trial:                                  # the derivatives at the full step's end
             trial = False
             for c in range(q):
@@ -97,8 +99,10 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
                 h, known = h_new, True
             u[:] = u_new
             eta[:n] = eta_new[:n]
-            if np.max(np.abs(step[:, 0])) < 1e-10 or it >= 100:
+            if np.max(np.abs(step[:, 0])) < 1e-10:
                 return 1
+            if it >= MODE_ITERATIONS:
+                return 0
         else:
             _sweep(code, y, m, s, n, eta, M, u, grad, hobs)
         it += 1
@@ -118,7 +122,7 @@ def _mode(code, y, m, s, n, eta0, M, u, eta, eta_new, fuse):
             u_new[c] = u[c] + step[c, 0]
         _eta(eta0, M, u_new, n, eta_new)
         trial = True
-    return 1
+    return 0
 
 
 @njit(cache=True)

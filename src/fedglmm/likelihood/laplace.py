@@ -39,7 +39,7 @@ from ..model.spec import Design, lambda_matrix, theta_index
 from . import fused, restarts
 from .conditional import curvature_derivative
 from .linalg import chol as _chol, inv as _inv, solve as _solve, upper_half as _upper_half
-from .mode_start import inside_domain
+from .mode_start import MODE_ITERATIONS, inside_domain
 from .quadrature import gradient_hessian, product_grid
 
 
@@ -83,6 +83,7 @@ class GLMMLikelihood:
         self.ndisp = int(family.ndisp)
         self.psi = None                      # the dispersion parameter of the current evaluation
         self.u = np.zeros((self.G, self.q))
+        self.unconverged = False    # the last search for the modes ended without them (_modes)
         self._eye = np.eye(self.q)
         self._last = None           # (φ, dû/dφ) of the last evaluation: the next one starts from û + dû·Δφ
         self._fused = self._hinv = None    # the fused kernel's view of the arrays, its H⁻¹ at the last point
@@ -120,7 +121,8 @@ class GLMMLikelihood:
         eta = eta0 + np.einsum("jc,jc->j", M, u[g])
         u, eta = inside_domain(self, eta0, M, lam, u, eta)        # (Gamma's bounded links)
         h = None                                   # h at u, computed only when a step must be checked
-        for _ in range(100):
+        self.unconverged = True                    # (until a step below 1e-10)
+        for _ in range(MODE_ITERATIONS):
             d1, d2, _, _ = fam.derivs(self.y, self.m, eta, self.psi)
             grad = self._gsum(M * d1[:, None]) - u
             hobs = self._gsum(-d2[:, None, None] * MM) + self._eye
@@ -133,6 +135,7 @@ class GLMMLikelihood:
                 u = u + step
                 eta = eta0 + np.einsum("jc,jc->j", M, u[g])
                 if np.max(np.abs(step)) < 1e-10:
+                    self.unconverged = False
                     break
                 h = None
                 continue
@@ -148,6 +151,7 @@ class GLMMLikelihood:
                 t = np.where(worse, 0.5 * t, t)
             u, eta, h = u_new, eta_new, h_new
             if np.max(np.abs(t[:, None] * step)) < 1e-10:
+                self.unconverged = False
                 break
         return u, eta
 
@@ -358,6 +362,8 @@ class GLMMLikelihood:
             return Evaluation(*fused.evaluate(self, phi, hess))
         laplace = len(self.ck) == 1
         value, gr, aux = self.value_grad(phi, hess=hess and laplace)
+        if self.q and self.unconverged:          # (MODE_ITERATIONS: a start too far off for Newton)
+            raise FloatingPointError("the conditional modes were not found")
         if self.q:
             self._last = (phi.copy(), aux["dU"])
         if self.q == 0 or (hess and laplace):
