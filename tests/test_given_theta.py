@@ -10,6 +10,7 @@ from scipy.optimize import minimize
 
 import fedglmm
 from fedglmm.coordinator import starts
+from fedglmm.methods import hybrid
 
 
 def test_given_theta_minimises_the_combination_over_gamma():
@@ -54,7 +55,8 @@ def _thirty_sites_of_three_groups(seed: int = 11, sd: float = 0.8, family: str =
 def test_many_sites_of_three_count_groups_take_four_rounds(monkeypatch):
     """Each site's fit of 3 groups puts the SD far off (the fits combined: 0.32 for 0.83) and the groups'
     moments put the slopes off (x: 0.32 for 0.50); the fits' combination at the moments' SD starts within
-    a Newton step: 4 rounds, the iterative fit to 1e-8 -- 6 rounds without that start."""
+    a Newton step: 4 rounds, the iterative fit to 1e-8 -- 6 rounds without that start and the one taking each
+    parameter from its source (coordinator.split_start), which alone also starts within a Newton step."""
     warnings.simplefilter("ignore")
     data, formula = _thirty_sites_of_three_groups(), "y ~ x + x2 + z + f + (1 | g)"
     res = fedglmm.fit(formula, data, family="poisson")
@@ -63,12 +65,15 @@ def test_many_sites_of_three_count_groups_take_four_rounds(monkeypatch):
     assert np.allclose(res.fixef, it.fixef, atol=1e-8) and np.allclose(res.theta, it.theta, atol=1e-8)
     assert abs(res.loglik - it.loglik) < 1e-8
     monkeypatch.setattr(starts, "given_theta", lambda *a: None)
+    assert fedglmm.fit(formula, data, family="poisson").rounds <= 4
+    monkeypatch.setattr(hybrid, "one_shot_split", lambda *a: [])
     assert fedglmm.fit(formula, data, family="poisson").rounds > 4
 
 
 def test_a_negative_binomial_dispersion_goes_with_the_sites_fits(monkeypatch):
     """The SD held at the one-shot fit's, the dispersion free: the groups' moments put it far off (1.3 for
-    0.65 on one such draw) -- 4 rounds, 5 holding it too."""
+    0.65 on one such draw) -- 4 rounds, 5 holding it too (and without the start by source, which takes the
+    dispersion from the sites' fits as well: coordinator.split_start)."""
     warnings.simplefilter("ignore")
     data = _thirty_sites_of_three_groups(family="negative_binomial")
     formula = "y ~ x + x2 + z + f + (1 | g)"
@@ -78,4 +83,5 @@ def test_a_negative_binomial_dispersion_goes_with_the_sites_fits(monkeypatch):
     assert np.allclose(res.fixef, it.fixef, atol=1e-8) and np.allclose(res.theta, it.theta, atol=1e-8)
     given = starts.given_theta
     monkeypatch.setattr(starts, "given_theta", lambda K, xq, x0, held: given(K, xq, x0, np.r_[held, len(xq) - 1]))
+    monkeypatch.setattr(hybrid, "one_shot_split", lambda *a: [])
     assert fedglmm.fit(formula, data, family="negative_binomial").rounds > 4

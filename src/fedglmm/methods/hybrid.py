@@ -26,6 +26,7 @@ from ..coordinator.schema import check_outcome
 from ..coordinator.session import Link, Session
 from ..coordinator.shared_blocks import ONE_SHOT_NOTE, merge_shared_levels
 from ..coordinator.shared_rounds import shared_setup
+from ..coordinator.split_start import one_shot_split
 from ..coordinator.starts import (OwnPart, binary_intercept, binary_variants, combined_start, cubic_surrogate,
                                   internal_start, own_part, sd_variants, totals_variants, with_start, without_singular)
 from ..coordinator.surrogate import pseudo_objective
@@ -168,15 +169,14 @@ def _candidates(req, st, merged, own: dict, pseudo, big: str | bool = False, by_
         # shape from the pseudo-data
         return tuple(pair(x) for x in combined_start(own, surrogate, each, None, _sd_index(st))
                      + also(surrogate, each, None, _sd_index(st))) or None, surrogate
-    # the one-shot estimate with its covariance halved and doubled, the combinations of the sites' own fits
-    # with the pseudo-data, and where summaries are missing the site-totals start: all tried in the first
-    # Newton round
+    # the one-shot estimate with its covariance halved and doubled, the sites' own fits combined with the pseudo-data
+    # and by source (one_shot_split), where summaries are missing the site-totals start: all in the first Newton round
     variants = sd_variants(start, st, family) if len(start[1]) and not own else []
     # (a random intercept: the one-shot SD is good, also where small groups stayed -- not a dispersion's -- and the
     # combination's γ given it is tried beside; a slope's is not: benchmarks/README.md, 7 December, night)
     given = st.mask.shape == (1, 1) and not (merged.refused and st.ndisp)
     combined = combined_start(own, surrogate, each, np.concatenate(start), _sd_index(st), theta_of_x0=given) \
-        if own else []
+        + one_shot_split(own, parts, st, np.concatenate(start)) if own else []
     totals = [start_values(st, family)] if merged.refused else []
     more = also(surrogate, each, np.concatenate(start), _sd_index(st)) if own else []
     starts = tuple([pair(x) for x in combined] + [start] + variants + totals + [pair(x) for x in more])
