@@ -36,11 +36,11 @@ def group_level(designs: list, p: int) -> np.ndarray | None:
     return level
 
 
-def split_start(parts: list, x0: np.ndarray, between: np.ndarray) -> np.ndarray | None:
-    """The quadratic combination of the sites' fits ``parts`` (:class:`~fedglmm.coordinator.starts.OwnPart`) with
+def split_start(fits: list, x0: np.ndarray, between: np.ndarray) -> np.ndarray | None:
+    """The quadratic combination of the sites' fits ``fits`` (:class:`~fedglmm.coordinator.starts.OwnPart`) with
     the entries ``between`` (indices: the group-level columns and θ̃) at the one-shot fit's ``x0``; None if it
     is singular or not finite."""
-    K, h = sum(o.K for o in parts), sum(o.h for o in parts)
+    K, h = sum(o.K for o in fits), sum(o.h for o in fits)
     try:
         x = np.linalg.lstsq(K, h, rcond=None)[0]
     except (np.linalg.LinAlgError, ValueError):
