@@ -177,7 +177,7 @@ def _stress_draw(seed: int, fit: int) -> tuple:
 
 
 @pytest.mark.parametrize("seed,fit,limit", [(4, 60, 6), (5, 0, 6), (7, 80, 6), (3, 0, 6), (11, 80, 6),
-                                            (15, 95, 5), (3, 35, 6), (16, 80, 5), (13, 0, 6)])
+                                            (15, 95, 5), (3, 35, 6), (16, 80, 5), (13, 0, 6), (28, 80, 6)])
 def test_stress_fits_at_a_singular_covariance(seed, fit, limit):
     """Random-slope fits of benchmarks/stress_methods.py whose optimum, or a site's own fit, is at or near a
     singular Σ.  Seeds 4 and 5: the intercept's SD near 0 (hybrid 36 and 42 rounds before the
@@ -191,9 +191,11 @@ def test_stress_fits_at_a_singular_covariance(seed, fit, limit):
     rounds) until the combination without its θ was tried beside (without_singular).  Seed 16 fit 80 and
     seed 13 fit 0: the curvature in the slope's SD turned negative within a hair of 0 (2.5e-6, beside an
     intercept SD of 0.02), and the trust-region steps left the zero for rounds (8 and 8) until the point
-    with that SD at 0 was tried beside them (boundary.face_step).  Each against the
-    iterative fit run to machine precision: logLik to 1e-8, fixed effects and Σ to 1e-6 (θ is barely
-    identified where Λ₁₁ ~ 0)."""
+    with that SD at 0 was tried beside them (boundary.face_step).  Seed 28 fit 80: Λ₂₂ (a slope's
+    correlation going to 1) shrank by a third a round, F rising in it more like Λ₂₂⁴ than Λ₂₂², until
+    Newton shrank it by half (7 rounds); the model in its square is now tried from the second such shrink
+    in a row (boundary_step).  Each against the iterative fit run to machine precision: logLik to 1e-8,
+    fixed effects and Σ to 1e-6 (θ is barely identified where Λ₁₁ ~ 0)."""
     _against_precise(seed, fit, limit)
 
 

@@ -228,12 +228,12 @@ class TrustRegionNewton(Ending):
         self._model_ok = self._model_rejections < 2    # a model twice wrong is not asked again
 
     def _boundary(self, cur, newton) -> _Candidate | None:
-        """Where the Newton step shrinks a coordinate of ``boundary`` by more than half: the step of the
-        model in its square, onto 0 where that model's minimum lies beyond (:func:`boundary_step`)."""
-        out = boundary_step(cur.x, cur.g, cur.H, newton, self.boundary) if newton is not None else None
-        if out is None:
-            return None
-        return _unbounded(*out, cur.H)
+        """Where the Newton step shrinks a coordinate of ``boundary`` by more than half (a quarter where the step
+        accepted last shrank it so too, with one grouping factor): the step of the model in its square, onto 0
+        where that model's minimum lies beyond (:func:`boundary_step`)."""
+        before = None if self.accepted is None or self.previous is None or self.third_dear else self.previous.x
+        out = None if newton is None else boundary_step(cur.x, cur.g, cur.H, newton, self.boundary, before)
+        return None if out is None else _unbounded(*out, cur.H)
 
     def _face(self, cur, newton) -> list[_Candidate]:
         """While H is indefinite, further candidates: along one coordinate of ``boundary`` alone, that coordinate
