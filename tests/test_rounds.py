@@ -2,8 +2,9 @@
 
 The held-out group `rounds` (tests/data/heldout/rounds/: toenail and its simulated twin, epil as poisson,
 Salamanders, guImmun, rare events, many sites with few groups each, a large random-effect variance, 1,000
-groups of 3, a random slope with groups of 5, huge counts, probit; Laplace and nAGQ 20), pooled and split
-over sites (by the case's `split` column where it is not the grouping factor, else by group into 3 sites):
+groups of 3, a random slope with groups of 5, huge counts, probit, 60 sites of 3 count groups of SD 1.5;
+Laplace and nAGQ 20), pooled and split over sites (by the case's `split` column where it is not the grouping
+factor, else by group into 3 sites):
 the hybrid ends where the iterative method does (1e-8) in few rounds, at a logLik no lower than the better
 of lme4 / glmmTMB less 1e-4.  The stopping rule is checked against the optimum found by continuing the
 Newton iteration to machine precision.

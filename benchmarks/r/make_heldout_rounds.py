@@ -212,8 +212,21 @@ def sim_probit(seed=20250211):
     save(pd.DataFrame({"g": labels(G, "g")[g], "x": x, "f": np.where(fb, "B", "A"), "y": y}), "sim_probit")
 
 
+def sim_three_per_site(seed=20250212):
+    # 60 sites x 3 groups (g001..g180, site s01 holds g001..g003, ...) of max(5, Poisson(40)) rows; x, x2 ~ N(0,1)
+    # per row, z ~ N(0,1) per group; log mu = 0.5 + 0.5 x - 0.3 x2 + 0.3 z + b, b ~ N(0, 1.5^2); Poisson
+    rng = np.random.default_rng(seed)
+    G = 180
+    g = np.repeat(np.arange(G), np.maximum(5, rng.poisson(40, G)))
+    b, z = rng.normal(0.0, 1.5, size=G), np.round(rng.normal(0.0, 1.0, size=G), 6)
+    x, x2 = (np.round(rng.normal(0.0, 1.0, size=g.size), 6) for _ in range(2))
+    y = rng.poisson(np.exp(0.5 + 0.5 * x - 0.3 * x2 + 0.3 * z[g] + b[g]))
+    save(pd.DataFrame({"site": labels(60, "s")[g // 3], "g": labels(G, "g")[g], "x": x, "x2": x2, "z": z[g],
+                       "y": y}), "sim_three_per_site")
+
+
 if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     for fn in (sim_toenail, sim_epil, sim_salamanders, sim_guimmun, sim_rare, sim_many_sites, sim_bigvar,
-               sim_small_groups, sim_slope5, sim_pois_huge, sim_probit):
+               sim_small_groups, sim_slope5, sim_pois_huge, sim_probit, sim_three_per_site):
         fn()
