@@ -35,9 +35,7 @@ from .shared_rounds import POOLED, local_moves
 from .shared_ends import bracketed, differences, gradient_settled, log_det_to_mode, modes_to_v, settled
 from .shared_third import close, tangent_fix, third, triple_points, trusted
 
-WARM, MAX_WARM = 2.0, 8      # rounds for one φ while v's Newton decrement is above WARM (see _solve): a trial
-                             # point settled to 2 rather than 0.5 saves the round that settled it -- the held-out
-                             # verbagg_dif over 4 sites 10 -> 8 rounds, sim_items_pois_slope over 6 12 -> 10
+WARM, MAX_WARM = 0.5, 8      # rounds for one φ while v's Newton decrement is above WARM (see _solve)
 START = 0.05                 # ... the start's v, whose φ-gradient and Hessian every later round builds on
 MAX_START = 24               # ... for the start, which has no other point to fall back on
 LINE = (0.5, 0.25, 0.125)    # the fractions of v's Newton step also tried in those rounds
