@@ -217,6 +217,8 @@ def fit_glmm(evaluator: Evaluator, setup: Setup, gamma0, theta0, options: FitOpt
             s, parts = finalize_round(evaluator, xs[0], opt, GLMM_KEYS)
             sums = [s]
         else:
+            if hasattr(evaluator, "iteration_decrement"):     # (how far the iteration is: shared_glmm_rounds.FAR)
+                evaluator.iteration_decrement = opt.trace[-1][2] if opt.trace else np.inf
             sums, parts = evaluate_round(evaluator, xs, opt, GLMM_KEYS), None
         return [penalised(x, -float(s["value"]), -s["grad"], -s["hess"]) for x, s in zip(xs, sums)], (parts, sums[0])
 
