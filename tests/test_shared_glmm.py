@@ -266,6 +266,20 @@ def test_split_by_site_gives_the_pooled_fit_and_lme4s(name):
     assert "shared" in res.summary()
 
 
+def test_trial_points_settle_loosely_only_far_from_the_estimate():
+    """sim_items_pois_slope over its 6 sites took 12 rounds with every trial point's v settled to a decrement of
+    0.5 (a long step's point a round more), 10 with 2 while the iteration is far (its decrement above 3); over 3
+    sites 8 either way, where 2 throughout took 10 (a point 0.009 above the optimum taken with its value 1.8e-3
+    too high, and every step from it failed)."""
+    case = CASES["sim_items_pois_slope"]
+    pooled = fit(case, method="iterative", min_group=1)
+    for k, most in ((None, 10), (3, 8)):
+        res = fit(case, data=split_sites(case, k), min_group=1)
+        assert res.rounds <= most
+        assert abs(res.loglik - pooled.loglik) < 1e-8
+        assert np.all(np.abs(res.fixef - pooled.fixef) / pooled.se < 1e-6)
+
+
 def test_no_array_the_coordinator_receives_grows_with_the_rows():
     """The same binomial fit with every row doubled: every field of every reply has the same shapes."""
     seen = reply_shapes_doubled(_simulated(seed=9, n=200), "y ~ x + (1 | subject) + (1 | item)", family="binomial")
