@@ -11,23 +11,16 @@ only the default method is fitted.  60 one-factor fits take about a minute and a
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import warnings
 
 import fedglmm
-from stress_shared import draw, draw_crossed, draw_wide
+from stress_shared import draw_arguments
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fits", type=int, default=60)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--crossed", action="store_true", help="stress_shared.draw_crossed's draws")
-    ap.add_argument("--wide", action="store_true", help="stress_shared.draw_wide's draws")
-    a = ap.parse_args()
+    a, drawn = draw_arguments(__doc__.split("\n\n")[0])
     warnings.simplefilter("ignore")
-    drawn = draw_crossed if a.crossed else draw_wide if a.wide else draw
     total, fits, repeats = collections.Counter(), 0, 0
     for i in range(a.seed, a.seed + a.fits):
         family, formula, *_, sites = drawn(i)

@@ -98,13 +98,20 @@ def draw_crossed(seed: int):
     return fam, form, n, I, K, sd_item, mu, df, sites
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def draw_arguments(description: str):
+    """The command line of a script over these draws (``--fits``, ``--seed``, ``--wide``, ``--crossed``): its
+    parsed arguments and the draw function they choose."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--fits", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wide", action="store_true", help="the draws of draw_wide (more levels, rarer events)")
     ap.add_argument("--crossed", action="store_true", help="the draws of draw_crossed (subjects local, items shared)")
     a = ap.parse_args()
+    return a, draw_crossed if a.crossed else draw_wide if a.wide else draw
+
+
+def main() -> None:
+    a, drawn = draw_arguments(__doc__.split("\n\n")[0])
     warnings.simplefilter("ignore")
     rounds = {"hybrid": [], "iterative": []}
     worst = {"logLik": 0.0, "fixef": 0.0}
@@ -113,7 +120,6 @@ def main() -> None:
     print("fit family    rows levels sites  sd   mu  formula                       pooled"
           "  hybrid: rounds dlogLik dfixef dSE   iterative: rounds dlogLik dfixef dSE")
     for i in range(a.fits):
-        drawn = draw_crossed if a.crossed else draw_wide if a.wide else draw
         fam, form, n, G, K, sd, mu, df, sites = drawn(a.seed + i)
         head = f"{a.seed + i:3d} {fam:9s} {n:5d} {G:5d} {K:4d} {sd:5.1f} {mu:4.1f}  {form:28s}"
         try:
