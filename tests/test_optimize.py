@@ -491,15 +491,17 @@ def test_turns_off_a_singular_covariance_keep_the_covariances_of_the_row():
         lam = lambda_matrix(v[1:], 2, cov.index)
         return lam @ lam.T
 
-    steps = cov.turns(x, H)
+    g = np.zeros(4)
+    steps = cov.turns(x, cov.saddle(x, g, H))
     assert len(steps) == 3
     for s, phi in zip(steps, (0.25, 0.6, 0.9)):
         new = sigma(x + s)
         assert np.isclose(new[1, 1], 0.47 ** 2) and np.isclose(new[0, 1], 0.05 * 0.47)
         assert np.isclose(new[0, 0], 0.05 ** 2 / np.cos(phi) ** 2) and np.isclose((x + s)[3], 0.47 * np.sin(phi))
         assert s[0] == 0.0
-    assert cov.turns(x, np.diag([10.0, 100.0, 100.0, 0.4])) == []
-    assert cov.turns(x + np.array([0, 0, 0, 0.1]), H) == []
+    assert cov.saddle(x, g, np.diag([10.0, 100.0, 100.0, 0.4])) is None
+    assert cov.saddle(x + np.array([0, 0, 0, 0.1]), g, H) is None
+    assert cov.turns(x, None) == []
 
 
 def test_turns_scale_only_the_rows_term():
@@ -508,9 +510,57 @@ def test_turns_scale_only_the_rows_term():
 
     cov = CovarianceSteps(np.array([[1, 0, 0], [0, 1, 0], [0, 1, 1]], bool), 1)
     x = np.array([0.3, 0.8, 0.05, 0.47, 0.0])
-    steps = cov.turns(x, np.diag([10.0, 50.0, 100.0, 100.0, -0.4]))
+    H = np.diag([10.0, 50.0, 100.0, 100.0, -0.4])
+    steps = cov.turns(x, cov.saddle(x, np.zeros(5), H))
     assert steps and all(s[1] == 0.0 and s[2] != 0.0 for s in steps)
 
+
+def test_a_saddle_that_h_hides_is_found_by_the_curvature_along_the_row_turned():
+    """CovarianceSteps.saddle with ``within``: F's curvature along row 2 of Λ turned at its length (Λ₁₁ held),
+    ‖row‖²H₂₂ − g_rowᵀrow, against central differences of F along that turn itself, for an F steep in the row's
+    length and falling as Σ₁₂ shrinks: H₂₂ and H positive, the turn's curvature negative (as at stress_methods
+    seed 40 fit 20) -- found; not where F rises as Σ₁₂ shrinks, nor off the face by more than ``within`` of the
+    row's norm, nor with ``least`` above it; without ``within`` only H₂₂ < 0 counts (H indefinite)."""
+    from fedglmm.likelihood.covariance_steps import CovarianceSteps
+    from fedglmm.model.spec import lambda_matrix
+
+    cov = CovarianceSteps(np.tril(np.ones((2, 2), bool)), 1)
+
+    def make(target):
+        def F(v):      # steep in Σ₂₂ around 0.13, shallow in Σ₁₂ (around ``target``), Σ₁₁ and β
+            lam = lambda_matrix(v[1:], 2, cov.index)
+            s = lam @ lam.T
+            return 0.5 * v[0] ** 2 + 400.0 * (s[1, 1] - 0.13) ** 2 + 3.0 * (s[0, 1] - target) ** 2 \
+                + 0.1 * (s[0, 0] - 0.01) ** 2
+        return F
+
+    def derivatives(F, x, h=1e-5):
+        e = np.eye(4) * h
+        g = np.array([(F(x + e[i]) - F(x - e[i])) / (2 * h) for i in range(4)])
+        H = np.array([[(F(x + e[i] + e[j]) - F(x + e[i] - e[j]) - F(x - e[i] + e[j]) + F(x - e[i] - e[j]))
+                       / (4 * h * h) for j in range(4)] for i in range(4)])
+        return g, H
+
+    x = np.array([0.0, 0.05, 0.365, 0.0])         # Σ₂₂ 0.1332 above 0.13 (F rises as the row grows), Σ₁₂ 0.018
+    for target, down in ((0.015, True), (0.025, False)):
+        F = make(target)
+        g, H = derivatives(F, x)
+        assert H[3, 3] > 0 and np.all(np.linalg.eigvalsh(H) > 0)
+
+        def along(phi):
+            return F(x + np.array([0.0, 0.0, 0.365 * (np.cos(phi) - 1.0), 0.365 * np.sin(phi)]))
+
+        t = 1e-3
+        curve = (along(t) - 2 * along(0.0) + along(-t)) / t ** 2
+        formula = 0.365 ** 2 * H[3, 3] - g[2] * x[2]
+        assert abs(formula - curve) < 1e-4 * abs(curve) and (curve < 0) == down, (formula, curve)
+        assert cov.saddle(x, g, H, within=1e-4) == (3 if down else None)
+        assert cov.saddle(x, g, H) is None                 # H₂₂ > 0
+    F = make(0.015)
+    g, H = derivatives(F, x)
+    assert cov.saddle(x, g, H, least=2.0 * abs(0.365 ** 2 * H[3, 3] - g[2] * x[2]), within=1e-4) is None
+    off = x + np.array([0, 0, 0, 1e-3])
+    assert cov.saddle(off, g, H, within=1e-4) is None and cov.saddle(off, g, H, within=1e-2) == 3
 
 
 def test_surrogate_step_is_not_sought_beyond_twice_newtons():

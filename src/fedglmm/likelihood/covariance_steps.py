@@ -140,33 +140,57 @@ class CovarianceSteps:
             st = self._reversed.step(x, g, H)
         return st
 
-    def turns(self, x: np.ndarray, H: np.ndarray, angles=TURNS) -> list[np.ndarray]:
-        """Steps off a singular Σ that F's curvature leaves: where a diagonal entry Λ_rr is 0 and its own
-        curvature H_rr negative (a saddle of F, when the rest is at its optimum), row r of Λ turned off the
-        face at its length by each of ``angles`` φ -- Λ_rr = ‖row‖ sin φ, the row's other entries times
-        cos φ -- and the block of Λ before r divided by cos φ: effect r's variance and its covariances
-        with the effects before it stay, their variances grow (the conditional SD of the effect before
-        it, in :class:`ReversedSteps`' terms, leaves 0).  That is the valley out of such a saddle, and it
-        is long: correlation −1 at the saddle against −0.79 and −0.69 at the optimum (stress_methods seeds
-        7 and 3), where the trust-region steps in θ, straight and short, took 5-8 rounds to get out."""
+    def turns(self, x: np.ndarray, pos: int | None, angles=TURNS) -> list[np.ndarray]:
+        """Steps off a singular Σ that F's curvature leaves: where a diagonal entry Λ_rr (at ``pos`` in x, from
+        :meth:`saddle`) is 0 and F curves down along the turn below (a saddle of F, when the rest is at its
+        optimum), row r of Λ turned off the face at its length by each of ``angles`` φ -- Λ_rr = ‖row‖ sin φ,
+        the row's other entries times cos φ -- and the block of Λ before r divided by cos φ: effect r's
+        variance and its covariances with the effects before it stay, their variances grow (the conditional SD
+        of the effect before it, in :class:`ReversedSteps`' terms, leaves 0).  That is the valley out of such a
+        saddle, and it is long: correlation −1 at the saddle against −0.79 and −0.69 at the optimum
+        (stress_methods seeds 7 and 3), where the trust-region steps in θ, straight and short, took 5-8 rounds
+        to get out.
+
+        Where H is positive definite such a saddle may hide from H_rr, which also holds the row's lengthening:
+        where F is steep in the row's length (H in it ~10⁴ times that along the turn) a gradient in it of 1e-2
+        made H_rr +0.012 at a saddle whose curvature along the turn is −0.013 (stress_methods seed 40 fit 20).
+        There :meth:`saddle` takes F's curvature along the row turned at its length, Λ₁₁ held: the length's
+        error hardly moves it, and for (1 + x | g) it is −Σ₁₂ ∂F/∂Σ₁₂, whose sign at the face's optimum is the
+        saddle's (F falling as the correlation leaves ±1).  Along the turn above (Σ₁₂ kept, Σ₁₁ grown) it is
+        2Λ₁₁² ∂F/∂Σ₁₁, which a Λ₁₁ 0.06 % off its optimum turned negative at 7 of small_slope_rounds.py's
+        fits whose optimum is on the face, each then a round longer.
+        """
+        return [self._turn(x, pos, phi) for phi in angles] if pos is not None else []
+
+    def saddle(self, x: np.ndarray, g: np.ndarray, H: np.ndarray, least: float = 0.0, within=None) -> int | None:
+        """The position in x of the first diagonal entry Λ_rr of Λ at 0 where F curves down off the face: H_rr < 0;
+        or, with ``within`` (Λ_rr below that share of its row's norm counts as 0), F's curvature below −``least``
+        along row r turned at its length with the rest held, ‖row‖² H_rr − g_rowᵀrow (:meth:`turns`); else
+        None."""
         d = self.diagonal
         scale = max(1.0, float(np.max(np.abs(x[d])))) if d.size else 1.0
         for pos in d:
-            r = self.index[0][pos - self.p]
-            row = self.p + np.flatnonzero((self.index[0] == r) & (self.index[1] < r))
+            row = self._row(pos)[0]
             n = float(np.linalg.norm(x[row]))
-            if abs(x[pos]) <= 1e-8 * scale and H[pos, pos] < 0 and n > 0:
-                out = []
-                block = self.index[1][row - self.p]           # the effects before r in r's term
-                before = self.p + np.flatnonzero(np.isin(self.index[0], block) & np.isin(self.index[1], block))
-                for phi in angles:
-                    step = np.zeros_like(x)
-                    step[row] = x[row] * (np.cos(phi) - 1.0)
-                    step[pos] = n * np.sin(phi) - x[pos]
-                    step[before] = x[before] * (1.0 / np.cos(phi) - 1.0)
-                    out.append(step)
-                return out
-        return []
+            if within is None and abs(x[pos]) <= 1e-8 * scale and n > 0 and H[pos, pos] < 0 or within is not None \
+                    and abs(x[pos]) <= within * n and n * n * H[pos, pos] - g[row] @ x[row] < -least:
+                return int(pos)
+        return None
+
+    def _row(self, pos: int) -> tuple:
+        """(row r's entries left of the diagonal, the block of Λ before r) as positions in x, for Λ_rr at ``pos``."""
+        r = self.index[0][pos - self.p]
+        row = self.p + np.flatnonzero((self.index[0] == r) & (self.index[1] < r))
+        block = self.index[1][row - self.p]           # the effects before r in r's term
+        return row, self.p + np.flatnonzero(np.isin(self.index[0], block) & np.isin(self.index[1], block))
+
+    def _turn(self, x: np.ndarray, pos: int, phi: float) -> np.ndarray:
+        row, before = self._row(pos)
+        step = np.zeros_like(x)
+        step[row] = x[row] * (np.cos(phi) - 1.0)
+        step[pos] = float(np.linalg.norm(x[row])) * np.sin(phi) - x[pos]
+        step[before] = x[before] * (1.0 / np.cos(phi) - 1.0)
+        return step
 
     def predicted_gradient(self, x, g, H, other: np.ndarray, g_other: np.ndarray, m=None) -> np.ndarray | None:
         """The gradient in x at ``other`` that the quadratic model in y at x predicts (None off the cone);

@@ -28,7 +28,8 @@ is True, so the caller can ask for everything it wants at the end in that same r
 there is below ``tol`` the iteration stops, otherwise it goes on.  The solution (``solution``) is that
 last evaluated point (``point``) plus one more step, Newton's to third order or in the covariance's
 entries (:mod:`~fedglmm.likelihood.last_step`): its error is far below the decrement (≤ 1e-7).  Those final
-rounds' methods are in :mod:`~fedglmm.likelihood.newton_end`."""
+rounds' methods are in :mod:`~fedglmm.likelihood.newton_end`; the candidates that move the covariance otherwise
+than Newton in θ does (in Σ's entries, turns off a saddle) in :mod:`~fedglmm.likelihood.newton_covariance`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -40,14 +41,13 @@ from .boundary import boundary_step, face_decrement, face_step
 from .candidates import MODEL_REACH, Candidate as _Candidate, State as _State, hedges, radius_scale, \
     radius_step, scaled_norm, unbounded as _unbounded
 from .steps import alpha_predicts, capped, held, log_scale_step, tail_step
+from .newton_covariance import CovarianceMoves
 from .newton_end import Ending
 from .start_choice import best_start, held_step, newton_step as _newton_step
 
-NEARLY_SINGULAR = 0.3   # a row of Λ whose diagonal entry is less than this share of its norm: Σ nearly singular
-
 
 @dataclass
-class TrustRegionNewton(Ending):
+class TrustRegionNewton(CovarianceMoves, Ending):
     x0: np.ndarray
     config: NewtonConfig = field(default_factory=NewtonConfig)
     evals: int = 0
@@ -109,6 +109,7 @@ class TrustRegionNewton(Ending):
         self.third_used: np.ndarray | None = None       # ... and the third derivatives it was made with
         self.point_third: list | None = None    # those at each point of a round that asked (see _third_final)
         self._third_more: list = []         # the steps to third order from the current point, as candidates
+        self._turned: _State | None = None  # the point turned from last while H was positive definite
 
     @property
     def current(self) -> _State | None:
@@ -165,10 +166,11 @@ class TrustRegionNewton(Ending):
         tail = self._tail(cur, newton)
         cov = self._in_covariance(cur, newton, self._linear(cur, newton, dec, dec_before), edge is not None) \
             if dec >= self.config.tol else None
-        third = self._third_final(cur, newton, dec, edge, cov is None)
-        if third is not None or cov is None and not (was_final and self.accepted is None) and (
+        turns = self._turns(cur, newton, cov)
+        third = self._third_final(cur, newton, dec, edge, cov is None and not turns)
+        if not turns and (third is not None or cov is None and not (was_final and self.accepted is None) and (
                 dec < self.config.near or extra is not None and dec < self.config.near_model
-                or self._promising(dec, dec_before)):
+                or self._promising(dec, dec_before))):
             # the poisson limit is a final candidate as a zero variance's boundary point is
             return self._final(cur, newton, dec, third or extra, None if third else self._final_edge(cur, edge, tail))
         self._cands = self._propose(cur.g, cur.H, newton, extend=cov is None)
@@ -182,7 +184,7 @@ class TrustRegionNewton(Ending):
         grow = self._log_scale(cur, newton) if dec >= self.config.near and edge is None else None
         tail = tail if dec >= self.config.near else None
         self._cands += [c for c in (edge, cov, grow, tail, *self._third_more) if c is not None] \
-            + self._turns(cur, newton, cov) \
+            + turns \
             + self._face(cur, newton)
         self.third_points = self._third_asked(extra, newton)
         if self.config.hedge and not self.config.single:
@@ -249,56 +251,6 @@ class TrustRegionNewton(Ending):
         return ([] if face is None else [replace(_unbounded(*face, cur.H), cov=True)]) \
             + ([] if held is None else [_unbounded(*held, cur.H)])
 
-    def _in_covariance(self, cur, newton, linear: bool, onto_zero: bool = False) -> _Candidate | None:
-        """The Newton step in the covariance's entries (``covariance``: see
-        :mod:`~fedglmm.likelihood.covariance_steps`) as one more candidate, where the Newton step in θ may
-        fall short: it converged only linearly (``linear``), or shrinks a diagonal entry of Λ by a quarter
-        (a variance heading to 0), or by 5 % where that entry is under half its row's norm (Σ nearly
-        singular, where Newton in θ crawls along a curved valley), or the step accepted last was one in Σ's
-        entries or a turn off a saddle and the decrement is still above ``near`` (the valley goes on: after
-        the turn, stress_methods seed 3 fit 0 took 6 more Newton rounds along it, now 2), or, with the
-        decrement above ``near``, a share is under ``NEARLY_SINGULAR`` but not 0 (an intercept SD of 0.01 by
-        a slope's 0.5 left the correlation to crawl along a ridge: stress_methods seed 11 fit 80, 39 rounds,
-        now 6; at an exact zero the boundary's steps serve).
-
-        Below ``near`` a variance the Newton step shrinks by more than half (``onto_zero``: the boundary's
-        step is the final candidate) asks for no such round of several points -- by a quarter to a half, it
-        still does (a variance going to 0 linearly: the singular slope of an LMM over 7 sites took 16
-        rounds instead of 9 without it) --; and where the Newton step there grows a small standard deviation
-        by half or more (θ's quadratic model is poor near 0, the model in Σ's entries is not), the final
-        candidate is the step in Σ's entries (:meth:`_final_edge`).  benchmarks/small_slope_rounds.py
-        (slope SDs 0-0.15), seeds 0-99: 457 -> 444 rounds, above 4 in 46 -> 37 of 100."""
-        self._near_cov = None
-        cov = self.covariance
-        if cov is None:
-            return None
-        if newton is None:        # H indefinite in θ: the model in Σ's entries may be convex all the same
-            return self._cov_candidate(cur)
-        diag = cov.diagonal
-        t, t1 = np.abs(cur.x[diag]), np.abs(cur.x[diag] + newton[diag])
-        share = cov.conditional_share(cur.x)
-        shrinks = (t > 1e-8) & ((t1 < 0.75 * t) | ((t1 < 0.95 * t) & (share < 0.5)))
-        far = self._dec_prev >= self.config.near
-        nearly = far and bool(np.any((share > 1e-8) & (share < NEARLY_SINGULAR)))
-        after = self._cov_won and far
-        grows = not far and bool(np.any((t > 1e-8) & (t1 > 1.5 * t)))
-        wanted = linear or shrinks.any() and (far or not onto_zero) or after or nearly
-        step = self._cov_candidate(cur) if grows or wanted else None      # (one solve for both uses)
-        if grows:
-            self._near_cov = (cur, step)
-        if wanted and step is not None and self._cov_agrees(cur, step, newton):
-            return None
-        return step if wanted else None
-
-    def _final_edge(self, cur, edge, tail) -> _Candidate | None:
-        """The final candidate's step where it is not Newton's (or the caller's model's): the step in Σ's
-        entries that :meth:`_in_covariance` kept for this point, else the boundary's step, else a negative
-        binomial's step to its poisson limit (a final candidate as a zero variance's boundary point is)."""
-        kept, self._near_cov = self._near_cov, None
-        if kept is not None and kept[0] is cur and kept[1] is not None:
-            return kept[1]
-        return edge if edge is not None or tail is None or not tail.limit else tail
-
     def _fell_short(self) -> bool:
         """Whether the last round's full step (Newton's, or another model's taken whole: in log scale, in Σ's
         entries -- where it gained more than it promised F flattens ahead as well; toenail with every patient
@@ -324,24 +276,6 @@ class TrustRegionNewton(Ending):
         out = tail_step(cur.x, cur.g, cur.H, newton, self.tails, alpha_predicts(self.previous, cur, self.tails),
                         self.boundary)
         return None if out is None else replace(_unbounded(*out[:2], cur.H), limit=out[2])
-
-    def _turns(self, cur, newton, cov) -> list[_Candidate]:
-        """At a saddle on a singular Σ (H indefinite): Λ's row turned off it, from the covariance step's
-        point if that stays on the face (the reversed factor's step does), as further candidates
-        (:meth:`~fedglmm.likelihood.covariance_steps.CovarianceSteps.turns`), each accepted where F falls
-        (its predicted decrease the quadratic model's, at least 1e-300)."""
-        if newton is not None or self.covariance is None or self.config.single:
-            return []
-        base = cur.x + (cov.step if cov is not None else 0.0)
-        steps = [base - cur.x + s for s in self.covariance.turns(base, cur.H)] or self.covariance.turns(cur.x, cur.H)
-        return [replace(_unbounded(s, max(-(cur.g @ s + 0.5 * s @ cur.H @ s), 1e-300), cur.H), cov=True)
-                for s in steps]
-
-    def _cov_candidate(self, cur) -> _Candidate | None:
-        st = self.covariance.step_or_reversed(cur.x, cur.g, cur.H)
-        if st is None:
-            return None
-        return replace(_unbounded(*st, cur.H), cov=True)
 
     def _model_step(self, cur, final: bool = False, newton=None) -> _Candidate | None:
         """The step of the caller's model of F (e.g. a surrogate that the quadratic model corrects), as one
