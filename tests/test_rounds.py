@@ -205,6 +205,25 @@ def test_stress_fits_at_a_singular_covariance(seed, fit, limit):
     _against_precise(seed, fit, limit)
 
 
+@pytest.mark.parametrize("seed,fit,limit", [(7, 60, 5), (40, 20, 6)])
+def test_the_final_candidate_is_the_step_in_sigmas_entries_where_that_model_predicts_better(seed, fit, limit,
+                                                                                            monkeypatch):
+    """Fits of benchmarks/stress_methods.py near a nearly singular Σ (seed 7 fit 60: an intercept SD of 0 beside a
+    slope; seed 40 fit 20: an intercept SD of 0.04 beside a slope's 0.36), where near the optimum the quadratic
+    model in Σ's entries predicted the gradient at the point before 10³-10⁵ times better than θ's, and its step
+    would have left decrements of 2e-13 and 1e-11 where the final candidates taken (Newton's, to third order) left
+    8e-8 and 8e-7, each a final round more: with that step as the final candidate (newton_covariance.SIGMA_FINAL)
+    6 -> 5 and 7 -> 6 rounds.  Against the iterative fit run to machine precision,
+    and against the same fit without it (more rounds)."""
+    import fedglmm.likelihood.newton_covariance as newton_covariance
+
+    formula, family, data = _stress_draw(seed, fit)
+    _against_machine_precision(formula, family, data, limit)
+    monkeypatch.setattr(newton_covariance, "SIGMA_FINAL", 0.0)
+    case = {"formula": formula, "family": family, "link": None, "nagq": 1}
+    assert _fit(case, data).rounds > limit
+
+
 def test_a_large_sd_over_few_groups_starts_at_the_one_shot_sd_beside_the_sites_fits():
     """benchmarks/stress_methods.py --seed 27, fit 7: poisson, 8 groups of an SD of 2.5 over 4 sites, some groups
     too small for their moments to leave.  The sites' fits combined put the SD at 0.47 (3.8 at the optimum), 210

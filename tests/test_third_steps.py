@@ -107,11 +107,15 @@ def test_the_last_step_to_third_order_waits_where_fourth_derivatives_are_large(m
     """benchmarks/stress_methods.py's fit 60 (seed 7; a random slope beside an intercept SD of 0): a final point
     7.8e-8 above the optimum in decrement, F's fourth derivatives along the last move 1.8e5 times H's scale (their
     product 0.014).  Ended there by the step to third order, its standard errors came out 4.7e-5 from the fit
-    continued to machine precision; with the bound on that product (QUARTIC) a round more settles them, to 1e-8."""
+    continued to machine precision; with the bound on that product (QUARTIC) a round more settles them, to 1e-8.
+    (With the final candidate in Σ's entries, SIGMA_FINAL, this fit no longer ends on a step to third order: that
+    is held off here, to keep QUARTIC's case; tests/test_rounds.py has the fit with it.)"""
+    import fedglmm.likelihood.newton_covariance as newton_covariance
     import fedglmm.likelihood.newton_end as newton_end
     from fedglmm.likelihood.newton import NewtonConfig
     from test_rounds import _fit, _stress_draw
 
+    monkeypatch.setattr(newton_covariance, "SIGMA_FINAL", 0.0)
     formula, family, data = _stress_draw(7, 60)
     case = {"formula": formula, "family": family, "link": None, "nagq": 1}
     opt = _fit(case, data, method="iterative", newton=NewtonConfig(tol=1e-16, near=1e-6))

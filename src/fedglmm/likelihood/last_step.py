@@ -26,16 +26,28 @@ def last_step(cur, prev, cov, step: np.ndarray) -> np.ndarray:
     """The step from the final point ``cur`` (x, g, H) to the solution, given the previous accepted point
     ``prev`` (or None), the covariance steps ``cov`` (or None) and the Newton step ``step`` (kept as it is
     where its decrement is below 1e-10: the other models could not tell it apart)."""
-    if cov is not None and prev is not None and prev.g.shape == cur.g.shape and -(cur.g @ step) > 1e-10:
-        m = cov.model(cur.x, cur.g, cur.H)          # (the model in Σ's entries, for the step and the test)
-        st = cov.step(cur.x, cur.g, cur.H, m) if m is not None else None
-        pred = cov.predicted_gradient(cur.x, cur.g, cur.H, prev.x, prev.g, m) if st is not None else None
-        if pred is not None:
-            plain = prev.g - (cur.g + cur.H @ (prev.x - cur.x))
-            miss = [float(r @ np.linalg.solve(cur.H, r)) for r in (plain, prev.g - pred)]
-            if miss[1] < miss[0]:
-                return st[0]
+    if -(cur.g @ step) > 1e-10:
+        st = covariance_step(cur, prev, cov)
+        if st is not None:
+            return st
     return third_order(cur, prev, step)
+
+
+def covariance_step(cur, prev, cov, ratio: float = 1.0) -> np.ndarray | None:
+    """The Newton step in the covariance's entries from ``cur`` (x, g, H) where the quadratic model there predicts
+    the gradient at the previous accepted point ``prev`` better than the model in θ does (its miss, in the norm of
+    H⁻¹, below ``ratio`` times the other's); otherwise (or without ``prev`` or ``cov``, or off the
+    positive-definite cone) None."""
+    if cov is None or prev is None or prev.g.shape != cur.g.shape:
+        return None
+    m = cov.model(cur.x, cur.g, cur.H)          # (the model in Σ's entries, for the step and the test)
+    st = cov.step(cur.x, cur.g, cur.H, m) if m is not None else None
+    pred = cov.predicted_gradient(cur.x, cur.g, cur.H, prev.x, prev.g, m) if st is not None else None
+    if pred is None:
+        return None
+    plain = prev.g - (cur.g + cur.H @ (prev.x - cur.x))
+    miss = [float(r @ np.linalg.solve(cur.H, r)) for r in (plain, prev.g - pred)]
+    return st[0] if miss[1] < ratio * miss[0] else None
 
 
 def third_order(cur, prev, step: np.ndarray) -> np.ndarray:

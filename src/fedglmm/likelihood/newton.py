@@ -109,6 +109,7 @@ class TrustRegionNewton(CovarianceMoves, Ending):
         self.third_used: np.ndarray | None = None       # ... and the third derivatives it was made with
         self.point_third: list | None = None    # those at each point of a round that asked (see _third_final)
         self._third_more: list = []         # the steps to third order from the current point, as candidates
+        self._sigma_final: _State | None = None  # the point whose final candidate is its step in Σ's entries
         self._turned: _State | None = None  # the point turned from last while H was positive definite
 
     @property
@@ -172,7 +173,8 @@ class TrustRegionNewton(CovarianceMoves, Ending):
                 dec < self.config.near or extra is not None and dec < self.config.near_model
                 or self._promising(dec, dec_before))):
             # the poisson limit is a final candidate as a zero variance's boundary point is
-            return self._final(cur, newton, dec, third or extra, None if third else self._final_edge(cur, edge, tail))
+            return self._final(cur, newton, dec, third or extra,
+                               None if third and self._sigma_final is not cur else self._final_edge(cur, edge, tail))
         self._cands = self._propose(cur.g, cur.H, newton, extend=cov is None)
         if extra is not None:
             extra.radius = self._radius
