@@ -158,7 +158,7 @@ def _candidates(req, st, merged, own: dict, pseudo, big: str | bool = False, by_
         return None, None
     parts, first = pseudo[:2]
     start = internal_start(first.fixef, first.theta, st) if first is not None else None
-    if start is not None and st.ndisp:          # a negative binomial's pseudo-data fit: its ψ too
+    if start is not None and st.ndisp:          # a negative binomial's or Gamma's pseudo-data fit: its ψ too
         start = (start[0], np.r_[start[1], np.asarray(pseudo[3].disp, float)])
     if start is not None and family.name == "gaussian":
         return start[1], None
@@ -169,15 +169,15 @@ def _candidates(req, st, merged, own: dict, pseudo, big: str | bool = False, by_
         # shape from the pseudo-data
         return tuple(pair(x) for x in combined_start(own, surrogate, each, None, _sd_index(st))
                      + also(surrogate, each, None, _sd_index(st))) or None, surrogate
-    # the one-shot estimate with its covariance halved and doubled, the sites' own fits combined with the pseudo-data
-    # and by source (one_shot_split), where summaries are missing the site-totals start: all in the first Newton round
+    # first round: the one-shot fit, its covariance halved and doubled, the sites' fits combined (one_shot_split too),
+    # site totals' start where summaries stayed or ψ is fitted (pseudo-data carry ψ roughly: shape_sweep 84 10 -> 4)
     variants = sd_variants(start, st, family) if len(start[1]) and not own else []
     # (a random intercept: the one-shot SD is good, also where small groups stayed -- not a dispersion's -- and the
     # combination's γ given it is tried beside; a slope's is not: benchmarks/README.md, 7 December, night)
     given = st.mask.shape == (1, 1) and not (merged.refused and st.ndisp)
     combined = combined_start(own, surrogate, each, np.concatenate(start), _sd_index(st), theta_of_x0=given) \
         + one_shot_split(own, parts, st, np.concatenate(start)) if own else []
-    totals = [start_values(st, family)] if merged.refused else []
+    totals = [start_values(st, family)] if merged.refused or st.ndisp else []
     more = also(surrogate, each, np.concatenate(start), _sd_index(st)) if own else []
     starts = tuple([pair(x) for x in combined] + [start] + variants + totals + [pair(x) for x in more])
     return (starts[0] if len(starts) == 1 else starts), surrogate
