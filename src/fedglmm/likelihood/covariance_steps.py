@@ -172,8 +172,11 @@ class CovarianceSteps:
         for pos in d:
             row = self._row(pos)[0]
             n = float(np.linalg.norm(x[row]))
-            if within is None and abs(x[pos]) <= 1e-8 * scale and n > 0 and H[pos, pos] < 0 or within is not None \
-                    and abs(x[pos]) <= within * n and n * n * H[pos, pos] - g[row] @ x[row] < -least:
+            if within is None:
+                on, down = abs(x[pos]) <= 1e-8 * scale, H[pos, pos] < 0
+            else:
+                on, down = abs(x[pos]) <= within * n, n * n * H[pos, pos] - g[row] @ x[row] < -least
+            if n > 0 and on and down:
                 return int(pos)
         return None
 

@@ -84,10 +84,10 @@ class CovarianceMoves:
         falls (its predicted decrease the quadratic model's, at least 1e-300)
         (:meth:`~fedglmm.likelihood.covariance_steps.CovarianceSteps.turns`).  H indefinite: from the covariance
         step's point if that stays on the face (the reversed factor's step does).  H positive definite and F
-        curving down along the row turned all the same (:meth:`~fedglmm.likelihood.covariance_steps.
-        CovarianceSteps.saddle`), from the Newton step's point (which stays on the face), once a point: such a
-        point is no estimate, and the round carries no final candidate (stress_methods seed 40 fit 20, the
-        optimum's correlation 0.79 against 1 at the saddle: 10 rounds, now 7).  Only where the smallest turn's
+        curving down along the row turned all the same (``CovarianceSteps.saddle`` with ``within``), from the
+        Newton step's point (which stays on the face), once a point: such a point is no estimate, and the round
+        carries no final candidate (stress_methods seed 40 fit 20, the optimum's correlation 0.79 against 1 at
+        the saddle: 10 rounds, now 7).  Only where the smallest turn's
         predicted gain exceeds the Newton decrement: further from the face's optimum the gradient's part in that
         curvature is noise of the way there (small_slope_rounds.py by the iterative method, fits whose optimum
         is on the face: 3 took a round more without it)."""
