@@ -523,6 +523,7 @@ def test_a_saddle_that_h_hides_is_found_by_the_curvature_along_the_row_turned():
     row's norm, nor with ``least`` above it; without ``within`` only H₂₂ < 0 counts (H indefinite)."""
     from fedglmm.likelihood.covariance_steps import CovarianceSteps
     from fedglmm.model.spec import lambda_matrix
+    from test_last_step import _derivatives
 
     cov = CovarianceSteps(np.tril(np.ones((2, 2), bool)), 1)
 
@@ -534,17 +535,10 @@ def test_a_saddle_that_h_hides_is_found_by_the_curvature_along_the_row_turned():
                 + 0.1 * (s[0, 0] - 0.01) ** 2
         return F
 
-    def derivatives(F, x, h=1e-5):
-        e = np.eye(4) * h
-        g = np.array([(F(x + e[i]) - F(x - e[i])) / (2 * h) for i in range(4)])
-        H = np.array([[(F(x + e[i] + e[j]) - F(x + e[i] - e[j]) - F(x - e[i] + e[j]) + F(x - e[i] - e[j]))
-                       / (4 * h * h) for j in range(4)] for i in range(4)])
-        return g, H
-
     x = np.array([0.0, 0.05, 0.365, 0.0])         # Σ₂₂ 0.1332 above 0.13 (F rises as the row grows), Σ₁₂ 0.018
     for target, down in ((0.015, True), (0.025, False)):
         F = make(target)
-        g, H = derivatives(F, x)
+        g, H = _derivatives(F, x, 1e-5)
         assert H[3, 3] > 0 and np.all(np.linalg.eigvalsh(H) > 0)
 
         def along(phi):
@@ -557,7 +551,7 @@ def test_a_saddle_that_h_hides_is_found_by_the_curvature_along_the_row_turned():
         assert cov.saddle(x, g, H, within=1e-4) == (3 if down else None)
         assert cov.saddle(x, g, H) is None                 # H₂₂ > 0
     F = make(0.015)
-    g, H = derivatives(F, x)
+    g, H = _derivatives(F, x, 1e-5)
     assert cov.saddle(x, g, H, least=2.0 * abs(0.365 ** 2 * H[3, 3] - g[2] * x[2]), within=1e-4) is None
     off = x + np.array([0, 0, 0, 1e-3])
     assert cov.saddle(off, g, H, within=1e-4) is None and cov.saddle(off, g, H, within=1e-2) == 3

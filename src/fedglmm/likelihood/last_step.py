@@ -29,15 +29,15 @@ def last_step(cur, prev, cov, step: np.ndarray) -> np.ndarray:
     if -(cur.g @ step) > 1e-10:
         st = covariance_step(cur, prev, cov)
         if st is not None:
-            return st
+            return st[0]
     return third_order(cur, prev, step)
 
 
-def covariance_step(cur, prev, cov, ratio: float = 1.0) -> np.ndarray | None:
-    """The Newton step in the covariance's entries from ``cur`` (x, g, H) where the quadratic model there predicts
-    the gradient at the previous accepted point ``prev`` better than the model in θ does (its miss, in the norm of
-    H⁻¹, below ``ratio`` times the other's); otherwise (or without ``prev`` or ``cov``, or off the
-    positive-definite cone) None."""
+def covariance_step(cur, prev, cov, ratio: float = 1.0) -> tuple | None:
+    """(step, predicted decrease) of the Newton step in the covariance's entries from ``cur`` (x, g, H) where the
+    quadratic model there predicts the gradient at the previous accepted point ``prev`` better than the model in θ
+    does (its miss, in the norm of H⁻¹, below ``ratio`` times the other's); otherwise (or without ``prev`` or
+    ``cov``, or off the positive-definite cone) None."""
     if cov is None or prev is None or prev.g.shape != cur.g.shape:
         return None
     m = cov.model(cur.x, cur.g, cur.H)          # (the model in Σ's entries, for the step and the test)
@@ -47,7 +47,7 @@ def covariance_step(cur, prev, cov, ratio: float = 1.0) -> np.ndarray | None:
         return None
     plain = prev.g - (cur.g + cur.H @ (prev.x - cur.x))
     miss = [float(r @ np.linalg.solve(cur.H, r)) for r in (plain, prev.g - pred)]
-    return st[0] if miss[1] < ratio * miss[0] else None
+    return st if miss[1] < ratio * miss[0] else None
 
 
 def third_order(cur, prev, step: np.ndarray) -> np.ndarray:

@@ -90,7 +90,8 @@ class TrustRegionNewton(CovarianceMoves, Ending):
         self.accepted: int | None = None   # index of the point of the last round that was accepted
         self._model_ok = True               # False after a rejected round, until a point is accepted
         self._final_model = False           # the last final candidate was the caller's model's step
-        self._near_cov = None               # (point, its step in Σ's entries) for a final candidate there
+        self._near_cov = None               # (point, its step in Σ's entries, also over a step to third order) for
+                                            # a final candidate there (see _in_covariance)
         self._model_rejections = 0
         self._dec_prev = np.inf     # the current point's Newton decrement a round before (on a face: face_decrement)
         self.previous: _State | None = None  # the accepted point before the current one
@@ -109,7 +110,6 @@ class TrustRegionNewton(CovarianceMoves, Ending):
         self.third_used: np.ndarray | None = None       # ... and the third derivatives it was made with
         self.point_third: list | None = None    # those at each point of a round that asked (see _third_final)
         self._third_more: list = []         # the steps to third order from the current point, as candidates
-        self._sigma_final: _State | None = None  # the point whose final candidate is its step in Σ's entries
         self._turned: _State | None = None  # the point turned from last while H was positive definite
 
     @property
@@ -173,8 +173,7 @@ class TrustRegionNewton(CovarianceMoves, Ending):
                 dec < self.config.near or extra is not None and dec < self.config.near_model
                 or self._promising(dec, dec_before))):
             # the poisson limit is a final candidate as a zero variance's boundary point is
-            return self._final(cur, newton, dec, third or extra,
-                               None if third and self._sigma_final is not cur else self._final_edge(cur, edge, tail))
+            return self._final(cur, newton, dec, third or extra, self._final_edge(cur, edge, tail, third))
         self._cands = self._propose(cur.g, cur.H, newton, extend=cov is None)
         if extra is not None:
             extra.radius = self._radius

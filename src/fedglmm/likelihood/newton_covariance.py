@@ -59,24 +59,26 @@ class CovarianceMoves:
         far = self._dec_prev >= self.config.near
         nearly = far and bool(np.any((share > 1e-8) & (share < NEARLY_SINGULAR)))
         after = self._cov_won and far
-        sigma = not far and covariance_step(cur, self.previous, cov, ratio=SIGMA_FINAL) is not None
-        self._sigma_final = cur if sigma else None
-        grows = not far and bool(np.any((t > 1e-8) & (t1 > 1.5 * t))) or sigma
+        sigma = None if far else covariance_step(cur, self.previous, cov, ratio=SIGMA_FINAL)
+        grows = not far and bool(np.any((t > 1e-8) & (t1 > 1.5 * t)))
         wanted = linear or shrinks.any() and (far or not onto_zero) or after or nearly
-        step = self._cov_candidate(cur) if grows or wanted else None      # (one solve for both uses)
-        if grows:
-            self._near_cov = (cur, step)
+        step = self._cov_candidate(cur, sigma) if grows or wanted or sigma is not None else None    # (one solve)
+        if grows or sigma is not None:
+            self._near_cov = (cur, step, sigma is not None)     # (the last: also over a step to third order)
         if wanted and step is not None and self._cov_agrees(cur, step, newton):
             return None
         return step if wanted else None
 
-    def _final_edge(self, cur, edge, tail) -> _Candidate | None:
+    def _final_edge(self, cur, edge, tail, third=None) -> _Candidate | None:
         """The final candidate's step where it is not Newton's (or the caller's model's): the step in Σ's
         entries that :meth:`_in_covariance` kept for this point, else the boundary's step, else a negative
-        binomial's step to its poisson limit (a final candidate as a zero variance's boundary point is)."""
+        binomial's step to its poisson limit (a final candidate as a zero variance's boundary point is).  Beside
+        a step to third order (``third``) only the step in Σ's entries kept as SIGMA_FINAL's, else None."""
         kept, self._near_cov = self._near_cov, None
-        if kept is not None and kept[0] is cur and kept[1] is not None:
+        if kept is not None and kept[0] is cur and kept[1] is not None and (third is None or kept[2]):
             return kept[1]
+        if third is not None:
+            return None
         return edge if edge is not None or tail is None or not tail.limit else tail
 
     def _turns(self, cur, newton, cov) -> list[_Candidate]:
@@ -106,8 +108,9 @@ class CovarianceMoves:
         return [replace(_unbounded(s, max(-(cur.g @ s + 0.5 * s @ cur.H @ s), 1e-300), cur.H), cov=True)
                 for s in steps]
 
-    def _cov_candidate(self, cur) -> _Candidate | None:
-        st = self.covariance.step_or_reversed(cur.x, cur.g, cur.H)
+    def _cov_candidate(self, cur, st=None) -> _Candidate | None:
+        """The step in Σ's entries as a candidate: ``st`` (step, predicted decrease) where already made."""
+        st = self.covariance.step_or_reversed(cur.x, cur.g, cur.H) if st is None else st
         if st is None:
             return None
         return replace(_unbounded(*st, cur.H), cov=True)
